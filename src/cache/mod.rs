@@ -1,0 +1,1 @@
+//! The content-addressed cache of stage outputs (Parquet + manifest, checksummed, locked).

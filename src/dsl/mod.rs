@@ -1,0 +1,1 @@
+//! The pipeline language front end: pest grammar → AST with spans → diagnostics.

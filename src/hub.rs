@@ -1,0 +1,1 @@
+//! Hugging Face Hub access: local cache first, offline-aware, downloads with progress.

@@ -1,0 +1,14 @@
+//! vlmpipe: declarative pipelines that turn small local vision-language models into image classifiers.
+//!
+//! Data flow (see ARCHITECTURE.md): pipeline file → [`dsl`] (parse) → [`plan`] (checked, typed DAG)
+//! → [`exec`] + [`cache`] → [`stages`] (data, prompt, model, …), with [`model`] holding LFM2-VL itself.
+
+pub mod cache;
+pub mod cli;
+pub mod dsl;
+pub mod exec;
+pub mod hub;
+pub mod model;
+pub mod plan;
+pub mod stages;
+pub mod testing;

@@ -1,0 +1,1 @@
+//! The checked, typed plan: a DAG of stages with canonical parameters.

@@ -1,0 +1,1 @@
+//! Data stages: sources, filters, splits and samples.

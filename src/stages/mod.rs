@@ -1,0 +1,4 @@
+//! Stage implementations: each stage kind the executor can run.
+
+pub mod data;
+pub mod prompt;

@@ -1,0 +1,1 @@
+//! Prompt stage: minijinja templates rendered with the model's chat template.

@@ -1,0 +1,33 @@
+//! Helpers shared by unit and integration tests: locating the `../shared` data folder.
+
+use std::path::PathBuf;
+
+/// The `shared/` folder beside the checkout (or `VLMPIPE_SHARED`), if present.
+///
+/// Tests that need real photos, the real tokenizer or the transformers references call this and
+/// skip with a message when it returns `None`, so the suite still passes on a bare clone.
+pub fn shared_dir() -> Option<PathBuf> {
+    let dir = match std::env::var_os("VLMPIPE_SHARED") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"),
+    };
+    dir.is_dir().then_some(dir)
+}
+
+/// Like [`shared_dir`] joined with `rel`, printing why the calling test is skipped when absent.
+pub fn shared_path(rel: &str) -> Option<PathBuf> {
+    let Some(dir) = shared_dir() else {
+        eprintln!("skipping: ../shared not found (set VLMPIPE_SHARED to the shared data folder)");
+        return None;
+    };
+    let path = dir.join(rel);
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!(
+            "skipping: {} not found (set VLMPIPE_SHARED to the shared data folder)",
+            path.display()
+        );
+        None
+    }
+}
