@@ -1,1 +1,81 @@
-//! The content-addressed cache of stage outputs (Parquet + manifest, checksummed, locked).
+//! The content-addressed cache of stage outputs: Parquet files plus a checksummed manifest per entry.
+//!
+//! Layout under the cache root (default `.vlmpipe/` beside the pipeline; the caller passes it):
+//!
+//! ```text
+//! <root>/CACHEDIR.TAG            marks the folder for backup tools
+//! <root>/lock                    the process lock (fs4); `lock.owner` says who holds it
+//! <root>/tmp/<fp>.<pid>.<ns>/    entries being written; never read, cleared on the next lock
+//! <root>/entries/<fp>/           committed entries: output files + `manifest.json`
+//! ```
+//!
+//! An entry appears under `entries/` only by renaming a complete temp folder (manifest written
+//! last), so a killed writer never leaves an entry that a later lookup trusts. Lookups verify the
+//! manifest against the files (see [`Verify`]) and turn a corrupt entry into a miss, removing it.
+//!
+//! **API Boundary**: the executor calls [`CacheStore`], [`fingerprint()`] and [`CacheLock`]; stages
+//! only see the folder an [`EntryWriter`] gives them.
+
+mod fingerprint;
+mod lock;
+mod manifest;
+mod store;
+
+pub use fingerprint::{Fingerprint, FingerprintError, canonical_json, fingerprint};
+pub use lock::CacheLock;
+pub use manifest::{FileRecord, MANIFEST_FILE, MANIFEST_VERSION, Manifest};
+pub use store::{
+    CacheEntry, CacheStore, EntryInfo, EntryWriter, GcPolicy, GcReport, Lookup, MissReason,
+    SMALL_FILE_BYTES, Verify, VerifyOutcome,
+};
+
+use std::path::PathBuf;
+
+/// Errors of the cache layer. A corrupt entry is not an error (it is a [`Lookup::Miss`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// A filesystem operation on the cache failed.
+    #[error("cache i/o error on `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process holds the cache lock and did not release it in time.
+    #[error("the cache `{root}` is locked by another run ({holder}); waited {waited_ms} ms")]
+    Locked {
+        root: PathBuf,
+        holder: String,
+        waited_ms: u128,
+    },
+    /// A lock from one cache was passed to another cache's store.
+    #[error("the lock passed is for cache `{lock_root}`, not `{store_root}`")]
+    WrongLock {
+        lock_root: PathBuf,
+        store_root: PathBuf,
+    },
+    /// The manifest could not be serialised (a bug or non-JSON metadata).
+    #[error("cannot write the manifest of `{fingerprint}`: {source}")]
+    Manifest {
+        fingerprint: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A file written into an entry is not valid Parquet (counting its rows failed).
+    #[error("`{path}` in a new cache entry is not readable Parquet: {source}")]
+    BadParquet {
+        path: PathBuf,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    /// An output file name is not a plain file name inside the entry.
+    #[error("invalid output file name `{name}` (expected a plain file name without `/`)")]
+    BadFileName { name: String },
+}
+
+impl CacheError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| CacheError::Io { path, source }
+    }
+}
