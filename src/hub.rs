@@ -1,1 +1,570 @@
-//! Hugging Face Hub access: local cache first, offline-aware, downloads with progress.
+//! Hugging Face Hub access: the local Hub cache first, offline-aware, downloads with progress.
+//!
+//! Reads and writes the cache layout that Python's `huggingface_hub` uses, so files it downloaded
+//! are reused (and vice versa):
+//!
+//! ```text
+//! <hub cache>/models--<org>--<name>/refs/<revision>            commit hash of the revision
+//! <hub cache>/models--<org>--<name>/snapshots/<commit>/<file>  (symlinks into blobs/)
+//! <hub cache>/datasets--<org>--<name>/…                        same for dataset repos
+//! ```
+//!
+//! The cache folder is, first match wins: `HF_HUB_CACHE`, `HUGGINGFACE_HUB_CACHE`,
+//! `$HF_HOME/hub`, `$XDG_CACHE_HOME/huggingface/hub`, `~/.cache/huggingface/hub`.
+//! `HF_HUB_OFFLINE=1` forbids the network; a missing file is then an error naming the variable.
+//!
+//! **API Boundary**: the executor resolves `hf(...)` sources and models here; stages and model
+//! code receive plain local paths.
+
+use std::path::{Path, PathBuf};
+
+use walkdir::WalkDir;
+
+/// Errors of Hub access.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// Offline mode (or no cached copy and no network) and the file is not in the local cache.
+    #[error(
+        "`{file}` of {kind} repo `{repo}` (revision `{revision}`) is not in the local Hub cache `{cache}` and downloads are off (`HF_HUB_OFFLINE` is set)"
+    )]
+    OfflineMissing {
+        kind: RepoKind,
+        repo: String,
+        revision: String,
+        file: String,
+        cache: PathBuf,
+    },
+    /// A dataset repo has no Parquet files for the requested split.
+    #[error("dataset `{repo}` has no Parquet files for split `{split}`{config_note}; found: {found}")]
+    NoSplitFiles {
+        repo: String,
+        split: String,
+        config_note: String,
+        found: String,
+    },
+    /// A model snapshot lacks a file the loader needs.
+    #[error("model repo `{repo}` has no `{file}`")]
+    MissingModelFile { repo: String, file: String },
+    /// The download client failed (network, authentication, missing repo…).
+    #[error("hub request for {kind} repo `{repo}` failed: {source}")]
+    Api {
+        kind: RepoKind,
+        repo: String,
+        #[source]
+        source: Box<hf_hub::api::sync::ApiError>,
+    },
+    /// Reading the local cache failed.
+    #[error("cannot read the Hub cache at `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Whether a repo holds a model or a dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RepoKind {
+    Model,
+    Dataset,
+}
+
+impl std::fmt::Display for RepoKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RepoKind::Model => "model",
+            RepoKind::Dataset => "dataset",
+        })
+    }
+}
+
+/// A repo at a revision (branch, tag or commit hash).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HubRepo {
+    /// `org/name`.
+    pub id: String,
+    pub kind: RepoKind,
+    /// Branch, tag or 40-hex commit; `main` by default.
+    pub revision: String,
+}
+
+impl HubRepo {
+    /// A model repo at `main`.
+    pub fn model(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            kind: RepoKind::Model,
+            revision: "main".to_owned(),
+        }
+    }
+
+    /// A dataset repo at `main`.
+    pub fn dataset(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            kind: RepoKind::Dataset,
+            revision: "main".to_owned(),
+        }
+    }
+
+    /// The same repo at `revision`.
+    pub fn at(mut self, revision: &str) -> Self {
+        self.revision = revision.to_owned();
+        self
+    }
+
+    /// Folder name in the Hub cache: `models--org--name` / `datasets--org--name`.
+    pub fn cache_folder(&self) -> String {
+        let prefix = match self.kind {
+            RepoKind::Model => "models",
+            RepoKind::Dataset => "datasets",
+        };
+        format!("{prefix}--{}", self.id.replace('/', "--"))
+    }
+
+    fn api_repo(&self) -> hf_hub::Repo {
+        let kind = match self.kind {
+            RepoKind::Model => hf_hub::RepoType::Model,
+            RepoKind::Dataset => hf_hub::RepoType::Dataset,
+        };
+        hf_hub::Repo::with_revision(self.id.clone(), kind, self.revision.clone())
+    }
+}
+
+/// Where the Hub cache is and whether the network may be used.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// The Hub cache folder (the one holding `models--…`).
+    pub cache_dir: PathBuf,
+    /// `HF_HUB_OFFLINE`: never touch the network.
+    pub offline: bool,
+    /// `HF_ENDPOINT`, when set (mirrors).
+    pub endpoint: Option<String>,
+    /// `HF_TOKEN`, when set.
+    pub token: Option<String>,
+    /// Show download progress bars.
+    pub progress: bool,
+}
+
+impl HubConfig {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `get` (tests pass a map instead of mutating the process
+    /// environment, which is racy across test threads).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
+        let non_empty = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+        let cache_dir = if let Some(dir) = non_empty("HF_HUB_CACHE") {
+            PathBuf::from(dir)
+        } else if let Some(dir) = non_empty("HUGGINGFACE_HUB_CACHE") {
+            PathBuf::from(dir)
+        } else if let Some(home) = non_empty("HF_HOME") {
+            PathBuf::from(home).join("hub")
+        } else if let Some(xdg) = non_empty("XDG_CACHE_HOME") {
+            PathBuf::from(xdg).join("huggingface").join("hub")
+        } else {
+            let home = non_empty("HOME").unwrap_or_else(|| ".".to_owned());
+            PathBuf::from(home)
+                .join(".cache")
+                .join("huggingface")
+                .join("hub")
+        };
+        // huggingface_hub treats "1", "ON", "YES" and "TRUE" (any case) as true.
+        let offline = non_empty("HF_HUB_OFFLINE").is_some_and(|v| {
+            matches!(
+                v.trim().to_ascii_uppercase().as_str(),
+                "1" | "ON" | "YES" | "TRUE"
+            )
+        });
+        Self {
+            cache_dir,
+            offline,
+            endpoint: non_empty("HF_ENDPOINT"),
+            token: non_empty("HF_TOKEN"),
+            progress: true,
+        }
+    }
+}
+
+/// The Parquet files of one split of a dataset repo, resolved to local paths.
+#[derive(Clone, Debug)]
+pub struct DatasetSplitFiles {
+    /// The commit they were read from (part of the dataset fingerprint).
+    pub commit: String,
+    /// Local paths in shard order (sorted by repo path).
+    pub files: Vec<PathBuf>,
+    /// The matching paths inside the repo, same order.
+    pub repo_paths: Vec<String>,
+}
+
+/// Files a model loader reads besides the weights; the first three are required.
+const MODEL_FILES: &[(&str, bool)] = &[
+    ("config.json", true),
+    ("tokenizer.json", true),
+    ("tokenizer_config.json", true),
+    ("preprocessor_config.json", false),
+    ("processor_config.json", false),
+    ("chat_template.jinja", false),
+    ("generation_config.json", false),
+    ("special_tokens_map.json", false),
+];
+
+/// Access to the Hub through its local cache.
+#[derive(Clone, Debug)]
+pub struct Hub {
+    config: HubConfig,
+}
+
+impl Hub {
+    pub fn new(config: HubConfig) -> Self {
+        Self { config }
+    }
+
+    /// Configured from the process environment.
+    pub fn from_env() -> Self {
+        Self::new(HubConfig::from_env())
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    /// The commit a revision points to in the local cache: the revision itself when it is a
+    /// commit hash with a snapshot, otherwise the content of `refs/<revision>`.
+    pub fn cached_commit(&self, repo: &HubRepo) -> Option<String> {
+        let base = self.config.cache_dir.join(repo.cache_folder());
+        let is_hash = repo.revision.len() == 40 && repo.revision.bytes().all(|b| b.is_ascii_hexdigit());
+        if is_hash && base.join("snapshots").join(&repo.revision).is_dir() {
+            return Some(repo.revision.clone());
+        }
+        let commit = std::fs::read_to_string(base.join("refs").join(&repo.revision)).ok()?;
+        let commit = commit.trim().to_owned();
+        base.join("snapshots").join(&commit).is_dir().then_some(commit)
+    }
+
+    /// The snapshot folder of the cached revision, if any.
+    pub fn cached_snapshot(&self, repo: &HubRepo) -> Option<PathBuf> {
+        let commit = self.cached_commit(repo)?;
+        Some(
+            self.config
+                .cache_dir
+                .join(repo.cache_folder())
+                .join("snapshots")
+                .join(commit),
+        )
+    }
+
+    /// One file of a repo: from the cache, else downloaded (unless offline).
+    pub fn file(&self, repo: &HubRepo, filename: &str) -> Result<PathBuf, HubError> {
+        if let Some(snapshot) = self.cached_snapshot(repo) {
+            let path = snapshot.join(filename);
+            if path.is_file() {
+                return Ok(path);
+            }
+        }
+        self.download(repo, filename)
+    }
+
+    fn offline_missing(&self, repo: &HubRepo, file: &str) -> HubError {
+        HubError::OfflineMissing {
+            kind: repo.kind,
+            repo: repo.id.clone(),
+            revision: repo.revision.clone(),
+            file: file.to_owned(),
+            cache: self.config.cache_dir.clone(),
+        }
+    }
+
+    fn api(&self, repo: &HubRepo) -> Result<hf_hub::api::sync::ApiRepo, HubError> {
+        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(
+            self.config.cache_dir.clone(),
+        ))
+        .with_progress(self.config.progress);
+        if let Some(endpoint) = &self.config.endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
+        }
+        if let Some(token) = &self.config.token {
+            builder = builder.with_token(Some(token.clone()));
+        }
+        let api = builder.build().map_err(|e| self.api_error(repo, e))?;
+        Ok(api.repo(repo.api_repo()))
+    }
+
+    fn api_error(&self, repo: &HubRepo, source: hf_hub::api::sync::ApiError) -> HubError {
+        HubError::Api {
+            kind: repo.kind,
+            repo: repo.id.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    fn download(&self, repo: &HubRepo, filename: &str) -> Result<PathBuf, HubError> {
+        if self.config.offline {
+            return Err(self.offline_missing(repo, filename));
+        }
+        self.api(repo)?
+            .download(filename)
+            .map_err(|e| self.api_error(repo, e))
+    }
+
+    /// The Parquet files of `split` (and `config`, when the repo has several) of a dataset repo.
+    ///
+    /// Uses the cached snapshot when it has files for the split; otherwise (not offline) lists
+    /// the repo on the Hub and downloads the matching files into the cache.
+    pub fn dataset_split_files(
+        &self,
+        repo: &HubRepo,
+        config: Option<&str>,
+        split: &str,
+    ) -> Result<DatasetSplitFiles, HubError> {
+        if let Some(snapshot) = self.cached_snapshot(repo) {
+            let listed = list_relative_files(&snapshot)?;
+            let matched = select_split_files(&listed, config, split);
+            if !matched.is_empty() {
+                let commit = self.cached_commit(repo).unwrap_or_default();
+                return Ok(DatasetSplitFiles {
+                    commit,
+                    files: matched.iter().map(|p| snapshot.join(p)).collect(),
+                    repo_paths: matched,
+                });
+            }
+            if self.config.offline {
+                return Err(no_split_files(repo, config, split, &listed));
+            }
+        }
+        if self.config.offline {
+            return Err(self.offline_missing(repo, &format!("<parquet files of split `{split}`>")));
+        }
+        let api = self.api(repo)?;
+        let info = api.info().map_err(|e| self.api_error(repo, e))?;
+        let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        let matched = select_split_files(&listed, config, split);
+        if matched.is_empty() {
+            return Err(no_split_files(repo, config, split, &listed));
+        }
+        // Pin the commit the listing came from so every shard is of the same revision.
+        let pinned = repo.clone().at(&info.sha);
+        let mut files = Vec::with_capacity(matched.len());
+        for name in &matched {
+            files.push(self.file(&pinned, name)?);
+        }
+        Ok(DatasetSplitFiles {
+            commit: info.sha,
+            files,
+            repo_paths: matched,
+        })
+    }
+
+    /// A local folder with a model's config, tokenizer, processor files and weights (a single
+    /// `model.safetensors` or the shards named in `model.safetensors.index.json`).
+    pub fn model_dir(&self, repo: &HubRepo) -> Result<PathBuf, HubError> {
+        let mut dir = None;
+        for (name, required) in MODEL_FILES {
+            match self.file(repo, name) {
+                Ok(path) => dir = path.parent().map(Path::to_path_buf),
+                Err(e) if *required => return Err(e),
+                Err(_) => {}
+            }
+        }
+        match self.file(repo, "model.safetensors.index.json") {
+            Ok(index) => {
+                for shard in shard_names(&index)? {
+                    self.file(repo, &shard)?;
+                }
+            }
+            Err(_) => {
+                self.file(repo, "model.safetensors").map_err(|e| match e {
+                    HubError::Api { .. } => HubError::MissingModelFile {
+                        repo: repo.id.clone(),
+                        file: "model.safetensors".to_owned(),
+                    },
+                    other => other,
+                })?;
+            }
+        }
+        dir.ok_or_else(|| HubError::MissingModelFile {
+            repo: repo.id.clone(),
+            file: "config.json".to_owned(),
+        })
+    }
+}
+
+fn no_split_files(repo: &HubRepo, config: Option<&str>, split: &str, listed: &[String]) -> HubError {
+    let parquet: Vec<&str> = listed
+        .iter()
+        .filter(|p| p.ends_with(".parquet"))
+        .map(String::as_str)
+        .take(8)
+        .collect();
+    HubError::NoSplitFiles {
+        repo: repo.id.clone(),
+        split: split.to_owned(),
+        config_note: config.map(|c| format!(" of config `{c}`")).unwrap_or_default(),
+        found: if parquet.is_empty() {
+            "no Parquet files".to_owned()
+        } else {
+            parquet.join(", ")
+        },
+    }
+}
+
+fn shard_names(index: &Path) -> Result<Vec<String>, HubError> {
+    let text = std::fs::read_to_string(index).map_err(|source| HubError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| HubError::Io {
+        path: index.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    let mut names: Vec<String> = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.values()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// Every file under `root` as a `/`-separated relative path, sorted; follows the snapshot's
+/// symlinks into `blobs/`.
+pub fn list_relative_files(root: &Path) -> Result<Vec<String>, HubError> {
+    let mut out = Vec::new();
+    for item in WalkDir::new(root).follow_links(true) {
+        let item = item.map_err(|e| HubError::Io {
+            path: root.to_path_buf(),
+            source: e.into(),
+        })?;
+        if !item.file_type().is_file() {
+            continue;
+        }
+        if let Ok(rel) = item.path().strip_prefix(root) {
+            let parts: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            out.push(parts.join("/"));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The Parquet files of `split` among a repo's relative paths, in shard order.
+///
+/// Recognises the layouts the Hub uses: `data/train-00000-of-00002.parquet`, `train.parquet`,
+/// `train/0000.parquet`, `<config>/train/0000.parquet` (the Parquet conversion branch),
+/// `<config>/train-00000-of-00001.parquet`. With `config`, only files under that folder count
+/// (or, for `default`, files outside any config folder); without, files under `data/`,
+/// `default/` or at the top level are preferred over other config folders.
+pub fn select_split_files(paths: &[String], config: Option<&str>, split: &str) -> Vec<String> {
+    let matching: Vec<&String> = paths
+        .iter()
+        .filter(|p| p.ends_with(".parquet") && path_is_split(p, split))
+        .collect();
+    let first_dir = |p: &str| -> Option<String> {
+        let mut parts = p.split('/');
+        let first = parts.next()?;
+        parts.next().map(|_| first.to_owned())
+    };
+    let generic = |p: &str| match first_dir(p) {
+        None => true,
+        Some(d) => d == "data" || d == "default" || d == split,
+    };
+    let mut chosen: Vec<String> = match config {
+        Some(cfg) => matching
+            .iter()
+            .filter(|p| first_dir(p).as_deref() == Some(cfg) || (cfg == "default" && generic(p)))
+            .map(|p| (*p).clone())
+            .collect(),
+        None => {
+            let preferred: Vec<String> = matching
+                .iter()
+                .filter(|p| generic(p))
+                .map(|p| (*p).clone())
+                .collect();
+            if preferred.is_empty() {
+                matching.iter().map(|p| (*p).clone()).collect()
+            } else {
+                preferred
+            }
+        }
+    };
+    chosen.sort();
+    chosen
+}
+
+fn path_is_split(path: &str, split: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    let Some((file, dirs)) = parts.split_last() else {
+        return false;
+    };
+    if dirs.contains(&split) {
+        return true;
+    }
+    let stem = file.trim_end_matches(".parquet");
+    stem == split
+        || stem
+            .strip_prefix(split)
+            .is_some_and(|rest| rest.starts_with('-') || rest.starts_with('_') || rest.starts_with('.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn split_files_in_the_usual_layouts() {
+        let repo = paths(&[
+            "README.md",
+            "data/test-00000-of-00001.parquet",
+            "data/train-00001-of-00002.parquet",
+            "data/train-00000-of-00002.parquet",
+            "data/trainers.parquet",
+        ]);
+        assert_eq!(
+            select_split_files(&repo, None, "train"),
+            paths(&["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"])
+        );
+        assert_eq!(
+            select_split_files(&repo, None, "test"),
+            paths(&["data/test-00000-of-00001.parquet"])
+        );
+        let converted = paths(&["default/train/0000.parquet", "default/train/0001.parquet"]);
+        assert_eq!(select_split_files(&converted, None, "train"), converted);
+        let configs = paths(&["full/train-0.parquet", "mini/train-0.parquet", "mini/test.parquet"]);
+        assert_eq!(
+            select_split_files(&configs, Some("mini"), "train"),
+            paths(&["mini/train-0.parquet"])
+        );
+        assert_eq!(select_split_files(&configs, None, "validation"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn env_precedence() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned())
+        };
+        let c = HubConfig::from_lookup(env(&[("HF_HOME", "/h"), ("HF_HUB_CACHE", "/c")]));
+        assert_eq!(c.cache_dir, PathBuf::from("/c"));
+        let c = HubConfig::from_lookup(env(&[("HF_HOME", "/h"), ("HUGGINGFACE_HUB_CACHE", "/old")]));
+        assert_eq!(c.cache_dir, PathBuf::from("/old"));
+        let c = HubConfig::from_lookup(env(&[("HF_HOME", "/h"), ("HF_HUB_OFFLINE", "yes")]));
+        assert_eq!(c.cache_dir, PathBuf::from("/h/hub"));
+        assert!(c.offline);
+        let c = HubConfig::from_lookup(env(&[("HOME", "/u"), ("HF_HUB_OFFLINE", "0")]));
+        assert_eq!(c.cache_dir, PathBuf::from("/u/.cache/huggingface/hub"));
+        assert!(!c.offline);
+    }
+}
