@@ -1,1 +1,24 @@
-//! The executor: runs a plan's stages in dependency order against the cache.
+//! The executor: runs a graph of stages in dependency order against the content-addressed cache.
+//!
+//! The plan says *what* to compute; the executor decides order, caching and reporting.
+//! Each stage's fingerprint is `blake3(kind, canonical params, external state, input fingerprints,
+//! code version)` ([`crate::cache::fingerprint`]); a stage whose fingerprint has a verified cache
+//! entry is not run again. Fingerprints depend only on parameters and upstream fingerprints, never
+//! on outputs, so a dry run knows exactly what a real run would do.
+//!
+//! **API Boundary**: stages implement [`Stage`] and only see a [`StageContext`]; they never see
+//! pipeline syntax, the cache layout or other stages.
+
+mod executor;
+mod history;
+mod progress;
+mod stage;
+mod summary;
+
+pub use executor::{ExecError, ExecGraph, ExecNode, RunOptions, run};
+pub use progress::Progress;
+pub use stage::{Stage, StageContext, StageError, StageOutcome};
+pub use summary::{RunSummary, StageReport, StageStatus};
+
+#[cfg(test)]
+mod tests;
