@@ -1,8 +1,55 @@
-//! The command line: parse arguments, resolve them into settings, run a command.
+//! The command line: parse arguments ([`args`]), resolve them into settings, run a command.
+//!
+//! Exit codes: 0 success; 1 the command ran and found a problem (pipeline errors, a failed stage,
+//! a failed verification); 2 bad usage (clap's own). A closed stdout (`vlmpipe … | head`) exits
+//! quietly.
+
+mod args;
+mod cache_cmd;
 
 use std::process::ExitCode;
 
+use clap::Parser;
+
+pub use args::{Cli, Command};
+
+/// What a command reports back to [`main`].
+pub(crate) enum Outcome {
+    /// Everything worked.
+    Success,
+    /// The command ran and found problems it already printed.
+    Problems,
+}
+
 /// Entry point called by `main.rs`; returns the process exit code.
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Problems) => ExitCode::from(1),
+        Err(error) => {
+            if is_broken_pipe(&error) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
+    match cli.command {
+        Command::Cache(command) => cache_cmd::run(command),
+    }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
