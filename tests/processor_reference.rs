@@ -56,12 +56,19 @@ fn check_reference(size: &str) -> TestResult {
     // Text: the template's rendering and the expansion, character for character.
     let rendered = processor.template().render(&conversation, true)?;
     assert_eq!(Some(rendered.as_str()), harness["prompt_text"].as_str());
-    assert_eq!(Some(inputs.text.as_str()), harness["expanded_text"].as_str());
+    assert_eq!(
+        Some(inputs.text.as_str()),
+        harness["expanded_text"].as_str()
+    );
 
     // Token ids and mask.
     let ids: Vec<i64> = inputs.input_ids.iter().map(|&i| i64::from(i)).collect();
     assert_eq!(ids, i64s(&st, "input_ids")?);
-    let mask: Vec<i64> = inputs.attention_mask().iter().map(|&m| i64::from(m)).collect();
+    let mask: Vec<i64> = inputs
+        .attention_mask()
+        .iter()
+        .map(|&m| i64::from(m))
+        .collect();
     assert_eq!(mask, i64s(&st, "attention_mask")?);
     assert_eq!(
         Some(inputs.num_image_tokens() as u64),
@@ -77,7 +84,11 @@ fn check_reference(size: &str) -> TestResult {
         .flat_map(|&(r, c)| [r as i64, c as i64])
         .collect();
     assert_eq!(shapes, i64s(&st, "spatial_shapes")?);
-    let pmask: Vec<i64> = img.pixel_attention_mask.iter().map(|&m| i64::from(m)).collect();
+    let pmask: Vec<i64> = img
+        .pixel_attention_mask
+        .iter()
+        .map(|&m| i64::from(m))
+        .collect();
     assert_eq!(pmask, i64s(&st, "pixel_attention_mask")?);
     let expected = f32s(&st, "pixel_values")?;
     assert_eq!(img.pixel_values.len(), expected.len());
@@ -143,13 +154,27 @@ fn real_lfm2_vl_450m_tutorial_prompt() -> TestResult {
     assert_eq!(ids.iter().filter(|&&i| i == bos).count(), 1);
     assert_eq!(ids[1], im_start);
     assert_eq!(ids.iter().filter(|&&i| i == image).count(), 192);
-    let start = ids.iter().position(|&i| i == img_start).ok_or("no image start")?;
-    let end = ids.iter().position(|&i| i == img_end).ok_or("no image end")?;
-    assert_eq!(end - start - 1, 192, "only image tokens between start and end");
+    let start = ids
+        .iter()
+        .position(|&i| i == img_start)
+        .ok_or("no image start")?;
+    let end = ids
+        .iter()
+        .position(|&i| i == img_end)
+        .ok_or("no image end")?;
+    assert_eq!(
+        end - start - 1,
+        192,
+        "only image tokens between start and end"
+    );
     assert!(inputs.text.starts_with(
         "<|startoftext|><|im_start|>system\nYou are a veterinarian. Answer with the animal's species.<|im_end|>\n<|im_start|>user\n<|image_start|><image>"
     ));
-    assert!(inputs.text.ends_with("<|image_end|>Is this a cat or a dog?<|im_end|>\n<|im_start|>assistant\n"));
+    assert!(
+        inputs
+            .text
+            .ends_with("<|image_end|>Is this a cat or a dog?<|im_end|>\n<|im_start|>assistant\n")
+    );
     // The last prompt tokens: "<|im_start|>" "assistant" "\n".
     assert_eq!(ids[ids.len() - 3], im_start);
 
@@ -158,14 +183,23 @@ fn real_lfm2_vl_450m_tutorial_prompt() -> TestResult {
     let tiled = processor.prepare(&conversation, &[big], true)?;
     assert_eq!(
         tiled.images[0].layout,
-        ImageLayout::Tiled { rows: 2, cols: 3, tile: 512, thumbnail: None }
+        ImageLayout::Tiled {
+            rows: 2,
+            cols: 3,
+            tile: 512,
+            thumbnail: None
+        }
     );
     assert_eq!(tiled.num_image_tokens(), 6 * 256);
     let ids = &tiled.input_ids;
     assert_eq!(ids.iter().filter(|&&i| i == image).count(), 1536);
     assert!(!ids.contains(&id("<|img_thumbnail|>")?));
     // Markers in rows-then-cols order, each followed by its 256 tokens.
-    let mut pos = ids.iter().position(|&i| i == img_start).ok_or("no image start")? + 1;
+    let mut pos = ids
+        .iter()
+        .position(|&i| i == img_start)
+        .ok_or("no image start")?
+        + 1;
     for r in 1..=2 {
         for c in 1..=3 {
             assert_eq!(ids[pos], id(&format!("<|img_row_{r}_col_{c}|>"))?);

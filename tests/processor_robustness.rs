@@ -19,7 +19,13 @@ fn encode(img: &DynamicImage, format: ImageFormat) -> Result<Vec<u8>, image::Ima
 }
 
 fn gradient(w: u32, h: u32) -> RgbImage {
-    RgbImage::from_fn(w, h, |x, y| Rgb([(x * 7 % 256) as u8, (y * 5 % 256) as u8, ((x + y) % 256) as u8]))
+    RgbImage::from_fn(w, h, |x, y| {
+        Rgb([
+            (x * 7 % 256) as u8,
+            (y * 5 % 256) as u8,
+            ((x + y) % 256) as u8,
+        ])
+    })
 }
 
 fn processor() -> Result<ImageProcessor, Box<dyn std::error::Error>> {
@@ -31,17 +37,25 @@ fn decode_and_process(bytes: &[u8]) -> Result<(u32, u32), Box<dyn std::error::Er
     let img = decode_image(bytes)?;
     let out = processor()?.process(&img)?;
     let views = out.num_views();
-    assert_eq!(out.pixel_values.len(), views * out.max_num_patches * out.patch_dim);
+    assert_eq!(
+        out.pixel_values.len(),
+        views * out.max_num_patches * out.patch_dim
+    );
     assert_eq!(out.pixel_attention_mask.len(), views * out.max_num_patches);
     for (v, &(r, c)) in out.spatial_shapes.iter().enumerate() {
         assert!(r * c <= out.max_num_patches && r > 0 && c > 0);
-        let real: usize = out.pixel_attention_mask[v * out.max_num_patches..(v + 1) * out.max_num_patches]
+        let real: usize = out.pixel_attention_mask
+            [v * out.max_num_patches..(v + 1) * out.max_num_patches]
             .iter()
             .map(|&m| usize::from(m))
             .sum();
         assert_eq!(real, r * c);
     }
-    assert!(out.pixel_values.iter().all(|v| v.is_finite() && (-1.0..=1.0).contains(v)));
+    assert!(
+        out.pixel_values
+            .iter()
+            .all(|v| v.is_finite() && (-1.0..=1.0).contains(v))
+    );
     Ok((img.width(), img.height()))
 }
 
@@ -57,16 +71,23 @@ fn every_format_and_colour_type_decodes() -> TestResult {
         (rgb.clone(), ImageFormat::Tiff),
         (DynamicImage::ImageLuma8(rgb.to_luma8()), ImageFormat::Png),
         (DynamicImage::ImageLuma8(rgb.to_luma8()), ImageFormat::Jpeg),
-        (DynamicImage::ImageLumaA8(rgb.to_luma_alpha8()), ImageFormat::Png),
+        (
+            DynamicImage::ImageLumaA8(rgb.to_luma_alpha8()),
+            ImageFormat::Png,
+        ),
         (DynamicImage::ImageRgba8(rgb.to_rgba8()), ImageFormat::Png),
         (DynamicImage::ImageRgba8(rgb.to_rgba8()), ImageFormat::WebP),
         (DynamicImage::ImageRgb16(rgb.to_rgb16()), ImageFormat::Png),
         (DynamicImage::ImageLuma16(rgb.to_luma16()), ImageFormat::Png),
-        (DynamicImage::ImageRgba16(rgb.to_rgba16()), ImageFormat::Tiff),
+        (
+            DynamicImage::ImageRgba16(rgb.to_rgba16()),
+            ImageFormat::Tiff,
+        ),
     ];
     for (img, format) in cases {
         let bytes = encode(&img, format)?;
-        let size = decode_and_process(&bytes).map_err(|e| format!("{format:?} {:?}: {e}", img.color()))?;
+        let size =
+            decode_and_process(&bytes).map_err(|e| format!("{format:?} {:?}: {e}", img.color()))?;
         assert_eq!(size, (40, 30), "{format:?} {:?}", img.color());
     }
     Ok(())
@@ -78,7 +99,11 @@ fn sixteen_bit_png_matches_its_eight_bit_high_bytes() -> TestResult {
     let wide = DynamicImage::ImageRgb16(image::ImageBuffer::from_fn(33, 17, |x, y| {
         let p = rgb.get_pixel(x, y).0;
         // Low bytes that would round up under scaling must not change the result.
-        Rgb([u16::from(p[0]) << 8 | 0xff, u16::from(p[1]) << 8 | 0x80, u16::from(p[2]) << 8])
+        Rgb([
+            u16::from(p[0]) << 8 | 0xff,
+            u16::from(p[1]) << 8 | 0x80,
+            u16::from(p[2]) << 8,
+        ])
     }));
     let decoded = decode_image(&encode(&wide, ImageFormat::Png)?)?;
     assert_eq!(decoded, rgb);
@@ -109,7 +134,13 @@ fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
 #[test]
 fn exif_orientation_is_applied() -> TestResult {
     // Left half black, right half white, 64x32.
-    let img = RgbImage::from_fn(64, 32, |x, _| if x < 32 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) });
+    let img = RgbImage::from_fn(64, 32, |x, _| {
+        if x < 32 {
+            Rgb([0, 0, 0])
+        } else {
+            Rgb([255, 255, 255])
+        }
+    });
     let jpeg = encode(&DynamicImage::ImageRgb8(img), ImageFormat::Jpeg)?;
     // 6 = rotate 90 degrees clockwise to display: the image becomes 32 wide, 64 high, and the
     // left (black) half ends up on top.
@@ -118,7 +149,10 @@ fn exif_orientation_is_applied() -> TestResult {
     assert!(rotated.get_pixel(16, 8).0[0] < 30);
     assert!(rotated.get_pixel(16, 56).0[0] > 225);
     // 1 = as stored.
-    assert_eq!(decode_image(&with_exif_orientation(&jpeg, 1))?.dimensions(), (64, 32));
+    assert_eq!(
+        decode_image(&with_exif_orientation(&jpeg, 1))?.dimensions(),
+        (64, 32)
+    );
     decode_and_process(&with_exif_orientation(&jpeg, 8))?;
     Ok(())
 }
@@ -139,7 +173,12 @@ fn tiny_cmyk_jpeg() -> Vec<u8> {
     dqt.extend_from_slice(&[1u8; 64]);
     segment(0xdb, &dqt);
     // SOF0: 8-bit, 8x8, four components, no subsampling, table 0.
-    segment(0xc0, &[8, 0, 8, 0, 8, 4, 1, 0x11, 0, 2, 0x11, 0, 3, 0x11, 0, 4, 0x11, 0]);
+    segment(
+        0xc0,
+        &[
+            8, 0, 8, 0, 8, 4, 1, 0x11, 0, 2, 0x11, 0, 3, 0x11, 0, 4, 0x11, 0,
+        ],
+    );
     // Huffman tables with a single one-bit code each: DC category 0, AC end-of-block.
     let mut dht = Vec::new();
     for class in [0x00u8, 0x10] {
@@ -161,7 +200,10 @@ fn cmyk_jpeg_decodes() -> TestResult {
     let img = decode_image(&tiny_cmyk_jpeg())?;
     assert_eq!(img.dimensions(), (8, 8));
     let first = *img.get_pixel(0, 0);
-    assert!(img.pixels().all(|p| *p == first), "a flat CMYK block decodes flat");
+    assert!(
+        img.pixels().all(|p| *p == first),
+        "a flat CMYK block decodes flat"
+    );
     decode_and_process(&tiny_cmyk_jpeg())?;
     Ok(())
 }
@@ -170,9 +212,21 @@ fn cmyk_jpeg_decodes() -> TestResult {
 fn extreme_sizes_process() -> TestResult {
     let p = processor()?;
     let one = p.process(&gradient(1, 1))?;
-    assert_eq!(one.layout, ImageLayout::Single { height: 256, width: 256 });
+    assert_eq!(
+        one.layout,
+        ImageLayout::Single {
+            height: 256,
+            width: 256
+        }
+    );
     let strip = p.process(&gradient(5000, 20))?;
-    assert_eq!(strip.layout, ImageLayout::Single { height: 32, width: 4992 });
+    assert_eq!(
+        strip.layout,
+        ImageLayout::Single {
+            height: 32,
+            width: 4992
+        }
+    );
     assert_eq!(strip.num_image_tokens(), 156);
     let tall = p.process(&gradient(3, 4000))?;
     assert!(tall.spatial_shapes[0].0 * tall.spatial_shapes[0].1 <= tall.max_num_patches);
@@ -183,7 +237,10 @@ fn extreme_sizes_process() -> TestResult {
 
 #[test]
 fn broken_files_are_typed_errors() -> TestResult {
-    let jpeg = encode(&DynamicImage::ImageRgb8(gradient(64, 48)), ImageFormat::Jpeg)?;
+    let jpeg = encode(
+        &DynamicImage::ImageRgb8(gradient(64, 48)),
+        ImageFormat::Jpeg,
+    )?;
     assert!(matches!(decode_image(&[]), Err(ImageError::Empty)));
     assert!(decode_image(&jpeg[..3]).is_err());
     // A truncated JPEG either fails or decodes what it has (decoders pad missing scan data);
@@ -202,8 +259,18 @@ fn broken_files_are_typed_errors() -> TestResult {
         state ^= state << 17;
         *b = state as u8;
     }
-    assert!(matches!(decode_image(&noise), Err(ImageError::UnknownFormat)));
-    for magic in [&b"\xff\xd8\xff"[..], b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM", b"RIFF\0\0\0\0WEBP", b"II*\0"] {
+    assert!(matches!(
+        decode_image(&noise),
+        Err(ImageError::UnknownFormat)
+    ));
+    for magic in [
+        &b"\xff\xd8\xff"[..],
+        b"\x89PNG\r\n\x1a\n",
+        b"GIF89a",
+        b"BM",
+        b"RIFF\0\0\0\0WEBP",
+        b"II*\0",
+    ] {
         let mut bytes = magic.to_vec();
         bytes.extend_from_slice(&noise);
         let _ = decode_image(&bytes);
@@ -250,11 +317,31 @@ fn all_cats_vs_dogs_photos_process() -> TestResult {
         if !is_jpeg {
             continue;
         }
-        let img = decode_image(&std::fs::read(path)?).map_err(|e| format!("{}: {e}", path.display()))?;
+        let img =
+            decode_image(&std::fs::read(path)?).map_err(|e| format!("{}: {e}", path.display()))?;
         let out = p.process(&img)?;
         assert!(out.num_image_tokens() >= 64, "{}", path.display());
         count += 1;
     }
     assert!(count >= 300, "expected 300 photos, found {count}");
+    Ok(())
+}
+
+/// Processor speed (prints; run with `--ignored --nocapture`, ideally with `--release`).
+#[test]
+#[ignore = "timing, not a check"]
+fn timing_single_and_tiled() -> TestResult {
+    let p = processor()?;
+    for (w, h) in [(512u32, 512u32), (512, 384), (640, 480), (1024, 768)] {
+        let img = gradient(w, h);
+        p.process(&img)?;
+        let runs = 20;
+        let start = std::time::Instant::now();
+        for _ in 0..runs {
+            std::hint::black_box(p.process(&img)?);
+        }
+        let ms = start.elapsed().as_secs_f64() * 1e3 / f64::from(runs);
+        eprintln!("process {w}x{h}: {ms:.2} ms");
+    }
     Ok(())
 }

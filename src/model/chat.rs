@@ -156,7 +156,9 @@ pub enum TemplateError {
     #[error("`{path}` is not valid JSON: {message}")]
     Json { path: PathBuf, message: String },
     /// Neither `chat_template.jinja` nor a `chat_template` key exists.
-    #[error("no chat template in `{0}` (expected `chat_template.jinja` or `chat_template` in `tokenizer_config.json`)")]
+    #[error(
+        "no chat template in `{0}` (expected `chat_template.jinja` or `chat_template` in `tokenizer_config.json`)"
+    )]
     Missing(PathBuf),
     /// The template does not parse.
     #[error("chat template does not compile: {0}")]
@@ -306,7 +308,9 @@ impl ChatTemplate {
                 ctx.insert(key, Value::from(v.as_str()));
             }
         }
-        template.render(Value::from(ctx)).map_err(TemplateError::Render)
+        template
+            .render(Value::from(ctx))
+            .map_err(TemplateError::Render)
     }
 }
 
@@ -379,7 +383,10 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> Result<Value, JinjaEr
                 .map(|w| {
                     let mut cs = w.chars();
                     match cs.next() {
-                        Some(f) => f.to_uppercase().chain(cs.flat_map(char::to_lowercase)).collect(),
+                        Some(f) => f
+                            .to_uppercase()
+                            .chain(cs.flat_map(char::to_lowercase))
+                            .collect(),
                         None => String::new(),
                     }
                 })
@@ -452,7 +459,10 @@ mod tests {
         );
         assert_eq!(conv.num_images(), 1);
         let trained = conv.assistant("A cat.");
-        assert!(t.render(&trained, false)?.ends_with("<|im_start|>assistant\nA cat.<|im_end|>\n"));
+        assert!(
+            t.render(&trained, false)?
+                .ends_with("<|im_start|>assistant\nA cat.<|im_end|>\n")
+        );
         Ok(())
     }
 
@@ -474,6 +484,8 @@ mod tests {
         ));
         let t = ChatTemplate::new("{{ raise_exception('no system allowed') }}", tokens());
         let rendered = t.and_then(|t| t.render(&Conversation::new(), false));
-        assert!(matches!(rendered, Err(TemplateError::Render(e)) if e.to_string().contains("no system allowed")));
+        assert!(
+            matches!(rendered, Err(TemplateError::Render(e)) if e.to_string().contains("no system allowed"))
+        );
     }
 }

@@ -149,7 +149,10 @@ impl ProcessorConfig {
         keys.f64("max_pixels_tolerance", &mut self.max_pixels_tolerance)?;
         keys.bool("do_image_splitting", &mut self.do_image_splitting)?;
         keys.bool("use_thumbnail", &mut self.use_thumbnail)?;
-        keys.bool("use_image_special_tokens", &mut self.use_image_special_tokens)?;
+        keys.bool(
+            "use_image_special_tokens",
+            &mut self.use_image_special_tokens,
+        )?;
         keys.bool("do_rescale", &mut self.do_rescale)?;
         keys.f64("rescale_factor", &mut self.rescale_factor)?;
         keys.bool("do_normalize", &mut self.do_normalize)?;
@@ -162,9 +165,14 @@ impl ProcessorConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Inconsistent(msg));
         if self.encoder_patch_size == 0 || self.downsample_factor == 0 || self.tile_size == 0 {
-            return bad("`encoder_patch_size`, `downsample_factor` and `tile_size` must be positive".into());
+            return bad(
+                "`encoder_patch_size`, `downsample_factor` and `tile_size` must be positive".into(),
+            );
         }
-        if self.tile_size % (self.encoder_patch_size * self.downsample_factor) != 0 {
+        if !self
+            .tile_size
+            .is_multiple_of(self.encoder_patch_size * self.downsample_factor)
+        {
             return bad(format!(
                 "`tile_size` {} is not a multiple of `encoder_patch_size` x `downsample_factor` = {}",
                 self.tile_size,
@@ -263,7 +271,9 @@ impl Keys<'_> {
 
     fn bool(&self, key: &str, out: &mut bool) -> Result<(), ConfigError> {
         if let Some(v) = self.get(key) {
-            *out = v.as_bool().ok_or_else(|| self.invalid(key, "true or false", v))?;
+            *out = v
+                .as_bool()
+                .ok_or_else(|| self.invalid(key, "true or false", v))?;
         }
         Ok(())
     }
@@ -283,7 +293,9 @@ impl Keys<'_> {
             return Err(self.invalid(key, EXPECTED, v));
         }
         for (slot, item) in out.iter_mut().zip(items) {
-            *slot = item.as_f64().ok_or_else(|| self.invalid(key, EXPECTED, v))?;
+            *slot = item
+                .as_f64()
+                .ok_or_else(|| self.invalid(key, EXPECTED, v))?;
         }
         Ok(())
     }

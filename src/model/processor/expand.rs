@@ -170,10 +170,19 @@ mod tests {
 
     #[test]
     fn single_view_has_no_markers() -> Result<(), ExpandError> {
-        let img = fake(ImageLayout::Single { height: 64, width: 96 }, vec![6]);
+        let img = fake(
+            ImageLayout::Single {
+                height: 64,
+                width: 96,
+            },
+            vec![6],
+        );
         let s = ImageTokenStrings::default();
         let out = expand_image_placeholders("a<image>b", &[img], &s, true)?;
-        assert_eq!(out, format!("a<|image_start|>{}<|image_end|>b", "<image>".repeat(6)));
+        assert_eq!(
+            out,
+            format!("a<|image_start|>{}<|image_end|>b", "<image>".repeat(6))
+        );
         Ok(())
     }
 
@@ -187,11 +196,8 @@ mod tests {
         };
         let img = fake(layout, vec![2, 2, 2, 2, 2, 2, 3]);
         let s = ImageTokenStrings::default();
-        let out = expand_image_placeholders("<image>", &[img.clone()], &s, true)?;
-        let markers: Vec<&str> = out
-            .split("<image>")
-            .filter(|p| !p.is_empty())
-            .collect();
+        let out = expand_image_placeholders("<image>", std::slice::from_ref(&img), &s, true)?;
+        let markers: Vec<&str> = out.split("<image>").filter(|p| !p.is_empty()).collect();
         assert_eq!(
             markers,
             vec![

@@ -82,12 +82,9 @@ fn to_rgb8(img: DynamicImage) -> RgbImage {
                 .flat_map(|p| [high_byte(p[0]), high_byte(p[1]), high_byte(p[2])])
                 .collect(),
         ),
-        DynamicImage::ImageLuma16(b) => Some(
-            b.as_raw()
-                .iter()
-                .flat_map(|&v| [high_byte(v); 3])
-                .collect(),
-        ),
+        DynamicImage::ImageLuma16(b) => {
+            Some(b.as_raw().iter().flat_map(|&v| [high_byte(v); 3]).collect())
+        }
         DynamicImage::ImageLumaA16(b) => Some(
             b.as_raw()
                 .chunks_exact(2)
@@ -146,7 +143,11 @@ mod tests {
 
     #[test]
     fn sixteen_bit_keeps_high_byte() -> Result<(), ImageError> {
-        let img = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(2, 2, image::Rgb([0x12ff, 0xff00, 0x0080]));
+        let img = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(
+            2,
+            2,
+            image::Rgb([0x12ff, 0xff00, 0x0080]),
+        );
         let out = decode_image(&encode(&DynamicImage::ImageRgb16(img), ImageFormat::Png))?;
         assert_eq!(out.get_pixel(0, 0).0, [0x12, 0xff, 0x00]);
         Ok(())

@@ -61,7 +61,10 @@ impl ProcessedImage {
 
 /// Concatenates the views of several images (processor order) into one set of tensors, as
 /// transformers does for a batch. All images must share `max_num_patches` and `patch_dim`.
-pub fn stack_images(images: &[ProcessedImage], device: &Device) -> candle_core::Result<ImageTensors> {
+pub fn stack_images(
+    images: &[ProcessedImage],
+    device: &Device,
+) -> candle_core::Result<ImageTensors> {
     let Some(first) = images.first() else {
         candle_core::bail!("stack_images: no images");
     };
@@ -79,7 +82,11 @@ pub fn stack_images(images: &[ProcessedImage], device: &Device) -> candle_core::
     for im in images {
         values.extend_from_slice(&im.pixel_values);
         mask.extend_from_slice(&im.pixel_attention_mask);
-        shapes.extend(im.spatial_shapes.iter().flat_map(|&(r, c)| [r as u32, c as u32]));
+        shapes.extend(
+            im.spatial_shapes
+                .iter()
+                .flat_map(|&(r, c)| [r as u32, c as u32]),
+        );
     }
     Ok(ImageTensors {
         pixel_values: Tensor::from_vec(values, (views, max_patches, patch_dim), device)?,
@@ -144,7 +151,10 @@ impl ImageProcessor {
         let mut out = self.empty_output(layout, &views);
         let src = image.as_raw();
         match layout {
-            ImageLayout::Single { height: h, width: w } => {
+            ImageLayout::Single {
+                height: h,
+                width: w,
+            } => {
                 let resized = resize_rgb8(src, width, height, w, h);
                 self.write_view(&mut out, 0, &resized, w, (0, 0), (h, w));
             }
@@ -161,7 +171,14 @@ impl ImageProcessor {
                 for r in 0..rows {
                     for c in 0..cols {
                         let view = r * cols + c;
-                        self.write_view(&mut out, view, &grid, grid_w, (r * tile, c * tile), (tile, tile));
+                        self.write_view(
+                            &mut out,
+                            view,
+                            &grid,
+                            grid_w,
+                            (r * tile, c * tile),
+                            (tile, tile),
+                        );
                     }
                 }
                 if let Some((th, tw)) = thumbnail {
@@ -287,13 +304,25 @@ mod tests {
     fn no_resize_at_target_and_patch_order() -> Result<(), ProcessError> {
         // 512x384 is already a multiple of 32 within the token bounds: no resize happens, so
         // every pixel lands unchanged at its patch position.
-        let img = RgbImage::from_fn(512, 384, |x, y| Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 7) as u8]));
+        let img = RgbImage::from_fn(512, 384, |x, y| {
+            Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 7) as u8])
+        });
         let proc = processor(ProcessorConfig::default());
         let out = proc.process(&img)?;
-        assert_eq!(out.layout, ImageLayout::Single { height: 384, width: 512 });
+        assert_eq!(
+            out.layout,
+            ImageLayout::Single {
+                height: 384,
+                width: 512
+            }
+        );
         assert_eq!(out.spatial_shapes, vec![(24, 32)]);
         assert_eq!(out.num_image_tokens(), 192);
-        let real: usize = out.pixel_attention_mask.iter().map(|&m| usize::from(m)).sum();
+        let real: usize = out
+            .pixel_attention_mask
+            .iter()
+            .map(|&m| usize::from(m))
+            .sum();
         assert_eq!(real, 24 * 32);
         let lut = value_table(proc.config());
         // Patch (row 2, col 5), pixel (y 3, x 7), channel 1 = source pixel (x 87, y 35).
@@ -307,7 +336,9 @@ mod tests {
     #[test]
     fn tiles_are_row_major_crops() -> Result<(), ProcessError> {
         // A 1024x1024 image is tiled 2x2 at 512 without resize (grid size equals image size).
-        let img = RgbImage::from_fn(1024, 1024, |x, y| Rgb([(x / 512) as u8 * 100, (y / 512) as u8 * 100, 0]));
+        let img = RgbImage::from_fn(1024, 1024, |x, y| {
+            Rgb([(x / 512) as u8 * 100, (y / 512) as u8 * 100, 0])
+        });
         let proc = processor(ProcessorConfig::default());
         let out = proc.process(&img)?;
         assert_eq!(out.num_views(), 5);
@@ -327,10 +358,13 @@ mod tests {
         let t = out.to_tensors(&Device::Cpu)?;
         assert_eq!(t.pixel_values.dims(), &[1, 1024, 768]);
         assert_eq!(t.pixel_attention_mask.dims(), &[1, 1024]);
-        assert_eq!(t.spatial_shapes.to_vec2::<u32>()?, vec![vec![
-            out.spatial_shapes[0].0 as u32,
-            out.spatial_shapes[0].1 as u32
-        ]]);
+        assert_eq!(
+            t.spatial_shapes.to_vec2::<u32>()?,
+            vec![vec![
+                out.spatial_shapes[0].0 as u32,
+                out.spatial_shapes[0].1 as u32
+            ]]
+        );
         Ok(())
     }
 }

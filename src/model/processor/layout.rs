@@ -116,9 +116,10 @@ pub fn is_too_large(cfg: &ProcessorConfig, height: usize, width: usize) -> bool 
     let patch = cfg.encoder_patch_size;
     let h_bar = patch.max(round_by_factor(height, factor));
     let w_bar = patch.max(round_by_factor(width, factor));
-    let limit = (cfg.max_image_tokens * patch * patch * cfg.downsample_factor * cfg.downsample_factor)
-        as f64
-        * cfg.max_pixels_tolerance;
+    let limit =
+        (cfg.max_image_tokens * patch * patch * cfg.downsample_factor * cfg.downsample_factor)
+            as f64
+            * cfg.max_pixels_tolerance;
     (h_bar * w_bar) as f64 > limit
 }
 
@@ -218,7 +219,10 @@ mod tests {
         let c = cfg();
         for (h, w) in [(20, 5000), (20, 20000), (30000, 3), (1, 100_000)] {
             let (nh, nw) = smart_resize(&c, h, w);
-            assert!((nh / 16) * (nw / 16) <= c.max_num_patches(), "{h}x{w} -> {nh}x{nw}");
+            assert!(
+                (nh / 16) * (nw / 16) <= c.max_num_patches(),
+                "{h}x{w} -> {nh}x{nw}"
+            );
             assert!(nh % 32 == 0 && nw % 32 == 0 && nh >= 32 && nw >= 32);
         }
         assert_eq!(smart_resize(&c, 20, 5000), (32, 4992));

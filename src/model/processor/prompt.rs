@@ -70,7 +70,10 @@ impl PromptInputs {
 
     /// Image tokens over all images.
     pub fn num_image_tokens(&self) -> usize {
-        self.images.iter().map(ProcessedImage::num_image_tokens).sum()
+        self.images
+            .iter()
+            .map(ProcessedImage::num_image_tokens)
+            .sum()
     }
 }
 
@@ -99,11 +102,10 @@ impl Processor {
     pub fn from_model_dir(dir: &Path) -> Result<Self, ProcessorError> {
         let config = ProcessorConfig::from_model_dir(dir)?;
         let path = dir.join("tokenizer.json");
-        let tokenizer =
-            Tokenizer::from_file(&path).map_err(|e| ProcessorError::TokenizerLoad {
-                path,
-                message: e.to_string(),
-            })?;
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| ProcessorError::TokenizerLoad {
+            path,
+            message: e.to_string(),
+        })?;
         let template = ChatTemplate::from_model_dir(dir)?;
         let strings = ImageTokenStrings::from_model_dir(dir)?;
         Self::new(config, tokenizer, template, strings)
@@ -156,7 +158,10 @@ impl Processor {
     }
 
     /// Processes images, tagging a failure with the image's index.
-    pub fn process_images(&self, images: &[RgbImage]) -> Result<Vec<ProcessedImage>, ProcessorError> {
+    pub fn process_images(
+        &self,
+        images: &[RgbImage],
+    ) -> Result<Vec<ProcessedImage>, ProcessorError> {
         images
             .iter()
             .enumerate()
@@ -233,7 +238,11 @@ impl Processor {
         })
     }
 
-    fn check_image_count(&self, conversation: &Conversation, found: usize) -> Result<(), ProcessorError> {
+    fn check_image_count(
+        &self,
+        conversation: &Conversation,
+        found: usize,
+    ) -> Result<(), ProcessorError> {
         let expected = conversation.num_images();
         if expected != found {
             return Err(ProcessorError::ImageCount { expected, found });
@@ -259,7 +268,10 @@ impl Processor {
             .map_err(|e| ProcessorError::Tokenize(e.to_string()))?;
         let input_ids = encoding.get_ids().to_vec();
         let expected: usize = images.iter().map(ProcessedImage::num_image_tokens).sum();
-        let found = input_ids.iter().filter(|&&id| id == self.image_token_id).count();
+        let found = input_ids
+            .iter()
+            .filter(|&&id| id == self.image_token_id)
+            .count();
         if found != expected {
             return Err(ProcessorError::ImageTokenCount { expected, found });
         }
@@ -281,7 +293,10 @@ impl Processor {
                 if thumbnail.is_some() {
                     needed.push(self.strings.thumbnail.clone());
                 }
-                if let Some(missing) = needed.into_iter().find(|t| self.tokenizer.token_to_id(t).is_none()) {
+                if let Some(missing) = needed
+                    .into_iter()
+                    .find(|t| self.tokenizer.token_to_id(t).is_none())
+                {
                     return Err(ProcessorError::MissingToken(missing));
                 }
             }

@@ -79,7 +79,11 @@ impl Taps {
             .map(|&w| {
                 let v = w * unit;
                 // Round half away from zero, then narrow to i16 as ATen stores it.
-                let rounded = if v < 0.0 { (v - 0.5) as i32 } else { (v + 0.5) as i32 };
+                let rounded = if v < 0.0 {
+                    (v - 0.5) as i32
+                } else {
+                    (v + 0.5) as i32
+                };
                 i32::from(rounded as i16)
             })
             .collect();
@@ -151,22 +155,32 @@ fn horizontal_pass(src: &[u8], width: usize, height: usize, new_width: usize) ->
     let taps = Taps::new(width, new_width);
     let bias = taps.bias();
     let mut out = vec![0u8; new_width * height * 3];
-    for (row_in, row_out) in src
-        .chunks_exact(width * 3)
-        .zip(out.chunks_exact_mut(new_width * 3))
-    {
-        for (x, px) in row_out.chunks_exact_mut(3).enumerate() {
-            let (start, weights) = taps.taps(x);
-            let window = &row_in[start * 3..(start + weights.len()) * 3];
+    // Flatten the taps once: (first byte offset, weights) per output pixel, so the per-row
+    // loop does plain indexing (debug builds do not inline iterator adapters).
+    let plan: Vec<(usize, &[i32])> = (0..new_width)
+        .map(|x| {
+            let (start, w) = taps.taps(x);
+            (start * 3, w)
+        })
+        .collect();
+    for y in 0..height {
+        let row_in = &src[y * width * 3..(y + 1) * width * 3];
+        let row_out = &mut out[y * new_width * 3..(y + 1) * new_width * 3];
+        for (x, &(offset, weights)) in plan.iter().enumerate() {
+            let window = &row_in[offset..offset + weights.len() * 3];
             let (mut r, mut g, mut b) = (bias, bias, bias);
-            for (&w, p) in weights.iter().zip(window.chunks_exact(3)) {
-                r += i32::from(p[0]) * w;
-                g += i32::from(p[1]) * w;
-                b += i32::from(p[2]) * w;
+            // Wrapping ops: sums of normalised weights times 255 cannot overflow an i32, and
+            // this keeps debug builds' overflow checks out of the hottest loop.
+            #[allow(clippy::needless_range_loop)] // indexes two arrays at different strides
+            for k in 0..weights.len() {
+                let w = weights[k];
+                r = r.wrapping_add(i32::from(window[3 * k]).wrapping_mul(w));
+                g = g.wrapping_add(i32::from(window[3 * k + 1]).wrapping_mul(w));
+                b = b.wrapping_add(i32::from(window[3 * k + 2]).wrapping_mul(w));
             }
-            px[0] = taps.finish(r);
-            px[1] = taps.finish(g);
-            px[2] = taps.finish(b);
+            row_out[3 * x] = taps.finish(r);
+            row_out[3 * x + 1] = taps.finish(g);
+            row_out[3 * x + 2] = taps.finish(b);
         }
     }
     out
@@ -186,7 +200,7 @@ fn vertical_pass(src: &[u8], width: usize, height: usize, new_height: usize) -> 
         for (k, &w) in weights.iter().enumerate() {
             let row_in = &src[(start + k) * row_len..(start + k + 1) * row_len];
             for (a, &p) in acc.iter_mut().zip(row_in) {
-                *a += i32::from(p) * w;
+                *a = a.wrapping_add(i32::from(p).wrapping_mul(w));
             }
         }
         for (o, &a) in row_out.iter_mut().zip(&acc) {
@@ -226,7 +240,10 @@ mod tests {
                 assert!(start + w.len() <= input);
                 let sum: i32 = w.iter().sum();
                 // Rounding each tap can move the sum by at most half a unit per tap.
-                assert!((sum - unit).abs() <= w.len() as i32, "{input}->{output} at {i}");
+                assert!(
+                    (sum - unit).abs() <= w.len() as i32,
+                    "{input}->{output} at {i}"
+                );
             }
             assert!(taps.weights.iter().all(|&w| w < 1 << 15));
         }
