@@ -477,6 +477,26 @@ mod tests {
     }
 
     #[test]
+    fn template_from_tokenizer_config_with_object_tokens() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"bos_token": {"content": "<s>"}, "chat_template": [
+                {"name": "tool_use", "template": "tools"},
+                {"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}"}]}"#,
+        )?;
+        let t = ChatTemplate::from_model_dir(dir.path())?;
+        assert_eq!(t.render(&Conversation::new().user("hi"), false)?, "<s>hi");
+        let empty = tempfile::tempdir()?;
+        assert!(matches!(
+            ChatTemplate::from_model_dir(empty.path()),
+            Err(TemplateError::Missing(_))
+        ));
+        Ok(())
+    }
+
+    #[test]
     fn raise_exception_and_bad_templates_are_errors() {
         assert!(matches!(
             ChatTemplate::new("{% for %}", tokens()),

@@ -349,6 +349,35 @@ mod tests {
     }
 
     #[test]
+    fn model_dir_layouts_merge_with_later_files_winning() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        // 4.55-style flat keys in config.json, 5.x-style nested kwargs in processor_config.json.
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"use_thumbnail": false, "max_tiles": 6}"#,
+        )?;
+        std::fs::write(
+            dir.path().join("preprocessor_config.json"),
+            r#"{"image_mean": [0.1, 0.2, 0.3], "do_convert_rgb": null}"#,
+        )?;
+        std::fs::write(
+            dir.path().join("processor_config.json"),
+            r#"{"use_image_special_tokens": false, "image_processor": {"max_tiles": 8, "min_image_tokens": 32}}"#,
+        )?;
+        let cfg = ProcessorConfig::from_model_dir(dir.path())?;
+        assert!(!cfg.use_thumbnail && !cfg.use_image_special_tokens);
+        assert_eq!((cfg.max_tiles, cfg.min_image_tokens), (8, 32));
+        assert_eq!(cfg.image_mean, [0.1, 0.2, 0.3]);
+        std::fs::write(dir.path().join("config.json"), "{not json")?;
+        assert!(matches!(
+            ProcessorConfig::from_model_dir(dir.path()),
+            Err(ConfigError::Json { .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
     fn max_num_patches_follows_transformers() -> Result<(), ConfigError> {
         assert_eq!(ProcessorConfig::default().max_num_patches(), 1024);
         let no_split = apply(r#"{"do_image_splitting": false, "max_image_tokens": 128}"#)?;
