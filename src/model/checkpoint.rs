@@ -121,12 +121,13 @@ impl Checkpoint {
         let weight_files = if single.is_file() {
             vec![single]
         } else if index_path.is_file() {
-            let index: ShardIndex = serde_json::from_str(&read_text(&index_path)?).map_err(
-                |source| CheckpointError::Index {
-                    path: index_path.clone(),
-                    source,
-                },
-            )?;
+            let index: ShardIndex =
+                serde_json::from_str(&read_text(&index_path)?).map_err(|source| {
+                    CheckpointError::Index {
+                        path: index_path.clone(),
+                        source,
+                    }
+                })?;
             let shards: BTreeSet<&String> = index.weight_map.values().collect();
             let files: Vec<PathBuf> = shards.into_iter().map(|s| dir.join(s)).collect();
             if let Some(missing) = files.iter().find(|f| !f.is_file()) {
@@ -234,7 +235,11 @@ const MISSING_MARKER: &str = "missing tensor ";
 fn find_missing(err: &candle_core::Error, names: &[String]) -> Option<String> {
     let text = err.to_string();
     let start = text.find(MISSING_MARKER)? + MISSING_MARKER.len();
-    let name = text[start..].trim_matches('`').split('`').next()?.to_string();
+    let name = text[start..]
+        .trim_matches('`')
+        .split('`')
+        .next()?
+        .to_string();
     (!names.contains(&name)).then_some(name)
 }
 

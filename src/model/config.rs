@@ -35,8 +35,11 @@ pub struct Lfm2VlConfig {
     pub vision_config: VisionConfig,
     #[serde(default)]
     pub text_config: TextConfig,
-    #[serde(default, alias = "image_token_index")]
+    #[serde(default)]
     pub image_token_id: Option<u32>,
+    /// The 4.55-era spelling of `image_token_id`.
+    #[serde(default)]
+    pub image_token_index: Option<u32>,
     #[serde(default = "default_projector_act")]
     pub projector_hidden_act: String,
     #[serde(default = "default_projector_hidden")]
@@ -117,12 +120,18 @@ pub struct TextConfig {
     pub block_multiple_of: usize,
     #[serde(default = "default_t_layers")]
     pub num_hidden_layers: usize,
-    #[serde(default, alias = "num_heads")]
+    #[serde(default)]
     pub num_attention_heads: Option<usize>,
+    /// LFM2's own spelling; transformers lets it override `num_attention_heads`.
+    #[serde(default)]
+    pub num_heads: Option<usize>,
     #[serde(default = "default_t_kv_heads")]
     pub num_key_value_heads: usize,
-    #[serde(default, alias = "block_norm_eps")]
+    #[serde(default)]
     pub norm_eps: Option<f64>,
+    /// LFM2's own spelling; overrides `norm_eps` like `block_ff_dim` overrides `intermediate_size`.
+    #[serde(default)]
+    pub block_norm_eps: Option<f64>,
     #[serde(default)]
     pub rope_theta: Option<f64>,
     #[serde(default)]
@@ -440,8 +449,8 @@ impl Config {
         };
 
         let t = &raw.text_config;
-        let hidden_size = t.hidden_size.or(t.block_dim).unwrap_or(2560);
-        let num_heads = t.num_attention_heads.unwrap_or(32);
+        let hidden_size = t.block_dim.or(t.hidden_size).unwrap_or(2560);
+        let num_heads = t.num_heads.or(t.num_attention_heads).unwrap_or(32);
         if num_heads == 0 || hidden_size % num_heads != 0 {
             return Err(ConfigError::Invalid {
                 key: "text_config.num_attention_heads",
@@ -513,7 +522,7 @@ impl Config {
             num_kv_heads: t.num_key_value_heads,
             head_dim: hidden_size / num_heads,
             layer_kinds,
-            norm_eps: t.norm_eps.unwrap_or(1e-5),
+            norm_eps: t.block_norm_eps.or(t.norm_eps).unwrap_or(1e-5),
             rope_theta,
             conv_kernel,
             conv_bias: t.conv_bias,
@@ -548,7 +557,7 @@ impl Config {
             vision,
             projector,
             text,
-            image_token_id: raw.image_token_id.unwrap_or(396),
+            image_token_id: raw.image_token_id.or(raw.image_token_index).unwrap_or(396),
             checkpoint_dtype,
         })
     }
@@ -590,7 +599,10 @@ mod tests {
             r#"{"text_config": {"num_hidden_layers": 1, "layer_types": ["mamba"]}}"#,
         )
         .unwrap_err();
-        assert!(matches!(err, ConfigError::LayerType { index: 0, .. }), "{err}");
+        assert!(
+            matches!(err, ConfigError::LayerType { index: 0, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -450,7 +450,10 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
-        assert!(draw(1).iter().any(|&t| t != 2), "sampling never left the top token");
+        assert!(
+            draw(1).iter().any(|&t| t != 2),
+            "sampling never left the top token"
+        );
     }
 
     #[test]

@@ -75,9 +75,7 @@ impl Lfm2VlModel {
         let vision = VisionTower::new(&cfg.vision, vb.pp(&prefixes.vision_model))?;
         let projector = Projector::new(&cfg.projector, vb.pp(&prefixes.projector))?;
         let lm_head = match (&prefixes.lm_head, cfg.text.tie_embeddings) {
-            (Some(name), false) => {
-                Some(vb.get((cfg.text.vocab_size, cfg.text.hidden_size), name)?)
-            }
+            (Some(name), false) => Some(vb.get((cfg.text.vocab_size, cfg.text.hidden_size), name)?),
             _ => None,
         };
         let text = TextModel::new(&cfg.text, vb.pp(&prefixes.language_model), lm_head)?;
@@ -155,7 +153,8 @@ impl Lfm2VlModel {
         let proj = self
             .projector
             .forward(&vis.last_hidden_state, &spans, true)?;
-        let (Some(vision_embeddings), Some(projector_unshuffled)) = (vis.embeddings, proj.unshuffled)
+        let (Some(vision_embeddings), Some(projector_unshuffled)) =
+            (vis.embeddings, proj.unshuffled)
         else {
             candle_core::bail!("intermediates were requested but not kept")
         };
@@ -173,7 +172,10 @@ impl Lfm2VlModel {
     pub fn embed(&self, input_ids: &Tensor, image_features: Option<&Tensor>) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         let embeds = self.text.embed_ids(input_ids)?;
-        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+        let ids = input_ids
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
         let image_token = self.cfg.image_token_id;
         let n_image_tokens = ids.iter().filter(|&&id| id == image_token).count();
         let n_features = match image_features {

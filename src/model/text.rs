@@ -174,12 +174,7 @@ impl ShortConv {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &StepContext,
-        state: &mut Option<Tensor>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &StepContext, state: &mut Option<Tensor>) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let k = self.taps.len();
         // [B, L, 3D] split into B, C, x along the features.
@@ -258,9 +253,17 @@ impl Attention {
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // [B, L, H*hd] -> [B, L, H, hd] -> norm per head -> [B, H, L, hd]
         let q = self.q_proj.forward(x)?.reshape((b, l, h, hd))?;
-        let q = self.q_layernorm.forward(&q)?.transpose(1, 2)?.contiguous()?;
+        let q = self
+            .q_layernorm
+            .forward(&q)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let k = self.k_proj.forward(x)?.reshape((b, l, kvh, hd))?;
-        let k = self.k_layernorm.forward(&k)?.transpose(1, 2)?.contiguous()?;
+        let k = self
+            .k_layernorm
+            .forward(&k)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let v = self
             .v_proj
             .forward(x)?
@@ -428,8 +431,7 @@ impl TextModel {
             .enumerate()
             .map(|(i, &kind)| DecoderLayer::new(cfg, kind, vb_layers.pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let embedding_norm =
-            RmsNorm::load(cfg.hidden_size, cfg.norm_eps, vb.pp("embedding_norm"))?;
+        let embedding_norm = RmsNorm::load(cfg.hidden_size, cfg.norm_eps, vb.pp("embedding_norm"))?;
         let lm_head = lm_head.unwrap_or_else(|| embed_tokens.clone());
         Ok(Self {
             embed_tokens,

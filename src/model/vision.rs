@@ -94,7 +94,9 @@ pub fn resize_grid_aa(
             let out = &mut tmp[(i * cols + c) * dim..(i * cols + c + 1) * dim];
             for (k, &wt) in ws.iter().enumerate() {
                 let src = &grid[(i * w + x0 + k) * dim..(i * w + x0 + k + 1) * dim];
-                out.iter_mut().zip(src).for_each(|(o, &s)| *o += wt * s as f64);
+                out.iter_mut()
+                    .zip(src)
+                    .for_each(|(o, &s)| *o += wt * s as f64);
             }
         }
     }
@@ -378,7 +380,9 @@ pub fn pack_views(
             spatial_shapes.len()
         )
     }
-    let mask = pixel_attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let mask = pixel_attention_mask
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
     let spans = view_spans(spatial_shapes);
     let mut parts = Vec::with_capacity(views);
     for (v, span) in spans.iter().enumerate() {
