@@ -409,7 +409,7 @@ impl Config {
                 reason: format!("{} is not a positive square", v.num_patches),
             });
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(ConfigError::Invalid {
                 key: "vision_config.num_attention_heads",
                 reason: format!(
@@ -451,13 +451,13 @@ impl Config {
         let t = &raw.text_config;
         let hidden_size = t.block_dim.or(t.hidden_size).unwrap_or(2560);
         let num_heads = t.num_heads.or(t.num_attention_heads).unwrap_or(32);
-        if num_heads == 0 || hidden_size % num_heads != 0 {
+        if num_heads == 0 || !hidden_size.is_multiple_of(num_heads) {
             return Err(ConfigError::Invalid {
                 key: "text_config.num_attention_heads",
                 reason: format!("hidden size {hidden_size} is not divisible by {num_heads} heads"),
             });
         }
-        if t.num_key_value_heads == 0 || num_heads % t.num_key_value_heads != 0 {
+        if t.num_key_value_heads == 0 || !num_heads.is_multiple_of(t.num_key_value_heads) {
             return Err(ConfigError::Invalid {
                 key: "text_config.num_key_value_heads",
                 reason: format!(

@@ -466,7 +466,7 @@ mod tests {
         // p ~ [0.04, 0.11, 0.84]: only token 2 is within half of the top probability.
         let mut rng = StdRng::seed_from_u64(0);
         for _ in 0..20 {
-            assert_eq!(choose(&mut vec![0.0f32, 1.0, 3.0], &s, &mut rng), Some(2));
+            assert_eq!(choose(&mut [0.0f32, 1.0, 3.0], &s, &mut rng), Some(2));
         }
     }
 }
