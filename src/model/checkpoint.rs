@@ -212,6 +212,81 @@ impl Checkpoint {
     }
 }
 
+/// A model of `cfg`'s shapes with seeded random weights (benchmarks and load tests, no files).
+///
+/// Linear and embedding weights are normal with std 0.02 (transformers' `initializer_range`),
+/// biases zero, and norm weights one, so activations stay in a realistic range.
+pub fn random_model(cfg: &Config, opts: &LoadOptions, seed: u64) -> candle_core::Result<Lfm2VlModel> {
+    let backend: Box<dyn SimpleBackend> = Box::new(RandomBackend { seed });
+    let vb = VarBuilder::from_backend(backend, opts.dtype, opts.device.clone());
+    Lfm2VlModel::new(cfg, vb, &WeightPrefixes::default())
+}
+
+/// Generates each requested tensor from a hash of its name, so any subset is reproducible.
+struct RandomBackend {
+    seed: u64,
+}
+
+impl SimpleBackend for RandomBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let leaf = name.rsplit('.').nth(1).unwrap_or("");
+        let is_norm = leaf.contains("norm");
+        let t = if name.ends_with(".bias") {
+            Tensor::zeros(s, DType::F32, dev)?
+        } else if is_norm {
+            Tensor::ones(s, DType::F32, dev)?
+        } else {
+            use rand::SeedableRng;
+            use rand_distr_free::normal_vec;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                self.seed ^ u64::from_le_bytes(
+                    blake3::hash(name.as_bytes()).as_bytes()[..8]
+                        .try_into()
+                        .unwrap_or([0; 8]),
+                ),
+            );
+            let data = normal_vec(&mut rng, s.elem_count(), 0.02);
+            Tensor::from_vec(data, s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        // Only the untied LM head is optional; a random model keeps it tied.
+        name != "lm_head.weight"
+    }
+}
+
+/// Normal samples without an extra crate: Box-Muller over the workspace's `rand`.
+mod rand_distr_free {
+    use rand::RngExt;
+
+    pub fn normal_vec(rng: &mut rand::rngs::StdRng, n: usize, std: f32) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n + 1);
+        while out.len() < n {
+            let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+            let u2: f32 = rng.random();
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let (s, c) = (std::f32::consts::TAU * u2).sin_cos();
+            out.push(r * c);
+            out.push(r * s);
+        }
+        out.truncate(n);
+        out
+    }
+}
+
 /// Opens and loads `dir` in one step.
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Lfm2VlModel, CheckpointError> {
     Checkpoint::open(dir)?.load(opts)

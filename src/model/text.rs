@@ -320,7 +320,7 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.w1.forward(x)?)?;
+        let gate = ops::silu(&self.w1.forward(x)?)?;
         self.w2.forward(&(gate * self.w3.forward(x)?)?)
     }
 }

@@ -224,11 +224,18 @@ impl VisionAttention {
                     .contiguous()
             };
             let (qh, kh, vh) = (heads(&q)?, heads(&k)?, heads(&v)?);
-            // [H, n, n]
-            let scores = qh.matmul(&kh.t()?)?;
-            let probs = ops::softmax_last_dim(&scores)?;
-            // [H, n, hd] -> [n, H, hd] -> [n, D]
-            let o = probs.matmul(&vh)?.transpose(0, 1)?.reshape((n, ()))?;
+            // One head at a time keeps the [n, n] scores in cache (4 MB at 1024 patches instead of
+            // 48 MB for all heads), which measured 2-3x faster than one batched product on CPU.
+            let per_head = (0..self.num_heads)
+                .map(|h| {
+                    let scores = qh.get(h)?.matmul(&kh.get(h)?.t()?)?;
+                    ops::softmax_last_dim(&scores)?.matmul(&vh.get(h)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // H x [n, hd] -> [H, n, hd] -> [n, H, hd] -> [n, D]
+            let o = Tensor::stack(&per_head, 0)?
+                .transpose(0, 1)?
+                .reshape((n, ()))?;
             outs.push(o);
         }
         let o = Tensor::cat(&outs, 0)?;
