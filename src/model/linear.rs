@@ -1,1 +1,176 @@
-//! Module under construction.
+//! The one `Linear` every projection of LFM2-VL uses, with the seam where LoRA plugs in.
+//!
+//! Each [`Linear`] knows its full dotted checkpoint path (`model.language_model.layers.3.conv.in_proj`),
+//! so fine-tuning can list the projections ([`LinearVisitor`]), validate LoRA target names against
+//! them and attach an adapter ([`LinearAdapter`]) without the model code knowing about LoRA.
+
+use std::fmt;
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::model::ops;
+
+/// Something that changes a linear layer's output, e.g. a LoRA delta `scale * B(A(x))`.
+///
+/// `forward` receives the layer input and the frozen layer's output and returns the final output,
+/// so an adapter may add a low-rank term, gate, or replace the output entirely.
+pub trait LinearAdapter: Send + Sync + fmt::Debug {
+    fn forward(&self, input: &Tensor, base_output: Tensor) -> Result<Tensor>;
+}
+
+/// `y = x W^T + b` over the last dimension, optionally followed by an adapter.
+#[derive(Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    name: String,
+    adapter: Option<Arc<dyn LinearAdapter>>,
+}
+
+impl fmt::Debug for Linear {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Linear")
+            .field("name", &self.name)
+            .field("weight", &self.weight.shape())
+            .field("bias", &self.bias.is_some())
+            .field("adapter", &self.adapter.is_some())
+            .finish()
+    }
+}
+
+impl Linear {
+    /// Wraps existing tensors; `weight` is `[out, in]` as in PyTorch.
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, name: impl Into<String>) -> Self {
+        Self {
+            weight,
+            bias,
+            name: name.into(),
+            adapter: None,
+        }
+    }
+
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`) of shape `[out_dim, in_dim]`.
+    pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self::from_tensors(weight, bias, vb.prefix()))
+    }
+
+    /// Full dotted checkpoint path, without `.weight`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims2().map_or(0, |(_, i)| i)
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims2().map_or(0, |(o, _)| o)
+    }
+
+    pub fn adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {
+        self.adapter.as_ref()
+    }
+
+    /// Attaches (or with `None` removes) the adapter applied after the frozen projection.
+    pub fn set_adapter(&mut self, adapter: Option<Arc<dyn LinearAdapter>>) {
+        self.adapter = adapter;
+    }
+
+    /// Applies the layer to `x` of shape `[..., in]`, giving `[..., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let base = self.forward_frozen(x)?;
+        match &self.adapter {
+            Some(adapter) => adapter.forward(x, base),
+            None => Ok(base),
+        }
+    }
+
+    /// The projection without any adapter.
+    pub fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let Some((&in_dim, lead)) = dims.split_last() else {
+            candle_core::bail!("linear `{}` got a scalar input", self.name)
+        };
+        let rows: usize = lead.iter().product();
+        // [..., in] -> [rows, in]
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = ops::matmul_wt(&x2, &self.weight)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.out_dim());
+        // [rows, out] -> [..., out]
+        y.reshape(out_dims)
+    }
+}
+
+/// Walks the named linear layers of a module tree (LoRA target listing and attachment).
+pub trait LinearVisitor {
+    /// Calls `f` on every linear layer, in checkpoint order.
+    fn visit_linears(&self, f: &mut dyn FnMut(&Linear));
+    /// Calls `f` on every linear layer mutably, in checkpoint order.
+    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear));
+
+    /// The full dotted names of every linear layer.
+    fn linear_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        self.visit_linears(&mut |l| names.push(l.name().to_string()));
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[derive(Debug)]
+    struct AddOne;
+    impl LinearAdapter for AddOne {
+        fn forward(&self, _input: &Tensor, base_output: Tensor) -> Result<Tensor> {
+            base_output + 1.0
+        }
+    }
+
+    #[test]
+    fn forward_matches_manual_and_adapter_applies() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2.0, 3.0], [0.0, -1.0, 0.5]], &dev)?;
+        let b = Tensor::new(&[10f32, 20.0], &dev)?;
+        let mut lin = Linear::from_tensors(w, Some(b), "m.proj");
+        let x = Tensor::new(&[[[1f32, 1.0, 1.0]], [[2.0, 0.0, -2.0]]], &dev)?;
+        let y = lin.forward(&x)?;
+        assert_eq!(y.dims(), &[2, 1, 2]);
+        assert_eq!(
+            y.flatten_all()?.to_vec1::<f32>()?,
+            vec![16.0, 19.5, 6.0, 19.0]
+        );
+        lin.set_adapter(Some(Arc::new(AddOne)));
+        let y = lin.forward(&x)?;
+        assert_eq!(
+            y.flatten_all()?.to_vec1::<f32>()?,
+            vec![17.0, 20.5, 7.0, 20.0]
+        );
+        assert_eq!(lin.name(), "m.proj");
+        Ok(())
+    }
+}

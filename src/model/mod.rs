@@ -9,6 +9,7 @@ pub mod config;
 pub mod generate;
 pub mod lfm2_vl;
 pub mod linear;
+pub mod ops;
 pub mod projector;
 pub mod text;
 pub mod vision;

@@ -1,0 +1,290 @@
+//! Numerical building blocks shared by the vision tower, projector and decoder.
+//!
+//! candle's fused CPU kernels (`rms_norm`, `layer_norm`, `softmax_last_dim`) record no backward
+//! pass, so each helper here uses them for inference and falls back to composite, differentiable
+//! ops when a tensor takes part in autograd (LoRA training backpropagates through frozen layers).
+//!
+//! On CPU with f32, a few hot element-wise kernels are our own: candle 0.11 evaluates `tanh`/`exp`
+//! per element with libm (GELU-tanh 3-5x slower than torch, softmax likewise), and runs a
+//! single-row matmul (every decode step) on one thread. Ours use a polynomial `exp` that the
+//! compiler can vectorise, split rows over rayon's pool, and split GEMV over output rows.
+
+use candle_core::{D, DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::model::config::Activation;
+
+/// True when gradients must flow through `xs` (it is, or derives from, a `Var`).
+fn tracks(xs: &Tensor) -> bool {
+    xs.track_op()
+}
+
+/// `x [m, k] @ w[n, k]^T -> [m, n]`, the layout of every PyTorch `Linear` weight.
+pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (m, _) = x.dims2()?;
+    let (n, _) = w.dims2()?;
+    let threads = rayon::current_num_threads();
+    // Decode steps multiply one row: candle runs that on one thread, which reads the weight at
+    // about half the machine's bandwidth. Splitting the output rows over the pool fixes that.
+    if m <= 4 && n >= 1024 && threads > 1 && is_cpu_f32(x) && !tracks(x) && !tracks(w) {
+        let chunk = n.div_ceil(threads);
+        let parts: Vec<Result<Tensor>> = (0..threads)
+            .into_par_iter()
+            .filter_map(|i| {
+                let start = i * chunk;
+                (start < n).then(|| {
+                    let len = chunk.min(n - start);
+                    x.matmul(&w.narrow(0, start, len)?.t()?)
+                })
+            })
+            .collect();
+        let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
+        return Tensor::cat(&parts, 1);
+    }
+    x.matmul(&w.t()?)
+}
+
+fn is_cpu_f32(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
+}
+
+/// `exp(x)` for f32 to about 1 ulp (Cephes' `expf` reduction and polynomial), branch-free so loops
+/// over it vectorise; exactly 0 below -87.3 (so masked `-inf` scores vanish).
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(-87.3, 88.7);
+    let n = (xc * LOG2E).round();
+    let r = xc - n * C1 - n * C2;
+    let mut y = 1.987_569_1e-4_f32;
+    y = y * r + 1.398_199_9e-3;
+    y = y * r + 8.333_452e-3;
+    y = y * r + 4.166_579_6e-2;
+    y = y * r + 1.666_666_5e-1;
+    y = y * r + 5.000_000_1e-1;
+    let y = y * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 { 0.0 } else { y * scale }
+}
+
+/// Runs `f(input, output)` over a contiguous CPU f32 tensor in parallel row blocks of `row`
+/// elements; `None` when the tensor is not eligible (other device or dtype, or tracked).
+fn map_rows_f32(
+    x: &Tensor,
+    row: usize,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> Result<Option<Tensor>> {
+    if !is_cpu_f32(x) || tracks(x) || row == 0 {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let src = &cpu.as_slice::<f32>()?[start..end];
+    let mut out = vec![0f32; src.len()];
+    // Blocks of whole rows, large enough to amortise scheduling.
+    let rows_per_block = (16 * 1024 / row).max(1);
+    out.par_chunks_mut(row * rows_per_block)
+        .zip(src.par_chunks(row * rows_per_block))
+        .for_each(|(o, i)| {
+            for (o, i) in o.chunks_mut(row).zip(i.chunks(row)) {
+                f(i, o);
+            }
+        });
+    drop(storage);
+    Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
+}
+
+fn gelu_tanh_slice(x: &[f32], y: &mut [f32]) {
+    // 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
+    const K: f32 = 0.797_884_6;
+    for (y, &x) in y.iter_mut().zip(x) {
+        let u2 = 2.0 * K * (x + 0.044_715 * x * x * x);
+        *y = x / (1.0 + fast_exp(-u2));
+    }
+}
+
+fn silu_slice(x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = x / (1.0 + fast_exp(-x));
+    }
+}
+
+fn softmax_slice(x: &[f32], y: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for (y, &x) in y.iter_mut().zip(x) {
+        let e = fast_exp(x - max);
+        *y = e;
+        sum += e;
+    }
+    let inv = 1.0 / sum;
+    y.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// SiLU (`x * sigmoid(x)`).
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    match map_rows_f32(x, x.dim(D::Minus1)?, silu_slice)? {
+        Some(y) => Ok(y),
+        None => candle_nn::ops::silu(x),
+    }
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w` (LFM2 multiplies by `w`, not `1 + w`).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if tracks(x) || tracks(w) {
+        return candle_nn::ops::rms_norm_slow(x, w, eps as f32);
+    }
+    candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+}
+
+/// LayerNorm over the last dimension with weight and bias.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if tracks(x) || tracks(w) || tracks(b) {
+        return candle_nn::ops::layer_norm_slow(x, w, b, eps as f32);
+    }
+    candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32)
+}
+
+/// Softmax over the last dimension, computed in f32 for half-precision inputs.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = if dtype == DType::F32 {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    };
+    let p = if tracks(&x32) {
+        candle_nn::ops::softmax(&x32, D::Minus1)?
+    } else if let Some(p) = map_rows_f32(&x32, x32.dim(D::Minus1)?, softmax_slice)? {
+        p
+    } else {
+        candle_nn::ops::softmax_last_dim(&x32.contiguous()?)?
+    };
+    if dtype == DType::F32 {
+        Ok(p)
+    } else {
+        p.to_dtype(dtype)
+    }
+}
+
+/// Applies a configured activation.
+pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::GeluTanh => match map_rows_f32(x, x.dim(D::Minus1)?, gelu_tanh_slice)? {
+            Some(y) => Ok(y),
+            None => x.gelu(),
+        },
+        Activation::GeluErf => x.gelu_erf(),
+        Activation::Silu => silu(x),
+    }
+}
+
+/// LayerNorm with affine weight and bias (`nn.LayerNorm`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(dim: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// RMSNorm with a weight (LFM2's `operator_norm`, `ffn_norm`, `q_layernorm`, ...).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(dim: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        for i in -8000..=8000 {
+            let x = i as f32 * 0.01;
+            let (a, b) = (fast_exp(x), x.exp());
+            assert!(((a - b) / b).abs() < 3e-7, "exp({x}): {a} vs {b}");
+        }
+        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp(-100.0), 0.0);
+    }
+
+    #[test]
+    fn fast_kernels_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 3.0, (37, 300), &dev)? - 1.0)?;
+        let close = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(close(&activation(&x, Activation::GeluTanh)?, &x.gelu()?)? < 1e-5);
+        assert!(close(&silu(&x)?, &candle_nn::ops::silu(&x)?)? < 1e-5);
+        let mut masked = x.to_vec2::<f32>()?;
+        masked[3][5..].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+        let masked = Tensor::new(masked, &dev)?;
+        let ours = softmax_last_dim(&masked)?;
+        let theirs = candle_nn::ops::softmax_last_dim(&masked)?;
+        assert!(close(&ours, &theirs)? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn split_gemv_matches_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 64), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (2051, 64), &dev)?;
+        let a = matmul_wt(&x, &w)?;
+        let b = x.matmul(&w.t()?)?;
+        let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_multiplies_by_weight() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[3f32, 4.0]], &dev)?;
+        let w = Tensor::new(&[2f32, 0.5], &dev)?;
+        let y = rms_norm(&x, &w, 0.0)?.to_vec2::<f32>()?;
+        // rms = sqrt((9 + 16) / 2) = 3.5355
+        let rms = (12.5f32).sqrt();
+        assert!((y[0][0] - 2.0 * 3.0 / rms).abs() < 1e-6);
+        assert!((y[0][1] - 0.5 * 4.0 / rms).abs() < 1e-6);
+        Ok(())
+    }
+}
