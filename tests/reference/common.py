@@ -327,7 +327,7 @@ CHECKPOINT_SPECS = {
         tokenizer="real",
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                     num_patches=256),
-        text=dict(hidden_size=16, intermediate_size=6656, block_ff_dim=64, block_auto_adjust_ff_dim=True,
+        text=dict(hidden_size=8, intermediate_size=6656, block_ff_dim=64, block_auto_adjust_ff_dim=True,
                   block_multiple_of=16, num_attention_heads=2, num_key_value_heads=1,
                   layer_types=["conv", "full_attention", "conv", "full_attention"],
                   rope_theta=1000000.0, vocab_size=65536),
