@@ -91,7 +91,9 @@ def answer_loss(logits, labels):
     """Mean cross-entropy over all labelled tokens of the batch; logits at t predict token t+1."""
     import torch
 
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    # At least f32 (transformers upcasts too), but keep f64 when the drift check runs in f64.
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_logits = shift_logits.to(torch.promote_types(shift_logits.dtype, torch.float32))
     shift_labels = labels[:, 1:].reshape(-1)
     return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="mean")
 
@@ -118,9 +120,73 @@ def last_logits(model, processor, prompt: str, image):
         return model(**inputs).logits[0, -1].detach().clone()
 
 
+def make_peft_model(base):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
+                        exclude_modules=EXCLUDE, bias="none", use_rslora=False, init_lora_weights=True)
+    model = get_peft_model(base, config)
+    seeded_lora_init(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n and "language_model" in n for n in names), names
+    return model
+
+
+def train(model, batch: dict, labels):
+    """Gradients at the initial adapter, then STEPS AdamW steps on the same batch; returns
+    (gradients by PEFT name, loss before each step, loss after the last)."""
+    import torch
+
+    lora_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(lora_params.values(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    step_losses = []
+    grads = None
+    for step in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        out = model(**batch)
+        loss = answer_loss(out.logits, labels)
+        # Same number as transformers' own labels loss, so either definition can be quoted.
+        with torch.no_grad():
+            hf = model(**batch, labels=labels).loss
+        assert abs(float(hf) - float(loss.detach())) < 1e-5, (float(hf), float(loss.detach()))
+        loss.backward()
+        if step == 0:
+            grads = {peft_name(n): p.grad.detach().clone() for n, p in lora_params.items()}
+        step_losses.append(float(loss.detach()))
+        optimizer.step()
+    with torch.no_grad():
+        final_loss = float(answer_loss(model(**batch).logits, labels))
+    return grads, step_losses, final_loss
+
+
+def f64_drift(ckpt: Path, batch: dict, labels, grads: dict, trained: dict, step_losses: list[float],
+              final_loss: float) -> dict:
+    """The same computation in f64: how far f32 itself is from exact, per quantity, to ground
+    the tolerances in README.md."""
+    import torch
+
+    model = make_peft_model(load_model(ckpt, dtype=torch.float64))
+    batch64 = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
+    grads64, losses64, final64 = train(model, batch64, labels)
+    state64 = {peft_name(n): p.detach() for n, p in model.named_parameters() if ".lora_" in n}
+
+    def rel(a, b):
+        return max(float((a[k].double() - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in b)
+
+    return {
+        "step_losses_max_abs": max(abs(a - b) for a, b in zip(step_losses, losses64)),
+        "final_loss_abs": abs(final_loss - final64),
+        "grad_max_abs": max(float((grads[k].double() - grads64[k]).abs().max()) for k in grads64),
+        "grad_max_rel_to_tensor_max": rel(grads, grads64),
+        "adapter_trained_max_abs": max(float((trained[k].double() - state64[k]).abs().max()) for k in state64),
+        "step_losses_f64": losses64,
+        "final_loss_f64": final64,
+    }
+
+
 def main() -> None:
     torch = common.setup_torch(SEED)
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from safetensors.torch import load_file, save_file
 
     ckpt = CHECKPOINTS / CHECKPOINT
@@ -144,33 +210,10 @@ def main() -> None:
     infer_prompt, infer_image = prompts[0], images[0]
     logits_base = last_logits(base, processor, infer_prompt, infer_image)
 
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
-                        exclude_modules=EXCLUDE, bias="none", use_rslora=False, init_lora_weights=True)
-    model = get_peft_model(base, config)
-    seeded_lora_init(model)
-    lora_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert all(".lora_" in n and "language_model" in n for n in lora_params), list(lora_params)
+    model = make_peft_model(base)
     model.save_pretrained(OUT / "adapter_init")
     logits_init = last_logits(model, processor, infer_prompt, infer_image)
-
-    optimizer = torch.optim.AdamW(lora_params.values(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
-    step_losses = []
-    grads = None
-    for step in range(STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        out = model(**batch)
-        loss = answer_loss(out.logits, labels)
-        # Same number as transformers' own labels loss, so either definition can be quoted.
-        with torch.no_grad():
-            hf = model(**batch, labels=labels).loss
-        assert abs(float(hf) - float(loss.detach())) < 1e-5, (float(hf), float(loss.detach()))
-        loss.backward()
-        if step == 0:
-            grads = {peft_name(n): p.grad.detach().clone() for n, p in lora_params.items()}
-        step_losses.append(float(loss.detach()))
-        optimizer.step()
-    with torch.no_grad():
-        final_loss = float(answer_loss(model(**batch).logits, labels))
+    grads, step_losses, final_loss = train(model, batch, labels)
     model.save_pretrained(OUT / "adapter_trained")
     logits_trained = last_logits(model, processor, infer_prompt, infer_image)
 
@@ -180,6 +223,7 @@ def main() -> None:
     reloaded = PeftModel.from_pretrained(load_model(ckpt), OUT / "adapter_trained").eval()
     assert torch.allclose(last_logits(reloaded, processor, infer_prompt, infer_image), logits_trained, atol=1e-5)
 
+    drift = f64_drift(ckpt, batch, labels, grads, saved, step_losses, final_loss)
     save_file(grads, OUT / "lora_grads.safetensors")
     inputs = processor(images=[infer_image], text=[infer_prompt], return_tensors="pt", do_convert_rgb=True)
     tensors = {
@@ -217,6 +261,7 @@ def main() -> None:
         "final_loss": final_loss,
         "infer_prompt": infer_prompt,
         "infer_image": f"images/{EXAMPLES[0][0]}.png",
+        "f32_vs_f64": drift,
         "num_lora_tensors": len(grads),
         "num_trainable_parameters": int(sum(g.numel() for g in grads.values())),
         "versions": common.versions(),
@@ -235,7 +280,7 @@ def main() -> None:
         if readme.exists():
             readme.unlink()
     print(json.dumps({k: harness[k] for k in ("step_losses", "final_loss", "label_spans", "num_label_tokens",
-                                              "num_lora_tensors", "num_trainable_parameters")}))
+                                              "num_lora_tensors", "num_trainable_parameters", "f32_vs_f64")}))
 
 
 if __name__ == "__main__":
