@@ -20,8 +20,9 @@ import json
 import tempfile
 from pathlib import Path
 
-import common
 import numpy as np
+
+import common
 from common import CHECKPOINTS, FIXTURES, IMAGES
 
 PROMPT = "What is in this image?"

@@ -18,8 +18,9 @@ import json
 import shutil
 from pathlib import Path
 
-import common
 import numpy as np
+
+import common
 from common import CHECKPOINTS, FIXTURES, IMAGES
 from compute_references import (
     check_normalisation,
@@ -74,7 +75,7 @@ def build_batch(processor, image_token_id: int):
     batch = processor(images=images, text=texts, padding=True, return_tensors="pt", do_convert_rgb=True)
     labels = torch.full_like(batch["input_ids"], -100)
     spans = []
-    for i, (prompt, image) in enumerate(zip(prompts, images)):
+    for i, (prompt, image) in enumerate(zip(prompts, images, strict=False)):
         # The prompt's expanded length: the processor on the prompt alone.
         n_prompt = processor(images=[image], text=[prompt], return_tensors="pt",
                              do_convert_rgb=True)["input_ids"].shape[1]
@@ -174,7 +175,7 @@ def f64_drift(ckpt: Path, batch: dict, labels, grads: dict, trained: dict, step_
         return max(float((a[k].double() - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in b)
 
     return {
-        "step_losses_max_abs": max(abs(a - b) for a, b in zip(step_losses, losses64)),
+        "step_losses_max_abs": max(abs(a - b) for a, b in zip(step_losses, losses64, strict=False)),
         "final_loss_abs": abs(final_loss - final64),
         "grad_max_abs": max(float((grads[k].double() - grads64[k]).abs().max()) for k in grads64),
         "grad_max_rel_to_tensor_max": rel(grads, grads64),
