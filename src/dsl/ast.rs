@@ -11,6 +11,8 @@ use crate::dsl::span::Span;
 #[derive(Clone, Debug, Default)]
 pub struct File {
     pub items: Vec<Item>,
+    /// Names of declarations that had a syntax error (their uses are not reported again).
+    pub broken: Vec<Ident>,
 }
 
 /// A top-level item.

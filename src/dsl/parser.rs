@@ -28,6 +28,7 @@ pub fn parse_file(file: FileId, text: &str) -> (File, Vec<Diagnostic>) {
         diagnostics: Vec::new(),
     };
     let mut items = Vec::new();
+    let mut broken = Vec::new();
     let mut pos = 0;
     loop {
         pos += gap_len(&text[pos..]);
@@ -56,13 +57,16 @@ pub fn parse_file(file: FileId, text: &str) -> (File, Vec<Diagnostic>) {
                     ErrorVariant::CustomError { .. } => Vec::new(),
                 };
                 builder.diagnostics.push(syntax_error(file, text, at, &expected));
+                if let Some(name) = builder.broken_name(&text[pos..]) {
+                    broken.push(name);
+                }
                 // Resume at the next declaration after the start of the broken one: when an unclosed
                 // bracket swallowed the next declaration, the error lies inside that one.
                 pos = resync(text, pos);
             }
         }
     }
-    (File { items }, builder.diagnostics)
+    (File { items, broken }, builder.diagnostics)
 }
 
 /// Length of the blanks and comments at the start of `text`.
@@ -155,7 +159,12 @@ fn syntax_error(file: FileId, text: &str, at: usize, expected: &[&str]) -> Diagn
         format!("expected {}, found {found}", join_or(expected))
     };
     let mut d = Diagnostic::error(Code::Syntax, message).at(Span::new(file, at, at + len));
-    if rest.starts_with('"') && !rest.starts_with("\"\"\"") && rest[1..].find('"').is_none_or(|q| rest[1..q + 1].contains('\n')) {
+    let word = found.trim_matches('`');
+    if DeclKind::from_keyword(word).is_some() && !expected.iter().any(|e| e.starts_with("a declaration")) {
+        d = d.with_hint(format!(
+            "`{word}` starts a new declaration: is a bracket or block above left open?"
+        ));
+    } else if found == "an unterminated string" {
         d = d.with_hint("strings end on the line they start; use `\"\"\"` for text over several lines");
     }
     d
@@ -183,7 +192,13 @@ fn describe_found(rest: &str) -> (String, usize) {
     }
     if first == '"' {
         let line = rest.lines().next().unwrap_or(rest);
-        return ("a string".to_owned(), line.len().min(rest.len()));
+        let closed = !rest.starts_with("\"\"\"") && line[1..].contains('"');
+        let what = if closed || rest.starts_with("\"\"\"") {
+            "a string"
+        } else {
+            "an unterminated string"
+        };
+        return (what.to_owned(), line.len());
     }
     if first == '\n' || first == '\r' {
         return ("end of line".to_owned(), 0);
@@ -218,6 +233,14 @@ impl Builder {
             name: pair.as_str().to_owned(),
             span: self.span(pair),
         }
+    }
+
+    /// The name of a declaration that failed to parse, so that its uses are not reported as
+    /// unknown references on top of the syntax error.
+    fn broken_name(&self, rest: &str) -> Option<Ident> {
+        let head = VlmParser::parse(Rule::decl_head, rest).ok()?.next()?;
+        let name = head.into_inner().find(|p| p.as_rule() == Rule::name)?;
+        Some(self.ident(&name))
     }
 
     fn parse_item(&mut self, pair: Pair<'_, Rule>) -> Option<Item> {

@@ -126,6 +126,8 @@ struct Analyzer<'f, 's> {
     seed: u64,
     diags: Vec<Diagnostic>,
     templates: minijinja::Environment<'static>,
+    /// Names of declarations with syntax errors.
+    broken: Vec<String>,
 }
 
 /// A field's lookup table plus the declaration it belongs to (for messages).
@@ -180,6 +182,7 @@ impl<'f, 's> Analyzer<'f, 's> {
             seed: 0,
             diags: Vec::new(),
             templates,
+            broken: Vec::new(),
         }
     }
 
@@ -189,7 +192,11 @@ impl<'f, 's> Analyzer<'f, 's> {
 
     fn run(&mut self, root: &Path, overrides: &[(String, String)]) -> PipelineSettings {
         let mut pipeline: Option<&'f Decl> = None;
-        for (file_index, file) in self.files.iter().enumerate() {
+        // Imported files first (the reverse of load order), so that a name declared both in an
+        // import and in the importing file is reported where the importer redeclares it.
+        for (file_index, file) in self.files.iter().enumerate().rev() {
+            self.broken
+                .extend(file.ast.broken.iter().map(|i| i.name.clone()));
             for item in &file.ast.items {
                 let crate::dsl::ast::Item::Decl(decl) = item else {
                     continue;
@@ -444,7 +451,7 @@ impl<'f, 's> Analyzer<'f, 's> {
         if let Some(&idx) = self.by_name.get(ident.name.as_str()) {
             return Some(idx);
         }
-        if self.params.contains_key(&ident.name) {
+        if self.params.contains_key(&ident.name) || self.broken.contains(&ident.name) {
             return None;
         }
         let candidates: Vec<&str> = self
@@ -684,7 +691,7 @@ impl<'f, 's> Analyzer<'f, 's> {
                         format!("`{}` declarations take `= value`, found a block", decl.kind),
                     )
                     .at(b.span)
-                    .with_hint(value_example(decl.kind)),
+                    .with_hint(value_example(decl.kind, &decl.name.name)),
                 );
                 None
             }
@@ -930,6 +937,7 @@ impl<'f, 's> Analyzer<'f, 's> {
             && let Some(first) = parts.first()
             && !self.by_name.contains_key(first.name.as_str())
             && !self.params.contains_key(&first.name)
+            && !self.broken.contains(&first.name)
         {
             self.lookup(first);
             return;
@@ -2254,15 +2262,16 @@ fn default_lora() -> LoraParams {
     }
 }
 
-fn value_example(kind: DeclKind) -> String {
-    match kind {
-        DeclKind::Labels => "write `labels animals = [\"cat\", \"dog\"]`".to_owned(),
-        DeclKind::Split => "write `split s = stratified(data, train: 0.9, test: 0.1)`".to_owned(),
-        DeclKind::Model => "write `model m = hf(\"LiquidAI/LFM2-VL-450M\")`".to_owned(),
-        DeclKind::Grammar => "write `grammar g = one_of(labels)`".to_owned(),
-        DeclKind::Param => "write `param n = 100`".to_owned(),
-        other => format!("write `{other} name = ...`"),
-    }
+fn value_example(kind: DeclKind, name: &str) -> String {
+    let value = match kind {
+        DeclKind::Labels => "[\"cat\", \"dog\"]",
+        DeclKind::Split => "stratified(data, train: 0.9, test: 0.1)",
+        DeclKind::Model => "hf(\"LiquidAI/LFM2-VL-450M\")",
+        DeclKind::Grammar => "one_of(labels)",
+        DeclKind::Param => "100",
+        _ => "...",
+    };
+    format!("write `{kind} {name} = {value}`")
 }
 
 /// Byte range of 1-based `line` of `text`, without leading blanks.
