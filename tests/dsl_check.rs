@@ -58,34 +58,6 @@ fn summarize(result: &CheckResult) -> Vec<String> {
         .collect()
 }
 
-#[test]
-#[ignore = "prints the diagnostics of every error fixture, for writing the table"]
-fn dump_error_fixtures() {
-    let mut entries: Vec<_> = std::fs::read_dir(fixture("errors"))
-        .expect("fixtures")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "vp"))
-        .collect();
-    entries.sort();
-    for path in entries {
-        let result = load_pipeline(&path, &[]);
-        println!("== {}", path.file_name().unwrap().to_string_lossy());
-        for line in summarize(&result) {
-            println!("{line}");
-        }
-    }
-}
-
-#[test]
-#[ignore = "prints rendered diagnostics"]
-fn dump_rendered() {
-    for rel in ["errors/duplicate_name_across_import.vp", "errors/template_error.vp", "errors/multiple_errors.vp"] {
-        let result = load_pipeline(&fixture(rel), &[]);
-        println!("{}", render_diagnostics(&result, false));
-    }
-}
-
 /// Every malformed fixture with its exact diagnostics: `file:line:col severity[code] message | hint`.
 const ERROR_CASES: &[(&str, &[&str])] = &[
     (
@@ -344,4 +316,421 @@ fn error_fixtures_report_exact_positions_messages_and_hints() {
         .map(|d| d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "vp")).count())
         .unwrap_or(0);
     assert_eq!(on_disk, ERROR_CASES.len());
+}
+
+mod plans {
+    use super::*;
+    use vlmpipe::plan::params::{
+        DataSource, Dtype, GrammarSpec, JsonType, KeepFilter, MapKey, ModelSource, Scoring,
+        SplitMethod,
+    };
+    use vlmpipe::plan::{NodeKind, NodeParams, Plan};
+
+    fn plan(rel: &str) -> Plan {
+        check_ok(rel).plan.expect("plan")
+    }
+
+    fn inputs(plan: &Plan, name: &str) -> Vec<String> {
+        let node = plan.find(name).unwrap_or_else(|| panic!("no node `{name}`"));
+        node.inputs
+            .iter()
+            .filter_map(|id| plan.node(*id))
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn cats_vs_dogs_has_the_expected_nodes_edges_and_params() {
+        let plan = plan("valid/cats_vs_dogs.vp");
+        assert_eq!(plan.settings.name, "cats_vs_dogs");
+        assert_eq!(plan.settings.seed, 23);
+        let kinds: Vec<(String, NodeKind)> = plan
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.kind()))
+            .collect();
+        let expected = [
+            ("small", NodeKind::Model),
+            ("pets", NodeKind::Dataset),
+            ("pets_split", NodeKind::Split),
+            ("sample(pets_split.test,100,23)", NodeKind::Sample),
+            ("vet", NodeKind::Prompt),
+            ("animals", NodeKind::Labels),
+            ("baseline", NodeKind::Eval),
+            ("tuned", NodeKind::Finetune),
+            ("as_json", NodeKind::Grammar),
+            ("tuned_eval", NodeKind::Eval),
+            ("summary", NodeKind::Report),
+        ];
+        for (name, kind) in expected {
+            assert!(
+                kinds.contains(&(name.to_owned(), kind)),
+                "missing {kind} `{name}` in {kinds:?}"
+            );
+        }
+        assert_eq!(kinds.len(), expected.len(), "{kinds:?}");
+        // Topological: every input precedes its user.
+        for node in &plan.nodes {
+            assert!(node.inputs.iter().all(|i| i.0 < node.id.0), "{}", node.name);
+        }
+        assert_eq!(
+            inputs(&plan, "baseline"),
+            ["small", "sample(pets_split.test,100,23)", "vet", "animals"]
+        );
+        assert_eq!(
+            inputs(&plan, "tuned_eval"),
+            ["tuned", "sample(pets_split.test,100,23)", "vet", "animals", "as_json"]
+        );
+        assert_eq!(inputs(&plan, "summary"), ["baseline", "tuned_eval"]);
+        assert_eq!(inputs(&plan, "pets_split"), ["pets"]);
+
+        let Some(NodeParams::Dataset(pets)) = plan.find("pets").map(|n| &n.params) else {
+            panic!("pets is not a dataset")
+        };
+        assert_eq!(
+            pets.source,
+            DataSource::Hf {
+                repo: "microsoft/cats_vs_dogs".into(),
+                split: "train".into(),
+                revision: None,
+                config: None
+            }
+        );
+        assert_eq!(pets.keep, KeepFilter::RgbOnly);
+        let mapping = pets.label.mapping.as_ref().expect("mapping");
+        assert_eq!(mapping[0].key, MapKey::Int(0));
+        assert_eq!(mapping[1].label, "dog");
+        assert_eq!(pets.drop, ["train-00001"]);
+
+        let Some(NodeParams::Split(split)) = plan.find("pets_split").map(|n| &n.params) else {
+            panic!("pets_split is not a split")
+        };
+        assert_eq!(split.method, SplitMethod::Stratified);
+        assert_eq!(split.seed, 42);
+        assert_eq!(split.ratios.get("train"), Some(&0.9));
+
+        let Some(NodeParams::Prompt(vet)) = plan.find("vet").map(|n| &n.params) else {
+            panic!("vet is not a prompt")
+        };
+        assert_eq!(
+            vet.system.as_deref(),
+            Some(
+                "You are a veterinarian specialized in analyzing pictures of cats and dogs\n\
+                 You excel at identifying the type of animal from a picture."
+            )
+        );
+        assert!(vet.user.starts_with("What animal in the following list"));
+
+        let Some(NodeParams::Finetune(tuned)) = plan.find("tuned").map(|n| &n.params) else {
+            panic!("tuned is not a finetune")
+        };
+        assert_eq!(tuned.base.name, "small");
+        assert_eq!(tuned.data.display_name(), "pets_split.train");
+        assert_eq!(tuned.lora.r, 8);
+        assert_eq!(tuned.lora.alpha, 16.0);
+        assert_eq!(tuned.lr, 5e-4);
+        assert_eq!(tuned.grad_accum, 16);
+        assert_eq!(tuned.seed, 23, "defaults to the pipeline seed");
+
+        let Some(NodeParams::Eval(eval)) = plan.find("tuned_eval").map(|n| &n.params) else {
+            panic!("tuned_eval is not an eval")
+        };
+        assert_eq!(eval.labels.values, ["cat", "dog"]);
+        assert_eq!(eval.scoring, Scoring::Generate);
+        assert_eq!(eval.max_new_tokens, 64);
+
+        let Some(NodeParams::Grammar(g)) = plan.find("as_json").map(|n| &n.params) else {
+            panic!("as_json is not a grammar")
+        };
+        let GrammarSpec::Json { schema } = &g.spec else {
+            panic!("not json")
+        };
+        assert_eq!(
+            schema.to_json_schema(),
+            serde_json::json!({
+                "type": "object",
+                "properties": { "pred_class": { "enum": ["cat", "dog"] } },
+                "required": ["pred_class"],
+                "additionalProperties": false,
+            })
+        );
+        assert_eq!(plan.settings.params.len(), 1);
+    }
+
+    #[test]
+    fn car_makers_has_49_labels_and_shared_sample_nodes() {
+        let plan = plan("valid/car_makers.vp");
+        let Some(NodeParams::Labels(makers)) = plan.find("makers").map(|n| &n.params) else {
+            panic!("makers is not a label list")
+        };
+        assert_eq!(makers.values.len(), 49);
+        assert_eq!(makers.values.first().map(String::as_str), Some("AM"));
+        assert!(makers.values.iter().any(|m| m == "Mercedes-Benz"));
+        // Both evals read the same anonymous sample node (same source, size and seed).
+        assert_eq!(inputs(&plan, "small_eval")[1], "sample(cars_test,50,1)");
+        assert_eq!(inputs(&plan, "medium_eval")[1], "sample(cars_test,50,1)");
+        assert_eq!(
+            plan.nodes.iter().filter(|n| n.name == "sample(cars_test,50,1)").count(),
+            1
+        );
+        let Some(NodeParams::Model(medium)) = plan.find("medium").map(|n| &n.params) else {
+            panic!("medium is not a model")
+        };
+        assert_eq!(medium.dtype, Dtype::Bf16);
+        assert_eq!(
+            medium.source,
+            ModelSource::Hf {
+                repo: "LiquidAI/LFM2-VL-1.6B".into(),
+                revision: "main".into()
+            }
+        );
+        let Some(NodeParams::Finetune(ft)) = plan.find("small_tuned").map(|n| &n.params) else {
+            panic!("small_tuned is not a finetune")
+        };
+        assert_eq!(ft.epochs, 3);
+        assert_eq!(ft.eval_data.as_ref().map(|d| d.display_name()).as_deref(), Some("sample(cars_test,200,2)"));
+        assert_eq!(inputs(&plan, "makers_report"), ["small_eval", "medium_eval", "tuned_eval"]);
+    }
+
+    #[test]
+    fn human_actions_uses_imported_declarations_and_inline_grammar() {
+        let plan = plan("valid/human_actions.vp");
+        let Some(NodeParams::Labels(actions)) = plan.find("actions_list").map(|n| &n.params) else {
+            panic!("actions_list is not a label list")
+        };
+        assert_eq!(actions.values.len(), 15);
+        let structured = plan.find("structured").expect("structured");
+        let NodeParams::Eval(eval) = &structured.params else {
+            panic!("not an eval")
+        };
+        assert_eq!(eval.scoring, Scoring::Labels);
+        let output = eval.output.as_ref().expect("inline grammar");
+        assert_eq!(output.name, "structured/output");
+        let Some(NodeParams::Grammar(g)) = plan.node(output.id).map(|n| &n.params) else {
+            panic!("output is not a grammar")
+        };
+        let GrammarSpec::Json {
+            schema: JsonType::Object { fields },
+        } = &g.spec
+        else {
+            panic!("not a json object")
+        };
+        assert_eq!(fields.len(), 2);
+        assert!(fields[1].optional);
+        assert_eq!(inputs(&plan, "tuned")[1], "shuffle(actions_split.train,5)");
+        assert_eq!(inputs(&plan, "actions"), ["actions_list"]);
+        // Watch mode sees the imported file.
+        assert!(
+            plan.files.iter().any(|f| f.ends_with("shared/actions_common.vp")),
+            "{:?}",
+            plan.files
+        );
+    }
+
+    #[test]
+    fn inputs_of_is_the_transitive_closure_in_topological_order() {
+        let plan = plan("valid/cats_vs_dogs.vp");
+        let target = plan.find("baseline").expect("baseline").id;
+        let names: Vec<&str> = plan
+            .inputs_of(&[target])
+            .into_iter()
+            .filter_map(|id| plan.node(id))
+            .map(|n| n.name.as_str())
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            ["animals", "baseline", "pets", "pets_split", "sample(pets_split.test,100,23)", "small", "vet"]
+        );
+        assert_eq!(names.last(), Some(&"baseline"));
+    }
+}
+
+mod canonical {
+    use super::*;
+    use vlmpipe::plan::check_source;
+
+    const BASE: &str = r#"
+pipeline p { seed = 1 }
+labels animals = ["cat", "dog"]
+dataset pets { source = hf("microsoft/cats_vs_dogs") label = "labels" -> { 0: "cat", 1: "dog" } }
+prompt vet { user = "which animal? {{ labels }}" }
+model small = hf("LiquidAI/LFM2-VL-450M")
+eval e { model = small data = sample(pets, 100, seed: 3) prompt = vet labels = animals max_new_tokens = 64 }
+"#;
+
+    /// Same pipeline: reordered fields, separators, comments, number spelling, extra blank lines.
+    const REFORMATTED: &str = r#"
+// a comment
+pipeline p {
+  seed = 1   // the seed
+}
+
+labels animals = [
+  "cat",
+  "dog",   // trailing comma
+]
+dataset pets {
+  label = "labels" -> { 1: "dog", 0: "cat" };
+  source = hf("microsoft/cats_vs_dogs");
+}
+prompt vet {
+  user = "which animal? {{ labels }}"
+}
+model small = hf( "LiquidAI/LFM2-VL-450M" )
+eval e {
+  max_new_tokens = 64
+  labels = animals, prompt = vet
+  data = sample(pets, 100, seed: 3)
+  model = small
+}
+"#;
+
+    fn canonical(text: &str) -> Vec<(String, serde_json::Value)> {
+        let result = check_source(Path::new("mem.vp"), text, &[]);
+        assert!(result.diagnostics.is_empty(), "{}", render_diagnostics(&result, false));
+        let plan = result.plan.expect("plan");
+        let mut out: Vec<_> = plan
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.canonical_params()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    #[test]
+    fn formatting_and_comments_do_not_change_canonical_params() {
+        assert_eq!(canonical(BASE), canonical(REFORMATTED));
+    }
+
+    #[test]
+    fn a_value_change_changes_only_the_affected_nodes() {
+        let base = canonical(BASE);
+        let changed = canonical(&BASE.replace("max_new_tokens = 64", "max_new_tokens = 32"));
+        let differing: Vec<&str> = base
+            .iter()
+            .zip(&changed)
+            .filter(|(a, b)| a != b)
+            .map(|(a, _)| a.0.as_str())
+            .collect();
+        assert_eq!(differing, ["e"]);
+        let text = serde_json::to_string(&changed.iter().find(|n| n.0 == "e").map(|n| &n.1)).unwrap_or_default();
+        assert!(text.contains("\"max_new_tokens\":32"), "{text}");
+    }
+
+    #[test]
+    fn canonical_keys_are_sorted() {
+        for (_, value) in canonical(BASE) {
+            let text = value.to_string();
+            if let Some(obj) = value.as_object() {
+                let keys: Vec<&String> = obj.keys().collect();
+                let mut sorted = keys.clone();
+                sorted.sort();
+                assert_eq!(keys, sorted, "{text}");
+            }
+        }
+    }
+}
+
+mod overrides {
+    use super::*;
+    use vlmpipe::plan::params::ParamValue;
+
+    fn set(name: &str, value: &str) -> Vec<(String, String)> {
+        vec![(name.to_owned(), value.to_owned())]
+    }
+
+    #[test]
+    fn set_overrides_a_param_and_renames_the_sample_node() {
+        let result = load_pipeline(&fixture("valid/cats_vs_dogs.vp"), &set("n_eval", "10"));
+        let plan = result.plan.expect("plan");
+        assert_eq!(plan.settings.params.get("n_eval"), Some(&ParamValue::Int(10)));
+        assert!(plan.find("sample(pets_split.test,10,23)").is_some());
+        assert!(plan.find("sample(pets_split.test,100,23)").is_none());
+    }
+
+    #[test]
+    fn set_with_the_wrong_type_is_an_error_pointing_at_the_param() {
+        let result = load_pipeline(&fixture("valid/cats_vs_dogs.vp"), &set("n_eval", "many"));
+        assert!(result.plan.is_none());
+        let lines = summarize(&result);
+        assert_eq!(
+            lines,
+            ["cats_vs_dogs.vp:4:7 error[bad-override] cannot set param `n_eval` to `many`: expected an integer"]
+        );
+    }
+
+    #[test]
+    fn set_of_an_unknown_param_suggests_the_closest() {
+        let result = load_pipeline(&fixture("valid/cats_vs_dogs.vp"), &set("n_evl", "5"));
+        assert_eq!(
+            summarize(&result),
+            ["- error[bad-override] unknown param `n_evl` in `--set n_evl=5` | did you mean `n_eval`?"]
+        );
+    }
+}
+
+mod rendering {
+    use super::*;
+    use vlmpipe::plan::{graph, render_json};
+
+    #[test]
+    fn human_rendering_shows_message_hint_location_line_and_underline() {
+        // A relative path keeps the expected text machine-independent (tests run in the crate root).
+        let result = load_pipeline(Path::new("tests/fixtures/dsl/errors/duplicate_name_across_import.vp"), &[]);
+        let text = render_diagnostics(&result, false);
+        let expected = "\
+error[duplicate-name]: duplicate name `small`
+  hint: every declaration needs its own name, across imported files too
+  --> tests/fixtures/dsl/errors/duplicate_name_across_import.vp:2:7
+  |
+2 | model small = hf(\"LiquidAI/LFM2-VL-1.6B\")
+  |       ^^^^^ declared again here
+  --> tests/fixtures/dsl/errors/lib/common.vp:3:7
+  |
+3 | model small = hf(\"LiquidAI/LFM2-VL-450M\")
+  |       ----- first declared here
+";
+        assert_eq!(text, expected);
+        assert!(render_diagnostics(&result, true).contains("\x1b["));
+    }
+
+    #[test]
+    fn json_rendering_has_code_positions_and_hint() {
+        let result = load_pipeline(Path::new("tests/fixtures/dsl/errors/unknown_reference.vp"), &[]);
+        let json = render_json(&result);
+        assert_eq!(
+            json,
+            serde_json::json!([{
+                "code": "unknown-reference",
+                "severity": "error",
+                "message": "unknown reference `smal`",
+                "hint": "did you mean `small`?",
+                "labels": [{
+                    "file": "tests/fixtures/dsl/errors/unknown_reference.vp",
+                    "line": 5, "column": 25, "end_line": 5, "end_column": 29,
+                    "message": "not declared in this file or its imports",
+                    "primary": true,
+                }],
+            }])
+        );
+    }
+
+    #[test]
+    fn graph_renders_as_text_dot_and_mermaid() {
+        let plan = check_ok("valid/cats_vs_dogs.vp").plan.expect("plan");
+        let text = graph::render_text(&plan);
+        assert!(text.starts_with("pipeline cats_vs_dogs (seed 23)\n  report summary\n    eval baseline\n"), "{text}");
+        assert!(text.contains("split pets_split (see above)"), "{text}");
+        let id = |name: &str| plan.find(name).map(|n| n.id.0).unwrap_or(usize::MAX);
+        let dot = graph::render_dot(&plan);
+        assert!(dot.starts_with("digraph \"cats_vs_dogs\" {"), "{dot}");
+        assert!(dot.contains(&format!("n{} -> n{};", id("pets"), id("pets_split"))), "{dot}");
+        let mermaid = graph::render_mermaid(&plan);
+        assert!(mermaid.starts_with("flowchart LR\n"), "{mermaid}");
+        assert!(mermaid.contains(&format!("n{} --> n{}", id("tuned"), id("tuned_eval"))), "{mermaid}");
+        assert!(mermaid.contains("[\"summary (report)\"]"), "{mermaid}");
+    }
 }
