@@ -23,7 +23,11 @@ fn check_ok(rel: &str) -> CheckResult {
 
 #[test]
 fn valid_pipelines_check_cleanly() {
-    for rel in ["valid/cats_vs_dogs.vp", "valid/car_makers.vp", "valid/human_actions.vp"] {
+    for rel in [
+        "valid/cats_vs_dogs.vp",
+        "valid/car_makers.vp",
+        "valid/human_actions.vp",
+    ] {
         let result = check_ok(rel);
         let plan = result.plan.expect("plan");
         eprintln!("{}", vlmpipe::plan::graph::render_text(&plan));
@@ -123,9 +127,7 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
     ),
     (
         "import_chain_error.vp",
-        &[
-            "broken.vp:3:46 error[syntax] expected a value, found `}`",
-        ],
+        &["broken.vp:3:46 error[syntax] expected a value, found `}`"],
     ),
     (
         "import_cycle_a.vp",
@@ -166,9 +168,7 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
     ),
     (
         "lora_r_zero.vp",
-        &[
-            "lora_r_zero.vp:6:14 error[bad-value] `r` must be at least 1, found 0",
-        ],
+        &["lora_r_zero.vp:6:14 error[bad-value] `r` must be at least 1, found 0"],
     ),
     (
         "lora_target_typo.vp",
@@ -192,9 +192,7 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
     ),
     (
         "negative_sample.vp",
-        &[
-            "negative_sample.vp:5:52 error[bad-value] `n` must be at least 1, found -5",
-        ],
+        &["negative_sample.vp:5:52 error[bad-value] `n` must be at least 1, found -5"],
     ),
     (
         "report_compare_model.vp",
@@ -216,15 +214,11 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
     ),
     (
         "syntax_missing_comma.vp",
-        &[
-            "syntax_missing_comma.vp:1:42 error[syntax] expected `)` or `,`, found `revision`",
-        ],
+        &["syntax_missing_comma.vp:1:42 error[syntax] expected `)` or `,`, found `revision`"],
     ),
     (
         "syntax_missing_equals.vp",
-        &[
-            "syntax_missing_equals.vp:2:13 error[syntax] expected `=` or `{`, found `hf`",
-        ],
+        &["syntax_missing_equals.vp:2:13 error[syntax] expected `=` or `{`, found `hf`"],
     ),
     (
         "syntax_misspelled_keyword.vp",
@@ -297,23 +291,35 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
 #[test]
 fn error_fixtures_report_exact_positions_messages_and_hints() {
     let dir = fixture("errors");
-    let prefix = format!("{}/", fixture("").display().to_string().trim_end_matches('/'));
+    let prefix = format!(
+        "{}/",
+        fixture("").display().to_string().trim_end_matches('/')
+    );
     let mut failures = Vec::new();
     for (file, expected) in ERROR_CASES {
         let result = load_pipeline(&dir.join(file), &[]);
-        assert!(result.plan.is_none() || result.diagnostics.iter().all(|d| !d.is_error()), "{file}: a plan despite errors");
+        assert!(
+            result.plan.is_none() || result.diagnostics.iter().all(|d| !d.is_error()),
+            "{file}: a plan despite errors"
+        );
         let actual: Vec<String> = summarize(&result)
             .into_iter()
             .map(|l| l.replace(&prefix, "<fixtures>/"))
             .collect();
         if actual != *expected {
-            failures.push(format!("{file}:\n  expected {expected:#?}\n  actual {actual:#?}"));
+            failures.push(format!(
+                "{file}:\n  expected {expected:#?}\n  actual {actual:#?}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // Every fixture in the folder is in the table (a new file cannot be silently skipped).
     let on_disk = std::fs::read_dir(&dir)
-        .map(|d| d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "vp")).count())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "vp"))
+                .count()
+        })
         .unwrap_or(0);
     assert_eq!(on_disk, ERROR_CASES.len());
 }
@@ -331,7 +337,9 @@ mod plans {
     }
 
     fn inputs(plan: &Plan, name: &str) -> Vec<String> {
-        let node = plan.find(name).unwrap_or_else(|| panic!("no node `{name}`"));
+        let node = plan
+            .find(name)
+            .unwrap_or_else(|| panic!("no node `{name}`"));
         node.inputs
             .iter()
             .filter_map(|id| plan.node(*id))
@@ -379,7 +387,13 @@ mod plans {
         );
         assert_eq!(
             inputs(&plan, "tuned_eval"),
-            ["tuned", "sample(pets_split.test,100,23)", "vet", "animals", "as_json"]
+            [
+                "tuned",
+                "sample(pets_split.test,100,23)",
+                "vet",
+                "animals",
+                "as_json"
+            ]
         );
         assert_eq!(inputs(&plan, "summary"), ["baseline", "tuned_eval"]);
         assert_eq!(inputs(&plan, "pets_split"), ["pets"]);
@@ -470,7 +484,10 @@ mod plans {
         assert_eq!(inputs(&plan, "small_eval")[1], "sample(cars_test,50,1)");
         assert_eq!(inputs(&plan, "medium_eval")[1], "sample(cars_test,50,1)");
         assert_eq!(
-            plan.nodes.iter().filter(|n| n.name == "sample(cars_test,50,1)").count(),
+            plan.nodes
+                .iter()
+                .filter(|n| n.name == "sample(cars_test,50,1)")
+                .count(),
             1
         );
         let Some(NodeParams::Model(medium)) = plan.find("medium").map(|n| &n.params) else {
@@ -488,8 +505,14 @@ mod plans {
             panic!("small_tuned is not a finetune")
         };
         assert_eq!(ft.epochs, 3);
-        assert_eq!(ft.eval_data.as_ref().map(|d| d.display_name()).as_deref(), Some("sample(cars_test,200,2)"));
-        assert_eq!(inputs(&plan, "makers_report"), ["small_eval", "medium_eval", "tuned_eval"]);
+        assert_eq!(
+            ft.eval_data.as_ref().map(|d| d.display_name()).as_deref(),
+            Some("sample(cars_test,200,2)")
+        );
+        assert_eq!(
+            inputs(&plan, "makers_report"),
+            ["small_eval", "medium_eval", "tuned_eval"]
+        );
     }
 
     #[test]
@@ -521,7 +544,9 @@ mod plans {
         assert_eq!(inputs(&plan, "actions"), ["actions_list"]);
         // Watch mode sees the imported file.
         assert!(
-            plan.files.iter().any(|f| f.ends_with("shared/actions_common.vp")),
+            plan.files
+                .iter()
+                .any(|f| f.ends_with("shared/actions_common.vp")),
             "{:?}",
             plan.files
         );
@@ -541,7 +566,15 @@ mod plans {
         sorted.sort_unstable();
         assert_eq!(
             sorted,
-            ["animals", "baseline", "pets", "pets_split", "sample(pets_split.test,100,23)", "small", "vet"]
+            [
+                "animals",
+                "baseline",
+                "pets",
+                "pets_split",
+                "sample(pets_split.test,100,23)",
+                "small",
+                "vet"
+            ]
         );
         assert_eq!(names.last(), Some(&"baseline"));
     }
@@ -589,7 +622,11 @@ eval e {
 
     fn canonical(text: &str) -> Vec<(String, serde_json::Value)> {
         let result = check_source(Path::new("mem.vp"), text, &[]);
-        assert!(result.diagnostics.is_empty(), "{}", render_diagnostics(&result, false));
+        assert!(
+            result.diagnostics.is_empty(),
+            "{}",
+            render_diagnostics(&result, false)
+        );
         let plan = result.plan.expect("plan");
         let mut out: Vec<_> = plan
             .nodes
@@ -616,7 +653,8 @@ eval e {
             .map(|(a, _)| a.0.as_str())
             .collect();
         assert_eq!(differing, ["e"]);
-        let text = serde_json::to_string(&changed.iter().find(|n| n.0 == "e").map(|n| &n.1)).unwrap_or_default();
+        let text = serde_json::to_string(&changed.iter().find(|n| n.0 == "e").map(|n| &n.1))
+            .unwrap_or_default();
         assert!(text.contains("\"max_new_tokens\":32"), "{text}");
     }
 
@@ -646,7 +684,10 @@ mod overrides {
     fn set_overrides_a_param_and_renames_the_sample_node() {
         let result = load_pipeline(&fixture("valid/cats_vs_dogs.vp"), &set("n_eval", "10"));
         let plan = result.plan.expect("plan");
-        assert_eq!(plan.settings.params.get("n_eval"), Some(&ParamValue::Int(10)));
+        assert_eq!(
+            plan.settings.params.get("n_eval"),
+            Some(&ParamValue::Int(10))
+        );
         assert!(plan.find("sample(pets_split.test,10,23)").is_some());
         assert!(plan.find("sample(pets_split.test,100,23)").is_none());
     }
@@ -658,7 +699,9 @@ mod overrides {
         let lines = summarize(&result);
         assert_eq!(
             lines,
-            ["cats_vs_dogs.vp:4:7 error[bad-override] cannot set param `n_eval` to `many`: expected an integer"]
+            [
+                "cats_vs_dogs.vp:4:7 error[bad-override] cannot set param `n_eval` to `many`: expected an integer"
+            ]
         );
     }
 
@@ -667,7 +710,9 @@ mod overrides {
         let result = load_pipeline(&fixture("valid/cats_vs_dogs.vp"), &set("n_evl", "5"));
         assert_eq!(
             summarize(&result),
-            ["- error[bad-override] unknown param `n_evl` in `--set n_evl=5` | did you mean `n_eval`?"]
+            [
+                "- error[bad-override] unknown param `n_evl` in `--set n_evl=5` | did you mean `n_eval`?"
+            ]
         );
     }
 }
@@ -679,7 +724,10 @@ mod rendering {
     #[test]
     fn human_rendering_shows_message_hint_location_line_and_underline() {
         // A relative path keeps the expected text machine-independent (tests run in the crate root).
-        let result = load_pipeline(Path::new("tests/fixtures/dsl/errors/duplicate_name_across_import.vp"), &[]);
+        let result = load_pipeline(
+            Path::new("tests/fixtures/dsl/errors/duplicate_name_across_import.vp"),
+            &[],
+        );
         let text = render_diagnostics(&result, false);
         let expected = "\
 error[duplicate-name]: duplicate name `small`
@@ -699,7 +747,10 @@ error[duplicate-name]: duplicate name `small`
 
     #[test]
     fn json_rendering_has_code_positions_and_hint() {
-        let result = load_pipeline(Path::new("tests/fixtures/dsl/errors/unknown_reference.vp"), &[]);
+        let result = load_pipeline(
+            Path::new("tests/fixtures/dsl/errors/unknown_reference.vp"),
+            &[],
+        );
         let json = render_json(&result);
         assert_eq!(
             json,
@@ -722,15 +773,26 @@ error[duplicate-name]: duplicate name `small`
     fn graph_renders_as_text_dot_and_mermaid() {
         let plan = check_ok("valid/cats_vs_dogs.vp").plan.expect("plan");
         let text = graph::render_text(&plan);
-        assert!(text.starts_with("pipeline cats_vs_dogs (seed 23)\n  report summary\n    eval baseline\n"), "{text}");
+        assert!(
+            text.starts_with(
+                "pipeline cats_vs_dogs (seed 23)\n  report summary\n    eval baseline\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("split pets_split (see above)"), "{text}");
         let id = |name: &str| plan.find(name).map(|n| n.id.0).unwrap_or(usize::MAX);
         let dot = graph::render_dot(&plan);
         assert!(dot.starts_with("digraph \"cats_vs_dogs\" {"), "{dot}");
-        assert!(dot.contains(&format!("n{} -> n{};", id("pets"), id("pets_split"))), "{dot}");
+        assert!(
+            dot.contains(&format!("n{} -> n{};", id("pets"), id("pets_split"))),
+            "{dot}"
+        );
         let mermaid = graph::render_mermaid(&plan);
         assert!(mermaid.starts_with("flowchart LR\n"), "{mermaid}");
-        assert!(mermaid.contains(&format!("n{} --> n{}", id("tuned"), id("tuned_eval"))), "{mermaid}");
+        assert!(
+            mermaid.contains(&format!("n{} --> n{}", id("tuned"), id("tuned_eval"))),
+            "{mermaid}"
+        );
         assert!(mermaid.contains("[\"summary (report)\"]"), "{mermaid}");
     }
 }

@@ -21,7 +21,10 @@ fn check_all(rel: &str, text: &str) {
     for d in &result.diagnostics {
         assert!(!d.message.is_empty());
         for label in &d.labels {
-            let file = result.sources.get(label.span.file).expect("label file is known");
+            let file = result
+                .sources
+                .get(label.span.file)
+                .expect("label file is known");
             assert!(label.span.start <= label.span.end);
             assert!(label.span.end as usize <= file.text.len(), "{d:?}");
         }
@@ -41,11 +44,58 @@ fn seed_text(rel: &str) -> String {
 
 /// Fragments that steer random text towards the grammar's interesting corners.
 const TOKENS: &[&str] = &[
-    "pipeline", "param", "import", "labels", "dataset", "split", "prompt", "model", "grammar",
-    "eval", "finetune", "report", "json", "one_of", "sample", "shuffle", "hf", "stratified",
-    "{", "}", "(", ")", "[", "]", "=", ":", ",", ";", ".", "->", "?", "\"", "\"\"\"", "//",
-    "\n", " ", "x", "pets", "a.b", "0", "-1", "1.5", "5e-4", "true", "{%", "%}", "{{", "}}",
-    "\\", "é", "\t", "99999999999999999999999",
+    "pipeline",
+    "param",
+    "import",
+    "labels",
+    "dataset",
+    "split",
+    "prompt",
+    "model",
+    "grammar",
+    "eval",
+    "finetune",
+    "report",
+    "json",
+    "one_of",
+    "sample",
+    "shuffle",
+    "hf",
+    "stratified",
+    "{",
+    "}",
+    "(",
+    ")",
+    "[",
+    "]",
+    "=",
+    ":",
+    ",",
+    ";",
+    ".",
+    "->",
+    "?",
+    "\"",
+    "\"\"\"",
+    "//",
+    "\n",
+    " ",
+    "x",
+    "pets",
+    "a.b",
+    "0",
+    "-1",
+    "1.5",
+    "5e-4",
+    "true",
+    "{%",
+    "%}",
+    "{{",
+    "}}",
+    "\\",
+    "é",
+    "\t",
+    "99999999999999999999999",
 ];
 
 fn token_soup() -> impl Strategy<Value = String> {
@@ -62,7 +112,8 @@ enum Mutation {
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<usize>(), 1usize..40).prop_map(|(at, len)| Mutation::Delete { at, len }),
-        (any::<usize>(), prop::sample::select(TOKENS)).prop_map(|(at, token)| Mutation::Insert { at, token }),
+        (any::<usize>(), prop::sample::select(TOKENS))
+            .prop_map(|(at, token)| Mutation::Insert { at, token }),
         (any::<usize>(), 0x20u8..0x7f).prop_map(|(at, byte)| Mutation::Swap { at, byte }),
     ]
 }
@@ -128,21 +179,20 @@ proptest! {
 
 #[test]
 fn deep_nesting_is_an_error_not_a_stack_overflow() {
-    let cases = [
-        ("[", "]"),
-        ("{a: ", "}"),
-        ("f(", ")"),
-        ("json { a: ", "}"),
-    ];
+    let cases = [("[", "]"), ("{a: ", "}"), ("f(", ")"), ("json { a: ", "}")];
     for (open, close) in cases {
         for text in [
             format!("labels l = {}", open.repeat(50_000)),
-            format!("grammar g = json {{ a: {}1{} }}", open.repeat(20_000), close.repeat(20_000)),
+            format!(
+                "grammar g = json {{ a: {}1{} }}",
+                open.repeat(20_000),
+                close.repeat(20_000)
+            ),
         ] {
-        let path = fixture("valid/cats_vs_dogs.vp");
-        let result = check_source(&path, &text, &[]);
-        assert!(result.plan.is_none());
-        assert!(!result.diagnostics.is_empty());
+            let path = fixture("valid/cats_vs_dogs.vp");
+            let result = check_source(&path, &text, &[]);
+            assert!(result.plan.is_none());
+            assert!(!result.diagnostics.is_empty());
         }
     }
 }

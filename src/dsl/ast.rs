@@ -159,9 +159,15 @@ pub enum ExprKind {
     Path(Vec<Ident>),
     Call(Call),
     /// `json(args) { field: type, ... }`.
-    Json { args: Vec<Arg>, fields: Vec<Entry> },
+    Json {
+        args: Vec<Arg>,
+        fields: Vec<Entry>,
+    },
     /// `value -> { key: label, ... }`.
-    Mapping { base: Box<Expr>, entries: Vec<Entry> },
+    Mapping {
+        base: Box<Expr>,
+        entries: Vec<Entry>,
+    },
     /// A literal the parser already reported (e.g. an int out of range); checked no further.
     Invalid,
 }

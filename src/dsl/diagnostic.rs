@@ -179,7 +179,10 @@ impl Diagnostic {
 }
 
 /// "did you mean `x`?" for the closest of `candidates` to `name`, if any is close enough.
-pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     let mut best: Option<(f64, &str)> = None;
     for candidate in candidates {
         if candidate == name {

@@ -43,7 +43,11 @@ pub fn load(path: &Path) -> Loaded {
         Err(e) => loaded.diagnostics.push(
             Diagnostic::error(
                 Code::Io,
-                format!("cannot read pipeline `{}`: {}", path.display(), lowercase_io(&e)),
+                format!(
+                    "cannot read pipeline `{}`: {}",
+                    path.display(),
+                    lowercase_io(&e)
+                ),
             )
             .with_hint("check the path; it is relative to the current directory"),
         ),
@@ -160,7 +164,11 @@ impl Loader<'_> {
             Err(e) => self.loaded.diagnostics.push(
                 Diagnostic::error(
                     Code::Io,
-                    format!("cannot read imported file `{}`: {}", import.path.value, lowercase_io(&e)),
+                    format!(
+                        "cannot read imported file `{}`: {}",
+                        import.path.value,
+                        lowercase_io(&e)
+                    ),
                 )
                 .at(span),
             ),
@@ -169,6 +177,8 @@ impl Loader<'_> {
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }

@@ -10,8 +10,8 @@ use pest::error::{ErrorVariant, InputLocation};
 use pest::iterators::Pair;
 
 use crate::dsl::ast::{
-    Arg, Block, Body, Call, Decl, DeclKind, Entry, Expr, ExprKind, Field, FieldValue, File,
-    Ident, Import, Item, Key, KeyKind, StrLit,
+    Arg, Block, Body, Call, Decl, DeclKind, Entry, Expr, ExprKind, Field, FieldValue, File, Ident,
+    Import, Item, Key, KeyKind, StrLit,
 };
 use crate::dsl::diagnostic::{Code, Diagnostic};
 use crate::dsl::span::{FileId, Span};
@@ -56,7 +56,9 @@ pub fn parse_file(file: FileId, text: &str) -> (File, Vec<Diagnostic>) {
                     ErrorVariant::ParsingError { positives, .. } => expected_words(positives),
                     ErrorVariant::CustomError { .. } => Vec::new(),
                 };
-                builder.diagnostics.push(syntax_error(file, text, at, &expected));
+                builder
+                    .diagnostics
+                    .push(syntax_error(file, text, at, &expected));
                 if let Some(name) = builder.broken_name(&text[pos..]) {
                     broken.push(name);
                 }
@@ -101,9 +103,12 @@ fn expected_words(rules: &[Rule]) -> Vec<&'static str> {
     let mut words: Vec<&'static str> = Vec::new();
     for rule in rules {
         let word = match rule {
-            Rule::item | Rule::decl | Rule::kind | Rule::kw_import | Rule::decl_head | Rule::import => {
-                "a declaration (`dataset`, `model`, `eval`, ...)"
-            }
+            Rule::item
+            | Rule::decl
+            | Rule::kind
+            | Rule::kw_import
+            | Rule::decl_head
+            | Rule::import => "a declaration (`dataset`, `model`, `eval`, ...)",
             Rule::name => "a name",
             Rule::field | Rule::field_name => "a field name",
             Rule::block | Rule::lbrace => "`{`",
@@ -160,12 +165,16 @@ fn syntax_error(file: FileId, text: &str, at: usize, expected: &[&str]) -> Diagn
     };
     let mut d = Diagnostic::error(Code::Syntax, message).at(Span::new(file, at, at + len));
     let word = found.trim_matches('`');
-    if DeclKind::from_keyword(word).is_some() && !expected.iter().any(|e| e.starts_with("a declaration")) {
+    if DeclKind::from_keyword(word).is_some()
+        && !expected.iter().any(|e| e.starts_with("a declaration"))
+    {
         d = d.with_hint(format!(
             "`{word}` starts a new declaration: is a bracket or block above left open?"
         ));
     } else if found == "an unterminated string" {
-        d = d.with_hint("strings end on the line they start; use `\"\"\"` for text over several lines");
+        d = d.with_hint(
+            "strings end on the line they start; use `\"\"\"` for text over several lines",
+        );
     }
     d
 }
@@ -541,9 +550,12 @@ impl Builder {
                 None => {
                     let at = file_start + i;
                     self.diagnostics.push(
-                        Diagnostic::error(Code::Syntax, format!("unknown escape `\\{e}` in a string"))
-                            .at(Span::new(span.file, at, at + 1 + e.len_utf8()))
-                            .with_hint("known escapes: `\\n`, `\\t`, `\\r`, `\\0`, `\\\\`, `\\\"`"),
+                        Diagnostic::error(
+                            Code::Syntax,
+                            format!("unknown escape `\\{e}` in a string"),
+                        )
+                        .at(Span::new(span.file, at, at + 1 + e.len_utf8()))
+                        .with_hint("known escapes: `\\n`, `\\t`, `\\r`, `\\0`, `\\\\`, `\\\"`"),
                     );
                 }
             }
@@ -630,7 +642,10 @@ mod tests {
         assert_eq!(s.value, "a\n  b");
         // "b" is on line 4, after 6 spaces of which 4 are stripped.
         let b = s.value.find('b').unwrap_or(0);
-        assert_eq!(s.span_of_offset(b).start as usize, "prompt p {\n  user = \"\"\"\n    a\n      ".len());
+        assert_eq!(
+            s.span_of_offset(b).start as usize,
+            "prompt p {\n  user = \"\"\"\n    a\n      ".len()
+        );
     }
 
     #[test]
@@ -642,7 +657,9 @@ mod tests {
 
     #[test]
     fn errors_in_two_declarations_are_both_reported() {
-        let (file, diags) = parse("model m = hf(\"a\"\nlabels l = [\"a\"]\neval e { model = }\nreport r { compare = [e] }\n");
+        let (file, diags) = parse(
+            "model m = hf(\"a\"\nlabels l = [\"a\"]\neval e { model = }\nreport r { compare = [e] }\n",
+        );
         let msgs: Vec<&str> = diags.iter().map(|d| d.message.as_str()).collect();
         assert_eq!(diags.len(), 2, "{msgs:?}");
         assert_eq!(file.items.len(), 2, "{:#?}", file.items);

@@ -69,7 +69,11 @@ fn render_label(out: &mut String, label: &Label, sources: &SourceMap, color: boo
     let bar = paint(color, BLUE, "|");
     let text = file.line_text(line);
     let _ = writeln!(out, "{pad} {bar}");
-    let _ = writeln!(out, "{} {bar} {text}", paint(color, BLUE, &line.to_string()));
+    let _ = writeln!(
+        out,
+        "{} {bar} {text}",
+        paint(color, BLUE, &line.to_string())
+    );
     // Underline up to the end of the first line of the span (at least one caret).
     let line_end = file.line_start(line) + text.len();
     let end = (label.span.end as usize).min(line_end);
@@ -83,9 +87,17 @@ fn render_label(out: &mut String, label: &Label, sources: &SourceMap, color: boo
         .take(col - 1)
         .map(|c| if c == '\t' { '\t' } else { ' ' })
         .collect();
-    let (mark, mark_tint) = if label.primary { ('^', tint) } else { ('-', BLUE) };
+    let (mark, mark_tint) = if label.primary {
+        ('^', tint)
+    } else {
+        ('-', BLUE)
+    };
     let underline = mark.to_string().repeat(width);
-    let message = label.message.as_deref().map(|m| format!(" {m}")).unwrap_or_default();
+    let message = label
+        .message
+        .as_deref()
+        .map(|m| format!(" {m}"))
+        .unwrap_or_default();
     let _ = writeln!(
         out,
         "{pad} {bar} {indent}{}",
@@ -95,7 +107,12 @@ fn render_label(out: &mut String, label: &Label, sources: &SourceMap, color: boo
 
 /// Renders diagnostics as a JSON array (positions 1-based, columns in characters).
 pub fn render_json(diagnostics: &[Diagnostic], sources: &SourceMap) -> Value {
-    Value::Array(diagnostics.iter().map(|d| diagnostic_json(d, sources)).collect())
+    Value::Array(
+        diagnostics
+            .iter()
+            .map(|d| diagnostic_json(d, sources))
+            .collect(),
+    )
 }
 
 fn diagnostic_json(d: &Diagnostic, sources: &SourceMap) -> Value {

@@ -229,7 +229,9 @@ impl<'f, 's> Analyzer<'f, 's> {
                         )
                         .at_with(decl.name.span, "declared again here")
                         .also(first_span, "first declared here")
-                        .with_hint("every declaration needs its own name, across imported files too"),
+                        .with_hint(
+                            "every declaration needs its own name, across imported files too",
+                        ),
                     );
                     continue;
                 }
@@ -248,9 +250,10 @@ impl<'f, 's> Analyzer<'f, 's> {
                 self.pipeline_seed(decl);
                 decl.name.name.clone()
             }
-            None => root
-                .file_stem()
-                .map_or_else(|| "pipeline".to_owned(), |s| s.to_string_lossy().into_owned()),
+            None => root.file_stem().map_or_else(
+                || "pipeline".to_owned(),
+                |s| s.to_string_lossy().into_owned(),
+            ),
         };
         for idx in 0..self.decls.len() {
             if self.decls[idx].decl.kind != DeclKind::Param {
@@ -311,16 +314,21 @@ impl<'f, 's> Analyzer<'f, 's> {
     fn apply_overrides(&mut self, overrides: &[(String, String)]) {
         for (name, raw) in overrides {
             let Some((current, span)) = self.params.get(name).cloned() else {
-                let hint = did_you_mean(name, self.params.keys().map(String::as_str)).unwrap_or_else(|| {
-                    if self.params.is_empty() {
-                        "this pipeline declares no params".to_owned()
-                    } else {
-                        format!(
-                            "declared params: {}",
-                            self.params.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
-                        )
-                    }
-                });
+                let hint = did_you_mean(name, self.params.keys().map(String::as_str))
+                    .unwrap_or_else(|| {
+                        if self.params.is_empty() {
+                            "this pipeline declares no params".to_owned()
+                        } else {
+                            format!(
+                                "declared params: {}",
+                                self.params
+                                    .keys()
+                                    .map(|k| format!("`{k}`"))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        }
+                    });
                 self.error(
                     Diagnostic::error(
                         Code::BadOverride,
@@ -357,7 +365,10 @@ impl<'f, 's> Analyzer<'f, 's> {
                             current.type_name()
                         ),
                     )
-                    .also(span, format!("`{name}` is declared here with default {current}")),
+                    .also(
+                        span,
+                        format!("`{name}` is declared here with default {current}"),
+                    ),
                 ),
             }
         }
@@ -388,9 +399,12 @@ impl<'f, 's> Analyzer<'f, 's> {
                     .map(|i| format!("`{}`", self.decls[*i].decl.name.name))
                     .collect();
                 self.error(
-                    Diagnostic::error(Code::Cycle, format!("dependency cycle: {}", path.join(" → ")))
-                        .at_with(at, "this reference closes the cycle")
-                        .with_hint("a stage cannot depend, directly or not, on its own output"),
+                    Diagnostic::error(
+                        Code::Cycle,
+                        format!("dependency cycle: {}", path.join(" → ")),
+                    )
+                    .at_with(at, "this reference closes the cycle")
+                    .with_hint("a stage cannot depend, directly or not, on its own output"),
                 );
                 // Every declaration of the loop fails, so the loop is reported once.
                 return None;
@@ -425,7 +439,13 @@ impl<'f, 's> Analyzer<'f, 's> {
         Some(self.push_node(decl.name.name.clone(), params, decl.span, false))
     }
 
-    fn push_node(&mut self, name: String, params: NodeParams, span: Span, anonymous: bool) -> NodeId {
+    fn push_node(
+        &mut self,
+        name: String,
+        params: NodeParams,
+        span: Span,
+        anonymous: bool,
+    ) -> NodeId {
         let id = NodeId(self.nodes.len());
         let inputs = references(&params);
         self.nodes.push(Node {
@@ -556,7 +576,10 @@ impl<'f, 's> Analyzer<'f, 's> {
                             self.error(
                                 Diagnostic::error(
                                     Code::UnknownReference,
-                                    format!("dataset `{}` has no member `{}`", first.name, member.name),
+                                    format!(
+                                        "dataset `{}` has no member `{}`",
+                                        first.name, member.name
+                                    ),
                                 )
                                 .at(member.span)
                                 .with_hint("only splits have members (`my_split.train`)"),
@@ -576,25 +599,46 @@ impl<'f, 's> Analyzer<'f, 's> {
                             _ => Vec::new(),
                         };
                         let Some(member) = parts.get(1) else {
-                            let list: Vec<String> =
-                                members.iter().map(|m| format!("`{}.{m}`", first.name)).collect();
+                            let list: Vec<String> = members
+                                .iter()
+                                .map(|m| format!("`{}.{m}`", first.name))
+                                .collect();
                             self.error(
                                 Diagnostic::error(
                                     Code::WrongType,
-                                    format!("expected {EXPECTED} for `{field}`, found split `{}`", first.name),
+                                    format!(
+                                        "expected {EXPECTED} for `{field}`, found split `{}`",
+                                        first.name
+                                    ),
                                 )
                                 .at(expr.span)
-                                .with_hint(format!("name one of its members: {}", join_or(&list.iter().map(String::as_str).collect::<Vec<_>>()))),
+                                .with_hint(format!(
+                                    "name one of its members: {}",
+                                    join_or(&list.iter().map(String::as_str).collect::<Vec<_>>())
+                                )),
                             );
                             return None;
                         };
                         if !members.contains(&member.name) {
-                            let hint = did_you_mean(&member.name, members.iter().map(String::as_str))
-                                .unwrap_or_else(|| format!("its members are {}", members.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")));
+                            let hint =
+                                did_you_mean(&member.name, members.iter().map(String::as_str))
+                                    .unwrap_or_else(|| {
+                                        format!(
+                                            "its members are {}",
+                                            members
+                                                .iter()
+                                                .map(|m| format!("`{m}`"))
+                                                .collect::<Vec<_>>()
+                                                .join(", ")
+                                        )
+                                    });
                             self.error(
                                 Diagnostic::error(
                                     Code::UnknownReference,
-                                    format!("split `{}` has no member `{}`", first.name, member.name),
+                                    format!(
+                                        "split `{}` has no member `{}`",
+                                        first.name, member.name
+                                    ),
                                 )
                                 .at(member.span)
                                 .with_hint(hint),
@@ -605,7 +649,10 @@ impl<'f, 's> Analyzer<'f, 's> {
                             self.error(
                                 Diagnostic::error(
                                     Code::UnknownReference,
-                                    format!("`{}.{}` has no member `{}`", first.name, member.name, extra.name),
+                                    format!(
+                                        "`{}.{}` has no member `{}`",
+                                        first.name, member.name, extra.name
+                                    ),
                                 )
                                 .at(extra.span),
                             );
@@ -711,7 +758,10 @@ impl<'f, 's> Analyzer<'f, 's> {
                         ),
                     )
                     .at(e.span)
-                    .with_hint(format!("write `{} {} {{ field = value ... }}`", decl.kind, decl.name.name)),
+                    .with_hint(format!(
+                        "write `{} {} {{ field = value ... }}`",
+                        decl.kind, decl.name.name
+                    )),
                 );
                 None
             }
@@ -723,7 +773,13 @@ impl<'f, 's> Analyzer<'f, 's> {
         self.fields_of(block, owner, decl.name.span, allowed)
     }
 
-    fn fields_of(&mut self, block: &'f Block, owner: String, name_span: Span, allowed: &[&str]) -> Fields<'f> {
+    fn fields_of(
+        &mut self,
+        block: &'f Block,
+        owner: String,
+        name_span: Span,
+        allowed: &[&str],
+    ) -> Fields<'f> {
         let mut map: HashMap<&'f str, &'f Field> = HashMap::new();
         for field in &block.fields {
             let name = field.name.name.as_str();
@@ -731,7 +787,11 @@ impl<'f, 's> Analyzer<'f, 's> {
                 let hint = did_you_mean(name, allowed.iter().copied()).unwrap_or_else(|| {
                     format!(
                         "{owner} takes {}",
-                        allowed.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
+                        allowed
+                            .iter()
+                            .map(|a| format!("`{a}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )
                 });
                 self.error(
@@ -747,9 +807,12 @@ impl<'f, 's> Analyzer<'f, 's> {
             if let Some(first) = map.get(name) {
                 let first_span = first.name.span;
                 self.error(
-                    Diagnostic::error(Code::DuplicateField, format!("field `{name}` is set twice in {owner}"))
-                        .at_with(field.name.span, "set again here")
-                        .also(first_span, "first set here"),
+                    Diagnostic::error(
+                        Code::DuplicateField,
+                        format!("field `{name}` is set twice in {owner}"),
+                    )
+                    .at_with(field.name.span, "set again here")
+                    .also(first_span, "first set here"),
                 );
                 continue;
             }
@@ -770,7 +833,10 @@ impl<'f, 's> Analyzer<'f, 's> {
                     self.error(
                         Diagnostic::error(
                             Code::WrongType,
-                            format!("expected `{name} = value` in {}, found a block", fields.owner),
+                            format!(
+                                "expected `{name} = value` in {}, found a block",
+                                fields.owner
+                            ),
                         )
                         .at(b.span),
                     );
@@ -800,7 +866,10 @@ impl<'f, 's> Analyzer<'f, 's> {
                 self.error(
                     Diagnostic::error(
                         Code::WrongType,
-                        format!("expected `{name} = value` in {}, found a block", fields.owner),
+                        format!(
+                            "expected `{name} = value` in {}, found a block",
+                            fields.owner
+                        ),
                     )
                     .at(b.span),
                 );
@@ -860,13 +929,18 @@ impl<'f, 's> Analyzer<'f, 's> {
                             continue;
                         }
                         None => {
-                            let all: Vec<&str> = positional.iter().chain(keywords).copied().collect();
-                            let hint = did_you_mean(&key.name, all.iter().copied()).unwrap_or_else(|| {
-                                format!(
-                                    "`{callee}` takes {}",
-                                    all.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
-                                )
-                            });
+                            let all: Vec<&str> =
+                                positional.iter().chain(keywords).copied().collect();
+                            let hint =
+                                did_you_mean(&key.name, all.iter().copied()).unwrap_or_else(|| {
+                                    format!(
+                                        "`{callee}` takes {}",
+                                        all.iter()
+                                            .map(|a| format!("`{a}`"))
+                                            .collect::<Vec<_>>()
+                                            .join(", ")
+                                    )
+                                });
                             self.error(
                                 Diagnostic::error(
                                     Code::UnknownField,
@@ -1001,7 +1075,14 @@ impl<'f, 's> Analyzer<'f, 's> {
     }
 
     /// A number in `lo..=hi` (`lo` excluded when `lo_open`).
-    fn expect_f64_in(&mut self, expr: &Expr, field: &str, lo: f64, hi: f64, lo_open: bool) -> Option<f64> {
+    fn expect_f64_in(
+        &mut self,
+        expr: &Expr,
+        field: &str,
+        lo: f64,
+        hi: f64,
+        lo_open: bool,
+    ) -> Option<f64> {
         let f = self.expect_f64(expr, field)?;
         let low_ok = if lo_open { f > lo } else { f >= lo };
         if !low_ok || f > hi {
@@ -1012,8 +1093,11 @@ impl<'f, 's> Analyzer<'f, 's> {
                 (false, false) => format!("at least {lo}"),
             };
             self.error(
-                Diagnostic::error(Code::BadValue, format!("`{field}` must be {range}, found {f}"))
-                    .at(expr.span),
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("`{field}` must be {range}, found {f}"),
+                )
+                .at(expr.span),
             );
             return None;
         }
@@ -1041,13 +1125,26 @@ impl<'f, 's> Analyzer<'f, 's> {
     }
 
     /// One of a fixed set of words, written bare (`rgb_only`) or quoted (`"rgb_only"`).
-    fn expect_word(&mut self, expr: &Expr, field: &str, choices: &[&'static str]) -> Option<&'static str> {
+    fn expect_word(
+        &mut self,
+        expr: &Expr,
+        field: &str,
+        choices: &[&'static str],
+    ) -> Option<&'static str> {
         let word = match &expr.kind {
             ExprKind::Path(parts) if parts.len() == 1 => Some(parts[0].name.clone()),
             ExprKind::Str(s) => Some(s.value.clone()),
             _ => None,
         };
-        let expected = join_or(&choices.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>());
+        let expected = join_or(
+            &choices
+                .iter()
+                .map(|c| format!("`{c}`"))
+                .collect::<Vec<_>>()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
         let Some(word) = word else {
             self.wrong_type(expr, &expected, field);
             return None;
@@ -1085,15 +1182,24 @@ impl<'f, 's> Analyzer<'f, 's> {
     fn expect_local_path(&mut self, expr: &Expr, field: &str, dir: &Path) -> Option<LocalPath> {
         let path = self.expect_str(expr, field)?;
         if path.is_empty() {
-            self.error(Diagnostic::error(Code::BadValue, format!("`{field}` must not be empty")).at(expr.span));
+            self.error(
+                Diagnostic::error(Code::BadValue, format!("`{field}` must not be empty"))
+                    .at(expr.span),
+            );
             return None;
         }
         let resolved = dir.join(&path);
         if !resolved.exists() {
             self.diags.push(
-                Diagnostic::warning(Code::BadValue, format!("local path `{path}` does not exist (yet)"))
-                    .at(expr.span)
-                    .with_hint(format!("paths are relative to the pipeline file; looked for `{}`", resolved.display())),
+                Diagnostic::warning(
+                    Code::BadValue,
+                    format!("local path `{path}` does not exist (yet)"),
+                )
+                .at(expr.span)
+                .with_hint(format!(
+                    "paths are relative to the pipeline file; looked for `{}`",
+                    resolved.display()
+                )),
             );
         }
         if !self.files_read.contains(&resolved) {
@@ -1112,9 +1218,12 @@ impl<'f, 's> Analyzer<'f, 's> {
         };
         if items.is_empty() {
             self.error(
-                Diagnostic::error(Code::BadValue, format!("labels `{}` is empty", decl.name.name))
-                    .at(expr.span)
-                    .with_hint("a classifier needs at least two labels"),
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("labels `{}` is empty", decl.name.name),
+                )
+                .at(expr.span)
+                .with_hint("a classifier needs at least two labels"),
             );
             return None;
         }
@@ -1126,12 +1235,17 @@ impl<'f, 's> Analyzer<'f, 's> {
                 continue;
             };
             if value.trim().is_empty() {
-                self.error(Diagnostic::error(Code::BadValue, "a label must not be empty").at(item.span));
+                self.error(
+                    Diagnostic::error(Code::BadValue, "a label must not be empty").at(item.span),
+                );
                 ok = false;
             } else if values.contains(&value) {
                 self.error(
-                    Diagnostic::error(Code::DuplicateName, format!("label `{value}` appears twice in `{}`", decl.name.name))
-                        .at(item.span),
+                    Diagnostic::error(
+                        Code::DuplicateName,
+                        format!("label `{value}` appears twice in `{}`", decl.name.name),
+                    )
+                    .at(item.span),
                 );
                 ok = false;
             }
@@ -1160,7 +1274,15 @@ impl<'f, 's> Analyzer<'f, 's> {
         let f = self.fields(
             block,
             decl,
-            &["source", "image", "label", "labels", "keep", "max_image_size", "drop"],
+            &[
+                "source",
+                "image",
+                "label",
+                "labels",
+                "keep",
+                "max_image_size",
+                "drop",
+            ],
         );
         let source = self
             .required_expr(&f, "source")
@@ -1178,7 +1300,11 @@ impl<'f, 's> Analyzer<'f, 's> {
             .and_then(|e| self.build_label_spec(e, labels.as_ref().and_then(|l| l.as_ref())));
         let keep = match self.optional_expr(&f, "keep") {
             Some(e) => self.expect_word(e, "keep", &["all", "rgb_only"]).map(|w| {
-                if w == "rgb_only" { KeepFilter::RgbOnly } else { KeepFilter::All }
+                if w == "rgb_only" {
+                    KeepFilter::RgbOnly
+                } else {
+                    KeepFilter::All
+                }
             }),
             None => Some(KeepFilter::All),
         };
@@ -1209,8 +1335,11 @@ impl<'f, 's> Analyzer<'f, 's> {
         };
         match call.callee.name.as_str() {
             "hf" => {
-                let args = self.call_args(call, &["repo"], &["split", "revision", "config"], false)?;
-                let repo = self.required_arg(&args, "repo").and_then(|e| self.expect_repo(e));
+                let args =
+                    self.call_args(call, &["repo"], &["split", "revision", "config"], false)?;
+                let repo = self
+                    .required_arg(&args, "repo")
+                    .and_then(|e| self.expect_repo(e));
                 let split = match args.get("split") {
                     Some(e) => self.expect_str(e, "split"),
                     None => Some("train".to_owned()),
@@ -1238,8 +1367,12 @@ impl<'f, 's> Analyzer<'f, 's> {
             }
             "synthetic" => {
                 let args = self.call_args(call, &[], &["kind", "n", "seed"], true)?;
-                let kind = self.required_arg(&args, "kind").and_then(|e| self.expect_str(e, "kind"));
-                let n = self.required_arg(&args, "n").and_then(|e| self.expect_count(e, "n", 1));
+                let kind = self
+                    .required_arg(&args, "kind")
+                    .and_then(|e| self.expect_str(e, "kind"));
+                let n = self
+                    .required_arg(&args, "n")
+                    .and_then(|e| self.expect_count(e, "n", 1));
                 let seed = match args.get("seed") {
                     Some(e) => self.expect_count(e, "seed", 0),
                     None => Some(self.seed),
@@ -1268,11 +1401,17 @@ impl<'f, 's> Analyzer<'f, 's> {
                 })
             }
             other => {
-                let hint = did_you_mean(other, ["hf", "parquet", "folder", "csv", "jsonl", "synthetic"]);
+                let hint = did_you_mean(
+                    other,
+                    ["hf", "parquet", "folder", "csv", "jsonl", "synthetic"],
+                );
                 self.error(
-                    Diagnostic::error(Code::WrongType, format!("expected {EXPECTED} for `source`, found `{other}(...)`"))
-                        .at(call.callee.span)
-                        .with_hint_opt(hint),
+                    Diagnostic::error(
+                        Code::WrongType,
+                        format!("expected {EXPECTED} for `source`, found `{other}(...)`"),
+                    )
+                    .at(call.callee.span)
+                    .with_hint_opt(hint),
                 );
                 None
             }
@@ -1293,9 +1432,12 @@ impl<'f, 's> Analyzer<'f, 's> {
         let valid = matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty());
         if !valid {
             self.error(
-                Diagnostic::error(Code::BadValue, format!("expected a hub repository `owner/name`, found `{repo}`"))
-                    .at(expr.span)
-                    .with_hint("e.g. `hf(\"microsoft/cats_vs_dogs\")`"),
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("expected a hub repository `owner/name`, found `{repo}`"),
+                )
+                .at(expr.span)
+                .with_hint("e.g. `hf(\"microsoft/cats_vs_dogs\")`"),
             );
             return None;
         }
@@ -1317,15 +1459,26 @@ impl<'f, 's> Analyzer<'f, 's> {
                 })
             }
             _ => {
-                self.wrong_type(expr, "a column name, optionally with a mapping (`\"labels\" -> { 0: \"cat\" }`)", "label");
+                self.wrong_type(
+                    expr,
+                    "a column name, optionally with a mapping (`\"labels\" -> { 0: \"cat\" }`)",
+                    "label",
+                );
                 None
             }
         }
     }
 
-    fn build_mapping(&mut self, entries: &'f [Entry], span: Span, labels: Option<&LabelSet>) -> Option<Vec<LabelMapEntry>> {
+    fn build_mapping(
+        &mut self,
+        entries: &'f [Entry],
+        span: Span,
+        labels: Option<&LabelSet>,
+    ) -> Option<Vec<LabelMapEntry>> {
         if entries.is_empty() {
-            self.error(Diagnostic::error(Code::LabelMapping, "the label mapping is empty").at(span));
+            self.error(
+                Diagnostic::error(Code::LabelMapping, "the label mapping is empty").at(span),
+            );
             return None;
         }
         let mut out: Vec<LabelMapEntry> = Vec::new();
@@ -1341,8 +1494,11 @@ impl<'f, 's> Analyzer<'f, 's> {
             };
             if out.iter().any(|e| e.key == key) {
                 self.error(
-                    Diagnostic::error(Code::LabelMapping, format!("value `{}` is mapped twice", entry.key.kind))
-                        .at(entry.key.span),
+                    Diagnostic::error(
+                        Code::LabelMapping,
+                        format!("value `{}` is mapped twice", entry.key.kind),
+                    )
+                    .at(entry.key.span),
                 );
                 ok = false;
                 continue;
@@ -1380,7 +1536,9 @@ impl<'f, 's> Analyzer<'f, 's> {
                         ),
                     )
                     .at(span)
-                    .with_hint("map a column value to every label, or remove the label from the list"),
+                    .with_hint(
+                        "map a column value to every label, or remove the label from the list",
+                    ),
                 );
                 ok = false;
             }
@@ -1407,8 +1565,15 @@ impl<'f, 's> Analyzer<'f, 's> {
                 return None;
             }
         };
-        let args = self.call_args(call, &["data"], &["train", "test", "validation", "seed"], false)?;
-        let source = self.required_arg(&args, "data").and_then(|e| self.expect_data(e, "data"));
+        let args = self.call_args(
+            call,
+            &["data"],
+            &["train", "test", "validation", "seed"],
+            false,
+        )?;
+        let source = self
+            .required_arg(&args, "data")
+            .and_then(|e| self.expect_data(e, "data"));
         let seed = match args.get("seed") {
             Some(e) => self.expect_count(e, "seed", 0),
             None => Some(self.seed),
@@ -1429,9 +1594,12 @@ impl<'f, 's> Analyzer<'f, 's> {
             let sum: f64 = ratios.values().sum();
             if ratios.is_empty() {
                 self.error(
-                    Diagnostic::error(Code::SplitRatios, format!("split `{}` names no members", decl.name.name))
-                        .at(expr.span)
-                        .with_hint("give ratios, e.g. `train: 0.9, test: 0.1`"),
+                    Diagnostic::error(
+                        Code::SplitRatios,
+                        format!("split `{}` names no members", decl.name.name),
+                    )
+                    .at(expr.span)
+                    .with_hint("give ratios, e.g. `train: 0.9, test: 0.1`"),
                 );
                 ok = false;
             } else if (sum - 1.0).abs() > 1e-6 {
@@ -1439,10 +1607,17 @@ impl<'f, 's> Analyzer<'f, 's> {
                 self.error(
                     Diagnostic::error(
                         Code::SplitRatios,
-                        format!("split ratios of `{}` sum to {}, expected 1", decl.name.name, round6(sum)),
+                        format!(
+                            "split ratios of `{}` sum to {}, expected 1",
+                            decl.name.name,
+                            round6(sum)
+                        ),
                     )
                     .at(expr.span)
-                    .with_hint(format!("ratios are fractions of the data ({})", shown.join(", "))),
+                    .with_hint(format!(
+                        "ratios are fractions of the data ({})",
+                        shown.join(", ")
+                    )),
                 );
                 ok = false;
             }
@@ -1482,7 +1657,10 @@ impl<'f, 's> Analyzer<'f, 's> {
             ExprKind::Str(s) => s.clone(),
             ExprKind::Call(call) if call.callee.name == "file" => {
                 let [arg] = call.args.as_slice() else {
-                    self.error(Diagnostic::error(Code::WrongType, "`file(...)` takes one path").at(expr.span));
+                    self.error(
+                        Diagnostic::error(Code::WrongType, "`file(...)` takes one path")
+                            .at(expr.span),
+                    );
                     return None;
                 };
                 let rel = self.expect_str(&arg.value, field)?;
@@ -1499,9 +1677,15 @@ impl<'f, 's> Analyzer<'f, 's> {
                     }
                     Err(e) => {
                         self.error(
-                            Diagnostic::error(Code::Io, format!("cannot read template `{rel}`: {}", lowercase_io(&e)))
-                                .at(arg.value.span)
-                                .with_hint(format!("paths are relative to the pipeline file; looked for `{}`", path.display())),
+                            Diagnostic::error(
+                                Code::Io,
+                                format!("cannot read template `{rel}`: {}", lowercase_io(&e)),
+                            )
+                            .at(arg.value.span)
+                            .with_hint(format!(
+                                "paths are relative to the pipeline file; looked for `{}`",
+                                path.display()
+                            )),
                         );
                         return None;
                     }
@@ -1519,7 +1703,9 @@ impl<'f, 's> Analyzer<'f, 's> {
             let line = e.line().unwrap_or(1);
             let (start, end) = line_bounds(&lit.value, line);
             let span = lit.span_of_offset(start).to(lit.span_of_offset(end));
-            let detail = e.detail().map_or_else(|| e.kind().to_string(), str::to_owned);
+            let detail = e
+                .detail()
+                .map_or_else(|| e.kind().to_string(), str::to_owned);
             self.error(
                 Diagnostic::error(
                     Code::Template,
@@ -1545,14 +1731,17 @@ impl<'f, 's> Analyzer<'f, 's> {
         let (source, dtype) = match call.callee.name.as_str() {
             "hf" => {
                 let args = self.call_args(call, &["repo"], &["revision", "dtype"], false)?;
-                let repo = self.required_arg(&args, "repo").and_then(|e| self.expect_repo(e));
+                let repo = self
+                    .required_arg(&args, "repo")
+                    .and_then(|e| self.expect_repo(e));
                 let revision = match args.get("revision") {
                     Some(e) => self.expect_str(e, "revision"),
                     None => Some("main".to_owned()),
                 };
                 let dtype = self.dtype_arg(&args);
                 (
-                    repo.zip(revision).map(|(repo, revision)| ModelSource::Hf { repo, revision }),
+                    repo.zip(revision)
+                        .map(|(repo, revision)| ModelSource::Hf { repo, revision }),
                     dtype,
                 )
             }
@@ -1561,25 +1750,38 @@ impl<'f, 's> Analyzer<'f, 's> {
                 let path = self
                     .required_arg(&args, "path")
                     .and_then(|e| self.expect_local_path(e, "path", dir));
-                (path.map(|path| ModelSource::Local { path }), self.dtype_arg(&args))
+                (
+                    path.map(|path| ModelSource::Local { path }),
+                    self.dtype_arg(&args),
+                )
             }
             "init" => {
                 let args = self.call_args(call, &[], &["preset", "seed", "dtype"], false)?;
-                let preset = self.required_arg(&args, "preset").and_then(|e| self.expect_str(e, "preset"));
+                let preset = self
+                    .required_arg(&args, "preset")
+                    .and_then(|e| self.expect_str(e, "preset"));
                 let seed = match args.get("seed") {
                     Some(e) => self.expect_count(e, "seed", 0),
                     None => Some(self.seed),
                 };
                 (
-                    preset.zip(seed).map(|(preset, seed)| ModelSource::Init { preset, seed }),
+                    preset
+                        .zip(seed)
+                        .map(|(preset, seed)| ModelSource::Init { preset, seed }),
                     self.dtype_arg(&args),
                 )
             }
             other => {
                 self.error(
-                    Diagnostic::error(Code::WrongType, format!("expected {EXPECTED} for model `{}`, found `{other}(...)`", decl.name.name))
-                        .at(call.callee.span)
-                        .with_hint_opt(did_you_mean(other, ["hf", "local", "init"])),
+                    Diagnostic::error(
+                        Code::WrongType,
+                        format!(
+                            "expected {EXPECTED} for model `{}`, found `{other}(...)`",
+                            decl.name.name
+                        ),
+                    )
+                    .at(call.callee.span)
+                    .with_hint_opt(did_you_mean(other, ["hf", "local", "init"])),
                 );
                 return None;
             }
@@ -1594,11 +1796,12 @@ impl<'f, 's> Analyzer<'f, 's> {
         let Some(e) = args.get("dtype") else {
             return Some(Dtype::F32);
         };
-        self.expect_word(e, "dtype", &["f32", "f16", "bf16"]).map(|w| match w {
-            "f16" => Dtype::F16,
-            "bf16" => Dtype::Bf16,
-            _ => Dtype::F32,
-        })
+        self.expect_word(e, "dtype", &["f32", "f16", "bf16"])
+            .map(|w| match w {
+                "f16" => Dtype::F16,
+                "bf16" => Dtype::Bf16,
+                _ => Dtype::F32,
+            })
     }
 
     // ----- grammars -----
@@ -1619,7 +1822,9 @@ impl<'f, 's> Analyzer<'f, 's> {
                     "one_of" => {
                         let args = self.call_args(call, &["labels"], &["whitespace"], false)?;
                         let ws = self.whitespace_of(&args);
-                        let ty = self.required_arg(&args, "labels").and_then(|e| self.one_of_values(e));
+                        let ty = self
+                            .required_arg(&args, "labels")
+                            .and_then(|e| self.one_of_values(e));
                         let Some(JsonType::Enum { labels, values }) = ty else {
                             return None;
                         };
@@ -1628,26 +1833,38 @@ impl<'f, 's> Analyzer<'f, 's> {
                     "regex" => {
                         let args = self.call_args(call, &["pattern"], &["whitespace"], false)?;
                         let ws = self.whitespace_of(&args);
-                        let pattern = self.required_arg(&args, "pattern").and_then(|e| self.expect_str(e, "pattern"));
+                        let pattern = self
+                            .required_arg(&args, "pattern")
+                            .and_then(|e| self.expect_str(e, "pattern"));
                         (pattern.map(|pattern| GrammarSpec::Regex { pattern }), ws)
                     }
                     "lark" => {
                         let args = self.call_args(call, &["grammar"], &["whitespace"], false)?;
                         let ws = self.whitespace_of(&args);
-                        let grammar = self.required_arg(&args, "grammar").and_then(|e| self.expect_str(e, "grammar"));
+                        let grammar = self
+                            .required_arg(&args, "grammar")
+                            .and_then(|e| self.expect_str(e, "grammar"));
                         (grammar.map(|grammar| GrammarSpec::Lark { grammar }), ws)
                     }
                     "json_schema" => {
                         let args = self.call_args(call, &["schema"], &["whitespace"], false)?;
                         let ws = self.whitespace_of(&args);
-                        let spec = self.required_arg(&args, "schema").and_then(|e| self.json_schema(e, dir));
+                        let spec = self
+                            .required_arg(&args, "schema")
+                            .and_then(|e| self.json_schema(e, dir));
                         (spec, ws)
                     }
                     other => {
                         self.error(
-                            Diagnostic::error(Code::WrongType, format!("expected {EXPECTED}, found `{other}(...)`"))
-                                .at(call.callee.span)
-                                .with_hint_opt(did_you_mean(other, ["one_of", "json", "regex", "json_schema", "lark"])),
+                            Diagnostic::error(
+                                Code::WrongType,
+                                format!("expected {EXPECTED}, found `{other}(...)`"),
+                            )
+                            .at(call.callee.span)
+                            .with_hint_opt(did_you_mean(
+                                other,
+                                ["one_of", "json", "regex", "json_schema", "lark"],
+                            )),
                         );
                         return None;
                     }
@@ -1667,9 +1884,15 @@ impl<'f, 's> Analyzer<'f, 's> {
 
     fn whitespace_of(&mut self, args: &Args<'f>) -> Option<Whitespace> {
         match args.get("whitespace") {
-            Some(e) => self.expect_word(e, "whitespace", &["flexible", "compact"]).map(|w| {
-                if w == "compact" { Whitespace::Compact } else { Whitespace::Flexible }
-            }),
+            Some(e) => self
+                .expect_word(e, "whitespace", &["flexible", "compact"])
+                .map(|w| {
+                    if w == "compact" {
+                        Whitespace::Compact
+                    } else {
+                        Whitespace::Flexible
+                    }
+                }),
             None => Some(Whitespace::Flexible),
         }
     }
@@ -1678,7 +1901,11 @@ impl<'f, 's> Analyzer<'f, 's> {
         let call = Call {
             callee: Ident {
                 name: "json".to_owned(),
-                span: args.first().map_or(Span::new(crate::dsl::span::FileId(0), 0, 0), |a| a.value.span),
+                span: args
+                    .first()
+                    .map_or(Span::new(crate::dsl::span::FileId(0), 0, 0), |a| {
+                        a.value.span
+                    }),
             },
             args: args.to_vec(),
         };
@@ -1687,23 +1914,38 @@ impl<'f, 's> Analyzer<'f, 's> {
         for arg in &call.args {
             match &arg.key {
                 Some(k) if k.name == "whitespace" => {
-                    ws = self.expect_word(&arg.value, "whitespace", &["flexible", "compact"]).map(|w| {
-                        if w == "compact" { Whitespace::Compact } else { Whitespace::Flexible }
-                    });
+                    ws = self
+                        .expect_word(&arg.value, "whitespace", &["flexible", "compact"])
+                        .map(|w| {
+                            if w == "compact" {
+                                Whitespace::Compact
+                            } else {
+                                Whitespace::Flexible
+                            }
+                        });
                 }
                 Some(k) => {
                     self.error(
-                        Diagnostic::error(Code::UnknownField, format!("unknown argument `{}` to `json`", k.name))
-                            .at(k.span)
-                            .with_hint_opt(did_you_mean(&k.name, ["whitespace"]).or(Some("`json` takes `whitespace`".to_owned()))),
+                        Diagnostic::error(
+                            Code::UnknownField,
+                            format!("unknown argument `{}` to `json`", k.name),
+                        )
+                        .at(k.span)
+                        .with_hint_opt(
+                            did_you_mean(&k.name, ["whitespace"])
+                                .or(Some("`json` takes `whitespace`".to_owned())),
+                        ),
                     );
                     ws = None;
                 }
                 None => {
                     self.error(
-                        Diagnostic::error(Code::UnknownField, "`json(...)` takes only named arguments")
-                            .at(arg.value.span)
-                            .with_hint("e.g. `json(whitespace: \"compact\") { ... }`"),
+                        Diagnostic::error(
+                            Code::UnknownField,
+                            "`json(...)` takes only named arguments",
+                        )
+                        .at(arg.value.span)
+                        .with_hint("e.g. `json(whitespace: \"compact\") { ... }`"),
                     );
                     ws = None;
                 }
@@ -1719,8 +1961,11 @@ impl<'f, 's> Analyzer<'f, 's> {
             let name = entry.key.kind.to_string();
             if fields.iter().any(|f| f.name == name) {
                 self.error(
-                    Diagnostic::error(Code::DuplicateField, format!("json field `{name}` is declared twice"))
-                        .at(entry.key.span),
+                    Diagnostic::error(
+                        Code::DuplicateField,
+                        format!("json field `{name}` is declared twice"),
+                    )
+                    .at(entry.key.span),
                 );
                 ok = false;
                 continue;
@@ -1741,34 +1986,60 @@ impl<'f, 's> Analyzer<'f, 's> {
         const EXPECTED: &str = "a json type (`string`, `number`, `integer`, `boolean`, `one_of(labels)`, `[type]` or `{ ... }`)";
         match &expr.kind {
             ExprKind::Path(parts) if parts.len() == 1 => match parts[0].name.as_str() {
-                "string" => Some(JsonType::String { max_len: None, pattern: None }),
-                "number" => Some(JsonType::Number { min: None, max: None }),
-                "integer" => Some(JsonType::Integer { min: None, max: None }),
+                "string" => Some(JsonType::String {
+                    max_len: None,
+                    pattern: None,
+                }),
+                "number" => Some(JsonType::Number {
+                    min: None,
+                    max: None,
+                }),
+                "integer" => Some(JsonType::Integer {
+                    min: None,
+                    max: None,
+                }),
                 "boolean" => Some(JsonType::Boolean),
                 _ => {
                     // A bare label list means "one of these labels".
                     let node = self.expect_node(expr, Want::Labels, field)?;
                     let values = self.labels_values(&node);
-                    Some(JsonType::Enum { labels: Some(node), values })
+                    Some(JsonType::Enum {
+                        labels: Some(node),
+                        values,
+                    })
                 }
             },
-            ExprKind::Map(entries) | ExprKind::Json { fields: entries, .. } => self.json_object(entries),
+            ExprKind::Map(entries)
+            | ExprKind::Json {
+                fields: entries, ..
+            } => self.json_object(entries),
             ExprKind::List(items) => {
                 let [item] = items.as_slice() else {
                     self.error(
-                        Diagnostic::error(Code::WrongType, format!("expected one item type in `[...]` for `{field}`, found {}", items.len()))
-                            .at(expr.span)
-                            .with_hint("write `[string]` for a list of strings"),
+                        Diagnostic::error(
+                            Code::WrongType,
+                            format!(
+                                "expected one item type in `[...]` for `{field}`, found {}",
+                                items.len()
+                            ),
+                        )
+                        .at(expr.span)
+                        .with_hint("write `[string]` for a list of strings"),
                     );
                     return None;
                 };
                 let items = self.json_type(item, field)?;
-                Some(JsonType::Array { items: Box::new(items), min_items: None, max_items: None })
+                Some(JsonType::Array {
+                    items: Box::new(items),
+                    min_items: None,
+                    max_items: None,
+                })
             }
             ExprKind::Call(call) => match call.callee.name.as_str() {
                 "one_of" => {
                     let args = self.call_args(call, &["labels"], &[], false)?;
-                    self.required_arg(&args, "labels").and_then(|e| self.one_of_values(e))
+                    self.required_arg(&args, "labels")
+                        .and_then(|e| self.one_of_values(e))
                 }
                 "string" => {
                     let args = self.call_args(call, &[], &["max_len", "pattern"], false)?;
@@ -1777,32 +2048,72 @@ impl<'f, 's> Analyzer<'f, 's> {
                         None => Some(None),
                     };
                     let pattern = self.optional_str_arg(&args, "pattern");
-                    Some(JsonType::String { max_len: max_len?, pattern: pattern? })
+                    Some(JsonType::String {
+                        max_len: max_len?,
+                        pattern: pattern?,
+                    })
                 }
                 "integer" => {
                     let args = self.call_args(call, &[], &["min", "max"], false)?;
-                    let min = match args.get("min") { Some(e) => self.expect_int(e, "min").map(Some), None => Some(None) };
-                    let max = match args.get("max") { Some(e) => self.expect_int(e, "max").map(Some), None => Some(None) };
-                    Some(JsonType::Integer { min: min?, max: max? })
+                    let min = match args.get("min") {
+                        Some(e) => self.expect_int(e, "min").map(Some),
+                        None => Some(None),
+                    };
+                    let max = match args.get("max") {
+                        Some(e) => self.expect_int(e, "max").map(Some),
+                        None => Some(None),
+                    };
+                    Some(JsonType::Integer {
+                        min: min?,
+                        max: max?,
+                    })
                 }
                 "number" => {
                     let args = self.call_args(call, &[], &["min", "max"], false)?;
-                    let min = match args.get("min") { Some(e) => self.expect_f64(e, "min").map(Some), None => Some(None) };
-                    let max = match args.get("max") { Some(e) => self.expect_f64(e, "max").map(Some), None => Some(None) };
-                    Some(JsonType::Number { min: min?, max: max? })
+                    let min = match args.get("min") {
+                        Some(e) => self.expect_f64(e, "min").map(Some),
+                        None => Some(None),
+                    };
+                    let max = match args.get("max") {
+                        Some(e) => self.expect_f64(e, "max").map(Some),
+                        None => Some(None),
+                    };
+                    Some(JsonType::Number {
+                        min: min?,
+                        max: max?,
+                    })
                 }
                 "array" => {
-                    let args = self.call_args(call, &["items"], &["min_items", "max_items"], false)?;
-                    let items = self.required_arg(&args, "items").and_then(|e| self.json_type(e, field));
-                    let min_items = match args.get("min_items") { Some(e) => self.expect_count(e, "min_items", 0).map(Some), None => Some(None) };
-                    let max_items = match args.get("max_items") { Some(e) => self.expect_count(e, "max_items", 1).map(Some), None => Some(None) };
-                    Some(JsonType::Array { items: Box::new(items?), min_items: min_items?, max_items: max_items? })
+                    let args =
+                        self.call_args(call, &["items"], &["min_items", "max_items"], false)?;
+                    let items = self
+                        .required_arg(&args, "items")
+                        .and_then(|e| self.json_type(e, field));
+                    let min_items = match args.get("min_items") {
+                        Some(e) => self.expect_count(e, "min_items", 0).map(Some),
+                        None => Some(None),
+                    };
+                    let max_items = match args.get("max_items") {
+                        Some(e) => self.expect_count(e, "max_items", 1).map(Some),
+                        None => Some(None),
+                    };
+                    Some(JsonType::Array {
+                        items: Box::new(items?),
+                        min_items: min_items?,
+                        max_items: max_items?,
+                    })
                 }
                 other => {
                     self.error(
-                        Diagnostic::error(Code::WrongType, format!("expected {EXPECTED} for `{field}`, found `{other}(...)`"))
-                            .at(call.callee.span)
-                            .with_hint_opt(did_you_mean(other, ["one_of", "string", "integer", "number", "array"])),
+                        Diagnostic::error(
+                            Code::WrongType,
+                            format!("expected {EXPECTED} for `{field}`, found `{other}(...)`"),
+                        )
+                        .at(call.callee.span)
+                        .with_hint_opt(did_you_mean(
+                            other,
+                            ["one_of", "string", "integer", "number", "array"],
+                        )),
                     );
                     None
                 }
@@ -1820,14 +2131,23 @@ impl<'f, 's> Analyzer<'f, 's> {
         if let ExprKind::List(_) = &expr.kind {
             let values = self.expect_str_list(expr, "one_of")?;
             if values.is_empty() {
-                self.error(Diagnostic::error(Code::BadValue, "`one_of` needs at least one value").at(expr.span));
+                self.error(
+                    Diagnostic::error(Code::BadValue, "`one_of` needs at least one value")
+                        .at(expr.span),
+                );
                 return None;
             }
-            return Some(JsonType::Enum { labels: None, values });
+            return Some(JsonType::Enum {
+                labels: None,
+                values,
+            });
         }
         let node = self.expect_node(expr, Want::Labels, "one_of")?;
         let values = self.labels_values(&node);
-        Some(JsonType::Enum { labels: Some(node), values })
+        Some(JsonType::Enum {
+            labels: Some(node),
+            values,
+        })
     }
 
     fn json_schema(&mut self, expr: &'f Expr, dir: &Path) -> Option<GrammarSpec> {
@@ -1840,22 +2160,39 @@ impl<'f, 's> Analyzer<'f, 's> {
             Ok(t) => t,
             Err(e) => {
                 self.error(
-                    Diagnostic::error(Code::Io, format!("cannot read json schema `{}`: {}", file.path, lowercase_io(&e)))
-                        .at(expr.span),
+                    Diagnostic::error(
+                        Code::Io,
+                        format!(
+                            "cannot read json schema `{}`: {}",
+                            file.path,
+                            lowercase_io(&e)
+                        ),
+                    )
+                    .at(expr.span),
                 );
                 return None;
             }
         };
         let id = self.sources.add(&file.resolved, text.clone());
         match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(schema) => Some(GrammarSpec::JsonSchema { schema, file: Some(file) }),
+            Ok(schema) => Some(GrammarSpec::JsonSchema {
+                schema,
+                file: Some(file),
+            }),
             Err(e) => {
                 let src = self.sources.get(id);
                 let at = src.map_or(0, |s| s.line_start(e.line()) + e.column().saturating_sub(1));
                 self.error(
-                    Diagnostic::error(Code::BadValue, format!("json schema `{}` is not valid json: {}", file.path, strip_position(&e.to_string())))
-                        .at(Span::new(id, at, at + 1))
-                        .also(expr.span, "read from here"),
+                    Diagnostic::error(
+                        Code::BadValue,
+                        format!(
+                            "json schema `{}` is not valid json: {}",
+                            file.path,
+                            strip_position(&e.to_string())
+                        ),
+                    )
+                    .at(Span::new(id, at, at + 1))
+                    .also(expr.span, "read from here"),
                 );
                 None
             }
@@ -1869,7 +2206,12 @@ impl<'f, 's> Analyzer<'f, 's> {
             ExprKind::Int(i) => Value::from(*i),
             ExprKind::Float(f) => Value::from(*f),
             ExprKind::Bool(b) => Value::Bool(*b),
-            ExprKind::List(items) => Value::Array(items.iter().map(|i| self.expr_to_json(i)).collect::<Option<Vec<_>>>()?),
+            ExprKind::List(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|i| self.expr_to_json(i))
+                    .collect::<Option<Vec<_>>>()?,
+            ),
             ExprKind::Map(entries) => {
                 let mut map = serde_json::Map::new();
                 for e in entries {
@@ -1878,7 +2220,11 @@ impl<'f, 's> Analyzer<'f, 's> {
                 Value::Object(map)
             }
             _ => {
-                self.wrong_type(expr, "a json value (string, number, boolean, list or map)", "schema");
+                self.wrong_type(
+                    expr,
+                    "a json value (string, number, boolean, list or map)",
+                    "schema",
+                );
                 return None;
             }
         })
@@ -1904,13 +2250,29 @@ impl<'f, 's> Analyzer<'f, 's> {
             block,
             decl,
             &[
-                "model", "data", "prompt", "labels", "output", "scoring", "max_new_tokens", "batch_size",
-                "temperature", "min_p", "repetition_penalty", "positive_class",
+                "model",
+                "data",
+                "prompt",
+                "labels",
+                "output",
+                "scoring",
+                "max_new_tokens",
+                "batch_size",
+                "temperature",
+                "min_p",
+                "repetition_penalty",
+                "positive_class",
             ],
         );
-        let model = self.required_expr(&f, "model").and_then(|e| self.expect_node(e, Want::Model, "model"));
-        let data = self.required_expr(&f, "data").and_then(|e| self.expect_data(e, "data"));
-        let prompt = self.required_expr(&f, "prompt").and_then(|e| self.expect_node(e, Want::Prompt, "prompt"));
+        let model = self
+            .required_expr(&f, "model")
+            .and_then(|e| self.expect_node(e, Want::Model, "model"));
+        let data = self
+            .required_expr(&f, "data")
+            .and_then(|e| self.expect_data(e, "data"));
+        let prompt = self
+            .required_expr(&f, "prompt")
+            .and_then(|e| self.expect_node(e, Want::Prompt, "prompt"));
         let labels_expr = self.required_expr(&f, "labels");
         let labels = labels_expr.and_then(|e| self.expect_label_set(e, "labels"));
         let output = match self.optional_expr(&f, "output") {
@@ -1918,9 +2280,15 @@ impl<'f, 's> Analyzer<'f, 's> {
             None => Some(None),
         };
         let scoring = match self.optional_expr(&f, "scoring") {
-            Some(e) => self.expect_word(e, "scoring", &["generate", "labels"]).map(|w| {
-                if w == "labels" { Scoring::Labels } else { Scoring::Generate }
-            }),
+            Some(e) => self
+                .expect_word(e, "scoring", &["generate", "labels"])
+                .map(|w| {
+                    if w == "labels" {
+                        Scoring::Labels
+                    } else {
+                        Scoring::Generate
+                    }
+                }),
             None => Some(Scoring::Generate),
         };
         let max_new_tokens = self.u32_field(&f, "max_new_tokens", 1, 64);
@@ -1934,7 +2302,9 @@ impl<'f, 's> Analyzer<'f, 's> {
             None => Some(None),
         };
         let repetition_penalty = match self.optional_expr(&f, "repetition_penalty") {
-            Some(e) => self.expect_f64_in(e, "repetition_penalty", 0.0, f64::INFINITY, true).map(Some),
+            Some(e) => self
+                .expect_f64_in(e, "repetition_penalty", 0.0, f64::INFINITY, true)
+                .map(Some),
             None => Some(None),
         };
         let positive_class = match self.optional_expr(&f, "positive_class") {
@@ -1943,9 +2313,15 @@ impl<'f, 's> Analyzer<'f, 's> {
                 match (&class, &labels) {
                     (Some(c), Some(set)) if !set.values.contains(c) => {
                         self.error(
-                            Diagnostic::error(Code::BadValue, format!("positive class `{c}` is not in labels `{}`", set.node.name))
-                                .at(e.span)
-                                .with_hint_opt(did_you_mean(c, set.values.iter().map(String::as_str))),
+                            Diagnostic::error(
+                                Code::BadValue,
+                                format!(
+                                    "positive class `{c}` is not in labels `{}`",
+                                    set.node.name
+                                ),
+                            )
+                            .at(e.span)
+                            .with_hint_opt(did_you_mean(c, set.values.iter().map(String::as_str))),
                         );
                         None
                     }
@@ -1994,7 +2370,13 @@ impl<'f, 's> Analyzer<'f, 's> {
         }
     }
 
-    fn f64_field(&mut self, f: &Fields<'f>, name: &str, range: (f64, f64, bool), default: f64) -> Option<f64> {
+    fn f64_field(
+        &mut self,
+        f: &Fields<'f>,
+        name: &str,
+        range: (f64, f64, bool),
+        default: f64,
+    ) -> Option<f64> {
         match self.optional_expr(f, name) {
             Some(e) => self.expect_f64_in(e, name, range.0, range.1, range.2),
             None => Some(default),
@@ -2071,18 +2453,41 @@ impl<'f, 's> Analyzer<'f, 's> {
             block,
             decl,
             &[
-                "base", "data", "eval_data", "prompt", "labels", "output", "lora", "lr", "epochs", "max_steps",
-                "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "schedule", "max_grad_norm",
-                "eval_every", "checkpoint_every", "seed", "loss",
+                "base",
+                "data",
+                "eval_data",
+                "prompt",
+                "labels",
+                "output",
+                "lora",
+                "lr",
+                "epochs",
+                "max_steps",
+                "batch_size",
+                "grad_accum",
+                "warmup_ratio",
+                "weight_decay",
+                "schedule",
+                "max_grad_norm",
+                "eval_every",
+                "checkpoint_every",
+                "seed",
+                "loss",
             ],
         );
-        let base = self.required_expr(&f, "base").and_then(|e| self.expect_node(e, Want::Model, "base"));
-        let data = self.required_expr(&f, "data").and_then(|e| self.expect_data(e, "data"));
+        let base = self
+            .required_expr(&f, "base")
+            .and_then(|e| self.expect_node(e, Want::Model, "base"));
+        let data = self
+            .required_expr(&f, "data")
+            .and_then(|e| self.expect_data(e, "data"));
         let eval_data = match self.optional_expr(&f, "eval_data") {
             Some(e) => self.expect_data(e, "eval_data").map(Some),
             None => Some(None),
         };
-        let prompt = self.required_expr(&f, "prompt").and_then(|e| self.expect_node(e, Want::Prompt, "prompt"));
+        let prompt = self
+            .required_expr(&f, "prompt")
+            .and_then(|e| self.expect_node(e, Want::Prompt, "prompt"));
         let labels_expr = self.optional_expr(&f, "labels");
         let labels = match labels_expr {
             Some(e) => self.expect_label_set(e, "labels").map(Some),
@@ -2093,11 +2498,25 @@ impl<'f, 's> Analyzer<'f, 's> {
             None => Some(None),
         };
         let lora = match f.get("lora") {
-            Some(Field { value: FieldValue::Block(b), name, .. }) => self.build_lora(b, name.span, &decl.name.name),
-            Some(Field { value: FieldValue::Expr(e), .. }) => {
+            Some(Field {
+                value: FieldValue::Block(b),
+                name,
+                ..
+            }) => self.build_lora(b, name.span, &decl.name.name),
+            Some(Field {
+                value: FieldValue::Expr(e),
+                ..
+            }) => {
                 self.error(
-                    Diagnostic::error(Code::WrongType, format!("expected a block `lora {{ r = 8 ... }}` in finetune `{}`, found {}", decl.name.name, e.kind.describe()))
-                        .at(e.span),
+                    Diagnostic::error(
+                        Code::WrongType,
+                        format!(
+                            "expected a block `lora {{ r = 8 ... }}` in finetune `{}`, found {}",
+                            decl.name.name,
+                            e.kind.describe()
+                        ),
+                    )
+                    .at(e.span),
                 );
                 None
             }
@@ -2111,11 +2530,13 @@ impl<'f, 's> Analyzer<'f, 's> {
         let warmup_ratio = self.f64_field(&f, "warmup_ratio", (0.0, 1.0, false), 0.1);
         let weight_decay = self.f64_field(&f, "weight_decay", (0.0, f64::INFINITY, false), 0.01);
         let schedule = match self.optional_expr(&f, "schedule") {
-            Some(e) => self.expect_word(e, "schedule", &["constant", "linear", "cosine"]).map(|w| match w {
-                "constant" => Schedule::Constant,
-                "cosine" => Schedule::Cosine,
-                _ => Schedule::Linear,
-            }),
+            Some(e) => self
+                .expect_word(e, "schedule", &["constant", "linear", "cosine"])
+                .map(|w| match w {
+                    "constant" => Schedule::Constant,
+                    "cosine" => Schedule::Cosine,
+                    _ => Schedule::Linear,
+                }),
             None => Some(Schedule::Linear),
         };
         let max_grad_norm = self.f64_field(&f, "max_grad_norm", (0.0, f64::INFINITY, true), 1.0);
@@ -2127,7 +2548,11 @@ impl<'f, 's> Analyzer<'f, 's> {
         };
         let loss = match self.optional_expr(&f, "loss") {
             Some(e) => self.expect_word(e, "loss", &["answer", "all"]).map(|w| {
-                if w == "all" { LossOn::All } else { LossOn::Answer }
+                if w == "all" {
+                    LossOn::All
+                } else {
+                    LossOn::Answer
+                }
             }),
             None => Some(LossOn::Answer),
         };
@@ -2173,7 +2598,13 @@ impl<'f, 's> Analyzer<'f, 's> {
                 if (0.0..1.0).contains(&d) {
                     Some(d)
                 } else {
-                    self.error(Diagnostic::error(Code::BadValue, format!("`dropout` must be at least 0 and below 1, found {d}")).at(e.span));
+                    self.error(
+                        Diagnostic::error(
+                            Code::BadValue,
+                            format!("`dropout` must be at least 0 and below 1, found {d}"),
+                        )
+                        .at(e.span),
+                    );
                     None
                 }
             }),
@@ -2204,7 +2635,10 @@ impl<'f, 's> Analyzer<'f, 's> {
             self.error(
                 Diagnostic::error(Code::BadValue, "`targets` must name at least one module")
                     .at(expr.span)
-                    .with_hint(format!("LFM2 language-model modules: {}", LFM2_TEXT_TARGETS.join(", "))),
+                    .with_hint(format!(
+                        "LFM2 language-model modules: {}",
+                        LFM2_TEXT_TARGETS.join(", ")
+                    )),
             );
             return None;
         }
@@ -2212,14 +2646,31 @@ impl<'f, 's> Analyzer<'f, 's> {
             return Some(targets);
         };
         for (target, item) in targets.iter().zip(items) {
-            let known = LFM2_TEXT_TARGETS.iter().chain(LFM2_VL_OTHER_TARGETS).any(|t| t == target);
+            let known = LFM2_TEXT_TARGETS
+                .iter()
+                .chain(LFM2_VL_OTHER_TARGETS)
+                .any(|t| t == target);
             if !known {
-                let hint = did_you_mean(target, LFM2_TEXT_TARGETS.iter().chain(LFM2_VL_OTHER_TARGETS).copied())
-                    .unwrap_or_else(|| format!("LFM2 language-model modules: {}", LFM2_TEXT_TARGETS.join(", ")));
+                let hint = did_you_mean(
+                    target,
+                    LFM2_TEXT_TARGETS
+                        .iter()
+                        .chain(LFM2_VL_OTHER_TARGETS)
+                        .copied(),
+                )
+                .unwrap_or_else(|| {
+                    format!(
+                        "LFM2 language-model modules: {}",
+                        LFM2_TEXT_TARGETS.join(", ")
+                    )
+                });
                 self.diags.push(
-                    Diagnostic::warning(Code::BadValue, format!("lora target `{target}` matches no module of LFM2-VL"))
-                        .at(item.span)
-                        .with_hint(hint),
+                    Diagnostic::warning(
+                        Code::BadValue,
+                        format!("lora target `{target}` matches no module of LFM2-VL"),
+                    )
+                    .at(item.span)
+                    .with_hint(hint),
                 );
             }
         }
@@ -2235,10 +2686,16 @@ impl<'f, 's> Analyzer<'f, 's> {
                 return None;
             };
             if items.is_empty() {
-                self.error(Diagnostic::error(Code::BadValue, "`compare` must name at least one eval").at(e.span));
+                self.error(
+                    Diagnostic::error(Code::BadValue, "`compare` must name at least one eval")
+                        .at(e.span),
+                );
                 return None;
             }
-            let refs: Vec<Option<NodeRef>> = items.iter().map(|i| self.expect_node(i, Want::Eval, "compare")).collect();
+            let refs: Vec<Option<NodeRef>> = items
+                .iter()
+                .map(|i| self.expect_node(i, Want::Eval, "compare"))
+                .collect();
             refs.into_iter().collect::<Option<Vec<_>>>()
         });
         let title = match self.optional_expr(&f, "title") {
@@ -2320,7 +2777,9 @@ fn references(params: &NodeParams) -> Vec<NodeId> {
         NodeParams::Sample(s) => add(&s.source.node),
         NodeParams::Shuffle(s) => add(&s.source.node),
         NodeParams::Grammar(g) => match &g.spec {
-            GrammarSpec::OneOf { labels: Some(l), .. } => add(l),
+            GrammarSpec::OneOf {
+                labels: Some(l), ..
+            } => add(l),
             GrammarSpec::Json { schema } => json_refs(schema, &mut add),
             _ => {}
         },
@@ -2356,7 +2815,9 @@ fn json_refs(ty: &JsonType, add: &mut impl FnMut(&NodeRef)) {
     match ty {
         JsonType::Object { fields } => fields.iter().for_each(|f| json_refs(&f.ty, add)),
         JsonType::Array { items, .. } => json_refs(items, add),
-        JsonType::Enum { labels: Some(l), .. } => add(l),
+        JsonType::Enum {
+            labels: Some(l), ..
+        } => add(l),
         _ => {}
     }
 }

@@ -7,7 +7,10 @@ use crate::plan::{NodeId, Plan};
 /// Each final node (one nothing reads) with its inputs indented below; a subtree already shown
 /// is marked `(see above)` instead of being repeated.
 pub fn render_text(plan: &Plan) -> String {
-    let mut out = format!("pipeline {} (seed {})\n", plan.settings.name, plan.settings.seed);
+    let mut out = format!(
+        "pipeline {} (seed {})\n",
+        plan.settings.name, plan.settings.seed
+    );
     let mut shown = vec![false; plan.nodes.len()];
     let roots: Vec<NodeId> = plan
         .nodes
@@ -37,7 +40,10 @@ fn tree(plan: &Plan, id: NodeId, depth: usize, shown: &mut [bool], out: &mut Str
 
 /// Graphviz DOT, edges from input to user.
 pub fn render_dot(plan: &Plan) -> String {
-    let mut out = format!("digraph {} {{\n  rankdir=LR;\n  node [shape=box];\n", quote(&plan.settings.name));
+    let mut out = format!(
+        "digraph {} {{\n  rankdir=LR;\n  node [shape=box];\n",
+        quote(&plan.settings.name)
+    );
     for node in &plan.nodes {
         let label = format!("{}\\n{}", node.name.replace('"', "\\\""), node.kind());
         let _ = writeln!(out, "  n{} [label=\"{label}\"];", node.id.0);

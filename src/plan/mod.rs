@@ -170,7 +170,9 @@ impl Plan {
         let mut wanted = vec![false; self.nodes.len()];
         let mut stack: Vec<NodeId> = targets.to_vec();
         while let Some(id) = stack.pop() {
-            let Some(slot) = wanted.get_mut(id.0) else { continue };
+            let Some(slot) = wanted.get_mut(id.0) else {
+                continue;
+            };
             if *slot {
                 continue;
             }
@@ -179,7 +181,10 @@ impl Plan {
                 stack.extend(node.inputs.iter().copied());
             }
         }
-        (0..self.nodes.len()).filter(|i| wanted[*i]).map(NodeId).collect()
+        (0..self.nodes.len())
+            .filter(|i| wanted[*i])
+            .map(NodeId)
+            .collect()
     }
 
     /// Nodes that read `id` directly.

@@ -260,10 +260,18 @@ pub struct ModelParams {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ModelSource {
-    Hf { repo: String, revision: String },
-    Local { path: LocalPath },
+    Hf {
+        repo: String,
+        revision: String,
+    },
+    Local {
+        path: LocalPath,
+    },
     /// A model initialised by vlmpipe from a named size preset (random weights, seeded).
-    Init { preset: String, seed: u64 },
+    Init {
+        preset: String,
+        seed: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -298,15 +306,21 @@ pub enum GrammarSpec {
         values: Vec<String>,
     },
     /// A JSON value of the given type (usually an object).
-    Json { schema: JsonType },
-    Regex { pattern: String },
+    Json {
+        schema: JsonType,
+    },
+    Regex {
+        pattern: String,
+    },
     /// A raw JSON Schema, inline or read from `file` at check time.
     JsonSchema {
         schema: Value,
         file: Option<LocalPath>,
     },
     /// A context-free grammar in Lark syntax.
-    Lark { grammar: String },
+    Lark {
+        grammar: String,
+    },
 }
 
 /// A type in a `json { ... }` grammar.
