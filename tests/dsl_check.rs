@@ -65,6 +65,12 @@ fn summarize(result: &CheckResult) -> Vec<String> {
 /// Every malformed fixture with its exact diagnostics: `file:line:col severity[code] message | hint`.
 const ERROR_CASES: &[(&str, &[&str])] = &[
     (
+        "grammar_labels_mismatch.vp",
+        &[
+            "grammar_labels_mismatch.vp:7:86 error[label-mapping] grammar `answer` constrains answers to labels `pets_and_more`, but the stage uses labels `animals` | use the same label list in the grammar and in `labels`",
+        ],
+    ),
+    (
         "bad_keep_word.vp",
         &[
             "bad_keep_word.vp:4:10 error[bad-value] expected `all` or `rgb_only` for `keep`, found `rgb_onyl` | did you mean `rgb_only`?",

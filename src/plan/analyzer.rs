@@ -1065,7 +1065,6 @@ impl<'f, 's> Analyzer<'f, 's> {
     fn expect_f64(&mut self, expr: &Expr, field: &str) -> Option<f64> {
         match self.scalar(expr) {
             Some(ParamValue::Float(f)) => Some(f),
-            #[allow(clippy::cast_precision_loss)] // integers written for floats are small
             Some(ParamValue::Int(i)) => Some(i as f64),
             _ => {
                 self.scalar_mismatch(expr, "a number", field);
@@ -1897,21 +1896,10 @@ impl<'f, 's> Analyzer<'f, 's> {
         }
     }
 
+    /// The `(whitespace: ...)` arguments of `json(...) { ... }`.
     fn whitespace_arg(&mut self, args: &'f [crate::dsl::ast::Arg]) -> Option<Whitespace> {
-        let call = Call {
-            callee: Ident {
-                name: "json".to_owned(),
-                span: args
-                    .first()
-                    .map_or(Span::new(crate::dsl::span::FileId(0), 0, 0), |a| {
-                        a.value.span
-                    }),
-            },
-            args: args.to_vec(),
-        };
-        // The synthetic call only borrows for the duration of this check.
         let mut ws = Some(Whitespace::Flexible);
-        for arg in &call.args {
+        for arg in args {
             match &arg.key {
                 Some(k) if k.name == "whitespace" => {
                     ws = self
@@ -2333,6 +2321,9 @@ impl<'f, 's> Analyzer<'f, 's> {
         if let (Some(data), Some(set), Some(e)) = (&data, &labels, labels_expr) {
             self.check_data_labels(data, set, e.span);
         }
+        if let (Some(Some(output)), Some(set), Some(e)) = (&output, &labels, f.expr("output")) {
+            self.check_grammar_labels(output, set, e.span);
+        }
         Some(EvalParams {
             model: model?,
             data: data?,
@@ -2442,6 +2433,37 @@ impl<'f, 's> Analyzer<'f, 's> {
                 )
                 .at(at)
                 .also(span, "dataset declared here"),
+            );
+        }
+    }
+
+    /// One label list drives the mask, the parsing of answers and the metrics: a grammar that
+    /// constrains answers to another list would make evaluation meaningless.
+    fn check_grammar_labels(&mut self, output: &NodeRef, set: &LabelSet, at: Span) {
+        let mut lists = Vec::new();
+        match &self.nodes[output.id.0].params {
+            NodeParams::Grammar(g) => match &g.spec {
+                GrammarSpec::OneOf {
+                    labels: Some(l), ..
+                } => lists.push(l.clone()),
+                GrammarSpec::Json { schema } => {
+                    json_refs(schema, &mut |l: &NodeRef| lists.push(l.clone()))
+                }
+                _ => {}
+            },
+            _ => return,
+        }
+        if let Some(other) = lists.iter().find(|l| l.id != set.node.id) {
+            self.error(
+                Diagnostic::error(
+                    Code::LabelMapping,
+                    format!(
+                        "grammar `{}` constrains answers to labels `{}`, but the stage uses labels `{}`",
+                        output.name, other.name, set.node.name
+                    ),
+                )
+                .at(at)
+                .with_hint("use the same label list in the grammar and in `labels`"),
             );
         }
     }
@@ -2558,6 +2580,10 @@ impl<'f, 's> Analyzer<'f, 's> {
         };
         if let (Some(data), Some(Some(set)), Some(e)) = (&data, &labels, labels_expr) {
             self.check_data_labels(data, set, e.span);
+        }
+        if let (Some(Some(output)), Some(Some(set)), Some(e)) = (&output, &labels, f.expr("output"))
+        {
+            self.check_grammar_labels(output, set, e.span);
         }
         Some(FinetuneParams {
             base: base?,
