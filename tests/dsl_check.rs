@@ -65,6 +65,30 @@ fn summarize(result: &CheckResult) -> Vec<String> {
 /// Every malformed fixture with its exact diagnostics: `file:line:col severity[code] message | hint`.
 const ERROR_CASES: &[(&str, &[&str])] = &[
     (
+        "template_file_error.vp",
+        &[
+            "bad.j2:2:1 error[template] template `user` does not compile: unexpected `}`, expected end of variable block | templates use minijinja (jinja2) syntax: `{{ value }}`, `{% for x in xs %}...{% endfor %}`",
+        ],
+    ),
+    (
+        "schema_file_error.vp",
+        &[
+            "bad.schema.json:3:61 error[bad-value] json schema `files/bad.schema.json` is not valid json: trailing comma",
+        ],
+    ),
+    (
+        "param_wrong_type.vp",
+        &[
+            "param_wrong_type.vp:3:35 error[wrong-type] expected an integer for `n`, found param `name` (a string)",
+        ],
+    ),
+    (
+        "unused_declaration.vp",
+        &[
+            "unused_declaration.vp:2:8 warning[unused] labels `unused_list` is declared but never used | use it in a stage, or remove it",
+        ],
+    ),
+    (
         "grammar_labels_mismatch.vp",
         &[
             "grammar_labels_mismatch.vp:7:86 error[label-mapping] grammar `answer` constrains answers to labels `pets_and_more`, but the stage uses labels `animals` | use the same label list in the grammar and in `labels`",
@@ -556,6 +580,91 @@ mod plans {
             "{:?}",
             plan.files
         );
+    }
+
+    #[test]
+    fn local_files_params_and_sources_resolve() {
+        let plan = plan("valid/local_files.vp");
+        assert_eq!(
+            plan.settings.params.get("n"),
+            Some(&vlmpipe::plan::params::ParamValue::Int(20))
+        );
+        let Some(NodeParams::Dataset(photos)) = plan.find("photos").map(|n| &n.params) else {
+            panic!("photos is not a dataset")
+        };
+        let DataSource::Folder { path } = &photos.source else {
+            panic!("not a folder source")
+        };
+        assert_eq!(path.path, "files/photos");
+        assert!(path.resolved.is_dir());
+        let Some(NodeParams::Dataset(toy)) = plan.find("toy").map(|n| &n.params) else {
+            panic!("toy is not a dataset")
+        };
+        let DataSource::Synthetic {
+            kind,
+            n,
+            seed,
+            options,
+        } = &toy.source
+        else {
+            panic!("not synthetic")
+        };
+        assert_eq!((kind.as_str(), *n, *seed), ("shapes", 400, 1));
+        assert_eq!(
+            options.get("image_size"),
+            Some(&vlmpipe::plan::params::ParamValue::Int(32))
+        );
+        let Some(NodeParams::Prompt(vet)) = plan.find("vet").map(|n| &n.params) else {
+            panic!("vet is not a prompt")
+        };
+        assert!(vet.user.starts_with("What animal do you see?"));
+        let Some(NodeParams::Model(tiny)) = plan.find("tiny").map(|n| &n.params) else {
+            panic!("tiny is not a model")
+        };
+        assert_eq!(
+            tiny.source,
+            ModelSource::Init {
+                preset: "tiny".into(),
+                seed: 5
+            }
+        );
+        let Some(NodeParams::Model(pinned)) = plan.find("pinned").map(|n| &n.params) else {
+            panic!("pinned is not a model")
+        };
+        assert_eq!(
+            pinned.source,
+            ModelSource::Hf {
+                repo: "LiquidAI/LFM2-VL-450M".into(),
+                revision: "v1".into()
+            }
+        );
+        let Some(NodeParams::Grammar(g)) = plan.find("schema_answer").map(|n| &n.params) else {
+            panic!("schema_answer is not a grammar")
+        };
+        assert_eq!(g.whitespace, vlmpipe::plan::params::Whitespace::Compact);
+        let GrammarSpec::JsonSchema { schema, .. } = &g.spec else {
+            panic!("not a json schema")
+        };
+        assert_eq!(schema["required"][0], "pred_class");
+        let Some(NodeParams::Finetune(ft)) = plan.find("toy_tuned").map(|n| &n.params) else {
+            panic!("toy_tuned is not a finetune")
+        };
+        assert_eq!(ft.lr, 0.001);
+        assert_eq!(ft.data.display_name(), "sample(toy,20,5)");
+        assert_eq!(inputs(&plan, "toy_eval")[4], "toy_eval/output");
+        // Watch mode: the template, the schema and the local data folder are among the files read.
+        for end in [
+            "files/user.j2",
+            "files/answer.schema.json",
+            "files/photos",
+            "local_files.vp",
+        ] {
+            assert!(
+                plan.files.iter().any(|f| f.ends_with(end)),
+                "{end} not in {:?}",
+                plan.files
+            );
+        }
     }
 
     #[test]

@@ -195,3 +195,19 @@ pub fn did_you_mean<'a>(
     }
     best.map(|(_, c)| format!("did you mean `{c}`?"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn did_you_mean_picks_the_closest_close_name() {
+        assert_eq!(
+            did_you_mean("smal", ["small", "big", "smaller"]).as_deref(),
+            Some("did you mean `small`?")
+        );
+        assert_eq!(did_you_mean("zzz", ["small", "big"]), None);
+        // The name itself is never suggested.
+        assert_eq!(did_you_mean("small", ["small"]), None);
+    }
+}

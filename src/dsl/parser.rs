@@ -649,6 +649,26 @@ mod tests {
     }
 
     #[test]
+    fn dedent_keeps_relative_indentation_and_single_line_strings() {
+        assert_eq!(dedent("abc", 0).0, "abc");
+        assert_eq!(dedent("\n  a\n\n    b\n  ", 0).0, "a\n\n  b");
+        let (value, origin) = dedent("\n\t x\n\t y\n", 10);
+        assert_eq!(value, "x\ny");
+        assert_eq!(origin, vec![(0, 13), (2, 17)]);
+    }
+
+    #[test]
+    fn unknown_escapes_are_reported() {
+        let (_, diags) = parse("labels l = [\"a\\qb\"]");
+        assert_eq!(diags.len(), 1);
+        assert_eq!(diags[0].message, "unknown escape `\\q` in a string");
+        assert_eq!(
+            diags[0].primary_span().map(|s| (s.start, s.end)),
+            Some((14, 16))
+        );
+    }
+
+    #[test]
     fn escapes_are_processed() {
         let (file, diags) = parse("labels l = [\"a\\n\\\"b\\\"\"]");
         assert!(diags.is_empty(), "{diags:?}");

@@ -158,3 +158,33 @@ impl SourceMap {
             .map(|(i, f)| (FileId(clamp_u32(i)), f))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_lines_from_one_and_columns_in_chars() {
+        let mut map = SourceMap::new();
+        let id = map.add("x.vp", "ab\nçd\n\nz");
+        let file = map.get(id).expect("file");
+        assert_eq!(file.line_col(0), (1, 1));
+        assert_eq!(file.line_col(2), (1, 3));
+        assert_eq!(file.line_col(3), (2, 1));
+        // `ç` is two bytes but one column.
+        assert_eq!(file.line_col(5), (2, 2));
+        assert_eq!(file.line_col(7), (3, 1));
+        assert_eq!(file.line_col(100), (4, 2));
+        assert_eq!(file.line_text(2), "çd");
+        assert_eq!(file.line_text(3), "");
+        assert_eq!(map.text(Span::new(id, 3, 6)), "çd");
+    }
+
+    #[test]
+    fn spans_join_within_a_file_only() {
+        let a = Span::new(FileId(0), 5, 8);
+        let b = Span::new(FileId(0), 1, 3);
+        assert_eq!(a.to(b), Span::new(FileId(0), 1, 8));
+        assert_eq!(a.to(Span::new(FileId(1), 0, 20)), a);
+    }
+}

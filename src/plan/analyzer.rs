@@ -40,7 +40,8 @@ pub(crate) fn check(loaded: Loaded, root: &Path, overrides: &[(String, String)])
         };
     }
     let mut a = Analyzer::new(&files, &mut sources);
-    let settings = a.run(root, overrides);
+    let clean = !diagnostics.iter().any(Diagnostic::is_error);
+    let settings = a.run(root, overrides, clean);
     let Analyzer {
         diags,
         nodes,
@@ -128,6 +129,8 @@ struct Analyzer<'f, 's> {
     templates: minijinja::Environment<'static>,
     /// Names of declarations with syntax errors.
     broken: Vec<String>,
+    /// Params read by some value.
+    used_params: Vec<String>,
 }
 
 /// A field's lookup table plus the declaration it belongs to (for messages).
@@ -183,6 +186,7 @@ impl<'f, 's> Analyzer<'f, 's> {
             diags: Vec::new(),
             templates,
             broken: Vec::new(),
+            used_params: Vec::new(),
         }
     }
 
@@ -190,7 +194,12 @@ impl<'f, 's> Analyzer<'f, 's> {
         self.diags.push(d);
     }
 
-    fn run(&mut self, root: &Path, overrides: &[(String, String)]) -> PipelineSettings {
+    fn run(
+        &mut self,
+        root: &Path,
+        overrides: &[(String, String)],
+        clean: bool,
+    ) -> PipelineSettings {
         let mut pipeline: Option<&'f Decl> = None;
         // Imported files first (the reverse of load order), so that a name declared both in an
         // import and in the importing file is reported where the importer redeclares it.
@@ -261,6 +270,11 @@ impl<'f, 's> Analyzer<'f, 's> {
                 self.resolve(idx, span);
             }
         }
+        // Uses that failed to resolve would make their targets look unused: only warn on a
+        // pipeline that is otherwise clean.
+        if clean && !self.diags.iter().any(Diagnostic::is_error) {
+            self.warn_unused();
+        }
         PipelineSettings {
             name,
             seed: self.seed,
@@ -269,6 +283,42 @@ impl<'f, 's> Analyzer<'f, 's> {
                 .iter()
                 .map(|(k, (v, _))| (k.clone(), v.clone()))
                 .collect(),
+        }
+    }
+
+    /// Labels, prompts, grammars and params of the root file that nothing uses do nothing;
+    /// shared (imported) files may well declare more than one pipeline needs.
+    fn warn_unused(&mut self) {
+        let Some(root) = self.files.first().map(|f| f.id) else {
+            return;
+        };
+        let used: Vec<NodeId> = self.nodes.iter().flat_map(|n| n.inputs.clone()).collect();
+        for idx in 0..self.decls.len() {
+            let decl = self.decls[idx].decl;
+            if decl.span.file != root {
+                continue;
+            }
+            let unused = match (decl.kind, self.state[idx]) {
+                (
+                    DeclKind::Labels | DeclKind::Prompt | DeclKind::Grammar,
+                    State::Done(Some(id)),
+                ) => !used.contains(&id),
+                (DeclKind::Param, _) => !self.used_params.contains(&decl.name.name),
+                _ => false,
+            };
+            if unused {
+                self.diags.push(
+                    Diagnostic::warning(
+                        Code::Unused,
+                        format!(
+                            "{} `{}` is declared but never used",
+                            decl.kind, decl.name.name
+                        ),
+                    )
+                    .at(decl.name.span)
+                    .with_hint("use it in a stage, or remove it"),
+                );
+            }
         }
     }
 
@@ -497,11 +547,11 @@ impl<'f, 's> Analyzer<'f, 's> {
         if let ExprKind::Path(parts) = &expr.kind
             && let Some(first) = parts.first()
         {
-            if let Some(&idx) = self.by_name.get(first.name.as_str()) {
-                return format!("{} `{}`", self.decls[idx].decl.kind, first.name);
-            }
             if let Some((v, _)) = self.params.get(&first.name) {
                 return format!("param `{}` ({})", first.name, v.type_name());
+            }
+            if let Some(&idx) = self.by_name.get(first.name.as_str()) {
+                return format!("{} `{}`", self.decls[idx].decl.kind, first.name);
             }
             return format!("`{}`", first.name);
         }
@@ -999,7 +1049,11 @@ impl<'f, 's> Analyzer<'f, 's> {
             ExprKind::Bool(b) => Some(ParamValue::Bool(*b)),
             ExprKind::Str(s) => Some(ParamValue::Str(s.value.clone())),
             ExprKind::Path(parts) if parts.len() == 1 => {
-                self.params.get(&parts[0].name).map(|(v, _)| v.clone())
+                let value = self.params.get(&parts[0].name).map(|(v, _)| v.clone());
+                if value.is_some() && !self.used_params.contains(&parts[0].name) {
+                    self.used_params.push(parts[0].name.clone());
+                }
+                value
             }
             _ => None,
         }

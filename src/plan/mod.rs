@@ -89,7 +89,7 @@ impl NodeParams {
 }
 
 /// One stage of the plan.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Node {
     pub id: NodeId,
     /// The declared name, or a stable generated one for anonymous nodes
@@ -141,7 +141,7 @@ pub struct PipelineSettings {
 }
 
 /// The checked pipeline.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Plan {
     pub settings: PipelineSettings,
     /// In topological order.
