@@ -911,3 +911,34 @@ error[duplicate-name]: duplicate name `small`
         assert!(mermaid.contains("[\"summary (report)\"]"), "{mermaid}");
     }
 }
+
+#[test]
+fn a_missing_pipeline_file_is_a_diagnostic_not_a_panic() {
+    let result = load_pipeline(&fixture("no/such/pipeline.vp"), &[]);
+    assert!(result.plan.is_none());
+    assert_eq!(result.diagnostics.len(), 1);
+    assert!(
+        result.diagnostics[0]
+            .message
+            .starts_with("cannot read pipeline `"),
+        "{:?}",
+        result.diagnostics
+    );
+    assert!(
+        result.diagnostics[0]
+            .message
+            .ends_with("pipeline.vp`: no such file")
+    );
+}
+
+#[test]
+fn a_file_imported_twice_is_loaded_once() {
+    let result = check_ok("valid/diamond.vp");
+    let base_count = result
+        .sources
+        .files()
+        .filter(|(_, f)| f.path.ends_with("base.vp"))
+        .count();
+    assert_eq!(base_count, 1);
+    assert!(result.plan.is_some());
+}
