@@ -215,7 +215,7 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
     (
         "multiple_errors.vp",
         &[
-            "multiple_errors.vp:4:1 error[syntax] expected `)` or `,`, found `prompt` | `prompt` starts a new declaration: is a bracket or block above left open?",
+            "multiple_errors.vp:4:1 error[syntax] expected `)` or `,`, found `prompt` | close the `(` before the next declaration",
             "multiple_errors.vp:5:22 error[unknown-reference] unknown reference `pets`",
             "multiple_errors.vp:6:70 error[unknown-reference] unknown reference `animls` | did you mean `animals`?",
         ],
@@ -259,7 +259,7 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
     (
         "syntax_unclosed_block.vp",
         &[
-            "syntax_unclosed_block.vp:4:1 error[syntax] expected a field name or `}`, found end of file",
+            "syntax_unclosed_block.vp:4:1 error[syntax] expected a field name or `}`, found end of file | close the `{` before the end of the file",
         ],
     ),
     (
@@ -668,6 +668,24 @@ mod plans {
     }
 
     #[test]
+    fn stages_are_looked_up_by_name_with_a_suggestion() {
+        let plan = plan("valid/cats_vs_dogs.vp");
+        assert_eq!(
+            plan.lookup_stage("baseline")
+                .map(|id| plan.nodes[id.0].name.as_str()),
+            Ok("baseline")
+        );
+        assert_eq!(
+            plan.lookup_stage("baselin"),
+            Err("unknown stage `baselin`: did you mean `baseline`?".to_owned())
+        );
+        assert_eq!(
+            plan.lookup_stage("zzz"),
+            Err("unknown stage `zzz` in pipeline `cats_vs_dogs`".to_owned())
+        );
+    }
+
+    #[test]
     fn inputs_of_is_the_transitive_closure_in_topological_order() {
         let plan = plan("valid/cats_vs_dogs.vp");
         let target = plan.find("baseline").expect("baseline").id;
@@ -858,6 +876,28 @@ error[duplicate-name]: duplicate name `small`
 ";
         assert_eq!(text, expected);
         assert!(render_diagnostics(&result, true).contains("\x1b["));
+    }
+
+    #[test]
+    fn an_unclosed_block_points_at_its_opening_brace() {
+        let result = load_pipeline(
+            Path::new("tests/fixtures/dsl/errors/syntax_unclosed_block.vp"),
+            &[],
+        );
+        let text = render_diagnostics(&result, false);
+        let expected = "\
+error[syntax]: expected a field name or `}`, found end of file
+  hint: close the `{` before the end of the file
+  --> tests/fixtures/dsl/errors/syntax_unclosed_block.vp:4:1
+  |
+4 | 
+  | ^
+  --> tests/fixtures/dsl/errors/syntax_unclosed_block.vp:2:15
+  |
+2 | eval baseline {
+  |               - this `{` is never closed
+";
+        assert_eq!(text, expected);
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub fn parse_file(file: FileId, text: &str) -> (File, Vec<Diagnostic>) {
                 };
                 builder
                     .diagnostics
-                    .push(syntax_error(file, text, at, &expected));
+                    .push(syntax_error(file, text, pos, at, &expected));
                 if let Some(name) = builder.broken_name(&text[pos..]) {
                     broken.push(name);
                 }
@@ -154,7 +154,14 @@ fn expected_words(rules: &[Rule]) -> Vec<&'static str> {
     words
 }
 
-fn syntax_error(file: FileId, text: &str, at: usize, expected: &[&str]) -> Diagnostic {
+/// A syntax error at `at` in the item that starts at `item_start`.
+fn syntax_error(
+    file: FileId,
+    text: &str,
+    item_start: usize,
+    at: usize,
+    expected: &[&str],
+) -> Diagnostic {
     let at = floor_char_boundary(text, at);
     let rest = &text[at..];
     let (found, len) = describe_found(rest);
@@ -165,18 +172,74 @@ fn syntax_error(file: FileId, text: &str, at: usize, expected: &[&str]) -> Diagn
     };
     let mut d = Diagnostic::error(Code::Syntax, message).at(Span::new(file, at, at + len));
     let word = found.trim_matches('`');
-    if DeclKind::from_keyword(word).is_some()
-        && !expected.iter().any(|e| e.starts_with("a declaration"))
-    {
-        d = d.with_hint(format!(
-            "`{word}` starts a new declaration: is a bracket or block above left open?"
-        ));
+    let runs_into_next = found == "end of file"
+        || (DeclKind::from_keyword(word).is_some()
+            && !expected.iter().any(|e| e.starts_with("a declaration")));
+    if runs_into_next {
+        match unclosed_bracket(text.get(item_start..at).unwrap_or("")) {
+            Some((offset, bracket)) => {
+                let open = item_start + offset;
+                d = d
+                    .also(
+                        Span::new(file, open, open + 1),
+                        format!("this `{bracket}` is never closed"),
+                    )
+                    .with_hint(if found == "end of file" {
+                        format!("close the `{bracket}` before the end of the file")
+                    } else {
+                        format!("close the `{bracket}` before the next declaration")
+                    });
+            }
+            None if found != "end of file" => {
+                d = d.with_hint(format!(
+                    "`{word}` starts a new declaration: is a bracket or block above left open?"
+                ));
+            }
+            None => {}
+        }
     } else if found == "an unterminated string" {
         d = d.with_hint(
             "strings end on the line they start; use `\"\"\"` for text over several lines",
         );
     }
     d
+}
+
+/// The innermost bracket of `text` left open (offset and character), skipping strings and
+/// comments; used to point at the cause when a declaration runs into the next one.
+fn unclosed_bracket(text: &str) -> Option<(usize, char)> {
+    let mut open: Vec<(usize, char)> = Vec::new();
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '{' | '(' | '[' => open.push((i, c)),
+            '}' | ')' | ']' => {
+                open.pop();
+            }
+            '/' if text[i..].starts_with("//") => {
+                while chars.next_if(|(_, c)| *c != '\n').is_some() {}
+            }
+            '"' if text[i..].starts_with("\"\"\"") => {
+                let end = text[i + 3..]
+                    .find("\"\"\"")
+                    .map_or(text.len(), |e| i + 3 + e + 3);
+                while chars.next_if(|(j, _)| *j < end).is_some() {}
+            }
+            '"' => {
+                while let Some((_, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' | '\n' => break,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    open.pop()
 }
 
 fn floor_char_boundary(text: &str, mut at: usize) -> usize {

@@ -160,6 +160,26 @@ impl Plan {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    /// The node a user names on the command line (`--only`, `--force`, `render STAGE`), or a
+    /// message saying it does not exist, with the closest name as a suggestion.
+    pub fn lookup_stage(&self, name: &str) -> Result<NodeId, String> {
+        if let Some(node) = self.find(name) {
+            return Ok(node.id);
+        }
+        let names = self
+            .nodes
+            .iter()
+            .filter(|n| !n.anonymous)
+            .map(|n| n.name.as_str());
+        Err(match crate::dsl::diagnostic::did_you_mean(name, names) {
+            Some(hint) => format!("unknown stage `{name}`: {hint}"),
+            None => format!(
+                "unknown stage `{name}` in pipeline `{}`",
+                self.settings.name
+            ),
+        })
+    }
+
     /// Nodes in dependency order (inputs first).
     pub fn topological(&self) -> impl Iterator<Item = &Node> {
         self.nodes.iter()
