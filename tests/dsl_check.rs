@@ -982,3 +982,25 @@ fn a_file_imported_twice_is_loaded_once() {
     assert_eq!(base_count, 1);
     assert!(result.plan.is_some());
 }
+
+/// Every pipeline shipped in `pipelines/` and `examples/` checks without errors (none may exist yet).
+#[test]
+fn shipped_pipelines_check_without_errors() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in ["pipelines", "examples"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+            if path.extension().is_some_and(|e| e == "vp") {
+                let result = load_pipeline(&path, &[]);
+                assert!(
+                    !result.has_errors(),
+                    "{}:\n{}",
+                    path.display(),
+                    render_diagnostics(&result, false)
+                );
+            }
+        }
+    }
+}
