@@ -1,1 +1,253 @@
 //! The checked, typed plan: a DAG of stages with canonical parameters.
+//!
+//! [`load_pipeline`] reads a pipeline file and its imports, checks them, and returns the
+//! [`Plan`] (when there is no error) with every diagnostic. The executor and the stages consume
+//! the plan only; they never see syntax.
+//!
+//! **Architecture Invariant:** nodes are stored in topological order (every input before its
+//! users), and a plan exists only when checking found no error.
+
+pub mod analyzer;
+pub mod graph;
+pub mod params;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::dsl::diagnostic::Diagnostic;
+use crate::dsl::loader;
+use crate::dsl::render;
+use crate::dsl::span::{SourceMap, Span};
+pub use params::NodeParams;
+use params::ParamValue;
+
+/// Index of a node in [`Plan::nodes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct NodeId(pub usize);
+
+/// What a node computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    Labels,
+    Dataset,
+    Split,
+    Sample,
+    Shuffle,
+    Prompt,
+    Model,
+    Grammar,
+    Eval,
+    Finetune,
+    Report,
+}
+
+impl NodeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKind::Labels => "labels",
+            NodeKind::Dataset => "dataset",
+            NodeKind::Split => "split",
+            NodeKind::Sample => "sample",
+            NodeKind::Shuffle => "shuffle",
+            NodeKind::Prompt => "prompt",
+            NodeKind::Model => "model",
+            NodeKind::Grammar => "grammar",
+            NodeKind::Eval => "eval",
+            NodeKind::Finetune => "finetune",
+            NodeKind::Report => "report",
+        }
+    }
+}
+
+impl fmt::Display for NodeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl NodeParams {
+    pub fn kind(&self) -> NodeKind {
+        match self {
+            NodeParams::Labels(_) => NodeKind::Labels,
+            NodeParams::Dataset(_) => NodeKind::Dataset,
+            NodeParams::Split(_) => NodeKind::Split,
+            NodeParams::Sample(_) => NodeKind::Sample,
+            NodeParams::Shuffle(_) => NodeKind::Shuffle,
+            NodeParams::Prompt(_) => NodeKind::Prompt,
+            NodeParams::Model(_) => NodeKind::Model,
+            NodeParams::Grammar(_) => NodeKind::Grammar,
+            NodeParams::Eval(_) => NodeKind::Eval,
+            NodeParams::Finetune(_) => NodeKind::Finetune,
+            NodeParams::Report(_) => NodeKind::Report,
+        }
+    }
+}
+
+/// One stage of the plan.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Node {
+    pub id: NodeId,
+    /// The declared name, or a stable generated one for anonymous nodes
+    /// (`sample(pets_split.test,100,23)`).
+    pub name: String,
+    pub params: NodeParams,
+    /// Nodes this one reads, without duplicates, in the order the parameters name them.
+    pub inputs: Vec<NodeId>,
+    /// Where it is declared (for messages).
+    pub span: Span,
+    /// True for nodes written inline (`sample(...)` in a field) rather than declared.
+    pub anonymous: bool,
+}
+
+impl Node {
+    pub fn kind(&self) -> NodeKind {
+        self.params.kind()
+    }
+
+    /// The parameters as JSON with sorted keys: equal for pipelines that differ only in
+    /// formatting or comments, different when a value changes. Fingerprints hash this.
+    pub fn canonical_params(&self) -> Value {
+        sort_keys(serde_json::to_value(&self.params).unwrap_or(Value::Null))
+    }
+}
+
+/// Recursively sorts object keys (serde_json preserves insertion order in this build).
+pub fn sort_keys(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let sorted: BTreeMap<String, Value> =
+                map.into_iter().map(|(k, v)| (k, sort_keys(v))).collect();
+            Value::Object(sorted.into_iter().collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
+        other => other,
+    }
+}
+
+/// Plan-level settings from `pipeline NAME { ... }` and the params.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PipelineSettings {
+    /// The `pipeline` name, or the file stem when there is no `pipeline` declaration.
+    pub name: String,
+    /// Default seed of seeded operations that do not name one.
+    pub seed: u64,
+    /// Every param after `--set` overrides.
+    pub params: BTreeMap<String, ParamValue>,
+}
+
+/// The checked pipeline.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub settings: PipelineSettings,
+    /// In topological order.
+    pub nodes: Vec<Node>,
+    /// Every file the pipeline reads (itself, imports, templates, schemas, local data paths):
+    /// what watch mode watches.
+    pub files: Vec<PathBuf>,
+}
+
+impl Plan {
+    pub fn node(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(id.0)
+    }
+
+    pub fn find(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The node a user names on the command line (`--only`, `--force`, `render STAGE`), or a
+    /// message saying it does not exist, with the closest name as a suggestion.
+    pub fn lookup_stage(&self, name: &str) -> Result<NodeId, String> {
+        if let Some(node) = self.find(name) {
+            return Ok(node.id);
+        }
+        let names = self
+            .nodes
+            .iter()
+            .filter(|n| !n.anonymous)
+            .map(|n| n.name.as_str());
+        Err(match crate::dsl::diagnostic::did_you_mean(name, names) {
+            Some(hint) => format!("unknown stage `{name}`: {hint}"),
+            None => format!(
+                "unknown stage `{name}` in pipeline `{}`",
+                self.settings.name
+            ),
+        })
+    }
+
+    /// Nodes in dependency order (inputs first).
+    pub fn topological(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter()
+    }
+
+    /// `targets` and everything they read, transitively, in topological order (for `--only`).
+    pub fn inputs_of(&self, targets: &[NodeId]) -> Vec<NodeId> {
+        let mut wanted = vec![false; self.nodes.len()];
+        let mut stack: Vec<NodeId> = targets.to_vec();
+        while let Some(id) = stack.pop() {
+            let Some(slot) = wanted.get_mut(id.0) else {
+                continue;
+            };
+            if *slot {
+                continue;
+            }
+            *slot = true;
+            if let Some(node) = self.node(id) {
+                stack.extend(node.inputs.iter().copied());
+            }
+        }
+        (0..self.nodes.len())
+            .filter(|i| wanted[*i])
+            .map(NodeId)
+            .collect()
+    }
+
+    /// Nodes that read `id` directly.
+    pub fn users_of(&self, id: NodeId) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|n| n.inputs.contains(&id))
+            .map(|n| n.id)
+            .collect()
+    }
+}
+
+/// What checking a pipeline produced: the plan when there is no error, all diagnostics of all
+/// files, and the sources to render them with.
+#[derive(Debug)]
+pub struct CheckResult {
+    pub plan: Option<Plan>,
+    pub diagnostics: Vec<Diagnostic>,
+    pub sources: SourceMap,
+}
+
+impl CheckResult {
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.iter().any(Diagnostic::is_error)
+    }
+}
+
+/// Reads, parses and checks the pipeline at `path`; `overrides` are `--set name=value` pairs.
+pub fn load_pipeline(path: &Path, overrides: &[(String, String)]) -> CheckResult {
+    analyzer::check(loader::load(path), path, overrides)
+}
+
+/// Like [`load_pipeline`] for text already in memory, as if it were the file at `path`.
+pub fn check_source(path: &Path, text: &str, overrides: &[(String, String)]) -> CheckResult {
+    analyzer::check(loader::load_text(path, text), path, overrides)
+}
+
+/// The diagnostics as text for a terminal.
+pub fn render_diagnostics(result: &CheckResult, color: bool) -> String {
+    render::render_text(&result.diagnostics, &result.sources, color)
+}
+
+/// The diagnostics as a JSON array.
+pub fn render_json(result: &CheckResult) -> Value {
+    render::render_json(&result.diagnostics, &result.sources)
+}

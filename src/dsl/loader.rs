@@ -1,0 +1,184 @@
+//! Reading a pipeline file and, transitively, the files it imports.
+//!
+//! Imports are relative to the importing file, so a shared file never needs editing to run
+//! elsewhere. A file imported twice (a diamond) is loaded once; a file that imports itself,
+//! directly or not, is an error naming the whole chain.
+
+use std::path::{Path, PathBuf};
+
+use crate::dsl::ast;
+use crate::dsl::diagnostic::{Code, Diagnostic};
+use crate::dsl::parser::parse_file;
+use crate::dsl::span::{FileId, SourceMap, Span};
+
+/// One parsed file of a pipeline.
+#[derive(Clone, Debug)]
+pub struct LoadedFile {
+    pub id: FileId,
+    pub ast: ast::File,
+    /// The folder that relative paths in this file (imports, data, templates) start from.
+    pub dir: PathBuf,
+}
+
+/// A pipeline and its imports, parsed, with every diagnostic met on the way.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub sources: SourceMap,
+    /// Root first, then imports in the order they were met.
+    pub files: Vec<LoadedFile>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Reads and parses `path` and everything it imports.
+pub fn load(path: &Path) -> Loaded {
+    let mut loaded = Loaded::default();
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let mut loader = Loader {
+                loaded: &mut loaded,
+                seen: Vec::new(),
+            };
+            loader.load_file(path, text, Vec::new());
+        }
+        Err(e) => loaded.diagnostics.push(
+            Diagnostic::error(
+                Code::Io,
+                format!(
+                    "cannot read pipeline `{}`: {}",
+                    path.display(),
+                    lowercase_io(&e)
+                ),
+            )
+            .with_hint("check the path; it is relative to the current directory"),
+        ),
+    }
+    loaded
+}
+
+/// Parses `text` as if it were the file at `path` (imports resolve from `path`'s folder).
+pub fn load_text(path: &Path, text: &str) -> Loaded {
+    let mut loaded = Loaded::default();
+    let mut loader = Loader {
+        loaded: &mut loaded,
+        seen: Vec::new(),
+    };
+    loader.load_file(path, text.to_owned(), Vec::new());
+    loaded
+}
+
+pub(crate) fn lowercase_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_owned(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        std::io::ErrorKind::IsADirectory => "it is a directory".to_owned(),
+        std::io::ErrorKind::InvalidData => "it is not valid utf-8".to_owned(),
+        _ => e.to_string().to_lowercase(),
+    }
+}
+
+struct Loader<'a> {
+    loaded: &'a mut Loaded,
+    /// Canonical paths of loaded files, by file id order.
+    seen: Vec<(PathBuf, FileId)>,
+}
+
+impl Loader<'_> {
+    /// `stack` holds the imports that led here (canonical path, the import's span).
+    fn load_file(&mut self, path: &Path, text: String, stack: Vec<(PathBuf, Option<Span>)>) {
+        let id = self.loaded.sources.add(path, text);
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        self.seen.push((canonical.clone(), id));
+        let text = self
+            .loaded
+            .sources
+            .get(id)
+            .map(|f| f.text.clone())
+            .unwrap_or_default();
+        let (file, diagnostics) = parse_file(id, &text);
+        self.loaded.diagnostics.extend(diagnostics);
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let imports: Vec<ast::Import> = file
+            .items
+            .iter()
+            .filter_map(|i| match i {
+                ast::Item::Import(imp) => Some(imp.clone()),
+                ast::Item::Decl(_) => None,
+            })
+            .collect();
+        self.loaded.files.push(LoadedFile {
+            id,
+            ast: file,
+            dir: dir.clone(),
+        });
+        let mut stack = stack;
+        stack.push((canonical, None));
+        for import in imports {
+            self.load_import(&dir, &import, &stack);
+        }
+    }
+
+    fn load_import(&mut self, dir: &Path, import: &ast::Import, stack: &[(PathBuf, Option<Span>)]) {
+        let target = dir.join(&import.path.value);
+        let span = import.path.span;
+        let Ok(canonical) = std::fs::canonicalize(&target) else {
+            self.loaded.diagnostics.push(
+                Diagnostic::error(
+                    Code::ImportNotFound,
+                    format!("imported file `{}` not found", import.path.value),
+                )
+                .at_with(span, "no such file")
+                .with_hint(format!(
+                    "imports are relative to the importing file; looked for `{}`",
+                    target.display()
+                )),
+            );
+            return;
+        };
+        if let Some(pos) = stack.iter().position(|(p, _)| *p == canonical) {
+            let chain: Vec<String> = stack[pos..]
+                .iter()
+                .map(|(p, _)| format!("`{}`", file_name(p)))
+                .chain(std::iter::once(format!("`{}`", file_name(&canonical))))
+                .collect();
+            self.loaded.diagnostics.push(
+                Diagnostic::error(
+                    Code::ImportCycle,
+                    format!("import cycle: {}", chain.join(" → ")),
+                )
+                .at_with(span, "imports a file that imports this one")
+                .with_hint("move the shared declarations into a third file that both import"),
+            );
+            return;
+        }
+        if self.seen.iter().any(|(p, _)| *p == canonical) {
+            return;
+        }
+        match std::fs::read_to_string(&target) {
+            Ok(text) => {
+                let mut next = stack.to_vec();
+                if let Some(last) = next.last_mut() {
+                    last.1 = Some(span);
+                }
+                self.load_file(&target, text, next);
+            }
+            Err(e) => self.loaded.diagnostics.push(
+                Diagnostic::error(
+                    Code::Io,
+                    format!(
+                        "cannot read imported file `{}`: {}",
+                        import.path.value,
+                        lowercase_io(&e)
+                    ),
+                )
+                .at(span),
+            ),
+        }
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}

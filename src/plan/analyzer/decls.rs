@@ -1,0 +1,644 @@
+//! Data and setup declarations: labels, datasets and their sources, splits, prompts, models.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::dsl::ast::{Decl, Entry, Expr, ExprKind, KeyKind, StrLit};
+use crate::dsl::diagnostic::{Code, Diagnostic, did_you_mean};
+use crate::dsl::loader::lowercase_io;
+use crate::dsl::span::Span;
+use crate::plan::params::{
+    DataSource, DatasetParams, Dtype, KeepFilter, LabelMapEntry, LabelSet, LabelSpec, LabelsParams,
+    MapKey, ModelParams, ModelSource, NodeParams, NodeRef, ParamValue, PromptParams, SplitMethod,
+    SplitParams,
+};
+
+use super::{Analyzer, Args, Want};
+
+impl<'f> Analyzer<'f, '_> {
+    pub(super) fn build_labels(&mut self, decl: &'f Decl) -> Option<LabelsParams> {
+        let expr = self.expect_value_body(decl)?;
+        let ExprKind::List(items) = &expr.kind else {
+            self.wrong_type(expr, "a list of strings", &decl.name.name);
+            return None;
+        };
+        if items.is_empty() {
+            self.error(
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("labels `{}` is empty", decl.name.name),
+                )
+                .at(expr.span)
+                .with_hint("a classifier needs at least two labels"),
+            );
+            return None;
+        }
+        let mut values: Vec<String> = Vec::new();
+        let mut ok = true;
+        for item in items {
+            let Some(value) = self.expect_str(item, &decl.name.name) else {
+                ok = false;
+                continue;
+            };
+            if value.trim().is_empty() {
+                self.error(
+                    Diagnostic::error(Code::BadValue, "a label must not be empty").at(item.span),
+                );
+                ok = false;
+            } else if values.contains(&value) {
+                self.error(
+                    Diagnostic::error(
+                        Code::DuplicateName,
+                        format!("label `{value}` appears twice in `{}`", decl.name.name),
+                    )
+                    .at(item.span),
+                );
+                ok = false;
+            }
+            values.push(value);
+        }
+        ok.then_some(LabelsParams { values })
+    }
+
+    pub(super) fn labels_values(&self, node: &NodeRef) -> Vec<String> {
+        match &self.nodes[node.id.0].params {
+            NodeParams::Labels(l) => l.values.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub(super) fn expect_label_set(&mut self, expr: &'f Expr, field: &str) -> Option<LabelSet> {
+        let node = self.expect_node(expr, Want::Labels, field)?;
+        let values = self.labels_values(&node);
+        Some(LabelSet { node, values })
+    }
+
+    pub(super) fn build_dataset(&mut self, idx: usize) -> Option<DatasetParams> {
+        let decl = self.decls[idx].decl;
+        let dir = self.decls[idx].dir;
+        let block = self.expect_block_body(decl)?;
+        let f = self.fields(
+            block,
+            decl,
+            &[
+                "source",
+                "image",
+                "label",
+                "labels",
+                "keep",
+                "max_image_size",
+                "drop",
+            ],
+        );
+        let source = self
+            .required_expr(&f, "source")
+            .and_then(|e| self.build_source(e, dir));
+        let image = match self.optional_expr(&f, "image") {
+            Some(e) => self.expect_str(e, "image"),
+            None => Some("image".to_owned()),
+        };
+        let labels = match self.optional_expr(&f, "labels") {
+            Some(e) => self.expect_label_set(e, "labels").map(Some),
+            None => Some(None),
+        };
+        let label = self
+            .required_expr(&f, "label")
+            .and_then(|e| self.build_label_spec(e, labels.as_ref().and_then(|l| l.as_ref())));
+        let keep = match self.optional_expr(&f, "keep") {
+            Some(e) => self.expect_word(e, "keep", &["all", "rgb_only"]).map(|w| {
+                if w == "rgb_only" {
+                    KeepFilter::RgbOnly
+                } else {
+                    KeepFilter::All
+                }
+            }),
+            None => Some(KeepFilter::All),
+        };
+        let max_image_size = match self.optional_expr(&f, "max_image_size") {
+            Some(e) => self.expect_u32(e, "max_image_size", 1).map(Some),
+            None => Some(None),
+        };
+        let drop = match self.optional_expr(&f, "drop") {
+            Some(e) => self.expect_str_list(e, "drop"),
+            None => Some(Vec::new()),
+        };
+        Some(DatasetParams {
+            source: source?,
+            image: image?,
+            label: label?,
+            labels: labels?,
+            keep: keep?,
+            max_image_size: max_image_size?,
+            drop: drop?,
+        })
+    }
+
+    pub(super) fn build_source(&mut self, expr: &'f Expr, dir: &Path) -> Option<DataSource> {
+        const EXPECTED: &str = "a data source (`hf(...)`, `parquet(...)`, `folder(...)`, `csv(...)`, `jsonl(...)` or `synthetic(...)`)";
+        let ExprKind::Call(call) = &expr.kind else {
+            self.wrong_type(expr, EXPECTED, "source");
+            return None;
+        };
+        match call.callee.name.as_str() {
+            "hf" => {
+                let args =
+                    self.call_args(call, &["repo"], &["split", "revision", "config"], false)?;
+                let repo = self
+                    .required_arg(&args, "repo")
+                    .and_then(|e| self.expect_repo(e));
+                let split = match args.get("split") {
+                    Some(e) => self.expect_str(e, "split"),
+                    None => Some("train".to_owned()),
+                };
+                let revision = self.optional_str_arg(&args, "revision")?;
+                let config = self.optional_str_arg(&args, "config")?;
+                Some(DataSource::Hf {
+                    repo: repo?,
+                    split: split?,
+                    revision,
+                    config,
+                })
+            }
+            kind @ ("parquet" | "folder" | "csv" | "jsonl") => {
+                let args = self.call_args(call, &["path"], &[], false)?;
+                let path = self
+                    .required_arg(&args, "path")
+                    .and_then(|e| self.expect_local_path(e, "path", dir))?;
+                Some(match kind {
+                    "parquet" => DataSource::Parquet { path },
+                    "folder" => DataSource::Folder { path },
+                    "csv" => DataSource::Csv { path },
+                    _ => DataSource::Jsonl { path },
+                })
+            }
+            "synthetic" => {
+                let args = self.call_args(call, &[], &["kind", "n", "seed"], true)?;
+                let kind = self
+                    .required_arg(&args, "kind")
+                    .and_then(|e| self.expect_str(e, "kind"));
+                let n = self
+                    .required_arg(&args, "n")
+                    .and_then(|e| self.expect_count(e, "n", 1));
+                let seed = match args.get("seed") {
+                    Some(e) => self.expect_count(e, "seed", 0),
+                    None => Some(self.seed),
+                };
+                let mut options = BTreeMap::new();
+                let mut ok = true;
+                for (key, value) in &args.extra {
+                    match self.scalar(value) {
+                        Some(v) => {
+                            options.insert(key.name.clone(), v);
+                        }
+                        None => {
+                            self.scalar_mismatch(value, "a string, number or boolean", &key.name);
+                            ok = false;
+                        }
+                    }
+                }
+                if !ok {
+                    return None;
+                }
+                Some(DataSource::Synthetic {
+                    kind: kind?,
+                    n: n?,
+                    seed: seed?,
+                    options,
+                })
+            }
+            other => {
+                let hint = did_you_mean(
+                    other,
+                    ["hf", "parquet", "folder", "csv", "jsonl", "synthetic"],
+                );
+                self.error(
+                    Diagnostic::error(
+                        Code::WrongType,
+                        format!("expected {EXPECTED} for `source`, found `{other}(...)`"),
+                    )
+                    .at(call.callee.span)
+                    .with_hint_opt(hint),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn optional_str_arg(
+        &mut self,
+        args: &Args<'f>,
+        name: &str,
+    ) -> Option<Option<String>> {
+        match args.get(name) {
+            Some(e) => self.expect_str(e, name).map(Some),
+            None => Some(None),
+        }
+    }
+
+    /// `owner/name` as the Hub spells repositories.
+    pub(super) fn expect_repo(&mut self, expr: &Expr) -> Option<String> {
+        let repo = self.expect_str(expr, "repo")?;
+        let mut parts = repo.split('/');
+        let valid = matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty());
+        if !valid {
+            self.error(
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("expected a hub repository `owner/name`, found `{repo}`"),
+                )
+                .at(expr.span)
+                .with_hint("e.g. `hf(\"microsoft/cats_vs_dogs\")`"),
+            );
+            return None;
+        }
+        Some(repo)
+    }
+
+    pub(super) fn build_label_spec(
+        &mut self,
+        expr: &'f Expr,
+        labels: Option<&LabelSet>,
+    ) -> Option<LabelSpec> {
+        match &expr.kind {
+            ExprKind::Str(s) => Some(LabelSpec {
+                column: s.value.clone(),
+                mapping: None,
+            }),
+            ExprKind::Mapping { base, entries } => {
+                let column = self.expect_str(base, "label")?;
+                let mapping = self.build_mapping(entries, expr.span, labels)?;
+                Some(LabelSpec {
+                    column,
+                    mapping: Some(mapping),
+                })
+            }
+            _ => {
+                self.wrong_type(
+                    expr,
+                    "a column name, optionally with a mapping (`\"labels\" -> { 0: \"cat\" }`)",
+                    "label",
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn build_mapping(
+        &mut self,
+        entries: &'f [Entry],
+        span: Span,
+        labels: Option<&LabelSet>,
+    ) -> Option<Vec<LabelMapEntry>> {
+        if entries.is_empty() {
+            self.error(
+                Diagnostic::error(Code::LabelMapping, "the label mapping is empty").at(span),
+            );
+            return None;
+        }
+        let mut out: Vec<LabelMapEntry> = Vec::new();
+        let mut ok = true;
+        for entry in entries {
+            let key = match &entry.key.kind {
+                KeyKind::Int(i) => MapKey::Int(*i),
+                KeyKind::Str(s) | KeyKind::Name(s) => MapKey::Str(s.clone()),
+            };
+            let Some(label) = self.expect_str(&entry.value, "label") else {
+                ok = false;
+                continue;
+            };
+            if out.iter().any(|e| e.key == key) {
+                self.error(
+                    Diagnostic::error(
+                        Code::LabelMapping,
+                        format!("value `{}` is mapped twice", entry.key.kind),
+                    )
+                    .at(entry.key.span),
+                );
+                ok = false;
+                continue;
+            }
+            if let Some(set) = labels
+                && !set.values.contains(&label)
+            {
+                self.error(
+                    Diagnostic::error(
+                        Code::LabelMapping,
+                        format!("label `{label}` is not in labels `{}`", set.node.name),
+                    )
+                    .at(entry.value.span)
+                    .with_hint_opt(did_you_mean(&label, set.values.iter().map(String::as_str))),
+                );
+                ok = false;
+            }
+            out.push(LabelMapEntry { key, label });
+        }
+        if let Some(set) = labels {
+            let missing: Vec<String> = set
+                .values
+                .iter()
+                .filter(|v| !out.iter().any(|e| &e.label == *v))
+                .map(|v| format!("`{v}`"))
+                .collect();
+            if !missing.is_empty() {
+                self.error(
+                    Diagnostic::error(
+                        Code::LabelMapping,
+                        format!(
+                            "the label mapping misses {} of labels `{}`",
+                            missing.join(", "),
+                            set.node.name
+                        ),
+                    )
+                    .at(span)
+                    .with_hint(
+                        "map a column value to every label, or remove the label from the list",
+                    ),
+                );
+                ok = false;
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        ok.then_some(out)
+    }
+
+    pub(super) fn build_split(&mut self, decl: &'f Decl) -> Option<SplitParams> {
+        let expr = self.expect_value_body(decl)?;
+        let ExprKind::Call(call) = &expr.kind else {
+            self.wrong_type(expr, "`stratified(...)` or `random(...)`", &decl.name.name);
+            return None;
+        };
+        let method = match call.callee.name.as_str() {
+            "stratified" => SplitMethod::Stratified,
+            "random" => SplitMethod::Random,
+            other => {
+                self.error(
+                    Diagnostic::error(Code::WrongType, format!("expected `stratified(...)` or `random(...)` for split `{}`, found `{other}(...)`", decl.name.name))
+                        .at(call.callee.span)
+                        .with_hint_opt(did_you_mean(other, ["stratified", "random"])),
+                );
+                return None;
+            }
+        };
+        let args = self.call_args(
+            call,
+            &["data"],
+            &["train", "test", "validation", "seed"],
+            false,
+        )?;
+        let source = self
+            .required_arg(&args, "data")
+            .and_then(|e| self.expect_data(e, "data"));
+        let seed = match args.get("seed") {
+            Some(e) => self.expect_count(e, "seed", 0),
+            None => Some(self.seed),
+        };
+        let mut ratios = BTreeMap::new();
+        let mut ok = true;
+        for member in ["train", "test", "validation"] {
+            if let Some(e) = args.get(member) {
+                match self.expect_f64_in(e, member, 0.0, 1.0, true) {
+                    Some(r) => {
+                        ratios.insert(member.to_owned(), r);
+                    }
+                    None => ok = false,
+                }
+            }
+        }
+        if ok {
+            let sum: f64 = ratios.values().sum();
+            if ratios.is_empty() {
+                self.error(
+                    Diagnostic::error(
+                        Code::SplitRatios,
+                        format!("split `{}` names no members", decl.name.name),
+                    )
+                    .at(expr.span)
+                    .with_hint("give ratios, e.g. `train: 0.9, test: 0.1`"),
+                );
+                ok = false;
+            } else if (sum - 1.0).abs() > 1e-6 {
+                let shown: Vec<String> = ratios.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                self.error(
+                    Diagnostic::error(
+                        Code::SplitRatios,
+                        format!(
+                            "split ratios of `{}` sum to {}, expected 1",
+                            decl.name.name,
+                            round6(sum)
+                        ),
+                    )
+                    .at(expr.span)
+                    .with_hint(format!(
+                        "ratios are fractions of the data ({})",
+                        shown.join(", ")
+                    )),
+                );
+                ok = false;
+            }
+        }
+        if !ok {
+            return None;
+        }
+        Some(SplitParams {
+            source: source?,
+            method,
+            ratios,
+            seed: seed?,
+        })
+    }
+
+    pub(super) fn build_prompt(&mut self, idx: usize) -> Option<PromptParams> {
+        let decl = self.decls[idx].decl;
+        let dir = self.decls[idx].dir;
+        let block = self.expect_block_body(decl)?;
+        let f = self.fields(block, decl, &["system", "user"]);
+        let system = match self.optional_expr(&f, "system") {
+            Some(e) => self.expect_template(e, "system", dir).map(Some),
+            None => Some(None),
+        };
+        let user = self
+            .required_expr(&f, "user")
+            .and_then(|e| self.expect_template(e, "user", dir));
+        Some(PromptParams {
+            system: system?,
+            user: user?,
+        })
+    }
+
+    /// A template string (inline or `file("path")`) that compiles with minijinja.
+    pub(super) fn expect_template(
+        &mut self,
+        expr: &Expr,
+        field: &str,
+        dir: &Path,
+    ) -> Option<String> {
+        let lit: StrLit = match &expr.kind {
+            ExprKind::Str(s) => s.clone(),
+            ExprKind::Call(call) if call.callee.name == "file" => {
+                let [arg] = call.args.as_slice() else {
+                    self.error(
+                        Diagnostic::error(Code::WrongType, "`file(...)` takes one path")
+                            .at(expr.span),
+                    );
+                    return None;
+                };
+                let rel = self.expect_str(&arg.value, field)?;
+                let path = dir.join(&rel);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => {
+                        let len = text.len();
+                        let id = self.sources.add(&path, text.clone());
+                        StrLit {
+                            value: text,
+                            span: Span::new(id, 0, len),
+                            origin: vec![(0, 0)],
+                        }
+                    }
+                    Err(e) => {
+                        self.error(
+                            Diagnostic::error(
+                                Code::Io,
+                                format!("cannot read template `{rel}`: {}", lowercase_io(&e)),
+                            )
+                            .at(arg.value.span)
+                            .with_hint(format!(
+                                "paths are relative to the pipeline file; looked for `{}`",
+                                path.display()
+                            )),
+                        );
+                        return None;
+                    }
+                }
+            }
+            _ => {
+                if let Some(ParamValue::Str(s)) = self.scalar(expr) {
+                    return Some(s);
+                }
+                self.wrong_type(expr, "a template string or `file(\"path\")`", field);
+                return None;
+            }
+        };
+        if let Err(e) = self.templates.template_from_str(&lit.value) {
+            let line = e.line().unwrap_or(1);
+            let (start, end) = line_bounds(&lit.value, line);
+            let span = lit.span_of_offset(start).to(lit.span_of_offset(end));
+            let detail = e
+                .detail()
+                .map_or_else(|| e.kind().to_string(), str::to_owned);
+            self.error(
+                Diagnostic::error(
+                    Code::Template,
+                    format!("template `{field}` does not compile: {}", detail.to_lowercase()),
+                )
+                .at_with(span, format!("line {line} of the template"))
+                .with_hint("templates use minijinja (jinja2) syntax: `{{ value }}`, `{% for x in xs %}...{% endfor %}`"),
+            );
+            return None;
+        }
+        Some(lit.value)
+    }
+
+    pub(super) fn build_model(&mut self, idx: usize) -> Option<ModelParams> {
+        let decl = self.decls[idx].decl;
+        let dir = self.decls[idx].dir;
+        let expr = self.expect_value_body(decl)?;
+        const EXPECTED: &str = "a model source (`hf(...)`, `local(...)` or `init(...)`)";
+        let ExprKind::Call(call) = &expr.kind else {
+            self.wrong_type(expr, EXPECTED, &decl.name.name);
+            return None;
+        };
+        let (source, dtype) = match call.callee.name.as_str() {
+            "hf" => {
+                let args = self.call_args(call, &["repo"], &["revision", "dtype"], false)?;
+                let repo = self
+                    .required_arg(&args, "repo")
+                    .and_then(|e| self.expect_repo(e));
+                let revision = match args.get("revision") {
+                    Some(e) => self.expect_str(e, "revision"),
+                    None => Some("main".to_owned()),
+                };
+                let dtype = self.dtype_arg(&args);
+                (
+                    repo.zip(revision)
+                        .map(|(repo, revision)| ModelSource::Hf { repo, revision }),
+                    dtype,
+                )
+            }
+            "local" => {
+                let args = self.call_args(call, &["path"], &["dtype"], false)?;
+                let path = self
+                    .required_arg(&args, "path")
+                    .and_then(|e| self.expect_local_path(e, "path", dir));
+                (
+                    path.map(|path| ModelSource::Local { path }),
+                    self.dtype_arg(&args),
+                )
+            }
+            "init" => {
+                let args = self.call_args(call, &[], &["preset", "seed", "dtype"], false)?;
+                let preset = self
+                    .required_arg(&args, "preset")
+                    .and_then(|e| self.expect_str(e, "preset"));
+                let seed = match args.get("seed") {
+                    Some(e) => self.expect_count(e, "seed", 0),
+                    None => Some(self.seed),
+                };
+                (
+                    preset
+                        .zip(seed)
+                        .map(|(preset, seed)| ModelSource::Init { preset, seed }),
+                    self.dtype_arg(&args),
+                )
+            }
+            other => {
+                self.error(
+                    Diagnostic::error(
+                        Code::WrongType,
+                        format!(
+                            "expected {EXPECTED} for model `{}`, found `{other}(...)`",
+                            decl.name.name
+                        ),
+                    )
+                    .at(call.callee.span)
+                    .with_hint_opt(did_you_mean(other, ["hf", "local", "init"])),
+                );
+                return None;
+            }
+        };
+        Some(ModelParams {
+            source: source?,
+            dtype: dtype?,
+        })
+    }
+
+    pub(super) fn dtype_arg(&mut self, args: &Args<'f>) -> Option<Dtype> {
+        let Some(e) = args.get("dtype") else {
+            return Some(Dtype::F32);
+        };
+        self.expect_word(e, "dtype", &["f32", "f16", "bf16"])
+            .map(|w| match w {
+                "f16" => Dtype::F16,
+                "bf16" => Dtype::Bf16,
+                _ => Dtype::F32,
+            })
+    }
+}
+
+/// Byte range of 1-based `line` of `text`, without leading blanks.
+fn line_bounds(text: &str, line: usize) -> (usize, usize) {
+    let mut start = 0;
+    for _ in 1..line {
+        match text[start..].find('\n') {
+            Some(i) => start += i + 1,
+            None => break,
+        }
+    }
+    let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let content = &text[start..end];
+    let lead = content.len() - content.trim_start().len();
+    (start + lead, end)
+}
+
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
