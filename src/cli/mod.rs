@@ -6,6 +6,7 @@
 
 mod args;
 mod cache_cmd;
+mod check_cmd;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,16 @@ pub fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Cache(command) => cache_cmd::run(command),
+        Command::Check {
+            file,
+            params,
+            format,
+        } => check_cmd::check(&file, &params, format),
+        Command::Graph {
+            file,
+            params,
+            format,
+        } => check_cmd::graph(&file, &params, format),
     }
 }
 
