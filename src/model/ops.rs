@@ -63,7 +63,7 @@ pub fn fast_exp(x: f32) -> f32 {
     y = y * r + 8.333_452e-3;
     y = y * r + 4.166_579_6e-2;
     y = y * r + 1.666_666_5e-1;
-    y = y * r + 5.000_000_1e-1;
+    y = y * r + 0.5;
     let y = y * r * r + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     if x < -87.3 { 0.0 } else { y * scale }
@@ -255,7 +255,9 @@ mod tests {
         assert!(close(&activation(&x, Activation::GeluTanh)?, &x.gelu()?)? < 1e-5);
         assert!(close(&silu(&x)?, &candle_nn::ops::silu(&x)?)? < 1e-5);
         let mut masked = x.to_vec2::<f32>()?;
-        masked[3][5..].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+        masked[3][5..]
+            .iter_mut()
+            .for_each(|v| *v = f32::NEG_INFINITY);
         let masked = Tensor::new(masked, &dev)?;
         let ours = softmax_last_dim(&masked)?;
         let theirs = candle_nn::ops::softmax_last_dim(&masked)?;
