@@ -365,3 +365,67 @@ impl SimpleBackend for NamedBackend {
         self.inner.get(name).is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"{"model_type": "lfm2_vl"}"#;
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        match Checkpoint::open(dir.path()) {
+            Err(CheckpointError::MissingFile { path }) => assert!(path.ends_with("config.json")),
+            other => panic!("expected a missing config.json, got {other:?}"),
+        }
+        std::fs::write(dir.path().join("config.json"), CONFIG).unwrap();
+        assert!(matches!(
+            Checkpoint::open(dir.path()),
+            Err(CheckpointError::NoWeights { .. })
+        ));
+        let index = r#"{"weight_map": {"a": "model-00001-of-00002.safetensors"}}"#;
+        std::fs::write(dir.path().join(INDEX_FILE), index).unwrap();
+        match Checkpoint::open(dir.path()) {
+            Err(CheckpointError::MissingFile { path }) => {
+                assert!(path.ends_with("model-00001-of-00002.safetensors"))
+            }
+            other => panic!("expected a missing shard, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_config_is_a_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+        assert!(matches!(
+            Checkpoint::open(dir.path()),
+            Err(CheckpointError::Config { .. })
+        ));
+    }
+
+    #[test]
+    fn random_model_has_the_config_shapes() -> candle_core::Result<()> {
+        let cfg = Config::from_json(
+            r#"{"projector_hidden_size": 32,
+                "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2},
+                "text_config": {"hidden_size": 16, "intermediate_size": 48, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 500,
+                                "block_multiple_of": 8, "layer_types": ["conv", "full_attention"]}}"#,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let model = random_model(&cfg, &LoadOptions::default(), 1)?;
+        let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
+        let mut cache = model.new_cache(1);
+        let logits = model.forward(
+            &ids,
+            None,
+            None,
+            &mut cache,
+            crate::model::lfm2_vl::LogitsMode::Last,
+        )?;
+        assert_eq!(logits.dims(), &[1, 500]);
+        Ok(())
+    }
+}

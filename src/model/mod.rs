@@ -2,6 +2,25 @@
 //!
 //! Model code does no IO except in `checkpoint` (files → config + weights) and `processor`
 //! (which only sees decoded images and config values).
+//!
+//! Architecture ([LFM2-VL](https://www.liquid.ai/blog/lfm2-vl-efficient-vision-language-models),
+//! reference: transformers `models/lfm2_vl`, `models/siglip2`, `models/lfm2`):
+//!
+//! ```text
+//! pixel_values [views, P, 3*16*16] + pixel_attention_mask + spatial_shapes (rows, cols)
+//!   └─ vision::pack_views        real patches only, views back to back   [N, 768]
+//!   └─ vision::VisionTower       Linear patch embed + antialiased-resized 16x16 position grid,
+//!                                pre-LN encoder (per-view attention, GELU-tanh), post_layernorm
+//!   └─ projector::Projector      pixel unshuffle x2 per view, LayerNorm, linear_1, GELU-erf, linear_2
+//!                                → image features [image tokens, D]
+//! input_ids ─ lfm2_vl::Lfm2VlModel::embed   token embeddings with features at `<image>` ids
+//!   └─ text::TextModel           LFM2: conv / attention layers + SwiGLU, embedding_norm, tied head
+//!                                caches (text::TextCache) live outside the weights
+//!   └─ generate::generate        greedy / sampling, left-padded batches, LogitsProcessor hook
+//! ```
+//!
+//! Every projection is a [`linear::Linear`] named after its checkpoint path; LoRA attaches there
+//! through [`linear::LinearAdapter`] and finds targets through [`linear::LinearVisitor`].
 
 // The network and its loading (owner: model-net).
 pub mod checkpoint;
