@@ -35,7 +35,9 @@ pub enum HubError {
         cache: PathBuf,
     },
     /// A dataset repo has no Parquet files for the requested split.
-    #[error("dataset `{repo}` has no Parquet files for split `{split}`{config_note}; found: {found}")]
+    #[error(
+        "dataset `{repo}` has no Parquet files for split `{split}`{config_note}; found: {found}"
+    )]
     NoSplitFiles {
         repo: String,
         split: String,
@@ -235,13 +237,17 @@ impl Hub {
     /// commit hash with a snapshot, otherwise the content of `refs/<revision>`.
     pub fn cached_commit(&self, repo: &HubRepo) -> Option<String> {
         let base = self.config.cache_dir.join(repo.cache_folder());
-        let is_hash = repo.revision.len() == 40 && repo.revision.bytes().all(|b| b.is_ascii_hexdigit());
+        let is_hash =
+            repo.revision.len() == 40 && repo.revision.bytes().all(|b| b.is_ascii_hexdigit());
         if is_hash && base.join("snapshots").join(&repo.revision).is_dir() {
             return Some(repo.revision.clone());
         }
         let commit = std::fs::read_to_string(base.join("refs").join(&repo.revision)).ok()?;
         let commit = commit.trim().to_owned();
-        base.join("snapshots").join(&commit).is_dir().then_some(commit)
+        base.join("snapshots")
+            .join(&commit)
+            .is_dir()
+            .then_some(commit)
     }
 
     /// The snapshot folder of the cached revision, if any.
@@ -391,7 +397,12 @@ impl Hub {
     }
 }
 
-fn no_split_files(repo: &HubRepo, config: Option<&str>, split: &str, listed: &[String]) -> HubError {
+fn no_split_files(
+    repo: &HubRepo,
+    config: Option<&str>,
+    split: &str,
+    listed: &[String],
+) -> HubError {
     let parquet: Vec<&str> = listed
         .iter()
         .filter(|p| p.ends_with(".parquet"))
@@ -401,7 +412,9 @@ fn no_split_files(repo: &HubRepo, config: Option<&str>, split: &str, listed: &[S
     HubError::NoSplitFiles {
         repo: repo.id.clone(),
         split: split.to_owned(),
-        config_note: config.map(|c| format!(" of config `{c}`")).unwrap_or_default(),
+        config_note: config
+            .map(|c| format!(" of config `{c}`"))
+            .unwrap_or_default(),
         found: if parquet.is_empty() {
             "no Parquet files".to_owned()
         } else {
@@ -511,9 +524,9 @@ fn path_is_split(path: &str, split: &str) -> bool {
     }
     let stem = file.trim_end_matches(".parquet");
     stem == split
-        || stem
-            .strip_prefix(split)
-            .is_some_and(|rest| rest.starts_with('-') || rest.starts_with('_') || rest.starts_with('.'))
+        || stem.strip_prefix(split).is_some_and(|rest| {
+            rest.starts_with('-') || rest.starts_with('_') || rest.starts_with('.')
+        })
 }
 
 #[cfg(test)]
@@ -535,7 +548,10 @@ mod tests {
         ]);
         assert_eq!(
             select_split_files(&repo, None, "train"),
-            paths(&["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"])
+            paths(&[
+                "data/train-00000-of-00002.parquet",
+                "data/train-00001-of-00002.parquet"
+            ])
         );
         assert_eq!(
             select_split_files(&repo, None, "test"),
@@ -543,22 +559,35 @@ mod tests {
         );
         let converted = paths(&["default/train/0000.parquet", "default/train/0001.parquet"]);
         assert_eq!(select_split_files(&converted, None, "train"), converted);
-        let configs = paths(&["full/train-0.parquet", "mini/train-0.parquet", "mini/test.parquet"]);
+        let configs = paths(&[
+            "full/train-0.parquet",
+            "mini/train-0.parquet",
+            "mini/test.parquet",
+        ]);
         assert_eq!(
             select_split_files(&configs, Some("mini"), "train"),
             paths(&["mini/train-0.parquet"])
         );
-        assert_eq!(select_split_files(&configs, None, "validation"), Vec::<String>::new());
+        assert_eq!(
+            select_split_files(&configs, None, "validation"),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
     fn env_precedence() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned())
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
         };
         let c = HubConfig::from_lookup(env(&[("HF_HOME", "/h"), ("HF_HUB_CACHE", "/c")]));
         assert_eq!(c.cache_dir, PathBuf::from("/c"));
-        let c = HubConfig::from_lookup(env(&[("HF_HOME", "/h"), ("HUGGINGFACE_HUB_CACHE", "/old")]));
+        let c =
+            HubConfig::from_lookup(env(&[("HF_HOME", "/h"), ("HUGGINGFACE_HUB_CACHE", "/old")]));
         assert_eq!(c.cache_dir, PathBuf::from("/old"));
         let c = HubConfig::from_lookup(env(&[("HF_HOME", "/h"), ("HF_HUB_OFFLINE", "yes")]));
         assert_eq!(c.cache_dir, PathBuf::from("/h/hub"));

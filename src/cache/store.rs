@@ -97,7 +97,7 @@ pub enum GcPolicy {
     /// Keep the given fingerprints and every entry reachable from them through manifest inputs;
     /// remove everything else.
     KeepReachable(Vec<Fingerprint>),
-    /// Remove entries created longer ago than this.
+    /// Remove entries at least this old (whole seconds; zero removes every entry).
     OlderThan(Duration),
 }
 
@@ -268,7 +268,7 @@ impl CacheStore {
         for info in infos {
             let remove = match (&info.manifest, policy) {
                 (None, _) => true,
-                (Some(_), GcPolicy::OlderThan(limit)) => info.age > *limit,
+                (Some(_), GcPolicy::OlderThan(limit)) => info.age >= *limit,
                 (Some(_), GcPolicy::KeepReachable(_)) => keep
                     .as_ref()
                     .is_some_and(|k| !k.contains(&info.fingerprint)),

@@ -192,7 +192,12 @@ mod tests {
         for (bytes, format, w, h, mode) in cases {
             let info = probe_image(&bytes, ImageCheck::Full).unwrap();
             assert_eq!(
-                (info.format.as_str(), info.width, info.height, info.mode.as_str()),
+                (
+                    info.format.as_str(),
+                    info.width,
+                    info.height,
+                    info.mode.as_str()
+                ),
                 (format, w, h, mode)
             );
         }
@@ -202,9 +207,17 @@ mod tests {
     fn truncated_and_garbage_are_reasons_not_panics() {
         let jpeg = encode(image::DynamicImage::new_rgb8(16, 16), ImageFormat::Jpeg);
         let png = encode(image::DynamicImage::new_rgb8(16, 16), ImageFormat::Png);
-        for bytes in [&jpeg[..jpeg.len() / 2], &png[..png.len() - 20], &jpeg[..3], b"hello"] {
+        for bytes in [
+            &jpeg[..jpeg.len() / 2],
+            &png[..png.len() - 20],
+            &jpeg[..3],
+            b"hello",
+        ] {
             assert!(probe_image(bytes, ImageCheck::Header).is_err());
         }
-        assert_eq!(probe_image(b"", ImageCheck::Header).unwrap_err(), "empty file");
+        assert_eq!(
+            probe_image(b"", ImageCheck::Header).unwrap_err(),
+            "empty file"
+        );
     }
 }

@@ -90,7 +90,12 @@ impl ImageStoreWriter {
         })
     }
 
-    pub(crate) fn push(&mut self, id: String, bytes: Vec<u8>, info: ImageInfo) -> Result<(), DataError> {
+    pub(crate) fn push(
+        &mut self,
+        id: String,
+        bytes: Vec<u8>,
+        info: ImageInfo,
+    ) -> Result<(), DataError> {
         self.pending.push((id, bytes, info));
         if self.pending.len() >= ROW_GROUP_IMAGES {
             self.flush()?;
@@ -106,16 +111,26 @@ impl ImageStoreWriter {
         let batch = RecordBatch::try_new(
             schema(),
             vec![
-                Arc::new(StringArray::from_iter_values(p.iter().map(|x| x.0.as_str()))),
-                Arc::new(BinaryArray::from_iter_values(p.iter().map(|x| x.1.as_slice()))),
+                Arc::new(StringArray::from_iter_values(
+                    p.iter().map(|x| x.0.as_str()),
+                )),
+                Arc::new(BinaryArray::from_iter_values(
+                    p.iter().map(|x| x.1.as_slice()),
+                )),
                 Arc::new(UInt32Array::from_iter_values(p.iter().map(|x| x.2.width))),
                 Arc::new(UInt32Array::from_iter_values(p.iter().map(|x| x.2.height))),
-                Arc::new(StringArray::from_iter_values(p.iter().map(|x| x.2.mode.as_str()))),
-                Arc::new(StringArray::from_iter_values(p.iter().map(|x| x.2.format.as_str()))),
+                Arc::new(StringArray::from_iter_values(
+                    p.iter().map(|x| x.2.mode.as_str()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    p.iter().map(|x| x.2.format.as_str()),
+                )),
             ],
         )
         .map_err(DataError::arrow(&self.path))?;
-        self.writer.write(&batch).map_err(DataError::parquet(&self.path))?;
+        self.writer
+            .write(&batch)
+            .map_err(DataError::parquet(&self.path))?;
         self.written += self.pending.len();
         self.pending.clear();
         Ok(())
@@ -123,7 +138,9 @@ impl ImageStoreWriter {
 
     pub(crate) fn finish(mut self) -> Result<usize, DataError> {
         self.flush()?;
-        self.writer.close().map_err(DataError::parquet(&self.path))?;
+        self.writer
+            .close()
+            .map_err(DataError::parquet(&self.path))?;
         Ok(self.written)
     }
 }
@@ -208,10 +225,15 @@ impl ImageStore {
     pub fn get_many(&self, image_ids: &[&str]) -> Result<Vec<StoredImage>, DataError> {
         let mut wanted: Vec<(usize, usize)> = Vec::with_capacity(image_ids.len());
         for id in image_ids {
-            wanted.push(*self.index.get(*id).ok_or_else(|| DataError::ImageNotFound {
-                image_id: (*id).to_owned(),
-                path: self.path.clone(),
-            })?);
+            wanted.push(
+                *self
+                    .index
+                    .get(*id)
+                    .ok_or_else(|| DataError::ImageNotFound {
+                        image_id: (*id).to_owned(),
+                        path: self.path.clone(),
+                    })?,
+            );
         }
         let mut groups: Vec<usize> = wanted.iter().map(|w| w.0).collect();
         groups.sort_unstable();
@@ -242,10 +264,13 @@ impl ImageStore {
             .iter()
             .zip(image_ids)
             .map(|(key, id)| {
-                loaded.get(key).cloned().ok_or_else(|| DataError::ImageNotFound {
-                    image_id: (*id).to_owned(),
-                    path: self.path.clone(),
-                })
+                loaded
+                    .get(key)
+                    .cloned()
+                    .ok_or_else(|| DataError::ImageNotFound {
+                        image_id: (*id).to_owned(),
+                        path: self.path.clone(),
+                    })
             })
             .collect()
     }

@@ -128,10 +128,19 @@ pub fn ingest(
         for row in chunk {
             if drops.contains(row.row_id.as_str()) {
                 seen_drops.insert(row.row_id.clone());
-                filtered.push(vec![row.row_id, "drop".to_owned(), "listed in `drop`".to_owned()]);
+                filtered.push(vec![
+                    row.row_id,
+                    "drop".to_owned(),
+                    "listed in `drop`".to_owned(),
+                ]);
                 continue;
             }
-            let label = resolve_label(&row.row_id, &row.label, &spec.label, spec.classes.as_deref())?;
+            let label = resolve_label(
+                &row.row_id,
+                &row.label,
+                &spec.label,
+                spec.classes.as_deref(),
+            )?;
             todo.push((row.row_id, label, row.image));
         }
         let mut images: Vec<RawImage> = todo
@@ -299,7 +308,10 @@ fn probe_parallel(images: &mut [RawImage], spec: &DatasetSpec, threads: usize) -
                 scope.spawn(move || {
                     part.iter_mut()
                         .map(|img| {
-                            load_and_probe(std::mem::replace(img, RawImage::Missing(String::new())), spec)
+                            load_and_probe(
+                                std::mem::replace(img, RawImage::Missing(String::new())),
+                                spec,
+                            )
                         })
                         .collect::<Vec<_>>()
                 })
@@ -318,8 +330,9 @@ fn probe_parallel(images: &mut [RawImage], spec: &DatasetSpec, threads: usize) -
 fn load_and_probe(image: RawImage, spec: &DatasetSpec) -> Probed {
     let bytes = match image {
         RawImage::Bytes(bytes) => bytes,
-        RawImage::File(path) => std::fs::read(&path)
-            .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?,
+        RawImage::File(path) => {
+            std::fs::read(&path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?
+        }
         RawImage::Synthetic(i) => match &spec.source {
             SourceSpec::Synthetic(synthetic) => synthetic.render(i).map_err(|e| e.to_string())?,
             _ => return Err("synthetic image outside a synthetic source".to_owned()),
@@ -339,7 +352,8 @@ fn write_text_table(path: &Path, columns: &[&str], rows: &[Vec<String>]) -> Resu
             .collect::<Vec<_>>(),
     ));
     let file = File::create(path).map_err(DataError::io(path))?;
-    let mut writer = ArrowWriter::try_new(file, schema.clone(), None).map_err(DataError::parquet(path))?;
+    let mut writer =
+        ArrowWriter::try_new(file, schema.clone(), None).map_err(DataError::parquet(path))?;
     let arrays = (0..columns.len())
         .map(|c| {
             Arc::new(StringArray::from_iter_values(

@@ -109,7 +109,9 @@ pub enum DataError {
         path: PathBuf,
         message: String,
     },
-    #[error("the source needs a label column (`label = \"column\"`); only folders and synthetic data name their own labels")]
+    #[error(
+        "the source needs a label column (`label = \"column\"`); only folders and synthetic data name their own labels"
+    )]
     LabelColumnNeeded,
     #[error("invalid parameter: {0}")]
     Param(String),

@@ -61,10 +61,18 @@ pub fn write_rows(path: &Path, table: &RowTable) -> Result<(), DataError> {
         let batch = RecordBatch::try_new(
             schema(),
             vec![
-                Arc::new(StringArray::from_iter_values(chunk.iter().map(|r| r.row_id.as_str()))),
-                Arc::new(StringArray::from_iter_values(chunk.iter().map(|r| r.image_id.as_str()))),
-                Arc::new(StringArray::from_iter_values(chunk.iter().map(|r| r.label.as_str()))),
-                Arc::new(UInt32Array::from_iter_values(chunk.iter().map(|r| r.label_index))),
+                Arc::new(StringArray::from_iter_values(
+                    chunk.iter().map(|r| r.row_id.as_str()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    chunk.iter().map(|r| r.image_id.as_str()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    chunk.iter().map(|r| r.label.as_str()),
+                )),
+                Arc::new(UInt32Array::from_iter_values(
+                    chunk.iter().map(|r| r.label_index),
+                )),
             ],
         )
         .map_err(DataError::arrow(path))?;
@@ -90,8 +98,11 @@ pub fn read_rows(path: &Path) -> Result<RowTable, DataError> {
         .and_then(|kv| kv.iter().find(|k| k.key == CLASSES_KEY))
         .and_then(|k| k.value.clone())
         .ok_or_else(|| bad(format!("no `{CLASSES_KEY}` metadata")))?;
-    let classes: Vec<String> = serde_json::from_str(&classes_json)
-        .map_err(|e| bad(format!("`{CLASSES_KEY}` is not a JSON list of strings: {e}")))?;
+    let classes: Vec<String> = serde_json::from_str(&classes_json).map_err(|e| {
+        bad(format!(
+            "`{CLASSES_KEY}` is not a JSON list of strings: {e}"
+        ))
+    })?;
     let reader = builder.build().map_err(DataError::parquet(path))?;
     let mut rows = Vec::new();
     for batch in reader {

@@ -9,7 +9,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use arrow::array::{Array, ArrayRef, BinaryArray, Int64Array, RecordBatch, StringArray, StructArray};
+use arrow::array::{
+    Array, ArrayRef, BinaryArray, Int64Array, RecordBatch, StringArray, StructArray,
+};
 use arrow::datatypes::DataType;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
@@ -147,9 +149,11 @@ impl SourceSpec {
     pub(crate) fn open(&self, image_column: &str, label: &LabelSpec) -> Result<Chunks, DataError> {
         match self {
             SourceSpec::Parquet { files } => parquet_chunks(files.clone(), image_column, label),
-            SourceSpec::ParquetDir { dir, split, config } => {
-                parquet_chunks(parquet_dir_files(dir, split, config.as_deref())?, image_column, label)
-            }
+            SourceSpec::ParquetDir { dir, split, config } => parquet_chunks(
+                parquet_dir_files(dir, split, config.as_deref())?,
+                image_column,
+                label,
+            ),
             SourceSpec::Folder { dir } => {
                 let rows: Vec<RawRow> = folder_rows(dir)?
                     .into_iter()
@@ -193,7 +197,11 @@ fn chunked(rows: Vec<RawRow>) -> Chunks {
     }))
 }
 
-fn parquet_dir_files(dir: &Path, split: &str, config: Option<&str>) -> Result<Vec<PathBuf>, DataError> {
+fn parquet_dir_files(
+    dir: &Path,
+    split: &str,
+    config: Option<&str>,
+) -> Result<Vec<PathBuf>, DataError> {
     let listed = crate::hub::list_relative_files(dir).map_err(|e| DataError::BadSource {
         what: "parquet folder",
         path: dir.to_path_buf(),
@@ -248,7 +256,8 @@ fn folder_rows(dir: &Path) -> Result<Vec<(String, PathBuf, String)>, DataError> 
         return Err(DataError::BadSource {
             what: "image folder",
             path: dir.to_path_buf(),
-            message: "no images in class sub-folders (expected <folder>/<class>/<image>)".to_owned(),
+            message: "no images in class sub-folders (expected <folder>/<class>/<image>)"
+                .to_owned(),
         });
     }
     Ok(rows)
@@ -284,11 +293,14 @@ fn text_rows(
             let mut reader = csv::Reader::from_path(path).map_err(|e| csv_error(path, e))?;
             let headers = reader.headers().map_err(|e| csv_error(path, e))?.clone();
             let find = |name: &str| {
-                headers.iter().position(|h| h == name).ok_or_else(|| DataError::MissingColumn {
-                    path: path.to_path_buf(),
-                    column: name.to_owned(),
-                    available: headers.iter().collect::<Vec<_>>().join(", "),
-                })
+                headers
+                    .iter()
+                    .position(|h| h == name)
+                    .ok_or_else(|| DataError::MissingColumn {
+                        path: path.to_path_buf(),
+                        column: name.to_owned(),
+                        available: headers.iter().collect::<Vec<_>>().join(", "),
+                    })
             };
             let image_idx = find(image_column)?;
             let label_idx = match label_col {
@@ -365,8 +377,15 @@ struct ParquetChunks {
     label_column: String,
 }
 
-fn parquet_chunks(files: Vec<PathBuf>, image_column: &str, label: &LabelSpec) -> Result<Chunks, DataError> {
-    let label_column = label.column().ok_or(DataError::LabelColumnNeeded)?.to_owned();
+fn parquet_chunks(
+    files: Vec<PathBuf>,
+    image_column: &str,
+    label: &LabelSpec,
+) -> Result<Chunks, DataError> {
+    let label_column = label
+        .column()
+        .ok_or(DataError::LabelColumnNeeded)?
+        .to_owned();
     Ok(Box::new(ParquetChunks {
         files: files.into_iter(),
         current: None,
@@ -410,17 +429,29 @@ impl ParquetChunks {
         Ok(())
     }
 
-    fn convert(&self, batch: &RecordBatch, path: &Path, stem: &str, first: usize) -> Result<Vec<RawRow>, DataError> {
-        let image = batch.column_by_name(&self.image_column).ok_or_else(|| DataError::MissingColumn {
-            path: path.to_path_buf(),
-            column: self.image_column.clone(),
-            available: String::new(),
-        })?;
-        let label = batch.column_by_name(&self.label_column).ok_or_else(|| DataError::MissingColumn {
-            path: path.to_path_buf(),
-            column: self.label_column.clone(),
-            available: String::new(),
-        })?;
+    fn convert(
+        &self,
+        batch: &RecordBatch,
+        path: &Path,
+        stem: &str,
+        first: usize,
+    ) -> Result<Vec<RawRow>, DataError> {
+        let image =
+            batch
+                .column_by_name(&self.image_column)
+                .ok_or_else(|| DataError::MissingColumn {
+                    path: path.to_path_buf(),
+                    column: self.image_column.clone(),
+                    available: String::new(),
+                })?;
+        let label =
+            batch
+                .column_by_name(&self.label_column)
+                .ok_or_else(|| DataError::MissingColumn {
+                    path: path.to_path_buf(),
+                    column: self.label_column.clone(),
+                    available: String::new(),
+                })?;
         let images = image_values(image, path, &self.image_column)?;
         let labels = label_values(label, path, &self.label_column)?;
         Ok(images
@@ -450,7 +481,12 @@ impl Iterator for ParquetChunks {
             let (path, stem, reader, offset) = self.current.as_mut()?;
             match reader.next() {
                 None => self.current = None,
-                Some(Err(e)) => return Some(Err(DataError::Arrow { path: path.clone(), source: e })),
+                Some(Err(e)) => {
+                    return Some(Err(DataError::Arrow {
+                        path: path.clone(),
+                        source: e,
+                    }));
+                }
                 Some(Ok(batch)) => {
                     let first = *offset;
                     *offset += batch.num_rows();
@@ -487,8 +523,12 @@ fn image_values(array: &ArrayRef, path: &Path, column: &str) -> Result<Vec<RawIm
                 Some(p) => Some(cast(p, &DataType::Utf8, path, column)?),
                 None => None,
             };
-            let bytes = bytes.as_ref().and_then(|b| b.as_any().downcast_ref::<BinaryArray>());
-            let paths = paths.as_ref().and_then(|p| p.as_any().downcast_ref::<StringArray>());
+            let bytes = bytes
+                .as_ref()
+                .and_then(|b| b.as_any().downcast_ref::<BinaryArray>());
+            let paths = paths
+                .as_ref()
+                .and_then(|p| p.as_any().downcast_ref::<StringArray>());
             if bytes.is_none() && paths.is_none() {
                 return Err(type_error(array, path, column));
             }
@@ -502,7 +542,9 @@ fn image_values(array: &ArrayRef, path: &Path, column: &str) -> Result<Vec<RawIm
                     }
                     match paths.filter(|p| !p.is_null(i)) {
                         Some(p) if !p.value(i).is_empty() => RawImage::File(base.join(p.value(i))),
-                        _ => RawImage::Missing("image struct has neither bytes nor path".to_owned()),
+                        _ => {
+                            RawImage::Missing("image struct has neither bytes nor path".to_owned())
+                        }
                     }
                 })
                 .collect())

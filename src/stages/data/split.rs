@@ -75,7 +75,8 @@ pub fn stratified_split(
     extra.dedup();
     order.extend(extra);
     for class in &order {
-        let mut members: Vec<&RowRecord> = table.rows.iter().filter(|r| &r.label == class).collect();
+        let mut members: Vec<&RowRecord> =
+            table.rows.iter().filter(|r| &r.label == class).collect();
         if members.is_empty() {
             continue;
         }
@@ -106,7 +107,9 @@ pub fn stratified_split(
 
 fn validate(spec: &SplitSpec) -> Result<(), DataError> {
     if spec.parts.is_empty() {
-        return Err(DataError::Param("a split needs at least one part".to_owned()));
+        return Err(DataError::Param(
+            "a split needs at least one part".to_owned(),
+        ));
     }
     for (i, part) in spec.parts.iter().enumerate() {
         if !(part.ratio.is_finite() && part.ratio >= 0.0) {
@@ -116,12 +119,17 @@ fn validate(spec: &SplitSpec) -> Result<(), DataError> {
             )));
         }
         if spec.parts[..i].iter().any(|p| p.name == part.name) {
-            return Err(DataError::Param(format!("split part `{}` appears twice", part.name)));
+            return Err(DataError::Param(format!(
+                "split part `{}` appears twice",
+                part.name
+            )));
         }
     }
     let sum: f64 = spec.parts.iter().map(|p| p.ratio).sum();
     if (sum - 1.0).abs() > RATIO_TOLERANCE {
-        return Err(DataError::Param(format!("split ratios sum to {sum}, expected 1")));
+        return Err(DataError::Param(format!(
+            "split ratios sum to {sum}, expected 1"
+        )));
     }
     Ok(())
 }
@@ -160,7 +168,11 @@ mod tests {
 
     #[test]
     fn allocation_sums_exactly() {
-        let parts = [part("train", 0.7), part("validation", 0.2), part("test", 0.1)];
+        let parts = [
+            part("train", 0.7),
+            part("validation", 0.2),
+            part("test", 0.1),
+        ];
         assert_eq!(allocate(10, &parts), vec![7, 2, 1]);
         assert_eq!(allocate(1, &parts), vec![1, 0, 0]);
         assert_eq!(allocate(3, &[part("a", 0.5), part("b", 0.5)]), vec![2, 1]);
@@ -172,7 +184,11 @@ mod tests {
     #[test]
     fn bad_ratios_are_errors() {
         let table = RowTable::default();
-        for parts in [vec![part("a", 0.5)], vec![part("a", -0.5), part("b", 1.5)], vec![]] {
+        for parts in [
+            vec![part("a", 0.5)],
+            vec![part("a", -0.5), part("b", 1.5)],
+            vec![],
+        ] {
             assert!(stratified_split(&table, &SplitSpec { parts, seed: 1 }).is_err());
         }
     }

@@ -80,7 +80,9 @@ impl SyntheticSpec {
     /// Checks colours, shapes and size.
     pub fn validate(&self) -> Result<(), DataError> {
         if self.colors.is_empty() || self.shapes.is_empty() {
-            return Err(DataError::Param("synthetic data needs at least one colour and one shape".to_owned()));
+            return Err(DataError::Param(
+                "synthetic data needs at least one colour and one shape".to_owned(),
+            ));
         }
         if self.width < 16 || self.height < 16 || self.width > 4096 || self.height > 4096 {
             return Err(DataError::Param(format!(
@@ -126,7 +128,9 @@ impl SyntheticSpec {
         let shape = self.shapes[class % per_color];
         // One independent stream per image, so image i does not depend on n.
         let mut rng = SplitMix64::new(self.seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
-        let luma = (u32::from(color[0]) * 299 + u32::from(color[1]) * 587 + u32::from(color[2]) * 114) / 1000;
+        let luma =
+            (u32::from(color[0]) * 299 + u32::from(color[1]) * 587 + u32::from(color[2]) * 114)
+                / 1000;
         let (lo, hi): (u64, u64) = if luma > 128 { (20, 90) } else { (170, 235) };
         let base = lo + rng.below(hi - lo);
         let mut background = [0u8; 3];
@@ -172,7 +176,11 @@ fn in_triangle(x: i64, y: i64, r: i64) -> bool {
     let (cx, cy) = (r * 19, r * 16);
     let (px, py) = (x * 20, y * 20);
     let side = |x1: i64, y1: i64, x2: i64, y2: i64| (x2 - x1) * (py - y1) - (y2 - y1) * (px - x1);
-    let (d1, d2, d3) = (side(ax, ay, bx, by), side(bx, by, cx, cy), side(cx, cy, ax, ay));
+    let (d1, d2, d3) = (
+        side(ax, ay, bx, by),
+        side(bx, by, cx, cy),
+        side(cx, cy, ax, ay),
+    );
     let negative = d1 < 0 || d2 < 0 || d3 < 0;
     let positive = d1 > 0 || d2 > 0 || d3 > 0;
     !(negative && positive)
@@ -192,7 +200,15 @@ mod tests {
             colors: vec!["red".to_owned(), "white".to_owned()],
             shapes: vec![Shape::Circle, Shape::Triangle],
         };
-        assert_eq!(spec.classes(), ["red circle", "red triangle", "white circle", "white triangle"]);
+        assert_eq!(
+            spec.classes(),
+            [
+                "red circle",
+                "red triangle",
+                "white circle",
+                "white triangle"
+            ]
+        );
         assert_eq!(spec.class_of(5), "red triangle");
         let a = spec.render(5).unwrap();
         assert_eq!(a, spec.render(5).unwrap());
@@ -201,7 +217,10 @@ mod tests {
         assert_eq!(img.dimensions(), (32, 24));
         let red = img.pixels().filter(|p| p.0 == [220, 40, 40]).count();
         assert!(red > 20 && red < 32 * 24 / 2, "red pixels: {red}");
-        let bad = SyntheticSpec { colors: vec!["teal".to_owned()], ..spec };
+        let bad = SyntheticSpec {
+            colors: vec!["teal".to_owned()],
+            ..spec
+        };
         assert!(bad.validate().is_err());
     }
 }
