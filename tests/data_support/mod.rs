@@ -32,7 +32,8 @@ pub fn rgba_png(w: u32, h: u32, shade: u8) -> Vec<u8> {
 
 pub fn encode(img: DynamicImage, format: ImageFormat) -> Vec<u8> {
     let mut out = Cursor::new(Vec::new());
-    img.write_to(&mut out, format).expect("encoding a test image");
+    img.write_to(&mut out, format)
+        .expect("encoding a test image");
     out.into_inner()
 }
 
