@@ -29,8 +29,8 @@ pub enum Verify {
 /// The result of a lookup.
 #[derive(Debug)]
 pub enum Lookup {
-    /// A verified entry.
-    Hit(CacheEntry),
+    /// A verified entry (boxed: the manifest is large next to a miss reason).
+    Hit(Box<CacheEntry>),
     /// Nothing usable; the stage must run.
     Miss(MissReason),
 }
@@ -194,7 +194,7 @@ impl CacheStore {
                     // record the new mtimes so the next fast lookup skips the rehash.
                     write_manifest_atomically(&dir, &manifest)?;
                 }
-                Ok(Lookup::Hit(CacheEntry { dir, manifest }))
+                Ok(Lookup::Hit(Box::new(CacheEntry { dir, manifest })))
             }
             Err(problem) => {
                 self.remove_dir(&dir)?;
