@@ -56,7 +56,7 @@ fn ingest_throughput_and_no_change_rerun() {
             dir: images.clone(),
         });
         let key_of = |spec: &DatasetSpec| {
-            let params = json!({ "spec": spec, "stamp": spec.source.stamp().unwrap() });
+            let params = json!({ "spec": spec, "stamp": spec.source_stamp().unwrap() });
             fingerprint("dataset", &params, &[], DATA_CODE_VERSION)
         };
         {

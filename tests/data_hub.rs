@@ -177,3 +177,30 @@ fn model_dir_needs_config_tokenizer_and_weights() {
     );
     assert!(snapshot.join("config.json").is_file());
 }
+
+#[test]
+fn falls_back_to_the_parquet_conversion_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = "datasets--someone--jpeg_only";
+    // `main` holds loose JPEGs and no Parquet.
+    put(dir.path(), folder, "train/cat/1.jpg", |p| {
+        std::fs::write(p, rgb_jpeg(8, 8, 1)).unwrap()
+    });
+    // The Hub's conversion branch, cached as Python caches it: refs/refs/convert/parquet.
+    let converted = "fedcba9876543210fedcba9876543210fedcba98";
+    let base = dir.path().join(folder);
+    std::fs::create_dir_all(base.join("refs/refs/convert")).unwrap();
+    std::fs::write(base.join("refs/refs/convert/parquet"), converted).unwrap();
+    let shard = base
+        .join("snapshots")
+        .join(converted)
+        .join("default/train/0000.parquet");
+    write_hub_parquet(&shard, &[(Some(rgb_jpeg(8, 8, 2)), Some(0))]);
+
+    let hub = offline_hub(dir.path());
+    let files = hub
+        .dataset_split_files(&HubRepo::dataset("someone/jpeg_only"), None, "train")
+        .unwrap();
+    assert_eq!(files.commit, converted);
+    assert_eq!(files.repo_paths, ["default/train/0000.parquet"]);
+}

@@ -378,3 +378,25 @@ fn synthetic_shapes_are_balanced_and_deterministic() {
     assert_eq!(tables[0].rows[3].row_id, "synthetic:000003");
     assert_eq!(tables[0].rows[3].label, "blue square");
 }
+
+#[test]
+fn source_stamp_changes_when_local_data_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.jpg"), rgb_jpeg(9, 9, 1)).unwrap();
+    std::fs::write(dir.path().join("list.csv"), "file,label\na.jpg,cat\n").unwrap();
+    let mut spec = DatasetSpec::new(SourceSpec::Csv {
+        path: dir.path().join("list.csv"),
+    });
+    spec.image_column = "file".to_owned();
+    spec.label = LabelSpec::Names {
+        column: "label".to_owned(),
+    };
+    let before = spec.source_stamp().unwrap();
+    assert_eq!(before, spec.source_stamp().unwrap());
+    // A referenced image changes: same name, new content and size.
+    std::fs::write(dir.path().join("a.jpg"), rgb_jpeg(19, 9, 1)).unwrap();
+    assert_ne!(before, spec.source_stamp().unwrap());
+
+    let synthetic = DatasetSpec::new(SourceSpec::Synthetic(SyntheticSpec::default()));
+    assert_eq!(synthetic.source.row_count_hint(), Some(400));
+}

@@ -90,9 +90,10 @@ fn probe_jpeg(bytes: &[u8]) -> Result<ImageInfo, String> {
         4 => "CMYK",
         n => return Err(format!("jpeg with {n} colour components")),
     };
-    // Encoders may pad after the end-of-image marker; look for it near the end.
-    let tail = &bytes[bytes.len().saturating_sub(4096)..];
-    if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+    // After the frame header, `FF D9` can only be the end-of-image marker: entropy-coded data
+    // stuffs every `FF` as `FF 00`, and embedded EXIF thumbnails sit before the frame header.
+    // Searching the rest (not just the tail) accepts files with trailing vendor data.
+    if !bytes[pos..].windows(2).any(|w| w == [0xFF, 0xD9]) {
         return Err("truncated jpeg (no end-of-image marker)".to_owned());
     }
     Ok(ImageInfo {

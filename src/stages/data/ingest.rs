@@ -52,6 +52,12 @@ pub struct DatasetSpec {
 }
 
 impl DatasetSpec {
+    /// What identifies the source's current content (see [`SourceSpec::stamp`]); the executor
+    /// mixes it into the dataset fingerprint so edited local data reruns the stage.
+    pub fn source_stamp(&self) -> Result<serde_json::Value, DataError> {
+        self.source.stamp(&self.image_column)
+    }
+
     /// A spec with the defaults (`image` column, labels from the source, no filters).
     pub fn new(source: SourceSpec) -> Self {
         Self {
@@ -119,6 +125,9 @@ pub fn ingest(
     let mut errors: Vec<Vec<String>> = Vec::new();
     let mut filtered: Vec<Vec<String>> = Vec::new();
     let mut report = IngestReport::default();
+    if let Some(total) = spec.source.row_count_hint() {
+        progress.set_length(total);
+    }
 
     for chunk in spec.source.open(&spec.image_column, &spec.label)? {
         let chunk = chunk?;

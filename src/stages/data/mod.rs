@@ -34,7 +34,7 @@ pub use ingest::{DatasetSpec, FilterSpec, IngestReport, ingest};
 pub use prng::SplitMix64;
 pub use rows::{RowRecord, RowTable, read_rows, write_rows};
 pub use source::{LabelSpec, SourceSpec};
-pub use split::{SplitPart, SplitSpec, sample, shuffle, stratified_split};
+pub use split::{SplitPart, SplitSpec, part_file_name, sample, shuffle, stratified_split};
 pub use synthetic::{Shape, SyntheticSpec};
 
 use std::path::PathBuf;

@@ -106,7 +106,8 @@ impl SourceSpec {
     /// What identifies the source's current content, for the dataset fingerprint: paths with
     /// size and mtime of every file it reads (hashed into one digest; a stat per file, no
     /// reads, so a no-change rerun over 10,000 images stays fast).
-    pub fn stamp(&self) -> Result<serde_json::Value, DataError> {
+    /// `image_column` locates the image paths of CSV/JSONL sources.
+    pub fn stamp(&self, image_column: &str) -> Result<serde_json::Value, DataError> {
         let files: Vec<PathBuf> = match self {
             SourceSpec::Parquet { files } => files.clone(),
             SourceSpec::ParquetDir { dir, split, config } => {
@@ -115,7 +116,7 @@ impl SourceSpec {
             SourceSpec::Folder { dir } => folder_rows(dir)?.into_iter().map(|r| r.1).collect(),
             SourceSpec::Csv { path } | SourceSpec::Jsonl { path } => {
                 let mut files = vec![path.clone()];
-                for row in text_rows(self, path, &LabelSpec::FromSource, "image", true)? {
+                for row in text_rows(self, path, &LabelSpec::FromSource, image_column, true)? {
                     if let RawImage::File(p) = row.image {
                         files.push(p);
                     }
@@ -143,6 +144,18 @@ impl SourceSpec {
             "files": files.len(),
             "digest": hasher.finalize().to_hex().to_string(),
         }))
+    }
+
+    /// The number of rows the source will yield, when cheap to know (for progress bars).
+    pub fn row_count_hint(&self) -> Option<u64> {
+        match self {
+            SourceSpec::Parquet { files } => parquet_rows(files),
+            SourceSpec::ParquetDir { dir, split, config } => {
+                parquet_rows(&parquet_dir_files(dir, split, config.as_deref()).ok()?)
+            }
+            SourceSpec::Synthetic(spec) => Some(spec.n as u64),
+            SourceSpec::Folder { .. } | SourceSpec::Csv { .. } | SourceSpec::Jsonl { .. } => None,
+        }
     }
 
     /// Opens the source as chunks of raw rows.
@@ -187,6 +200,18 @@ impl SourceSpec {
             }
         }
     }
+}
+
+/// Total rows of Parquet files from their footers.
+fn parquet_rows(files: &[PathBuf]) -> Option<u64> {
+    use parquet::file::reader::FileReader;
+    let mut total = 0u64;
+    for path in files {
+        let reader =
+            parquet::file::reader::SerializedFileReader::new(File::open(path).ok()?).ok()?;
+        total += u64::try_from(reader.metadata().file_metadata().num_rows()).ok()?;
+    }
+    Some(total)
 }
 
 fn chunked(rows: Vec<RawRow>) -> Chunks {

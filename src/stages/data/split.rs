@@ -32,6 +32,11 @@ pub struct SplitSpec {
 /// Ratios may be off by this much from summing to 1 (decimal literals like 0.7 + 0.2 + 0.1).
 const RATIO_TOLERANCE: f64 = 1e-6;
 
+/// File name of a split part in the split stage's cache entry (`train.parquet`, …).
+pub fn part_file_name(part: &str) -> String {
+    format!("{part}.parquet")
+}
+
 /// A seeded permutation of `table`'s rows.
 pub fn shuffle(table: &RowTable, seed: u64) -> RowTable {
     let mut rows = table.rows.clone();
