@@ -314,23 +314,25 @@ fn probe_parallel(images: &mut [RawImage], spec: &DatasetSpec, threads: usize) -
         let handles: Vec<_> = images
             .chunks_mut(per_thread)
             .map(|part| {
-                scope.spawn(move || {
+                let len = part.len();
+                let handle = scope.spawn(move || {
                     part.iter_mut()
                         .map(|img| {
-                            load_and_probe(
-                                std::mem::replace(img, RawImage::Missing(String::new())),
-                                spec,
-                            )
+                            let img = std::mem::replace(img, RawImage::Missing(String::new()));
+                            load_and_probe(img, spec)
                         })
                         .collect::<Vec<_>>()
-                })
+                });
+                (len, handle)
             })
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec![Err("image worker panicked".to_owned()); per_thread])
+            .flat_map(|(len, handle)| {
+                // A panicking decoder costs its part's rows (recorded as errors), not the run.
+                handle
+                    .join()
+                    .unwrap_or_else(|_| vec![Err("image decoder panicked".to_owned()); len])
             })
             .collect()
     })

@@ -25,10 +25,12 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
-    /// A uniform integer in `0..bound` (`bound > 0`), without modulo bias: Lemire's
-    /// multiply-shift with rejection ("Fast Random Integer Generation in an Interval", 2019).
+    /// A uniform integer in `0..bound`, without modulo bias: Lemire's multiply-shift with
+    /// rejection ("Fast Random Integer Generation in an Interval", 2019). `below(0)` is 0.
     pub fn below(&mut self, bound: u64) -> u64 {
-        debug_assert!(bound > 0);
+        if bound == 0 {
+            return 0;
+        }
         let threshold = bound.wrapping_neg() % bound;
         loop {
             let product = u128::from(self.next_u64()) * u128::from(bound);

@@ -273,7 +273,10 @@ fn folder_rows(dir: &Path) -> Result<Vec<(String, PathBuf, String)>, DataError> 
             .components()
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
             .collect();
-        let class = parts[0].clone();
+        // min_depth(2) guarantees a class folder component.
+        let Some(class) = parts.first().cloned() else {
+            continue;
+        };
         rows.push((parts.join("/"), item.path().to_path_buf(), class));
     }
     rows.sort_by(|a, b| a.0.cmp(&b.0));
