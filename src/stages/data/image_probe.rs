@@ -221,4 +221,26 @@ mod tests {
             "empty file"
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        // Damaged files come from users: probing must answer, never panic.
+        #[test]
+        fn damaged_images_never_panic(
+            cut in 0usize..2000,
+            flips in proptest::collection::vec((0usize..2000, proptest::num::u8::ANY), 0..8),
+            png in proptest::bool::ANY,
+        ) {
+            let format = if png { ImageFormat::Png } else { ImageFormat::Jpeg };
+            let mut bytes = encode(image::DynamicImage::new_rgb8(20, 10), format);
+            for (at, value) in flips {
+                let len = bytes.len();
+                bytes[at % len] = value;
+            }
+            bytes.truncate(cut.max(1));
+            let _ = probe_image(&bytes, ImageCheck::Header);
+            let _ = probe_image(&bytes, ImageCheck::Full);
+        }
+    }
 }

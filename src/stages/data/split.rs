@@ -197,4 +197,42 @@ mod tests {
             assert!(stratified_split(&table, &SplitSpec { parts, seed: 1 }).is_err());
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(100))]
+
+        #[test]
+        fn split_partitions_every_class_exactly(
+            sizes in proptest::collection::vec(0usize..40, 1..5),
+            first in 1u32..9,
+            seed in proptest::num::u64::ANY,
+        ) {
+            let classes: Vec<String> = (0..sizes.len()).map(|c| format!("c{c}")).collect();
+            let rows: Vec<RowRecord> = sizes
+                .iter()
+                .enumerate()
+                .flat_map(|(c, &n)| {
+                    (0..n).map(move |i| RowRecord {
+                        row_id: format!("c{c}/{i}"),
+                        image_id: String::new(),
+                        label: format!("c{c}"),
+                        label_index: c as u32,
+                    })
+                })
+                .collect();
+            let table = RowTable { rows, classes };
+            let a = f64::from(first) / 10.0;
+            let spec = SplitSpec { parts: vec![part("train", a), part("test", 1.0 - a)], seed };
+            let parts = stratified_split(&table, &spec).unwrap();
+            for (c, &n) in sizes.iter().enumerate() {
+                let label = format!("c{c}");
+                let got: Vec<usize> = parts
+                    .iter()
+                    .map(|(_, t)| t.rows.iter().filter(|r| r.label == label).count())
+                    .collect();
+                proptest::prop_assert_eq!(got.iter().sum::<usize>(), n);
+                proptest::prop_assert!((got[0] as f64 - n as f64 * a).abs() <= 1.0);
+            }
+        }
+    }
 }
