@@ -270,3 +270,34 @@ fn dropped_writer_leaves_nothing() {
         Lookup::Miss(MissReason::Absent)
     ));
 }
+
+#[test]
+fn nested_output_files_are_tracked_and_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CacheStore::open(dir.path()).unwrap();
+    let lock = store.lock(Duration::ZERO).unwrap();
+    let key = fp("nested");
+    let writer = store.begin(&lock, &key, "tuned", "finetune").unwrap();
+    std::fs::write(
+        writer.path("checkpoints/step-100/adapter.bin").unwrap(),
+        b"w",
+    )
+    .unwrap();
+    std::fs::write(writer.path("summary.json").unwrap(), b"{}").unwrap();
+    for bad in ["", "/abs", "a/../b", "manifest.json", "a//b", "./a"] {
+        assert!(writer.path(bad).is_err(), "{bad:?}");
+    }
+    let entry = writer.commit(json!({})).unwrap();
+    let names: Vec<&str> = entry
+        .manifest()
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(names, ["checkpoints/step-100/adapter.bin", "summary.json"]);
+    std::fs::write(entry.path("checkpoints/step-100/adapter.bin"), b"W").unwrap();
+    assert!(matches!(
+        store.lookup(&lock, &key, Verify::Fast).unwrap(),
+        Lookup::Miss(MissReason::Corrupt(_))
+    ));
+}

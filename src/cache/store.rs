@@ -360,15 +360,20 @@ pub struct EntryWriter {
 }
 
 impl EntryWriter {
-    /// The temp folder the stage writes its files into (plain files only, no sub-folders).
+    /// The temp folder the stage writes its files into (sub-folders allowed).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Path of output file `name` in the temp folder.
+    /// Path of output file `name` (relative, `/`-separated, e.g. `rows.parquet` or
+    /// `checkpoints/step-100/adapter.safetensors`) in the temp folder; creates its parent folders.
     pub fn path(&self, name: &str) -> Result<PathBuf, CacheError> {
         check_file_name(name)?;
-        Ok(self.dir.join(name))
+        let path = self.dir.join(name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(CacheError::io(parent))?;
+        }
+        Ok(path)
     }
 
     /// Records the input fingerprints (for `gc` reachability).
@@ -380,15 +385,29 @@ impl EntryWriter {
     /// `entries/<fingerprint>` (replacing a stale entry of that name).
     pub fn commit(mut self, metadata: Value) -> Result<CacheEntry, CacheError> {
         let mut files = Vec::new();
-        for item in fs::read_dir(&self.dir).map_err(CacheError::io(&self.dir))? {
-            let path = item.map_err(CacheError::io(&self.dir))?.path();
+        for item in walkdir::WalkDir::new(&self.dir).min_depth(1) {
+            let item = item.map_err(|e| CacheError::Io {
+                path: self.dir.clone(),
+                source: e.into(),
+            })?;
+            if item.file_type().is_dir() {
+                continue;
+            }
+            let path = item.path().to_path_buf();
             let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
+                .strip_prefix(&self.dir)
+                .map(|rel| {
+                    rel.components()
+                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join("/")
+                })
                 .unwrap_or_default();
-            if name == MANIFEST_FILE || !path.is_file() {
+            // Symlinks and other non-files could point outside the entry.
+            if !item.file_type().is_file() {
                 return Err(CacheError::BadFileName { name });
             }
+            check_file_name(&name)?;
             // Durable before the rename makes the entry visible.
             File::open(&path)
                 .and_then(|f| f.sync_all())
@@ -445,13 +464,15 @@ impl Drop for EntryWriter {
     }
 }
 
+/// A relative `/`-separated path that stays inside the entry and is not the manifest.
 fn check_file_name(name: &str) -> Result<(), CacheError> {
-    let plain = !name.is_empty()
+    let inside = !name.is_empty()
         && name != MANIFEST_FILE
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\\']);
-    if plain {
+        && !name.contains('\\')
+        && name
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+    if inside {
         Ok(())
     } else {
         Err(CacheError::BadFileName {
