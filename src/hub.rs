@@ -201,6 +201,9 @@ pub struct DatasetSplitFiles {
     pub repo_paths: Vec<String>,
 }
 
+/// The branch where the Hub keeps a Parquet conversion of every dataset.
+const CONVERTED_PARQUET_REVISION: &str = "refs/convert/parquet";
+
 /// Files a model loader reads besides the weights; the first three are required.
 const MODEL_FILES: &[(&str, bool)] = &[
     ("config.json", true),
@@ -318,8 +321,33 @@ impl Hub {
     /// The Parquet files of `split` (and `config`, when the repo has several) of a dataset repo.
     ///
     /// Uses the cached snapshot when it has files for the split; otherwise (not offline) lists
-    /// the repo on the Hub and downloads the matching files into the cache.
+    /// the repo on the Hub and downloads the matching files into the cache. A repo at `main`
+    /// whose files are not Parquet falls back to the Hub's Parquet conversion branch
+    /// (`refs/convert/parquet`, config folder `default` unless one is given).
     pub fn dataset_split_files(
+        &self,
+        repo: &HubRepo,
+        config: Option<&str>,
+        split: &str,
+    ) -> Result<DatasetSplitFiles, HubError> {
+        let first = self.split_files_at(repo, config, split);
+        let converted_fallback = repo.revision == "main"
+            && matches!(
+                first,
+                Err(HubError::NoSplitFiles { .. }) | Err(HubError::OfflineMissing { .. })
+            );
+        if !converted_fallback {
+            return first;
+        }
+        let converted = repo.clone().at(CONVERTED_PARQUET_REVISION);
+        match self.split_files_at(&converted, Some(config.unwrap_or("default")), split) {
+            Ok(files) => Ok(files),
+            // The error about the repo's own files is the one a user can act on.
+            Err(_) => first,
+        }
+    }
+
+    fn split_files_at(
         &self,
         repo: &HubRepo,
         config: Option<&str>,

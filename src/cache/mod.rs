@@ -68,8 +68,10 @@ pub enum CacheError {
         #[source]
         source: parquet::errors::ParquetError,
     },
-    /// An output file name is not a plain file name inside the entry.
-    #[error("invalid output file name `{name}` (expected a plain file name without `/`)")]
+    /// An output path would leave the entry, shadow the manifest, or is not a regular file.
+    #[error(
+        "invalid output file `{name}` (expected a regular file at a relative path inside the entry, not `manifest.json`)"
+    )]
     BadFileName { name: String },
 }
 

@@ -29,8 +29,8 @@ pub enum Verify {
 /// The result of a lookup.
 #[derive(Debug)]
 pub enum Lookup {
-    /// A verified entry.
-    Hit(CacheEntry),
+    /// A verified entry (boxed: the manifest is large next to a miss reason).
+    Hit(Box<CacheEntry>),
     /// Nothing usable; the stage must run.
     Miss(MissReason),
 }
@@ -97,7 +97,7 @@ pub enum GcPolicy {
     /// Keep the given fingerprints and every entry reachable from them through manifest inputs;
     /// remove everything else.
     KeepReachable(Vec<Fingerprint>),
-    /// Remove entries created longer ago than this.
+    /// Remove entries at least this old (whole seconds; zero removes every entry).
     OlderThan(Duration),
 }
 
@@ -194,7 +194,7 @@ impl CacheStore {
                     // record the new mtimes so the next fast lookup skips the rehash.
                     write_manifest_atomically(&dir, &manifest)?;
                 }
-                Ok(Lookup::Hit(CacheEntry { dir, manifest }))
+                Ok(Lookup::Hit(Box::new(CacheEntry { dir, manifest })))
             }
             Err(problem) => {
                 self.remove_dir(&dir)?;
@@ -268,7 +268,7 @@ impl CacheStore {
         for info in infos {
             let remove = match (&info.manifest, policy) {
                 (None, _) => true,
-                (Some(_), GcPolicy::OlderThan(limit)) => info.age > *limit,
+                (Some(_), GcPolicy::OlderThan(limit)) => info.age >= *limit,
                 (Some(_), GcPolicy::KeepReachable(_)) => keep
                     .as_ref()
                     .is_some_and(|k| !k.contains(&info.fingerprint)),
@@ -360,15 +360,20 @@ pub struct EntryWriter {
 }
 
 impl EntryWriter {
-    /// The temp folder the stage writes its files into (plain files only, no sub-folders).
+    /// The temp folder the stage writes its files into (sub-folders allowed).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Path of output file `name` in the temp folder.
+    /// Path of output file `name` (relative, `/`-separated, e.g. `rows.parquet` or
+    /// `checkpoints/step-100/adapter.safetensors`) in the temp folder; creates its parent folders.
     pub fn path(&self, name: &str) -> Result<PathBuf, CacheError> {
         check_file_name(name)?;
-        Ok(self.dir.join(name))
+        let path = self.dir.join(name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(CacheError::io(parent))?;
+        }
+        Ok(path)
     }
 
     /// Records the input fingerprints (for `gc` reachability).
@@ -380,15 +385,29 @@ impl EntryWriter {
     /// `entries/<fingerprint>` (replacing a stale entry of that name).
     pub fn commit(mut self, metadata: Value) -> Result<CacheEntry, CacheError> {
         let mut files = Vec::new();
-        for item in fs::read_dir(&self.dir).map_err(CacheError::io(&self.dir))? {
-            let path = item.map_err(CacheError::io(&self.dir))?.path();
+        for item in walkdir::WalkDir::new(&self.dir).min_depth(1) {
+            let item = item.map_err(|e| CacheError::Io {
+                path: self.dir.clone(),
+                source: e.into(),
+            })?;
+            if item.file_type().is_dir() {
+                continue;
+            }
+            let path = item.path().to_path_buf();
             let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
+                .strip_prefix(&self.dir)
+                .map(|rel| {
+                    rel.components()
+                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join("/")
+                })
                 .unwrap_or_default();
-            if name == MANIFEST_FILE || !path.is_file() {
+            // Symlinks and other non-files could point outside the entry.
+            if !item.file_type().is_file() {
                 return Err(CacheError::BadFileName { name });
             }
+            check_file_name(&name)?;
             // Durable before the rename makes the entry visible.
             File::open(&path)
                 .and_then(|f| f.sync_all())
@@ -445,13 +464,15 @@ impl Drop for EntryWriter {
     }
 }
 
+/// A relative `/`-separated path that stays inside the entry and is not the manifest.
 fn check_file_name(name: &str) -> Result<(), CacheError> {
-    let plain = !name.is_empty()
+    let inside = !name.is_empty()
         && name != MANIFEST_FILE
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\\']);
-    if plain {
+        && !name.contains('\\')
+        && name
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+    if inside {
         Ok(())
     } else {
         Err(CacheError::BadFileName {

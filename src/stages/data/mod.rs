@@ -1,1 +1,145 @@
-//! Data stages: sources, filters, splits and samples.
+//! Data stages: sources → a dataset (rows + one image store), filters, splits, samples.
+//!
+//! A dataset stage reads a [`SourceSpec`] and writes four Parquet files into a folder (a cache
+//! entry's temp folder, given by the executor):
+//!
+//! ```text
+//! rows.parquet      row_id, image_id, label, label_index   (the table everything downstream uses)
+//! images.parquet    image_id, bytes, width, height, mode, format   (each distinct image once)
+//! errors.parquet    row_id, reason      (undecodable or missing images; never silently lost)
+//! filtered.parquet  row_id, filter, detail   (rows removed by `keep`, `max_image_size`, `drop`)
+//! ```
+//!
+//! Splits, shuffles and samples are row tables (the `rows.parquet` schema) that reference images
+//! by `image_id`; image bytes are never copied. Readers fetch images from the dataset's
+//! `images.parquet` through [`ImageStore`].
+//!
+//! **Architecture Invariant**: nothing here knows the DSL or the cache; inputs are typed specs and
+//! paths, outputs are Parquet files and reports.
+
+mod bench;
+mod image_probe;
+mod image_store;
+mod ingest;
+mod prng;
+mod rows;
+mod source;
+mod split;
+mod synthetic;
+
+pub use bench::{IngestBench, bench_ingest_folder};
+pub use image_probe::{ImageCheck, ImageInfo, probe_image};
+pub use image_store::{ImageStore, StoredImage};
+pub use ingest::{DatasetSpec, FilterSpec, IngestReport, ingest};
+pub use prng::SplitMix64;
+pub use rows::{RowRecord, RowTable, read_rows, write_rows};
+pub use source::{LabelSpec, SourceSpec};
+pub use split::{SplitPart, SplitSpec, part_file_name, sample, shuffle, stratified_split};
+pub use synthetic::{Shape, SyntheticSpec};
+
+use std::path::PathBuf;
+
+/// Rows of a dataset (and of every split part or sample).
+pub const ROWS_FILE: &str = "rows.parquet";
+/// The image store of a dataset.
+pub const IMAGES_FILE: &str = "images.parquet";
+/// Rows whose image could not be read or decoded.
+pub const ERRORS_FILE: &str = "errors.parquet";
+/// Rows removed by a filter.
+pub const FILTERED_FILE: &str = "filtered.parquet";
+
+/// Version of the data stages' output; part of their fingerprints (bump when outputs change).
+pub const DATA_CODE_VERSION: u32 = 1;
+
+/// Errors of the data stages. Bad images are not errors (they go to `errors.parquet`).
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("i/o error on `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read or write Parquet `{path}`: {source}")]
+    Parquet {
+        path: PathBuf,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("Arrow error on `{path}`: {source}")]
+    Arrow {
+        path: PathBuf,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    #[error("`{path}` has no column `{column}` (columns: {available})")]
+    MissingColumn {
+        path: PathBuf,
+        column: String,
+        available: String,
+    },
+    #[error("column `{column}` of `{path}` has type {found}, expected {expected}")]
+    ColumnType {
+        path: PathBuf,
+        column: String,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "row `{row_id}`: label value `{value}` is missing from the label mapping (mapped: {known})"
+    )]
+    UnmappedLabel {
+        row_id: String,
+        value: String,
+        known: String,
+    },
+    #[error("row `{row_id}`: label `{label}` is not one of the classes ({known})")]
+    UnknownClass {
+        row_id: String,
+        label: String,
+        known: String,
+    },
+    #[error("row `{row_id}`: the label is empty or null")]
+    MissingLabel { row_id: String },
+    #[error("row `{row_id}`: label `{value}` is not an integer, but the label has an int mapping")]
+    LabelNotInt { row_id: String, value: String },
+    #[error("{what} `{path}`: {message}")]
+    BadSource {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error(
+        "the source needs a label column (`label = \"column\"`); only folders and synthetic data name their own labels"
+    )]
+    LabelColumnNeeded,
+    #[error("invalid parameter: {0}")]
+    Param(String),
+    #[error("sample of {requested} rows requested, but the input has only {available}")]
+    SampleTooLarge { requested: usize, available: usize },
+    #[error("image `{image_id}` is not in the image store `{path}`")]
+    ImageNotFound { image_id: String, path: PathBuf },
+    #[error("image `{image_id}` does not decode: {reason}")]
+    Decode { image_id: String, reason: String },
+    #[error("`{path}` is not a vlmpipe row table: {message}")]
+    BadRowTable { path: PathBuf, message: String },
+}
+
+impl DataError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| DataError::Io { path, source }
+    }
+
+    pub(crate) fn parquet(
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(parquet::errors::ParquetError) -> Self {
+        let path = path.into();
+        move |source| DataError::Parquet { path, source }
+    }
+
+    pub(crate) fn arrow(path: impl Into<PathBuf>) -> impl FnOnce(arrow::error::ArrowError) -> Self {
+        let path = path.into();
+        move |source| DataError::Arrow { path, source }
+    }
+}

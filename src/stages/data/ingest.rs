@@ -1,0 +1,379 @@
+//! The dataset stage: read a source, check each image, filter, store images once, write tables.
+//!
+//! Per chunk of rows: explicit drops first (their images are never read), then the label
+//! (an unmapped or missing label stops the stage with an error naming the row: a wrong mapping
+//! is a pipeline bug, not bad data), then the image is loaded and probed in parallel across
+//! `threads` (an unreadable image is recorded in `errors.parquet` and the run goes on), then the
+//! `keep` mode and `max_image_size` filters (recorded in `filtered.parquet`). Kept rows keep the
+//! source's order.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use parquet::arrow::ArrowWriter;
+
+use super::image_store::{ImageStoreWriter, image_id};
+use super::source::{RawImage, RawLabel};
+use super::{
+    DataError, ERRORS_FILE, FILTERED_FILE, IMAGES_FILE, ImageCheck, ImageInfo, LabelSpec,
+    ROWS_FILE, RowRecord, RowTable, SourceSpec, probe_image, write_rows,
+};
+
+/// Row filters of a dataset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FilterSpec {
+    /// Keep only images whose PIL-style mode is listed (`keep = rgb_only` → `["RGB"]`).
+    pub modes: Option<Vec<String>>,
+    /// Drop images whose longest side exceeds this many pixels.
+    pub max_image_size: Option<u32>,
+    /// Row ids to drop; ids that match no row are reported in [`IngestReport::unknown_drop_ids`].
+    pub drop: Vec<String>,
+}
+
+/// Everything the dataset stage needs.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DatasetSpec {
+    pub source: SourceSpec,
+    /// Image column of Parquet/CSV/JSONL sources (ignored by folders and synthetic data).
+    pub image_column: String,
+    pub label: LabelSpec,
+    /// The class list (`labels NAME = [...]`): fixes `label_index` order and rejects other labels.
+    /// Without it: mapping values in key order, synthetic classes, or the sorted labels seen.
+    pub classes: Option<Vec<String>>,
+    pub filters: FilterSpec,
+    pub check: ImageCheck,
+    /// Worker threads for reading and probing images; 0 = the machine's parallelism.
+    pub threads: usize,
+}
+
+impl DatasetSpec {
+    /// What identifies the source's current content (see [`SourceSpec::stamp`]); the executor
+    /// mixes it into the dataset fingerprint so edited local data reruns the stage.
+    pub fn source_stamp(&self) -> Result<serde_json::Value, DataError> {
+        self.source.stamp(&self.image_column)
+    }
+
+    /// A spec with the defaults (`image` column, labels from the source, no filters).
+    pub fn new(source: SourceSpec) -> Self {
+        Self {
+            source,
+            image_column: "image".to_owned(),
+            label: LabelSpec::FromSource,
+            classes: None,
+            filters: FilterSpec::default(),
+            check: ImageCheck::Header,
+            threads: 0,
+        }
+    }
+}
+
+/// What the dataset stage did (stored as the cache entry's metadata; shown by reports).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IngestReport {
+    /// Rows the source yielded.
+    pub rows_read: usize,
+    /// Rows in `rows.parquet`.
+    pub rows_kept: usize,
+    /// Distinct images in `images.parquet`.
+    pub images_stored: usize,
+    /// Kept rows whose image bytes equal an earlier row's (stored once).
+    pub duplicate_images: usize,
+    /// Rows in `errors.parquet`.
+    pub errors: usize,
+    /// The first few `(row id, reason)` of `errors.parquet`, for messages.
+    pub error_examples: Vec<(String, String)>,
+    /// Rows removed per filter (`drop`, `mode`, `max_image_size`).
+    pub filtered: BTreeMap<String, usize>,
+    /// `drop` ids that matched no row (likely a typo or a different dataset revision).
+    pub unknown_drop_ids: Vec<String>,
+    /// Class list in `label_index` order.
+    pub classes: Vec<String>,
+    /// Kept rows per class.
+    pub class_counts: BTreeMap<String, usize>,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// Error examples kept in the report (the full list is in `errors.parquet`).
+const ERROR_EXAMPLES: usize = 10;
+
+/// Runs the dataset stage, writing [`ROWS_FILE`], [`IMAGES_FILE`], [`ERRORS_FILE`] and
+/// [`FILTERED_FILE`] into `out_dir`. `progress` is advanced by rows read.
+pub fn ingest(
+    spec: &DatasetSpec,
+    out_dir: &Path,
+    progress: &indicatif::ProgressBar,
+) -> Result<IngestReport, DataError> {
+    let start = Instant::now();
+    if let SourceSpec::Synthetic(synthetic) = &spec.source {
+        synthetic.validate()?;
+    }
+    let threads = match spec.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+        n => n,
+    };
+    let drops: HashSet<&str> = spec.filters.drop.iter().map(String::as_str).collect();
+    let mut seen_drops: HashSet<String> = HashSet::new();
+    let mut store = ImageStoreWriter::create(&out_dir.join(IMAGES_FILE))?;
+    let mut stored_ids: HashSet<String> = HashSet::new();
+    let mut kept: Vec<(String, String, String)> = Vec::new(); // row id, image id, label
+    let mut errors: Vec<Vec<String>> = Vec::new();
+    let mut filtered: Vec<Vec<String>> = Vec::new();
+    let mut report = IngestReport::default();
+    if let Some(total) = spec.source.row_count_hint() {
+        progress.set_length(total);
+    }
+
+    for chunk in spec.source.open(&spec.image_column, &spec.label)? {
+        let chunk = chunk?;
+        report.rows_read += chunk.len();
+        progress.inc(chunk.len() as u64);
+        let mut todo = Vec::with_capacity(chunk.len());
+        for row in chunk {
+            if drops.contains(row.row_id.as_str()) {
+                seen_drops.insert(row.row_id.clone());
+                filtered.push(vec![
+                    row.row_id,
+                    "drop".to_owned(),
+                    "listed in `drop`".to_owned(),
+                ]);
+                continue;
+            }
+            let label = resolve_label(
+                &row.row_id,
+                &row.label,
+                &spec.label,
+                spec.classes.as_deref(),
+            )?;
+            todo.push((row.row_id, label, row.image));
+        }
+        let mut images: Vec<RawImage> = todo
+            .iter_mut()
+            .map(|t| std::mem::replace(&mut t.2, RawImage::Missing(String::new())))
+            .collect();
+        let probed = probe_parallel(&mut images, spec, threads);
+        for ((row_id, label, _), outcome) in todo.into_iter().zip(probed) {
+            let (id, bytes, info) = match outcome {
+                Ok(ok) => ok,
+                Err(reason) => {
+                    if report.error_examples.len() < ERROR_EXAMPLES {
+                        report.error_examples.push((row_id.clone(), reason.clone()));
+                    }
+                    errors.push(vec![row_id, reason]);
+                    continue;
+                }
+            };
+            if let Some(modes) = &spec.filters.modes
+                && !modes.contains(&info.mode)
+            {
+                let detail = format!("mode {} not in [{}]", info.mode, modes.join(", "));
+                filtered.push(vec![row_id, "mode".to_owned(), detail]);
+                continue;
+            }
+            if let Some(limit) = spec.filters.max_image_size
+                && info.width.max(info.height) > limit
+            {
+                let detail = format!("{}x{} exceeds {limit}", info.width, info.height);
+                filtered.push(vec![row_id, "max_image_size".to_owned(), detail]);
+                continue;
+            }
+            if stored_ids.insert(id.clone()) {
+                store.push(id.clone(), bytes, info)?;
+            } else {
+                report.duplicate_images += 1;
+            }
+            kept.push((row_id, id, label));
+        }
+    }
+    report.images_stored = store.finish()?;
+
+    let classes = class_list(spec, &kept);
+    let mut rows = Vec::with_capacity(kept.len());
+    for (row_id, image_id, label) in kept {
+        let Some(index) = classes.iter().position(|c| *c == label) else {
+            return Err(DataError::UnknownClass {
+                row_id,
+                label,
+                known: classes.join(", "),
+            });
+        };
+        *report.class_counts.entry(label.clone()).or_default() += 1;
+        rows.push(RowRecord {
+            row_id,
+            image_id,
+            label,
+            label_index: u32::try_from(index).unwrap_or(u32::MAX),
+        });
+    }
+    report.rows_kept = rows.len();
+    report.errors = errors.len();
+    for row in &filtered {
+        *report.filtered.entry(row[1].clone()).or_default() += 1;
+    }
+    let unknown: BTreeSet<&str> = drops
+        .iter()
+        .copied()
+        .filter(|d| !seen_drops.contains(*d))
+        .collect();
+    report.unknown_drop_ids = unknown.into_iter().map(str::to_owned).collect();
+    report.classes = classes.clone();
+    write_rows(&out_dir.join(ROWS_FILE), &RowTable { rows, classes })?;
+    write_text_table(&out_dir.join(ERRORS_FILE), &["row_id", "reason"], &errors)?;
+    write_text_table(
+        &out_dir.join(FILTERED_FILE),
+        &["row_id", "filter", "detail"],
+        &filtered,
+    )?;
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn resolve_label(
+    row_id: &str,
+    raw: &RawLabel,
+    spec: &LabelSpec,
+    classes: Option<&[String]>,
+) -> Result<String, DataError> {
+    let missing = || DataError::MissingLabel {
+        row_id: row_id.to_owned(),
+    };
+    let label = match spec {
+        LabelSpec::Mapped { mapping, .. } => {
+            let value = match raw {
+                RawLabel::Int(v) => *v,
+                RawLabel::Text(s) | RawLabel::Given(s) => {
+                    s.parse::<i64>().map_err(|_| DataError::LabelNotInt {
+                        row_id: row_id.to_owned(),
+                        value: s.clone(),
+                    })?
+                }
+                RawLabel::Missing => return Err(missing()),
+            };
+            mapping
+                .get(&value)
+                .cloned()
+                .ok_or_else(|| DataError::UnmappedLabel {
+                    row_id: row_id.to_owned(),
+                    value: value.to_string(),
+                    known: mapping
+                        .iter()
+                        .map(|(k, v)| format!("{k} → {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?
+        }
+        LabelSpec::Names { .. } | LabelSpec::FromSource => match raw {
+            RawLabel::Int(v) => v.to_string(),
+            RawLabel::Text(s) | RawLabel::Given(s) => s.clone(),
+            RawLabel::Missing => return Err(missing()),
+        },
+    };
+    if let Some(classes) = classes
+        && !classes.contains(&label)
+    {
+        return Err(DataError::UnknownClass {
+            row_id: row_id.to_owned(),
+            label,
+            known: classes.join(", "),
+        });
+    }
+    Ok(label)
+}
+
+fn class_list(spec: &DatasetSpec, kept: &[(String, String, String)]) -> Vec<String> {
+    if let Some(classes) = &spec.classes {
+        return classes.clone();
+    }
+    if let LabelSpec::Mapped { mapping, .. } = &spec.label {
+        let mut out: Vec<String> = Vec::new();
+        for name in mapping.values() {
+            if !out.contains(name) {
+                out.push(name.clone());
+            }
+        }
+        return out;
+    }
+    if let SourceSpec::Synthetic(synthetic) = &spec.source {
+        return synthetic.classes();
+    }
+    let seen: BTreeSet<&str> = kept.iter().map(|k| k.2.as_str()).collect();
+    seen.into_iter().map(str::to_owned).collect()
+}
+
+type Probed = Result<(String, Vec<u8>, ImageInfo), String>;
+
+/// Loads and probes images on `threads` scoped threads, keeping the input order.
+fn probe_parallel(images: &mut [RawImage], spec: &DatasetSpec, threads: usize) -> Vec<Probed> {
+    let per_thread = images.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = images
+            .chunks_mut(per_thread)
+            .map(|part| {
+                let len = part.len();
+                let handle = scope.spawn(move || {
+                    part.iter_mut()
+                        .map(|img| {
+                            let img = std::mem::replace(img, RawImage::Missing(String::new()));
+                            load_and_probe(img, spec)
+                        })
+                        .collect::<Vec<_>>()
+                });
+                (len, handle)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|(len, handle)| {
+                // A panicking decoder costs its part's rows (recorded as errors), not the run.
+                handle
+                    .join()
+                    .unwrap_or_else(|_| vec![Err("image decoder panicked".to_owned()); len])
+            })
+            .collect()
+    })
+}
+
+fn load_and_probe(image: RawImage, spec: &DatasetSpec) -> Probed {
+    let bytes = match image {
+        RawImage::Bytes(bytes) => bytes,
+        RawImage::File(path) => {
+            std::fs::read(&path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?
+        }
+        RawImage::Synthetic(i) => match &spec.source {
+            SourceSpec::Synthetic(synthetic) => synthetic.render(i).map_err(|e| e.to_string())?,
+            _ => return Err("synthetic image outside a synthetic source".to_owned()),
+        },
+        RawImage::Missing(reason) => return Err(reason),
+    };
+    let info = probe_image(&bytes, spec.check)?;
+    Ok((image_id(&bytes), bytes, info))
+}
+
+/// Writes an all-utf8 table (errors, filtered rows).
+fn write_text_table(path: &Path, columns: &[&str], rows: &[Vec<String>]) -> Result<(), DataError> {
+    let schema = Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|c| Field::new(*c, DataType::Utf8, false))
+            .collect::<Vec<_>>(),
+    ));
+    let file = File::create(path).map_err(DataError::io(path))?;
+    let mut writer =
+        ArrowWriter::try_new(file, schema.clone(), None).map_err(DataError::parquet(path))?;
+    let arrays = (0..columns.len())
+        .map(|c| {
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.get(c).map_or("", String::as_str)),
+            )) as arrow::array::ArrayRef
+        })
+        .collect();
+    let batch = RecordBatch::try_new(schema, arrays).map_err(DataError::arrow(path))?;
+    writer.write(&batch).map_err(DataError::parquet(path))?;
+    writer.close().map_err(DataError::parquet(path))?;
+    Ok(())
+}
