@@ -129,7 +129,7 @@ pub fn run(
                 report.status = StageStatus::Cached;
                 fill_outputs(&mut report, &entry);
                 history.record(&node.name, identity);
-                entries[index] = Some(entry);
+                entries[index] = Some(*entry);
             }
             Lookup::Miss(miss) => {
                 let why = if forced {
