@@ -47,7 +47,9 @@ pub struct DatasetSpec {
     pub classes: Option<Vec<String>>,
     pub filters: FilterSpec,
     pub check: ImageCheck,
-    /// Worker threads for reading and probing images; 0 = the machine's parallelism.
+    /// Worker threads for reading and probing images; 0 = the machine's parallelism. Not
+    /// serialised: it never changes the output, so it must not change a fingerprint either.
+    #[serde(skip)]
     pub threads: usize,
 }
 

@@ -50,6 +50,9 @@ pub enum SourceSpec {
 }
 
 /// Where a row's label comes from.
+///
+/// An image folder always labels by its class folder: `FromSource` and `Names` use the folder
+/// name as is, `Mapped` reads it as an integer key (folders `0/`, `1/`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LabelSpec {
