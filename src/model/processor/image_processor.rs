@@ -139,6 +139,34 @@ impl ImageProcessor {
 
     /// Resizes, tiles, normalises and patchifies one image.
     pub fn process(&self, image: &RgbImage) -> Result<ProcessedImage, ProcessError> {
+        let layout = self.layout_of(image)?;
+        let mut out = self.empty_output(layout, &layout.view_sizes());
+        self.for_each_view(image, layout, |view, src, stride, origin, size| {
+            self.write_view(&mut out, view, src, stride, origin, size);
+        });
+        Ok(out)
+    }
+
+    /// The resized 8-bit views in processor order (tiles row-major, then the thumbnail): the
+    /// pixels [`Self::process`] normalises and patchifies. transformers' output is fully
+    /// determined by these bytes, so parity tests and debugging compare them directly.
+    pub fn views(&self, image: &RgbImage) -> Result<Vec<RgbImage>, ProcessError> {
+        let layout = self.layout_of(image)?;
+        let mut views = Vec::with_capacity(layout.num_views());
+        self.for_each_view(image, layout, |_, src, stride, (y0, x0), (h, w)| {
+            let mut raw = Vec::with_capacity(h * w * 3);
+            for y in y0..y0 + h {
+                raw.extend_from_slice(&src[(y * stride + x0) * 3..(y * stride + x0 + w) * 3]);
+            }
+            // The window lies inside `src` by construction, so the length always matches.
+            if let Some(view) = RgbImage::from_raw(w as u32, h as u32, raw) {
+                views.push(view);
+            }
+        });
+        Ok(views)
+    }
+
+    fn layout_of(&self, image: &RgbImage) -> Result<ImageLayout, ProcessError> {
         let (width, height) = (image.width() as usize, image.height() as usize);
         if width == 0 || height == 0 {
             return Err(ProcessError::ZeroSize {
@@ -146,9 +174,19 @@ impl ImageProcessor {
                 height: image.height(),
             });
         }
-        let layout = self.layout(height, width);
-        let views = layout.view_sizes();
-        let mut out = self.empty_output(layout, &views);
+        Ok(self.layout(height, width))
+    }
+
+    /// Resizes `image` per `layout` and calls `f(view, buffer, stride, origin, size)` for each
+    /// view in processor order, where the view is the `size` = (h, w) window at `origin` =
+    /// (y, x) of an RGB8 `buffer` with rows of `stride` pixels.
+    fn for_each_view(
+        &self,
+        image: &RgbImage,
+        layout: ImageLayout,
+        mut f: impl FnMut(usize, &[u8], usize, (usize, usize), (usize, usize)),
+    ) {
+        let (width, height) = (image.width() as usize, image.height() as usize);
         let src = image.as_raw();
         match layout {
             ImageLayout::Single {
@@ -156,7 +194,7 @@ impl ImageProcessor {
                 width: w,
             } => {
                 let resized = resize_rgb8(src, width, height, w, h);
-                self.write_view(&mut out, 0, &resized, w, (0, 0), (h, w));
+                f(0, &resized, w, (0, 0), (h, w));
             }
             ImageLayout::Tiled {
                 rows,
@@ -170,10 +208,8 @@ impl ImageProcessor {
                 let grid = resize_rgb8(src, width, height, grid_w, grid_h);
                 for r in 0..rows {
                     for c in 0..cols {
-                        let view = r * cols + c;
-                        self.write_view(
-                            &mut out,
-                            view,
+                        f(
+                            r * cols + c,
                             &grid,
                             grid_w,
                             (r * tile, c * tile),
@@ -183,11 +219,10 @@ impl ImageProcessor {
                 }
                 if let Some((th, tw)) = thumbnail {
                     let thumb = resize_rgb8(src, width, height, tw, th);
-                    self.write_view(&mut out, rows * cols, &thumb, tw, (0, 0), (th, tw));
+                    f(rows * cols, &thumb, tw, (0, 0), (th, tw));
                 }
             }
         }
-        Ok(out)
     }
 
     /// Zero-filled buffers sized for `views`, with shapes, masks and token counts filled in.
