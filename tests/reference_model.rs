@@ -14,7 +14,8 @@ mod reference_support;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use reference_support::{
-    Checks, ModelFixture, TestResult, checkpoint_dir, logits_tol, pixel_values_from_views,
+    Checks, ModelFixture, TestResult, VisionInputs, checkpoint_dir, logits_tol,
+    pixel_values_from_views,
 };
 use vlmpipe::model::checkpoint::{self, LoadOptions};
 use vlmpipe::model::generate::{FinishReason, GenerateConfig, Prompt, generate};
@@ -42,8 +43,11 @@ fn model_case(case: &str, checks: &mut Checks) -> TestResult<()> {
 
     // transformers' vision input, bit for bit.
     let max_patches = fx.tensor("pixel_attention_mask")?.dim(1)?;
-    let (pixel_values, mask, shapes) =
-        pixel_values_from_views(&fx.views()?, model.config().vision.patch_size, max_patches)?;
+    let VisionInputs {
+        pixel_values,
+        pixel_attention_mask: mask,
+        spatial_shapes: shapes,
+    } = pixel_values_from_views(&fx.views()?, model.config().vision.patch_size, max_patches)?;
     checks.eq("spatial_shapes", &shapes, &fx.spatial_shapes()?);
     checks.eq(
         "pixel_attention_mask",
@@ -293,3 +297,102 @@ model_cases!(
     realtok_system_512x384,
     realtok_wide_1500x500,
 );
+
+/// The README's batching fact: transformers 5.24 reproduces the single-prompt results for a
+/// left-padded batch of `thumb_tiny_40x30` (89 tokens) and `thumb_system_333x251` (163), so
+/// each row of ours must match its single-case fixture: last-position logits and `generate`.
+#[test]
+fn left_padded_batch_matches_single_cases() {
+    let mut checks = Checks::new("batch of thumb_tiny_40x30 + thumb_system_333x251");
+    if let Err(e) = batch(&mut checks) {
+        checks.fail(format!("could not run: {e}"));
+    }
+    checks.finish();
+}
+
+fn batch(checks: &mut Checks) -> TestResult<()> {
+    let cases = ["thumb_tiny_40x30", "thumb_system_333x251"];
+    let fixtures: Vec<ModelFixture> = cases
+        .iter()
+        .map(|c| ModelFixture::load(c))
+        .collect::<TestResult<_>>()?;
+    let Some(ckpt) = checkpoint_dir("tiny-thumb")? else {
+        return Ok(());
+    };
+    let model = checkpoint::load(&ckpt.path, &LoadOptions::default())?;
+    let mut prompts = Vec::new();
+    let mut features = Vec::new();
+    for fx in &fixtures {
+        let max_patches = fx.tensor("pixel_attention_mask")?.dim(1)?;
+        let inputs =
+            pixel_values_from_views(&fx.views()?, model.config().vision.patch_size, max_patches)?;
+        features.push(model.image_features(
+            &inputs.pixel_values,
+            &inputs.pixel_attention_mask,
+            &inputs.spatial_shapes,
+        )?);
+        prompts.push(input_ids(fx)?.squeeze(0)?.to_vec1::<u32>()?);
+    }
+
+    // One left-padded forward: row-major image features, mask 0 on the pads.
+    let pad = model.config().text.pad_token_id.unwrap_or(0);
+    let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    for p in &prompts {
+        ids.extend(std::iter::repeat_n(pad, len - p.len()).chain(p.iter().copied()));
+        mask.extend(
+            std::iter::repeat_n(0u32, len - p.len()).chain(std::iter::repeat_n(1, p.len())),
+        );
+    }
+    let ids = Tensor::from_vec(ids, (prompts.len(), len), &Device::Cpu)?;
+    let mask = Tensor::from_vec(mask, (prompts.len(), len), &Device::Cpu)?;
+    let all_features = Tensor::cat(&features, 0)?;
+    let mut cache = model.new_cache(prompts.len());
+    let last = model.forward(
+        &ids,
+        Some(&all_features),
+        Some(&mask),
+        &mut cache,
+        LogitsMode::Last,
+    )?;
+    for (row, (fx, case)) in fixtures.iter().zip(cases).enumerate() {
+        // The fixture's last stored position is L-1.
+        let reference = fx.tensor("logits")?;
+        let reference = reference.i(reference.dim(0)? - 1)?;
+        checks.close(
+            &format!("{case}: last-position logits in the batch"),
+            &last.i(row)?,
+            &reference,
+            logits_tol(&reference)?,
+        );
+    }
+
+    let eos = model.config().text.eos_token_ids.clone();
+    let cfg = GenerateConfig {
+        max_new_tokens: GREEDY_STEPS,
+        ..GenerateConfig::greedy(eos)
+    };
+    let batch: Vec<Prompt<'_>> = prompts
+        .iter()
+        .zip(&features)
+        .map(|(p, f)| Prompt {
+            input_ids: p,
+            image_features: Some(f),
+        })
+        .collect();
+    if let Some(out) = checks.step("batched generate", generate(&model, &batch, &cfg, None)) {
+        for ((fx, case), (seq, prompt)) in fixtures
+            .iter()
+            .zip(cases)
+            .zip(out.sequences.iter().zip(&prompts))
+        {
+            let expected = fx.u32s("generate_ids")?;
+            checks.eq(
+                &format!("{case}: batched generate ids"),
+                &seq.tokens.as_slice(),
+                &expected.get(prompt.len()..).unwrap_or_default(),
+            );
+        }
+    }
+    Ok(())
+}

@@ -18,8 +18,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 use reference_support::{
-    Checks, ModelFixture, TestResult, checkpoint_dir, compare_views, fixtures, json_strings,
-    json_usize, pixel_values_from_views, read,
+    Checks, ModelFixture, TestResult, VisionInputs, checkpoint_dir, compare_views, fixtures,
+    json_strings, json_usize, pixel_values_from_views, read,
 };
 use serde_json::Value;
 use tokenizers::Tokenizer;
@@ -89,8 +89,11 @@ fn compare_pixel_inputs(
     reference_views: &[RgbImage],
     patch: usize,
 ) -> TestResult<()> {
-    let (values, mask, shapes) =
-        pixel_values_from_views(reference_views, patch, ours.max_num_patches)?;
+    let VisionInputs {
+        pixel_values: values,
+        pixel_attention_mask: mask,
+        spatial_shapes: shapes,
+    } = pixel_values_from_views(reference_views, patch, ours.max_num_patches)?;
     checks.eq(
         &format!("{what}: spatial_shapes"),
         &ours.spatial_shapes,

@@ -123,14 +123,23 @@ pub fn json_strings(v: &Value) -> TestResult<Vec<String>> {
         .collect()
 }
 
+/// transformers' padded vision inputs.
+pub struct VisionInputs {
+    /// f32 `[V, max_patches, p*p*3]`.
+    pub pixel_values: Tensor,
+    /// u8 `[V, max_patches]`, 1 = real patch.
+    pub pixel_attention_mask: Tensor,
+    /// (patch rows, patch cols) per view.
+    pub spatial_shapes: Vec<(usize, usize)>,
+}
+
 /// The reference processor's padded inputs rebuilt from its views, with the README's formula
-/// (`(u8 - 127.5) / 127.5` in f32, patches row-major, within a patch y, x, channel; padding zero):
-/// `pixel_values [V, max_patches, p*p*3]` f32 and `pixel_attention_mask [V, max_patches]` u8.
+/// (`(u8 - 127.5) / 127.5` in f32, patches row-major, within a patch y, x, channel; padding zero).
 pub fn pixel_values_from_views(
     views: &[RgbImage],
     patch: usize,
     max_patches: usize,
-) -> TestResult<(Tensor, Tensor, Vec<(usize, usize)>)> {
+) -> TestResult<VisionInputs> {
     let dim = patch * patch * 3;
     let mut values = vec![0f32; views.len() * max_patches * dim];
     let mut mask = vec![0u8; views.len() * max_patches];
@@ -162,11 +171,11 @@ pub fn pixel_values_from_views(
         }
     }
     let n = views.len();
-    Ok((
-        Tensor::from_vec(values, (n, max_patches, dim), &Device::Cpu)?,
-        Tensor::from_vec(mask, (n, max_patches), &Device::Cpu)?,
-        shapes,
-    ))
+    Ok(VisionInputs {
+        pixel_values: Tensor::from_vec(values, (n, max_patches, dim), &Device::Cpu)?,
+        pixel_attention_mask: Tensor::from_vec(mask, (n, max_patches), &Device::Cpu)?,
+        spatial_shapes: shapes,
+    })
 }
 
 /// The checkpoint files the real tokenizer case takes from `../shared/models/LFM2-VL-450M/`.
