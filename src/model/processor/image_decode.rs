@@ -196,6 +196,19 @@ mod tests {
     }
 
     #[test]
+    fn sixteen_bit_alpha_composites_high_bytes() -> Result<(), ImageError> {
+        // PIL reads 16-bit RGBA as 8-bit RGBA (high bytes), then composites onto white.
+        let img = image::ImageBuffer::<Rgba<u16>, _>::from_pixel(
+            2,
+            1,
+            Rgba([0x0aff, 0x1400, 0x1e80, 0x80ff]),
+        );
+        let out = decode_image(&encode(&DynamicImage::ImageRgba16(img), ImageFormat::Png))?;
+        assert_eq!(out.get_pixel(1, 0).0, [132, 137, 142]);
+        Ok(())
+    }
+
+    #[test]
     fn sixteen_bit_keeps_high_byte() -> Result<(), ImageError> {
         let img = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(
             2,

@@ -387,6 +387,34 @@ mod tests {
     }
 
     #[test]
+    fn views_are_the_pixels_process_patchifies() -> Result<(), ProcessError> {
+        // 1024x1024 tiles 2x2 at 512 without resize: view 1 is the top-right crop.
+        let img = RgbImage::from_fn(1024, 1024, |x, y| {
+            Rgb([(x % 251) as u8, (y % 241) as u8, ((x * y) % 7) as u8])
+        });
+        let proc = processor(ProcessorConfig::default());
+        let views = proc.views(&img)?;
+        assert_eq!(views.len(), 5);
+        assert_eq!(views[1].dimensions(), (512, 512));
+        assert_eq!(views[1].get_pixel(3, 5), img.get_pixel(512 + 3, 5));
+        assert_eq!(views[4].dimensions(), (512, 512));
+        let out = proc.process(&img)?;
+        let lut = value_table(proc.config());
+        // Thumbnail view, patch 0, pixel (0, 0).
+        let thumb = &out.pixel_values[4 * 1024 * 768..4 * 1024 * 768 + 3];
+        let p = views[4].get_pixel(0, 0).0;
+        assert_eq!(
+            thumb,
+            &[
+                lut[0][usize::from(p[0])],
+                lut[1][usize::from(p[1])],
+                lut[2][usize::from(p[2])]
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
     fn tensors_have_reference_shapes() -> Result<(), Box<dyn std::error::Error>> {
         let img = RgbImage::from_pixel(100, 30, Rgb([1, 2, 3]));
         let out = processor(ProcessorConfig::default()).process(&img)?;
