@@ -1,14 +1,17 @@
 //! Decoding user image files into 8-bit RGB, the way transformers' `load_image` sees them.
 //!
-//! transformers loads images with PIL, applies `ImageOps.exif_transpose` and `convert("RGB")`:
-//! alpha is dropped (not composited on white; only the `do_convert_rgb` path composites, and
-//! LFM2-VL's configs leave it off), grayscale is replicated, palettes are expanded. PIL reads
-//! 16-bit RGB PNGs by keeping the high byte, which we match for every 16-bit image. A file that
-//! cannot be decoded is a per-sample [`ImageError`], never a panic.
+//! transformers gets PIL images with `ImageOps.exif_transpose` applied, and its processor's
+//! `do_convert_rgb` path (`image_transforms.convert_to_rgb`) turns them into RGB: grayscale is
+//! replicated, palettes are expanded, and alpha is composited onto an opaque **white**
+//! background with `Image.alpha_composite`, not dropped. LFM2-VL's configs say
+//! `do_convert_rgb: null`, but without it transformers fails on grayscale and RGBA input, so
+//! the reference fixtures (`tests/fixtures/reference/`) are computed with it on and we always
+//! convert that way. PIL reads 16-bit PNGs by keeping the high byte, which we match for every
+//! 16-bit image. A file that cannot be decoded is a per-sample [`ImageError`], never a panic.
 
 use std::io::Cursor;
 
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage, RgbaImage};
 
 /// Why an image file could not be turned into pixels.
 #[derive(Debug, thiserror::Error)]
@@ -70,37 +73,76 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     Ok(to_rgb8(img))
 }
 
-/// `convert("RGB")`: drop alpha, replicate gray, keep the high byte of 16-bit samples.
+/// transformers' `convert_to_rgb`: replicate gray, keep the high byte of 16-bit samples, and
+/// composite any alpha channel onto white.
 fn to_rgb8(img: DynamicImage) -> RgbImage {
     let (w, h) = (img.width(), img.height());
     let high_byte = |v: u16| (v >> 8) as u8;
+    if !img.color().has_alpha() {
+        let pixels: Option<Vec<u8>> = match &img {
+            DynamicImage::ImageRgb16(b) => Some(b.as_raw().iter().map(|&v| high_byte(v)).collect()),
+            DynamicImage::ImageLuma16(b) => {
+                Some(b.as_raw().iter().flat_map(|&v| [high_byte(v); 3]).collect())
+            }
+            _ => None,
+        };
+        return match pixels.and_then(|raw| RgbImage::from_raw(w, h, raw)) {
+            Some(rgb) => rgb,
+            None => match img {
+                DynamicImage::ImageRgb8(rgb) => rgb,
+                other => other.to_rgb8(),
+            },
+        };
+    }
     let pixels: Option<Vec<u8>> = match &img {
-        DynamicImage::ImageRgb16(b) => Some(b.as_raw().iter().map(|&v| high_byte(v)).collect()),
-        DynamicImage::ImageRgba16(b) => Some(
-            b.as_raw()
-                .chunks_exact(4)
-                .flat_map(|p| [high_byte(p[0]), high_byte(p[1]), high_byte(p[2])])
-                .collect(),
-        ),
-        DynamicImage::ImageLuma16(b) => {
-            Some(b.as_raw().iter().flat_map(|&v| [high_byte(v); 3]).collect())
-        }
+        DynamicImage::ImageRgba16(b) => Some(b.as_raw().iter().map(|&v| high_byte(v)).collect()),
         DynamicImage::ImageLumaA16(b) => Some(
             b.as_raw()
                 .chunks_exact(2)
-                .flat_map(|p| [high_byte(p[0]); 3])
+                .flat_map(|p| {
+                    let (l, a) = (high_byte(p[0]), high_byte(p[1]));
+                    [l, l, l, a]
+                })
                 .collect(),
         ),
         _ => None,
     };
-    match pixels.and_then(|raw| RgbImage::from_raw(w, h, raw)) {
-        Some(rgb) => rgb,
-        // 8-bit and float images: the image crate's conversion drops alpha as PIL does.
+    let rgba = match pixels.and_then(|raw| RgbaImage::from_raw(w, h, raw)) {
+        Some(rgba) => rgba,
         None => match img {
-            DynamicImage::ImageRgb8(rgb) => rgb,
-            other => other.to_rgb8(),
+            DynamicImage::ImageRgba8(rgba) => rgba,
+            other => other.to_rgba8(),
         },
+    };
+    let raw: Vec<u8> = rgba
+        .as_raw()
+        .chunks_exact(4)
+        .flat_map(|p| {
+            [
+                over_white(p[0], p[3]),
+                over_white(p[1], p[3]),
+                over_white(p[2], p[3]),
+            ]
+        })
+        .collect();
+    // Same dimensions as `rgba`, so the buffer length always matches.
+    RgbImage::from_raw(w, h, raw).unwrap_or_else(|| RgbImage::new(w, h))
+}
+
+/// One channel of PIL's `Image.alpha_composite(white, src)` (`libImaging/AlphaComposite.c`).
+/// With an opaque destination its 7-bit fixed-point coefficients are exact, `a * 128` and
+/// `(255 - a) * 128`, and the division by 255 is its shift-based rounding; a float formula
+/// would differ by one step on some values.
+fn over_white(c: u8, a: u8) -> u8 {
+    const PRECISION_BITS: u32 = 7;
+    if a == 0 {
+        return 255;
     }
+    let (c, a) = (u32::from(c), u32::from(a));
+    let tmp =
+        c * (a << PRECISION_BITS) + 255 * ((255 - a) << PRECISION_BITS) + (0x80 << PRECISION_BITS);
+    let div255 = ((tmp >> 8) + tmp) >> 8;
+    (div255 >> PRECISION_BITS) as u8
 }
 
 #[cfg(test)]
@@ -131,13 +173,38 @@ mod tests {
     }
 
     #[test]
-    fn alpha_is_dropped_and_gray_replicated() -> Result<(), ImageError> {
-        let rgba = image::RgbaImage::from_pixel(3, 2, Rgba([10, 20, 30, 0]));
+    fn alpha_is_composited_on_white_and_gray_replicated() -> Result<(), ImageError> {
+        let rgba = image::RgbaImage::from_fn(4, 1, |x, _| {
+            Rgba([10, 20, 30, [0, 128, 255, 1][x as usize]])
+        });
         let out = decode_image(&encode(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png))?;
-        assert_eq!(out.get_pixel(0, 0).0, [10, 20, 30]);
+        // Transparent is white, opaque is unchanged; half alpha mixes (PIL gives 132/137/142).
+        assert_eq!(out.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(out.get_pixel(1, 0).0, [132, 137, 142]);
+        assert_eq!(out.get_pixel(2, 0).0, [10, 20, 30]);
+        assert_eq!(out.get_pixel(3, 0).0, [254, 254, 254]);
+        let gray_alpha = image::GrayAlphaImage::from_pixel(1, 1, image::LumaA([0, 64]));
+        let out = decode_image(&encode(
+            &DynamicImage::ImageLumaA8(gray_alpha),
+            ImageFormat::Png,
+        ))?;
+        assert_eq!(out.get_pixel(0, 0).0, [191, 191, 191]);
         let gray = image::GrayImage::from_pixel(2, 2, Luma([77]));
         let out = decode_image(&encode(&DynamicImage::ImageLuma8(gray), ImageFormat::Png))?;
         assert_eq!(out.get_pixel(1, 1).0, [77, 77, 77]);
+        Ok(())
+    }
+
+    #[test]
+    fn sixteen_bit_alpha_composites_high_bytes() -> Result<(), ImageError> {
+        // PIL reads 16-bit RGBA as 8-bit RGBA (high bytes), then composites onto white.
+        let img = image::ImageBuffer::<Rgba<u16>, _>::from_pixel(
+            2,
+            1,
+            Rgba([0x0aff, 0x1400, 0x1e80, 0x80ff]),
+        );
+        let out = decode_image(&encode(&DynamicImage::ImageRgba16(img), ImageFormat::Png))?;
+        assert_eq!(out.get_pixel(1, 0).0, [132, 137, 142]);
         Ok(())
     }
 

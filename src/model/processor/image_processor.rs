@@ -139,6 +139,34 @@ impl ImageProcessor {
 
     /// Resizes, tiles, normalises and patchifies one image.
     pub fn process(&self, image: &RgbImage) -> Result<ProcessedImage, ProcessError> {
+        let layout = self.layout_of(image)?;
+        let mut out = self.empty_output(layout, &layout.view_sizes());
+        self.for_each_view(image, layout, |view, src, stride, origin, size| {
+            self.write_view(&mut out, view, src, stride, origin, size);
+        });
+        Ok(out)
+    }
+
+    /// The resized 8-bit views in processor order (tiles row-major, then the thumbnail): the
+    /// pixels [`Self::process`] normalises and patchifies. transformers' output is fully
+    /// determined by these bytes, so parity tests and debugging compare them directly.
+    pub fn views(&self, image: &RgbImage) -> Result<Vec<RgbImage>, ProcessError> {
+        let layout = self.layout_of(image)?;
+        let mut views = Vec::with_capacity(layout.num_views());
+        self.for_each_view(image, layout, |_, src, stride, (y0, x0), (h, w)| {
+            let mut raw = Vec::with_capacity(h * w * 3);
+            for y in y0..y0 + h {
+                raw.extend_from_slice(&src[(y * stride + x0) * 3..(y * stride + x0 + w) * 3]);
+            }
+            // The window lies inside `src` by construction, so the length always matches.
+            if let Some(view) = RgbImage::from_raw(w as u32, h as u32, raw) {
+                views.push(view);
+            }
+        });
+        Ok(views)
+    }
+
+    fn layout_of(&self, image: &RgbImage) -> Result<ImageLayout, ProcessError> {
         let (width, height) = (image.width() as usize, image.height() as usize);
         if width == 0 || height == 0 {
             return Err(ProcessError::ZeroSize {
@@ -146,9 +174,19 @@ impl ImageProcessor {
                 height: image.height(),
             });
         }
-        let layout = self.layout(height, width);
-        let views = layout.view_sizes();
-        let mut out = self.empty_output(layout, &views);
+        Ok(self.layout(height, width))
+    }
+
+    /// Resizes `image` per `layout` and calls `f(view, buffer, stride, origin, size)` for each
+    /// view in processor order, where the view is the `size` = (h, w) window at `origin` =
+    /// (y, x) of an RGB8 `buffer` with rows of `stride` pixels.
+    fn for_each_view(
+        &self,
+        image: &RgbImage,
+        layout: ImageLayout,
+        mut f: impl FnMut(usize, &[u8], usize, (usize, usize), (usize, usize)),
+    ) {
+        let (width, height) = (image.width() as usize, image.height() as usize);
         let src = image.as_raw();
         match layout {
             ImageLayout::Single {
@@ -156,7 +194,7 @@ impl ImageProcessor {
                 width: w,
             } => {
                 let resized = resize_rgb8(src, width, height, w, h);
-                self.write_view(&mut out, 0, &resized, w, (0, 0), (h, w));
+                f(0, &resized, w, (0, 0), (h, w));
             }
             ImageLayout::Tiled {
                 rows,
@@ -170,10 +208,8 @@ impl ImageProcessor {
                 let grid = resize_rgb8(src, width, height, grid_w, grid_h);
                 for r in 0..rows {
                     for c in 0..cols {
-                        let view = r * cols + c;
-                        self.write_view(
-                            &mut out,
-                            view,
+                        f(
+                            r * cols + c,
                             &grid,
                             grid_w,
                             (r * tile, c * tile),
@@ -183,11 +219,10 @@ impl ImageProcessor {
                 }
                 if let Some((th, tw)) = thumbnail {
                     let thumb = resize_rgb8(src, width, height, tw, th);
-                    self.write_view(&mut out, rows * cols, &thumb, tw, (0, 0), (th, tw));
+                    f(rows * cols, &thumb, tw, (0, 0), (th, tw));
                 }
             }
         }
-        Ok(out)
     }
 
     /// Zero-filled buffers sized for `views`, with shapes, masks and token counts filled in.
@@ -348,6 +383,34 @@ mod tests {
         assert_eq!(first(1), &[lut[0][100], lut[1][0], lut[2][0]]);
         assert_eq!(first(2), &[lut[0][0], lut[1][100], lut[2][0]]);
         assert_eq!(out.tokens_per_view, vec![256, 256, 256, 256, 256]);
+        Ok(())
+    }
+
+    #[test]
+    fn views_are_the_pixels_process_patchifies() -> Result<(), ProcessError> {
+        // 1024x1024 tiles 2x2 at 512 without resize: view 1 is the top-right crop.
+        let img = RgbImage::from_fn(1024, 1024, |x, y| {
+            Rgb([(x % 251) as u8, (y % 241) as u8, ((x * y) % 7) as u8])
+        });
+        let proc = processor(ProcessorConfig::default());
+        let views = proc.views(&img)?;
+        assert_eq!(views.len(), 5);
+        assert_eq!(views[1].dimensions(), (512, 512));
+        assert_eq!(views[1].get_pixel(3, 5), img.get_pixel(512 + 3, 5));
+        assert_eq!(views[4].dimensions(), (512, 512));
+        let out = proc.process(&img)?;
+        let lut = value_table(proc.config());
+        // Thumbnail view, patch 0, pixel (0, 0).
+        let thumb = &out.pixel_values[4 * 1024 * 768..4 * 1024 * 768 + 3];
+        let p = views[4].get_pixel(0, 0).0;
+        assert_eq!(
+            thumb,
+            &[
+                lut[0][usize::from(p[0])],
+                lut[1][usize::from(p[1])],
+                lut[2][usize::from(p[2])]
+            ]
+        );
         Ok(())
     }
 

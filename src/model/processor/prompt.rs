@@ -250,9 +250,10 @@ impl Processor {
         Ok(())
     }
 
-    /// Expands placeholders in rendered text and tokenises it, checking every marker is a token
-    /// and every image token survived tokenisation as one id.
-    fn expand_and_tokenize(
+    /// Expands the `<image>` placeholders of already rendered text for `images` (in order) and
+    /// tokenises it without adding special tokens, checking every marker is a token and every
+    /// image token survived tokenisation as one id. Returns the expanded text and its ids.
+    pub fn expand_and_tokenize(
         &self,
         rendered: &str,
         images: &[ProcessedImage],
