@@ -245,11 +245,11 @@ mod tests {
         EvalRecord {
             row_id: format!("r{i}"),
             image_id: format!("img/{i}.jpg"),
-            ground_truth: if i % 2 == 0 { "cat" } else { "dog" }.to_string(),
+            ground_truth: if i.is_multiple_of(2) { "cat" } else { "dog" }.to_string(),
             raw_output: format!("answer \"{i}\" with ünïcode"),
             parsed_label: parsed.map(str::to_string),
             valid: parsed.is_some(),
-            correct: parsed == Some("cat") && i % 2 == 0,
+            correct: parsed == Some("cat") && i.is_multiple_of(2),
             latency_ms: 12.5 + i as f64,
             tokens_generated: i as u32,
             class_probs: probs,

@@ -72,7 +72,7 @@ pub fn shown_answer(record: &EvalRecord) -> &str {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ComparisonRow {
     /// Display name.
-    pub metric: &'static str,
+    pub metric: String,
     /// Formatted values, one per stage.
     pub values: Vec<Option<String>>,
     /// Index of the best stage when a best one is meaningful and unique.
@@ -148,6 +148,11 @@ pub fn comparison_rows(stages: &[&Metrics]) -> Vec<ComparisonRow> {
                     })
                 })
                 .collect();
+            // Name the chosen class (all stages of a report share the option in practice).
+            let metric = match stages.iter().find_map(|m| m.recall_of.as_ref()) {
+                Some(r) if metric == "recall of" => format!("recall of {}", r.label),
+                _ => metric.to_string(),
+            };
             Some(ComparisonRow {
                 metric,
                 values,

@@ -203,7 +203,7 @@ fn comparison_section(out: &mut String, input: &ReportInput, changes: &[ChangeDa
     out.push_str("</tr></thead><tbody>");
     let metrics: Vec<&Metrics> = input.stages.iter().map(|s| &s.metrics).collect();
     for row in comparison_rows(&metrics) {
-        let _ = write!(out, "<tr><th>{}</th>", row.metric);
+        let _ = write!(out, "<tr><th>{}</th>", html_escape(&row.metric));
         for (i, value) in row.values.iter().enumerate() {
             let class = if row.best == Some(i) {
                 r#" class="best""#
@@ -347,7 +347,7 @@ fn confusion_panel(out: &mut String, i: usize, stage: &StageReport) {
     let many = cm.columns.len() > 8;
     let _ = write!(
         out,
-        r#"<div class="panel"><h3>Confusion matrix</h3><p class="hint">Rows: ground truth · columns: prediction · click a count to show those samples.</p><div class="scroll"><table class="cm{}"><thead><tr><th class="corner">truth ＼ predicted</th>"#,
+        r#"<div class="panel"><h3>Confusion matrix</h3><p class="hint">Rows: ground truth · columns: prediction · click a count to show those samples.</p><div class="scroll"><table class="cm{}"><thead><tr><th class="corner">truth \ predicted</th>"#,
         if many { " many" } else { "" }
     );
     for (c, column) in cm.columns.iter().enumerate() {
@@ -463,7 +463,7 @@ fn calibration_panel(out: &mut String, m: &Metrics) {
             .collect();
         let _ = write!(
             out,
-            r#"</tbody></table><p class="hint">{}</p></div>"#,
+            r#"</tbody></table><p class="hint">Accuracy of the label-scoring probabilities: {}</p></div>"#,
             text.join(" · ")
         );
     } else {
