@@ -95,3 +95,74 @@ fn csv_export_without_the_image_is_an_error() {
         .expect_err("undecodable image");
     assert!(matches!(err, EvalError::Image { .. }), "{err}");
 }
+
+#[test]
+fn eval_outputs_are_written_under_fixed_names_and_read_back() {
+    use vlmpipe::stages::eval::{
+        MetricsOptions, compute_metrics, read_metrics_json, read_records_parquet,
+        write_eval_outputs,
+    };
+    let labels = vec!["cat".to_string(), "dog".to_string()];
+    let records = vec![
+        record("a", "cat", "cat", Some("cat")),
+        record("b", "dog", "pug", None),
+    ];
+    let metrics = compute_metrics(&records, &labels, &MetricsOptions::default()).expect("metrics");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A plain closure is an image source: the lead plugs the dataset's image store in this way.
+    let images = |id: &str| (id.ends_with(".jpg")).then(|| jpeg(4, 3));
+    let files = write_eval_outputs(dir.path(), &labels, &records, &metrics, &images)
+        .expect("write outputs");
+    let names: Vec<String> = files
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        names,
+        ["records.parquet", "metrics.json", "predictions.csv"]
+    );
+    let table = read_records_parquet(&files[0]).expect("records");
+    assert_eq!((table.labels, table.records), (labels, records));
+    assert_json_close(&read_metrics_json(&files[1]).expect("metrics"), &metrics);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&files[1]).expect("read")).expect("json");
+    for key in ["accuracy", "invalid_rate", "per_class", "confusion_matrix"] {
+        assert!(json.get(key).is_some(), "metrics.json lacks `{key}`");
+    }
+}
+
+/// Equality of two serialisable values up to 1e-12 relative error in floats: serde_json's default
+/// parser may differ from the written decimal in the last bit.
+fn assert_json_close<T: serde::Serialize>(a: &T, b: &T) {
+    fn walk(a: &serde_json::Value, b: &serde_json::Value, at: &str) {
+        use serde_json::Value;
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => {
+                let (x, y) = (
+                    x.as_f64().unwrap_or(f64::NAN),
+                    y.as_f64().unwrap_or(f64::NAN),
+                );
+                assert!(
+                    (x - y).abs() <= 1e-12 * x.abs().max(1.0),
+                    "{at}: {x} != {y}"
+                );
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                assert_eq!(x.len(), y.len(), "{at}: lengths");
+                for (i, (x, y)) in x.iter().zip(y).enumerate() {
+                    walk(x, y, &format!("{at}[{i}]"));
+                }
+            }
+            (Value::Object(x), Value::Object(y)) => {
+                assert_eq!(x.len(), y.len(), "{at}: keys");
+                for (k, x) in x {
+                    walk(x, &y[k], &format!("{at}.{k}"));
+                }
+            }
+            _ => assert_eq!(a, b, "{at}"),
+        }
+    }
+    let a = serde_json::to_value(a).expect("serialise");
+    let b = serde_json::to_value(b).expect("serialise");
+    walk(&a, &b, "$");
+}

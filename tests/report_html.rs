@@ -393,3 +393,61 @@ fn screenshot(chromium: &Path, path: &Path, hash: &str, name: &str) -> PathBuf {
     );
     shot
 }
+
+#[test]
+fn a_stage_loads_from_its_eval_outputs() {
+    use vlmpipe::stages::eval::write_eval_outputs;
+    let (source, ids) = synthetic_source(4);
+    let written = stage("base", fake_records(&ids, 5, 0.5, true), vec![]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_eval_outputs(
+        dir.path(),
+        &written.labels,
+        &written.records,
+        &written.metrics,
+        &source,
+    )
+    .expect("outputs");
+    let loaded = StageReport::load("base", dir.path()).expect("load");
+    assert_eq!(loaded.labels, written.labels);
+    assert_eq!(loaded.records, written.records);
+    assert_json_close(&loaded.metrics, &written.metrics);
+    let missing = StageReport::load("none", &dir.path().join("absent"));
+    assert!(missing.is_err());
+}
+
+/// Equality of two serialisable values up to 1e-12 relative error in floats: serde_json's default
+/// parser may differ from the written decimal in the last bit.
+fn assert_json_close<T: serde::Serialize>(a: &T, b: &T) {
+    fn walk(a: &serde_json::Value, b: &serde_json::Value, at: &str) {
+        use serde_json::Value;
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => {
+                let (x, y) = (
+                    x.as_f64().unwrap_or(f64::NAN),
+                    y.as_f64().unwrap_or(f64::NAN),
+                );
+                assert!(
+                    (x - y).abs() <= 1e-12 * x.abs().max(1.0),
+                    "{at}: {x} != {y}"
+                );
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                assert_eq!(x.len(), y.len(), "{at}: lengths");
+                for (i, (x, y)) in x.iter().zip(y).enumerate() {
+                    walk(x, y, &format!("{at}[{i}]"));
+                }
+            }
+            (Value::Object(x), Value::Object(y)) => {
+                assert_eq!(x.len(), y.len(), "{at}: keys");
+                for (k, x) in x {
+                    walk(x, &y[k], &format!("{at}.{k}"));
+                }
+            }
+            _ => assert_eq!(a, b, "{at}"),
+        }
+    }
+    let a = serde_json::to_value(a).expect("serialise");
+    let b = serde_json::to_value(b).expect("serialise");
+    walk(&a, &b, "$");
+}

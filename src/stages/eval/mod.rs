@@ -9,6 +9,7 @@ mod error;
 mod export;
 mod image_source;
 mod metrics;
+mod outputs;
 mod records;
 
 pub use error::EvalError;
@@ -17,6 +18,10 @@ pub use image_source::{ImageSource, MapImageSource, NoImages};
 pub use metrics::{
     Averages, Calibration, CalibrationBin, ClassMetrics, ClassRecall, ConfusionMatrix,
     INVALID_COLUMN, Metrics, MetricsOptions, TopK, compute_metrics,
+};
+pub use outputs::{
+    METRICS_FILE, PREDICTIONS_CSV_FILE, RECORDS_FILE, REPORT_FILE, read_metrics_json,
+    write_eval_outputs, write_metrics_json,
 };
 pub use records::{
     EvalRecord, RecordTable, read_records_parquet, records_schema, write_records_parquet,

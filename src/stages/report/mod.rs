@@ -25,7 +25,10 @@ pub use svg::{LineChart, Series, nice_ticks};
 pub use terminal::{headline_table, misclassified_listing};
 pub use thumbnail::{thumbnail_data_url, thumbnails};
 
-use crate::stages::eval::{EvalRecord, ImageSource, Metrics};
+use crate::stages::eval::{
+    EvalError, EvalRecord, ImageSource, METRICS_FILE, Metrics, RECORDS_FILE, read_metrics_json,
+    read_records_parquet,
+};
 
 /// Everything the report shows about one eval stage.
 #[derive(Clone, Debug)]
@@ -41,6 +44,22 @@ pub struct StageReport {
     /// Loss curves of the fine-tune this stage evaluated (e.g. `train` and `eval` series of
     /// `(step, loss)`); empty for a base model.
     pub curves: Vec<Series>,
+}
+
+impl StageReport {
+    /// Loads a stage from the folder its eval outputs were written to (`records.parquet` and
+    /// `metrics.json`, see [`crate::stages::eval::write_eval_outputs`]); curves start empty.
+    pub fn load(name: impl Into<String>, dir: &Path) -> Result<Self, ReportError> {
+        let table = read_records_parquet(&dir.join(RECORDS_FILE))?;
+        let metrics = read_metrics_json(&dir.join(METRICS_FILE))?;
+        Ok(Self {
+            name: name.into(),
+            labels: table.labels,
+            records: table.records,
+            metrics,
+            curves: Vec::new(),
+        })
+    }
 }
 
 /// A report: one stage, or several compared side by side (the first is the baseline).
@@ -61,6 +80,9 @@ pub enum ReportError {
     /// A stage's labels disagree with its metrics (a wiring bug upstream).
     #[error("stage `{stage}`: its labels do not match its confusion matrix")]
     LabelMismatch { stage: String },
+    /// Reading a stage's eval outputs.
+    #[error(transparent)]
+    Eval(#[from] EvalError),
     /// Writing the file.
     #[error("cannot write report `{path}`")]
     Io {
