@@ -196,6 +196,34 @@ fn ten_thousand_samples_render_quickly_and_compactly() {
 }
 
 #[test]
+fn thumbnail_limit_keeps_misclassified_images_first() {
+    let (source, ids) = synthetic_source(20);
+    let base = stage("base", fake_records(&ids, 9, 0.5, false), vec![]);
+    let wrong: Vec<String> = base
+        .records
+        .iter()
+        .filter(|r| !r.correct)
+        .map(|r| r.image_id.clone())
+        .collect();
+    assert!(wrong.len() > 3, "fixture needs several mistakes");
+    let input = ReportInput {
+        title: "limited".into(),
+        stages: vec![base],
+    };
+    let options = HtmlOptions {
+        max_thumbnails: 3,
+        ..HtmlOptions::default()
+    };
+    let html = render_html(&input, &source, &options).expect("render");
+    let data = embedded_data(&html).expect("data");
+    let images = data["images"].as_object().expect("images");
+    let embedded: Vec<&String> = images.keys().collect();
+    assert_eq!(embedded.len(), 3);
+    assert!(embedded.iter().all(|id| wrong.contains(id)), "{embedded:?}");
+    assert_eq!(data["embeddedLimit"], 3);
+}
+
+#[test]
 fn chromium_shows_numbers_images_and_filters() {
     let Some(chromium) = chromium() else {
         return;

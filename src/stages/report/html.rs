@@ -6,7 +6,7 @@
 //! (`#stage=0&filter=misclassified&page=2`, `#compare=1&filter=fixed`), so a confusion-matrix
 //! cell is a plain link and any view can be bookmarked or opened directly (the browser tests do).
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 use std::fmt::Write;
 
 use serde::Serialize;
@@ -29,6 +29,10 @@ pub struct HtmlOptions {
     pub thumbnail_px: u32,
     /// Gallery cards per page.
     pub page_size: usize,
+    /// At most this many distinct images are embedded, misclassified samples first, so a
+    /// 10,000-sample report stays a file a browser opens quickly (real photos cost about 8 KB
+    /// each at 160 px); the rest show a placeholder that says why.
+    pub max_thumbnails: usize,
 }
 
 impl Default for HtmlOptions {
@@ -36,6 +40,7 @@ impl Default for HtmlOptions {
         Self {
             thumbnail_px: 160,
             page_size: 48,
+            max_thumbnails: 3000,
         }
     }
 }
@@ -46,6 +51,9 @@ struct PageData<'a> {
     #[serde(rename = "pageSize")]
     page_size: usize,
     images: std::collections::HashMap<String, String>,
+    /// Set when `max_thumbnails` cut the embedded images (the placeholder then says so).
+    #[serde(rename = "embeddedLimit")]
+    embedded_limit: Option<usize>,
     /// Per stage: labels and rows `[row_id, image_id, truth index, predicted index (labels.len()
     /// for invalid), raw output]`.
     stages: Vec<StageData<'a>>,
@@ -127,12 +135,19 @@ fn page_data<'a>(
     images: &dyn ImageSource,
     options: &HtmlOptions,
 ) -> PageData<'a> {
-    let ids: BTreeSet<&str> = input
-        .stages
-        .iter()
-        .flat_map(|s| s.records.iter().map(|r| r.image_id.as_str()))
+    // Misclassified samples of any stage first (they are what a reader inspects), then the rest
+    // in record order, each image once.
+    let mut seen = HashSet::new();
+    let all = input.stages.iter().flat_map(|s| s.records.iter());
+    let ids: Vec<&str> = all
+        .clone()
+        .filter(|r| !r.correct)
+        .chain(all)
+        .map(|r| r.image_id.as_str())
+        .filter(|id| seen.insert(*id))
         .collect();
-    let ids: Vec<&str> = ids.into_iter().collect();
+    let total_images = ids.len();
+    let embedded = &ids[..total_images.min(options.max_thumbnails)];
     let stages = input
         .stages
         .iter()
@@ -189,7 +204,8 @@ fn page_data<'a>(
         .collect();
     PageData {
         page_size: options.page_size.max(1),
-        images: thumbnails(&ids, images, options.thumbnail_px),
+        images: thumbnails(embedded, images, options.thumbnail_px),
+        embedded_limit: (embedded.len() < total_images).then_some(embedded.len()),
         stages,
         changes,
     }

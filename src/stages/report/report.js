@@ -70,7 +70,10 @@
       img.src = src;
       box.appendChild(img);
     } else {
-      box.textContent = "no image";
+      box.textContent = data.embeddedLimit ? "thumbnail not embedded" : "no image";
+      box.title = data.embeddedLimit
+        ? "this report embeds " + data.embeddedLimit + " thumbnails, misclassified samples first"
+        : "the image source has no image " + it.image;
     }
     f.appendChild(box);
     var cap = el("figcaption");
