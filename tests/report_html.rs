@@ -295,6 +295,80 @@ fn chromium_shows_numbers_images_and_filters() {
 }
 
 #[test]
+fn many_classes_render_a_compact_matrix() {
+    const ACTIONS: [&str; 15] = [
+        "calling",
+        "clapping",
+        "cycling",
+        "dancing",
+        "drinking",
+        "eating",
+        "fighting",
+        "hugging",
+        "laughing",
+        "listening_to_music",
+        "running",
+        "sitting",
+        "sleeping",
+        "texting",
+        "using_laptop",
+    ];
+    let labels: Vec<String> = ACTIONS.iter().map(|s| s.to_string()).collect();
+    let mut rng = StdRng::seed_from_u64(11);
+    let records: Vec<EvalRecord> = (0..300)
+        .map(|i| {
+            let truth = labels[i % labels.len()].clone();
+            let answer = if rng.random_bool(0.6) {
+                truth.clone()
+            } else if rng.random_bool(0.9) {
+                labels[rng.random_range(0..labels.len())].clone()
+            } else {
+                "a person".to_string()
+            };
+            let valid = labels.contains(&answer);
+            EvalRecord {
+                row_id: i.to_string(),
+                image_id: format!("img{i}"),
+                correct: answer == truth,
+                ground_truth: truth,
+                parsed_label: valid.then(|| answer.clone()),
+                raw_output: answer,
+                valid,
+                latency_ms: 100.0,
+                tokens_generated: 3,
+                class_probs: None,
+            }
+        })
+        .collect();
+    let metrics = compute_metrics(&records, &labels, &MetricsOptions::default()).expect("metrics");
+    let input = ReportInput {
+        title: "human actions".into(),
+        stages: vec![StageReport {
+            name: "eval_1_6b".into(),
+            labels,
+            records,
+            metrics,
+            curves: vec![],
+        }],
+    };
+    let path = out_dir().join("actions.html");
+    write_html(&path, &input, &NoImages, &HtmlOptions::default()).expect("write");
+    let html = std::fs::read_to_string(&path).expect("read");
+    assert!(html.contains("<table class=\"cm many\">"));
+    // 15 rows of 16 cells (15 labels and the invalid column).
+    let body = html
+        .split("<table class=\"cm many\">")
+        .nth(1)
+        .expect("matrix");
+    let body = body.split("</table>").next().expect("end");
+    assert_eq!(body.matches("<td").count(), 15 * 16);
+    if let Some(chromium) = chromium() {
+        let shot = screenshot(&chromium, &path, "", "actions.png");
+        eprintln!("screenshot: {}", shot.display());
+    }
+}
+
+#[test]
 fn report_of_real_cats_and_dogs_photos() {
     let Some(dir) = vlmpipe::testing::shared_path("data/cats_vs_dogs") else {
         return;

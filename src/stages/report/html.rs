@@ -363,7 +363,8 @@ fn confusion_panel(out: &mut String, i: usize, stage: &StageReport) {
     let many = cm.columns.len() > 8;
     let _ = write!(
         out,
-        r#"<div class="panel"><h3>Confusion matrix</h3><p class="hint">Rows: ground truth · columns: prediction · click a count to show those samples.</p><div class="scroll"><table class="cm{}"><thead><tr><th class="corner">truth \ predicted</th>"#,
+        r#"<div class="panel{}"><h3>Confusion matrix</h3><p class="hint">Rows: ground truth · columns: prediction · click a count to show those samples.</p><div class="scroll"><table class="cm{}"><thead><tr><th class="corner">truth \ predicted</th>"#,
+        if many { " wide" } else { "" },
         if many { " many" } else { "" }
     );
     for (c, column) in cm.columns.iter().enumerate() {
@@ -392,7 +393,7 @@ fn confusion_panel(out: &mut String, i: usize, stage: &StageReport) {
                 "bad"
             };
             if count == 0 {
-                out.push_str(r#"<td class="zero">0</td>"#);
+                out.push_str(r#"<td class="zero"><span>0</span></td>"#);
             } else {
                 let _ = write!(
                     out,

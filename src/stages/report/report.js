@@ -70,6 +70,7 @@
       img.src = src;
       box.appendChild(img);
     } else {
+      box.className = "img none";
       box.textContent = data.embeddedLimit ? "thumbnail not embedded" : "no image";
       box.title = data.embeddedLimit
         ? "this report embeds " + data.embeddedLimit + " thumbnails, misclassified samples first"
