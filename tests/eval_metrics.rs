@@ -145,6 +145,19 @@ fn a_single_class() {
     close(m.per_class[0].f1, 2.0 / 3.0);
     close(m.macro_avg.f1, 2.0 / 3.0);
     assert_eq!(m.confusion_matrix.counts, vec![vec![1, 1]]);
+    // Latencies 10 and 20 ms: sequential throughput 2 / 0.03 s; a measured wall time wins.
+    close(m.samples_per_s.expect("throughput"), 2.0 / 0.03);
+    let records: Vec<EvalRecord> = [("cat", "cat"), ("cat", "dog")]
+        .iter()
+        .enumerate()
+        .map(|(i, (t, a))| rec(i, t, a, &labels, 10.0))
+        .collect();
+    let timed = MetricsOptions {
+        wall_time_s: Some(4.0),
+        ..MetricsOptions::default()
+    };
+    let m = compute_metrics(&records, &labels, &timed).expect("metrics");
+    close(m.samples_per_s.expect("throughput"), 0.5);
 }
 
 #[test]

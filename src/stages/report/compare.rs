@@ -106,7 +106,7 @@ pub fn comparison_rows(stages: &[&Metrics]) -> Vec<ComparisonRow> {
             false,
         ),
         (
-            "recall of chosen class",
+            "recall of",
             |m| m.recall_of.as_ref().map(|r| r.recall),
             Better::Higher,
             true,
@@ -238,6 +238,36 @@ mod tests {
                 (ChangeKind::Fixed, "a", "dog", "cat"),
             ]
         );
+    }
+
+    #[test]
+    fn side_by_side_rows_name_the_chosen_class_and_skip_absent_metrics() {
+        use crate::stages::eval::{MetricsOptions, compute_metrics};
+        let labels = vec!["cat".to_string(), "dog".to_string()];
+        let options = MetricsOptions {
+            recall_of: Some("cat".to_string()),
+            ..MetricsOptions::default()
+        };
+        let a = compute_metrics(&[rec("a", true, "cat")], &labels, &options).expect("metrics");
+        let b = compute_metrics(&[rec("a", false, "pug")], &labels, &options).expect("metrics");
+        let rows = comparison_rows(&[&a, &b]);
+        let names: Vec<&str> = rows.iter().map(|r| r.metric.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "accuracy",
+                "invalid rate",
+                "macro F1",
+                "weighted F1",
+                "recall of cat",
+                "latency p50 (ms)",
+                "samples/s",
+                "n"
+            ]
+        );
+        assert_eq!(rows[0].values, [Some("100.0%".into()), Some("0.0%".into())]);
+        assert_eq!(rows[0].best, Some(0));
+        assert_eq!(rows[1].best, Some(0), "lower invalid rate wins");
     }
 
     #[test]

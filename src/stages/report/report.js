@@ -10,7 +10,11 @@
     var out = {};
     location.hash.replace(/^#/, "").split("&").forEach(function (kv) {
       var i = kv.indexOf("=");
-      if (i > 0) out[decodeURIComponent(kv.slice(0, i))] = decodeURIComponent(kv.slice(i + 1));
+      if (i <= 0) return;
+      // A hand-edited hash with a stray % must not stop the gallery from rendering.
+      try {
+        out[decodeURIComponent(kv.slice(0, i))] = decodeURIComponent(kv.slice(i + 1));
+      } catch (e) { /* ignore the malformed pair */ }
     });
     return out;
   }
@@ -53,7 +57,7 @@
     }).map(function (r) {
       return {
         id: r[1], image: r[2], truth: r[3], pred: r[5], cls: r[0] === "fixed" ? "ok" : "wrong",
-        raw: data.stages[0].name + ": " + r[4], showRaw: true, change: r[0]
+        raw: "before (" + data.stages[0].name + "): " + r[4], showRaw: true, change: r[0]
       };
     });
   }
