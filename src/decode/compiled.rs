@@ -46,9 +46,13 @@ impl CompiledGrammar {
             .map_err(|e| classify_compile_error(&e.to_string()))?;
         let mut matcher = Matcher::new(Ok(parser));
         let warnings = matcher.grammar_warnings();
+        // The matcher reports a grammar that allows nothing as a failed first mask
+        // (`NoExtensionBias`), which is the user's grammar being empty, not an internal error.
         let first = matcher
             .compute_mask_or_eos()
-            .map_err(|e| classify_compile_error(&e.to_string()))?;
+            .map_err(|e| DecodeError::Impossible {
+                message: format!("no token can start an answer ({e})"),
+            })?;
         let first_mask = TokenMask::from_vob(&first, vocab);
         let eos_only = first_mask.count() == 1 && first_mask.is_allowed(vocab.eos());
         if first_mask.count() == 0 {
