@@ -31,8 +31,11 @@ struct TableModel {
     batches: usize,
 }
 
+/// A prefix (as token texts) and the next-token probabilities after it.
+type Row<'a> = (&'a [&'a str], &'a [(&'a str, f32)]);
+
 impl TableModel {
-    fn new(rows: &[(&[&str], &[(&str, f32)])]) -> Self {
+    fn new(rows: &[Row<'_>]) -> Self {
         let table = rows
             .iter()
             .map(|(prefix, probs)| {
@@ -55,9 +58,10 @@ impl PrefixScorer for TableModel {
     fn logits_after(&mut self, prefix: &[u32]) -> Result<Vec<f32>, Self::Error> {
         self.queried.push(prefix.to_vec());
         let mut logits = vec![-40.0f32; 20];
-        let probs = self.table.get(prefix).ok_or_else(|| {
-            std::io::Error::other(format!("no row for prefix {prefix:?}"))
-        })?;
+        let probs = self
+            .table
+            .get(prefix)
+            .ok_or_else(|| std::io::Error::other(format!("no row for prefix {prefix:?}")))?;
         for &(tok, p) in probs {
             logits[tok as usize] = p.ln();
         }
@@ -71,7 +75,10 @@ impl PrefixScorer for TableModel {
 }
 
 fn compile(labels: &[&str]) -> Arc<CompiledGrammar> {
-    Arc::new(CompiledGrammar::compile(&GrammarSpec::choice(labels.iter().copied()), &toy_vocab()).unwrap())
+    Arc::new(
+        CompiledGrammar::compile(&GrammarSpec::choice(labels.iter().copied()), &toy_vocab())
+            .unwrap(),
+    )
 }
 
 #[test]
@@ -88,12 +95,24 @@ fn greedy_and_scoring_disagree_when_a_shared_first_token_splits_its_mass() {
     let grammar = compile(&["cat", "catamaran", "dog"]);
     let (greedy, done) = greedy_decode(&grammar, &mut model, 8).unwrap();
     assert!(done);
-    assert_eq!(grammar.vocab().decode(&greedy), "cat", "greedy follows the likelier first token");
+    assert_eq!(
+        grammar.vocab().decode(&greedy),
+        "cat",
+        "greedy follows the likelier first token"
+    );
 
     let scorer = LabelScorer::new(&grammar, None).unwrap();
-    let mut model = TableModel { queried: Vec::new(), batches: 0, ..model };
+    let mut model = TableModel {
+        queried: Vec::new(),
+        batches: 0,
+        ..model
+    };
     let scores = scorer.score(&mut model).unwrap();
-    assert_eq!(scores.best_label(), "dog", "scoring weighs complete answers");
+    assert_eq!(
+        scores.best_label(),
+        "dog",
+        "scoring weighs complete answers"
+    );
     let expect = [0.33, 0.27, 0.40];
     for (p, e) in scores.probs.iter().zip(expect) {
         assert!((p - e).abs() < 1e-4, "{:?}", scores.probs);
@@ -126,7 +145,10 @@ fn greedy_and_scoring_disagree_on_a_label_and_its_extension() {
     assert!(done);
     assert_eq!(grammar.vocab().decode(&greedy), "catamaran");
 
-    let scores = LabelScorer::new(&grammar, None).unwrap().score(&mut model).unwrap();
+    let scores = LabelScorer::new(&grammar, None)
+        .unwrap()
+        .score(&mut model)
+        .unwrap();
     assert_eq!(scores.best_label(), "cat");
     assert!((scores.logprobs[0] - (0.9f64 * 0.4).ln()).abs() < 1e-5);
     assert!((scores.logprobs[1] - (0.9f64 * 0.6 * 0.5).ln()).abs() < 1e-5);
@@ -137,8 +159,14 @@ fn greedy_and_scoring_disagree_on_a_label_and_its_extension() {
 fn scorer_errors_are_reported_not_swallowed() {
     let mut model = TableModel::new(&[(&[], &[("cat", 1.0)])]);
     let grammar = compile(&["cat", "dog"]);
-    let err = LabelScorer::new(&grammar, None).unwrap().score(&mut model).unwrap_err();
-    assert!(matches!(err, vlmpipe::decode::DecodeError::Scorer(_)), "{err:?}");
+    let err = LabelScorer::new(&grammar, None)
+        .unwrap()
+        .score(&mut model)
+        .unwrap_err();
+    assert!(
+        matches!(err, vlmpipe::decode::DecodeError::Scorer(_)),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -152,6 +180,12 @@ fn masks_cover_the_model_vocabulary_but_never_ids_past_the_tokenizer() {
     assert!(!mask.is_allowed(EOS) && !mask.is_allowed(19));
     let mut logits = vec![1.0f32; 20];
     mask.apply_to_logits(&mut logits);
-    assert_eq!(logits.iter().filter(|l| l.is_finite()).count(), mask.count());
-    assert!(c.commit(17).is_err(), "an id past the tokenizer is never allowed");
+    assert_eq!(
+        logits.iter().filter(|l| l.is_finite()).count(),
+        mask.count()
+    );
+    assert!(
+        c.commit(17).is_err(),
+        "an id past the tokenizer is never allowed"
+    );
 }

@@ -110,19 +110,27 @@ impl AnswerParser {
 
     /// The parser for answers under `spec`. `labels` overrides the labels the spec names (the
     /// evaluation's label list); regex and Lark answers are read as plain labels when given some.
-    pub fn for_grammar(spec: &GrammarSpec, label_field: Option<&str>, labels: Option<&[String]>) -> Self {
+    pub fn for_grammar(
+        spec: &GrammarSpec,
+        label_field: Option<&str>,
+        labels: Option<&[String]>,
+    ) -> Self {
         let labels = labels
             .map(<[String]>::to_vec)
             .or_else(|| spec.labels(label_field));
         match spec {
-            GrammarSpec::Choice { .. } | GrammarSpec::Regex(_) | GrammarSpec::Lark(_) => {
-                Self {
-                    format: AnswerFormat::Plain,
-                    labels,
-                }
-            }
-            GrammarSpec::Json { .. } | GrammarSpec::JsonSchema(_) => {
-                Self::json(label_field.map(str::to_string), labels)
+            GrammarSpec::Choice { .. } | GrammarSpec::Regex(_) | GrammarSpec::Lark(_) => Self {
+                format: AnswerFormat::Plain,
+                labels,
+            },
+            GrammarSpec::Json { schema, .. } | GrammarSpec::JsonSchema(schema) => {
+                // Without a named field, a schema whose only required field is an enum names it.
+                let field = match label_field {
+                    Some(f) => Some(f.to_string()),
+                    None => single_label_field(schema, None).ok(),
+                };
+                let labels = labels.or_else(|| spec.labels(field.as_deref()));
+                Self::json(field, labels)
             }
         }
     }
@@ -210,7 +218,10 @@ pub fn answer_text(
 }
 
 /// The label field of a JSON object schema whose single required property is a string enum.
-pub(crate) fn single_label_field(schema: &Value, label_field: Option<&str>) -> Result<String, DecodeError> {
+pub(crate) fn single_label_field(
+    schema: &Value,
+    label_field: Option<&str>,
+) -> Result<String, DecodeError> {
     let no = |reason: String| Err(DecodeError::NoCanonicalAnswer { reason });
     let Some(props) = schema["properties"].as_object() else {
         return no("the schema is not an object with properties".to_string());
@@ -222,7 +233,9 @@ pub(crate) fn single_label_field(schema: &Value, label_field: Option<&str>) -> R
     let field = match (label_field, required.as_slice()) {
         (Some(f), _) => f.to_string(),
         (None, [only]) => (*only).to_string(),
-        (None, _) => return no("name the label field: the schema has no single required field".to_string()),
+        (None, _) => {
+            return no("name the label field: the schema has no single required field".to_string());
+        }
     };
     if let Some(other) = required.iter().find(|r| **r != field) {
         return no(format!(
@@ -287,7 +300,11 @@ mod tests {
         let p = AnswerParser::json(Some("pred_class".to_string()), Some(labels()));
         let a = p.parse(r#"{"pred_class": "cat", "confidence": 0.9}"#);
         match a {
-            Answer::Label { label, index, fields } => {
+            Answer::Label {
+                label,
+                index,
+                fields,
+            } => {
                 assert_eq!((label.as_str(), index), ("cat", 0));
                 assert_eq!(fields["confidence"], serde_json::json!(0.9));
             }
@@ -295,19 +312,31 @@ mod tests {
         }
         assert!(matches!(
             p.parse(r#"{"pred_class": "pug"}"#),
-            Answer::Invalid { reason: InvalidReason::UnknownLabel(_), .. }
+            Answer::Invalid {
+                reason: InvalidReason::UnknownLabel(_),
+                ..
+            }
         ));
         assert!(matches!(
             p.parse(r#"{"class": "cat"}"#),
-            Answer::Invalid { reason: InvalidReason::MissingLabelField(_), .. }
+            Answer::Invalid {
+                reason: InvalidReason::MissingLabelField(_),
+                ..
+            }
         ));
         assert!(matches!(
             p.parse(r#"{"pred_class": "cat""#),
-            Answer::Invalid { reason: InvalidReason::NotJson(_), .. }
+            Answer::Invalid {
+                reason: InvalidReason::NotJson(_),
+                ..
+            }
         ));
         assert!(matches!(
             p.parse(r#"["cat"]"#),
-            Answer::Invalid { reason: InvalidReason::NotAnObject, .. }
+            Answer::Invalid {
+                reason: InvalidReason::NotAnObject,
+                ..
+            }
         ));
     }
 
@@ -316,8 +345,14 @@ mod tests {
         let fields = [JsonField::required("pred_class", FieldType::Enum(labels()))];
         let flexible = GrammarSpec::json_object(&fields, Whitespace::Flexible).unwrap();
         let compact = GrammarSpec::json_object(&fields, Whitespace::Compact).unwrap();
-        assert_eq!(answer_text(&flexible, "dog", None).unwrap(), r#"{"pred_class": "dog"}"#);
-        assert_eq!(answer_text(&compact, "dog", None).unwrap(), r#"{"pred_class":"dog"}"#);
+        assert_eq!(
+            answer_text(&flexible, "dog", None).unwrap(),
+            r#"{"pred_class": "dog"}"#
+        );
+        assert_eq!(
+            answer_text(&compact, "dog", None).unwrap(),
+            r#"{"pred_class":"dog"}"#
+        );
         assert!(matches!(
             answer_text(&flexible, "pug", None),
             Err(DecodeError::UnknownLabel(_))

@@ -20,12 +20,55 @@ use crate::decode::vocab::{Vocab, VocabConfig};
 
 /// The 49 makers of the Stanford Cars task (see `shared/tasks/README.md`).
 pub const CAR_MAKERS: [&str; 49] = [
-    "AM", "Acura", "Aston", "Audi", "BMW", "Bentley", "Bugatti", "Buick", "Cadillac", "Chevrolet",
-    "Chrysler", "Daewoo", "Dodge", "Eagle", "FIAT", "Ferrari", "Fisker", "Ford", "GMC", "Geo",
-    "HUMMER", "Honda", "Hyundai", "Infiniti", "Isuzu", "Jaguar", "Jeep", "Lamborghini", "Land",
-    "Lincoln", "MINI", "Maybach", "Mazda", "McLaren", "Mercedes-Benz", "Mitsubishi", "Nissan",
-    "Plymouth", "Porsche", "Ram", "Rolls-Royce", "Scion", "Spyker", "Suzuki", "Tesla", "Toyota",
-    "Volkswagen", "Volvo", "smart",
+    "AM",
+    "Acura",
+    "Aston",
+    "Audi",
+    "BMW",
+    "Bentley",
+    "Bugatti",
+    "Buick",
+    "Cadillac",
+    "Chevrolet",
+    "Chrysler",
+    "Daewoo",
+    "Dodge",
+    "Eagle",
+    "FIAT",
+    "Ferrari",
+    "Fisker",
+    "Ford",
+    "GMC",
+    "Geo",
+    "HUMMER",
+    "Honda",
+    "Hyundai",
+    "Infiniti",
+    "Isuzu",
+    "Jaguar",
+    "Jeep",
+    "Lamborghini",
+    "Land",
+    "Lincoln",
+    "MINI",
+    "Maybach",
+    "Mazda",
+    "McLaren",
+    "Mercedes-Benz",
+    "Mitsubishi",
+    "Nissan",
+    "Plymouth",
+    "Porsche",
+    "Ram",
+    "Rolls-Royce",
+    "Scion",
+    "Spyker",
+    "Suzuki",
+    "Tesla",
+    "Toyota",
+    "Volkswagen",
+    "Volvo",
+    "smart",
 ];
 
 /// Benchmark settings.
@@ -69,7 +112,8 @@ pub struct GrammarBench {
     pub mask_max: Duration,
     /// Masks computed (= tokens decoded).
     pub steps: usize,
-    /// Sequences that ended with EOS within the token limit.
+    /// Sequences decoded, and those that ended with EOS within the token limit.
+    pub sequences: usize,
     pub finished: usize,
     /// Per token: copy logits + argmax.
     pub unconstrained_per_token: Duration,
@@ -113,7 +157,7 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "{:<14} {:>11} {:>11} {:>10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>11}",
+            "{:<14} {:>11} {:>11} {:>10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11}",
             "grammar",
             "compile1 ms",
             "compile ms",
@@ -121,6 +165,7 @@ impl fmt::Display for BenchReport {
             "mask p99",
             "mask max",
             "steps",
+            "finished",
             "free/tok",
             "cons/tok",
             "overhead",
@@ -129,7 +174,7 @@ impl fmt::Display for BenchReport {
         for g in &self.grammars {
             writeln!(
                 f,
-                "{:<14} {:>11.2} {:>11.2} {:>8.1}µs {:>8.1}µs {:>8.1}µs {:>7} {:>7.1}µs {:>7.1}µs {:>8.0}% {:>10.4}%",
+                "{:<14} {:>11.2} {:>11.2} {:>8.1}µs {:>8.1}µs {:>8.1}µs {:>7} {:>9} {:>7.1}µs {:>7.1}µs {:>8.0}% {:>10.4}%",
                 g.name,
                 g.compile_first.as_secs_f64() * 1e3,
                 g.compile_median.as_secs_f64() * 1e3,
@@ -137,6 +182,7 @@ impl fmt::Display for BenchReport {
                 us(g.mask_p99),
                 us(g.mask_max),
                 g.steps,
+                format!("{}/{}", g.finished, g.sequences),
                 us(g.unconstrained_per_token),
                 us(g.constrained_per_token),
                 g.overhead_vs_argmax() * 100.0,
@@ -172,7 +218,10 @@ pub fn bench_specs() -> Result<Vec<(String, GrammarSpec)>, DecodeError> {
 }
 
 /// Runs the benchmark with the tokenizer at `tokenizer_path`.
-pub fn bench_grammars(tokenizer_path: &Path, cfg: &BenchConfig) -> Result<BenchReport, DecodeError> {
+pub fn bench_grammars(
+    tokenizer_path: &Path,
+    cfg: &BenchConfig,
+) -> Result<BenchReport, DecodeError> {
     let t = Instant::now();
     let vocab = Arc::new(Vocab::from_tokenizer_file(tokenizer_path, &cfg.vocab)?);
     let vocab_load = t.elapsed();
@@ -255,6 +304,7 @@ fn bench_one(
         mask_p99: percentile(&mut masks, 0.99),
         mask_max: masks.iter().copied().max().unwrap_or_default(),
         steps,
+        sequences: cfg.sequences,
         finished,
         unconstrained_per_token: per(unconstrained),
         constrained_per_token: per(constrained),

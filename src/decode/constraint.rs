@@ -37,7 +37,7 @@ impl TokenMask {
         let limit = vocab.tokenizer_size();
         if limit < len {
             let mut start = limit / 32;
-            if limit % 32 != 0 {
+            if !limit.is_multiple_of(32) {
                 words[start] &= (1u32 << (limit % 32)) - 1;
                 start += 1;
             }

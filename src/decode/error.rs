@@ -50,7 +50,9 @@ pub enum DecodeError {
     },
     #[error("the model scorer failed")]
     Scorer(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error("the model scorer returned {got} rows of logits for {expected} prefixes, or a row not of the vocabulary size")]
+    #[error(
+        "the model scorer returned {got} rows of logits for {expected} prefixes, or a row not of the vocabulary size"
+    )]
     ScorerShape { expected: usize, got: usize },
     #[error("every label has zero probability under the model")]
     Degenerate,

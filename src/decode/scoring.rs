@@ -85,24 +85,27 @@ pub struct LabelScorer {
 impl LabelScorer {
     /// Builds the trie for `grammar`'s labels: a choice, or a JSON object whose only required
     /// field (`label_field`, if named) is the label enum. Each answer is checked with the grammar.
-    pub fn new(grammar: &Arc<CompiledGrammar>, label_field: Option<&str>) -> Result<Self, DecodeError> {
+    pub fn new(
+        grammar: &Arc<CompiledGrammar>,
+        label_field: Option<&str>,
+    ) -> Result<Self, DecodeError> {
         let spec = grammar.spec();
         let field = match label_field {
             Some(f) => Some(f.to_string()),
             None => match spec {
                 crate::decode::GrammarSpec::Json { schema, .. }
-                | crate::decode::GrammarSpec::JsonSchema(schema) => Some(
-                    crate::decode::answer::single_label_field(schema, None)?,
-                ),
+                | crate::decode::GrammarSpec::JsonSchema(schema) => {
+                    Some(crate::decode::answer::single_label_field(schema, None)?)
+                }
                 _ => None,
             },
         };
-        let labels = spec
-            .labels(field.as_deref())
-            .ok_or_else(|| DecodeError::NoCanonicalAnswer {
-                reason: "label scoring needs a choice or a JSON object with a label enum"
-                    .to_string(),
-            })?;
+        let labels =
+            spec.labels(field.as_deref())
+                .ok_or_else(|| DecodeError::NoCanonicalAnswer {
+                    reason: "label scoring needs a choice or a JSON object with a label enum"
+                        .to_string(),
+                })?;
         if labels.is_empty() {
             return Err(DecodeError::NoLabels);
         }

@@ -109,16 +109,22 @@ impl Vocab {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"hf-tokenizer\0");
         hasher.update(json);
-        let env = Self::build(words, eos, cfg.model_vocab_size, hasher, move |bytes, trie| {
-            trie.tokenize_with_greedy_fallback(bytes, |s| {
-                // Encoding plain text cannot fail for a tokenizer that loaded; should it, greedy
-                // trie tokenisation is still a valid (if non-canonical) answer for llguidance.
-                tokenizer
-                    .encode_fast(s, false)
-                    .map(|e| e.get_ids().to_vec())
-                    .unwrap_or_else(|_| trie.greedy_tokenize(s.as_bytes()))
-            })
-        })?;
+        let env = Self::build(
+            words,
+            eos,
+            cfg.model_vocab_size,
+            hasher,
+            move |bytes, trie| {
+                trie.tokenize_with_greedy_fallback(bytes, |s| {
+                    // Encoding plain text cannot fail for a tokenizer that loaded; should it, greedy
+                    // trie tokenisation is still a valid (if non-canonical) answer for llguidance.
+                    tokenizer
+                        .encode_fast(s, false)
+                        .map(|e| e.get_ids().to_vec())
+                        .unwrap_or_else(|_| trie.greedy_tokenize(s.as_bytes()))
+                })
+            },
+        )?;
         Ok(env)
     }
 
