@@ -584,3 +584,44 @@ fn label_scores_with_real_tokenizer_match_brute_force() {
         .unwrap();
     assert_eq!(scores.labels.len(), 49);
 }
+
+#[test]
+fn lfm2_vl_tokenizer_has_im_end_as_eos_and_special_image_tokens() {
+    let Some(path) = shared_path("models/LFM2-VL-450M/tokenizer.json") else {
+        return;
+    };
+    let vocab = Vocab::from_tokenizer_file(&path, &VocabConfig::lfm2_vl()).unwrap();
+    assert_eq!(vocab.eos(), 7);
+    assert_eq!(vocab.tokenizer_size(), TOKENIZER_SIZE as usize);
+    assert_eq!(vocab.model_vocab_size(), MODEL_VOCAB);
+    let image = vocab.tokenize("<image>");
+    assert!(
+        image.len() > 1,
+        "special tokens are not produced from plain text"
+    );
+    assert!((0..TOKENIZER_SIZE).filter(|&t| vocab.is_special(t)).count() >= 10);
+    assert_eq!(vocab.decode(&vocab.tokenize("a café 日本")), "a café 日本");
+}
+
+#[test]
+fn unknown_eos_and_missing_files_are_errors() {
+    let Some(path) = shared_path("tokenizers/lfm2/tokenizer.json") else {
+        return;
+    };
+    let cfg = VocabConfig {
+        eos_token: "<|no_such_token|>".to_string(),
+        model_vocab_size: None,
+    };
+    assert!(matches!(
+        Vocab::from_tokenizer_file(&path, &cfg),
+        Err(DecodeError::UnknownEos(_))
+    ));
+    assert!(matches!(
+        Vocab::from_tokenizer_file(&path.with_file_name("missing.json"), &cfg),
+        Err(DecodeError::ReadTokenizer { .. })
+    ));
+    assert!(matches!(
+        Vocab::from_tokenizer_json(b"{ not json", &cfg),
+        Err(DecodeError::LoadTokenizer { .. })
+    ));
+}

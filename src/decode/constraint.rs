@@ -97,6 +97,11 @@ impl TokenMask {
     pub fn apply_to_logits(&self, logits: &mut [f32]) {
         for (chunk_idx, chunk) in logits.chunks_mut(32).enumerate() {
             let w = self.words.get(chunk_idx).copied().unwrap_or(0);
+            // Most words of a grammar mask are all-disallowed; fill those without bit tests.
+            if w == 0 {
+                chunk.fill(f32::NEG_INFINITY);
+                continue;
+            }
             if w == u32::MAX {
                 continue;
             }

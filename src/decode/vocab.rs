@@ -77,8 +77,11 @@ impl Vocab {
             path: "<memory>".into(),
             message,
         };
-        let tokenizer =
+        let mut tokenizer =
             tokenizers::Tokenizer::from_bytes(json).map_err(|e| load_err(e.to_string()))?;
+        // Answers are text: `<image>` written by a model or a label is seven characters, never
+        // the special token (which grammars cannot allow), so split special tokens as text.
+        tokenizer.set_encode_special_tokens(true);
         let raw: serde_json::Value =
             serde_json::from_slice(json).map_err(|e| load_err(e.to_string()))?;
         let decoding = TokenDecoding::detect(&raw["decoder"])?;
