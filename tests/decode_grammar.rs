@@ -379,8 +379,9 @@ fn training_answers_are_accepted_by_their_grammar() {
             assert_eq!(parser.parse(&text).label(), Some(label.as_str()));
         }
     }
-    let spec = GrammarSpec::choice(["café", "日本", "red circle"]);
-    for label in ["café", "日本", "red circle"] {
+    let odd = ["café", "日本", "red circle", "say \"hi\"", "a\\b", "x | y"];
+    let spec = GrammarSpec::choice(odd);
+    for label in odd {
         assert!(accepts(&spec, &answer_text(&spec, label, None).unwrap()));
     }
 }

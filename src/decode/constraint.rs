@@ -93,6 +93,11 @@ impl TokenMask {
         &self.words
     }
 
+    /// The bit words by value, e.g. for `TokenSet::from_words` without a copy.
+    pub fn into_words(self) -> Vec<u32> {
+        self.words
+    }
+
     /// Sets the logits of disallowed ids to -inf (logits beyond the mask's length too).
     pub fn apply_to_logits(&self, logits: &mut [f32]) {
         for (chunk_idx, chunk) in logits.chunks_mut(32).enumerate() {
@@ -233,5 +238,34 @@ impl Constraint {
         DecodeError::Matcher {
             message: e.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiled grammars are shared across threads; constraints move to worker threads.
+    #[test]
+    fn grammar_types_cross_threads() {
+        fn shared<T: Send + Sync>() {}
+        fn sent<T: Send>() {}
+        shared::<CompiledGrammar>();
+        shared::<crate::decode::GrammarCache>();
+        shared::<Vocab>();
+        sent::<Constraint>();
+    }
+
+    #[test]
+    fn mask_words_follow_the_simplevob_layout() {
+        let m = TokenMask::singleton(33, 70);
+        assert_eq!(m.words(), &[0, 2, 0]);
+        assert_eq!(m.allowed().collect::<Vec<_>>(), vec![33]);
+        assert_eq!(m.count(), 1);
+        let mut logits = vec![0.0f32; 70];
+        m.apply_to_logits(&mut logits);
+        assert_eq!(logits.iter().filter(|l| l.is_finite()).count(), 1);
+        assert!(logits[33].is_finite());
+        assert!(!TokenMask::singleton(80, 70).is_allowed(80));
     }
 }
