@@ -44,8 +44,9 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// Every label's probability under the model, from [`LabelScorer::score`].
-#[derive(Debug, Clone, PartialEq)]
+/// Every label's probability under the model, from [`LabelScorer::score`]; serialises to the
+/// JSON `vlmpipe infer --scores` prints (a -inf log-probability becomes `null`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LabelScores {
     pub labels: Vec<String>,
     /// Log-probability of each label's complete answer (EOS included), unnormalised.
