@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod decode;
 pub mod dsl;
 pub mod exec;
 pub mod hub;
