@@ -11,5 +11,6 @@ pub mod exec;
 pub mod hub;
 pub mod model;
 pub mod plan;
+pub mod runner;
 pub mod stages;
 pub mod testing;

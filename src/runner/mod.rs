@@ -1,0 +1,304 @@
+//! The model runner: a loaded LFM2-VL with its processor, answering image questions by free or
+//! grammar-constrained generation, or scoring every label exactly.
+//!
+//! This is where the model (`crate::model`) meets the grammars (`crate::decode`): the two never
+//! see each other. `vlmpipe infer`, the eval stage and `vlmpipe render` all go through here, so a
+//! prompt is built and answered the same way everywhere.
+
+mod scorer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+use crate::decode::{
+    CompiledGrammar, Constraint, DecodeError, LabelScorer, LabelScores, Vocab, VocabConfig,
+};
+use crate::model::chat::Conversation;
+use crate::model::checkpoint::{self, LoadOptions};
+use crate::model::generate::{self, GenerateConfig, LogitsProcessor, Sampling, TokenSet};
+use crate::model::lfm2_vl::Lfm2VlModel;
+use crate::model::processor::{Processor, PromptInputs};
+
+pub use scorer::CachedPrefixScorer;
+
+/// Errors of loading a model or answering with it.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("cannot load the model in `{dir}`: {message}")]
+    Load { dir: PathBuf, message: String },
+    #[error("cannot prepare the prompt: {0}")]
+    Prompt(String),
+    #[error("the model failed: {0}")]
+    Model(#[from] candle_core::Error),
+    #[error("generation failed: {0}")]
+    Generate(String),
+    #[error(transparent)]
+    Grammar(#[from] DecodeError),
+}
+
+/// How to decode.
+#[derive(Clone, Debug)]
+pub struct DecodeOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+}
+
+/// A prompt ready for the model: token ids and its image features.
+pub struct PreparedPrompt {
+    pub inputs: PromptInputs,
+    /// `[image tokens, D]`, `None` for a text-only prompt.
+    pub image_features: Option<Tensor>,
+    /// Time spent in preprocessing and the vision tower.
+    pub encode_time: Duration,
+}
+
+/// One generated answer.
+#[derive(Clone, Debug)]
+pub struct Generated {
+    /// Generated token ids (EOS excluded).
+    pub tokens: Vec<u32>,
+    /// Decoded text, special tokens skipped.
+    pub text: String,
+    /// `true` when EOS ended it, `false` when `max_new_tokens` did.
+    pub stopped_at_eos: bool,
+}
+
+/// A loaded model and everything needed to talk to it.
+pub struct ModelRunner {
+    model: Lfm2VlModel,
+    processor: Processor,
+    vocab: Arc<Vocab>,
+    eos_token_ids: Vec<u32>,
+    pad_token_id: u32,
+}
+
+impl ModelRunner {
+    /// Loads the checkpoint folder `dir` (Hub layout) in `dtype` on the CPU.
+    pub fn load(dir: &Path, dtype: DType) -> Result<Self, RunnerError> {
+        let load_err = |message: String| RunnerError::Load {
+            dir: dir.to_path_buf(),
+            message,
+        };
+        let options = LoadOptions {
+            dtype,
+            device: Device::Cpu,
+        };
+        let model = checkpoint::load(dir, &options).map_err(|e| load_err(e.to_string()))?;
+        let processor = Processor::from_model_dir(dir).map_err(|e| load_err(e.to_string()))?;
+        Self::new(model, processor, dir)
+    }
+
+    /// Wraps an already loaded model (e.g. one with LoRA adapters attached).
+    pub fn new(model: Lfm2VlModel, processor: Processor, dir: &Path) -> Result<Self, RunnerError> {
+        let load_err = |message: String| RunnerError::Load {
+            dir: dir.to_path_buf(),
+            message,
+        };
+        let eos_token_ids = eos_ids(dir, &processor);
+        let Some(&eos) = eos_token_ids.first() else {
+            return Err(load_err(
+                "no end-of-turn token (`<|im_end|>` or generation_config.json eos_token_id)".into(),
+            ));
+        };
+        let eos_text = processor
+            .tokenizer()
+            .id_to_token(eos)
+            .ok_or_else(|| load_err(format!("the end-of-turn id {eos} is not in the tokenizer")))?;
+        let vocab_cfg = VocabConfig {
+            eos_token: eos_text,
+            model_vocab_size: Some(model.text().embedding_rows()),
+        };
+        let vocab = Vocab::from_tokenizer_file(&dir.join("tokenizer.json"), &vocab_cfg)
+            .map_err(|e| load_err(e.to_string()))?;
+        let pad_token_id = processor.tokenizer().token_to_id("<|pad|>").unwrap_or(0);
+        Ok(Self {
+            model,
+            processor,
+            vocab: Arc::new(vocab),
+            eos_token_ids,
+            pad_token_id,
+        })
+    }
+
+    pub fn model(&self) -> &Lfm2VlModel {
+        &self.model
+    }
+
+    pub fn processor(&self) -> &Processor {
+        &self.processor
+    }
+
+    /// The tokenizer as the grammar compiler needs it.
+    pub fn vocab(&self) -> &Arc<Vocab> {
+        &self.vocab
+    }
+
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    /// Renders `conversation` with the chat template (generation prompt on), expands the image
+    /// placeholders, tokenises, and runs the vision tower on `images`.
+    pub fn prepare(
+        &self,
+        conversation: &Conversation,
+        images: &[RgbImage],
+    ) -> Result<PreparedPrompt, RunnerError> {
+        let started = Instant::now();
+        let inputs = self
+            .processor
+            .prepare(conversation, images, true)
+            .map_err(|e| RunnerError::Prompt(e.to_string()))?;
+        let image_features = if inputs.images.is_empty() {
+            None
+        } else {
+            let tensors =
+                crate::model::processor::stack_images(&inputs.images, self.model.device())?;
+            let shapes: Vec<(usize, usize)> = inputs
+                .images
+                .iter()
+                .flat_map(|image| image.spatial_shapes.iter().copied())
+                .collect();
+            Some(self.model.image_features(
+                &tensors.pixel_values,
+                &tensors.pixel_attention_mask,
+                &shapes,
+            )?)
+        };
+        Ok(PreparedPrompt {
+            inputs,
+            image_features,
+            encode_time: started.elapsed(),
+        })
+    }
+
+    /// Generates an answer for each prompt (one batch; left padding does not change answers).
+    /// With `grammar`, every step is masked to the tokens that keep the answer valid.
+    pub fn generate(
+        &self,
+        prompts: &[&PreparedPrompt],
+        options: &DecodeOptions,
+        grammar: Option<&Arc<CompiledGrammar>>,
+    ) -> Result<Vec<Generated>, RunnerError> {
+        let batch: Vec<generate::Prompt<'_>> = prompts
+            .iter()
+            .map(|p| generate::Prompt {
+                input_ids: &p.inputs.input_ids,
+                image_features: p.image_features.as_ref(),
+            })
+            .collect();
+        let cfg = GenerateConfig {
+            max_new_tokens: options.max_new_tokens,
+            eos_token_ids: self.eos_token_ids.clone(),
+            pad_token_id: self.pad_token_id,
+            sampling: options.sampling.clone(),
+        };
+        let mut constraints = grammar.map(|g| GrammarMask {
+            constraints: (0..prompts.len()).map(|_| g.constraint()).collect(),
+        });
+        let hook = constraints.as_mut().map(|c| c as &mut dyn LogitsProcessor);
+        let output = generate::generate(&self.model, &batch, &cfg, hook)
+            .map_err(|e| RunnerError::Generate(e.to_string()))?;
+        Ok(output
+            .sequences
+            .into_iter()
+            .map(|seq| {
+                let stopped_at_eos = seq
+                    .tokens
+                    .last()
+                    .is_some_and(|t| self.eos_token_ids.contains(t));
+                let tokens: Vec<u32> = seq
+                    .tokens
+                    .into_iter()
+                    .filter(|t| !self.eos_token_ids.contains(t))
+                    .collect();
+                let text = self.decode_text(&tokens);
+                Generated {
+                    tokens,
+                    text,
+                    stopped_at_eos,
+                }
+            })
+            .collect())
+    }
+
+    /// Every label's exact probability for `prompt` under `scorer`'s grammar, reusing the
+    /// prompt's KV cache for every answer prefix.
+    pub fn score_labels(
+        &self,
+        prompt: &PreparedPrompt,
+        scorer: &LabelScorer,
+    ) -> Result<LabelScores, RunnerError> {
+        let mut prefix_scorer = CachedPrefixScorer::new(&self.model, prompt)?;
+        Ok(scorer.score(&mut prefix_scorer)?)
+    }
+
+    /// Text of `tokens`, skipping special tokens; ids past the tokenizer (random models emit
+    /// them) are dropped rather than failing.
+    pub fn decode_text(&self, tokens: &[u32]) -> String {
+        let tokenizer = self.processor.tokenizer();
+        let size = tokenizer.get_vocab_size(true) as u32;
+        let known: Vec<u32> = tokens.iter().copied().filter(|&t| t < size).collect();
+        tokenizer.decode(&known, true).unwrap_or_default()
+    }
+}
+
+/// Per-sequence grammar constraints as the generation loop's mask hook.
+struct GrammarMask {
+    constraints: Vec<Constraint>,
+}
+
+impl LogitsProcessor for GrammarMask {
+    fn allowed(
+        &mut self,
+        seq: usize,
+    ) -> Result<Option<TokenSet>, Box<dyn std::error::Error + Send + Sync>> {
+        let constraint = self
+            .constraints
+            .get_mut(seq)
+            .ok_or_else(|| format!("no grammar state for sequence {seq}"))?;
+        let mask = constraint.allowed_tokens()?;
+        Ok(Some(TokenSet::from_words(mask.into_words())))
+    }
+
+    fn advance(
+        &mut self,
+        seq: usize,
+        token: u32,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let constraint = self
+            .constraints
+            .get_mut(seq)
+            .ok_or_else(|| format!("no grammar state for sequence {seq}"))?;
+        constraint.commit(token)?;
+        Ok(())
+    }
+}
+
+/// End-of-turn ids: `<|im_end|>` when the tokenizer has it, then `generation_config.json`'s
+/// `eos_token_id` (a number or a list).
+fn eos_ids(dir: &Path, processor: &Processor) -> Vec<u32> {
+    let mut ids = Vec::new();
+    if let Some(id) = processor.tokenizer().token_to_id("<|im_end|>") {
+        ids.push(id);
+    }
+    let from_config = std::fs::read(dir.join("generation_config.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .and_then(|v| v.get("eos_token_id").cloned());
+    match from_config {
+        Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|n| n as u32)),
+        Some(serde_json::Value::Array(items)) => {
+            ids.extend(items.iter().filter_map(|v| v.as_u64()).map(|n| n as u32))
+        }
+        _ => {}
+    }
+    ids.dedup();
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(*id));
+    ids
+}
