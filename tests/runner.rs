@@ -112,3 +112,102 @@ fn label_scores_equal_a_full_forward_of_each_answer() {
         );
     }
 }
+
+mod eval_job {
+    use super::*;
+    use vlmpipe::decode::AnswerParser;
+    use vlmpipe::stages::eval::run::{AnswerMode, EvalJob, EvalSample};
+
+    fn samples() -> Vec<EvalSample> {
+        let image = image::open(fixture("images/tiny_40x30.png"))
+            .unwrap()
+            .to_rgb8();
+        let conversation = Conversation::image_question(None, "Cat or dog?");
+        let mut samples: Vec<EvalSample> = (0..3)
+            .map(|i| EvalSample {
+                row_id: format!("row:{i}"),
+                image_id: format!("img{i}"),
+                ground_truth: if i % 2 == 0 { "cat" } else { "dog" }.to_owned(),
+                image: Ok(image.clone()),
+                conversation: conversation.clone(),
+            })
+            .collect();
+        samples.push(EvalSample {
+            row_id: "row:broken".to_owned(),
+            image_id: "broken".to_owned(),
+            ground_truth: "dog".to_owned(),
+            image: Err("truncated JPEG".to_owned()),
+            conversation,
+        });
+        samples
+    }
+
+    fn labels() -> Vec<String> {
+        LABELS.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn constrained_eval_records_every_sample_and_counts_bad_images_as_invalid() {
+        let runner = ModelRunner::load(&fixture("checkpoints/tiny-thumb"), DType::F32).unwrap();
+        let labels = labels();
+        let job = EvalJob {
+            runner: &runner,
+            labels: &labels,
+            parser: AnswerParser::choice(labels.clone()),
+            mode: AnswerMode::Generate {
+                options: DecodeOptions {
+                    max_new_tokens: 8,
+                    sampling: Sampling::default(),
+                },
+                grammar: Some(choice(&runner)),
+            },
+            batch_size: 2,
+        };
+        let mut done = 0;
+        let records = job.run(samples(), |n| done += n).unwrap();
+        assert_eq!(done, 4);
+        assert_eq!(records.len(), 4);
+        for record in &records[..3] {
+            assert!(record.valid, "{record:?}");
+            assert_eq!(
+                record.correct,
+                record.parsed_label.as_deref() == Some(record.ground_truth.as_str())
+            );
+        }
+        let broken = &records[3];
+        assert!(!broken.valid && !broken.correct);
+        assert_eq!(broken.raw_output, "<image error: truncated JPEG>");
+        // Identical inputs give identical answers whatever the batch they fell into.
+        assert_eq!(records[0].raw_output, records[2].raw_output);
+    }
+
+    #[test]
+    fn scored_eval_gives_a_distribution_and_its_argmax() {
+        let runner = ModelRunner::load(&fixture("checkpoints/tiny-thumb"), DType::F32).unwrap();
+        let labels = labels();
+        let grammar = choice(&runner);
+        let job = EvalJob {
+            runner: &runner,
+            labels: &labels,
+            parser: AnswerParser::choice(labels.clone()),
+            mode: AnswerMode::ScoreLabels {
+                scorer: LabelScorer::new(&grammar, None).unwrap(),
+            },
+            batch_size: 4,
+        };
+        let records = job.run(samples(), |_| {}).unwrap();
+        for record in &records[..3] {
+            let probs = record.class_probs.as_ref().unwrap();
+            let total: f32 = probs.iter().sum();
+            assert!((total - 1.0).abs() < 1e-4);
+            let best = probs
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            assert_eq!(record.parsed_label.as_deref(), Some(LABELS[best]));
+        }
+        assert!(records[3].class_probs.is_none());
+    }
+}

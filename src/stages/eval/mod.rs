@@ -11,6 +11,7 @@ mod image_source;
 mod metrics;
 mod outputs;
 mod records;
+pub mod run;
 
 pub use error::EvalError;
 pub use export::{CSV_HEADER, write_csv_export};

@@ -1,0 +1,181 @@
+//! Running a model over samples to produce [`EvalRecord`]s: batched generation (free or
+//! grammar-constrained) or exact label scoring, answers parsed against the label set.
+//!
+//! A sample whose image cannot be decoded still gets a record (invalid, with the reason as its raw
+//! output), so it counts in the denominator rather than vanishing.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use image::RgbImage;
+
+use super::EvalRecord;
+use crate::decode::{Answer, AnswerParser, CompiledGrammar, LabelScorer};
+use crate::model::chat::Conversation;
+use crate::runner::{DecodeOptions, ModelRunner, PreparedPrompt, RunnerError};
+
+/// One sample to evaluate.
+pub struct EvalSample {
+    pub row_id: String,
+    pub image_id: String,
+    pub ground_truth: String,
+    /// The decoded image, or why it could not be decoded.
+    pub image: Result<RgbImage, String>,
+    pub conversation: Conversation,
+}
+
+/// How answers are produced.
+pub enum AnswerMode {
+    /// Decode (constrained when a grammar is given) and parse.
+    Generate {
+        options: DecodeOptions,
+        grammar: Option<Arc<CompiledGrammar>>,
+    },
+    /// Score every label exactly; the prediction is the most probable label.
+    ScoreLabels { scorer: LabelScorer },
+}
+
+/// Everything fixed across the samples of one evaluation.
+pub struct EvalJob<'a> {
+    pub runner: &'a ModelRunner,
+    /// The label set, in the order of `class_probs`.
+    pub labels: &'a [String],
+    pub parser: AnswerParser,
+    pub mode: AnswerMode,
+    /// Samples prepared and generated together.
+    pub batch_size: usize,
+}
+
+impl EvalJob<'_> {
+    /// Evaluates `samples`, calling `on_done(n)` after each batch with the number finished.
+    pub fn run(
+        &self,
+        samples: Vec<EvalSample>,
+        mut on_done: impl FnMut(usize),
+    ) -> Result<Vec<EvalRecord>, RunnerError> {
+        let mut records = Vec::with_capacity(samples.len());
+        for chunk in samples.chunks(self.batch_size.max(1)) {
+            records.extend(self.run_batch(chunk)?);
+            on_done(chunk.len());
+        }
+        Ok(records)
+    }
+
+    fn run_batch(&self, samples: &[EvalSample]) -> Result<Vec<EvalRecord>, RunnerError> {
+        let started = Instant::now();
+        // Prepare each sample; a bad image or prompt becomes an invalid record, not an error.
+        let mut prepared: Vec<Result<PreparedPrompt, String>> = Vec::with_capacity(samples.len());
+        for sample in samples {
+            prepared.push(match &sample.image {
+                Ok(image) => self
+                    .runner
+                    .prepare(&sample.conversation, std::slice::from_ref(image))
+                    .map_err(|e| e.to_string()),
+                Err(reason) => Err(format!("image error: {reason}")),
+            });
+        }
+        let ready: Vec<&PreparedPrompt> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
+
+        let outputs: Vec<Output> = match &self.mode {
+            AnswerMode::Generate { options, grammar } if !ready.is_empty() => self
+                .runner
+                .generate(&ready, options, grammar.as_ref())?
+                .into_iter()
+                .map(|g| Output {
+                    raw: g.text,
+                    tokens: g.tokens.len() as u32,
+                    probs: None,
+                })
+                .collect(),
+            AnswerMode::ScoreLabels { scorer } => ready
+                .iter()
+                .map(|prompt| {
+                    let scores = self.runner.score_labels(prompt, scorer)?;
+                    Ok(Output {
+                        raw: scores.labels[scores.best].clone(),
+                        tokens: 0,
+                        probs: Some(self.align_probs(&scores.labels, &scores.probs)),
+                    })
+                })
+                .collect::<Result<_, RunnerError>>()?,
+            AnswerMode::Generate { .. } => Vec::new(),
+        };
+        // The batch's time, shared equally: per-sample latency in a batch is not separable.
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0 / samples.len().max(1) as f64;
+
+        let mut outputs = outputs.into_iter();
+        let mut records = Vec::with_capacity(samples.len());
+        for (sample, prep) in samples.iter().zip(&prepared) {
+            let record = match prep {
+                Ok(_) => {
+                    let Some(output) = outputs.next() else {
+                        return Err(RunnerError::Generate(
+                            "fewer answers than prompts".to_owned(),
+                        ));
+                    };
+                    self.record(sample, output, latency_ms)
+                }
+                Err(reason) => EvalRecord {
+                    row_id: sample.row_id.clone(),
+                    image_id: sample.image_id.clone(),
+                    ground_truth: sample.ground_truth.clone(),
+                    raw_output: format!("<{reason}>"),
+                    parsed_label: None,
+                    valid: false,
+                    correct: false,
+                    latency_ms,
+                    tokens_generated: 0,
+                    class_probs: None,
+                },
+            };
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    fn record(&self, sample: &EvalSample, output: Output, latency_ms: f64) -> EvalRecord {
+        let parsed = match self.parser.parse(&output.raw) {
+            Answer::Label { label, .. } => Some(label),
+            // A free-text parser has no labels: an exact match is still a valid answer.
+            Answer::Text(text) => {
+                let text = text.trim();
+                self.labels.iter().find(|l| l.as_str() == text).cloned()
+            }
+            Answer::Json(_) | Answer::Invalid { .. } => None,
+        };
+        let valid = parsed.is_some();
+        let correct = parsed.as_deref() == Some(sample.ground_truth.as_str());
+        EvalRecord {
+            row_id: sample.row_id.clone(),
+            image_id: sample.image_id.clone(),
+            ground_truth: sample.ground_truth.clone(),
+            raw_output: output.raw,
+            parsed_label: parsed,
+            valid,
+            correct,
+            latency_ms,
+            tokens_generated: output.tokens,
+            class_probs: output.probs,
+        }
+    }
+
+    /// Scores come in the grammar's label order; records use the evaluation's label order.
+    fn align_probs(&self, scored: &[String], probs: &[f64]) -> Vec<f32> {
+        self.labels
+            .iter()
+            .map(|label| {
+                scored
+                    .iter()
+                    .position(|s| s == label)
+                    .and_then(|i| probs.get(i))
+                    .map_or(0.0, |&p| p as f32)
+            })
+            .collect()
+    }
+}
+
+struct Output {
+    raw: String,
+    tokens: u32,
+    probs: Option<Vec<f32>>,
+}
