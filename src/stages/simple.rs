@@ -137,13 +137,15 @@ pub struct PromptStage {
 }
 
 impl PromptStage {
-    /// The pipeline's params are part of the stage (templates can read them), so a `--set`
-    /// that changes one reruns what the prompt feeds.
+    /// The pipeline params the templates mention are part of the stage, so a `--set` that
+    /// changes one of them reruns what the prompt feeds, and other params leave it cached.
     pub fn new(params: &PromptParams, plan: &Plan) -> Self {
+        let used = template_names(params);
         let params_json = plan
             .settings
             .params
             .iter()
+            .filter(|(k, _)| used.as_ref().is_none_or(|u| u.contains(k.as_str())))
             .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or(Value::Null)))
             .collect();
         Self {
@@ -182,6 +184,17 @@ pub struct GrammarFile {
     pub grammar: Value,
     /// The equivalent JSON Schema of `json {…}` and `json_schema(…)` grammars.
     pub json_schema: Option<Value>,
+}
+
+/// Names the prompt's templates read from their context. A template that does not compile
+/// (the checker rejects those) counts as reading every name, keeping every param in scope.
+fn template_names(params: &PromptParams) -> Option<std::collections::HashSet<String>> {
+    let env = minijinja::Environment::new();
+    let mut names = std::collections::HashSet::new();
+    for text in params.system.iter().chain(std::iter::once(&params.user)) {
+        names.extend(env.template_from_str(text).ok()?.undeclared_variables(false));
+    }
+    Some(names)
 }
 
 /// Reads a `grammar` entry.
