@@ -26,7 +26,9 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<Outcome> {
 
 /// Lowers and runs `plan` with `args`' cache and options.
 pub(crate) fn execute(plan: &Plan, args: &RunArgs) -> anyhow::Result<RunSummary> {
+    // Absolute, so the summary's output paths mean the same from any working directory.
     let root = cache_root(&args.cache, Some(&args.file));
+    let root = std::path::absolute(&root).unwrap_or(root);
     let store = CacheStore::open(&root)
         .with_context(|| format!("cannot open the cache `{}`", root.display()))?;
     let ctx = lower_context(plan, &args.file, args.evals_dir.clone(), args.quiet);
