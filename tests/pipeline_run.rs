@@ -146,8 +146,11 @@ fn folder_split_sample_caches_and_reruns_only_what_changed() {
     let s = Scenario::new();
     image_folder(&s.path("photos"), &["cat", "dog"], 12);
     // A truncated JPEG and a non-image: recorded and reported, never a crash.
-    std::fs::write(s.path("photos/cat/broken.jpg"), &data_support::rgb_jpeg(30, 30, 9)[..60])
-        .expect("broken image");
+    std::fs::write(
+        s.path("photos/cat/broken.jpg"),
+        &data_support::rgb_jpeg(30, 30, 9)[..60],
+    )
+    .expect("broken image");
     s.write("pets.vp", FOLDER_PIPELINE);
 
     let (out, first) = s.run(&["run", "pets.vp"]);
@@ -306,7 +309,9 @@ fn hub_dataset_through_fake_cache_offline() {
             })
             .collect();
         data_support::write_hub_parquet(
-            &base.join(format!("snapshots/{commit}/data/train-00000-of-00001.parquet")),
+            &base.join(format!(
+                "snapshots/{commit}/data/train-00000-of-00001.parquet"
+            )),
             &rows,
         );
         std::fs::create_dir_all(base.join("refs")).expect("refs");
@@ -323,7 +328,11 @@ fn hub_dataset_through_fake_cache_offline() {
         "#,
     );
     let (out, first) = s.run(&["run", "hub.vp"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows = read_rows(&output(&first, "pets", "rows.parquet")).expect("rows");
     assert_eq!(rows.rows.len(), 10);
     assert_eq!(rows.rows[1].label, "dog");
@@ -385,7 +394,14 @@ fn init_model_is_loadable_and_render_prints_the_exact_prompt() {
     assert!(model.is_ok(), "{:?}", model.err());
 
     let out = s
-        .command(&["render", "shapes.vp", "baseline", "--row", "2", "--no-expand"])
+        .command(&[
+            "render",
+            "shapes.vp",
+            "baseline",
+            "--row",
+            "2",
+            "--no-expand",
+        ])
         .output()
         .expect("spawn");
     assert!(
@@ -395,15 +411,29 @@ fn init_model_is_loadable_and_render_prints_the_exact_prompt() {
     );
     let text = stdout(&out);
     assert!(text.starts_with("<|startoftext|><|im_start|>system\nYou identify coloured shapes.<|im_end|>\n<|im_start|>user\n<image>Which one?\n- red circle\n"), "{text}");
-    assert!(text.ends_with("Answer with one item.<|im_end|>\n<|im_start|>assistant\n"), "{text}");
+    assert!(
+        text.ends_with("Answer with one item.<|im_end|>\n<|im_start|>assistant\n"),
+        "{text}"
+    );
 
     let out = s
-        .command(&["render", "shapes.vp", "baseline", "--row", "2", "--set", "what=pets"])
+        .command(&[
+            "render",
+            "shapes.vp",
+            "baseline",
+            "--row",
+            "2",
+            "--set",
+            "what=pets",
+        ])
         .output()
         .expect("spawn");
     let text = stdout(&out);
     assert!(text.contains("You identify pets."), "{text}");
-    assert!(text.contains("<|image_start|><image>") && !text.contains("<image>Which"), "{text}");
+    assert!(
+        text.contains("<|image_start|><image>") && !text.contains("<image>Which"),
+        "{text}"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("row 2 of `sample(pictures,4,23)`"), "{err}");
 
@@ -438,7 +468,10 @@ fn killed_run_leaves_a_consistent_cache() {
     let started = Instant::now();
     loop {
         let writing = std::fs::read_dir(&tmp)
-            .map(|d| d.flatten().any(|e| e.path().join("images.parquet").exists()))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.path().join("images.parquet").exists())
+            })
             .unwrap_or(false);
         if writing || started.elapsed() > Duration::from_secs(30) {
             break;
@@ -449,7 +482,10 @@ fn killed_run_leaves_a_consistent_cache() {
     let finished_early = child.try_wait().expect("wait").is_some();
     child.kill().expect("kill");
     child.wait().expect("reap");
-    assert!(!finished_early, "the ingest finished before it could be killed");
+    assert!(
+        !finished_early,
+        "the ingest finished before it could be killed"
+    );
     assert!(
         std::fs::read_dir(s.path(".vlmpipe/entries"))
             .map(|d| d.count() == 0)
@@ -458,13 +494,16 @@ fn killed_run_leaves_a_consistent_cache() {
     );
 
     let (out, summary) = s.run(&["run", "big.vp"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(status(&summary, "d"), "ran");
     let rows = read_rows(&output(&summary, "d", "rows.parquet")).expect("rows");
     assert_eq!(rows.rows.len(), n);
-    let images =
-        vlmpipe::stages::data::ImageStore::open(&output(&summary, "d", "images.parquet"))
-            .expect("image store");
+    let images = vlmpipe::stages::data::ImageStore::open(&output(&summary, "d", "images.parquet"))
+        .expect("image store");
     assert_eq!(images.len(), n);
     let verify = s
         .command(&["cache", "verify", "--cache-dir", ".vlmpipe"])
@@ -483,7 +522,13 @@ fn watch_reruns_on_save_and_survives_syntax_errors() {
     image_folder(&s.path("photos"), &["cat", "dog"], 10);
     s.write("pets.vp", FOLDER_PIPELINE);
     let mut child = s
-        .command(&["watch", "pets.vp", "--summary-json", "summary.json", "--quiet"])
+        .command(&[
+            "watch",
+            "pets.vp",
+            "--summary-json",
+            "summary.json",
+            "--quiet",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -514,7 +559,10 @@ fn watch_reruns_on_save_and_survives_syntax_errors() {
         std::thread::sleep(Duration::from_millis(300));
         s.write("pets.vp", "pipeline pets { seed = 5 \n dataset }}}\n");
         std::thread::sleep(Duration::from_millis(800));
-        s.write("pets.vp", &FOLDER_PIPELINE.replace("n_rows = 16", "n_rows = 10"));
+        s.write(
+            "pets.vp",
+            &FOLDER_PIPELINE.replace("n_rows = 16", "n_rows = 10"),
+        );
         let second = wait_for("the rerun", &|v| {
             v["stages"]
                 .as_array()
@@ -531,7 +579,10 @@ fn watch_reruns_on_save_and_survives_syntax_errors() {
         eprintln!("watcher stderr:\n{err}");
         std::panic::resume_unwind(panic);
     }
-    assert!(err.contains("pets.vp:2:"), "the syntax error was not shown:\n{err}");
+    assert!(
+        err.contains("pets.vp:2:"),
+        "the syntax error was not shown:\n{err}"
+    );
     assert!(err.contains("changed, rerunning"), "{err}");
 }
 
@@ -548,7 +599,8 @@ fn bench_no_change_rerun() {
             std::fs::create_dir_all(&dir).expect("mkdir");
             for i in 0..per_class {
                 let shade = (i % 251) as u8;
-                let img = image::RgbImage::from_pixel(16, 16, image::Rgb([shade, (i / 251) as u8, 7]));
+                let img =
+                    image::RgbImage::from_pixel(16, 16, image::Rgb([shade, (i / 251) as u8, 7]));
                 img.save(dir.join(format!("{i:05}.png"))).expect("png");
             }
         }
@@ -581,4 +633,30 @@ fn bench_no_change_rerun() {
             times[4]
         );
     }
+}
+
+/// Every example pipeline checks without errors.
+#[test]
+fn examples_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples folder").flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "vp") {
+            let out = Command::new(BIN)
+                .arg("check")
+                .arg(&path)
+                .env("NO_COLOR", "1")
+                .output()
+                .expect("spawn");
+            assert!(
+                out.status.success(),
+                "{}:\n{}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "only {checked} example pipelines");
 }

@@ -105,7 +105,9 @@ impl DatasetStage {
                 seed,
                 options,
             } => (
-                SourceSpec::Synthetic(synthetic_spec(kind, *n, *seed, options).map_err(unsupported)?),
+                SourceSpec::Synthetic(
+                    synthetic_spec(kind, *n, *seed, options).map_err(unsupported)?,
+                ),
                 None,
             ),
         };
@@ -337,7 +339,10 @@ mod tests {
         );
         options.insert("shapes".to_owned(), ParamValue::Str("triangle".to_owned()));
         let spec = synthetic_spec("shapes", 10, 4, &options).unwrap();
-        assert_eq!((spec.width, spec.height, spec.n, spec.seed), (32, 32, 10, 4));
+        assert_eq!(
+            (spec.width, spec.height, spec.n, spec.seed),
+            (32, 32, 10, 4)
+        );
         assert_eq!(spec.classes(), ["red triangle", "green triangle"]);
 
         options.insert("shapes".to_owned(), ParamValue::Str("hexagon".to_owned()));

@@ -230,7 +230,10 @@ mod tests {
             "#,
         );
         let split = plan.find("s").unwrap();
-        assert_eq!(exec_inputs(split, &plan), vec![plan.find("pets").unwrap().id]);
+        assert_eq!(
+            exec_inputs(split, &plan),
+            vec![plan.find("pets").unwrap().id]
+        );
     }
 
     #[test]

@@ -221,7 +221,10 @@ impl Stage for ModelStage {
 /// Name, size and mtime of every file under `dir`, sorted: a cheap identity of a local model.
 fn stat_dir(dir: &Path) -> Result<Vec<Value>, StageError> {
     let mut files = Vec::new();
-    for item in walkdir::WalkDir::new(dir).follow_links(true).sort_by_file_name() {
+    for item in walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .sort_by_file_name()
+    {
         let item = item?;
         if !item.file_type().is_file() {
             continue;
@@ -233,7 +236,11 @@ fn stat_dir(dir: &Path) -> Result<Vec<Value>, StageError> {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos());
         let rel = item.path().strip_prefix(dir).unwrap_or(item.path());
-        files.push(json!([rel.to_string_lossy(), meta.len(), mtime.to_string()]));
+        files.push(json!([
+            rel.to_string_lossy(),
+            meta.len(),
+            mtime.to_string()
+        ]));
     }
     Ok(files)
 }

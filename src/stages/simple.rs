@@ -42,7 +42,11 @@ pub enum EntryFileError {
     },
 }
 
-fn write_json(ctx: &StageContext<'_>, name: &str, value: &impl Serialize) -> Result<(), StageError> {
+fn write_json(
+    ctx: &StageContext<'_>,
+    name: &str,
+    value: &impl Serialize,
+) -> Result<(), StageError> {
     let text = serde_json::to_string_pretty(value)?;
     std::fs::write(ctx.out_path(name), text)?;
     Ok(())
@@ -192,7 +196,11 @@ fn template_names(params: &PromptParams) -> Option<std::collections::HashSet<Str
     let env = minijinja::Environment::new();
     let mut names = std::collections::HashSet::new();
     for text in params.system.iter().chain(std::iter::once(&params.user)) {
-        names.extend(env.template_from_str(text).ok()?.undeclared_variables(false));
+        names.extend(
+            env.template_from_str(text)
+                .ok()?
+                .undeclared_variables(false),
+        );
     }
     Some(names)
 }
@@ -242,5 +250,57 @@ impl Stage for GrammarStage {
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
         write_json(ctx, GRAMMAR_FILE, &self.file)?;
         Ok(StageOutcome::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn plan_of(text: &str) -> Plan {
+        let result = crate::plan::check_source(Path::new("/tmp/simple_test.vp"), text, &[]);
+        let rendered = crate::plan::render_diagnostics(&result, false);
+        result.plan.unwrap_or_else(|| panic!("{rendered}"))
+    }
+
+    #[test]
+    fn prompt_params_cover_only_the_params_its_templates_read() {
+        let text = r#"
+            pipeline p { seed = 1 }
+            param tone = "kind"
+            param n_eval = 10
+            prompt ask { system = "Be {{ tone }}." user = "{% for l in labels %}{{ l }} {% endfor %}" }
+        "#;
+        let plan = plan_of(text);
+        let Some(crate::plan::NodeParams::Prompt(p)) = plan.find("ask").map(|n| &n.params) else {
+            panic!("no prompt");
+        };
+        let stage = PromptStage::new(p, &plan);
+        let params = stage.params();
+        assert_eq!(params["params"], json!({ "tone": "kind" }));
+        assert_eq!(params["user"], "{% for l in labels %}{{ l }} {% endfor %}");
+    }
+
+    #[test]
+    fn grammar_entry_carries_the_json_schema() {
+        let plan = plan_of(
+            r#"
+            pipeline p { seed = 1 }
+            labels animals = ["cat", "dog"]
+            grammar g = json { pred_class: one_of(animals) }
+            "#,
+        );
+        let Some(crate::plan::NodeParams::Grammar(g)) = plan.find("g").map(|n| &n.params) else {
+            panic!("no grammar");
+        };
+        let stage = GrammarStage::new(g);
+        let schema = stage.file.json_schema.clone().expect("schema");
+        assert_eq!(
+            schema["properties"]["pred_class"]["enum"],
+            json!(["cat", "dog"])
+        );
+        assert_eq!(stage.params(), stage.file.grammar);
     }
 }

@@ -80,13 +80,11 @@ pub fn render_prompt(
         let template = env
             .template_from_str(text)
             .map_err(|source| PromptError::Compile { which, source })?;
-        template
-            .render(&ctx)
-            .map_err(|source| PromptError::Render {
-                which,
-                row_id: row.row_id.clone(),
-                source,
-            })
+        template.render(&ctx).map_err(|source| PromptError::Render {
+            which,
+            row_id: row.row_id.clone(),
+            source,
+        })
     };
     let system = prompt
         .system
@@ -173,13 +171,25 @@ mod tests {
             user: "{{ lables }}".to_owned(),
         };
         let err = render_prompt(&typo, &labels(), &row, &BTreeMap::new()).unwrap_err();
-        assert!(matches!(err, PromptError::Render { which: "user", .. }), "{err}");
+        assert!(
+            matches!(err, PromptError::Render { which: "user", .. }),
+            "{err}"
+        );
         let broken = PromptParams {
             system: Some("{% for %}".to_owned()),
             user: "ok".to_owned(),
         };
         let err = render_prompt(&broken, &labels(), &row, &BTreeMap::new()).unwrap_err();
-        assert!(matches!(err, PromptError::Compile { which: "system", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                PromptError::Compile {
+                    which: "system",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let no_system = PromptParams {
             system: None,
             user: "x".to_owned(),
