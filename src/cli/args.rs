@@ -38,6 +38,63 @@ pub enum Command {
     /// Inspect and maintain the stage cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Run a pipeline: every stage whose inputs or parameters changed, the rest from the cache.
+    Run(RunArgs),
+    /// Run a pipeline, then rerun it whenever it or a file it reads is saved.
+    Watch(RunArgs),
+    /// Print the exact prompt a stage sends to the model for one row of its data.
+    Render(RenderArgs),
+}
+
+/// Flags of `run` and `watch`.
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub params: ParamOverrides,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+    /// Recompute this stage even when it is cached (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    pub force: Vec<String>,
+    /// Run only this stage and the stages it reads (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    pub only: Vec<String>,
+    /// Say which stages would run and why; run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Write a machine-readable summary (status, fingerprint, seconds, outputs per stage).
+    #[arg(long, value_name = "PATH")]
+    pub summary_json: Option<PathBuf>,
+    /// No progress bars or per-stage messages (the summary table is still printed).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Where eval and report stages write exports [default: `evals/<pipeline>/` beside the pipeline].
+    #[arg(long, value_name = "DIR")]
+    pub evals_dir: Option<PathBuf>,
+    /// Seconds to wait for another run holding the cache lock.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    pub lock_wait: f64,
+}
+
+/// Flags of `render`.
+#[derive(Debug, Args, Clone)]
+pub struct RenderArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// An `eval` or `finetune` stage.
+    pub stage: String,
+    /// Which row of the stage's data (0-based, in the data's row order).
+    #[arg(long, default_value_t = 0)]
+    pub row: usize,
+    /// Print the template-rendered text only, without expanding the image placeholder.
+    #[arg(long)]
+    pub no_expand: bool,
+    #[command(flatten)]
+    pub params: ParamOverrides,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
 }
 
 /// `--set NAME=VALUE` overrides of the pipeline's `param`s.

@@ -7,6 +7,9 @@
 mod args;
 mod cache_cmd;
 mod check_cmd;
+mod render_cmd;
+mod run_cmd;
+mod watch_cmd;
 
 use std::process::ExitCode;
 
@@ -54,6 +57,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
             params,
             format,
         } => check_cmd::graph(&file, &params, format),
+        Command::Run(args) => run_cmd::run(&args),
+        Command::Watch(args) => watch_cmd::watch(&args),
+        Command::Render(args) => render_cmd::render(&args),
     }
 }
 

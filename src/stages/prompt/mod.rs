@@ -1,1 +1,214 @@
-//! Prompt stage: minijinja templates rendered with the model's chat template.
+//! Prompt templates: a `prompt` declaration's minijinja text rendered for one row.
+//!
+//! In scope of both templates: `labels` (the eval's or fine-tune's label list), the row's fields
+//! (`row_id`, `label`, `image_id`) and every pipeline `param` by name. Undefined names are an
+//! error rather than empty text, so a typo in a template cannot silently change every prompt.
+//! The result becomes a [`Conversation`] (system turn, then a user turn with the image first
+//! and the text second) that the model's own chat template renders.
+
+use std::collections::BTreeMap;
+
+use minijinja::{Environment, UndefinedBehavior, Value};
+
+use crate::model::chat::Conversation;
+use crate::plan::params::{ParamValue, PromptParams};
+
+/// The row fields a template can read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowContext {
+    pub row_id: String,
+    pub image_id: String,
+    /// The row's true label (available to templates, e.g. for few-shot or training prompts).
+    pub label: Option<String>,
+}
+
+/// The rendered templates of one row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderedPrompt {
+    pub system: Option<String>,
+    pub user: String,
+}
+
+impl RenderedPrompt {
+    /// The conversation LFM2-VL sees: optional system turn, then the image and the user text.
+    pub fn conversation(&self) -> Conversation {
+        Conversation::image_question(self.system.as_deref(), &self.user)
+    }
+}
+
+/// Errors rendering a prompt template.
+#[derive(Debug, thiserror::Error)]
+pub enum PromptError {
+    #[error("prompt template `{which}` does not compile")]
+    Compile {
+        which: &'static str,
+        #[source]
+        source: minijinja::Error,
+    },
+    #[error("prompt template `{which}` failed for row `{row_id}`")]
+    Render {
+        which: &'static str,
+        row_id: String,
+        #[source]
+        source: minijinja::Error,
+    },
+}
+
+/// Renders `prompt`'s templates for `row`.
+pub fn render_prompt(
+    prompt: &PromptParams,
+    labels: &[String],
+    row: &RowContext,
+    params: &BTreeMap<String, ParamValue>,
+) -> Result<RenderedPrompt, PromptError> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    let mut scope: BTreeMap<String, Value> = params
+        .iter()
+        .map(|(k, v)| (k.clone(), param_value(v)))
+        .collect();
+    // Row fields and labels win over a param of the same name: they are what the row is.
+    scope.insert("labels".to_owned(), Value::from(labels.to_vec()));
+    scope.insert("row_id".to_owned(), Value::from(row.row_id.as_str()));
+    scope.insert("image_id".to_owned(), Value::from(row.image_id.as_str()));
+    scope.insert(
+        "label".to_owned(),
+        row.label.as_deref().map_or(Value::from(()), Value::from),
+    );
+    let ctx = Value::from(scope);
+    let render = |which: &'static str, text: &str| -> Result<String, PromptError> {
+        let template = env
+            .template_from_str(text)
+            .map_err(|source| PromptError::Compile { which, source })?;
+        template.render(&ctx).map_err(|source| PromptError::Render {
+            which,
+            row_id: row.row_id.clone(),
+            source,
+        })
+    };
+    let system = prompt
+        .system
+        .as_deref()
+        .map(|s| render("system", s))
+        .transpose()?;
+    let user = render("user", &prompt.user)?;
+    Ok(RenderedPrompt { system, user })
+}
+
+/// Pipeline params stored as JSON (a prompt entry) back as typed values.
+pub fn params_from_json(
+    params: &BTreeMap<String, serde_json::Value>,
+) -> BTreeMap<String, ParamValue> {
+    params
+        .iter()
+        .filter_map(|(k, v)| {
+            let value = match v {
+                serde_json::Value::Bool(b) => ParamValue::Bool(*b),
+                serde_json::Value::Number(n) => match n.as_i64() {
+                    Some(i) => ParamValue::Int(i),
+                    None => ParamValue::Float(n.as_f64()?),
+                },
+                serde_json::Value::String(s) => ParamValue::Str(s.clone()),
+                _ => return None,
+            };
+            Some((k.clone(), value))
+        })
+        .collect()
+}
+
+fn param_value(value: &ParamValue) -> Value {
+    match value {
+        ParamValue::Bool(b) => Value::from(*b),
+        ParamValue::Int(i) => Value::from(*i),
+        ParamValue::Float(x) => Value::from(*x),
+        ParamValue::Str(s) => Value::from(s.as_str()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::chat::{Part, Role};
+
+    fn labels() -> Vec<String> {
+        vec!["cat".to_owned(), "dog".to_owned()]
+    }
+
+    #[test]
+    fn labels_row_fields_and_params_are_in_scope() {
+        let prompt = PromptParams {
+            system: Some("You are a {{ role }}.".to_owned()),
+            user: "Row {{ row_id }} ({{ label }}):\n{% for l in labels %}- {{ l }}\n{% endfor %}Answer."
+                .to_owned(),
+        };
+        let mut params = BTreeMap::new();
+        params.insert("role".to_owned(), ParamValue::Str("vet".to_owned()));
+        let row = RowContext {
+            row_id: "cat/0001.jpg".to_owned(),
+            image_id: "abc".to_owned(),
+            label: Some("cat".to_owned()),
+        };
+        let rendered = render_prompt(&prompt, &labels(), &row, &params).unwrap();
+        assert_eq!(rendered.system.as_deref(), Some("You are a vet."));
+        assert_eq!(
+            rendered.user,
+            "Row cat/0001.jpg (cat):\n- cat\n- dog\nAnswer."
+        );
+        let conv = rendered.conversation();
+        assert_eq!(conv.messages.len(), 2);
+        assert_eq!(conv.messages[0].role, Role::System);
+        assert_eq!(
+            conv.messages[1].parts,
+            vec![Part::Image, Part::Text(rendered.user.clone())]
+        );
+    }
+
+    #[test]
+    fn undefined_names_and_bad_syntax_are_errors() {
+        let row = RowContext::default();
+        let typo = PromptParams {
+            system: None,
+            user: "{{ lables }}".to_owned(),
+        };
+        let err = render_prompt(&typo, &labels(), &row, &BTreeMap::new()).unwrap_err();
+        assert!(
+            matches!(err, PromptError::Render { which: "user", .. }),
+            "{err}"
+        );
+        let broken = PromptParams {
+            system: Some("{% for %}".to_owned()),
+            user: "ok".to_owned(),
+        };
+        let err = render_prompt(&broken, &labels(), &row, &BTreeMap::new()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PromptError::Compile {
+                    which: "system",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let no_system = PromptParams {
+            system: None,
+            user: "x".to_owned(),
+        };
+        let rendered = render_prompt(&no_system, &labels(), &row, &BTreeMap::new()).unwrap();
+        assert_eq!(rendered.conversation().messages.len(), 1);
+    }
+
+    #[test]
+    fn params_round_trip_through_json() {
+        let mut params = BTreeMap::new();
+        params.insert("n".to_owned(), ParamValue::Int(3));
+        params.insert("t".to_owned(), ParamValue::Float(0.5));
+        params.insert("s".to_owned(), ParamValue::Str("x".to_owned()));
+        params.insert("b".to_owned(), ParamValue::Bool(true));
+        let json: BTreeMap<String, serde_json::Value> = params
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap()))
+            .collect();
+        assert_eq!(params_from_json(&json), params);
+    }
+}

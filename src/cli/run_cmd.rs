@@ -1,0 +1,100 @@
+//! `vlmpipe run`: check, lower, execute against the cache, print the summary.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::Outcome;
+use super::args::RunArgs;
+use super::cache_cmd::cache_root;
+use super::check_cmd::load_and_report;
+use crate::cache::CacheStore;
+use crate::exec::{self, RunOptions, RunSummary};
+use crate::hub::{Hub, HubConfig};
+use crate::plan::Plan;
+use crate::stages::lower::{LowerContext, lower};
+
+pub(crate) fn run(args: &RunArgs) -> anyhow::Result<Outcome> {
+    let Some(plan) = load_and_report(&args.file, &args.params) else {
+        return Ok(Outcome::Problems);
+    };
+    let summary = execute(&plan, args)?;
+    report(&summary, args)
+}
+
+/// Lowers and runs `plan` with `args`' cache and options.
+pub(crate) fn execute(plan: &Plan, args: &RunArgs) -> anyhow::Result<RunSummary> {
+    // Absolute, so the summary's output paths mean the same from any working directory.
+    let root = cache_root(&args.cache, Some(&args.file));
+    let root = std::path::absolute(&root).unwrap_or(root);
+    let store = CacheStore::open(&root)
+        .with_context(|| format!("cannot open the cache `{}`", root.display()))?;
+    let ctx = lower_context(plan, &args.file, args.evals_dir.clone(), args.quiet);
+    let graph = lower(plan, &ctx)?;
+    let options = RunOptions {
+        force: args.force.clone(),
+        only: args.only.clone(),
+        dry_run: args.dry_run,
+        lock_wait: Duration::from_secs_f64(args.lock_wait.max(0.0)),
+        quiet: args.quiet,
+    };
+    Ok(exec::run(&graph, &store, &options)?)
+}
+
+/// What lowering needs to know about this machine for `plan`, read from `file`'s location.
+pub(crate) fn lower_context<'a>(
+    plan: &'a Plan,
+    file: &Path,
+    evals_dir: Option<PathBuf>,
+    quiet: bool,
+) -> LowerContext<'a> {
+    let pipeline_dir = match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let evals_dir =
+        evals_dir.unwrap_or_else(|| pipeline_dir.join("evals").join(&plan.settings.name));
+    let mut hub_config = HubConfig::from_env();
+    hub_config.progress = !quiet;
+    LowerContext {
+        plan,
+        pipeline_dir,
+        evals_dir,
+        hub: Hub::new(hub_config),
+        threads: 0,
+    }
+}
+
+/// Prints the summary table (stdout), writes `--summary-json`, and maps failures to exit 1.
+pub(crate) fn report(summary: &RunSummary, args: &RunArgs) -> anyhow::Result<Outcome> {
+    {
+        let mut out = std::io::stdout().lock();
+        out.write_all(summary.render_table().as_bytes())?;
+        out.flush()?;
+    }
+    if let Some(path) = &args.summary_json {
+        let text = serde_json::to_string_pretty(summary)?;
+        write_atomically(path, text.as_bytes())
+            .with_context(|| format!("cannot write the summary `{}`", path.display()))?;
+    }
+    Ok(if summary.success {
+        Outcome::Success
+    } else {
+        Outcome::Problems
+    })
+}
+
+/// Writes via a sibling temp file and a rename, so a reader never sees half a summary.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
