@@ -571,6 +571,17 @@ fn watch_reruns_on_save_and_survives_syntax_errors() {
         assert_eq!(status(&second, "photos"), "cached");
         assert_eq!(status(&second, "sample(photos,10,3)"), "ran");
         assert_eq!(status(&second, "parts"), "ran");
+        // A new image in the data folder is a change too: the dataset reruns.
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(
+            s.path("photos/dog/extra.jpg"),
+            data_support::rgb_jpeg(30, 20, 77),
+        )
+        .expect("new image");
+        let third = wait_for("the rerun after a data change", &|v| {
+            status(v, "photos") == "ran"
+        });
+        assert_eq!(status(&third, "animals"), "cached");
     }));
     child.kill().expect("kill watcher");
     let out = child.wait_with_output().expect("reap");
