@@ -571,6 +571,17 @@ fn watch_reruns_on_save_and_survives_syntax_errors() {
         assert_eq!(status(&second, "photos"), "cached");
         assert_eq!(status(&second, "sample(photos,10,3)"), "ran");
         assert_eq!(status(&second, "parts"), "ran");
+        // A new image in the data folder is a change too: the dataset reruns.
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(
+            s.path("photos/dog/extra.jpg"),
+            data_support::rgb_jpeg(30, 20, 77),
+        )
+        .expect("new image");
+        let third = wait_for("the rerun after a data change", &|v| {
+            status(v, "photos") == "ran"
+        });
+        assert_eq!(status(&third, "animals"), "cached");
     }));
     child.kill().expect("kill watcher");
     let out = child.wait_with_output().expect("reap");
@@ -659,4 +670,71 @@ fn examples_check() {
         }
     }
     assert!(checked >= 2, "only {checked} example pipelines");
+}
+
+/// `render` with the real LFM2-VL-450M chat template, tokenizer and processor on a real photo.
+/// The shared checkpoint has no weights; the model stage only checks that a weights file exists
+/// and `render` never loads weights, so an empty stand-in file is enough.
+#[test]
+fn render_with_the_real_lfm2_vl_processor() {
+    let (Some(photos), Some(model)) = (
+        vlmpipe::testing::shared_path("data/cats_vs_dogs"),
+        vlmpipe::testing::shared_path("models/LFM2-VL-450M"),
+    ) else {
+        return;
+    };
+    let s = Scenario::new();
+    let local = s.path("lfm2-vl");
+    std::fs::create_dir_all(&local).expect("model folder");
+    for entry in std::fs::read_dir(&model).expect("shared model").flatten() {
+        std::os::unix::fs::symlink(entry.path(), local.join(entry.file_name())).expect("link");
+    }
+    std::fs::write(local.join("model.safetensors"), b"").expect("stand-in weights");
+    s.write(
+        "vet.vp",
+        &format!(
+            r#"
+            pipeline vet {{ seed = 23 }}
+            labels animals = ["cat", "dog"]
+            dataset pets {{ source = folder("{}") label = "class" labels = animals }}
+            prompt vet {{
+              system = "You are a veterinarian."
+              user = """
+                What animal is in the picture?
+                {{% for l in labels %}}- {{{{ l }}}}
+                {{% endfor %}}Answer with one word.
+                """
+            }}
+            model small = local("lfm2-vl")
+            eval baseline {{ model = small  data = sample(pets, 4)  prompt = vet  labels = animals }}
+            "#,
+            photos.display()
+        ),
+    );
+    let out = s
+        .command(&["render", "vet.vp", "baseline", "--row", "0"])
+        .output()
+        .expect("spawn");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("<|startoftext|><|im_start|>system\nYou are a veterinarian.<|im_end|>\n<|im_start|>user\n<|image_start|>"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    assert!(text.contains("<|image_end|>What animal is in the picture?\n- cat\n- dog\nAnswer with one word.<|im_end|>\n<|im_start|>assistant\n"));
+    let tokens: usize = err
+        .rsplit(", ")
+        .next()
+        .and_then(|t| t.trim().strip_suffix(" tokens"))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no token count in {err}"));
+    // Every `<image>` is one token; the text around them adds a few dozen more.
+    let image_tokens = text.matches("<image>").count();
+    assert!(image_tokens >= 64, "{image_tokens} image tokens");
+    assert!(
+        tokens > image_tokens + 20 && tokens < image_tokens + 120,
+        "{tokens} tokens"
+    );
 }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use crate::exec::{ExecGraph, ExecNode, Stage};
 use crate::hub::Hub;
 use crate::plan::params::DataRef;
-use crate::plan::{Node, NodeId, NodeKind, NodeParams, Plan};
+use crate::plan::{Node, NodeId, NodeParams, Plan};
 use crate::stages::data::{ROWS_FILE, part_file_name};
 
 /// What lowering needs besides the plan: where things live on this machine.
@@ -188,22 +188,18 @@ fn lower_node(
     positions: &InputPositions,
 ) -> Result<Box<dyn Stage>, LowerError> {
     use crate::stages::{dataset, model_node, pending, row_ops, simple};
-    Ok(match (&node.params, node.kind()) {
-        (NodeParams::Dataset(p), _) => Box::new(dataset::DatasetStage::new(node, p, ctx)?),
-        (NodeParams::Split(p), _) => Box::new(row_ops::SplitStage::new(node, p, plan, positions)?),
-        (NodeParams::Sample(p), _) => {
-            Box::new(row_ops::SampleStage::new(node, p, plan, positions)?)
-        }
-        (NodeParams::Shuffle(p), _) => {
-            Box::new(row_ops::ShuffleStage::new(node, p, plan, positions)?)
-        }
-        (NodeParams::Labels(p), _) => Box::new(simple::LabelsStage::new(p)),
-        (NodeParams::Prompt(p), _) => Box::new(simple::PromptStage::new(p, plan)),
-        (NodeParams::Grammar(p), _) => Box::new(simple::GrammarStage::new(p)),
-        (NodeParams::Model(p), _) => Box::new(model_node::ModelStage::new(node, p, ctx)?),
-        (_, NodeKind::Eval) => pending::lower_eval(node, plan, ctx, positions)?,
-        (_, NodeKind::Finetune) => pending::lower_finetune(node, plan, ctx, positions)?,
-        (_, _) => pending::lower_report(node, plan, ctx, positions)?,
+    Ok(match &node.params {
+        NodeParams::Dataset(p) => Box::new(dataset::DatasetStage::new(node, p, ctx)?),
+        NodeParams::Split(p) => Box::new(row_ops::SplitStage::new(node, p, plan, positions)?),
+        NodeParams::Sample(p) => Box::new(row_ops::SampleStage::new(node, p, plan, positions)?),
+        NodeParams::Shuffle(p) => Box::new(row_ops::ShuffleStage::new(node, p, plan, positions)?),
+        NodeParams::Labels(p) => Box::new(simple::LabelsStage::new(p)),
+        NodeParams::Prompt(p) => Box::new(simple::PromptStage::new(p, plan)),
+        NodeParams::Grammar(p) => Box::new(simple::GrammarStage::new(p)),
+        NodeParams::Model(p) => Box::new(model_node::ModelStage::new(node, p, ctx)?),
+        NodeParams::Eval(_) => pending::lower_eval(node, plan, ctx, positions)?,
+        NodeParams::Finetune(_) => pending::lower_finetune(node, plan, ctx, positions)?,
+        NodeParams::Report(_) => pending::lower_report(node, plan, ctx, positions)?,
     })
 }
 
@@ -212,6 +208,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::plan::NodeKind;
 
     fn plan_of(text: &str) -> Plan {
         let result = crate::plan::check_source(Path::new("/tmp/lower_test.vp"), text, &[]);
