@@ -1,10 +1,15 @@
 //! Scratch timings of candle CPU kernels at LFM2-VL-450M vision shapes.
+use candle_core::{D, Device, Tensor};
 use std::time::Instant;
-use candle_core::{Device, Tensor, D};
-fn time<F: FnMut() -> candle_core::Result<Tensor>>(name: &str, mut f: F) -> candle_core::Result<()> {
+fn time<F: FnMut() -> candle_core::Result<Tensor>>(
+    name: &str,
+    mut f: F,
+) -> candle_core::Result<()> {
     f()?;
     let t = Instant::now();
-    for _ in 0..5 { f()?; }
+    for _ in 0..5 {
+        f()?;
+    }
     println!("{name}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
     Ok(())
 }
@@ -37,7 +42,9 @@ fn main() -> candle_core::Result<()> {
     time("p@v", || s.matmul(&k))?;
     let lw = Tensor::ones(768, candle_core::DType::F32, &dev)?;
     let lb = Tensor::zeros(768, candle_core::DType::F32, &dev)?;
-    time("layer_norm", || candle_nn::ops::layer_norm(&x, &lw, &lb, 1e-6))?;
+    time("layer_norm", || {
+        candle_nn::ops::layer_norm(&x, &lw, &lb, 1e-6)
+    })?;
     let v1 = Tensor::randn(0f32, 1.0, (1, 1024), &dev)?;
     let wd = Tensor::randn(0f32, 1.0, (4608, 1024), &dev)?;
     time("gemv 1x1024 @ 4608x1024.t", || v1.matmul(&wd.t()?))?;

@@ -12,3 +12,4 @@ pub mod model;
 pub mod plan;
 pub mod stages;
 pub mod testing;
+pub mod train;

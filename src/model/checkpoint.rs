@@ -216,7 +216,11 @@ impl Checkpoint {
 ///
 /// Linear and embedding weights are normal with std 0.02 (transformers' `initializer_range`),
 /// biases zero, and norm weights one, so activations stay in a realistic range.
-pub fn random_model(cfg: &Config, opts: &LoadOptions, seed: u64) -> candle_core::Result<Lfm2VlModel> {
+pub fn random_model(
+    cfg: &Config,
+    opts: &LoadOptions,
+    seed: u64,
+) -> candle_core::Result<Lfm2VlModel> {
     let backend: Box<dyn SimpleBackend> = Box::new(RandomBackend { seed });
     let vb = VarBuilder::from_backend(backend, opts.dtype, opts.device.clone());
     Lfm2VlModel::new(cfg, vb, &WeightPrefixes::default())
@@ -246,11 +250,12 @@ impl SimpleBackend for RandomBackend {
             use rand::SeedableRng;
             use rand_distr_free::normal_vec;
             let mut rng = rand::rngs::StdRng::seed_from_u64(
-                self.seed ^ u64::from_le_bytes(
-                    blake3::hash(name.as_bytes()).as_bytes()[..8]
-                        .try_into()
-                        .unwrap_or([0; 8]),
-                ),
+                self.seed
+                    ^ u64::from_le_bytes(
+                        blake3::hash(name.as_bytes()).as_bytes()[..8]
+                            .try_into()
+                            .unwrap_or([0; 8]),
+                    ),
             );
             let data = normal_vec(&mut rng, s.elem_count(), 0.02);
             Tensor::from_vec(data, s, dev)?

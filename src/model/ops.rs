@@ -255,7 +255,9 @@ mod tests {
         assert!(close(&activation(&x, Activation::GeluTanh)?, &x.gelu()?)? < 1e-5);
         assert!(close(&silu(&x)?, &candle_nn::ops::silu(&x)?)? < 1e-5);
         let mut masked = x.to_vec2::<f32>()?;
-        masked[3][5..].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+        masked[3][5..]
+            .iter_mut()
+            .for_each(|v| *v = f32::NEG_INFINITY);
         let masked = Tensor::new(masked, &dev)?;
         let ours = softmax_last_dim(&masked)?;
         let theirs = candle_nn::ops::softmax_last_dim(&masked)?;
