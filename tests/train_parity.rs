@@ -27,11 +27,15 @@ fn tensors(path: &Path) -> Result<HashMap<String, Tensor>, Box<dyn std::error::E
 }
 
 fn get<'a>(map: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor, String> {
-    map.get(name).ok_or_else(|| format!("fixture tensor `{name}` missing"))
+    map.get(name)
+        .ok_or_else(|| format!("fixture tensor `{name}` missing"))
 }
 
 /// The reference's exact `pixel_values` for one view PNG, padded to `max_patches`.
-fn view_pixels(path: &Path, max_patches: usize) -> Result<(Vec<f32>, (usize, usize)), Box<dyn std::error::Error>> {
+fn view_pixels(
+    path: &Path,
+    max_patches: usize,
+) -> Result<(Vec<f32>, (usize, usize)), Box<dyn std::error::Error>> {
     let img = image::open(path)?.to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (rows, cols) = (h / 16, w / 16);
@@ -61,7 +65,10 @@ struct Reference {
 
 fn reference() -> Result<Reference, Box<dyn std::error::Error>> {
     let fx = fixtures();
-    let model = load(&fx.join("checkpoints/tiny-nothumb"), &LoadOptions::default())?;
+    let model = load(
+        &fx.join("checkpoints/tiny-nothumb"),
+        &LoadOptions::default(),
+    )?;
     let refs = tensors(&fx.join("lora/lora_reference.safetensors"))?;
     let ids = get(&refs, "input_ids")?.to_dtype(DType::U32)?;
     let mask = get(&refs, "attention_mask")?.to_dtype(DType::U32)?;
@@ -97,11 +104,17 @@ fn reference() -> Result<Reference, Box<dyn std::error::Error>> {
     })
 }
 
-fn image_features(model: &Lfm2VlModel, examples: &[usize]) -> Result<Tensor, Box<dyn std::error::Error>> {
+fn image_features(
+    model: &Lfm2VlModel,
+    examples: &[usize],
+) -> Result<Tensor, Box<dyn std::error::Error>> {
     let mut values = Vec::new();
     let mut shapes = Vec::new();
     for &e in examples {
-        let (v, shape) = view_pixels(&fixtures().join(format!("lora/views/ex{e}/view_00.png")), 256)?;
+        let (v, shape) = view_pixels(
+            &fixtures().join(format!("lora/views/ex{e}/view_00.png")),
+            256,
+        )?;
         values.extend(v);
         shapes.push(shape);
     }
@@ -156,7 +169,11 @@ fn loss_gradients_and_three_adamw_steps_match_peft() -> TestResult {
         let scale = max_abs(r)?;
         let diff = max_abs(&(g - r)?)?;
         worst = worst.max(diff / scale);
-        assert!(diff <= 1e-4 * scale, "`{}`: |diff| {diff} > 1e-4 x {scale}", nv.name);
+        assert!(
+            diff <= 1e-4 * scale,
+            "`{}`: |diff| {diff} > 1e-4 x {scale}",
+            nv.name
+        );
     }
     eprintln!("worst gradient error relative to max |g|: {worst:.2e}");
 
@@ -200,7 +217,10 @@ fn loss_gradients_and_three_adamw_steps_match_peft() -> TestResult {
     Ok(())
 }
 
-fn last_logits(model: &Lfm2VlModel, refs: &HashMap<String, Tensor>) -> Result<Tensor, Box<dyn std::error::Error>> {
+fn last_logits(
+    model: &Lfm2VlModel,
+    refs: &HashMap<String, Tensor>,
+) -> Result<Tensor, Box<dyn std::error::Error>> {
     let ids = get(refs, "infer_input_ids")?.to_dtype(DType::U32)?;
     let features = image_features(model, &[0])?;
     let mut cache = model.new_cache(1);
@@ -221,9 +241,16 @@ fn assert_logits_close(ours: &Tensor, theirs: &Tensor, what: &str) -> TestResult
 #[test]
 fn peft_adapters_load_and_reproduce_logits() -> TestResult {
     let fx = fixtures();
-    let mut model = load(&fx.join("checkpoints/tiny-nothumb"), &LoadOptions::default())?;
+    let mut model = load(
+        &fx.join("checkpoints/tiny-nothumb"),
+        &LoadOptions::default(),
+    )?;
     let refs = tensors(&fx.join("lora/lora_reference.safetensors"))?;
-    assert_logits_close(&last_logits(&model, &refs)?, get(&refs, "logits_last_base")?, "base")?;
+    assert_logits_close(
+        &last_logits(&model, &refs)?,
+        get(&refs, "logits_last_base")?,
+        "base",
+    )?;
     for (dir, key) in [
         ("adapter_init", "logits_last_init"),
         ("adapter_trained", "logits_last_trained"),
