@@ -9,7 +9,7 @@
 //!
 //! Run directory layout:
 //! ```text
-//! checkpoints/step-000040/{trainable,optimizer}.safetensors + state.json
+//! checkpoints/step-000040/{trainable,optimizer}.safetensors, metrics.parquet, state.json
 //! checkpoints/latest         name of the newest complete checkpoint (written last, atomically)
 //! best/                      PEFT adapter with the lowest evaluation loss
 //! adapter/                   PEFT adapter at the end of training
@@ -34,7 +34,7 @@ use crate::train::batch::{Batch, Example, LossOn, cross_entropy};
 use crate::train::error::TrainError;
 use crate::train::io::{read_safetensors, write_atomic, write_safetensors};
 use crate::train::lora::{Trainable, TrainableSpec, mix};
-use crate::train::metrics::{MetricRow, write_metrics};
+use crate::train::metrics::{MetricRow, read_metrics, write_metrics};
 use crate::train::optim::{
     AdamW, AdamWConfig, Decay, Moments, Schedule, clip_grad_norm, global_norm,
 };
@@ -171,6 +171,8 @@ struct CheckpointState {
     best_eval_loss: Option<f64>,
     best_step: Option<u64>,
     seconds: f64,
+    /// Kept in the checkpoint's own Parquet file: JSON does not round-trip every f64 exactly.
+    #[serde(skip)]
     metrics: Vec<MetricRow>,
 }
 
@@ -178,6 +180,7 @@ const LATEST: &str = "latest";
 const STATE: &str = "state.json";
 const TRAINABLE: &str = "trainable.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
+const METRICS: &str = "metrics.parquet";
 
 /// Trains `model` on `train`, evaluating on `eval`, with checkpoints and outputs in `run_dir`.
 ///
@@ -595,6 +598,7 @@ fn save_checkpoint(
         ));
     }
     write_safetensors(&dir.join(OPTIMIZER), &moments)?;
+    write_metrics(&dir.join(METRICS), &state.metrics)?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Json {
         path: dir.join(STATE),
         message: e.to_string(),
@@ -628,10 +632,12 @@ fn load_checkpoint(
     let dir = root.join(name.trim());
     let state_path = dir.join(STATE);
     let text = std::fs::read_to_string(&state_path).map_err(TrainError::io(&state_path))?;
-    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| TrainError::Json {
-        path: state_path.clone(),
-        message: e.to_string(),
-    })?;
+    let mut state: CheckpointState =
+        serde_json::from_str(&text).map_err(|e| TrainError::Json {
+            path: state_path.clone(),
+            message: e.to_string(),
+        })?;
+    state.metrics = read_metrics(&dir.join(METRICS))?;
     if state.fingerprint != fingerprint {
         return Err(TrainError::CheckpointMismatch {
             path: dir,
