@@ -67,7 +67,14 @@ fn data() -> AnyResult<(Vec<Example>, Vec<Example>)> {
 fn run(dir: &Path, on_step: Option<&mut dyn FnMut(&MetricRow)>) -> AnyResult<TrainOutcome> {
     let (train_set, eval_set) = data()?;
     let mut model = tiny_model(3)?;
-    Ok(train(&mut model, &train_set, &eval_set, &config(), Some(dir), on_step)?)
+    Ok(train(
+        &mut model,
+        &train_set,
+        &eval_set,
+        &config(),
+        Some(dir),
+        on_step,
+    )?)
 }
 
 /// The child's training entry point; only meaningful under [`CHILD_ENV`].
@@ -118,17 +125,27 @@ fn kill_and_resume_matches_uninterrupted_run() -> TestResult {
 
     let resumed = run(killed.path(), None)?;
     let from = resumed.resumed_from.ok_or("the rerun did not resume")? as usize;
-    assert!(from >= stopped_at && from < TOTAL_STEPS, "resumed from {from}");
+    assert!(
+        from >= stopped_at && from < TOTAL_STEPS,
+        "resumed from {from}"
+    );
 
     let fresh = tempfile::tempdir()?;
     let full = run(fresh.path(), None)?;
     assert_eq!(full.resumed_from, None);
 
-    let (a, b) = (resumed.adapter.named_tensors(), full.adapter.named_tensors());
+    let (a, b) = (
+        resumed.adapter.named_tensors(),
+        full.adapter.named_tensors(),
+    );
     assert_eq!(a.len(), b.len());
     for ((name, x), (other, y)) in a.iter().zip(&b) {
         assert_eq!(name, other);
-        assert_eq!(x.flatten_all()?.to_vec1::<f32>()?, y.flatten_all()?.to_vec1::<f32>()?, "{name}");
+        assert_eq!(
+            x.flatten_all()?.to_vec1::<f32>()?,
+            y.flatten_all()?.to_vec1::<f32>()?,
+            "{name}"
+        );
     }
     let bytes = |dir: &Path| std::fs::read(dir.join("adapter/adapter_model.safetensors"));
     assert_eq!(bytes(killed.path())?, bytes(fresh.path())?);
@@ -138,7 +155,10 @@ fn kill_and_resume_matches_uninterrupted_run() -> TestResult {
     let steps: Vec<u64> = rows.iter().map(|r| r.step).collect();
     assert_eq!(steps, (1..=TOTAL_STEPS as u64).collect::<Vec<_>>());
     for (r, f) in rows.iter().zip(&full.metrics) {
-        assert_eq!((r.train_loss, r.eval_loss, r.lr), (f.train_loss, f.eval_loss, f.lr));
+        assert_eq!(
+            (r.train_loss, r.eval_loss, r.lr),
+            (f.train_loss, f.eval_loss, f.lr)
+        );
     }
     assert_eq!(resumed.best_step, full.best_step);
     Ok(())
@@ -151,10 +171,24 @@ fn a_checkpoint_of_other_settings_is_refused() -> TestResult {
     let mut cfg = config();
     cfg.max_steps = Some(2);
     let mut model = tiny_model(3)?;
-    train(&mut model, &train_set, &eval_set, &cfg, Some(dir.path()), None)?;
+    train(
+        &mut model,
+        &train_set,
+        &eval_set,
+        &cfg,
+        Some(dir.path()),
+        None,
+    )?;
     cfg.optimizer.lr *= 2.0;
     let mut model = tiny_model(3)?;
-    let err = train(&mut model, &train_set, &eval_set, &cfg, Some(dir.path()), None);
+    let err = train(
+        &mut model,
+        &train_set,
+        &eval_set,
+        &cfg,
+        Some(dir.path()),
+        None,
+    );
     assert!(
         matches!(err, Err(TrainError::CheckpointMismatch { .. })),
         "{err:?}"

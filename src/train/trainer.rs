@@ -632,11 +632,10 @@ fn load_checkpoint(
     let dir = root.join(name.trim());
     let state_path = dir.join(STATE);
     let text = std::fs::read_to_string(&state_path).map_err(TrainError::io(&state_path))?;
-    let mut state: CheckpointState =
-        serde_json::from_str(&text).map_err(|e| TrainError::Json {
-            path: state_path.clone(),
-            message: e.to_string(),
-        })?;
+    let mut state: CheckpointState = serde_json::from_str(&text).map_err(|e| TrainError::Json {
+        path: state_path.clone(),
+        message: e.to_string(),
+    })?;
     state.metrics = read_metrics(&dir.join(METRICS))?;
     if state.fingerprint != fingerprint {
         return Err(TrainError::CheckpointMismatch {
