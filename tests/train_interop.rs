@@ -167,6 +167,19 @@ fn reference_python() -> Option<PathBuf> {
 
 #[test]
 fn trained_adapter_round_trips_and_loads_in_peft() -> TestResult {
+    round_trip(lora(&LFM2_TARGETS, false), 14_656)
+}
+
+/// With the vision tower and projector: PEFT names vision modules without the Hub layout's
+/// `vision_model.` (transformers 5.x), which the writer and loader must map.
+#[test]
+fn vision_adapter_round_trips_and_loads_in_peft() -> TestResult {
+    // q_proj: 2 LM + 3 vision layers of 48 -> 48 (r 4: 384 each), fc1 3 x (48 -> 96: 576),
+    // linear_1 192 -> 96 (1152).
+    round_trip(lora(&["q_proj", "fc1", "linear_1"], true), 5 * 384 + 3 * 576 + 1152)
+}
+
+fn round_trip(spec: TrainableSpec, parameters: usize) -> TestResult {
     let processor = Processor::from_model_dir(&checkpoint_dir())?;
     let eot = vlmpipe::train::batch::end_of_turn_id(&processor);
     let conv = Conversation::image_question(None, "Which shape is in the picture?");
@@ -182,7 +195,7 @@ fn trained_adapter_round_trips_and_loads_in_peft() -> TestResult {
         )?);
     }
     let cfg = TrainConfig {
-        trainable: lora(&LFM2_TARGETS, false),
+        trainable: spec,
         optimizer: AdamWConfig {
             lr: 1e-2,
             ..AdamWConfig::default()
@@ -221,7 +234,7 @@ fn trained_adapter_round_trips_and_loads_in_peft() -> TestResult {
     // What was written loads back onto a fresh model and gives the same logits.
     let adapter_dir = run.path().join("adapter");
     let loaded = PeftAdapter::load(&adapter_dir, &Device::Cpu)?;
-    assert_eq!(loaded.num_parameters(), 14_656);
+    assert_eq!(loaded.num_parameters(), parameters);
     let mut fresh = load(&checkpoint_dir(), &LoadOptions::default())?;
     loaded.attach(&mut fresh)?;
     let reloaded_logits = fixture_prompt_logits(&fresh, &processor)?;

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::model::checkpoint::Checkpoint;
 use crate::train::error::TrainError;
 use crate::train::io::write_safetensors;
-use crate::train::peft::PeftAdapter;
+use crate::train::peft::{PeftAdapter, resolve_module_name};
 
 /// What a merge changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +46,7 @@ pub fn merge_checkpoint(
     };
     let mut merged = 0;
     for l in &adapter.lora {
-        let key = format!("{}.weight", l.module);
+        let key = key_of(&tensors, &l.module, "weight");
         let w = tensors.get(&key).ok_or_else(|| missing(&key))?;
         let dtype = w.dtype();
         // [out, r] @ [r, in] -> [out, in]
@@ -73,7 +73,7 @@ pub fn merge_checkpoint(
     for f in &adapter.full {
         for (suffix, value) in [("weight", Some(&f.weight)), ("bias", f.bias.as_ref())] {
             let Some(value) = value else { continue };
-            let key = format!("{}.{suffix}", f.module);
+            let key = key_of(&tensors, &f.module, suffix);
             let old = tensors.get(&key).ok_or_else(|| missing(&key))?;
             let new = value.to_dtype(old.dtype())?;
             tensors.insert(key, new);
@@ -115,4 +115,10 @@ pub fn merge_checkpoint(
         replaced_tensors: replaced,
         copied_files: copied,
     })
+}
+
+/// The checkpoint tensor name of `module`'s `suffix` (PEFT names mapped to the stored layout).
+fn key_of(tensors: &BTreeMap<String, Tensor>, module: &str, suffix: &str) -> String {
+    resolve_module_name(module, |m| tensors.contains_key(&format!("{m}.weight")))
+        .map_or_else(|| format!("{module}.{suffix}"), |m| format!("{m}.{suffix}"))
 }

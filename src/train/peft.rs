@@ -23,6 +23,30 @@ use crate::train::lora::{
     target_matches,
 };
 
+/// The vision tower's prefix in the Hub layout (and in transformers 4.x modules) ...
+const HUB_VISION: &str = "model.vision_tower.vision_model.";
+/// ... and in transformers 5.x modules, which PEFT's saved names follow.
+const V5_VISION: &str = "model.vision_tower.";
+
+/// A module name as PEFT under transformers 5.x writes it (`vision_model.` dropped).
+pub fn peft_module_name(module: &str) -> String {
+    match module.strip_prefix(HUB_VISION) {
+        Some(rest) => format!("{V5_VISION}{rest}"),
+        None => module.to_string(),
+    }
+}
+
+/// The name among `known` that a PEFT module name refers to: itself, or with the Hub layout's
+/// `vision_model.` restored.
+pub fn resolve_module_name(name: &str, known: impl Fn(&str) -> bool) -> Option<String> {
+    if known(name) {
+        return Some(name.to_string());
+    }
+    let rest = name.strip_prefix(V5_VISION)?;
+    let hub = format!("{HUB_VISION}{rest}");
+    known(&hub).then_some(hub)
+}
+
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
@@ -47,6 +71,9 @@ pub struct FullWeights {
 }
 
 /// An adapter independent of any model: hyperparameters and tensors.
+///
+/// Module names are PEFT's (transformers 5.x); [`PeftAdapter::attach`] and
+/// [`crate::train::merge::merge_checkpoint`] map them onto the model's own names.
 #[derive(Debug, Clone)]
 pub struct PeftAdapter {
     pub rank: usize,
@@ -74,7 +101,7 @@ impl PeftAdapter {
             .iter()
             .map(|l| {
                 Ok(LoraWeights {
-                    module: l.module().to_string(),
+                    module: peft_module_name(l.module()),
                     a: snapshot(l.a())?,
                     b: snapshot(l.b())?,
                     scale: l.scale(),
@@ -86,7 +113,7 @@ impl PeftAdapter {
             .iter()
             .map(|f| {
                 Ok(FullWeights {
-                    module: f.module().to_string(),
+                    module: peft_module_name(f.module()),
                     weight: snapshot(f.weight())?,
                     bias: f.bias().map(snapshot).transpose()?,
                 })
@@ -97,7 +124,7 @@ impl PeftAdapter {
             alpha: cfg.alpha,
             dropout: cfg.dropout,
             use_rslora: cfg.use_rslora,
-            target_modules: t.lora().iter().map(|l| l.module().to_string()).collect(),
+            target_modules: t.lora().iter().map(|l| peft_module_name(l.module())).collect(),
             base_model: base_model.map(str::to_string),
             lora,
             full,
@@ -340,8 +367,10 @@ impl PeftAdapter {
             .chain(self.full.iter().map(|f| f.module.as_str()))
             .collect();
         let path = std::path::PathBuf::from(self.base_model.clone().unwrap_or_default());
-        for name in &names {
-            if !shapes.contains_key(*name) {
+        // PEFT name -> the model's own name.
+        let mut resolved: BTreeMap<&str, String> = BTreeMap::new();
+        for name in names {
+            let Some(own) = resolve_module_name(name, |n| shapes.contains_key(n)) else {
                 let sample: Vec<&String> = shapes.keys().take(6).collect();
                 return Err(TrainError::Adapter {
                     path,
@@ -350,10 +379,17 @@ impl PeftAdapter {
                          like {sample:?})"
                     ),
                 });
-            }
+            };
+            resolved.insert(name, own);
         }
+        let own = |peft: &str| -> String {
+            resolved
+                .get(peft)
+                .cloned()
+                .unwrap_or_else(|| peft.to_string())
+        };
         for l in &self.lora {
-            let (out, inp) = shapes[l.module.as_str()];
+            let (out, inp) = shapes[&own(&l.module)];
             let (_, a_in) = l.a.dims2()?;
             let (b_out, _) = l.b.dims2()?;
             if (a_in, b_out) != (inp, out) {
@@ -373,7 +409,7 @@ impl PeftAdapter {
         let mut index = 0u64;
         model.visit_linears_mut(&mut |lin| {
             let name = lin.name().to_string();
-            let result = if let Some(l) = self.lora.iter().find(|l| l.module == name) {
+            let result = if let Some(l) = self.lora.iter().find(|l| own(&l.module) == name) {
                 LoraAdapter::new(
                     &name,
                     index,
@@ -388,7 +424,7 @@ impl PeftAdapter {
                     lin.set_adapter(Some(a.clone()));
                     lora_out.push(a);
                 })
-            } else if let Some(f) = self.full.iter().find(|f| f.module == name) {
+            } else if let Some(f) = self.full.iter().find(|f| own(&f.module) == name) {
                 FullAdapter::new(&name, &f.weight, f.bias.as_ref(), mode.clone()).map(|a| {
                     let a = Arc::new(a);
                     lin.set_adapter(Some(a.clone()));
@@ -417,5 +453,22 @@ impl PeftAdapter {
             seed: 0,
         };
         Ok(Trainable::from_parts(mode, lora_out, full_out, Some(cfg)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vision_names_map_between_layouts() {
+        let hub = "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj";
+        let v5 = "model.vision_tower.encoder.layers.0.self_attn.q_proj";
+        assert_eq!(peft_module_name(hub), v5);
+        let lm = "model.language_model.layers.0.self_attn.q_proj";
+        assert_eq!(peft_module_name(lm), lm);
+        assert_eq!(resolve_module_name(v5, |n| n == hub).as_deref(), Some(hub));
+        assert_eq!(resolve_module_name(hub, |n| n == hub).as_deref(), Some(hub));
+        assert_eq!(resolve_module_name(lm, |n| n == hub), None);
     }
 }
