@@ -135,6 +135,42 @@ fn merged_checkpoint_reproduces_adapter_logits() -> TestResult {
         .get("logits_last_trained")
         .ok_or("missing fixture tensor")?;
     assert!(max_abs(&(&got - peft)?)? <= tol);
+
+    // transformers loads the merged directory and computes the adapter's logits.
+    let logits_file = out.path().join("logits.safetensors");
+    vlmpipe::train::io::write_safetensors(&logits_file, &[("logits".into(), expected)])?;
+    run_reference_script(
+        "check_merged_checkpoint.py",
+        &[
+            merged_dir.as_os_str(),
+            "--logits".as_ref(),
+            logits_file.as_os_str(),
+        ],
+    )
+}
+
+/// Runs a `tests/reference` script with the reference venv; skips (Ok) when there is none.
+fn run_reference_script(script: &str, args: &[&std::ffi::OsStr]) -> TestResult {
+    let Some(python) = reference_python() else {
+        eprintln!("skipping {script}: no tests/reference/.venv-5 (set VLMPIPE_REFERENCE_PYTHON)");
+        return Ok(());
+    };
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference")
+        .join(script);
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}");
+    assert!(
+        out.status.success(),
+        "{} failed: {report}{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -244,21 +280,5 @@ fn round_trip(spec: TrainableSpec, parameters: usize) -> TestResult {
         &adapter_dir.join("logits.safetensors"),
         &[("logits".into(), trained_logits.to_dtype(DType::F32)?)],
     )?;
-    let Some(python) = reference_python() else {
-        eprintln!(
-            "skipping the peft half: no tests/reference/.venv-5 (set VLMPIPE_REFERENCE_PYTHON)"
-        );
-        return Ok(());
-    };
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/check_vlmpipe_adapter.py");
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .arg(&adapter_dir)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()?;
-    let report = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "peft rejected the adapter: {report}");
-    Ok(())
+    run_reference_script("check_vlmpipe_adapter.py", &[adapter_dir.as_os_str()])
 }
