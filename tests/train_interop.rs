@@ -212,7 +212,10 @@ fn trained_adapter_round_trips_and_loads_in_peft() -> TestResult {
 fn vision_adapter_round_trips_and_loads_in_peft() -> TestResult {
     // q_proj: 2 LM + 3 vision layers of 48 -> 48 (r 4: 384 each), fc1 3 x (48 -> 96: 576),
     // linear_1 192 -> 96 (1152).
-    round_trip(lora(&["q_proj", "fc1", "linear_1"], true), 5 * 384 + 3 * 576 + 1152)
+    round_trip(
+        lora(&["q_proj", "fc1", "linear_1"], true),
+        5 * 384 + 3 * 576 + 1152,
+    )
 }
 
 fn round_trip(spec: TrainableSpec, parameters: usize) -> TestResult {
@@ -281,4 +284,28 @@ fn round_trip(spec: TrainableSpec, parameters: usize) -> TestResult {
         &[("logits".into(), trained_logits.to_dtype(DType::F32)?)],
     )?;
     run_reference_script("check_vlmpipe_adapter.py", &[adapter_dir.as_os_str()])
+}
+
+#[test]
+fn bench_helper_times_a_tiny_training_step() -> TestResult {
+    use vlmpipe::model::config::Config;
+    use vlmpipe::train::bench::{BenchSpec, bench_train_step};
+    let cfg = Config::from_json(&std::fs::read_to_string(
+        checkpoint_dir().join("config.json"),
+    )?)?;
+    let spec = BenchSpec {
+        patch_rows: 8,
+        patch_cols: 8,
+        prompt_tokens: 30,
+        steps: 2,
+        ..BenchSpec::default()
+    };
+    let report = bench_train_step(&cfg, &spec)?;
+    // PEFT counts 29,312 trainable parameters for r 8 on every LFM2 projection of this config
+    // (tests/reference/bench_peft_train.py).
+    assert_eq!(report.trained_parameters, 29_312);
+    assert_eq!((report.image_tokens, report.sequence_tokens), (16, 48));
+    assert_eq!(report.step_ms.len(), 2);
+    assert!(report.median_step_ms > 0.0 && report.peak_rss_mib > 0.0);
+    Ok(())
 }

@@ -61,6 +61,12 @@ pub struct BenchReport {
     /// Each timed step, milliseconds.
     pub step_ms: Vec<f64>,
     pub median_step_ms: f64,
+    /// Median parts of a step: vision tower + projector, decoder forward + loss, backward,
+    /// optimizer, milliseconds.
+    pub vision_ms: f64,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
     /// Process peak resident memory (VmHWM) after the steps, MiB.
     pub peak_rss_mib: f64,
     /// Resident memory after building the model, MiB.
@@ -110,13 +116,18 @@ pub fn bench_train_step(cfg: &Config, spec: &BenchSpec) -> Result<BenchReport, T
 
     let mode = trainable.mode().clone();
     let mut step_ms = Vec::new();
+    let mut parts: [Vec<f64>; 4] = Default::default();
     for step in 0..=spec.steps {
         let t = Instant::now();
         mode.set_training(true);
         let features =
             model.image_features(&pixels, &mask, &[(spec.patch_rows, spec.patch_cols)])?;
+        let t_vision = t.elapsed();
         let loss = batch_loss_on(&model, &batch, Some(&features))?;
+        loss.to_scalar::<f32>()?;
+        let t_forward = t.elapsed();
         let grads = loss.backward()?;
+        let t_backward = t.elapsed();
         mode.set_training(false);
         let grads = vars
             .iter()
@@ -126,22 +137,36 @@ pub fn bench_train_step(cfg: &Config, spec: &BenchSpec) -> Result<BenchReport, T
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         opt.step(&grads, 1e-4)?;
+        let total = t.elapsed();
         if step > 0 {
-            step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            step_ms.push(ms(total));
+            parts[0].push(ms(t_vision));
+            parts[1].push(ms(t_forward - t_vision));
+            parts[2].push(ms(t_backward - t_forward));
+            parts[3].push(ms(total - t_backward));
         }
     }
-    let mut sorted = step_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median_step_ms = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let [vision_ms, forward_ms, backward_ms, optimizer_ms] = parts.map(|p| median(&p));
     Ok(BenchReport {
         sequence_tokens: batch.seq_len,
         image_tokens,
         trained_parameters: trainable.num_parameters(),
+        median_step_ms: median(&step_ms),
         step_ms,
-        median_step_ms,
+        vision_ms,
+        forward_ms,
+        backward_ms,
+        optimizer_ms,
         peak_rss_mib: proc_status_mib("VmHWM"),
         rss_after_load_mib,
     })
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// A `kB` field of `/proc/self/status` in MiB (NaN where unavailable).

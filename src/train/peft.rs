@@ -124,7 +124,11 @@ impl PeftAdapter {
             alpha: cfg.alpha,
             dropout: cfg.dropout,
             use_rslora: cfg.use_rslora,
-            target_modules: t.lora().iter().map(|l| peft_module_name(l.module())).collect(),
+            target_modules: t
+                .lora()
+                .iter()
+                .map(|l| peft_module_name(l.module()))
+                .collect(),
             base_model: base_model.map(str::to_string),
             lora,
             full,
