@@ -17,6 +17,7 @@ use vlmpipe::train::peft::PeftAdapter;
 use vlmpipe::train::trainer::batch_loss_on;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
+type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
@@ -32,10 +33,7 @@ fn get<'a>(map: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor, S
 }
 
 /// The reference's exact `pixel_values` for one view PNG, padded to `max_patches`.
-fn view_pixels(
-    path: &Path,
-    max_patches: usize,
-) -> Result<(Vec<f32>, (usize, usize)), Box<dyn std::error::Error>> {
+fn view_pixels(path: &Path, max_patches: usize) -> AnyResult<(Vec<f32>, (usize, usize))> {
     let img = image::open(path)?.to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (rows, cols) = (h / 16, w / 16);

@@ -702,7 +702,8 @@ mod tests {
     fn dropout_is_seeded_by_step_and_off_in_eval() -> candle_core::Result<()> {
         let dev = candle_core::Device::Cpu;
         let mode = Arc::new(TrainMode::new(7));
-        let a = Tensor::ones((2, 64), DType::F32, &dev)?;
+        // Distinct weights per input, so different masks give different outputs.
+        let a = Tensor::arange(0f32, 128.0, &dev)?.reshape((2, 64))?;
         let b = Tensor::ones((1, 2), DType::F32, &dev)?;
         let lora = LoraAdapter::new("m", 3, &a, &b, 1.0, 0.5, mode.clone())?;
         let x = Tensor::ones((1, 64), DType::F32, &dev)?;
@@ -714,12 +715,13 @@ mod tests {
                 .to_vec1::<f32>()
                 .map(|v| v[0])
         };
-        assert_eq!(run(0)?, 128.0);
+        // Without dropout: sum over i of (i + (64 + i)) = 8128.
+        assert_eq!(run(0)?, 8128.0);
         mode.set_training(true);
         let (first, again, other) = (run(1)?, run(1)?, run(2)?);
         assert_eq!(first, again);
         assert_ne!(first, other);
-        assert_ne!(first, 128.0);
+        assert_ne!(first, 8128.0);
         Ok(())
     }
 }

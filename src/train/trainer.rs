@@ -127,6 +127,13 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// A stable hash of every hyperparameter that shapes the trained weights (not the progress
+    /// bar, intervals or cache size), for the stage fingerprint; the caller adds base model, data,
+    /// prompt and answer format.
+    pub fn hyperparameter_fingerprint(&self) -> String {
+        self.fingerprint(0, 0)
+    }
+
     /// A stable hash of everything that shapes the numbers, to refuse resuming another run.
     fn fingerprint(&self, num_train: usize, num_eval: usize) -> String {
         let text = format!(
@@ -439,10 +446,13 @@ enum Set {
     Eval,
 }
 
+/// Vision-tower output of one example and the views it covers.
+type VisionOutputs = (Tensor, Vec<ViewSpan>);
+
 /// Image features per example, caching the frozen vision tower's output when it fits.
 struct FeatureSource {
     /// `Some` when the tower is frozen and the cache is enabled.
-    cache: Option<RefCell<HashMap<(Set, usize), (Tensor, Vec<ViewSpan>)>>>,
+    cache: Option<RefCell<HashMap<(Set, usize), VisionOutputs>>>,
 }
 
 impl FeatureSource {
