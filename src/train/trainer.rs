@@ -249,6 +249,8 @@ pub fn train(
     let seconds_before = state.seconds;
 
     let mode = trainable.mode().clone();
+    // Whatever happens below, the model leaves this function in inference mode.
+    let _inference_on_exit = InferenceOnDrop(mode.clone());
     for step in state.step as usize..total_steps {
         mode.set_training(true);
         let mut grads: Vec<Option<Tensor>> = vec![None; named.len()];
@@ -258,16 +260,9 @@ pub fn train(
             mode.set_micro_step(micro);
             let indices = order.micro_batch(micro as usize);
             let loss = batch_loss(model, &features, Set::Train, train, &indices, cfg, &device);
-            let loss = match loss {
-                Ok(l) => l,
-                Err(e) => {
-                    mode.set_training(false);
-                    return Err(e);
-                }
-            };
+            let loss = loss?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
-                mode.set_training(false);
                 return Err(TrainError::NonFiniteLoss {
                     step: step + 1,
                     loss: value,
@@ -438,6 +433,15 @@ pub fn batch_loss_on(
         .index_select(&batch.predict_rows, 0)?;
     let logits = model.text().lm_head(&rows)?;
     Ok(cross_entropy(&logits, &batch.targets)?)
+}
+
+/// Switches adapters back to inference mode when dropped.
+struct InferenceOnDrop(std::sync::Arc<crate::train::lora::TrainMode>);
+
+impl Drop for InferenceOnDrop {
+    fn drop(&mut self) {
+        self.0.set_training(false);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
