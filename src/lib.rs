@@ -14,3 +14,4 @@ pub mod plan;
 pub mod runner;
 pub mod stages;
 pub mod testing;
+pub mod train;

@@ -1,0 +1,183 @@
+//! Training-step benchmark (`vlmpipe bench`): one LoRA step (vision forward, decoder forward and
+//! backward, AdamW) on a random-weight model of any configuration, with peak memory.
+//!
+//! `tests/reference/bench_peft_train.py` times the same step in PyTorch + peft, with the same
+//! shapes, so the two can be run back to back and compared as a ratio.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+
+use crate::model::checkpoint::{LoadOptions, random_model};
+use crate::model::config::Config;
+use crate::train::batch::{Batch, Example, LossOn};
+use crate::train::error::TrainError;
+use crate::train::lora::{LoraConfig, Trainable, TrainableSpec};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::trainer::batch_loss_on;
+
+/// The shape of the benchmarked step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchSpec {
+    /// Patch grid of the single image view (32x32 is a 512x512 image: 256 image tokens).
+    pub patch_rows: usize,
+    pub patch_cols: usize,
+    /// Text tokens before the image, and after it up to the answer.
+    pub prompt_tokens: usize,
+    /// Labelled answer tokens (end-of-turn included).
+    pub answer_tokens: usize,
+    pub lora: LoraConfig,
+    /// Timed steps after one warm-up step.
+    pub steps: usize,
+}
+
+impl Default for BenchSpec {
+    /// The cats-vs-dogs step: one 512x384 image (192 image tokens), a ~270-token conversation,
+    /// a one-word answer, LoRA r 8 on every LFM2 projection.
+    fn default() -> Self {
+        Self {
+            patch_rows: 24,
+            patch_cols: 32,
+            prompt_tokens: 76,
+            answer_tokens: 2,
+            lora: LoraConfig {
+                dropout: 0.0,
+                ..LoraConfig::default()
+            },
+            steps: 3,
+        }
+    }
+}
+
+/// Timings and memory of [`bench_train_step`].
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub sequence_tokens: usize,
+    pub image_tokens: usize,
+    pub trained_parameters: usize,
+    /// Each timed step, milliseconds.
+    pub step_ms: Vec<f64>,
+    pub median_step_ms: f64,
+    /// Median parts of a step: vision tower + projector, decoder forward + loss, backward,
+    /// optimizer, milliseconds.
+    pub vision_ms: f64,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+    /// Process peak resident memory (VmHWM) after the steps, MiB.
+    pub peak_rss_mib: f64,
+    /// Resident memory after building the model, MiB.
+    pub rss_after_load_mib: f64,
+}
+
+/// Builds a random-weight model of `cfg` and times LoRA training steps on one synthetic example.
+pub fn bench_train_step(cfg: &Config, spec: &BenchSpec) -> Result<BenchReport, TrainError> {
+    let dev = Device::Cpu;
+    let mut model = random_model(cfg, &LoadOptions::default(), 0)?;
+    let rss_after_load_mib = proc_status_mib("VmRSS");
+    let trainable = Trainable::attach(
+        &mut model,
+        &TrainableSpec {
+            lora: Some(spec.lora.clone()),
+            full: Vec::new(),
+        },
+    )?;
+    let vars: Vec<_> = trainable.named_vars().into_iter().map(|v| v.var).collect();
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default());
+
+    let factor = cfg.projector.factor;
+    let image_tokens = spec.patch_rows.div_ceil(factor) * spec.patch_cols.div_ceil(factor);
+    let mut rng = StdRng::seed_from_u64(0);
+    let vocab = cfg.text.vocab_size as u32;
+    let word = |rng: &mut StdRng| rng.random_range(1000.min(vocab - 1)..vocab);
+    let before = spec.prompt_tokens / 4;
+    let mut ids: Vec<u32> = (0..before).map(|_| word(&mut rng)).collect();
+    ids.extend(std::iter::repeat_n(cfg.image_token_id, image_tokens));
+    ids.extend((before..spec.prompt_tokens).map(|_| word(&mut rng)));
+    let answer_start = ids.len();
+    ids.extend((0..spec.answer_tokens).map(|_| word(&mut rng)));
+    let example = Example {
+        answer_end: ids.len(),
+        input_ids: ids,
+        answer_start,
+        images: Vec::new(),
+    };
+    let batch = Batch::collate(&[&example], LossOn::Answer, 0, &dev)?;
+    let patches = spec.patch_rows * spec.patch_cols;
+    let patch_dim = cfg.vision.patch_dim();
+    let pixels: Vec<f32> = (0..patches * patch_dim)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect();
+    let pixels = Tensor::from_vec(pixels, (1, patches, patch_dim), &dev)?;
+    let mask = Tensor::ones((1, patches), DType::U32, &dev)?;
+
+    let mode = trainable.mode().clone();
+    let mut step_ms = Vec::new();
+    let mut parts: [Vec<f64>; 4] = Default::default();
+    for step in 0..=spec.steps {
+        let t = Instant::now();
+        mode.set_training(true);
+        let features =
+            model.image_features(&pixels, &mask, &[(spec.patch_rows, spec.patch_cols)])?;
+        let t_vision = t.elapsed();
+        let loss = batch_loss_on(&model, &batch, Some(&features))?;
+        loss.to_scalar::<f32>()?;
+        let t_forward = t.elapsed();
+        let grads = loss.backward()?;
+        let t_backward = t.elapsed();
+        mode.set_training(false);
+        let grads = vars
+            .iter()
+            .map(|v| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => v.as_tensor().zeros_like(),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        opt.step(&grads, 1e-4)?;
+        let total = t.elapsed();
+        if step > 0 {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            step_ms.push(ms(total));
+            parts[0].push(ms(t_vision));
+            parts[1].push(ms(t_forward - t_vision));
+            parts[2].push(ms(t_backward - t_forward));
+            parts[3].push(ms(total - t_backward));
+        }
+    }
+    let [vision_ms, forward_ms, backward_ms, optimizer_ms] = parts.map(|p| median(&p));
+    Ok(BenchReport {
+        sequence_tokens: batch.seq_len,
+        image_tokens,
+        trained_parameters: trainable.num_parameters(),
+        median_step_ms: median(&step_ms),
+        step_ms,
+        vision_ms,
+        forward_ms,
+        backward_ms,
+        optimizer_ms,
+        peak_rss_mib: proc_status_mib("VmHWM"),
+        rss_after_load_mib,
+    })
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A `kB` field of `/proc/self/status` in MiB (NaN where unavailable).
+fn proc_status_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
