@@ -206,11 +206,13 @@ fn run_stage(
     let mut writer = store.begin(lock, fp, &node.name, node.stage.kind())?;
     writer.set_inputs(inputs.iter().map(|e| e.fingerprint().clone()).collect());
     let out_dir = writer.dir().to_path_buf();
+    let work_dir = store.root().join("work").join(fp.as_str());
     let mut ctx = StageContext {
         name: &node.name,
         inputs,
         out_dir: &out_dir,
         progress,
+        work_dir: &work_dir,
     };
     let outcome = match node.stage.run(&mut ctx) {
         Ok(outcome) => outcome,
@@ -222,7 +224,12 @@ fn run_stage(
         "warnings": outcome.warnings,
         "exports": outcome.exports,
     });
-    Ok(Ok(writer.commit(metadata)?))
+    let entry = writer.commit(metadata)?;
+    // The scratch state is only for resuming; a committed entry supersedes it.
+    if work_dir.exists() {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    Ok(Ok(entry))
 }
 
 /// The identity (and fingerprint) of a node, or why it cannot be computed.

@@ -51,6 +51,10 @@ pub struct StageContext<'a> {
     pub out_dir: &'a Path,
     /// Progress reporting (hidden when stderr is not a terminal).
     pub progress: &'a Progress,
+    /// A scratch folder that belongs to this stage's fingerprint and survives a failed or killed
+    /// run (created on demand by the stage), so long stages can checkpoint and resume; the
+    /// executor deletes it once the stage's entry is committed.
+    pub work_dir: &'a Path,
 }
 
 impl StageContext<'_> {
