@@ -92,6 +92,34 @@ impl ModelRunner {
         Self::new(model, processor, dir)
     }
 
+    /// Loads `dir` and, when given, attaches the PEFT LoRA adapter in `adapter_dir` (a fine-tune).
+    pub fn load_with_adapter(
+        dir: &Path,
+        adapter_dir: Option<&Path>,
+        dtype: DType,
+    ) -> Result<Self, RunnerError> {
+        let Some(adapter_dir) = adapter_dir else {
+            return Self::load(dir, dtype);
+        };
+        let load_err = |message: String| RunnerError::Load {
+            dir: adapter_dir.to_path_buf(),
+            message,
+        };
+        let options = LoadOptions {
+            dtype,
+            device: Device::Cpu,
+        };
+        let mut model = checkpoint::load(dir, &options).map_err(|e| load_err(e.to_string()))?;
+        let adapter = crate::train::PeftAdapter::load(adapter_dir, &Device::Cpu)
+            .map_err(|e| load_err(e.to_string()))?;
+        let trainable = adapter
+            .attach(&mut model)
+            .map_err(|e| load_err(e.to_string()))?;
+        trainable.mode().set_training(false);
+        let processor = Processor::from_model_dir(dir).map_err(|e| load_err(e.to_string()))?;
+        Self::new(model, processor, dir)
+    }
+
     /// Wraps an already loaded model (e.g. one with LoRA adapters attached).
     pub fn new(model: Lfm2VlModel, processor: Processor, dir: &Path) -> Result<Self, RunnerError> {
         let load_err = |message: String| RunnerError::Load {

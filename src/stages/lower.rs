@@ -92,7 +92,16 @@ impl InputPositions {
 /// The exec inputs of `node`: its plan inputs, then the root datasets of the data it reads.
 pub fn exec_inputs(node: &Node, plan: &Plan) -> Vec<NodeId> {
     let mut ids = node.inputs.clone();
-    for data in data_refs(&node.params) {
+    let mut refs = data_refs(&node.params);
+    // A report shows the images of the evals it compares, so it reads their datasets too.
+    if let NodeParams::Report(report) = &node.params {
+        for compared in &report.compare {
+            if let Some(NodeParams::Eval(eval)) = plan.node(compared.id).map(|n| &n.params) {
+                refs.push(&eval.data);
+            }
+        }
+    }
+    for data in refs {
         let root = root_dataset(data, plan);
         if !ids.contains(&root) {
             ids.push(root);
@@ -197,9 +206,11 @@ fn lower_node(
         NodeParams::Prompt(p) => Box::new(simple::PromptStage::new(p, plan)),
         NodeParams::Grammar(p) => Box::new(simple::GrammarStage::new(p)),
         NodeParams::Model(p) => Box::new(model_node::ModelStage::new(node, p, ctx)?),
-        NodeParams::Eval(_) => pending::lower_eval(node, plan, ctx, positions)?,
+        NodeParams::Eval(_) => crate::stages::eval::stage::lower_eval(node, plan, ctx, positions)?,
         NodeParams::Finetune(_) => pending::lower_finetune(node, plan, ctx, positions)?,
-        NodeParams::Report(_) => pending::lower_report(node, plan, ctx, positions)?,
+        NodeParams::Report(_) => {
+            crate::stages::report::stage::lower_report(node, plan, ctx, positions)?
+        }
     })
 }
 

@@ -42,6 +42,8 @@ pub struct ModelLocation {
     pub checkpoint_dir: PathBuf,
     /// A LoRA adapter folder to apply on top, for fine-tuned models.
     pub adapter_dir: Option<PathBuf>,
+    /// The dtype the pipeline asks to compute in (`f32`, `f16`, `bf16`); `None` means f32.
+    pub dtype: Option<String>,
 }
 
 /// `model.json` as written.
@@ -100,6 +102,7 @@ pub fn open_model_entry(entry: &CacheEntry) -> Result<ModelLocation, ModelNodeEr
     Ok(ModelLocation {
         checkpoint_dir: resolve(file.checkpoint_dir),
         adapter_dir: file.adapter_dir.map(resolve),
+        dtype: file.dtype,
     })
 }
 

@@ -9,6 +9,7 @@
 mod compare;
 mod escape;
 mod html;
+pub mod stage;
 mod svg;
 mod terminal;
 mod thumbnail;

@@ -1,0 +1,278 @@
+//! The `eval` stage: runs a model (or a fine-tune) over a data table with a prompt, an optional
+//! output grammar and a label set, and writes records, metrics, the tutorial CSV and the HTML
+//! report into the cache, with copies under `evals/<pipeline>/<stage>/`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::DType;
+use serde_json::{Value, json};
+
+use super::run::{AnswerMode, EvalJob, EvalSample};
+use super::{MetricsOptions, REPORT_FILE, compute_metrics, write_eval_outputs};
+use crate::decode::{AnswerParser, CompiledGrammar, GrammarSpec, LabelScorer};
+use crate::exec::{Stage, StageContext, StageError, StageOutcome};
+use crate::model::generate::Sampling;
+use crate::plan::params::{EvalParams, ParamValue, PromptParams, Scoring};
+use crate::plan::{Node, NodeParams, Plan};
+use crate::runner::{DecodeOptions, ModelRunner};
+use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
+use crate::stages::lower::{InputPositions, LowerContext, LowerError, data_file, root_dataset};
+use crate::stages::model_node::open_model_entry;
+use crate::stages::prompt::{RowContext, render_prompt};
+use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
+use crate::stages::simple::grammar_spec;
+
+/// Bumped when the eval stage's output for the same inputs changes.
+const EVAL_CODE_VERSION: u32 = 1;
+
+/// A configured eval stage.
+pub struct EvalStage {
+    canonical: Value,
+    params: EvalParams,
+    prompt: PromptParams,
+    grammar: Option<GrammarSpec>,
+    pipeline_params: BTreeMap<String, ParamValue>,
+    model_slot: usize,
+    data_slot: usize,
+    data_file: String,
+    dataset_slot: usize,
+    export_dir: PathBuf,
+}
+
+/// Builds the eval stage of `node` (the lowering hook).
+pub fn lower_eval(
+    node: &Node,
+    plan: &Plan,
+    ctx: &LowerContext<'_>,
+    inputs: &InputPositions,
+) -> Result<Box<dyn Stage>, LowerError> {
+    let unsupported = |message: String| LowerError::Unsupported {
+        stage: node.name.clone(),
+        message,
+    };
+    let NodeParams::Eval(params) = &node.params else {
+        return Err(unsupported("not an eval node".to_owned()));
+    };
+    let prompt = match plan.node(params.prompt.id).map(|n| &n.params) {
+        Some(NodeParams::Prompt(prompt)) => prompt.clone(),
+        _ => {
+            return Err(unsupported(format!(
+                "`{}` is not a prompt",
+                params.prompt.name
+            )));
+        }
+    };
+    let grammar = match &params.output {
+        None => None,
+        Some(output) => match plan.node(output.id).map(|n| &n.params) {
+            Some(NodeParams::Grammar(grammar)) => Some(grammar_spec(grammar)),
+            _ => return Err(unsupported(format!("`{}` is not a grammar", output.name))),
+        },
+    };
+    Ok(Box::new(EvalStage {
+        canonical: node.canonical_params(),
+        params: params.clone(),
+        prompt,
+        grammar,
+        pipeline_params: plan.settings.params.clone(),
+        model_slot: inputs.input_index(params.model.id)?,
+        data_slot: inputs.input_index(params.data.node.id)?,
+        data_file: data_file(&params.data, plan),
+        dataset_slot: inputs.input_index(root_dataset(&params.data, plan))?,
+        export_dir: ctx.evals_dir.join(&node.name),
+    }))
+}
+
+impl Stage for EvalStage {
+    fn kind(&self) -> &'static str {
+        "eval"
+    }
+
+    fn code_version(&self) -> u32 {
+        EVAL_CODE_VERSION
+    }
+
+    fn params(&self) -> Value {
+        // Referenced prompt/grammar/model nodes are exec inputs, so their own fingerprints cover
+        // their content; the pipeline params a template reads are covered by the prompt node.
+        self.canonical.clone()
+    }
+
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
+        let started = Instant::now();
+        let labels = &self.params.labels.values;
+        let location = open_model_entry(&ctx.inputs[self.model_slot])?;
+        let dtype = parse_dtype(location.dtype.as_deref())?;
+        let runner = ModelRunner::load_with_adapter(
+            &location.checkpoint_dir,
+            location.adapter_dir.as_deref(),
+            dtype,
+        )?;
+        let rows = read_rows(&ctx.inputs[self.data_slot].path(&self.data_file))?;
+        let images = ImageStore::open(&ctx.inputs[self.dataset_slot].path(IMAGES_FILE))?;
+
+        let (parser, mode) = self.answer_mode(&runner)?;
+        let job = EvalJob {
+            runner: &runner,
+            labels,
+            parser,
+            mode,
+            batch_size: self.params.batch_size.max(1) as usize,
+        };
+        let bar = ctx.progress.bar(rows.rows.len() as u64, ctx.name);
+        let mut records = Vec::with_capacity(rows.rows.len());
+        // Images are decoded one batch at a time: a 10,000-photo split never sits in memory.
+        for chunk in rows.rows.chunks(job.batch_size) {
+            let mut samples = Vec::with_capacity(chunk.len());
+            for row in chunk {
+                let rendered = render_prompt(
+                    &self.prompt,
+                    labels,
+                    &RowContext {
+                        row_id: row.row_id.clone(),
+                        image_id: row.image_id.clone(),
+                        label: Some(row.label.clone()),
+                    },
+                    &self.pipeline_params,
+                )?;
+                let image = images
+                    .get(&row.image_id)
+                    .map_err(|e| e.to_string())
+                    .and_then(|stored| {
+                        crate::model::processor::decode_image(&stored.bytes)
+                            .map_err(|e| e.to_string())
+                    });
+                samples.push(EvalSample {
+                    row_id: row.row_id.clone(),
+                    image_id: row.image_id.clone(),
+                    ground_truth: row.label.clone(),
+                    image,
+                    conversation: rendered.conversation(),
+                });
+            }
+            records.extend(job.run(samples, |n| bar.inc(n as u64))?);
+        }
+        bar.finish_and_clear();
+
+        let metrics = compute_metrics(
+            &records,
+            labels,
+            &MetricsOptions {
+                recall_of: self.params.positive_class.clone(),
+                calibration_bins: 10,
+                top_k: vec![2, 3, 5],
+                wall_time_s: Some(started.elapsed().as_secs_f64()),
+            },
+        )?;
+        let image_source = |id: &str| images.get(id).ok().map(|stored| stored.bytes);
+        let mut files = write_eval_outputs(ctx.out_dir, labels, &records, &metrics, &image_source)?;
+        let report = ReportInput {
+            title: ctx.name.to_owned(),
+            stages: vec![StageReport {
+                name: ctx.name.to_owned(),
+                labels: labels.clone(),
+                records,
+                metrics: metrics.clone(),
+                curves: Vec::new(),
+            }],
+        };
+        let report_path = ctx.out_path(REPORT_FILE);
+        write_html(
+            &report_path,
+            &report,
+            &image_source,
+            &HtmlOptions::default(),
+        )?;
+        files.push(report_path);
+        let exports = export_copies(&files, &self.export_dir)?;
+
+        let mut warnings = Vec::new();
+        if metrics.invalid_rate > 0.0 {
+            warnings.push(format!(
+                "{:.1}% of answers were invalid (counted as wrong)",
+                metrics.invalid_rate * 100.0
+            ));
+        }
+        Ok(StageOutcome {
+            metadata: json!({
+                "accuracy": metrics.accuracy,
+                "invalid_rate": metrics.invalid_rate,
+                "n": metrics.n,
+                "seconds": started.elapsed().as_secs_f64(),
+            }),
+            warnings,
+            exports,
+        })
+    }
+}
+
+impl EvalStage {
+    /// The parser and the answer mode: label scoring, constrained or free generation.
+    fn answer_mode(&self, runner: &ModelRunner) -> Result<(AnswerParser, AnswerMode), StageError> {
+        let labels = &self.params.labels.values;
+        let compile = |spec: &GrammarSpec| -> Result<Arc<CompiledGrammar>, StageError> {
+            Ok(Arc::new(CompiledGrammar::compile(spec, runner.vocab())?))
+        };
+        let parser = match &self.grammar {
+            Some(spec) => AnswerParser::for_grammar(spec, None, Some(labels)),
+            None => AnswerParser::choice(labels.clone()),
+        };
+        let mode = match self.params.scoring {
+            Scoring::Labels => {
+                // Without a declared grammar, score the plain labels.
+                let spec = self.grammar.clone().unwrap_or(GrammarSpec::Choice {
+                    labels: labels.clone(),
+                });
+                AnswerMode::ScoreLabels {
+                    scorer: LabelScorer::new(&compile(&spec)?, None)?,
+                }
+            }
+            Scoring::Generate => AnswerMode::Generate {
+                options: DecodeOptions {
+                    max_new_tokens: self.params.max_new_tokens as usize,
+                    sampling: Sampling {
+                        temperature: self.params.temperature as f32,
+                        top_p: None,
+                        min_p: self.params.min_p.map(|p| p as f32),
+                        repetition_penalty: self.params.repetition_penalty.map(|p| p as f32),
+                        seed: 0,
+                    },
+                },
+                grammar: self.grammar.as_ref().map(compile).transpose()?,
+            },
+        };
+        Ok((parser, mode))
+    }
+}
+
+/// The dtype named in a model entry (`None` → f32).
+pub(crate) fn parse_dtype(name: Option<&str>) -> Result<DType, StageError> {
+    match name.unwrap_or("f32") {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("unknown dtype `{other}` (expected f32, f16 or bf16)").into()),
+    }
+}
+
+/// Copies `files` into `dir` (replacing older copies) and returns the copies' paths.
+pub(crate) fn export_copies(files: &[PathBuf], dir: &Path) -> Result<Vec<PathBuf>, StageError> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
+    let mut exports = Vec::with_capacity(files.len());
+    for file in files {
+        let Some(name) = file.file_name() else {
+            continue;
+        };
+        let target = dir.join(name);
+        // Copy to a temp name and rename, so a reader never sees a half-written export.
+        let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+        std::fs::copy(file, &tmp)
+            .and_then(|_| std::fs::rename(&tmp, &target))
+            .map_err(|e| format!("cannot export `{}`: {e}", target.display()))?;
+        exports.push(target);
+    }
+    Ok(exports)
+}
