@@ -39,4 +39,5 @@ pub mod processor;
 
 // Finding a checkpoint and its decoding defaults (owner: infer).
 pub mod generation_config;
+pub mod random_checkpoint;
 pub mod resolve;
