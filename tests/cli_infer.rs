@@ -131,12 +131,25 @@ fn json_tokens_and_dumped_logits_match_transformers() -> TestResult {
         // Both tiny checkpoints end turns with `<|im_end|>` = 7 (generation_config.json).
         let expected = case.expected_tokens(7);
         assert_eq!(tokens, expected, "{name}: greedy tokens");
-        let finish = if expected.last() == Some(&7) { "eos" } else { "length" };
+        let finish = if expected.last() == Some(&7) {
+            "eos"
+        } else {
+            "length"
+        };
         assert_eq!(report["finish_reason"], finish, "{name}");
         assert_eq!(report["prompt_tokens"], case.num_tokens, "{name}");
         assert_eq!(report["image_tokens"], case.num_image_tokens, "{name}");
-        for key in ["load_ms", "preprocess_ms", "vision_ms", "prefill_ms", "total_ms"] {
-            assert!(report["timings"][key].as_f64().is_some(), "{name}: timing {key}");
+        for key in [
+            "load_ms",
+            "preprocess_ms",
+            "vision_ms",
+            "prefill_ms",
+            "total_ms",
+        ] {
+            assert!(
+                report["timings"][key].as_f64().is_some(),
+                "{name}: timing {key}"
+            );
         }
 
         let bytes = std::fs::read(&logits_path)?;
@@ -171,7 +184,10 @@ fn plain_output_is_the_decoded_answer() -> TestResult {
     let expected = tokenizer
         .decode(&case.expected_tokens(7), true)
         .map_err(|e| e.to_string())?;
-    assert!(!expected.trim().is_empty(), "the fixture answer decodes to text");
+    assert!(
+        !expected.trim().is_empty(),
+        "the fixture answer decodes to text"
+    );
     assert_eq!(String::from_utf8(out.stdout)?.trim_end(), expected.trim());
     Ok(())
 }
@@ -223,20 +239,35 @@ fn bad_images_and_models_exit_1_with_a_readable_message() -> TestResult {
         (&missing, "cannot read image"),
     ] {
         let image_arg = image.to_string_lossy().into_owned();
-        let out = vlmpipe(&["infer", "--model", &model, "--image", &image_arg, "--prompt", "x"])?;
+        let out = vlmpipe(&[
+            "infer", "--model", &model, "--image", &image_arg, "--prompt", "x",
+        ])?;
         assert_eq!(out.status.code(), Some(1), "{image_arg}");
         let err = stderr(&out);
         assert!(err.contains(expected), "{image_arg}: {err}");
-        assert!(err.contains(&image_arg), "the message names the file: {err}");
+        assert!(
+            err.contains(&image_arg),
+            "the message names the file: {err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
 
     let image = case.image.to_string_lossy().into_owned();
     let nowhere = dir.path().join("no-model").to_string_lossy().into_owned();
-    let out = vlmpipe(&["infer", "--model", &nowhere, "--image", &image, "--prompt", "x"])?;
+    let out = vlmpipe(&[
+        "infer", "--model", &nowhere, "--image", &image, "--prompt", "x",
+    ])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
-    let out = vlmpipe(&["infer", "--model", "Org/not-cached-anywhere", "--image", &image, "--prompt", "x"])?;
+    let out = vlmpipe(&[
+        "infer",
+        "--model",
+        "Org/not-cached-anywhere",
+        "--image",
+        &image,
+        "--prompt",
+        "x",
+    ])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("HF_HUB_OFFLINE"), "{}", stderr(&out));
     Ok(())

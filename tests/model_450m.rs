@@ -25,7 +25,12 @@ const PHOTO: &str = "data/cats_vs_dogs/cat/0008.jpg";
 
 /// Writes random weights for `source`'s config into `out`, resolves `out` as a model reference
 /// and generates two greedy tokens for the cats-vs-dogs question about `photo`.
-fn load_and_generate(source: &Path, out: &Path, photo: &Path, expected_params: usize) -> TestResult {
+fn load_and_generate(
+    source: &Path,
+    out: &Path,
+    photo: &Path,
+    expected_params: usize,
+) -> TestResult {
     let written = write_random_checkpoint(source, out, DType::BF16, 7)?;
     assert_eq!(written, expected_params, "parameters written");
     let dir = ModelRef::parse(&out.to_string_lossy())?.resolve(&vlmpipe::hub::Hub::from_env())?;
@@ -73,7 +78,10 @@ fn load_and_generate(source: &Path, out: &Path, photo: &Path, expected_params: u
     assert!(logits.iter().all(|v| v.is_finite()), "finite logits");
     let spread = logits.iter().fold(f32::MIN, |m, &v| m.max(v))
         - logits.iter().fold(f32::MAX, |m, &v| m.min(v));
-    assert!(spread > 1e-3, "random weights give varied logits, spread {spread}");
+    assert!(
+        spread > 1e-3,
+        "random weights give varied logits, spread {spread}"
+    );
     Ok(())
 }
 
@@ -100,10 +108,7 @@ fn reduced_config(real: &Value) -> Value {
 }
 
 fn inputs() -> Option<(PathBuf, PathBuf)> {
-    Some((
-        shared_path("models/LFM2-VL-450M")?,
-        shared_path(PHOTO)?,
-    ))
+    Some((shared_path("models/LFM2-VL-450M")?, shared_path(PHOTO)?))
 }
 
 #[test]

@@ -188,7 +188,12 @@ pub enum BenchCommand {
 #[derive(Debug, Args, Clone)]
 pub struct BenchModelArgs {
     /// A checkpoint directory (Hub layout) or Hub id.
-    #[arg(long, value_name = "REF", conflicts_with = "config", required_unless_present = "config")]
+    #[arg(
+        long,
+        value_name = "REF",
+        conflicts_with = "config",
+        required_unless_present = "config"
+    )]
     pub model: Option<String>,
     /// A `config.json` to build a model with random weights from (tokenizer and processor files
     /// are read from its folder). With `--python`, a random checkpoint is written once with

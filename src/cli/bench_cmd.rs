@@ -113,11 +113,9 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     // Round 0 warms up caches and the allocator and is not recorded.
     for round in 0..=args.repeats {
         let t = Instant::now();
-        let inputs = loaded.processor.prepare(
-            &conversation,
-            std::slice::from_ref(&image),
-            true,
-        )?;
+        let inputs = loaded
+            .processor
+            .prepare(&conversation, std::slice::from_ref(&image), true)?;
         let preprocess = t.elapsed();
 
         let t = Instant::now();
@@ -156,10 +154,9 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         }
 
         let t = Instant::now();
-        let inputs =
-            loaded
-                .processor
-                .prepare(&conversation, std::slice::from_ref(&image), true)?;
+        let inputs = loaded
+            .processor
+            .prepare(&conversation, std::slice::from_ref(&image), true)?;
         let features = loaded.image_features(&inputs)?;
         // No EOS ids: always `1 + steps` tokens, like `min_new_tokens` on the Python side.
         let cfg = GenerateConfig {
@@ -212,18 +209,17 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     ours.insert("peak_rss_mib".into(), json!(peak_rss));
     ours.insert("num_prompt_tokens".into(), json!(prompt_tokens));
     ours.insert("num_image_tokens".into(), json!(image_tokens));
-    ours.insert("dtype".into(), json!(format!("{:?}", args.dtype.to_candle())));
+    ours.insert(
+        "dtype".into(),
+        json!(format!("{:?}", args.dtype.to_candle())),
+    );
     let ours = Value::Object(ours);
     drop(loaded);
 
     let theirs = match (&args.python, &args.transformers_script) {
-        (Some(python), Some(script)) => Some(run_transformers(
-            python,
-            script,
-            &dir,
-            &image_path,
-            args,
-        )?),
+        (Some(python), Some(script)) => {
+            Some(run_transformers(python, script, &dir, &image_path, args)?)
+        }
         _ => None,
     };
     let load_after = load_average();
@@ -307,7 +303,11 @@ fn run_transformers(
     args: &BenchModelArgs,
 ) -> anyhow::Result<Value> {
     let out = tempfile::NamedTempFile::new().context("cannot create a temporary file")?;
-    eprintln!("running transformers: {} {}", python.display(), script.display());
+    eprintln!(
+        "running transformers: {} {}",
+        python.display(),
+        script.display()
+    );
     let status = Process::new(python)
         .arg(script)
         .arg(dir)
@@ -324,7 +324,10 @@ fn run_transformers(
         .stdout(std::process::Stdio::null())
         .status()
         .with_context(|| format!("cannot run `{}`", python.display()))?;
-    anyhow::ensure!(status.success(), "the transformers benchmark failed ({status})");
+    anyhow::ensure!(
+        status.success(),
+        "the transformers benchmark failed ({status})"
+    );
     let text = std::fs::read_to_string(out.path())?;
     serde_json::from_str(&text).context("the transformers benchmark wrote invalid JSON")
 }
@@ -369,7 +372,11 @@ fn print_table(ours: &Value, theirs: Option<&Value>, prompt_tokens: usize, image
         );
     }
     for key in ["rss_after_load_mib", "peak_rss_mib"] {
-        let fmt = |v: &Value| v[key].as_f64().map_or("-".to_owned(), |x| format!("{x:.0}"));
+        let fmt = |v: &Value| {
+            v[key]
+                .as_f64()
+                .map_or("-".to_owned(), |x| format!("{x:.0}"))
+        };
         let ratio = theirs
             .and_then(|t| Some(ours[key].as_f64()? / t[key].as_f64()?))
             .map_or("-".to_owned(), |r| format!("{r:.2}"));
@@ -409,7 +416,9 @@ fn proc_status_mib(field: &str) -> Option<f64> {
 }
 
 fn first_argmax(logits: &Tensor) -> anyhow::Result<u32> {
-    let ids = logits.to_dtype(DType::F32)?.argmax(candle_core::D::Minus1)?;
+    let ids = logits
+        .to_dtype(DType::F32)?
+        .argmax(candle_core::D::Minus1)?;
     let ids = ids.flatten_all()?.to_vec1::<u32>()?;
     ids.first()
         .copied()

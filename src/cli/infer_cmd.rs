@@ -84,8 +84,8 @@ impl LoadedModel {
         system: Option<&str>,
         question: &str,
     ) -> anyhow::Result<PromptInputs> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read image `{}`", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read image `{}`", path.display()))?;
         let image =
             decode_image(&bytes).with_context(|| format!("bad image `{}`", path.display()))?;
         let conversation = Conversation::image_question(system, question);
@@ -149,8 +149,8 @@ pub(crate) fn run(args: &InferArgs) -> anyhow::Result<Outcome> {
         input_ids: &inputs.input_ids,
         image_features: features.as_ref(),
     };
-    let out = generate::generate(&loaded.model, &[prompt], &cfg, None)
-        .context("generation failed")?;
+    let out =
+        generate::generate(&loaded.model, &[prompt], &cfg, None).context("generation failed")?;
     let Some(sequence) = out.sequences.first() else {
         anyhow::bail!("generation returned no sequence");
     };

@@ -86,7 +86,10 @@ mod tests {
         let absent = GenerationConfig::from_model_dir(dir.path())?;
         assert!(absent.eos_token_id.is_none() && absent.pad_token_id.is_none());
         let path = dir.path().join(GENERATION_CONFIG_FILE);
-        std::fs::write(&path, r#"{"eos_token_id": 7, "pad_token_id": 0, "_from_model_config": true}"#)?;
+        std::fs::write(
+            &path,
+            r#"{"eos_token_id": 7, "pad_token_id": 0, "_from_model_config": true}"#,
+        )?;
         let cfg = GenerationConfig::from_model_dir(dir.path())?;
         assert_eq!(cfg.eos_token_ids(&[2]), vec![7]);
         assert_eq!(cfg.pad_token_id, Some(0));

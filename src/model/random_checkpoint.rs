@@ -73,9 +73,8 @@ pub struct TensorSpec {
 /// Every tensor of an LFM2-VL checkpoint in the Hub layout, in name order.
 pub fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
     let mut specs = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, init| {
-        specs.push(TensorSpec { name, shape, init })
-    };
+    let mut push =
+        |name: String, shape: Vec<usize>, init| specs.push(TensorSpec { name, shape, init });
 
     let v = &cfg.vision;
     let vp = "model.vision_tower.vision_model";
@@ -103,7 +102,11 @@ pub fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
                 vec![v.hidden_size],
                 InitKind::NormWeight,
             );
-            push(format!("{p}.{norm}.bias"), vec![v.hidden_size], InitKind::Bias);
+            push(
+                format!("{p}.{norm}.bias"),
+                vec![v.hidden_size],
+                InitKind::Bias,
+            );
         }
         for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
             push(
@@ -132,7 +135,11 @@ pub fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
             vec![v.hidden_size, v.intermediate_size],
             InitKind::Linear,
         );
-        push(format!("{p}.mlp.fc2.bias"), vec![v.hidden_size], InitKind::Bias);
+        push(
+            format!("{p}.mlp.fc2.bias"),
+            vec![v.hidden_size],
+            InitKind::Bias,
+        );
     }
     push(
         format!("{vp}.post_layernorm.weight"),
@@ -153,7 +160,11 @@ pub fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
             vec![pr.in_dim],
             InitKind::NormWeight,
         );
-        push(format!("{pp}.layer_norm.bias"), vec![pr.in_dim], InitKind::Bias);
+        push(
+            format!("{pp}.layer_norm.bias"),
+            vec![pr.in_dim],
+            InitKind::Bias,
+        );
     }
     push(
         format!("{pp}.linear_1.weight"),
@@ -171,7 +182,11 @@ pub fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
             vec![pr.hidden_size],
             InitKind::Bias,
         );
-        push(format!("{pp}.linear_2.bias"), vec![pr.out_dim], InitKind::Bias);
+        push(
+            format!("{pp}.linear_2.bias"),
+            vec![pr.out_dim],
+            InitKind::Bias,
+        );
     }
 
     let t = &cfg.text;
@@ -228,7 +243,11 @@ pub fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
                     InitKind::Linear,
                 );
                 if t.conv_bias {
-                    push(format!("{p}.conv.in_proj.bias"), vec![3 * d], InitKind::Bias);
+                    push(
+                        format!("{p}.conv.in_proj.bias"),
+                        vec![3 * d],
+                        InitKind::Bias,
+                    );
                     push(format!("{p}.conv.out_proj.bias"), vec![d], InitKind::Bias);
                 }
             }
@@ -258,7 +277,11 @@ pub fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
         }
     }
     if !t.tie_embeddings {
-        push("lm_head.weight".into(), vec![t.vocab_size, d], InitKind::Linear);
+        push(
+            "lm_head.weight".into(),
+            vec![t.vocab_size, d],
+            InitKind::Linear,
+        );
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));
     specs
@@ -266,7 +289,10 @@ pub fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
 
 /// Number of parameters in `specs`.
 pub fn num_parameters(specs: &[TensorSpec]) -> usize {
-    specs.iter().map(|s| s.shape.iter().product::<usize>()).sum()
+    specs
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>())
+        .sum()
 }
 
 /// Files of a model folder besides the weights, copied when present.
@@ -299,12 +325,11 @@ pub fn write_random_checkpoint(
         }
     }
     let config_path = source.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|source| {
-        RandomCheckpointError::Read {
+    let text =
+        std::fs::read_to_string(&config_path).map_err(|source| RandomCheckpointError::Read {
             path: config_path.clone(),
             source,
-        }
-    })?;
+        })?;
     let config_err = |source| RandomCheckpointError::Config {
         path: config_path.clone(),
         source,
@@ -389,7 +414,8 @@ fn random_bytes(spec: &TensorSpec, dtype: DType, seed: u64) -> Vec<u8> {
         z ^ (z >> 31)
     };
     // 24 random bits per value map to [-1, 1).
-    let mut value = move || center + half_width * ((next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0);
+    let mut value =
+        move || center + half_width * ((next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0);
     match dtype {
         DType::BF16 => (0..n)
             .flat_map(|_| bf16::from_f32(value()).to_le_bytes())
@@ -425,8 +451,7 @@ mod tests {
     }
 
     #[test]
-    fn specs_match_checkpoints_saved_by_transformers() -> Result<(), Box<dyn std::error::Error>>
-    {
+    fn specs_match_checkpoints_saved_by_transformers() -> Result<(), Box<dyn std::error::Error>> {
         for name in ["tiny-thumb", "tiny-nothumb", "tiny-realtok"] {
             let dir = fixture(name);
             let text = std::fs::read_to_string(dir.join("config.json"))?;
@@ -457,7 +482,11 @@ mod tests {
         let mean = values.iter().sum::<f32>() / n;
         let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n;
         assert!(mean.abs() < 0.005, "mean {mean}");
-        assert!((var * 256.0 - 1.0).abs() < 0.05, "variance x fan_in {}", var * 256.0);
+        assert!(
+            (var * 256.0 - 1.0).abs() < 0.05,
+            "variance x fan_in {}",
+            var * 256.0
+        );
         assert_eq!(bytes, random_bytes(&spec, DType::F32, 3), "seeded");
         assert_ne!(bytes, random_bytes(&spec, DType::F32, 4));
     }

@@ -57,7 +57,10 @@ pub enum ModelRef {
     /// A directory in the Hub layout, used as is.
     Local(PathBuf),
     /// A Hub model repo at a revision.
-    Hub { id: String, revision: Option<String> },
+    Hub {
+        id: String,
+        revision: Option<String>,
+    },
 }
 
 /// Files every checkpoint directory must hold (weights are checked separately: single or sharded).
@@ -82,7 +85,8 @@ impl ModelRef {
             Some((id, rev)) => (id, Some(rev)),
             None => (trimmed, None),
         };
-        if !is_hub_id(id) || revision.is_some_and(|r| r.is_empty() || r.contains(char::is_whitespace))
+        if !is_hub_id(id)
+            || revision.is_some_and(|r| r.is_empty() || r.contains(char::is_whitespace))
         {
             return Err(ResolveError::Syntax {
                 text: text.to_owned(),
@@ -241,10 +245,7 @@ mod tests {
                 r#"hf("LiquidAI/LFM2-VL-1.6B")"#,
                 hub("LiquidAI/LFM2-VL-1.6B", None),
             ),
-            (
-                r#"hf("a/b", revision = "abc")"#,
-                hub("a/b", Some("abc")),
-            ),
+            (r#"hf("a/b", revision = "abc")"#, hub("a/b", Some("abc"))),
             ("./ckpt", ModelRef::Local(PathBuf::from("./ckpt"))),
             ("/abs/ckpt", ModelRef::Local(PathBuf::from("/abs/ckpt"))),
         ];
@@ -255,7 +256,15 @@ mod tests {
 
     #[test]
     fn rejects_malformed_references() {
-        for text in ["justaname", "a/b/c", "a/", "/", "org/name@", r#"hf(a/b)"#, r#"hf("a/b", rev = "x")"#] {
+        for text in [
+            "justaname",
+            "a/b/c",
+            "a/",
+            "/",
+            "org/name@",
+            r#"hf(a/b)"#,
+            r#"hf("a/b", rev = "x")"#,
+        ] {
             // "/" is a path; the rest are syntax errors.
             let parsed = ModelRef::parse(text);
             if text == "/" {
@@ -286,20 +295,32 @@ mod tests {
         let local = ModelRef::Local(dir.path().to_path_buf());
         let err = local.resolve(&hub).err();
         assert!(
-            matches!(err, Some(ResolveError::MissingFile { file: "config.json", .. })),
+            matches!(
+                err,
+                Some(ResolveError::MissingFile {
+                    file: "config.json",
+                    ..
+                })
+            ),
             "{err:?}"
         );
         for f in REQUIRED_FILES {
             std::fs::write(dir.path().join(f), "{}")?;
         }
         let err = local.resolve(&hub).err();
-        assert!(matches!(err, Some(ResolveError::NoWeights { .. })), "{err:?}");
+        assert!(
+            matches!(err, Some(ResolveError::NoWeights { .. })),
+            "{err:?}"
+        );
         std::fs::write(dir.path().join("model.safetensors"), b"")?;
         assert_eq!(local.resolve(&hub)?, dir.path());
 
         let missing = ModelRef::Local(dir.path().join("nope"));
         let err = missing.resolve(&hub).err();
-        assert!(matches!(err, Some(ResolveError::NoSuchDir { .. })), "{err:?}");
+        assert!(
+            matches!(err, Some(ResolveError::NoSuchDir { .. })),
+            "{err:?}"
+        );
         let file = ModelRef::Local(dir.path().join("config.json"));
         let err = file.resolve(&hub).err();
         assert!(matches!(err, Some(ResolveError::NotADir { .. })), "{err:?}");
@@ -320,7 +341,10 @@ mod tests {
             .resolve(&hub)
             .err()
             .ok_or("resolving an uncached repo offline should fail")?;
-        let chain = format!("{err}: {}", std::error::Error::source(&err).map_or(String::new(), |s| s.to_string()));
+        let chain = format!(
+            "{err}: {}",
+            std::error::Error::source(&err).map_or(String::new(), |s| s.to_string())
+        );
         assert!(chain.contains("LiquidAI/LFM2-VL-450M"), "{chain}");
         assert!(chain.contains("HF_HUB_OFFLINE"), "{chain}");
         Ok(())
