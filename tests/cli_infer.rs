@@ -272,3 +272,109 @@ fn bad_images_and_models_exit_1_with_a_readable_message() -> TestResult {
     assert!(stderr(&out).contains("HF_HUB_OFFLINE"), "{}", stderr(&out));
     Ok(())
 }
+
+/// tiny-realtok with the real LFM2-VL tokenizer and processor files from `../shared`.
+#[test]
+fn real_tokenizer_case_matches_transformers() -> TestResult {
+    let Some(real) = vlmpipe::testing::shared_path("models/LFM2-VL-450M") else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let ckpt = dir.path().join("tiny-realtok");
+    std::fs::create_dir(&ckpt)?;
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ] {
+        std::fs::copy(real.join(name), ckpt.join(name))?;
+    }
+    let fixture = fixtures().join("checkpoints/tiny-realtok");
+    for name in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(name), ckpt.join(name))?;
+    }
+
+    let bytes = std::fs::read(fixtures().join("model/realtok_system_512x384.safetensors"))?;
+    let st = SafeTensors::deserialize(&bytes)?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)?;
+    let harness: serde_json::Value = serde_json::from_str(
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("harness"))
+            .ok_or("no harness")?,
+    )?;
+    let ints = |name: &str| -> Result<Vec<i64>, Box<dyn std::error::Error>> {
+        Ok(st
+            .tensor(name)?
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect())
+    };
+    let greedy: Vec<u32> = ints("greedy_tokens")?
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    let top_indices = ints("greedy_step_topk_indices")?;
+    let top_values: Vec<f32> = st
+        .tensor("greedy_step_topk_values")?
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    let k = st.tensor("greedy_step_topk_values")?.shape()[1];
+
+    let logits_path = dir.path().join("logits.safetensors");
+    let image = fixtures().join(harness["image"].as_str().ok_or("no image")?);
+    let args = [
+        "infer",
+        "--model",
+        ckpt.to_str().unwrap_or_default(),
+        "--image",
+        image.to_str().unwrap_or_default(),
+        "--system",
+        harness["system"].as_str().ok_or("no system")?,
+        "--prompt",
+        harness["prompt"].as_str().ok_or("no prompt")?,
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "--dump-logits",
+        logits_path.to_str().unwrap_or_default(),
+    ];
+    let out = vlmpipe(&args)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["prompt_tokens"], harness["num_tokens"]);
+    assert_eq!(report["image_tokens"], harness["num_image_tokens"]);
+    let eos = 7;
+    let expected = match greedy.iter().position(|&t| t == eos) {
+        Some(i) => greedy[..=i].to_vec(),
+        None => greedy.clone(),
+    };
+    let tokens: Vec<u32> = serde_json::from_value(report["token_ids"].clone())?;
+    assert_eq!(tokens, expected);
+
+    let bytes = std::fs::read(&logits_path)?;
+    let dumped = SafeTensors::deserialize(&bytes)?;
+    let logits: Vec<f32> = dumped
+        .tensor("logits")?
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    assert_eq!(logits.len(), 65536);
+    let max_abs = top_values[..k].iter().fold(0f32, |m, v| m.max(v.abs()));
+    let tol = 5e-4 + 2e-5 * max_abs;
+    for (&index, &value) in top_indices[..k].iter().zip(&top_values[..k]) {
+        let ours = logits[index as usize];
+        assert!(
+            (ours - value).abs() <= tol,
+            "logit {index}: {ours} vs {value}"
+        );
+    }
+    Ok(())
+}
