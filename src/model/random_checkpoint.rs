@@ -437,11 +437,13 @@ mod tests {
             .join(name)
     }
 
+    type NamedShapes = Vec<(String, Vec<usize>)>;
+
     /// The names and shapes transformers 4.57 saved for each fixture checkpoint.
-    fn saved_specs(dir: &Path) -> Result<Vec<(String, Vec<usize>)>, Box<dyn std::error::Error>> {
+    fn saved_specs(dir: &Path) -> Result<NamedShapes, Box<dyn std::error::Error>> {
         let bytes = std::fs::read(dir.join("model.safetensors"))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)?;
-        let mut out: Vec<(String, Vec<usize>)> = st
+        let mut out: NamedShapes = st
             .tensors()
             .into_iter()
             .map(|(name, view)| (name, view.shape().to_vec()))
@@ -457,7 +459,7 @@ mod tests {
             let text = std::fs::read_to_string(dir.join("config.json"))?;
             let raw: Lfm2VlConfig = serde_json::from_str(&text)?;
             let cfg = Config::from_raw(&raw)?;
-            let ours: Vec<(String, Vec<usize>)> = hub_tensor_specs(&raw, &cfg)
+            let ours: NamedShapes = hub_tensor_specs(&raw, &cfg)
                 .into_iter()
                 .map(|s| (s.name, s.shape))
                 .collect();

@@ -46,8 +46,9 @@ pub enum ResolveError {
     #[error("cannot get model `{id}` from the Hugging Face Hub")]
     Hub {
         id: String,
+        /// Boxed: `HubError` is large and this error travels through every resolve call.
         #[source]
-        source: HubError,
+        source: Box<HubError>,
     },
 }
 
@@ -110,7 +111,7 @@ impl ModelRef {
                 }
                 hub.model_dir(&repo).map_err(|source| ResolveError::Hub {
                     id: id.clone(),
-                    source,
+                    source: Box::new(source),
                 })
             }
         }
