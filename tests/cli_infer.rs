@@ -378,3 +378,48 @@ fn real_tokenizer_case_matches_transformers() -> TestResult {
     }
     Ok(())
 }
+
+/// `vlmpipe bench model` on a tiny checkpoint: every step is timed and reported in the JSON.
+#[test]
+fn bench_model_reports_every_step() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let model = fixtures().join("checkpoints/tiny-thumb");
+    let image = fixtures().join("images/photo_512x384.png");
+    let report_path = dir.path().join("bench.json");
+    let out = vlmpipe(&[
+        "bench",
+        "model",
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--image",
+        image.to_str().unwrap_or_default(),
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+        "--json-out",
+        report_path.to_str().unwrap_or_default(),
+    ])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
+    let ours = &report["vlmpipe"];
+    for key in [
+        "preprocess_ms",
+        "vision_ms",
+        "prompt_forward_ms",
+        "lm_prefill_ms",
+        "decode_ms_per_token",
+        "classify_ms",
+    ] {
+        let samples = ours[key]["samples"].as_array().ok_or(key)?;
+        assert_eq!(samples.len(), 2, "{key}");
+        assert!(
+            ours[key]["median"].as_f64().is_some_and(|m| m > 0.0),
+            "{key}"
+        );
+    }
+    assert_eq!(ours["num_image_tokens"], 192);
+    assert!(ours["peak_rss_mib"].as_f64().is_some_and(|m| m > 0.0));
+    assert!(report["transformers"].is_null(), "no python was given");
+    Ok(())
+}
