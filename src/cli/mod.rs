@@ -5,8 +5,10 @@
 //! quietly.
 
 mod args;
+mod bench_cmd;
 mod cache_cmd;
 mod check_cmd;
+mod infer_cmd;
 mod render_cmd;
 mod run_cmd;
 mod watch_cmd;
@@ -47,6 +49,8 @@ pub fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Cache(command) => cache_cmd::run(command),
+        Command::Infer(args) => infer_cmd::run(&args),
+        Command::Bench(command) => bench_cmd::run(command),
         Command::Check {
             file,
             params,
