@@ -44,6 +44,10 @@ pub enum Command {
     Watch(RunArgs),
     /// Print the exact prompt a stage sends to the model for one row of its data.
     Render(RenderArgs),
+    /// Print the headline metrics of eval stages that ran, and the path of their HTML report.
+    Report(ReportArgs),
+    /// List the samples of an eval stage that ran (`--misclassified`: only the wrong ones).
+    Show(ShowArgs),
     /// Answer one question about one image with a model (greedy by default).
     Infer(InferArgs),
     /// Time the model stages (and compare with transformers on the same inputs).
@@ -96,6 +100,38 @@ pub struct RenderArgs {
     /// Print the template-rendered text only, without expanding the image placeholder.
     #[arg(long)]
     pub no_expand: bool,
+    #[command(flatten)]
+    pub params: ParamOverrides,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+}
+
+/// Flags of `report`.
+#[derive(Debug, Args, Clone)]
+pub struct ReportArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// An `eval` or `report` stage [default: every eval stage].
+    pub stage: Option<String>,
+    #[command(flatten)]
+    pub params: ParamOverrides,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+}
+
+/// Flags of `show`.
+#[derive(Debug, Args, Clone)]
+pub struct ShowArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// An `eval` stage.
+    pub stage: String,
+    /// Only the misclassified and invalid samples, with the model's raw answer.
+    #[arg(long)]
+    pub misclassified: bool,
+    /// Truncate raw answers to this many characters.
+    #[arg(long, default_value_t = 80)]
+    pub max_answer_chars: usize,
     #[command(flatten)]
     pub params: ParamOverrides,
     #[command(flatten)]
