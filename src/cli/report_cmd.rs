@@ -99,7 +99,7 @@ pub(crate) fn show(args: &ShowArgs) -> anyhow::Result<Outcome> {
         &args.file,
         &args.cache,
         &args.params,
-        &[node.name.clone()],
+        std::slice::from_ref(&node.name),
     )?;
     let Some(path) = output(&summary, &node.name, RECORDS_FILE) else {
         eprintln!(
