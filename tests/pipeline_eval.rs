@@ -76,7 +76,10 @@ fn evals_and_report_run_and_rerun_from_cache() {
         let probs = record.class_probs.as_ref().expect("class probabilities");
         assert!((probs.iter().sum::<f32>() - 1.0).abs() < 1e-4);
     }
-    assert!(metrics(dir.path(), "scored")["log_loss"].as_f64().is_some());
+    let scored_metrics = metrics(dir.path(), "scored");
+    assert!(scored_metrics["log_loss"].as_f64().is_some());
+    // Scoring picks among the labels (here under a JSON grammar): never an invalid answer.
+    assert_eq!(scored_metrics["invalid_rate"], 0.0);
 
     // The comparison report names every compared stage; the CSV keeps the tutorial's columns.
     let report =
