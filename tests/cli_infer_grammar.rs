@@ -224,7 +224,11 @@ fn scores_match_the_runner_and_the_greedy_answer() -> TestResult {
         "--dump-logits",
         logits_path.to_str().unwrap_or_default(),
     ])?;
-    assert_eq!(probs(&report["scores"])?, cli_probs, "same scores with --json");
+    assert_eq!(
+        probs(&report["scores"])?,
+        cli_probs,
+        "same scores with --json"
+    );
     let bytes = std::fs::read(&logits_path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
     let logits: Vec<f32> = st
@@ -270,9 +274,15 @@ fn bad_grammars_exit_1_with_a_message() -> TestResult {
         (vec!["--regex".into(), "(".into()], "unclosed group"),
         (vec!["--choice".into(), ",".into()], "is empty"),
         (vec!["--choice".into(), "cat,cat".into()], "cat"),
-        (vec!["--json-schema".into(), path(&not_json)], "not valid JSON"),
+        (
+            vec!["--json-schema".into(), path(&not_json)],
+            "not valid JSON",
+        ),
         (vec!["--json-schema".into(), path(&missing)], "cannot read"),
-        (vec!["--json-schema".into(), path(&empty_enum)], "never be satisfied"),
+        (
+            vec!["--json-schema".into(), path(&empty_enum)],
+            "never be satisfied",
+        ),
         (vec!["--lark".into(), path(&empty_lark)], "empty"),
         (
             vec!["--json-schema".into(), path(&no_label), "--scores".into()],
