@@ -1,8 +1,9 @@
 //! The `finetune` stage end to end, with the real binary on an offline pipeline (generated
-//! shapes, a seeded `init` tiny model): it trains and writes a loadable PEFT adapter, a rerun is
-//! cached, a `vlmpipe run` killed after a checkpoint resumes on rerun and ends with the same
-//! adapter as an uninterrupted run, `export --merged` writes a loadable checkpoint, and a target
-//! that matches no module fails the stage with the model's real module names.
+//! shapes, a seeded `init` tiny model): it trains and writes a loadable PEFT adapter, an eval
+//! stage uses the fine-tune, a rerun is cached, a `vlmpipe run` killed after a checkpoint resumes
+//! on rerun and ends with the same adapter as an uninterrupted run, `export --merged` writes a
+//! loadable checkpoint, and a target that matches no module fails the stage with the model's real
+//! module names.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -34,6 +35,7 @@ finetune ft {{
   lora {{ r = 4  alpha = 8  dropout = 0.1  targets = [{targets}] }}
   lr = 0.005  batch_size = 4  grad_accum = 1  max_steps = 12  eval_every = 4  checkpoint_every = 2
 }}
+eval after {{ model = ft  data = parts.test  prompt = ask  labels = shapes  output = answer }}
 "#
     )
 }
@@ -183,6 +185,15 @@ fn finetune_trains_caches_resumes_after_a_kill_and_exports() {
     let csv = std::fs::read_to_string(whole.dir.join("evals/ft/metrics.csv")).expect("csv");
     assert_eq!(csv.lines().count(), 13, "{csv}");
 
+    // An eval stage uses the fine-tune like any model (base + adapter).
+    assert_eq!(stage(&first, "after")["status"], "ran");
+    let eval: Value = serde_json::from_slice(
+        &std::fs::read(whole.dir.join("evals/after/metrics.json")).expect("eval metrics"),
+    )
+    .expect("metrics JSON");
+    assert_eq!(eval["n"], 12);
+    assert_eq!(eval["invalid_rate"], 0.0);
+
     // A rerun is served from the cache.
     let (output, second) = whole.run();
     assert!(
@@ -190,7 +201,9 @@ fn finetune_trains_caches_resumes_after_a_kill_and_exports() {
         "rerun failed:\n{}",
         stderr(&output)
     );
-    assert_eq!(stage(&second, "ft")["status"], "cached");
+    for name in ["ft", "after"] {
+        assert_eq!(stage(&second, name)["status"], "cached");
+    }
 
     // Killed after its first checkpoint, the rerun resumes and ends with the same adapter.
     let killed = Scene::new(root.path(), "killed", targets);
