@@ -213,7 +213,7 @@ impl Stage for FinetuneStage {
         if location.adapter_dir.is_some() {
             return Err(FinetuneError::StackedAdapter(location.checkpoint_dir).into());
         }
-        let dtype_name = base_dtype(base);
+        let dtype_name = location.dtype.clone();
         let dtype = crate::stages::eval::stage::parse_dtype(dtype_name.as_deref())?;
         let load_err = |message: String| FinetuneError::Load {
             dir: location.checkpoint_dir.clone(),
@@ -537,12 +537,6 @@ fn check_targets(model: &Lfm2VlModel, cfg: &TrainConfig) -> Result<(), FinetuneE
     };
     select_modules(&linear_modules(model), &lora.targets, parts)?;
     Ok(())
-}
-
-/// The dtype a model entry asks for (`None` for entries that name none).
-fn base_dtype(entry: &CacheEntry) -> Option<String> {
-    let text = std::fs::read_to_string(entry.path(MODEL_FILE)).ok()?;
-    serde_json::from_str::<ModelFile>(&text).ok()?.dtype
 }
 
 /// The step of the newest complete checkpoint in a trainer run directory, if any.
