@@ -44,6 +44,15 @@ pub enum Command {
     Watch(RunArgs),
     /// Print the exact prompt a stage sends to the model for one row of its data.
     Render(RenderArgs),
+    /// Print the headline metrics of eval stages that ran, and the path of their HTML report.
+    Report(ReportArgs),
+    /// List the samples of an eval stage that ran (`--misclassified`: only the wrong ones).
+    Show(ShowArgs),
+    /// Answer one question about one image with a model (greedy by default).
+    Infer(InferArgs),
+    /// Time the model stages (and compare with transformers on the same inputs).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Write a fine-tune as a standalone checkpoint (runs the stage first when it is not cached).
     Export(ExportArgs),
 }
@@ -93,6 +102,38 @@ pub struct RenderArgs {
     /// Print the template-rendered text only, without expanding the image placeholder.
     #[arg(long)]
     pub no_expand: bool,
+    #[command(flatten)]
+    pub params: ParamOverrides,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+}
+
+/// Flags of `report`.
+#[derive(Debug, Args, Clone)]
+pub struct ReportArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// An `eval` or `report` stage [default: every eval stage].
+    pub stage: Option<String>,
+    #[command(flatten)]
+    pub params: ParamOverrides,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+}
+
+/// Flags of `show`.
+#[derive(Debug, Args, Clone)]
+pub struct ShowArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// An `eval` stage.
+    pub stage: String,
+    /// Only the misclassified and invalid samples, with the model's raw answer.
+    #[arg(long)]
+    pub misclassified: bool,
+    /// Truncate raw answers to this many characters.
+    #[arg(long, default_value_t = 80)]
+    pub max_answer_chars: usize,
     #[command(flatten)]
     pub params: ParamOverrides,
     #[command(flatten)]
@@ -185,4 +226,124 @@ pub enum CacheCommand {
         #[command(flatten)]
         cache: CacheDirArg,
     },
+}
+
+/// The dtype weights are converted to and computed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeArg {
+    pub fn to_candle(self) -> candle_core::DType {
+        match self {
+            DtypeArg::F32 => candle_core::DType::F32,
+            DtypeArg::Bf16 => candle_core::DType::BF16,
+            DtypeArg::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
+/// `vlmpipe infer …`: one image, one question.
+///
+/// The conversation is the system turn (with `--system`), then a user turn with the image first
+/// and the text second, rendered with the model's chat template and the generation prompt.
+/// Decoding flags left out take their value from the model's `generation_config.json`.
+#[derive(Debug, Args, Clone)]
+pub struct InferArgs {
+    /// The model: a local directory in the Hub layout, or a Hub id `org/name[@revision]`
+    /// (the local Hub cache first; `HF_HUB_OFFLINE=1` forbids downloads).
+    #[arg(long, value_name = "REF")]
+    pub model: String,
+    /// The image file (JPEG, PNG, WebP, GIF, BMP or TIFF).
+    #[arg(long, value_name = "PATH")]
+    pub image: PathBuf,
+    /// The question, sent after the image in the user turn.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: String,
+    /// A system turn before the user turn.
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    /// Stop after this many generated tokens [default: generation_config.json's, else 64].
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 is greedy [default: greedy, unless generation_config.json samples].
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities sum to P.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than P times the most likely one.
+    #[arg(long, value_name = "P")]
+    pub min_p: Option<f32>,
+    /// transformers' repetition penalty (> 1 discourages repeats).
+    #[arg(long, value_name = "R")]
+    pub repetition_penalty: Option<f32>,
+    /// Seed of the sampler.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// The dtype to compute in.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Write the prompt's last-position logits to this file (safetensors, tensor `logits`, f32 [vocab]).
+    #[arg(long, value_name = "FILE")]
+    pub dump_logits: Option<PathBuf>,
+    /// Print a JSON object (text, generated token ids, token counts, finish reason, timings).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vlmpipe bench …`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Time one classification: preprocess, vision + projector, prefill, decode steps, end to end.
+    Model(BenchModelArgs),
+}
+
+/// `vlmpipe bench model …`
+#[derive(Debug, Args, Clone)]
+pub struct BenchModelArgs {
+    /// A checkpoint directory (Hub layout) or Hub id.
+    #[arg(
+        long,
+        value_name = "REF",
+        conflicts_with = "config",
+        required_unless_present = "config"
+    )]
+    pub model: Option<String>,
+    /// A `config.json` to build a model with random weights from (tokenizer and processor files
+    /// are read from its folder). With `--python`, a random checkpoint is written once with
+    /// `--random-dir` so both sides load the same weights.
+    #[arg(long, value_name = "CONFIG.json")]
+    pub config: Option<PathBuf>,
+    /// The image to classify [default: `../shared/data/cats_vs_dogs/cat/0008.jpg`].
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// Compute threads (sets `RAYON_NUM_THREADS` for candle and `--threads` for transformers).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub threads: usize,
+    /// Timed repetitions after one warm-up; the report gives medians and minimums.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub repeats: usize,
+    /// Decode steps timed per repetition.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub decode_steps: usize,
+    /// The dtype to compute in.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// A Python with transformers (e.g. `tests/reference/.venv-5/bin/python`): run the
+    /// transformers benchmark on the same checkpoint and image in the same run and print ratios.
+    #[arg(long, value_name = "PATH", requires = "transformers_script")]
+    pub python: Option<PathBuf>,
+    /// The transformers benchmark script (`tests/reference/bench_transformers.py`).
+    #[arg(long, value_name = "PATH", requires = "python")]
+    pub transformers_script: Option<PathBuf>,
+    /// Where `--config --python` writes (or reuses) the random checkpoint [default: a temp dir].
+    #[arg(long, value_name = "DIR")]
+    pub random_dir: Option<PathBuf>,
+    /// Also write the JSON report here.
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<PathBuf>,
 }

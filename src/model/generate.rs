@@ -165,6 +165,9 @@ pub struct Sequence {
 #[derive(Debug, Clone)]
 pub struct GenerateOutput {
     pub sequences: Vec<Sequence>,
+    /// `[B, vocab]` logits of each prompt's last position, before any mask or sampling setting
+    /// (what `vlmpipe infer --dump-logits` writes).
+    pub prompt_logits: Tensor,
     /// Time of the prompt forward (embedding splice, decoder, first logits).
     pub prefill: Duration,
     /// Time of each later decoder step.
@@ -220,6 +223,7 @@ pub fn generate(
         LogitsMode::Last,
     )?;
     let prefill = start.elapsed();
+    let prompt_logits = logits.clone();
     let mut step_times = Vec::new();
 
     for step in 0..cfg.max_new_tokens {
@@ -275,6 +279,7 @@ pub fn generate(
         .collect();
     Ok(GenerateOutput {
         sequences,
+        prompt_logits,
         prefill,
         step_times,
     })

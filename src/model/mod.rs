@@ -36,3 +36,8 @@ pub mod vision;
 // Turning an image and a conversation into model inputs (owner: processor).
 pub mod chat;
 pub mod processor;
+
+// Finding a checkpoint and its decoding defaults (owner: infer).
+pub mod generation_config;
+pub mod random_checkpoint;
+pub mod resolve;

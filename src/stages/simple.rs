@@ -253,6 +253,30 @@ impl Stage for GrammarStage {
     }
 }
 
+/// The decoder's view of a declared grammar: what `decode` compiles into token masks.
+pub fn grammar_spec(params: &GrammarParams) -> crate::decode::GrammarSpec {
+    use crate::decode::{GrammarSpec as Decode, Whitespace as DecodeWhitespace};
+    let whitespace = match params.whitespace {
+        crate::plan::params::Whitespace::Flexible => DecodeWhitespace::Flexible,
+        crate::plan::params::Whitespace::Compact => DecodeWhitespace::Compact,
+    };
+    match &params.spec {
+        GrammarSpec::OneOf { values, .. } => Decode::Choice {
+            labels: values.clone(),
+        },
+        GrammarSpec::Json { schema } => Decode::Json {
+            schema: schema.to_json_schema(),
+            whitespace,
+        },
+        GrammarSpec::JsonSchema { schema, .. } => Decode::Json {
+            schema: schema.clone(),
+            whitespace,
+        },
+        GrammarSpec::Regex { pattern } => Decode::Regex(pattern.clone()),
+        GrammarSpec::Lark { grammar } => Decode::Lark(grammar.clone()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -302,29 +326,5 @@ mod tests {
             json!(["cat", "dog"])
         );
         assert_eq!(stage.params(), stage.file.grammar);
-    }
-}
-
-/// The decoder's view of a declared grammar: what `decode` compiles into token masks.
-pub fn grammar_spec(params: &GrammarParams) -> crate::decode::GrammarSpec {
-    use crate::decode::{GrammarSpec as Decode, Whitespace as DecodeWhitespace};
-    let whitespace = match params.whitespace {
-        crate::plan::params::Whitespace::Flexible => DecodeWhitespace::Flexible,
-        crate::plan::params::Whitespace::Compact => DecodeWhitespace::Compact,
-    };
-    match &params.spec {
-        GrammarSpec::OneOf { values, .. } => Decode::Choice {
-            labels: values.clone(),
-        },
-        GrammarSpec::Json { schema } => Decode::Json {
-            schema: schema.to_json_schema(),
-            whitespace,
-        },
-        GrammarSpec::JsonSchema { schema, .. } => Decode::Json {
-            schema: schema.clone(),
-            whitespace,
-        },
-        GrammarSpec::Regex { pattern } => Decode::Regex(pattern.clone()),
-        GrammarSpec::Lark { grammar } => Decode::Lark(grammar.clone()),
     }
 }

@@ -1,0 +1,453 @@
+//! `vlmpipe bench model`: time one image classification stage by stage, optionally next to
+//! transformers on the same checkpoint and image in the same run.
+//!
+//! The workload is `tests/reference/bench_transformers.py`'s: the cats-vs-dogs conversation
+//! (system turn, user turn with the image then the question, generation prompt) on one photo.
+//! Each step is timed `--repeats` times after one warm-up and reported as median and minimum:
+//! - `preprocess_ms`: chat template + image processor + tokenizer (the image is decoded once,
+//!   before timing, as the Python side receives a decoded PIL image);
+//! - `vision_ms`: vision tower + projector;
+//! - `prompt_forward_ms`: vision + the decoder over the prompt with logits at every position
+//!   (transformers' `model(**inputs)`);
+//! - `lm_prefill_ms`: the decoder over the prompt embeddings, last-position logits only;
+//! - `decode_ms_per_token`: mean of `--decode-steps` cached greedy steps;
+//! - `classify_ms`: preprocess + vision + generate `1 + decode_steps` tokens (no EOS stop).
+//!
+//! With `--config`, a random-weight checkpoint in the Hub layout is written first (bf16, like
+//! the real file; reused from `--random-dir` when present), so both sides load the same weights.
+//! On a shared machine compare ratios, not absolute numbers: the load average is reported
+//! before and after.
+
+use std::path::{Path, PathBuf};
+use std::process::Command as Process;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::cli::Outcome;
+use crate::cli::args::{BenchCommand, BenchModelArgs};
+use crate::cli::infer_cmd::LoadedModel;
+use crate::model::chat::Conversation;
+use crate::model::generate::{self, GenerateConfig, Prompt, Sampling};
+use crate::model::lfm2_vl::LogitsMode;
+use crate::model::processor::decode_image;
+use crate::model::random_checkpoint::write_random_checkpoint;
+use crate::model::resolve::resolve_model_dir;
+
+/// The benchmark conversation, identical to `compute_references.py`'s `VET_SYSTEM`/`VET_USER`.
+const VET_SYSTEM: &str = "You are a veterinarian specialized in analyzing pictures of cats and dogs\nYou excel at identifying the type of animal from a picture.";
+const VET_USER: &str = "What animal in the following list is the one you see in the picture?\n- cat\n- dog\n\nProvide your answer as a single animal from the list without any additional text.";
+
+/// The photo `bench_transformers.py` uses by default, relative to the shared data folder.
+const DEFAULT_IMAGE: &str = "data/cats_vs_dogs/cat/0008.jpg";
+
+/// The timed steps, in report order, with the keys `bench_transformers.py` uses.
+const STEPS: &[&str] = &[
+    "preprocess_ms",
+    "vision_ms",
+    "prompt_forward_ms",
+    "lm_prefill_ms",
+    "decode_ms_per_token",
+    "classify_ms",
+];
+
+/// Median, minimum and every sample of one step, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+struct Summary {
+    median: f64,
+    min: f64,
+    samples: Vec<f64>,
+}
+
+impl Summary {
+    fn of(samples: Vec<f64>) -> Self {
+        let mut sorted = samples.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = match n {
+            0 => f64::NAN,
+            _ if n % 2 == 1 => sorted[n / 2],
+            _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        };
+        Self {
+            median,
+            min: sorted.first().copied().unwrap_or(f64::NAN),
+            samples,
+        }
+    }
+}
+
+/// Runs `vlmpipe bench …`.
+pub(crate) fn run(command: BenchCommand) -> anyhow::Result<Outcome> {
+    match command {
+        BenchCommand::Model(args) => bench_model(&args),
+    }
+}
+
+fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
+    set_threads(args.threads);
+    let load_before = load_average();
+    let (dir, _temp) = model_dir(args)?;
+    let image_path = match &args.image {
+        Some(path) => path.clone(),
+        None => default_image()?,
+    };
+    let bytes = std::fs::read(&image_path)
+        .with_context(|| format!("cannot read image `{}`", image_path.display()))?;
+    let image =
+        decode_image(&bytes).with_context(|| format!("bad image `{}`", image_path.display()))?;
+
+    let t = Instant::now();
+    let loaded = LoadedModel::load(&dir, args.dtype.to_candle())?;
+    let load_s = t.elapsed().as_secs_f64();
+    let rss_after_load = proc_status_mib("VmRSS");
+
+    let conversation = Conversation::image_question(Some(VET_SYSTEM), VET_USER);
+    let steps = args.decode_steps;
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
+    let mut decode_steps_ms = Vec::new();
+    let mut shape = None;
+    // Round 0 warms up caches and the allocator and is not recorded.
+    for round in 0..=args.repeats {
+        let t = Instant::now();
+        let inputs = loaded
+            .processor
+            .prepare(&conversation, std::slice::from_ref(&image), true)?;
+        let preprocess = t.elapsed();
+
+        let t = Instant::now();
+        let features = loaded.image_features(&inputs)?;
+        let vision = t.elapsed();
+
+        let model = &loaded.model;
+        let dev = model.device();
+        let ids = Tensor::new(inputs.input_ids.as_slice(), dev)?.unsqueeze(0)?;
+        let t = Instant::now();
+        let all_features = loaded.image_features(&inputs)?;
+        let mut cache = model.new_cache(1);
+        model.forward(
+            &ids,
+            all_features.as_ref(),
+            None,
+            &mut cache,
+            LogitsMode::All,
+        )?;
+        let prompt_forward = t.elapsed();
+
+        let embeds = model.embed(&ids, features.as_ref())?;
+        let t = Instant::now();
+        let mut cache = model.new_cache(1);
+        let logits = model.forward_embeds(&embeds, None, &mut cache, LogitsMode::Last)?;
+        let prefill = t.elapsed();
+
+        let mut token = first_argmax(&logits)?;
+        let mut step_ms = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            let t = Instant::now();
+            let input = Tensor::new(&[[token]], dev)?;
+            let logits = model.forward(&input, None, None, &mut cache, LogitsMode::Last)?;
+            token = first_argmax(&logits)?;
+            step_ms.push(ms(t.elapsed()));
+        }
+
+        let t = Instant::now();
+        let inputs = loaded
+            .processor
+            .prepare(&conversation, std::slice::from_ref(&image), true)?;
+        let features = loaded.image_features(&inputs)?;
+        // No EOS ids: always `1 + steps` tokens, like `min_new_tokens` on the Python side.
+        let cfg = GenerateConfig {
+            max_new_tokens: 1 + steps,
+            eos_token_ids: Vec::new(),
+            pad_token_id: loaded.pad_token_id(),
+            sampling: Sampling::default(),
+        };
+        let prompt = Prompt {
+            input_ids: &inputs.input_ids,
+            image_features: features.as_ref(),
+        };
+        generate::generate(model, &[prompt], &cfg, None)?;
+        let classify = t.elapsed();
+
+        shape = Some((inputs.input_ids.len(), inputs.num_image_tokens()));
+        if round == 0 {
+            continue;
+        }
+        let mean_step = step_ms.iter().sum::<f64>() / step_ms.len().max(1) as f64;
+        let row = [
+            ms(preprocess),
+            ms(vision),
+            ms(prompt_forward),
+            ms(prefill),
+            mean_step,
+            ms(classify),
+        ];
+        for (column, value) in samples.iter_mut().zip(row) {
+            column.push(value);
+        }
+        decode_steps_ms.push(step_ms);
+    }
+    let (prompt_tokens, image_tokens) = shape.unwrap_or_default();
+    let peak_rss = proc_status_mib("VmHWM");
+
+    let summaries: Vec<Summary> = samples.into_iter().map(Summary::of).collect();
+    let decode_median = STEPS
+        .iter()
+        .position(|k| *k == "decode_ms_per_token")
+        .map_or(f64::NAN, |i| summaries[i].median);
+    let mut ours = serde_json::Map::new();
+    for (key, summary) in STEPS.iter().zip(summaries) {
+        ours.insert((*key).to_owned(), serde_json::to_value(summary)?);
+    }
+    ours.insert("decode_tokens_per_s".into(), json!(1000.0 / decode_median));
+    ours.insert("decode_steps_ms".into(), json!(decode_steps_ms));
+    ours.insert("load_s".into(), json!(load_s));
+    ours.insert("rss_after_load_mib".into(), json!(rss_after_load));
+    ours.insert("peak_rss_mib".into(), json!(peak_rss));
+    ours.insert("num_prompt_tokens".into(), json!(prompt_tokens));
+    ours.insert("num_image_tokens".into(), json!(image_tokens));
+    ours.insert(
+        "dtype".into(),
+        json!(format!("{:?}", args.dtype.to_candle())),
+    );
+    let ours = Value::Object(ours);
+    drop(loaded);
+
+    let theirs = match (&args.python, &args.transformers_script) {
+        (Some(python), Some(script)) => {
+            Some(run_transformers(python, script, &dir, &image_path, args)?)
+        }
+        _ => None,
+    };
+    let load_after = load_average();
+
+    print_table(&ours, theirs.as_ref(), prompt_tokens, image_tokens);
+    let report = json!({
+        "model": dir,
+        "image": image_path,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "decode_steps": steps,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "vlmpipe": ours,
+        "transformers": theirs,
+        "ratios_ours_over_theirs": theirs.as_ref().map(|t| ratios(&ours, t)),
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, &text)
+            .with_context(|| format!("cannot write `{}`", path.display()))?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// The model folder: `--model` resolved, or a random checkpoint for `--config`. The second
+/// value keeps a temporary folder alive for the run.
+fn model_dir(args: &BenchModelArgs) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    if let Some(reference) = &args.model {
+        return Ok((resolve_model_dir(reference)?, None));
+    }
+    let Some(config) = &args.config else {
+        anyhow::bail!("give `--model DIR` or `--config CONFIG.json`");
+    };
+    let source = config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (dir, temp) = match &args.random_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let temp = tempfile::tempdir().context("cannot create a temporary folder")?;
+            (temp.path().to_path_buf(), Some(temp))
+        }
+    };
+    let same_config = std::fs::read(dir.join("config.json")).ok() == std::fs::read(config).ok();
+    if same_config && dir.join("model.safetensors").is_file() {
+        eprintln!("reusing random checkpoint `{}`", dir.display());
+    } else {
+        let t = Instant::now();
+        let n = write_random_checkpoint(source, &dir, DType::BF16, 0)?;
+        eprintln!(
+            "wrote a random checkpoint ({n} parameters, bf16) to `{}` in {:.1} s",
+            dir.display(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok((dir, temp))
+}
+
+fn default_image() -> anyhow::Result<PathBuf> {
+    let shared = std::env::var_os("VLMPIPE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("../shared"));
+    let path = shared.join(DEFAULT_IMAGE);
+    anyhow::ensure!(
+        path.is_file(),
+        "default image `{}` not found; pass `--image PATH` (or set VLMPIPE_SHARED)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Runs `bench_transformers.py` on the same checkpoint and image; returns its JSON report.
+fn run_transformers(
+    python: &Path,
+    script: &Path,
+    dir: &Path,
+    image: &Path,
+    args: &BenchModelArgs,
+) -> anyhow::Result<Value> {
+    let out = tempfile::NamedTempFile::new().context("cannot create a temporary file")?;
+    eprintln!(
+        "running transformers: {} {}",
+        python.display(),
+        script.display()
+    );
+    let status = Process::new(python)
+        .arg(script)
+        .arg(dir)
+        .arg("--image")
+        .arg(image)
+        .arg("--repeats")
+        .arg(args.repeats.to_string())
+        .arg("--threads")
+        .arg(args.threads.to_string())
+        .arg("--json-out")
+        .arg(out.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run `{}`", python.display()))?;
+    anyhow::ensure!(
+        status.success(),
+        "the transformers benchmark failed ({status})"
+    );
+    let text = std::fs::read_to_string(out.path())?;
+    serde_json::from_str(&text).context("the transformers benchmark wrote invalid JSON")
+}
+
+/// ours / theirs for every step's median and for peak memory.
+fn ratios(ours: &Value, theirs: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for key in STEPS {
+        let (a, b) = (&ours[key]["median"], &theirs[key]["median"]);
+        if let (Some(a), Some(b)) = (a.as_f64(), b.as_f64()) {
+            out.insert((*key).to_owned(), json!(a / b));
+        }
+    }
+    for key in ["peak_rss_mib", "rss_after_load_mib"] {
+        if let (Some(a), Some(b)) = (ours[key].as_f64(), theirs[key].as_f64()) {
+            out.insert(key.to_owned(), json!(a / b));
+        }
+    }
+    Value::Object(out)
+}
+
+fn print_table(ours: &Value, theirs: Option<&Value>, prompt_tokens: usize, image_tokens: usize) {
+    println!("prompt: {prompt_tokens} tokens, {image_tokens} image tokens");
+    println!(
+        "{:<22} {:>18} {:>18} {:>12}",
+        "step", "vlmpipe ms (min)", "transformers", "ours/theirs"
+    );
+    for key in STEPS {
+        let cell = |v: &Value| match (v[key]["median"].as_f64(), v[key]["min"].as_f64()) {
+            (Some(m), Some(lo)) => format!("{m:.1} ({lo:.1})"),
+            _ => "-".to_owned(),
+        };
+        let ratio = theirs
+            .and_then(|t| Some(ours[key]["median"].as_f64()? / t[key]["median"].as_f64()?))
+            .map_or("-".to_owned(), |r| format!("{r:.2}"));
+        println!(
+            "{:<22} {:>18} {:>18} {:>12}",
+            key.trim_end_matches("_ms"),
+            cell(ours),
+            theirs.map_or("-".to_owned(), cell),
+            ratio
+        );
+    }
+    for key in ["rss_after_load_mib", "peak_rss_mib"] {
+        let fmt = |v: &Value| {
+            v[key]
+                .as_f64()
+                .map_or("-".to_owned(), |x| format!("{x:.0}"))
+        };
+        let ratio = theirs
+            .and_then(|t| Some(ours[key].as_f64()? / t[key].as_f64()?))
+            .map_or("-".to_owned(), |r| format!("{r:.2}"));
+        println!(
+            "{:<22} {:>18} {:>18} {:>12}",
+            key,
+            fmt(ours),
+            theirs.map_or("-".to_owned(), fmt),
+            ratio
+        );
+    }
+}
+
+/// candle sizes its thread pools from `RAYON_NUM_THREADS` when they are first used.
+fn set_threads(threads: usize) {
+    let wanted = threads.max(1).to_string();
+    if std::env::var("RAYON_NUM_THREADS").ok().as_deref() != Some(wanted.as_str()) {
+        // SAFETY: called by the CLI before any tensor work, while the process has one thread,
+        // so no other thread can read the environment concurrently.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", &wanted) };
+    }
+}
+
+/// The 1-, 5- and 15-minute load averages from `/proc/loadavg`.
+fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
+    Some([fields.next()??, fields.next()??, fields.next()??])
+}
+
+/// A `kB` field of `/proc/self/status` (`VmRSS`, `VmHWM` = peak), in MiB.
+fn proc_status_mib(field: &str) -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn first_argmax(logits: &Tensor) -> anyhow::Result<u32> {
+    let ids = logits
+        .to_dtype(DType::F32)?
+        .argmax(candle_core::D::Minus1)?;
+    let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+    ids.first()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("empty logits"))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_takes_median_and_min() {
+        let s = Summary::of(vec![3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min), (2.0, 1.0));
+        let s = Summary::of(vec![4.0, 1.0, 2.0, 3.0]);
+        assert_eq!((s.median, s.min), (2.5, 1.0));
+    }
+
+    #[test]
+    fn ratios_divide_medians() {
+        let ours = json!({"vision_ms": {"median": 50.0}, "peak_rss_mib": 100.0});
+        let theirs = json!({"vision_ms": {"median": 100.0}, "peak_rss_mib": 400.0});
+        let r = ratios(&ours, &theirs);
+        assert_eq!(r["vision_ms"], json!(0.5));
+        assert_eq!(r["peak_rss_mib"], json!(0.25));
+        assert!(r.get("lm_prefill_ms").is_none());
+    }
+}

@@ -1,0 +1,425 @@
+//! `vlmpipe infer` end to end: the built binary on the committed tiny checkpoints against what
+//! transformers computed for the same conversation (`tests/fixtures/reference/model/*`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::SafeTensors;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
+}
+
+/// Runs the binary offline, with an empty Hub cache so nothing outside the test is found.
+fn vlmpipe(args: &[&str]) -> Result<Output, std::io::Error> {
+    let cache = tempfile::tempdir()?;
+    Command::new(env!("CARGO_BIN_EXE_vlmpipe"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", cache.path())
+        .output()
+}
+
+/// One model reference case: its conversation and what transformers produced.
+struct Case {
+    checkpoint: PathBuf,
+    image: PathBuf,
+    system: Option<String>,
+    prompt: String,
+    greedy_tokens: Vec<u32>,
+    /// Logits of the prompt's last position (greedy step 0).
+    last_logits: Vec<f32>,
+    num_tokens: usize,
+    num_image_tokens: usize,
+}
+
+impl Case {
+    fn load(name: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        let bytes = std::fs::read(fixtures().join("model").join(format!("{name}.safetensors")))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)?;
+        let harness = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("harness"))
+            .ok_or("fixture has no harness metadata")?;
+        let harness: serde_json::Value = serde_json::from_str(harness)?;
+        let st = SafeTensors::deserialize(&bytes)?;
+        let greedy: Vec<u32> = st
+            .tensor("greedy_tokens")?
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()) as u32)
+            .collect();
+        let steps = st.tensor("greedy_step_logits")?;
+        let vocab = steps.shape()[1];
+        let last_logits: Vec<f32> = steps.data()[..vocab * 4]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        let text = |key: &str| harness[key].as_str().map(str::to_owned);
+        let checkpoint = text("checkpoint").ok_or("no checkpoint")?;
+        Ok(Self {
+            checkpoint: fixtures().join("checkpoints").join(checkpoint),
+            image: fixtures().join(text("image").ok_or("no image")?),
+            system: text("system"),
+            prompt: text("prompt").ok_or("no prompt")?,
+            greedy_tokens: greedy,
+            last_logits,
+            num_tokens: harness["num_tokens"].as_u64().ok_or("no num_tokens")? as usize,
+            num_image_tokens: harness["num_image_tokens"]
+                .as_u64()
+                .ok_or("no num_image_tokens")? as usize,
+        })
+    }
+
+    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            "infer",
+            "--model",
+            self.checkpoint.to_str().unwrap_or_default(),
+            "--image",
+            self.image.to_str().unwrap_or_default(),
+            "--prompt",
+            &self.prompt,
+        ];
+        if let Some(system) = &self.system {
+            args.extend(["--system", system.as_str()]);
+        }
+        args.extend_from_slice(extra);
+        args
+    }
+
+    /// The greedy tokens up to and including the first EOS, as `generate` stops there.
+    fn expected_tokens(&self, eos: u32) -> Vec<u32> {
+        match self.greedy_tokens.iter().position(|&t| t == eos) {
+            Some(i) => self.greedy_tokens[..=i].to_vec(),
+            None => self.greedy_tokens.clone(),
+        }
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn json_tokens_and_dumped_logits_match_transformers() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for name in [
+        "thumb_photo_512x384",
+        "thumb_system_333x251",
+        "nothumb_tall_800x1400",
+        "thumb_gray_300x200",
+    ] {
+        // (`nothumb_alpha_200x150` is left out: its reference composites alpha onto white,
+        // `do_convert_rgb=True`, while `decode_image` drops alpha like PIL's `convert("RGB")`.)
+        let case = Case::load(name)?;
+        let logits_path = dir.path().join(format!("{name}.safetensors"));
+        let logits_arg = logits_path.to_string_lossy().into_owned();
+        let out = vlmpipe(&case.args(&[
+            "--json",
+            "--max-new-tokens",
+            "8",
+            "--dump-logits",
+            &logits_arg,
+        ]))?;
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let tokens: Vec<u32> = serde_json::from_value(report["token_ids"].clone())?;
+        // Both tiny checkpoints end turns with `<|im_end|>` = 7 (generation_config.json).
+        let expected = case.expected_tokens(7);
+        assert_eq!(tokens, expected, "{name}: greedy tokens");
+        let finish = if expected.last() == Some(&7) {
+            "eos"
+        } else {
+            "length"
+        };
+        assert_eq!(report["finish_reason"], finish, "{name}");
+        assert_eq!(report["prompt_tokens"], case.num_tokens, "{name}");
+        assert_eq!(report["image_tokens"], case.num_image_tokens, "{name}");
+        for key in [
+            "load_ms",
+            "preprocess_ms",
+            "vision_ms",
+            "prefill_ms",
+            "total_ms",
+        ] {
+            assert!(
+                report["timings"][key].as_f64().is_some(),
+                "{name}: timing {key}"
+            );
+        }
+
+        let bytes = std::fs::read(&logits_path)?;
+        let st = SafeTensors::deserialize(&bytes)?;
+        let logits = st.tensor("logits")?;
+        assert_eq!(logits.dtype(), safetensors::Dtype::F32, "{name}");
+        assert_eq!(logits.shape(), [case.last_logits.len()], "{name}");
+        let ours: Vec<f32> = logits
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        let max_abs = case.last_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let tol = 5e-4 + 2e-5 * max_abs;
+        let worst = ours
+            .iter()
+            .zip(&case.last_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= tol, "{name}: logits differ by {worst} > {tol}");
+    }
+    Ok(())
+}
+
+#[test]
+fn plain_output_is_the_decoded_answer() -> TestResult {
+    let case = Case::load("thumb_photo_512x384")?;
+    let out = vlmpipe(&case.args(&["--max-new-tokens", "8"]))?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tokenizer = tokenizers::Tokenizer::from_file(case.checkpoint.join("tokenizer.json"))
+        .map_err(|e| e.to_string())?;
+    let expected = tokenizer
+        .decode(&case.expected_tokens(7), true)
+        .map_err(|e| e.to_string())?;
+    assert!(
+        !expected.trim().is_empty(),
+        "the fixture answer decodes to text"
+    );
+    assert_eq!(String::from_utf8(out.stdout)?.trim_end(), expected.trim());
+    Ok(())
+}
+
+#[test]
+fn sampling_flags_are_seeded() -> TestResult {
+    let case = Case::load("thumb_tiny_40x30")?;
+    let run = |seed: &str| -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+        let args = case.args(&[
+            "--json",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "1.5",
+            "--top-p",
+            "0.95",
+            "--min-p",
+            "0.01",
+            "--repetition-penalty",
+            "1.1",
+            "--seed",
+            seed,
+        ]);
+        let out = vlmpipe(&args)?;
+        assert!(out.status.success(), "{}", stderr(&out));
+        Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout)?["token_ids"].clone())
+    };
+    assert_eq!(run("3")?, run("3")?, "same seed, same tokens");
+    Ok(())
+}
+
+#[test]
+fn bad_images_and_models_exit_1_with_a_readable_message() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let case = Case::load("thumb_tiny_40x30")?;
+    let png = std::fs::read(&case.image)?;
+    let truncated = dir.path().join("truncated.png");
+    std::fs::write(&truncated, &png[..png.len() / 2])?;
+    let text = dir.path().join("notes.png");
+    std::fs::write(&text, "not an image")?;
+    let empty = dir.path().join("empty.jpg");
+    std::fs::write(&empty, "")?;
+    let missing = dir.path().join("missing.png");
+    let model = case.checkpoint.to_string_lossy().into_owned();
+    for (image, expected) in [
+        (&truncated, "bad image"),
+        (&text, "unrecognised image format"),
+        (&empty, "image file is empty"),
+        (&missing, "cannot read image"),
+    ] {
+        let image_arg = image.to_string_lossy().into_owned();
+        let out = vlmpipe(&[
+            "infer", "--model", &model, "--image", &image_arg, "--prompt", "x",
+        ])?;
+        assert_eq!(out.status.code(), Some(1), "{image_arg}");
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{image_arg}: {err}");
+        assert!(
+            err.contains(&image_arg),
+            "the message names the file: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+
+    let image = case.image.to_string_lossy().into_owned();
+    let nowhere = dir.path().join("no-model").to_string_lossy().into_owned();
+    let out = vlmpipe(&[
+        "infer", "--model", &nowhere, "--image", &image, "--prompt", "x",
+    ])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    let out = vlmpipe(&[
+        "infer",
+        "--model",
+        "Org/not-cached-anywhere",
+        "--image",
+        &image,
+        "--prompt",
+        "x",
+    ])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("HF_HUB_OFFLINE"), "{}", stderr(&out));
+    Ok(())
+}
+
+/// tiny-realtok with the real LFM2-VL tokenizer and processor files from `../shared`.
+#[test]
+fn real_tokenizer_case_matches_transformers() -> TestResult {
+    let Some(real) = vlmpipe::testing::shared_path("models/LFM2-VL-450M") else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let ckpt = dir.path().join("tiny-realtok");
+    std::fs::create_dir(&ckpt)?;
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ] {
+        std::fs::copy(real.join(name), ckpt.join(name))?;
+    }
+    let fixture = fixtures().join("checkpoints/tiny-realtok");
+    for name in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(name), ckpt.join(name))?;
+    }
+
+    let bytes = std::fs::read(fixtures().join("model/realtok_system_512x384.safetensors"))?;
+    let st = SafeTensors::deserialize(&bytes)?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)?;
+    let harness: serde_json::Value = serde_json::from_str(
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("harness"))
+            .ok_or("no harness")?,
+    )?;
+    let ints = |name: &str| -> Result<Vec<i64>, Box<dyn std::error::Error>> {
+        Ok(st
+            .tensor(name)?
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect())
+    };
+    let greedy: Vec<u32> = ints("greedy_tokens")?
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    let top_indices = ints("greedy_step_topk_indices")?;
+    let top_values: Vec<f32> = st
+        .tensor("greedy_step_topk_values")?
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    let k = st.tensor("greedy_step_topk_values")?.shape()[1];
+
+    let logits_path = dir.path().join("logits.safetensors");
+    let image = fixtures().join(harness["image"].as_str().ok_or("no image")?);
+    let args = [
+        "infer",
+        "--model",
+        ckpt.to_str().unwrap_or_default(),
+        "--image",
+        image.to_str().unwrap_or_default(),
+        "--system",
+        harness["system"].as_str().ok_or("no system")?,
+        "--prompt",
+        harness["prompt"].as_str().ok_or("no prompt")?,
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "--dump-logits",
+        logits_path.to_str().unwrap_or_default(),
+    ];
+    let out = vlmpipe(&args)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["prompt_tokens"], harness["num_tokens"]);
+    assert_eq!(report["image_tokens"], harness["num_image_tokens"]);
+    let eos = 7;
+    let expected = match greedy.iter().position(|&t| t == eos) {
+        Some(i) => greedy[..=i].to_vec(),
+        None => greedy.clone(),
+    };
+    let tokens: Vec<u32> = serde_json::from_value(report["token_ids"].clone())?;
+    assert_eq!(tokens, expected);
+
+    let bytes = std::fs::read(&logits_path)?;
+    let dumped = SafeTensors::deserialize(&bytes)?;
+    let logits: Vec<f32> = dumped
+        .tensor("logits")?
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    assert_eq!(logits.len(), 65536);
+    let max_abs = top_values[..k].iter().fold(0f32, |m, v| m.max(v.abs()));
+    let tol = 5e-4 + 2e-5 * max_abs;
+    for (&index, &value) in top_indices[..k].iter().zip(&top_values[..k]) {
+        let ours = logits[index as usize];
+        assert!(
+            (ours - value).abs() <= tol,
+            "logit {index}: {ours} vs {value}"
+        );
+    }
+    Ok(())
+}
+
+/// `vlmpipe bench model` on a tiny checkpoint: every step is timed and reported in the JSON.
+#[test]
+fn bench_model_reports_every_step() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let model = fixtures().join("checkpoints/tiny-thumb");
+    let image = fixtures().join("images/photo_512x384.png");
+    let report_path = dir.path().join("bench.json");
+    let out = vlmpipe(&[
+        "bench",
+        "model",
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--image",
+        image.to_str().unwrap_or_default(),
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+        "--json-out",
+        report_path.to_str().unwrap_or_default(),
+    ])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
+    let ours = &report["vlmpipe"];
+    for key in [
+        "preprocess_ms",
+        "vision_ms",
+        "prompt_forward_ms",
+        "lm_prefill_ms",
+        "decode_ms_per_token",
+        "classify_ms",
+    ] {
+        let samples = ours[key]["samples"].as_array().ok_or(key)?;
+        assert_eq!(samples.len(), 2, "{key}");
+        assert!(
+            ours[key]["median"].as_f64().is_some_and(|m| m > 0.0),
+            "{key}"
+        );
+    }
+    assert_eq!(ours["num_image_tokens"], 192);
+    assert!(ours["peak_rss_mib"].as_f64().is_some_and(|m| m > 0.0));
+    assert!(report["transformers"].is_null(), "no python was given");
+    Ok(())
+}
