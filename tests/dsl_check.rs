@@ -1023,3 +1023,34 @@ dataset table { source = parquet("t") }
     // Only the Parquet dataset, whose rows don't name their class, must say where the label is.
     assert_eq!(errors, ["missing field `label` in dataset `table`"]);
 }
+
+#[test]
+fn regex_lark_and_schema_grammars_are_compiled_at_check_time() {
+    let text = r#"grammar ok = regex("[0-9]{3}")
+grammar bad_regex = regex("[a")
+grammar bad_lark = lark("start: missing_rule")
+grammar bad_schema = json_schema({ type: "object", properties: { a: { type: "integer", minimum: 5, maximum: 1 } }, required: ["a"] })
+"#;
+    let result = vlmpipe::plan::check_source(std::path::Path::new("g.vp"), text, &[]);
+    let errors: Vec<(String, usize)> = result
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| {
+            let line = d
+                .labels
+                .first()
+                .map(|l| text[..l.span.start as usize].lines().count())
+                .unwrap_or(0);
+            (d.message.clone(), line)
+        })
+        .collect();
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    for ((message, line), expected_line) in errors.iter().zip([2, 3, 4]) {
+        assert!(
+            message.starts_with("this grammar cannot be compiled"),
+            "{message}"
+        );
+        assert_eq!(*line, expected_line, "{message}");
+    }
+}

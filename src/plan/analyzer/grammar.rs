@@ -13,7 +13,26 @@ use crate::plan::params::{
 use super::{Analyzer, Args, Want};
 
 impl<'f> Analyzer<'f, '_> {
+    /// Builds a grammar and, for the kinds whose text the checker cannot read itself (regex, Lark,
+    /// JSON Schema), compiles it once so a syntax error or an impossible grammar is reported here,
+    /// with its position, rather than when an eval runs.
     pub(super) fn build_grammar(&mut self, expr: &'f Expr, dir: &Path) -> Option<GrammarParams> {
+        let params = self.build_grammar_unchecked(expr, dir)?;
+        if let Err(message) = compile_check(&params) {
+            self.error(
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("this grammar cannot be compiled: {message}"),
+                )
+                .at(expr.span)
+                .with_hint("fix the regex, Lark or JSON Schema text"),
+            );
+            return None;
+        }
+        Some(params)
+    }
+
+    fn build_grammar_unchecked(&mut self, expr: &'f Expr, dir: &Path) -> Option<GrammarParams> {
         const EXPECTED: &str = "a grammar (`one_of(labels)`, `json { ... }`, `regex(\"...\")`, `json_schema(...)` or `lark(\"\"\"...\"\"\")`)";
         match &expr.kind {
             ExprKind::Json { args, fields } => {
@@ -452,4 +471,35 @@ fn strip_position(message: &str) -> String {
         Some(i) => message[..i].to_owned(),
         None => message.to_owned(),
     }
+}
+
+/// Compiles regex, Lark and JSON Schema grammars against a byte-level vocabulary: any text is
+/// expressible in it, so a grammar that fails here fails with every tokenizer.
+fn compile_check(params: &GrammarParams) -> Result<(), String> {
+    use crate::decode::{CompiledGrammar, GrammarSpec as Decode, Vocab, Whitespace as DecodeWs};
+    use std::sync::{Arc, OnceLock};
+    let spec = match &params.spec {
+        GrammarSpec::OneOf { .. } | GrammarSpec::Json { .. } => return Ok(()),
+        GrammarSpec::Regex { pattern } => Decode::Regex(pattern.clone()),
+        GrammarSpec::Lark { grammar } => Decode::Lark(grammar.clone()),
+        GrammarSpec::JsonSchema { schema, .. } => Decode::Json {
+            schema: schema.clone(),
+            whitespace: match params.whitespace {
+                Whitespace::Flexible => DecodeWs::Flexible,
+                Whitespace::Compact => DecodeWs::Compact,
+            },
+        },
+    };
+    static BYTES: OnceLock<Result<Arc<Vocab>, String>> = OnceLock::new();
+    let vocab = BYTES.get_or_init(|| {
+        let mut tokens: Vec<Vec<u8>> = vec![b"<eos>".to_vec()];
+        tokens.extend((0..=255u8).map(|b| vec![b]));
+        Vocab::from_token_bytes(tokens, 0, None)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    });
+    let vocab = vocab.as_ref().map_err(Clone::clone)?;
+    CompiledGrammar::compile(&spec, vocab)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
