@@ -49,6 +49,8 @@ pub enum Command {
     /// Time the model stages (and compare with transformers on the same inputs).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Write a fine-tune as a standalone checkpoint (runs the stage first when it is not cached).
+    Export(ExportArgs),
 }
 
 /// Flags of `run` and `watch`.
@@ -100,6 +102,29 @@ pub struct RenderArgs {
     pub params: ParamOverrides,
     #[command(flatten)]
     pub cache: CacheDirArg,
+}
+
+/// Flags of `export`.
+#[derive(Debug, Args, Clone)]
+pub struct ExportArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// A `finetune` stage.
+    pub stage: String,
+    /// Write the base weights with the adapter merged in, in the Hub layout, to this folder
+    /// (replaced if it exists).
+    #[arg(long, value_name = "DIR")]
+    pub merged: PathBuf,
+    #[command(flatten)]
+    pub params: ParamOverrides,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+    /// Where eval and report stages write exports [default: `evals/<pipeline>/` beside the pipeline].
+    #[arg(long, value_name = "DIR")]
+    pub evals_dir: Option<PathBuf>,
+    /// No progress bars or per-stage messages.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// `--set NAME=VALUE` overrides of the pipeline's `param`s.

@@ -8,6 +8,7 @@ mod args;
 mod bench_cmd;
 mod cache_cmd;
 mod check_cmd;
+mod export_cmd;
 mod infer_cmd;
 mod render_cmd;
 mod run_cmd;
@@ -64,6 +65,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Run(args) => run_cmd::run(&args),
         Command::Watch(args) => watch_cmd::watch(&args),
         Command::Render(args) => render_cmd::render(&args),
+        Command::Export(args) => export_cmd::export(&args),
     }
 }
 

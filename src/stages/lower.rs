@@ -196,7 +196,7 @@ fn lower_node(
     ctx: &LowerContext<'_>,
     positions: &InputPositions,
 ) -> Result<Box<dyn Stage>, LowerError> {
-    use crate::stages::{dataset, model_node, pending, row_ops, simple};
+    use crate::stages::{dataset, model_node, row_ops, simple};
     Ok(match &node.params {
         NodeParams::Dataset(p) => Box::new(dataset::DatasetStage::new(node, p, ctx)?),
         NodeParams::Split(p) => Box::new(row_ops::SplitStage::new(node, p, plan, positions)?),
@@ -207,7 +207,9 @@ fn lower_node(
         NodeParams::Grammar(p) => Box::new(simple::GrammarStage::new(p)),
         NodeParams::Model(p) => Box::new(model_node::ModelStage::new(node, p, ctx)?),
         NodeParams::Eval(_) => crate::stages::eval::stage::lower_eval(node, plan, ctx, positions)?,
-        NodeParams::Finetune(_) => pending::lower_finetune(node, plan, ctx, positions)?,
+        NodeParams::Finetune(_) => {
+            crate::stages::train_stage::lower_finetune(node, plan, ctx, positions)?
+        }
         NodeParams::Report(_) => {
             crate::stages::report::stage::lower_report(node, plan, ctx, positions)?
         }

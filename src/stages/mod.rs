@@ -11,3 +11,4 @@ pub mod prompt;
 pub mod report;
 pub mod row_ops;
 pub mod simple;
+pub mod train_stage;

@@ -1,0 +1,648 @@
+//! The `finetune` stage: LoRA training of a base model on a data table, yielding a model entry
+//! that eval stages use like any other.
+//!
+//! Each training example is the conversation the eval stage sends for the row (same prompt,
+//! same row context) plus the answer the output grammar prescribes for the row's label
+//! (`{"pred_class": "dog"}`), or the plain label without a grammar, so training and constrained
+//! decoding agree. The trainer's run directory is the executor's per-fingerprint work dir, which
+//! survives a killed `vlmpipe run`: the rerun resumes from the last checkpoint.
+//!
+//! Entry layout:
+//! ```text
+//! model.json        {"checkpoint_dir": <absolute base dir>, "adapter_dir": "adapter", "dtype"}
+//! adapter/          PEFT adapter after the last step
+//! best_adapter/     PEFT adapter with the lowest evaluation loss (when evaluated)
+//! metrics.parquet   one row per optimizer step (train/eval loss, lr, grad norm)
+//! trainable.json    trained parameter count, LoRA settings, adapted modules
+//! ```
+//! Exports under `evals/<pipeline>/<stage>/`: `training.html` (loss curves), `metrics.csv` and
+//! `metrics.parquet`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde_json::{Value, json};
+
+use crate::cache::CacheEntry;
+use crate::decode::{DecodeError, GrammarSpec, answer_text};
+use crate::exec::{Stage, StageContext, StageError, StageOutcome};
+use crate::model::checkpoint::{self, LoadOptions};
+use crate::model::processor::{Processor, decode_image};
+use crate::plan::params::{
+    FinetuneParams, LFM2_VL_OTHER_TARGETS, LossOn as PlanLossOn, ParamValue, PromptParams,
+    Schedule as PlanSchedule,
+};
+use crate::plan::{Node, NodeParams, Plan};
+use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
+use crate::stages::eval::stage::export_copies;
+use crate::stages::lower::{InputPositions, LowerContext, LowerError, data_file, root_dataset};
+use crate::stages::model_node::{MODEL_FILE, ModelFile, open_model_entry};
+use crate::stages::prompt::{RowContext, render_prompt};
+use crate::stages::report::{LineChart, Series, html_escape};
+use crate::stages::simple::grammar_spec;
+use crate::train::batch::end_of_turn_id;
+use crate::train::metrics::{MetricRow, write_metrics};
+use crate::train::{
+    AdamWConfig, Decay, Example, LoraConfig, LossOn, TrainConfig, TrainError, TrainableSpec, train,
+};
+
+/// Bumped when the finetune stage's output for the same inputs changes.
+const FINETUNE_CODE_VERSION: u32 = 1;
+
+/// Folder of the final adapter inside the entry.
+pub const ADAPTER_DIR: &str = "adapter";
+/// Folder of the best-by-eval-loss adapter inside the entry.
+pub const BEST_ADAPTER_DIR: &str = "best_adapter";
+/// Per-step training metrics inside the entry.
+pub const METRICS_FILE: &str = "metrics.parquet";
+/// Parameter counts and targets inside the entry.
+pub const TRAINABLE_FILE: &str = "trainable.json";
+/// The loss-curve page among the exports.
+pub const TRAINING_HTML: &str = "training.html";
+/// The metrics as CSV among the exports.
+pub const METRICS_CSV: &str = "metrics.csv";
+
+/// Why a fine-tune could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum FinetuneError {
+    /// The base is itself a fine-tuned model; adapters do not stack yet.
+    #[error(
+        "the base model at `{0}` already carries an adapter; fine-tuning a fine-tune is not supported (merge it first with `vlmpipe export --merged` and use `local(...)`)"
+    )]
+    StackedAdapter(PathBuf),
+    /// The output grammar cannot turn a label into an answer.
+    #[error("cannot derive the training answer from the output grammar: {0}")]
+    NoAnswer(#[source] DecodeError),
+    /// No row of the training data could be turned into an example.
+    #[error("none of the {rows} training rows could be used (first problem: {first})")]
+    NoUsableRows { rows: usize, first: String },
+    /// Loading the base model or its processor failed.
+    #[error("cannot load the base model in `{dir}`: {message}")]
+    Load { dir: PathBuf, message: String },
+    /// Training failed (bad target names list the model's real modules).
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// An output or export file could not be written.
+    #[error("cannot write `{path}`")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FinetuneError + '_ {
+    move |source| FinetuneError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where one data input of the stage lives among the exec inputs.
+#[derive(Clone, Debug)]
+struct DataInput {
+    /// `parts.train`, for messages.
+    name: String,
+    slot: usize,
+    file: String,
+    dataset_slot: usize,
+}
+
+/// A configured finetune stage.
+pub struct FinetuneStage {
+    canonical: Value,
+    params: FinetuneParams,
+    prompt: PromptParams,
+    grammar: Option<GrammarSpec>,
+    pipeline_params: BTreeMap<String, ParamValue>,
+    base_slot: usize,
+    train_data: DataInput,
+    eval_data: Option<DataInput>,
+    export_dir: PathBuf,
+}
+
+/// Builds the finetune stage of `node` (the lowering hook).
+pub fn lower_finetune(
+    node: &Node,
+    plan: &Plan,
+    ctx: &LowerContext<'_>,
+    inputs: &InputPositions,
+) -> Result<Box<dyn Stage>, LowerError> {
+    let unsupported = |message: String| LowerError::Unsupported {
+        stage: node.name.clone(),
+        message,
+    };
+    let NodeParams::Finetune(params) = &node.params else {
+        return Err(unsupported("not a finetune node".to_owned()));
+    };
+    match plan.node(params.base.id).map(|n| &n.params) {
+        Some(NodeParams::Model(_)) => {}
+        Some(NodeParams::Finetune(_)) => {
+            return Err(unsupported(format!(
+                "base `{}` is a fine-tune; stacking adapters is not supported: fine-tune its base \
+                 model, or export `{}` with `vlmpipe export --merged` and load it with `local(...)`",
+                params.base.name, params.base.name
+            )));
+        }
+        _ => {
+            return Err(unsupported(format!(
+                "base `{}` is not a model",
+                params.base.name
+            )));
+        }
+    }
+    let prompt = match plan.node(params.prompt.id).map(|n| &n.params) {
+        Some(NodeParams::Prompt(prompt)) => prompt.clone(),
+        _ => {
+            return Err(unsupported(format!(
+                "`{}` is not a prompt",
+                params.prompt.name
+            )));
+        }
+    };
+    let grammar = match &params.output {
+        None => None,
+        Some(output) => match plan.node(output.id).map(|n| &n.params) {
+            Some(NodeParams::Grammar(grammar)) => Some(grammar_spec(grammar)),
+            _ => return Err(unsupported(format!("`{}` is not a grammar", output.name))),
+        },
+    };
+    let data_input = |data: &crate::plan::params::DataRef| -> Result<DataInput, LowerError> {
+        Ok(DataInput {
+            name: data.display_name(),
+            slot: inputs.input_index(data.node.id)?,
+            file: data_file(data, plan),
+            dataset_slot: inputs.input_index(root_dataset(data, plan))?,
+        })
+    };
+    Ok(Box::new(FinetuneStage {
+        canonical: node.canonical_params(),
+        params: params.clone(),
+        prompt,
+        grammar,
+        pipeline_params: plan.settings.params.clone(),
+        base_slot: inputs.input_index(params.base.id)?,
+        train_data: data_input(&params.data)?,
+        eval_data: params.eval_data.as_ref().map(data_input).transpose()?,
+        export_dir: ctx.evals_dir.join(&node.name),
+    }))
+}
+
+impl Stage for FinetuneStage {
+    fn kind(&self) -> &'static str {
+        "finetune"
+    }
+
+    fn code_version(&self) -> u32 {
+        FINETUNE_CODE_VERSION
+    }
+
+    fn params(&self) -> Value {
+        // The base model, data, prompt, labels and grammar are exec inputs, so their fingerprints
+        // cascade; the parameters here cover every hyperparameter.
+        self.canonical.clone()
+    }
+
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
+        let base = &ctx.inputs[self.base_slot];
+        let location = open_model_entry(base)?;
+        if location.adapter_dir.is_some() {
+            return Err(FinetuneError::StackedAdapter(location.checkpoint_dir).into());
+        }
+        let dtype_name = base_dtype(base);
+        let dtype = crate::stages::eval::stage::parse_dtype(dtype_name.as_deref())?;
+        let load_err = |message: String| FinetuneError::Load {
+            dir: location.checkpoint_dir.clone(),
+            message,
+        };
+        let processor = Processor::from_model_dir(&location.checkpoint_dir)
+            .map_err(|e| load_err(e.to_string()))?;
+        let mut model = checkpoint::load(
+            &location.checkpoint_dir,
+            &LoadOptions {
+                dtype,
+                device: Device::Cpu,
+            },
+        )
+        .map_err(|e| load_err(e.to_string()))?;
+
+        let mut warnings = Vec::new();
+        let builder = ExampleBuilder {
+            stage: self,
+            processor: &processor,
+            end_of_turn: end_of_turn_id(&processor),
+        };
+        let train_set = builder.build(ctx.inputs, &self.train_data, &mut warnings)?;
+        let eval_set = match &self.eval_data {
+            Some(data) => builder.build(ctx.inputs, data, &mut warnings)?,
+            None => Vec::new(),
+        };
+
+        let pad_id = processor.tokenizer().token_to_id("<|pad|>").unwrap_or(0);
+        let cfg = self.train_config(pad_id);
+        let run_dir = ctx.work_dir.to_path_buf();
+        if let Some(step) = checkpoint_step(&run_dir) {
+            ctx.progress.println(&format!(
+                "{}: resuming from the checkpoint at step {step}",
+                ctx.name
+            ));
+        }
+        let outcome = {
+            let bar = ctx.progress.bar(0, ctx.name);
+            let mut on_step = |row: &MetricRow| {
+                bar.set_position(row.step);
+                bar.set_message(match row.eval_loss {
+                    Some(e) => format!("loss {:.4} eval {e:.4}", row.train_loss),
+                    None => format!("loss {:.4}", row.train_loss),
+                });
+            };
+            let total = cfg.max_steps.unwrap_or_else(|| {
+                let per_epoch = train_set.len().div_ceil(cfg.batch_size);
+                (cfg.epochs * per_epoch).div_ceil(cfg.grad_accum)
+            });
+            bar.set_length(total as u64);
+            let result = match train(
+                &mut model,
+                &train_set,
+                &eval_set,
+                &cfg,
+                Some(&run_dir),
+                Some(&mut on_step),
+            ) {
+                Err(TrainError::CheckpointMismatch { path, message }) => {
+                    // A stale checkpoint of other settings must not block the stage forever:
+                    // the work dir belongs to this fingerprint, so start it over.
+                    warnings.push(format!(
+                        "discarded checkpoint `{}` ({message}); training restarted",
+                        path.display()
+                    ));
+                    std::fs::remove_dir_all(&run_dir).map_err(io_err(&run_dir))?;
+                    bar.set_position(0);
+                    train(
+                        &mut model,
+                        &train_set,
+                        &eval_set,
+                        &cfg,
+                        Some(&run_dir),
+                        Some(&mut on_step),
+                    )
+                }
+                other => other,
+            };
+            bar.finish_and_clear();
+            result.map_err(FinetuneError::from)?
+        };
+        if let Some(step) = outcome.resumed_from {
+            ctx.progress.println(&format!(
+                "{}: resumed at step {step} of {}",
+                ctx.name, outcome.total_steps
+            ));
+        }
+
+        // Outputs in the entry.
+        let adapter_dir = ctx.out_path(ADAPTER_DIR);
+        outcome.adapter.save(&adapter_dir)?;
+        let best = run_dir.join("best");
+        let has_best = best.join("adapter_config.json").is_file();
+        if has_best {
+            copy_dir(&best, &ctx.out_path(BEST_ADAPTER_DIR))?;
+        }
+        let checkpoint_dir = std::fs::canonicalize(&location.checkpoint_dir)
+            .unwrap_or_else(|_| location.checkpoint_dir.clone());
+        let model_file = ModelFile {
+            checkpoint_dir: checkpoint_dir.clone(),
+            adapter_dir: Some(PathBuf::from(ADAPTER_DIR)),
+            dtype: dtype_name,
+        };
+        let model_path = ctx.out_path(MODEL_FILE);
+        std::fs::write(&model_path, serde_json::to_string_pretty(&model_file)?)
+            .map_err(io_err(&model_path))?;
+        let metrics_path = ctx.out_path(METRICS_FILE);
+        write_metrics(&metrics_path, &outcome.metrics)?;
+        let modules: Vec<&str> = outcome
+            .adapter
+            .lora
+            .iter()
+            .map(|l| l.module.as_str())
+            .collect();
+        let lora = &self.params.lora;
+        let trainable = json!({
+            "num_parameters": outcome.num_parameters,
+            "lora": {
+                "r": lora.r,
+                "alpha": lora.alpha,
+                "dropout": lora.dropout,
+                "rslora": lora.rslora,
+                "targets": lora.targets,
+            },
+            "modules": modules,
+        });
+        let trainable_path = ctx.out_path(TRAINABLE_FILE);
+        std::fs::write(&trainable_path, serde_json::to_string_pretty(&trainable)?)
+            .map_err(io_err(&trainable_path))?;
+
+        // Exports beside the eval reports.
+        let html_path = ctx.out_path(TRAINING_HTML);
+        let html = training_page(ctx.name, &outcome.metrics, &trainable);
+        std::fs::write(&html_path, html).map_err(io_err(&html_path))?;
+        let csv_path = ctx.out_path(METRICS_CSV);
+        std::fs::write(&csv_path, metrics_csv(&outcome.metrics)).map_err(io_err(&csv_path))?;
+        let exports = export_copies(&[html_path, csv_path, metrics_path], &self.export_dir)?;
+
+        let final_eval = outcome.metrics.iter().rev().find_map(|m| m.eval_loss);
+        Ok(StageOutcome {
+            metadata: json!({
+                "base": checkpoint_dir,
+                "trained_parameters": outcome.num_parameters,
+                "steps": outcome.total_steps,
+                "train_examples": train_set.len(),
+                "eval_examples": eval_set.len(),
+                "final_train_loss": outcome.metrics.last().map(|m| m.train_loss),
+                "final_eval_loss": final_eval,
+                "best_eval_loss": outcome.best_eval_loss,
+                "best_step": outcome.best_step,
+                "resumed_from": outcome.resumed_from,
+                "seconds": outcome.metrics.last().map(|m| m.seconds),
+            }),
+            warnings,
+            exports,
+        })
+    }
+}
+
+impl FinetuneStage {
+    /// The trainer's settings from the plan's parameters.
+    fn train_config(&self, pad_id: u32) -> TrainConfig {
+        let p = &self.params;
+        let lora = &p.lora;
+        // The vision tower and projector are adapted only when a target names one of their
+        // own modules (`fc1`, `linear_1`, …); LFM2 names alone keep to the language model.
+        let include_vision = lora
+            .targets
+            .iter()
+            .any(|t| LFM2_VL_OTHER_TARGETS.contains(&t.as_str()));
+        TrainConfig {
+            trainable: TrainableSpec {
+                lora: Some(LoraConfig {
+                    rank: lora.r as usize,
+                    alpha: lora.alpha,
+                    dropout: lora.dropout as f32,
+                    use_rslora: lora.rslora,
+                    targets: lora.targets.clone(),
+                    include_vision,
+                    seed: p.seed,
+                }),
+                full: Vec::new(),
+            },
+            optimizer: AdamWConfig {
+                lr: p.lr,
+                weight_decay: p.weight_decay,
+                ..AdamWConfig::default()
+            },
+            batch_size: p.batch_size.max(1) as usize,
+            grad_accum: p.grad_accum.max(1) as usize,
+            warmup_ratio: p.warmup_ratio,
+            decay: match p.schedule {
+                PlanSchedule::Constant => Decay::Constant,
+                PlanSchedule::Linear => Decay::Linear,
+                PlanSchedule::Cosine => Decay::Cosine,
+            },
+            max_grad_norm: Some(p.max_grad_norm),
+            epochs: p.epochs as usize,
+            max_steps: p.max_steps.map(|s| s as usize),
+            seed: p.seed,
+            loss_on: match p.loss {
+                PlanLossOn::Answer => LossOn::Answer,
+                PlanLossOn::All => LossOn::AllTokens,
+            },
+            eval_every: p.eval_every.map(|n| n as usize),
+            checkpoint_every: p.checkpoint_every.map(|n| n as usize),
+            pad_id,
+            // The stage draws its own bar through the executor's progress (hidden off-terminal).
+            progress: false,
+            ..TrainConfig::default()
+        }
+    }
+}
+
+/// Turns data rows into tokenised examples.
+struct ExampleBuilder<'a> {
+    stage: &'a FinetuneStage,
+    processor: &'a Processor,
+    end_of_turn: Option<u32>,
+}
+
+impl ExampleBuilder<'_> {
+    /// The examples of `data`; rows whose image or answer is unusable become warnings.
+    fn build(
+        &self,
+        inputs: &[CacheEntry],
+        data: &DataInput,
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<Example>, StageError> {
+        let rows = read_rows(&inputs[data.slot].path(&data.file))?;
+        let images = ImageStore::open(&inputs[data.dataset_slot].path(IMAGES_FILE))?;
+        let labels = match &self.stage.params.labels {
+            Some(set) => set.values.clone(),
+            None => rows.classes.clone(),
+        };
+        let mut examples = Vec::with_capacity(rows.rows.len());
+        let mut skipped: Vec<String> = Vec::new();
+        for row in &rows.rows {
+            let answer = match &self.stage.grammar {
+                Some(spec) => match answer_text(spec, &row.label, None) {
+                    Ok(answer) => answer,
+                    Err(DecodeError::UnknownLabel(label)) => {
+                        skipped.push(format!(
+                            "row `{}`: label `{label}` is not in the output grammar",
+                            row.row_id
+                        ));
+                        continue;
+                    }
+                    Err(e) => return Err(FinetuneError::NoAnswer(e).into()),
+                },
+                None => row.label.clone(),
+            };
+            let rendered = render_prompt(
+                &self.stage.prompt,
+                &labels,
+                &RowContext {
+                    row_id: row.row_id.clone(),
+                    image_id: row.image_id.clone(),
+                    label: Some(row.label.clone()),
+                },
+                &self.stage.pipeline_params,
+            )?;
+            let image = match images
+                .get(&row.image_id)
+                .map_err(|e| e.to_string())
+                .and_then(|stored| decode_image(&stored.bytes).map_err(|e| e.to_string()))
+            {
+                Ok(image) => image,
+                Err(reason) => {
+                    skipped.push(format!("row `{}`: image error: {reason}", row.row_id));
+                    continue;
+                }
+            };
+            match Example::prepare(
+                self.processor,
+                &rendered.conversation(),
+                std::slice::from_ref(&image),
+                &answer,
+                self.end_of_turn,
+            ) {
+                Ok(example) => examples.push(example),
+                Err(e) => skipped.push(format!("row `{}`: {e}", row.row_id)),
+            }
+        }
+        if examples.is_empty() && !rows.rows.is_empty() {
+            return Err(FinetuneError::NoUsableRows {
+                rows: rows.rows.len(),
+                first: skipped.first().cloned().unwrap_or_default(),
+            }
+            .into());
+        }
+        if let Some(first) = skipped.first() {
+            warnings.push(format!(
+                "{} of {} rows of `{}` were skipped (first: {first})",
+                skipped.len(),
+                rows.rows.len(),
+                data.name
+            ));
+        }
+        Ok(examples)
+    }
+}
+
+/// The dtype a model entry asks for (`None` for entries that name none).
+fn base_dtype(entry: &CacheEntry) -> Option<String> {
+    let text = std::fs::read_to_string(entry.path(MODEL_FILE)).ok()?;
+    serde_json::from_str::<ModelFile>(&text).ok()?.dtype
+}
+
+/// The step of the newest complete checkpoint in a trainer run directory, if any.
+fn checkpoint_step(run_dir: &Path) -> Option<u64> {
+    let name = std::fs::read_to_string(run_dir.join("checkpoints").join("latest")).ok()?;
+    name.trim().strip_prefix("step-")?.parse().ok()
+}
+
+/// Copies the plain files of `from` into a new folder `to` (adapter folders are flat).
+fn copy_dir(from: &Path, to: &Path) -> Result<(), FinetuneError> {
+    std::fs::create_dir_all(to).map_err(io_err(to))?;
+    for item in std::fs::read_dir(from).map_err(io_err(from))? {
+        let item = item.map_err(io_err(from))?;
+        let path = item.path();
+        if path.is_file() {
+            let target = to.join(item.file_name());
+            std::fs::copy(&path, &target).map_err(io_err(&target))?;
+        }
+    }
+    Ok(())
+}
+
+/// The metrics as CSV: one row per step, an empty `eval_loss` where none was computed.
+pub fn metrics_csv(rows: &[MetricRow]) -> String {
+    let mut out = String::from("step,epoch,train_loss,eval_loss,lr,grad_norm,seconds\n");
+    for r in rows {
+        let eval = r.eval_loss.map(|e| e.to_string()).unwrap_or_default();
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            out,
+            "{},{},{},{eval},{},{},{}",
+            r.step, r.epoch, r.train_loss, r.lr, r.grad_norm, r.seconds
+        );
+    }
+    out
+}
+
+/// The loss curves of a run as `train` and `eval` series (the report's curve format).
+pub fn loss_series(rows: &[MetricRow]) -> Vec<Series> {
+    let train: Vec<(f64, f64)> = rows.iter().map(|r| (r.step as f64, r.train_loss)).collect();
+    let eval: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|r| r.eval_loss.map(|e| (r.step as f64, e)))
+        .collect();
+    let mut series = vec![Series {
+        name: "train loss".to_owned(),
+        points: train,
+    }];
+    if !eval.is_empty() {
+        series.push(Series {
+            name: "eval loss".to_owned(),
+            points: eval,
+        });
+    }
+    series
+}
+
+/// A small standalone page: the loss chart and the trainable-parameter summary.
+fn training_page(stage: &str, rows: &[MetricRow], trainable: &Value) -> String {
+    let chart = LineChart {
+        title: format!("{stage}: training and evaluation loss"),
+        x_label: "step".to_owned(),
+        y_label: "loss".to_owned(),
+        series: loss_series(rows),
+    };
+    let summary = serde_json::to_string_pretty(trainable).unwrap_or_default();
+    let title = html_escape(&format!("fine-tune `{stage}`"));
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\
+         <style>body{{font-family:system-ui,sans-serif;max-width:720px;margin:2em auto}}\
+         pre{{background:#f4f4f4;padding:1em}}</style></head>\n<body><h1>{title}</h1>\n\
+         <p>{} optimizer steps.</p>\n{}\n<h2>Trained parameters</h2><pre>{}</pre></body></html>\n",
+        rows.len(),
+        chart.to_svg(),
+        html_escape(&summary)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(step: u64, eval: Option<f64>) -> MetricRow {
+        MetricRow {
+            step,
+            epoch: step as f64 / 4.0,
+            train_loss: 2.0 / step as f64,
+            eval_loss: eval,
+            lr: 1e-3,
+            grad_norm: 0.5,
+            seconds: step as f64,
+        }
+    }
+
+    #[test]
+    fn csv_and_series_keep_sparse_eval_losses() {
+        let rows = vec![row(1, None), row(2, Some(1.5)), row(3, None)];
+        let csv = metrics_csv(&rows);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[1], "1,0.25,2,,0.001,0.5,1");
+        assert!(lines[2].contains(",1.5,"));
+        let series = loss_series(&rows);
+        assert_eq!(series.len(), 2);
+        assert_eq!(series[0].points.len(), 3);
+        assert_eq!(series[1].points, vec![(2.0, 1.5)]);
+        assert_eq!(loss_series(&[row(1, None)]).len(), 1);
+    }
+
+    #[test]
+    fn checkpoint_step_reads_the_latest_pointer() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(checkpoint_step(dir.path()), None);
+        std::fs::create_dir_all(dir.path().join("checkpoints")).unwrap();
+        std::fs::write(dir.path().join("checkpoints/latest"), "step-000012").unwrap();
+        assert_eq!(checkpoint_step(dir.path()), Some(12));
+    }
+
+    #[test]
+    fn training_page_embeds_the_chart_and_escapes_names() {
+        let page = training_page("a<b", &[row(1, Some(1.0))], &json!({"n": 1}));
+        assert!(page.contains("<svg"));
+        assert!(page.contains("a&lt;b"));
+        assert!(!page.contains("a<b"));
+    }
+}
