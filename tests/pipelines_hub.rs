@@ -133,7 +133,14 @@ fn cats_vs_dogs_runs_unchanged_from_an_offline_hub_cache() {
     let output_run = Command::new(BIN)
         .arg("run")
         .arg(repo_root().join("pipelines/cats_vs_dogs.vp"))
-        .args(["--set", "n_eval=6", "--set", "n_val=4", "--set", "max_steps=2"])
+        .args([
+            "--set",
+            "n_eval=6",
+            "--set",
+            "n_val=4",
+            "--set",
+            "max_steps=2",
+        ])
         .args(["--set", "eval_every=1", "--set", "max_new_tokens=32"])
         .arg("--cache-dir")
         .arg(dir.path().join("cache"))

@@ -78,8 +78,8 @@ fn quickstart_fine_tune_learns_what_the_baselines_cannot() {
     assert!(number(&tuned, "accuracy") >= 0.95);
     assert_eq!(number(&tuned, "invalid_rate"), 0.0);
 
-    let report = std::fs::read_to_string(dir.path().join("evals/report/report.html"))
-        .expect("report.html");
+    let report =
+        std::fs::read_to_string(dir.path().join("evals/report/report.html")).expect("report.html");
     for name in ["baseline", "constrained", "tuned_eval"] {
         assert!(report.contains(name), "the report lacks `{name}`");
     }
