@@ -423,3 +423,89 @@ fn bench_model_reports_every_step() -> TestResult {
     assert!(report["transformers"].is_null(), "no python was given");
     Ok(())
 }
+
+/// `vlmpipe bench grammar` with the tiny checkpoint's tokenizer: every grammar gets a row.
+#[test]
+fn bench_grammar_reports_every_grammar() -> TestResult {
+    let tokenizer = fixtures().join("checkpoints/tiny-thumb/tokenizer.json");
+    let out = vlmpipe(&[
+        "bench",
+        "grammar",
+        "--tokenizer",
+        tokenizer.to_str().unwrap_or_default(),
+        "--sequences",
+        "3",
+        "--compile-repeats",
+        "1",
+        "--max-tokens",
+        "8",
+    ])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout)?;
+    for row in ["choice-2", "choice-49", "json-object", "load average"] {
+        assert!(text.contains(row), "no `{row}` in:\n{text}");
+    }
+
+    // Without `--tokenizer` and without ../shared, the error says what to pass.
+    let empty = tempfile::tempdir()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_vlmpipe"))
+        .args(["bench", "grammar"])
+        .env("VLMPIPE_SHARED", empty.path().join("nothing-here"))
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--tokenizer PATH"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}
+
+/// `vlmpipe bench ingest` counts the images of a class-per-folder tree.
+#[test]
+fn bench_ingest_reports_images_per_second() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for class in ["a", "b"] {
+        std::fs::create_dir(dir.path().join(class))?;
+        for i in 0..3u8 {
+            image::RgbImage::from_pixel(8, 8, image::Rgb([i, 9, 9]))
+                .save(dir.path().join(class).join(format!("{i}.png")))?;
+        }
+    }
+    let out = vlmpipe(&["bench", "ingest", dir.path().to_str().unwrap_or_default()])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout)?;
+    assert!(text.starts_with("6 images in "), "{text}");
+    assert!(
+        text.contains("images/s") && text.contains("0 undecodable"),
+        "{text}"
+    );
+    Ok(())
+}
+
+/// `vlmpipe bench rerun` with a small dataset, spawning `vlmpipe run` and in process: the reruns
+/// are all cache hits (the command fails otherwise).
+#[test]
+fn bench_rerun_times_cached_reruns() -> TestResult {
+    for mode in [None, Some("--in-process")] {
+        let dir = tempfile::tempdir()?;
+        let mut args = vec![
+            "bench",
+            "rerun",
+            "--images",
+            "20",
+            "--reruns",
+            "2",
+            "--dir",
+            dir.path().to_str().unwrap_or_default(),
+        ];
+        args.extend(mode);
+        let out = vlmpipe(&args)?;
+        assert!(out.status.success(), "{mode:?}: {}", stderr(&out));
+        let text = String::from_utf8(out.stdout)?;
+        assert!(text.starts_with("20 images"), "{text}");
+        assert!(text.contains("no-change rerun median"), "{text}");
+        assert!(dir.path().join("bench.vp").is_file());
+    }
+    Ok(())
+}

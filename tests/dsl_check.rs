@@ -1004,3 +1004,22 @@ fn shipped_pipelines_check_without_errors() {
         }
     }
 }
+
+#[test]
+fn folder_and_synthetic_datasets_need_no_label_field() {
+    let text = r#"
+labels animals = ["cat", "dog"]
+dataset photos { source = folder("photos")  labels = animals }
+dataset shapes { source = synthetic(kind: "shapes", n: 10, seed: 1) }
+dataset table { source = parquet("t") }
+"#;
+    let result = vlmpipe::plan::check_source(std::path::Path::new("p.vp"), text, &[]);
+    let errors: Vec<String> = result
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| d.message.clone())
+        .collect();
+    // Only the Parquet dataset, whose rows don't name their class, must say where the label is.
+    assert_eq!(errors, ["missing field `label` in dataset `table`"]);
+}

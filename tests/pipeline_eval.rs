@@ -76,7 +76,10 @@ fn evals_and_report_run_and_rerun_from_cache() {
         let probs = record.class_probs.as_ref().expect("class probabilities");
         assert!((probs.iter().sum::<f32>() - 1.0).abs() < 1e-4);
     }
-    assert!(metrics(dir.path(), "scored")["log_loss"].as_f64().is_some());
+    let scored_metrics = metrics(dir.path(), "scored");
+    assert!(scored_metrics["log_loss"].as_f64().is_some());
+    // Scoring picks among the labels (here under a JSON grammar): never an invalid answer.
+    assert_eq!(scored_metrics["invalid_rate"], 0.0);
 
     // The comparison report names every compared stage; the CSV keeps the tutorial's columns.
     let report =
@@ -108,4 +111,80 @@ fn evals_and_report_run_and_rerun_from_cache() {
     for stage in second["stages"].as_array().expect("stages") {
         assert_eq!(stage["status"], "cached", "{stage}");
     }
+}
+
+#[test]
+fn report_and_show_read_results_without_running() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = dir.path().join("cache");
+    let cli = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg(example())
+            .args(["--cache-dir", cache.to_str().expect("utf-8 path")])
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .expect("run vlmpipe")
+    };
+    // Before any run there is nothing to report, and nothing is computed.
+    let before = cli(&["report"]);
+    assert_eq!(before.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&before.stderr).contains("has no results"));
+    assert!(
+        !cache.join("entries").exists()
+            || std::fs::read_dir(cache.join("entries"))
+                .expect("entries")
+                .next()
+                .is_none()
+    );
+
+    run_into(dir.path(), &cache);
+    let after = cli(&["report"]);
+    assert!(after.status.success());
+    let text = String::from_utf8_lossy(&after.stdout);
+    for name in ["baseline", "constrained", "scored"] {
+        assert!(text.contains(name), "{text}");
+    }
+    assert!(
+        text.contains("100.0%"),
+        "baseline invalid rate missing:\n{text}"
+    );
+    assert!(text.contains("report: "), "{text}");
+
+    let show = Command::new(BIN)
+        .args(["show"])
+        .arg(example())
+        .args([
+            "baseline",
+            "--misclassified",
+            "--cache-dir",
+            cache.to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("run vlmpipe");
+    assert!(show.status.success());
+    let listing = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        listing.starts_with("12 misclassified of 12 (12 invalid)"),
+        "{listing}"
+    );
+}
+
+fn run_into(dir: &Path, cache: &Path) {
+    let output = Command::new(BIN)
+        .arg("run")
+        .arg(example())
+        .arg("--cache-dir")
+        .arg(cache)
+        .arg("--evals-dir")
+        .arg(dir.join("evals"))
+        .arg("--quiet")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run vlmpipe");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

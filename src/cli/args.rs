@@ -44,6 +44,10 @@ pub enum Command {
     Watch(RunArgs),
     /// Print the exact prompt a stage sends to the model for one row of its data.
     Render(RenderArgs),
+    /// Print the headline metrics of eval stages that ran, and the path of their HTML report.
+    Report(ReportArgs),
+    /// List the samples of an eval stage that ran (`--misclassified`: only the wrong ones).
+    Show(ShowArgs),
     /// Answer one question about one image with a model (greedy by default).
     Infer(InferArgs),
     /// Time the model stages (and compare with transformers on the same inputs).
@@ -125,6 +129,38 @@ pub struct ExportArgs {
     /// No progress bars or per-stage messages.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Flags of `report`.
+#[derive(Debug, Args, Clone)]
+pub struct ReportArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// An `eval` or `report` stage [default: every eval stage].
+    pub stage: Option<String>,
+    #[command(flatten)]
+    pub params: ParamOverrides,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+}
+
+/// Flags of `show`.
+#[derive(Debug, Args, Clone)]
+pub struct ShowArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// An `eval` stage.
+    pub stage: String,
+    /// Only the misclassified and invalid samples, with the model's raw answer.
+    #[arg(long)]
+    pub misclassified: bool,
+    /// Truncate raw answers to this many characters.
+    #[arg(long, default_value_t = 80)]
+    pub max_answer_chars: usize,
+    #[command(flatten)]
+    pub params: ParamOverrides,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
 }
 
 /// `--set NAME=VALUE` overrides of the pipeline's `param`s.
@@ -215,7 +251,14 @@ impl DtypeArg {
 /// The conversation is the system turn (with `--system`), then a user turn with the image first
 /// and the text second, rendered with the model's chat template and the generation prompt.
 /// Decoding flags left out take their value from the model's `generation_config.json`.
+/// `--choice`, `--regex`, `--json-schema` and `--lark` constrain the answer (one at a time).
 #[derive(Debug, Args, Clone)]
+#[command(group(
+    clap::ArgGroup::new("grammar")
+        .args(["choice", "regex", "json_schema", "lark"])
+        .multiple(false)
+))]
+#[command(group(clap::ArgGroup::new("label_grammar").args(["choice", "json_schema"])))]
 pub struct InferArgs {
     /// The model: a local directory in the Hub layout, or a Hub id `org/name[@revision]`
     /// (the local Hub cache first; `HF_HUB_OFFLINE=1` forbids downloads).
@@ -254,7 +297,25 @@ pub struct InferArgs {
     /// Write the prompt's last-position logits to this file (safetensors, tensor `logits`, f32 [vocab]).
     #[arg(long, value_name = "FILE")]
     pub dump_logits: Option<PathBuf>,
-    /// Print a JSON object (text, generated token ids, token counts, finish reason, timings).
+    /// Constrain the answer to one of these labels, comma-separated (e.g. `--choice cat,dog`).
+    #[arg(long, value_name = "LABELS", value_delimiter = ',')]
+    pub choice: Option<Vec<String>>,
+    /// Constrain the whole answer to match this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    pub regex: Option<String>,
+    /// Constrain the answer to JSON matching the JSON Schema in this file.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema: Option<PathBuf>,
+    /// Constrain the answer to the context-free grammar in this file (llguidance's Lark dialect).
+    #[arg(long, value_name = "FILE")]
+    pub lark: Option<PathBuf>,
+    /// Print every label's exact probability as JSON instead of generating (with `--choice`, or a
+    /// `--json-schema` whose one required field is a string enum). With `--json`, the report
+    /// holds the scores beside the generated answer.
+    #[arg(long, requires = "label_grammar")]
+    pub scores: bool,
+    /// Print a JSON object (text, generated token ids, token counts, finish reason, timings, and
+    /// with a grammar the parsed answer).
     #[arg(long)]
     pub json: bool,
 }
@@ -264,6 +325,65 @@ pub struct InferArgs {
 pub enum BenchCommand {
     /// Time one classification: preprocess, vision + projector, prefill, decode steps, end to end.
     Model(BenchModelArgs),
+    /// Time grammar compilation, per-step masks and constrained-decoding overhead with a real
+    /// tokenizer (2 labels, 49 labels, a JSON object).
+    Grammar(BenchGrammarArgs),
+    /// Ingest throughput (images/s) of a local class-per-folder image tree.
+    Ingest(BenchIngestArgs),
+    /// Time no-change reruns of a pipeline over a synthetic image folder.
+    Rerun(BenchRerunArgs),
+}
+
+/// `vlmpipe bench grammar …`
+#[derive(Debug, Args, Clone)]
+pub struct BenchGrammarArgs {
+    /// A Hugging Face `tokenizer.json` [default: `../shared/tokenizers/lfm2/tokenizer.json`,
+    /// or under `VLMPIPE_SHARED`].
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<PathBuf>,
+    /// Fresh compilations per grammar (the median is reported).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub compile_repeats: usize,
+    /// Sequences decoded per grammar.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub sequences: usize,
+    /// Token limit per sequence.
+    #[arg(long, value_name = "N", default_value_t = 48)]
+    pub max_tokens: usize,
+    /// A real decode step in milliseconds, to put the grammar's per-token cost in proportion.
+    #[arg(long, value_name = "MS", default_value_t = 100.0)]
+    pub model_step_ms: f64,
+}
+
+/// `vlmpipe bench ingest …`
+#[derive(Debug, Args, Clone)]
+pub struct BenchIngestArgs {
+    /// A folder with one sub-folder of images per class.
+    pub dir: PathBuf,
+    /// Worker threads (0 = all cores).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
+    /// Decode every image fully instead of checking headers only.
+    #[arg(long)]
+    pub full_decode: bool,
+}
+
+/// `vlmpipe bench rerun …`
+#[derive(Debug, Args, Clone)]
+pub struct BenchRerunArgs {
+    /// Images in the synthetic dataset (two classes, 16×16 PNGs).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub images: usize,
+    /// Timed no-change reruns after the first run.
+    #[arg(long, value_name = "M", default_value_t = 5)]
+    pub reruns: usize,
+    /// Run in this process (check + lower + execute) instead of spawning `vlmpipe run`, which
+    /// leaves out process start-up.
+    #[arg(long)]
+    pub in_process: bool,
+    /// Build the dataset and cache here and keep them [default: a temporary folder].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// `vlmpipe bench model …`

@@ -1,7 +1,14 @@
-//! `vlmpipe bench model`: time one image classification stage by stage, optionally next to
-//! transformers on the same checkpoint and image in the same run.
+//! `vlmpipe bench …`: the benchmarks the issues ask for, printed with the load average because
+//! the machine is shared.
 //!
-//! The workload is `tests/reference/bench_transformers.py`'s: the cats-vs-dogs conversation
+//! - `bench grammar`: `decode::bench_grammars` with a real tokenizer (compile time, mask time,
+//!   constrained-decoding overhead).
+//! - `bench ingest DIR`: images/s of ingesting a class-per-folder tree.
+//! - `bench rerun`: a synthetic image-folder pipeline run once, then timed no-change reruns.
+//! - `bench model`: one image classification stage by stage, optionally next to transformers on
+//!   the same checkpoint and image in the same run; described below.
+//!
+//! The `bench model` workload is `tests/reference/bench_transformers.py`'s: the cats-vs-dogs conversation
 //! (system turn, user turn with the image then the question, generation prompt) on one photo.
 //! Each step is timed `--repeats` times after one warm-up and reported as median and minimum:
 //! - `preprocess_ms`: chat template + image processor + tokenizer (the image is decoded once,
@@ -28,14 +35,25 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::cli::Outcome;
-use crate::cli::args::{BenchCommand, BenchModelArgs};
-use crate::cli::infer_cmd::LoadedModel;
+use crate::cli::args::{
+    BenchCommand, BenchGrammarArgs, BenchIngestArgs, BenchModelArgs, BenchRerunArgs, CacheDirArg,
+    ParamOverrides, RunArgs,
+};
+use crate::cli::check_cmd::load_and_report;
+use crate::cli::run_cmd;
+use crate::decode::{BenchConfig, bench_grammars};
+use crate::exec::StageStatus;
 use crate::model::chat::Conversation;
 use crate::model::generate::{self, GenerateConfig, Prompt, Sampling};
 use crate::model::lfm2_vl::LogitsMode;
 use crate::model::processor::decode_image;
 use crate::model::random_checkpoint::write_random_checkpoint;
 use crate::model::resolve::resolve_model_dir;
+use crate::runner::ModelRunner;
+use crate::stages::data::{ImageCheck, bench_ingest_folder};
+
+/// Where `bench grammar` finds the LFM2 tokenizer, relative to the shared data folder.
+const SHARED_TOKENIZER: &str = "tokenizers/lfm2/tokenizer.json";
 
 /// The benchmark conversation, identical to `compute_references.py`'s `VET_SYSTEM`/`VET_USER`.
 const VET_SYSTEM: &str = "You are a veterinarian specialized in analyzing pictures of cats and dogs\nYou excel at identifying the type of animal from a picture.";
@@ -84,7 +102,236 @@ impl Summary {
 pub(crate) fn run(command: BenchCommand) -> anyhow::Result<Outcome> {
     match command {
         BenchCommand::Model(args) => bench_model(&args),
+        BenchCommand::Grammar(args) => bench_grammar(&args),
+        BenchCommand::Ingest(args) => bench_ingest(&args),
+        BenchCommand::Rerun(args) => bench_rerun(&args),
     }
+}
+
+fn bench_grammar(args: &BenchGrammarArgs) -> anyhow::Result<Outcome> {
+    let tokenizer = match &args.tokenizer {
+        Some(path) => path.clone(),
+        None => crate::testing::shared_dir()
+            .map(|dir| dir.join(SHARED_TOKENIZER))
+            .filter(|path| path.is_file())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no tokenizer: `../shared/{SHARED_TOKENIZER}` not found; pass `--tokenizer PATH`"
+                )
+            })?,
+    };
+    anyhow::ensure!(
+        args.model_step_ms.is_finite() && args.model_step_ms > 0.0,
+        "`--model-step-ms` must be a positive number, found {}",
+        args.model_step_ms
+    );
+    let cfg = BenchConfig {
+        compile_repeats: args.compile_repeats,
+        sequences: args.sequences,
+        max_tokens: args.max_tokens,
+        model_step: Duration::from_secs_f64(args.model_step_ms / 1e3),
+        ..BenchConfig::default()
+    };
+    let load_before = load_average();
+    let report = bench_grammars(&tokenizer, &cfg)
+        .with_context(|| format!("grammar benchmark with `{}`", tokenizer.display()))?;
+    println!("tokenizer: {}", tokenizer.display());
+    print!("{report}");
+    print_load(load_before, load_average());
+    Ok(Outcome::Success)
+}
+
+fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<Outcome> {
+    let check = if args.full_decode {
+        ImageCheck::Full
+    } else {
+        ImageCheck::Header
+    };
+    let load_before = load_average();
+    let bench = bench_ingest_folder(&args.dir, args.threads, check)
+        .with_context(|| format!("cannot ingest `{}`", args.dir.display()))?;
+    println!(
+        "{} images in {:.2} s: {:.0} images/s ({} threads, {:?} check, {} undecodable)",
+        bench.images,
+        bench.seconds,
+        bench.images_per_sec,
+        if bench.threads == 0 {
+            "all".to_string()
+        } else {
+            bench.threads.to_string()
+        },
+        bench.check,
+        bench.report.errors,
+    );
+    print_load(load_before, load_average());
+    Ok(Outcome::Success)
+}
+
+/// The pipeline `bench rerun` times: ingest, then a split, like the issue's example.
+const RERUN_PIPELINE: &str = r#"// Written by `vlmpipe bench rerun`.
+pipeline bench_rerun { seed = 1 }
+dataset photos { source = folder("photos") label = "class" }
+split parts = stratified(photos, train: 0.9, test: 0.1, seed: 42)
+"#;
+
+fn bench_rerun(args: &BenchRerunArgs) -> anyhow::Result<Outcome> {
+    anyhow::ensure!(
+        args.images >= 2,
+        "`--images` must be at least 2 (two classes)"
+    );
+    anyhow::ensure!(args.reruns >= 1, "`--reruns` must be at least 1");
+    let load_before = load_average();
+    let (root, _temp) = match &args.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create `{}`", dir.display()))?;
+            (dir.clone(), None)
+        }
+        None => {
+            let temp = tempfile::tempdir().context("cannot create a temporary folder")?;
+            (temp.path().to_path_buf(), Some(temp))
+        }
+    };
+    let t = Instant::now();
+    write_synthetic_folder(&root.join("photos"), args.images)?;
+    let build_s = t.elapsed().as_secs_f64();
+    let file = root.join("bench.vp");
+    std::fs::write(&file, RERUN_PIPELINE)
+        .with_context(|| format!("cannot write `{}`", file.display()))?;
+    let run_args = RunArgs {
+        file: file.clone(),
+        params: ParamOverrides::default(),
+        cache: CacheDirArg {
+            cache_dir: Some(root.join(".vlmpipe")),
+        },
+        force: Vec::new(),
+        only: Vec::new(),
+        dry_run: false,
+        summary_json: Some(root.join("summary.json")),
+        quiet: true,
+        evals_dir: None,
+        lock_wait: 60.0,
+    };
+
+    let (first_s, first) = timed_run(&run_args, args.in_process)?;
+    // A reused `--dir` may already hold the cache; then the first run is a rerun too.
+    let first_note = if first.iter().any(|(_, status)| status == "ran") {
+        format!("{:.0} images/s", args.images as f64 / first_s.max(1e-9))
+    } else {
+        "already cached".to_string()
+    };
+    let mut reruns = Vec::with_capacity(args.reruns);
+    for _ in 0..args.reruns {
+        let (seconds, statuses) = timed_run(&run_args, args.in_process)?;
+        anyhow::ensure!(
+            statuses.iter().all(|(_, status)| status == "cached"),
+            "a no-change rerun recomputed stages: {statuses:?}"
+        );
+        reruns.push(seconds);
+    }
+    let summary = Summary::of(reruns.iter().map(|s| s * 1e3).collect());
+    let max = reruns.iter().copied().fold(0.0, f64::max);
+    println!(
+        "{} images (written in {build_s:.2} s): first run {first_s:.2} s ({first_note}); \
+         no-change rerun median {:.3} s, min {:.3} s, max {max:.3} s over {} reruns ({})",
+        args.images,
+        summary.median / 1e3,
+        summary.min / 1e3,
+        args.reruns,
+        if args.in_process {
+            "in process"
+        } else {
+            "spawned `vlmpipe run`"
+        },
+    );
+    print_load(load_before, load_average());
+    Ok(Outcome::Success)
+}
+
+/// `n` tiny distinct PNGs split over the classes `a` and `b`.
+fn write_synthetic_folder(dir: &Path, n: usize) -> anyhow::Result<()> {
+    for (class, count) in [("a", n.div_ceil(2)), ("b", n / 2)] {
+        let class_dir = dir.join(class);
+        std::fs::create_dir_all(&class_dir)
+            .with_context(|| format!("cannot create `{}`", class_dir.display()))?;
+        for i in 0..count {
+            let path = class_dir.join(format!("{i:06}.png"));
+            if path.is_file() {
+                continue;
+            }
+            // Distinct pixels per image, so content hashing cannot fold images together.
+            let pixel = image::Rgb([(i % 251) as u8, ((i / 251) % 251) as u8, (i / 63_001) as u8]);
+            image::RgbImage::from_pixel(16, 16, pixel)
+                .save(&path)
+                .with_context(|| format!("cannot write `{}`", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// One `vlmpipe run` of `args`: wall-clock seconds and each stage's (name, status).
+fn timed_run(args: &RunArgs, in_process: bool) -> anyhow::Result<(f64, Vec<(String, String)>)> {
+    let t = Instant::now();
+    if in_process {
+        let Some(plan) = load_and_report(&args.file, &args.params) else {
+            anyhow::bail!("the benchmark pipeline does not check");
+        };
+        let summary = run_cmd::execute(&plan, args)?;
+        let seconds = t.elapsed().as_secs_f64();
+        let statuses = summary
+            .stages
+            .iter()
+            .map(|s| (s.name.clone(), status_name(s.status)))
+            .collect();
+        return Ok((seconds, statuses));
+    }
+    let exe = std::env::current_exe().context("cannot find the running `vlmpipe`")?;
+    let summary_path = args
+        .summary_json
+        .clone()
+        .context("the benchmark run needs a summary path")?;
+    let mut command = Process::new(&exe);
+    command.arg("run").arg(&args.file).arg("--quiet");
+    command.arg("--summary-json").arg(&summary_path);
+    if let Some(cache) = &args.cache.cache_dir {
+        command.arg("--cache-dir").arg(cache);
+    }
+    let status = command
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run `{}`", exe.display()))?;
+    let seconds = t.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "`vlmpipe run` failed ({status})");
+    let text = std::fs::read_to_string(&summary_path)
+        .with_context(|| format!("cannot read `{}`", summary_path.display()))?;
+    let summary: Value = serde_json::from_str(&text).context("the run summary is not JSON")?;
+    let statuses = summary["stages"]
+        .as_array()
+        .context("the run summary has no stages")?
+        .iter()
+        .map(|s| {
+            let field = |key: &str| s[key].as_str().unwrap_or_default().to_string();
+            (field("name"), field("status"))
+        })
+        .collect();
+    Ok((seconds, statuses))
+}
+
+/// The summary JSON's name for `status` (`ran`, `cached`, …), so both modes compare alike.
+fn status_name(status: StageStatus) -> String {
+    serde_json::to_value(status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{status:?}"))
+}
+
+fn print_load(before: Option<[f64; 3]>, after: Option<[f64; 3]>) {
+    let fmt = |l: Option<[f64; 3]>| {
+        l.map_or("unknown".to_string(), |[a, b, c]| {
+            format!("{a:.2} {b:.2} {c:.2}")
+        })
+    };
+    println!("load average: before {}, after {}", fmt(before), fmt(after));
 }
 
 fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
@@ -101,7 +348,7 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         decode_image(&bytes).with_context(|| format!("bad image `{}`", image_path.display()))?;
 
     let t = Instant::now();
-    let loaded = LoadedModel::load(&dir, args.dtype.to_candle())?;
+    let runner = ModelRunner::load(&dir, args.dtype.to_candle())?;
     let load_s = t.elapsed().as_secs_f64();
     let rss_after_load = proc_status_mib("VmRSS");
 
@@ -113,20 +360,21 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     // Round 0 warms up caches and the allocator and is not recorded.
     for round in 0..=args.repeats {
         let t = Instant::now();
-        let inputs = loaded
-            .processor
-            .prepare(&conversation, std::slice::from_ref(&image), true)?;
+        let inputs =
+            runner
+                .processor()
+                .prepare(&conversation, std::slice::from_ref(&image), true)?;
         let preprocess = t.elapsed();
 
         let t = Instant::now();
-        let features = loaded.image_features(&inputs)?;
+        let features = runner.image_features(&inputs)?;
         let vision = t.elapsed();
 
-        let model = &loaded.model;
+        let model = runner.model();
         let dev = model.device();
         let ids = Tensor::new(inputs.input_ids.as_slice(), dev)?.unsqueeze(0)?;
         let t = Instant::now();
-        let all_features = loaded.image_features(&inputs)?;
+        let all_features = runner.image_features(&inputs)?;
         let mut cache = model.new_cache(1);
         model.forward(
             &ids,
@@ -154,15 +402,16 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         }
 
         let t = Instant::now();
-        let inputs = loaded
-            .processor
-            .prepare(&conversation, std::slice::from_ref(&image), true)?;
-        let features = loaded.image_features(&inputs)?;
+        let inputs =
+            runner
+                .processor()
+                .prepare(&conversation, std::slice::from_ref(&image), true)?;
+        let features = runner.image_features(&inputs)?;
         // No EOS ids: always `1 + steps` tokens, like `min_new_tokens` on the Python side.
         let cfg = GenerateConfig {
             max_new_tokens: 1 + steps,
             eos_token_ids: Vec::new(),
-            pad_token_id: loaded.pad_token_id(),
+            pad_token_id: runner.pad_token_id(),
             sampling: Sampling::default(),
         };
         let prompt = Prompt {
@@ -214,7 +463,7 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         json!(format!("{:?}", args.dtype.to_candle())),
     );
     let ours = Value::Object(ours);
-    drop(loaded);
+    drop(runner);
 
     let theirs = match (&args.python, &args.transformers_script) {
         (Some(python), Some(script)) => {

@@ -11,6 +11,7 @@ mod check_cmd;
 mod export_cmd;
 mod infer_cmd;
 mod render_cmd;
+mod report_cmd;
 mod run_cmd;
 mod watch_cmd;
 
@@ -50,6 +51,8 @@ pub fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Cache(command) => cache_cmd::run(command),
+        Command::Report(args) => report_cmd::report(&args),
+        Command::Show(args) => report_cmd::show(&args),
         Command::Infer(args) => infer_cmd::run(&args),
         Command::Bench(command) => bench_cmd::run(command),
         Command::Check {

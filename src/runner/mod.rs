@@ -54,6 +54,8 @@ pub struct PreparedPrompt {
     pub image_features: Option<Tensor>,
     /// Time spent in preprocessing and the vision tower.
     pub encode_time: Duration,
+    /// Of `encode_time`, the vision tower and projector alone.
+    pub vision_time: Duration,
 }
 
 /// One generated answer.
@@ -65,6 +67,19 @@ pub struct Generated {
     pub text: String,
     /// `true` when EOS ended it, `false` when `max_new_tokens` did.
     pub stopped_at_eos: bool,
+    /// The EOS id that ended it (`Some` exactly when `stopped_at_eos`).
+    pub eos_token: Option<u32>,
+}
+
+/// [`ModelRunner::generate_with_details`]: the answers and what the decoding loop measured.
+pub struct GenerateRun {
+    pub answers: Vec<Generated>,
+    /// `[B, vocab]` logits of each prompt's last position, before any mask or sampling setting.
+    pub prompt_logits: Tensor,
+    /// The prompt forward (embedding splice, decoder, first logits).
+    pub prefill: Duration,
+    /// Each later decoder step.
+    pub step_times: Vec<Duration>,
 }
 
 /// A loaded model and everything needed to talk to it.
@@ -169,6 +184,11 @@ impl ModelRunner {
         &self.eos_token_ids
     }
 
+    /// The id that left-pads shorter prompts of a batch.
+    pub fn pad_token_id(&self) -> u32 {
+        self.pad_token_id
+    }
+
     /// Renders `conversation` with the chat template (generation prompt on), expands the image
     /// placeholders, tokenises, and runs the vision tower on `images`.
     pub fn prepare(
@@ -181,27 +201,34 @@ impl ModelRunner {
             .processor
             .prepare(conversation, images, true)
             .map_err(|e| RunnerError::Prompt(e.to_string()))?;
-        let image_features = if inputs.images.is_empty() {
-            None
-        } else {
-            let tensors =
-                crate::model::processor::stack_images(&inputs.images, self.model.device())?;
-            let shapes: Vec<(usize, usize)> = inputs
-                .images
-                .iter()
-                .flat_map(|image| image.spatial_shapes.iter().copied())
-                .collect();
-            Some(self.model.image_features(
-                &tensors.pixel_values,
-                &tensors.pixel_attention_mask,
-                &shapes,
-            )?)
-        };
+        let vision_started = Instant::now();
+        let image_features = self.image_features(&inputs)?;
+        let vision_time = vision_started.elapsed();
         Ok(PreparedPrompt {
             inputs,
             image_features,
             encode_time: started.elapsed(),
+            vision_time,
         })
+    }
+
+    /// Vision tower + projector over every image of `inputs`: `[image tokens, D]`, or `None`
+    /// for a text-only prompt.
+    pub fn image_features(&self, inputs: &PromptInputs) -> Result<Option<Tensor>, RunnerError> {
+        if inputs.images.is_empty() {
+            return Ok(None);
+        }
+        let tensors = crate::model::processor::stack_images(&inputs.images, self.model.device())?;
+        let shapes: Vec<(usize, usize)> = inputs
+            .images
+            .iter()
+            .flat_map(|image| image.spatial_shapes.iter().copied())
+            .collect();
+        Ok(Some(self.model.image_features(
+            &tensors.pixel_values,
+            &tensors.pixel_attention_mask,
+            &shapes,
+        )?))
     }
 
     /// Generates an answer for each prompt (one batch; left padding does not change answers).
@@ -212,6 +239,19 @@ impl ModelRunner {
         options: &DecodeOptions,
         grammar: Option<&Arc<CompiledGrammar>>,
     ) -> Result<Vec<Generated>, RunnerError> {
+        Ok(self
+            .generate_with_details(prompts, options, grammar)?
+            .answers)
+    }
+
+    /// [`ModelRunner::generate`], also returning the prompts' logits and the loop's timings
+    /// (what `vlmpipe infer --json`/`--dump-logits` report).
+    pub fn generate_with_details(
+        &self,
+        prompts: &[&PreparedPrompt],
+        options: &DecodeOptions,
+        grammar: Option<&Arc<CompiledGrammar>>,
+    ) -> Result<GenerateRun, RunnerError> {
         let batch: Vec<generate::Prompt<'_>> = prompts
             .iter()
             .map(|p| generate::Prompt {
@@ -231,14 +271,15 @@ impl ModelRunner {
         let hook = constraints.as_mut().map(|c| c as &mut dyn LogitsProcessor);
         let output = generate::generate(&self.model, &batch, &cfg, hook)
             .map_err(|e| RunnerError::Generate(e.to_string()))?;
-        Ok(output
+        let answers = output
             .sequences
             .into_iter()
             .map(|seq| {
-                let stopped_at_eos = seq
+                let eos_token = seq
                     .tokens
                     .last()
-                    .is_some_and(|t| self.eos_token_ids.contains(t));
+                    .copied()
+                    .filter(|t| self.eos_token_ids.contains(t));
                 let tokens: Vec<u32> = seq
                     .tokens
                     .into_iter()
@@ -248,10 +289,17 @@ impl ModelRunner {
                 Generated {
                     tokens,
                     text,
-                    stopped_at_eos,
+                    stopped_at_eos: eos_token.is_some(),
+                    eos_token,
                 }
             })
-            .collect())
+            .collect();
+        Ok(GenerateRun {
+            answers,
+            prompt_logits: output.prompt_logits,
+            prefill: output.prefill,
+            step_times: output.step_times,
+        })
     }
 
     /// Every label's exact probability for `prompt` under `scorer`'s grammar, reusing the

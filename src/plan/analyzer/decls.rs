@@ -101,9 +101,20 @@ impl<'f> Analyzer<'f, '_> {
             Some(e) => self.expect_label_set(e, "labels").map(Some),
             None => Some(None),
         };
-        let label = self
-            .required_expr(&f, "label")
-            .and_then(|e| self.build_label_spec(e, labels.as_ref().and_then(|l| l.as_ref())));
+        // Folders and generated data name each row's class themselves; `label` is optional there.
+        let labels_from_source = matches!(
+            source,
+            Some(DataSource::Folder { .. }) | Some(DataSource::Synthetic { .. })
+        );
+        let label = match self.optional_expr(&f, "label") {
+            None if labels_from_source => Some(LabelSpec {
+                column: "class".to_owned(),
+                mapping: None,
+            }),
+            _ => self
+                .required_expr(&f, "label")
+                .and_then(|e| self.build_label_spec(e, labels.as_ref().and_then(|l| l.as_ref()))),
+        };
         let keep = match self.optional_expr(&f, "keep") {
             Some(e) => self.expect_word(e, "keep", &["all", "rgb_only"]).map(|w| {
                 if w == "rgb_only" {

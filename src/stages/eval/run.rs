@@ -85,16 +85,20 @@ impl EvalJob<'_> {
                     raw: g.text,
                     tokens: g.tokens.len() as u32,
                     probs: None,
+                    scored_label: None,
                 })
                 .collect(),
             AnswerMode::ScoreLabels { scorer } => ready
                 .iter()
                 .map(|prompt| {
                     let scores = self.runner.score_labels(prompt, scorer)?;
+                    let best = scores.labels[scores.best].clone();
                     Ok(Output {
-                        raw: scores.labels[scores.best].clone(),
+                        raw: best.clone(),
                         tokens: 0,
                         probs: Some(self.align_probs(&scores.labels, &scores.probs)),
+                        // Scoring picks among the labels themselves: nothing to parse.
+                        scored_label: Some(best),
                     })
                 })
                 .collect::<Result<_, RunnerError>>()?,
@@ -134,14 +138,9 @@ impl EvalJob<'_> {
     }
 
     fn record(&self, sample: &EvalSample, output: Output, latency_ms: f64) -> EvalRecord {
-        let parsed = match self.parser.parse(&output.raw) {
-            Answer::Label { label, .. } => Some(label),
-            // A free-text parser has no labels: an exact match is still a valid answer.
-            Answer::Text(text) => {
-                let text = text.trim();
-                self.labels.iter().find(|l| l.as_str() == text).cloned()
-            }
-            Answer::Json(_) | Answer::Invalid { .. } => None,
+        let parsed = match output.scored_label.clone() {
+            Some(label) => Some(label),
+            None => self.parse(&output.raw),
         };
         let valid = parsed.is_some();
         let correct = parsed.as_deref() == Some(sample.ground_truth.as_str());
@@ -156,6 +155,19 @@ impl EvalJob<'_> {
             latency_ms,
             tokens_generated: output.tokens,
             class_probs: output.probs,
+        }
+    }
+
+    /// The label an answer names, if it names one of the labels.
+    fn parse(&self, raw: &str) -> Option<String> {
+        match self.parser.parse(raw) {
+            Answer::Label { label, .. } => Some(label),
+            // A free-text parser has no labels: an exact match is still a valid answer.
+            Answer::Text(text) => {
+                let text = text.trim();
+                self.labels.iter().find(|l| l.as_str() == text).cloned()
+            }
+            Answer::Json(_) | Answer::Invalid { .. } => None,
         }
     }
 
@@ -178,4 +190,6 @@ struct Output {
     raw: String,
     tokens: u32,
     probs: Option<Vec<f32>>,
+    /// The label chosen by label scoring (generation leaves it to the parser).
+    scored_label: Option<String>,
 }

@@ -1,0 +1,311 @@
+//! `vlmpipe infer` with output grammars (`--choice`, `--regex`, `--json-schema`, `--lark`) and
+//! exact label scores (`--scores`), on the committed random-weight tiny checkpoint: every
+//! constrained answer is valid whatever the seed or temperature, the scores are the runner's own,
+//! and a bad grammar is a readable exit 1, not a hang or a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::DType;
+use serde_json::Value;
+use vlmpipe::decode::{CompiledGrammar, GrammarSpec, LabelScorer, log_softmax};
+use vlmpipe::model::chat::Conversation;
+use vlmpipe::model::processor::decode_image;
+use vlmpipe::runner::ModelRunner;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const LABELS: [&str; 4] = ["cat", "catamaran", "dog", "red circle"];
+const PROMPT: &str = "Cat or dog?";
+const SYSTEM: &str = "Answer briefly.";
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/reference")
+        .join(rel)
+}
+
+fn model() -> PathBuf {
+    fixture("checkpoints/tiny-thumb")
+}
+
+fn image() -> PathBuf {
+    fixture("images/tiny_40x30.png")
+}
+
+/// `vlmpipe infer` on the tiny model and image with `extra` flags, offline.
+fn infer(extra: &[&str]) -> Result<Output, std::io::Error> {
+    let cache = tempfile::tempdir()?;
+    let model = model();
+    let image = image();
+    let mut args: Vec<&str> = vec![
+        "infer",
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--image",
+        image.to_str().unwrap_or_default(),
+        "--system",
+        SYSTEM,
+        "--prompt",
+        PROMPT,
+    ];
+    args.extend_from_slice(extra);
+    Command::new(env!("CARGO_BIN_EXE_vlmpipe"))
+        .args(&args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", cache.path())
+        .output()
+}
+
+/// Runs `infer` expecting success and parses stdout as JSON.
+fn infer_json(extra: &[&str]) -> Result<Value, Box<dyn std::error::Error>> {
+    let out = infer(extra)?;
+    assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn choice_answers_are_labels_for_every_seed_and_temperature() -> TestResult {
+    let choice = LABELS.join(",");
+    for temperature in ["0", "0.7", "1.5"] {
+        for seed in ["0", "1", "2"] {
+            let report = infer_json(&[
+                "--choice",
+                &choice,
+                "--json",
+                "--temperature",
+                temperature,
+                "--seed",
+                seed,
+                "--max-new-tokens",
+                "16",
+            ])?;
+            let case = format!("temperature {temperature}, seed {seed}");
+            let text = report["text"].as_str().ok_or("no text")?;
+            assert!(LABELS.contains(&text), "{case}: `{text}` is not a label");
+            assert_eq!(report["finish_reason"], "eos", "{case}");
+            let answer = &report["answer"];
+            assert_eq!(answer["valid"], true, "{case}: {answer}");
+            assert_eq!(answer["label"], text, "{case}");
+            let index = answer["index"].as_u64().ok_or("no index")? as usize;
+            assert_eq!(LABELS[index], text, "{case}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn regex_and_lark_constrain_the_whole_answer() -> TestResult {
+    for seed in ["0", "5", "9"] {
+        let out = infer(&[
+            "--regex",
+            "[0-9]{3}",
+            "--temperature",
+            "1.5",
+            "--seed",
+            seed,
+        ])?;
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = String::from_utf8(out.stdout)?;
+        let text = text.trim_end();
+        assert!(
+            text.len() == 3 && text.bytes().all(|b| b.is_ascii_digit()),
+            "seed {seed}: `{text}` is not three digits"
+        );
+    }
+
+    let dir = tempfile::tempdir()?;
+    let lark = dir.path().join("yes_no.lark");
+    std::fs::write(&lark, "start: \"yes\" | \"no\" | \"not sure\"\n")?;
+    for seed in ["0", "3"] {
+        let report = infer_json(&[
+            "--lark",
+            lark.to_str().unwrap_or_default(),
+            "--json",
+            "--temperature",
+            "1.2",
+            "--seed",
+            seed,
+        ])?;
+        let text = report["text"].as_str().ok_or("no text")?;
+        assert!(["yes", "no", "not sure"].contains(&text), "`{text}`");
+        // Lark answers have no label set: the parsed answer is the text itself.
+        assert_eq!(report["answer"]["text"], text);
+    }
+    Ok(())
+}
+
+#[test]
+fn json_schema_answers_parse_into_the_label_field() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object",
+            "properties": {"pred_class": {"type": "string", "enum": ["cat", "dog"]}},
+            "required": ["pred_class"], "additionalProperties": false}"#,
+    )?;
+    let schema = schema.to_str().unwrap_or_default();
+    for seed in ["0", "4"] {
+        let report = infer_json(&[
+            "--json-schema",
+            schema,
+            "--json",
+            "--scores",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "--max-new-tokens",
+            "96",
+        ])?;
+        let text = report["text"].as_str().ok_or("no text")?;
+        let parsed: Value = serde_json::from_str(text)?;
+        let label = parsed["pred_class"].as_str().ok_or("no pred_class")?;
+        assert!(["cat", "dog"].contains(&label), "`{text}`");
+        assert_eq!(report["answer"]["label"], label);
+        assert_eq!(report["answer"]["fields"]["pred_class"], label);
+        let scores = &report["scores"];
+        assert_eq!(scores["labels"], serde_json::json!(["cat", "dog"]));
+        let total: f64 = probs(scores)?.iter().sum();
+        assert!((total - 1.0).abs() < 1e-9, "probabilities sum to {total}");
+    }
+    Ok(())
+}
+
+fn probs(scores: &Value) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+    Ok(serde_json::from_value(scores["probs"].clone())?)
+}
+
+/// `--scores` prints exactly what `ModelRunner::score_labels` computes for the same prompt, and
+/// the greedy constrained answer starts with the most likely token among the labels' first ones.
+#[test]
+fn scores_match_the_runner_and_the_greedy_answer() -> TestResult {
+    let choice = LABELS.join(",");
+    let out = infer(&["--choice", &choice, "--scores"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let scores: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(scores["labels"], serde_json::json!(LABELS));
+    let cli_probs = probs(&scores)?;
+    let total: f64 = cli_probs.iter().sum();
+    assert!((total - 1.0).abs() < 1e-9, "probabilities sum to {total}");
+    let best = scores["best"].as_u64().ok_or("no best")? as usize;
+    let max = cli_probs.iter().copied().fold(f64::MIN, f64::max);
+    assert_eq!(cli_probs[best], max, "best is the argmax");
+
+    let runner = ModelRunner::load(&model(), DType::F32)?;
+    let rgb = decode_image(&std::fs::read(image())?)?;
+    let conversation = Conversation::image_question(Some(SYSTEM), PROMPT);
+    let prompt = runner.prepare(&conversation, &[rgb])?;
+    let grammar = std::sync::Arc::new(CompiledGrammar::compile(
+        &GrammarSpec::choice(LABELS),
+        runner.vocab(),
+    )?);
+    let scorer = LabelScorer::new(&grammar, None)?;
+    let ours = runner.score_labels(&prompt, &scorer)?;
+    for (cli, lib) in cli_probs.iter().zip(&ours.probs) {
+        assert!((cli - lib).abs() < 1e-9, "cli {cli} vs runner {lib}");
+    }
+    assert_eq!(best, ours.best);
+
+    // Greedy constrained decoding picks the best allowed first token; the labels' canonical
+    // first tokens are all allowed, so none of them beats it.
+    let dir = tempfile::tempdir()?;
+    let logits_path = dir.path().join("logits.safetensors");
+    let report = infer_json(&[
+        "--choice",
+        &choice,
+        "--json",
+        "--scores",
+        "--dump-logits",
+        logits_path.to_str().unwrap_or_default(),
+    ])?;
+    assert_eq!(
+        probs(&report["scores"])?,
+        cli_probs,
+        "same scores with --json"
+    );
+    let bytes = std::fs::read(&logits_path)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let logits: Vec<f32> = st
+        .tensor("logits")?
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    let logp = log_softmax(&logits);
+    let tokens: Vec<u32> = serde_json::from_value(report["token_ids"].clone())?;
+    let chosen = *tokens.first().ok_or("no tokens")? as usize;
+    for answer in scorer.answers() {
+        let first = answer[0] as usize;
+        assert!(
+            logp[chosen] >= logp[first],
+            "greedy took {chosen} over the label start {first}"
+        );
+    }
+    // A label's score is its first token's log-probability plus that of the rest: never more.
+    for (label, answer) in ours.logprobs.iter().zip(scorer.answers()) {
+        assert!(*label <= f64::from(logp[answer[0] as usize]) + 1e-4);
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_grammars_exit_1_with_a_message() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let not_json = dir.path().join("not.json");
+    std::fs::write(&not_json, "{ pred_class: ")?;
+    let empty_enum = dir.path().join("empty.json");
+    std::fs::write(&empty_enum, r#"{"type": "string", "enum": []}"#)?;
+    let no_label = dir.path().join("number.json");
+    std::fs::write(
+        &no_label,
+        r#"{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}"#,
+    )?;
+    let empty_lark = dir.path().join("empty.lark");
+    std::fs::write(&empty_lark, "  \n")?;
+    let missing = dir.path().join("missing.json");
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--regex".into(), "(".into()], "unclosed group"),
+        (vec!["--choice".into(), ",".into()], "is empty"),
+        (vec!["--choice".into(), "cat,cat".into()], "cat"),
+        (
+            vec!["--json-schema".into(), path(&not_json)],
+            "not valid JSON",
+        ),
+        (vec!["--json-schema".into(), path(&missing)], "cannot read"),
+        (
+            vec!["--json-schema".into(), path(&empty_enum)],
+            "never be satisfied",
+        ),
+        (vec!["--lark".into(), path(&empty_lark)], "empty"),
+        (
+            vec!["--json-schema".into(), path(&no_label), "--scores".into()],
+            "cannot score labels",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let out = infer(&flags)?;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(err.contains(expected), "{flags:?}: {err}");
+        assert!(!err.contains("panicked"), "{flags:?}: {err}");
+        assert!(out.stdout.is_empty(), "{flags:?} printed an answer");
+    }
+
+    // Two grammars at once, or scores without labels, are usage errors (clap's exit 2).
+    for flags in [
+        &["--choice", "a,b", "--regex", "a|b"][..],
+        &["--regex", "a|b", "--scores"][..],
+    ] {
+        let out = infer(flags)?;
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {}", stderr(&out));
+    }
+    Ok(())
+}
