@@ -108,29 +108,6 @@ pub struct RenderArgs {
     pub cache: CacheDirArg,
 }
 
-/// Flags of `export`.
-#[derive(Debug, Args, Clone)]
-pub struct ExportArgs {
-    /// The pipeline file.
-    pub file: PathBuf,
-    /// A `finetune` stage.
-    pub stage: String,
-    /// Write the base weights with the adapter merged in, in the Hub layout, to this folder
-    /// (replaced if it exists).
-    #[arg(long, value_name = "DIR")]
-    pub merged: PathBuf,
-    #[command(flatten)]
-    pub params: ParamOverrides,
-    #[command(flatten)]
-    pub cache: CacheDirArg,
-    /// Where eval and report stages write exports [default: `evals/<pipeline>/` beside the pipeline].
-    #[arg(long, value_name = "DIR")]
-    pub evals_dir: Option<PathBuf>,
-    /// No progress bars or per-stage messages.
-    #[arg(long)]
-    pub quiet: bool,
-}
-
 /// Flags of `report`.
 #[derive(Debug, Args, Clone)]
 pub struct ReportArgs {
@@ -161,6 +138,29 @@ pub struct ShowArgs {
     pub params: ParamOverrides,
     #[command(flatten)]
     pub cache: CacheDirArg,
+}
+
+/// Flags of `export`.
+#[derive(Debug, Args, Clone)]
+pub struct ExportArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// A `finetune` stage.
+    pub stage: String,
+    /// Write the base weights with the adapter merged in, in the Hub layout, to this folder
+    /// (replaced if it exists).
+    #[arg(long, value_name = "DIR")]
+    pub merged: PathBuf,
+    #[command(flatten)]
+    pub params: ParamOverrides,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+    /// Where eval and report stages write exports [default: `evals/<pipeline>/` beside the pipeline].
+    #[arg(long, value_name = "DIR")]
+    pub evals_dir: Option<PathBuf>,
+    /// No progress bars or per-stage messages.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// `--set NAME=VALUE` overrides of the pipeline's `param`s.

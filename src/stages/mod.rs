@@ -6,7 +6,6 @@ pub mod dataset;
 pub mod eval;
 pub mod lower;
 pub mod model_node;
-pub mod pending;
 pub mod prompt;
 pub mod report;
 pub mod row_ops;

@@ -29,6 +29,7 @@ use crate::cache::CacheEntry;
 use crate::decode::{DecodeError, GrammarSpec, answer_text};
 use crate::exec::{Stage, StageContext, StageError, StageOutcome};
 use crate::model::checkpoint::{self, LoadOptions};
+use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::processor::{Processor, decode_image};
 use crate::plan::params::{
     FinetuneParams, LFM2_VL_OTHER_TARGETS, LossOn as PlanLossOn, ParamValue, PromptParams,
@@ -43,6 +44,7 @@ use crate::stages::prompt::{RowContext, render_prompt};
 use crate::stages::report::{LineChart, Series, html_escape};
 use crate::stages::simple::grammar_spec;
 use crate::train::batch::end_of_turn_id;
+use crate::train::lora::{ModulePart, linear_modules, select_modules};
 use crate::train::metrics::{MetricRow, write_metrics};
 use crate::train::{
     AdamWConfig, Decay, Example, LoraConfig, LossOn, TrainConfig, TrainError, TrainableSpec, train,
@@ -211,7 +213,7 @@ impl Stage for FinetuneStage {
         if location.adapter_dir.is_some() {
             return Err(FinetuneError::StackedAdapter(location.checkpoint_dir).into());
         }
-        let dtype_name = base_dtype(base);
+        let dtype_name = location.dtype.clone();
         let dtype = crate::stages::eval::stage::parse_dtype(dtype_name.as_deref())?;
         let load_err = |message: String| FinetuneError::Load {
             dir: location.checkpoint_dir.clone(),
@@ -228,6 +230,11 @@ impl Stage for FinetuneStage {
         )
         .map_err(|e| load_err(e.to_string()))?;
 
+        let pad_id = processor.tokenizer().token_to_id("<|pad|>").unwrap_or(0);
+        let cfg = self.train_config(pad_id);
+        // Bad target names fail before minutes of image preprocessing, not after.
+        check_targets(&model, &cfg)?;
+
         let mut warnings = Vec::new();
         let builder = ExampleBuilder {
             stage: self,
@@ -240,8 +247,6 @@ impl Stage for FinetuneStage {
             None => Vec::new(),
         };
 
-        let pad_id = processor.tokenizer().token_to_id("<|pad|>").unwrap_or(0);
-        let cfg = self.train_config(pad_id);
         let run_dir = ctx.work_dir.to_path_buf();
         if let Some(step) = checkpoint_step(&run_dir) {
             ctx.progress.println(&format!(
@@ -516,10 +521,22 @@ impl ExampleBuilder<'_> {
     }
 }
 
-/// The dtype a model entry asks for (`None` for entries that name none).
-fn base_dtype(entry: &CacheEntry) -> Option<String> {
-    let text = std::fs::read_to_string(entry.path(MODEL_FILE)).ok()?;
-    serde_json::from_str::<ModelFile>(&text).ok()?.dtype
+/// Fails like training would when a LoRA target matches no module of `model`.
+fn check_targets(model: &Lfm2VlModel, cfg: &TrainConfig) -> Result<(), FinetuneError> {
+    let Some(lora) = &cfg.trainable.lora else {
+        return Ok(());
+    };
+    let parts: &[ModulePart] = if lora.include_vision {
+        &[
+            ModulePart::VisionTower,
+            ModulePart::Projector,
+            ModulePart::LanguageModel,
+        ]
+    } else {
+        &[ModulePart::LanguageModel]
+    };
+    select_modules(&linear_modules(model), &lora.targets, parts)?;
+    Ok(())
 }
 
 /// The step of the newest complete checkpoint in a trainer run directory, if any.
