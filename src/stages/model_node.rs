@@ -33,7 +33,7 @@ pub const MODEL_FILE: &str = "model.json";
 /// Folder inside the entry where an `init` model is saved.
 const INIT_DIR: &str = "checkpoint";
 
-const MODEL_CODE_VERSION: u32 = 1;
+const MODEL_CODE_VERSION: u32 = 2;
 
 /// Where a model's files are.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -356,8 +356,13 @@ fn random_weights(cfg: &Config, seed: u64) -> candle_core::Result<HashMap<String
     Ok(std::mem::take(&mut *guard))
 }
 
-/// Normal weights (std 0.02, transformers' `initializer_range`), zero biases, unit norms; each
-/// tensor seeded by its name so the result does not depend on construction order.
+/// Scaled normal weights, zero biases, unit norms; each tensor seeded by its name so the result
+/// does not depend on construction order.
+///
+/// Matrices and convolutions get std `1/sqrt(fan_in)`, token and position embeddings std 0.5 (the
+/// reference generator's `scaled_init`). transformers' flat std 0.02 would tie the LM head to a
+/// near-zero embedding table: every logit stays near zero, so the model answers uniformly at
+/// random and a fine-tune of LoRA adapters cannot move it (measured: loss flat at ln(vocab)).
 struct RecordingBackend {
     seed: u64,
     recorded: Arc<Mutex<HashMap<String, Tensor>>>,
@@ -382,13 +387,19 @@ impl SimpleBackend for RecordingBackend {
             let mut key = [0u8; 8];
             key.copy_from_slice(&digest.as_bytes()[..8]);
             let mut rng = SplitMix64::new(self.seed ^ u64::from_le_bytes(key));
+            let dims = s.dims();
+            let std = if matches!(leaf, "embed_tokens" | "position_embedding") || dims.len() < 2 {
+                0.5
+            } else {
+                1.0 / (dims[1..].iter().product::<usize>().max(1) as f64).sqrt()
+            };
             let n = s.elem_count();
             let mut data = Vec::with_capacity(n + 1);
             while data.len() < n {
                 // Box-Muller: two normals per pair of uniforms.
                 let u1 = rng.next_f64().max(f64::MIN_POSITIVE);
                 let u2 = rng.next_f64();
-                let r = (-2.0 * u1.ln()).sqrt() * 0.02;
+                let r = (-2.0 * u1.ln()).sqrt() * std;
                 let (sin, cos) = (std::f64::consts::TAU * u2).sin_cos();
                 data.push((r * cos) as f32);
                 data.push((r * sin) as f32);
