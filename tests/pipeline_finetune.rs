@@ -29,7 +29,7 @@ dataset pictures {{
 split parts = stratified(pictures, train: 0.75, test: 0.25, seed: 42)
 prompt ask {{ user = "Which shape? {{% for l in labels %}}{{{{ l }}}}; {{% endfor %}}" }}
 model tiny = init(preset: "tiny", seed: 1)
-grammar answer = json {{ pred_class: one_of(shapes) }}
+grammar answer = json(whitespace: "compact") {{ pred_class: one_of(shapes) }}
 finetune ft {{
   base = tiny  data = parts.train  eval_data = parts.test  prompt = ask  labels = shapes  output = answer
   lora {{ r = 4  alpha = 8  dropout = 0.1  targets = [{targets}] }}
