@@ -216,6 +216,41 @@ fn lower_node(
     })
 }
 
+/// The prompt a stage names (the checker guarantees the kind; a mismatch is a lowering bug).
+pub fn prompt_of(
+    node: &Node,
+    plan: &Plan,
+    prompt: &crate::plan::params::NodeRef,
+) -> Result<crate::plan::params::PromptParams, LowerError> {
+    match plan.node(prompt.id).map(|n| &n.params) {
+        Some(NodeParams::Prompt(params)) => Ok(params.clone()),
+        _ => Err(LowerError::Unsupported {
+            stage: node.name.clone(),
+            message: format!("`{}` is not a prompt", prompt.name),
+        }),
+    }
+}
+
+/// The decoder's form of the output grammar a stage names, if any.
+pub fn grammar_of(
+    node: &Node,
+    plan: &Plan,
+    output: Option<&crate::plan::params::NodeRef>,
+) -> Result<Option<crate::decode::GrammarSpec>, LowerError> {
+    let Some(output) = output else {
+        return Ok(None);
+    };
+    match plan.node(output.id).map(|n| &n.params) {
+        Some(NodeParams::Grammar(grammar)) => {
+            Ok(Some(crate::stages::simple::grammar_spec(grammar)))
+        }
+        _ => Err(LowerError::Unsupported {
+            stage: node.name.clone(),
+            message: format!("`{}` is not a grammar", output.name),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

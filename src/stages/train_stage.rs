@@ -38,11 +38,12 @@ use crate::plan::params::{
 use crate::plan::{Node, NodeParams, Plan};
 use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
 use crate::stages::eval::stage::export_copies;
-use crate::stages::lower::{InputPositions, LowerContext, LowerError, data_file, root_dataset};
+use crate::stages::lower::{
+    InputPositions, LowerContext, LowerError, data_file, grammar_of, prompt_of, root_dataset,
+};
 use crate::stages::model_node::{MODEL_FILE, ModelFile, open_model_entry};
 use crate::stages::prompt::{RowContext, render_prompt};
 use crate::stages::report::{LineChart, Series, html_escape};
-use crate::stages::simple::grammar_spec;
 use crate::train::batch::end_of_turn_id;
 use crate::train::lora::{ModulePart, linear_modules, select_modules};
 use crate::train::metrics::{MetricRow, write_metrics};
@@ -155,22 +156,8 @@ pub fn lower_finetune(
             )));
         }
     }
-    let prompt = match plan.node(params.prompt.id).map(|n| &n.params) {
-        Some(NodeParams::Prompt(prompt)) => prompt.clone(),
-        _ => {
-            return Err(unsupported(format!(
-                "`{}` is not a prompt",
-                params.prompt.name
-            )));
-        }
-    };
-    let grammar = match &params.output {
-        None => None,
-        Some(output) => match plan.node(output.id).map(|n| &n.params) {
-            Some(NodeParams::Grammar(grammar)) => Some(grammar_spec(grammar)),
-            _ => return Err(unsupported(format!("`{}` is not a grammar", output.name))),
-        },
-    };
+    let prompt = prompt_of(node, plan, &params.prompt)?;
+    let grammar = grammar_of(node, plan, params.output.as_ref())?;
     let data_input = |data: &crate::plan::params::DataRef| -> Result<DataInput, LowerError> {
         Ok(DataInput {
             name: data.display_name(),

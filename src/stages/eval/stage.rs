@@ -19,11 +19,12 @@ use crate::plan::params::{EvalParams, ParamValue, PromptParams, Scoring};
 use crate::plan::{Node, NodeParams, Plan};
 use crate::runner::{DecodeOptions, ModelRunner};
 use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
-use crate::stages::lower::{InputPositions, LowerContext, LowerError, data_file, root_dataset};
+use crate::stages::lower::{
+    InputPositions, LowerContext, LowerError, data_file, grammar_of, prompt_of, root_dataset,
+};
 use crate::stages::model_node::open_model_entry;
 use crate::stages::prompt::{RowContext, render_prompt};
 use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
-use crate::stages::simple::grammar_spec;
 
 /// Bumped when the eval stage's output for the same inputs changes.
 const EVAL_CODE_VERSION: u32 = 1;
@@ -56,22 +57,8 @@ pub fn lower_eval(
     let NodeParams::Eval(params) = &node.params else {
         return Err(unsupported("not an eval node".to_owned()));
     };
-    let prompt = match plan.node(params.prompt.id).map(|n| &n.params) {
-        Some(NodeParams::Prompt(prompt)) => prompt.clone(),
-        _ => {
-            return Err(unsupported(format!(
-                "`{}` is not a prompt",
-                params.prompt.name
-            )));
-        }
-    };
-    let grammar = match &params.output {
-        None => None,
-        Some(output) => match plan.node(output.id).map(|n| &n.params) {
-            Some(NodeParams::Grammar(grammar)) => Some(grammar_spec(grammar)),
-            _ => return Err(unsupported(format!("`{}` is not a grammar", output.name))),
-        },
-    };
+    let prompt = prompt_of(node, plan, &params.prompt)?;
+    let grammar = grammar_of(node, plan, params.output.as_ref())?;
     Ok(Box::new(EvalStage {
         canonical: node.canonical_params(),
         params: params.clone(),
