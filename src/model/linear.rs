@@ -111,11 +111,7 @@ impl Linear {
         let rows: usize = lead.iter().product();
         // [..., in] -> [rows, in]
         let x2 = x.reshape((rows, in_dim))?;
-        let y = ops::matmul_wt(&x2, &self.weight)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let y = ops::linear(&x2, &self.weight, self.bias.as_ref())?;
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_dim());
         // [rows, out] -> [..., out]

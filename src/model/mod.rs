@@ -25,6 +25,7 @@
 // The network and its loading (owner: model-net).
 pub mod checkpoint;
 pub mod config;
+pub mod cpu;
 pub mod generate;
 pub mod lfm2_vl;
 pub mod linear;

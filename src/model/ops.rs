@@ -13,6 +13,7 @@ use candle_core::{D, DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::model::config::Activation;
+use crate::model::cpu;
 
 /// True when gradients must flow through `xs` (it is, or derives from, a `Var`).
 fn tracks(xs: &Tensor) -> bool {
@@ -44,7 +45,108 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
         return Tensor::cat(&parts, 1);
     }
+    if let Some(y) = cpu_linear(x, w, None)? {
+        return Ok(y);
+    }
     x.matmul(&w.t()?)
+}
+
+/// `x [m, k] @ w[n, k]^T + b`, the bias added inside the product on CPU f32.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (m, _) = x.dims2()?;
+    if m > 4
+        && !b.is_some_and(tracks)
+        && let Some(y) = cpu_linear(x, w, b)?
+    {
+        return Ok(y);
+    }
+    let y = matmul_wt(x, w)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// [`cpu::linear`] when every operand is an untracked CPU f32 tensor; `None` otherwise.
+fn cpu_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+    if !is_cpu_f32(x) || !is_cpu_f32(w) || tracks(x) || tracks(w) {
+        return Ok(None);
+    }
+    if b.is_some_and(|b| !is_cpu_f32(b) || tracks(b)) {
+        return Ok(None);
+    }
+    let ((m, k), (n, _)) = (x.dims2()?, w.dims2()?);
+    let y = with_cpu_f32(x, |xs| {
+        with_cpu_f32(w, |ws| match b {
+            Some(b) => with_cpu_f32(b, |bs| cpu::linear(xs, m, k, ws, n, Some(bs))),
+            None => Ok(cpu::linear(xs, m, k, ws, n, None)),
+        })
+    })???;
+    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
+}
+
+/// Bidirectional attention of packed views (`[N, heads * hd]` each for `q`, `k`, `v`; each view's
+/// rows attend only to its own rows) with the fused CPU kernel; `None` when any operand is not an
+/// untracked CPU f32 tensor, so the caller uses candle ops.
+pub fn packed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spans: &[crate::model::vision::ViewSpan],
+    heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if [q, k, v].iter().any(|t| !is_cpu_f32(t) || tracks(t)) {
+        return Ok(None);
+    }
+    let (n, width) = q.dims2()?;
+    if k.dims2()? != (n, width) || v.dims2()? != (n, width) || heads == 0 || width % heads != 0 {
+        candle_core::bail!("packed attention: q, k, v must all be [N, heads * head_dim]")
+    }
+    let out = with_cpu_f32(q, |qs| {
+        with_cpu_f32(k, |ks| {
+            with_cpu_f32(v, |vs| {
+                let mut out = Vec::with_capacity(n * width);
+                for span in spans {
+                    let rows = span.start * width..(span.start + span.len()) * width;
+                    let shape = cpu::AttentionShape {
+                        q_rows: span.len(),
+                        kv_rows: span.len(),
+                        heads,
+                        kv_heads: heads,
+                        head_dim: width / heads,
+                        scale: scale as f32,
+                        causal_past: None,
+                    };
+                    let (Some(qv), Some(kv), Some(vv)) =
+                        (qs.get(rows.clone()), ks.get(rows.clone()), vs.get(rows))
+                    else {
+                        candle_core::bail!("packed attention: a view runs past the patches")
+                    };
+                    out.extend(cpu::attention(qv, kv, vv, shape));
+                }
+                Ok(out)
+            })
+        })
+    })????;
+    if out.len() != n * width {
+        candle_core::bail!("packed attention: the views do not cover all {n} patches")
+    }
+    Ok(Some(Tensor::from_vec(out, (n, width), q.device())?))
+}
+
+/// Runs `f` on the elements of a CPU f32 tensor in row-major order (copying only when it is not
+/// contiguous).
+pub(crate) fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU tensor")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor")
+    };
+    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
 /// `x @ w^T` for a tracked `x` and a frozen `w` (training through frozen layers).
@@ -157,24 +259,9 @@ fn map_rows_f32(
     Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
 }
 
-fn gelu_tanh_slice(x: &[f32], y: &mut [f32]) {
-    // 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
-    const K: f32 = 0.797_884_6;
-    for (y, &x) in y.iter_mut().zip(x) {
-        let u2 = 2.0 * K * (x + 0.044_715 * x * x * x);
-        *y = x / (1.0 + fast_exp(-u2));
-    }
-}
-
-fn silu_slice(x: &[f32], y: &mut [f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = x / (1.0 + fast_exp(-x));
-    }
-}
-
 /// SiLU (`x * sigmoid(x)`).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    match map_rows_f32(x, x.dim(D::Minus1)?, silu_slice)? {
+    match map_rows_f32(x, x.dim(D::Minus1)?, cpu::silu_rows)? {
         Some(y) => Ok(y),
         None => candle_nn::ops::silu(x),
     }
@@ -207,9 +294,15 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let p = if tracks(&x32) {
         candle_nn::ops::softmax(&x32, D::Minus1)?
     } else {
-        // candle's fused softmax measured faster here than an exp-polynomial version (its
-        // single pass per row matters more than the exp), so it stays.
-        candle_nn::ops::softmax_last_dim(&x32.contiguous()?)?
+        let row = x32.dim(D::Minus1)?;
+        let fast = map_rows_f32(&x32, row, |i, o| {
+            o.copy_from_slice(i);
+            cpu::softmax_in_place(o);
+        })?;
+        match fast {
+            Some(p) => p,
+            None => candle_nn::ops::softmax_last_dim(&x32.contiguous()?)?,
+        }
     };
     if dtype == DType::F32 {
         Ok(p)
@@ -221,7 +314,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Applies a configured activation.
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
-        Activation::GeluTanh => match map_rows_f32(x, x.dim(D::Minus1)?, gelu_tanh_slice)? {
+        Activation::GeluTanh => match map_rows_f32(x, x.dim(D::Minus1)?, cpu::gelu_tanh_rows)? {
             Some(y) => Ok(y),
             None => x.gelu(),
         },

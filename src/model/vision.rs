@@ -210,9 +210,13 @@ impl VisionAttention {
     /// `x [N, D]` packed views -> `[N, D]`.
     pub fn forward(&self, x: &Tensor, spans: &[ViewSpan]) -> Result<Tensor> {
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = (self.q_proj.forward(x)? * scale)?;
+        let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
+        if let Some(o) = ops::packed_attention(&q, &k, &v, spans, self.num_heads, scale)? {
+            return self.out_proj.forward(&o);
+        }
+        let q = (q * scale)?;
         let mut outs = Vec::with_capacity(spans.len());
         for span in spans {
             let n = span.len();
