@@ -226,7 +226,13 @@ impl Lfm2VlModel {
         cache: &mut TextCache,
         mode: LogitsMode,
     ) -> Result<Tensor> {
-        let hidden = self.text.forward(embeds, attention_mask, cache, None)?;
+        let hidden = match mode {
+            LogitsMode::All => self.text.forward(embeds, attention_mask, cache, None)?,
+            // Only the last position is read: skip the work nothing else depends on.
+            LogitsMode::Last => self
+                .text
+                .forward_tail(embeds, attention_mask, cache, None, 1)?,
+        };
         self.logits(&hidden, mode)
     }
 
@@ -269,5 +275,73 @@ impl LinearVisitor for Lfm2VlModel {
         self.vision.visit_linears_mut(f);
         self.projector.visit_linears_mut(f);
         self.text.visit_linears_mut(f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::checkpoint::{LoadOptions, random_model};
+    use crate::model::config::Config;
+    use candle_core::{DType, Device, IndexOp};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// Skipping the work after the last attention layer (`LogitsMode::Last`) must give the same
+    /// logits and leave the same caches as the full forward, with left padding in the batch.
+    #[test]
+    fn last_only_prefill_matches_the_full_forward_and_its_cache() -> Result<()> {
+        let cfg = Config::from_json(
+            r#"{"projector_hidden_size": 32,
+                "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2},
+                "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 5,
+                                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+                                "block_multiple_of": 8,
+                                "layer_types": ["conv", "full_attention", "conv", "conv", "conv"]}}"#,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let model = random_model(&cfg, &LoadOptions::default(), 3)?;
+        let dev = Device::Cpu;
+        let ids = Tensor::new(
+            &[
+                [0u32, 0, 0, 5, 9, 17, 4, 88, 2],
+                [11, 12, 13, 14, 15, 16, 17, 18, 19],
+            ],
+            &dev,
+        )?;
+        let mask = Tensor::new(
+            &[[0u32, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 1]],
+            &dev,
+        )?;
+        let mut full_cache = model.new_cache(2);
+        let all = model.forward(&ids, None, Some(&mask), &mut full_cache, LogitsMode::All)?;
+        let mut tail_cache = model.new_cache(2);
+        let last = model.forward(&ids, None, Some(&mask), &mut tail_cache, LogitsMode::Last)?;
+        assert_eq!(last.dims(), &[2, 300]);
+        assert!(max_diff(&all.i((.., 8))?, &last)? < 1e-5);
+
+        // The next step reads every cache: conv windows and attention keys alike.
+        let next = Tensor::new(&[[7u32], [8]], &dev)?;
+        let step_mask = Tensor::ones((2, 10), DType::U32, &dev)?;
+        let step_mask = step_mask.narrow(1, 9, 1)?;
+        let a = model.forward(
+            &next,
+            None,
+            Some(&step_mask),
+            &mut full_cache,
+            LogitsMode::Last,
+        )?;
+        let b = model.forward(
+            &next,
+            None,
+            Some(&step_mask),
+            &mut tail_cache,
+            LogitsMode::Last,
+        )?;
+        assert!(max_diff(&a, &b)? < 1e-5);
+        Ok(())
     }
 }
