@@ -94,23 +94,26 @@ fn extent(offset: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Opti
     offset.checked_add(last)?.checked_add(1)
 }
 
-/// Where a product is written: a row-major block with `row_stride` between rows, in a slice of
-/// initialised floats or in reserved, not yet initialised capacity.
+/// Where a product is written: `(i, j)` lands at `offset + i * row_stride + j * col_stride`, in a
+/// slice of initialised floats or in reserved, not yet initialised capacity.
 pub struct MatMut<'a> {
     ptr: *mut f32,
     len: usize,
     offset: usize,
     row_stride: usize,
+    col_stride: usize,
     _borrow: PhantomData<&'a mut [f32]>,
 }
 
 impl<'a> MatMut<'a> {
+    /// A row-major destination with `row_stride` between rows.
     pub fn new(data: &'a mut [f32], offset: usize, row_stride: usize) -> Self {
         Self {
             ptr: data.as_mut_ptr(),
             len: data.len(),
             offset,
             row_stride,
+            col_stride: 1,
             _borrow: PhantomData,
         }
     }
@@ -123,7 +126,17 @@ impl<'a> MatMut<'a> {
             len: data.len(),
             offset,
             row_stride,
+            col_stride: 1,
             _borrow: PhantomData,
+        }
+    }
+
+    /// The same destination written transposed: `(i, j)` lands where `(j, i)` did.
+    pub fn t(self) -> Self {
+        Self {
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
         }
     }
 }
@@ -147,7 +160,7 @@ pub fn gemm(
         lhs.in_bounds() && rhs.in_bounds(),
         "gemm: operand out of bounds"
     );
-    let dst_end = extent(dst.offset, m, n, dst.row_stride, 1);
+    let dst_end = extent(dst.offset, m, n, dst.row_stride, dst.col_stride);
     assert!(
         dst_end.is_some_and(|end| end <= dst.len),
         "gemm: destination out of bounds"
@@ -170,7 +183,7 @@ pub fn gemm(
             n,
             k,
             dst.ptr.add(dst.offset),
-            1,
+            dst.col_stride as isize,
             dst.row_stride as isize,
             accumulate,
             lhs.data.as_ptr().add(lhs.offset),
@@ -313,11 +326,13 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
                 softmax_in_place(&mut row[..visible]);
                 row[visible..].fill(0.0);
             }
+            // Computed as `out^T = v^T scores^T`: both operands are then already in the
+            // column-major panels gemm reads, so neither the scores nor v are repacked per task.
             let mut out = vec![0f32; rows * hd];
             gemm(
-                MatMut::new(&mut out, 0, hd),
-                MatRef::row_major(&scores, rows, keys),
-                v_all.rows(0, keys).cols(g * hd, hd),
+                MatMut::new(&mut out, 0, hd).t(),
+                v_all.rows(0, keys).cols(g * hd, hd).t(),
+                MatRef::row_major(&scores, rows, keys).t(),
                 1.0,
                 false,
                 1,
