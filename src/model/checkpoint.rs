@@ -10,13 +10,14 @@
 //!
 //! Downloading is not done here: this module takes a directory path.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
+use rayon::prelude::*;
 
 use crate::model::config::{Config, ConfigError};
 use crate::model::lfm2_vl::{Lfm2VlModel, WeightPrefixes};
@@ -162,7 +163,15 @@ impl Checkpoint {
         })?;
         let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
         let prefixes = self.prefixes(&names)?;
-        let backend = NamedBackend { inner: st };
+        let converted =
+            convert_all(&st, &names, opts).map_err(|source| CheckpointError::Weights {
+                dir: self.dir.clone(),
+                source,
+            })?;
+        let backend = NamedBackend {
+            inner: st,
+            converted,
+        };
         let backend: Box<dyn SimpleBackend> = Box::new(backend);
         let vb = VarBuilder::from_backend(backend, opts.dtype, opts.device.clone());
         let model = Lfm2VlModel::new(&self.config, vb, &prefixes);
@@ -326,15 +335,62 @@ fn find_missing(err: &candle_core::Error, names: &[String]) -> Option<String> {
 /// The mmapped tensors with a missing-tensor error that names the tensor.
 struct NamedBackend {
     inner: MmapedSafetensors,
+    /// Every floating-point tensor of the files, already in the dtype and on the device asked for.
+    converted: HashMap<String, Tensor>,
 }
 
 impl NamedBackend {
     fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.converted.get(name) {
+            return Ok(t.clone());
+        }
         if self.inner.get(name).is_err() {
             candle_core::bail!("{MISSING_MARKER}`{name}`")
         }
         self.inner.load(name, dev)
     }
+}
+
+/// Loads and converts every floating-point tensor of the files in parallel.
+///
+/// Building the model asks for tensors one at a time; converting them there ran on one core, and
+/// the bf16 -> f32 case went through an intermediate bf16 copy. Here bf16 weights are widened
+/// straight from the memory map into their f32 buffers, across the rayon pool.
+fn convert_all(
+    st: &MmapedSafetensors,
+    names: &[String],
+    opts: &LoadOptions,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    names
+        .par_iter()
+        .filter_map(|name| {
+            let view = st.get(name).ok()?;
+            let float = matches!(
+                view.dtype(),
+                safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F32
+            );
+            float.then(|| {
+                let tensor = if view.dtype() == safetensors::Dtype::BF16
+                    && opts.dtype == DType::F32
+                    && opts.device.is_cpu()
+                {
+                    let widened = bf16_bytes_to_f32(view.data());
+                    Tensor::from_vec(widened, view.shape(), &Device::Cpu)?
+                } else {
+                    st.load(name, &opts.device)?.to_dtype(opts.dtype)?
+                };
+                Ok((name.clone(), tensor))
+            })
+        })
+        .collect()
+}
+
+/// Little-endian bf16 bytes to f32 (a bf16 is the top half of the f32 with the same bits).
+fn bf16_bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
+        .collect()
 }
 
 impl SimpleBackend for NamedBackend {
@@ -392,6 +448,29 @@ mod tests {
             }
             other => panic!("expected a missing shard, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn bf16_widening_is_exact() {
+        let values = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -3.140625,
+            1e-30,
+            6.5e4,
+            f32::INFINITY,
+            f32::MIN_POSITIVE,
+        ];
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let expected: Vec<f32> = values
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        assert_eq!(bf16_bytes_to_f32(&bytes), expected);
     }
 
     #[test]
