@@ -424,7 +424,10 @@ fn bench_model_reports_every_step() -> TestResult {
     assert!(ours["peak_rss_mib"].as_f64().is_some_and(|m| m > 0.0));
     assert!(report["transformers"].is_null(), "no python was given");
     assert_eq!(ours["device"], "cpu");
-    assert_eq!(ours["backends"][0], "cpu", "the CPU backend is always compiled");
+    assert_eq!(
+        ours["backends"][0], "cpu",
+        "the CPU backend is always compiled"
+    );
     Ok(())
 }
 
