@@ -152,7 +152,7 @@ impl Stage for EvalStage {
         }
         bar.finish_and_clear();
 
-        let metrics = compute_metrics(
+        let mut metrics = compute_metrics(
             &records,
             labels,
             &MetricsOptions {
@@ -162,6 +162,7 @@ impl Stage for EvalStage {
                 wall_time_s: Some(started.elapsed().as_secs_f64()),
             },
         )?;
+        metrics.device = Some(device_label(runner.device()));
         let image_source = |id: &str| images.get(id).ok().map(|stored| stored.bytes);
         let mut files = write_eval_outputs(ctx.out_dir, labels, &records, &metrics, &image_source)?;
         let report = ReportInput {
@@ -198,7 +199,7 @@ impl Stage for EvalStage {
                 "n": metrics.n,
                 "seconds": started.elapsed().as_secs_f64(),
                 // What ran it: latencies mean little without the device and dtype.
-                "device": device_label(runner.device()),
+                "device": metrics.device,
                 "dtype": dtype_name(dtype),
             }),
             warnings,
