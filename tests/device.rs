@@ -76,8 +76,11 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// `(stage, status, fingerprint)` of every stage, in summary order.
-fn stages(summary: &Value) -> Result<Vec<(String, String, String)>, Box<dyn std::error::Error>> {
+/// `(stage, status, fingerprint)`.
+type StageRow = (String, String, String);
+
+/// Every stage's row, in summary order.
+fn stages(summary: &Value) -> Result<Vec<StageRow>, Box<dyn std::error::Error>> {
     let stages = summary["stages"].as_array().ok_or("no stages")?;
     stages
         .iter()
