@@ -198,3 +198,16 @@ fn a_bad_or_missing_device_stops_the_run_before_any_stage() -> TestResult {
     assert_eq!(count, 0, "entries written under {}", entries.display());
     Ok(())
 }
+
+#[test]
+fn version_lists_the_compiled_backends() -> TestResult {
+    let out = Command::new(env!("CARGO_BIN_EXE_vlmpipe"))
+        .arg("--version")
+        .output()?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout)?;
+    assert!(text.contains("backends: cpu"), "{text}");
+    assert_eq!(text.contains("cuda"), cfg!(feature = "cuda"), "{text}");
+    assert_eq!(text.contains("metal"), cfg!(feature = "metal"), "{text}");
+    Ok(())
+}
