@@ -399,6 +399,8 @@ fn bench_model_reports_every_step() -> TestResult {
         "1",
         "--json-out",
         report_path.to_str().unwrap_or_default(),
+        "--device",
+        "cpu",
     ])?;
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
@@ -421,6 +423,11 @@ fn bench_model_reports_every_step() -> TestResult {
     assert_eq!(ours["num_image_tokens"], 192);
     assert!(ours["peak_rss_mib"].as_f64().is_some_and(|m| m > 0.0));
     assert!(report["transformers"].is_null(), "no python was given");
+    assert_eq!(ours["device"], "cpu");
+    assert_eq!(
+        ours["backends"][0], "cpu",
+        "the CPU backend is always compiled"
+    );
     Ok(())
 }
 
@@ -506,6 +513,43 @@ fn bench_rerun_times_cached_reruns() -> TestResult {
         assert!(text.starts_with("20 images"), "{text}");
         assert!(text.contains("no-change rerun median"), "{text}");
         assert!(dir.path().join("bench.vp").is_file());
+    }
+    Ok(())
+}
+
+#[test]
+fn device_flag_runs_on_the_cpu_and_rejects_typos() -> TestResult {
+    let case = Case::load("thumb_tiny_40x30")?;
+    let json = |device: &str| -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+        let out = vlmpipe(&case.args(&["--json", "--max-new-tokens", "4", "--device", device]))?;
+        assert!(out.status.success(), "--device {device}: {}", stderr(&out));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let cpu = json("cpu")?;
+    assert_eq!(cpu["device"], "cpu");
+    assert_eq!(cpu["dtype"], "f32");
+    // `auto` has no GPU to pick here, so it is the CPU with the same answer.
+    if !cfg!(any(feature = "cuda", feature = "metal")) {
+        let auto = json("auto")?;
+        assert_eq!(auto["device"], "cpu");
+        assert_eq!(auto["token_ids"], cpu["token_ids"]);
+    }
+
+    let out = vlmpipe(&case.args(&["--device", "cdua"]))?;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("unknown device `cdua`; expected cpu, cuda[:N], metal[:N], gpu or auto"),
+        "{}",
+        stderr(&out)
+    );
+    if !cfg!(feature = "metal") {
+        let out = vlmpipe(&case.args(&["--device", "metal"]))?;
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("needs Metal support"), "{err}");
+        assert!(err.contains("--features metal"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
     }
     Ok(())
 }

@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::DType;
 use serde_json::Value;
 use vlmpipe::decode::{CompiledGrammar, GrammarSpec, LabelScorer, log_softmax};
 use vlmpipe::model::chat::Conversation;
+use vlmpipe::model::checkpoint::LoadOptions;
 use vlmpipe::model::processor::decode_image;
 use vlmpipe::runner::ModelRunner;
 
@@ -197,7 +197,7 @@ fn scores_match_the_runner_and_the_greedy_answer() -> TestResult {
     let max = cli_probs.iter().copied().fold(f64::MIN, f64::max);
     assert_eq!(cli_probs[best], max, "best is the argmax");
 
-    let runner = ModelRunner::load(&model(), DType::F32)?;
+    let runner = ModelRunner::load(&model(), &LoadOptions::default())?;
     let rgb = decode_image(&std::fs::read(image())?)?;
     let conversation = Conversation::image_question(Some(SYSTEM), PROMPT);
     let prompt = runner.prepare(&conversation, &[rgb])?;

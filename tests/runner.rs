@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use vlmpipe::decode::{CompiledGrammar, GrammarSpec, LabelScorer, log_softmax};
 use vlmpipe::model::chat::Conversation;
+use vlmpipe::model::checkpoint::LoadOptions;
 use vlmpipe::model::generate::Sampling;
 use vlmpipe::model::lfm2_vl::LogitsMode;
 use vlmpipe::runner::{DecodeOptions, ModelRunner, PreparedPrompt};
@@ -18,7 +19,8 @@ fn fixture(rel: &str) -> PathBuf {
 }
 
 fn runner_and_prompt() -> (ModelRunner, PreparedPrompt) {
-    let runner = ModelRunner::load(&fixture("checkpoints/tiny-thumb"), DType::F32).unwrap();
+    let runner =
+        ModelRunner::load(&fixture("checkpoints/tiny-thumb"), &LoadOptions::default()).unwrap();
     let image = image::open(fixture("images/tiny_40x30.png"))
         .unwrap()
         .to_rgb8();
@@ -148,7 +150,8 @@ mod eval_job {
 
     #[test]
     fn constrained_eval_records_every_sample_and_counts_bad_images_as_invalid() {
-        let runner = ModelRunner::load(&fixture("checkpoints/tiny-thumb"), DType::F32).unwrap();
+        let runner =
+            ModelRunner::load(&fixture("checkpoints/tiny-thumb"), &LoadOptions::default()).unwrap();
         let labels = labels();
         let job = EvalJob {
             runner: &runner,
@@ -183,7 +186,8 @@ mod eval_job {
 
     #[test]
     fn scored_eval_gives_a_distribution_and_its_argmax() {
-        let runner = ModelRunner::load(&fixture("checkpoints/tiny-thumb"), DType::F32).unwrap();
+        let runner =
+            ModelRunner::load(&fixture("checkpoints/tiny-thumb"), &LoadOptions::default()).unwrap();
         let labels = labels();
         let grammar = choice(&runner);
         let job = EvalJob {

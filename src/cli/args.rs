@@ -4,9 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::model::device::DeviceChoice;
+
 /// Turn small local vision-language models into accurate, fast image classifiers.
 #[derive(Debug, Parser)]
-#[command(name = "vlmpipe", version, about, long_about = None)]
+#[command(name = "vlmpipe", version, long_version = crate::model::device::LONG_VERSION, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -87,6 +89,8 @@ pub struct RunArgs {
     /// Seconds to wait for another run holding the cache lock.
     #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
     pub lock_wait: f64,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 /// Flags of `render`.
@@ -161,6 +165,8 @@ pub struct ExportArgs {
     /// No progress bars or per-stage messages.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 /// `--set NAME=VALUE` overrides of the pipeline's `param`s.
@@ -195,6 +201,16 @@ pub enum GraphFormat {
     Text,
     Dot,
     Mermaid,
+}
+
+/// Where models compute.
+#[derive(Debug, Args, Clone, Default)]
+pub struct DeviceArg {
+    /// Where the model computes: `auto` (a GPU when this build has a backend and one opens, else
+    /// the CPU), `cpu`, `cuda[:N]`, `metal[:N]` or `gpu`. GPUs need a build with
+    /// `--features cuda` or `--features metal`. Never part of a stage fingerprint.
+    #[arg(long, env = "VLMPIPE_DEVICE", value_name = "DEVICE", default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
 }
 
 /// Where the cache lives.
@@ -294,6 +310,8 @@ pub struct InferArgs {
     /// The dtype to compute in.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Write the prompt's last-position logits to this file (safetensors, tensor `logits`, f32 [vocab]).
     #[arg(long, value_name = "FILE")]
     pub dump_logits: Option<PathBuf>,
@@ -417,6 +435,8 @@ pub struct BenchModelArgs {
     /// The dtype to compute in.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// A Python with transformers (e.g. `tests/reference/.venv-5/bin/python`): run the
     /// transformers benchmark on the same checkpoint and image in the same run and print ratios.
     #[arg(long, value_name = "PATH", requires = "transformers_script")]

@@ -37,13 +37,15 @@ use serde_json::{Value, json};
 use crate::cli::Outcome;
 use crate::cli::args::{
     BenchCommand, BenchGrammarArgs, BenchIngestArgs, BenchModelArgs, BenchRerunArgs, CacheDirArg,
-    ParamOverrides, RunArgs,
+    DeviceArg, ParamOverrides, RunArgs,
 };
 use crate::cli::check_cmd::load_and_report;
 use crate::cli::run_cmd;
 use crate::decode::{BenchConfig, bench_grammars};
 use crate::exec::StageStatus;
 use crate::model::chat::Conversation;
+use crate::model::checkpoint::LoadOptions;
+use crate::model::device::{DeviceChoice, compiled_backends, device_label};
 use crate::model::generate::{self, GenerateConfig, Prompt, Sampling};
 use crate::model::lfm2_vl::LogitsMode;
 use crate::model::processor::decode_image;
@@ -211,6 +213,10 @@ fn bench_rerun(args: &BenchRerunArgs) -> anyhow::Result<Outcome> {
         quiet: true,
         evals_dir: None,
         lock_wait: 60.0,
+        // The rerun bench's pipeline has no model: it times cache lookups.
+        device: DeviceArg {
+            device: DeviceChoice::Cpu,
+        },
     };
 
     let (first_s, first) = timed_run(&run_args, args.in_process)?;
@@ -347,8 +353,15 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     let image =
         decode_image(&bytes).with_context(|| format!("bad image `{}`", image_path.display()))?;
 
+    let device = crate::cli::open_device(&args.device)?;
     let t = Instant::now();
-    let runner = ModelRunner::load(&dir, args.dtype.to_candle())?;
+    let runner = ModelRunner::load(
+        &dir,
+        &LoadOptions {
+            dtype: args.dtype.to_candle(),
+            device,
+        },
+    )?;
     let load_s = t.elapsed().as_secs_f64();
     let rss_after_load = proc_status_mib("VmRSS");
 
@@ -368,6 +381,8 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
 
         let t = Instant::now();
         let features = runner.image_features(&inputs)?;
+        // GPU work is asynchronous: every timer stops after the device has finished.
+        runner.device().synchronize()?;
         let vision = t.elapsed();
 
         let model = runner.model();
@@ -383,12 +398,14 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
             &mut cache,
             LogitsMode::All,
         )?;
+        dev.synchronize()?;
         let prompt_forward = t.elapsed();
 
         let embeds = model.embed(&ids, features.as_ref())?;
         let t = Instant::now();
         let mut cache = model.new_cache(1);
         let logits = model.forward_embeds(&embeds, None, &mut cache, LogitsMode::Last)?;
+        dev.synchronize()?;
         let prefill = t.elapsed();
 
         let mut token = first_argmax(&logits)?;
@@ -462,6 +479,8 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         "dtype".into(),
         json!(format!("{:?}", args.dtype.to_candle())),
     );
+    ours.insert("device".into(), json!(device_label(runner.device())));
+    ours.insert("backends".into(), json!(compiled_backends()));
     let ours = Value::Object(ours);
     drop(runner);
 

@@ -49,6 +49,7 @@ pub(crate) fn export(args: &ExportArgs) -> anyhow::Result<Outcome> {
         quiet: args.quiet,
         evals_dir: args.evals_dir.clone(),
         lock_wait: 600.0,
+        device: args.device.clone(),
     };
     let summary = run_cmd::execute(&plan, &run_args)?;
     let report = summary.stage(&args.stage);

@@ -15,15 +15,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::cli::Outcome;
-use crate::cli::args::InferArgs;
+use crate::cli::args::{DtypeArg, InferArgs};
 use crate::decode::{Answer, AnswerParser, CompiledGrammar, GrammarSpec, LabelScorer, LabelScores};
 use crate::model::chat::Conversation;
+use crate::model::checkpoint::LoadOptions;
+use crate::model::device::device_label;
 use crate::model::generate::Sampling;
 use crate::model::generation_config::GenerationConfig;
 use crate::model::processor::decode_image;
@@ -42,6 +44,10 @@ struct InferReport {
     prompt_tokens: usize,
     image_tokens: usize,
     finish_reason: &'static str,
+    /// Where the model ran (`cpu`, `cuda:0`, `metal:0`).
+    device: String,
+    /// The dtype it computed in.
+    dtype: &'static str,
     /// The answer read back under the grammar (only with one).
     #[serde(skip_serializing_if = "Option::is_none")]
     answer: Option<Value>,
@@ -75,8 +81,15 @@ pub(crate) fn run(args: &InferArgs) -> anyhow::Result<Outcome> {
     let spec = grammar_spec(args)?;
     let dir = resolve_model_dir(&args.model)?;
     let generation = GenerationConfig::from_model_dir(&dir)?;
+    let device = crate::cli::open_device(&args.device)?;
     let t = Instant::now();
-    let runner = ModelRunner::load(&dir, args.dtype.to_candle())?;
+    let runner = ModelRunner::load(
+        &dir,
+        &LoadOptions {
+            dtype: args.dtype.to_candle(),
+            device,
+        },
+    )?;
     let load = t.elapsed();
 
     let t = Instant::now();
@@ -159,6 +172,8 @@ pub(crate) fn run(args: &InferArgs) -> anyhow::Result<Outcome> {
             } else {
                 "length"
             },
+            device: device_label(runner.device()),
+            dtype: dtype_name(args.dtype),
             answer: parsed,
             scores,
             timings: Timings {
@@ -251,10 +266,22 @@ fn answer_json(answer: &Answer) -> Value {
 
 /// Writes `[1, vocab]` (or `[vocab]`) logits as safetensors tensor `logits`, f32 `[vocab]`.
 fn dump_logits(logits: &Tensor, path: &Path) -> anyhow::Result<()> {
-    let logits = logits.to_dtype(DType::F32)?.flatten_all()?;
+    // To the host first: the file is written from CPU memory whatever device computed it.
+    let logits = logits
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?;
     let tensors = HashMap::from([("logits".to_string(), logits)]);
     candle_core::safetensors::save(&tensors, path)
         .with_context(|| format!("cannot write logits to `{}`", path.display()))
+}
+
+fn dtype_name(dtype: DtypeArg) -> &'static str {
+    match dtype {
+        DtypeArg::F32 => "f32",
+        DtypeArg::Bf16 => "bf16",
+        DtypeArg::F16 => "f16",
+    }
 }
 
 fn ms(d: Duration) -> f64 {

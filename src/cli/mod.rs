@@ -48,6 +48,16 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Opens `--device`, warning on stderr about GPUs `auto` passed over (a CUDA build on a machine
+/// without a driver would otherwise fall back to the CPU silently).
+pub(crate) fn open_device(arg: &args::DeviceArg) -> anyhow::Result<candle_core::Device> {
+    let resolved = arg.device.resolve_explained()?;
+    for line in &resolved.fallbacks {
+        eprintln!("warning: --device auto: {line}");
+    }
+    Ok(resolved.device)
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Cache(command) => cache_cmd::run(command),

@@ -12,12 +12,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::Outcome;
-use super::args::{RenderArgs, RunArgs};
+use super::args::{DeviceArg, RenderArgs, RunArgs};
 use super::cache_cmd::cache_root;
 use super::check_cmd::load_and_report;
 use super::run_cmd;
 use crate::cache::{CacheEntry, CacheStore, Fingerprint, Lookup, Verify};
 use crate::exec::RunSummary;
+use crate::model::device::DeviceChoice;
 use crate::model::processor::{Processor, decode_image};
 use crate::plan::params::{DataRef, NodeRef};
 use crate::plan::{NodeParams, Plan};
@@ -87,6 +88,10 @@ pub(crate) fn render(args: &RenderArgs) -> anyhow::Result<Outcome> {
         quiet: true,
         evals_dir: None,
         lock_wait: 600.0,
+        // Rendering needs the model's files, never its weights on a device.
+        device: DeviceArg {
+            device: DeviceChoice::Cpu,
+        },
     };
     let summary = run_cmd::execute(&plan, &run_args)?;
     if !summary.success {

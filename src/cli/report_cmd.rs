@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 
 use super::Outcome;
-use super::args::{ReportArgs, RunArgs, ShowArgs};
+use super::args::{DeviceArg, ReportArgs, RunArgs, ShowArgs};
 use super::check_cmd::load_and_report;
 use super::run_cmd::execute;
 use crate::exec::{RunSummary, StageStatus};
+use crate::model::device::DeviceChoice;
 use crate::plan::{NodeKind, NodeParams, Plan};
 use crate::stages::eval::{
     METRICS_FILE, Metrics, RECORDS_FILE, REPORT_FILE, read_metrics_json, read_records_parquet,
@@ -153,6 +154,10 @@ fn dry_run(
         quiet: true,
         evals_dir: None,
         lock_wait: 10.0,
+        // A dry run loads no model.
+        device: DeviceArg {
+            device: DeviceChoice::Cpu,
+        },
     };
     execute(plan, &args)
 }

@@ -31,7 +31,14 @@ pub(crate) fn execute(plan: &Plan, args: &RunArgs) -> anyhow::Result<RunSummary>
     let root = std::path::absolute(&root).unwrap_or(root);
     let store = CacheStore::open(&root)
         .with_context(|| format!("cannot open the cache `{}`", root.display()))?;
-    let ctx = lower_context(plan, &args.file, args.evals_dir.clone(), args.quiet);
+    // A dry run loads no model, so it needs no device (and must not fail for want of one).
+    let device = if args.dry_run {
+        candle_core::Device::Cpu
+    } else {
+        super::open_device(&args.device)?
+    };
+    let mut ctx = lower_context(plan, &args.file, args.evals_dir.clone(), args.quiet);
+    ctx.device = device;
     let graph = lower(plan, &ctx)?;
     let options = RunOptions {
         force: args.force.clone(),
@@ -43,7 +50,8 @@ pub(crate) fn execute(plan: &Plan, args: &RunArgs) -> anyhow::Result<RunSummary>
     Ok(exec::run(&graph, &store, &options)?)
 }
 
-/// What lowering needs to know about this machine for `plan`, read from `file`'s location.
+/// What lowering needs to know about this machine for `plan`, read from `file`'s location (on
+/// the CPU; callers that run models set `device`).
 pub(crate) fn lower_context<'a>(
     plan: &'a Plan,
     file: &Path,
@@ -64,6 +72,7 @@ pub(crate) fn lower_context<'a>(
         evals_dir,
         hub: Hub::new(hub_config),
         threads: 0,
+        device: candle_core::Device::Cpu,
     }
 }
 

@@ -222,6 +222,8 @@ pub fn generate(
         &mut cache,
         LogitsMode::Last,
     )?;
+    // GPU kernels run asynchronously; wait, so the times are the work's and not its launch's.
+    dev.synchronize()?;
     let prefill = start.elapsed();
     let prompt_logits = logits.clone();
     let mut step_times = Vec::new();
@@ -266,6 +268,7 @@ pub fn generate(
         let t = Instant::now();
         let input = Tensor::from_vec(next, (b, 1), dev)?;
         logits = model.forward(&input, None, None, &mut cache, LogitsMode::Last)?;
+        dev.synchronize()?;
         step_times.push(t.elapsed());
     }
 

@@ -21,11 +21,15 @@
 //!
 //! Every projection is a [`linear::Linear`] named after its checkpoint path; LoRA attaches there
 //! through [`linear::LinearAdapter`] and finds targets through [`linear::LinearVisitor`].
+//!
+//! [`device`] turns `--device` (`auto`, `cpu`, `cuda[:N]`, `metal[:N]`) into the candle device the
+//! weights load onto; everything else follows the weights' device.
 
 // The network and its loading (owner: model-net).
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod device;
 pub mod generate;
 pub mod lfm2_vl;
 pub mod linear;
@@ -33,6 +37,8 @@ pub mod ops;
 pub mod projector;
 pub mod text;
 pub mod vision;
+
+pub use device::{DeviceChoice, DeviceError};
 
 // Turning an image and a conversation into model inputs (owner: processor).
 pub mod chat;

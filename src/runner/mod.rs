@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use image::RgbImage;
 
 use crate::decode::{
@@ -92,40 +92,33 @@ pub struct ModelRunner {
 }
 
 impl ModelRunner {
-    /// Loads the checkpoint folder `dir` (Hub layout) in `dtype` on the CPU.
-    pub fn load(dir: &Path, dtype: DType) -> Result<Self, RunnerError> {
+    /// Loads the checkpoint folder `dir` (Hub layout) in `options`' dtype onto its device.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self, RunnerError> {
         let load_err = |message: String| RunnerError::Load {
             dir: dir.to_path_buf(),
             message,
         };
-        let options = LoadOptions {
-            dtype,
-            device: Device::Cpu,
-        };
-        let model = checkpoint::load(dir, &options).map_err(|e| load_err(e.to_string()))?;
+        let model = checkpoint::load(dir, options).map_err(|e| load_err(e.to_string()))?;
         let processor = Processor::from_model_dir(dir).map_err(|e| load_err(e.to_string()))?;
         Self::new(model, processor, dir)
     }
 
-    /// Loads `dir` and, when given, attaches the PEFT LoRA adapter in `adapter_dir` (a fine-tune).
+    /// Loads `dir` and, when given, attaches the PEFT LoRA adapter in `adapter_dir` (a fine-tune);
+    /// the adapter's tensors go to the model's device.
     pub fn load_with_adapter(
         dir: &Path,
         adapter_dir: Option<&Path>,
-        dtype: DType,
+        options: &LoadOptions,
     ) -> Result<Self, RunnerError> {
         let Some(adapter_dir) = adapter_dir else {
-            return Self::load(dir, dtype);
+            return Self::load(dir, options);
         };
         let load_err = |message: String| RunnerError::Load {
             dir: adapter_dir.to_path_buf(),
             message,
         };
-        let options = LoadOptions {
-            dtype,
-            device: Device::Cpu,
-        };
-        let mut model = checkpoint::load(dir, &options).map_err(|e| load_err(e.to_string()))?;
-        let adapter = crate::train::PeftAdapter::load(adapter_dir, &Device::Cpu)
+        let mut model = checkpoint::load(dir, options).map_err(|e| load_err(e.to_string()))?;
+        let adapter = crate::train::PeftAdapter::load(adapter_dir, &options.device)
             .map_err(|e| load_err(e.to_string()))?;
         let trainable = adapter
             .attach(&mut model)
@@ -171,6 +164,11 @@ impl ModelRunner {
         &self.model
     }
 
+    /// The device the weights live on (every forward runs there).
+    pub fn device(&self) -> &Device {
+        self.model.device()
+    }
+
     pub fn processor(&self) -> &Processor {
         &self.processor
     }
@@ -203,6 +201,8 @@ impl ModelRunner {
             .map_err(|e| RunnerError::Prompt(e.to_string()))?;
         let vision_started = Instant::now();
         let image_features = self.image_features(&inputs)?;
+        // GPU kernels run asynchronously: wait for them so the time is the tower's, not the launch's.
+        self.model.device().synchronize()?;
         let vision_time = vision_started.elapsed();
         Ok(PreparedPrompt {
             inputs,

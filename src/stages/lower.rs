@@ -28,6 +28,9 @@ pub struct LowerContext<'a> {
     pub hub: Hub,
     /// Worker threads for ingest (0 = the machine's parallelism); never part of a fingerprint.
     pub threads: usize,
+    /// Where eval and finetune stages load models; never part of a fingerprint, so switching
+    /// device reuses the cache.
+    pub device: candle_core::Device,
 }
 
 /// Why a plan could not be lowered (a plan bug or a source the stages cannot read).

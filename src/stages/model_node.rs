@@ -348,6 +348,8 @@ fn random_weights(cfg: &Config, seed: u64) -> candle_core::Result<HashMap<String
         seed,
         recorded: Arc::clone(&recorded),
     };
+    // Host-side on purpose: the weights are written to disk, and the same seed must give the
+    // same bytes whatever device later loads them (the cache entry is shared across devices).
     let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
     Lfm2VlModel::new(cfg, vb, &WeightPrefixes::default())?;
     let mut guard = recorded

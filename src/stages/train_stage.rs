@@ -29,6 +29,7 @@ use crate::cache::CacheEntry;
 use crate::decode::{DecodeError, GrammarSpec, answer_text};
 use crate::exec::{Stage, StageContext, StageError, StageOutcome};
 use crate::model::checkpoint::{self, LoadOptions};
+use crate::model::device::device_label;
 use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::processor::{Processor, decode_image};
 use crate::plan::params::{
@@ -124,6 +125,8 @@ pub struct FinetuneStage {
     train_data: DataInput,
     eval_data: Option<DataInput>,
     export_dir: PathBuf,
+    /// Not in [`Stage::params`]: training on another device must not invalidate the cache.
+    device: Device,
 }
 
 /// Builds the finetune stage of `node` (the lowering hook).
@@ -176,6 +179,7 @@ pub fn lower_finetune(
         train_data: data_input(&params.data)?,
         eval_data: params.eval_data.as_ref().map(data_input).transpose()?,
         export_dir: ctx.evals_dir.join(&node.name),
+        device: ctx.device.clone(),
     }))
 }
 
@@ -212,7 +216,7 @@ impl Stage for FinetuneStage {
             &location.checkpoint_dir,
             &LoadOptions {
                 dtype,
-                device: Device::Cpu,
+                device: self.device.clone(),
             },
         )
         .map_err(|e| load_err(e.to_string()))?;
@@ -357,6 +361,7 @@ impl Stage for FinetuneStage {
                 "best_step": outcome.best_step,
                 "resumed_from": outcome.resumed_from,
                 "seconds": outcome.metrics.last().map(|m| m.seconds),
+                "device": device_label(&self.device),
             }),
             warnings,
             exports,

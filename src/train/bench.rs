@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
@@ -75,8 +75,9 @@ pub struct BenchReport {
 
 /// Builds a random-weight model of `cfg` and times LoRA training steps on one synthetic example.
 pub fn bench_train_step(cfg: &Config, spec: &BenchSpec) -> Result<BenchReport, TrainError> {
-    let dev = Device::Cpu;
     let mut model = random_model(cfg, &LoadOptions::default(), 0)?;
+    // Batches go where the weights are, so only `LoadOptions` decides the device.
+    let dev = model.device().clone();
     let rss_after_load_mib = proc_status_mib("VmRSS");
     let trainable = Trainable::attach(
         &mut model,

@@ -94,6 +94,10 @@ pub struct Metrics {
     pub calibration: Option<Calibration>,
     /// Share of samples whose true class is among the `k` most probable.
     pub top_k: Option<Vec<TopK>>,
+    /// Where the model ran (`cpu`, `cuda:0`), set by the eval stage: latencies mean little
+    /// without it. Absent from files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// Precision, recall and F1 of one class.
@@ -302,6 +306,7 @@ pub fn compute_metrics(
         roc_auc: probability.as_ref().and_then(|p| p.roc_auc),
         calibration: probability.as_ref().map(|p| p.calibration.clone()),
         top_k: probability.map(|p| p.top_k),
+        device: None,
     })
 }
 

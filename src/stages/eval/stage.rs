@@ -7,13 +7,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 use serde_json::{Value, json};
 
 use super::run::{AnswerMode, EvalJob, EvalSample};
 use super::{MetricsOptions, REPORT_FILE, compute_metrics, write_eval_outputs};
 use crate::decode::{AnswerParser, CompiledGrammar, GrammarSpec, LabelScorer};
 use crate::exec::{Stage, StageContext, StageError, StageOutcome};
+use crate::model::checkpoint::LoadOptions;
+use crate::model::device::device_label;
 use crate::model::generate::Sampling;
 use crate::plan::params::{EvalParams, ParamValue, PromptParams, Scoring};
 use crate::plan::{Node, NodeParams, Plan};
@@ -41,6 +43,8 @@ pub struct EvalStage {
     data_file: String,
     dataset_slot: usize,
     export_dir: PathBuf,
+    /// Not in [`Stage::params`]: the device changes where answers are computed, not what they are.
+    device: Device,
 }
 
 /// Builds the eval stage of `node` (the lowering hook).
@@ -70,6 +74,7 @@ pub fn lower_eval(
         data_file: data_file(&params.data, plan),
         dataset_slot: inputs.input_index(root_dataset(&params.data, plan))?,
         export_dir: ctx.evals_dir.join(&node.name),
+        device: ctx.device.clone(),
     }))
 }
 
@@ -96,7 +101,10 @@ impl Stage for EvalStage {
         let runner = ModelRunner::load_with_adapter(
             &location.checkpoint_dir,
             location.adapter_dir.as_deref(),
-            dtype,
+            &LoadOptions {
+                dtype,
+                device: self.device.clone(),
+            },
         )?;
         let rows = read_rows(&ctx.inputs[self.data_slot].path(&self.data_file))?;
         let images = ImageStore::open(&ctx.inputs[self.dataset_slot].path(IMAGES_FILE))?;
@@ -144,7 +152,7 @@ impl Stage for EvalStage {
         }
         bar.finish_and_clear();
 
-        let metrics = compute_metrics(
+        let mut metrics = compute_metrics(
             &records,
             labels,
             &MetricsOptions {
@@ -154,6 +162,7 @@ impl Stage for EvalStage {
                 wall_time_s: Some(started.elapsed().as_secs_f64()),
             },
         )?;
+        metrics.device = Some(device_label(runner.device()));
         let image_source = |id: &str| images.get(id).ok().map(|stored| stored.bytes);
         let mut files = write_eval_outputs(ctx.out_dir, labels, &records, &metrics, &image_source)?;
         let report = ReportInput {
@@ -189,6 +198,9 @@ impl Stage for EvalStage {
                 "invalid_rate": metrics.invalid_rate,
                 "n": metrics.n,
                 "seconds": started.elapsed().as_secs_f64(),
+                // What ran it: latencies mean little without the device and dtype.
+                "device": metrics.device,
+                "dtype": dtype_name(dtype),
             }),
             warnings,
             exports,
@@ -242,6 +254,15 @@ pub(crate) fn parse_dtype(name: Option<&str>) -> Result<DType, StageError> {
         "f16" => Ok(DType::F16),
         "bf16" => Ok(DType::BF16),
         other => Err(format!("unknown dtype `{other}` (expected f32, f16 or bf16)").into()),
+    }
+}
+
+/// The name [`parse_dtype`] reads back.
+pub(crate) fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
     }
 }
 

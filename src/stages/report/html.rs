@@ -296,13 +296,21 @@ fn stage_section(out: &mut String, i: usize, stage: &StageReport) {
         "latency",
         "Latency p50 / p95",
         &format!("{:.0} / {:.0} ms", m.latency_ms_p50, m.latency_ms_p95),
-        &match m.samples_per_s {
-            Some(s) => format!(
-                "{s:.2} samples/s · {:.1} tokens/sample",
-                m.tokens_generated_mean
-            ),
-            None => format!("{:.1} tokens/sample", m.tokens_generated_mean),
-        },
+        &format!(
+            "{}{}",
+            match m.samples_per_s {
+                Some(s) => format!(
+                    "{s:.2} samples/s · {:.1} tokens/sample",
+                    m.tokens_generated_mean
+                ),
+                None => format!("{:.1} tokens/sample", m.tokens_generated_mean),
+            },
+            // Which device ran it, so a GPU run's latencies are not read as a CPU's.
+            m.device
+                .as_deref()
+                .map(|d| format!(" · on {d}"))
+                .unwrap_or_default()
+        ),
     );
     if let Some(loss) = m.log_loss {
         let auc = m
