@@ -31,3 +31,26 @@ pub fn shared_path(rel: &str) -> Option<PathBuf> {
         None
     }
 }
+
+/// The device model tests run on: `VLMPIPE_TEST_DEVICE` (any `--device` spelling), the CPU when
+/// unset. A GPU machine runs the parity suite with, e.g.,
+/// `VLMPIPE_TEST_DEVICE=cuda cargo test --features cuda --test reference_model`.
+///
+/// Panics with the reason when the variable names a device this build or machine cannot open:
+/// a test asked to run on a GPU must not quietly pass on the CPU.
+pub fn test_device() -> candle_core::Device {
+    let Some(choice) = std::env::var("VLMPIPE_TEST_DEVICE")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+    else {
+        return candle_core::Device::Cpu;
+    };
+    let resolved = choice
+        .parse::<crate::model::DeviceChoice>()
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.resolve().map_err(|e| e.to_string()));
+    match resolved {
+        Ok(device) => device,
+        Err(e) => panic!("VLMPIPE_TEST_DEVICE={choice}: {e}"),
+    }
+}

@@ -7,12 +7,12 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 use vlmpipe::model::checkpoint::{self, LoadOptions};
 use vlmpipe::model::generate::{GenerateConfig, Prompt, generate};
 use vlmpipe::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
 use vlmpipe::model::vision;
-use vlmpipe::testing::shared_path;
+use vlmpipe::testing::{shared_path, test_device};
 
 type Refs = HashMap<String, Tensor>;
 
@@ -21,12 +21,17 @@ const HIDDEN_TOL: f32 = 2e-4;
 
 fn tiny_model() -> Option<Lfm2VlModel> {
     let dir = shared_path("reference/tiny-lfm2vl")?;
-    Some(checkpoint::load(&dir, &LoadOptions::default()).expect("tiny checkpoint loads"))
+    let options = LoadOptions {
+        device: test_device(),
+        ..LoadOptions::default()
+    };
+    Some(checkpoint::load(&dir, &options).expect("tiny checkpoint loads"))
 }
 
 fn refs(size: &str) -> Option<Refs> {
     let path: PathBuf = shared_path(&format!("reference/ref_tiny_{size}.safetensors"))?;
-    Some(candle_core::safetensors::load(&path, &Device::Cpu).expect("reference file loads"))
+    // On the model's device, so inputs feed it directly and comparisons run there.
+    Some(candle_core::safetensors::load(&path, &test_device()).expect("reference file loads"))
 }
 
 fn get<'a>(r: &'a Refs, name: &str) -> &'a Tensor {
@@ -211,7 +216,7 @@ fn check_greedy(size: &str) {
         );
         let next = row.argmax(0).unwrap().to_scalar::<u32>().unwrap();
         tokens.push(next);
-        let input = Tensor::new(&[[next]], &Device::Cpu).unwrap();
+        let input = Tensor::new(&[[next]], model.device()).unwrap();
         logits = model
             .forward(&input, None, None, &mut cache, LogitsMode::Last)
             .unwrap();

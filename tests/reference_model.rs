@@ -20,6 +20,7 @@ use reference_support::{
 use vlmpipe::model::checkpoint::{self, LoadOptions};
 use vlmpipe::model::generate::{FinishReason, GenerateConfig, Prompt, generate};
 use vlmpipe::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
+use vlmpipe::testing::test_device;
 
 const VISION_TOL: f32 = 5e-5;
 const HIDDEN_TOL: f32 = 2e-4;
@@ -39,7 +40,7 @@ fn model_case(case: &str, checks: &mut Checks) -> TestResult<()> {
     let Some(ckpt) = checkpoint_dir(fx.str("checkpoint")?)? else {
         return Ok(());
     };
-    let model = checkpoint::load(&ckpt.path, &LoadOptions::default())?;
+    let model = checkpoint::load(&ckpt.path, &test_load_options())?;
 
     // transformers' vision input, bit for bit.
     let max_patches = fx.tensor("pixel_attention_mask")?.dim(1)?;
@@ -48,6 +49,7 @@ fn model_case(case: &str, checks: &mut Checks) -> TestResult<()> {
         pixel_attention_mask: mask,
         spatial_shapes: shapes,
     } = pixel_values_from_views(&fx.views()?, model.config().vision.patch_size, max_patches)?;
+    let pixel_values = pixel_values.to_device(model.device())?;
     checks.eq("spatial_shapes", &shapes, &fx.spatial_shapes()?);
     checks.eq(
         "pixel_attention_mask",
@@ -60,7 +62,9 @@ fn model_case(case: &str, checks: &mut Checks) -> TestResult<()> {
         &fx.u32s("pixel_attention_mask")?,
     );
 
-    let Some(features) = image_path(&model, &fx, checks, &pixel_values, &mask, &shapes)? else {
+    let mask_on_device = mask.to_device(model.device())?;
+    let Some(features) = image_path(&model, &fx, checks, &pixel_values, &mask_on_device, &shapes)?
+    else {
         return Ok(());
     };
     language_model(&model, &fx, checks, &features)?;
@@ -115,9 +119,17 @@ fn image_path(
     Ok(Some(inter.image_features))
 }
 
-/// `[1, L]` u32 prompt ids.
+/// `[1, L]` u32 prompt ids, on the CPU.
 fn input_ids(fx: &ModelFixture) -> TestResult<Tensor> {
     Ok(fx.tensor("input_ids")?.to_dtype(DType::U32)?)
+}
+
+/// The checkpoint on the device the tests run on (`VLMPIPE_TEST_DEVICE`, the CPU by default).
+fn test_load_options() -> LoadOptions {
+    LoadOptions {
+        device: test_device(),
+        ..LoadOptions::default()
+    }
 }
 
 /// Splice, decoder layers and full-prompt logits at the stored positions.
@@ -127,18 +139,18 @@ fn language_model(
     checks: &mut Checks,
     features: &Tensor,
 ) -> TestResult<()> {
-    let ids = input_ids(fx)?;
+    let ids = input_ids(fx)?.to_device(model.device())?;
     let Some(embeds) = checks.step("embed", model.embed(&ids, Some(features))) else {
         return Ok(());
     };
     let positions = fx.u32s("positions")?;
-    let pos = Tensor::new(positions.as_slice(), &Device::Cpu)?;
+    let pos = Tensor::new(positions.as_slice(), model.device())?;
     let at = |t: &Tensor| -> candle_core::Result<Tensor> { t.squeeze(0)?.index_select(&pos, 0) };
 
     // Token rows are table lookups (exact); image rows carry the projector's rounding.
     let prompt = ids.squeeze(0)?.to_vec1::<u32>()?;
     let image_token = model.config().image_token_id;
-    let ours = at(&embeds)?;
+    let ours = at(&embeds)?.to_device(&Device::Cpu)?;
     let theirs = fx.tensor("lm_inputs_embeds")?;
     for (kind, is_image, tol) in [("token", false, 0.0), ("image", true, VISION_TOL)] {
         let rows: Vec<u32> = (0..positions.len() as u32)
@@ -200,7 +212,7 @@ fn generation(
     checks: &mut Checks,
     features: &Tensor,
 ) -> TestResult<()> {
-    let ids = input_ids(fx)?;
+    let ids = input_ids(fx)?.to_device(model.device())?;
     let ref_tokens = fx.u32s("greedy_tokens")?;
     let mut cache = model.new_cache(1);
     let mut logits = model.forward(&ids, Some(features), None, &mut cache, LogitsMode::Last)?;
@@ -209,7 +221,7 @@ fn generation(
         let row = logits.squeeze(0)?;
         compare_step_logits(fx, checks, step, &row)?;
         ours.push(row.argmax(0)?.to_scalar::<u32>()?);
-        let next = Tensor::new(&[[reference]], &Device::Cpu)?;
+        let next = Tensor::new(&[[reference]], model.device())?;
         logits = model.forward(&next, None, None, &mut cache, LogitsMode::Last)?;
     }
     checks.eq("greedy tokens", &ours, &ref_tokens);
@@ -269,7 +281,7 @@ fn compare_step_logits(
         let tol = logits_tol(&values)?.max(5e-4 + 2e-5 * max_logit);
         checks.close(
             &format!("greedy_step_topk_values[{step}]"),
-            &row.index_select(&indices, 0)?,
+            &row.index_select(&indices.to_device(row.device())?, 0)?,
             &values,
             tol,
         );
@@ -319,7 +331,7 @@ fn batch(checks: &mut Checks) -> TestResult<()> {
     let Some(ckpt) = checkpoint_dir("tiny-thumb")? else {
         return Ok(());
     };
-    let model = checkpoint::load(&ckpt.path, &LoadOptions::default())?;
+    let model = checkpoint::load(&ckpt.path, &test_load_options())?;
     let mut prompts = Vec::new();
     let mut features = Vec::new();
     for fx in &fixtures {
@@ -327,8 +339,8 @@ fn batch(checks: &mut Checks) -> TestResult<()> {
         let inputs =
             pixel_values_from_views(&fx.views()?, model.config().vision.patch_size, max_patches)?;
         features.push(model.image_features(
-            &inputs.pixel_values,
-            &inputs.pixel_attention_mask,
+            &inputs.pixel_values.to_device(model.device())?,
+            &inputs.pixel_attention_mask.to_device(model.device())?,
             &inputs.spatial_shapes,
         )?);
         prompts.push(input_ids(fx)?.squeeze(0)?.to_vec1::<u32>()?);
@@ -344,8 +356,8 @@ fn batch(checks: &mut Checks) -> TestResult<()> {
             std::iter::repeat_n(0u32, len - p.len()).chain(std::iter::repeat_n(1, p.len())),
         );
     }
-    let ids = Tensor::from_vec(ids, (prompts.len(), len), &Device::Cpu)?;
-    let mask = Tensor::from_vec(mask, (prompts.len(), len), &Device::Cpu)?;
+    let ids = Tensor::from_vec(ids, (prompts.len(), len), model.device())?;
+    let mask = Tensor::from_vec(mask, (prompts.len(), len), model.device())?;
     let all_features = Tensor::cat(&features, 0)?;
     let mut cache = model.new_cache(prompts.len());
     let last = model.forward(
