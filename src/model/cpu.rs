@@ -102,6 +102,8 @@ pub struct MatMut<'a> {
     offset: usize,
     row_stride: usize,
     col_stride: usize,
+    /// `false` for reserved capacity, which a product may write but never read.
+    initialized: bool,
     _borrow: PhantomData<&'a mut [f32]>,
 }
 
@@ -114,6 +116,7 @@ impl<'a> MatMut<'a> {
             offset,
             row_stride,
             col_stride: 1,
+            initialized: true,
             _borrow: PhantomData,
         }
     }
@@ -127,6 +130,7 @@ impl<'a> MatMut<'a> {
             offset,
             row_stride,
             col_stride: 1,
+            initialized: false,
             _borrow: PhantomData,
         }
     }
@@ -157,6 +161,10 @@ pub fn gemm(
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "gemm: inner dimensions differ");
     assert!(
+        dst.initialized || !accumulate,
+        "gemm: cannot accumulate into uninitialised memory"
+    );
+    assert!(
         lhs.in_bounds() && rhs.in_bounds(),
         "gemm: operand out of bounds"
     );
@@ -175,8 +183,8 @@ pub fn gemm(
     };
     // SAFETY: all three views were bounds-checked above against their buffers (every index the
     // strides address is inside), `dst` holds a unique borrow so nothing else aliases it, an
-    // uninitialised `dst` is only used without `accumulate` (never read), and the strides fit
-    // `isize` because they index into allocations.
+    // uninitialised `dst` was asserted above to be only written (no `accumulate`), and the strides
+    // fit `isize` because they index into allocations.
     unsafe {
         gemm::gemm(
             m,
@@ -607,6 +615,21 @@ mod tests {
         let mut dead = [f32::NEG_INFINITY; 3];
         softmax_in_place(&mut dead);
         assert_eq!(dead, [0.0; 3]);
+    }
+
+    #[test]
+    #[should_panic(expected = "uninitialised")]
+    fn gemm_refuses_to_accumulate_into_uninitialised_memory() {
+        let x = vec![1f32; 4];
+        let mut out: Vec<f32> = Vec::with_capacity(4);
+        gemm(
+            MatMut::uninit(&mut out.spare_capacity_mut()[..4], 0, 2),
+            MatRef::row_major(&x, 2, 2),
+            MatRef::row_major(&x, 2, 2),
+            1.0,
+            true,
+            1,
+        );
     }
 
     #[test]
