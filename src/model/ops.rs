@@ -75,7 +75,14 @@ fn cpu_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tenso
     if b.is_some_and(|b| !is_cpu_f32(b) || tracks(b)) {
         return Ok(None);
     }
-    let ((m, k), (n, _)) = (x.dims2()?, w.dims2()?);
+    let ((m, k), (n, w_k)) = (x.dims2()?, w.dims2()?);
+    if k != w_k || b.is_some_and(|b| b.dims() != [n]) {
+        candle_core::bail!(
+            "linear: input [{m}, {k}] against weight [{n}, {w_k}]{}",
+            b.map(|b| format!(" and bias {:?}", b.dims()))
+                .unwrap_or_default()
+        )
+    }
     let y = with_cpu_f32(x, |xs| {
         with_cpu_f32(w, |ws| match b {
             Some(b) => with_cpu_f32(b, |bs| cpu::linear(xs, m, k, ws, n, Some(bs))),
@@ -439,6 +446,19 @@ mod tests {
         let b = x.matmul(&w.t()?)?;
         let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-4, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn mismatched_linear_shapes_are_errors_not_panics() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((8, 5), DType::F32, &dev)?;
+        let w = Tensor::zeros((3, 4), DType::F32, &dev)?;
+        assert!(linear(&x, &w, None).is_err());
+        let w = Tensor::zeros((3, 5), DType::F32, &dev)?;
+        let b = Tensor::zeros(4, DType::F32, &dev)?;
+        assert!(linear(&x, &w, Some(&b)).is_err());
+        assert_eq!(linear(&x, &w, None)?.dims(), &[8, 3]);
         Ok(())
     }
 
