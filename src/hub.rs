@@ -47,6 +47,23 @@ pub enum HubError {
     /// A model snapshot lacks a file the loader needs.
     #[error("model repo `{repo}` has no `{file}`")]
     MissingModelFile { repo: String, file: String },
+    /// The Hub knows no such repo or revision, or hides it from this user (HTTP 401/404).
+    #[error(
+        "{kind} repo `{repo}` (revision `{revision}`) was not found on the Hub; check the id and the revision, and set `HF_TOKEN` for a private or gated repo"
+    )]
+    RepoNotFound {
+        kind: RepoKind,
+        repo: String,
+        revision: String,
+    },
+    /// The Hub answered that a file does not exist at that revision (HTTP 404).
+    #[error("{kind} repo `{repo}` has no file `{file}` at revision `{revision}`")]
+    NotFound {
+        kind: RepoKind,
+        repo: String,
+        revision: String,
+        file: String,
+    },
     /// The download client failed (network, authentication, missing repo…).
     #[error("hub request for {kind} repo `{repo}` failed: {source}")]
     Api {
@@ -204,6 +221,13 @@ pub struct DatasetSplitFiles {
 /// The branch where the Hub keeps a Parquet conversion of every dataset.
 const CONVERTED_PARQUET_REVISION: &str = "refs/convert/parquet";
 
+/// Retries of an interrupted download, each resuming where the last one stopped.
+const DOWNLOAD_RETRIES: usize = 3;
+
+/// The index of a sharded checkpoint; without it a model has one `model.safetensors`.
+const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+const SINGLE_WEIGHTS: &str = "model.safetensors";
+
 /// Files a model loader reads besides the weights; the first three are required.
 const MODEL_FILES: &[(&str, bool)] = &[
     ("config.json", true),
@@ -290,7 +314,8 @@ impl Hub {
         let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(
             self.config.cache_dir.clone(),
         ))
-        .with_progress(self.config.progress);
+        .with_progress(self.config.progress)
+        .with_retries(DOWNLOAD_RETRIES);
         if let Some(endpoint) = &self.config.endpoint {
             builder = builder.with_endpoint(endpoint.clone());
         }
@@ -313,9 +338,71 @@ impl Hub {
         if self.config.offline {
             return Err(self.offline_missing(repo, filename));
         }
-        self.api(repo)?
-            .download(filename)
-            .map_err(|e| self.api_error(repo, e))
+        self.api(repo)?.download(filename).map_err(|e| {
+            if http_status(&e) == Some(404) {
+                HubError::NotFound {
+                    kind: repo.kind,
+                    repo: repo.id.clone(),
+                    revision: repo.revision.clone(),
+                    file: filename.to_owned(),
+                }
+            } else {
+                self.api_error(repo, e)
+            }
+        })
+    }
+
+    /// The commit `repo`'s revision names and the files it holds, asked of the Hub.
+    fn list_remote(&self, repo: &HubRepo) -> Result<(String, Vec<String>), HubError> {
+        let info = self.api(repo)?.info().map_err(|e| {
+            if http_status(&e).is_some_and(|status| status == 401 || status == 404) {
+                HubError::RepoNotFound {
+                    kind: repo.kind,
+                    repo: repo.id.clone(),
+                    revision: repo.revision.clone(),
+                }
+            } else {
+                self.api_error(repo, e)
+            }
+        })?;
+        let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        Ok((info.sha, files))
+    }
+
+    /// Points `refs/<revision>` at `commit`, as `huggingface_hub` does after a download, so the
+    /// next lookup of the revision (offline too) finds the snapshot. Files fetched by commit make
+    /// the download client write `refs/<commit>`, which `huggingface_hub` never does: removed.
+    fn record_ref(&self, repo: &HubRepo, commit: &str) -> Result<(), HubError> {
+        let refs = self.config.cache_dir.join(repo.cache_folder()).join("refs");
+        let io = |path: &Path, source| HubError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if repo.revision == commit {
+            // Asked for by its hash: no ref to write.
+            return Ok(());
+        }
+        let by_commit = refs.join(commit);
+        if by_commit.is_file() {
+            std::fs::remove_file(&by_commit).map_err(|e| io(&by_commit, e))?;
+        }
+        let path = refs.join(&repo.revision);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        }
+        std::fs::write(&path, commit).map_err(|e| io(&path, e))
+    }
+
+    /// The commit to download `repo` at: the cached one (cache first, and the one the
+    /// fingerprints saw), else what the Hub resolves the revision to.
+    fn pinned_remote(&self, repo: &HubRepo) -> Result<(HubRepo, Option<Vec<String>>), HubError> {
+        match self.cached_commit(repo) {
+            Some(commit) => Ok((repo.clone().at(&commit), None)),
+            None => {
+                let (commit, files) = self.list_remote(repo)?;
+                Ok((repo.clone().at(&commit), Some(files)))
+            }
+        }
     }
 
     /// The Parquet files of `split` (and `config`, when the repo has several) of a dataset repo.
@@ -371,21 +458,20 @@ impl Hub {
         if self.config.offline {
             return Err(self.offline_missing(repo, &format!("<parquet files of split `{split}`>")));
         }
-        let api = self.api(repo)?;
-        let info = api.info().map_err(|e| self.api_error(repo, e))?;
-        let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        let (commit, listed) = self.list_remote(repo)?;
         let matched = select_split_files(&listed, config, split);
         if matched.is_empty() {
             return Err(no_split_files(repo, config, split, &listed));
         }
         // Pin the commit the listing came from so every shard is of the same revision.
-        let pinned = repo.clone().at(&info.sha);
+        let pinned = repo.clone().at(&commit);
         let mut files = Vec::with_capacity(matched.len());
         for name in &matched {
             files.push(self.file(&pinned, name)?);
         }
+        self.record_ref(repo, &commit)?;
         Ok(DatasetSplitFiles {
-            commit: info.sha,
+            commit,
             files,
             repo_paths: matched,
         })
@@ -393,35 +479,95 @@ impl Hub {
 
     /// A local folder with a model's config, tokenizer, processor files and weights (a single
     /// `model.safetensors` or the shards named in `model.safetensors.index.json`).
+    ///
+    /// A complete cached snapshot is used as it is. Otherwise (not offline) the missing files are
+    /// downloaded, all of one commit: the cached one when the revision is cached, else the one
+    /// the Hub resolves it to; optional files the repo does not have are skipped.
     pub fn model_dir(&self, repo: &HubRepo) -> Result<PathBuf, HubError> {
+        if let Some(snapshot) = self.cached_snapshot(repo) {
+            match first_missing_model_file(&snapshot)? {
+                None => return Ok(snapshot),
+                Some(file) if self.config.offline => {
+                    return Err(self.offline_missing(repo, &file));
+                }
+                Some(_) => {}
+            }
+        } else if self.config.offline {
+            return Err(self.offline_missing(repo, MODEL_FILES[0].0));
+        }
+        let (pinned, listed) = self.pinned_remote(repo)?;
+        let has = |name: &str| listed.as_ref().is_none_or(|l| l.iter().any(|f| f == name));
+        let missing = |file: &str| HubError::MissingModelFile {
+            repo: repo.id.clone(),
+            file: file.to_owned(),
+        };
         let mut dir = None;
         for (name, required) in MODEL_FILES {
-            match self.file(repo, name) {
+            if !has(name) {
+                if *required {
+                    return Err(missing(name));
+                }
+                continue;
+            }
+            match self.file(&pinned, name) {
                 Ok(path) => dir = path.parent().map(Path::to_path_buf),
-                Err(e) if *required => return Err(e),
-                Err(_) => {}
+                Err(HubError::NotFound { .. }) if !required => {}
+                Err(HubError::NotFound { .. }) => return Err(missing(name)),
+                Err(e) => return Err(e),
             }
         }
-        match self.file(repo, "model.safetensors.index.json") {
-            Ok(index) => {
+        let index = if has(WEIGHTS_INDEX) {
+            match self.file(&pinned, WEIGHTS_INDEX) {
+                Ok(index) => Some(index),
+                Err(HubError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        match index {
+            Some(index) => {
                 for shard in shard_names(&index)? {
-                    self.file(repo, &shard)?;
+                    self.file(&pinned, &shard)?;
                 }
             }
-            Err(_) => {
-                self.file(repo, "model.safetensors").map_err(|e| match e {
-                    HubError::Api { .. } => HubError::MissingModelFile {
-                        repo: repo.id.clone(),
-                        file: "model.safetensors".to_owned(),
-                    },
-                    other => other,
-                })?;
-            }
+            None if has(SINGLE_WEIGHTS) => match self.file(&pinned, SINGLE_WEIGHTS) {
+                Ok(_) => {}
+                Err(HubError::NotFound { .. }) => return Err(missing(SINGLE_WEIGHTS)),
+                Err(e) => return Err(e),
+            },
+            None => return Err(missing(SINGLE_WEIGHTS)),
         }
-        dir.ok_or_else(|| HubError::MissingModelFile {
-            repo: repo.id.clone(),
-            file: "config.json".to_owned(),
-        })
+        self.record_ref(repo, &pinned.revision)?;
+        dir.ok_or_else(|| missing(MODEL_FILES[0].0))
+    }
+}
+
+/// The first file a model loader needs that `snapshot` lacks, if any.
+fn first_missing_model_file(snapshot: &Path) -> Result<Option<String>, HubError> {
+    if let Some((name, _)) = MODEL_FILES
+        .iter()
+        .find(|(name, required)| *required && !snapshot.join(name).is_file())
+    {
+        return Ok(Some((*name).to_owned()));
+    }
+    let index = snapshot.join(WEIGHTS_INDEX);
+    if index.is_file() {
+        return Ok(shard_names(&index)?
+            .into_iter()
+            .find(|shard| !snapshot.join(shard).is_file()));
+    }
+    Ok((!snapshot.join(SINGLE_WEIGHTS).is_file()).then(|| SINGLE_WEIGHTS.to_owned()))
+}
+
+/// The HTTP status of an error answer from the Hub; `None` for a network or local failure.
+fn http_status(error: &hf_hub::api::sync::ApiError) -> Option<u16> {
+    match error {
+        hf_hub::api::sync::ApiError::RequestError(e) => match e.as_ref() {
+            ureq::Error::Status(status, _) => Some(*status),
+            ureq::Error::Transport(_) => None,
+        },
+        _ => None,
     }
 }
 

@@ -91,6 +91,14 @@ pub fn run(
             warnings: Vec::new(),
         };
 
+        // Before its identity: a stage `--only` leaves out may not even look at its inputs (a
+        // Hub model not yet cached would be downloaded just to be fingerprinted).
+        if !selected[index] {
+            report.reason = Some("not selected by `--only`".to_owned());
+            reports.push(report);
+            continue;
+        }
+
         let identity = match identity_of(graph, node, &fingerprints) {
             Ok(identity) => identity,
             Err(reason) => {
@@ -111,12 +119,6 @@ pub fn run(
         })?;
         report.fingerprint = identity.fingerprint.clone();
         fingerprints[index] = Some(fp.clone());
-
-        if !selected[index] {
-            report.reason = Some("not selected by `--only`".to_owned());
-            reports.push(report);
-            continue;
-        }
 
         let forced = options.force.iter().any(|f| f == &node.name);
         let lookup = if forced {
