@@ -67,6 +67,7 @@ fn load_and_generate(
     let prompt = Prompt {
         input_ids: &inputs.input_ids,
         image_features: Some(&features),
+        seed: None,
     };
     let out = generate(&model, &[prompt], &cfg, None)?;
     let tokens = &out.sequences[0].tokens;

@@ -72,10 +72,12 @@ fn batching_with_left_padding_does_not_change_answers() {
     let image = Prompt {
         input_ids: &c.image_prompt,
         image_features: Some(&c.features),
+        seed: None,
     };
     let text = Prompt {
         input_ids: &c.text_prompt,
         image_features: None,
+        seed: None,
     };
     let alone_image = generate(&c.model, &[image], &cfg, None).unwrap();
     let alone_text = generate(&c.model, &[text], &cfg, None).unwrap();
@@ -143,6 +145,7 @@ fn sampling_is_deterministic_for_a_seed() {
     let prompt = Prompt {
         input_ids: &c.text_prompt,
         image_features: None,
+        seed: None,
     };
     let cfg = |seed| GenerateConfig {
         sampling: Sampling {
@@ -174,6 +177,49 @@ fn sampling_is_deterministic_for_a_seed() {
     );
 }
 
+#[test]
+fn a_prompt_seed_makes_sampling_independent_of_the_batch() {
+    let Some(c) = case() else { return };
+    let image = Prompt {
+        input_ids: &c.image_prompt,
+        image_features: Some(&c.features),
+        seed: Some(41),
+    };
+    let text = Prompt {
+        input_ids: &c.text_prompt,
+        image_features: None,
+        seed: Some(42),
+    };
+    let cfg = GenerateConfig {
+        sampling: Sampling {
+            temperature: 1.5,
+            seed: 7,
+            ..Sampling::default()
+        },
+        ..greedy(10, &c.model)
+    };
+    let alone_image = generate(&c.model, &[image], &cfg, None).unwrap();
+    let alone_text = generate(&c.model, &[text], &cfg, None).unwrap();
+    let batched = generate(&c.model, &[text, image], &cfg, None).unwrap();
+    assert_eq!(batched.sequences[0], alone_text.sequences[0]);
+    assert_eq!(batched.sequences[1], alone_image.sequences[0]);
+    let reversed = generate(&c.model, &[image, text], &cfg, None).unwrap();
+    assert_eq!(reversed.sequences[0], alone_image.sequences[0]);
+    assert_eq!(reversed.sequences[1], alone_text.sequences[0]);
+    // Without prompt seeds the row's place picks the stream: a second row is seeded `seed + 1`.
+    let unseeded = Prompt { seed: None, ..text };
+    let second = generate(&c.model, &[unseeded, unseeded], &cfg, None).unwrap();
+    let as_seed_8 = GenerateConfig {
+        sampling: Sampling {
+            seed: 8,
+            ..cfg.sampling.clone()
+        },
+        ..cfg.clone()
+    };
+    let alone_8 = generate(&c.model, &[unseeded], &as_seed_8, None).unwrap();
+    assert_eq!(second.sequences[1], alone_8.sequences[0]);
+}
+
 /// Allows a fixed set of ids and records what it was told.
 struct OnlyThese {
     allowed: Vec<u32>,
@@ -198,10 +244,12 @@ fn logits_mask_hook_is_obeyed_and_fed_back() {
         Prompt {
             input_ids: &c.text_prompt,
             image_features: None,
+            seed: None,
         },
         Prompt {
             input_ids: &c.image_prompt,
             image_features: Some(&c.features),
+            seed: None,
         },
     ];
     let mut hook = OnlyThese {
@@ -246,6 +294,7 @@ fn eos_stops_a_row() {
     let prompt = Prompt {
         input_ids: &c.text_prompt,
         image_features: None,
+        seed: None,
     };
     let free = generate(&c.model, &[prompt], &greedy(4, &c.model), None).unwrap();
     let first = free.sequences[0].tokens[0];

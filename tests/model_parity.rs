@@ -247,6 +247,7 @@ fn check_greedy(size: &str) {
         &[Prompt {
             input_ids: &prompt,
             image_features: Some(&features),
+            seed: None,
         }],
         &cfg,
         None,

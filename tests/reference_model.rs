@@ -236,6 +236,7 @@ fn generation(
     let prompts = [Prompt {
         input_ids: &prompt,
         image_features: Some(features),
+        seed: None,
     }];
     if let Some(out) = checks.step("generate", generate(model, &prompts, &cfg, None)) {
         let generated = out.sequences.first().map(|s| s.tokens.clone());
@@ -390,6 +391,7 @@ fn batch(checks: &mut Checks) -> TestResult<()> {
         .map(|(p, f)| Prompt {
             input_ids: p,
             image_features: Some(f),
+            seed: None,
         })
         .collect();
     if let Some(out) = checks.step("batched generate", generate(&model, &batch, &cfg, None)) {

@@ -185,6 +185,44 @@ mod eval_job {
     }
 
     #[test]
+    fn a_sampled_answer_depends_on_its_row_not_on_the_batching() {
+        let runner =
+            ModelRunner::load(&fixture("checkpoints/tiny-thumb"), &LoadOptions::default()).unwrap();
+        let labels = labels();
+        let job = |batch_size| EvalJob {
+            runner: &runner,
+            labels: &labels,
+            parser: AnswerParser::choice(labels.clone()),
+            mode: AnswerMode::Generate {
+                options: DecodeOptions {
+                    max_new_tokens: 12,
+                    sampling: Sampling {
+                        temperature: 1.5,
+                        seed: 5,
+                        ..Sampling::default()
+                    },
+                },
+                grammar: None,
+            },
+            batch_size,
+        };
+        let answers = |batch_size| -> Vec<(String, String)> {
+            job(batch_size)
+                .run(samples(), |_| {})
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.row_id, r.raw_output))
+                .collect()
+        };
+        let one_by_one = answers(1);
+        assert_eq!(answers(3), one_by_one);
+        assert_eq!(answers(4), one_by_one);
+        // The same image and prompt in other rows: other streams, so the answers differ
+        // (12 tokens at temperature 1.5 from a 1024-token vocabulary).
+        assert_ne!(one_by_one[0].1, one_by_one[2].1);
+    }
+
+    #[test]
     fn scored_eval_gives_a_distribution_and_its_argmax() {
         let runner =
             ModelRunner::load(&fixture("checkpoints/tiny-thumb"), &LoadOptions::default()).unwrap();
@@ -214,4 +252,18 @@ mod eval_job {
         }
         assert!(records[3].class_probs.is_none());
     }
+}
+
+#[test]
+fn ids_past_the_tokenizer_decode_without_failing() {
+    // A random model's embedding has more rows than the tokenizer has entries.
+    let (runner, _) = runner_and_prompt();
+    let size = runner.processor().tokenizer().get_vocab_size(true) as u32;
+    let known = runner.decode_text(&[size - 100, size - 99]);
+    assert!(!known.is_empty());
+    assert_eq!(
+        runner.decode_text(&[size - 100, size, size + 7, size - 99]),
+        known
+    );
+    assert_eq!(runner.decode_text(&[size + 1]), "");
 }

@@ -74,6 +74,7 @@ fn accuracy(
             &[Prompt {
                 input_ids: &inputs.input_ids,
                 image_features: Some(&features),
+                seed: None,
             }],
             &cfg,
             Some(&mut mask),

@@ -434,6 +434,7 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         let prompt = Prompt {
             input_ids: &inputs.input_ids,
             image_features: features.as_ref(),
+            seed: None,
         };
         generate::generate(model, &[prompt], &cfg, None)?;
         let classify = t.elapsed();

@@ -99,7 +99,7 @@ pub struct Sampling {
     pub min_p: Option<f32>,
     /// transformers' repetition penalty over prompt and generated ids (`> 1` discourages).
     pub repetition_penalty: Option<f32>,
-    /// Row `i` samples from a generator seeded with `seed + i`.
+    /// Row `i` samples from a generator seeded with `seed + i`, unless its [`Prompt::seed`] says.
     pub seed: u64,
 }
 
@@ -144,6 +144,9 @@ pub struct Prompt<'a> {
     pub input_ids: &'a [u32],
     /// `[image tokens, D]`, one row per `<image>` id in `input_ids`.
     pub image_features: Option<&'a Tensor>,
+    /// This row's sampling seed, so a sampled answer depends on the prompt alone, not on its
+    /// place in a batch; `None`: [`Sampling::seed`] plus the row's index.
+    pub seed: Option<u64>,
 }
 
 /// Why a row stopped.
@@ -207,8 +210,15 @@ pub fn generate(
     };
 
     let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| p.input_ids.to_vec()).collect();
-    let mut rngs: Vec<StdRng> = (0..b)
-        .map(|i| StdRng::seed_from_u64(cfg.sampling.seed.wrapping_add(i as u64)))
+    let mut rngs: Vec<StdRng> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let seed = p
+                .seed
+                .unwrap_or_else(|| cfg.sampling.seed.wrapping_add(i as u64));
+            StdRng::seed_from_u64(seed)
+        })
         .collect();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut finished: Vec<Option<FinishReason>> = vec![None; b];

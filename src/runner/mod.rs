@@ -56,6 +56,9 @@ pub struct PreparedPrompt {
     pub encode_time: Duration,
     /// Of `encode_time`, the vision tower and projector alone.
     pub vision_time: Duration,
+    /// The sampling seed of this prompt alone (see [`generate::Prompt::seed`]); `None`: the
+    /// decode options' seed plus the prompt's place in the batch.
+    pub sample_seed: Option<u64>,
 }
 
 /// One generated answer.
@@ -209,6 +212,7 @@ impl ModelRunner {
             image_features,
             encode_time: started.elapsed(),
             vision_time,
+            sample_seed: None,
         })
     }
 
@@ -257,6 +261,7 @@ impl ModelRunner {
             .map(|p| generate::Prompt {
                 input_ids: &p.inputs.input_ids,
                 image_features: p.image_features.as_ref(),
+                seed: p.sample_seed,
             })
             .collect();
         let cfg = GenerateConfig {

@@ -6,8 +6,9 @@
 //! background with `Image.alpha_composite`, not dropped. LFM2-VL's configs say
 //! `do_convert_rgb: null`, but without it transformers fails on grayscale and RGBA input, so
 //! the reference fixtures (`tests/fixtures/reference/`) are computed with it on and we always
-//! convert that way. PIL reads 16-bit PNGs by keeping the high byte, which we match for every
-//! 16-bit image. A file that cannot be decoded is a per-sample [`ImageError`], never a panic.
+//! convert that way. PIL reads 16-bit colour and gray-with-alpha PNGs by keeping the high byte,
+//! but plain 16-bit gray as mode `I;16`, whose conversion to RGB clips at 255 (Pillow 12,
+//! `Convert.c`); we match both. A file that cannot be decoded is a per-sample [`ImageError`], never a panic.
 
 use std::io::Cursor;
 
@@ -73,17 +74,20 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     Ok(to_rgb8(img))
 }
 
-/// transformers' `convert_to_rgb`: replicate gray, keep the high byte of 16-bit samples, and
-/// composite any alpha channel onto white.
+/// transformers' `convert_to_rgb`: replicate gray, keep the high byte of 16-bit samples (16-bit
+/// gray clips instead, as PIL's `I;16` does), and composite any alpha channel onto white.
 fn to_rgb8(img: DynamicImage) -> RgbImage {
     let (w, h) = (img.width(), img.height());
     let high_byte = |v: u16| (v >> 8) as u8;
     if !img.color().has_alpha() {
         let pixels: Option<Vec<u8>> = match &img {
             DynamicImage::ImageRgb16(b) => Some(b.as_raw().iter().map(|&v| high_byte(v)).collect()),
-            DynamicImage::ImageLuma16(b) => {
-                Some(b.as_raw().iter().flat_map(|&v| [high_byte(v); 3]).collect())
-            }
+            DynamicImage::ImageLuma16(b) => Some(
+                b.as_raw()
+                    .iter()
+                    .flat_map(|&v| [v.min(255) as u8; 3])
+                    .collect(),
+            ),
             _ => None,
         };
         return match pixels.and_then(|raw| RgbImage::from_raw(w, h, raw)) {
@@ -217,6 +221,21 @@ mod tests {
         );
         let out = decode_image(&encode(&DynamicImage::ImageRgb16(img), ImageFormat::Png))?;
         assert_eq!(out.get_pixel(0, 0).0, [0x12, 0xff, 0x00]);
+        Ok(())
+    }
+
+    #[test]
+    fn sixteen_bit_gray_clips_like_pil() -> Result<(), ImageError> {
+        // Pillow 12: `Image.open` gives mode `I;16`, `convert("RGB")` clips at 255.
+        let values = [0u16, 100, 255, 256, 1000, 40000, 65535];
+        let img =
+            image::ImageBuffer::<image::Luma<u16>, _>::from_fn(values.len() as u32, 1, |x, _| {
+                image::Luma([values[x as usize]])
+            });
+        let out = decode_image(&encode(&DynamicImage::ImageLuma16(img), ImageFormat::Png))?;
+        let gray: Vec<u8> = out.pixels().map(|p| p.0[0]).collect();
+        assert_eq!(gray, [0, 100, 255, 255, 255, 255, 255]);
+        assert!(out.pixels().all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]));
         Ok(())
     }
 }

@@ -61,6 +61,19 @@ impl EvalJob<'_> {
         Ok(records)
     }
 
+    /// A sample's sampling seed: the decode seed and its row id, so a sampled answer does not
+    /// change with the batch size or the sample's place in the eval.
+    fn sample_seed(&self, row_id: &str) -> u64 {
+        let base = match &self.mode {
+            AnswerMode::Generate { options, .. } => options.sampling.seed,
+            AnswerMode::ScoreLabels { .. } => 0,
+        };
+        let hash = blake3::hash(row_id.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hash.as_bytes()[..8]);
+        u64::from_le_bytes(first) ^ base
+    }
+
     fn run_batch(&self, samples: &[EvalSample]) -> Result<Vec<EvalRecord>, RunnerError> {
         let started = Instant::now();
         // Prepare each sample; a bad image or prompt becomes an invalid record, not an error.
@@ -70,6 +83,10 @@ impl EvalJob<'_> {
                 Ok(image) => self
                     .runner
                     .prepare(&sample.conversation, std::slice::from_ref(image))
+                    .map(|mut prompt| {
+                        prompt.sample_seed = Some(self.sample_seed(&sample.row_id));
+                        prompt
+                    })
                     .map_err(|e| e.to_string()),
                 Err(reason) => Err(format!("image error: {reason}")),
             });

@@ -29,7 +29,8 @@ use crate::stages::prompt::{RowContext, render_prompt};
 use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 
 /// Bumped when the eval stage's output for the same inputs changes.
-const EVAL_CODE_VERSION: u32 = 1;
+// 2: a sampled answer is seeded by its row id, not its place in the batch; 16-bit gray clips.
+const EVAL_CODE_VERSION: u32 = 2;
 
 /// A configured eval stage.
 pub struct EvalStage {
