@@ -267,3 +267,133 @@ fn ids_past_the_tokenizer_decode_without_failing() {
     );
     assert_eq!(runner.decode_text(&[size + 1]), "");
 }
+
+/// A copy of the `tiny-thumb` checkpoint whose special tokens sit at other ids: each pair of
+/// `swaps` trades places in the tokenizer (and its config), and the model configs follow.
+fn checkpoint_with_swapped_ids(dir: &std::path::Path, swaps: &[(u32, u32)]) {
+    let from = fixture("checkpoints/tiny-thumb");
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let swap = |id: u64| -> u64 {
+        for &(a, b) in swaps {
+            if id == u64::from(a) {
+                return u64::from(b);
+            }
+            if id == u64::from(b) {
+                return u64::from(a);
+            }
+        }
+        id
+    };
+    let edit = |name: &str, change: &dyn Fn(&mut serde_json::Value)| {
+        let path = dir.join(name);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        change(&mut json);
+        std::fs::write(&path, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    };
+    edit("tokenizer.json", &|t| {
+        for token in t["added_tokens"].as_array_mut().unwrap() {
+            token["id"] = swap(token["id"].as_u64().unwrap()).into();
+        }
+        for (_, id) in t["model"]["vocab"].as_object_mut().unwrap() {
+            *id = swap(id.as_u64().unwrap()).into();
+        }
+    });
+    edit("tokenizer_config.json", &|c| {
+        let decoder = c["added_tokens_decoder"].as_object().unwrap().clone();
+        let moved: serde_json::Map<String, serde_json::Value> = decoder
+            .into_iter()
+            .map(|(id, token)| (swap(id.parse().unwrap()).to_string(), token))
+            .collect();
+        c["added_tokens_decoder"] = moved.into();
+    });
+    edit("config.json", &|c| {
+        c["image_token_id"] = swap(c["image_token_id"].as_u64().unwrap()).into();
+        if let Some(text) = c.get_mut("text_config") {
+            for key in ["eos_token_id", "bos_token_id", "pad_token_id"] {
+                if let Some(id) = text.get(key).and_then(|v| v.as_u64()) {
+                    text[key] = swap(id).into();
+                }
+            }
+        }
+    });
+    edit("generation_config.json", &|g| {
+        for key in ["eos_token_id", "bos_token_id", "pad_token_id"] {
+            if let Some(id) = g.get(key).and_then(|v| v.as_u64()) {
+                g[key] = swap(id).into();
+            }
+        }
+    });
+}
+
+#[test]
+fn special_tokens_are_found_by_their_strings_not_their_usual_ids() {
+    // `<|im_end|>` 7, `<image>` 396, `<|img_row_1_col_1|>` 397, `<|img_thumbnail|>` 497,
+    // `<|image_start|>` 498, `<|image_end|>` 499, `<|pad|>` 0, `<|startoftext|>` 1: each traded
+    // with an ordinary token.
+    let swaps = [
+        (7, 900),
+        (396, 901),
+        (397, 902),
+        (497, 903),
+        (498, 904),
+        (499, 905),
+        (0, 906),
+        (1, 907),
+    ];
+    let moved = tempfile::tempdir().unwrap();
+    checkpoint_with_swapped_ids(moved.path(), &swaps);
+    let usual =
+        ModelRunner::load(&fixture("checkpoints/tiny-thumb"), &LoadOptions::default()).unwrap();
+    let swapped = ModelRunner::load(moved.path(), &LoadOptions::default()).unwrap();
+    let swap = |id: u32| {
+        swaps
+            .iter()
+            .find_map(|&(a, b)| (id == a).then_some(b).or((id == b).then_some(a)))
+            .unwrap_or(id)
+    };
+
+    // A tiled image (row/column markers, a thumbnail) and a system turn.
+    let image = image::open(fixture("images/wide_1500x500.png"))
+        .unwrap()
+        .to_rgb8();
+    let conversation = Conversation::image_question(Some("Be brief."), "Cat or dog?");
+    let a = usual
+        .prepare(&conversation, std::slice::from_ref(&image))
+        .unwrap();
+    let b = swapped
+        .prepare(&conversation, std::slice::from_ref(&image))
+        .unwrap();
+    assert!(
+        a.inputs.text.contains("<|img_row_1_col_1|>"),
+        "{}",
+        a.inputs.text
+    );
+    assert!(
+        a.inputs.text.contains("<|img_thumbnail|>"),
+        "{}",
+        a.inputs.text
+    );
+    assert_eq!(a.inputs.text, b.inputs.text);
+    let mapped: Vec<u32> = a.inputs.input_ids.iter().map(|&t| swap(t)).collect();
+    assert_eq!(b.inputs.input_ids, mapped);
+    assert_eq!(b.inputs.image_token_id, 901);
+    let image_tokens = |ids: &[u32], id| ids.iter().filter(|&&t| t == id).count();
+    assert_eq!(
+        image_tokens(&b.inputs.input_ids, 901),
+        image_tokens(&a.inputs.input_ids, 396)
+    );
+    assert!(image_tokens(&a.inputs.input_ids, 396) > 0);
+    // Generation stops at `<|im_end|>` wherever it is; padding uses `<|pad|>`.
+    let eos: Vec<u32> = usual.eos_token_ids().iter().map(|&t| swap(t)).collect();
+    assert_eq!(swapped.eos_token_ids(), eos.as_slice());
+    assert_eq!(swapped.pad_token_id(), swap(usual.pad_token_id()));
+    // Decoding skips the moved special tokens as it skipped them at their usual ids.
+    assert_eq!(
+        swapped.decode_text(&[904, 905, 900]),
+        usual.decode_text(&[498, 499, 7])
+    );
+}
