@@ -431,6 +431,105 @@ fn bench_model_reports_every_step() -> TestResult {
     Ok(())
 }
 
+/// The comparison path, with a stand-in for Python: transformers is asked to do the same work
+/// (checkpoint, image, decode steps, dtype, device, threads), and its report becomes the ratios.
+#[test]
+fn bench_model_gives_transformers_the_same_work_and_reports_ratios() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let model = fixtures().join("checkpoints/tiny-thumb");
+    let image = fixtures().join("images/photo_512x384.png");
+    let args_log = dir.path().join("args.txt");
+    // Records its arguments, then writes a report where every step took 1000 ms.
+    let fake_python = dir.path().join("python");
+    std::fs::write(
+        &fake_python,
+        format!(
+            r#"#!/bin/sh
+printf '%s\n' "$@" > '{log}'
+while [ $# -gt 0 ]; do
+  if [ "$1" = --json-out ]; then out=$2; fi
+  shift
+done
+step='{{"median": 1000.0, "min": 1000.0, "samples": [1000.0]}}'
+printf '{{"preprocess_ms": %s, "vision_ms": %s, "prompt_forward_ms": %s, "lm_prefill_ms": %s, "decode_ms_per_token": %s, "classify_ms": %s, "peak_rss_mib": 1000.0}}' \
+  "$step" "$step" "$step" "$step" "$step" "$step" > "$out"
+"#,
+            log = args_log.display()
+        ),
+    )?;
+    std::fs::set_permissions(&fake_python, std::fs::Permissions::from_mode(0o755))?;
+    let script = dir.path().join("bench_transformers.py");
+    std::fs::write(&script, "# stand-in\n")?;
+    let report_path = dir.path().join("bench.json");
+    let out = vlmpipe(&[
+        "bench",
+        "model",
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--image",
+        image.to_str().unwrap_or_default(),
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--decode-steps",
+        "2",
+        "--device",
+        "cpu",
+        "--python",
+        fake_python.to_str().unwrap_or_default(),
+        "--transformers-script",
+        script.to_str().unwrap_or_default(),
+        "--json-out",
+        report_path.to_str().unwrap_or_default(),
+    ])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let args: Vec<String> = std::fs::read_to_string(&args_log)?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let value_of = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(args[0], script.to_string_lossy());
+    assert_eq!(args[1], model.to_string_lossy());
+    assert_eq!(value_of("--image"), image.to_string_lossy());
+    assert_eq!(value_of("--decode-steps"), "2");
+    assert_eq!(value_of("--dtype"), "f32");
+    assert_eq!(value_of("--device"), "cpu");
+    assert_eq!(value_of("--threads"), "1");
+    assert_eq!(value_of("--repeats"), "1");
+
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
+    let ratios = &report["ratios_ours_over_theirs"];
+    for key in [
+        "vision_ms",
+        "lm_prefill_ms",
+        "decode_ms_per_token",
+        "classify_ms",
+    ] {
+        let ours = report["vlmpipe"][key]["median"].as_f64().ok_or(key)?;
+        let ratio = ratios[key].as_f64().ok_or(key)?;
+        assert!(
+            (ratio - ours / 1000.0).abs() < 1e-9,
+            "{key}: {ratio} vs {ours}"
+        );
+    }
+    assert_eq!(report["decode_steps"], 2);
+    assert_eq!(
+        report["vlmpipe"]["decode_steps_ms"][0]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    Ok(())
+}
+
 /// `vlmpipe bench grammar` with the tiny checkpoint's tokenizer: every grammar gets a row.
 #[test]
 fn bench_grammar_reports_every_grammar() -> TestResult {

@@ -429,12 +429,13 @@ pub struct BenchModelArgs {
     /// Timed repetitions after one warm-up; the report gives medians and minimums.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub repeats: usize,
-    /// Decode steps timed per repetition.
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    /// Decode steps timed per repetition (transformers is given the same number).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = at_least_one)]
     pub decode_steps: usize,
-    /// The dtype to compute in.
+    /// The dtype to compute in (transformers too).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    // transformers computes on the same device (`metal` is torch's `mps`).
     #[command(flatten)]
     pub device: DeviceArg,
     /// A Python with transformers (e.g. `tests/reference/.venv-5/bin/python`): run the
@@ -450,4 +451,13 @@ pub struct BenchModelArgs {
     /// Also write the JSON report here.
     #[arg(long, value_name = "FILE")]
     pub json_out: Option<PathBuf>,
+}
+
+/// A count that must be positive (`--decode-steps`).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }

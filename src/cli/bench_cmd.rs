@@ -37,7 +37,7 @@ use serde_json::{Value, json};
 use crate::cli::Outcome;
 use crate::cli::args::{
     BenchCommand, BenchGrammarArgs, BenchIngestArgs, BenchModelArgs, BenchRerunArgs, CacheDirArg,
-    DeviceArg, ParamOverrides, RunArgs,
+    DeviceArg, DtypeArg, ParamOverrides, RunArgs,
 };
 use crate::cli::check_cmd::load_and_report;
 use crate::cli::run_cmd;
@@ -363,6 +363,7 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         },
     )?;
     let load_s = t.elapsed().as_secs_f64();
+    let device_name = device_label(runner.device());
     let rss_after_load = proc_status_mib("VmRSS");
 
     let conversation = Conversation::image_question(Some(VET_SYSTEM), VET_USER);
@@ -480,15 +481,20 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         "dtype".into(),
         json!(format!("{:?}", args.dtype.to_candle())),
     );
-    ours.insert("device".into(), json!(device_label(runner.device())));
+    ours.insert("device".into(), json!(device_name));
     ours.insert("backends".into(), json!(compiled_backends()));
     let ours = Value::Object(ours);
     drop(runner);
 
     let theirs = match (&args.python, &args.transformers_script) {
-        (Some(python), Some(script)) => {
-            Some(run_transformers(python, script, &dir, &image_path, args)?)
-        }
+        (Some(python), Some(script)) => Some(run_transformers(
+            python,
+            script,
+            &dir,
+            &image_path,
+            args,
+            &device_name,
+        )?),
         _ => None,
     };
     let load_after = load_average();
@@ -570,7 +576,18 @@ fn run_transformers(
     dir: &Path,
     image: &Path,
     args: &BenchModelArgs,
+    device: &str,
 ) -> anyhow::Result<Value> {
+    // The same work as ours: dtype, device and decode steps; torch calls Apple GPUs `mps`.
+    let torch_device = match device.strip_prefix("metal") {
+        Some(_) => "mps".to_owned(),
+        None => device.to_owned(),
+    };
+    let dtype = match args.dtype {
+        DtypeArg::F32 => "f32",
+        DtypeArg::Bf16 => "bf16",
+        DtypeArg::F16 => "f16",
+    };
     let out = tempfile::NamedTempFile::new().context("cannot create a temporary file")?;
     eprintln!(
         "running transformers: {} {}",
@@ -586,6 +603,9 @@ fn run_transformers(
         .arg(args.repeats.to_string())
         .arg("--threads")
         .arg(args.threads.to_string())
+        .arg("--decode-steps")
+        .arg(args.decode_steps.to_string())
+        .args(["--dtype", dtype, "--device", &torch_device])
         .arg("--json-out")
         .arg(out.path())
         .env("HF_HUB_OFFLINE", "1")

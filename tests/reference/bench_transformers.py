@@ -1,4 +1,4 @@
-"""Times transformers on one photo at the real LFM2-VL-450M shapes (random weights), f32, 2 threads.
+"""Times transformers on one photo at the real LFM2-VL-450M shapes (random weights), f32, 2 threads by default.
 
 The baseline that vlmpipe's benchmark (issue 3) compares against, on the same inputs: the
 cats-vs-dogs classification conversation (system turn, user turn with the image then the question,
@@ -10,14 +10,16 @@ to one 512x384 view (192 image tokens). Prints one JSON object (and writes it wi
   does it (vision included, logits at every position);
 - lm_prefill_ms: the language model alone over the prompt embeddings, logits at the last position
   only (what a generation loop needs);
-- decode_ms_per_token: one greedy step with the KV + conv cache, mean of 3 steps (and each step);
-- classify_ms: preprocess + `generate` of 4 tokens (prefill + 3 decode steps), end to end;
+- decode_ms_per_token: one greedy step with the KV + conv cache, mean of --decode-steps steps (and each step);
+- classify_ms: preprocess + `generate` of 1 + --decode-steps tokens (prefill + the decode steps), end to end;
 - peak_rss_mib: the process's peak resident memory; rss_after_load_mib.
 Each timing is the median (and min) of --repeats runs after one warm-up.
 
 Usage: .venv-5/bin/python tests/reference/bench_transformers.py MODEL_DIR [--image JPG]
-       [--repeats 3] [--threads 2] [--json-out FILE]
-MODEL_DIR: from make_450m.py (bf16 weights are loaded as f32).
+       [--repeats 3] [--threads 2] [--decode-steps 3] [--dtype f32|bf16|f16] [--device cpu|cuda:N|mps]
+       [--json-out FILE]
+MODEL_DIR: from make_450m.py (bf16 weights, loaded in --dtype). `vlmpipe bench model` passes its own
+settings, so both sides do the same work.
 """
 
 # The timing lambdas below run at once, inside their loop iteration. B023 warns about late binding.
@@ -60,8 +62,13 @@ def main() -> None:
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=common.THREADS)
+    parser.add_argument("--decode-steps", type=int, default=3)
+    parser.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
+    if args.decode_steps < 1:
+        parser.error("--decode-steps must be at least 1")
 
     common.THREADS = args.threads
     torch = common.setup_torch()
@@ -69,7 +76,17 @@ def main() -> None:
 
     t0 = time.perf_counter()
     processor = load_processor(args.model)
-    model = Lfm2VlForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    device = torch.device(args.device)
+    model = Lfm2VlForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    new_tokens = 1 + args.decode_steps
+
+    def sync():
+        # GPU kernels run asynchronously: a timer stops once the device has finished.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
     load_s = time.perf_counter() - t0
     rss_load = rss_mib()
     image = common.load_image(args.image)
@@ -77,11 +94,15 @@ def main() -> None:
 
     def preprocess():
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return dict(processor(images=[[image]], text=[text], return_tensors="pt", do_convert_rgb=True))
+        batch = processor(images=[[image]], text=[text], return_tensors="pt", do_convert_rgb=True)
+        out = {k: v.to(device) for k, v in batch.items()}
+        out["pixel_values"] = out["pixel_values"].to(dtype)
+        return out
 
     def ms(fn):
         start = time.perf_counter()
         out = fn()
+        sync()
         return (time.perf_counter() - start) * 1000.0, out
 
     results: dict[str, list[float]] = {k: [] for k in (
@@ -89,7 +110,7 @@ def main() -> None:
     decode_steps: list[list[float]] = []
     with torch.inference_mode():
         inputs = preprocess()
-        model.generate(**inputs, do_sample=False, max_new_tokens=4, min_new_tokens=4)  # warm-up
+        model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)  # warm-up
         for _ in range(args.repeats):
             t, inputs = ms(preprocess)
             results["preprocess_ms"].append(t)
@@ -111,8 +132,8 @@ def main() -> None:
             cache, attn = out.cache, inputs["attention_mask"]
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             steps = []
-            for _ in range(3):
-                attn = torch.cat([attn, torch.ones((1, 1), dtype=attn.dtype)], dim=1)
+            for _ in range(args.decode_steps):
+                attn = torch.cat([attn, torch.ones((1, 1), dtype=attn.dtype, device=device)], dim=1)
                 t, out = ms(lambda: model(input_ids=token, attention_mask=attn, cache=cache, use_cache=True))
                 cache = out.cache
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -121,7 +142,8 @@ def main() -> None:
             results["decode_ms_per_token"].append(statistics.mean(steps))
 
             def classify():
-                return model.generate(**preprocess(), do_sample=False, max_new_tokens=4, min_new_tokens=4)
+                return model.generate(**preprocess(), do_sample=False, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens)
 
             t, _ = ms(classify)
             results["classify_ms"].append(t)
@@ -134,7 +156,9 @@ def main() -> None:
         "num_image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
         "spatial_shapes": inputs["spatial_shapes"].tolist(),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": "float32",
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "decode_steps": args.decode_steps,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "load_s": load_s,
