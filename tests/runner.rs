@@ -268,14 +268,18 @@ fn ids_past_the_tokenizer_decode_without_failing() {
     assert_eq!(runner.decode_text(&[size + 1]), "");
 }
 
-/// A copy of the `tiny-thumb` checkpoint whose special tokens sit at other ids: each pair of
-/// `swaps` trades places in the tokenizer (and its config), and the model configs follow.
-fn checkpoint_with_swapped_ids(dir: &std::path::Path, swaps: &[(u32, u32)]) {
-    let from = fixture("checkpoints/tiny-thumb");
-    for entry in std::fs::read_dir(&from).unwrap() {
+/// Copies the `tiny-thumb` checkpoint into `dir`.
+fn copy_checkpoint(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(fixture("checkpoints/tiny-thumb")).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
     }
+}
+
+/// A copy of the `tiny-thumb` checkpoint whose special tokens sit at other ids: each pair of
+/// `swaps` trades places in the tokenizer (and its config), and the model configs follow.
+fn checkpoint_with_swapped_ids(dir: &std::path::Path, swaps: &[(u32, u32)]) {
+    copy_checkpoint(dir);
     let swap = |id: u64| -> u64 {
         for &(a, b) in swaps {
             if id == u64::from(a) {
@@ -395,5 +399,61 @@ fn special_tokens_are_found_by_their_strings_not_their_usual_ids() {
     assert_eq!(
         swapped.decode_text(&[904, 905, 900]),
         usual.decode_text(&[498, 499, 7])
+    );
+}
+
+/// `tiny-thumb` with `config.json` edited by `change`.
+fn checkpoint_with_config(dir: &std::path::Path, change: impl Fn(&mut serde_json::Value)) {
+    copy_checkpoint(dir);
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    change(&mut config);
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+}
+
+#[test]
+fn vision_feature_layer_runs_that_many_encoder_layers() {
+    // `-2`: the features after all but the last encoder layer (then post_layernorm), which is
+    // what a tower one layer shorter computes with the same weights.
+    let (penultimate, shorter) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    checkpoint_with_config(penultimate.path(), |c| {
+        c["vision_feature_layer"] = (-2).into()
+    });
+    checkpoint_with_config(shorter.path(), |c| {
+        let layers = c["vision_config"]["num_hidden_layers"].as_i64().unwrap();
+        c["vision_config"]["num_hidden_layers"] = (layers - 1).into();
+    });
+    let image = image::open(fixture("images/photo_512x384.png"))
+        .unwrap()
+        .to_rgb8();
+    let conversation = Conversation::image_question(None, "Cat or dog?");
+    let features = |dir: &std::path::Path| -> Tensor {
+        let runner = ModelRunner::load(dir, &LoadOptions::default()).unwrap();
+        runner
+            .prepare(&conversation, std::slice::from_ref(&image))
+            .unwrap()
+            .image_features
+            .unwrap()
+    };
+    let last = features(&fixture("checkpoints/tiny-thumb"));
+    let at_penultimate = features(penultimate.path());
+    let of_shorter = features(shorter.path());
+    let diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    assert_eq!(diff(&at_penultimate, &of_shorter), 0.0);
+    assert!(
+        diff(&at_penultimate, &last) > 1e-3,
+        "the last layer was run"
     );
 }

@@ -420,7 +420,9 @@ impl Config {
         }
         // transformers keeps `hidden_states[k]` = output of the first k layers; a negative index
         // counts from the end. Running only those layers then post_layernorm matches LiquidAI's
-        // original code, which truncated the encoder the same way.
+        // original code, which truncated the encoder the same way. (transformers 5.x's `lfm2_vl`
+        // ignores the key and always takes the last layer; every released checkpoint says -1,
+        // where the two agree.)
         let total = v.num_hidden_layers as i64;
         let used = if raw.vision_feature_layer < 0 {
             total + 1 + raw.vision_feature_layer
