@@ -158,6 +158,17 @@ impl ProcessorConfig {
         keys.bool("do_normalize", &mut self.do_normalize)?;
         keys.triple("image_mean", &mut self.image_mean)?;
         keys.triple("image_std", &mut self.image_std)?;
+        // transformers resizes with the filter this names; ours is bilinear (PIL's 2, what every
+        // LFM2-VL checkpoint says), so another one would silently change every view.
+        let mut resample = BILINEAR;
+        keys.usize("resample", &mut resample)?;
+        if resample != BILINEAR {
+            return Err(keys.invalid(
+                "resample",
+                "2 (bilinear, the only resize filter vlmpipe implements)",
+                &Value::from(resample),
+            ));
+        }
         Ok(())
     }
 
@@ -237,6 +248,9 @@ struct Keys<'a> {
     map: &'a Map<String, Value>,
     path: &'a Path,
 }
+
+/// PIL's `Image.Resampling.BILINEAR`, the `resample` value of LFM2-VL's processors.
+const BILINEAR: usize = 2;
 
 impl Keys<'_> {
     fn get(&self, key: &str) -> Option<&Value> {
@@ -346,6 +360,10 @@ mod tests {
             apply(r#"{"encoder_patch_size": 0}"#),
             Err(ConfigError::Inconsistent(_))
         ));
+        // Bicubic (3): transformers would resize differently than we do.
+        let err = apply(r#"{"resample": 3}"#).unwrap_err();
+        assert!(err.to_string().contains("resample"), "{err}");
+        assert!(apply(r#"{"resample": 2}"#).is_ok());
     }
 
     #[test]
