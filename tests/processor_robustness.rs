@@ -243,13 +243,22 @@ fn broken_files_are_typed_errors() -> TestResult {
     )?;
     assert!(matches!(decode_image(&[]), Err(ImageError::Empty)));
     assert!(decode_image(&jpeg[..3]).is_err());
-    // A truncated JPEG either fails or decodes what it has (decoders pad missing scan data);
-    // both are fine, a panic is not.
-    for cut in [jpeg.len() / 4, jpeg.len() / 2, jpeg.len() - 2] {
-        if let Ok(img) = decode_image(&jpeg[..cut]) {
-            processor()?.process(&img)?;
-        }
+    // A truncated JPEG is an error, as in PIL, even when only its end marker is missing; the
+    // whole file, and one with bytes after its end marker, decode.
+    for cut in [jpeg.len() / 4, jpeg.len() / 2] {
+        assert!(decode_image(&jpeg[..cut]).is_err(), "cut at {cut}");
     }
+    for cut in [jpeg.len() - 2, jpeg.len() - 1] {
+        assert!(
+            matches!(decode_image(&jpeg[..cut]), Err(ImageError::Truncated)),
+            "cut at {cut} of {}",
+            jpeg.len()
+        );
+    }
+    decode_image(&jpeg)?;
+    let mut trailing = jpeg.clone();
+    trailing.extend_from_slice(b"trailing bytes some cameras append");
+    decode_image(&trailing)?;
     // Random bytes, with and without a valid magic number in front.
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut noise = vec![0u8; 4096];

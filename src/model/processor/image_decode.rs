@@ -29,6 +29,10 @@ pub enum ImageError {
     /// Decoding would exceed the memory limit (the image is implausibly large).
     #[error("image too large to decode: {0}")]
     TooLarge(String),
+    /// A JPEG whose data stops before its end-of-image marker. Decoders would fill the missing
+    /// part with grey; PIL (so transformers) refuses it, and so do we.
+    #[error("image file is truncated (the JPEG data ends before its end-of-image marker)")]
+    Truncated,
     /// The image decoded to zero pixels.
     #[error("image has zero width or height ({width}x{height})")]
     ZeroSize { width: u32, height: u32 },
@@ -55,8 +59,12 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Decode(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(ImageError::UnknownFormat);
+    match reader.format() {
+        None => return Err(ImageError::UnknownFormat),
+        Some(image::ImageFormat::Jpeg) if jpeg_is_truncated(bytes) => {
+            return Err(ImageError::Truncated);
+        }
+        Some(_) => {}
     }
     let mut decoder = reader.into_decoder()?;
     // A malformed EXIF block should not cost the image; PIL ignores it too.
@@ -72,6 +80,17 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
         });
     }
     Ok(to_rgb8(img))
+}
+
+/// Whether the last scan of a JPEG has no end-of-image marker after it. Inside entropy-coded
+/// data a 0xFF byte is always followed by 0x00 or a restart marker, so the last `FF DA` is a
+/// real start of scan (an EXIF thumbnail's markers all come before it) and `FF D9` after it can
+/// only be the end of the image. No scan at all is left to the decoder to report.
+fn jpeg_is_truncated(bytes: &[u8]) -> bool {
+    let Some(last_scan) = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]) else {
+        return false;
+    };
+    !bytes[last_scan..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// transformers' `convert_to_rgb`: replicate gray, keep the high byte of 16-bit samples (16-bit
