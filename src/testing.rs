@@ -54,3 +54,16 @@ pub fn test_device() -> candle_core::Device {
         Err(e) => panic!("VLMPIPE_TEST_DEVICE={choice}: {e}"),
     }
 }
+
+/// The largest absolute difference between two tensors of the same shape, as f32; panics on a
+/// shape mismatch or a failed op (a test helper).
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let diff = (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.to_dtype(candle_core::DType::F32))
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>());
+    diff.unwrap_or_else(|e| panic!("max_abs_diff: {e}"))
+}

@@ -12,7 +12,7 @@ use vlmpipe::model::checkpoint::{self, LoadOptions};
 use vlmpipe::model::generate::{GenerateConfig, Prompt, generate};
 use vlmpipe::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
 use vlmpipe::model::vision;
-use vlmpipe::testing::{shared_path, test_device};
+use vlmpipe::testing::{max_abs_diff, shared_path, test_device};
 
 type Refs = HashMap<String, Tensor>;
 
@@ -48,20 +48,6 @@ fn shapes(r: &Refs) -> Vec<(usize, usize)> {
         .into_iter()
         .map(|v| (v[0] as usize, v[1] as usize))
         .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f32 {
