@@ -379,29 +379,42 @@ fn real_tokenizer_case_matches_transformers() -> TestResult {
     Ok(())
 }
 
-/// `vlmpipe bench model` on a tiny checkpoint: every step is timed and reported in the JSON.
-#[test]
-fn bench_model_reports_every_step() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let model = fixtures().join("checkpoints/tiny-thumb");
-    let image = fixtures().join("images/photo_512x384.png");
-    let report_path = dir.path().join("bench.json");
-    let out = vlmpipe(&[
+/// The tiny checkpoint and photo `bench model` tests time.
+fn bench_inputs() -> (PathBuf, PathBuf) {
+    (
+        fixtures().join("checkpoints/tiny-thumb"),
+        fixtures().join("images/photo_512x384.png"),
+    )
+}
+
+/// `vlmpipe bench model` on [`bench_inputs`], 1 thread on the CPU, the JSON report at `report`,
+/// then `extra`.
+fn bench_tiny_model(report: &Path, extra: &[&str]) -> Result<Output, std::io::Error> {
+    let (model, image) = bench_inputs();
+    let mut args = vec![
         "bench",
         "model",
         "--model",
         model.to_str().unwrap_or_default(),
         "--image",
         image.to_str().unwrap_or_default(),
-        "--repeats",
-        "2",
         "--threads",
         "1",
-        "--json-out",
-        report_path.to_str().unwrap_or_default(),
         "--device",
         "cpu",
-    ])?;
+        "--json-out",
+        report.to_str().unwrap_or_default(),
+    ];
+    args.extend_from_slice(extra);
+    vlmpipe(&args)
+}
+
+/// `vlmpipe bench model` on a tiny checkpoint: every step is timed and reported in the JSON.
+#[test]
+fn bench_model_reports_every_step() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let report_path = dir.path().join("bench.json");
+    let out = bench_tiny_model(&report_path, &["--repeats", "2"])?;
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
     let ours = &report["vlmpipe"];
@@ -437,8 +450,7 @@ fn bench_model_reports_every_step() -> TestResult {
 fn bench_model_gives_transformers_the_same_work_and_reports_ratios() -> TestResult {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir()?;
-    let model = fixtures().join("checkpoints/tiny-thumb");
-    let image = fixtures().join("images/photo_512x384.png");
+    let (model, image) = bench_inputs();
     let args_log = dir.path().join("args.txt");
     // Records its arguments, then writes a report where every step took 1000 ms.
     let fake_python = dir.path().join("python");
@@ -462,28 +474,19 @@ printf '{{"preprocess_ms": %s, "vision_ms": %s, "prompt_forward_ms": %s, "lm_pre
     let script = dir.path().join("bench_transformers.py");
     std::fs::write(&script, "# stand-in\n")?;
     let report_path = dir.path().join("bench.json");
-    let out = vlmpipe(&[
-        "bench",
-        "model",
-        "--model",
-        model.to_str().unwrap_or_default(),
-        "--image",
-        image.to_str().unwrap_or_default(),
-        "--repeats",
-        "1",
-        "--threads",
-        "1",
-        "--decode-steps",
-        "2",
-        "--device",
-        "cpu",
-        "--python",
-        fake_python.to_str().unwrap_or_default(),
-        "--transformers-script",
-        script.to_str().unwrap_or_default(),
-        "--json-out",
-        report_path.to_str().unwrap_or_default(),
-    ])?;
+    let out = bench_tiny_model(
+        &report_path,
+        &[
+            "--repeats",
+            "1",
+            "--decode-steps",
+            "2",
+            "--python",
+            fake_python.to_str().unwrap_or_default(),
+            "--transformers-script",
+            script.to_str().unwrap_or_default(),
+        ],
+    )?;
     assert!(out.status.success(), "{}", stderr(&out));
     let args: Vec<String> = std::fs::read_to_string(&args_log)?
         .lines()

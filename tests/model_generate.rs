@@ -65,6 +65,18 @@ fn greedy(n: usize, model: &Lfm2VlModel) -> GenerateConfig {
     }
 }
 
+/// Each prompt answers the same alone as in a batch with the other, in either order.
+fn assert_batching_keeps_answers(c: &Case, cfg: &GenerateConfig, a: Prompt<'_>, b: Prompt<'_>) {
+    let alone_a = generate(&c.model, &[a], cfg, None).unwrap();
+    let alone_b = generate(&c.model, &[b], cfg, None).unwrap();
+    let batched = generate(&c.model, &[b, a], cfg, None).unwrap();
+    assert_eq!(batched.sequences[0], alone_b.sequences[0]);
+    assert_eq!(batched.sequences[1], alone_a.sequences[0]);
+    let reversed = generate(&c.model, &[a, b], cfg, None).unwrap();
+    assert_eq!(reversed.sequences[0], alone_a.sequences[0]);
+    assert_eq!(reversed.sequences[1], alone_b.sequences[0]);
+}
+
 #[test]
 fn batching_with_left_padding_does_not_change_answers() {
     let Some(c) = case() else { return };
@@ -79,14 +91,7 @@ fn batching_with_left_padding_does_not_change_answers() {
         image_features: None,
         seed: None,
     };
-    let alone_image = generate(&c.model, &[image], &cfg, None).unwrap();
-    let alone_text = generate(&c.model, &[text], &cfg, None).unwrap();
-    let batched = generate(&c.model, &[text, image], &cfg, None).unwrap();
-    assert_eq!(batched.sequences[0], alone_text.sequences[0]);
-    assert_eq!(batched.sequences[1], alone_image.sequences[0]);
-    let reversed = generate(&c.model, &[image, text], &cfg, None).unwrap();
-    assert_eq!(reversed.sequences[0], alone_image.sequences[0]);
-    assert_eq!(reversed.sequences[1], alone_text.sequences[0]);
+    assert_batching_keeps_answers(&c, &cfg, image, text);
 }
 
 #[test]
@@ -198,14 +203,7 @@ fn a_prompt_seed_makes_sampling_independent_of_the_batch() {
         },
         ..greedy(10, &c.model)
     };
-    let alone_image = generate(&c.model, &[image], &cfg, None).unwrap();
-    let alone_text = generate(&c.model, &[text], &cfg, None).unwrap();
-    let batched = generate(&c.model, &[text, image], &cfg, None).unwrap();
-    assert_eq!(batched.sequences[0], alone_text.sequences[0]);
-    assert_eq!(batched.sequences[1], alone_image.sequences[0]);
-    let reversed = generate(&c.model, &[image, text], &cfg, None).unwrap();
-    assert_eq!(reversed.sequences[0], alone_image.sequences[0]);
-    assert_eq!(reversed.sequences[1], alone_text.sequences[0]);
+    assert_batching_keeps_answers(&c, &cfg, image, text);
     // Without prompt seeds the row's place picks the stream: a second row is seeded `seed + 1`.
     let unseeded = Prompt { seed: None, ..text };
     let second = generate(&c.model, &[unseeded, unseeded], &cfg, None).unwrap();
