@@ -64,6 +64,16 @@ pub enum HubError {
         revision: String,
         file: String,
     },
+    /// The Hub could not be reached at all (no network, DNS, refused connection).
+    #[error(
+        "cannot reach the Hub for {kind} repo `{repo}`; without a network, `HF_HUB_OFFLINE=1` uses only the local Hub cache"
+    )]
+    Unreachable {
+        kind: RepoKind,
+        repo: String,
+        #[source]
+        source: Box<hf_hub::api::sync::ApiError>,
+    },
     /// The download client failed (network, authentication, missing repo…).
     #[error("hub request for {kind} repo `{repo}` failed: {source}")]
     Api {
@@ -327,6 +337,13 @@ impl Hub {
     }
 
     fn api_error(&self, repo: &HubRepo, source: hf_hub::api::sync::ApiError) -> HubError {
+        if is_transport_failure(&source) {
+            return HubError::Unreachable {
+                kind: repo.kind,
+                repo: repo.id.clone(),
+                source: Box::new(source),
+            };
+        }
         HubError::Api {
             kind: repo.kind,
             repo: repo.id.clone(),
@@ -558,6 +575,14 @@ fn first_missing_model_file(snapshot: &Path) -> Result<Option<String>, HubError>
             .find(|shard| !snapshot.join(shard).is_file()));
     }
     Ok((!snapshot.join(SINGLE_WEIGHTS).is_file()).then(|| SINGLE_WEIGHTS.to_owned()))
+}
+
+/// Whether the request never got an answer (DNS, connection, TLS), as opposed to an error answer.
+fn is_transport_failure(error: &hf_hub::api::sync::ApiError) -> bool {
+    matches!(
+        error,
+        hf_hub::api::sync::ApiError::RequestError(e) if matches!(e.as_ref(), ureq::Error::Transport(_))
+    )
 }
 
 /// The HTTP status of an error answer from the Hub; `None` for a network or local failure.

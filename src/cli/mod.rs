@@ -29,6 +29,22 @@ pub(crate) enum Outcome {
     Problems,
 }
 
+/// Prints `error` and its causes to stderr, skipping a cause whose text was already printed
+/// (error types that embed their source in their message would otherwise say it twice).
+pub(crate) fn print_error(error: &anyhow::Error) {
+    eprintln!("error: {error}");
+    let mut said = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if said.contains(&text) {
+            continue;
+        }
+        eprintln!("  caused by: {text}");
+        said.push('\n');
+        said.push_str(&text);
+    }
+}
+
 /// Entry point called by `main.rs`; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -39,10 +55,7 @@ pub fn main() -> ExitCode {
             if is_broken_pipe(&error) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {error}");
-            for cause in error.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            print_error(&error);
             ExitCode::from(1)
         }
     }

@@ -63,12 +63,7 @@ fn run_once(args: &RunArgs) -> Vec<PathBuf> {
     match run_cmd::execute(&plan, args).and_then(|summary| run_cmd::report(&summary, args)) {
         Ok(_) => {}
         // A run error (cache locked, unreadable source) is reported; the watcher goes on.
-        Err(error) => {
-            eprintln!("error: {error}");
-            for cause in error.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-        }
+        Err(error) => crate::cli::print_error(&error),
     }
     let mut files = plan.files.clone();
     files.push(args.file.clone());
