@@ -1,4 +1,4 @@
-//! Model parity with transformers 5.24 on the 12 committed model cases
+//! Model parity with transformers 5.24 on the 15 committed model cases
 //! (`tests/fixtures/reference/model/<case>.safetensors`, see `tests/reference/README.md`).
 //!
 //! Each case feeds transformers' exact vision input (rebuilt from the stored views) to our
@@ -9,6 +9,8 @@
 //! or the top-32 values for the 65536 vocabulary, and exact tokens) and `generate`'s ids.
 //! Later stages run on our own earlier outputs, as a real forward does. One test per case;
 //! each reports every mismatch of its case. tiny-realtok cases skip without `../shared`.
+//! Every case runs three times where the CPU has AVX-512F: dense weights, and weights packed for
+//! the portable and the AVX-512 kernel (as inference runs them).
 
 mod reference_support;
 
@@ -20,6 +22,7 @@ use reference_support::{
 use vlmpipe::model::checkpoint::{self, LoadOptions};
 use vlmpipe::model::generate::{FinishReason, GenerateConfig, Prompt, generate};
 use vlmpipe::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
+use vlmpipe::model::packed::Kernel;
 use vlmpipe::testing::test_device;
 
 const VISION_TOL: f32 = 5e-5;
@@ -27,20 +30,53 @@ const HIDDEN_TOL: f32 = 2e-4;
 /// Greedy steps the fixtures hold.
 const GREEDY_STEPS: usize = 8;
 
+/// Each case runs with the weights as loaded and packed for every CPU kernel this machine has
+/// (inference packs them; see `vlmpipe::model::packed`).
 fn check_model_case(case: &str) {
-    let mut checks = Checks::new(case);
-    if let Err(e) = model_case(case, &mut checks) {
-        checks.fail(format!("could not run: {e}"));
+    for form in weight_forms() {
+        let mut checks = Checks::new(format!("{case}, {}", form_name(form)));
+        if let Err(e) = model_case(case, form, &mut checks) {
+            checks.fail(format!("could not run: {e}"));
+        }
+        checks.finish();
     }
-    checks.finish();
 }
 
-fn model_case(case: &str, checks: &mut Checks) -> TestResult<()> {
+/// `None`: dense weights; `Some(kernel)`: packed for `kernel`.
+fn weight_forms() -> Vec<Option<Kernel>> {
+    let mut forms = vec![None, Some(Kernel::Portable)];
+    if Kernel::avx512_available() {
+        forms.push(Some(Kernel::Avx512));
+    }
+    forms
+}
+
+fn form_name(form: Option<Kernel>) -> String {
+    form.map_or("dense weights".into(), |k| {
+        format!("weights packed for {k:?}")
+    })
+}
+
+/// The checkpoint at `dir`, with its weights in `form`.
+fn load_model(dir: &std::path::Path, form: Option<Kernel>) -> TestResult<Lfm2VlModel> {
+    let mut model = checkpoint::load(dir, &test_load_options())?;
+    if let Some(kernel) = form {
+        let packed = model.pack_linears_for_cpu(kernel)?;
+        // On a GPU nothing is packed; on the CPU every projection is.
+        assert!(
+            packed > 0 || !model.device().is_cpu(),
+            "no projection was packed"
+        );
+    }
+    Ok(model)
+}
+
+fn model_case(case: &str, form: Option<Kernel>, checks: &mut Checks) -> TestResult<()> {
     let fx = ModelFixture::load(case)?;
     let Some(ckpt) = checkpoint_dir(fx.str("checkpoint")?)? else {
         return Ok(());
     };
-    let model = checkpoint::load(&ckpt.path, &test_load_options())?;
+    let model = load_model(&ckpt.path, form)?;
 
     // transformers' vision input, bit for bit.
     let max_patches = fx.tensor("pixel_attention_mask")?.dim(1)?;
@@ -229,9 +265,14 @@ fn generation(
     // generate(): greedy, stopping at the configured EOS like transformers' generate.
     let prompt = ids.squeeze(0)?.to_vec1::<u32>()?;
     let expected = fx.u32s("generate_ids")?;
+    // EOS cases name one of their greedy tokens as EOS (random weights never pick the real one).
+    let eos_ids = match fx.harness["generate_eos_token_id"].as_u64() {
+        Some(id) => vec![u32::try_from(id)?],
+        None => model.config().text.eos_token_ids.clone(),
+    };
     let cfg = GenerateConfig {
         max_new_tokens: GREEDY_STEPS,
-        ..GenerateConfig::greedy(model.config().text.eos_token_ids.clone())
+        ..GenerateConfig::greedy(eos_ids)
     };
     let prompts = [Prompt {
         input_ids: &prompt,
@@ -309,6 +350,9 @@ model_cases!(
     nothumb_alpha_200x150,
     realtok_system_512x384,
     realtok_wide_1500x500,
+    thumb_eos_512x384,
+    variant_photo_512x384,
+    variant_wide_1500x500,
 );
 
 /// The README's batching fact: transformers 5.24 reproduces the single-prompt results for a
@@ -316,14 +360,19 @@ model_cases!(
 /// each row of ours must match its single-case fixture: last-position logits and `generate`.
 #[test]
 fn left_padded_batch_matches_single_cases() {
-    let mut checks = Checks::new("batch of thumb_tiny_40x30 + thumb_system_333x251");
-    if let Err(e) = batch(&mut checks) {
-        checks.fail(format!("could not run: {e}"));
+    for form in weight_forms() {
+        let mut checks = Checks::new(format!(
+            "batch of thumb_tiny_40x30 + thumb_system_333x251, {}",
+            form_name(form)
+        ));
+        if let Err(e) = batch(form, &mut checks) {
+            checks.fail(format!("could not run: {e}"));
+        }
+        checks.finish();
     }
-    checks.finish();
 }
 
-fn batch(checks: &mut Checks) -> TestResult<()> {
+fn batch(form: Option<Kernel>, checks: &mut Checks) -> TestResult<()> {
     let cases = ["thumb_tiny_40x30", "thumb_system_333x251"];
     let fixtures: Vec<ModelFixture> = cases
         .iter()
@@ -332,7 +381,7 @@ fn batch(checks: &mut Checks) -> TestResult<()> {
     let Some(ckpt) = checkpoint_dir("tiny-thumb")? else {
         return Ok(());
     };
-    let model = checkpoint::load(&ckpt.path, &test_load_options())?;
+    let model = load_model(&ckpt.path, form)?;
     let mut prompts = Vec::new();
     let mut features = Vec::new();
     for fx in &fixtures {

@@ -5,9 +5,12 @@
 //!   layout, spatial shapes, masks, the resized u8 views byte for byte, `pixel_values`
 //!   bit for bit (rebuilt from the views) and their per-view sums. With `../shared` also the real
 //!   tokenizer's `input_ids` and expanded text of the bare `<image>` prompt.
-//! - `model/<case>.safetensors`: the 12 model cases' inputs through our [`Processor`] on the
+//! - `model/<case>.safetensors`: the 15 model cases' inputs through our [`Processor`] on the
 //!   fixture checkpoints: rendered and expanded text, `input_ids`, image token counts, tile
 //!   markers, views, `pixel_values`, `pixel_attention_mask` and `spatial_shapes`.
+//! - `jpeg/<case>.jpg`: JPEGs of every layout PIL reads (chroma 4:2:0, 4:2:2, 4:4:4,
+//!   progressive, restart intervals, grayscale, Adobe CMYK) must decode to PIL's pixels
+//!   (`<case>.png`, from `Image.open(..).convert("RGB")`) exactly.
 //!
 //! One test per fixture; each records every mismatch of its case before failing.
 
@@ -411,6 +414,7 @@ mod model_inputs {
         thumb_tiny_40x30, thumb_photo_512x384, thumb_wide_1500x500, thumb_strip_2000x60,
         thumb_gray_300x200, thumb_system_333x251, nothumb_tall_800x1400, nothumb_photo_512x384,
         nothumb_tiny_40x30, nothumb_alpha_200x150, realtok_system_512x384, realtok_wide_1500x500,
+        thumb_eos_512x384, variant_photo_512x384, variant_wide_1500x500,
     );
 
     pub(super) fn names() -> &'static [&'static str] {
@@ -467,4 +471,49 @@ fn real_450m_files_give_the_fixture_settings() -> TestResult<()> {
     let ours = ProcessorConfig::from_model_dir(&dir)?;
     assert_eq!(ours, expected);
     Ok(())
+}
+
+mod jpeg_pixels {
+    use super::*;
+
+    /// Our decode of `jpeg/<case>.jpg` against PIL's, sample for sample.
+    fn check_jpeg(case: &str) {
+        let mut checks = Checks::new(format!("jpeg {case}"));
+        let result = (|| -> TestResult<()> {
+            let ours = load_image(&format!("jpeg/{case}.jpg"))?;
+            let pil = image::open(fixtures().join(format!("jpeg/{case}.png")))?.to_rgb8();
+            checks.eq("size", &ours.dimensions(), &pil.dimensions());
+            let (differing, worst) = ours
+                .as_raw()
+                .iter()
+                .zip(pil.as_raw())
+                .map(|(a, b)| a.abs_diff(*b))
+                .filter(|&d| d > 0)
+                .fold((0usize, 0u8), |(n, worst), d| (n + 1, worst.max(d)));
+            checks.check(differing == 0, || {
+                format!("{differing} samples differ from PIL's (by up to {worst})")
+            });
+            Ok(())
+        })();
+        if let Err(e) = result {
+            checks.fail(format!("could not run: {e}"));
+        }
+        checks.finish();
+    }
+
+    macro_rules! jpeg_cases {
+        ($($name:ident),* $(,)?) => {
+            $( #[test] fn $name() { check_jpeg(stringify!($name)); } )*
+        };
+    }
+
+    jpeg_cases!(
+        ycc420_67x45,
+        ycc422_50x33,
+        ycc444_41x29,
+        progressive_73x52,
+        restarts_64x40,
+        gray_39x27,
+        cmyk_35x21,
+    );
 }

@@ -483,6 +483,8 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     );
     ours.insert("device".into(), json!(device_name));
     ours.insert("backends".into(), json!(compiled_backends()));
+    // Which CPU product ran: weights packed for our AVX-512 kernel, or dense for gemm.
+    ours.insert("packed_weights".into(), json!(runner.packed_linears()));
     let ours = Value::Object(ours);
     drop(runner);
 
@@ -640,6 +642,10 @@ fn ratios(ours: &Value, theirs: &Value) -> Value {
 
 fn print_table(ours: &Value, theirs: Option<&Value>, prompt_tokens: usize, image_tokens: usize) {
     println!("prompt: {prompt_tokens} tokens, {image_tokens} image tokens");
+    match ours["packed_weights"].as_u64() {
+        Some(n) if n > 0 => println!("weights: {n} matrices packed for the AVX-512 kernel"),
+        _ => println!("weights: dense (gemm crate)"),
+    }
     println!(
         "{:<22} {:>18} {:>18} {:>12}",
         "step", "vlmpipe ms (min)", "transformers", "ours/theirs"

@@ -10,6 +10,7 @@ use candle_nn::VarBuilder;
 
 use crate::model::config::Config;
 use crate::model::linear::{Linear, LinearVisitor};
+use crate::model::packed::Kernel;
 use crate::model::projector::Projector;
 use crate::model::text::{TextCache, TextModel};
 use crate::model::vision::{self, ViewSpan, VisionTower};
@@ -260,6 +261,29 @@ impl Lfm2VlModel {
                 }
                 self.text.lm_head(&hidden.narrow(1, l - 1, 1)?.squeeze(1)?)
             }
+        }
+    }
+}
+
+impl Lfm2VlModel {
+    /// Packs every CPU f32 projection and the LM head for `kernel` ([`Linear::pack_for_cpu`],
+    /// [`TextModel::pack_head_for_cpu`]): inference only, since training reads the dense
+    /// weights. Returns how many matrices were packed.
+    pub fn pack_linears_for_cpu(&mut self, kernel: Kernel) -> Result<usize> {
+        let mut packed = usize::from(self.text.pack_head_for_cpu(kernel)?);
+        let mut failure = None;
+        self.visit_linears_mut(&mut |lin| {
+            if failure.is_some() {
+                return;
+            }
+            match lin.pack_for_cpu(kernel) {
+                Ok(()) => packed += usize::from(lin.is_packed()),
+                Err(e) => failure = Some(e),
+            }
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(packed),
         }
     }
 }

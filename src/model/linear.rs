@@ -11,6 +11,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::ops;
+use crate::model::packed::{Kernel, PackedWeight};
 
 /// Something that changes a linear layer's output, e.g. a LoRA delta `scale * B(A(x))`.
 ///
@@ -23,17 +24,27 @@ pub trait LinearAdapter: Send + Sync + fmt::Debug {
 /// `y = x W^T + b` over the last dimension, optionally followed by an adapter.
 #[derive(Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
     name: String,
     adapter: Option<Arc<dyn LinearAdapter>>,
+}
+
+/// How the frozen weight is held.
+#[derive(Clone)]
+enum Weight {
+    /// `[out, in]` as in PyTorch, on any device and dtype.
+    Dense(Tensor),
+    /// Pre-packed for the CPU f32 kernel ([`Linear::pack_for_cpu`]); the dense form is gone.
+    Packed(Arc<PackedWeight>),
 }
 
 impl fmt::Debug for Linear {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Linear")
             .field("name", &self.name)
-            .field("weight", &self.weight.shape())
+            .field("weight", &[self.out_dim(), self.in_dim()])
+            .field("packed", &matches!(self.weight, Weight::Packed(_)))
             .field("bias", &self.bias.is_some())
             .field("adapter", &self.adapter.is_some())
             .finish()
@@ -44,7 +55,7 @@ impl Linear {
     /// Wraps existing tensors; `weight` is `[out, in]` as in PyTorch.
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, name: impl Into<String>) -> Self {
         Self {
-            weight,
+            weight: Weight::Dense(weight),
             bias,
             name: name.into(),
             adapter: None,
@@ -67,9 +78,13 @@ impl Linear {
         &self.name
     }
 
-    /// `[out, in]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The `[out, in]` weight; a packed weight is unpacked into a new CPU tensor, so callers on
+    /// a hot path should not ask for it.
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Packed(p) => p.to_tensor(),
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -77,11 +92,33 @@ impl Linear {
     }
 
     pub fn in_dim(&self) -> usize {
-        self.weight.dims2().map_or(0, |(_, i)| i)
+        match &self.weight {
+            Weight::Dense(w) => w.dims2().map_or(0, |(_, i)| i),
+            Weight::Packed(p) => p.k(),
+        }
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight.dims2().map_or(0, |(o, _)| o)
+        match &self.weight {
+            Weight::Dense(w) => w.dims2().map_or(0, |(o, _)| o),
+            Weight::Packed(p) => p.n(),
+        }
+    }
+
+    /// `true` once [`Linear::pack_for_cpu`] has packed the weight.
+    pub fn is_packed(&self) -> bool {
+        matches!(self.weight, Weight::Packed(_))
+    }
+
+    /// Replaces a CPU f32 weight by its packed form for `kernel` (faster products, same memory);
+    /// leaves any other weight (GPU, half precision, tracked by autograd) as it is.
+    pub fn pack_for_cpu(&mut self, kernel: Kernel) -> Result<()> {
+        if let Weight::Dense(w) = &self.weight
+            && let Some(packed) = PackedWeight::from_tensor(w, kernel)?
+        {
+            self.weight = Weight::Packed(Arc::new(packed));
+        }
+        Ok(())
     }
 
     pub fn adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {
@@ -111,7 +148,10 @@ impl Linear {
         let rows: usize = lead.iter().product();
         // [..., in] -> [rows, in]
         let x2 = x.reshape((rows, in_dim))?;
-        let y = ops::linear(&x2, &self.weight, self.bias.as_ref())?;
+        let y = match &self.weight {
+            Weight::Dense(w) => ops::linear(&x2, w, self.bias.as_ref())?,
+            Weight::Packed(p) => p.linear(&x2, self.bias.as_ref())?,
+        };
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_dim());
         // [rows, out] -> [..., out]

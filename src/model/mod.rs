@@ -34,6 +34,7 @@ pub mod generate;
 pub mod lfm2_vl;
 pub mod linear;
 pub mod ops;
+pub mod packed;
 pub mod projector;
 pub mod text;
 pub mod vision;

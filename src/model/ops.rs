@@ -202,7 +202,7 @@ impl candle_core::CustomOp1 for FrozenWeightMatmul {
     }
 }
 
-fn is_cpu_f32(x: &Tensor) -> bool {
+pub(crate) fn is_cpu_f32(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
 }
 

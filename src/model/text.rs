@@ -12,12 +12,15 @@
 //! tokens of each row, and padded positions are zeroed before they enter a conv state and never
 //! attended to, so a row's numbers do not depend on what it is batched with.
 
+use std::sync::Arc;
+
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::config::{LayerKind, TextParams};
 use crate::model::linear::{Linear, LinearVisitor};
 use crate::model::ops::{self, RmsNorm};
+use crate::model::packed::{Kernel, PackedWeight};
 
 /// Per-row bookkeeping plus each layer's state: conv windows and attention keys/values.
 #[derive(Debug, Clone)]
@@ -570,13 +573,35 @@ impl DecoderLayer {
 /// The LFM2 decoder (`language_model`) with its tied or separate LM head.
 #[derive(Debug, Clone)]
 pub struct TextModel {
-    embed_tokens: Tensor,
+    embed_tokens: TokenMatrix,
     layers: Vec<DecoderLayer>,
     embedding_norm: RmsNorm,
     /// `[vocab, D]`; the embedding matrix itself when tied.
-    lm_head: Tensor,
+    lm_head: TokenMatrix,
+    /// `lm_head` is `embed_tokens`.
+    tied: bool,
+    dtype: DType,
+    device: Device,
     rotary: Rotary,
     cfg: TextParams,
+}
+
+/// A `[vocab, D]` matrix of token vectors (the embedding table or the LM head).
+#[derive(Debug, Clone)]
+enum TokenMatrix {
+    Dense(Tensor),
+    /// Packed for the CPU kernel ([`TextModel::pack_head_for_cpu`]); embedding rows are
+    /// gathered from its panels, so a tied table is held once.
+    Packed(Arc<PackedWeight>),
+}
+
+impl TokenMatrix {
+    fn rows(&self) -> usize {
+        match self {
+            TokenMatrix::Dense(t) => t.dim(0).unwrap_or(0),
+            TokenMatrix::Packed(p) => p.n(),
+        }
+    }
 }
 
 impl TextModel {
@@ -593,15 +618,37 @@ impl TextModel {
             .map(|(i, &kind)| DecoderLayer::new(cfg, kind, vb_layers.pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let embedding_norm = RmsNorm::load(cfg.hidden_size, cfg.norm_eps, vb.pp("embedding_norm"))?;
+        let tied = lm_head.is_none();
         let lm_head = lm_head.unwrap_or_else(|| embed_tokens.clone());
         Ok(Self {
-            embed_tokens,
+            dtype: embed_tokens.dtype(),
+            device: embed_tokens.device().clone(),
+            embed_tokens: TokenMatrix::Dense(embed_tokens),
             layers,
             embedding_norm,
-            lm_head,
+            lm_head: TokenMatrix::Dense(lm_head),
+            tied,
             rotary: Rotary::new(cfg),
             cfg: cfg.clone(),
         })
+    }
+
+    /// Packs a CPU f32 LM head for `kernel` (inference only, like [`Linear::pack_for_cpu`]);
+    /// a tied embedding table then reads its rows from the packed head instead of keeping its
+    /// own copy. Returns whether it packed.
+    pub fn pack_head_for_cpu(&mut self, kernel: Kernel) -> Result<bool> {
+        let TokenMatrix::Dense(head) = &self.lm_head else {
+            return Ok(false);
+        };
+        let Some(packed) = PackedWeight::from_tensor(head, kernel)? else {
+            return Ok(false);
+        };
+        let packed = Arc::new(packed);
+        if self.tied {
+            self.embed_tokens = TokenMatrix::Packed(packed.clone());
+        }
+        self.lm_head = TokenMatrix::Packed(packed);
+        Ok(true)
     }
 
     pub fn config(&self) -> &TextParams {
@@ -610,15 +657,15 @@ impl TextModel {
 
     /// Rows of the embedding matrix: every id below this is valid input, even past the tokenizer.
     pub fn embedding_rows(&self) -> usize {
-        self.embed_tokens.dim(0).unwrap_or(0)
+        self.embed_tokens.rows()
     }
 
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
+        self.dtype
     }
 
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        &self.device
     }
 
     /// `ids [B, L]` (any integer dtype) -> `[B, L, D]`.
@@ -626,13 +673,18 @@ impl TextModel {
         let (b, l) = ids.dims2()?;
         let ids = ids.to_dtype(DType::U32)?.flatten_all()?;
         let rows = self.embedding_rows() as u32;
-        if let Some(bad) = ids.to_vec1::<u32>()?.into_iter().find(|&id| id >= rows) {
+        let id_list = ids.to_vec1::<u32>()?;
+        if let Some(bad) = id_list.iter().find(|&&id| id >= rows) {
             candle_core::bail!("token id {bad} is outside the embedding table of {rows} rows")
         }
+        let d = self.cfg.hidden_size;
         // [B*L, D] -> [B, L, D]
-        self.embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, l, self.cfg.hidden_size))
+        match &self.embed_tokens {
+            TokenMatrix::Dense(table) => table.index_select(&ids, 0)?.reshape((b, l, d)),
+            TokenMatrix::Packed(p) => {
+                Tensor::from_vec(p.gather_rows(&id_list), (b, l, p.k()), &self.device)
+            }
+        }
     }
 
     /// Runs the decoder on `embeds [B, L, D]`, extending `cache`.
@@ -709,10 +761,14 @@ impl TextModel {
         let dims = hidden.dims().to_vec();
         let d = self.cfg.hidden_size;
         let rows = hidden.elem_count() / d.max(1);
-        let logits = ops::matmul_wt(&hidden.reshape((rows, d))?, &self.lm_head)?;
+        let hidden = hidden.reshape((rows, d))?;
+        let logits = match &self.lm_head {
+            TokenMatrix::Dense(head) => ops::matmul_wt(&hidden, head)?,
+            TokenMatrix::Packed(p) => p.linear(&hidden, None)?,
+        };
         let mut out = dims;
         if let Some(last) = out.last_mut() {
-            *last = self.lm_head.dim(0)?;
+            *last = self.lm_head.rows();
         }
         logits.reshape(out)
     }

@@ -21,6 +21,7 @@ use crate::model::chat::Conversation;
 use crate::model::checkpoint::{self, LoadOptions};
 use crate::model::generate::{self, GenerateConfig, LogitsProcessor, Sampling, TokenSet};
 use crate::model::lfm2_vl::Lfm2VlModel;
+use crate::model::packed::Kernel;
 use crate::model::processor::{Processor, PromptInputs};
 
 pub use scorer::CachedPrefixScorer;
@@ -92,6 +93,7 @@ pub struct ModelRunner {
     vocab: Arc<Vocab>,
     eos_token_ids: Vec<u32>,
     pad_token_id: u32,
+    packed_linears: usize,
 }
 
 impl ModelRunner {
@@ -132,10 +134,23 @@ impl ModelRunner {
     }
 
     /// Wraps an already loaded model (e.g. one with LoRA adapters attached).
-    pub fn new(model: Lfm2VlModel, processor: Processor, dir: &Path) -> Result<Self, RunnerError> {
+    ///
+    /// Inference never needs the dense CPU weights, so they are packed for the fastest CPU
+    /// kernel here ([`Kernel::for_this_cpu`]).
+    pub fn new(
+        mut model: Lfm2VlModel,
+        processor: Processor,
+        dir: &Path,
+    ) -> Result<Self, RunnerError> {
         let load_err = |message: String| RunnerError::Load {
             dir: dir.to_path_buf(),
             message,
+        };
+        let packed_linears = match Kernel::for_this_cpu() {
+            Some(kernel) => model
+                .pack_linears_for_cpu(kernel)
+                .map_err(|e| load_err(format!("cannot pack the weights: {e}")))?,
+            None => 0,
         };
         let eos_token_ids = eos_ids(dir, &processor);
         let Some(&eos) = eos_token_ids.first() else {
@@ -160,7 +175,14 @@ impl ModelRunner {
             vocab: Arc::new(vocab),
             eos_token_ids,
             pad_token_id,
+            packed_linears,
         })
+    }
+
+    /// How many projections run on pre-packed CPU weights (0 on a GPU, in half precision, or
+    /// where the CPU lacks AVX-512F).
+    pub fn packed_linears(&self) -> usize {
+        self.packed_linears
     }
 
     pub fn model(&self) -> &Lfm2VlModel {

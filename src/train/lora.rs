@@ -521,11 +521,13 @@ impl Trainable {
             }
             let name = lin.name().to_string();
             let result = if full_names.contains(&name) {
-                FullAdapter::new(&name, lin.weight(), lin.bias(), mode.clone()).map(|a| {
-                    let a = Arc::new(a);
-                    lin.set_adapter(Some(a.clone()));
-                    out.full.push(a);
-                })
+                lin.weight()
+                    .and_then(|w| FullAdapter::new(&name, &w, lin.bias(), mode.clone()))
+                    .map(|a| {
+                        let a = Arc::new(a);
+                        lin.set_adapter(Some(a.clone()));
+                        out.full.push(a);
+                    })
             } else if let Some((_, a, b)) = lora_inits.iter().find(|(n, _, _)| *n == name) {
                 LoraAdapter::new(&name, index, a, b, scale, dropout, mode.clone()).map(|a| {
                     let a = Arc::new(a);

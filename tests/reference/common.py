@@ -320,6 +320,22 @@ CHECKPOINT_SPECS = {
         processor=dict(REAL_PROCESSOR, use_thumbnail=False, tile_size=256, min_image_tokens=16,
                        max_image_tokens=64, max_num_patches=256, max_tiles=6),
     ),
+    # The numbers no released checkpoint varies: 14-pixel patches, a 3x3 pixel unshuffle and no
+    # projector LayerNorm, with tiles of 504 = 14 * 3 * 12 pixels and a thumbnail.
+    "tiny-variant": dict(
+        seed=404,
+        tokenizer="synthetic",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_patches=256, patch_size=14),
+        text=dict(hidden_size=32, intermediate_size=64, block_ff_dim=64, block_auto_adjust_ff_dim=False,
+                  block_multiple_of=32, num_attention_heads=4, num_key_value_heads=2,
+                  layer_types=["conv", "full_attention", "conv"],
+                  rope_theta=1000000.0, vocab_size=SYNTH_VOCAB),
+        projector_hidden_size=64,
+        projector_use_layernorm=False,
+        processor=dict(REAL_PROCESSOR, use_thumbnail=True, encoder_patch_size=14, downsample_factor=3,
+                       tile_size=504, min_image_tokens=16, max_image_tokens=144, max_num_patches=1296),
+    ),
     # The real tokenizer's 65536-row embedding: a small width keeps the file at a few MB. Only
     # config.json and model.safetensors are committed; the rest comes from ../shared at test time.
     "tiny-realtok": dict(

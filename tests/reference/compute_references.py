@@ -52,7 +52,14 @@ MODEL_CASES: dict[str, tuple[str, str, str | None, str]] = {
     "nothumb_alpha_200x150": ("tiny-nothumb", "alpha_200x150", None, PROMPT),
     "realtok_system_512x384": ("tiny-realtok", "photo_512x384", VET_SYSTEM, VET_USER),
     "realtok_wide_1500x500": ("tiny-realtok", "wide_1500x500", None, PROMPT),
+    "thumb_eos_512x384": ("tiny-thumb", "photo_512x384", VET_SYSTEM, PROMPT),
+    "variant_photo_512x384": ("tiny-variant", "photo_512x384", None, PROMPT),
+    "variant_wide_1500x500": ("tiny-variant", "wide_1500x500", None, PROMPT),
 }
+
+# Random weights never pick the checkpoint's EOS, so these cases make `generate` stop at EOS by
+# naming as EOS the greedy token of the given step (case -> step).
+EOS_AT_STEP: dict[str, int] = {"thumb_eos_512x384": 3}
 
 PROCESSOR_IMAGES = [
     "pixel_1x1",
@@ -298,8 +305,14 @@ def model_case(name: str, ckpt_name: str, image_name: str, system: str | None, u
     real = inputs["pixel_attention_mask"].bool()
 
     tokens, step_logits = greedy_with_cache(model, inputs, GREEDY_STEPS)
+    eos_override = None
+    if name in EOS_AT_STEP:
+        step = EOS_AT_STEP[name]
+        eos_override = tokens[step]
+        assert eos_override not in tokens[:step], ("the EOS token must first appear at its step", tokens)
     with torch.no_grad():
-        gen = model.generate(**inputs, do_sample=False, max_new_tokens=GREEDY_STEPS)
+        extra = {} if eos_override is None else {"eos_token_id": eos_override}
+        gen = model.generate(**inputs, do_sample=False, max_new_tokens=GREEDY_STEPS, **extra)
     generated = gen[0, input_ids.shape[0]:].tolist()
     # generate stops at <|im_end|>; up to there it must agree with the cached greedy loop.
     assert generated == tokens[: len(generated)], (generated, tokens)
@@ -377,6 +390,7 @@ def model_case(name: str, ckpt_name: str, image_name: str, system: str | None, u
             "max_pixels_tolerance", "max_num_patches")} | {"do_convert_rgb": True},
         "generated_text": tok.decode(tokens, skip_special_tokens=False),
         "generate_stopped_at_eos": len(generated) < GREEDY_STEPS,
+        "generate_eos_token_id": eos_override,
         "greedy_margins": margins,
         "min_greedy_margin": min(margins),
         "cache_vs_full_logits_max_abs": cache_drift,
@@ -462,7 +476,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_root = Path(tmp)
         # Synthetic checkpoints are used in place; realtok is assembled with the real tokenizer.
-        for name in ("tiny-thumb", "tiny-nothumb"):
+        for name in ("tiny-thumb", "tiny-nothumb", "tiny-variant"):
             (ckpt_root / name).symlink_to(CHECKPOINTS / name)
         common.assemble_realtok(ckpt_root / "tiny-realtok")
         if args.only in (None, "model"):

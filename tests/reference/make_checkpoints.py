@@ -56,8 +56,8 @@ def build_config(spec: dict):
         patch_size=16,
         attention_dropout=0.0,
         vision_use_head=False,
-        **spec["vision"],
     )
+    vision.update(spec["vision"])
     text = dict(
         model_type="lfm2",
         num_hidden_layers=len(spec["text"]["layer_types"]),
@@ -80,6 +80,7 @@ def build_config(spec: dict):
         projector_hidden_act="gelu",
         projector_bias=True,
         downsample_factor=spec["processor"]["downsample_factor"],
+        projector_use_layernorm=spec.get("projector_use_layernorm", True),
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=7,
@@ -143,6 +144,9 @@ def make_checkpoint(name: str, spec: dict) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
 
     model = Lfm2VlForConditionalGeneration(build_config(spec)).eval()
+    if not spec.get("projector_use_layernorm", True):
+        # 4.57.6 always builds the projector LayerNorm; a checkpoint without one has no weights.
+        del model.model.multi_modal_projector.layer_norm
     scaled_init(model, spec["seed"])
     model.save_pretrained(dst, safe_serialization=True)
 
@@ -156,12 +160,19 @@ def make_checkpoint(name: str, spec: dict) -> Path:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="checkpoints to (re)make; all, with the images, by default")
+    args = parser.parse_args()
     common.setup_torch()
     common.check_special_tokens_against_real()
-    images = common.make_images()
-    print(f"{len(images)} images -> {common.IMAGES}")
+    if not args.names:
+        images = common.make_images()
+        print(f"{len(images)} images -> {common.IMAGES}")
     for name, spec in CHECKPOINT_SPECS.items():
-        make_checkpoint(name, spec)
+        if not args.names or name in args.names:
+            make_checkpoint(name, spec)
     write_json(CHECKPOINTS / "specs.json", CHECKPOINT_SPECS)
 
 

@@ -17,4 +17,5 @@ rm -rf ../fixtures/reference
 .venv-457/bin/python make_checkpoints.py      # images + checkpoints (4.57.6: Hub layout)
 .venv-5/bin/python compute_references.py      # model/ and processor/ references (5.x)
 .venv-5/bin/python lora_reference.py          # lora/ (5.x + peft)
+.venv-5/bin/python jpeg_references.py         # jpeg/ (Pillow's JPEG encoder and decoder)
 .venv-5/bin/python manifest.py                # manifest.json: size and sha256 of every file

@@ -1,0 +1,630 @@
+//! Linear weights stored pre-packed for the CPU f32 product, and the product itself.
+//!
+//! Every forward of a `Linear` multiplies activations `x [m, k]` by a frozen weight `w [n, k]`.
+//! A general GEMM (the `gemm` crate) repacks `w` into its kernel's panel layout on every call: at
+//! the prefill shapes of LFM2-VL-450M that packing was a fifth of the profile, and the 4608-deep
+//! FFN down-projection ran at 155 GFLOP/s on a 2-core AVX-512 Xeon. Packing once, when the model
+//! is loaded, leaves nothing to rearrange per call (the kernel broadcasts the activation straight
+//! from its rows); with a register-blocked AVX-512 kernel that shape runs at about 260 GFLOP/s.
+//!
+//! Layout: the weight's `n` output rows are cut into panels of [`PANEL`] rows; panel `p` holds
+//! `w[p * PANEL + j][kk]` at `p * k * PANEL + kk * PANEL + j`, zero beyond `n`. A kernel tile then
+//! reads one contiguous run of `PANEL` floats per `kk`, and a one-row product (a decode step)
+//! streams the weight front to back, as the dense layout did.
+//!
+//! The packed form replaces the dense one (it is not a copy beside it), so loading a model costs
+//! no extra memory; [`PackedWeight::to_dense`] rebuilds `[n, k]` for the rare readers that need it.
+
+use std::mem::MaybeUninit;
+
+use candle_core::{Device, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::model::ops;
+
+/// Output rows per panel: four 16-lane AVX-512 vectors.
+pub const PANEL: usize = 64;
+/// Lanes of one AVX-512 f32 vector.
+const LANES: usize = 16;
+/// Vectors per panel row.
+const VECTORS: usize = PANEL / LANES;
+/// Activation rows per kernel tile: 6 x 4 vector accumulators, the 4 weight vectors and a
+/// broadcast fit the 32 AVX-512 registers, and each depth step issues 10 loads for 24 FMAs
+/// (12 rows x 2 vectors needs 14; measured 10-15% slower at the LFM2 prefill shapes).
+const TILE_ROWS: usize = 6;
+/// Depth of one pass over a tile (a 512 x 64 weight block, 128 KiB, stays in L2 while every
+/// row block of the activation streams past it); 256 and 768 measured within noise of it.
+const DEPTH_BLOCK: usize = 512;
+/// Panels a thread finishes before moving on, so their output rows stay in L2 across depth passes.
+const PANEL_GROUP: usize = 4;
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// Which kernel computes the tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512F intrinsics; only chosen where the CPU has them.
+    Avx512,
+    /// Plain Rust the compiler vectorises for the build target; any CPU.
+    Portable,
+}
+
+impl Kernel {
+    /// The kernel loading should pack weights for, or `None` to keep them dense (for the `gemm`
+    /// crate, which is as fast as this code on AVX2 CPUs).
+    ///
+    /// `VLMPIPE_PACKED_GEMM=off` keeps weights dense, `=portable` packs them for the portable
+    /// kernel (to test this path on any CPU); by default they are packed where AVX-512F exists.
+    pub fn for_this_cpu() -> Option<Kernel> {
+        match std::env::var("VLMPIPE_PACKED_GEMM").as_deref() {
+            Ok("off") | Ok("0") => None,
+            Ok("portable") => Some(Kernel::Portable),
+            _ => Kernel::avx512_available().then_some(Kernel::Avx512),
+        }
+    }
+
+    /// `true` when this CPU can run [`Kernel::Avx512`].
+    pub fn avx512_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
+/// A `[n, k]` weight in the panel layout described in the module docs.
+#[derive(Clone)]
+pub struct PackedWeight {
+    n: usize,
+    k: usize,
+    data: Vec<f32>,
+    kernel: Kernel,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedWeight")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("kernel", &self.kernel)
+            .finish()
+    }
+}
+
+impl PackedWeight {
+    /// Packs the row-major `w [n, k]` for `kernel`.
+    ///
+    /// # Panics
+    /// When `w.len() != n * k`, or `kernel` is [`Kernel::Avx512`] on a CPU without AVX-512F;
+    /// both are bugs in the caller.
+    pub fn pack(w: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
+        assert_eq!(w.len(), n * k, "pack: weight is not [n, k]");
+        assert!(
+            kernel != Kernel::Avx512 || Kernel::avx512_available(),
+            "pack: this CPU has no AVX-512F"
+        );
+        let panels = n.div_ceil(PANEL);
+        let mut data = vec![0f32; panels * k * PANEL];
+        if k > 0 {
+            data.par_chunks_mut(k * PANEL)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    let rows = PANEL.min(n - p * PANEL);
+                    // Blocks of depth keep the panel's source rows' reads in cache lines being used.
+                    for k0 in (0..k).step_by(64) {
+                        let len = 64.min(k - k0);
+                        for j in 0..rows {
+                            let src = &w[(p * PANEL + j) * k + k0..][..len];
+                            for (d, &v) in src.iter().enumerate() {
+                                panel[(k0 + d) * PANEL + j] = v;
+                            }
+                        }
+                    }
+                });
+        }
+        Self { n, k, data, kernel }
+    }
+
+    /// Output features.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// The row-major `[n, k]` weight again.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let mut w = vec![0f32; n * k];
+        if k == 0 {
+            return w;
+        }
+        w.par_chunks_mut(k).enumerate().for_each(|(row, dst)| {
+            let (p, j) = (row / PANEL, row % PANEL);
+            let panel = &self.data[p * k * PANEL..][..k * PANEL];
+            for (kk, v) in dst.iter_mut().enumerate() {
+                *v = panel[kk * PANEL + j];
+            }
+        });
+        w
+    }
+
+    /// Rows `ids` of the `[n, k]` weight, back to back (an embedding lookup in a tied table).
+    ///
+    /// # Panics
+    /// When an id is `n` or more (callers check ids against [`PackedWeight::n`] first).
+    pub fn gather_rows(&self, ids: &[u32]) -> Vec<f32> {
+        let k = self.k;
+        let mut out = Vec::with_capacity(ids.len() * k);
+        for &id in ids {
+            let id = id as usize;
+            assert!(id < self.n, "gather_rows: row {id} of {}", self.n);
+            let panel = &self.data[(id / PANEL) * k * PANEL..][..k * PANEL];
+            out.extend(panel.iter().skip(id % PANEL).step_by(PANEL));
+        }
+        out
+    }
+
+    /// `x [m, k] @ w^T (+ bias [n])` as a new row-major `[m, n]`.
+    ///
+    /// # Panics
+    /// On operands of the wrong length (a bug in the caller, never user input).
+    pub fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(x.len(), m * k, "packed matmul: input is not [m, k]");
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "packed matmul: bias is not [n]");
+        }
+        if m == 0 || n == 0 || k == 0 {
+            return match bias {
+                Some(b) => b.repeat(m),
+                None => vec![0.0; m * n],
+            };
+        }
+        let mut out = Vec::with_capacity(m * n);
+        let dst = OutPtr(out.spare_capacity_mut().as_mut_ptr());
+        let panels = n.div_ceil(PANEL);
+        let blocks = m.div_ceil(TILE_ROWS);
+        let threads = if m * n * k < PARALLEL_MIN_MACS {
+            1
+        } else {
+            rayon::current_num_threads().max(1)
+        };
+        let job = |t: usize| {
+            // Threads own disjoint output tiles: panel ranges when there are enough panels,
+            // row-block ranges otherwise.
+            let (p_range, b_range) = if panels >= threads {
+                (share(panels, threads, t), 0..blocks)
+            } else {
+                (0..panels, share(blocks, threads, t))
+            };
+            // SAFETY: `x` is the row-major `[m, k]` input, `self.data` the packed `[n, k]` weight,
+            // `dst` has room for `m * n` outputs, and the ranges of different `t` never overlap,
+            // so no output element is written twice concurrently.
+            unsafe { self.tiles(x, m, bias, &dst, p_range, b_range) }
+        };
+        if threads == 1 {
+            job(0);
+        } else {
+            (0..threads).into_par_iter().for_each(job);
+        }
+        // SAFETY: the tiles of every (panel, row block) pair were stored above; the first depth
+        // pass of each writes every element of its tile without reading it.
+        unsafe { out.set_len(m * n) };
+        out
+    }
+
+    /// Computes the output tiles of panels `p_range` x row blocks `b_range`.
+    ///
+    /// # Safety
+    /// `x` must be the row-major `[m, k]` input, `dst` must have room for `m * n` floats,
+    /// and no other thread may write the same tiles.
+    unsafe fn tiles(
+        &self,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        dst: &OutPtr,
+        p_range: std::ops::Range<usize>,
+        b_range: std::ops::Range<usize>,
+    ) {
+        let (n, k) = (self.n, self.k);
+        let mut group = p_range.start;
+        while group < p_range.end {
+            let group_end = (group + PANEL_GROUP).min(p_range.end);
+            for k0 in (0..k).step_by(DEPTH_BLOCK) {
+                let depth = DEPTH_BLOCK.min(k - k0);
+                for p in group..group_end {
+                    let cols = PANEL.min(n - p * PANEL);
+                    let w = &self.data[p * k * PANEL + k0 * PANEL..][..depth * PANEL];
+                    for b in b_range.clone() {
+                        let rows = TILE_ROWS.min(m - b * TILE_ROWS);
+                        // Rows `b * TILE_ROWS..` from column `k0`, read in place: the kernel's
+                        // broadcasts stream the tile's rows (packing them measured no faster).
+                        let rows_in = Rows {
+                            x: &x[b * TILE_ROWS * k + k0..][..(rows - 1) * k + depth],
+                            stride: k,
+                        };
+                        let start = match (k0, bias) {
+                            (0, Some(bias)) => Start::Bias(&bias[p * PANEL..][..cols]),
+                            (0, None) => Start::Zero,
+                            _ => Start::Accumulate,
+                        };
+                        let tile = Tile {
+                            // SAFETY (of the offset): the tile's first element `(b * TILE_ROWS, p * PANEL)`
+                            // lies inside the `[m, n]` output.
+                            c: unsafe { dst.0.add(b * TILE_ROWS * n + p * PANEL) }.cast(),
+                            ldc: n,
+                            rows,
+                            cols,
+                            start,
+                        };
+                        // SAFETY: `rows_in` and `w` hold `depth` steps of `rows` and `PANEL` floats, and
+                        // the tile's `rows x cols` outputs are inside `dst`, owned by this thread.
+                        unsafe { run_kernel(self.kernel, &rows_in, w, depth, &tile) };
+                    }
+                }
+            }
+            group = group_end;
+        }
+    }
+}
+
+/// The tensor side: what `Linear` and the LM head call.
+impl PackedWeight {
+    /// Packs a `[n, k]` CPU f32 weight that autograd does not track; `None` for any other
+    /// (GPU, half precision, trainable), which stays dense.
+    pub fn from_tensor(w: &Tensor, kernel: Kernel) -> Result<Option<Self>> {
+        if !ops::is_cpu_f32(w) || w.track_op() || w.is_variable() {
+            return Ok(None);
+        }
+        let (n, k) = w.dims2()?;
+        ops::with_cpu_f32(w, |ws| Some(Self::pack(ws, n, k, kernel)))
+    }
+
+    /// The dense `[n, k]` weight as a new CPU tensor.
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        Tensor::from_vec(self.to_dense(), (self.n, self.k), &Device::Cpu)
+    }
+
+    /// `x [rows, k] @ w^T (+ bias [n])` as `[rows, n]`. An input the kernel cannot take
+    /// (tracked by autograd, not a CPU f32 tensor) goes through the unpacked weight instead.
+    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let plain = |t: &Tensor| ops::is_cpu_f32(t) && !t.track_op();
+        if !plain(x) || bias.is_some_and(|b| !plain(b)) {
+            return ops::linear(&x.to_device(&Device::Cpu)?, &self.to_tensor()?, bias);
+        }
+        let (rows, in_dim) = x.dims2()?;
+        if in_dim != self.k || bias.is_some_and(|b| b.dims() != [self.n]) {
+            candle_core::bail!(
+                "packed linear: input [{rows}, {in_dim}]{} against weight [{}, {}]",
+                bias.map(|b| format!(" and bias {:?}", b.dims()))
+                    .unwrap_or_default(),
+                self.n,
+                self.k
+            )
+        }
+        let y = ops::with_cpu_f32(x, |xs| match bias {
+            Some(b) => ops::with_cpu_f32(b, |bs| self.matmul(xs, rows, Some(bs))),
+            None => Ok(self.matmul(xs, rows, None)),
+        })??;
+        Tensor::from_vec(y, (rows, self.n), &Device::Cpu)
+    }
+}
+
+/// Part `t` of `0..len` cut into `parts` near-equal contiguous ranges.
+fn share(len: usize, parts: usize, t: usize) -> std::ops::Range<usize> {
+    let base = len / parts;
+    let extra = len % parts;
+    let start = t * base + t.min(extra);
+    start..start + base + usize::from(t < extra)
+}
+
+/// The output buffer, shared by the threads that each write their own tiles.
+struct OutPtr(*mut MaybeUninit<f32>);
+// SAFETY: threads write disjoint tiles through the pointer (see `PackedWeight::matmul`).
+unsafe impl Sync for OutPtr {}
+
+/// The input rows of a tile: row `r`, step `s` is `x[r * stride + s]`.
+struct Rows<'a> {
+    x: &'a [f32],
+    stride: usize,
+}
+
+/// What a tile's accumulators start from.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// The first depth pass without a bias.
+    Zero,
+    /// The first depth pass: every row starts at the bias (`cols` values).
+    Bias(&'a [f32]),
+    /// A later depth pass: the tile's current values.
+    Accumulate,
+}
+
+/// One `rows x cols` output tile at `c` with row stride `ldc`.
+struct Tile<'a> {
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    start: Start<'a>,
+}
+
+/// Dispatches to the kernel instance for `tile.rows` rows.
+///
+/// # Safety
+/// `x` holds `tile.rows` rows of `depth` steps, `w` holds `depth * PANEL` floats, the tile's
+/// `rows x cols` elements are writable (and initialised unless the start is `Zero` or `Bias`), and
+/// `kernel` is supported by this CPU.
+unsafe fn run_kernel(kernel: Kernel, x: &Rows<'_>, w: &[f32], depth: usize, tile: &Tile<'_>) {
+    macro_rules! rows {
+        ($kern:ident) => {
+            match tile.rows {
+                1 => $kern::<1>(x, w, depth, tile),
+                2 => $kern::<2>(x, w, depth, tile),
+                3 => $kern::<3>(x, w, depth, tile),
+                4 => $kern::<4>(x, w, depth, tile),
+                5 => $kern::<5>(x, w, depth, tile),
+                _ => $kern::<6>(x, w, depth, tile),
+            }
+        };
+    }
+    debug_assert!(tile.rows >= 1 && tile.rows <= TILE_ROWS && tile.cols <= PANEL);
+    debug_assert!(x.x.len() >= (tile.rows - 1) * x.stride + depth && w.len() >= depth * PANEL);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: forwarded from the caller, which chose this kernel only with AVX-512F present.
+        Kernel::Avx512 => unsafe { rows!(kernel_avx512) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Kernel::Avx512 => unreachable!("AVX-512 packing is refused on this architecture"),
+        // SAFETY: forwarded from the caller.
+        Kernel::Portable => unsafe { rows!(kernel_portable) },
+    }
+}
+
+/// `R` rows x 64 columns, accumulated over `depth` steps, in plain Rust.
+///
+/// # Safety
+/// As [`run_kernel`], with `tile.rows == R`.
+unsafe fn kernel_portable<const R: usize>(x: &Rows<'_>, w: &[f32], depth: usize, tile: &Tile<'_>) {
+    let cols = tile.cols;
+    let mut acc = [[0f32; PANEL]; R];
+    for (r, row) in acc.iter_mut().enumerate() {
+        match tile.start {
+            Start::Zero => {}
+            Start::Bias(bias) => row[..cols].copy_from_slice(bias),
+            // SAFETY: the tile's row `r` has `cols` initialised elements at `c + r * ldc`.
+            Start::Accumulate => row[..cols].copy_from_slice(unsafe {
+                std::slice::from_raw_parts(tile.c.add(r * tile.ldc), cols)
+            }),
+        }
+    }
+    let inputs: [&[f32]; R] = std::array::from_fn(|r| &x.x[r * x.stride..][..depth]);
+    for (step, ws) in w.chunks_exact(PANEL).take(depth).enumerate() {
+        for (row, input) in acc.iter_mut().zip(&inputs) {
+            let a = input[step];
+            for (c, &b) in row.iter_mut().zip(ws) {
+                *c += a * b;
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        // SAFETY: the tile's row `r` has `cols` writable elements at `c + r * ldc`, owned by the
+        // calling thread.
+        let out = unsafe { std::slice::from_raw_parts_mut(tile.c.add(r * tile.ldc), cols) };
+        out.copy_from_slice(&row[..cols]);
+    }
+}
+
+/// `R` rows x 64 columns, accumulated over `depth` steps, with AVX-512F: each step loads the
+/// panel's four weight vectors once and multiplies them by each row's broadcast input.
+///
+/// # Safety
+/// As [`run_kernel`], with `tile.rows == R` and AVX-512F present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512<const R: usize>(x: &Rows<'_>, w: &[f32], depth: usize, tile: &Tile<'_>) {
+    use std::arch::x86_64::*;
+    // Lanes of vector `v` that lie inside the tile's `cols` columns.
+    let masks: [__mmask16; VECTORS] =
+        std::array::from_fn(|v| match tile.cols.saturating_sub(v * LANES) {
+            0 => 0,
+            n @ 1..LANES => ((1u32 << n) - 1) as __mmask16,
+            _ => 0xffff,
+        });
+    let (xp, ldx, wp) = (x.x.as_ptr(), x.stride, w.as_ptr());
+    // SAFETY (of every access below): masked loads and stores touch only the tile's `cols`
+    // columns of rows `0..R`, which the caller guarantees; the caller sized `x` to `R` rows and
+    // `w` to `depth` steps.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
+        match tile.start {
+            Start::Zero => {}
+            Start::Bias(bias) => {
+                let b: [__m512; VECTORS] = std::array::from_fn(|v| {
+                    _mm512_maskz_loadu_ps(masks[v], bias.as_ptr().add((v * LANES).min(bias.len())))
+                });
+                acc = [b; R];
+            }
+            Start::Accumulate => {
+                for (r, row_acc) in acc.iter_mut().enumerate() {
+                    let row = tile.c.add(r * tile.ldc);
+                    for (v, a) in row_acc.iter_mut().enumerate() {
+                        *a = _mm512_maskz_loadu_ps(masks[v], row.add(v * LANES));
+                    }
+                }
+            }
+        }
+        for step in 0..depth {
+            let ws: [__m512; VECTORS] =
+                std::array::from_fn(|v| _mm512_loadu_ps(wp.add(step * PANEL + v * LANES)));
+            for (r, row_acc) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(*xp.add(r * ldx + step));
+                for (acc_v, &w_v) in row_acc.iter_mut().zip(&ws) {
+                    *acc_v = _mm512_fmadd_ps(a, w_v, *acc_v);
+                }
+            }
+        }
+        for (r, row_acc) in acc.iter().enumerate() {
+            let row = tile.c.add(r * tile.ldc);
+            for (v, &a) in row_acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(row.add(v * LANES), masks[v], a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+            .collect()
+    }
+
+    fn reference(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        n: usize,
+        b: Option<&[f32]>,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum();
+                out[i * n + j] = dot + b.map_or(0.0, |b| b[j] as f64);
+            }
+        }
+        out
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Portable];
+        if Kernel::avx512_available() {
+            kernels.push(Kernel::Avx512);
+        } else {
+            eprintln!("this CPU has no AVX-512F: only the portable kernel is tested");
+        }
+        kernels
+    }
+
+    /// Shapes that hit every tail: rows not a multiple of 6 (and fewer than 6), outputs not a
+    /// multiple of 64 (and fewer), depths beyond one 512 block and not a multiple of it, one
+    /// thread's worth and many panels' worth.
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (1, 7, 33),
+        (3, 300, 70),
+        (6, 512, 64),
+        (13, 513, 65),
+        (7, 1100, 129),
+        (29, 64, 200),
+        (50, 600, 97),
+        (270, 96, 260),
+    ];
+
+    #[test]
+    fn products_match_a_float64_reference_for_every_kernel_and_tail() {
+        for kernel in kernels() {
+            for &(m, k, n) in SHAPES {
+                let (x, w, b) = (values(m * k, 1), values(n * k, 2), values(n, 3));
+                let packed = PackedWeight::pack(&w, n, k, kernel);
+                for bias in [None, Some(b.as_slice())] {
+                    let got = packed.matmul(&x, m, bias);
+                    let want = reference(&x, m, k, &w, n, bias);
+                    let worst = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(g, w)| (*g as f64 - w).abs())
+                        .fold(0.0, f64::max);
+                    // f32 rounding of `k` terms of magnitude <= 1 (a wrong tile is off by ~0.1+).
+                    assert!(
+                        worst < 1e-6 * k as f64 + 1e-5,
+                        "{kernel:?} m={m} k={k} n={n} bias={}: off by {worst}",
+                        bias.is_some()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_kernels_agree_to_rounding() {
+        if !Kernel::avx512_available() {
+            eprintln!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        let (m, k, n) = (40, 700, 90);
+        let (x, w) = (values(m * k, 4), values(n * k, 5));
+        let a = PackedWeight::pack(&w, n, k, Kernel::Portable).matmul(&x, m, None);
+        let b = PackedWeight::pack(&w, n, k, Kernel::Avx512).matmul(&x, m, None);
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-4, "portable and AVX-512 differ by {worst}");
+    }
+
+    #[test]
+    fn to_dense_restores_the_weight_exactly() {
+        for &(_, k, n) in SHAPES {
+            let w = values(n * k, 6);
+            assert_eq!(PackedWeight::pack(&w, n, k, Kernel::Portable).to_dense(), w);
+        }
+    }
+
+    #[test]
+    fn gathered_rows_are_the_weight_rows() {
+        let (n, k) = (130, 37);
+        let w = values(n * k, 7);
+        let packed = PackedWeight::pack(&w, n, k, Kernel::Portable);
+        let ids = [0u32, 63, 64, 129, 5, 5];
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&i| w[i as usize * k..][..k].to_vec())
+            .collect();
+        assert_eq!(packed.gather_rows(&ids), want);
+    }
+
+    #[test]
+    fn empty_operands_give_zeros_or_the_bias() {
+        let packed = PackedWeight::pack(&[], 3, 0, Kernel::Portable);
+        assert_eq!(packed.matmul(&[], 2, None), vec![0.0; 6]);
+        assert_eq!(
+            packed.matmul(&[], 2, Some(&[1.0, 2.0, 3.0])),
+            vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
+        );
+        assert!(packed.matmul(&[], 0, None).is_empty());
+    }
+
+    #[test]
+    fn work_is_shared_without_gaps_or_overlap() {
+        for len in [0, 1, 5, 32, 33] {
+            for parts in 1..5 {
+                let ranges: Vec<_> = (0..parts).map(|t| share(len, parts, t)).collect();
+                assert_eq!(ranges[0].start, 0);
+                assert_eq!(ranges[parts - 1].end, len);
+                assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+            }
+        }
+    }
+}
