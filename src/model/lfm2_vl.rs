@@ -277,7 +277,7 @@ impl Lfm2VlModel {
                 return;
             }
             match lin.pack_for_cpu(kernel) {
-                Ok(()) => packed += usize::from(lin.is_packed()),
+                Ok(newly_packed) => packed += usize::from(newly_packed),
                 Err(e) => failure = Some(e),
             }
         });

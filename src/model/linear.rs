@@ -24,19 +24,69 @@ pub trait LinearAdapter: Send + Sync + fmt::Debug {
 /// `y = x W^T + b` over the last dimension, optionally followed by an adapter.
 #[derive(Clone)]
 pub struct Linear {
-    weight: Weight,
+    weight: WeightMatrix,
     bias: Option<Tensor>,
     name: String,
     adapter: Option<Arc<dyn LinearAdapter>>,
 }
 
-/// How the frozen weight is held.
-#[derive(Clone)]
-enum Weight {
+/// A frozen `[out, in]` weight matrix as products read it: a projection's weight, or the LM head.
+#[derive(Debug, Clone)]
+pub(crate) enum WeightMatrix {
     /// `[out, in]` as in PyTorch, on any device and dtype.
     Dense(Tensor),
-    /// Pre-packed for the CPU f32 kernel ([`Linear::pack_for_cpu`]); the dense form is gone.
+    /// Pre-packed for the CPU f32 kernel ([`WeightMatrix::pack_for_cpu`]); the dense form is gone.
     Packed(Arc<PackedWeight>),
+}
+
+impl WeightMatrix {
+    pub(crate) fn out_dim(&self) -> usize {
+        match self {
+            WeightMatrix::Dense(w) => w.dims2().map_or(0, |(o, _)| o),
+            WeightMatrix::Packed(p) => p.n(),
+        }
+    }
+
+    pub(crate) fn in_dim(&self) -> usize {
+        match self {
+            WeightMatrix::Dense(w) => w.dims2().map_or(0, |(_, i)| i),
+            WeightMatrix::Packed(p) => p.k(),
+        }
+    }
+
+    pub(crate) fn is_packed(&self) -> bool {
+        matches!(self, WeightMatrix::Packed(_))
+    }
+
+    /// The `[out, in]` tensor; a packed matrix is unpacked into a new CPU tensor.
+    pub(crate) fn to_tensor(&self) -> Result<Tensor> {
+        match self {
+            WeightMatrix::Dense(w) => Ok(w.clone()),
+            WeightMatrix::Packed(p) => p.to_tensor(),
+        }
+    }
+
+    /// `x [rows, in] -> x W^T + b [rows, out]`.
+    pub(crate) fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            WeightMatrix::Dense(w) => ops::linear(x, w, bias),
+            WeightMatrix::Packed(p) => p.linear(x, bias),
+        }
+    }
+
+    /// Replaces a dense CPU f32 matrix by its packed form for `kernel` (faster products, same
+    /// memory); leaves any other (GPU, half precision, tracked by autograd, already packed) as it
+    /// is. Returns whether it packed.
+    pub(crate) fn pack_for_cpu(&mut self, kernel: Kernel) -> Result<bool> {
+        let WeightMatrix::Dense(w) = self else {
+            return Ok(false);
+        };
+        let Some(packed) = PackedWeight::from_tensor(w, kernel)? else {
+            return Ok(false);
+        };
+        *self = WeightMatrix::Packed(Arc::new(packed));
+        Ok(true)
+    }
 }
 
 impl fmt::Debug for Linear {
@@ -44,7 +94,7 @@ impl fmt::Debug for Linear {
         f.debug_struct("Linear")
             .field("name", &self.name)
             .field("weight", &[self.out_dim(), self.in_dim()])
-            .field("packed", &matches!(self.weight, Weight::Packed(_)))
+            .field("packed", &self.weight.is_packed())
             .field("bias", &self.bias.is_some())
             .field("adapter", &self.adapter.is_some())
             .finish()
@@ -55,7 +105,7 @@ impl Linear {
     /// Wraps existing tensors; `weight` is `[out, in]` as in PyTorch.
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, name: impl Into<String>) -> Self {
         Self {
-            weight: Weight::Dense(weight),
+            weight: WeightMatrix::Dense(weight),
             bias,
             name: name.into(),
             adapter: None,
@@ -81,10 +131,7 @@ impl Linear {
     /// The `[out, in]` weight; a packed weight is unpacked into a new CPU tensor, so callers on
     /// a hot path should not ask for it.
     pub fn weight(&self) -> Result<Tensor> {
-        match &self.weight {
-            Weight::Dense(w) => Ok(w.clone()),
-            Weight::Packed(p) => p.to_tensor(),
-        }
+        self.weight.to_tensor()
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -92,33 +139,18 @@ impl Linear {
     }
 
     pub fn in_dim(&self) -> usize {
-        match &self.weight {
-            Weight::Dense(w) => w.dims2().map_or(0, |(_, i)| i),
-            Weight::Packed(p) => p.k(),
-        }
+        self.weight.in_dim()
     }
 
     pub fn out_dim(&self) -> usize {
-        match &self.weight {
-            Weight::Dense(w) => w.dims2().map_or(0, |(o, _)| o),
-            Weight::Packed(p) => p.n(),
-        }
-    }
-
-    /// `true` once [`Linear::pack_for_cpu`] has packed the weight.
-    pub fn is_packed(&self) -> bool {
-        matches!(self.weight, Weight::Packed(_))
+        self.weight.out_dim()
     }
 
     /// Replaces a CPU f32 weight by its packed form for `kernel` (faster products, same memory);
-    /// leaves any other weight (GPU, half precision, tracked by autograd) as it is.
-    pub fn pack_for_cpu(&mut self, kernel: Kernel) -> Result<()> {
-        if let Weight::Dense(w) = &self.weight
-            && let Some(packed) = PackedWeight::from_tensor(w, kernel)?
-        {
-            self.weight = Weight::Packed(Arc::new(packed));
-        }
-        Ok(())
+    /// leaves any other weight (GPU, half precision, tracked by autograd) as it is. Returns
+    /// whether it packed.
+    pub fn pack_for_cpu(&mut self, kernel: Kernel) -> Result<bool> {
+        self.weight.pack_for_cpu(kernel)
     }
 
     pub fn adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {
@@ -148,10 +180,7 @@ impl Linear {
         let rows: usize = lead.iter().product();
         // [..., in] -> [rows, in]
         let x2 = x.reshape((rows, in_dim))?;
-        let y = match &self.weight {
-            Weight::Dense(w) => ops::linear(&x2, w, self.bias.as_ref())?,
-            Weight::Packed(p) => p.linear(&x2, self.bias.as_ref())?,
-        };
+        let y = self.weight.linear(&x2, self.bias.as_ref())?;
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_dim());
         // [rows, out] -> [..., out]

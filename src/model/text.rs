@@ -12,15 +12,13 @@
 //! tokens of each row, and padded positions are zeroed before they enter a conv state and never
 //! attended to, so a row's numbers do not depend on what it is batched with.
 
-use std::sync::Arc;
-
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::config::{LayerKind, TextParams};
-use crate::model::linear::{Linear, LinearVisitor};
+use crate::model::linear::{Linear, LinearVisitor, WeightMatrix};
 use crate::model::ops::{self, RmsNorm};
-use crate::model::packed::{Kernel, PackedWeight};
+use crate::model::packed::Kernel;
 
 /// Per-row bookkeeping plus each layer's state: conv windows and attention keys/values.
 #[derive(Debug, Clone)]
@@ -573,35 +571,18 @@ impl DecoderLayer {
 /// The LFM2 decoder (`language_model`) with its tied or separate LM head.
 #[derive(Debug, Clone)]
 pub struct TextModel {
-    embed_tokens: TokenMatrix,
+    /// `[vocab, D]`; when tied and packed, the LM head's panels, from which rows are gathered.
+    embed_tokens: WeightMatrix,
     layers: Vec<DecoderLayer>,
     embedding_norm: RmsNorm,
     /// `[vocab, D]`; the embedding matrix itself when tied.
-    lm_head: TokenMatrix,
+    lm_head: WeightMatrix,
     /// `lm_head` is `embed_tokens`.
     tied: bool,
     dtype: DType,
     device: Device,
     rotary: Rotary,
     cfg: TextParams,
-}
-
-/// A `[vocab, D]` matrix of token vectors (the embedding table or the LM head).
-#[derive(Debug, Clone)]
-enum TokenMatrix {
-    Dense(Tensor),
-    /// Packed for the CPU kernel ([`TextModel::pack_head_for_cpu`]); embedding rows are
-    /// gathered from its panels, so a tied table is held once.
-    Packed(Arc<PackedWeight>),
-}
-
-impl TokenMatrix {
-    fn rows(&self) -> usize {
-        match self {
-            TokenMatrix::Dense(t) => t.dim(0).unwrap_or(0),
-            TokenMatrix::Packed(p) => p.n(),
-        }
-    }
 }
 
 impl TextModel {
@@ -623,10 +604,10 @@ impl TextModel {
         Ok(Self {
             dtype: embed_tokens.dtype(),
             device: embed_tokens.device().clone(),
-            embed_tokens: TokenMatrix::Dense(embed_tokens),
+            embed_tokens: WeightMatrix::Dense(embed_tokens),
             layers,
             embedding_norm,
-            lm_head: TokenMatrix::Dense(lm_head),
+            lm_head: WeightMatrix::Dense(lm_head),
             tied,
             rotary: Rotary::new(cfg),
             cfg: cfg.clone(),
@@ -637,18 +618,11 @@ impl TextModel {
     /// a tied embedding table then reads its rows from the packed head instead of keeping its
     /// own copy. Returns whether it packed.
     pub fn pack_head_for_cpu(&mut self, kernel: Kernel) -> Result<bool> {
-        let TokenMatrix::Dense(head) = &self.lm_head else {
-            return Ok(false);
-        };
-        let Some(packed) = PackedWeight::from_tensor(head, kernel)? else {
-            return Ok(false);
-        };
-        let packed = Arc::new(packed);
-        if self.tied {
-            self.embed_tokens = TokenMatrix::Packed(packed.clone());
+        let packed = self.lm_head.pack_for_cpu(kernel)?;
+        if packed && self.tied {
+            self.embed_tokens = self.lm_head.clone();
         }
-        self.lm_head = TokenMatrix::Packed(packed);
-        Ok(true)
+        Ok(packed)
     }
 
     pub fn config(&self) -> &TextParams {
@@ -657,7 +631,7 @@ impl TextModel {
 
     /// Rows of the embedding matrix: every id below this is valid input, even past the tokenizer.
     pub fn embedding_rows(&self) -> usize {
-        self.embed_tokens.rows()
+        self.embed_tokens.out_dim()
     }
 
     pub fn dtype(&self) -> DType {
@@ -680,8 +654,8 @@ impl TextModel {
         let d = self.cfg.hidden_size;
         // [B*L, D] -> [B, L, D]
         match &self.embed_tokens {
-            TokenMatrix::Dense(table) => table.index_select(&ids, 0)?.reshape((b, l, d)),
-            TokenMatrix::Packed(p) => {
+            WeightMatrix::Dense(table) => table.index_select(&ids, 0)?.reshape((b, l, d)),
+            WeightMatrix::Packed(p) => {
                 Tensor::from_vec(p.gather_rows(&id_list), (b, l, p.k()), &self.device)
             }
         }
@@ -762,13 +736,10 @@ impl TextModel {
         let d = self.cfg.hidden_size;
         let rows = hidden.elem_count() / d.max(1);
         let hidden = hidden.reshape((rows, d))?;
-        let logits = match &self.lm_head {
-            TokenMatrix::Dense(head) => ops::matmul_wt(&hidden, head)?,
-            TokenMatrix::Packed(p) => p.linear(&hidden, None)?,
-        };
+        let logits = self.lm_head.linear(&hidden, None)?;
         let mut out = dims;
         if let Some(last) = out.last_mut() {
-            *last = self.lm_head.rows();
+            *last = self.lm_head.out_dim();
         }
         logits.reshape(out)
     }
