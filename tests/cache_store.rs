@@ -136,7 +136,7 @@ fn corrupt_entries_are_misses_and_removed() {
 }
 
 #[test]
-fn fast_lookup_trusts_untouched_big_files_full_verify_does_not() {
+fn fast_lookup_trusts_untouched_big_files_until_verify_removes_them() {
     let dir = tempfile::tempdir().unwrap();
     let store = CacheStore::open(dir.path()).unwrap();
     let lock = store.lock(Duration::ZERO).unwrap();
@@ -155,10 +155,16 @@ fn fast_lookup_trusts_untouched_big_files_full_verify_does_not() {
     f.set_modified(mtime).unwrap();
     drop(f);
     assert!(is_hit(store.lookup(&lock, &key, Verify::Fast).unwrap()));
-    let report = store.verify_all().unwrap();
+    let report = store.verify_all(&lock).unwrap();
     assert_eq!(report.len(), 1);
     assert!(report[0].problem.as_deref().unwrap().contains("checksum"));
-    assert!(!is_hit(store.lookup(&lock, &key, Verify::Full).unwrap()));
+    assert!(report[0].removed);
+    // Issue 13 item 3: once verify found it bad, no lookup trusts it, fast ones included.
+    assert!(matches!(
+        store.lookup(&lock, &key, Verify::Fast).unwrap(),
+        Lookup::Miss(MissReason::Absent)
+    ));
+    assert!(store.verify_all(&lock).unwrap().is_empty());
 }
 
 #[test]

@@ -119,6 +119,8 @@ pub struct VerifyOutcome {
     pub fingerprint: String,
     /// `None` when every checksum matched; otherwise what is wrong.
     pub problem: Option<String>,
+    /// The bad entry was removed (it is recomputed by the next run that needs it).
+    pub removed: bool,
 }
 
 /// A cache rooted at a directory.
@@ -154,9 +156,24 @@ impl CacheStore {
     /// Takes the exclusive process lock (see [`CacheLock::acquire`]) and clears temp folders left
     /// by killed writers, which is safe because no other writer can be active now.
     pub fn lock(&self, wait: Duration) -> Result<CacheLock, CacheError> {
-        let lock = CacheLock::acquire(&self.root, wait)?;
+        self.lock_notify(wait, &mut |_| {})
+    }
+
+    /// [`CacheStore::lock`], saying while it waits who holds the lock (see
+    /// [`CacheLock::acquire_notify`]).
+    pub fn lock_notify(
+        &self,
+        wait: Duration,
+        notify: &mut dyn FnMut(&str),
+    ) -> Result<CacheLock, CacheError> {
+        let lock = CacheLock::acquire_notify(&self.root, wait, notify)?;
         self.clear_tmp()?;
         Ok(lock)
+    }
+
+    /// Whether an entry folder exists for `fp` (unverified; for planning which stages will run).
+    pub fn has_entry(&self, fp: &Fingerprint) -> bool {
+        self.entry_dir(fp).is_dir()
     }
 
     fn check_lock(&self, lock: &CacheLock) -> Result<(), CacheError> {
@@ -284,24 +301,28 @@ impl CacheStore {
         Ok(report)
     }
 
-    /// Fully rehashes every entry without changing anything (`vlmpipe cache verify`).
-    pub fn verify_all(&self) -> Result<Vec<VerifyOutcome>, CacheError> {
-        Ok(self
-            .list()?
-            .into_iter()
-            .map(|info| {
-                let dir = self.root.join("entries").join(&info.fingerprint);
-                let expected = Fingerprint::parse(&info.fingerprint).ok();
-                let problem = match expected {
-                    None => Some("folder name is not a fingerprint".to_owned()),
-                    Some(fp) => check_entry(&dir, Some(&fp), Verify::Full).err(),
-                };
-                VerifyOutcome {
-                    fingerprint: info.fingerprint,
-                    problem,
-                }
-            })
-            .collect())
+    /// Fully rehashes every entry (`vlmpipe cache verify`) and removes the ones that fail, so a
+    /// fast lookup, which rehashes big files only when their mtime moved, can never trust them.
+    pub fn verify_all(&self, lock: &CacheLock) -> Result<Vec<VerifyOutcome>, CacheError> {
+        self.check_lock(lock)?;
+        let mut outcomes = Vec::new();
+        for info in self.list()? {
+            let dir = self.root.join("entries").join(&info.fingerprint);
+            let problem = match Fingerprint::parse(&info.fingerprint) {
+                Err(_) => Some("folder name is not a fingerprint".to_owned()),
+                Ok(fp) => check_entry(&dir, Some(&fp), Verify::Full).err(),
+            };
+            let removed = problem.is_some();
+            if removed {
+                self.remove_dir(&dir)?;
+            }
+            outcomes.push(VerifyOutcome {
+                fingerprint: info.fingerprint,
+                problem,
+                removed,
+            });
+        }
+        Ok(outcomes)
     }
 
     /// Removes the entry `fp`; returns whether it existed (`run --force` uses this).

@@ -226,19 +226,26 @@ pub struct CacheDirArg {
 pub enum CacheCommand {
     /// List cache entries: fingerprint, stage, kind, size, age.
     Ls {
+        /// A pipeline file: use the cache beside it (`.vlmpipe/` in its folder).
+        file: Option<PathBuf>,
         #[command(flatten)]
         cache: CacheDirArg,
     },
     /// Remove entries older than a number of days (and any broken or half-written ones).
     Gc {
+        /// A pipeline file: use the cache beside it (`.vlmpipe/` in its folder).
+        file: Option<PathBuf>,
         #[command(flatten)]
         cache: CacheDirArg,
         /// Remove entries created more than this many days ago.
         #[arg(long, value_name = "DAYS", default_value_t = 30.0)]
         older_than_days: f64,
     },
-    /// Rehash every file of every entry and report the ones that do not match.
+    /// Rehash every file of every entry; remove the entries that do not match (the next run
+    /// recomputes them).
     Verify {
+        /// A pipeline file: use the cache beside it (`.vlmpipe/` in its folder).
+        file: Option<PathBuf>,
         #[command(flatten)]
         cache: CacheDirArg,
     },

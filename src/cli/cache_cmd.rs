@@ -1,6 +1,6 @@
 //! `vlmpipe cache ls|gc|verify`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,13 +21,22 @@ pub(crate) fn cache_root(arg: &CacheDirArg, pipeline: Option<&std::path::Path>) 
     }
 }
 
+/// How long `gc` and `verify` wait for a run holding the cache.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 pub(crate) fn run(command: CacheCommand) -> anyhow::Result<Outcome> {
     match command {
-        CacheCommand::Ls { cache } => {
-            let store = open(&cache)?;
+        CacheCommand::Ls { file, cache } => {
+            let root = cache_root(&cache, file.as_deref());
+            // Listing never creates a cache: an absent one is simply empty.
+            if !root.join("entries").is_dir() {
+                print_empty(&root, &cache, file.as_deref());
+                return Ok(Outcome::Success);
+            }
+            let store = open(&root)?;
             let entries = store.list()?;
             if entries.is_empty() {
-                println!("the cache `{}` is empty", store.root().display());
+                print_empty(&root, &cache, file.as_deref());
                 return Ok(Outcome::Success);
             }
             let mut total = 0;
@@ -45,37 +54,61 @@ pub(crate) fn run(command: CacheCommand) -> anyhow::Result<Outcome> {
                     human_age(entry.age)
                 );
             }
-            println!("{} entries, {}", entries.len(), human_bytes(total));
-            Ok(Outcome::Success)
-        }
-        CacheCommand::Gc {
-            cache,
-            older_than_days,
-        } => {
-            let store = open(&cache)?;
-            let lock = store.lock(Duration::from_secs(10))?;
-            let limit = Duration::from_secs_f64(older_than_days.max(0.0) * 86_400.0);
-            let report = store.gc(&lock, &GcPolicy::OlderThan(limit))?;
             println!(
-                "removed {} entries ({}), kept {}",
-                report.removed.len(),
-                human_bytes(report.freed_bytes),
-                report.kept
+                "{} entries, {} in `{}`",
+                entries.len(),
+                human_bytes(total),
+                root.display()
             );
             Ok(Outcome::Success)
         }
-        CacheCommand::Verify { cache } => {
-            let store = open(&cache)?;
-            let outcomes = store.verify_all()?;
+        CacheCommand::Gc {
+            file,
+            cache,
+            older_than_days,
+        } => {
+            let store = open(&cache_root(&cache, file.as_deref()))?;
+            let lock = store.lock_notify(LOCK_WAIT, &mut |m| eprintln!("{m}"))?;
+            let limit = Duration::from_secs_f64(older_than_days.max(0.0) * 86_400.0);
+            let report = store.gc(&lock, &GcPolicy::OlderThan(limit))?;
+            println!(
+                "removed {} entries ({}), kept {} in `{}`",
+                report.removed.len(),
+                human_bytes(report.freed_bytes),
+                report.kept,
+                store.root().display()
+            );
+            Ok(Outcome::Success)
+        }
+        CacheCommand::Verify { file, cache } => {
+            let root = cache_root(&cache, file.as_deref());
+            if !root.join("entries").is_dir() {
+                print_empty(&root, &cache, file.as_deref());
+                return Ok(Outcome::Success);
+            }
+            let store = open(&root)?;
+            // Removing bad entries must not race a run that is reading them.
+            let lock = store.lock_notify(LOCK_WAIT, &mut |m| eprintln!("{m}"))?;
+            let outcomes = store.verify_all(&lock)?;
             let bad: Vec<_> = outcomes.iter().filter(|o| o.problem.is_some()).collect();
             for outcome in &bad {
                 println!(
-                    "{}: {}",
+                    "{}: {}{}",
                     outcome.fingerprint,
-                    outcome.problem.as_deref().unwrap_or_default()
+                    outcome.problem.as_deref().unwrap_or_default(),
+                    if outcome.removed {
+                        "; removed, the next run recomputes it"
+                    } else {
+                        ""
+                    }
                 );
             }
-            println!("{} entries checked, {} bad", outcomes.len(), bad.len());
+            println!(
+                "{} entries checked, {} bad in `{}`",
+                outcomes.len(),
+                bad.len(),
+                root.display()
+            );
             Ok(if bad.is_empty() {
                 Outcome::Success
             } else {
@@ -85,9 +118,54 @@ pub(crate) fn run(command: CacheCommand) -> anyhow::Result<Outcome> {
     }
 }
 
-fn open(arg: &CacheDirArg) -> anyhow::Result<CacheStore> {
-    let root = cache_root(arg, None);
-    CacheStore::open(&root).with_context(|| format!("cannot open the cache `{}`", root.display()))
+/// Says the cache looked at is empty and, when it was only the default guess (no file, no
+/// `--cache-dir`), where caches were found below the current folder.
+fn print_empty(root: &Path, cache: &CacheDirArg, file: Option<&Path>) {
+    println!("the cache `{}` is empty", root.display());
+    if cache.cache_dir.is_some() || file.is_some() {
+        return;
+    }
+    let found = find_caches(Path::new("."), 3);
+    if found.is_empty() {
+        return;
+    }
+    println!("caches found below the current folder:");
+    for (dir, count) in &found {
+        println!("  {}  ({count} entries)", dir.display());
+    }
+    println!(
+        "a cache sits beside its pipeline: `vlmpipe cache ls PIPELINE.vp` or `--cache-dir DIR`"
+    );
+}
+
+/// `.vlmpipe` folders (with an `entries/` folder) up to `depth` levels below `dir`, with their
+/// entry counts; build and VCS folders are not searched.
+fn find_caches(dir: &Path, depth: usize) -> Vec<(PathBuf, usize)> {
+    let mut found = Vec::new();
+    let walker = walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .max_depth(depth)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| {
+            let name = e.file_name().to_string_lossy();
+            e.file_type().is_dir() && !matches!(name.as_ref(), "target" | ".git" | "node_modules")
+        });
+    for item in walker.flatten() {
+        if item.file_name() == ".vlmpipe" {
+            let entries = item.path().join("entries");
+            if let Ok(read) = std::fs::read_dir(&entries) {
+                let count = read.flatten().filter(|e| e.path().is_dir()).count();
+                let path = item.path().strip_prefix(".").unwrap_or(item.path());
+                found.push((path.to_path_buf(), count));
+            }
+        }
+    }
+    found
+}
+
+fn open(root: &Path) -> anyhow::Result<CacheStore> {
+    CacheStore::open(root).with_context(|| format!("cannot open the cache `{}`", root.display()))
 }
 
 pub(crate) fn human_bytes(bytes: u64) -> String {

@@ -22,7 +22,7 @@ pub(crate) fn report(args: &ReportArgs) -> anyhow::Result<Outcome> {
         return Ok(Outcome::Problems);
     };
     let (evals, html_of) = match &args.stage {
-        None => (all_evals(&plan), None),
+        None => (all_of(&plan, NodeKind::Eval), None),
         Some(name) => {
             let id = plan.lookup_stage(name).map_err(anyhow::Error::msg)?;
             let node = plan
@@ -45,8 +45,17 @@ pub(crate) fn report(args: &ReportArgs) -> anyhow::Result<Outcome> {
     if evals.is_empty() {
         bail!("the pipeline has no `eval` stage");
     }
+    // The pages: the named stage's, or every eval's and every comparison's.
+    let html_stages: Vec<String> = match &html_of {
+        Some(stage) => vec![stage.clone()],
+        None => evals
+            .iter()
+            .cloned()
+            .chain(all_of(&plan, NodeKind::Report))
+            .collect(),
+    };
     let mut wanted = evals.clone();
-    wanted.extend(html_of.clone());
+    wanted.extend(html_stages.iter().cloned());
     let summary = dry_run(&plan, &args.file, &args.cache, &args.params, &wanted)?;
 
     let mut rows: Vec<(String, Metrics)> = Vec::new();
@@ -67,7 +76,6 @@ pub(crate) fn report(args: &ReportArgs) -> anyhow::Result<Outcome> {
             args.file.display()
         );
     }
-    let html_stages: Vec<String> = html_of.map_or_else(|| evals.clone(), |s| vec![s]);
     for name in &html_stages {
         if let Some(path) = export_or_entry(&summary, name, REPORT_FILE) {
             println!("report: {}", path.display());
@@ -127,10 +135,10 @@ pub(crate) fn show(args: &ShowArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-fn all_evals(plan: &Plan) -> Vec<String> {
+fn all_of(plan: &Plan, kind: NodeKind) -> Vec<String> {
     plan.nodes
         .iter()
-        .filter(|n| n.kind() == NodeKind::Eval)
+        .filter(|n| n.kind() == kind)
         .map(|n| n.name.clone())
         .collect()
 }
@@ -175,7 +183,8 @@ fn output(summary: &RunSummary, stage: &str, name: &str) -> Option<PathBuf> {
         .cloned()
 }
 
-/// Like [`output`], preferring the copy exported under `evals/` (the path a person opens).
+/// Like [`output`], preferring the copy exported under `evals/` (the path a person opens), which
+/// the dry run lists only when it equals the entry.
 fn export_or_entry(summary: &RunSummary, stage: &str, name: &str) -> Option<PathBuf> {
     let report = summary.stage(stage)?;
     if report.status != StageStatus::Cached {

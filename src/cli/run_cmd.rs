@@ -11,10 +11,12 @@ use super::args::RunArgs;
 use super::cache_cmd::cache_root;
 use super::check_cmd::load_and_report;
 use crate::cache::CacheStore;
-use crate::exec::{self, RunOptions, RunSummary};
+use crate::exec::{self, RunOptions, RunSummary, StageReport, StageStatus};
 use crate::hub::{Hub, HubConfig};
 use crate::plan::Plan;
+use crate::stages::eval::{METRICS_FILE, Metrics, REPORT_FILE, read_metrics_json};
 use crate::stages::lower::{LowerContext, lower};
+use crate::stages::report::headline_table;
 
 pub(crate) fn run(args: &RunArgs) -> anyhow::Result<Outcome> {
     let Some(plan) = load_and_report(&args.file, &args.params) else {
@@ -81,6 +83,9 @@ pub(crate) fn report(summary: &RunSummary, args: &RunArgs) -> anyhow::Result<Out
     {
         let mut out = std::io::stdout().lock();
         out.write_all(summary.render_table().as_bytes())?;
+        if !summary.dry_run {
+            out.write_all(results(summary).as_bytes())?;
+        }
         out.flush()?;
     }
     if let Some(path) = &args.summary_json {
@@ -93,6 +98,51 @@ pub(crate) fn report(summary: &RunSummary, args: &RunArgs) -> anyhow::Result<Out
     } else {
         Outcome::Problems
     })
+}
+
+/// What a person looks for after a run: each eval's headline metrics and where the HTML reports
+/// are (the exports under `evals/`, which the executor keeps equal to the entries).
+pub(crate) fn results(summary: &RunSummary) -> String {
+    let done = |s: &&StageReport| matches!(s.status, StageStatus::Ran | StageStatus::Cached);
+    let file = |stage: &StageReport, name: &str| {
+        // Entry files come first in `outputs`, exports last: prefer the export.
+        stage
+            .outputs
+            .iter()
+            .rev()
+            .find(|p| p.file_name().is_some_and(|f| f == name))
+            .cloned()
+    };
+    let metrics: Vec<(String, Metrics)> = summary
+        .stages
+        .iter()
+        .filter(done)
+        .filter(|s| s.kind == "eval")
+        .filter_map(|s| {
+            let metrics = read_metrics_json(&file(s, METRICS_FILE)?).ok()?;
+            Some((s.name.clone(), metrics))
+        })
+        .collect();
+    let mut out = String::new();
+    if !metrics.is_empty() {
+        let rows: Vec<(&str, &Metrics)> = metrics.iter().map(|(n, m)| (n.as_str(), m)).collect();
+        out.push('\n');
+        out.push_str(&headline_table(&rows));
+    }
+    let pages: Vec<(&str, PathBuf)> = summary
+        .stages
+        .iter()
+        .filter(done)
+        .filter_map(|s| Some((s.name.as_str(), file(s, REPORT_FILE)?)))
+        .collect();
+    if !pages.is_empty() {
+        out.push_str("\nreports:\n");
+        let width = pages.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+        for (name, path) in pages {
+            out.push_str(&format!("  {name:<width$}  {}\n", path.display()));
+        }
+    }
+    out
 }
 
 /// Writes via a sibling temp file and a rename, so a reader never sees half a summary.

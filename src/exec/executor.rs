@@ -1,11 +1,14 @@
-//! Running a graph: fingerprints in dependency order, cache lookups, stage runs, the summary.
+//! Running a graph: every selected stage's fingerprint first, then cache lookups and stage runs
+//! in dependency order, exports synced for every stage resolved (ran or cached), the summary.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::exports;
 use super::history::{History, StageIdentity};
+use super::stage::MissingInput;
 use super::{Progress, RunSummary, Stage, StageContext, StageReport, StageStatus};
 use crate::cache::{CacheEntry, CacheError, CacheStore, Fingerprint, Lookup, MissReason, Verify};
 
@@ -60,7 +63,31 @@ pub enum ExecError {
     Cache(#[from] CacheError),
 }
 
+/// Why a stage's identity could not be computed.
+#[derive(Clone, Debug)]
+enum Blocked {
+    /// An input has no fingerprint (it is blocked itself); the stage may still run partially.
+    Input(String),
+    /// The stage's own external state is unreadable (a model or dataset that is not there).
+    External(String),
+}
+
+/// Where a stage stands during the run.
+#[derive(Clone, Debug)]
+enum State {
+    /// Its entry is available to the stages that read it (boxed: a manifest is large).
+    Entry(Box<CacheEntry>),
+    /// `--dry-run`: it would run, so its entry would be available.
+    WouldRun,
+    /// It has no entry in this run, and why (its failure, or why it was skipped).
+    Missing(String),
+}
+
 /// Runs `graph` against `store`.
+///
+/// Every selected stage's identity is computed first: identities never depend on outputs, and
+/// computing them resolves every model and dataset the run needs, so one that is missing is
+/// reported in seconds instead of after the stages before it ran.
 pub fn run(
     graph: &ExecGraph,
     store: &CacheStore,
@@ -70,13 +97,20 @@ pub fn run(
     validate(graph, options)?;
     let selected = selection(graph, &options.only);
     let progress = Progress::new(options.quiet);
-    let lock = store.lock(options.lock_wait)?;
+
+    let identities = identities(graph, &selected);
+    announce_blocked(graph, &identities, options.dry_run);
+
+    let lock = store.lock_notify(options.lock_wait, &mut |message| eprintln!("{message}"))?;
     let mut history = History::load(store.root(), &graph.pipeline);
+    let verify_fully = if options.dry_run {
+        vec![false; graph.nodes.len()]
+    } else {
+        read_by_stages_that_run(graph, store, options, &identities)
+    };
 
     let mut reports: Vec<StageReport> = Vec::with_capacity(graph.nodes.len());
-    // Per node: its fingerprint once known, and its entry once available.
-    let mut fingerprints: Vec<Option<Fingerprint>> = vec![None; graph.nodes.len()];
-    let mut entries: Vec<Option<CacheEntry>> = vec![None; graph.nodes.len()];
+    let mut states: Vec<State> = vec![State::Missing(String::new()); graph.nodes.len()];
 
     for (index, node) in graph.nodes.iter().enumerate() {
         let stage_started = Instant::now();
@@ -90,27 +124,80 @@ pub fn run(
             reason: None,
             warnings: Vec::new(),
         };
+        let finish = |mut report: StageReport, reports: &mut Vec<StageReport>| {
+            report.seconds = stage_started.elapsed().as_secs_f64();
+            reports.push(report);
+        };
 
         // Before its identity: a stage `--only` leaves out may not even look at its inputs (a
         // Hub model not yet cached would be downloaded just to be fingerprinted).
-        if !selected[index] {
-            report.reason = Some("not selected by `--only`".to_owned());
-            reports.push(report);
+        let Some(identity) = &identities[index] else {
+            let reason = "not selected by `--only`".to_owned();
+            states[index] = State::Missing(reason.clone());
+            report.reason = Some(reason);
+            finish(report, &mut reports);
+            continue;
+        };
+        if let Err(Blocked::External(reason)) = identity {
+            report.status = StageStatus::Failed;
+            report.reason = Some(reason.clone());
+            states[index] = State::Missing(reason.clone());
+            finish(report, &mut reports);
             continue;
         }
 
-        let identity = match identity_of(graph, node, &fingerprints) {
-            Ok(identity) => identity,
-            Err(reason) => {
-                report.status = if reason.starts_with("input") {
-                    StageStatus::Skipped
-                } else {
-                    StageStatus::Failed
-                };
-                report.reason = Some(reason);
-                report.seconds = stage_started.elapsed().as_secs_f64();
-                reports.push(report);
-                continue;
+        let missing: Vec<MissingInput> = node
+            .inputs
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, &i)| match &states[i] {
+                State::Missing(reason) => Some(MissingInput {
+                    slot,
+                    name: graph.nodes[i].name.clone(),
+                    reason: reason.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        // A stage missing inputs runs only when it can do without them (a report over the evals
+        // that exist), as a partial stage with its own fingerprint; otherwise it is skipped.
+        let partial = if missing.is_empty() {
+            None
+        } else {
+            match node.stage.without_inputs(&missing) {
+                Some(stage) if missing.len() < node.inputs.len() => Some(stage),
+                _ => {
+                    let first = &missing[0];
+                    let reason = format!("input `{}` did not complete", first.name);
+                    states[index] = State::Missing(reason.clone());
+                    report.reason = Some(reason);
+                    finish(report, &mut reports);
+                    continue;
+                }
+            }
+        };
+        let stage: &dyn Stage = partial.as_deref().unwrap_or(node.stage.as_ref());
+        let inputs: Vec<usize> = node
+            .inputs
+            .iter()
+            .enumerate()
+            .filter(|(slot, _)| !missing.iter().any(|m| m.slot == *slot))
+            .map(|(_, &i)| i)
+            .collect();
+        let identity = match (&partial, identity) {
+            (None, Ok(identity)) => identity.clone(),
+            _ => {
+                let fingerprints: Vec<Option<Fingerprint>> = states_fingerprints(&identities);
+                match identity_of(graph, stage, &inputs, &fingerprints) {
+                    Ok(identity) => identity,
+                    Err(Blocked::Input(reason) | Blocked::External(reason)) => {
+                        report.status = StageStatus::Failed;
+                        report.reason = Some(reason.clone());
+                        states[index] = State::Missing(reason);
+                        finish(report, &mut reports);
+                        continue;
+                    }
+                }
             }
         };
         let fp = Fingerprint::parse(&identity.fingerprint).map_err(|_| ExecError::BadGraph {
@@ -118,23 +205,26 @@ pub fn run(
             input: index,
         })?;
         report.fingerprint = identity.fingerprint.clone();
-        fingerprints[index] = Some(fp.clone());
 
         let forced = options.force.iter().any(|f| f == &node.name);
+        let verify = if verify_fully[index] {
+            Verify::Full
+        } else {
+            Verify::Fast
+        };
         let lookup = if forced {
             Lookup::Miss(MissReason::Absent)
         } else {
-            store.lookup(&lock, &fp, Verify::Fast)?
+            store.lookup(&lock, &fp, verify)?
         };
+        let mut entry = None;
         match lookup {
-            Lookup::Hit(entry) => {
+            Lookup::Hit(hit) => {
                 report.status = StageStatus::Cached;
-                fill_outputs(&mut report, &entry);
-                history.record(&node.name, identity);
-                entries[index] = Some(*entry);
+                entry = Some(*hit);
             }
             Lookup::Miss(miss) => {
-                let why = if forced {
+                let mut why = if forced {
                     "forced".to_owned()
                 } else {
                     match miss {
@@ -142,47 +232,65 @@ pub fn run(
                         MissReason::Corrupt(problem) => format!("cache entry corrupt ({problem})"),
                     }
                 };
+                if partial.is_some() {
+                    why = format!("{why}; without {}", names(&missing));
+                }
+                report.reason = Some(why.clone());
                 if options.dry_run {
                     report.status = StageStatus::WouldRun;
-                    report.reason = Some(why);
+                    states[index] = State::WouldRun;
                 } else {
-                    let missing = node.inputs.iter().find(|&&i| entries[i].is_none());
-                    match missing {
-                        Some(&i) => {
-                            report.reason =
-                                Some(format!("input `{}` did not complete", graph.nodes[i].name));
+                    let entries: Vec<CacheEntry> = inputs
+                        .iter()
+                        .filter_map(|&i| match &states[i] {
+                            State::Entry(entry) => Some(entry.as_ref().clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    progress.println(&format!("running `{}` ({why})", node.name));
+                    match run_stage(store, &lock, &node.name, stage, &fp, &entries, &progress)? {
+                        Ok(ran) => {
+                            report.status = StageStatus::Ran;
+                            entry = Some(ran);
                         }
-                        None => {
-                            let inputs: Vec<CacheEntry> = node
-                                .inputs
-                                .iter()
-                                .filter_map(|&i| entries[i].clone())
-                                .collect();
-                            progress.println(&format!("running `{}` ({why})", node.name));
-                            match run_stage(store, &lock, node, &fp, &inputs, &progress)? {
-                                Ok(entry) => {
-                                    report.status = StageStatus::Ran;
-                                    report.reason = Some(why);
-                                    fill_outputs(&mut report, &entry);
-                                    history.record(&node.name, identity);
-                                    entries[index] = Some(entry);
-                                }
-                                Err(message) => {
-                                    report.status = StageStatus::Failed;
-                                    report.reason = Some(message);
-                                }
-                            }
+                        Err(message) => {
+                            report.status = StageStatus::Failed;
+                            report.reason = Some(message.clone());
+                            states[index] = State::Missing(message);
                         }
                     }
                 }
             }
         }
-        report.seconds = stage_started.elapsed().as_secs_f64();
-        reports.push(report);
+        if let Some(entry) = entry {
+            fill_outputs(&mut report, &entry);
+            for export in stage.exports() {
+                if options.dry_run {
+                    // Listed only when they already equal the entry: a dry run writes nothing.
+                    if exports::is_current(&entry, &export) {
+                        report.outputs.push(export.target);
+                    }
+                    continue;
+                }
+                match exports::sync(&entry, &export) {
+                    Ok(target) => report.outputs.push(target),
+                    Err(error) => {
+                        report.status = StageStatus::Failed;
+                        report.reason = Some(error.to_string());
+                    }
+                }
+            }
+            if partial.is_some() {
+                // Its output lacks inputs: nothing downstream may take it for the whole one.
+                states[index] = State::Missing(format!("ran without {}", names(&missing)));
+            } else {
+                history.record(&node.name, identity);
+                states[index] = State::Entry(Box::new(entry));
+            }
+        }
+        finish(report, &mut reports);
     }
 
-    // In a dry run a stage downstream of one that would run also has no entry (its fingerprint
-    // is new), so it is reported as would-run by the lookup above; nothing more to do.
     if !options.dry_run {
         history.save(store.root(), &graph.pipeline);
     }
@@ -195,28 +303,130 @@ pub fn run(
     })
 }
 
+/// `` `a`, `b` `` for the names of missing inputs.
+fn names(missing: &[MissingInput]) -> String {
+    missing
+        .iter()
+        .map(|m| format!("`{}`", m.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Every selected stage's identity, in graph order (`None` for stages `--only` leaves out).
+fn identities(graph: &ExecGraph, selected: &[bool]) -> Vec<Option<Result<StageIdentity, Blocked>>> {
+    let mut out: Vec<Option<Result<StageIdentity, Blocked>>> = Vec::new();
+    for (index, node) in graph.nodes.iter().enumerate() {
+        if !selected[index] {
+            out.push(None);
+            continue;
+        }
+        let fingerprints = states_fingerprints(&out);
+        out.push(Some(identity_of(
+            graph,
+            node.stage.as_ref(),
+            &node.inputs,
+            &fingerprints,
+        )));
+    }
+    out
+}
+
+/// The fingerprints known so far (one per node computed; `None` where blocked or unselected).
+fn states_fingerprints(
+    identities: &[Option<Result<StageIdentity, Blocked>>],
+) -> Vec<Option<Fingerprint>> {
+    identities
+        .iter()
+        .map(|identity| match identity {
+            Some(Ok(identity)) => Fingerprint::parse(&identity.fingerprint).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Says, before anything runs, every stage whose model or dataset cannot be resolved.
+fn announce_blocked(
+    graph: &ExecGraph,
+    identities: &[Option<Result<StageIdentity, Blocked>>],
+    dry_run: bool,
+) {
+    let blocked: Vec<(&str, &str)> = graph
+        .nodes
+        .iter()
+        .zip(identities)
+        .filter_map(|(node, identity)| match identity {
+            Some(Err(Blocked::External(reason))) => Some((node.name.as_str(), reason.as_str())),
+            _ => None,
+        })
+        .collect();
+    if blocked.is_empty() {
+        return;
+    }
+    let mut text = format!(
+        "error: {} stage{} cannot run (found before running anything):\n",
+        blocked.len(),
+        if blocked.len() == 1 { "" } else { "s" }
+    );
+    for (name, reason) in &blocked {
+        text.push_str(&format!("  `{name}`: {reason}\n"));
+    }
+    text.push_str(if dry_run {
+        "stages that need them would be skipped (a report renders the evals that exist)"
+    } else {
+        "running the stages that do not need them; a report renders the evals that exist"
+    });
+    eprintln!("{text}");
+}
+
+/// Which entries to verify fully: those read by a stage that will run. Hashing an input once per
+/// run is small next to the stage that reads it (a model over its images), and it stops a
+/// silently corrupted big file (same size and mtime) from feeding a new entry; a run where
+/// everything is cached hashes nothing extra.
+fn read_by_stages_that_run(
+    graph: &ExecGraph,
+    store: &CacheStore,
+    options: &RunOptions,
+    identities: &[Option<Result<StageIdentity, Blocked>>],
+) -> Vec<bool> {
+    let mut full = vec![false; graph.nodes.len()];
+    for (node, identity) in graph.nodes.iter().zip(identities) {
+        let Some(Ok(identity)) = identity else {
+            continue;
+        };
+        let will_run = options.force.contains(&node.name)
+            || Fingerprint::parse(&identity.fingerprint).is_ok_and(|fp| !store.has_entry(&fp));
+        if will_run {
+            for &i in &node.inputs {
+                full[i] = true;
+            }
+        }
+    }
+    full
+}
+
 /// Runs one stage into a fresh entry. The outer error is a cache failure (stops the run); the
 /// inner one is the stage's own failure (marks it failed, the run goes on).
 fn run_stage(
     store: &CacheStore,
     lock: &crate::cache::CacheLock,
-    node: &ExecNode,
+    name: &str,
+    stage: &dyn Stage,
     fp: &Fingerprint,
     inputs: &[CacheEntry],
     progress: &Progress,
 ) -> Result<Result<CacheEntry, String>, ExecError> {
-    let mut writer = store.begin(lock, fp, &node.name, node.stage.kind())?;
+    let mut writer = store.begin(lock, fp, name, stage.kind())?;
     writer.set_inputs(inputs.iter().map(|e| e.fingerprint().clone()).collect());
     let out_dir = writer.dir().to_path_buf();
     let work_dir = store.root().join("work").join(fp.as_str());
     let mut ctx = StageContext {
-        name: &node.name,
+        name,
         inputs,
         out_dir: &out_dir,
         progress,
         work_dir: &work_dir,
     };
-    let outcome = match node.stage.run(&mut ctx) {
+    let outcome = match stage.run(&mut ctx) {
         Ok(outcome) => outcome,
         // Dropping the writer deletes the temp folder: a failed stage leaves no entry.
         Err(error) => return Ok(Err(error_chain(error.as_ref()))),
@@ -224,7 +434,6 @@ fn run_stage(
     let metadata = json!({
         "stage": outcome.metadata,
         "warnings": outcome.warnings,
-        "exports": outcome.exports,
     });
     let entry = writer.commit(metadata)?;
     // The scratch state is only for resuming; a committed entry supersedes it.
@@ -234,40 +443,43 @@ fn run_stage(
     Ok(Ok(entry))
 }
 
-/// The identity (and fingerprint) of a node, or why it cannot be computed.
+/// The identity (and fingerprint) of `stage` reading `inputs`, or why it cannot be computed.
 fn identity_of(
     graph: &ExecGraph,
-    node: &ExecNode,
+    stage: &dyn Stage,
+    input_nodes: &[usize],
     fingerprints: &[Option<Fingerprint>],
-) -> Result<StageIdentity, String> {
-    let mut input_fps = Vec::with_capacity(node.inputs.len());
+) -> Result<StageIdentity, Blocked> {
+    let mut input_fps = Vec::with_capacity(input_nodes.len());
     let mut inputs = BTreeMap::new();
-    for &i in &node.inputs {
+    for &i in input_nodes {
         match fingerprints.get(i).and_then(Option::as_ref) {
             Some(fp) => {
                 input_fps.push(fp.clone());
                 inputs.insert(graph.nodes[i].name.clone(), fp.as_str().to_owned());
             }
-            None => return Err(format!("input `{}` is not available", graph.nodes[i].name)),
+            None => {
+                return Err(Blocked::Input(format!(
+                    "input `{}` is not available",
+                    graph.nodes[i].name
+                )));
+            }
         }
     }
-    let external = node
-        .stage
-        .external_state()
-        .map_err(|e| format!("cannot read its inputs: {}", error_chain(e.as_ref())))?;
-    let params = node.stage.params();
+    let external = stage.external_state().map_err(|e| {
+        Blocked::External(format!(
+            "cannot read its inputs: {}",
+            error_chain(e.as_ref())
+        ))
+    })?;
+    let params = stage.params();
     // External state is hashed as part of the parameters so one canonical text covers both.
     let hashed = json!({ "params": params, "external": external });
-    let fp = crate::cache::fingerprint(
-        node.stage.kind(),
-        &hashed,
-        &input_fps,
-        node.stage.code_version(),
-    );
+    let fp = crate::cache::fingerprint(stage.kind(), &hashed, &input_fps, stage.code_version());
     Ok(StageIdentity {
         fingerprint: fp.as_str().to_owned(),
-        kind: node.stage.kind().to_owned(),
-        code_version: node.stage.code_version(),
+        kind: stage.kind().to_owned(),
+        code_version: stage.code_version(),
         params,
         external,
         inputs,
@@ -282,11 +494,6 @@ fn fill_outputs(report: &mut StageReport, entry: &CacheEntry) {
         .map(|f| entry.path(&f.name))
         .collect();
     let metadata = &entry.manifest().metadata;
-    if let Some(exports) = metadata.get("exports").and_then(Value::as_array) {
-        report
-            .outputs
-            .extend(exports.iter().filter_map(Value::as_str).map(Into::into));
-    }
     if let Some(warnings) = metadata.get("warnings").and_then(Value::as_array) {
         report.warnings = warnings
             .iter()

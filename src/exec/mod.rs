@@ -10,14 +10,16 @@
 //! pipeline syntax, the cache layout or other stages.
 
 mod executor;
+mod exports;
 mod history;
 mod progress;
 mod stage;
 mod summary;
 
 pub use executor::{ExecError, ExecGraph, ExecNode, RunOptions, run};
+pub use exports::ExportError;
 pub use progress::Progress;
-pub use stage::{Stage, StageContext, StageError, StageOutcome};
+pub use stage::{Export, MissingInput, Stage, StageContext, StageError, StageOutcome};
 pub use summary::{RunSummary, StageReport, StageStatus};
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub struct Progress {
     multi: MultiProgress,
     visible: bool,
+    quiet: bool,
 }
 
 impl Progress {
@@ -23,6 +24,7 @@ impl Progress {
         Self {
             multi: MultiProgress::with_draw_target(target),
             visible,
+            quiet,
         }
     }
 
@@ -41,8 +43,11 @@ impl Progress {
         bar
     }
 
-    /// Prints a line above the bars (or to stderr when bars are hidden).
+    /// Prints a line above the bars (or to stderr when bars are hidden); nothing when quiet.
     pub fn println(&self, line: &str) {
+        if self.quiet {
+            return;
+        }
         if self.visible {
             // Printing can only fail when the terminal went away; nothing useful to do then.
             let _ = self.multi.println(line);

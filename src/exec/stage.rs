@@ -16,8 +16,8 @@ pub type StageError = Box<dyn std::error::Error + Send + Sync>;
 /// - [`Stage::params`] and [`Stage::external_state`] determine the output together with the
 ///   inputs: the same values and inputs must produce equivalent output.
 /// - [`Stage::run`] writes plain files (usually Parquet) into [`StageContext::out_dir`] and nothing
-///   else into the cache; it may write exports (reports, CSV copies) outside the cache and list
-///   them in [`StageOutcome::exports`].
+///   else. Copies outside the cache (reports under `evals/`) are declared by [`Stage::exports`]
+///   and written by the executor, so they follow the entry whether it ran or came from the cache.
 /// - A bad row is data, not an error: record it in an output table and a warning.
 pub trait Stage: Send + Sync {
     /// The kind as written in a pipeline (`dataset`, `split`, `eval`, …).
@@ -39,6 +39,43 @@ pub trait Stage: Send + Sync {
 
     /// Computes the stage's output.
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError>;
+
+    /// Files of this stage's entry that the executor copies outside the cache after every run,
+    /// ran or cached. Targets come from the current project location and never enter the entry,
+    /// so a moved project gets fresh copies and a cached stage never leaves stale ones.
+    fn exports(&self) -> Vec<Export> {
+        Vec::new()
+    }
+
+    /// The stage to run when some inputs are missing (an input failed or could not be resolved),
+    /// or `None` (the default) when the stage needs all of them and is skipped.
+    ///
+    /// The returned stage reads only the available inputs, in their original order, and its
+    /// [`Stage::params`] must name what is missing: its fingerprint then differs from the
+    /// complete stage's, so a partial output is never taken for the complete one.
+    fn without_inputs(&self, _missing: &[MissingInput]) -> Option<Box<dyn Stage>> {
+        None
+    }
+}
+
+/// One exported file: `file` of the stage's entry, copied to `target`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Export {
+    /// A file name in the entry (as in its manifest).
+    pub file: String,
+    /// Where the copy goes (`evals/<pipeline>/<stage>/<file>`).
+    pub target: PathBuf,
+}
+
+/// An input of a stage that has no entry in this run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MissingInput {
+    /// The input's position among the stage's inputs.
+    pub slot: usize,
+    /// The input stage's name.
+    pub name: String,
+    /// Why it is missing (its failure, or why it was skipped).
+    pub reason: String,
 }
 
 /// What a running stage sees.
@@ -72,6 +109,4 @@ pub struct StageOutcome {
     /// Things a person should know (rejected rows, unknown drop ids…); also stored in the manifest
     /// so a cached rerun shows them again.
     pub warnings: Vec<String>,
-    /// Files written outside the cache (reports, CSV exports), listed in the run summary.
-    pub exports: Vec<PathBuf>,
 }

@@ -111,14 +111,25 @@ impl RunSummary {
             }
         }
         let count = |status| self.stages.iter().filter(|s| s.status == status).count();
-        out.push_str(&format!(
-            "{} ran, {} cached, {} failed, {} skipped in {:.2}s\n",
-            count(StageStatus::Ran) + count(StageStatus::WouldRun),
-            count(StageStatus::Cached),
-            count(StageStatus::Failed),
-            count(StageStatus::Skipped),
-            self.seconds
-        ));
+        if self.dry_run {
+            out.push_str(&format!(
+                "dry run, nothing ran: {} would run, {} cached, {} failed, {} skipped in {:.2}s\n",
+                count(StageStatus::WouldRun),
+                count(StageStatus::Cached),
+                count(StageStatus::Failed),
+                count(StageStatus::Skipped),
+                self.seconds
+            ));
+        } else {
+            out.push_str(&format!(
+                "{} ran, {} cached, {} failed, {} skipped in {:.2}s\n",
+                count(StageStatus::Ran),
+                count(StageStatus::Cached),
+                count(StageStatus::Failed),
+                count(StageStatus::Skipped),
+                self.seconds
+            ));
+        }
         out
     }
 }

@@ -13,6 +13,28 @@ struct Word {
     word: String,
     fail: bool,
     runs: Arc<AtomicUsize>,
+    /// Exports `out.txt` to this path.
+    export_to: Option<std::path::PathBuf>,
+    /// Its external state cannot be read (a model that is not there).
+    unresolvable: bool,
+    /// Runs without missing inputs, naming them (like a report).
+    partial: Option<Vec<String>>,
+    /// Also writes a file above the fast-verify limit.
+    big: bool,
+}
+
+impl Word {
+    fn new(word: &str, runs: Arc<AtomicUsize>) -> Self {
+        Word {
+            word: word.to_owned(),
+            fail: word == "!",
+            runs,
+            export_to: None,
+            unresolvable: false,
+            partial: None,
+            big: false,
+        }
+    }
 }
 
 impl Stage for Word {
@@ -23,7 +45,18 @@ impl Stage for Word {
         1
     }
     fn params(&self) -> Value {
-        json!({ "word": self.word })
+        match &self.partial {
+            Some(missing) if !missing.is_empty() => {
+                json!({ "word": self.word, "missing": missing })
+            }
+            _ => json!({ "word": self.word }),
+        }
+    }
+    fn external_state(&self) -> Result<Value, StageError> {
+        if self.unresolvable {
+            return Err("model `m` is not in the local Hub cache".into());
+        }
+        Ok(Value::Null)
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
@@ -36,10 +69,37 @@ impl Stage for Word {
         }
         text.push_str(&self.word);
         std::fs::write(ctx.out_path("out.txt"), text)?;
+        if self.big {
+            let size = crate::cache::SMALL_FILE_BYTES as usize + 1024;
+            std::fs::write(ctx.out_path("big.bin"), vec![b'w'; size])?;
+        }
         Ok(StageOutcome {
             warnings: vec![format!("{} says hi", ctx.name)],
             ..StageOutcome::default()
         })
+    }
+    fn exports(&self) -> Vec<Export> {
+        self.export_to
+            .iter()
+            .map(|target| Export {
+                file: "out.txt".to_owned(),
+                target: target.clone(),
+            })
+            .collect()
+    }
+    fn without_inputs(&self, missing: &[MissingInput]) -> Option<Box<dyn Stage>> {
+        let partial = self.partial.as_ref()?;
+        let mut names = partial.clone();
+        names.extend(missing.iter().map(|m| m.name.clone()));
+        Some(Box::new(Word {
+            word: self.word.clone(),
+            fail: self.fail,
+            runs: self.runs.clone(),
+            export_to: self.export_to.clone(),
+            unresolvable: false,
+            partial: Some(names),
+            big: false,
+        }))
     }
 }
 
@@ -66,11 +126,7 @@ impl Fixture {
                 .map(|i| ExecNode {
                     name: names[i].to_owned(),
                     inputs: inputs[i].clone(),
-                    stage: Box::new(Word {
-                        word: words[i].to_owned(),
-                        fail: words[i] == "!",
-                        runs: self.runs[i].clone(),
-                    }),
+                    stage: Box::new(Word::new(words[i], self.runs[i].clone())),
                 })
                 .collect(),
         }
@@ -218,16 +274,216 @@ fn unknown_stage_names_get_a_hint() {
         nodes: vec![ExecNode {
             name: "ddd".to_owned(),
             inputs: vec![],
-            stage: Box::new(Word {
-                word: "q".to_owned(),
-                fail: false,
-                runs: Arc::new(AtomicUsize::new(0)),
-            }),
+            stage: Box::new(Word::new("q", Arc::new(AtomicUsize::new(0)))),
         }],
     };
     let error = run(&graph, &store, &options).err().unwrap();
     assert_eq!(
         error.to_string(),
         "unknown stage `dd` in `--only` (did you mean `ddd`?)"
+    );
+}
+
+/// A graph of `Word`s from (name, inputs, stage) triples.
+fn graph_of(nodes: Vec<(&str, Vec<usize>, Word)>) -> ExecGraph {
+    ExecGraph {
+        pipeline: "test".to_owned(),
+        nodes: nodes
+            .into_iter()
+            .map(|(name, inputs, stage)| ExecNode {
+                name: name.to_owned(),
+                inputs,
+                stage: Box::new(stage),
+            })
+            .collect(),
+    }
+}
+
+fn quiet() -> RunOptions {
+    RunOptions {
+        quiet: true,
+        ..RunOptions::default()
+    }
+}
+
+#[test]
+fn exports_follow_the_entry_whether_it_ran_or_was_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CacheStore::open(dir.path().join("cache")).unwrap();
+    let target = dir.path().join("evals/a/out.txt");
+    let graph = |word: &str| {
+        let mut stage = Word::new(word, Arc::new(AtomicUsize::new(0)));
+        stage.export_to = Some(target.clone());
+        graph_of(vec![("a", vec![], stage)])
+    };
+    let first = run(&graph("one"), &store, &quiet()).unwrap();
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "one");
+    assert!(first.stage("a").unwrap().outputs.contains(&target));
+    run(&graph("two"), &store, &quiet()).unwrap();
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "two");
+    // Back to the first word: cached, and the export is the cached entry's again.
+    let again = run(&graph("one"), &store, &quiet()).unwrap();
+    assert_eq!(statuses(&again), ["cached"]);
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "one");
+    // A deleted export is restored by the next run.
+    std::fs::remove_file(&target).unwrap();
+    run(&graph("one"), &store, &quiet()).unwrap();
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "one");
+    // No absolute path of the project is stored in the entry.
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(&again.stage("a").unwrap().outputs[0])
+            .parent()
+            .unwrap()
+            .join("manifest.json"),
+    )
+    .unwrap();
+    assert!(!manifest.contains("evals"), "{manifest}");
+    // A dry run writes nothing, and lists only exports equal to the entry.
+    std::fs::write(&target, "stale").unwrap();
+    let dry = run(
+        &graph("one"),
+        &store,
+        &RunOptions {
+            dry_run: true,
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "stale");
+    assert!(!dry.stage("a").unwrap().outputs.contains(&target));
+}
+
+#[test]
+fn a_stage_that_cannot_resolve_fails_and_the_rest_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CacheStore::open(dir.path()).unwrap();
+    let runs: Vec<_> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    // a → c, b (unresolvable) → d; e reads a and b and can do without b, like a report.
+    let build = || {
+        let mut b = Word::new("b", runs[1].clone());
+        b.unresolvable = true;
+        let mut e = Word::new("e", runs[3].clone());
+        e.partial = Some(Vec::new());
+        graph_of(vec![
+            ("a", vec![], Word::new("a", runs[0].clone())),
+            ("b", vec![], b),
+            ("c", vec![0], Word::new("c", runs[2].clone())),
+            ("d", vec![1], Word::new("d", Arc::new(AtomicUsize::new(0)))),
+            ("e", vec![0, 1], e),
+        ])
+    };
+    let summary = run(&build(), &store, &quiet()).unwrap();
+    assert_eq!(
+        statuses(&summary),
+        ["ran", "failed", "ran", "skipped", "ran"]
+    );
+    assert!(
+        summary
+            .stage("b")
+            .unwrap()
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("model `m` is not in the local Hub cache")
+    );
+    let e = summary.stage("e").unwrap();
+    assert!(
+        e.reason.as_deref().unwrap().contains("without `b`"),
+        "{e:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&e.outputs[0]).unwrap(), "ae");
+    // The partial output is cached under its own fingerprint (the missing set is a parameter)…
+    let again = run(&build(), &store, &quiet()).unwrap();
+    assert_eq!(statuses(&again)[4], "cached");
+    assert_eq!(again.stage("e").unwrap().fingerprint, e.fingerprint);
+    // …never under the complete one.
+    let mut complete = Word::new("e", Arc::new(AtomicUsize::new(0)));
+    complete.partial = Some(Vec::new());
+    let whole = graph_of(vec![
+        ("a", vec![], Word::new("a", Arc::new(AtomicUsize::new(0)))),
+        ("b", vec![], Word::new("b", Arc::new(AtomicUsize::new(0)))),
+        ("e", vec![0, 1], complete),
+    ]);
+    let summary = run(&whole, &store, &quiet()).unwrap();
+    assert_eq!(statuses(&summary), ["cached", "ran", "ran"]);
+    let e = summary.stage("e").unwrap();
+    assert_eq!(std::fs::read_to_string(&e.outputs[0]).unwrap(), "abe");
+}
+
+#[test]
+fn an_input_of_a_stage_that_runs_is_verified_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CacheStore::open(dir.path()).unwrap();
+    let build = |word: &str| {
+        let mut a = Word::new("a", Arc::new(AtomicUsize::new(0)));
+        a.big = true;
+        graph_of(vec![
+            ("a", vec![], a),
+            ("b", vec![0], Word::new(word, Arc::new(AtomicUsize::new(0)))),
+        ])
+    };
+    let first = run(&build("b"), &store, &quiet()).unwrap();
+    let big = first
+        .stage("a")
+        .unwrap()
+        .outputs
+        .iter()
+        .find(|p| p.ends_with("big.bin"))
+        .unwrap()
+        .clone();
+    // Same size, same mtime, other bytes: a fast lookup cannot see it.
+    let mtime = std::fs::metadata(&big).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&big).unwrap();
+    bytes[10] = b'X';
+    std::fs::write(&big, bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    // Nothing runs: nothing is rehashed beyond the fast check.
+    assert_eq!(
+        statuses(&run(&build("b"), &store, &quiet()).unwrap()),
+        ["cached", "cached"]
+    );
+    // `b` runs and reads `a`: `a` is checked in full first, found corrupt and recomputed.
+    let summary = run(&build("B"), &store, &quiet()).unwrap();
+    assert_eq!(statuses(&summary), ["ran", "ran"]);
+    assert!(
+        summary
+            .stage("a")
+            .unwrap()
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("cache entry corrupt"),
+    );
+}
+
+#[test]
+fn a_dry_run_says_would_run_not_ran() {
+    let fixture = Fixture::new();
+    fixture.run(["x", "y", "z", "w"], RunOptions::default());
+    let dry = fixture.run(
+        ["x", "Y", "z", "w"],
+        RunOptions {
+            dry_run: true,
+            ..RunOptions::default()
+        },
+    );
+    let table = dry.render_table();
+    let last = table.lines().last().unwrap();
+    assert!(
+        last.starts_with("dry run, nothing ran: 2 would run, 2 cached, 0 failed, 0 skipped"),
+        "{table}"
+    );
+    let real = fixture.run(["x", "Y", "z", "w"], RunOptions::default());
+    assert!(
+        real.render_table()
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("2 ran, 2 cached")
     );
 }

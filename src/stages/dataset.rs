@@ -189,11 +189,7 @@ impl Stage for DatasetStage {
         if let (Some(commit), Some(map)) = (commit, metadata.as_object_mut()) {
             map.insert("hub_commit".to_owned(), Value::String(commit));
         }
-        Ok(StageOutcome {
-            metadata,
-            warnings,
-            exports: Vec::new(),
-        })
+        Ok(StageOutcome { metadata, warnings })
     }
 }
 

@@ -121,7 +121,6 @@ impl Stage for SplitStage {
         Ok(StageOutcome {
             metadata: Value::Object(metadata),
             warnings,
-            exports: Vec::new(),
         })
     }
 }

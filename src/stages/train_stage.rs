@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 use crate::cache::CacheEntry;
 use crate::decode::{DecodeError, GrammarSpec, answer_text};
-use crate::exec::{Stage, StageContext, StageError, StageOutcome};
+use crate::exec::{Export, Stage, StageContext, StageError, StageOutcome};
 use crate::model::checkpoint::{self, LoadOptions};
 use crate::model::device::device_label;
 use crate::model::lfm2_vl::Lfm2VlModel;
@@ -38,7 +38,7 @@ use crate::plan::params::{
 };
 use crate::plan::{Node, NodeParams, Plan};
 use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
-use crate::stages::eval::stage::export_copies;
+use crate::stages::eval::stage::export_files;
 use crate::stages::lower::{
     InputPositions, LowerContext, LowerError, data_file, grammar_of, prompt_of, root_dataset,
 };
@@ -339,13 +339,12 @@ impl Stage for FinetuneStage {
         std::fs::write(&trainable_path, serde_json::to_string_pretty(&trainable)?)
             .map_err(io_err(&trainable_path))?;
 
-        // Exports beside the eval reports.
+        // Exported beside the eval reports (see `exports`).
         let html_path = ctx.out_path(TRAINING_HTML);
         let html = training_page(ctx.name, &outcome.metrics, &trainable);
         std::fs::write(&html_path, html).map_err(io_err(&html_path))?;
         let csv_path = ctx.out_path(METRICS_CSV);
         std::fs::write(&csv_path, metrics_csv(&outcome.metrics)).map_err(io_err(&csv_path))?;
-        let exports = export_copies(&[html_path, csv_path, metrics_path], &self.export_dir)?;
 
         let final_eval = outcome.metrics.iter().rev().find_map(|m| m.eval_loss);
         Ok(StageOutcome {
@@ -364,8 +363,14 @@ impl Stage for FinetuneStage {
                 "device": device_label(&self.device),
             }),
             warnings,
-            exports,
         })
+    }
+
+    fn exports(&self) -> Vec<Export> {
+        export_files(
+            &[TRAINING_HTML, METRICS_CSV, METRICS_FILE],
+            &self.export_dir,
+        )
     }
 }
 

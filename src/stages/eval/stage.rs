@@ -1,9 +1,9 @@
 //! The `eval` stage: runs a model (or a fine-tune) over a data table with a prompt, an optional
 //! output grammar and a label set, and writes records, metrics, the tutorial CSV and the HTML
-//! report into the cache, with copies under `evals/<pipeline>/<stage>/`.
+//! report into the cache; the executor copies them to `evals/<pipeline>/<stage>/` ([`Stage::exports`]).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,9 +11,12 @@ use candle_core::{DType, Device};
 use serde_json::{Value, json};
 
 use super::run::{AnswerMode, EvalJob, EvalSample};
-use super::{MetricsOptions, REPORT_FILE, compute_metrics, write_eval_outputs};
+use super::{
+    METRICS_FILE, MetricsOptions, PREDICTIONS_CSV_FILE, RECORDS_FILE, REPORT_FILE, compute_metrics,
+    write_eval_outputs,
+};
 use crate::decode::{AnswerParser, CompiledGrammar, GrammarSpec, LabelScorer};
-use crate::exec::{Stage, StageContext, StageError, StageOutcome};
+use crate::exec::{Export, Stage, StageContext, StageError, StageOutcome};
 use crate::model::checkpoint::LoadOptions;
 use crate::model::device::device_label;
 use crate::model::generate::Sampling;
@@ -165,7 +168,7 @@ impl Stage for EvalStage {
         )?;
         metrics.device = Some(device_label(runner.device()));
         let image_source = |id: &str| images.get(id).ok().map(|stored| stored.bytes);
-        let mut files = write_eval_outputs(ctx.out_dir, labels, &records, &metrics, &image_source)?;
+        write_eval_outputs(ctx.out_dir, labels, &records, &metrics, &image_source)?;
         let report = ReportInput {
             title: ctx.name.to_owned(),
             stages: vec![StageReport {
@@ -176,15 +179,12 @@ impl Stage for EvalStage {
                 curves: Vec::new(),
             }],
         };
-        let report_path = ctx.out_path(REPORT_FILE);
         write_html(
-            &report_path,
+            &ctx.out_path(REPORT_FILE),
             &report,
             &image_source,
             &HtmlOptions::default(),
         )?;
-        files.push(report_path);
-        let exports = export_copies(&files, &self.export_dir)?;
 
         let mut warnings = Vec::new();
         if metrics.invalid_rate > 0.0 {
@@ -204,8 +204,19 @@ impl Stage for EvalStage {
                 "dtype": dtype_name(dtype),
             }),
             warnings,
-            exports,
         })
+    }
+
+    fn exports(&self) -> Vec<Export> {
+        export_files(
+            &[
+                RECORDS_FILE,
+                METRICS_FILE,
+                PREDICTIONS_CSV_FILE,
+                REPORT_FILE,
+            ],
+            &self.export_dir,
+        )
     }
 }
 
@@ -267,21 +278,13 @@ pub(crate) fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-/// Copies `files` into `dir` (replacing older copies) and returns the copies' paths.
-pub(crate) fn export_copies(files: &[PathBuf], dir: &Path) -> Result<Vec<PathBuf>, StageError> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
-    let mut exports = Vec::with_capacity(files.len());
-    for file in files {
-        let Some(name) = file.file_name() else {
-            continue;
-        };
-        let target = dir.join(name);
-        // Copy to a temp name and rename, so a reader never sees a half-written export.
-        let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-        std::fs::copy(file, &tmp)
-            .and_then(|_| std::fs::rename(&tmp, &target))
-            .map_err(|e| format!("cannot export `{}`: {e}", target.display()))?;
-        exports.push(target);
-    }
-    Ok(exports)
+/// `files` of an entry exported under the same names into `dir`.
+pub(crate) fn export_files(files: &[&str], dir: &std::path::Path) -> Vec<Export> {
+    files
+        .iter()
+        .map(|file| Export {
+            file: (*file).to_owned(),
+            target: dir.join(file),
+        })
+        .collect()
 }

@@ -33,6 +33,9 @@ pub struct HtmlOptions {
     /// 10,000-sample report stays a file a browser opens quickly (real photos cost about 8 KB
     /// each at 160 px); the rest show a placeholder that says why.
     pub max_thumbnails: usize,
+    /// Stages meant to be compared that have no results in this run (name, why), named at the
+    /// top so a partial comparison never reads as the whole one.
+    pub missing: Vec<(String, String)>,
 }
 
 impl Default for HtmlOptions {
@@ -41,6 +44,7 @@ impl Default for HtmlOptions {
             thumbnail_px: 160,
             page_size: 48,
             max_thumbnails: 3000,
+            missing: Vec::new(),
         }
     }
 }
@@ -114,6 +118,18 @@ pub fn render_html(
         body.push_str("</nav>");
     }
     body.push_str("</header><main>");
+    if !options.missing.is_empty() {
+        body.push_str(r#"<section class="missing"><h2>Not in this report</h2><ul>"#);
+        for (name, reason) in &options.missing {
+            let _ = write!(
+                body,
+                "<li><code>{}</code>: {}</li>",
+                html_escape(name),
+                html_escape(reason)
+            );
+        }
+        body.push_str("</ul></section>");
+    }
     if n_stages > 1 {
         comparison_section(&mut body, input, &data.changes);
     }

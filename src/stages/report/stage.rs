@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use serde_json::{Value, json};
 
 use super::{HtmlOptions, ReportInput, StageReport, headline_table, write_html};
-use crate::exec::{Stage, StageContext, StageError, StageOutcome};
+use crate::exec::{Export, MissingInput, Stage, StageContext, StageError, StageOutcome};
 use crate::plan::{Node, NodeParams, Plan};
 use crate::stages::data::{IMAGES_FILE, ImageStore};
 use crate::stages::eval::REPORT_FILE;
-use crate::stages::eval::stage::export_copies;
+use crate::stages::eval::stage::export_files;
 use crate::stages::lower::{InputPositions, LowerContext, LowerError, root_dataset};
 
 const REPORT_CODE_VERSION: u32 = 1;
@@ -21,6 +21,9 @@ pub struct ReportStage {
     title: String,
     /// (eval name, its input slot, the slot of its dataset).
     compared: Vec<(String, usize, usize)>,
+    /// Compared evals that have no entry in this run, with why: set only on the partial stage
+    /// built by [`Stage::without_inputs`], and part of its parameters.
+    missing: Vec<(String, String)>,
     export_dir: PathBuf,
 }
 
@@ -57,6 +60,7 @@ pub fn lower_report(
             .clone()
             .unwrap_or_else(|| format!("{} — {}", plan.settings.name, node.name)),
         compared,
+        missing: Vec::new(),
         export_dir: ctx.evals_dir.join(&node.name),
     }))
 }
@@ -71,7 +75,39 @@ impl Stage for ReportStage {
     }
 
     fn params(&self) -> Value {
-        self.canonical.clone()
+        if self.missing.is_empty() {
+            return self.canonical.clone();
+        }
+        // A partial report is keyed by what it lacks, so it is never served as the complete one.
+        json!({ "report": self.canonical, "missing": self.missing })
+    }
+
+    fn exports(&self) -> Vec<Export> {
+        export_files(&[REPORT_FILE], &self.export_dir)
+    }
+
+    fn without_inputs(&self, missing: &[MissingInput]) -> Option<Box<dyn Stage>> {
+        let reason_of = |slot: usize| missing.iter().find(|m| m.slot == slot);
+        // Inputs keep their order with the missing ones removed.
+        let remap = |slot: usize| slot - missing.iter().filter(|m| m.slot < slot).count();
+        let mut compared = Vec::new();
+        let mut absent = self.missing.clone();
+        for (name, slot, dataset_slot) in &self.compared {
+            match reason_of(*slot).or_else(|| reason_of(*dataset_slot)) {
+                Some(m) => absent.push((name.clone(), m.reason.clone())),
+                None => compared.push((name.clone(), remap(*slot), remap(*dataset_slot))),
+            }
+        }
+        if compared.is_empty() {
+            return None;
+        }
+        Some(Box::new(ReportStage {
+            canonical: self.canonical.clone(),
+            title: self.title.clone(),
+            compared,
+            missing: absent,
+            export_dir: self.export_dir.clone(),
+        }))
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
@@ -98,13 +134,19 @@ impl Stage for ReportStage {
             title: self.title.clone(),
             stages,
         };
-        let path = ctx.out_path(REPORT_FILE);
-        write_html(&path, &input, &images, &HtmlOptions::default())?;
-        let exports = export_copies(&[path], &self.export_dir)?;
+        let options = HtmlOptions {
+            missing: self.missing.clone(),
+            ..HtmlOptions::default()
+        };
+        write_html(&ctx.out_path(REPORT_FILE), &input, &images, &options)?;
+        let warnings = self
+            .missing
+            .iter()
+            .map(|(name, reason)| format!("`{name}` is not in the report: {reason}"))
+            .collect();
         Ok(StageOutcome {
-            metadata: json!({ "headline": headline }),
-            warnings: Vec::new(),
-            exports,
+            metadata: json!({ "headline": headline, "missing": self.missing }),
+            warnings,
         })
     }
 }
