@@ -192,6 +192,13 @@ fn exports_equal_the_entries_a_run_resolved_cached_or_not() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(page.is_file() && training.is_file());
     assert_eq!(assert_exports_equal_entries(&project, &restored), 12);
+}
+
+#[test]
+fn run_report_and_cache_ls_say_what_is_true() {
+    let project = Project::new(PIPELINE);
+    let (out, _) = project.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
 
     // What `run` prints at the end: each eval's headline metrics and where the pages are.
     let text = stdout(&out);
@@ -270,7 +277,7 @@ fn a_verified_bad_entry_is_removed_and_recomputed() {
         .set_modified(meta.modified().expect("mtime"))
         .expect("set mtime");
 
-    let verify = project.cli(&["cache", "verify", "proj/tiny.vp"]);
+    let verify = project.cli(&["cache", "verify", "--cache-dir", "proj/.vlmpipe"]);
     assert_eq!(verify.status.code(), Some(1), "{}", stdout(&verify));
     let text = stdout(&verify);
     assert!(
@@ -368,6 +375,8 @@ fn a_missing_model_is_reported_first_and_the_report_renders_what_exists() {
         .expect("report.html");
     assert!(page.contains("Not in this report"));
     assert!(page.contains("absent_eval"));
+    // With the root cause, not just "an input did not complete".
+    assert!(page.contains("LiquidAI/not-downloaded"), "{page}");
     assert!(page.contains("constrained") && page.contains("tuned_eval"));
     assert!(report["warnings"].as_array().is_some_and(|w| {
         w.iter()

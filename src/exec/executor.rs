@@ -79,7 +79,8 @@ enum State {
     Entry(Box<CacheEntry>),
     /// `--dry-run`: it would run, so its entry would be available.
     WouldRun,
-    /// It has no entry in this run, and why (its failure, or why it was skipped).
+    /// It has no entry in this run, and the root cause (the failure that made it missing, named
+    /// by the stage that failed), which a partial stage shows for each input it lacks.
     Missing(String),
 }
 
@@ -141,7 +142,7 @@ pub fn run(
         if let Err(Blocked::External(reason)) = identity {
             report.status = StageStatus::Failed;
             report.reason = Some(reason.clone());
-            states[index] = State::Missing(reason.clone());
+            states[index] = State::Missing(format!("`{}` failed: {reason}", node.name));
             finish(report, &mut reports);
             continue;
         }
@@ -168,9 +169,8 @@ pub fn run(
                 Some(stage) if missing.len() < node.inputs.len() => Some(stage),
                 _ => {
                     let first = &missing[0];
-                    let reason = format!("input `{}` did not complete", first.name);
-                    states[index] = State::Missing(reason.clone());
-                    report.reason = Some(reason);
+                    states[index] = State::Missing(first.reason.clone());
+                    report.reason = Some(format!("input `{}` did not complete", first.name));
                     finish(report, &mut reports);
                     continue;
                 }
@@ -192,8 +192,8 @@ pub fn run(
                     Ok(identity) => identity,
                     Err(Blocked::Input(reason) | Blocked::External(reason)) => {
                         report.status = StageStatus::Failed;
-                        report.reason = Some(reason.clone());
-                        states[index] = State::Missing(reason);
+                        states[index] = State::Missing(format!("`{}` failed: {reason}", node.name));
+                        report.reason = Some(reason);
                         finish(report, &mut reports);
                         continue;
                     }
@@ -255,8 +255,9 @@ pub fn run(
                         }
                         Err(message) => {
                             report.status = StageStatus::Failed;
-                            report.reason = Some(message.clone());
-                            states[index] = State::Missing(message);
+                            states[index] =
+                                State::Missing(format!("`{}` failed: {message}", node.name));
+                            report.reason = Some(message);
                         }
                     }
                 }
@@ -282,7 +283,8 @@ pub fn run(
             }
             if partial.is_some() {
                 // Its output lacks inputs: nothing downstream may take it for the whole one.
-                states[index] = State::Missing(format!("ran without {}", names(&missing)));
+                states[index] =
+                    State::Missing(format!("`{}` ran without {}", node.name, names(&missing)));
             } else {
                 history.record(&node.name, identity);
                 states[index] = State::Entry(Box::new(entry));

@@ -74,7 +74,8 @@ pub struct MissingInput {
     pub slot: usize,
     /// The input stage's name.
     pub name: String,
-    /// Why it is missing (its failure, or why it was skipped).
+    /// Why it is missing: the failure at its root (`` `big` failed: … ``), which may be an
+    /// upstream stage's.
     pub reason: String,
 }
 
