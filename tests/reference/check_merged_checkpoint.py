@@ -43,10 +43,10 @@ def main() -> int:
     logits_path = args.logits or args.dir / "logits.safetensors"
     model = AutoModelForImageTextToText.from_pretrained(args.dir, dtype=torch.float32).eval()
     assert type(model).__name__ == "Lfm2VlForConditionalGeneration", type(model).__name__
-    # 5.x renames Hub keys on load; prove every stored tensor landed where it belongs.
+    # 5.x renames Hub keys on load (4.57 does not); prove every stored tensor landed where it belongs.
     params = dict(model.named_parameters())
     for key, value in load_file(args.dir / "model.safetensors").items():
-        mapped = key.replace("model.vision_tower.vision_model.", "model.vision_tower.")
+        mapped = key if key in params else key.replace("model.vision_tower.vision_model.", "model.vision_tower.")
         assert mapped in params, f"{key} -> {mapped} not a parameter"
         assert torch.equal(params[mapped].detach().to(value.dtype), value), f"{key} differs after loading"
     processor = AutoProcessor.from_pretrained(args.dir)
