@@ -566,3 +566,37 @@ fn adapters_in_the_wrong_place_say_what_to_do() {
         "{text}"
     );
 }
+
+#[test]
+fn bench_model_applies_an_adapter_and_refuses_one_for_another_base() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let report = root.path().join("bench.json");
+    let image = fixtures().join("images/lora_a_64x48.png");
+    let bench = |model: &Path| {
+        Command::new(bin())
+            .args(["bench", "model", "--model"])
+            .arg(model)
+            .arg("--adapter")
+            .arg(peft_adapter())
+            .arg("--image")
+            .arg(&image)
+            .args(["--threads", "1", "--repeats", "1", "--device", "cpu"])
+            .arg("--json-out")
+            .arg(&report)
+            .output()
+            .expect("run bench model")
+    };
+    let output = bench(&tiny_nothumb());
+    assert_ok(&output, "bench model --adapter");
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    assert_eq!(json["adapter"], peft_adapter().to_string_lossy().as_ref());
+    // The adapter's modules do not fit tiny-thumb's shapes.
+    let output = bench(&fixtures().join("checkpoints/tiny-thumb"));
+    assert!(!output.status.success(), "a mismatched adapter was applied");
+    let text = stderr(&output);
+    assert!(
+        text.contains("fits only the base model it was trained on"),
+        "{text}"
+    );
+}

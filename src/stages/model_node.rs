@@ -648,6 +648,64 @@ mod tests {
     use crate::model::checkpoint::{LoadOptions, load};
 
     #[test]
+    fn entries_name_folders_relative_to_the_pipeline_or_by_hub_commit() {
+        let rel = |p: &str, b: &str| relative_to(Path::new(p), Path::new(b));
+        assert_eq!(rel("models/x", ""), Some(PathBuf::from("models/x")));
+        assert_eq!(rel("./models/x", "."), Some(PathBuf::from("models/x")));
+        assert_eq!(
+            rel("proj/shared/../m", "proj"),
+            Some(PathBuf::from("shared/../m"))
+        );
+        assert_eq!(rel("/a/b/m", "/a/b"), Some(PathBuf::from("m")));
+        assert_eq!(rel("/x/m", "/a/b"), None);
+
+        let cache = tempfile::tempdir().unwrap();
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let snapshot = cache
+            .path()
+            .join("models--org--name/snapshots")
+            .join(commit);
+        Preset::Tiny.save(&snapshot, 1).unwrap();
+        let lookup = cache.path().to_string_lossy().into_owned();
+        let hub = Hub::new(crate::hub::HubConfig::from_lookup(|name| match name {
+            "HF_HUB_CACHE" => Some(lookup.clone()),
+            "HF_HUB_OFFLINE" => Some("1".into()),
+            _ => None,
+        }));
+        let project = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(project.path().join("models/x")).unwrap();
+        let resolver = ModelResolver::new(hub, project.path().to_path_buf());
+        let entry = Path::new("/nowhere/entry");
+        let hub_ref = FolderRef::Hub {
+            repo: "org/name".into(),
+            commit: commit.into(),
+        };
+        assert_eq!(resolver.folder(&hub_ref, entry).unwrap(), snapshot);
+        let local = FolderRef::Pipeline {
+            path: "models/x".into(),
+        };
+        assert_eq!(
+            resolver.folder(&local, entry).unwrap(),
+            project.path().join("models/x")
+        );
+        let gone = FolderRef::Pipeline {
+            path: "models/y".into(),
+        };
+        let err = resolver.folder(&gone, entry).unwrap_err().to_string();
+        assert!(
+            err.contains("models/y") && err.contains("relative to its own folder"),
+            "{err}"
+        );
+        let inside = FolderRef::Entry {
+            path: "checkpoint".into(),
+        };
+        assert_eq!(
+            resolver.folder(&inside, entry).unwrap(),
+            entry.join("checkpoint")
+        );
+    }
+
+    #[test]
     fn tiny_preset_saves_a_loadable_hub_layout_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let count = Preset::Tiny.save(dir.path(), 5).unwrap();
