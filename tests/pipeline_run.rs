@@ -387,8 +387,11 @@ fn init_model_is_loadable_and_render_prints_the_exact_prompt() {
     let file: Value =
         serde_json::from_str(&std::fs::read_to_string(&model_json).expect("model.json"))
             .expect("json");
-    assert_eq!(file["checkpoint_dir"], "checkpoint");
-    assert_eq!(file["adapter_dir"], Value::Null);
+    assert_eq!(
+        file["base"],
+        serde_json::json!({"source": "entry", "path": "checkpoint"})
+    );
+    assert_eq!(file["adapter"], Value::Null);
     let dir = model_json.parent().expect("entry").join("checkpoint");
     let model = vlmpipe::model::checkpoint::load(&dir, &Default::default());
     assert!(model.is_ok(), "{:?}", model.err());

@@ -11,7 +11,7 @@ use vlmpipe::model::checkpoint::{LoadOptions, load};
 use vlmpipe::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
 use vlmpipe::model::processor::{Processor, stack_images};
 use vlmpipe::train::lora::{LFM2_TARGETS, LoraConfig, Trainable, TrainableSpec};
-use vlmpipe::train::merge::merge_checkpoint;
+use vlmpipe::train::merge::{ExportOrigin, MergeOptions, merge_checkpoint};
 use vlmpipe::train::optim::{AdamWConfig, Decay};
 use vlmpipe::train::peft::PeftAdapter;
 use vlmpipe::train::trainer::{TrainConfig, train};
@@ -101,7 +101,19 @@ fn merged_checkpoint_reproduces_adapter_logits() -> TestResult {
 
     let out = tempfile::tempdir()?;
     let merged_dir = out.path().join("merged");
-    let report = merge_checkpoint(&checkpoint_dir(), &adapter, &merged_dir)?;
+    let report = merge_checkpoint(
+        &checkpoint_dir(),
+        &adapter,
+        &merged_dir,
+        &MergeOptions {
+            dtype: DType::F32,
+            force: false,
+            origin: ExportOrigin {
+                pipeline: "interop".into(),
+                stage: "fixture".into(),
+            },
+        },
+    )?;
     assert_eq!(report.merged_lora_modules, 29);
     for file in [
         "config.json",

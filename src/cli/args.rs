@@ -151,10 +151,20 @@ pub struct ExportArgs {
     pub file: PathBuf,
     /// A `finetune` stage.
     pub stage: String,
-    /// Write the base weights with the adapter merged in, in the Hub layout, to this folder
-    /// (replaced if it exists).
+    /// Write the base weights with the adapter merged in, in the Hub layout, to this folder. A
+    /// folder that exists must be empty or a previous export of the same stage (vlmpipe marks
+    /// its exports with `vlmpipe-export.json`); nothing else in it is ever deleted.
     #[arg(long, value_name = "DIR")]
     pub merged: PathBuf,
+    /// The dtype of the saved weights. The merge is computed in f32; f32 (the default) keeps
+    /// the whole update, so the export answers exactly like the model vlmpipe evaluated, while
+    /// bf16/f16 halve the size but round small LoRA updates away (the export says how much).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Write into a folder that holds other files, replacing only files of the names the export
+    /// writes (config, weights, tokenizer and processor files, `vlmpipe-export.json`).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub params: ParamOverrides,
     #[command(flatten)]
@@ -287,6 +297,11 @@ pub struct InferArgs {
     /// (the local Hub cache first; `HF_HUB_OFFLINE=1` forbids downloads).
     #[arg(long, value_name = "REF")]
     pub model: String,
+    /// A PEFT LoRA adapter to apply to `--model`: a folder with `adapter_config.json` and
+    /// `adapter_model.safetensors` (PEFT's `save_pretrained`, or a vlmpipe fine-tune's
+    /// `adapter/`), or a Hub id `org/name[@revision]`.
+    #[arg(long, value_name = "REF")]
+    pub adapter: Option<String>,
     /// The image file (JPEG, PNG, WebP, GIF, BMP or TIFF).
     #[arg(long, value_name = "PATH")]
     pub image: PathBuf,
@@ -422,6 +437,11 @@ pub struct BenchModelArgs {
         required_unless_present = "config"
     )]
     pub model: Option<String>,
+    /// A PEFT LoRA adapter to apply to the model (a folder or a Hub id, as `infer --adapter`).
+    /// Not with `--python`: merge it first (`vlmpipe export --merged`) to time transformers on
+    /// the same weights.
+    #[arg(long, value_name = "REF", conflicts_with = "python")]
+    pub adapter: Option<String>,
     /// A `config.json` to build a model with random weights from (tokenizer and processor files
     /// are read from its folder). With `--python`, a random checkpoint is written once with
     /// `--random-dir` so both sides load the same weights.

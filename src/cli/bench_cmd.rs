@@ -50,7 +50,7 @@ use crate::model::generate::{self, GenerateConfig, Prompt, Sampling};
 use crate::model::lfm2_vl::LogitsMode;
 use crate::model::processor::decode_image;
 use crate::model::random_checkpoint::write_random_checkpoint;
-use crate::model::resolve::resolve_model_dir;
+use crate::model::resolve::{resolve_adapter_dir, resolve_model_dir};
 use crate::runner::ModelRunner;
 use crate::stages::data::{ImageCheck, bench_ingest_folder};
 
@@ -355,8 +355,14 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
 
     let device = crate::cli::open_device(&args.device)?;
     let t = Instant::now();
-    let runner = ModelRunner::load(
+    let adapter = args
+        .adapter
+        .as_deref()
+        .map(resolve_adapter_dir)
+        .transpose()?;
+    let runner = ModelRunner::load_with_adapter(
         &dir,
+        adapter.as_deref(),
         &LoadOptions {
             dtype: args.dtype.to_candle(),
             device,
@@ -504,6 +510,7 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     print_table(&ours, theirs.as_ref(), prompt_tokens, image_tokens);
     let report = json!({
         "model": dir,
+        "adapter": adapter,
         "image": image_path,
         "threads": args.threads,
         "repeats": args.repeats,

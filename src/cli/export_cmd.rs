@@ -1,8 +1,10 @@
 //! `vlmpipe export FILE STAGE --merged DIR`: a fine-tune as a standalone Hub-layout checkpoint.
 //!
-//! The stage is brought up to date first with `run --only STAGE` (instant when cached), so the
-//! exported weights always match the pipeline as written; then the adapter is folded into the
-//! base weights and the folder is written in the layout transformers and `local(...)` load.
+//! The destination is checked first (a folder with files vlmpipe did not write is refused before
+//! minutes of training), then the stage is brought up to date with `run --only STAGE` (instant
+//! when cached), so the exported weights always match the pipeline as written; then the adapter
+//! is folded into the base weights in f32 and the folder is written in the layout transformers
+//! and `local(...)` load, in `--dtype`, with a report of what that dtype's rounding changed.
 
 use std::io::Write;
 
@@ -15,9 +17,11 @@ use super::check_cmd::load_and_report;
 use super::run_cmd;
 use crate::cache::{CacheStore, Fingerprint, Lookup, Verify};
 use crate::plan::NodeKind;
-use crate::stages::model_node::open_model_entry;
+use crate::stages::model_node::ModelResolver;
 use crate::train::PeftAdapter;
-use crate::train::merge::merge_checkpoint;
+use crate::train::merge::{
+    ExportOrigin, MergeOptions, RoundingReport, check_destination, dtype_name, merge_checkpoint,
+};
 
 pub(crate) fn export(args: &ExportArgs) -> anyhow::Result<Outcome> {
     let Some(plan) = load_and_report(&args.file, &args.params) else {
@@ -38,6 +42,15 @@ pub(crate) fn export(args: &ExportArgs) -> anyhow::Result<Outcome> {
             finetune_names(&plan)
         );
     }
+    let options = MergeOptions {
+        dtype: args.dtype.to_candle(),
+        force: args.force,
+        origin: ExportOrigin {
+            pipeline: plan.settings.name.clone(),
+            stage: args.stage.clone(),
+        },
+    };
+    check_destination(&args.merged, &options.origin, options.force)?;
     let run_args = RunArgs {
         file: args.file.clone(),
         params: args.params.clone(),
@@ -74,19 +87,32 @@ pub(crate) fn export(args: &ExportArgs) -> anyhow::Result<Outcome> {
             ),
         }
     };
-    let location = open_model_entry(&entry)?;
+    let location = ModelResolver::for_pipeline_file(&args.file).open(&entry)?;
     let Some(adapter_dir) = location.adapter_dir else {
         bail!("stage `{}` produced no adapter", args.stage);
     };
     let adapter = PeftAdapter::load(&adapter_dir, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot load the adapter `{}`", adapter_dir.display()))?;
-    merge_checkpoint(&location.checkpoint_dir, &adapter, &args.merged).with_context(|| {
-        format!(
-            "cannot merge `{}` into `{}`",
+    let report = merge_checkpoint(&location.checkpoint_dir, &adapter, &args.merged, &options)
+        .with_context(|| {
+            format!(
+                "cannot merge `{}` into `{}`",
+                args.stage,
+                args.merged.display()
+            )
+        })?;
+    if !args.quiet {
+        eprintln!(
+            "merged {} LoRA modules of `{}` in f32, saved as {}",
+            report.merged_lora_modules,
             args.stage,
-            args.merged.display()
-        )
-    })?;
+            dtype_name(options.dtype)
+        );
+        eprintln!("{}", rounding_line(&report.rounding));
+    }
+    if report.rounding.is_large() {
+        eprintln!("warning: {}", rounding_warning(&report.rounding));
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", args.merged.display())?;
     Ok(Outcome::Success)
@@ -105,4 +131,34 @@ fn finetune_names(plan: &crate::plan::Plan) -> String {
     } else {
         names.join(", ")
     }
+}
+
+/// What the saved dtype did to the update, in one line.
+fn rounding_line(r: &RoundingReport) -> String {
+    let mut line = format!(
+        "{}: {} of {} nonzero update elements rounded away ({:.1}%); largest rounding error {:.3e} \
+         (largest update {:.3e})",
+        dtype_name(r.dtype),
+        r.lost_elements,
+        r.update_elements,
+        100.0 * r.lost_fraction(),
+        r.max_merged_error,
+        r.max_update
+    );
+    if r.max_other_error > 0.0 {
+        line.push_str(&format!(
+            "; the other weights moved by up to {:.3e}",
+            r.max_other_error
+        ));
+    }
+    line
+}
+
+fn rounding_warning(r: &RoundingReport) -> String {
+    format!(
+        "saving in {} lost {:.1}% of the fine-tune's update, so the exported model can answer \
+         differently from the one vlmpipe evaluated; `--dtype f32` keeps all of it",
+        dtype_name(r.dtype),
+        100.0 * r.lost_fraction()
+    )
 }

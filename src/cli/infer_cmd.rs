@@ -29,7 +29,7 @@ use crate::model::device::device_label;
 use crate::model::generate::Sampling;
 use crate::model::generation_config::GenerationConfig;
 use crate::model::processor::decode_image;
-use crate::model::resolve::resolve_model_dir;
+use crate::model::resolve::{resolve_adapter_dir, resolve_model_dir};
 use crate::runner::{DecodeOptions, ModelRunner};
 
 /// Generated tokens when neither the flag nor `generation_config.json` says.
@@ -83,8 +83,14 @@ pub(crate) fn run(args: &InferArgs) -> anyhow::Result<Outcome> {
     let generation = GenerationConfig::from_model_dir(&dir)?;
     let device = crate::cli::open_device(&args.device)?;
     let t = Instant::now();
-    let runner = ModelRunner::load(
+    let adapter = args
+        .adapter
+        .as_deref()
+        .map(resolve_adapter_dir)
+        .transpose()?;
+    let runner = ModelRunner::load_with_adapter(
         &dir,
+        adapter.as_deref(),
         &LoadOptions {
             dtype: args.dtype.to_candle(),
             device,

@@ -24,7 +24,7 @@ use crate::plan::params::{DataRef, NodeRef};
 use crate::plan::{NodeParams, Plan};
 use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
 use crate::stages::lower::{data_file, root_dataset};
-use crate::stages::model_node::open_model_entry;
+use crate::stages::model_node::ModelResolver;
 use crate::stages::prompt::{RowContext, params_from_json, render_prompt};
 use crate::stages::simple::read_prompt;
 
@@ -125,7 +125,7 @@ pub(crate) fn render(args: &RenderArgs) -> anyhow::Result<Outcome> {
         &params_from_json(&prompt_file.params),
     )?;
     let conversation = rendered.conversation();
-    let location = open_model_entry(&entry(&model.name)?)?;
+    let location = ModelResolver::for_pipeline_file(&args.file).open(&entry(&model.name)?)?;
     let processor = Processor::from_model_dir(&location.checkpoint_dir)?;
     let (text, tokens) = if args.no_expand {
         (processor.template().render(&conversation, true)?, None)

@@ -19,6 +19,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::hub::{Hub, HubError, HubRepo};
+use crate::train::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 
 /// Why a model reference could not be turned into a checkpoint directory.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,20 @@ pub enum ResolveError {
     /// A local directory lacks a file every checkpoint needs.
     #[error("model directory `{dir}` has no `{file}`")]
     MissingFile { dir: PathBuf, file: &'static str },
+    /// A PEFT adapter folder was given where a model was expected.
+    #[error(
+        "`{dir}` is a PEFT adapter, not a model: give its base model as the model and this folder as the adapter (`--adapter`, or `adapter:` in a pipeline), or merge it into a standalone model first (`vlmpipe export --merged`, or PEFT's `merge_and_unload`)"
+    )]
+    AdapterNotModel { dir: PathBuf },
+    /// An adapter folder lacks a PEFT file.
+    #[error(
+        "adapter directory `{dir}` has no `{file}` (a PEFT LoRA adapter folder holds `adapter_config.json` and `adapter_model.safetensors`){hint}"
+    )]
+    NotAnAdapter {
+        dir: PathBuf,
+        file: &'static str,
+        hint: &'static str,
+    },
     /// A local directory has neither a single weight file nor a shard index.
     #[error(
         "model directory `{dir}` has no weights (expected `model.safetensors` or `model.safetensors.index.json`)"
@@ -103,7 +118,7 @@ impl ModelRef {
     /// (cached or downloaded through `hub`).
     pub fn resolve(&self, hub: &Hub) -> Result<PathBuf, ResolveError> {
         match self {
-            ModelRef::Local(path) => check_local_dir(path),
+            ModelRef::Local(path) => check_model_dir(path),
             ModelRef::Hub { id, revision } => {
                 let mut repo = HubRepo::model(id);
                 if let Some(rev) = revision {
@@ -144,7 +159,28 @@ pub fn resolve_model_dir(text: &str) -> Result<PathBuf, ResolveError> {
     ModelRef::parse(text)?.resolve(&Hub::from_env())
 }
 
-fn check_local_dir(path: &Path) -> Result<PathBuf, ResolveError> {
+/// Parses and resolves a PEFT adapter reference (`--adapter`): a folder, or a Hub repo
+/// `org/name[@revision]` holding `adapter_config.json` and `adapter_model.safetensors`.
+pub fn resolve_adapter_dir(text: &str) -> Result<PathBuf, ResolveError> {
+    match ModelRef::parse(text)? {
+        ModelRef::Local(path) => check_adapter_dir(&path),
+        ModelRef::Hub { id, revision } => {
+            let mut repo = HubRepo::model(&id);
+            if let Some(rev) = &revision {
+                repo = repo.at(rev);
+            }
+            Hub::from_env()
+                .adapter_dir(&repo)
+                .map_err(|source| ResolveError::Hub {
+                    id,
+                    source: Box::new(source),
+                })
+        }
+    }
+}
+
+/// Checks that a local folder holds a PEFT adapter.
+pub fn check_adapter_dir(path: &Path) -> Result<PathBuf, ResolveError> {
     if !path.exists() {
         return Err(ResolveError::NoSuchDir {
             path: path.to_path_buf(),
@@ -153,6 +189,41 @@ fn check_local_dir(path: &Path) -> Result<PathBuf, ResolveError> {
     if !path.is_dir() {
         return Err(ResolveError::NotADir {
             path: path.to_path_buf(),
+        });
+    }
+    for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+        if !path.join(file).is_file() {
+            let hint = if path.join("config.json").is_file() {
+                "; this folder is a model: give it as the model, not as the adapter"
+            } else {
+                ""
+            };
+            return Err(ResolveError::NotAnAdapter {
+                dir: path.to_path_buf(),
+                file,
+                hint,
+            });
+        }
+    }
+    Ok(path.to_path_buf())
+}
+
+/// Checks that a local folder holds a model (the files the loader needs), naming what is missing;
+/// an adapter folder given as a model gets the fix in the message.
+pub fn check_model_dir(path: &Path) -> Result<PathBuf, ResolveError> {
+    if !path.exists() {
+        return Err(ResolveError::NoSuchDir {
+            path: path.to_path_buf(),
+        });
+    }
+    if !path.is_dir() {
+        return Err(ResolveError::NotADir {
+            path: path.to_path_buf(),
+        });
+    }
+    if !path.join("config.json").is_file() && path.join(ADAPTER_CONFIG).is_file() {
+        return Err(ResolveError::AdapterNotModel {
+            dir: path.to_path_buf(),
         });
     }
     if let Some(file) = REQUIRED_FILES.iter().find(|f| !path.join(f).is_file()) {
@@ -172,7 +243,7 @@ fn check_local_dir(path: &Path) -> Result<PathBuf, ResolveError> {
 }
 
 /// `org/name` with Hub-legal characters in each half.
-fn is_hub_id(id: &str) -> bool {
+pub fn is_hub_id(id: &str) -> bool {
     let legal = |part: &str| {
         !part.is_empty()
             && part

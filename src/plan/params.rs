@@ -255,6 +255,18 @@ pub struct PromptParams {
 pub struct ModelParams {
     pub source: ModelSource,
     pub dtype: Dtype,
+    /// A PEFT LoRA adapter applied on top (`adapter:` of `hf(...)`/`local(...)`); left out of the
+    /// canonical parameters when absent, so models without one keep their fingerprints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterSource>,
+}
+
+/// Where an `adapter:` comes from: a folder (relative to the pipeline file) or a Hub repo.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AdapterSource {
+    Hf { repo: String, revision: String },
+    Local { path: LocalPath },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -1,15 +1,19 @@
-//! The `model` stage: resolves `hf(...)`, `local(...)` or `init(...)` to a checkpoint folder.
+//! The `model` stage: resolves `hf(...)`, `local(...)` or `init(...)` (with an optional
+//! `adapter:`) to a `model.json` that names the checkpoint without naming this machine.
 //!
-//! The entry holds `model.json` = `{"checkpoint_dir": …, "adapter_dir": null, "dtype": …}`.
-//! A relative `checkpoint_dir` lies inside the entry (an `init` model is saved there); an
-//! absolute one points outside (a Hub cache snapshot or a local folder). Every consumer opens a
-//! model the same way, through [`open_model_entry`] and then `model::checkpoint`.
+//! The entry holds `model.json` = `{"base": FolderRef, "adapter": "adapter" | null, "dtype"}`.
+//! Nothing in it depends on where the project or the Hub cache lives, so a moved or copied project
+//! keeps its cache: a Hub model is named by repo and commit and found in the Hub cache at use
+//! time, a local folder by its path relative to the root pipeline file's folder, an `init` model
+//! is saved inside the entry, and an adapter is copied into the entry. Every consumer opens a model
+//! the same way, through [`ModelResolver::open`] and then `model::checkpoint`.
 //!
-//! Fingerprints: `hf` models mix in the cached commit of their revision (a moved `main`
-//! reruns), `local` ones a stat of every file of the folder, `init` ones only their parameters.
+//! Fingerprints: `hf` models (and Hub adapters) mix in the cached commit of their revision (a moved
+//! `main` reruns), `local` ones a stat of every file of the folder, `init` ones only their
+//! parameters.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
@@ -20,37 +24,77 @@ use serde_json::{Value, json};
 
 use crate::cache::CacheEntry;
 use crate::exec::{Stage, StageContext, StageError, StageOutcome};
-use crate::hub::{Hub, HubRepo};
+use crate::hub::{Hub, HubError, HubRepo};
 use crate::model::config::Config;
 use crate::model::lfm2_vl::{Lfm2VlModel, WeightPrefixes};
 use crate::plan::Node;
-use crate::plan::params::{Dtype, ModelParams, ModelSource};
+use crate::plan::params::{AdapterSource, Dtype, LocalPath, ModelParams, ModelSource};
 use crate::stages::data::SplitMix64;
 use crate::stages::lower::{LowerContext, LowerError};
+use crate::train::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, PeftAdapter};
 
 /// The file of a model entry.
 pub const MODEL_FILE: &str = "model.json";
 /// Folder inside the entry where an `init` model is saved.
 const INIT_DIR: &str = "checkpoint";
+/// Folder inside the entry where a model's `adapter:` is copied.
+const ADAPTER_DIR: &str = "adapter";
 
-const MODEL_CODE_VERSION: u32 = 2;
+// 3: `model.json` names folders independently of the project's location; `adapter:`.
+const MODEL_CODE_VERSION: u32 = 3;
 
-/// Where a model's files are.
+/// Where a checkpoint folder is, in terms that survive moving or copying the project.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "snake_case")]
+pub enum FolderRef {
+    /// A Hub model at the commit it resolved to, looked up in the Hub cache (or downloaded) at
+    /// use time.
+    Hub { repo: String, commit: String },
+    /// A folder relative to the root pipeline file's folder (absolute only when the pipeline
+    /// names an absolute path).
+    Pipeline { path: PathBuf },
+    /// A folder inside the cache entry that holds `model.json`.
+    Entry { path: PathBuf },
+}
+
+impl FolderRef {
+    /// The Hub id of a Hub model (what PEFT's `base_model_name_or_path` names).
+    pub fn hub_id(&self) -> Option<&str> {
+        match self {
+            FolderRef::Hub { repo, .. } => Some(repo),
+            _ => None,
+        }
+    }
+
+    /// A short description for metadata and messages (`hf:org/name@commit`, `local:models/x`).
+    pub fn describe(&self) -> String {
+        match self {
+            FolderRef::Hub { repo, commit } => format!("hf:{repo}@{commit}"),
+            FolderRef::Pipeline { path } => format!("local:{}", path.display()),
+            FolderRef::Entry { path } => format!("entry:{}", path.display()),
+        }
+    }
+}
+
+/// Where a model's files are on this machine, now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelLocation {
     /// A Hub-layout checkpoint folder (config, weights, tokenizer, chat template, processor).
     pub checkpoint_dir: PathBuf,
-    /// A LoRA adapter folder to apply on top, for fine-tuned models.
+    /// A LoRA adapter folder to apply on top (fine-tunes, models with `adapter:`).
     pub adapter_dir: Option<PathBuf>,
     /// The dtype the pipeline asks to compute in (`f32`, `f16`, `bf16`); `None` means f32.
     pub dtype: Option<String>,
+    /// How the entry names the checkpoint (what a fine-tune of it records).
+    pub base: FolderRef,
 }
 
 /// `model.json` as written.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelFile {
-    pub checkpoint_dir: PathBuf,
-    pub adapter_dir: Option<PathBuf>,
+    pub base: FolderRef,
+    /// The adapter folder inside the entry.
+    pub adapter: Option<PathBuf>,
     /// The dtype the pipeline asks to compute in (`f32`, `f16`, `bf16`).
     #[serde(default)]
     pub dtype: Option<String>,
@@ -65,11 +109,24 @@ pub enum ModelNodeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("`{path}` is not a model entry file")]
+    #[error(
+        "`{path}` is not a model entry file of this vlmpipe version (rerun the stage with `--force`)"
+    )]
     Json {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
+    },
+    #[error(
+        "the model folder `{path}` does not exist (the pipeline names it relative to its own folder `{base}`)"
+    )]
+    MissingFolder { path: PathBuf, base: PathBuf },
+    #[error("cannot get model `{repo}` at commit {commit} from the Hugging Face Hub")]
+    Hub {
+        repo: String,
+        commit: String,
+        #[source]
+        source: Box<HubError>,
     },
     #[error("unknown model preset `{0}` (known: tiny)")]
     UnknownPreset(String),
@@ -83,26 +140,104 @@ pub enum ModelNodeError {
     Config { preset: String, message: String },
 }
 
-/// Reads a model entry (written by this stage or by a fine-tune) and resolves its paths.
-pub fn open_model_entry(entry: &CacheEntry) -> Result<ModelLocation, ModelNodeError> {
-    let path = entry.path(MODEL_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|source| ModelNodeError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let file: ModelFile =
-        serde_json::from_str(&text).map_err(|source| ModelNodeError::Json { path, source })?;
-    let resolve = |p: PathBuf| {
-        if p.is_absolute() {
-            p
-        } else {
-            entry.dir().join(p)
+/// What model entries' references are resolved against: the Hub cache and the folder of the
+/// root pipeline file, both of this run.
+#[derive(Clone, Debug)]
+pub struct ModelResolver {
+    hub: Hub,
+    pipeline_dir: PathBuf,
+}
+
+impl ModelResolver {
+    pub fn new(hub: Hub, pipeline_dir: PathBuf) -> Self {
+        Self { hub, pipeline_dir }
+    }
+
+    /// The resolver of a lowered pipeline.
+    pub fn from_lower(ctx: &LowerContext<'_>) -> Self {
+        Self::new(ctx.hub.clone(), ctx.pipeline_dir.clone())
+    }
+
+    /// The resolver for the pipeline file `file`, with the environment's Hub settings.
+    pub fn for_pipeline_file(file: &Path) -> Self {
+        let dir = match file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Self::new(Hub::from_env(), dir)
+    }
+
+    /// Reads a model entry (written by the model stage or by a fine-tune) and finds its folders.
+    pub fn open(&self, entry: &CacheEntry) -> Result<ModelLocation, ModelNodeError> {
+        let path = entry.path(MODEL_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelNodeError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let file: ModelFile =
+            serde_json::from_str(&text).map_err(|source| ModelNodeError::Json { path, source })?;
+        Ok(ModelLocation {
+            checkpoint_dir: self.folder(&file.base, entry.dir())?,
+            adapter_dir: file.adapter.map(|a| entry.dir().join(a)),
+            dtype: file.dtype,
+            base: file.base,
+        })
+    }
+
+    /// The folder `reference` names, on this machine.
+    pub fn folder(
+        &self,
+        reference: &FolderRef,
+        entry_dir: &Path,
+    ) -> Result<PathBuf, ModelNodeError> {
+        match reference {
+            FolderRef::Hub { repo, commit } => self
+                .hub
+                .model_dir(&HubRepo::model(repo).at(commit))
+                .map_err(|source| ModelNodeError::Hub {
+                    repo: repo.clone(),
+                    commit: commit.clone(),
+                    source: Box::new(source),
+                }),
+            FolderRef::Pipeline { path } => {
+                let dir = self.pipeline_dir.join(path);
+                if dir.is_dir() {
+                    Ok(dir)
+                } else {
+                    Err(ModelNodeError::MissingFolder {
+                        path: dir,
+                        base: self.pipeline_dir.clone(),
+                    })
+                }
+            }
+            FolderRef::Entry { path } => Ok(entry_dir.join(path)),
         }
+    }
+}
+
+/// `path` relative to `base` when it lies under it, lexically (`.` components ignored);
+/// otherwise `None`.
+pub fn relative_to(path: &Path, base: &Path) -> Option<PathBuf> {
+    let clean = |p: &Path| -> PathBuf {
+        p.components()
+            .filter(|c| !matches!(c, Component::CurDir))
+            .collect()
     };
-    Ok(ModelLocation {
-        checkpoint_dir: resolve(file.checkpoint_dir),
-        adapter_dir: file.adapter_dir.map(resolve),
-        dtype: file.dtype,
+    clean(path)
+        .strip_prefix(clean(base))
+        .ok()
+        .map(Path::to_path_buf)
+}
+
+/// How the entry names a local folder: as written when the pipeline wrote an absolute path,
+/// else relative to the root pipeline file's folder (which `resolved`, joined onto the declaring
+/// file's folder, lies under lexically); absolute only if it somehow does not.
+fn pipeline_ref(path: &LocalPath, pipeline_dir: &Path) -> PathBuf {
+    if Path::new(&path.path).is_absolute() {
+        return PathBuf::from(&path.path);
+    }
+    relative_to(&path.resolved, pipeline_dir).unwrap_or_else(|| {
+        std::path::absolute(&path.resolved).unwrap_or_else(|_| path.resolved.clone())
     })
 }
 
@@ -110,13 +245,19 @@ pub fn open_model_entry(entry: &CacheEntry) -> Result<ModelLocation, ModelNodeEr
 pub struct ModelStage {
     params: Value,
     source: Resolved,
+    adapter: Option<AdapterResolved>,
     dtype: &'static str,
 }
 
 enum Resolved {
     Hf { hub: Hub, repo: HubRepo },
-    Local { dir: PathBuf },
+    Local { dir: PathBuf, stored: PathBuf },
     Init { preset: Preset, seed: u64 },
+}
+
+enum AdapterResolved {
+    Hf { hub: Hub, repo: HubRepo },
+    Local { dir: PathBuf, stored: PathBuf },
 }
 
 impl ModelStage {
@@ -132,6 +273,7 @@ impl ModelStage {
             },
             ModelSource::Local { path } => Resolved::Local {
                 dir: path.resolved.clone(),
+                stored: pipeline_ref(path, &ctx.pipeline_dir),
             },
             ModelSource::Init { preset, seed } => Resolved::Init {
                 preset: Preset::parse(preset).map_err(|e| LowerError::Unsupported {
@@ -141,15 +283,53 @@ impl ModelStage {
                 seed: *seed,
             },
         };
+        let adapter = params.adapter.as_ref().map(|a| match a {
+            AdapterSource::Hf { repo, revision } => AdapterResolved::Hf {
+                hub: ctx.hub.clone(),
+                repo: HubRepo::model(repo).at(revision),
+            },
+            AdapterSource::Local { path } => AdapterResolved::Local {
+                dir: path.resolved.clone(),
+                stored: pipeline_ref(path, &ctx.pipeline_dir),
+            },
+        });
         Ok(Self {
             params: node.canonical_params(),
             source,
+            adapter,
             dtype: match params.dtype {
                 Dtype::F32 => "f32",
                 Dtype::F16 => "f16",
                 Dtype::Bf16 => "bf16",
             },
         })
+    }
+
+    /// Copies the adapter's two PEFT files into the entry after checking that vlmpipe can read
+    /// them (an unsupported adapter fails here, naming the folder, not in every eval).
+    fn copy_adapter(&self, ctx: &StageContext<'_>) -> Result<Option<Value>, StageError> {
+        let Some(adapter) = &self.adapter else {
+            return Ok(None);
+        };
+        let (dir, described) = match adapter {
+            AdapterResolved::Hf { hub, repo } => {
+                let dir = hub.adapter_dir(repo)?;
+                (dir, json!({ "source": "hf", "repo": repo.id }))
+            }
+            AdapterResolved::Local { dir, stored } => {
+                (dir.clone(), json!({ "source": "local", "path": stored }))
+            }
+        };
+        let loaded = PeftAdapter::load(&dir, &Device::Cpu)?;
+        let out = ctx.out_path(ADAPTER_DIR);
+        std::fs::create_dir_all(&out)?;
+        for name in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+            std::fs::copy(dir.join(name), out.join(name))?;
+        }
+        let mut described = described;
+        described["lora_modules"] = json!(loaded.lora.len());
+        described["base_model_name_or_path"] = json!(loaded.base_model);
+        Ok(Some(described))
     }
 }
 
@@ -167,47 +347,74 @@ impl Stage for ModelStage {
     }
 
     fn external_state(&self) -> Result<Value, StageError> {
-        match &self.source {
-            Resolved::Hf { hub, repo } => {
+        let model = match &self.source {
+            Resolved::Hf { hub, repo } => json!({ "commit": model_commit(hub, repo)? }),
+            Resolved::Local { dir, .. } => json!({ "files": stat_dir(dir)? }),
+            Resolved::Init { .. } => Value::Null,
+        };
+        let Some(adapter) = &self.adapter else {
+            // Without an adapter the state is what it was before `adapter:` existed.
+            return Ok(model);
+        };
+        let adapter = match adapter {
+            AdapterResolved::Hf { hub, repo } => {
                 let commit = match hub.cached_commit(repo) {
                     Some(commit) => commit,
                     None => {
-                        // Not cached yet: fetch it now so the fingerprint names a real commit.
-                        hub.model_dir(repo)?;
+                        hub.adapter_dir(repo)?;
                         hub.cached_commit(repo).unwrap_or_default()
                     }
                 };
-                Ok(json!({ "commit": commit }))
+                json!({ "commit": commit })
             }
-            Resolved::Local { dir } => Ok(json!({ "files": stat_dir(dir)? })),
-            Resolved::Init { .. } => Ok(Value::Null),
-        }
+            AdapterResolved::Local { dir, .. } => json!({ "files": stat_dir(dir)? }),
+        };
+        Ok(json!({ "model": model, "adapter": adapter }))
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let (checkpoint_dir, metadata) = match &self.source {
+        let (base, mut metadata) = match &self.source {
             Resolved::Hf { hub, repo } => {
-                let dir = hub.model_dir(repo)?;
-                (dir, json!({ "source": "hf", "repo": repo.id }))
+                hub.model_dir(repo)?;
+                let commit = model_commit(hub, repo)?;
+                (
+                    FolderRef::Hub {
+                        repo: repo.id.clone(),
+                        commit,
+                    },
+                    json!({ "source": "hf", "repo": repo.id }),
+                )
             }
-            Resolved::Local { dir } => {
+            Resolved::Local { dir, stored } => {
                 // Fail here, naming the folder, rather than in every stage that loads it.
+                crate::model::resolve::check_model_dir(dir)?;
                 crate::model::checkpoint::Checkpoint::open(dir)?;
-                let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
-                (dir, json!({ "source": "local" }))
+                (
+                    FolderRef::Pipeline {
+                        path: stored.clone(),
+                    },
+                    json!({ "source": "local", "path": stored }),
+                )
             }
             Resolved::Init { preset, seed } => {
                 let dir = ctx.out_path(INIT_DIR);
                 let tensors = preset.save(&dir, *seed)?;
                 (
-                    PathBuf::from(INIT_DIR),
+                    FolderRef::Entry {
+                        path: PathBuf::from(INIT_DIR),
+                    },
                     json!({ "source": "init", "preset": preset.name(), "tensors": tensors }),
                 )
             }
         };
+        let adapter = self.copy_adapter(ctx)?;
+        let has_adapter = adapter.is_some();
+        if let Some(adapter) = adapter {
+            metadata["adapter"] = adapter;
+        }
         let file = ModelFile {
-            checkpoint_dir,
-            adapter_dir: None,
+            base,
+            adapter: has_adapter.then(|| PathBuf::from(ADAPTER_DIR)),
             dtype: Some(self.dtype.to_owned()),
         };
         std::fs::write(
@@ -219,6 +426,16 @@ impl Stage for ModelStage {
             ..StageOutcome::default()
         })
     }
+}
+
+/// The commit a Hub model's revision is at: the cached one, else fetched now so the fingerprint
+/// names a real commit.
+fn model_commit(hub: &Hub, repo: &HubRepo) -> Result<String, StageError> {
+    if let Some(commit) = hub.cached_commit(repo) {
+        return Ok(commit);
+    }
+    hub.model_dir(repo)?;
+    Ok(hub.cached_commit(repo).unwrap_or_default())
 }
 
 /// Name, size and mtime of every file under `dir`, sorted: a cheap identity of a local model.
@@ -429,6 +646,64 @@ impl SimpleBackend for RecordingBackend {
 mod tests {
     use super::*;
     use crate::model::checkpoint::{LoadOptions, load};
+
+    #[test]
+    fn entries_name_folders_relative_to_the_pipeline_or_by_hub_commit() {
+        let rel = |p: &str, b: &str| relative_to(Path::new(p), Path::new(b));
+        assert_eq!(rel("models/x", ""), Some(PathBuf::from("models/x")));
+        assert_eq!(rel("./models/x", "."), Some(PathBuf::from("models/x")));
+        assert_eq!(
+            rel("proj/shared/../m", "proj"),
+            Some(PathBuf::from("shared/../m"))
+        );
+        assert_eq!(rel("/a/b/m", "/a/b"), Some(PathBuf::from("m")));
+        assert_eq!(rel("/x/m", "/a/b"), None);
+
+        let cache = tempfile::tempdir().unwrap();
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let snapshot = cache
+            .path()
+            .join("models--org--name/snapshots")
+            .join(commit);
+        Preset::Tiny.save(&snapshot, 1).unwrap();
+        let lookup = cache.path().to_string_lossy().into_owned();
+        let hub = Hub::new(crate::hub::HubConfig::from_lookup(|name| match name {
+            "HF_HUB_CACHE" => Some(lookup.clone()),
+            "HF_HUB_OFFLINE" => Some("1".into()),
+            _ => None,
+        }));
+        let project = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(project.path().join("models/x")).unwrap();
+        let resolver = ModelResolver::new(hub, project.path().to_path_buf());
+        let entry = Path::new("/nowhere/entry");
+        let hub_ref = FolderRef::Hub {
+            repo: "org/name".into(),
+            commit: commit.into(),
+        };
+        assert_eq!(resolver.folder(&hub_ref, entry).unwrap(), snapshot);
+        let local = FolderRef::Pipeline {
+            path: "models/x".into(),
+        };
+        assert_eq!(
+            resolver.folder(&local, entry).unwrap(),
+            project.path().join("models/x")
+        );
+        let gone = FolderRef::Pipeline {
+            path: "models/y".into(),
+        };
+        let err = resolver.folder(&gone, entry).unwrap_err().to_string();
+        assert!(
+            err.contains("models/y") && err.contains("relative to its own folder"),
+            "{err}"
+        );
+        let inside = FolderRef::Entry {
+            path: "checkpoint".into(),
+        };
+        assert_eq!(
+            resolver.folder(&inside, entry).unwrap(),
+            entry.join("checkpoint")
+        );
+    }
 
     #[test]
     fn tiny_preset_saves_a_loadable_hub_layout_checkpoint() {

@@ -9,7 +9,8 @@
 //!
 //! Entry layout:
 //! ```text
-//! model.json        {"checkpoint_dir": <absolute base dir>, "adapter_dir": "adapter", "dtype"}
+//! model.json        {"base": <the base model's reference>, "adapter": "adapter", "dtype"}
+//! base/             the base checkpoint, copied, when it lives in the base model's entry (`init`)
 //! adapter/          PEFT adapter after the last step
 //! best_adapter/     PEFT adapter with the lowest evaluation loss (when evaluated)
 //! metrics.parquet   one row per optimizer step (train/eval loss, lr, grad norm)
@@ -42,7 +43,7 @@ use crate::stages::eval::stage::export_files;
 use crate::stages::lower::{
     InputPositions, LowerContext, LowerError, data_file, grammar_of, prompt_of, root_dataset,
 };
-use crate::stages::model_node::{MODEL_FILE, ModelFile, open_model_entry};
+use crate::stages::model_node::{FolderRef, MODEL_FILE, ModelFile, ModelResolver};
 use crate::stages::prompt::{RowContext, render_prompt};
 use crate::stages::report::{LineChart, Series, html_escape};
 use crate::train::batch::end_of_turn_id;
@@ -53,10 +54,14 @@ use crate::train::{
 };
 
 /// Bumped when the finetune stage's output for the same inputs changes.
-const FINETUNE_CODE_VERSION: u32 = 1;
+// 2: `model.json` names the base independently of the project's location; adapter configs name
+// a Hub base and write `lora_dropout` as written.
+const FINETUNE_CODE_VERSION: u32 = 2;
 
 /// Folder of the final adapter inside the entry.
 pub const ADAPTER_DIR: &str = "adapter";
+/// Folder of a base checkpoint copied into the entry (one that lives in another entry).
+const BASE_DIR: &str = "base";
 /// Folder of the best-by-eval-loss adapter inside the entry.
 pub const BEST_ADAPTER_DIR: &str = "best_adapter";
 /// Per-step training metrics inside the entry.
@@ -125,6 +130,8 @@ pub struct FinetuneStage {
     train_data: DataInput,
     eval_data: Option<DataInput>,
     export_dir: PathBuf,
+    /// Finds the base model's folders on this machine (never part of a fingerprint).
+    models: ModelResolver,
     /// Not in [`Stage::params`]: training on another device must not invalidate the cache.
     device: Device,
 }
@@ -179,6 +186,7 @@ pub fn lower_finetune(
         train_data: data_input(&params.data)?,
         eval_data: params.eval_data.as_ref().map(data_input).transpose()?,
         export_dir: ctx.evals_dir.join(&node.name),
+        models: ModelResolver::from_lower(ctx),
         device: ctx.device.clone(),
     }))
 }
@@ -200,7 +208,7 @@ impl Stage for FinetuneStage {
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
         let base = &ctx.inputs[self.base_slot];
-        let location = open_model_entry(base)?;
+        let location = self.models.open(base)?;
         if location.adapter_dir.is_some() {
             return Err(FinetuneError::StackedAdapter(location.checkpoint_dir).into());
         }
@@ -297,19 +305,33 @@ impl Stage for FinetuneStage {
             ));
         }
 
-        // Outputs in the entry.
+        // Outputs in the entry. PEFT loads the base an adapter names: a Hub id is portable, a
+        // path on this machine is not, so only Hub bases are named.
+        let base_model = location.base.hub_id().map(str::to_owned);
         let adapter_dir = ctx.out_path(ADAPTER_DIR);
-        outcome.adapter.save(&adapter_dir)?;
+        let mut adapter = outcome.adapter.clone();
+        adapter.base_model.clone_from(&base_model);
+        adapter.save(&adapter_dir)?;
         let best = run_dir.join("best");
         let has_best = best.join("adapter_config.json").is_file();
         if has_best {
-            copy_dir(&best, &ctx.out_path(BEST_ADAPTER_DIR))?;
+            let mut best = crate::train::PeftAdapter::load(&best, &Device::Cpu)?;
+            best.base_model.clone_from(&base_model);
+            best.save(&ctx.out_path(BEST_ADAPTER_DIR))?;
         }
-        let checkpoint_dir = std::fs::canonicalize(&location.checkpoint_dir)
-            .unwrap_or_else(|_| location.checkpoint_dir.clone());
+        // A base inside another entry (an `init` model) is copied, so this entry stands alone.
+        let base_ref = match &location.base {
+            FolderRef::Entry { .. } => {
+                copy_dir(&location.checkpoint_dir, &ctx.out_path(BASE_DIR))?;
+                FolderRef::Entry {
+                    path: PathBuf::from(BASE_DIR),
+                }
+            }
+            other => other.clone(),
+        };
         let model_file = ModelFile {
-            checkpoint_dir: checkpoint_dir.clone(),
-            adapter_dir: Some(PathBuf::from(ADAPTER_DIR)),
+            base: base_ref.clone(),
+            adapter: Some(PathBuf::from(ADAPTER_DIR)),
             dtype: dtype_name,
         };
         let model_path = ctx.out_path(MODEL_FILE);
@@ -349,7 +371,7 @@ impl Stage for FinetuneStage {
         let final_eval = outcome.metrics.iter().rev().find_map(|m| m.eval_loss);
         Ok(StageOutcome {
             metadata: json!({
-                "base": checkpoint_dir,
+                "base": base_ref.describe(),
                 "trained_parameters": outcome.num_parameters,
                 "steps": outcome.total_steps,
                 "train_examples": train_set.len(),

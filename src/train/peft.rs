@@ -48,6 +48,9 @@ pub fn resolve_module_name(name: &str, known: impl Fn(&str) -> bool) -> Option<S
 }
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// The way out for an adapter vlmpipe cannot apply.
+const MERGE_IN_PYTHON: &str = "merge it into its base model with PEFT (`merge_and_unload()` then \
+     `save_pretrained`) and load the result as a model (`local(...)`, `--model`)";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 /// One LoRA module's weights.
@@ -188,7 +191,7 @@ impl PeftAdapter {
             "base_model_name_or_path": self.base_model,
             "r": self.rank,
             "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
+            "lora_dropout": shortest_f64(self.dropout),
             "use_rslora": self.use_rslora,
             "target_modules": targets,
             "modules_to_save": modules_to_save,
@@ -230,11 +233,13 @@ impl PeftAdapter {
             && kind != "LORA"
         {
             return Err(bad(format!(
-                "`peft_type` is `{kind}`, only `LORA` is supported"
+                "`peft_type` is `{kind}`, only `LORA` is supported; {MERGE_IN_PYTHON}"
             )));
         }
         if json.get("use_dora").and_then(Value::as_bool) == Some(true) {
-            return Err(bad("DoRA adapters are not supported".into()));
+            return Err(bad(format!(
+                "DoRA adapters are not supported; {MERGE_IN_PYTHON}"
+            )));
         }
         let rank = json
             .get("r")
@@ -380,7 +385,11 @@ impl PeftAdapter {
                     path,
                     message: format!(
                         "module `{name}` is not a linear module of this model (its modules look \
-                         like {sample:?})"
+                         like {sample:?}); an adapter fits only the base model it was trained on{}",
+                        self.base_model
+                            .as_ref()
+                            .map(|b| format!(" (its config names `{b}`)"))
+                            .unwrap_or_default()
                     ),
                 });
             };
@@ -400,7 +409,8 @@ impl PeftAdapter {
                 return Err(TrainError::Adapter {
                     path: path.clone(),
                     message: format!(
-                        "`{}`: adapter is {b_out}x{a_in}, the module is {out}x{inp}",
+                        "`{}`: adapter is {b_out}x{a_in}, the module is {out}x{inp}; an adapter \
+                         fits only the base model it was trained on",
                         l.module
                     ),
                 });
@@ -460,9 +470,35 @@ impl PeftAdapter {
     }
 }
 
+/// The f64 with the shortest decimal that reads back as `x`: `0.05f32` is `0.05`, not the
+/// `0.05000000074505806` of a plain widening, so the config says what the pipeline wrote.
+fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_names_the_hub_base_and_the_dropout_as_written() {
+        let adapter = PeftAdapter {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.05,
+            use_rslora: false,
+            target_modules: vec!["q_proj".into()],
+            base_model: Some("LiquidAI/LFM2-VL-450M".into()),
+            lora: Vec::new(),
+            full: Vec::new(),
+        };
+        let config = adapter.config_json();
+        assert_eq!(config["lora_dropout"].to_string(), "0.05");
+        assert_eq!(config["base_model_name_or_path"], "LiquidAI/LFM2-VL-450M");
+        for x in [0.1f32, 0.0, 0.3, 1e-3] {
+            assert_eq!(shortest_f64(x).to_string(), x.to_string());
+        }
+    }
 
     #[test]
     fn vision_names_map_between_layouts() {

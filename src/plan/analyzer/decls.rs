@@ -8,9 +8,9 @@ use crate::dsl::diagnostic::{Code, Diagnostic, did_you_mean};
 use crate::dsl::loader::lowercase_io;
 use crate::dsl::span::Span;
 use crate::plan::params::{
-    DataSource, DatasetParams, Dtype, KeepFilter, LabelMapEntry, LabelSet, LabelSpec, LabelsParams,
-    MapKey, ModelParams, ModelSource, NodeParams, NodeRef, ParamValue, PromptParams, SplitMethod,
-    SplitParams,
+    AdapterSource, DataSource, DatasetParams, Dtype, KeepFilter, LabelMapEntry, LabelSet,
+    LabelSpec, LabelsParams, MapKey, ModelParams, ModelSource, NodeParams, NodeRef, ParamValue,
+    PromptParams, SplitMethod, SplitParams,
 };
 
 use super::{Analyzer, Args, Want};
@@ -558,9 +558,11 @@ impl<'f> Analyzer<'f, '_> {
             self.wrong_type(expr, EXPECTED, &decl.name.name);
             return None;
         };
+        let mut adapter = None;
         let (source, dtype) = match call.callee.name.as_str() {
             "hf" => {
-                let args = self.call_args(call, &["repo"], &["revision", "dtype"], false)?;
+                let args =
+                    self.call_args(call, &["repo"], &["revision", "dtype", "adapter"], false)?;
                 let repo = self
                     .required_arg(&args, "repo")
                     .and_then(|e| self.expect_repo(e));
@@ -569,6 +571,9 @@ impl<'f> Analyzer<'f, '_> {
                     None => Some("main".to_owned()),
                 };
                 let dtype = self.dtype_arg(&args);
+                if let Some(e) = args.get("adapter") {
+                    adapter = Some(self.build_adapter(e, dir));
+                }
                 (
                     repo.zip(revision)
                         .map(|(repo, revision)| ModelSource::Hf { repo, revision }),
@@ -576,10 +581,16 @@ impl<'f> Analyzer<'f, '_> {
                 )
             }
             "local" => {
-                let args = self.call_args(call, &["path"], &["dtype"], false)?;
+                let args = self.call_args(call, &["path"], &["dtype", "adapter"], false)?;
                 let path = self
                     .required_arg(&args, "path")
                     .and_then(|e| self.expect_local_path(e, "path", dir));
+                if let (Some(path), Some(e)) = (&path, args.get("path")) {
+                    self.expect_not_an_adapter(path, e);
+                }
+                if let Some(e) = args.get("adapter") {
+                    adapter = Some(self.build_adapter(e, dir));
+                }
                 (
                     path.map(|path| ModelSource::Local { path }),
                     self.dtype_arg(&args),
@@ -619,7 +630,81 @@ impl<'f> Analyzer<'f, '_> {
         Some(ModelParams {
             source: source?,
             dtype: dtype?,
+            // A bad `adapter:` fails the model; a missing one is no adapter.
+            adapter: match adapter {
+                Some(built) => Some(built?),
+                None => None,
+            },
         })
+    }
+
+    /// `adapter: "dir"` (relative to this file) or `adapter: "org/name[@revision]"` (a Hub repo).
+    /// A folder that exists, or a path starting with `.`, `/` or `~`, is a folder; anything else
+    /// shaped like a Hub id is a repo.
+    fn build_adapter(&mut self, expr: &Expr, dir: &Path) -> Option<AdapterSource> {
+        let text = self.expect_str(expr, "adapter")?;
+        let (id, revision) = match text.split_once('@') {
+            Some((id, rev)) => (id, Some(rev)),
+            None => (text.as_str(), None),
+        };
+        let is_path = text.starts_with(['.', '/', '~']) || dir.join(&text).exists();
+        if !is_path
+            && crate::model::resolve::is_hub_id(id)
+            && revision.is_none_or(|r| !r.is_empty())
+        {
+            return Some(AdapterSource::Hf {
+                repo: id.to_owned(),
+                revision: revision.unwrap_or("main").to_owned(),
+            });
+        }
+        let path = self.expect_local_path(expr, "adapter", dir)?;
+        if path.resolved.is_dir()
+            && !path
+                .resolved
+                .join(crate::train::peft::ADAPTER_CONFIG)
+                .is_file()
+        {
+            let is_model = path.resolved.join("config.json").is_file();
+            self.error(
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!(
+                        "`adapter` folder `{}` has no `adapter_config.json`{}",
+                        path.path,
+                        if is_model { " (it is a model)" } else { "" }
+                    ),
+                )
+                .at(expr.span)
+                .with_hint(
+                    "`adapter:` takes a PEFT LoRA adapter folder (`adapter_config.json` + \
+                     `adapter_model.safetensors`, as PEFT's `save_pretrained` or a vlmpipe \
+                     fine-tune writes it); a merged model goes in `local(...)` itself",
+                ),
+            );
+            return None;
+        }
+        Some(AdapterSource::Local { path })
+    }
+
+    /// A `local(...)` folder that holds an adapter instead of a model is an error with the fix.
+    fn expect_not_an_adapter(&mut self, path: &crate::plan::params::LocalPath, expr: &Expr) {
+        let dir = &path.resolved;
+        if dir.join(crate::train::peft::ADAPTER_CONFIG).is_file()
+            && !dir.join("config.json").is_file()
+        {
+            self.error(
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("`{}` is a PEFT adapter, not a model", path.path),
+                )
+                .at(expr.span)
+                .with_hint(
+                    "load its base model and apply it: `local(\"BASE\", adapter: \"…\")` or \
+                     `hf(\"org/base\", adapter: \"…\")`; or merge it into a standalone model \
+                     first (`vlmpipe export --merged`, or PEFT's `merge_and_unload`)",
+                ),
+            );
+        }
     }
 
     pub(super) fn dtype_arg(&mut self, args: &Args<'f>) -> Option<Dtype> {

@@ -27,7 +27,7 @@ use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
 use crate::stages::lower::{
     InputPositions, LowerContext, LowerError, data_file, grammar_of, prompt_of, root_dataset,
 };
-use crate::stages::model_node::open_model_entry;
+use crate::stages::model_node::ModelResolver;
 use crate::stages::prompt::{RowContext, render_prompt};
 use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 
@@ -47,6 +47,8 @@ pub struct EvalStage {
     data_file: String,
     dataset_slot: usize,
     export_dir: PathBuf,
+    /// Finds the model's folders on this machine (never part of a fingerprint).
+    models: ModelResolver,
     /// Not in [`Stage::params`]: the device changes where answers are computed, not what they are.
     device: Device,
 }
@@ -78,6 +80,7 @@ pub fn lower_eval(
         data_file: data_file(&params.data, plan),
         dataset_slot: inputs.input_index(root_dataset(&params.data, plan))?,
         export_dir: ctx.evals_dir.join(&node.name),
+        models: ModelResolver::from_lower(ctx),
         device: ctx.device.clone(),
     }))
 }
@@ -100,7 +103,7 @@ impl Stage for EvalStage {
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
         let started = Instant::now();
         let labels = &self.params.labels.values;
-        let location = open_model_entry(&ctx.inputs[self.model_slot])?;
+        let location = self.models.open(&ctx.inputs[self.model_slot])?;
         let dtype = parse_dtype(location.dtype.as_deref())?;
         let runner = ModelRunner::load_with_adapter(
             &location.checkpoint_dir,
