@@ -597,6 +597,159 @@ fn watch_reruns_on_save_and_survives_syntax_errors() {
     assert!(err.contains("changed, rerunning"), "{err}");
 }
 
+const WATCH_PIPELINE: &str = r#"
+pipeline shapes { seed = 23 }
+param what = "coloured shapes"
+labels shapes = ["red circle", "blue circle"]
+dataset pictures {
+  source = synthetic(kind: "shapes", n: 40, seed: 1, size: 48, colors: "red,blue", shapes: "circle")
+  label = "class"
+  labels = shapes
+}
+prompt ask { user = "Which {{ what }}? {% for l in labels %}{{ l }}, {% endfor %}" }
+model tiny = init(preset: "tiny", seed: 1)
+eval first { model = tiny  data = sample(pictures, 24)  prompt = ask  labels = shapes  max_new_tokens = 32  batch_size = 4 }
+eval second { model = tiny  data = sample(pictures, 12)  prompt = ask  labels = shapes  max_new_tokens = 7  batch_size = 2 }
+"#;
+
+/// Issue 13, item 20: a burst of saves is one rerun (or two, when one save lands during the
+/// rerun), and a save during a run cancels the stages it has not started.
+#[test]
+fn watch_debounces_bursts_and_cancels_moot_runs() {
+    let s = Scenario::new();
+    s.write("shapes.vp", WATCH_PIPELINE);
+    let log_path = s.path("watch.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = s
+        .command(&[
+            "watch",
+            "shapes.vp",
+            "--summary-json",
+            "summary.json",
+            "--quiet",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let reruns = || log_text().matches("changed, rerunning").count();
+    let summary = || {
+        std::fs::read_to_string(s.path("summary.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+    };
+    // Waits until the watcher has been idle (its log unchanged and ending in "watching") for 1 s.
+    let wait_idle = |what: &str| {
+        let started = Instant::now();
+        let mut last = (String::new(), Instant::now());
+        loop {
+            let text = log_text();
+            if text != last.0 {
+                last = (text, Instant::now());
+            } else if last.0.trim_end().ends_with("(Ctrl-C to stop)")
+                && last.1.elapsed() > Duration::from_secs(1)
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "timed out waiting for {what}:\n{}",
+                last.0
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let edit = |what: &str| {
+        // Written beside and renamed over the pipeline, as editors save.
+        let tmp = s.path(".shapes.vp.tmp");
+        std::fs::write(&tmp, WATCH_PIPELINE.replace("coloured shapes", what)).expect("write");
+        std::fs::rename(&tmp, s.path("shapes.vp")).expect("rename");
+    };
+    // Saves `what` once the run that is `runs` reruns in has started `first` (about a second),
+    // then checks that the run stopped before `second` and that the next run completed.
+    let save_during_first = |runs: usize, what: &str| {
+        let started = Instant::now();
+        while !log_text()
+            .split("changed, rerunning")
+            .nth(runs)
+            .is_some_and(|run| run.contains("running `first`"))
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "`first` did not run:\n{}",
+                log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        edit(what);
+        let cancelled = loop {
+            // The cancelled run's summary stays until the next run ends (debounce + a run).
+            let found = summary().is_some_and(|v| {
+                v["stages"].as_array().is_some_and(|a| {
+                    a.iter().any(|st| {
+                        st["name"] == "second"
+                            && st["reason"]
+                                .as_str()
+                                .is_some_and(|r| r.starts_with("cancelled"))
+                    })
+                })
+            });
+            if found || started.elapsed() > Duration::from_secs(60) {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        wait_idle("the run after the cancelled one");
+        assert!(cancelled, "`second` was not cancelled:\n{}", log_text());
+        assert_eq!(reruns(), runs + 1, "{}", log_text());
+        let last = summary().expect("summary");
+        for (name, st) in statuses(&last) {
+            assert!(st == "ran" || st == "cached", "stage `{name}`: {st}");
+        }
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // A save during the very first run is seen (the file is watched from the start) and
+        // cancels what that run has not started.
+        save_during_first(0, "early shapes");
+
+        // 20 saves in 2 s, each a real change: at most two reruns (the burst, and one more if
+        // a save landed just as the rerun began).
+        let before = reruns();
+        let started = Instant::now();
+        for i in 0..20 {
+            edit(&format!("shapes {i}"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("20 saves took {:.2} s", started.elapsed().as_secs_f64());
+        wait_idle("the reruns after the burst");
+        let burst = reruns() - before;
+        assert!(
+            (1..=2).contains(&burst),
+            "{burst} reruns for one burst:\n{}",
+            log_text()
+        );
+
+        // A save during a rerun: the rerun stops before its next stage.
+        let runs = reruns();
+        edit("circles");
+        save_during_first(runs + 1, "round things");
+        assert!(log_text().contains("a newer change arrived during the run"));
+    }));
+    child.kill().expect("kill watcher");
+    let _ = child.wait();
+    if let Err(panic) = result {
+        eprintln!("watcher log:\n{}", log_text());
+        std::panic::resume_unwind(panic);
+    }
+    // The watcher computed the last save: a fresh run finds everything cached.
+    let (_, after) = s.run(&["run", "shapes.vp"]);
+    for (name, st) in statuses(&after) {
+        assert_eq!(st, "cached", "stage `{name}` after the watcher stopped");
+    }
+}
+
 /// The no-change rerun over 10,000 images (and 1,000, to show it does not grow with the data),
 /// measured through the real binary. Run with `--ignored --nocapture`.
 #[test]

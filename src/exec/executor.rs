@@ -1,6 +1,8 @@
 //! Running a graph: fingerprints in dependency order, cache lookups, stage runs, the summary.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -40,6 +42,9 @@ pub struct RunOptions {
     pub lock_wait: Duration,
     /// No progress bars.
     pub quiet: bool,
+    /// Once set (by another thread), stages not yet started are skipped: `watch` sets it when a
+    /// newer save makes this run moot. Checked between stages; a running stage finishes.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Errors that stop a run before any stage runs (a failing stage is not one of these).
@@ -95,6 +100,15 @@ pub fn run(
         // Hub model not yet cached would be downloaded just to be fingerprinted).
         if !selected[index] {
             report.reason = Some("not selected by `--only`".to_owned());
+            reports.push(report);
+            continue;
+        }
+        if options
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            report.reason = Some("cancelled: a newer change is pending".to_owned());
             reports.push(report);
             continue;
         }
