@@ -834,11 +834,11 @@ fn examples_run_offline_or_say_what_they_need() {
         }
         let s = Scenario::new();
         copy_tree(&source, s.dir.path());
-        if let Some(needs) = needs {
-            if !provide_example_needs(name, &s) {
-                eprintln!("skipping examples/{name}: it needs {needs}");
-                continue;
-            }
+        if let Some(needs) = needs
+            && !provide_example_needs(name, &s)
+        {
+            eprintln!("skipping examples/{name}: it needs {needs}");
+            continue;
         }
         let started = Instant::now();
         let mut args = vec!["run", name];
