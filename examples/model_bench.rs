@@ -1,3 +1,5 @@
+//! Needs: an LFM2-VL `config.json` (default `../shared/models/LFM2-VL-450M/config.json`).
+//!
 //! Times LFM2-VL at the real LFM2-VL-450M shapes with random weights (f32, CPU):
 //! vision tower + projector on one 512x512 view, the prompt forward, and greedy decode steps.
 //!

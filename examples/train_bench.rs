@@ -1,3 +1,5 @@
+//! Needs: an LFM2-VL `config.json` (default `../shared/models/LFM2-VL-450M/config.json`).
+//!
 //! Times one LoRA training step (vision forward, decoder forward + backward, AdamW) on a
 //! random-weight LFM2-VL and prints the [`vlmpipe::train::bench::BenchReport`] as JSON.
 //!

@@ -555,15 +555,52 @@ fn bench_grammar_reports_every_grammar() -> TestResult {
         assert!(text.contains(row), "no `{row}` in:\n{text}");
     }
 
-    // Without `--tokenizer` and without ../shared, the error says what to pass.
-    let empty = tempfile::tempdir()?;
-    let out = Command::new(env!("CARGO_BIN_EXE_vlmpipe"))
-        .args(["bench", "grammar"])
-        .env("VLMPIPE_SHARED", empty.path().join("nothing-here"))
-        .output()?;
-    assert_eq!(out.status.code(), Some(1));
+    Ok(())
+}
+
+/// Runs the binary from an empty temporary folder with no `VLMPIPE_SHARED`: whatever it reads
+/// must come from its arguments.
+fn vlmpipe_elsewhere(args: &[&str]) -> Result<Output, std::io::Error> {
+    let cwd = tempfile::tempdir()?;
+    let cache = tempfile::tempdir()?;
+    Command::new(env!("CARGO_BIN_EXE_vlmpipe"))
+        .args(args)
+        .current_dir(cwd.path())
+        .env_remove("VLMPIPE_SHARED")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", cache.path())
+        .output()
+}
+
+/// Issue 13, item 19: `bench grammar` reads no tokenizer from a path baked in at build time (the
+/// shared folder beside the source checkout), and `bench model` none relative to the working
+/// folder; a missing or wrong path is an error naming the flag.
+#[test]
+fn bench_paths_come_from_the_arguments() -> TestResult {
+    let out = vlmpipe_elsewhere(&["bench", "grammar", "--sequences", "1"])?;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--tokenizer"), "{}", stderr(&out));
+
+    let out = vlmpipe_elsewhere(&["bench", "grammar", "--tokenizer", "no/such/tokenizer.json"])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("--tokenizer PATH"),
+        stderr(&out).contains("`no/such/tokenizer.json` (from `--tokenizer`) not found"),
+        "{}",
+        stderr(&out)
+    );
+
+    let (model, _) = bench_inputs();
+    let model = model.to_str().unwrap_or_default();
+    let out = vlmpipe_elsewhere(&["bench", "model", "--model", model, "--device", "cpu"])?;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--image"), "{}", stderr(&out));
+
+    let out = vlmpipe_elsewhere(&[
+        "bench", "model", "--model", model, "--device", "cpu", "--image", "cat.jpg",
+    ])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot read image `cat.jpg` (from `--image`)"),
         "{}",
         stderr(&out)
     );

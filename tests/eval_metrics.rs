@@ -16,6 +16,7 @@ fn rec(i: usize, truth: &str, answer: &str, labels: &[String], latency_ms: f64) 
         valid,
         correct: valid && answer == truth,
         latency_ms,
+        batch_size: 1,
         tokens_generated: 2,
         class_probs: None,
     }

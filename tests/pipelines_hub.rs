@@ -21,42 +21,8 @@ use vlmpipe::testing::shared_path;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vlmpipe");
 
-/// A commit hash for the fake snapshots (any 40 hex digits).
-const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
-
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Puts every file of `from` into `hub/<kind>s--org--name/snapshots/COMMIT/` and points
-/// `refs/main` at it.
-fn put_snapshot(hub: &Path, folder: &str, files: &[(String, Vec<u8>)]) {
-    let base = hub.join(folder);
-    let snapshot = base.join("snapshots").join(COMMIT);
-    for (rel, bytes) in files {
-        let path = snapshot.join(rel);
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("snapshot folder");
-        std::fs::write(path, bytes).expect("snapshot file");
-    }
-    std::fs::create_dir_all(base.join("refs")).expect("refs");
-    std::fs::write(base.join("refs/main"), COMMIT).expect("refs/main");
-}
-
-/// The reference checkpoint's files, as a model repo holds them.
-fn checkpoint_files() -> Vec<(String, Vec<u8>)> {
-    let dir = repo_root().join("tests/fixtures/reference/checkpoints/tiny-thumb");
-    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .expect("tiny-thumb fixture")
-        .filter_map(Result::ok)
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).expect("fixture file"),
-            )
-        })
-        .collect();
-    files.sort();
-    files
 }
 
 /// `(jpeg bytes, label)` for every photo of `shared/data/cats_vs_dogs/{cat,dog}`, 0 = cat.
@@ -106,9 +72,9 @@ fn cats_vs_dogs_runs_unchanged_from_an_offline_hub_cache() {
     };
     let dir = tempfile::tempdir().expect("temp folder");
     let hub = dir.path().join("hf/hub");
-    let checkpoint = checkpoint_files();
-    put_snapshot(&hub, "models--LiquidAI--LFM2-VL-450M", &checkpoint);
-    put_snapshot(&hub, "models--LiquidAI--LFM2-VL-1.6B", &checkpoint);
+    let checkpoint = data_support::tiny_checkpoint_files();
+    data_support::put_hub_snapshot(&hub, "models--LiquidAI--LFM2-VL-450M", &checkpoint);
+    data_support::put_hub_snapshot(&hub, "models--LiquidAI--LFM2-VL-1.6B", &checkpoint);
     let rows = photos(&photo_root);
     let n_photos = rows.len();
     // Two shards, as the Hub's Parquet conversion writes large splits.
@@ -127,7 +93,7 @@ fn cats_vs_dogs_runs_unchanged_from_an_offline_hub_cache() {
             (format!("data/{name}"), bytes)
         })
         .collect();
-    put_snapshot(&hub, "datasets--microsoft--cats_vs_dogs", &shard_files);
+    data_support::put_hub_snapshot(&hub, "datasets--microsoft--cats_vs_dogs", &shard_files);
 
     let summary_path = dir.path().join("summary.json");
     let output_run = Command::new(BIN)
@@ -200,7 +166,7 @@ fn cats_vs_dogs_runs_unchanged_from_an_offline_hub_cache() {
     // The models resolved to the fake snapshots, not a download.
     for model in ["lfm2_vl_450m", "lfm2_vl_1_6b"] {
         let text = std::fs::read_to_string(output(&summary, model, "model.json")).expect("model");
-        assert!(text.contains(COMMIT), "{model}: {text}");
+        assert!(text.contains(data_support::HUB_COMMIT), "{model}: {text}");
     }
 
     // Each eval scored the shrunk sample; the grammar evals only give labels (32 new tokens

@@ -56,6 +56,7 @@ fn fake_records(
                 valid,
                 correct,
                 latency_ms: rng.random_range(80.0..240.0),
+                batch_size: 1,
                 tokens_generated: rng.random_range(1..6),
                 class_probs: probs.then(|| vec![1.0 - p_dog, p_dog]),
             }
@@ -335,6 +336,7 @@ fn many_classes_render_a_compact_matrix() {
                 raw_output: answer,
                 valid,
                 latency_ms: 100.0,
+                batch_size: 1,
                 tokens_generated: 3,
                 class_probs: None,
             }

@@ -377,10 +377,9 @@ pub enum BenchCommand {
 /// `vlmpipe bench grammar …`
 #[derive(Debug, Args, Clone)]
 pub struct BenchGrammarArgs {
-    /// A Hugging Face `tokenizer.json` [default: `../shared/tokenizers/lfm2/tokenizer.json`,
-    /// or under `VLMPIPE_SHARED`].
+    /// A Hugging Face `tokenizer.json` (LFM2's: `tokenizer.json` of an LFM2-VL checkpoint).
     #[arg(long, value_name = "PATH")]
-    pub tokenizer: Option<PathBuf>,
+    pub tokenizer: PathBuf,
     /// Fresh compilations per grammar (the median is reported).
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub compile_repeats: usize,
@@ -447,9 +446,9 @@ pub struct BenchModelArgs {
     /// `--random-dir` so both sides load the same weights.
     #[arg(long, value_name = "CONFIG.json")]
     pub config: Option<PathBuf>,
-    /// The image to classify [default: `../shared/data/cats_vs_dogs/cat/0008.jpg`].
+    /// The image to classify (`bench_transformers.py` gets the same one).
     #[arg(long, value_name = "PATH")]
-    pub image: Option<PathBuf>,
+    pub image: PathBuf,
     /// Compute threads (sets `RAYON_NUM_THREADS` for candle and `--threads` for transformers).
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub threads: usize,

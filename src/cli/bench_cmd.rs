@@ -54,15 +54,9 @@ use crate::model::resolve::{resolve_adapter_dir, resolve_model_dir};
 use crate::runner::ModelRunner;
 use crate::stages::data::{ImageCheck, bench_ingest_folder};
 
-/// Where `bench grammar` finds the LFM2 tokenizer, relative to the shared data folder.
-const SHARED_TOKENIZER: &str = "tokenizers/lfm2/tokenizer.json";
-
 /// The benchmark conversation, identical to `compute_references.py`'s `VET_SYSTEM`/`VET_USER`.
 const VET_SYSTEM: &str = "You are a veterinarian specialized in analyzing pictures of cats and dogs\nYou excel at identifying the type of animal from a picture.";
 const VET_USER: &str = "What animal in the following list is the one you see in the picture?\n- cat\n- dog\n\nProvide your answer as a single animal from the list without any additional text.";
-
-/// The photo `bench_transformers.py` uses by default, relative to the shared data folder.
-const DEFAULT_IMAGE: &str = "data/cats_vs_dogs/cat/0008.jpg";
 
 /// The timed steps, in report order, with the keys `bench_transformers.py` uses.
 const STEPS: &[&str] = &[
@@ -111,17 +105,14 @@ pub(crate) fn run(command: BenchCommand) -> anyhow::Result<Outcome> {
 }
 
 fn bench_grammar(args: &BenchGrammarArgs) -> anyhow::Result<Outcome> {
-    let tokenizer = match &args.tokenizer {
-        Some(path) => path.clone(),
-        None => crate::testing::shared_dir()
-            .map(|dir| dir.join(SHARED_TOKENIZER))
-            .filter(|path| path.is_file())
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no tokenizer: `../shared/{SHARED_TOKENIZER}` not found; pass `--tokenizer PATH`"
-                )
-            })?,
-    };
+    // Paths come from the command line only: no folder baked in at build time, none relative
+    // to wherever the binary happens to run.
+    let tokenizer = &args.tokenizer;
+    anyhow::ensure!(
+        tokenizer.is_file(),
+        "tokenizer `{}` (from `--tokenizer`) not found; pass the path of a Hugging Face `tokenizer.json`",
+        tokenizer.display()
+    );
     anyhow::ensure!(
         args.model_step_ms.is_finite() && args.model_step_ms > 0.0,
         "`--model-step-ms` must be a positive number, found {}",
@@ -135,7 +126,7 @@ fn bench_grammar(args: &BenchGrammarArgs) -> anyhow::Result<Outcome> {
         ..BenchConfig::default()
     };
     let load_before = load_average();
-    let report = bench_grammars(&tokenizer, &cfg)
+    let report = bench_grammars(tokenizer, &cfg)
         .with_context(|| format!("grammar benchmark with `{}`", tokenizer.display()))?;
     println!("tokenizer: {}", tokenizer.display());
     print!("{report}");
@@ -344,12 +335,13 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     set_threads(args.threads);
     let load_before = load_average();
     let (dir, _temp) = model_dir(args)?;
-    let image_path = match &args.image {
-        Some(path) => path.clone(),
-        None => default_image()?,
-    };
-    let bytes = std::fs::read(&image_path)
-        .with_context(|| format!("cannot read image `{}`", image_path.display()))?;
+    let image_path = args.image.clone();
+    let bytes = std::fs::read(&image_path).with_context(|| {
+        format!(
+            "cannot read image `{}` (from `--image`)",
+            image_path.display()
+        )
+    })?;
     let image =
         decode_image(&bytes).with_context(|| format!("bad image `{}`", image_path.display()))?;
 
@@ -563,19 +555,6 @@ fn model_dir(args: &BenchModelArgs) -> anyhow::Result<(PathBuf, Option<tempfile:
         );
     }
     Ok((dir, temp))
-}
-
-fn default_image() -> anyhow::Result<PathBuf> {
-    let shared = std::env::var_os("VLMPIPE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("../shared"));
-    let path = shared.join(DEFAULT_IMAGE);
-    anyhow::ensure!(
-        path.is_file(),
-        "default image `{}` not found; pass `--image PATH` (or set VLMPIPE_SHARED)",
-        path.display()
-    );
-    Ok(path)
 }
 
 /// Runs `bench_transformers.py` on the same checkpoint and image; returns its JSON report.

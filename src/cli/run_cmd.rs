@@ -28,6 +28,15 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<Outcome> {
 
 /// Lowers and runs `plan` with `args`' cache and options.
 pub(crate) fn execute(plan: &Plan, args: &RunArgs) -> anyhow::Result<RunSummary> {
+    execute_cancellable(plan, args, None)
+}
+
+/// [`execute`], skipping the stages not yet started once `cancel` is set (`watch`).
+pub(crate) fn execute_cancellable(
+    plan: &Plan,
+    args: &RunArgs,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) -> anyhow::Result<RunSummary> {
     // Absolute, so the summary's output paths mean the same from any working directory.
     let root = cache_root(&args.cache, Some(&args.file));
     let root = std::path::absolute(&root).unwrap_or(root);
@@ -48,6 +57,7 @@ pub(crate) fn execute(plan: &Plan, args: &RunArgs) -> anyhow::Result<RunSummary>
         dry_run: args.dry_run,
         lock_wait: Duration::from_secs_f64(args.lock_wait.max(0.0)),
         quiet: args.quiet,
+        cancel,
     };
     Ok(exec::run(&graph, &store, &options)?)
 }

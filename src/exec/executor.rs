@@ -2,6 +2,8 @@
 //! in dependency order, exports synced for every stage resolved (ran or cached), the summary.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -43,6 +45,9 @@ pub struct RunOptions {
     pub lock_wait: Duration,
     /// No progress bars.
     pub quiet: bool,
+    /// Once set (by another thread), stages not yet started are skipped: `watch` sets it when a
+    /// newer save makes this run moot. Checked between stages; a running stage finishes.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Errors that stop a run before any stage runs (a failing stage is not one of these).
@@ -144,6 +149,15 @@ pub fn run(
             report.reason = Some(reason.clone());
             states[index] = State::Missing(format!("`{}` failed: {reason}", node.name));
             finish(report, &mut reports);
+            continue;
+        }
+        if options
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            report.reason = Some("cancelled: a newer change is pending".to_owned());
+            reports.push(report);
             continue;
         }
 

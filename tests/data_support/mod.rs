@@ -115,3 +115,39 @@ pub fn read_text_table(path: &Path) -> Vec<Vec<String>> {
     }
     rows
 }
+
+/// A commit hash for snapshots in a Hub cache built on disk (any 40 hex digits).
+pub const HUB_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// Puts `files` into `hub/<folder>/snapshots/HUB_COMMIT/` (e.g. folder
+/// `models--LiquidAI--LFM2-VL-450M`) and points `refs/main` at it, as `huggingface_hub` does.
+pub fn put_hub_snapshot(hub: &Path, folder: &str, files: &[(String, Vec<u8>)]) {
+    let base = hub.join(folder);
+    let snapshot = base.join("snapshots").join(HUB_COMMIT);
+    for (rel, bytes) in files {
+        let path = snapshot.join(rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("snapshot folder");
+        std::fs::write(path, bytes).expect("snapshot file");
+    }
+    std::fs::create_dir_all(base.join("refs")).expect("refs");
+    std::fs::write(base.join("refs/main"), HUB_COMMIT).expect("refs/main");
+}
+
+/// The `tiny-thumb` reference checkpoint's files (random weights, LFM2-VL-450M's processor
+/// settings), as a model repo holds them.
+pub fn tiny_checkpoint_files() -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/reference/checkpoints/tiny-thumb");
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .expect("tiny-thumb fixture")
+        .filter_map(Result::ok)
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).expect("fixture file"),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}

@@ -60,8 +60,8 @@ pub enum EvalError {
         #[source]
         source: csv::Error,
     },
-    /// An image from the image source could not be decoded or re-encoded.
-    #[error("image `{image_id}` cannot be converted to PNG")]
+    /// An image from the image source is not in an image format.
+    #[error("image `{image_id}` is not an image file")]
     Image {
         image_id: String,
         #[source]

@@ -1,15 +1,15 @@
 //! CSV export in the format of the Python tutorial vlmpipe replaces, so its notebooks keep working.
 //!
-//! Columns, exactly: `image_base64` (the image re-encoded as PNG, standard base64), `ground_truth`,
-//! `predicted` (the parsed label, or the raw output when the answer is invalid, as the tutorial
-//! did), `correct` (`True`/`False`, Python's spelling, so pandas reads booleans).
+//! Columns, exactly: `image_base64` (the image file exactly as the dataset holds it, JPEG or PNG
+//! or whatever it was, standard base64: the bytes the model's pixels were decoded from, so a
+//! notebook's `Image.open` sees the model's input), `ground_truth`, `predicted` (the parsed label,
+//! or the raw output when the answer is invalid, as the tutorial did), `correct` (`True`/`False`,
+//! Python's spelling, so pandas reads booleans).
 
-use std::io::Cursor;
 use std::path::Path;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use image::ImageFormat;
 
 use super::{EvalError, EvalRecord, ImageSource};
 
@@ -18,7 +18,8 @@ pub const CSV_HEADER: [&str; 4] = ["image_base64", "ground_truth", "predicted", 
 
 /// Writes the tutorial-format CSV of `records` to `path`, fetching each image from `images`.
 ///
-/// A record whose image the source does not know is an error: the notebooks decode every cell.
+/// A record whose image the source does not know, or whose bytes are not an image format, is an
+/// error: the notebooks decode every cell.
 pub fn write_csv_export(
     path: &Path,
     records: &[EvalRecord],
@@ -31,7 +32,7 @@ pub fn write_csv_export(
     let mut writer = csv::Writer::from_path(path).map_err(csv_err)?;
     writer.write_record(CSV_HEADER).map_err(csv_err)?;
     for record in records {
-        let png = png_base64(&record.image_id, images)?;
+        let image = original_base64(&record.image_id, images)?;
         let predicted = match (&record.parsed_label, record.valid) {
             (Some(label), true) => label.as_str(),
             _ => record.raw_output.as_str(),
@@ -39,7 +40,7 @@ pub fn write_csv_export(
         let correct = if record.correct { "True" } else { "False" };
         writer
             .write_record([
-                png.as_str(),
+                image.as_str(),
                 record.ground_truth.as_str(),
                 predicted,
                 correct,
@@ -53,21 +54,17 @@ pub fn write_csv_export(
     })
 }
 
-/// The image re-encoded as PNG (whatever its original format), base64.
-fn png_base64(image_id: &str, images: &dyn ImageSource) -> Result<String, EvalError> {
+/// The image's original bytes, base64. Re-encoding would change the pixels (another decoder than
+/// the model's) and multiply the size; the format is checked from the header only.
+fn original_base64(image_id: &str, images: &dyn ImageSource) -> Result<String, EvalError> {
     let bytes = images
         .image_bytes(image_id)
         .ok_or_else(|| EvalError::MissingImage {
             image_id: image_id.to_string(),
         })?;
-    let image_err = |source| EvalError::Image {
+    image::guess_format(&bytes).map_err(|source| EvalError::Image {
         image_id: image_id.to_string(),
         source,
-    };
-    let decoded = image::load_from_memory(&bytes).map_err(image_err)?;
-    let mut png = Vec::new();
-    decoded
-        .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
-        .map_err(image_err)?;
-    Ok(STANDARD.encode(png))
+    })?;
+    Ok(STANDARD.encode(bytes))
 }

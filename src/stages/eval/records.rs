@@ -40,8 +40,15 @@ pub struct EvalRecord {
     pub valid: bool,
     /// `valid && parsed_label == ground_truth`.
     pub correct: bool,
-    /// Wall time of this sample's generation.
+    /// What this sample cost, in milliseconds: its own preparation (chat template, image
+    /// processing, tokenising, vision tower, timed alone) plus its own label scoring, or its
+    /// equal share of the batched generation it took part in. With `batch_size` 1 it is the
+    /// sample's own wall time from prompt to answer.
     pub latency_ms: f64,
+    /// How many samples shared this sample's model call: the generation batch (1 when it ran
+    /// alone, as label scoring always does); 0 when the model never ran for it (its image or
+    /// prompt failed).
+    pub batch_size: u32,
     /// Tokens the model generated for this sample.
     pub tokens_generated: u32,
     /// With label scoring: the probability of every class, aligned with the label list.
@@ -68,6 +75,7 @@ pub fn records_schema(labels: &[String]) -> Schema {
         Field::new("valid", DataType::Boolean, false),
         Field::new("correct", DataType::Boolean, false),
         Field::new("latency_ms", DataType::Float64, false),
+        Field::new("batch_size", DataType::UInt32, false),
         Field::new("tokens_generated", DataType::UInt32, false),
         Field::new_list(
             "class_probs",
@@ -121,6 +129,9 @@ pub fn write_records_parquet(
         )),
         Arc::new(Float64Array::from_iter_values(
             records.iter().map(|r| r.latency_ms),
+        )),
+        Arc::new(UInt32Array::from_iter_values(
+            records.iter().map(|r| r.batch_size),
         )),
         Arc::new(UInt32Array::from_iter_values(
             records.iter().map(|r| r.tokens_generated),
@@ -205,6 +216,9 @@ fn read_batch(batch: &RecordBatch, out: &mut Vec<EvalRecord>) -> Result<(), Stri
     let latency = column("latency_ms")?
         .as_primitive_opt::<Float64Type>()
         .ok_or("column `latency_ms` is not float64")?;
+    let batch_size = column("batch_size")?
+        .as_primitive_opt::<UInt32Type>()
+        .ok_or("column `batch_size` is not uint32")?;
     let tokens = column("tokens_generated")?
         .as_primitive_opt::<UInt32Type>()
         .ok_or("column `tokens_generated` is not uint32")?;
@@ -230,6 +244,7 @@ fn read_batch(batch: &RecordBatch, out: &mut Vec<EvalRecord>) -> Result<(), Stri
             valid: valid.value(i),
             correct: correct.value(i),
             latency_ms: latency.value(i),
+            batch_size: batch_size.value(i),
             tokens_generated: tokens.value(i),
             class_probs,
         });
@@ -251,6 +266,7 @@ mod tests {
             valid: parsed.is_some(),
             correct: parsed == Some("cat") && i.is_multiple_of(2),
             latency_ms: 12.5 + i as f64,
+            batch_size: i as u32,
             tokens_generated: i as u32,
             class_probs: probs,
         }

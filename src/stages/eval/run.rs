@@ -74,11 +74,16 @@ impl EvalJob<'_> {
         u64::from_le_bytes(first) ^ base
     }
 
+    /// Runs one batch. A record's `latency_ms` is what that sample cost: its own preparation
+    /// (template, image processing, tokenising, vision tower, timed alone) plus its own label
+    /// scoring, or its equal share of the batched generation it took part in (`batch_size` says
+    /// how many shared it; the batch decodes in lockstep, so its time is not separable further).
     fn run_batch(&self, samples: &[EvalSample]) -> Result<Vec<EvalRecord>, RunnerError> {
-        let started = Instant::now();
         // Prepare each sample; a bad image or prompt becomes an invalid record, not an error.
         let mut prepared: Vec<Result<PreparedPrompt, String>> = Vec::with_capacity(samples.len());
+        let mut own_ms: Vec<f64> = Vec::with_capacity(samples.len());
         for sample in samples {
+            let started = Instant::now();
             prepared.push(match &sample.image {
                 Ok(image) => self
                     .runner
@@ -90,24 +95,31 @@ impl EvalJob<'_> {
                     .map_err(|e| e.to_string()),
                 Err(reason) => Err(format!("image error: {reason}")),
             });
+            own_ms.push(millis(started));
         }
         let ready: Vec<&PreparedPrompt> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
 
         let outputs: Vec<Output> = match &self.mode {
-            AnswerMode::Generate { options, grammar } if !ready.is_empty() => self
-                .runner
-                .generate(&ready, options, grammar.as_ref())?
-                .into_iter()
-                .map(|g| Output {
-                    raw: g.text,
-                    tokens: g.tokens.len() as u32,
-                    probs: None,
-                    scored_label: None,
-                })
-                .collect(),
+            AnswerMode::Generate { options, grammar } if !ready.is_empty() => {
+                let started = Instant::now();
+                let generated = self.runner.generate(&ready, options, grammar.as_ref())?;
+                let share_ms = millis(started) / ready.len() as f64;
+                generated
+                    .into_iter()
+                    .map(|g| Output {
+                        raw: g.text,
+                        tokens: g.tokens.len() as u32,
+                        probs: None,
+                        scored_label: None,
+                        model_ms: share_ms,
+                        batch_size: ready.len() as u32,
+                    })
+                    .collect()
+            }
             AnswerMode::ScoreLabels { scorer } => ready
                 .iter()
                 .map(|prompt| {
+                    let started = Instant::now();
                     let scores = self.runner.score_labels(prompt, scorer)?;
                     let best = scores.labels[scores.best].clone();
                     Ok(Output {
@@ -116,17 +128,18 @@ impl EvalJob<'_> {
                         probs: Some(self.align_probs(&scores.labels, &scores.probs)),
                         // Scoring picks among the labels themselves: nothing to parse.
                         scored_label: Some(best),
+                        // Each prompt is scored on its own: nothing shared.
+                        model_ms: millis(started),
+                        batch_size: 1,
                     })
                 })
                 .collect::<Result<_, RunnerError>>()?,
             AnswerMode::Generate { .. } => Vec::new(),
         };
-        // The batch's time, shared equally: per-sample latency in a batch is not separable.
-        let latency_ms = started.elapsed().as_secs_f64() * 1000.0 / samples.len().max(1) as f64;
 
         let mut outputs = outputs.into_iter();
         let mut records = Vec::with_capacity(samples.len());
-        for (sample, prep) in samples.iter().zip(&prepared) {
+        for ((sample, prep), own_ms) in samples.iter().zip(&prepared).zip(own_ms) {
             let record = match prep {
                 Ok(_) => {
                     let Some(output) = outputs.next() else {
@@ -134,7 +147,7 @@ impl EvalJob<'_> {
                             "fewer answers than prompts".to_owned(),
                         ));
                     };
-                    self.record(sample, output, latency_ms)
+                    self.record(sample, output, own_ms)
                 }
                 Err(reason) => EvalRecord {
                     row_id: sample.row_id.clone(),
@@ -144,7 +157,9 @@ impl EvalJob<'_> {
                     parsed_label: None,
                     valid: false,
                     correct: false,
-                    latency_ms,
+                    latency_ms: own_ms,
+                    // The model never saw it.
+                    batch_size: 0,
                     tokens_generated: 0,
                     class_probs: None,
                 },
@@ -154,7 +169,7 @@ impl EvalJob<'_> {
         Ok(records)
     }
 
-    fn record(&self, sample: &EvalSample, output: Output, latency_ms: f64) -> EvalRecord {
+    fn record(&self, sample: &EvalSample, output: Output, prepare_ms: f64) -> EvalRecord {
         let parsed = match output.scored_label.clone() {
             Some(label) => Some(label),
             None => self.parse(&output.raw),
@@ -169,7 +184,8 @@ impl EvalJob<'_> {
             parsed_label: parsed,
             valid,
             correct,
-            latency_ms,
+            latency_ms: prepare_ms + output.model_ms,
+            batch_size: output.batch_size,
             tokens_generated: output.tokens,
             class_probs: output.probs,
         }
@@ -209,4 +225,13 @@ struct Output {
     probs: Option<Vec<f32>>,
     /// The label chosen by label scoring (generation leaves it to the parser).
     scored_label: Option<String>,
+    /// This sample's part of the model's time: its own scoring, or its share of the batch.
+    model_ms: f64,
+    /// Samples that shared the model call (1 when it ran alone).
+    batch_size: u32,
+}
+
+/// Milliseconds since `started`.
+fn millis(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64() * 1000.0
 }

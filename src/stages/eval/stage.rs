@@ -33,7 +33,9 @@ use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 
 /// Bumped when the eval stage's output for the same inputs changes.
 // 2: a sampled answer is seeded by its row id, not its place in the batch; 16-bit gray clips.
-const EVAL_CODE_VERSION: u32 = 2;
+// 3: `predictions.csv` embeds the original image files; records hold per-sample latency and
+//    `batch_size`.
+const EVAL_CODE_VERSION: u32 = 3;
 
 /// A configured eval stage.
 pub struct EvalStage {

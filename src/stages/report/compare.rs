@@ -200,6 +200,7 @@ mod tests {
             valid: answer != "pug",
             correct,
             latency_ms: 1.0,
+            batch_size: 1,
             tokens_generated: 1,
             class_probs: None,
         }

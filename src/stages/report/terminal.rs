@@ -132,6 +132,7 @@ mod tests {
             valid: parsed.is_some(),
             correct: parsed == Some(truth),
             latency_ms: 1.0,
+            batch_size: 1,
             tokens_generated: 1,
             class_probs: None,
         }
