@@ -158,6 +158,13 @@ pub fn run(
                                 .iter()
                                 .filter_map(|&i| entries[i].clone())
                                 .collect();
+                            if forced {
+                                // `--force` starts over: a fine-tune does not resume from its
+                                // checkpoints (best effort; the folder is vlmpipe's own).
+                                let _ = std::fs::remove_dir_all(
+                                    store.root().join("work").join(fp.as_str()),
+                                );
+                            }
                             progress.println(&format!("running `{}` ({why})", node.name));
                             match run_stage(store, &lock, node, &fp, &inputs, &progress)? {
                                 Ok(entry) => {
