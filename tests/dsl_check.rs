@@ -207,6 +207,14 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        // Issue 13, item 7: a field another one makes moot is named where it is written.
+        "finetune_moot_fields.vp",
+        &[
+            "finetune_moot_fields.vp:6:3 warning[no-effect] `epochs` has no effect in finetune `tuned`: `max_steps` sets the number of optimizer steps | `max_steps` replaces `epochs` (the data is cycled as needed); remove `epochs`, or remove `max_steps` to train for whole epochs",
+            "finetune_moot_fields.vp:7:3 warning[no-effect] `eval_every` has no effect in finetune `tuned`: it has no `eval_data` | add `eval_data = …` to measure held-out loss, or remove `eval_every`",
+        ],
+    ),
+    (
         "missing_field.vp",
         &[
             "missing_field.vp:4:6 error[missing-field] missing field `prompt` in eval `baseline` | add `prompt = ...` to the block",
@@ -1000,6 +1008,28 @@ fn shipped_pipelines_check_without_errors() {
                     path.display(),
                     render_diagnostics(&result, false)
                 );
+            }
+        }
+    }
+}
+
+/// Issue 13, item 7: no shipped pipeline sets a field that another one makes moot (README's
+/// `--set` examples must change what they say they change).
+#[test]
+fn shipped_pipelines_set_no_moot_field() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in ["pipelines", "examples"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+            if path.extension().is_some_and(|e| e == "vp") {
+                let result = load_pipeline(&path, &[]);
+                let moot: Vec<String> = summarize(&result)
+                    .into_iter()
+                    .filter(|l| l.contains("[no-effect]"))
+                    .collect();
+                assert!(moot.is_empty(), "{}: {moot:#?}", path.display());
             }
         }
     }

@@ -15,8 +15,11 @@ use vlmpipe::train::PeftAdapter;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vlmpipe");
 
-/// A small fine-tune: 36 training rows, 12 held out, 12 steps with a checkpoint every 2.
-fn pipeline(targets: &str) -> String {
+/// The training fields of the test fine-tune: 12 steps with a checkpoint every 2.
+const TRAINING: &str = "lr = 0.005  batch_size = 4  grad_accum = 1  max_steps = 12  eval_every = 4  checkpoint_every = 2";
+
+/// A small fine-tune: 36 training rows, 12 held out, with `training` fields (line 15 of the file).
+fn pipeline(targets: &str, training: &str) -> String {
     format!(
         r#"
 pipeline ft_test {{ seed = 5 }}
@@ -33,7 +36,7 @@ grammar answer = json(whitespace: "compact") {{ pred_class: one_of(shapes) }}
 finetune ft {{
   base = tiny  data = parts.train  eval_data = parts.test  prompt = ask  labels = shapes  output = answer
   lora {{ r = 4  alpha = 8  dropout = 0.1  targets = [{targets}] }}
-  lr = 0.005  batch_size = 4  grad_accum = 1  max_steps = 12  eval_every = 4  checkpoint_every = 2
+  {training}
 }}
 eval after {{ model = ft  data = parts.test  prompt = ask  labels = shapes  output = answer }}
 "#
@@ -47,10 +50,20 @@ struct Scene {
 
 impl Scene {
     fn new(root: &Path, name: &str, targets: &str) -> Self {
+        Self::with_training(root, name, targets, TRAINING)
+    }
+
+    fn with_training(root: &Path, name: &str, targets: &str, training: &str) -> Self {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).expect("scene dir");
-        std::fs::write(dir.join("ft.vp"), pipeline(targets)).expect("pipeline file");
-        Self { dir }
+        let scene = Self { dir };
+        scene.write(targets, training);
+        scene
+    }
+
+    /// Rewrites the pipeline file.
+    fn write(&self, targets: &str, training: &str) {
+        std::fs::write(self.dir.join("ft.vp"), pipeline(targets, training)).expect("pipeline file");
     }
 
     fn command(&self, verb: &str) -> Command {
@@ -272,6 +285,201 @@ fn finetune_trains_caches_resumes_after_a_kill_and_exports() {
     }
     let model = load(&merged, &LoadOptions::default());
     assert!(model.is_ok(), "{:?}", model.err());
+}
+
+const TARGETS: &str = r#""q_proj", "v_proj", "w1""#;
+
+/// `(line, column)` of the first `needle` in the scene's pipeline file, 1-based.
+fn position(scene: &Scene, needle: &str) -> (usize, usize) {
+    let text = std::fs::read_to_string(scene.dir.join("ft.vp")).expect("pipeline file");
+    text.lines()
+        .enumerate()
+        .find_map(|(i, line)| line.find(needle).map(|col| (i + 1, col + 1)))
+        .unwrap_or_else(|| panic!("`{needle}` is not in the pipeline"))
+}
+
+/// Issue 13, items 7 and 8: a change that cannot change the adapter (`epochs` under `max_steps`,
+/// the checkpoint intervals) reruns nothing, and `run` and `check` say where a field has no
+/// effect; a change that can reruns the fine-tune and names the field, old → new.
+#[test]
+fn moot_changes_rerun_nothing_and_real_ones_name_the_field() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let scene = Scene::new(root.path(), "moot", TARGETS);
+    let (output, first) = scene.run();
+    assert!(output.status.success(), "run failed:\n{}", stderr(&output));
+    assert_eq!(stage(&first, "ft")["status"], "ran");
+
+    let moot = TRAINING.replace(
+        "checkpoint_every = 2",
+        "checkpoint_every = 5  checkpoint_minutes = 7  epochs = 3",
+    );
+    scene.write(TARGETS, &moot);
+    let (line, col) = position(&scene, "epochs = 3");
+    let at = format!("{}:{line}:{col}", scene.dir.join("ft.vp").display());
+    let (output, second) = scene.run();
+    let text = stderr(&output);
+    assert!(output.status.success(), "run failed:\n{text}");
+    for name in ["ft", "after"] {
+        assert_eq!(stage(&second, name)["status"], "cached", "{name}: {text}");
+    }
+    let warning = "warning[no-effect]: `epochs` has no effect in finetune `ft`: `max_steps` sets the number of optimizer steps";
+    assert!(text.contains(warning) && text.contains(&at), "{text}");
+    let output = Command::new(BIN)
+        .arg("check")
+        .arg(scene.dir.join("ft.vp"))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run vlmpipe check");
+    let text = stderr(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains(warning) && text.contains(&at), "{text}");
+
+    // A meaningful change reruns the fine-tune, naming the field with both values.
+    scene.write(
+        TARGETS,
+        &TRAINING.replace("max_steps = 12", "max_steps = 6"),
+    );
+    let (output, third) = scene.run();
+    assert!(output.status.success(), "run failed:\n{}", stderr(&output));
+    let ft = stage(&third, "ft");
+    assert_eq!(ft["status"], "ran");
+    assert_eq!(ft["reason"], "parameter `max_steps` changed: 12 → 6");
+    assert_eq!(stage(&third, "after")["reason"], "input `ft` changed");
+    assert_eq!(metadata(&entry_dir(&third, "ft"))["steps"], 6);
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create folder");
+    for item in std::fs::read_dir(from).expect("read folder").flatten() {
+        let target = to.join(item.file_name());
+        if item.path().is_dir() {
+            copy_tree(&item.path(), &target);
+        } else {
+            std::fs::copy(item.path(), &target).expect("copy file");
+        }
+    }
+}
+
+fn adapter_bytes(entry: &Path) -> Vec<u8> {
+    std::fs::read(entry.join("adapter/adapter_model.safetensors")).expect("adapter")
+}
+
+/// Issue 13, items 9 and 10: a fine-tune that sets nothing about checkpoints still checkpoints
+/// (every 50 steps by default), so a killed run resumes and ends with the uninterrupted run's
+/// adapter; a damaged checkpoint is reported and training starts over instead of failing for
+/// good; `--force` discards the checkpoints and trains from scratch.
+#[test]
+fn default_checkpoints_resume_a_killed_run_survive_damage_and_force_starts_fresh() {
+    let root = tempfile::tempdir().expect("temp dir");
+    // 60 steps of one example: the default checkpoint comes at step 50.
+    let training = "lr = 0.005  batch_size = 1  grad_accum = 1  max_steps = 60";
+    let whole = Scene::with_training(root.path(), "whole", TARGETS, training);
+    let (output, first) = whole.run();
+    assert!(output.status.success(), "run failed:\n{}", stderr(&output));
+    let expected = adapter_bytes(&entry_dir(&first, "ft"));
+
+    let killed = Scene::with_training(root.path(), "killed", TARGETS, training);
+    let mut child = killed
+        .command("run")
+        .arg("--quiet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vlmpipe run");
+    let checkpointed = wait_for_checkpoint(&killed.cache(), Duration::from_secs(120));
+    child.kill().expect("kill vlmpipe run");
+    let status = child.wait().expect("wait for the killed run");
+    assert!(
+        checkpointed,
+        "no checkpoint appeared with the default settings"
+    );
+    assert!(!status.success(), "the run finished before it was killed");
+    let work = killed.cache().join("work");
+    let snapshot = root.path().join("work-after-kill");
+    copy_tree(&work, &snapshot);
+
+    // Resumed from the default checkpoint, to the same adapter.
+    let (output, resumed) = killed.run();
+    let text = stderr(&output);
+    assert!(output.status.success(), "resumed run failed:\n{text}");
+    assert!(
+        text.contains("ft: resuming from the checkpoint at step 50"),
+        "{text}"
+    );
+    let entry = entry_dir(&resumed, "ft");
+    assert_eq!(metadata(&entry)["resumed_from"], 50);
+    assert!(
+        adapter_bytes(&entry) == expected,
+        "resumed to another adapter"
+    );
+
+    // The same work folder with its checkpoint damaged: reported, and training starts over.
+    let rerun_with = |damage: &dyn Fn(&Path), args: &[&str]| {
+        std::fs::remove_dir_all(&entry).expect("remove the fine-tune's entry");
+        let _ = std::fs::remove_dir_all(&work);
+        copy_tree(&snapshot, &work);
+        let dirs: Vec<PathBuf> = std::fs::read_dir(&work)
+            .expect("work folder")
+            .flatten()
+            .map(|d| d.path())
+            .collect();
+        assert_eq!(dirs.len(), 1, "{dirs:?}");
+        damage(&dirs[0].join("checkpoints"));
+        let output = killed
+            .command("run")
+            .args(args)
+            .arg("--summary-json")
+            .arg(killed.summary_path())
+            .output()
+            .expect("run vlmpipe");
+        let summary: Value =
+            serde_json::from_slice(&std::fs::read(killed.summary_path()).expect("summary"))
+                .expect("summary JSON");
+        (output, summary)
+    };
+    let truncate = |checkpoints: &Path| {
+        let path = checkpoints.join("step-000050/trainable.safetensors");
+        let bytes = std::fs::read(&path).expect("checkpoint weights");
+        std::fs::write(&path, &bytes[..bytes.len() / 3]).expect("truncate");
+    };
+    let (output, damaged) = rerun_with(&truncate, &[]);
+    let text = stderr(&output);
+    assert!(
+        output.status.success(),
+        "run with a damaged checkpoint failed:\n{text}"
+    );
+    let ft = stage(&damaged, "ft");
+    assert_eq!(ft["status"], "ran", "{text}");
+    let warnings = ft["warnings"].to_string();
+    assert!(
+        warnings.contains("step-000050") && warnings.contains("trainable.safetensors"),
+        "{warnings}"
+    );
+    assert!(warnings.contains("training started over"), "{warnings}");
+    // Said before training and again in the run's table.
+    assert!(
+        text.contains("no usable checkpoint, training starts over"),
+        "{text}"
+    );
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("training started over"), "{table}");
+    assert!(metadata(&entry)["resumed_from"].is_null());
+    assert!(
+        adapter_bytes(&entry) == expected,
+        "started over to another adapter"
+    );
+
+    // `--force` trains from scratch rather than resuming from an intact checkpoint.
+    let (output, forced) = rerun_with(&|_: &Path| {}, &["--force", "ft"]);
+    let text = stderr(&output);
+    assert!(output.status.success(), "forced run failed:\n{text}");
+    assert_eq!(stage(&forced, "ft")["reason"], "forced");
+    assert!(!text.contains("resuming"), "{text}");
+    assert!(metadata(&entry)["resumed_from"].is_null());
+    assert!(
+        adapter_bytes(&entry) == expected,
+        "a forced run ended with another adapter"
+    );
 }
 
 #[test]

@@ -262,6 +262,7 @@ fn round_trip(spec: TrainableSpec, parameters: usize) -> TestResult {
         loss_on: LossOn::Answer,
         eval_every: None,
         checkpoint_every: None,
+        checkpoint_interval: None,
         pad_id: 0,
         progress: false,
         feature_cache_bytes: 1 << 24,

@@ -137,6 +137,7 @@ fn tiny_random_model_learns_shapes_and_colours() -> TestResult {
         loss_on: LossOn::Answer,
         eval_every: Some(16),
         checkpoint_every: None,
+        checkpoint_interval: None,
         pad_id: 0,
         progress: false,
         feature_cache_bytes: 1 << 28,

@@ -4,6 +4,10 @@
 //!
 //! Dropout, gradient accumulation, clipping, warmup and cosine decay are all on, so the test covers
 //! every piece of state a checkpoint must carry (or re-derive from the seed and step).
+//!
+//! A damaged checkpoint (truncated weights, flipped bytes, a bad `state.json`, `latest` pointing
+//! nowhere) never wedges a run: training falls back to the newest intact checkpoint or starts
+//! over, says so, and still ends with the uninterrupted run's adapter.
 
 mod train_support;
 
@@ -15,7 +19,7 @@ use vlmpipe::train::batch::Example;
 use vlmpipe::train::lora::{LoraConfig, TrainableSpec};
 use vlmpipe::train::metrics::{MetricRow, read_metrics};
 use vlmpipe::train::optim::{AdamWConfig, Decay};
-use vlmpipe::train::trainer::{TrainConfig, TrainOutcome, train};
+use vlmpipe::train::trainer::{CheckpointScan, TrainConfig, TrainOutcome, scan_checkpoints, train};
 use vlmpipe::train::{LossOn, TrainError};
 
 use train_support::{AnyResult, TestResult, dataset, examples, processor, tiny_model};
@@ -50,6 +54,7 @@ fn config() -> TrainConfig {
         loss_on: LossOn::Answer,
         eval_every: Some(3),
         checkpoint_every: Some(2),
+        checkpoint_interval: None,
         pad_id: 0,
         progress: false,
         feature_cache_bytes: 1 << 24,
@@ -193,5 +198,191 @@ fn a_checkpoint_of_other_settings_is_refused() -> TestResult {
         matches!(err, Err(TrainError::CheckpointMismatch { .. })),
         "{err:?}"
     );
+    Ok(())
+}
+
+/// Trains in `dir` and stops abruptly once step `stop_after` is done (after its checkpoint), the
+/// way a crash would: by unwinding out of the step callback.
+fn interrupted(dir: &Path, stop_after: u64) -> TestResult {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut stop = |row: &MetricRow| {
+            if row.step == stop_after {
+                std::panic::resume_unwind(Box::new("interrupted on purpose"));
+            }
+        };
+        run(dir, Some(&mut stop))
+    }));
+    match result {
+        Err(_) => Ok(()),
+        Ok(_) => Err("the interrupted run finished".into()),
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) -> TestResult {
+    std::fs::create_dir_all(to)?;
+    for item in std::fs::read_dir(from)? {
+        let item = item?;
+        let target = to.join(item.file_name());
+        if item.file_type()?.is_dir() {
+            copy_tree(&item.path(), &target)?;
+        } else {
+            std::fs::copy(item.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+fn adapter_bytes(dir: &Path) -> std::io::Result<Vec<u8>> {
+    std::fs::read(dir.join("adapter/adapter_model.safetensors"))
+}
+
+/// Issue 13, item 10: each kind of damage falls back to the newest intact checkpoint (or starts
+/// over), names the damaged file, and ends with exactly the uninterrupted run's adapter.
+#[test]
+fn a_damaged_checkpoint_falls_back_or_starts_over() -> TestResult {
+    let fresh = tempfile::tempdir()?;
+    let full = run(fresh.path(), None)?;
+    assert!(full.discarded_checkpoints.is_empty());
+    let expected = adapter_bytes(fresh.path())?;
+
+    // Stopped after step 5: checkpoints at steps 2 and 4 (the two newest are kept).
+    let stopped = tempfile::tempdir()?;
+    interrupted(stopped.path(), 5)?;
+    let checkpoints = stopped.path().join("checkpoints");
+    assert_eq!(
+        scan_checkpoints(stopped.path()),
+        CheckpointScan {
+            step: Some(4),
+            problems: Vec::new()
+        }
+    );
+
+    type Damage = fn(&Path) -> std::io::Result<()>;
+    let truncate: Damage = |c| {
+        let path = c.join("step-000004/trainable.safetensors");
+        let bytes = std::fs::read(&path)?;
+        std::fs::write(&path, &bytes[..bytes.len() / 2])
+    };
+    let flip_a_byte: Damage = |c| {
+        let path = c.join("step-000004/optimizer.safetensors");
+        let mut bytes = std::fs::read(&path)?;
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&path, bytes)
+    };
+    let bad_state: Damage = |c| std::fs::write(c.join("step-000004/state.json"), "{\"step\": ");
+    let latest_nowhere: Damage = |c| std::fs::write(c.join("latest"), "step-000099");
+    let all_damaged: Damage = |c| {
+        std::fs::write(c.join("step-000004/state.json"), "not json")?;
+        std::fs::remove_file(c.join("step-000002/metrics.parquet"))
+    };
+    // (damage, step resumed from, text naming the problem)
+    let cases: [(&str, Damage, Option<u64>, &str); 5] = [
+        (
+            "truncated weights",
+            truncate,
+            Some(2),
+            "trainable.safetensors",
+        ),
+        (
+            "flipped byte",
+            flip_a_byte,
+            Some(2),
+            "optimizer.safetensors",
+        ),
+        ("bad state.json", bad_state, Some(2), "state.json"),
+        (
+            "latest pointing nowhere",
+            latest_nowhere,
+            Some(4),
+            "step-000099",
+        ),
+        (
+            "every checkpoint damaged",
+            all_damaged,
+            None,
+            "metrics.parquet",
+        ),
+    ];
+    for (what, damage, from, named) in cases {
+        let dir = tempfile::tempdir()?;
+        copy_tree(stopped.path(), dir.path())?;
+        damage(&dir.path().join("checkpoints"))?;
+        let scan = scan_checkpoints(dir.path());
+        assert_eq!(scan.step, from, "{what}: {scan:?}");
+        let resumed = run(dir.path(), None).map_err(|e| format!("{what}: {e}"))?;
+        assert_eq!(resumed.resumed_from, from, "{what}");
+        assert!(
+            resumed
+                .discarded_checkpoints
+                .iter()
+                .any(|p| p.contains(named)),
+            "{what}: {:?}",
+            resumed.discarded_checkpoints
+        );
+        assert_eq!(resumed.discarded_checkpoints, scan.problems, "{what}");
+        assert!(
+            adapter_bytes(dir.path())? == expected,
+            "{what}: another adapter than the uninterrupted run's"
+        );
+        // The damaged checkpoints are gone: the next resume has nothing to complain about.
+        assert_eq!(
+            scan_checkpoints(dir.path()).problems,
+            Vec::<String>::new(),
+            "{what}"
+        );
+    }
+    assert!(checkpoints.join("step-000004").is_dir());
+    Ok(())
+}
+
+/// Issue 13, item 9: with the default settings a run checkpoints (by steps and by time) and
+/// after the last step, keeping the two newest checkpoints.
+#[test]
+fn default_settings_checkpoint_by_steps_and_time() -> TestResult {
+    let defaults = TrainConfig::default();
+    assert_eq!(defaults.checkpoint_every, Some(50));
+    assert_eq!(defaults.checkpoint_interval, Some(Duration::from_secs(60)));
+
+    // Every step takes longer than the interval, so every step is checkpointed.
+    let dir = tempfile::tempdir()?;
+    let (train_set, eval_set) = data()?;
+    let mut model = tiny_model(3)?;
+    let cfg = TrainConfig {
+        checkpoint_every: Some(1000),
+        checkpoint_interval: Some(Duration::from_millis(50)),
+        max_steps: Some(4),
+        ..config()
+    };
+    let slow = |_: &MetricRow| std::thread::sleep(Duration::from_millis(60));
+    let mut seen = Vec::new();
+    let mut watch = |row: &MetricRow| {
+        slow(row);
+        seen.push(std::fs::read_to_string(dir.path().join("checkpoints/latest")).ok());
+    };
+    train(
+        &mut model,
+        &train_set,
+        &eval_set,
+        &cfg,
+        Some(dir.path()),
+        Some(&mut watch),
+    )?;
+    // Each step after the first starts at least one interval after the last save, so the time
+    // rule saves steps 2 and 3 (step 1 only if computing it took that long); the last step is
+    // always saved.
+    assert_eq!(
+        seen[1..],
+        [
+            Some("step-000002".to_owned()),
+            Some("step-000003".to_owned()),
+            Some("step-000004".to_owned())
+        ]
+    );
+    let mut kept: Vec<String> = std::fs::read_dir(dir.path().join("checkpoints"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    kept.sort();
+    assert_eq!(kept, ["latest", "step-000003", "step-000004"]);
     Ok(())
 }

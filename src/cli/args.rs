@@ -68,7 +68,8 @@ pub struct RunArgs {
     pub params: ParamOverrides,
     #[command(flatten)]
     pub cache: CacheDirArg,
-    /// Recompute this stage even when it is cached (repeatable).
+    /// Recompute this stage from scratch even when it is cached; a fine-tune discards its
+    /// checkpoints rather than resuming (repeatable).
     #[arg(long, value_name = "STAGE")]
     pub force: Vec<String>,
     /// Run only this stage and the stages it reads (repeatable).

@@ -55,6 +55,8 @@ pub enum Code {
     BadOverride,
     /// A declaration that is accepted but probably not what was meant.
     Unused,
+    /// A field whose value cannot change the result because another field overrides it.
+    NoEffect,
 }
 
 impl Code {
@@ -77,6 +79,7 @@ impl Code {
             Code::Template => "template",
             Code::BadOverride => "bad-override",
             Code::Unused => "unused",
+            Code::NoEffect => "no-effect",
         }
     }
 }

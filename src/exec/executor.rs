@@ -261,6 +261,11 @@ pub fn run(
                             _ => None,
                         })
                         .collect();
+                    if forced {
+                        // `--force` starts over: a fine-tune does not resume from its checkpoints
+                        // (best effort; the folder is vlmpipe's own).
+                        let _ = std::fs::remove_dir_all(store.root().join("work").join(fp.as_str()));
+                    }
                     progress.println(&format!("running `{}` ({why})", node.name));
                     match run_stage(store, &lock, &node.name, stage, &fp, &entries, &progress)? {
                         Ok(ran) => {

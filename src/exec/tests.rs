@@ -179,7 +179,7 @@ fn a_change_reruns_the_stage_and_what_depends_on_it() {
     assert_eq!(statuses(&summary), ["cached", "ran", "cached", "ran"]);
     assert_eq!(
         summary.stage("b").unwrap().reason.as_deref(),
-        Some("parameter `word` changed")
+        Some("parameter `word` changed: \"y\" → \"Y\"")
     );
     assert_eq!(
         summary.stage("d").unwrap().reason.as_deref(),

@@ -477,7 +477,9 @@ pub struct FinetuneParams {
     pub output: Option<NodeRef>,
     pub lora: LoraParams,
     pub lr: f64,
+    /// Passes over the training data; ignored when `max_steps` is set.
     pub epochs: u32,
+    /// The exact number of optimizer steps (the data is cycled as needed); replaces `epochs`.
     pub max_steps: Option<u64>,
     pub batch_size: u32,
     pub grad_accum: u32,
@@ -485,11 +487,20 @@ pub struct FinetuneParams {
     pub weight_decay: f64,
     pub schedule: Schedule,
     pub max_grad_norm: f64,
+    /// Evaluate on `eval_data` every N steps; it is always evaluated after the last step.
     pub eval_every: Option<u64>,
-    pub checkpoint_every: Option<u64>,
+    /// Save a resumable checkpoint at least every N steps (never changes the result).
+    pub checkpoint_every: u64,
+    /// … and at least every this many minutes of training (never changes the result).
+    pub checkpoint_minutes: f64,
     pub seed: u64,
     pub loss: LossOn,
 }
+
+/// Checkpoint at least every this many optimizer steps unless `checkpoint_every` says otherwise.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 50;
+/// Checkpoint at least every this many minutes unless `checkpoint_minutes` says otherwise.
+pub const DEFAULT_CHECKPOINT_MINUTES: f64 = 1.0;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LoraParams {

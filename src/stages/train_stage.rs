@@ -5,7 +5,11 @@
 //! same row context) plus the answer the output grammar prescribes for the row's label
 //! (`{"pred_class": "dog"}`), or the plain label without a grammar, so training and constrained
 //! decoding agree. The trainer's run directory is the executor's per-fingerprint work dir, which
-//! survives a killed `vlmpipe run`: the rerun resumes from the last checkpoint.
+//! survives a killed `vlmpipe run`: the rerun resumes from the last checkpoint (written at least
+//! every `checkpoint_every` steps and `checkpoint_minutes`; a damaged one is passed over with a
+//! warning). The fingerprint holds the effective training settings only: checkpoint intervals,
+//! `epochs` under `max_steps` and `eval_every` without `eval_data` cannot change the adapter, so
+//! changing them reruns nothing.
 //!
 //! Entry layout:
 //! ```text
@@ -22,6 +26,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use candle_core::Device;
 use serde_json::{Value, json};
@@ -49,14 +54,16 @@ use crate::stages::report::{LineChart, Series, html_escape};
 use crate::train::batch::end_of_turn_id;
 use crate::train::lora::{ModulePart, linear_modules, select_modules};
 use crate::train::metrics::{MetricRow, write_metrics};
+use crate::train::trainer::scan_checkpoints;
 use crate::train::{
     AdamWConfig, Decay, Example, LoraConfig, LossOn, TrainConfig, TrainError, TrainableSpec, train,
 };
 
 /// Bumped when the finetune stage's output for the same inputs changes.
-// 2: `model.json` names the base independently of the project's location; adapter configs name
-// a Hub base and write `lora_dropout` as written.
-const FINETUNE_CODE_VERSION: u32 = 2;
+// 2: `eval_data` is evaluated after the last step even without `eval_every`.
+// 3: `model.json` names the base independently of the project's location; adapter configs
+// name a Hub base and write `lora_dropout` as written.
+const FINETUNE_CODE_VERSION: u32 = 3;
 
 /// Folder of the final adapter inside the entry.
 pub const ADAPTER_DIR: &str = "adapter";
@@ -177,7 +184,7 @@ pub fn lower_finetune(
         })
     };
     Ok(Box::new(FinetuneStage {
-        canonical: node.canonical_params(),
+        canonical: fingerprint_params(node.canonical_params(), params),
         params: params.clone(),
         prompt,
         grammar,
@@ -247,11 +254,22 @@ impl Stage for FinetuneStage {
         };
 
         let run_dir = ctx.work_dir.to_path_buf();
-        if let Some(step) = checkpoint_step(&run_dir) {
-            ctx.progress.println(&format!(
+        // Said before training starts (the trainer repeats these checks when it resumes).
+        let scan = scan_checkpoints(&run_dir);
+        for problem in &scan.problems {
+            ctx.progress
+                .println(&format!("{}: warning: {problem}", ctx.name));
+        }
+        match scan.step {
+            Some(step) => ctx.progress.println(&format!(
                 "{}: resuming from the checkpoint at step {step}",
                 ctx.name
-            ));
+            )),
+            None if !scan.problems.is_empty() => ctx.progress.println(&format!(
+                "{}: no usable checkpoint, training starts over",
+                ctx.name
+            )),
+            None => {}
         }
         let outcome = {
             let bar = ctx.progress.bar(0, ctx.name);
@@ -303,6 +321,18 @@ impl Stage for FinetuneStage {
                 "{}: resumed at step {step} of {}",
                 ctx.name, outcome.total_steps
             ));
+        }
+        if !outcome.discarded_checkpoints.is_empty() {
+            let then = match outcome.resumed_from {
+                Some(step) => format!("resumed from the checkpoint at step {step}"),
+                None => "training started over".to_owned(),
+            };
+            warnings.extend(
+                outcome
+                    .discarded_checkpoints
+                    .iter()
+                    .map(|problem| format!("{problem}; {then}")),
+            );
         }
 
         // Outputs in the entry. PEFT loads the base an adapter names: a Hub id is portable, a
@@ -442,7 +472,11 @@ impl FinetuneStage {
                 PlanLossOn::All => LossOn::AllTokens,
             },
             eval_every: p.eval_every.map(|n| n as usize),
-            checkpoint_every: p.checkpoint_every.map(|n| n as usize),
+            checkpoint_every: Some(p.checkpoint_every as usize),
+            // Too long for a `Duration` means never by time; too short, every step.
+            checkpoint_interval: Duration::try_from_secs_f64(p.checkpoint_minutes * 60.0)
+                .ok()
+                .map(|t| t.max(Duration::from_nanos(1))),
             pad_id,
             // The stage draws its own bar through the executor's progress (hidden off-terminal).
             progress: false,
@@ -558,10 +592,21 @@ fn check_targets(model: &Lfm2VlModel, cfg: &TrainConfig) -> Result<(), FinetuneE
     Ok(())
 }
 
-/// The step of the newest complete checkpoint in a trainer run directory, if any.
-fn checkpoint_step(run_dir: &Path) -> Option<u64> {
-    let name = std::fs::read_to_string(run_dir.join("checkpoints").join("latest")).ok()?;
-    name.trim().strip_prefix("step-")?.parse().ok()
+/// The plan's parameters minus what cannot change the adapter, so that changing it reruns
+/// nothing: checkpoint intervals always, `epochs` when `max_steps` replaces it, `eval_every`
+/// when there is no `eval_data` (check warns about the last two).
+fn fingerprint_params(mut canonical: Value, params: &FinetuneParams) -> Value {
+    if let Some(fields) = canonical.get_mut("finetune").and_then(Value::as_object_mut) {
+        fields.remove("checkpoint_every");
+        fields.remove("checkpoint_minutes");
+        if params.max_steps.is_some() {
+            fields.remove("epochs");
+        }
+        if params.eval_data.is_none() {
+            fields.remove("eval_every");
+        }
+    }
+    canonical
 }
 
 /// Copies the plain files of `from` into a new folder `to` (adapter folders are flat).
@@ -663,15 +708,6 @@ mod tests {
         assert_eq!(series[0].points.len(), 3);
         assert_eq!(series[1].points, vec![(2.0, 1.5)]);
         assert_eq!(loss_series(&[row(1, None)]).len(), 1);
-    }
-
-    #[test]
-    fn checkpoint_step_reads_the_latest_pointer() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(checkpoint_step(dir.path()), None);
-        std::fs::create_dir_all(dir.path().join("checkpoints")).unwrap();
-        std::fs::write(dir.path().join("checkpoints/latest"), "step-000012").unwrap();
-        assert_eq!(checkpoint_step(dir.path()), Some(12));
     }
 
     #[test]

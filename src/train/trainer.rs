@@ -7,6 +7,12 @@
 //! trainable tensors, the optimizer moments and the step count to continue exactly where a killed
 //! run stopped; the resumed run ends with bit-identical adapters on the same machine.
 //!
+//! Checkpoints are written at least every `checkpoint_every` steps and every
+//! `checkpoint_interval` of training, and after the last step; the two newest are kept. Each
+//! records the checksums of its files, so a damaged one (truncated weights, a bad `state.json`, a
+//! `latest` pointing nowhere) is recognised: training resumes from the newest intact checkpoint,
+//! or starts over, and says which checkpoints it discarded and why.
+//!
 //! Run directory layout:
 //! ```text
 //! checkpoints/step-000040/{trainable,optimizer}.safetensors, metrics.parquet, state.json
@@ -17,9 +23,9 @@
 //! ```
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -60,10 +66,14 @@ pub struct TrainConfig {
     /// Seeds the data order (the adapter init and dropout use `trainable.lora.seed`).
     pub seed: u64,
     pub loss_on: LossOn,
-    /// Evaluate on the held-out set every N steps (and after the last one).
+    /// Evaluate on the held-out set every N steps; a non-empty held-out set is always evaluated
+    /// after the last step.
     pub eval_every: Option<usize>,
-    /// Write a resumable checkpoint every N steps.
+    /// Write a resumable checkpoint at least every N steps (with a run directory).
     pub checkpoint_every: Option<usize>,
+    /// … and at least this often in wall-clock time. With either set, the last step is
+    /// checkpointed too. Checkpoints never change the numbers.
+    pub checkpoint_interval: Option<Duration>,
     /// Token id used to pad batches (never attended to or labelled).
     pub pad_id: u32,
     /// Show a progress bar on stderr.
@@ -90,7 +100,8 @@ impl Default for TrainConfig {
             seed: 42,
             loss_on: LossOn::Answer,
             eval_every: Some(100),
-            checkpoint_every: Some(100),
+            checkpoint_every: Some(50),
+            checkpoint_interval: Some(Duration::from_secs(60)),
             pad_id: 0,
             progress: true,
             feature_cache_bytes: 1 << 30,
@@ -120,6 +131,9 @@ impl TrainConfig {
         }
         if matches!(self.eval_every, Some(0)) || matches!(self.checkpoint_every, Some(0)) {
             return bad("eval_every", "intervals must be at least 1");
+        }
+        if self.checkpoint_interval.is_some_and(|t| t.is_zero()) {
+            return bad("checkpoint_interval", "must be longer than zero");
         }
         if !(self.optimizer.lr.is_finite() && self.optimizer.lr >= 0.0) {
             return bad("lr", "must be a finite non-negative number");
@@ -168,6 +182,8 @@ pub struct TrainOutcome {
     pub num_parameters: usize,
     /// The step a resumed run continued from.
     pub resumed_from: Option<u64>,
+    /// Checkpoints found damaged and passed over (one sentence each, naming the file).
+    pub discarded_checkpoints: Vec<String>,
 }
 
 /// Resumable state saved beside the tensors.
@@ -178,6 +194,9 @@ struct CheckpointState {
     best_eval_loss: Option<f64>,
     best_step: Option<u64>,
     seconds: f64,
+    /// File name → blake3 of its bytes, so damage inside a file is caught on resume.
+    #[serde(default)]
+    files: BTreeMap<String, String>,
     /// Kept in the checkpoint's own Parquet file: JSON does not round-trip every f64 exactly.
     #[serde(skip)]
     metrics: Vec<MetricRow>,
@@ -221,14 +240,26 @@ pub fn train(
         best_eval_loss: None,
         best_step: None,
         seconds: 0.0,
+        files: BTreeMap::new(),
         metrics: Vec::new(),
     };
     let mut resumed_from = None;
-    if let Some(dir) = run_dir
-        && let Some(saved) = load_checkpoint(dir, &fingerprint, &trainable, &mut opt)?
-    {
-        resumed_from = Some(saved.step);
-        state = saved;
+    let mut discarded_checkpoints = Vec::new();
+    if let Some(dir) = run_dir {
+        let found = newest_intact_checkpoint(dir);
+        discarded_checkpoints = found.problems;
+        if let Some(saved) = found.checkpoint {
+            state = restore_checkpoint(saved, &fingerprint, &trainable, &mut opt)?;
+            resumed_from = Some(state.step);
+        }
+        // Damaged checkpoints newer than the one resumed from, and a pointer to nowhere, are of
+        // no use to anyone (best effort: the next checkpoint replaces them anyway).
+        for name in &found.damaged {
+            let _ = std::fs::remove_dir_all(checkpoint_dir(dir).join(name));
+        }
+        if found.bad_latest {
+            let _ = std::fs::remove_file(checkpoint_dir(dir).join(LATEST));
+        }
     }
 
     let features = FeatureSource::new(model, &trainable, train, eval, cfg.feature_cache_bytes);
@@ -247,6 +278,8 @@ pub fn train(
     bar.set_position(state.step);
     let started = Instant::now();
     let seconds_before = state.seconds;
+    let checkpointing = cfg.checkpoint_every.is_some() || cfg.checkpoint_interval.is_some();
+    let (mut saved_step, mut saved_at) = (state.step as usize, Instant::now());
 
     let mode = trainable.mode().clone();
     // Whatever happens below, the model leaves this function in inference mode.
@@ -297,9 +330,7 @@ pub fn train(
 
         let done = step + 1;
         let eval_due = !eval.is_empty()
-            && cfg
-                .eval_every
-                .is_some_and(|n| done % n == 0 || done == total_steps);
+            && (done == total_steps || cfg.eval_every.is_some_and(|n| done % n == 0));
         let eval_loss = if eval_due {
             Some(evaluate_with(model, &features, eval, cfg, &device)?)
         } else {
@@ -326,11 +357,20 @@ pub fn train(
                 PeftAdapter::from_trainable(&trainable, None)?.save(&dir.join("best"))?;
             }
         }
+        // Whichever comes first, steps or time; the last step too, so a run killed while its
+        // outputs are written resumes without training again.
+        let checkpoint_due = checkpointing
+            && (done == total_steps
+                || cfg.checkpoint_every.is_some_and(|n| done - saved_step >= n)
+                || cfg
+                    .checkpoint_interval
+                    .is_some_and(|t| saved_at.elapsed() >= t));
         if let Some(dir) = run_dir
-            && cfg.checkpoint_every.is_some_and(|n| done % n == 0)
+            && checkpoint_due
         {
-            save_checkpoint(dir, &state, &trainable, &opt)?;
+            save_checkpoint(dir, &mut state, &trainable, &opt)?;
             write_metrics(&dir.join("metrics.parquet"), &state.metrics)?;
+            (saved_step, saved_at) = (done, Instant::now());
         }
         bar.set_position(done as u64);
         bar.set_message(match eval_loss {
@@ -356,6 +396,7 @@ pub fn train(
         total_steps,
         num_parameters: trainable.num_parameters(),
         resumed_from,
+        discarded_checkpoints,
     })
 }
 
@@ -583,9 +624,12 @@ fn checkpoint_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
+/// Checkpoints kept: the newest and the one before it, to fall back on if the newest is damaged.
+const KEEP_CHECKPOINTS: usize = 2;
+
 fn save_checkpoint(
     run_dir: &Path,
-    state: &CheckpointState,
+    state: &mut CheckpointState,
     trainable: &Trainable,
     opt: &AdamW,
 ) -> Result<(), TrainError> {
@@ -613,73 +657,203 @@ fn save_checkpoint(
     }
     write_safetensors(&dir.join(OPTIMIZER), &moments)?;
     write_metrics(&dir.join(METRICS), &state.metrics)?;
+    state.files.clear();
+    for file in [TRAINABLE, OPTIMIZER, METRICS] {
+        state
+            .files
+            .insert(file.to_owned(), file_hash(&dir.join(file))?);
+    }
     let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Json {
         path: dir.join(STATE),
         message: e.to_string(),
     })?;
+    // `state.json` is written last: a folder without it is an interrupted save.
     write_atomic(&dir.join(STATE), &json)?;
     // The pointer moves only once the checkpoint is complete; then older ones can go.
-    let previous = std::fs::read_to_string(root.join(LATEST)).ok();
     write_atomic(&root.join(LATEST), name.as_bytes())?;
-    if let Some(prev) = previous.map(|p| p.trim().to_string())
-        && prev != name
-        && !prev.is_empty()
-        && !prev.contains(['/', '\\'])
-    {
+    for (_, old) in step_dirs(&root).into_iter().skip(KEEP_CHECKPOINTS) {
         // Best effort: a leftover old checkpoint wastes space but breaks nothing.
-        let _ = std::fs::remove_dir_all(root.join(prev));
+        let _ = std::fs::remove_dir_all(root.join(old));
     }
     Ok(())
 }
 
-fn load_checkpoint(
-    run_dir: &Path,
+/// blake3 of a file's bytes, hex.
+fn file_hash(path: &Path) -> Result<String, TrainError> {
+    let bytes = std::fs::read(path).map_err(TrainError::io(path))?;
+    Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
+/// The `step-NNNNNN` folders under `root`, newest first (other names are not ours to touch).
+fn step_dirs(root: &Path) -> Vec<(u64, String)> {
+    let mut dirs: Vec<(u64, String)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            Some((step, name))
+        })
+        .collect();
+    dirs.sort_by(|a, b| b.cmp(a));
+    dirs
+}
+
+/// A checkpoint read from disk and checked, not yet applied to a model.
+struct SavedCheckpoint {
+    dir: PathBuf,
+    state: CheckpointState,
+    trainable: HashMap<String, Tensor>,
+    moments: HashMap<String, Tensor>,
+}
+
+/// The newest intact checkpoint of a run directory and what was wrong with newer ones.
+struct Found {
+    checkpoint: Option<SavedCheckpoint>,
+    /// One sentence per unusable checkpoint (or a `latest` pointing nowhere).
+    problems: Vec<String>,
+    /// Folder names of the unusable checkpoints.
+    damaged: Vec<String>,
+    /// `latest` names no checkpoint folder.
+    bad_latest: bool,
+}
+
+/// What the checkpoints of a run directory offer, checked the way a resume checks them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CheckpointScan {
+    /// The step of the newest intact checkpoint: where training would resume.
+    pub step: Option<u64>,
+    /// Why newer checkpoints cannot be used, one sentence each.
+    pub problems: Vec<String>,
+}
+
+/// Looks at the checkpoints of `run_dir` without touching a model (whether they belong to the
+/// same settings is only known to [`train`]).
+pub fn scan_checkpoints(run_dir: &Path) -> CheckpointScan {
+    let found = newest_intact_checkpoint(run_dir);
+    CheckpointScan {
+        step: found.checkpoint.map(|c| c.state.step),
+        problems: found.problems,
+    }
+}
+
+fn newest_intact_checkpoint(run_dir: &Path) -> Found {
+    let root = checkpoint_dir(run_dir);
+    let mut found = Found {
+        checkpoint: None,
+        problems: Vec::new(),
+        damaged: Vec::new(),
+        bad_latest: false,
+    };
+    let dirs = step_dirs(&root);
+    if let Ok(latest) = std::fs::read_to_string(root.join(LATEST)) {
+        let latest = latest.trim();
+        if !dirs.iter().any(|(_, name)| name == latest) {
+            found.bad_latest = true;
+            found.problems.push(format!(
+                "`{}` names `{latest}`, which is not a checkpoint",
+                root.join(LATEST).display()
+            ));
+        }
+    }
+    for (_, name) in dirs {
+        match read_checkpoint(&root.join(&name)) {
+            Ok(checkpoint) => {
+                found.checkpoint = Some(checkpoint);
+                break;
+            }
+            Err(why) => {
+                found.problems.push(format!(
+                    "checkpoint `{}` cannot be used: {why}",
+                    root.join(&name).display()
+                ));
+                found.damaged.push(name);
+            }
+        }
+    }
+    found
+}
+
+/// Reads every file of one checkpoint and checks it against the checksums in `state.json`.
+fn read_checkpoint(dir: &Path) -> Result<SavedCheckpoint, String> {
+    let state_path = dir.join(STATE);
+    let text =
+        std::fs::read_to_string(&state_path).map_err(|e| format!("cannot read `{STATE}` ({e})"))?;
+    let mut state: CheckpointState =
+        serde_json::from_str(&text).map_err(|e| format!("`{STATE}` is not valid ({e})"))?;
+    for (file, expected) in &state.files {
+        let actual = file_hash(&dir.join(file)).map_err(|e| error_text(&e))?;
+        if &actual != expected {
+            return Err(format!("`{file}` does not match its checksum (damaged)"));
+        }
+    }
+    let tensors = |file: &str| -> Result<HashMap<String, Tensor>, String> {
+        Ok(read_safetensors(&dir.join(file), &Device::Cpu)
+            .map_err(|e| error_text(&e))?
+            .into_iter()
+            .collect())
+    };
+    let trainable = tensors(TRAINABLE)?;
+    let moments = tensors(OPTIMIZER)?;
+    state.metrics = read_metrics(&dir.join(METRICS)).map_err(|e| error_text(&e))?;
+    if state.metrics.len() as u64 != state.step {
+        return Err(format!(
+            "`{METRICS}` has {} rows for step {}",
+            state.metrics.len(),
+            state.step
+        ));
+    }
+    Ok(SavedCheckpoint {
+        dir: dir.to_path_buf(),
+        state,
+        trainable,
+        moments,
+    })
+}
+
+/// An error with its causes, on one line.
+fn error_text(error: &TrainError) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}
+
+/// Applies a checkpoint of the same settings to the trainable tensors and the optimizer; nothing
+/// is changed unless all of it fits.
+fn restore_checkpoint(
+    saved: SavedCheckpoint,
     fingerprint: &str,
     trainable: &Trainable,
     opt: &mut AdamW,
-) -> Result<Option<CheckpointState>, TrainError> {
-    let root = checkpoint_dir(run_dir);
-    let latest = root.join(LATEST);
-    let Ok(name) = std::fs::read_to_string(&latest) else {
-        return Ok(None);
-    };
-    let dir = root.join(name.trim());
-    let state_path = dir.join(STATE);
-    let text = std::fs::read_to_string(&state_path).map_err(TrainError::io(&state_path))?;
-    let mut state: CheckpointState = serde_json::from_str(&text).map_err(|e| TrainError::Json {
-        path: state_path.clone(),
-        message: e.to_string(),
-    })?;
-    state.metrics = read_metrics(&dir.join(METRICS))?;
-    if state.fingerprint != fingerprint {
-        return Err(TrainError::CheckpointMismatch {
-            path: dir,
-            message: "the training settings or data sizes changed; use a new run directory".into(),
-        });
-    }
-    let saved: HashMap<String, Tensor> = read_safetensors(&dir.join(TRAINABLE), &Device::Cpu)?
-        .into_iter()
-        .collect();
-    let moments: HashMap<String, Tensor> = read_safetensors(&dir.join(OPTIMIZER), &Device::Cpu)?
-        .into_iter()
-        .collect();
+) -> Result<CheckpointState, TrainError> {
     let mismatch = |message: String| TrainError::CheckpointMismatch {
-        path: dir.clone(),
+        path: saved.dir.clone(),
         message,
     };
-    let mut restored = Vec::new();
-    for v in trainable.named_vars() {
+    if saved.state.fingerprint != fingerprint {
+        return Err(mismatch(
+            "the training settings or data sizes changed; use a new run directory".into(),
+        ));
+    }
+    let named = trainable.named_vars();
+    let mut values = Vec::with_capacity(named.len());
+    let mut restored = Vec::with_capacity(named.len());
+    for v in &named {
         let t = saved
+            .trainable
             .get(&v.name)
             .ok_or_else(|| mismatch(format!("tensor `{}` is missing", v.name)))?;
         if t.shape() != v.var.shape() {
             return Err(mismatch(format!("tensor `{}` has another shape", v.name)));
         }
-        v.var
-            .set(&t.to_device(v.var.device())?.to_dtype(v.var.dtype())?)?;
+        values.push(t.to_device(v.var.device())?.to_dtype(v.var.dtype())?);
         let get = |prefix: &str| -> Result<Vec<f32>, TrainError> {
             let key = format!("{prefix}.{}", v.name);
-            let t = moments
+            let t = saved
+                .moments
                 .get(&key)
                 .ok_or_else(|| mismatch(format!("optimizer tensor `{key}` is missing")))?;
             Ok(t.flatten_all()?.to_vec1::<f32>()?)
@@ -689,8 +863,12 @@ fn load_checkpoint(
             v: get("v")?,
         });
     }
-    opt.restore(restored, state.step)?;
-    Ok(Some(state))
+    // The optimizer checks its moments before taking them, so it goes first.
+    opt.restore(restored, saved.state.step)?;
+    for (v, value) in named.iter().zip(&values) {
+        v.var.set(value)?;
+    }
+    Ok(saved.state)
 }
 
 #[cfg(test)]

@@ -6,8 +6,9 @@ use crate::dsl::ast::{Block, Decl, Expr, ExprKind, Field, FieldValue};
 use crate::dsl::diagnostic::{Code, Diagnostic, did_you_mean};
 use crate::dsl::span::Span;
 use crate::plan::params::{
-    DataRef, EvalParams, FinetuneParams, GrammarSpec, LFM2_TEXT_TARGETS, LFM2_VL_OTHER_TARGETS,
-    LabelSet, LoraParams, LossOn, NodeParams, NodeRef, ReportParams, Schedule, Scoring,
+    DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_MINUTES, DataRef, EvalParams, FinetuneParams,
+    GrammarSpec, LFM2_TEXT_TARGETS, LFM2_VL_OTHER_TARGETS, LabelSet, LoraParams, LossOn,
+    NodeParams, NodeRef, ReportParams, Schedule, Scoring,
 };
 
 use super::{Analyzer, Fields, Want, json_refs};
@@ -286,10 +287,12 @@ impl<'f> Analyzer<'f, '_> {
                 "max_grad_norm",
                 "eval_every",
                 "checkpoint_every",
+                "checkpoint_minutes",
                 "seed",
                 "loss",
             ],
         );
+        self.warn_moot_finetune_fields(&f, &decl.name.name);
         let base = self
             .required_expr(&f, "base")
             .and_then(|e| self.expect_node(e, Want::Model, "base"));
@@ -356,7 +359,16 @@ impl<'f> Analyzer<'f, '_> {
         };
         let max_grad_norm = self.f64_field(&f, "max_grad_norm", (0.0, f64::INFINITY, true), 1.0);
         let eval_every = self.opt_count_field(&f, "eval_every", 1);
-        let checkpoint_every = self.opt_count_field(&f, "checkpoint_every", 1);
+        let checkpoint_every = match self.optional_expr(&f, "checkpoint_every") {
+            Some(e) => self.expect_count(e, "checkpoint_every", 1),
+            None => Some(DEFAULT_CHECKPOINT_EVERY),
+        };
+        let checkpoint_minutes = self.f64_field(
+            &f,
+            "checkpoint_minutes",
+            (0.0, f64::INFINITY, true),
+            DEFAULT_CHECKPOINT_MINUTES,
+        );
         let seed = match self.optional_expr(&f, "seed") {
             Some(e) => self.expect_count(e, "seed", 0),
             None => Some(self.seed),
@@ -397,9 +409,41 @@ impl<'f> Analyzer<'f, '_> {
             max_grad_norm: max_grad_norm?,
             eval_every: eval_every?,
             checkpoint_every: checkpoint_every?,
+            checkpoint_minutes: checkpoint_minutes?,
             seed: seed?,
             loss: loss?,
         })
+    }
+
+    /// Warns about fields that another field makes moot, so a change to them cannot change the
+    /// fine-tune (and does not rerun it: the stage leaves them out of its fingerprint).
+    fn warn_moot_finetune_fields(&mut self, f: &Fields<'f>, owner: &str) {
+        if let (Some(epochs), Some(_)) = (f.get("epochs"), f.get("max_steps")) {
+            self.diags.push(
+                Diagnostic::warning(
+                    Code::NoEffect,
+                    format!(
+                        "`epochs` has no effect in finetune `{owner}`: `max_steps` sets the number of optimizer steps"
+                    ),
+                )
+                .at(epochs.span)
+                .with_hint(
+                    "`max_steps` replaces `epochs` (the data is cycled as needed); remove `epochs`, or remove `max_steps` to train for whole epochs",
+                ),
+            );
+        }
+        if let (Some(every), None) = (f.get("eval_every"), f.get("eval_data")) {
+            self.diags.push(
+                Diagnostic::warning(
+                    Code::NoEffect,
+                    format!(
+                        "`eval_every` has no effect in finetune `{owner}`: it has no `eval_data`"
+                    ),
+                )
+                .at(every.span)
+                .with_hint("add `eval_data = …` to measure held-out loss, or remove `eval_every`"),
+            );
+        }
     }
 
     pub(super) fn build_lora(
