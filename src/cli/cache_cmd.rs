@@ -67,7 +67,12 @@ pub(crate) fn run(command: CacheCommand) -> anyhow::Result<Outcome> {
             cache,
             older_than_days,
         } => {
-            let store = open(&cache_root(&cache, file.as_deref()))?;
+            let root = cache_root(&cache, file.as_deref());
+            if !root.join("entries").is_dir() {
+                print_empty(&root, &cache, file.as_deref());
+                return Ok(Outcome::Success);
+            }
+            let store = open(&root)?;
             let lock = store.lock_notify(LOCK_WAIT, &mut |m| eprintln!("{m}"))?;
             let limit = Duration::from_secs_f64(older_than_days.max(0.0) * 86_400.0);
             let report = store.gc(&lock, &GcPolicy::OlderThan(limit))?;
