@@ -527,6 +527,19 @@ eval with_merged { model = merged  data = pictures  prompt = ask  labels = shape
         la.zip(lb).is_some_and(|(x, y)| (x - y).abs() < 1e-4),
         "log loss {la:?} vs {lb:?}"
     );
+
+    // `export --merged` takes a model with `adapter:` too: the same model as the merge above.
+    let exported = root.path().join("exported");
+    let output = project
+        .command("export")
+        .arg("adapted")
+        .arg("--merged")
+        .arg(&exported)
+        .output()
+        .expect("run export");
+    assert_ok(&output, "export of a model with an adapter");
+    let again = infer_logits(&exported, None, &root.path().join("d.safetensors"));
+    assert_same_model(&again, &merged, "exported model with adapter vs merged");
 }
 
 #[test]
