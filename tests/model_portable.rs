@@ -307,6 +307,19 @@ fn a_moved_project_keeps_its_init_finetune_and_its_adapter_works_outside() {
     );
     assert_eq!(listing(&project.dir), before);
     assert!(project.dir.join("pipeline.vp").is_file());
+    // `.` when it is an empty folder is filled in place.
+    let here = root.path().join("here");
+    std::fs::create_dir_all(&here).expect("empty folder");
+    let output = Command::new(bin())
+        .current_dir(&here)
+        .arg("export")
+        .arg(project.dir.join("pipeline.vp"))
+        .args(["ft", "--merged", "."])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run export");
+    assert_ok(&output, "export into an empty `.`");
+    assert!(here.join("model.safetensors").is_file());
 
     // A fresh folder: the export reports the dtype's rounding and marks the folder as its own.
     let merged = root.path().join("merged");
