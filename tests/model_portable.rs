@@ -575,6 +575,23 @@ fn adapters_in_the_wrong_place_say_what_to_do() {
     let text = check(r#"local("models/base", adapter: "models/base")"#);
     assert!(text.contains("has no `adapter_config.json`"), "{text}");
 
+    // Adapters do not stack: fine-tuning a model with an adapter says to merge it first.
+    let project = Project::new(
+        dir.clone(),
+        &finetune_pipeline(r#"local("models/base", adapter: "adapters/peft")"#),
+    );
+    let (output, summary) = project.run(&["--only", "ft"]);
+    assert!(!output.status.success(), "a stacked fine-tune ran");
+    let reason = summary["stages"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "ft"))
+        .map(|s| s["reason"].to_string())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("already carries an adapter") && reason.contains("export --merged"),
+        "{reason}"
+    );
+
     let image = fixtures().join("images/lora_a_64x48.png");
     let adapter = dir.join("adapters/peft");
     let output = infer(&[
