@@ -377,6 +377,52 @@ fn a_moved_project_keeps_its_local_finetune() {
         .output()
         .expect("run export");
     assert_ok(&output, "export after the move");
+
+    // The adapter vlmpipe saved, applied with `adapter:` in another pipeline, answers exactly
+    // like the merged export.
+    let entry = finetune_entry(&project.dir);
+    copy_dir(
+        &entry.join("adapter"),
+        &root.path().join("check/adapters/mine"),
+    );
+    let text = r#"
+pipeline again { seed = 5 }
+labels shapes = ["red circle", "red square", "blue circle", "blue square"]
+dataset pictures {
+  source = synthetic(kind: "shapes", n: 12, seed: 3, size: 32, colors: "red,blue", shapes: "circle,square")
+  label  = "class"
+  labels = shapes
+}
+prompt ask { user = "Which shape?" }
+grammar answer = one_of(shapes)
+model adapted = local("../second/models/base", adapter: "adapters/mine")
+model merged = local("../merged")
+eval with_adapter { model = adapted  data = pictures  prompt = ask  labels = shapes  scoring = labels  output = answer }
+eval with_merged { model = merged  data = pictures  prompt = ask  labels = shapes  scoring = labels  output = answer }
+"#;
+    let check = Project::new(root.path().join("check"), text);
+    let (output, _) = check.run(&[]);
+    assert_ok(&output, "the pipeline with vlmpipe's adapter");
+    let read = |stage: &str| -> Value {
+        serde_json::from_slice(
+            &std::fs::read(
+                check
+                    .dir
+                    .join("evals/again")
+                    .join(stage)
+                    .join("metrics.json"),
+            )
+            .expect("metrics"),
+        )
+        .expect("metrics json")
+    };
+    let (a, b) = (read("with_adapter"), read("with_merged"));
+    assert_eq!(a["confusion_matrix"], b["confusion_matrix"]);
+    let (la, lb) = (a["log_loss"].as_f64(), b["log_loss"].as_f64());
+    assert!(
+        la.zip(lb).is_some_and(|(x, y)| (x - y).abs() < 1e-4),
+        "log loss {la:?} vs {lb:?}"
+    );
 }
 
 /// A Hugging Face cache on disk with `repo` at one commit holding the files of `from`.
