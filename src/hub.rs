@@ -558,9 +558,7 @@ impl Hub {
         self.record_ref(repo, &pinned.revision)?;
         dir.ok_or_else(|| missing(MODEL_FILES[0].0))
     }
-}
 
-impl Hub {
     /// A local folder with a PEFT adapter's `adapter_config.json` and `adapter_model.safetensors`,
     /// both of one commit: the cached snapshot when it has them, else downloaded (unless offline).
     pub fn adapter_dir(&self, repo: &HubRepo) -> Result<PathBuf, HubError> {

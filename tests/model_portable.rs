@@ -307,6 +307,19 @@ fn a_moved_project_keeps_its_init_finetune_and_its_adapter_works_outside() {
     );
     assert_eq!(listing(&project.dir), before);
     assert!(project.dir.join("pipeline.vp").is_file());
+    // `.` when it is an empty folder is filled in place.
+    let here = root.path().join("here");
+    std::fs::create_dir_all(&here).expect("empty folder");
+    let output = Command::new(bin())
+        .current_dir(&here)
+        .arg("export")
+        .arg(project.dir.join("pipeline.vp"))
+        .args(["ft", "--merged", "."])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run export");
+    assert_ok(&output, "export into an empty `.`");
+    assert!(here.join("model.safetensors").is_file());
 
     // A fresh folder: the export reports the dtype's rounding and marks the folder as its own.
     let merged = root.path().join("merged");
@@ -364,6 +377,52 @@ fn a_moved_project_keeps_its_local_finetune() {
         .output()
         .expect("run export");
     assert_ok(&output, "export after the move");
+
+    // The adapter vlmpipe saved, applied with `adapter:` in another pipeline, answers exactly
+    // like the merged export.
+    let entry = finetune_entry(&project.dir);
+    copy_dir(
+        &entry.join("adapter"),
+        &root.path().join("check/adapters/mine"),
+    );
+    let text = r#"
+pipeline again { seed = 5 }
+labels shapes = ["red circle", "red square", "blue circle", "blue square"]
+dataset pictures {
+  source = synthetic(kind: "shapes", n: 12, seed: 3, size: 32, colors: "red,blue", shapes: "circle,square")
+  label  = "class"
+  labels = shapes
+}
+prompt ask { user = "Which shape?" }
+grammar answer = one_of(shapes)
+model adapted = local("../second/models/base", adapter: "adapters/mine")
+model merged = local("../merged")
+eval with_adapter { model = adapted  data = pictures  prompt = ask  labels = shapes  scoring = labels  output = answer }
+eval with_merged { model = merged  data = pictures  prompt = ask  labels = shapes  scoring = labels  output = answer }
+"#;
+    let check = Project::new(root.path().join("check"), text);
+    let (output, _) = check.run(&[]);
+    assert_ok(&output, "the pipeline with vlmpipe's adapter");
+    let read = |stage: &str| -> Value {
+        serde_json::from_slice(
+            &std::fs::read(
+                check
+                    .dir
+                    .join("evals/again")
+                    .join(stage)
+                    .join("metrics.json"),
+            )
+            .expect("metrics"),
+        )
+        .expect("metrics json")
+    };
+    let (a, b) = (read("with_adapter"), read("with_merged"));
+    assert_eq!(a["confusion_matrix"], b["confusion_matrix"]);
+    let (la, lb) = (a["log_loss"].as_f64(), b["log_loss"].as_f64());
+    assert!(
+        la.zip(lb).is_some_and(|(x, y)| (x - y).abs() < 1e-4),
+        "log loss {la:?} vs {lb:?}"
+    );
 }
 
 /// A Hugging Face cache on disk with `repo` at one commit holding the files of `from`.
@@ -527,6 +586,19 @@ eval with_merged { model = merged  data = pictures  prompt = ask  labels = shape
         la.zip(lb).is_some_and(|(x, y)| (x - y).abs() < 1e-4),
         "log loss {la:?} vs {lb:?}"
     );
+
+    // `export --merged` takes a model with `adapter:` too: the same model as the merge above.
+    let exported = root.path().join("exported");
+    let output = project
+        .command("export")
+        .arg("adapted")
+        .arg("--merged")
+        .arg(&exported)
+        .output()
+        .expect("run export");
+    assert_ok(&output, "export of a model with an adapter");
+    let again = infer_logits(&exported, None, &root.path().join("d.safetensors"));
+    assert_same_model(&again, &merged, "exported model with adapter vs merged");
 }
 
 #[test]
@@ -548,6 +620,23 @@ fn adapters_in_the_wrong_place_say_what_to_do() {
     );
     let text = check(r#"local("models/base", adapter: "models/base")"#);
     assert!(text.contains("has no `adapter_config.json`"), "{text}");
+
+    // Adapters do not stack: fine-tuning a model with an adapter says to merge it first.
+    let project = Project::new(
+        dir.clone(),
+        &finetune_pipeline(r#"local("models/base", adapter: "adapters/peft")"#),
+    );
+    let (output, summary) = project.run(&["--only", "ft"]);
+    assert!(!output.status.success(), "a stacked fine-tune ran");
+    let reason = summary["stages"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "ft"))
+        .map(|s| s["reason"].to_string())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("already carries an adapter") && reason.contains("export --merged"),
+        "{reason}"
+    );
 
     let image = fixtures().join("images/lora_a_64x48.png");
     let adapter = dir.join("adapters/peft");

@@ -150,7 +150,7 @@ pub struct ShowArgs {
 pub struct ExportArgs {
     /// The pipeline file.
     pub file: PathBuf,
-    /// A `finetune` stage.
+    /// A `finetune` stage, or a `model` with `adapter:`.
     pub stage: String,
     /// Write the base weights with the adapter merged in, in the Hub layout, to this folder. A
     /// folder that exists must be empty or a previous export of the same stage (vlmpipe marks

@@ -1,4 +1,5 @@
-//! `vlmpipe export FILE STAGE --merged DIR`: a fine-tune as a standalone Hub-layout checkpoint.
+//! `vlmpipe export FILE STAGE --merged DIR`: a fine-tune (or a model with `adapter:`) as a
+//! standalone Hub-layout checkpoint.
 //!
 //! The destination is checked first (a folder with files vlmpipe did not write is refused before
 //! minutes of training), then the stage is brought up to date with `run --only STAGE` (instant
@@ -16,7 +17,7 @@ use super::cache_cmd::cache_root;
 use super::check_cmd::load_and_report;
 use super::run_cmd;
 use crate::cache::{CacheStore, Fingerprint, Lookup, Verify};
-use crate::plan::NodeKind;
+use crate::plan::{NodeKind, NodeParams};
 use crate::stages::model_node::ModelResolver;
 use crate::train::PeftAdapter;
 use crate::train::merge::{
@@ -29,17 +30,18 @@ pub(crate) fn export(args: &ExportArgs) -> anyhow::Result<Outcome> {
     };
     let Some(node) = plan.find(&args.stage) else {
         bail!(
-            "the pipeline has no stage `{}`; its fine-tunes are: {}",
+            "the pipeline has no stage `{}`; the stages it can export are: {}",
             args.stage,
-            finetune_names(&plan)
+            exportable_names(&plan)
         );
     };
-    if node.kind() != NodeKind::Finetune {
+    if !is_exportable(node) {
         bail!(
-            "`{}` is a `{}` stage; `export --merged` takes a finetune stage (the pipeline's: {})",
+            "`{}` is a `{}` stage without an adapter; `export --merged` takes a finetune stage or \
+             a model with `adapter:` (the pipeline's: {})",
             args.stage,
             node.kind().as_str(),
-            finetune_names(&plan)
+            exportable_names(&plan)
         );
     }
     let options = MergeOptions {
@@ -118,12 +120,20 @@ pub(crate) fn export(args: &ExportArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// The finetune stages of `plan`, for messages.
-fn finetune_names(plan: &crate::plan::Plan) -> String {
+/// A fine-tune, or a model with an `adapter:` (merging a PEFT adapter trained elsewhere).
+fn is_exportable(node: &crate::plan::Node) -> bool {
+    match &node.params {
+        NodeParams::Model(model) => model.adapter.is_some(),
+        _ => node.kind() == NodeKind::Finetune,
+    }
+}
+
+/// The stages of `plan` that `export --merged` takes, for messages.
+fn exportable_names(plan: &crate::plan::Plan) -> String {
     let names: Vec<String> = plan
         .nodes
         .iter()
-        .filter(|n| n.kind() == NodeKind::Finetune)
+        .filter(|n| is_exportable(n))
         .map(|n| format!("`{}`", n.name))
         .collect();
     if names.is_empty() {

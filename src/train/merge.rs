@@ -153,9 +153,10 @@ struct ExportManifest {
 /// What is at the destination now.
 #[derive(Debug)]
 pub enum Destination {
-    /// Nothing, or an empty folder.
+    /// Nothing: the finished folder is renamed into place.
     Fresh,
-    /// A previous export of the same stage, or (forced) a folder with other files.
+    /// An empty folder, a previous export of the same stage, or (forced) a folder with other
+    /// files: the files are renamed into it one by one.
     Update { previous_files: Vec<String> },
 }
 
@@ -177,7 +178,10 @@ pub fn check_destination(
         .collect::<Result<_, _>>()
         .map_err(io_err(out_dir))?;
     if names.is_empty() {
-        return Ok(Destination::Fresh);
+        // Filled in place rather than replaced: the folder may be `.`, which cannot be renamed.
+        return Ok(Destination::Update {
+            previous_files: Vec::new(),
+        });
     }
     names.sort();
     let manifest = read_manifest(out_dir);
@@ -322,11 +326,6 @@ pub fn merge_checkpoint(
 
     match destination {
         Destination::Fresh => {
-            // An empty folder is replaced by the finished one; `remove_dir` refuses anything
-            // that is not empty, so a file that appeared meanwhile is never lost.
-            if out_dir.exists() {
-                std::fs::remove_dir(out_dir).map_err(io_err(out_dir))?;
-            }
             let kept = tmp.keep();
             std::fs::rename(&kept, out_dir).map_err(io_err(out_dir))?;
         }
