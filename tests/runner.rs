@@ -131,6 +131,7 @@ mod eval_job {
                 image_id: format!("img{i}"),
                 ground_truth: if i % 2 == 0 { "cat" } else { "dog" }.to_owned(),
                 image: Ok(image.clone()),
+                decode_ms: 0.0,
                 conversation: conversation.clone(),
             })
             .collect();
@@ -139,6 +140,7 @@ mod eval_job {
             image_id: "broken".to_owned(),
             ground_truth: "dog".to_owned(),
             image: Err("truncated JPEG".to_owned()),
+            decode_ms: 0.0,
             conversation,
         });
         samples
@@ -180,6 +182,9 @@ mod eval_job {
         let broken = &records[3];
         assert!(!broken.valid && !broken.correct);
         assert_eq!(broken.raw_output, "<image error: truncated JPEG>");
+        // Batches [0, 1] and [2, broken]: the broken image never reached the model.
+        let shared: Vec<u32> = records.iter().map(|r| r.batch_size).collect();
+        assert_eq!(shared, [2, 2, 1, 0]);
         // Identical inputs give identical answers whatever the batch they fell into.
         assert_eq!(records[0].raw_output, records[2].raw_output);
     }

@@ -40,8 +40,8 @@ pub struct EvalRecord {
     pub valid: bool,
     /// `valid && parsed_label == ground_truth`.
     pub correct: bool,
-    /// What this sample cost, in milliseconds: its own preparation (chat template, image
-    /// processing, tokenising, vision tower, timed alone) plus its own label scoring, or its
+    /// What this sample cost, in milliseconds: its own preparation (image decoding, chat
+    /// template, image processing, tokenising, vision tower, timed alone) plus its own label scoring, or its
     /// equal share of the batched generation it took part in. With `batch_size` 1 it is the
     /// sample's own wall time from prompt to answer.
     pub latency_ms: f64,

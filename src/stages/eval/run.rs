@@ -21,6 +21,9 @@ pub struct EvalSample {
     pub ground_truth: String,
     /// The decoded image, or why it could not be decoded.
     pub image: Result<RgbImage, String>,
+    /// Time spent reading and decoding the image, in milliseconds (part of the sample's
+    /// latency).
+    pub decode_ms: f64,
     pub conversation: Conversation,
 }
 
@@ -75,9 +78,10 @@ impl EvalJob<'_> {
     }
 
     /// Runs one batch. A record's `latency_ms` is what that sample cost: its own preparation
-    /// (template, image processing, tokenising, vision tower, timed alone) plus its own label
-    /// scoring, or its equal share of the batched generation it took part in (`batch_size` says
-    /// how many shared it; the batch decodes in lockstep, so its time is not separable further).
+    /// (image decoding, template, image processing, tokenising, vision tower, timed alone) plus
+    /// its own label scoring, or its equal share of the batched generation it took part in
+    /// (`batch_size` says how many shared it; the batch decodes in lockstep, so its time is not
+    /// separable further).
     fn run_batch(&self, samples: &[EvalSample]) -> Result<Vec<EvalRecord>, RunnerError> {
         // Prepare each sample; a bad image or prompt becomes an invalid record, not an error.
         let mut prepared: Vec<Result<PreparedPrompt, String>> = Vec::with_capacity(samples.len());
@@ -95,7 +99,7 @@ impl EvalJob<'_> {
                     .map_err(|e| e.to_string()),
                 Err(reason) => Err(format!("image error: {reason}")),
             });
-            own_ms.push(millis(started));
+            own_ms.push(sample.decode_ms + millis(started));
         }
         let ready: Vec<&PreparedPrompt> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
 

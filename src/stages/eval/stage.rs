@@ -142,6 +142,7 @@ impl Stage for EvalStage {
                     },
                     &self.pipeline_params,
                 )?;
+                let decode_started = Instant::now();
                 let image = images
                     .get(&row.image_id)
                     .map_err(|e| e.to_string())
@@ -154,6 +155,7 @@ impl Stage for EvalStage {
                     image_id: row.image_id.clone(),
                     ground_truth: row.label.clone(),
                     image,
+                    decode_ms: decode_started.elapsed().as_secs_f64() * 1000.0,
                     conversation: rendered.conversation(),
                 });
             }
