@@ -34,7 +34,7 @@ pub fn shared_path(rel: &str) -> Option<PathBuf> {
 
 /// The device model tests run on: `VLMPIPE_TEST_DEVICE` (any `--device` spelling), the CPU when
 /// unset. A GPU machine runs the parity suite with, e.g.,
-/// `VLMPIPE_TEST_DEVICE=cuda cargo test --features cuda --test reference_model`.
+/// `VLMPIPE_TEST_DEVICE=cuda cargo test --features cuda --test it reference_model`.
 ///
 /// Panics with the reason when the variable names a device this build or machine cannot open:
 /// a test asked to run on a GPU must not quietly pass on the CPU.

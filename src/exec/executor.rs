@@ -264,7 +264,8 @@ pub fn run(
                     if forced {
                         // `--force` starts over: a fine-tune does not resume from its checkpoints
                         // (best effort; the folder is vlmpipe's own).
-                        let _ = std::fs::remove_dir_all(store.root().join("work").join(fp.as_str()));
+                        let _ =
+                            std::fs::remove_dir_all(store.root().join("work").join(fp.as_str()));
                     }
                     progress.println(&format!("running `{}` ({why})", node.name));
                     match run_stage(store, &lock, &node.name, stage, &fp, &entries, &progress)? {

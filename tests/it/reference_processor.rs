@@ -14,7 +14,7 @@
 //!
 //! One test per fixture; each records every mismatch of its case before failing.
 
-mod reference_support;
+use crate::reference_support;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! photos when `../shared` is present), CSV, JSONL and synthetic data; label mappings, filters,
 //! drops, bad images and the image store's deduplication.
 
-mod data_support;
+use crate::data_support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! The grammar benchmark (`vlmpipe bench` calls the same function) with the real LFM2 tokenizer.
 //! Ignored by default: timings only mean something in release,
-//! `cargo test --release --test decode_bench -- --ignored --nocapture`.
+//! `cargo test --release --test it decode_bench -- --ignored --nocapture`.
 
 use vlmpipe::decode::{BenchConfig, bench_grammars};
 use vlmpipe::testing::shared_path;

@@ -3,9 +3,8 @@
 //! resume, errors name their cause, and everything downloaded is then found offline, by the
 //! library and by `vlmpipe run` with the server gone.
 
-#[path = "data_support/mod.rs"]
-mod data_support;
-mod hub_support;
+use crate::data_support;
+use crate::hub_support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Target-name validation on a real LFM2-VL, merging an adapter into a Hub-layout checkpoint, and
 //! the vlmpipe -> PEFT direction of adapter interop (`tests/reference/check_vlmpipe_adapter.py`).
 
-mod train_support;
+use crate::train_support;
 
 use std::path::{Path, PathBuf};
 

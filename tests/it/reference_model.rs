@@ -12,7 +12,7 @@
 //! Every case runs three times where the CPU has AVX-512F: dense weights, and weights packed for
 //! the portable and the AVX-512 kernel (as inference runs them).
 
-mod reference_support;
+use crate::reference_support;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use reference_support::{

@@ -62,7 +62,12 @@ fn killed_writer_leaves_no_trusted_entry_and_next_run_recomputes() {
     std::fs::create_dir_all(&root).unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new(exe)
-        .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "cache_kill::child_writer",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(KILL_CHILD_ENV, &root)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -165,7 +170,12 @@ fn dataset_stage_killed_mid_ingest_is_recomputed_identically() {
     let root = dir.path().join("cache");
     std::fs::create_dir_all(&root).unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_ingest", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "cache_kill::child_ingest",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(INGEST_CHILD_ENV, &root)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -3,10 +3,9 @@
 //!
 //! One test binary holds every scenario (each test binary is a separate link of the whole
 //! crate, which the 2-core CI pays for). The 10,000-image rerun benchmark is `#[ignore]`d:
-//! `cargo test --test pipeline_run -- --ignored --nocapture bench`.
+//! `cargo test --test it pipeline_run -- --ignored --nocapture bench`.
 
-#[path = "data_support/mod.rs"]
-mod data_support;
+use crate::data_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -870,7 +869,7 @@ fn examples_run_offline_or_say_what_they_need() {
     assert!(ran >= 3, "only {ran} example pipelines ran");
 }
 
-/// `--set` overrides that keep this test quick; `tests/quickstart.rs` runs the quickstart
+/// `--set` overrides that keep this test quick; `tests/it/quickstart.rs` runs the quickstart
 /// unchanged (and checks its numbers), so here it only has to run end to end offline.
 const EXAMPLE_SHRINK: &[(&str, &[&str])] = &[(
     "quickstart.vp",

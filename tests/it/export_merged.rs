@@ -3,10 +3,10 @@
 //! that transformers' Auto classes load (`model_type: lfm2_vl`).
 //!
 //! The merges here fold the committed PEFT fixture adapter (`lora/adapter_trained`, written by
-//! peft 0.21) into its base (tiny-nothumb); `tests/pipeline_finetune.rs` exports a trained stage
+//! peft 0.21) into its base (tiny-nothumb); `tests/it/pipeline_finetune.rs` exports a trained stage
 //! through the binary.
 
-mod train_support;
+use crate::train_support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Ingest and no-change-rerun measurements over a generated 10,000-image folder.
 //!
 //! Benchmarks, not timed tests: ignored by default, run with
-//! `cargo test --release --test data_bench -- --ignored --nocapture` (or the dev profile).
+//! `cargo test --release --test it data_bench -- --ignored --nocapture` (or the dev profile).
 
 use std::time::{Duration, Instant};
 

@@ -9,7 +9,7 @@
 //! nowhere) never wedges a run: training falls back to the newest intact checkpoint or starts
 //! over, says so, and still ends with the uninterrupted run's adapter.
 
-mod train_support;
+use crate::train_support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -102,7 +102,12 @@ fn checkpoint_step(dir: &Path) -> Option<usize> {
 fn kill_and_resume_matches_uninterrupted_run() -> TestResult {
     let killed = tempfile::tempdir()?;
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["--exact", "resume_child_entry", "--ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "train_resume::resume_child_entry",
+            "--ignored",
+            "--nocapture",
+        ])
         .env(CHILD_ENV, killed.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -9,8 +9,7 @@
 //! the real model and data into the real cache instead. Only `--set` shrinks sample sizes and
 //! steps. Skips when `../shared` is absent.
 
-#[path = "data_support/mod.rs"]
-mod data_support;
+use crate::data_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

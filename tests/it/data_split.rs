@@ -1,8 +1,6 @@
 //! Shuffles, samples and stratified splits: exact per-class counts, determinism (golden row ids
 //! for fixed seeds), independence from input order.
 
-mod data_support;
-
 use std::collections::BTreeSet;
 
 use vlmpipe::stages::data::{

@@ -1,7 +1,7 @@
 //! Hub resolution against a fake Hub cache in a temp folder (Python's layout: refs, snapshots
 //! of symlinks into blobs), offline: dataset split files, model folders, clear errors.
 
-mod data_support;
+use crate::data_support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,49 @@
+//! All integration tests, one binary (linking candle, arrow, parquet, llguidance and tokenizers
+//! once instead of once per file). `tests/README.md` says which module needs what.
+
+mod data_support;
+mod hub_support;
+mod reference_support;
+mod train_support;
+
+mod cache_kill;
+mod cache_store;
+mod cli_infer;
+mod cli_infer_grammar;
+mod data_bench;
+mod data_hub;
+mod data_sources;
+mod data_split;
+mod decode_bench;
+mod decode_grammar;
+mod decode_scoring;
+mod device;
+mod dsl_check;
+mod dsl_props;
+mod eval_export;
+mod eval_metrics;
+mod export_merged;
+mod hub_download;
+mod model_450m;
+mod model_adapter;
+mod model_config;
+mod model_generate;
+mod model_inputs;
+mod model_parity;
+mod model_portable;
+mod pipeline_eval;
+mod pipeline_finetune;
+mod pipeline_run;
+mod pipelines_hub;
+mod processor_reference;
+mod processor_robustness;
+mod quickstart;
+mod reference_model;
+mod reference_processor;
+mod report_html;
+mod run_outputs;
+mod runner;
+mod train_interop;
+mod train_learns;
+mod train_parity;
+mod train_resume;
