@@ -201,7 +201,7 @@ pub fn run(
         let identity = match (&partial, identity) {
             (None, Ok(identity)) => identity.clone(),
             _ => {
-                let fingerprints: Vec<Option<Fingerprint>> = states_fingerprints(&identities);
+                let fingerprints = known_fingerprints(&identities);
                 match identity_of(graph, stage, &inputs, &fingerprints) {
                     Ok(identity) => identity,
                     Err(Blocked::Input(reason) | Blocked::External(reason)) => {
@@ -336,25 +336,22 @@ fn names(missing: &[MissingInput]) -> String {
 
 /// Every selected stage's identity, in graph order (`None` for stages `--only` leaves out).
 fn identities(graph: &ExecGraph, selected: &[bool]) -> Vec<Option<Result<StageIdentity, Blocked>>> {
-    let mut out: Vec<Option<Result<StageIdentity, Blocked>>> = Vec::new();
+    let mut out = Vec::with_capacity(graph.nodes.len());
+    let mut fingerprints: Vec<Option<Fingerprint>> = Vec::with_capacity(graph.nodes.len());
     for (index, node) in graph.nodes.iter().enumerate() {
-        if !selected[index] {
-            out.push(None);
-            continue;
-        }
-        let fingerprints = states_fingerprints(&out);
-        out.push(Some(identity_of(
-            graph,
-            node.stage.as_ref(),
-            &node.inputs,
-            &fingerprints,
-        )));
+        let identity = selected[index]
+            .then(|| identity_of(graph, node.stage.as_ref(), &node.inputs, &fingerprints));
+        fingerprints.push(match &identity {
+            Some(Ok(identity)) => Fingerprint::parse(&identity.fingerprint).ok(),
+            _ => None,
+        });
+        out.push(identity);
     }
     out
 }
 
-/// The fingerprints known so far (one per node computed; `None` where blocked or unselected).
-fn states_fingerprints(
+/// The fingerprint of every node whose identity is known (`None` where blocked or unselected).
+fn known_fingerprints(
     identities: &[Option<Result<StageIdentity, Blocked>>],
 ) -> Vec<Option<Fingerprint>> {
     identities
