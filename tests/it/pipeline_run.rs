@@ -524,13 +524,7 @@ fn watch_reruns_on_save_and_survives_syntax_errors() {
     image_folder(&s.path("photos"), &["cat", "dog"], 10);
     s.write("pets.vp", FOLDER_PIPELINE);
     let mut child = s
-        .command(&[
-            "watch",
-            "pets.vp",
-            "--summary-json",
-            "summary.json",
-            "--quiet",
-        ])
+        .command(&["watch", "pets.vp", "--summary-json", "summary.json"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -623,13 +617,7 @@ fn watch_debounces_bursts_and_cancels_moot_runs() {
     let log_path = s.path("watch.log");
     let log = std::fs::File::create(&log_path).expect("log file");
     let mut child = s
-        .command(&[
-            "watch",
-            "shapes.vp",
-            "--summary-json",
-            "summary.json",
-            "--quiet",
-        ])
+        .command(&["watch", "shapes.vp", "--summary-json", "summary.json"])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
