@@ -11,6 +11,8 @@ use base64::engine::general_purpose::STANDARD;
 use image::{ImageFormat, RgbImage};
 use vlmpipe::stages::eval::{CSV_HEADER, EvalError, EvalRecord, MapImageSource, write_csv_export};
 
+use crate::support::assert_json_close;
+
 fn jpeg(width: u32, height: u32) -> Vec<u8> {
     let img = RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8, y as u8, 128]));
     let mut out = Vec::new();
@@ -134,42 +136,6 @@ fn eval_outputs_are_written_under_fixed_names_and_read_back() {
     for key in ["accuracy", "invalid_rate", "per_class", "confusion_matrix"] {
         assert!(json.get(key).is_some(), "metrics.json lacks `{key}`");
     }
-}
-
-/// Equality of two serialisable values up to 1e-12 relative error in floats: serde_json's default
-/// parser may differ from the written decimal in the last bit.
-fn assert_json_close<T: serde::Serialize>(a: &T, b: &T) {
-    fn walk(a: &serde_json::Value, b: &serde_json::Value, at: &str) {
-        use serde_json::Value;
-        match (a, b) {
-            (Value::Number(x), Value::Number(y)) => {
-                let (x, y) = (
-                    x.as_f64().unwrap_or(f64::NAN),
-                    y.as_f64().unwrap_or(f64::NAN),
-                );
-                assert!(
-                    (x - y).abs() <= 1e-12 * x.abs().max(1.0),
-                    "{at}: {x} != {y}"
-                );
-            }
-            (Value::Array(x), Value::Array(y)) => {
-                assert_eq!(x.len(), y.len(), "{at}: lengths");
-                for (i, (x, y)) in x.iter().zip(y).enumerate() {
-                    walk(x, y, &format!("{at}[{i}]"));
-                }
-            }
-            (Value::Object(x), Value::Object(y)) => {
-                assert_eq!(x.len(), y.len(), "{at}: keys");
-                for (k, x) in x {
-                    walk(x, &y[k], &format!("{at}.{k}"));
-                }
-            }
-            _ => assert_eq!(a, b, "{at}"),
-        }
-    }
-    let a = serde_json::to_value(a).expect("serialise");
-    let b = serde_json::to_value(b).expect("serialise");
-    walk(&a, &b, "$");
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_vlmpipe");

@@ -4,6 +4,7 @@
 mod data_support;
 mod hub_support;
 mod reference_support;
+mod support;
 mod train_support;
 
 mod cache_kill;
