@@ -132,6 +132,10 @@ pub struct DatasetParams {
     pub keep: KeepFilter,
     /// Images with a side larger than this are dropped (recorded, not silently lost).
     pub max_image_size: Option<u32>,
+    /// Images declaring more pixels than this are never decoded: their samples are error rows
+    /// (default: PIL's `MAX_IMAGE_PIXELS`, 89,478,485). Left out of the canonical form when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_image_pixels: Option<u64>,
     /// Row ids to drop (e.g. a known-bad sample).
     pub drop: Vec<String>,
 }

@@ -127,6 +127,7 @@ impl DatasetStage {
                     KeepFilter::RgbOnly => Some(vec!["RGB".to_owned()]),
                 },
                 max_image_size: params.max_image_size,
+                max_image_pixels: params.max_image_pixels,
                 drop: params.drop.clone(),
             },
             check: ImageCheck::Header,

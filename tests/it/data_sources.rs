@@ -73,6 +73,7 @@ fn hub_layout_parquet_with_filters_drops_errors_and_dedup() {
         modes: Some(vec!["RGB".to_owned()]),
         max_image_size: Some(500),
         drop: vec!["train-00001-of-00002:0".to_owned(), "train-9:9".to_owned()],
+        ..FilterSpec::default()
     };
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();

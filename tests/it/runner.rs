@@ -118,7 +118,7 @@ fn label_scores_equal_a_full_forward_of_each_answer() {
 mod eval_job {
     use super::*;
     use vlmpipe::decode::AnswerParser;
-    use vlmpipe::stages::eval::run::{AnswerMode, EvalJob, EvalSample};
+    use vlmpipe::stages::eval::run::{AnswerMode, EvalJob, EvalSample, SampleImage};
 
     fn samples() -> Vec<EvalSample> {
         let image = image::open(fixture("images/tiny_40x30.png"))
@@ -130,7 +130,7 @@ mod eval_job {
                 row_id: format!("row:{i}"),
                 image_id: format!("img{i}"),
                 ground_truth: if i % 2 == 0 { "cat" } else { "dog" }.to_owned(),
-                image: Ok(image.clone()),
+                image: SampleImage::Decoded(image.clone()),
                 decode_ms: 0.0,
                 conversation: conversation.clone(),
             })
@@ -139,7 +139,7 @@ mod eval_job {
             row_id: "row:broken".to_owned(),
             image_id: "broken".to_owned(),
             ground_truth: "dog".to_owned(),
-            image: Err("truncated JPEG".to_owned()),
+            image: SampleImage::Failed("truncated JPEG".to_owned()),
             decode_ms: 0.0,
             conversation,
         });

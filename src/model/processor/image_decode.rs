@@ -11,6 +11,10 @@
 //! `Convert.c`); we match both. JPEGs are decoded with libjpeg's algorithms, as PIL's are, so
 //! their pixels match PIL's exactly (see [`decode_jpeg`]). A file that cannot be decoded is a
 //! per-sample [`ImageError`], never a panic.
+//!
+//! Like PIL's `Image.MAX_IMAGE_PIXELS`, an image whose header declares more than a pixel cap
+//! ([`DEFAULT_MAX_IMAGE_PIXELS`] unless the dataset says `max_image_pixels`) is refused before
+//! any pixel buffer is allocated: a few hundred KB of PNG can otherwise decode to gigabytes.
 
 use std::io::Cursor;
 
@@ -53,8 +57,27 @@ impl From<image::ImageError> for ImageError {
     }
 }
 
-/// Decodes image file bytes to RGB8 with EXIF orientation applied.
+/// PIL's `Image.MAX_IMAGE_PIXELS` (about 9459 x 9459): 268 MB as 8-bit RGB.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 89_478_485;
+
+/// Decodes image file bytes to RGB8 with EXIF orientation applied, refusing images over
+/// [`DEFAULT_MAX_IMAGE_PIXELS`].
 pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
+    decode_image_capped(bytes, DEFAULT_MAX_IMAGE_PIXELS)
+}
+
+/// The error for an image whose header declares more than `max_pixels` pixels.
+fn too_many_pixels(width: u64, height: u64, max_pixels: u64) -> ImageError {
+    ImageError::TooLarge(format!(
+        "{width}x{height} is {} pixels, more than the limit of {max_pixels} \
+         (set `max_image_pixels` on the dataset to allow larger images)",
+        width.saturating_mul(height)
+    ))
+}
+
+/// [`decode_image`] with another pixel cap. The size is read from the header and checked
+/// before decoding, so a decompression bomb costs no allocation.
+pub fn decode_image_capped(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -75,9 +98,13 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
             .into_decoder()
             .ok()
             .and_then(|mut d| d.orientation().ok());
-        (orientation, decode_jpeg(bytes)?)
+        (orientation, decode_jpeg(bytes, max_pixels)?)
     } else {
         let mut decoder = reader.into_decoder()?;
+        let (w, h) = decoder.dimensions();
+        if u64::from(w) * u64::from(h) > max_pixels {
+            return Err(too_many_pixels(w.into(), h.into(), max_pixels));
+        }
         // A malformed EXIF block should not cost the image; PIL ignores it too.
         (
             decoder.orientation().ok(),
@@ -94,25 +121,20 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     Ok(to_rgb8(img))
 }
 
-/// Decoded JPEG pixels beyond this are refused (a 16k x 10k photo is 480 MB of RGB).
-const MAX_JPEG_PIXELS: usize = 160_000_000;
-
 /// Decodes a JPEG with libjpeg's algorithms and PIL's settings (accurate integer IDCT, fancy
 /// upsampling), so the pixels equal PIL's exactly. The `image` crate's decoder (zune-jpeg)
 /// differs from PIL by up to 6 levels in about 12% of the samples of the cats-vs-dogs photos.
 ///
 /// PIL reads every 4-channel JPEG as Adobe-inverted CMYK (`CMYK;I`) and converts it to RGB with
 /// `cmyk2rgb`; [`cmyk_to_rgb`] repeats that.
-fn decode_jpeg(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
+fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError> {
     // libjpeg reports fatal errors by unwinding (without the panic hook), caught here.
     let decoded = std::panic::catch_unwind(|| -> Result<DynamicImage, ImageError> {
         let io = |e: std::io::Error| ImageError::Decode(e.to_string());
         let decompress = mozjpeg::Decompress::new_mem(bytes).map_err(io)?;
         let (w, h) = (decompress.width(), decompress.height());
-        if w.saturating_mul(h) > MAX_JPEG_PIXELS {
-            return Err(ImageError::TooLarge(format!(
-                "{w}x{h} pixels is more than {MAX_JPEG_PIXELS}"
-            )));
+        if (w as u64).saturating_mul(h as u64) > max_pixels {
+            return Err(too_many_pixels(w as u64, h as u64, max_pixels));
         }
         let (w32, h32) = (
             u32::try_from(w).map_err(|e| ImageError::TooLarge(e.to_string()))?,

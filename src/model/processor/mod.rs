@@ -21,7 +21,7 @@ mod resize;
 
 pub use config::{ConfigError, ProcessorConfig};
 pub use expand::{ExpandError, ImageTokenStrings, expand_image_placeholders, image_token_text};
-pub use image_decode::{ImageError, decode_image};
+pub use image_decode::{DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image, decode_image_capped};
 pub use image_processor::{
     ImageProcessor, ImageTensors, ProcessError, ProcessedImage, stack_images,
 };

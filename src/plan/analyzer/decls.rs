@@ -87,6 +87,7 @@ impl<'f> Analyzer<'f, '_> {
                 "labels",
                 "keep",
                 "max_image_size",
+                "max_image_pixels",
                 "drop",
             ],
         );
@@ -129,6 +130,12 @@ impl<'f> Analyzer<'f, '_> {
             Some(e) => self.expect_u32(e, "max_image_size", 1).map(Some),
             None => Some(None),
         };
+        let max_image_pixels = match self.optional_expr(&f, "max_image_pixels") {
+            Some(e) => self
+                .expect_u32(e, "max_image_pixels", 1)
+                .map(|n| Some(u64::from(n))),
+            None => Some(None),
+        };
         let drop = match self.optional_expr(&f, "drop") {
             Some(e) => self.expect_str_list(e, "drop"),
             None => Some(Vec::new()),
@@ -140,6 +147,7 @@ impl<'f> Analyzer<'f, '_> {
             labels: labels?,
             keep: keep?,
             max_image_size: max_image_size?,
+            max_image_pixels: max_image_pixels?,
             drop: drop?,
         })
     }

@@ -3,7 +3,8 @@
 //! Per chunk of rows: explicit drops first (their images are never read), then the label
 //! (an unmapped or missing label stops the stage with an error naming the row: a wrong mapping
 //! is a pipeline bug, not bad data), then the image is loaded and probed in parallel across
-//! `threads` (an unreadable image is recorded in `errors.parquet` and the run goes on), then the
+//! `threads` (an unreadable image is recorded in `errors.parquet` and the run goes on; a full
+//! check decodes with the `max_image_pixels` cap), then the
 //! `keep` mode and `max_image_size` filters (recorded in `filtered.parquet`). Kept rows keep the
 //! source's order.
 
@@ -23,6 +24,7 @@ use super::{
     DataError, ERRORS_FILE, FILTERED_FILE, IMAGES_FILE, ImageCheck, ImageInfo, LabelSpec,
     ROWS_FILE, RowRecord, RowTable, SourceSpec, probe_image, write_rows,
 };
+use crate::model::processor::{DEFAULT_MAX_IMAGE_PIXELS, decode_image_capped};
 
 /// Row filters of a dataset.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -31,8 +33,20 @@ pub struct FilterSpec {
     pub modes: Option<Vec<String>>,
     /// Drop images whose longest side exceeds this many pixels.
     pub max_image_size: Option<u32>,
+    /// Decoding refuses images whose header declares more pixels than this (`None`:
+    /// [`DEFAULT_MAX_IMAGE_PIXELS`], PIL's cap): a full check records them in `errors.parquet`,
+    /// an eval as error rows. Skipped in serialisation when unset so fingerprints keep their shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_image_pixels: Option<u64>,
     /// Row ids to drop; ids that match no row are reported in [`IngestReport::unknown_drop_ids`].
     pub drop: Vec<String>,
+}
+
+impl FilterSpec {
+    /// The decoded-pixel cap in force.
+    pub fn max_pixels(&self) -> u64 {
+        self.max_image_pixels.unwrap_or(DEFAULT_MAX_IMAGE_PIXELS)
+    }
 }
 
 /// Everything the dataset stage needs.
@@ -352,7 +366,13 @@ fn load_and_probe(image: RawImage, spec: &DatasetSpec) -> Probed {
         },
         RawImage::Missing(reason) => return Err(reason),
     };
-    let info = probe_image(&bytes, spec.check)?;
+    let info = probe_image(&bytes, ImageCheck::Header)?;
+    // An image over the pixel cap is kept here: whoever decodes it (an eval, a fine-tune)
+    // refuses it from its header and records that sample as an error, counted as wrong.
+    if spec.check == ImageCheck::Full {
+        decode_image_capped(&bytes, spec.filters.max_pixels())
+            .map_err(|e| format!("decode failed: {e}"))?;
+    }
     Ok((image_id(&bytes), bytes, info))
 }
 

@@ -49,7 +49,9 @@ pub const ERRORS_FILE: &str = "errors.parquet";
 pub const FILTERED_FILE: &str = "filtered.parquet";
 
 /// Version of the data stages' output; part of their fingerprints (bump when outputs change).
-pub const DATA_CODE_VERSION: u32 = 1;
+// 2: folder entries that cannot be read (dangling links, loops) are error rows, not a failed
+//    stage; a full check decodes as the model does, with the pixel cap.
+pub const DATA_CODE_VERSION: u32 = 2;
 
 /// Errors of the data stages. Bad images are not errors (they go to `errors.parquet`).
 #[derive(Debug, thiserror::Error)]

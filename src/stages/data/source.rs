@@ -116,7 +116,20 @@ impl SourceSpec {
             SourceSpec::ParquetDir { dir, split, config } => {
                 parquet_dir_files(dir, split, config.as_deref())?
             }
-            SourceSpec::Folder { dir } => folder_rows(dir)?.into_iter().map(|r| r.1).collect(),
+            SourceSpec::Folder { dir } => {
+                // Unreadable entries have no metadata; their paths still enter the digest.
+                let mut hasher = blake3::Hasher::new();
+                let mut files = Vec::new();
+                for entry in folder_rows(dir)? {
+                    if entry.problem.is_some() {
+                        hasher.update(entry.path.to_string_lossy().as_bytes());
+                        hasher.update(&[0]);
+                    } else {
+                        files.push(entry.path);
+                    }
+                }
+                return stamp_files(&files, hasher);
+            }
             SourceSpec::Csv { path } | SourceSpec::Jsonl { path } => {
                 let mut files = vec![path.clone()];
                 for row in text_rows(self, path, &LabelSpec::FromSource, image_column, true)? {
@@ -130,23 +143,7 @@ impl SourceSpec {
                 return Ok(serde_json::json!({ "synthetic": spec }));
             }
         };
-        let mut hasher = blake3::Hasher::new();
-        for path in &files {
-            let meta = std::fs::metadata(path).map_err(DataError::io(path))?;
-            let mtime = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            hasher.update(path.to_string_lossy().as_bytes());
-            hasher.update(&[0]);
-            hasher.update(&meta.len().to_le_bytes());
-            hasher.update(&mtime.to_le_bytes());
-        }
-        Ok(serde_json::json!({
-            "files": files.len(),
-            "digest": hasher.finalize().to_hex().to_string(),
-        }))
+        stamp_files(&files, blake3::Hasher::new())
     }
 
     /// The number of rows the source will yield, when cheap to know (for progress bars).
@@ -173,15 +170,25 @@ impl SourceSpec {
             SourceSpec::Folder { dir } => {
                 let rows: Vec<RawRow> = folder_rows(dir)?
                     .into_iter()
-                    .map(|(rel, path, class)| RawRow {
-                        row_id: rel,
-                        image: RawImage::File(path),
-                        // A mapping applies to folder names (`0/`, `1/`); otherwise they are classes.
-                        label: match label {
-                            LabelSpec::Mapped { .. } => RawLabel::Text(class),
-                            _ => RawLabel::Given(class),
+                    .map(
+                        |FolderEntry {
+                             id,
+                             path,
+                             class,
+                             problem,
+                         }| RawRow {
+                            row_id: id,
+                            image: match problem {
+                                Some(reason) => RawImage::Missing(reason),
+                                None => RawImage::File(path),
+                            },
+                            // A mapping applies to folder names (`0/`, `1/`); otherwise they are classes.
+                            label: match label {
+                                LabelSpec::Mapped { .. } => RawLabel::Text(class),
+                                _ => RawLabel::Given(class),
+                            },
                         },
-                    })
+                    )
                     .collect();
                 Ok(chunked(rows))
             }
@@ -203,6 +210,29 @@ impl SourceSpec {
             }
         }
     }
+}
+
+/// Adds path, size and mtime of each of `files` to `hasher`: a source's stamp.
+fn stamp_files(
+    files: &[PathBuf],
+    mut hasher: blake3::Hasher,
+) -> Result<serde_json::Value, DataError> {
+    for path in files {
+        let meta = std::fs::metadata(path).map_err(DataError::io(path))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        hasher.update(path.to_string_lossy().as_bytes());
+        hasher.update(&[0]);
+        hasher.update(&meta.len().to_le_bytes());
+        hasher.update(&mtime.to_le_bytes());
+    }
+    Ok(serde_json::json!({
+        "files": files.len(),
+        "digest": hasher.finalize().to_hex().to_string(),
+    }))
 }
 
 /// Total rows of Parquet files from their footers.
@@ -246,8 +276,20 @@ fn parquet_dir_files(
     Ok(chosen.iter().map(|rel| dir.join(rel)).collect())
 }
 
-/// `(relative id, path, class)` of every image in a class-per-folder tree, sorted by id.
-fn folder_rows(dir: &Path) -> Result<Vec<(String, PathBuf, String)>, DataError> {
+/// One image entry of a class-per-folder tree.
+struct FolderEntry {
+    /// The path relative to the folder, `/`-separated: the row id.
+    id: String,
+    path: PathBuf,
+    class: String,
+    /// Why the entry cannot be read (a dangling link, a link loop), recorded as an error row.
+    problem: Option<String>,
+}
+
+/// Every image in a class-per-folder tree, sorted by id. Files without an image extension are
+/// skipped, even when unreadable; an image entry (or a link loop) that cannot be read becomes an
+/// entry with its problem, so one bad link costs its row, not the dataset.
+fn folder_rows(dir: &Path) -> Result<Vec<FolderEntry>, DataError> {
     if !dir.is_dir() {
         return Err(DataError::BadSource {
             what: "image folder",
@@ -255,35 +297,77 @@ fn folder_rows(dir: &Path) -> Result<Vec<(String, PathBuf, String)>, DataError> 
             message: "not a folder".to_owned(),
         });
     }
-    let mut rows = Vec::new();
-    for item in WalkDir::new(dir).min_depth(2).follow_links(true) {
-        let item = item.map_err(|e| DataError::Io {
-            path: dir.to_path_buf(),
-            source: e.into(),
-        })?;
-        let is_image = item
-            .path()
-            .extension()
+    let has_image_extension = |path: &Path| {
+        path.extension()
             .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-        if !item.file_type().is_file() || !is_image {
-            continue;
-        }
-        let Ok(rel) = item.path().strip_prefix(dir) else {
-            continue;
-        };
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+    };
+    // `(id, class)` of a path inside `dir` with a class folder component.
+    let id_and_class = |path: &Path| -> Option<(String, String)> {
+        let rel = path.strip_prefix(dir).ok()?;
         let parts: Vec<String> = rel
             .components()
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
             .collect();
+        (parts.len() >= 2).then(|| (parts.join("/"), parts[0].clone()))
+    };
+    let mut rows = Vec::new();
+    for item in WalkDir::new(dir).min_depth(2).follow_links(true) {
+        let item = match item {
+            Ok(item) => item,
+            Err(e) => {
+                let Some(path) = e.path().map(Path::to_path_buf) else {
+                    return Err(DataError::Io {
+                        path: dir.to_path_buf(),
+                        source: e.into(),
+                    });
+                };
+                if e.depth() == 0 {
+                    return Err(DataError::Io {
+                        path: dir.to_path_buf(),
+                        source: e.into(),
+                    });
+                }
+                let is_loop = e.loop_ancestor().is_some();
+                let Some((id, class)) = id_and_class(&path) else {
+                    continue;
+                };
+                if !is_loop && !has_image_extension(&path) {
+                    continue;
+                }
+                let problem = match e.loop_ancestor() {
+                    Some(ancestor) => format!(
+                        "symlink loop: `{}` points to its ancestor `{}`",
+                        path.display(),
+                        ancestor.display()
+                    ),
+                    None => format!("cannot read `{}`: {}", path.display(), e),
+                };
+                rows.push(FolderEntry {
+                    id,
+                    path,
+                    class,
+                    problem: Some(problem),
+                });
+                continue;
+            }
+        };
+        if !item.file_type().is_file() || !has_image_extension(item.path()) {
+            continue;
+        }
         // min_depth(2) guarantees a class folder component.
-        let Some(class) = parts.first().cloned() else {
+        let Some((id, class)) = id_and_class(item.path()) else {
             continue;
         };
-        rows.push((parts.join("/"), item.path().to_path_buf(), class));
+        rows.push(FolderEntry {
+            id,
+            path: item.path().to_path_buf(),
+            class,
+            problem: None,
+        });
     }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    if rows.is_empty() {
+    rows.sort_by(|a, b| a.id.cmp(&b.id));
+    if rows.iter().all(|r| r.problem.is_some()) {
         return Err(DataError::BadSource {
             what: "image folder",
             path: dir.to_path_buf(),

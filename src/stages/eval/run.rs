@@ -3,7 +3,12 @@
 //!
 //! A sample whose image cannot be decoded still gets a record (invalid, with the reason as its raw
 //! output), so it counts in the denominator rather than vanishing.
+//!
+//! Images arrive encoded and are decoded one at a time, right before their sample is prepared;
+//! the full-size pixels are dropped as soon as the processor has resized them. A batch therefore
+//! holds at most one full-size image (bounded by the pixel cap) plus its samples' resized views.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,15 +19,40 @@ use crate::decode::{Answer, AnswerParser, CompiledGrammar, LabelScorer};
 use crate::model::chat::Conversation;
 use crate::runner::{DecodeOptions, ModelRunner, PreparedPrompt, RunnerError};
 
+/// A sample's image as handed to the job.
+pub enum SampleImage {
+    /// Encoded file bytes, decoded with this pixel cap when the sample is prepared.
+    Encoded { bytes: Vec<u8>, max_pixels: u64 },
+    /// Pixels decoded by the caller.
+    Decoded(RgbImage),
+    /// Why no image could be read.
+    Failed(String),
+}
+
+impl SampleImage {
+    /// The pixels, decoding them if needed, or why there are none.
+    fn pixels(&self) -> Result<Cow<'_, RgbImage>, String> {
+        match self {
+            SampleImage::Encoded { bytes, max_pixels } => {
+                crate::model::processor::decode_image_capped(bytes, *max_pixels)
+                    .map(Cow::Owned)
+                    .map_err(|e| e.to_string())
+            }
+            SampleImage::Decoded(image) => Ok(Cow::Borrowed(image)),
+            SampleImage::Failed(reason) => Err(reason.clone()),
+        }
+    }
+}
+
 /// One sample to evaluate.
 pub struct EvalSample {
     pub row_id: String,
     pub image_id: String,
     pub ground_truth: String,
-    /// The decoded image, or why it could not be decoded.
-    pub image: Result<RgbImage, String>,
-    /// Time spent reading and decoding the image, in milliseconds (part of the sample's
-    /// latency).
+    /// The image, or why it could not be read.
+    pub image: SampleImage,
+    /// Time spent reading the image, in milliseconds (part of the sample's latency; decoding is
+    /// timed with the preparation).
     pub decode_ms: f64,
     pub conversation: Conversation,
 }
@@ -88,10 +118,10 @@ impl EvalJob<'_> {
         let mut own_ms: Vec<f64> = Vec::with_capacity(samples.len());
         for sample in samples {
             let started = Instant::now();
-            prepared.push(match &sample.image {
+            prepared.push(match sample.image.pixels() {
                 Ok(image) => self
                     .runner
-                    .prepare(&sample.conversation, std::slice::from_ref(image))
+                    .prepare(&sample.conversation, std::slice::from_ref(image.as_ref()))
                     .map(|mut prompt| {
                         prompt.sample_seed = Some(self.sample_seed(&sample.row_id));
                         prompt

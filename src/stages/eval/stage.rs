@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use serde_json::{Value, json};
 
-use super::run::{AnswerMode, EvalJob, EvalSample};
+use super::run::{AnswerMode, EvalJob, EvalSample, SampleImage};
 use super::{
     METRICS_FILE, MetricsOptions, PREDICTIONS_CSV_FILE, RECORDS_FILE, REPORT_FILE, compute_metrics,
     write_eval_outputs,
@@ -20,6 +20,7 @@ use crate::exec::{Export, Stage, StageContext, StageError, StageOutcome};
 use crate::model::checkpoint::LoadOptions;
 use crate::model::device::device_label;
 use crate::model::generate::Sampling;
+use crate::model::processor::DEFAULT_MAX_IMAGE_PIXELS;
 use crate::plan::params::{EvalParams, ParamValue, PromptParams, Scoring};
 use crate::plan::{Node, NodeParams, Plan};
 use crate::runner::{DecodeOptions, ModelRunner};
@@ -48,6 +49,8 @@ pub struct EvalStage {
     data_slot: usize,
     data_file: String,
     dataset_slot: usize,
+    /// The dataset's pixel cap (`max_image_pixels`), applied again when decoding.
+    max_image_pixels: u64,
     export_dir: PathBuf,
     /// Finds the model's folders on this machine (never part of a fingerprint).
     models: ModelResolver,
@@ -71,6 +74,12 @@ pub fn lower_eval(
     };
     let prompt = prompt_of(node, plan, &params.prompt)?;
     let grammar = grammar_of(node, plan, params.output.as_ref())?;
+    let dataset = root_dataset(&params.data, plan);
+    let max_image_pixels = match plan.node(dataset).map(|n| &n.params) {
+        Some(NodeParams::Dataset(d)) => d.max_image_pixels,
+        _ => None,
+    }
+    .unwrap_or(DEFAULT_MAX_IMAGE_PIXELS);
     Ok(Box::new(EvalStage {
         canonical: node.canonical_params(),
         params: params.clone(),
@@ -80,7 +89,8 @@ pub fn lower_eval(
         model_slot: inputs.input_index(params.model.id)?,
         data_slot: inputs.input_index(params.data.node.id)?,
         data_file: data_file(&params.data, plan),
-        dataset_slot: inputs.input_index(root_dataset(&params.data, plan))?,
+        dataset_slot: inputs.input_index(dataset)?,
+        max_image_pixels,
         export_dir: ctx.evals_dir.join(&node.name),
         models: ModelResolver::from_lower(ctx),
         device: ctx.device.clone(),
@@ -142,20 +152,21 @@ impl Stage for EvalStage {
                     },
                     &self.pipeline_params,
                 )?;
-                let decode_started = Instant::now();
-                let image = images
-                    .get(&row.image_id)
-                    .map_err(|e| e.to_string())
-                    .and_then(|stored| {
-                        crate::model::processor::decode_image(&stored.bytes)
-                            .map_err(|e| e.to_string())
-                    });
+                let read_started = Instant::now();
+                // Kept encoded: the job decodes one image at a time (see `run`).
+                let image = match images.get(&row.image_id) {
+                    Ok(stored) => SampleImage::Encoded {
+                        bytes: stored.bytes,
+                        max_pixels: self.max_image_pixels,
+                    },
+                    Err(e) => SampleImage::Failed(e.to_string()),
+                };
                 samples.push(EvalSample {
                     row_id: row.row_id.clone(),
                     image_id: row.image_id.clone(),
                     ground_truth: row.label.clone(),
                     image,
-                    decode_ms: decode_started.elapsed().as_secs_f64() * 1000.0,
+                    decode_ms: read_started.elapsed().as_secs_f64() * 1000.0,
                     conversation: rendered.conversation(),
                 });
             }

@@ -151,3 +151,99 @@ pub fn tiny_checkpoint_files() -> Vec<(String, Vec<u8>)> {
     files.sort();
     files
 }
+
+/// Hostile image files (issue 14): headers that declare huge sizes over a few bytes of data,
+/// and a PNG whose deflate stream is corrupt. All are small; none should ever be decoded.
+pub mod hostile {
+    use super::{DynamicImage, ImageFormat, encode};
+
+    /// CRC-32 (ISO-HDLC, PNG's), bitwise: fine for a few bytes.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
+        let start = out.len();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let crc = crc32(&out[start..]);
+        out.extend_from_slice(&crc.to_be_bytes());
+    }
+
+    /// An 8-bit RGB PNG whose (valid, CRC-checked) IHDR declares `width` x `height`, followed
+    /// by a tiny zlib stream of zero rows and IEND: a bomb's header without its body.
+    pub fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&width.to_be_bytes());
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        chunk(&mut out, b"IHDR", &ihdr);
+        // zlib header, then a stored empty final block, then Adler-32 of nothing.
+        chunk(
+            &mut out,
+            b"IDAT",
+            &[0x78, 0x01, 0x01, 0, 0, 0xFF, 0xFF, 0, 0, 0, 1],
+        );
+        chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    /// A real 64x64 PNG with the middle of its IDAT data overwritten (CRC recomputed, so the
+    /// chunk is well-formed and only the deflate stream is corrupt).
+    pub fn png_corrupt_deflate() -> Vec<u8> {
+        let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let mut png = encode(DynamicImage::ImageRgb8(img), ImageFormat::Png);
+        let idat = png.windows(4).position(|w| w == b"IDAT").unwrap();
+        let len = u32::from_be_bytes(png[idat - 4..idat].try_into().unwrap()) as usize;
+        let data = idat + 4;
+        for b in &mut png[data + 2..data + len - 4] {
+            *b = 0xFF;
+        }
+        let crc = crc32(&png[idat..data + len]);
+        png[data + len..data + len + 4].copy_from_slice(&crc.to_be_bytes());
+        png
+    }
+
+    /// A real small JPEG whose frame header declares `width` x `height` (at most 65535).
+    pub fn jpeg_declaring(width: u16, height: u16) -> Vec<u8> {
+        let mut jpeg = super::rgb_jpeg(16, 16, 40);
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        jpeg[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+        jpeg[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+        jpeg
+    }
+
+    /// A real small BMP whose header declares `width` x `height`.
+    pub fn bmp_declaring(width: i32, height: i32) -> Vec<u8> {
+        let img = image::RgbImage::from_pixel(4, 4, image::Rgb([1, 2, 3]));
+        let mut bmp = encode(DynamicImage::ImageRgb8(img), ImageFormat::Bmp);
+        bmp[18..22].copy_from_slice(&width.to_le_bytes());
+        bmp[22..26].copy_from_slice(&height.to_le_bytes());
+        bmp
+    }
+
+    /// The issue's six hostile files, by name: `(file name, bytes)`.
+    pub fn six() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("huge_20000.png", png_declaring(20_000, 20_000)),
+            ("corrupt_deflate.png", png_corrupt_deflate()),
+            ("declares_60000.png", png_declaring(60_000, 60_000)),
+            ("declares_2p31.png", png_declaring(1 << 31, 1 << 31)),
+            ("declares_65000.jpg", jpeg_declaring(65_000, 65_000)),
+            ("declares_50000.bmp", bmp_declaring(50_000, 50_000)),
+        ]
+    }
+}
