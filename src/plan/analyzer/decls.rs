@@ -5,13 +5,13 @@ use std::path::Path;
 
 use crate::dsl::ast::{Decl, Entry, Expr, ExprKind, KeyKind, StrLit};
 use crate::dsl::diagnostic::{Code, Diagnostic, did_you_mean};
-use crate::dsl::loader::lowercase_io;
 use crate::dsl::span::Span;
 use crate::plan::params::{
     AdapterSource, DataSource, DatasetParams, Dtype, KeepFilter, LabelMapEntry, LabelSet,
     LabelSpec, LabelsParams, MapKey, ModelParams, ModelSource, NodeParams, NodeRef, ParamValue,
     PromptParams, SplitMethod, SplitParams,
 };
+use crate::read_limits::{ReadKind, read_text_bounded};
 
 use super::{Analyzer, Args, Want};
 
@@ -495,7 +495,7 @@ impl<'f> Analyzer<'f, '_> {
                 };
                 let rel = self.expect_str(&arg.value, field)?;
                 let path = dir.join(&rel);
-                match std::fs::read_to_string(&path) {
+                match read_text_bounded(&path, ReadKind::Template) {
                     Ok(text) => {
                         let len = text.len();
                         let id = self.sources.add(&path, text.clone());
@@ -509,7 +509,7 @@ impl<'f> Analyzer<'f, '_> {
                         self.error(
                             Diagnostic::error(
                                 Code::Io,
-                                format!("cannot read template `{rel}`: {}", lowercase_io(&e)),
+                                format!("cannot read template `{rel}`: {e}"),
                             )
                             .at(arg.value.span)
                             .with_hint(format!(

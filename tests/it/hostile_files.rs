@@ -1,0 +1,182 @@
+//! Issue 14, "a pipeline file written by someone else": endless and oversized files are refused
+//! quickly by kind (pipeline source, template, schema, image), never read to the end.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use vlmpipe::plan::{CheckResult, load_pipeline};
+
+/// Runs `f` on a thread and fails the test if it takes longer than `secs` (a regression reads
+/// `/dev/zero` forever; the test must fail, not hang).
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
+}
+
+fn check(path: &Path) -> CheckResult {
+    let path = path.to_path_buf();
+    within(20, move || load_pipeline(&path, &[]))
+}
+
+fn messages(result: &CheckResult) -> Vec<String> {
+    result
+        .diagnostics
+        .iter()
+        .map(|d| d.message.clone())
+        .collect()
+}
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+}
+
+const HEAD: &str = "labels animals = [\"cat\", \"dog\"]\n";
+
+#[test]
+fn regression_14_import_of_an_endless_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    mkfifo(&dir.path().join("pipe.vp"));
+    let main = dir.path().join("main.vp");
+    std::fs::write(&main, format!("import \"pipe.vp\"\n{HEAD}")).unwrap();
+    let result = check(&main);
+    assert!(result.plan.is_none());
+    assert_eq!(
+        messages(&result),
+        [
+            "cannot read imported file `pipe.vp`: it is not a regular file (a pipeline source must be one)"
+        ]
+    );
+
+    std::fs::write(&main, format!("import \"/dev/zero\"\n{HEAD}")).unwrap();
+    let result = check(&main);
+    assert!(result.plan.is_none(), "{:?}", messages(&result));
+    assert!(
+        messages(&result)
+            .iter()
+            .any(|m| m.contains("`/dev/zero`") && m.contains("not a regular file")),
+        "{:?}",
+        messages(&result)
+    );
+}
+
+#[test]
+fn regression_14_an_oversized_pipeline_source_is_refused_naming_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("main.vp");
+    let big = std::fs::File::create(&main).unwrap();
+    big.set_len(3 << 20).unwrap();
+    let result = check(&main);
+    let got = messages(&result);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].starts_with("cannot read pipeline `")
+            && got[0]
+                .ends_with("main.vp`: it is larger than the 1 MiB limit for a pipeline source"),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn regression_14_endless_templates_and_schemas_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    mkfifo(&dir.path().join("user.j2"));
+    mkfifo(&dir.path().join("answer.json"));
+    let main = dir.path().join("main.vp");
+    std::fs::write(
+        &main,
+        format!(
+            "{HEAD}prompt ask {{ user = file(\"user.j2\") }}\n\
+             grammar answer = json_schema(\"answer.json\")\n"
+        ),
+    )
+    .unwrap();
+    let result = check(&main);
+    let got = messages(&result);
+    assert!(
+        got.contains(
+            &"cannot read template `user.j2`: it is not a regular file (a template must be one)"
+                .to_owned()
+        ),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(
+            &"cannot read json schema `answer.json`: it is not a regular file (a json schema must be one)"
+                .to_owned()
+        ),
+        "{got:?}"
+    );
+
+    // A regular file over the limit is refused without being read in full.
+    std::fs::remove_file(dir.path().join("user.j2")).unwrap();
+    let big = std::fs::File::create(dir.path().join("user.j2")).unwrap();
+    big.set_len(2 << 20).unwrap();
+    let result = check(&main);
+    let got = messages(&result);
+    assert!(
+        got.contains(
+            &"cannot read template `user.j2`: it is larger than the 1 MiB limit for a template"
+                .to_owned()
+        ),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn regression_14_endless_and_oversized_images_are_error_rows() {
+    use vlmpipe::stages::data::{DatasetSpec, LabelSpec, SourceSpec, ingest};
+    let dir = tempfile::tempdir().unwrap();
+    mkfifo(&dir.path().join("pipe.jpg"));
+    let big = std::fs::File::create(dir.path().join("big.jpg")).unwrap();
+    big.set_len(65 << 20).unwrap();
+    std::fs::write(
+        dir.path().join("ok.jpg"),
+        crate::data_support::rgb_jpeg(9, 9, 1),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("list.csv"),
+        "file,label\npipe.jpg,cat\nbig.jpg,dog\nok.jpg,cat\n",
+    )
+    .unwrap();
+    let mut spec = DatasetSpec::new(SourceSpec::Csv {
+        path: dir.path().join("list.csv"),
+    });
+    spec.image_column = "file".to_owned();
+    spec.label = LabelSpec::Names {
+        column: "label".to_owned(),
+    };
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let report = within(30, move || {
+        ingest(&spec, &out, &indicatif::ProgressBar::hidden()).map_err(|e| e.to_string())
+    })
+    .unwrap();
+    assert_eq!(report.rows_kept, 1);
+    let mut reasons: Vec<&str> = report
+        .error_examples
+        .iter()
+        .map(|(_, reason)| reason.as_str())
+        .collect();
+    reasons.sort_unstable();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("cannot read `")
+            && reasons[0].ends_with("big.jpg`: it is larger than the 64 MiB limit for an image"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].starts_with("cannot read `")
+            && reasons[1].ends_with("pipe.jpg`: it is not a regular file (an image must be one)"),
+        "{reasons:?}"
+    );
+}
