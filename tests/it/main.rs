@@ -23,7 +23,7 @@ mod dsl_props;
 mod eval_export;
 mod eval_metrics;
 mod export_merged;
-mod hostile_files;
+mod hostile_pipeline;
 mod hub_download;
 mod model_450m;
 mod model_adapter;

@@ -180,3 +180,49 @@ fn regression_14_endless_and_oversized_images_are_error_rows() {
         "{reasons:?}"
     );
 }
+
+fn render_user(template: &str) -> Result<String, String> {
+    use vlmpipe::plan::params::PromptParams;
+    use vlmpipe::stages::prompt::{RowContext, render_prompt};
+    let prompt = PromptParams {
+        system: None,
+        user: template.to_owned(),
+    };
+    within(20, move || {
+        let row = RowContext {
+            row_id: "r1".to_owned(),
+            ..RowContext::default()
+        };
+        render_prompt(&prompt, &[], &row, &Default::default())
+            .map(|r| r.user)
+            .map_err(|e| e.to_string())
+    })
+}
+
+#[test]
+fn regression_14_an_endless_template_loop_is_stopped_naming_the_line() {
+    let err = render_user(
+        "Describe the image.\n\
+         {% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "prompt template `user` for row `r1` stopped at line 2: it exceeded its work budget \
+         (1000000 steps); a loop or filter runs too long for a prompt"
+    );
+}
+
+#[test]
+fn regression_14_template_output_is_bounded() {
+    let err = render_user("ok\n\n{{ 'x' * 2000000 }}").unwrap_err();
+    assert_eq!(
+        err,
+        "prompt template `user` for row `r1` was stopped: its output exceeds the 1 MiB limit for a prompt"
+    );
+    // Ordinary prompts, loops over labels included, still render.
+    assert_eq!(
+        render_user("{% for i in range(3) %}{{ i }}{% endfor %}").unwrap(),
+        "012"
+    );
+}
