@@ -226,3 +226,74 @@ fn regression_14_template_output_is_bounded() {
         "012"
     );
 }
+
+/// Terminal control sequences a hostile pipeline could carry: clear screen, set the window
+/// title, carriage return (overwrite the line), a C1 CSI.
+const ESCAPES: &str = "\u{1b}[2J\u{1b}]0;owned\u{7}\r\u{9b}31m";
+
+fn assert_no_control(text: &str) {
+    assert!(
+        !text
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t'),
+        "raw control characters reach the terminal: {text:?}"
+    );
+}
+
+#[test]
+fn regression_14_diagnostics_escape_control_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join(format!("{ESCAPES}main.vp"));
+    std::fs::write(
+        &main,
+        format!("{HEAD}labels broken = [\"cat\" \"{ESCAPES}\"] // {ESCAPES}\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlmpipe"))
+        .arg("check")
+        .arg(&main)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_no_control(&stderr);
+    // The excerpt still shows the text, escaped visibly, with the caret under the error.
+    assert!(
+        stderr.contains("\\u{1b}[2J\\u{1b}]0;owned\\u{7}\\u{d}\\u{9b}31m"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn regression_14_errors_and_the_run_summary_escape_control_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = format!("{}/{ESCAPES}tokenizer.json", dir.path().display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlmpipe"))
+        .args(["bench", "grammar", "--tokenizer", &path])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tokenizer.json"), "{stderr}");
+    assert_no_control(&stderr);
+
+    use vlmpipe::exec::{RunSummary, StageReport, StageStatus};
+    let summary = RunSummary {
+        stages: vec![StageReport {
+            name: "ask".to_owned(),
+            kind: "eval".to_owned(),
+            status: StageStatus::Failed,
+            fingerprint: String::new(),
+            seconds: 0.0,
+            outputs: Vec::new(),
+            reason: Some(format!("prompt template failed: `{ESCAPES}`")),
+            warnings: vec![format!("row `{ESCAPES}` rejected")],
+        }],
+        seconds: 0.0,
+        success: false,
+        dry_run: false,
+    };
+    let table = summary.render_table();
+    assert_no_control(&table);
+    assert!(table.contains("`\\u{1b}[2J"), "{table}");
+}
