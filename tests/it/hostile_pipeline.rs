@@ -297,3 +297,38 @@ fn regression_14_errors_and_the_run_summary_escape_control_characters() {
     assert_no_control(&table);
     assert!(table.contains("`\\u{1b}[2J"), "{table}");
 }
+
+#[test]
+fn regression_14_a_hub_revision_cannot_be_a_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("main.vp");
+    let pipeline = |revision: &str| {
+        format!(
+            "{HEAD}model m = hf(\"org/model\", revision: \"{revision}\")\n\
+             dataset d {{ source = hf(\"org/data\", revision: \"{revision}\") label = \"label\" labels = animals }}\n\
+             prompt p {{ user = \"What is it?\" }}\n\
+             eval e {{ model = m data = d prompt = p labels = animals output = one_of(animals) }}\n"
+        )
+    };
+    std::fs::write(&main, pipeline("../../../../home/secret.txt")).unwrap();
+    let result = check(&main);
+    assert!(result.plan.is_none());
+    let expected = "`../../../../home/secret.txt` is not a hub revision: it holds `..`";
+    assert_eq!(messages(&result), [expected, expected]);
+
+    for bad in ["/etc/passwd", "main/", "a//b", "refs/.hidden", "x\\u{1b}y"] {
+        std::fs::write(&main, pipeline(bad)).unwrap();
+        let result = check(&main);
+        assert!(result.plan.is_none(), "{bad:?} passed");
+    }
+    for good in [
+        "main",
+        "feature/new-head",
+        "v1.0",
+        "0123456789abcdef0123456789abcdef01234567",
+    ] {
+        std::fs::write(&main, pipeline(good)).unwrap();
+        let result = check(&main);
+        assert!(result.plan.is_some(), "{good:?}: {:?}", messages(&result));
+    }
+}

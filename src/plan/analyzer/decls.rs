@@ -162,6 +162,9 @@ impl<'f> Analyzer<'f, '_> {
                     None => Some("train".to_owned()),
                 };
                 let revision = self.optional_str_arg(&args, "revision")?;
+                if let (Some(rev), Some(e)) = (&revision, args.get("revision")) {
+                    self.expect_revision(rev, e.span)?;
+                }
                 let config = self.optional_str_arg(&args, "config")?;
                 Some(DataSource::Hf {
                     repo: repo?,
@@ -263,6 +266,22 @@ impl<'f> Analyzer<'f, '_> {
             return None;
         }
         Some(repo)
+    }
+
+    /// A Hub `revision:` that can only name a ref (see [`crate::hub::revision_problem`]).
+    fn expect_revision(&mut self, revision: &str, span: Span) -> Option<()> {
+        let Some(problem) = crate::hub::revision_problem(revision) else {
+            return Some(());
+        };
+        self.error(
+            Diagnostic::error(
+                Code::BadValue,
+                format!("`{revision}` is not a hub revision: {problem}"),
+            )
+            .at(span)
+            .with_hint("use a branch (`main`, `feature/x`), a tag (`v1.0`) or a 40-hex commit"),
+        );
+        None
     }
 
     pub(super) fn build_label_spec(
@@ -567,7 +586,9 @@ impl<'f> Analyzer<'f, '_> {
                     .required_arg(&args, "repo")
                     .and_then(|e| self.expect_repo(e));
                 let revision = match args.get("revision") {
-                    Some(e) => self.expect_str(e, "revision"),
+                    Some(e) => self
+                        .expect_str(e, "revision")
+                        .and_then(|rev| self.expect_revision(&rev, e.span).map(|()| rev)),
                     None => Some("main".to_owned()),
                 };
                 let dtype = self.dtype_arg(&args);
@@ -652,6 +673,9 @@ impl<'f> Analyzer<'f, '_> {
             && crate::model::resolve::is_hub_id(id)
             && revision.is_none_or(|r| !r.is_empty())
         {
+            if let Some(rev) = revision {
+                self.expect_revision(rev, expr.span)?;
+            }
             return Some(AdapterSource::Hf {
                 repo: id.to_owned(),
                 revision: revision.unwrap_or("main").to_owned(),
