@@ -107,6 +107,37 @@ impl std::fmt::Display for RepoKind {
     }
 }
 
+/// Why `revision` cannot name a Hub revision, if it cannot.
+///
+/// A revision becomes a path under the Hub cache (`refs/<revision>`), and a pipeline file may
+/// come from someone else: `../../../../home/secret.txt` must not be read as a ref. Branch names
+/// with `/` (`feature/x`), tags and 40-hex commits pass; git's own ref rules refuse the rest
+/// (`..`, an empty or dot-leading component, a leading or trailing `/`, control characters).
+pub fn revision_problem(revision: &str) -> Option<&'static str> {
+    if revision.is_empty() {
+        return Some("it is empty");
+    }
+    if revision.len() > 255 {
+        return Some("it is longer than 255 bytes");
+    }
+    if revision.chars().any(|c| c.is_control() || c == '\\') {
+        return Some("it holds a control character or a backslash");
+    }
+    if revision.contains("..") {
+        return Some("it holds `..`");
+    }
+    if revision.starts_with('/') || revision.ends_with('/') {
+        return Some("it starts or ends with `/`");
+    }
+    if revision
+        .split('/')
+        .any(|part| part.is_empty() || part.starts_with('.'))
+    {
+        return Some("a `/`-separated part of it is empty or starts with `.`");
+    }
+    None
+}
+
 /// A repo at a revision (branch, tag or commit hash).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HubRepo {
@@ -273,6 +304,10 @@ impl Hub {
     /// The commit a revision points to in the local cache: the revision itself when it is a
     /// commit hash with a snapshot, otherwise the content of `refs/<revision>`.
     pub fn cached_commit(&self, repo: &HubRepo) -> Option<String> {
+        // Checked again here, not only in the checker, because the revision becomes a path.
+        if revision_problem(&repo.revision).is_some() {
+            return None;
+        }
         let base = self.config.cache_dir.join(repo.cache_folder());
         let is_hash =
             repo.revision.len() == 40 && repo.revision.bytes().all(|b| b.is_ascii_hexdigit());
@@ -402,6 +437,10 @@ impl Hub {
         let by_commit = refs.join(commit);
         if by_commit.is_file() {
             std::fs::remove_file(&by_commit).map_err(|e| io(&by_commit, e))?;
+        }
+        if revision_problem(&repo.revision).is_some() {
+            // Never write outside `refs/`; the lookup refuses such a revision too.
+            return Ok(());
         }
         let path = refs.join(&repo.revision);
         if let Some(parent) = path.parent() {
@@ -765,6 +804,24 @@ fn path_is_split(path: &str, split: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn revisions_name_refs_not_paths() {
+        for good in [
+            "main",
+            "feature/x",
+            "v1.0",
+            "refs/pr/1",
+            "0123456789abcdef0123456789abcdef01234567",
+        ] {
+            assert_eq!(revision_problem(good), None, "{good}");
+        }
+        for bad in [
+            "", "..", "../x", "a/../b", "/abs", "x/", "a//b", ".git", "a\u{1b}b", "a\\b",
+        ] {
+            assert!(revision_problem(bad).is_some(), "{bad:?}");
+        }
+    }
     use super::*;
 
     fn paths(list: &[&str]) -> Vec<String> {

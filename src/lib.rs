@@ -11,6 +11,7 @@ pub mod exec;
 pub mod hub;
 pub mod model;
 pub mod plan;
+pub mod read_limits;
 pub mod runner;
 pub mod stages;
 pub mod testing;

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::Outcome;
 use super::args::{DiagnosticFormat, GraphFormat, ParamOverrides};
+use crate::dsl::render::escape_control;
 use crate::plan::{self, CheckResult, Plan};
 
 /// Loads `file`, printing diagnostics (warnings too) to stderr. Returns the plan when there is no
@@ -35,7 +36,7 @@ pub(crate) fn check(
             if let Some(plan) = &result.plan {
                 println!(
                     "{}: ok, pipeline `{}` with {} stages",
-                    file.display(),
+                    escape_control(&file.display().to_string()),
                     plan.settings.name,
                     plan.nodes.len()
                 );
@@ -43,7 +44,7 @@ pub(crate) fn check(
                 let errors = result.diagnostics.iter().filter(|d| d.is_error()).count();
                 eprintln!(
                     "{}: {errors} error{}",
-                    file.display(),
+                    escape_control(&file.display().to_string()),
                     if errors == 1 { "" } else { "s" }
                 );
             }

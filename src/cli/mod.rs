@@ -19,6 +19,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use crate::dsl::render::escape_control;
+
 pub use args::{Cli, Command};
 
 /// What a command reports back to [`main`].
@@ -32,14 +34,15 @@ pub(crate) enum Outcome {
 /// Prints `error` and its causes to stderr, skipping a cause whose text was already printed
 /// (error types that embed their source in their message would otherwise say it twice).
 pub(crate) fn print_error(error: &anyhow::Error) {
-    eprintln!("error: {error}");
+    // Messages quote pipeline text and paths, which may hold terminal escapes.
+    eprintln!("error: {}", escape_control(&error.to_string()));
     let mut said = error.to_string();
     for cause in error.chain().skip(1) {
         let text = cause.to_string();
         if said.contains(&text) {
             continue;
         }
-        eprintln!("  caused by: {text}");
+        eprintln!("  caused by: {}", escape_control(&text));
         said.push('\n');
         said.push_str(&text);
     }

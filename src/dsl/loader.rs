@@ -10,6 +10,7 @@ use crate::dsl::ast;
 use crate::dsl::diagnostic::{Code, Diagnostic};
 use crate::dsl::parser::parse_file;
 use crate::dsl::span::{FileId, SourceMap, Span};
+use crate::read_limits::{ReadKind, read_text_bounded};
 
 /// One parsed file of a pipeline.
 #[derive(Clone, Debug)]
@@ -32,7 +33,7 @@ pub struct Loaded {
 /// Reads and parses `path` and everything it imports.
 pub fn load(path: &Path) -> Loaded {
     let mut loaded = Loaded::default();
-    match std::fs::read_to_string(path) {
+    match read_text_bounded(path, ReadKind::PipelineSource) {
         Ok(text) => {
             let mut loader = Loader {
                 loaded: &mut loaded,
@@ -43,11 +44,7 @@ pub fn load(path: &Path) -> Loaded {
         Err(e) => loaded.diagnostics.push(
             Diagnostic::error(
                 Code::Io,
-                format!(
-                    "cannot read pipeline `{}`: {}",
-                    path.display(),
-                    lowercase_io(&e)
-                ),
+                format!("cannot read pipeline `{}`: {}", path.display(), e),
             )
             .with_hint("check the path; it is relative to the current directory"),
         ),
@@ -64,16 +61,6 @@ pub fn load_text(path: &Path, text: &str) -> Loaded {
     };
     loader.load_file(path, text.to_owned(), Vec::new());
     loaded
-}
-
-pub(crate) fn lowercase_io(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => "no such file".to_owned(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
-        std::io::ErrorKind::IsADirectory => "it is a directory".to_owned(),
-        std::io::ErrorKind::InvalidData => "it is not valid utf-8".to_owned(),
-        _ => e.to_string().to_lowercase(),
-    }
 }
 
 struct Loader<'a> {
@@ -153,7 +140,7 @@ impl Loader<'_> {
         if self.seen.iter().any(|(p, _)| *p == canonical) {
             return;
         }
-        match std::fs::read_to_string(&target) {
+        match read_text_bounded(&target, ReadKind::PipelineSource) {
             Ok(text) => {
                 let mut next = stack.to_vec();
                 if let Some(last) = next.last_mut() {
@@ -164,11 +151,7 @@ impl Loader<'_> {
             Err(e) => self.loaded.diagnostics.push(
                 Diagnostic::error(
                     Code::Io,
-                    format!(
-                        "cannot read imported file `{}`: {}",
-                        import.path.value,
-                        lowercase_io(&e)
-                    ),
+                    format!("cannot read imported file `{}`: {}", import.path.value, e),
                 )
                 .at(span),
             ),

@@ -3,6 +3,7 @@
 //! The human form follows the house order: message, hint, `path:line:col` with the source line
 //! and the offending text underlined, then secondary labels (e.g. "first declared here").
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use serde_json::{Value, json};
@@ -15,6 +16,29 @@ const YELLOW: &str = "\x1b[1;33m";
 const BLUE: &str = "\x1b[1;34m";
 const BOLD: &str = "\x1b[1m";
 const RESET: &str = "\x1b[0m";
+
+/// `text` with every control character except newline and tab written as a visible escape
+/// (`\u{1b}`), so a pipeline's text (or a path, or a message quoting either) cannot move the
+/// cursor, recolour or retitle the terminal it is printed to.
+pub fn escape_control(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(is_escaped) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_escaped(c) {
+            let _ = write!(out, "{}", c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Control characters (C0, DEL, C1) other than the layout ones, newline and tab.
+fn is_escaped(c: char) -> bool {
+    c.is_control() && c != '\n' && c != '\t'
+}
 
 /// Renders diagnostics for a terminal (`color` adds ANSI colours), one blank line between them.
 pub fn render_text(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> String {
@@ -45,9 +69,10 @@ fn render_one(out: &mut String, d: &Diagnostic, sources: &SourceMap, color: bool
         out,
         "{}{}",
         paint(color, tint, &format!("{word}[{}]", d.code)),
-        paint(color, BOLD, &format!(": {}", d.message))
+        paint(color, BOLD, &format!(": {}", escape_control(&d.message)))
     );
     if let Some(hint) = &d.hint {
+        let hint = escape_control(hint);
         let _ = writeln!(out, "  {} {hint}", paint(color, BLUE, "hint:"));
     }
     let mut labels: Vec<&Label> = d.labels.iter().filter(|l| l.primary).collect();
@@ -65,26 +90,29 @@ fn render_label(out: &mut String, label: &Label, sources: &SourceMap, color: boo
     let gutter = line.to_string().len();
     let pad = " ".repeat(gutter);
     let arrow = paint(color, BLUE, "-->");
-    let _ = writeln!(out, "{pad} {arrow} {}:{line}:{col}", file.path.display());
+    let path = file.path.display().to_string();
+    let _ = writeln!(out, "{pad} {arrow} {}:{line}:{col}", escape_control(&path));
     let bar = paint(color, BLUE, "|");
     let text = file.line_text(line);
+    let shown = escape_control(text);
     let _ = writeln!(out, "{pad} {bar}");
     let _ = writeln!(
         out,
-        "{} {bar} {text}",
+        "{} {bar} {shown}",
         paint(color, BLUE, &line.to_string())
     );
     // Underline up to the end of the first line of the span (at least one caret).
     let line_end = file.line_start(line) + text.len();
     let end = (label.span.end as usize).min(line_end);
+    // Widths are measured on the escaped text, as shown, so the carets stay under it.
     let width = file
         .text
         .get(label.span.start as usize..end.max(label.span.start as usize))
-        .map_or(0, |s| s.chars().count())
+        .map_or(0, |s| escape_control(s).chars().count())
         .max(1);
-    let indent: String = text
+    let before: String = text.chars().take(col - 1).collect();
+    let indent: String = escape_control(&before)
         .chars()
-        .take(col - 1)
         .map(|c| if c == '\t' { '\t' } else { ' ' })
         .collect();
     let (mark, mark_tint) = if label.primary {
@@ -96,7 +124,7 @@ fn render_label(out: &mut String, label: &Label, sources: &SourceMap, color: boo
     let message = label
         .message
         .as_deref()
-        .map(|m| format!(" {m}"))
+        .map(|m| format!(" {}", escape_control(m)))
         .unwrap_or_default();
     let _ = writeln!(
         out,

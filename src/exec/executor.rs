@@ -394,7 +394,7 @@ fn announce_blocked(
     } else {
         "running the stages that do not need them; a report renders the evals that exist"
     });
-    eprintln!("{text}");
+    eprintln!("{}", crate::dsl::render::escape_control(&text));
 }
 
 /// Which entries to verify fully: those read by a stage that will run. Hashing an input once per

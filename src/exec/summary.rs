@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::dsl::render::escape_control;
+
 /// What happened to a stage in a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -102,11 +104,13 @@ impl RunSummary {
             );
             if let Some(reason) = &stage.reason {
                 line.push_str("  ");
-                line.push_str(reason);
+                // A reason quotes stage errors, which quote pipeline text: no terminal escapes.
+                line.push_str(&escape_control(reason));
             }
             out.push_str(line.trim_end());
             out.push('\n');
             for warning in &stage.warnings {
+                let warning = escape_control(warning);
                 out.push_str(&format!("{:name_width$}  warning: {warning}\n", ""));
             }
         }

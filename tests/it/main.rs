@@ -25,6 +25,7 @@ mod eval_export;
 mod eval_metrics;
 mod export_merged;
 mod hostile_images;
+mod hostile_pipeline;
 mod hub_download;
 mod model_450m;
 mod model_adapter;

@@ -5,13 +5,13 @@ use std::path::Path;
 
 use crate::dsl::ast::{Decl, Entry, Expr, ExprKind, KeyKind, StrLit};
 use crate::dsl::diagnostic::{Code, Diagnostic, did_you_mean};
-use crate::dsl::loader::lowercase_io;
 use crate::dsl::span::Span;
 use crate::plan::params::{
     AdapterSource, DataSource, DatasetParams, Dtype, KeepFilter, LabelMapEntry, LabelSet,
     LabelSpec, LabelsParams, MapKey, ModelParams, ModelSource, NodeParams, NodeRef, ParamValue,
     PromptParams, SplitMethod, SplitParams,
 };
+use crate::read_limits::{ReadKind, read_text_bounded};
 
 use super::{Analyzer, Args, Want};
 
@@ -170,6 +170,9 @@ impl<'f> Analyzer<'f, '_> {
                     None => Some("train".to_owned()),
                 };
                 let revision = self.optional_str_arg(&args, "revision")?;
+                if let (Some(rev), Some(e)) = (&revision, args.get("revision")) {
+                    self.expect_revision(rev, e.span)?;
+                }
                 let config = self.optional_str_arg(&args, "config")?;
                 Some(DataSource::Hf {
                     repo: repo?,
@@ -271,6 +274,22 @@ impl<'f> Analyzer<'f, '_> {
             return None;
         }
         Some(repo)
+    }
+
+    /// A Hub `revision:` that can only name a ref (see [`crate::hub::revision_problem`]).
+    fn expect_revision(&mut self, revision: &str, span: Span) -> Option<()> {
+        let Some(problem) = crate::hub::revision_problem(revision) else {
+            return Some(());
+        };
+        self.error(
+            Diagnostic::error(
+                Code::BadValue,
+                format!("`{revision}` is not a hub revision: {problem}"),
+            )
+            .at(span)
+            .with_hint("use a branch (`main`, `feature/x`), a tag (`v1.0`) or a 40-hex commit"),
+        );
+        None
     }
 
     pub(super) fn build_label_spec(
@@ -503,7 +522,7 @@ impl<'f> Analyzer<'f, '_> {
                 };
                 let rel = self.expect_str(&arg.value, field)?;
                 let path = dir.join(&rel);
-                match std::fs::read_to_string(&path) {
+                match read_text_bounded(&path, ReadKind::Template) {
                     Ok(text) => {
                         let len = text.len();
                         let id = self.sources.add(&path, text.clone());
@@ -517,7 +536,7 @@ impl<'f> Analyzer<'f, '_> {
                         self.error(
                             Diagnostic::error(
                                 Code::Io,
-                                format!("cannot read template `{rel}`: {}", lowercase_io(&e)),
+                                format!("cannot read template `{rel}`: {e}"),
                             )
                             .at(arg.value.span)
                             .with_hint(format!(
@@ -575,7 +594,9 @@ impl<'f> Analyzer<'f, '_> {
                     .required_arg(&args, "repo")
                     .and_then(|e| self.expect_repo(e));
                 let revision = match args.get("revision") {
-                    Some(e) => self.expect_str(e, "revision"),
+                    Some(e) => self
+                        .expect_str(e, "revision")
+                        .and_then(|rev| self.expect_revision(&rev, e.span).map(|()| rev)),
                     None => Some("main".to_owned()),
                 };
                 let dtype = self.dtype_arg(&args);
@@ -660,6 +681,9 @@ impl<'f> Analyzer<'f, '_> {
             && crate::model::resolve::is_hub_id(id)
             && revision.is_none_or(|r| !r.is_empty())
         {
+            if let Some(rev) = revision {
+                self.expect_revision(rev, expr.span)?;
+            }
             return Some(AdapterSource::Hf {
                 repo: id.to_owned(),
                 revision: revision.unwrap_or("main").to_owned(),

@@ -4,11 +4,11 @@ use std::path::Path;
 
 use crate::dsl::ast::{Entry, Expr, ExprKind};
 use crate::dsl::diagnostic::{Code, Diagnostic, did_you_mean};
-use crate::dsl::loader::lowercase_io;
 use crate::dsl::span::Span;
 use crate::plan::params::{
     GrammarParams, GrammarSpec, JsonField, JsonType, NodeParams, NodeRef, Whitespace,
 };
+use crate::read_limits::{ReadKind, read_text_bounded};
 
 use super::{Analyzer, Args, Want};
 
@@ -374,17 +374,13 @@ impl<'f> Analyzer<'f, '_> {
             return Some(GrammarSpec::JsonSchema { schema, file: None });
         }
         let file = self.expect_local_path(expr, "schema", dir)?;
-        let text = match std::fs::read_to_string(&file.resolved) {
+        let text = match read_text_bounded(&file.resolved, ReadKind::JsonSchema) {
             Ok(t) => t,
             Err(e) => {
                 self.error(
                     Diagnostic::error(
                         Code::Io,
-                        format!(
-                            "cannot read json schema `{}`: {}",
-                            file.path,
-                            lowercase_io(&e)
-                        ),
+                        format!("cannot read json schema `{}`: {}", file.path, e),
                     )
                     .at(expr.span),
                 );

@@ -18,6 +18,8 @@ use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 
+use crate::read_limits::{ReadKind, read_bounded};
+
 use super::image_store::{ImageStoreWriter, image_id};
 use super::source::{RawImage, RawLabel};
 use super::{
@@ -357,9 +359,8 @@ fn probe_parallel(images: &mut [RawImage], spec: &DatasetSpec, threads: usize) -
 fn load_and_probe(image: RawImage, spec: &DatasetSpec) -> Probed {
     let bytes = match image {
         RawImage::Bytes(bytes) => bytes,
-        RawImage::File(path) => {
-            std::fs::read(&path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?
-        }
+        RawImage::File(path) => read_bounded(&path, ReadKind::Image)
+            .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?,
         RawImage::Synthetic(i) => match &spec.source {
             SourceSpec::Synthetic(synthetic) => synthetic.render(i).map_err(|e| e.to_string())?,
             _ => return Err("synthetic image outside a synthetic source".to_owned()),

@@ -5,10 +5,14 @@
 //! error rather than empty text, so a typo in a template cannot silently change every prompt.
 //! The result becomes a [`Conversation`] (system turn, then a user turn with the image first
 //! and the text second) that the model's own chat template renders.
+//!
+//! A template may come from someone else's pipeline file, so a render is bounded: minijinja's
+//! fuel caps its work (and the memory it allocates), and the output is cut off at
+//! [`MAX_PROMPT_BYTES`]. Either is an error naming the template, the row and the line.
 
 use std::collections::BTreeMap;
 
-use minijinja::{Environment, UndefinedBehavior, Value};
+use minijinja::{Environment, ErrorKind, UndefinedBehavior, Value};
 
 use crate::model::chat::Conversation;
 use crate::plan::params::{ParamValue, PromptParams};
@@ -36,6 +40,13 @@ impl RenderedPrompt {
     }
 }
 
+/// The work one template render may do, in minijinja fuel (about one instruction, or 64 bytes of
+/// data made): a prompt that loops over a few thousand labels needs well under a tenth of it.
+pub const TEMPLATE_FUEL: u64 = 1_000_000;
+
+/// The longest rendered template: far past any model's context, short of filling memory.
+pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+
 /// Errors rendering a prompt template.
 #[derive(Debug, thiserror::Error)]
 pub enum PromptError {
@@ -52,6 +63,43 @@ pub enum PromptError {
         #[source]
         source: minijinja::Error,
     },
+    #[error(
+        "prompt template `{which}` for row `{row_id}` stopped at line {line}: it exceeded its work \
+         budget ({TEMPLATE_FUEL} steps); a loop or filter runs too long for a prompt"
+    )]
+    OutOfFuel {
+        which: &'static str,
+        row_id: String,
+        line: usize,
+    },
+    #[error(
+        "prompt template `{which}` for row `{row_id}` was stopped: its output exceeds the {} MiB \
+         limit for a prompt",
+        MAX_PROMPT_BYTES >> 20
+    )]
+    // minijinja gives a failed write no line, so this names none.
+    TooLong { which: &'static str, row_id: String },
+}
+
+/// A sink that refuses to grow past [`MAX_PROMPT_BYTES`].
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_PROMPT_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("prompt too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Renders `prompt`'s templates for `row`.
@@ -63,6 +111,7 @@ pub fn render_prompt(
 ) -> Result<RenderedPrompt, PromptError> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_fuel(Some(TEMPLATE_FUEL));
     let mut scope: BTreeMap<String, Value> = params
         .iter()
         .map(|(k, v)| (k.clone(), param_value(v)))
@@ -80,11 +129,33 @@ pub fn render_prompt(
         let template = env
             .template_from_str(text)
             .map_err(|source| PromptError::Compile { which, source })?;
-        template.render(&ctx).map_err(|source| PromptError::Render {
-            which,
-            row_id: row.row_id.clone(),
-            source,
-        })
+        let mut out = BoundedOutput {
+            bytes: Vec::new(),
+            overflowed: false,
+        };
+        let rendered = template.render_captured_to(&ctx, &mut out).map(drop);
+        match rendered {
+            // minijinja writes only whole `str`s, so the bytes are utf-8.
+            Ok(()) => Ok(String::from_utf8_lossy(&out.bytes).into_owned()),
+            Err(source) => {
+                let row_id = row.row_id.clone();
+                Err(if out.overflowed {
+                    PromptError::TooLong { which, row_id }
+                } else if source.kind() == ErrorKind::OutOfFuel {
+                    PromptError::OutOfFuel {
+                        which,
+                        row_id,
+                        line: source.line().unwrap_or(1),
+                    }
+                } else {
+                    PromptError::Render {
+                        which,
+                        row_id,
+                        source,
+                    }
+                })
+            }
+        }
     };
     let system = prompt
         .system
