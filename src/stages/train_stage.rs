@@ -63,7 +63,8 @@ use crate::train::{
 // 2: `eval_data` is evaluated after the last step even without `eval_every`.
 // 3: `model.json` names the base independently of the project's location; adapter configs
 // name a Hub base and write `lora_dropout` as written.
-const FINETUNE_CODE_VERSION: u32 = 3;
+// 4: images over the default pixel cap (PIL's `MAX_IMAGE_PIXELS`) are skipped as undecodable.
+const FINETUNE_CODE_VERSION: u32 = 4;
 
 /// Folder of the final adapter inside the entry.
 pub const ADAPTER_DIR: &str = "adapter";

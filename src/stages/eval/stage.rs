@@ -36,7 +36,8 @@ use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 // 2: a sampled answer is seeded by its row id, not its place in the batch; 16-bit gray clips.
 // 3: `predictions.csv` embeds the original image files; records hold per-sample latency and
 //    `batch_size`.
-const EVAL_CODE_VERSION: u32 = 3;
+// 4: images over the pixel cap (PIL's, or the dataset's `max_image_pixels`) are error rows.
+const EVAL_CODE_VERSION: u32 = 4;
 
 /// A configured eval stage.
 pub struct EvalStage {
