@@ -208,7 +208,7 @@ pub fn answer_text(
             json_answer(schema, *whitespace, label, label_field)
         }
         GrammarSpec::JsonSchema(schema) => {
-            json_answer(schema, Whitespace::Flexible, label, label_field)
+            json_answer(schema, Whitespace::Compact, label, label_field)
         }
         GrammarSpec::Regex(_) | GrammarSpec::Lark(_) => Err(DecodeError::NoCanonicalAnswer {
             reason: "only choice and JSON object grammars determine an answer from a label"

@@ -29,7 +29,8 @@ pub enum GrammarSpec {
     Regex(String),
     /// A context-free grammar in llguidance's Lark dialect.
     Lark(String),
-    /// A raw JSON Schema with the default (flexible) whitespace.
+    /// A raw JSON Schema (`infer --json-schema`) with compact whitespace, unless the schema sets
+    /// its own `x-guidance` options: flexible blanks let a weak model spend its budget on them.
     JsonSchema(Value),
 }
 
@@ -159,7 +160,7 @@ impl GrammarSpec {
             )),
             Self::JsonSchema(schema) => Ok(TopLevelGrammar::from_json_schema(with_whitespace(
                 schema.clone(),
-                Whitespace::Flexible,
+                Whitespace::Compact,
             )?)),
             Self::Regex(rx) => Ok(TopLevelGrammar::from_regex(rx)),
             Self::Lark(src) => {

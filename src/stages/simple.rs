@@ -327,4 +327,32 @@ mod tests {
         );
         assert_eq!(stage.params(), stage.file.grammar);
     }
+
+    /// `json_schema(...)` compacts whitespace unless told otherwise, so a small token budget is
+    /// not spent on blanks; `whitespace: "flexible"` still opts back in.
+    #[test]
+    fn json_schema_grammars_default_to_compact_whitespace() {
+        let decode = |decl: &str| {
+            let plan = plan_of(&format!("pipeline p {{ seed = 1 }}\ngrammar g = {decl}\n"));
+            let Some(crate::plan::NodeParams::Grammar(g)) = plan.find("g").map(|n| &n.params)
+            else {
+                panic!("no grammar");
+            };
+            grammar_spec(g)
+        };
+        let schema =
+            r#"{ type: "object", properties: { a: { type: "string" } }, required: ["a"] }"#;
+        let ws = |spec: crate::decode::GrammarSpec| match spec {
+            crate::decode::GrammarSpec::Json { whitespace, .. } => whitespace,
+            other => panic!("not JSON: {other:?}"),
+        };
+        use crate::decode::Whitespace as W;
+        assert_eq!(ws(decode(&format!("json_schema({schema})"))), W::Compact);
+        assert_eq!(
+            ws(decode(&format!(
+                "json_schema({schema}, whitespace: \"flexible\")"
+            ))),
+            W::Flexible
+        );
+    }
 }

@@ -177,6 +177,44 @@ fn json_schema_answers_parse_into_the_label_field() -> TestResult {
     Ok(())
 }
 
+/// A schema from a file gets compact whitespace by default: a random model given a small token
+/// budget used to spend it on runs of tabs and newlines and never close the object.
+#[test]
+fn json_schema_answers_are_compact_and_parse_on_a_small_budget() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object",
+            "properties": {"pred_class": {"type": "string", "enum": ["cat", "dog"]}},
+            "required": ["pred_class"], "additionalProperties": false}"#,
+    )?;
+    let schema = schema.to_str().unwrap_or_default();
+    for seed in ["0", "1", "2", "3", "4", "5"] {
+        let report = infer_json(&[
+            "--json-schema",
+            schema,
+            "--json",
+            "--temperature",
+            "1.5",
+            "--seed",
+            seed,
+            "--max-new-tokens",
+            "16",
+        ])?;
+        let text = report["text"].as_str().ok_or("no text")?;
+        assert!(
+            !text.chars().any(char::is_whitespace),
+            "seed {seed}: whitespace in `{text:?}`"
+        );
+        let parsed: Value = serde_json::from_str(text)
+            .map_err(|e| format!("seed {seed}: `{text:?}` does not parse: {e}"))?;
+        assert!(parsed["pred_class"].is_string(), "seed {seed}: `{text}`");
+        assert_eq!(report["answer"]["valid"], true, "seed {seed}: {report}");
+    }
+    Ok(())
+}
+
 fn probs(scores: &Value) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
     Ok(serde_json::from_value(scores["probs"].clone())?)
 }

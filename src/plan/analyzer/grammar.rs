@@ -74,7 +74,12 @@ impl<'f> Analyzer<'f, '_> {
                     }
                     "json_schema" => {
                         let args = self.call_args(call, &["schema"], &["whitespace"], false)?;
-                        let ws = self.whitespace_of(&args);
+                        // Compact by default: flexible blanks let a weak model spend its token
+                        // budget on tabs and newlines and never close the object.
+                        let ws = match args.get("whitespace") {
+                            Some(_) => self.whitespace_of(&args),
+                            None => Some(Whitespace::Compact),
+                        };
                         let spec = self
                             .required_arg(&args, "schema")
                             .and_then(|e| self.json_schema(e, dir));
