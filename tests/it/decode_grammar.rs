@@ -311,7 +311,7 @@ fn accepts(spec: &GrammarSpec, text: &str) -> bool {
 }
 
 #[test]
-fn json_whitespace_flexible_by_default_compact_on_request() {
+fn json_whitespace_flexible_by_default_compact_on_request_and_for_raw_schemas() {
     if vocab().is_none() {
         return;
     }
@@ -332,15 +332,20 @@ fn json_whitespace_flexible_by_default_compact_on_request() {
     assert!(!accepts(&compact, r#"{"pred_class": "dog"}"#));
     assert!(!accepts(&flexible, r#"{"pred_class": "pug"}"#));
     assert!(!accepts(&flexible, r#"{"pred_class": "dog", "extra": 1}"#));
-    // A raw JSON Schema gets the same flexible default.
-    let raw = GrammarSpec::JsonSchema(serde_json::json!({
+    // A raw JSON Schema (`infer --json-schema`) is compact unless it sets its own `x-guidance`.
+    let schema = serde_json::json!({
         "type": "object",
         "properties": {"pred_class": {"enum": ["cat", "dog"]}},
         "required": ["pred_class"],
         "additionalProperties": false
-    }));
-    assert!(accepts(&raw, r#"{"pred_class": "cat"}"#));
+    });
+    let raw = GrammarSpec::JsonSchema(schema.clone());
+    assert!(!accepts(&raw, r#"{"pred_class": "cat"}"#));
     assert!(accepts(&raw, r#"{"pred_class":"cat"}"#));
+    let mut own = schema;
+    own["x-guidance"] = serde_json::json!({ "whitespace_flexible": true });
+    let own = GrammarSpec::JsonSchema(own);
+    assert!(accepts(&own, r#"{"pred_class": "cat"}"#));
 }
 
 #[test]
