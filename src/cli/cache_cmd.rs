@@ -21,22 +21,29 @@ pub(crate) fn cache_root(arg: &CacheDirArg, pipeline: Option<&std::path::Path>) 
     }
 }
 
+/// The cache a command names, opened; `None` (after saying so and naming the caches found below)
+/// when it has no entries folder. No command but `run` creates a cache.
+fn existing(cache: &CacheDirArg, file: Option<&Path>) -> anyhow::Result<Option<CacheStore>> {
+    let root = cache_root(cache, file);
+    if !root.join("entries").is_dir() {
+        print_empty(&root, cache, file);
+        return Ok(None);
+    }
+    open(&root).map(Some)
+}
+
 /// How long `gc` and `verify` wait for a run holding the cache.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) fn run(command: CacheCommand) -> anyhow::Result<Outcome> {
     match command {
         CacheCommand::Ls { file, cache } => {
-            let root = cache_root(&cache, file.as_deref());
-            // Listing never creates a cache: an absent one is simply empty.
-            if !root.join("entries").is_dir() {
-                print_empty(&root, &cache, file.as_deref());
+            let Some(store) = existing(&cache, file.as_deref())? else {
                 return Ok(Outcome::Success);
-            }
-            let store = open(&root)?;
+            };
             let entries = store.list()?;
             if entries.is_empty() {
-                print_empty(&root, &cache, file.as_deref());
+                print_empty(store.root(), &cache, file.as_deref());
                 return Ok(Outcome::Success);
             }
             let mut total = 0;
@@ -58,7 +65,7 @@ pub(crate) fn run(command: CacheCommand) -> anyhow::Result<Outcome> {
                 "{} entries, {} in `{}`",
                 entries.len(),
                 human_bytes(total),
-                root.display()
+                store.root().display()
             );
             Ok(Outcome::Success)
         }
@@ -67,12 +74,9 @@ pub(crate) fn run(command: CacheCommand) -> anyhow::Result<Outcome> {
             cache,
             older_than_days,
         } => {
-            let root = cache_root(&cache, file.as_deref());
-            if !root.join("entries").is_dir() {
-                print_empty(&root, &cache, file.as_deref());
+            let Some(store) = existing(&cache, file.as_deref())? else {
                 return Ok(Outcome::Success);
-            }
-            let store = open(&root)?;
+            };
             let lock = store.lock_notify(LOCK_WAIT, &mut |m| eprintln!("{m}"))?;
             let limit = Duration::from_secs_f64(older_than_days.max(0.0) * 86_400.0);
             let report = store.gc(&lock, &GcPolicy::OlderThan(limit))?;
@@ -86,12 +90,9 @@ pub(crate) fn run(command: CacheCommand) -> anyhow::Result<Outcome> {
             Ok(Outcome::Success)
         }
         CacheCommand::Verify { file, cache } => {
-            let root = cache_root(&cache, file.as_deref());
-            if !root.join("entries").is_dir() {
-                print_empty(&root, &cache, file.as_deref());
+            let Some(store) = existing(&cache, file.as_deref())? else {
                 return Ok(Outcome::Success);
-            }
-            let store = open(&root)?;
+            };
             // Removing bad entries must not race a run that is reading them.
             let lock = store.lock_notify(LOCK_WAIT, &mut |m| eprintln!("{m}"))?;
             let outcomes = store.verify_all(&lock)?;
@@ -112,7 +113,7 @@ pub(crate) fn run(command: CacheCommand) -> anyhow::Result<Outcome> {
                 "{} entries checked, {} bad in `{}`",
                 outcomes.len(),
                 bad.len(),
-                root.display()
+                store.root().display()
             );
             Ok(if bad.is_empty() {
                 Outcome::Success

@@ -179,8 +179,8 @@ pub fn resolve_adapter_dir(text: &str) -> Result<PathBuf, ResolveError> {
     }
 }
 
-/// Checks that a local folder holds a PEFT adapter.
-pub fn check_adapter_dir(path: &Path) -> Result<PathBuf, ResolveError> {
+/// A path that exists and is a folder, or the error saying which of the two it is not.
+fn expect_dir(path: &Path) -> Result<(), ResolveError> {
     if !path.exists() {
         return Err(ResolveError::NoSuchDir {
             path: path.to_path_buf(),
@@ -191,6 +191,12 @@ pub fn check_adapter_dir(path: &Path) -> Result<PathBuf, ResolveError> {
             path: path.to_path_buf(),
         });
     }
+    Ok(())
+}
+
+/// Checks that a local folder holds a PEFT adapter.
+pub fn check_adapter_dir(path: &Path) -> Result<PathBuf, ResolveError> {
+    expect_dir(path)?;
     for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
         if !path.join(file).is_file() {
             let hint = if path.join("config.json").is_file() {
@@ -211,16 +217,7 @@ pub fn check_adapter_dir(path: &Path) -> Result<PathBuf, ResolveError> {
 /// Checks that a local folder holds a model (the files the loader needs), naming what is missing;
 /// an adapter folder given as a model gets the fix in the message.
 pub fn check_model_dir(path: &Path) -> Result<PathBuf, ResolveError> {
-    if !path.exists() {
-        return Err(ResolveError::NoSuchDir {
-            path: path.to_path_buf(),
-        });
-    }
-    if !path.is_dir() {
-        return Err(ResolveError::NotADir {
-            path: path.to_path_buf(),
-        });
-    }
+    expect_dir(path)?;
     if !path.join("config.json").is_file() && path.join(ADAPTER_CONFIG).is_file() {
         return Err(ResolveError::AdapterNotModel {
             dir: path.to_path_buf(),
