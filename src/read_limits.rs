@@ -21,6 +21,10 @@ pub enum ReadKind {
     JsonSchema,
     /// An image file named by a dataset (a folder entry or a CSV/JSONL path).
     Image,
+    /// A `csv(...)` or `jsonl(...)` table: paths and labels, streamed.
+    Table,
+    /// A Parquet file of a `parquet(...)` source (or a Hub split): images inline, streamed.
+    Parquet,
 }
 
 const MIB: u64 = 1 << 20;
@@ -33,6 +37,11 @@ impl ReadKind {
             ReadKind::PipelineSource | ReadKind::Template | ReadKind::JsonSchema => MIB,
             // A camera JPEG is a few MiB; a 64 MiB PNG already decodes to gigapixels.
             ReadKind::Image => 64 * MIB,
+            // Streamed, so the limit is not memory: 1 GiB of CSV/JSONL is ten million rows of
+            // paths and labels, far more than any image dataset a CPU can evaluate.
+            ReadKind::Table => 1024 * MIB,
+            // Images are stored inline; the Hub shards datasets into files of a few hundred MiB.
+            ReadKind::Parquet => 32 * 1024 * MIB,
         }
     }
 
@@ -43,6 +52,8 @@ impl ReadKind {
             ReadKind::Template => "a template",
             ReadKind::JsonSchema => "a json schema",
             ReadKind::Image => "an image",
+            ReadKind::Table => "a csv or jsonl table",
+            ReadKind::Parquet => "a parquet file",
         }
     }
 }
@@ -111,6 +122,64 @@ pub fn read_bounded(path: &Path, kind: ReadKind) -> Result<Vec<u8>, ReadError> {
         return Err(ReadError::TooLarge(kind));
     }
     Ok(bytes)
+}
+
+/// Opens a regular file of at most `kind.limit()` bytes for streaming: checked before opening
+/// (so a FIFO never blocks) and again on the open handle (so a file swapped in between is seen).
+/// Readers that stream it should also stop at the limit ([`BoundedReader`]).
+pub fn open_bounded(path: &Path, kind: ReadKind) -> Result<std::fs::File, ReadError> {
+    let check = |meta: std::fs::Metadata| {
+        if !meta.is_file() {
+            Err(ReadError::NotRegular(kind))
+        } else if meta.len() > kind.limit() {
+            Err(ReadError::TooLarge(kind))
+        } else {
+            Ok(())
+        }
+    };
+    check(std::fs::metadata(path).map_err(ReadError::Io)?)?;
+    let file = std::fs::File::open(path).map_err(ReadError::Io)?;
+    check(file.metadata().map_err(ReadError::Io)?)?;
+    Ok(file)
+}
+
+/// A reader that fails, naming the limit, once it has read past `kind.limit()` bytes (a file
+/// that grows while it is read).
+pub struct BoundedReader<R> {
+    inner: R,
+    kind: ReadKind,
+    read: u64,
+}
+
+impl<R: Read> BoundedReader<R> {
+    pub fn new(inner: R, kind: ReadKind) -> Self {
+        Self {
+            inner,
+            kind,
+            read: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for BoundedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.read > self.kind.limit() {
+            return Err(std::io::Error::other(
+                ReadError::TooLarge(self.kind).to_string(),
+            ));
+        }
+        Ok(n)
+    }
+}
+
+/// Opens a CSV/JSONL table: [`open_bounded`], read through a [`BoundedReader`].
+pub fn open_table(path: &Path) -> Result<BoundedReader<std::fs::File>, ReadError> {
+    Ok(BoundedReader::new(
+        open_bounded(path, ReadKind::Table)?,
+        ReadKind::Table,
+    ))
 }
 
 /// Like [`read_bounded`], for a text file.

@@ -180,12 +180,26 @@ pub struct ExportArgs {
     pub device: DeviceArg,
 }
 
-/// `--set NAME=VALUE` overrides of the pipeline's `param`s.
+/// How every command that loads a pipeline loads it: `--set NAME=VALUE` overrides of its
+/// `param`s and `--allow-read` consents.
 #[derive(Debug, Args, Clone, Default)]
 pub struct ParamOverrides {
     /// Override a `param` of the pipeline (repeatable), e.g. `--set n_eval=10`.
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
     pub set: Vec<(String, String)>,
+    /// Let the pipeline read this file or folder (and everything under it) besides its own
+    /// folder and the Hub cache (repeatable), e.g. `--allow-read ../shared`. A pipeline file
+    /// may come from someone else, so by default it cannot read your other files. Never part
+    /// of a fingerprint.
+    #[arg(long = "allow-read", value_name = "PATH")]
+    pub allow_read: Vec<PathBuf>,
+}
+
+impl ParamOverrides {
+    /// Where the pipeline `file` may read: its folder, the Hub cache and `--allow-read`.
+    pub fn read_policy(&self, file: &std::path::Path) -> crate::read_policy::ReadPolicy {
+        crate::read_policy::ReadPolicy::for_pipeline(file, &self.allow_read)
+    }
 }
 
 fn parse_override(text: &str) -> Result<(String, String), String> {

@@ -11,7 +11,7 @@ use crate::plan::{self, CheckResult, Plan};
 /// Loads `file`, printing diagnostics (warnings too) to stderr. Returns the plan when there is no
 /// error.
 pub(crate) fn load_and_report(file: &Path, params: &ParamOverrides) -> Option<Plan> {
-    let result = plan::load_pipeline(file, &params.set);
+    let result = plan::load_pipeline_with(file, &params.set, &params.read_policy(file));
     print_diagnostics(&result);
     result.plan
 }
@@ -29,7 +29,7 @@ pub(crate) fn check(
     params: &ParamOverrides,
     format: DiagnosticFormat,
 ) -> anyhow::Result<Outcome> {
-    let result = plan::load_pipeline(file, &params.set);
+    let result = plan::load_pipeline_with(file, &params.set, &params.read_policy(file));
     match format {
         DiagnosticFormat::Human => {
             print_diagnostics(&result);

@@ -82,7 +82,11 @@ pub(crate) fn watch(args: &RunArgs) -> anyhow::Result<Outcome> {
 /// Checks and runs the pipeline once; returns the files it reads (just the pipeline file when it
 /// does not check, so a fix is noticed).
 fn run_once(args: &RunArgs, cancel: &Arc<AtomicBool>) -> Vec<PathBuf> {
-    let result = plan::load_pipeline(&args.file, &args.params.set);
+    let result = plan::load_pipeline_with(
+        &args.file,
+        &args.params.set,
+        &args.params.read_policy(&args.file),
+    );
     print_diagnostics(&result);
     let Some(plan) = result.plan else {
         // Imports that failed to parse are still files to watch: keep every file loaded.

@@ -11,6 +11,7 @@ use crate::dsl::diagnostic::{Code, Diagnostic};
 use crate::dsl::parser::parse_file;
 use crate::dsl::span::{FileId, SourceMap, Span};
 use crate::read_limits::{ReadKind, read_text_bounded};
+use crate::read_policy::ReadPolicy;
 
 /// One parsed file of a pipeline.
 #[derive(Clone, Debug)]
@@ -30,14 +31,15 @@ pub struct Loaded {
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// Reads and parses `path` and everything it imports.
-pub fn load(path: &Path) -> Loaded {
+/// Reads and parses `path` and everything it imports; an import `reads` refuses is an error.
+pub fn load(path: &Path, reads: &ReadPolicy) -> Loaded {
     let mut loaded = Loaded::default();
     match read_text_bounded(path, ReadKind::PipelineSource) {
         Ok(text) => {
             let mut loader = Loader {
                 loaded: &mut loaded,
                 seen: Vec::new(),
+                reads,
             };
             loader.load_file(path, text, Vec::new());
         }
@@ -53,11 +55,12 @@ pub fn load(path: &Path) -> Loaded {
 }
 
 /// Parses `text` as if it were the file at `path` (imports resolve from `path`'s folder).
-pub fn load_text(path: &Path, text: &str) -> Loaded {
+pub fn load_text(path: &Path, text: &str, reads: &ReadPolicy) -> Loaded {
     let mut loaded = Loaded::default();
     let mut loader = Loader {
         loaded: &mut loaded,
         seen: Vec::new(),
+        reads,
     };
     loader.load_file(path, text.to_owned(), Vec::new());
     loaded
@@ -67,6 +70,7 @@ struct Loader<'a> {
     loaded: &'a mut Loaded,
     /// Canonical paths of loaded files, by file id order.
     seen: Vec<(PathBuf, FileId)>,
+    reads: &'a ReadPolicy,
 }
 
 impl Loader<'_> {
@@ -107,6 +111,22 @@ impl Loader<'_> {
     fn load_import(&mut self, dir: &Path, import: &ast::Import, stack: &[(PathBuf, Option<Span>)]) {
         let target = dir.join(&import.path.value);
         let span = import.path.span;
+        // Before anything else, so a file outside is not even probed for existence.
+        if let Err(refused) = self.reads.check(&target) {
+            self.loaded.diagnostics.push(
+                Diagnostic::error(
+                    Code::Io,
+                    format!(
+                        "cannot import `{}`: it {}",
+                        import.path.value,
+                        refused.reason()
+                    ),
+                )
+                .at_with(span, "outside the pipeline's folder")
+                .with_hint(refused.hint()),
+            );
+            return;
+        }
         let Ok(canonical) = std::fs::canonicalize(&target) else {
             self.loaded.diagnostics.push(
                 Diagnostic::error(

@@ -22,6 +22,7 @@ use crate::dsl::diagnostic::Diagnostic;
 use crate::dsl::loader;
 use crate::dsl::render;
 use crate::dsl::span::{SourceMap, Span};
+use crate::read_policy::ReadPolicy;
 pub use params::NodeParams;
 use params::ParamValue;
 
@@ -149,6 +150,10 @@ pub struct Plan {
     /// Every file the pipeline reads (itself, imports, templates, schemas, local data paths):
     /// what watch mode watches.
     pub files: Vec<PathBuf>,
+    /// Where the stages may read (the pipeline's folder, the Hub cache, `--allow-read`): the
+    /// user's consent for this run, never part of a fingerprint.
+    #[serde(skip)]
+    pub reads: ReadPolicy,
 }
 
 impl Plan {
@@ -233,13 +238,30 @@ impl CheckResult {
 }
 
 /// Reads, parses and checks the pipeline at `path`; `overrides` are `--set name=value` pairs.
+/// It may read inside its own folder and the Hub cache only (see [`load_pipeline_with`]).
 pub fn load_pipeline(path: &Path, overrides: &[(String, String)]) -> CheckResult {
-    analyzer::check(loader::load(path), path, overrides)
+    load_pipeline_with(path, overrides, &ReadPolicy::for_pipeline(path, &[]))
+}
+
+/// Like [`load_pipeline`], reading what `reads` allows (`--allow-read`); the plan keeps the
+/// policy for the stages that read at run time.
+pub fn load_pipeline_with(
+    path: &Path,
+    overrides: &[(String, String)],
+    reads: &ReadPolicy,
+) -> CheckResult {
+    analyzer::check(loader::load(path, reads), path, overrides, reads)
 }
 
 /// Like [`load_pipeline`] for text already in memory, as if it were the file at `path`.
 pub fn check_source(path: &Path, text: &str, overrides: &[(String, String)]) -> CheckResult {
-    analyzer::check(loader::load_text(path, text), path, overrides)
+    let reads = ReadPolicy::for_pipeline(path, &[]);
+    analyzer::check(
+        loader::load_text(path, text, &reads),
+        path,
+        overrides,
+        &reads,
+    )
 }
 
 /// The diagnostics as text for a terminal.

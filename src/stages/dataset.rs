@@ -132,6 +132,7 @@ impl DatasetStage {
             },
             check: ImageCheck::Header,
             threads: ctx.threads,
+            reads: Some(ctx.plan.reads.clone()),
         };
         Ok(Self {
             params: node.canonical_params(),

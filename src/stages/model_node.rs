@@ -29,6 +29,7 @@ use crate::model::config::Config;
 use crate::model::lfm2_vl::{Lfm2VlModel, WeightPrefixes};
 use crate::plan::Node;
 use crate::plan::params::{AdapterSource, Dtype, LocalPath, ModelParams, ModelSource};
+use crate::read_policy::ReadPolicy;
 use crate::stages::data::SplitMix64;
 use crate::stages::lower::{LowerContext, LowerError};
 use crate::train::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, PeftAdapter};
@@ -247,6 +248,8 @@ pub struct ModelStage {
     source: Resolved,
     adapter: Option<AdapterResolved>,
     dtype: &'static str,
+    /// Where local folders may lead (their files may be links): the plan's read policy.
+    reads: ReadPolicy,
 }
 
 enum Resolved {
@@ -302,6 +305,7 @@ impl ModelStage {
                 Dtype::F16 => "f16",
                 Dtype::Bf16 => "bf16",
             },
+            reads: ctx.plan.reads.clone(),
         })
     }
 
@@ -349,7 +353,7 @@ impl Stage for ModelStage {
     fn external_state(&self) -> Result<Value, StageError> {
         let model = match &self.source {
             Resolved::Hf { hub, repo } => json!({ "commit": model_commit(hub, repo)? }),
-            Resolved::Local { dir, .. } => json!({ "files": stat_dir(dir)? }),
+            Resolved::Local { dir, .. } => json!({ "files": stat_dir(dir, &self.reads)? }),
             Resolved::Init { .. } => Value::Null,
         };
         let Some(adapter) = &self.adapter else {
@@ -367,7 +371,7 @@ impl Stage for ModelStage {
                 };
                 json!({ "commit": commit })
             }
-            AdapterResolved::Local { dir, .. } => json!({ "files": stat_dir(dir)? }),
+            AdapterResolved::Local { dir, .. } => json!({ "files": stat_dir(dir, &self.reads)? }),
         };
         Ok(json!({ "model": model, "adapter": adapter }))
     }
@@ -439,13 +443,19 @@ fn model_commit(hub: &Hub, repo: &HubRepo) -> Result<String, StageError> {
 }
 
 /// Name, size and mtime of every file under `dir`, sorted: a cheap identity of a local model.
-fn stat_dir(dir: &Path) -> Result<Vec<Value>, StageError> {
+/// Computed before anything runs, so a folder (or a file in it, by a link) that `reads` does
+/// not allow is refused here, naming the flag that allows it.
+fn stat_dir(dir: &Path, reads: &ReadPolicy) -> Result<Vec<Value>, StageError> {
     let mut files = Vec::new();
+    reads.check(dir)?;
     for item in walkdir::WalkDir::new(dir)
         .follow_links(true)
         .sort_by_file_name()
     {
         let item = item?;
+        if item.path_is_symlink() {
+            reads.check(item.path())?;
+        }
         if !item.file_type().is_file() {
             continue;
         }

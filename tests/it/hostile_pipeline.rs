@@ -1,11 +1,12 @@
 //! Issue 14, "a pipeline file written by someone else": endless and oversized files are refused
 //! quickly by kind (pipeline source, template, schema, image), never read to the end.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use vlmpipe::plan::{CheckResult, load_pipeline};
+use vlmpipe::plan::{CheckResult, load_pipeline, load_pipeline_with};
+use vlmpipe::read_policy::ReadPolicy;
 
 /// Runs `f` on a thread and fails the test if it takes longer than `secs` (a regression reads
 /// `/dev/zero` forever; the test must fail, not hang).
@@ -56,8 +57,23 @@ fn regression_14_import_of_an_endless_file_is_refused() {
         ]
     );
 
+    // `/dev` is outside the pipeline's folder: refused by the read policy without consent
+    // (`tests/it/read_policy.rs`), and by kind with it.
     std::fs::write(&main, format!("import \"/dev/zero\"\n{HEAD}")).unwrap();
     let result = check(&main);
+    assert!(result.plan.is_none(), "{:?}", messages(&result));
+    assert!(
+        messages(&result)
+            .iter()
+            .any(|m| m.contains("`/dev/zero`") && m.contains("outside the pipeline's folder")),
+        "{:?}",
+        messages(&result)
+    );
+    let allowing_dev = main.clone();
+    let result = within(20, move || {
+        let reads = ReadPolicy::for_pipeline(&allowing_dev, &[PathBuf::from("/dev")]);
+        load_pipeline_with(&allowing_dev, &[], &reads)
+    });
     assert!(result.plan.is_none(), "{:?}", messages(&result));
     assert!(
         messages(&result)
@@ -330,5 +346,67 @@ fn regression_14_a_hub_revision_cannot_be_a_path() {
         std::fs::write(&main, pipeline(good)).unwrap();
         let result = check(&main);
         assert!(result.plan.is_some(), "{good:?}: {:?}", messages(&result));
+    }
+}
+
+/// Item 5's tables: a `csv(...)`, `jsonl(...)` or `parquet(...)` file is read only when it is a
+/// regular file under its kind's limit (a FIFO used to block the dataset stage forever).
+#[test]
+fn regression_14_endless_and_oversized_table_files_are_refused() {
+    use vlmpipe::stages::data::{DatasetSpec, LabelSpec, SourceSpec, ingest};
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["pipe.csv", "pipe.jsonl", "pipe.parquet"] {
+        mkfifo(&dir.path().join(name));
+    }
+    let big = std::fs::File::create(dir.path().join("big.csv")).unwrap();
+    big.set_len((1 << 30) + 1).unwrap();
+    let big = std::fs::File::create(dir.path().join("big.parquet")).unwrap();
+    big.set_len((32 << 30) + 1).unwrap();
+    let cases = [
+        (
+            SourceSpec::Csv {
+                path: dir.path().join("pipe.csv"),
+            },
+            "it is not a regular file (a csv or jsonl table must be one)",
+        ),
+        (
+            SourceSpec::Jsonl {
+                path: dir.path().join("pipe.jsonl"),
+            },
+            "it is not a regular file (a csv or jsonl table must be one)",
+        ),
+        (
+            SourceSpec::Parquet {
+                files: vec![dir.path().join("pipe.parquet")],
+            },
+            "it is not a regular file (a parquet file must be one)",
+        ),
+        (
+            SourceSpec::Csv {
+                path: dir.path().join("big.csv"),
+            },
+            "it is larger than the 1024 MiB limit for a csv or jsonl table",
+        ),
+        (
+            SourceSpec::Parquet {
+                files: vec![dir.path().join("big.parquet")],
+            },
+            "it is larger than the 32768 MiB limit for a parquet file",
+        ),
+    ];
+    for (source, expected) in cases {
+        let mut spec = DatasetSpec::new(source);
+        spec.label = LabelSpec::Names {
+            column: "label".to_owned(),
+        };
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let err = within(20, move || {
+            ingest(&spec, &out, &indicatif::ProgressBar::hidden())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .unwrap_err();
+        assert!(err.ends_with(expected), "{err}");
     }
 }

@@ -41,6 +41,7 @@ mod pipelines_hub;
 mod processor_reference;
 mod processor_robustness;
 mod quickstart;
+mod read_policy;
 mod reference_model;
 mod reference_processor;
 mod report_html;

@@ -401,7 +401,9 @@ eval with_adapter { model = adapted  data = pictures  prompt = ask  labels = sha
 eval with_merged { model = merged  data = pictures  prompt = ask  labels = shapes  scoring = labels  output = answer }
 "#;
     let check = Project::new(root.path().join("check"), text);
-    let (output, _) = check.run(&[]);
+    // Its models lie beside the project, outside its folder: reading them needs consent.
+    let beside = root.path().display().to_string();
+    let (output, _) = check.run(&["--allow-read", &beside]);
     assert_ok(&output, "the pipeline with vlmpipe's adapter");
     let read = |stage: &str| -> Value {
         serde_json::from_slice(

@@ -279,7 +279,9 @@ fn real_photos_split_and_sample() {
             photos.display()
         ),
     );
-    let (out, summary) = s.run(&["run", "real.vp"]);
+    // The shared photos lie outside the pipeline's folder: reading them needs consent.
+    let allow = photos.display().to_string();
+    let (out, summary) = s.run(&["run", "real.vp", "--allow-read", &allow]);
     assert!(out.status.success(), "{}", stdout(&out));
     let all = read_rows(&output(&summary, "pets", "rows.parquet")).expect("rows");
     let test = read_rows(&output(&summary, "pets_split", "test.parquet")).expect("test");
@@ -948,7 +950,18 @@ fn render_with_the_real_lfm2_vl_processor() {
         ),
     );
     let out = s
-        .command(&["render", "vet.vp", "baseline", "--row", "0"])
+        .command(&[
+            "render",
+            "vet.vp",
+            "baseline",
+            "--row",
+            "0",
+            // The photos and the linked model files lie in ../shared, outside the pipeline's folder.
+            "--allow-read",
+            &photos.display().to_string(),
+            "--allow-read",
+            &model.display().to_string(),
+        ])
         .output()
         .expect("spawn");
     let err = String::from_utf8_lossy(&out.stderr);

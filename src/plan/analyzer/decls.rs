@@ -522,6 +522,9 @@ impl<'f> Analyzer<'f, '_> {
                 };
                 let rel = self.expect_str(&arg.value, field)?;
                 let path = dir.join(&rel);
+                if !self.expect_readable(&path, &rel, "template", arg.value.span) {
+                    return None;
+                }
                 match read_text_bounded(&path, ReadKind::Template) {
                     Ok(text) => {
                         let len = text.len();

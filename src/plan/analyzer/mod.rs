@@ -23,9 +23,15 @@ use crate::plan::params::{
     DataRef, GrammarSpec, JsonType, NodeParams, NodeRef, ParamValue, SampleParams, ShuffleParams,
 };
 use crate::plan::{CheckResult, Node, NodeId, PipelineSettings, Plan};
+use crate::read_policy::ReadPolicy;
 
 /// Checks loaded files (root first) into a plan; `root` names the pipeline when it declares none.
-pub(crate) fn check(loaded: Loaded, root: &Path, overrides: &[(String, String)]) -> CheckResult {
+pub(crate) fn check(
+    loaded: Loaded,
+    root: &Path,
+    overrides: &[(String, String)],
+    reads: &ReadPolicy,
+) -> CheckResult {
     let Loaded {
         mut sources,
         files,
@@ -38,7 +44,7 @@ pub(crate) fn check(loaded: Loaded, root: &Path, overrides: &[(String, String)])
             sources,
         };
     }
-    let mut a = Analyzer::new(&files, &mut sources);
+    let mut a = Analyzer::new(&files, &mut sources, reads.clone());
     let clean = !diagnostics.iter().any(Diagnostic::is_error);
     let settings = a.run(root, overrides, clean);
     let Analyzer {
@@ -58,6 +64,7 @@ pub(crate) fn check(loaded: Loaded, root: &Path, overrides: &[(String, String)])
         settings,
         nodes,
         files: files_read,
+        reads: reads.clone(),
     });
     CheckResult {
         plan,
@@ -123,6 +130,8 @@ struct Analyzer<'f, 's> {
     anonymous: HashMap<String, NodeId>,
     /// Local files the pipeline reads besides its sources (data, model folders).
     files_read: Vec<PathBuf>,
+    /// Where the pipeline may read; every path it names is checked against it.
+    reads: ReadPolicy,
     seed: u64,
     diags: Vec<Diagnostic>,
     templates: minijinja::Environment<'static>,
@@ -168,7 +177,7 @@ impl<'f> Args<'f> {
 }
 
 impl<'f, 's> Analyzer<'f, 's> {
-    fn new(files: &'f [LoadedFile], sources: &'s mut SourceMap) -> Self {
+    fn new(files: &'f [LoadedFile], sources: &'s mut SourceMap, reads: ReadPolicy) -> Self {
         let templates = minijinja::Environment::new();
         Analyzer {
             files,
@@ -181,6 +190,7 @@ impl<'f, 's> Analyzer<'f, 's> {
             nodes: Vec::new(),
             anonymous: HashMap::new(),
             files_read: Vec::new(),
+            reads,
             seed: 0,
             diags: Vec::new(),
             templates,
@@ -191,6 +201,25 @@ impl<'f, 's> Analyzer<'f, 's> {
 
     fn error(&mut self, d: Diagnostic) {
         self.diags.push(d);
+    }
+
+    /// Whether the pipeline may read `path` (the `what` written as `written` at `span`); an
+    /// error naming where it resolves to and the flag that allows it if not.
+    fn expect_readable(&mut self, path: &Path, written: &str, what: &str, span: Span) -> bool {
+        match self.reads.check(path) {
+            Ok(_) => true,
+            Err(refused) => {
+                self.error(
+                    Diagnostic::error(
+                        Code::Io,
+                        format!("cannot read {what} `{written}`: it {}", refused.reason()),
+                    )
+                    .at_with(span, "outside the pipeline's folder")
+                    .with_hint(refused.hint()),
+                );
+                false
+            }
+        }
     }
 
     fn run(

@@ -216,6 +216,14 @@ impl<'f> Analyzer<'f, '_> {
             return None;
         }
         let resolved = dir.join(&path);
+        let what = match field {
+            "schema" => "json schema",
+            "adapter" => "adapter folder",
+            _ => "path",
+        };
+        if !self.expect_readable(&resolved, &path, what, expr.span) {
+            return None;
+        }
         if !resolved.exists() {
             self.diags.push(
                 Diagnostic::warning(

@@ -19,6 +19,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 
 use crate::read_limits::{ReadKind, read_bounded};
+use crate::read_policy::ReadPolicy;
 
 use super::image_store::{ImageStoreWriter, image_id};
 use super::source::{RawImage, RawLabel};
@@ -67,13 +68,37 @@ pub struct DatasetSpec {
     /// serialised: it never changes the output, so it must not change a fingerprint either.
     #[serde(skip)]
     pub threads: usize,
+    /// Where the source may read ([`ReadPolicy`]: a pipeline's folder, the Hub cache,
+    /// `--allow-read`); `None` is the source's own folder only. The user's consent, so never
+    /// serialised: what it lets through shows in the source stamp instead.
+    #[serde(skip)]
+    pub reads: Option<ReadPolicy>,
 }
 
 impl DatasetSpec {
     /// What identifies the source's current content (see [`SourceSpec::stamp`]); the executor
     /// mixes it into the dataset fingerprint so edited local data reruns the stage.
     pub fn source_stamp(&self) -> Result<serde_json::Value, DataError> {
-        self.source.stamp(&self.image_column)
+        self.source.stamp(&self.image_column, &self.read_policy())
+    }
+
+    /// The policy in force: [`Self::reads`], else the source's own folder.
+    pub fn read_policy(&self) -> ReadPolicy {
+        if let Some(reads) = &self.reads {
+            return reads.clone();
+        }
+        let own = match &self.source {
+            SourceSpec::Folder { dir } | SourceSpec::ParquetDir { dir, .. } => dir.as_path(),
+            SourceSpec::Csv { path } | SourceSpec::Jsonl { path } => {
+                path.parent().unwrap_or(Path::new("."))
+            }
+            SourceSpec::Parquet { files } => files
+                .first()
+                .and_then(|f| f.parent())
+                .unwrap_or(Path::new(".")),
+            SourceSpec::Synthetic(_) => Path::new("."),
+        };
+        ReadPolicy::within(own)
     }
 
     /// A spec with the defaults (`image` column, labels from the source, no filters).
@@ -86,6 +111,7 @@ impl DatasetSpec {
             filters: FilterSpec::default(),
             check: ImageCheck::Header,
             threads: 0,
+            reads: None,
         }
     }
 }
@@ -147,7 +173,8 @@ pub fn ingest(
         progress.set_length(total);
     }
 
-    for chunk in spec.source.open(&spec.image_column, &spec.label)? {
+    let reads = spec.read_policy();
+    for chunk in spec.source.open(&spec.image_column, &spec.label, &reads)? {
         let chunk = chunk?;
         report.rows_read += chunk.len();
         progress.inc(chunk.len() as u64);
@@ -174,7 +201,7 @@ pub fn ingest(
             .iter_mut()
             .map(|t| std::mem::replace(&mut t.2, RawImage::Missing(String::new())))
             .collect();
-        let probed = probe_parallel(&mut images, spec, threads);
+        let probed = probe_parallel(&mut images, spec, &reads, threads);
         for ((row_id, label, _), outcome) in todo.into_iter().zip(probed) {
             let (id, bytes, info) = match outcome {
                 Ok(ok) => ok,
@@ -326,7 +353,12 @@ fn class_list(spec: &DatasetSpec, kept: &[(String, String, String)]) -> Vec<Stri
 type Probed = Result<(String, Vec<u8>, ImageInfo), String>;
 
 /// Loads and probes images on `threads` scoped threads, keeping the input order.
-fn probe_parallel(images: &mut [RawImage], spec: &DatasetSpec, threads: usize) -> Vec<Probed> {
+fn probe_parallel(
+    images: &mut [RawImage],
+    spec: &DatasetSpec,
+    reads: &ReadPolicy,
+    threads: usize,
+) -> Vec<Probed> {
     let per_thread = images.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|scope| {
         let handles: Vec<_> = images
@@ -337,7 +369,7 @@ fn probe_parallel(images: &mut [RawImage], spec: &DatasetSpec, threads: usize) -
                     part.iter_mut()
                         .map(|img| {
                             let img = std::mem::replace(img, RawImage::Missing(String::new()));
-                            load_and_probe(img, spec)
+                            load_and_probe(img, spec, reads)
                         })
                         .collect::<Vec<_>>()
                 });
@@ -356,11 +388,16 @@ fn probe_parallel(images: &mut [RawImage], spec: &DatasetSpec, threads: usize) -
     })
 }
 
-fn load_and_probe(image: RawImage, spec: &DatasetSpec) -> Probed {
+fn load_and_probe(image: RawImage, spec: &DatasetSpec, reads: &ReadPolicy) -> Probed {
     let bytes = match image {
         RawImage::Bytes(bytes) => bytes,
-        RawImage::File(path) => read_bounded(&path, ReadKind::Image)
-            .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?,
+        RawImage::File(path) => {
+            // Sources refuse what they name outside already; this also covers Parquet path
+            // columns and anything a source may add.
+            reads.check(&path).map_err(|refused| refused.to_string())?;
+            read_bounded(&path, ReadKind::Image)
+                .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?
+        }
         RawImage::Synthetic(i) => match &spec.source {
             SourceSpec::Synthetic(synthetic) => synthetic.render(i).map_err(|e| e.to_string())?,
             _ => return Err("synthetic image outside a synthetic source".to_owned()),

@@ -51,7 +51,9 @@ pub const FILTERED_FILE: &str = "filtered.parquet";
 /// Version of the data stages' output; part of their fingerprints (bump when outputs change).
 // 2: folder entries that cannot be read (dangling links, loops) are error rows, not a failed
 //    stage; a full check decodes as the model does, with the pixel cap.
-pub const DATA_CODE_VERSION: u32 = 2;
+// 3: image paths outside what the read policy allows (a pipeline's folder, the Hub cache,
+//    `--allow-read`) are error rows, not read.
+pub const DATA_CODE_VERSION: u32 = 3;
 
 /// Errors of the data stages. Bad images are not errors (they go to `errors.parquet`).
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,6 @@
 //! the folder for image folders, and `synthetic:<index>` for generated data.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
@@ -18,6 +17,8 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 use walkdir::WalkDir;
 
 use super::{DataError, SyntheticSpec};
+use crate::read_limits::{ReadKind, open_bounded, open_table};
+use crate::read_policy::ReadPolicy;
 
 /// Rows read per chunk (one chunk is probed in parallel, then written).
 pub(crate) const CHUNK_ROWS: usize = 256;
@@ -109,8 +110,14 @@ impl SourceSpec {
     /// What identifies the source's current content, for the dataset fingerprint: paths with
     /// size and mtime of every file it reads (hashed into one digest; a stat per file, no
     /// reads, so a no-change rerun over 10,000 images stays fast).
-    /// `image_column` locates the image paths of CSV/JSONL sources.
-    pub fn stamp(&self, image_column: &str) -> Result<serde_json::Value, DataError> {
+    /// `image_column` locates the image paths of CSV/JSONL sources; a path `reads` refuses
+    /// is not looked at (it is an error row, and its absence from the stamp tells the two apart).
+    pub fn stamp(
+        &self,
+        image_column: &str,
+        reads: &ReadPolicy,
+    ) -> Result<serde_json::Value, DataError> {
+        self.expect_readable(reads)?;
         let files: Vec<PathBuf> = match self {
             SourceSpec::Parquet { files } => files.clone(),
             SourceSpec::ParquetDir { dir, split, config } => {
@@ -120,7 +127,7 @@ impl SourceSpec {
                 // Unreadable entries have no metadata; their paths still enter the digest.
                 let mut hasher = blake3::Hasher::new();
                 let mut files = Vec::new();
-                for entry in folder_rows(dir)? {
+                for entry in folder_rows(dir, reads)? {
                     if entry.problem.is_some() {
                         hasher.update(entry.path.to_string_lossy().as_bytes());
                         hasher.update(&[0]);
@@ -132,7 +139,15 @@ impl SourceSpec {
             }
             SourceSpec::Csv { path } | SourceSpec::Jsonl { path } => {
                 let mut files = vec![path.clone()];
-                for row in text_rows(self, path, &LabelSpec::FromSource, image_column, true)? {
+                let rows = text_rows(
+                    self,
+                    path,
+                    &LabelSpec::FromSource,
+                    image_column,
+                    true,
+                    reads,
+                )?;
+                for row in rows {
                     if let RawImage::File(p) = row.image {
                         files.push(p);
                     }
@@ -158,8 +173,38 @@ impl SourceSpec {
         }
     }
 
-    /// Opens the source as chunks of raw rows.
-    pub(crate) fn open(&self, image_column: &str, label: &LabelSpec) -> Result<Chunks, DataError> {
+    /// The source's own files (its folder, table or Parquet files), refused as a whole when
+    /// `reads` does not allow them.
+    fn expect_readable(&self, reads: &ReadPolicy) -> Result<(), DataError> {
+        let (what, paths): (&'static str, Vec<&Path>) = match self {
+            SourceSpec::Parquet { files } => {
+                ("parquet file", files.iter().map(PathBuf::as_path).collect())
+            }
+            SourceSpec::ParquetDir { dir, .. } => ("parquet folder", vec![dir.as_path()]),
+            SourceSpec::Folder { dir } => ("image folder", vec![dir.as_path()]),
+            SourceSpec::Csv { path } => ("csv file", vec![path.as_path()]),
+            SourceSpec::Jsonl { path } => ("jsonl file", vec![path.as_path()]),
+            SourceSpec::Synthetic(_) => return Ok(()),
+        };
+        for path in paths {
+            reads.check(path).map_err(|refused| DataError::BadSource {
+                what,
+                path: path.to_path_buf(),
+                message: format!("it {}; {}", refused.reason(), refused.hint()),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Opens the source as chunks of raw rows; what `reads` refuses is not read (a refused
+    /// image is an error row).
+    pub(crate) fn open(
+        &self,
+        image_column: &str,
+        label: &LabelSpec,
+        reads: &ReadPolicy,
+    ) -> Result<Chunks, DataError> {
+        self.expect_readable(reads)?;
         match self {
             SourceSpec::Parquet { files } => parquet_chunks(files.clone(), image_column, label),
             SourceSpec::ParquetDir { dir, split, config } => parquet_chunks(
@@ -168,7 +213,7 @@ impl SourceSpec {
                 label,
             ),
             SourceSpec::Folder { dir } => {
-                let rows: Vec<RawRow> = folder_rows(dir)?
+                let rows: Vec<RawRow> = folder_rows(dir, reads)?
                     .into_iter()
                     .map(
                         |FolderEntry {
@@ -196,7 +241,14 @@ impl SourceSpec {
                 if label.column().is_none() {
                     return Err(DataError::LabelColumnNeeded);
                 }
-                Ok(chunked(text_rows(self, path, label, image_column, false)?))
+                Ok(chunked(text_rows(
+                    self,
+                    path,
+                    label,
+                    image_column,
+                    false,
+                    reads,
+                )?))
             }
             SourceSpec::Synthetic(spec) => {
                 let rows: Vec<RawRow> = (0..spec.n)
@@ -240,8 +292,8 @@ fn parquet_rows(files: &[PathBuf]) -> Option<u64> {
     use parquet::file::reader::FileReader;
     let mut total = 0u64;
     for path in files {
-        let reader =
-            parquet::file::reader::SerializedFileReader::new(File::open(path).ok()?).ok()?;
+        let file = open_bounded(path, ReadKind::Parquet).ok()?;
+        let reader = parquet::file::reader::SerializedFileReader::new(file).ok()?;
         total += u64::try_from(reader.metadata().file_metadata().num_rows()).ok()?;
     }
     Some(total)
@@ -288,8 +340,9 @@ struct FolderEntry {
 
 /// Every image in a class-per-folder tree, sorted by id. Files without an image extension are
 /// skipped, even when unreadable; an image entry (or a link loop) that cannot be read becomes an
-/// entry with its problem, so one bad link costs its row, not the dataset.
-fn folder_rows(dir: &Path) -> Result<Vec<FolderEntry>, DataError> {
+/// entry with its problem, so one bad link costs its row, not the dataset. A symlink that
+/// leaves what `reads` allows is such an entry too, and a linked folder outside is not listed.
+fn folder_rows(dir: &Path, reads: &ReadPolicy) -> Result<Vec<FolderEntry>, DataError> {
     if !dir.is_dir() {
         return Err(DataError::BadSource {
             what: "image folder",
@@ -312,7 +365,12 @@ fn folder_rows(dir: &Path) -> Result<Vec<FolderEntry>, DataError> {
         (parts.len() >= 2).then(|| (parts.join("/"), parts[0].clone()))
     };
     let mut rows = Vec::new();
-    for item in WalkDir::new(dir).min_depth(2).follow_links(true) {
+    // From depth 1, so a class folder that is a link is checked too.
+    let mut walk = WalkDir::new(dir)
+        .min_depth(1)
+        .follow_links(true)
+        .into_iter();
+    while let Some(item) = walk.next() {
         let item = match item {
             Ok(item) => item,
             Err(e) => {
@@ -352,10 +410,35 @@ fn folder_rows(dir: &Path) -> Result<Vec<FolderEntry>, DataError> {
                 continue;
             }
         };
-        if !item.file_type().is_file() || !has_image_extension(item.path()) {
+        // Only a link can lead outside `dir` (itself checked by the caller), so only links
+        // cost a path resolution: a no-change rerun over 10,000 plain files stays a stat each.
+        if item.path_is_symlink()
+            && let Err(refused) = reads.check(item.path())
+        {
+            // A linked folder outside is one error row: listing it would already read it.
+            // A file beside the class folders is ignored, as it would be inside.
+            if item.file_type().is_dir() {
+                walk.skip_current_dir();
+            } else if item.depth() < 2 || !has_image_extension(item.path()) {
+                continue;
+            }
+            let rel = item.path().strip_prefix(dir).unwrap_or(item.path());
+            let parts: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            rows.push(FolderEntry {
+                id: parts.join("/"),
+                path: item.path().to_path_buf(),
+                class: parts.first().cloned().unwrap_or_default(),
+                problem: Some(refused.to_string()),
+            });
             continue;
         }
-        // min_depth(2) guarantees a class folder component.
+        if item.depth() < 2 || !item.file_type().is_file() || !has_image_extension(item.path()) {
+            continue;
+        }
+        // Depth 2 guarantees a class folder component.
         let Some((id, class)) = id_and_class(item.path()) else {
             continue;
         };
@@ -391,21 +474,30 @@ fn text_rows(
     label: &LabelSpec,
     image_column: &str,
     lenient: bool,
+    reads: &ReadPolicy,
 ) -> Result<Vec<RawRow>, DataError> {
     let base = path.parent().unwrap_or(Path::new("."));
     let stem = file_stem(path);
     let resolve = |text: &str| -> RawImage {
         if text.trim().is_empty() {
-            RawImage::Missing("empty image path".to_owned())
-        } else {
-            RawImage::File(base.join(text.trim()))
+            return RawImage::Missing("empty image path".to_owned());
+        }
+        let image = base.join(text.trim());
+        match reads.check(&image) {
+            Ok(_) => RawImage::File(image),
+            Err(refused) => RawImage::Missing(refused.to_string()),
         }
     };
     let label_col = label.column();
     let mut rows = Vec::new();
     match spec {
         SourceSpec::Csv { .. } => {
-            let mut reader = csv::Reader::from_path(path).map_err(|e| csv_error(path, e))?;
+            let file = open_table(path).map_err(|e| DataError::BadSource {
+                what: "csv file",
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            let mut reader = csv::Reader::from_reader(file);
             let headers = reader.headers().map_err(|e| csv_error(path, e))?.clone();
             let find = |name: &str| {
                 headers
@@ -436,7 +528,11 @@ fn text_rows(
             }
         }
         _ => {
-            let file = File::open(path).map_err(DataError::io(path))?;
+            let file = open_table(path).map_err(|e| DataError::BadSource {
+                what: "jsonl file",
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
             let mut index = 0;
             for (line_no, line) in BufReader::new(file).lines().enumerate() {
                 let line = line.map_err(DataError::io(path))?;
@@ -516,7 +612,11 @@ impl ParquetChunks {
     }
 
     fn open_file(&mut self, path: PathBuf) -> Result<(), DataError> {
-        let file = File::open(&path).map_err(DataError::io(&path))?;
+        let file = open_bounded(&path, ReadKind::Parquet).map_err(|e| DataError::BadSource {
+            what: "parquet file",
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let builder =
             ParquetRecordBatchReaderBuilder::try_new(file).map_err(DataError::parquet(&path))?;
         let schema = builder.schema().clone();
