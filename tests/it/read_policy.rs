@@ -327,4 +327,31 @@ fn regression_14_an_eval_over_a_refused_image_succeeds_without_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(read("predictions.csv").contains(&secret));
+
+    // Other words for the same consent reuse every stage: the consent is not a fingerprint.
+    let secret_file = l.private.join("secret.jpg").display().to_string();
+    let out = l.vlmpipe(&[
+        "run",
+        "main.vp",
+        "--quiet",
+        "--allow-read",
+        &secret_file,
+        "--allow-read",
+        "photos",
+        "--summary-json",
+        "summary.json",
+    ]);
+    assert!(out.status.success());
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(l.project.join("summary.json")).unwrap()).unwrap();
+    let statuses: Vec<&str> = summary["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["status"].as_str().unwrap())
+        .collect();
+    assert!(
+        !statuses.is_empty() && statuses.iter().all(|s| *s == "cached"),
+        "{summary:#}"
+    );
 }
