@@ -388,3 +388,82 @@ fn a_lora_adapter_runs_on_top_of_a_quantized_base() -> TestResult {
     assert_eq!(logits.dtype(), DType::F32);
     Ok(())
 }
+
+/// `vlmpipe infer` on tiny-thumb with `extra` flags, offline.
+fn infer(extra: &[&str]) -> Result<std::process::Output, std::io::Error> {
+    let cache = tempfile::tempdir()?;
+    let model = fixture("checkpoints/tiny-thumb");
+    let image = fixture("images/photo_512x384.png");
+    let mut args = vec![
+        "infer".to_string(),
+        "--model".into(),
+        model.to_string_lossy().into_owned(),
+        "--image".into(),
+        image.to_string_lossy().into_owned(),
+        "--system".into(),
+        "Answer briefly.".into(),
+        "--prompt".into(),
+        "Cat or dog?".into(),
+        "--max-new-tokens".into(),
+        "5".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    std::process::Command::new(env!("CARGO_BIN_EXE_vlmpipe"))
+        .args(&args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", cache.path())
+        .output()
+}
+
+/// `infer --quant` answers with the quantized runner's own tokens, notes each fallback, and an
+/// unknown quant name is a usage error listing the known ones.
+#[test]
+fn infer_quant_flag_answers_with_the_quantized_model() -> TestResult {
+    let out = infer(&["--quant", "q8_0", "--json"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["quant"], "q8_0");
+    let (runner, _) = ModelRunner::load_quantized(
+        &fixture("checkpoints/tiny-thumb"),
+        None,
+        &LoadOptions::default(),
+        Quant::Q8_0,
+    )?;
+    let image = image::open(fixture("images/photo_512x384.png"))?.to_rgb8();
+    let conversation = Conversation::image_question(Some("Answer briefly."), "Cat or dog?");
+    let prompt = runner.prepare(&conversation, &[image])?;
+    let options = DecodeOptions {
+        max_new_tokens: 5,
+        sampling: Sampling::default(),
+    };
+    let answer = &runner.generate(&[&prompt], &options, None)?[0];
+    let ids: Vec<u64> = serde_json::from_value(report["token_ids"].clone())?;
+    let mut want: Vec<u64> = answer.tokens.iter().map(|&t| u64::from(t)).collect();
+    want.extend(answer.eos_token.map(u64::from));
+    assert_eq!(ids, want);
+
+    let out = infer(&["--quant", "Q4_K"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("note: `--quant q4_k`: `model.language_model.layers.0.conv.in_proj` [192, 64]: rows of 64 are not whole Q4_K blocks of 256; using fallback quantization Q5_0"),
+        "{stderr}"
+    );
+
+    let out = infer(&["--quant", "q3_k"])?;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown quant `q3_k`; known quants: q8_0, q4_k"),
+        "{stderr}"
+    );
+    Ok(())
+}

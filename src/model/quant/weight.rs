@@ -44,8 +44,18 @@ impl QuantWeight {
         // candle's quantizers run on the host; the blocks then go to the weight's device.
         let host = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         let tensor = Arc::new(QTensor::quantize_onto(&host, dtype, w.device())?);
+        // candle's Q5_0/Q5_1 dot products insist on an even number of blocks a row (a debug
+        // assertion; the arithmetic would be right). Such a row (a fallback on narrow test
+        // models, never at LFM2-VL-450M's widths) multiplies by the dequantized blocks instead:
+        // the same weight values, f32 activations.
+        let odd_blocks = (in_dim / dtype.block_size()) % 2 == 1;
+        let matmul = if odd_blocks && matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+            QMatMul::Tensor(tensor.dequantize(w.device())?)
+        } else {
+            QMatMul::QTensor(tensor.clone())
+        };
         Ok(Self {
-            matmul: QMatMul::QTensor(tensor.clone()),
+            matmul,
             tensor,
             out_dim,
             in_dim,
