@@ -467,3 +467,63 @@ fn infer_quant_flag_answers_with_the_quantized_model() -> TestResult {
     );
     Ok(())
 }
+
+/// `bench model --quant q8_0` times the quantized model step by step in the same run, with each
+/// step's ratio to f32, the decode floors from a measured bandwidth, and the label KL.
+#[test]
+fn bench_model_quant_times_both_models_and_compares_them() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let json_out = dir.path().join("bench.json");
+    let model = fixture("checkpoints/tiny-thumb");
+    let image = fixture("images/photo_512x384.png");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlmpipe"))
+        .args(["bench", "model", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(&image)
+        .args(["--threads", "1", "--device", "cpu", "--repeats", "2"])
+        .args(["--decode-steps", "2", "--quant", "q8_0", "--json-out"])
+        .arg(&json_out)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("memory read bandwidth"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_out)?)?;
+    let (f32_side, q) = (&report["vlmpipe"], &report["quantized"]);
+    assert_eq!(q["quant"], "q8_0");
+    for key in [
+        "vision_ms",
+        "lm_prefill_ms",
+        "decode_ms_per_token",
+        "classify_ms",
+    ] {
+        let samples = q["steps"][key]["samples"].as_array().ok_or(key)?;
+        assert_eq!(samples.len(), 2, "{key}");
+        let ratio = q["ratios_quantized_over_unquantized"][key]
+            .as_f64()
+            .ok_or(key)?;
+        let medians = q["steps"][key]["median"].as_f64().ok_or(key)?
+            / f32_side[key]["median"].as_f64().ok_or(key)?;
+        assert!(
+            (ratio - medians).abs() < 1e-9,
+            "{key}: {ratio} vs {medians}"
+        );
+    }
+    let num = |key: &str| q[key].as_f64().ok_or(key.to_string());
+    assert!(num("read_bandwidth_gb_s")? > 0.1);
+    assert!(num("decode_bytes_quantized")? < num("decode_bytes_unquantized")?);
+    let floor_ratio = num("decode_floor_ms_quantized")? / num("decode_floor_ms_unquantized")?;
+    let bytes_ratio = num("decode_bytes_quantized")? / num("decode_bytes_unquantized")?;
+    assert!((floor_ratio - bytes_ratio).abs() < 1e-9);
+    let p: Vec<f64> = serde_json::from_value(q["label_probs_unquantized"].clone())?;
+    let r: Vec<f64> = serde_json::from_value(q["label_probs_quantized"].clone())?;
+    assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-6);
+    let kl: f64 = p.iter().zip(&r).map(|(a, b)| a * (a / b).ln()).sum();
+    assert!((num("label_kl")? - kl).abs() < 1e-12 && kl >= 0.0);
+    Ok(())
+}

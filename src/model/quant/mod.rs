@@ -166,6 +166,7 @@ pub struct TensorQuant {
     pub name: String,
     /// `[out, in]`.
     pub shape: [usize; 2],
+    pub part: Part,
     pub wanted: GgmlDType,
     pub chosen: TensorType,
     /// Bytes of the stored weight afterwards (F16 fallbacks count 2 bytes a value, as in a GGUF).
@@ -223,6 +224,20 @@ impl QuantReport {
             .collect()
     }
 
+    /// Bytes of the matrices a decode step reads (decoder projections and LM head), quantized.
+    pub fn decode_bytes(&self) -> usize {
+        self.decode_tensors().map(|t| t.bytes).sum()
+    }
+
+    /// The same matrices' values (for their size in another dtype).
+    pub fn decode_values(&self) -> usize {
+        self.decode_tensors().map(|t| t.shape[0] * t.shape[1]).sum()
+    }
+
+    fn decode_tensors(&self) -> impl Iterator<Item = &TensorQuant> {
+        self.tensors.iter().filter(|t| t.part != Part::Vision)
+    }
+
     /// A one-line summary: quant, tensors, size against f32, fallbacks.
     pub fn summary(&self) -> String {
         let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
@@ -259,7 +274,7 @@ pub fn quantize_model(model: &mut Lfm2VlModel, quant: Quant) -> Result<QuantRepo
             Part::Decoder
         };
         let name = lin.name().to_string();
-        match quantize_matrix(lin.weight_matrix(), quant.type_for(part), name) {
+        match quantize_matrix(lin.weight_matrix(), quant, part, name) {
             Ok((matrix, record)) => {
                 lin.set_weight_matrix(matrix);
                 tensors.push(record);
@@ -271,11 +286,8 @@ pub fn quantize_model(model: &mut Lfm2VlModel, quant: Quant) -> Result<QuantRepo
         return Err(e);
     }
     let text = model.text_mut();
-    let (head, record) = quantize_matrix(
-        text.lm_head_matrix(),
-        quant.type_for(Part::Head),
-        "lm_head".into(),
-    )?;
+    let (head, record) =
+        quantize_matrix(text.lm_head_matrix(), quant, Part::Head, "lm_head".into())?;
     text.set_lm_head_matrix(head);
     tensors.push(record);
     Ok(QuantReport { quant, tensors })
@@ -284,9 +296,11 @@ pub fn quantize_model(model: &mut Lfm2VlModel, quant: Quant) -> Result<QuantRepo
 /// One matrix → its quantized (or fallback) form and what happened.
 fn quantize_matrix(
     matrix: &WeightMatrix,
-    wanted: GgmlDType,
+    quant: Quant,
+    part: Part,
     name: String,
 ) -> Result<(WeightMatrix, TensorQuant)> {
+    let wanted = quant.type_for(part);
     let shape = [matrix.out_dim(), matrix.in_dim()];
     let chosen = choose_type(wanted, shape[1]);
     let dense = matrix.to_tensor()?;
@@ -306,6 +320,7 @@ fn quantize_matrix(
         TensorQuant {
             name,
             shape,
+            part,
             wanted,
             chosen,
             bytes,
