@@ -347,6 +347,11 @@ pub struct InferArgs {
     /// The dtype to compute in.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    /// Quantize the weights at load: `q8_0` (every projection and the LM head in Q8_0) or `q4_k`
+    /// (decoder projections Q4_K, LM head Q6_K, vision tower and projector Q8_0), as llama.cpp
+    /// stores them; a width a block type cannot take falls back per tensor, with a note.
+    #[arg(long, value_name = "QUANT")]
+    pub quant: Option<crate::model::quant::Quant>,
     #[command(flatten)]
     pub device: DeviceArg,
     /// Write the prompt's last-position logits to this file (safetensors, tensor `logits`, f32 [vocab]).
@@ -476,6 +481,11 @@ pub struct BenchModelArgs {
     /// The dtype to compute in (transformers too).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    /// Also time the model quantized at load (`q8_0` or `q4_k`, as `infer --quant`) in the same
+    /// run, step by step, with its ratio to the unquantized model, the label KL between them and
+    /// decode time against the memory-bandwidth floor of each model's weights.
+    #[arg(long, value_name = "QUANT")]
+    pub quant: Option<crate::model::quant::Quant>,
     // transformers computes on the same device (`metal` is torch's `mps`).
     #[command(flatten)]
     pub device: DeviceArg,

@@ -39,6 +39,7 @@ use crate::cli::args::{
     BenchCommand, BenchGrammarArgs, BenchIngestArgs, BenchModelArgs, BenchRerunArgs, CacheDirArg,
     DeviceArg, DtypeArg, ParamOverrides, RunArgs,
 };
+use crate::cli::bench_quant;
 use crate::cli::check_cmd::load_and_report;
 use crate::cli::run_cmd;
 use crate::decode::{BenchConfig, bench_grammars};
@@ -364,97 +365,47 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     let device_name = device_label(runner.device());
     let rss_after_load = proc_status_mib("VmRSS");
 
+    // With `--quant`, the quantized model is loaded beside the first and each repetition times
+    // both back to back, so a busy neighbour slows both alike.
+    let quantized = match args.quant {
+        Some(quant) => {
+            let options = LoadOptions {
+                dtype: args.dtype.to_candle(),
+                device: runner.device().clone(),
+            };
+            let t = Instant::now();
+            let (q, report) =
+                ModelRunner::load_quantized(&dir, adapter.as_deref(), &options, quant)?;
+            for line in report.fallback_lines() {
+                eprintln!("note: `--quant {quant}`: {line}");
+            }
+            Some((q, report, t.elapsed().as_secs_f64()))
+        }
+        None => None,
+    };
+
     let conversation = Conversation::image_question(Some(VET_SYSTEM), VET_USER);
     let steps = args.decode_steps;
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
     let mut decode_steps_ms = Vec::new();
+    let mut q_samples: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
+    let mut q_decode_steps_ms = Vec::new();
     let mut shape = None;
     // Round 0 warms up caches and the allocator and is not recorded.
     for round in 0..=args.repeats {
-        let t = Instant::now();
-        let inputs =
-            runner
-                .processor()
-                .prepare(&conversation, std::slice::from_ref(&image), true)?;
-        let preprocess = t.elapsed();
-
-        let t = Instant::now();
-        let features = runner.image_features(&inputs)?;
-        // GPU work is asynchronous: every timer stops after the device has finished.
-        runner.device().synchronize()?;
-        let vision = t.elapsed();
-
-        let model = runner.model();
-        let dev = model.device();
-        let ids = Tensor::new(inputs.input_ids.as_slice(), dev)?.unsqueeze(0)?;
-        let t = Instant::now();
-        let all_features = runner.image_features(&inputs)?;
-        let mut cache = model.new_cache(1);
-        model.forward(
-            &ids,
-            all_features.as_ref(),
-            None,
-            &mut cache,
-            LogitsMode::All,
-        )?;
-        dev.synchronize()?;
-        let prompt_forward = t.elapsed();
-
-        let embeds = model.embed(&ids, features.as_ref())?;
-        let t = Instant::now();
-        let mut cache = model.new_cache(1);
-        let logits = model.forward_embeds(&embeds, None, &mut cache, LogitsMode::Last)?;
-        dev.synchronize()?;
-        let prefill = t.elapsed();
-
-        let mut token = first_argmax(&logits)?;
-        let mut step_ms = Vec::with_capacity(steps);
-        for _ in 0..steps {
-            let t = Instant::now();
-            let input = Tensor::new(&[[token]], dev)?;
-            let logits = model.forward(&input, None, None, &mut cache, LogitsMode::Last)?;
-            token = first_argmax(&logits)?;
-            step_ms.push(ms(t.elapsed()));
-        }
-
-        let t = Instant::now();
-        let inputs =
-            runner
-                .processor()
-                .prepare(&conversation, std::slice::from_ref(&image), true)?;
-        let features = runner.image_features(&inputs)?;
-        // No EOS ids: always `1 + steps` tokens, like `min_new_tokens` on the Python side.
-        let cfg = GenerateConfig {
-            max_new_tokens: 1 + steps,
-            eos_token_ids: Vec::new(),
-            pad_token_id: runner.pad_token_id(),
-            sampling: Sampling::default(),
+        let timed = time_round(&runner, &conversation, &image, steps)?;
+        shape = Some(timed.shape);
+        let q_timed = match &quantized {
+            Some((q, _, _)) => Some(time_round(q, &conversation, &image, steps)?),
+            None => None,
         };
-        let prompt = Prompt {
-            input_ids: &inputs.input_ids,
-            image_features: features.as_ref(),
-            seed: None,
-        };
-        generate::generate(model, &[prompt], &cfg, None)?;
-        let classify = t.elapsed();
-
-        shape = Some((inputs.input_ids.len(), inputs.num_image_tokens()));
         if round == 0 {
             continue;
         }
-        let mean_step = step_ms.iter().sum::<f64>() / step_ms.len().max(1) as f64;
-        let row = [
-            ms(preprocess),
-            ms(vision),
-            ms(prompt_forward),
-            ms(prefill),
-            mean_step,
-            ms(classify),
-        ];
-        for (column, value) in samples.iter_mut().zip(row) {
-            column.push(value);
+        timed.record(&mut samples, &mut decode_steps_ms);
+        if let Some(q_timed) = q_timed {
+            q_timed.record(&mut q_samples, &mut q_decode_steps_ms);
         }
-        decode_steps_ms.push(step_ms);
     }
     let (prompt_tokens, image_tokens) = shape.unwrap_or_default();
     let peak_rss = proc_status_mib("VmHWM");
@@ -484,6 +435,31 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     // Which CPU product ran: weights packed for our AVX-512 kernel, or dense for gemm.
     ours.insert("packed_weights".into(), json!(runner.packed_linears()));
     let ours = Value::Object(ours);
+    let quant = match &quantized {
+        Some((q, report, load_s)) => {
+            let mut side = serde_json::Map::new();
+            side.insert("load_s".into(), json!(load_s));
+            for (key, column) in STEPS.iter().zip(q_samples) {
+                side.insert(
+                    (*key).to_owned(),
+                    serde_json::to_value(Summary::of(column))?,
+                );
+            }
+            side.insert("decode_steps_ms".into(), json!(q_decode_steps_ms));
+            Some(bench_quant::compare(
+                &runner,
+                q,
+                report,
+                Value::Object(side),
+                &ours,
+                &conversation,
+                &image,
+                STEPS,
+            )?)
+        }
+        None => None,
+    };
+    drop(quantized);
     drop(runner);
 
     let theirs = match (&args.python, &args.transformers_script) {
@@ -500,6 +476,9 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     let load_after = load_average();
 
     print_table(&ours, theirs.as_ref(), prompt_tokens, image_tokens);
+    if let Some(quant) = &quant {
+        bench_quant::print(quant, &ours, STEPS);
+    }
     let report = json!({
         "model": dir,
         "adapter": adapter,
@@ -512,6 +491,7 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         "vlmpipe": ours,
         "transformers": theirs,
         "ratios_ours_over_theirs": theirs.as_ref().map(|t| ratios(&ours, t)),
+        "quantized": quant,
     });
     let text = serde_json::to_string_pretty(&report)?;
     println!("{text}");
@@ -520,6 +500,110 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
             .with_context(|| format!("cannot write `{}`", path.display()))?;
     }
     Ok(Outcome::Success)
+}
+
+/// One repetition of every timed step ([`STEPS`], in order) and each decode step.
+struct RoundTimes {
+    row: [f64; 6],
+    step_ms: Vec<f64>,
+    /// (prompt tokens, image tokens).
+    shape: (usize, usize),
+}
+
+impl RoundTimes {
+    fn record(self, samples: &mut [Vec<f64>], decode_steps_ms: &mut Vec<Vec<f64>>) {
+        for (column, value) in samples.iter_mut().zip(self.row) {
+            column.push(value);
+        }
+        decode_steps_ms.push(self.step_ms);
+    }
+}
+
+/// Times every step of one classification of `image` with `runner`.
+fn time_round(
+    runner: &ModelRunner,
+    conversation: &Conversation,
+    image: &image::RgbImage,
+    steps: usize,
+) -> anyhow::Result<RoundTimes> {
+    let t = Instant::now();
+    let inputs = runner
+        .processor()
+        .prepare(conversation, std::slice::from_ref(image), true)?;
+    let preprocess = t.elapsed();
+
+    let t = Instant::now();
+    let features = runner.image_features(&inputs)?;
+    // GPU work is asynchronous: every timer stops after the device has finished.
+    runner.device().synchronize()?;
+    let vision = t.elapsed();
+
+    let model = runner.model();
+    let dev = model.device();
+    let ids = Tensor::new(inputs.input_ids.as_slice(), dev)?.unsqueeze(0)?;
+    let t = Instant::now();
+    let all_features = runner.image_features(&inputs)?;
+    let mut cache = model.new_cache(1);
+    model.forward(
+        &ids,
+        all_features.as_ref(),
+        None,
+        &mut cache,
+        LogitsMode::All,
+    )?;
+    dev.synchronize()?;
+    let prompt_forward = t.elapsed();
+
+    let embeds = model.embed(&ids, features.as_ref())?;
+    let t = Instant::now();
+    let mut cache = model.new_cache(1);
+    let logits = model.forward_embeds(&embeds, None, &mut cache, LogitsMode::Last)?;
+    dev.synchronize()?;
+    let prefill = t.elapsed();
+
+    let mut token = first_argmax(&logits)?;
+    let mut step_ms = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        let input = Tensor::new(&[[token]], dev)?;
+        let logits = model.forward(&input, None, None, &mut cache, LogitsMode::Last)?;
+        token = first_argmax(&logits)?;
+        step_ms.push(ms(t.elapsed()));
+    }
+
+    let t = Instant::now();
+    let inputs = runner
+        .processor()
+        .prepare(conversation, std::slice::from_ref(image), true)?;
+    let features = runner.image_features(&inputs)?;
+    // No EOS ids: always `1 + steps` tokens, like `min_new_tokens` on the Python side.
+    let cfg = GenerateConfig {
+        max_new_tokens: 1 + steps,
+        eos_token_ids: Vec::new(),
+        pad_token_id: runner.pad_token_id(),
+        sampling: Sampling::default(),
+    };
+    let prompt = Prompt {
+        input_ids: &inputs.input_ids,
+        image_features: features.as_ref(),
+        seed: None,
+    };
+    generate::generate(model, &[prompt], &cfg, None)?;
+    let classify = t.elapsed();
+
+    let mean_step = step_ms.iter().sum::<f64>() / step_ms.len().max(1) as f64;
+    Ok(RoundTimes {
+        row: [
+            ms(preprocess),
+            ms(vision),
+            ms(prompt_forward),
+            ms(prefill),
+            mean_step,
+            ms(classify),
+        ],
+        step_ms,
+        shape: (inputs.input_ids.len(), inputs.num_image_tokens()),
+    })
 }
 
 /// The model folder: `--model` resolved, or a random checkpoint for `--config`. The second

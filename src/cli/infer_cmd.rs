@@ -48,6 +48,9 @@ struct InferReport {
     device: String,
     /// The dtype it computed in.
     dtype: &'static str,
+    /// The `--quant` the weights were quantized to at load (absent without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quant: Option<&'static str>,
     /// The answer read back under the grammar (only with one).
     #[serde(skip_serializing_if = "Option::is_none")]
     answer: Option<Value>,
@@ -88,14 +91,21 @@ pub(crate) fn run(args: &InferArgs) -> anyhow::Result<Outcome> {
         .as_deref()
         .map(resolve_adapter_dir)
         .transpose()?;
-    let runner = ModelRunner::load_with_adapter(
-        &dir,
-        adapter.as_deref(),
-        &LoadOptions {
-            dtype: args.dtype.to_candle(),
-            device,
-        },
-    )?;
+    let options = LoadOptions {
+        dtype: args.dtype.to_candle(),
+        device,
+    };
+    let runner = match args.quant {
+        None => ModelRunner::load_with_adapter(&dir, adapter.as_deref(), &options)?,
+        Some(quant) => {
+            let (runner, report) =
+                ModelRunner::load_quantized(&dir, adapter.as_deref(), &options, quant)?;
+            for line in report.fallback_lines() {
+                eprintln!("note: `--quant {quant}`: {line}");
+            }
+            runner
+        }
+    };
     let load = t.elapsed();
 
     let t = Instant::now();
@@ -180,6 +190,7 @@ pub(crate) fn run(args: &InferArgs) -> anyhow::Result<Outcome> {
             },
             device: device_label(runner.device()),
             dtype: dtype_name(args.dtype),
+            quant: args.quant.map(|q| q.name()),
             answer: parsed,
             scores,
             timings: Timings {

@@ -6,6 +6,7 @@
 
 mod args;
 mod bench_cmd;
+mod bench_quant;
 mod cache_cmd;
 mod check_cmd;
 mod export_cmd;

@@ -104,6 +104,11 @@ impl Lfm2VlModel {
         &self.text
     }
 
+    /// The decoder, mutably (replacing the LM head when quantizing at load).
+    pub(crate) fn text_mut(&mut self) -> &mut TextModel {
+        &mut self.text
+    }
+
     pub fn dtype(&self) -> DType {
         self.text.dtype()
     }

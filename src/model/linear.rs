@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 
 use crate::model::ops;
 use crate::model::packed::{Kernel, PackedWeight};
+use crate::model::quant::QuantWeight;
 
 /// Something that changes a linear layer's output, e.g. a LoRA delta `scale * B(A(x))`.
 ///
@@ -37,6 +38,8 @@ pub(crate) enum WeightMatrix {
     Dense(Tensor),
     /// Pre-packed for the CPU f32 kernel ([`WeightMatrix::pack_for_cpu`]); the dense form is gone.
     Packed(Arc<PackedWeight>),
+    /// ggml blocks ([`crate::model::quant`]); the dense form is gone.
+    Quantized(Arc<QuantWeight>),
 }
 
 impl WeightMatrix {
@@ -44,6 +47,7 @@ impl WeightMatrix {
         match self {
             WeightMatrix::Dense(w) => w.dims2().map_or(0, |(o, _)| o),
             WeightMatrix::Packed(p) => p.n(),
+            WeightMatrix::Quantized(q) => q.out_dim(),
         }
     }
 
@@ -51,6 +55,7 @@ impl WeightMatrix {
         match self {
             WeightMatrix::Dense(w) => w.dims2().map_or(0, |(_, i)| i),
             WeightMatrix::Packed(p) => p.k(),
+            WeightMatrix::Quantized(q) => q.in_dim(),
         }
     }
 
@@ -58,11 +63,13 @@ impl WeightMatrix {
         matches!(self, WeightMatrix::Packed(_))
     }
 
-    /// The `[out, in]` tensor; a packed matrix is unpacked into a new CPU tensor.
+    /// The `[out, in]` tensor; a packed matrix is unpacked into a new CPU tensor, a quantized
+    /// one dequantized into f32.
     pub(crate) fn to_tensor(&self) -> Result<Tensor> {
         match self {
             WeightMatrix::Dense(w) => Ok(w.clone()),
             WeightMatrix::Packed(p) => p.to_tensor(),
+            WeightMatrix::Quantized(q) => q.to_tensor(),
         }
     }
 
@@ -71,6 +78,7 @@ impl WeightMatrix {
         match self {
             WeightMatrix::Dense(w) => ops::linear(x, w, bias),
             WeightMatrix::Packed(p) => p.linear(x, bias),
+            WeightMatrix::Quantized(q) => q.linear(x, bias),
         }
     }
 
@@ -151,6 +159,17 @@ impl Linear {
     /// whether it packed.
     pub fn pack_for_cpu(&mut self, kernel: Kernel) -> Result<bool> {
         self.weight.pack_for_cpu(kernel)
+    }
+
+    /// The frozen weight as products read it (dense, packed or quantized).
+    pub(crate) fn weight_matrix(&self) -> &WeightMatrix {
+        &self.weight
+    }
+
+    /// Replaces the frozen weight (quantizing at load, [`crate::model::quant`]); the adapter and
+    /// bias stay.
+    pub(crate) fn set_weight_matrix(&mut self, weight: WeightMatrix) {
+        self.weight = weight;
     }
 
     pub fn adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {

@@ -36,6 +36,7 @@ pub mod linear;
 pub mod ops;
 pub mod packed;
 pub mod projector;
+pub mod quant;
 pub mod text;
 pub mod vision;
 

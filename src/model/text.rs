@@ -625,6 +625,20 @@ impl TextModel {
         Ok(packed)
     }
 
+    /// The LM head's matrix (for [`crate::model::quant`]).
+    pub(crate) fn lm_head_matrix(&self) -> &WeightMatrix {
+        &self.lm_head
+    }
+
+    /// Replaces the LM head's matrix (quantizing at load); a tied embedding table then reads its
+    /// rows from the new head, as after packing.
+    pub(crate) fn set_lm_head_matrix(&mut self, head: WeightMatrix) {
+        if self.tied {
+            self.embed_tokens = head.clone();
+        }
+        self.lm_head = head;
+    }
+
     pub fn config(&self) -> &TextParams {
         &self.cfg
     }
@@ -658,6 +672,10 @@ impl TextModel {
             WeightMatrix::Packed(p) => {
                 Tensor::from_vec(p.gather_rows(&id_list), (b, l, p.k()), &self.device)
             }
+            WeightMatrix::Quantized(q) => q
+                .gather_rows(&ids)?
+                .to_dtype(self.dtype)?
+                .reshape((b, l, d)),
         }
     }
 

@@ -23,6 +23,7 @@ use crate::model::generate::{self, GenerateConfig, LogitsProcessor, Sampling, To
 use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::packed::Kernel;
 use crate::model::processor::{Processor, PromptInputs};
+use crate::model::quant::{self, Quant, QuantReport};
 
 pub use scorer::CachedPrefixScorer;
 
@@ -39,6 +40,31 @@ pub enum RunnerError {
     Generate(String),
     #[error(transparent)]
     Grammar(#[from] DecodeError),
+}
+
+/// Loads the checkpoint `dir` and attaches the adapter in `adapter_dir` when given.
+fn load_model(
+    dir: &Path,
+    adapter_dir: Option<&Path>,
+    options: &LoadOptions,
+) -> Result<Lfm2VlModel, RunnerError> {
+    let mut model = checkpoint::load(dir, options).map_err(|e| RunnerError::Load {
+        dir: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    if let Some(adapter_dir) = adapter_dir {
+        let load_err = |message: String| RunnerError::Load {
+            dir: adapter_dir.to_path_buf(),
+            message,
+        };
+        let adapter = crate::train::PeftAdapter::load(adapter_dir, &options.device)
+            .map_err(|e| load_err(e.to_string()))?;
+        let trainable = adapter
+            .attach(&mut model)
+            .map_err(|e| load_err(e.to_string()))?;
+        trainable.mode().set_training(false);
+    }
+    Ok(model)
 }
 
 /// How to decode.
@@ -131,6 +157,26 @@ impl ModelRunner {
         trainable.mode().set_training(false);
         let processor = Processor::from_model_dir(dir).map_err(|e| load_err(e.to_string()))?;
         Self::new(model, processor, dir)
+    }
+
+    /// [`Self::load_with_adapter`] with every projection and the LM head quantized at load
+    /// ([`crate::model::quant`]); an adapter stays in full precision on the quantized base.
+    /// Returns what quantizing did to each tensor (the fallbacks of widths a quant cannot take).
+    pub fn load_quantized(
+        dir: &Path,
+        adapter_dir: Option<&Path>,
+        options: &LoadOptions,
+        quant: Quant,
+    ) -> Result<(Self, QuantReport), RunnerError> {
+        let load_err = |message: String| RunnerError::Load {
+            dir: dir.to_path_buf(),
+            message,
+        };
+        let mut model = load_model(dir, adapter_dir, options)?;
+        let report = quant::quantize_model(&mut model, quant)
+            .map_err(|e| load_err(format!("cannot quantize the weights to {quant}: {e}")))?;
+        let processor = Processor::from_model_dir(dir).map_err(|e| load_err(e.to_string()))?;
+        Ok((Self::new(model, processor, dir)?, report))
     }
 
     /// Wraps an already loaded model (e.g. one with LoRA adapters attached).

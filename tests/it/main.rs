@@ -34,6 +34,7 @@ mod model_generate;
 mod model_inputs;
 mod model_parity;
 mod model_portable;
+mod model_quant;
 mod pipeline_eval;
 mod pipeline_finetune;
 mod pipeline_run;

@@ -1,0 +1,171 @@
+//! `bench model --quant Q`: the quantized model next to the unquantized one, from the same run.
+//!
+//! `bench_cmd` times both step by step, alternating repetitions; this adds what only a
+//! comparison says: each step's ratio (quantized / unquantized medians), the machine's memory
+//! read bandwidth measured in the same run and each side's decode step against the floor it sets
+//! (the bytes of the decoder projections and LM head a step reads, over that bandwidth), and the
+//! label KL between the two models' exact cat/dog probabilities on the benchmark image.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use anyhow::Context;
+use rayon::prelude::*;
+use serde_json::{Value, json};
+
+use crate::decode::{CompiledGrammar, GrammarSpec, LabelScorer};
+use crate::model::chat::Conversation;
+use crate::model::quant::QuantReport;
+use crate::runner::ModelRunner;
+
+/// Labels of the benchmark question.
+const LABELS: [&str; 2] = ["cat", "dog"];
+/// Bytes the bandwidth probe reads per pass: far past any cache.
+const PROBE_BYTES: usize = 512 << 20;
+/// Passes of the probe; the best is reported, as STREAM does.
+const PROBE_PASSES: usize = 7;
+
+/// The quantized side's report: its step summaries (`side`), ratios, bandwidth floors, label KL.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn compare(
+    full: &ModelRunner,
+    quantized: &ModelRunner,
+    report: &QuantReport,
+    side: Value,
+    ours: &Value,
+    conversation: &Conversation,
+    image: &image::RgbImage,
+    steps: &[&str],
+) -> anyhow::Result<Value> {
+    let mut ratios = serde_json::Map::new();
+    for key in steps {
+        if let (Some(q), Some(f)) = (side[key]["median"].as_f64(), ours[key]["median"].as_f64()) {
+            ratios.insert((*key).to_owned(), json!(q / f));
+        }
+    }
+    let bandwidth = read_bandwidth_gbs();
+    let full_bytes = report.decode_values() * full.model().dtype().size_in_bytes();
+    let quant_bytes = report.decode_bytes();
+    let floor_ms = |bytes: usize| bytes as f64 / (bandwidth * 1e9) * 1e3;
+    let decode = |v: &Value| v["decode_ms_per_token"]["median"].as_f64();
+    let of_floor = |bytes: usize, v: &Value| decode(v).map(|ms| floor_ms(bytes) / ms);
+
+    let (p, q) = (
+        label_probs(full, conversation, image)?,
+        label_probs(quantized, conversation, image)?,
+    );
+    let kl: f64 = p
+        .iter()
+        .zip(&q)
+        .filter(|(a, _)| **a > 0.0)
+        .map(|(a, b)| a * (a / b.max(f64::MIN_POSITIVE)).ln())
+        .sum();
+    let best = |v: &[f64]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i)
+    };
+    Ok(json!({
+        "quant": report.quant.name(),
+        "summary": report.summary(),
+        "fallbacks": report.fallback_lines(),
+        "steps": side,
+        "ratios_quantized_over_unquantized": ratios,
+        "read_bandwidth_gb_s": bandwidth,
+        "decode_bytes_unquantized": full_bytes,
+        "decode_bytes_quantized": quant_bytes,
+        "decode_floor_ms_unquantized": floor_ms(full_bytes),
+        "decode_floor_ms_quantized": floor_ms(quant_bytes),
+        "decode_fraction_of_floor_unquantized": of_floor(full_bytes, ours),
+        "decode_fraction_of_floor_quantized": of_floor(quant_bytes, &side),
+        "labels": LABELS,
+        "label_probs_unquantized": p,
+        "label_probs_quantized": q,
+        "label_kl": kl,
+        "same_label": best(&p) == best(&q),
+    }))
+}
+
+/// Prints the quantized side's table below the main one.
+pub(crate) fn print(quant: &Value, ours: &Value, steps: &[&str]) {
+    let name = quant["quant"].as_str().unwrap_or("?");
+    println!("{}", quant["summary"].as_str().unwrap_or_default());
+    println!(
+        "{:<22} {:>18} {:>18} {:>12}",
+        "step",
+        "unquantized ms",
+        format!("{name} ms (min)"),
+        format!("{name}/unq")
+    );
+    for key in steps {
+        let cell = |v: &Value| match (v[key]["median"].as_f64(), v[key]["min"].as_f64()) {
+            (Some(m), Some(lo)) => format!("{m:.1} ({lo:.1})"),
+            _ => "-".to_owned(),
+        };
+        let ratio = quant["ratios_quantized_over_unquantized"][key]
+            .as_f64()
+            .map_or("-".to_owned(), |r| format!("{r:.2}"));
+        println!(
+            "{:<22} {:>18} {:>18} {:>12}",
+            key.trim_end_matches("_ms"),
+            cell(ours),
+            cell(&quant["steps"]),
+            ratio
+        );
+    }
+    let f = |key: &str| quant[key].as_f64().unwrap_or(f64::NAN);
+    let mib = |key: &str| f(key) / (1024.0 * 1024.0);
+    println!(
+        "memory read bandwidth {:.1} GB/s; a decode step reads {:.0} MiB unquantized (floor {:.1} ms, \
+         reached {:.0}%), {:.0} MiB {name} (floor {:.1} ms, reached {:.0}%)",
+        f("read_bandwidth_gb_s"),
+        mib("decode_bytes_unquantized"),
+        f("decode_floor_ms_unquantized"),
+        100.0 * f("decode_fraction_of_floor_unquantized"),
+        mib("decode_bytes_quantized"),
+        f("decode_floor_ms_quantized"),
+        100.0 * f("decode_fraction_of_floor_quantized"),
+    );
+    println!(
+        "labels {:?}: unquantized {}, {name} {}, KL {:.2e}, same label: {}",
+        LABELS,
+        quant["label_probs_unquantized"],
+        quant["label_probs_quantized"],
+        f("label_kl"),
+        quant["same_label"]
+    );
+}
+
+/// Exact probabilities of [`LABELS`] for the benchmark prompt.
+fn label_probs(
+    runner: &ModelRunner,
+    conversation: &Conversation,
+    image: &image::RgbImage,
+) -> anyhow::Result<Vec<f64>> {
+    let spec = GrammarSpec::Choice {
+        labels: LABELS.iter().map(|l| (*l).to_owned()).collect(),
+    };
+    let grammar = std::sync::Arc::new(CompiledGrammar::compile(&spec, runner.vocab())?);
+    let scorer = LabelScorer::new(&grammar, None).context("cannot score labels")?;
+    let prompt = runner.prepare(conversation, std::slice::from_ref(image))?;
+    Ok(runner.score_labels(&prompt, &scorer)?.probs)
+}
+
+/// Best read bandwidth over [`PROBE_PASSES`] passes of summing a [`PROBE_BYTES`] buffer on the
+/// benchmark's threads (rayon's pool, sized by `--threads`), in GB/s.
+fn read_bandwidth_gbs() -> f64 {
+    let words = PROBE_BYTES / 8;
+    let buffer: Vec<u64> = (0..words as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..PROBE_PASSES {
+        let t = Instant::now();
+        let sum = buffer
+            .par_chunks(1 << 16)
+            .map(|chunk| chunk.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add);
+        black_box(sum);
+        best = best.max(PROBE_BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}

@@ -1,0 +1,115 @@
+//! One linear weight held as ggml blocks, multiplied through candle's quantized matmul.
+
+use std::fmt;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+/// A frozen `[out, in]` weight quantized into ggml blocks along `in` (one row = one output).
+///
+/// Products go through [`QMatMul`]: on the CPU candle quantizes the activation rows to the
+/// block type's dot-product partner (Q8_0 for Q8_0/Q5_0, Q8_K for the k-quants) and runs its
+/// AVX2/AVX-512/NEON dot products (or its repacked tile kernels where they apply); on CUDA and
+/// Metal its own kernels. The dense weight is gone once this exists.
+#[derive(Clone)]
+pub struct QuantWeight {
+    tensor: Arc<QTensor>,
+    matmul: QMatMul,
+    out_dim: usize,
+    in_dim: usize,
+}
+
+impl fmt::Debug for QuantWeight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuantWeight")
+            .field("dtype", &self.tensor.dtype())
+            .field("shape", &[self.out_dim, self.in_dim])
+            .finish()
+    }
+}
+
+impl QuantWeight {
+    /// Quantizes `w [out, in]` (any float dtype, any device) into `dtype` blocks on `w`'s device;
+    /// the rows must be whole blocks (see [`super::choose_type`]).
+    pub fn quantize(w: &Tensor, dtype: GgmlDType) -> Result<Self> {
+        let (out_dim, in_dim) = w.dims2()?;
+        if !in_dim.is_multiple_of(dtype.block_size()) {
+            candle_core::bail!(
+                "cannot quantize a [{out_dim}, {in_dim}] weight to {dtype:?}: rows of {in_dim} are \
+                 not whole blocks of {}",
+                dtype.block_size()
+            )
+        }
+        // candle's quantizers run on the host; the blocks then go to the weight's device.
+        let host = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let tensor = Arc::new(QTensor::quantize_onto(&host, dtype, w.device())?);
+        // candle's Q5_0/Q5_1 dot products insist on an even number of blocks a row (a debug
+        // assertion; the arithmetic would be right). Such a row (a fallback on narrow test
+        // models, never at LFM2-VL-450M's widths) multiplies by the dequantized blocks instead:
+        // the same weight values, f32 activations.
+        let odd_blocks = (in_dim / dtype.block_size()) % 2 == 1;
+        let matmul = if odd_blocks && matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+            QMatMul::Tensor(tensor.dequantize(w.device())?)
+        } else {
+            QMatMul::QTensor(tensor.clone())
+        };
+        Ok(Self {
+            matmul,
+            tensor,
+            out_dim,
+            in_dim,
+        })
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.tensor.dtype()
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// Bytes of the blocks (what a GGUF file holds for this tensor).
+    pub fn storage_bytes(&self) -> usize {
+        self.tensor.storage_size_in_bytes()
+    }
+
+    /// The blocks themselves, as a GGUF file stores them.
+    pub fn qtensor(&self) -> &QTensor {
+        &self.tensor
+    }
+
+    /// `x [rows, in] -> x W^T + b [rows, out]`, in `x`'s dtype.
+    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let in_dtype = x.dtype();
+        // candle's CPU op takes f32/f16/bf16; its GPU kernels take f32.
+        let x = match (x.device(), in_dtype) {
+            (Device::Cpu, _) | (_, DType::F32) => x.contiguous()?,
+            _ => x.to_dtype(DType::F32)?.contiguous()?,
+        };
+        let mut y = self.matmul.forward(&x)?;
+        if y.dtype() != in_dtype {
+            y = y.to_dtype(in_dtype)?;
+        }
+        match bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(in_dtype)?),
+            None => Ok(y),
+        }
+    }
+
+    /// The dequantized `[out, in]` weight in f32 (what every product effectively multiplies by).
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        self.tensor.dequantize(&self.tensor.device())
+    }
+
+    /// Rows `ids` dequantized, `[ids.len(), in]` in f32: a tied embedding table read from the
+    /// quantized LM head, as llama.cpp reads `token_embd`.
+    pub fn gather_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        self.tensor.embedding(ids)
+    }
+}
