@@ -8,6 +8,7 @@ pub mod cli;
 pub mod decode;
 pub mod dsl;
 pub mod exec;
+pub mod gguf;
 pub mod hub;
 pub mod model;
 pub mod plan;

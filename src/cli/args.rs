@@ -145,25 +145,50 @@ pub struct ShowArgs {
     pub cache: CacheDirArg,
 }
 
+fn parse_gguf_quant(text: &str) -> Result<crate::gguf::GgufQuant, String> {
+    text.parse()
+        .map_err(|e: crate::gguf::UnknownQuant| e.to_string())
+}
+
 /// Flags of `export`.
 #[derive(Debug, Args, Clone)]
 pub struct ExportArgs {
     /// The pipeline file.
-    pub file: PathBuf,
-    /// A `finetune` stage, or a `model` with `adapter:`.
-    pub stage: String,
+    pub file: Option<PathBuf>,
+    /// A `finetune` stage, or a `model` with `adapter:` (`--gguf` also takes a plain `model`).
+    pub stage: Option<String>,
     /// Write the base weights with the adapter merged in, in the Hub layout, to this folder. A
     /// folder that exists must be empty or a previous export of the same stage (vlmpipe marks
     /// its exports with `vlmpipe-export.json`); nothing else in it is ever deleted.
+    #[arg(long, value_name = "DIR", conflicts_with = "gguf")]
+    pub merged: Option<PathBuf>,
+    /// Write llama.cpp's GGUF pair into this folder: `<name>-<QUANT>.gguf` (the text model,
+    /// architecture `lfm2`, with tokenizer and chat template) and `mmproj-<name>-<QUANT>.gguf`
+    /// (vision tower and projector). A fine-tune's adapter is merged in f32 first.
     #[arg(long, value_name = "DIR")]
-    pub merged: PathBuf,
+    pub gguf: Option<PathBuf>,
+    /// With `--gguf`: export this model (a Hub-layout folder or Hub id) instead of a stage.
+    #[arg(long, value_name = "MODEL", requires = "gguf", conflicts_with_all = ["file", "stage"])]
+    pub model: Option<String>,
+    /// With `--gguf`: the text model's type: F32, F16, BF16 or Q8_0 (for Q4_K_M, export F16
+    /// and run llama.cpp's `llama-quantize`).
+    #[arg(long, value_name = "QUANT", default_value = "F16", value_parser = parse_gguf_quant)]
+    pub quant: crate::gguf::GgufQuant,
+    /// With `--gguf`: the mmproj's type [default: the text model's].
+    #[arg(long, value_name = "QUANT", value_parser = parse_gguf_quant)]
+    pub mmproj_quant: Option<crate::gguf::GgufQuant>,
+    /// With `--gguf`: `<name>` in the file names and `general.name` [default: the stage's or
+    /// the model folder's name].
+    #[arg(long)]
+    pub name: Option<String>,
     /// The dtype of the saved weights. The merge is computed in f32; f32 (the default) keeps
     /// the whole update, so the export answers exactly like the model vlmpipe evaluated, while
     /// bf16/f16 halve the size but round small LoRA updates away (the export says how much).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
     /// Write into a folder that holds other files, replacing only files of the names the export
-    /// writes (config, weights, tokenizer and processor files, `vlmpipe-export.json`).
+    /// writes (config, weights, tokenizer and processor files, `vlmpipe-export.json`; with
+    /// `--gguf`, the two `.gguf` files).
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]

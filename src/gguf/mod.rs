@@ -1,0 +1,250 @@
+//! GGUF export: an LFM2-VL checkpoint (Hub layout) as the pair of files llama.cpp (and LEAP,
+//! built on it) runs: `<name>-<QUANT>.gguf`, the text model under llama.cpp's `lfm2`
+//! architecture with its tokenizer and chat template, and `mmproj-<name>-<QUANT>.gguf`, the
+//! SigLIP2 vision tower and LFM2 projector for llama.cpp's `clip`/`mtmd` (projector type `lfm2`).
+//!
+//! The files follow llama.cpp's own converter (`convert_hf_to_gguf.py`, and with `--mmproj`, of
+//! the llama.cpp that `tests/llama_cpp/build.sh` pins): tensor names ([`names`]), shapes and
+//! types ([`write`]), metadata keys and values ([`metadata`], [`tokenizer`]). The integration
+//! tests (`tests/it/gguf_export.rs`) compare both files with the converter's output for the same
+//! checkpoint and run llama.cpp's `llama-mtmd-cli` on vlmpipe's export.
+//!
+//! Where vlmpipe differs, on purpose: `general.name` is the name the export is given (the
+//! converter guesses name, base name, size and version from the folder name and model card),
+//! and a trimmed LFM2 vocabulary whose check hash llama.cpp does not list is still written as the
+//! `lfm2` pre-tokenizer when it splits like LFM2 (the converter refuses it).
+
+pub mod metadata;
+pub mod names;
+pub mod quant;
+pub mod tokenizer;
+pub mod write;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::QTensor;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device};
+use serde_json::Value as Json;
+
+pub use quant::{GgufQuant, KNOWN_QUANTS, UnknownQuant};
+pub use write::Fallback;
+
+use crate::model::checkpoint::Checkpoint;
+use names::Target;
+
+/// Why an export failed; each names the file or tensor at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot read or write `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{path}` {message}")]
+    Input { path: PathBuf, message: String },
+    #[error(
+        "`{path}` is a `{found}` checkpoint; GGUF export takes LFM2-VL checkpoints \
+         (`Lfm2VlForConditionalGeneration`, model_type `lfm2-vl`)"
+    )]
+    Architecture { path: PathBuf, found: String },
+    #[error("tensor `{tensor}` of the checkpoint has no place in llama.cpp's LFM2-VL files")]
+    UnknownTensor { tensor: String },
+    #[error("tensor `{tensor}`: {message}")]
+    Tensor { tensor: String, message: String },
+    #[error(
+        "`{path}` exists; vlmpipe does not overwrite files it did not write (pass --force to \
+         replace it)"
+    )]
+    Exists { path: PathBuf },
+}
+
+impl GgufError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// One file's tensors in llama.cpp's layout and types, their fallbacks and parameter count.
+type Converted = (Vec<(String, QTensor)>, Vec<Fallback>, u64);
+
+/// What to write.
+#[derive(Clone, Debug)]
+pub struct GgufOptions {
+    /// `<name>` in the file names and `general.name`.
+    pub name: String,
+    /// The text model's type.
+    pub quant: GgufQuant,
+    /// The mmproj's type.
+    pub mmproj_quant: GgufQuant,
+    /// Replace files of the same names in the destination.
+    pub force: bool,
+}
+
+/// One written file.
+#[derive(Clone, Debug)]
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub tensors: usize,
+    /// Weights that could not take the file's type (rows not whole blocks) and went F16.
+    pub fallbacks: Vec<Fallback>,
+}
+
+/// The pair written.
+#[derive(Clone, Debug)]
+pub struct GgufExport {
+    pub text: GgufFile,
+    pub mmproj: GgufFile,
+}
+
+/// `<name>-<QUANT>.gguf` and `mmproj-<name>-<QUANT>.gguf`, as llama.cpp's converter names them.
+pub fn file_names(name: &str, quant: GgufQuant, mmproj_quant: GgufQuant) -> (String, String) {
+    let name = name.trim().replace([' ', '/'], "-");
+    (
+        format!("{name}-{}.gguf", quant.name()),
+        format!("mmproj-{name}-{}.gguf", mmproj_quant.name()),
+    )
+}
+
+/// Reads `config.json` of `dir` and refuses anything but LFM2-VL, before any weight is read.
+pub fn check_architecture(dir: &Path) -> Result<Json, GgufError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| GgufError::io(&path, e))?;
+    let config: Json = serde_json::from_str(&text).map_err(|e| GgufError::Input {
+        path: path.clone(),
+        message: format!("is not valid JSON: {e}"),
+    })?;
+    let arch = config["architectures"][0].as_str().unwrap_or_default();
+    let model_type = config["model_type"].as_str().unwrap_or_default();
+    let is_lfm2_vl =
+        arch == "Lfm2VlForConditionalGeneration" || matches!(model_type, "lfm2-vl" | "lfm2_vl");
+    if !is_lfm2_vl {
+        let found = if arch.is_empty() { model_type } else { arch };
+        return Err(GgufError::Architecture {
+            path,
+            found: if found.is_empty() {
+                "unknown".into()
+            } else {
+                found.into()
+            },
+        });
+    }
+    Ok(config)
+}
+
+/// Writes the pair for the checkpoint in `dir` into `out_dir`.
+pub fn export(dir: &Path, out_dir: &Path, opts: &GgufOptions) -> Result<GgufExport, GgufError> {
+    let config = check_architecture(dir)?;
+    let (text_name, mmproj_name) = file_names(&opts.name, opts.quant, opts.mmproj_quant);
+    let text_path = out_dir.join(&text_name);
+    let mmproj_path = out_dir.join(&mmproj_name);
+    if !opts.force {
+        for path in [&text_path, &mmproj_path] {
+            if path.exists() {
+                return Err(GgufError::Exists { path: path.clone() });
+            }
+        }
+    }
+    let h = metadata::text_hparams(&config);
+    let vocab_size = h
+        .get("vocab_size")
+        .and_then(Json::as_u64)
+        .ok_or_else(|| GgufError::Input {
+            path: dir.join("config.json"),
+            message: "has no `vocab_size`".into(),
+        })? as usize;
+    let patch_size = config["vision_config"]["patch_size"].as_u64().unwrap_or(16) as usize;
+    let vocab = tokenizer::read_vocab(dir, vocab_size)?;
+
+    let ckpt = Checkpoint::open(dir).map_err(|e| GgufError::Input {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    // SAFETY: read-only maps of the checkpoint's files; every tensor is copied out (converted to
+    // f32) before it is used, so a later change to the files cannot alias live data.
+    let st =
+        unsafe { MmapedSafetensors::multi(&ckpt.weight_files) }.map_err(|e| GgufError::Input {
+            path: dir.to_path_buf(),
+            message: format!("weights cannot be read: {e}"),
+        })?;
+    let mut hf_names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    hf_names.sort();
+    let mut plan: Vec<(String, Target)> = Vec::with_capacity(hf_names.len());
+    for hf in hf_names {
+        if hf.ends_with(".rotary_emb.inv_freq") {
+            continue;
+        }
+        let target =
+            names::map_name(&hf).ok_or_else(|| GgufError::UnknownTensor { tensor: hf.clone() })?;
+        plan.push((hf, target));
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| GgufError::io(out_dir, e))?;
+
+    let convert = |mmproj: bool, quant: GgufQuant| -> Result<Converted, GgufError> {
+        let mut out = Vec::new();
+        let mut fallbacks = Vec::new();
+        let mut params = 0u64;
+        for (hf, target) in &plan {
+            let gguf_name = match (target, mmproj) {
+                (Target::Text(n), false) | (Target::Mmproj(n), true) => n,
+                _ => continue,
+            };
+            let tensor_err = |e: candle_core::Error| GgufError::Tensor {
+                tensor: hf.clone(),
+                message: e.to_string(),
+            };
+            let t = st
+                .load(hf, &Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .map_err(tensor_err)?;
+            let t = write::llama_cpp_layout(gguf_name, t, patch_size).map_err(tensor_err)?;
+            params += t.elem_count() as u64;
+            let wanted = write::tensor_type(gguf_name, t.rank(), quant, mmproj);
+            let (q, fallback) = write::to_qtensor(gguf_name, &t, wanted)?;
+            fallbacks.extend(fallback);
+            out.push((gguf_name.clone(), q));
+        }
+        Ok((out, fallbacks, params))
+    };
+
+    let (tensors, fallbacks, params) = convert(false, opts.quant)?;
+    let kv = metadata::text_metadata(
+        &dir.join("config.json"),
+        &config,
+        &vocab,
+        &opts.name,
+        opts.quant,
+        params,
+    )?;
+    let bytes = write::write_file(&text_path, &kv, &tensors)?;
+    let text = GgufFile {
+        path: text_path,
+        bytes,
+        tensors: tensors.len(),
+        fallbacks,
+    };
+    drop(tensors);
+
+    let (tensors, fallbacks, params) = convert(true, opts.mmproj_quant)?;
+    let mut kv = metadata::mmproj_metadata(dir, &config, &opts.name, opts.mmproj_quant)?;
+    // gguf-py sets a size label on every file from its parameter count.
+    kv.insert(
+        3,
+        (
+            "general.size_label".into(),
+            candle_core::quantized::gguf_file::Value::String(metadata::size_label(params)),
+        ),
+    );
+    let bytes = write::write_file(&mmproj_path, &kv, &tensors)?;
+    let mmproj = GgufFile {
+        path: mmproj_path,
+        bytes,
+        tensors: tensors.len(),
+        fallbacks,
+    };
+    Ok(GgufExport { text, mmproj })
+}
