@@ -46,6 +46,7 @@ mod reference_processor;
 mod report_html;
 mod run_outputs;
 mod runner;
+mod stage_fingerprints;
 mod train_interop;
 mod train_learns;
 mod train_parity;
