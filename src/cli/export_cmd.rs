@@ -18,7 +18,7 @@ use super::check_cmd::load_and_report;
 use super::run_cmd;
 use crate::cache::{CacheStore, Fingerprint, Lookup, Verify};
 use crate::plan::{NodeKind, NodeParams};
-use crate::stages::model_node::ModelResolver;
+use crate::stages::model::ModelResolver;
 use crate::train::PeftAdapter;
 use crate::train::merge::{
     ExportOrigin, MergeOptions, RoundingReport, check_destination, dtype_name, merge_checkpoint,

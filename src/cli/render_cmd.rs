@@ -23,10 +23,10 @@ use crate::model::processor::{Processor, decode_image};
 use crate::plan::params::{DataRef, NodeRef};
 use crate::plan::{NodeParams, Plan};
 use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
+use crate::stages::declared::read_prompt;
 use crate::stages::lower::{data_file, root_dataset};
-use crate::stages::model_node::ModelResolver;
+use crate::stages::model::ModelResolver;
 use crate::stages::prompt::{RowContext, params_from_json, render_prompt};
-use crate::stages::simple::read_prompt;
 
 /// What a prompt-sending stage reads.
 struct PromptSources {

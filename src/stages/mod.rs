@@ -2,12 +2,11 @@
 //! them from a checked plan.
 
 pub mod data;
-pub mod dataset;
+pub mod declared;
 pub mod eval;
+pub mod finetune;
 pub mod lower;
-pub mod model_node;
+pub mod model;
 pub mod prompt;
 pub mod report;
-pub mod row_ops;
-pub mod simple;
-pub mod train_stage;
+pub mod rows;

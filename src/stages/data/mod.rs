@@ -25,6 +25,7 @@ mod prng;
 mod rows;
 mod source;
 mod split;
+pub mod stage;
 mod synthetic;
 
 pub use bench::{IngestBench, bench_ingest_folder};

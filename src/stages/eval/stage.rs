@@ -28,7 +28,7 @@ use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
 use crate::stages::lower::{
     InputPositions, LowerContext, LowerError, data_file, grammar_of, prompt_of, root_dataset,
 };
-use crate::stages::model_node::ModelResolver;
+use crate::stages::model::ModelResolver;
 use crate::stages::prompt::{RowContext, render_prompt};
 use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 

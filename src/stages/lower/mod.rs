@@ -199,19 +199,19 @@ fn lower_node(
     ctx: &LowerContext<'_>,
     positions: &InputPositions,
 ) -> Result<Box<dyn Stage>, LowerError> {
-    use crate::stages::{dataset, model_node, row_ops, simple};
+    use crate::stages::{data, declared, model, rows};
     Ok(match &node.params {
-        NodeParams::Dataset(p) => Box::new(dataset::DatasetStage::new(node, p, ctx)?),
-        NodeParams::Split(p) => Box::new(row_ops::SplitStage::new(node, p, plan, positions)?),
-        NodeParams::Sample(p) => Box::new(row_ops::SampleStage::new(node, p, plan, positions)?),
-        NodeParams::Shuffle(p) => Box::new(row_ops::ShuffleStage::new(node, p, plan, positions)?),
-        NodeParams::Labels(p) => Box::new(simple::LabelsStage::new(p)),
-        NodeParams::Prompt(p) => Box::new(simple::PromptStage::new(p, plan)),
-        NodeParams::Grammar(p) => Box::new(simple::GrammarStage::new(p)),
-        NodeParams::Model(p) => Box::new(model_node::ModelStage::new(node, p, ctx)?),
+        NodeParams::Dataset(p) => Box::new(data::stage::DatasetStage::new(node, p, ctx)?),
+        NodeParams::Split(p) => Box::new(rows::SplitStage::new(node, p, plan, positions)?),
+        NodeParams::Sample(p) => Box::new(rows::SampleStage::new(node, p, plan, positions)?),
+        NodeParams::Shuffle(p) => Box::new(rows::ShuffleStage::new(node, p, plan, positions)?),
+        NodeParams::Labels(p) => Box::new(declared::LabelsStage::new(p)),
+        NodeParams::Prompt(p) => Box::new(declared::PromptStage::new(p, plan)),
+        NodeParams::Grammar(p) => Box::new(declared::GrammarStage::new(p)),
+        NodeParams::Model(p) => Box::new(model::ModelStage::new(node, p, ctx)?),
         NodeParams::Eval(_) => crate::stages::eval::stage::lower_eval(node, plan, ctx, positions)?,
         NodeParams::Finetune(_) => {
-            crate::stages::train_stage::lower_finetune(node, plan, ctx, positions)?
+            crate::stages::finetune::stage::lower_finetune(node, plan, ctx, positions)?
         }
         NodeParams::Report(_) => {
             crate::stages::report::stage::lower_report(node, plan, ctx, positions)?
@@ -245,7 +245,7 @@ pub fn grammar_of(
     };
     match plan.node(output.id).map(|n| &n.params) {
         Some(NodeParams::Grammar(grammar)) => {
-            Ok(Some(crate::stages::simple::grammar_spec(grammar)))
+            Ok(Some(crate::stages::declared::grammar_spec(grammar)))
         }
         _ => Err(LowerError::Unsupported {
             stage: node.name.clone(),

@@ -48,7 +48,7 @@ use crate::stages::eval::stage::export_files;
 use crate::stages::lower::{
     InputPositions, LowerContext, LowerError, data_file, grammar_of, prompt_of, root_dataset,
 };
-use crate::stages::model_node::{FolderRef, MODEL_FILE, ModelFile, ModelResolver};
+use crate::stages::model::{FolderRef, MODEL_FILE, ModelFile, ModelResolver};
 use crate::stages::prompt::{RowContext, render_prompt};
 use crate::stages::report::{LineChart, Series, html_escape};
 use crate::train::batch::end_of_turn_id;

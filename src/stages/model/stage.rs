@@ -477,40 +477,46 @@ pub enum Preset {
 const TINY_FILES: &[(&str, &str)] = &[
     (
         "config.json",
-        include_str!("../../tests/fixtures/reference/checkpoints/tiny-thumb/config.json"),
+        include_str!("../../../tests/fixtures/reference/checkpoints/tiny-thumb/config.json"),
     ),
     (
         "tokenizer.json",
-        include_str!("../../tests/fixtures/reference/checkpoints/tiny-thumb/tokenizer.json"),
+        include_str!("../../../tests/fixtures/reference/checkpoints/tiny-thumb/tokenizer.json"),
     ),
     (
         "tokenizer_config.json",
-        include_str!("../../tests/fixtures/reference/checkpoints/tiny-thumb/tokenizer_config.json"),
+        include_str!(
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/tokenizer_config.json"
+        ),
     ),
     (
         "special_tokens_map.json",
         include_str!(
-            "../../tests/fixtures/reference/checkpoints/tiny-thumb/special_tokens_map.json"
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/special_tokens_map.json"
         ),
     ),
     (
         "chat_template.jinja",
-        include_str!("../../tests/fixtures/reference/checkpoints/tiny-thumb/chat_template.jinja"),
+        include_str!(
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/chat_template.jinja"
+        ),
     ),
     (
         "processor_config.json",
-        include_str!("../../tests/fixtures/reference/checkpoints/tiny-thumb/processor_config.json"),
+        include_str!(
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/processor_config.json"
+        ),
     ),
     (
         "preprocessor_config.json",
         include_str!(
-            "../../tests/fixtures/reference/checkpoints/tiny-thumb/preprocessor_config.json"
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/preprocessor_config.json"
         ),
     ),
     (
         "generation_config.json",
         include_str!(
-            "../../tests/fixtures/reference/checkpoints/tiny-thumb/generation_config.json"
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/generation_config.json"
         ),
     ),
 ];
