@@ -47,6 +47,7 @@ mod report_html;
 mod run_outputs;
 mod runner;
 mod stage_fingerprints;
+mod stages_layout;
 mod train_interop;
 mod train_learns;
 mod train_parity;

@@ -2,4 +2,4 @@
 
 pub mod stage;
 
-pub use stage::FinetuneStage;
+pub use stage::{FinetuneConfig, FinetuneError, FinetuneStage};

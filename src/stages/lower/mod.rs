@@ -1,21 +1,43 @@
 //! Lowering: a checked [`Plan`] becomes the [`ExecGraph`] the executor runs.
 //!
-//! Every plan node becomes one exec node with the same name, in the plan's topological order.
-//! A node's exec inputs are its plan inputs in the same order, then, for nodes that read data
-//! (`split`, `sample`, `shuffle`, `eval`, `finetune`), the root dataset node of each data chain
-//! they read, appended when not already present, so a stage can open the dataset's
-//! `images.parquet` (splits and samples only reference images by id).
+//! Every plan node becomes one exec node with the same name, in the plan's topological order,
+//! reading the exec inputs [`InputPositions`] lists. Like datafusion's physical planner, lowering
+//! resolves everything the plan refers to (prompts, grammars, input slots, data files, root
+//! datasets, local paths, hyperparameters) and builds each stage from plain typed configuration:
+//! `XStage::from_config(XConfig)`, one per stage kind, in the folder of its kind.
 //!
-//! **API Boundary**: stage kinds are built from typed plan parameters here; the executor never
-//! sees the plan and the plan never sees stages.
+//! **API Boundary**: this module is the only one under `stages` that reads `crate::plan`; stages
+//! never see the plan, the executor never sees the plan, and the plan never sees stages.
 
+mod data;
+mod eval;
+mod finetune;
+mod inputs;
+mod model;
+
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use serde_json::Value;
+
+pub use data::DatasetConfigError;
+pub use inputs::{InputPositions, data_file, exec_inputs, root_dataset};
+
+use crate::cache::sort_keys;
 use crate::exec::{ExecGraph, ExecNode, Stage};
 use crate::hub::Hub;
-use crate::plan::params::DataRef;
-use crate::plan::{Node, NodeId, NodeParams, Plan};
-use crate::stages::data::{ROWS_FILE, part_file_name};
+use crate::plan::params::{GrammarParams, GrammarSpec as PlanGrammar, NodeRef};
+use crate::plan::{Node, NodeParams, Plan};
+use crate::stages::data::DatasetStage;
+use crate::stages::declared::{
+    GrammarConfig, GrammarStage, LabelsConfig, LabelsStage, PromptConfig, PromptStage,
+};
+use crate::stages::eval::stage::EvalStage;
+use crate::stages::finetune::FinetuneStage;
+use crate::stages::model::ModelStage;
+use crate::stages::prompt::PromptTemplates;
+use crate::stages::report::ReportStage;
+use crate::stages::rows::{SampleStage, SplitStage};
 
 /// What lowering needs besides the plan: where things live on this machine.
 pub struct LowerContext<'a> {
@@ -42,126 +64,16 @@ pub enum LowerError {
     /// A node refers to a node id the plan does not have (a checker bug).
     #[error("stage `{stage}` refers to node #{id}, which is not in the plan")]
     UnknownNode { stage: String, id: usize },
+    /// A dataset declaration the checker accepts but ingest cannot run.
+    #[error("stage `{stage}`: {source}")]
+    Dataset {
+        stage: String,
+        #[source]
+        source: DatasetConfigError,
+    },
     /// Parameters the checker accepts but the stage kind cannot run.
     #[error("stage `{stage}`: {message}")]
     Unsupported { stage: String, message: String },
-}
-
-/// Positions of a node's exec inputs: which input slot holds which plan node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InputPositions {
-    stage: String,
-    ids: Vec<NodeId>,
-    names: Vec<String>,
-}
-
-impl InputPositions {
-    /// The exec inputs of `node` (see the module doc for the order).
-    pub fn of(node: &Node, plan: &Plan) -> Self {
-        let ids = exec_inputs(node, plan);
-        let names = ids
-            .iter()
-            .map(|id| plan.node(*id).map_or_else(String::new, |n| n.name.clone()))
-            .collect();
-        Self {
-            stage: node.name.clone(),
-            ids,
-            names,
-        }
-    }
-
-    /// The input slot (index into `StageContext::inputs`) that holds `target`'s entry.
-    pub fn input_index(&self, target: NodeId) -> Result<usize, LowerError> {
-        self.ids
-            .iter()
-            .position(|id| *id == target)
-            .ok_or_else(|| LowerError::MissingInput {
-                stage: self.stage.clone(),
-                target: format!("#{}", target.0),
-            })
-    }
-
-    /// The plan nodes in slot order.
-    pub fn ids(&self) -> &[NodeId] {
-        &self.ids
-    }
-
-    /// The names of the plan nodes in slot order.
-    pub fn names(&self) -> &[String] {
-        &self.names
-    }
-}
-
-/// The exec inputs of `node`: its plan inputs, then the root datasets of the data it reads.
-pub fn exec_inputs(node: &Node, plan: &Plan) -> Vec<NodeId> {
-    let mut ids = node.inputs.clone();
-    let mut refs = data_refs(&node.params);
-    // A report shows the images of the evals it compares, so it reads their datasets too.
-    if let NodeParams::Report(report) = &node.params {
-        for compared in &report.compare {
-            if let Some(NodeParams::Eval(eval)) = plan.node(compared.id).map(|n| &n.params) {
-                refs.push(&eval.data);
-            }
-        }
-    }
-    for data in refs {
-        let root = root_dataset(data, plan);
-        if !ids.contains(&root) {
-            ids.push(root);
-        }
-    }
-    ids
-}
-
-/// The data references a node reads rows from (none for nodes that do not read data).
-fn data_refs(params: &NodeParams) -> Vec<&DataRef> {
-    match params {
-        NodeParams::Split(p) => vec![&p.source],
-        NodeParams::Sample(p) => vec![&p.source],
-        NodeParams::Shuffle(p) => vec![&p.source],
-        NodeParams::Eval(p) => vec![&p.data],
-        NodeParams::Finetune(p) => {
-            let mut refs = vec![&p.data];
-            refs.extend(p.eval_data.as_ref());
-            refs
-        }
-        NodeParams::Labels(_)
-        | NodeParams::Dataset(_)
-        | NodeParams::Prompt(_)
-        | NodeParams::Model(_)
-        | NodeParams::Grammar(_)
-        | NodeParams::Report(_) => Vec::new(),
-    }
-}
-
-/// The file holding `data_ref`'s rows within the referenced node's cache entry.
-///
-/// `plan` is part of the contract so a future node kind with several outputs can be told apart;
-/// today a member always names a split part and every other data node writes `rows.parquet`.
-pub fn data_file(data_ref: &DataRef, _plan: &Plan) -> String {
-    match &data_ref.member {
-        Some(member) => part_file_name(member),
-        None => ROWS_FILE.to_owned(),
-    }
-}
-
-/// The dataset node at the start of `data_ref`'s chain (split → sample → … → dataset).
-///
-/// The checker guarantees every chain ends at a dataset; a broken chain returns the last node
-/// reached, which then fails loudly when the stage opens its images.
-pub fn root_dataset(data_ref: &DataRef, plan: &Plan) -> NodeId {
-    let mut id = data_ref.node.id;
-    // Bounded by the node count: a plan is acyclic, so a longer walk would be a checker bug.
-    for _ in 0..=plan.nodes.len() {
-        let next = match plan.node(id).map(|n| &n.params) {
-            Some(NodeParams::Split(p)) => p.source.node.id,
-            Some(NodeParams::Sample(p)) => p.source.node.id,
-            Some(NodeParams::Shuffle(p)) => p.source.node.id,
-            _ => return id,
-        };
-        id = next;
-    }
-    id
 }
 
 /// Lowers `plan` into an executable graph.
@@ -193,40 +105,83 @@ pub fn lower(plan: &Plan, ctx: &LowerContext<'_>) -> Result<ExecGraph, LowerErro
     })
 }
 
+/// The stage of one node, built from its configuration.
 fn lower_node(
     node: &Node,
     plan: &Plan,
     ctx: &LowerContext<'_>,
     positions: &InputPositions,
 ) -> Result<Box<dyn Stage>, LowerError> {
-    use crate::stages::{data, declared, model, rows};
     Ok(match &node.params {
-        NodeParams::Dataset(p) => Box::new(data::stage::DatasetStage::new(node, p, ctx)?),
-        NodeParams::Split(p) => Box::new(rows::SplitStage::new(node, p, plan, positions)?),
-        NodeParams::Sample(p) => Box::new(rows::SampleStage::new(node, p, plan, positions)?),
-        NodeParams::Shuffle(p) => Box::new(rows::ShuffleStage::new(node, p, plan, positions)?),
-        NodeParams::Labels(p) => Box::new(declared::LabelsStage::new(p)),
-        NodeParams::Prompt(p) => Box::new(declared::PromptStage::new(p, plan)),
-        NodeParams::Grammar(p) => Box::new(declared::GrammarStage::new(p)),
-        NodeParams::Model(p) => Box::new(model::ModelStage::new(node, p, ctx)?),
-        NodeParams::Eval(_) => crate::stages::eval::stage::lower_eval(node, plan, ctx, positions)?,
-        NodeParams::Finetune(_) => {
-            crate::stages::finetune::stage::lower_finetune(node, plan, ctx, positions)?
+        NodeParams::Dataset(p) => Box::new(DatasetStage::from_config(data::dataset_config(
+            node, p, ctx,
+        )?)),
+        NodeParams::Split(p) => Box::new(SplitStage::from_config(data::split_config(
+            node, p, plan, positions,
+        )?)),
+        NodeParams::Sample(p) => Box::new(SampleStage::from_config(data::sample_config(
+            node, p, plan, positions,
+        )?)),
+        NodeParams::Shuffle(p) => Box::new(SampleStage::from_config(data::shuffle_config(
+            node, p, plan, positions,
+        )?)),
+        NodeParams::Labels(p) => Box::new(LabelsStage::from_config(LabelsConfig {
+            values: p.values.clone(),
+        })),
+        NodeParams::Prompt(p) => Box::new(PromptStage::from_config(PromptConfig {
+            templates: PromptTemplates {
+                system: p.system.clone(),
+                user: p.user.clone(),
+            },
+            pipeline_params: pipeline_params(plan),
+        })),
+        NodeParams::Grammar(p) => Box::new(GrammarStage::from_config(grammar_config(p))),
+        NodeParams::Model(p) => {
+            Box::new(ModelStage::from_config(model::model_config(node, p, ctx)?))
         }
-        NodeParams::Report(_) => {
-            crate::stages::report::stage::lower_report(node, plan, ctx, positions)?
-        }
+        NodeParams::Eval(p) => Box::new(EvalStage::from_config(eval::eval_config(
+            node, p, plan, ctx, positions,
+        )?)),
+        NodeParams::Finetune(p) => Box::new(FinetuneStage::from_config(finetune::finetune_config(
+            node, p, plan, ctx, positions,
+        )?)),
+        NodeParams::Report(p) => Box::new(ReportStage::from_config(eval::report_config(
+            node, p, plan, ctx, positions,
+        )?)),
     })
 }
 
-/// The prompt a stage names (the checker guarantees the kind; a mismatch is a lowering bug).
-pub fn prompt_of(
-    node: &Node,
-    plan: &Plan,
-    prompt: &crate::plan::params::NodeRef,
-) -> Result<crate::plan::params::PromptParams, LowerError> {
+/// The pipeline's params (after `--set`) as JSON, what prompt templates read.
+fn pipeline_params(plan: &Plan) -> BTreeMap<String, Value> {
+    plan.settings
+        .params
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or(Value::Null)))
+        .collect()
+}
+
+/// A `grammar` entry: the declaration as the plan serialises it and, for `json {…}` and
+/// `json_schema(…)`, its JSON Schema.
+fn grammar_config(params: &GrammarParams) -> GrammarConfig {
+    let json_schema = match &params.spec {
+        PlanGrammar::Json { schema } => Some(schema.to_json_schema()),
+        PlanGrammar::JsonSchema { schema, .. } => Some(schema.clone()),
+        PlanGrammar::OneOf { .. } | PlanGrammar::Regex { .. } | PlanGrammar::Lark { .. } => None,
+    };
+    GrammarConfig {
+        grammar: sort_keys(serde_json::to_value(params).unwrap_or(Value::Null)),
+        json_schema,
+    }
+}
+
+/// The templates of the prompt a stage names (the checker guarantees the kind; a mismatch is a
+/// lowering bug).
+fn prompt_of(node: &Node, plan: &Plan, prompt: &NodeRef) -> Result<PromptTemplates, LowerError> {
     match plan.node(prompt.id).map(|n| &n.params) {
-        Some(NodeParams::Prompt(params)) => Ok(params.clone()),
+        Some(NodeParams::Prompt(params)) => Ok(PromptTemplates {
+            system: params.system.clone(),
+            user: params.user.clone(),
+        }),
         _ => Err(LowerError::Unsupported {
             stage: node.name.clone(),
             message: format!("`{}` is not a prompt", prompt.name),
@@ -235,18 +190,16 @@ pub fn prompt_of(
 }
 
 /// The decoder's form of the output grammar a stage names, if any.
-pub fn grammar_of(
+fn grammar_of(
     node: &Node,
     plan: &Plan,
-    output: Option<&crate::plan::params::NodeRef>,
+    output: Option<&NodeRef>,
 ) -> Result<Option<crate::decode::GrammarSpec>, LowerError> {
     let Some(output) = output else {
         return Ok(None);
     };
     match plan.node(output.id).map(|n| &n.params) {
-        Some(NodeParams::Grammar(grammar)) => {
-            Ok(Some(crate::stages::declared::grammar_spec(grammar)))
-        }
+        Some(NodeParams::Grammar(grammar)) => Ok(Some(grammar.decode_spec())),
         _ => Err(LowerError::Unsupported {
             stage: node.name.clone(),
             message: format!("`{}` is not a grammar", output.name),
@@ -255,65 +208,92 @@ pub fn grammar_of(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::path::Path;
 
-    use super::*;
-    use crate::plan::NodeKind;
+    use serde_json::json;
 
-    fn plan_of(text: &str) -> Plan {
+    use super::*;
+
+    pub(crate) fn plan_of(text: &str) -> Plan {
         let result = crate::plan::check_source(Path::new("/tmp/lower_test.vp"), text, &[]);
         let rendered = crate::plan::render_diagnostics(&result, false);
         result.plan.unwrap_or_else(|| panic!("{rendered}"))
     }
 
-    #[test]
-    fn inputs_append_root_datasets_once() {
-        let plan = plan_of(
-            r#"
-            pipeline p { seed = 3 }
-            labels animals = ["cat", "dog"]
-            dataset pets { source = synthetic(kind: "shapes", n: 8, seed: 1) label = "label" }
-            split s = stratified(pets, train: 0.5, test: 0.5, seed: 1)
-            "#,
-        );
-        let split = plan.find("s").unwrap();
-        assert_eq!(
-            exec_inputs(split, &plan),
-            vec![plan.find("pets").unwrap().id]
-        );
+    fn lowered(plan: &Plan, name: &str) -> Box<dyn Stage> {
+        let ctx = LowerContext {
+            plan,
+            pipeline_dir: PathBuf::from("/tmp"),
+            evals_dir: PathBuf::from("/tmp/evals"),
+            hub: Hub::from_env(),
+            threads: 1,
+            device: candle_core::Device::Cpu,
+        };
+        let node = plan.find(name).expect("node");
+        lower_node(node, plan, &ctx, &InputPositions::of(node, plan)).expect("lowered")
     }
 
     #[test]
-    fn sample_of_split_member_reads_member_file_and_root() {
+    fn prompt_params_cover_only_the_params_its_templates_read() {
         let plan = plan_of(
             r#"
-            pipeline p { seed = 3 }
-            labels animals = ["cat", "dog"]
-            dataset pets { source = synthetic(kind: "shapes", n: 8, seed: 1) label = "label" }
-            split s = stratified(pets, train: 0.5, test: 0.5, seed: 1)
-            prompt q { user = "which? {{ labels }}" }
-            model m = init(preset: "tiny", seed: 1)
-            eval e { model = m  data = sample(s.test, 2, seed: 4)  prompt = q  labels = animals }
+            pipeline p { seed = 1 }
+            param tone = "kind"
+            param n_eval = 10
+            prompt ask { system = "Be {{ tone }}." user = "{% for l in labels %}{{ l }} {% endfor %}" }
             "#,
         );
-        let sample = plan
-            .nodes
-            .iter()
-            .find(|n| n.kind() == NodeKind::Sample)
-            .unwrap();
-        let NodeParams::Sample(p) = &sample.params else {
-            unreachable!()
+        let params = lowered(&plan, "ask").params();
+        assert_eq!(params["params"], json!({ "tone": "kind" }));
+        assert_eq!(params["user"], "{% for l in labels %}{{ l }} {% endfor %}");
+    }
+
+    #[test]
+    fn grammar_entry_carries_the_json_schema() {
+        let plan = plan_of(
+            r#"
+            pipeline p { seed = 1 }
+            labels animals = ["cat", "dog"]
+            grammar g = json { pred_class: one_of(animals) }
+            "#,
+        );
+        let Some(NodeParams::Grammar(g)) = plan.find("g").map(|n| &n.params) else {
+            panic!("no grammar");
         };
-        assert_eq!(data_file(&p.source, &plan), "test.parquet");
-        let pets = plan.find("pets").unwrap().id;
-        assert_eq!(root_dataset(&p.source, &plan), pets);
-        let inputs = exec_inputs(sample, &plan);
-        assert_eq!(inputs, vec![plan.find("s").unwrap().id, pets]);
-        let eval = plan.find("e").unwrap();
-        let positions = InputPositions::of(eval, &plan);
-        assert_eq!(*positions.ids().last().unwrap(), pets);
-        assert!(positions.input_index(pets).is_ok());
-        assert!(positions.input_index(plan.find("q").unwrap().id).is_ok());
+        let config = grammar_config(g);
+        let schema = config.json_schema.clone().expect("schema");
+        assert_eq!(
+            schema["properties"]["pred_class"]["enum"],
+            json!(["cat", "dog"])
+        );
+        assert_eq!(lowered(&plan, "g").params(), config.grammar);
+    }
+
+    /// `json_schema(...)` compacts whitespace unless told otherwise, so a small token budget is
+    /// not spent on blanks; `whitespace: "flexible"` still opts back in.
+    #[test]
+    fn json_schema_grammars_default_to_compact_whitespace() {
+        let decode = |decl: &str| {
+            let plan = plan_of(&format!("pipeline p {{ seed = 1 }}\ngrammar g = {decl}\n"));
+            let Some(NodeParams::Grammar(g)) = plan.find("g").map(|n| &n.params) else {
+                panic!("no grammar");
+            };
+            g.decode_spec()
+        };
+        let schema =
+            r#"{ type: "object", properties: { a: { type: "string" } }, required: ["a"] }"#;
+        let ws = |spec: crate::decode::GrammarSpec| match spec {
+            crate::decode::GrammarSpec::Json { whitespace, .. } => whitespace,
+            other => panic!("not JSON: {other:?}"),
+        };
+        use crate::decode::Whitespace as W;
+        assert_eq!(ws(decode(&format!("json_schema({schema})"))), W::Compact);
+        assert_eq!(
+            ws(decode(&format!(
+                "json_schema({schema}, whitespace: \"flexible\")"
+            ))),
+            W::Flexible
+        );
     }
 }

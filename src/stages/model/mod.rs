@@ -1,8 +1,8 @@
 //! The `model` stage: a checkpoint named so that the cache entry survives moving the project.
 
-pub mod stage;
+mod stage;
 
 pub use stage::{
-    FolderRef, MODEL_FILE, ModelFile, ModelLocation, ModelNodeError, ModelResolver, ModelStage,
-    Preset, relative_to,
+    AdapterOrigin, FolderRef, MODEL_FILE, ModelConfig, ModelFile, ModelLocation, ModelNodeError,
+    ModelOrigin, ModelResolver, ModelStage, Preset, relative_to,
 };

@@ -2,4 +2,4 @@
 
 pub mod stage;
 
-pub use stage::{SampleStage, ShuffleStage, SplitStage};
+pub use stage::{SampleConfig, SampleStage, SplitConfig, SplitMethod, SplitStage};
