@@ -96,6 +96,20 @@ pub fn fingerprint(
     Fingerprint(hasher.finalize().to_hex().to_string())
 }
 
+/// Recursively sorts object keys (serde_json preserves insertion order in this build), so
+/// parameters print and compare the same however they were built.
+pub fn sort_keys(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let sorted: std::collections::BTreeMap<String, Value> =
+                map.into_iter().map(|(k, v)| (k, sort_keys(v))).collect();
+            Value::Object(sorted.into_iter().collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
+        other => other,
+    }
+}
+
 /// Canonical JSON text: object keys sorted (by code point) at every level, no whitespace.
 ///
 /// serde_json's `Map` keeps insertion order in this build (a dependency enables

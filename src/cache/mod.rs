@@ -21,7 +21,7 @@ mod lock;
 mod manifest;
 mod store;
 
-pub use fingerprint::{Fingerprint, FingerprintError, canonical_json, fingerprint};
+pub use fingerprint::{Fingerprint, FingerprintError, canonical_json, fingerprint, sort_keys};
 pub use lock::CacheLock;
 pub(crate) use manifest::hash_file;
 pub use manifest::{FileRecord, MANIFEST_FILE, MANIFEST_VERSION, Manifest};

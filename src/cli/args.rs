@@ -301,23 +301,8 @@ pub enum CacheCommand {
     },
 }
 
-/// The dtype weights are converted to and computed in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DtypeArg {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl DtypeArg {
-    pub fn to_candle(self) -> candle_core::DType {
-        match self {
-            DtypeArg::F32 => candle_core::DType::F32,
-            DtypeArg::Bf16 => candle_core::DType::BF16,
-            DtypeArg::F16 => candle_core::DType::F16,
-        }
-    }
-}
+/// The dtype weights are converted to and computed in (`--dtype`): the one [`Dtype`].
+pub use crate::dtype::Dtype as DtypeArg;
 
 /// `vlmpipe infer …`: one image, one question.
 ///

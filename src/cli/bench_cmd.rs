@@ -37,7 +37,7 @@ use serde_json::{Value, json};
 use crate::cli::Outcome;
 use crate::cli::args::{
     BenchCommand, BenchGrammarArgs, BenchIngestArgs, BenchModelArgs, BenchRerunArgs, CacheDirArg,
-    DeviceArg, DtypeArg, ParamOverrides, RunArgs,
+    DeviceArg, ParamOverrides, RunArgs,
 };
 use crate::cli::bench_quant;
 use crate::cli::check_cmd::load_and_report;
@@ -655,11 +655,7 @@ fn run_transformers(
         Some(_) => "mps".to_owned(),
         None => device.to_owned(),
     };
-    let dtype = match args.dtype {
-        DtypeArg::F32 => "f32",
-        DtypeArg::Bf16 => "bf16",
-        DtypeArg::F16 => "f16",
-    };
+    let dtype = args.dtype.name();
     let out = tempfile::NamedTempFile::new().context("cannot create a temporary file")?;
     eprintln!(
         "running transformers: {} {}",

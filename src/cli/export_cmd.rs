@@ -21,7 +21,7 @@ use super::run_cmd;
 use crate::cache::{CacheStore, Fingerprint, Lookup, Verify};
 use crate::gguf::{self, GgufOptions};
 use crate::plan::{NodeKind, NodeParams};
-use crate::stages::model_node::{ModelLocation, ModelResolver};
+use crate::stages::model::{ModelLocation, ModelResolver};
 use crate::train::PeftAdapter;
 use crate::train::merge::{
     ExportOrigin, MergeOptions, RoundingReport, check_destination, dtype_name, merge_checkpoint,

@@ -294,11 +294,7 @@ fn dump_logits(logits: &Tensor, path: &Path) -> anyhow::Result<()> {
 }
 
 fn dtype_name(dtype: DtypeArg) -> &'static str {
-    match dtype {
-        DtypeArg::F32 => "f32",
-        DtypeArg::Bf16 => "bf16",
-        DtypeArg::F16 => "f16",
-    }
+    dtype.name()
 }
 
 fn ms(d: Duration) -> f64 {

@@ -23,10 +23,10 @@ use crate::model::processor::{Processor, decode_image};
 use crate::plan::params::{DataRef, NodeRef};
 use crate::plan::{NodeParams, Plan};
 use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
+use crate::stages::declared::read_prompt;
 use crate::stages::lower::{data_file, root_dataset};
-use crate::stages::model_node::ModelResolver;
-use crate::stages::prompt::{RowContext, params_from_json, render_prompt};
-use crate::stages::simple::read_prompt;
+use crate::stages::model::ModelResolver;
+use crate::stages::prompt::{RowContext, render_prompt};
 
 /// What a prompt-sending stage reads.
 struct PromptSources {
@@ -119,10 +119,10 @@ pub(crate) fn render(args: &RenderArgs) -> anyhow::Result<Outcome> {
         label: Some(row.label.clone()),
     };
     let rendered = render_prompt(
-        &prompt_file.prompt_params(),
+        &prompt_file.templates(),
         &labels,
         &row_ctx,
-        &params_from_json(&prompt_file.params),
+        &prompt_file.params,
     )?;
     let conversation = rendered.conversation();
     let location = ModelResolver::for_pipeline_file(&args.file).open(&entry(&model.name)?)?;

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::exports;
 use super::history::{History, StageIdentity};
-use super::stage::MissingInput;
+use super::stage::{MissingCause, MissingInput};
 use super::{Progress, RunSummary, Stage, StageContext, StageReport, StageStatus};
 use crate::cache::{CacheEntry, CacheError, CacheStore, Fingerprint, Lookup, MissReason, Verify};
 
@@ -86,7 +86,7 @@ enum State {
     WouldRun,
     /// It has no entry in this run, and the root cause (the failure that made it missing, named
     /// by the stage that failed), which a partial stage shows for each input it lacks.
-    Missing(String),
+    Missing(MissingCause),
 }
 
 /// Runs `graph` against `store`.
@@ -116,7 +116,7 @@ pub fn run(
     };
 
     let mut reports: Vec<StageReport> = Vec::with_capacity(graph.nodes.len());
-    let mut states: Vec<State> = vec![State::Missing(String::new()); graph.nodes.len()];
+    let mut states: Vec<State> = vec![State::Missing(MissingCause::NotSelected); graph.nodes.len()];
 
     for (index, node) in graph.nodes.iter().enumerate() {
         let stage_started = Instant::now();
@@ -138,16 +138,19 @@ pub fn run(
         // Before its identity: a stage `--only` leaves out may not even look at its inputs (a
         // Hub model not yet cached would be downloaded just to be fingerprinted).
         let Some(identity) = &identities[index] else {
-            let reason = "not selected by `--only`".to_owned();
-            states[index] = State::Missing(reason.clone());
-            report.reason = Some(reason);
+            let cause = MissingCause::NotSelected;
+            report.reason = Some(cause.to_string());
+            states[index] = State::Missing(cause);
             finish(report, &mut reports);
             continue;
         };
         if let Err(Blocked::External(reason)) = identity {
             report.status = StageStatus::Failed;
             report.reason = Some(reason.clone());
-            states[index] = State::Missing(format!("`{}` failed: {reason}", node.name));
+            states[index] = State::Missing(MissingCause::Failed {
+                stage: node.name.clone(),
+                reason: reason.clone(),
+            });
             finish(report, &mut reports);
             continue;
         }
@@ -156,7 +159,9 @@ pub fn run(
             .as_ref()
             .is_some_and(|c| c.load(Ordering::SeqCst))
         {
-            report.reason = Some("cancelled: a newer change is pending".to_owned());
+            let cause = MissingCause::Cancelled;
+            report.reason = Some(cause.to_string());
+            states[index] = State::Missing(cause);
             reports.push(report);
             continue;
         }
@@ -206,7 +211,10 @@ pub fn run(
                     Ok(identity) => identity,
                     Err(Blocked::Input(reason) | Blocked::External(reason)) => {
                         report.status = StageStatus::Failed;
-                        states[index] = State::Missing(format!("`{}` failed: {reason}", node.name));
+                        states[index] = State::Missing(MissingCause::Failed {
+                            stage: node.name.clone(),
+                            reason: reason.clone(),
+                        });
                         report.reason = Some(reason);
                         finish(report, &mut reports);
                         continue;
@@ -275,8 +283,10 @@ pub fn run(
                         }
                         Err(message) => {
                             report.status = StageStatus::Failed;
-                            states[index] =
-                                State::Missing(format!("`{}` failed: {message}", node.name));
+                            states[index] = State::Missing(MissingCause::Failed {
+                                stage: node.name.clone(),
+                                reason: message.clone(),
+                            });
                             report.reason = Some(message);
                         }
                     }
@@ -303,8 +313,10 @@ pub fn run(
             }
             if partial.is_some() {
                 // Its output lacks inputs: nothing downstream may take it for the whole one.
-                states[index] =
-                    State::Missing(format!("`{}` ran without {}", node.name, names(&missing)));
+                states[index] = State::Missing(MissingCause::Partial {
+                    stage: node.name.clone(),
+                    without: missing.iter().map(|m| m.name.clone()).collect(),
+                });
             } else {
                 history.record(&node.name, identity);
                 states[index] = State::Entry(Box::new(entry));
@@ -448,7 +460,7 @@ fn run_stage(
     let outcome = match stage.run(&mut ctx) {
         Ok(outcome) => outcome,
         // Dropping the writer deletes the temp folder: a failed stage leaves no entry.
-        Err(error) => return Ok(Err(error_chain(error.as_ref()))),
+        Err(error) => return Ok(Err(error_chain(error.as_error()))),
     };
     let metadata = json!({
         "stage": outcome.metadata,
@@ -488,7 +500,7 @@ fn identity_of(
     let external = stage.external_state().map_err(|e| {
         Blocked::External(format!(
             "cannot read its inputs: {}",
-            error_chain(e.as_ref())
+            error_chain(e.as_error())
         ))
     })?;
     let params = stage.params();

@@ -19,7 +19,9 @@ mod summary;
 pub use executor::{ExecError, ExecGraph, ExecNode, RunOptions, run};
 pub use exports::ExportError;
 pub use progress::Progress;
-pub use stage::{Export, MissingInput, Stage, StageContext, StageError, StageOutcome};
+pub use stage::{
+    Export, MissingCause, MissingInput, NoInput, Stage, StageContext, StageError, StageOutcome,
+};
 pub use summary::{RunSummary, StageReport, StageStatus};
 
 #[cfg(test)]

@@ -6,9 +6,69 @@ use serde_json::Value;
 
 use super::Progress;
 use crate::cache::CacheEntry;
+use crate::file_error::FileError;
 
-/// An error a stage reports; the executor marks the stage failed and skips its dependents.
-pub type StageError = Box<dyn std::error::Error + Send + Sync>;
+/// Why a stage failed: the executor marks it failed, shows the message with its causes, and
+/// skips what reads it.
+///
+/// Like anyhow's error it is not itself a `std::error::Error`, so `?` turns any error into one;
+/// unlike it, the cause keeps its type: a file that failed is a [`FileError`] naming the file,
+/// a missing input slot says so, and any other layer's error (data, Hub, model, decoding,
+/// training, …) is kept as that type ([`StageError::downcast_ref`]).
+#[derive(Debug)]
+pub enum StageError {
+    /// The stage has no input in a slot it was configured with (a lowering bug).
+    NoInput(NoInput),
+    /// A file could not be read or written.
+    File(FileError),
+    /// The error of the layer that failed.
+    Layer(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A stage reading an input slot it does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("stage `{stage}` has no input #{slot} (a lowering bug)")]
+pub struct NoInput {
+    pub stage: String,
+    pub slot: usize,
+}
+
+impl StageError {
+    /// The error as a `std::error::Error`, whose `source` chain holds the causes.
+    pub fn as_error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            StageError::NoInput(error) => error,
+            StageError::File(error) => error,
+            StageError::Layer(error) => error.as_ref(),
+        }
+    }
+
+    /// An error that is only a message (stages should prefer their layer's typed error).
+    pub fn msg(message: impl Into<String>) -> Self {
+        StageError::Layer(message.into().into())
+    }
+
+    /// The cause as `E`, when it is one.
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.as_error().downcast_ref::<E>()
+    }
+}
+
+impl std::fmt::Display for StageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self.as_error(), f)
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for StageError {
+    fn from(error: E) -> Self {
+        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(error);
+        match boxed.downcast::<FileError>() {
+            Ok(file) => StageError::File(*file),
+            Err(other) => StageError::Layer(other),
+        }
+    }
+}
 
 /// One stage kind's implementation, configured with its typed parameters.
 ///
@@ -67,6 +127,19 @@ pub struct Export {
     pub target: PathBuf,
 }
 
+impl Export {
+    /// `files` of an entry, exported under the same names into `dir`.
+    pub fn all(files: &[&str], dir: &Path) -> Vec<Export> {
+        files
+            .iter()
+            .map(|file| Export {
+                file: (*file).to_owned(),
+                target: dir.join(file),
+            })
+            .collect()
+    }
+}
+
 /// An input of a stage that has no entry in this run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MissingInput {
@@ -74,9 +147,35 @@ pub struct MissingInput {
     pub slot: usize,
     /// The input stage's name.
     pub name: String,
-    /// Why it is missing: the failure at its root (`` `big` failed: … ``), which may be an
-    /// upstream stage's.
-    pub reason: String,
+    /// Why it is missing: the cause at its root, which may be an upstream stage's.
+    pub reason: MissingCause,
+}
+
+/// Why a stage has no entry in this run (shown, for each input it lacks, by a partial stage).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MissingCause {
+    /// `--only` left the stage out.
+    NotSelected,
+    /// The run was cancelled before the stage started (`watch` saw a newer save).
+    Cancelled,
+    /// `stage` failed, or could not resolve what it reads, with `reason`.
+    Failed { stage: String, reason: String },
+    /// `stage` ran without some of its inputs, so its output is not the whole one.
+    Partial { stage: String, without: Vec<String> },
+}
+
+impl std::fmt::Display for MissingCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MissingCause::NotSelected => f.write_str("not selected by `--only`"),
+            MissingCause::Cancelled => f.write_str("cancelled: a newer change is pending"),
+            MissingCause::Failed { stage, reason } => write!(f, "`{stage}` failed: {reason}"),
+            MissingCause::Partial { stage, without } => {
+                let names: Vec<String> = without.iter().map(|n| format!("`{n}`")).collect();
+                write!(f, "`{stage}` ran without {}", names.join(", "))
+            }
+        }
+    }
 }
 
 /// What a running stage sees.
@@ -99,6 +198,17 @@ impl StageContext<'_> {
     /// Path of output file `name` (a plain file name).
     pub fn out_path(&self, name: &str) -> PathBuf {
         self.out_dir.join(name)
+    }
+
+    /// The entry in input slot `slot`; a slot the stage does not have is a lowering bug,
+    /// reported as an error rather than a panic.
+    pub fn input(&self, slot: usize) -> Result<&CacheEntry, StageError> {
+        self.inputs.get(slot).ok_or_else(|| {
+            StageError::NoInput(NoInput {
+                stage: self.name.to_owned(),
+                slot,
+            })
+        })
     }
 }
 

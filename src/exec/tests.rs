@@ -54,14 +54,14 @@ impl Stage for Word {
     }
     fn external_state(&self) -> Result<Value, StageError> {
         if self.unresolvable {
-            return Err("model `m` is not in the local Hub cache".into());
+            return Err(StageError::msg("model `m` is not in the local Hub cache"));
         }
         Ok(Value::Null)
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         if self.fail {
-            return Err("the word is cursed".into());
+            return Err(StageError::msg("the word is cursed"));
         }
         let mut text = String::new();
         for input in ctx.inputs {

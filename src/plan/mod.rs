@@ -117,16 +117,27 @@ impl Node {
     }
 }
 
-/// Recursively sorts object keys (serde_json preserves insertion order in this build).
-pub fn sort_keys(value: Value) -> Value {
-    match value {
-        Value::Object(map) => {
-            let sorted: BTreeMap<String, Value> =
-                map.into_iter().map(|(k, v)| (k, sort_keys(v))).collect();
-            Value::Object(sorted.into_iter().collect())
+pub use crate::cache::sort_keys;
+
+/// A stage name the pipeline does not have (`--only`, `--force`, `render STAGE`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct UnknownStage {
+    pub name: String,
+    pub pipeline: String,
+    /// The closest name, as a suggestion (`did you mean `…`?`).
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for UnknownStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.hint {
+            Some(hint) => write!(f, "unknown stage `{}`: {hint}", self.name),
+            None => write!(
+                f,
+                "unknown stage `{}` in pipeline `{}`",
+                self.name, self.pipeline
+            ),
         }
-        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
-        other => other,
     }
 }
 
@@ -167,7 +178,7 @@ impl Plan {
 
     /// The node a user names on the command line (`--only`, `--force`, `render STAGE`), or a
     /// message saying it does not exist, with the closest name as a suggestion.
-    pub fn lookup_stage(&self, name: &str) -> Result<NodeId, String> {
+    pub fn lookup_stage(&self, name: &str) -> Result<NodeId, UnknownStage> {
         if let Some(node) = self.find(name) {
             return Ok(node.id);
         }
@@ -176,12 +187,10 @@ impl Plan {
             .iter()
             .filter(|n| !n.anonymous)
             .map(|n| n.name.as_str());
-        Err(match crate::dsl::diagnostic::did_you_mean(name, names) {
-            Some(hint) => format!("unknown stage `{name}`: {hint}"),
-            None => format!(
-                "unknown stage `{name}` in pipeline `{}`",
-                self.settings.name
-            ),
+        Err(UnknownStage {
+            name: name.to_owned(),
+            pipeline: self.settings.name.clone(),
+            hint: crate::dsl::diagnostic::did_you_mean(name, names),
         })
     }
 

@@ -290,19 +290,40 @@ pub enum ModelSource {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Dtype {
-    F32,
-    F16,
-    Bf16,
-}
+pub use crate::dtype::Dtype;
 
 /// `grammar NAME = ...`: the constraint on a model's answer.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GrammarParams {
     pub spec: GrammarSpec,
     pub whitespace: Whitespace,
+}
+
+impl GrammarParams {
+    /// The decoder's form of the grammar: what `decode` compiles into token masks (the one
+    /// conversion, used by the checker's compile check and by lowering).
+    pub fn decode_spec(&self) -> crate::decode::GrammarSpec {
+        use crate::decode::{GrammarSpec as Decode, Whitespace as DecodeWhitespace};
+        let whitespace = match self.whitespace {
+            Whitespace::Flexible => DecodeWhitespace::Flexible,
+            Whitespace::Compact => DecodeWhitespace::Compact,
+        };
+        match &self.spec {
+            GrammarSpec::OneOf { values, .. } => Decode::Choice {
+                labels: values.clone(),
+            },
+            GrammarSpec::Json { schema } => Decode::Json {
+                schema: schema.to_json_schema(),
+                whitespace,
+            },
+            GrammarSpec::JsonSchema { schema, .. } => Decode::Json {
+                schema: schema.clone(),
+                whitespace,
+            },
+            GrammarSpec::Regex { pattern } => Decode::Regex(pattern.clone()),
+            GrammarSpec::Lark { grammar } => Decode::Lark(grammar.clone()),
+        }
+    }
 }
 
 /// Whether JSON output may contain blanks between tokens (`{"a": 1}`) or must be compact.

@@ -26,6 +26,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::dtype::Dtype;
 use crate::model::checkpoint::Checkpoint;
 use crate::train::error::TrainError;
 use crate::train::io::{write_atomic, write_safetensors};
@@ -501,21 +502,12 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32, TrainError> {
 
 /// `f32`, `bf16`, `f16` (what `--dtype` takes and the manifest records).
 pub fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        DType::F32 => "f32",
-        _ => "other",
-    }
+    Dtype::of(dtype).map_or("other", Dtype::name)
 }
 
 /// torch's name of a dtype, as config files spell it.
 fn torch_dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    }
+    Dtype::of(dtype).unwrap_or_default().torch_name()
 }
 
 /// `config.json` as transformers' Auto classes load it: the registered model type and

@@ -684,11 +684,11 @@ mod plans {
             Ok("baseline")
         );
         assert_eq!(
-            plan.lookup_stage("baselin"),
+            plan.lookup_stage("baselin").map_err(|e| e.to_string()),
             Err("unknown stage `baselin`: did you mean `baseline`?".to_owned())
         );
         assert_eq!(
-            plan.lookup_stage("zzz"),
+            plan.lookup_stage("zzz").map_err(|e| e.to_string()),
             Err("unknown stage `zzz` in pipeline `cats_vs_dogs`".to_owned())
         );
     }

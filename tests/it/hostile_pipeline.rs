@@ -198,9 +198,8 @@ fn regression_14_endless_and_oversized_images_are_error_rows() {
 }
 
 fn render_user(template: &str) -> Result<String, String> {
-    use vlmpipe::plan::params::PromptParams;
-    use vlmpipe::stages::prompt::{RowContext, render_prompt};
-    let prompt = PromptParams {
+    use vlmpipe::stages::prompt::{PromptTemplates, RowContext, render_prompt};
+    let prompt = PromptTemplates {
         system: None,
         user: template.to_owned(),
     };

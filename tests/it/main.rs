@@ -48,6 +48,8 @@ mod reference_processor;
 mod report_html;
 mod run_outputs;
 mod runner;
+mod stage_fingerprints;
+mod stages_layout;
 mod train_interop;
 mod train_learns;
 mod train_parity;

@@ -746,12 +746,9 @@ impl<'f> Analyzer<'f, '_> {
         let Some(e) = args.get("dtype") else {
             return Some(Dtype::F32);
         };
-        self.expect_word(e, "dtype", &["f32", "f16", "bf16"])
-            .map(|w| match w {
-                "f16" => Dtype::F16,
-                "bf16" => Dtype::Bf16,
-                _ => Dtype::F32,
-            })
+        let names = Dtype::ALL.map(Dtype::name);
+        self.expect_word(e, "dtype", &names)
+            .and_then(|w| Dtype::parse(w).ok())
     }
 }
 

@@ -477,20 +477,13 @@ fn strip_position(message: &str) -> String {
 /// Compiles regex, Lark and JSON Schema grammars against a byte-level vocabulary: any text is
 /// expressible in it, so a grammar that fails here fails with every tokenizer.
 fn compile_check(params: &GrammarParams) -> Result<(), String> {
-    use crate::decode::{CompiledGrammar, GrammarSpec as Decode, Vocab, Whitespace as DecodeWs};
+    use crate::decode::{CompiledGrammar, Vocab};
     use std::sync::{Arc, OnceLock};
-    let spec = match &params.spec {
-        GrammarSpec::OneOf { .. } | GrammarSpec::Json { .. } => return Ok(()),
-        GrammarSpec::Regex { pattern } => Decode::Regex(pattern.clone()),
-        GrammarSpec::Lark { grammar } => Decode::Lark(grammar.clone()),
-        GrammarSpec::JsonSchema { schema, .. } => Decode::Json {
-            schema: schema.clone(),
-            whitespace: match params.whitespace {
-                Whitespace::Flexible => DecodeWs::Flexible,
-                Whitespace::Compact => DecodeWs::Compact,
-            },
-        },
-    };
+    // Labels and `json {…}` grammars are built by vlmpipe and always compile.
+    if let GrammarSpec::OneOf { .. } | GrammarSpec::Json { .. } = &params.spec {
+        return Ok(());
+    }
+    let spec = params.decode_spec();
     static BYTES: OnceLock<Result<Arc<Vocab>, String>> = OnceLock::new();
     let vocab = BYTES.get_or_init(|| {
         let mut tokens: Vec<Vec<u8>> = vec![b"<eos>".to_vec()];

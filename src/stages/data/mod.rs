@@ -15,26 +15,31 @@
 //! `images.parquet` through [`ImageStore`].
 //!
 //! **Architecture Invariant**: nothing here knows the DSL or the cache; inputs are typed specs and
-//! paths, outputs are Parquet files and reports.
+//! paths, outputs are Parquet files and reports. Only the stage side (`stage.rs`, the `dataset`
+//! stage, and `input.rs`, where other stages' rows are) sees the executor's [`crate::exec`] types.
 
 mod bench;
 mod image_probe;
 mod image_store;
 mod ingest;
+mod input;
 mod prng;
 mod rows;
 mod source;
 mod split;
+mod stage;
 mod synthetic;
 
 pub use bench::{IngestBench, bench_ingest_folder};
 pub use image_probe::{ImageCheck, ImageInfo, probe_image};
 pub use image_store::{ImageStore, StoredImage};
 pub use ingest::{DatasetSpec, FilterSpec, IngestReport, ingest};
+pub use input::DataInput;
 pub use prng::SplitMix64;
 pub use rows::{RowRecord, RowTable, read_rows, write_rows};
 pub use source::{LabelSpec, SourceSpec};
 pub use split::{SplitPart, SplitSpec, part_file_name, sample, shuffle, stratified_split};
+pub use stage::{DatasetConfig, DatasetStage, HfSource, ingest_warnings};
 pub use synthetic::{Shape, SyntheticSpec};
 
 use std::path::PathBuf;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde_json::{Value, json};
 
 use super::run::{AnswerMode, EvalJob, EvalSample, SampleImage};
@@ -19,17 +19,10 @@ use crate::decode::{AnswerParser, CompiledGrammar, GrammarSpec, LabelScorer};
 use crate::exec::{Export, Stage, StageContext, StageError, StageOutcome};
 use crate::model::checkpoint::LoadOptions;
 use crate::model::device::device_label;
-use crate::model::generate::Sampling;
-use crate::model::processor::DEFAULT_MAX_IMAGE_PIXELS;
-use crate::plan::params::{EvalParams, ParamValue, PromptParams, Scoring};
-use crate::plan::{Node, NodeParams, Plan};
 use crate::runner::{DecodeOptions, ModelRunner};
-use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
-use crate::stages::lower::{
-    InputPositions, LowerContext, LowerError, data_file, grammar_of, prompt_of, root_dataset,
-};
-use crate::stages::model_node::ModelResolver;
-use crate::stages::prompt::{RowContext, render_prompt};
+use crate::stages::data::DataInput;
+use crate::stages::model::ModelResolver;
+use crate::stages::prompt::{PromptTemplates, RowContext, render_prompt};
 use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 
 /// Bumped when the eval stage's output for the same inputs changes.
@@ -39,63 +32,52 @@ use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 // 4: images over the pixel cap (PIL's, or the dataset's `max_image_pixels`) are error rows.
 const EVAL_CODE_VERSION: u32 = 4;
 
-/// A configured eval stage.
-pub struct EvalStage {
-    canonical: Value,
-    params: EvalParams,
-    prompt: PromptParams,
-    grammar: Option<GrammarSpec>,
-    pipeline_params: BTreeMap<String, ParamValue>,
-    model_slot: usize,
-    data_slot: usize,
-    data_file: String,
-    dataset_slot: usize,
-    /// The dataset's pixel cap (`max_image_pixels`), applied again when decoding.
-    max_image_pixels: u64,
-    export_dir: PathBuf,
-    /// Finds the model's folders on this machine (never part of a fingerprint).
-    models: ModelResolver,
-    /// Not in [`Stage::params`]: the device changes where answers are computed, not what they are.
-    device: Device,
+/// How an eval gets its answers.
+#[derive(Clone, Debug)]
+pub enum EvalAnswer {
+    /// The exact probability of every label (under the output grammar, if any).
+    ScoreLabels,
+    /// Generated text, held to the output grammar if there is one.
+    Generate(DecodeOptions),
 }
 
-/// Builds the eval stage of `node` (the lowering hook).
-pub fn lower_eval(
-    node: &Node,
-    plan: &Plan,
-    ctx: &LowerContext<'_>,
-    inputs: &InputPositions,
-) -> Result<Box<dyn Stage>, LowerError> {
-    let unsupported = |message: String| LowerError::Unsupported {
-        stage: node.name.clone(),
-        message,
-    };
-    let NodeParams::Eval(params) = &node.params else {
-        return Err(unsupported("not an eval node".to_owned()));
-    };
-    let prompt = prompt_of(node, plan, &params.prompt)?;
-    let grammar = grammar_of(node, plan, params.output.as_ref())?;
-    let dataset = root_dataset(&params.data, plan);
-    let max_image_pixels = match plan.node(dataset).map(|n| &n.params) {
-        Some(NodeParams::Dataset(d)) => d.max_image_pixels,
-        _ => None,
+/// What an `eval` stage runs.
+#[derive(Clone, Debug)]
+pub struct EvalConfig {
+    /// The node's canonical parameters. Referenced prompt, grammar and model nodes are exec
+    /// inputs, so their own fingerprints cover their content.
+    pub params: Value,
+    pub labels: Vec<String>,
+    pub prompt: PromptTemplates,
+    pub grammar: Option<GrammarSpec>,
+    /// The pipeline's params, which the templates may read.
+    pub pipeline_params: BTreeMap<String, Value>,
+    /// The input slot of the model entry.
+    pub model_slot: usize,
+    pub data: DataInput,
+    /// The dataset's pixel cap (`max_image_pixels`), applied again when decoding.
+    pub max_image_pixels: u64,
+    pub batch_size: usize,
+    pub answer: EvalAnswer,
+    /// The class whose recall the metrics single out, if any.
+    pub positive_class: Option<String>,
+    /// Where the exports go (`evals/<pipeline>/<stage>/`).
+    pub export_dir: PathBuf,
+    /// Finds the model's folders on this machine (never part of a fingerprint).
+    pub models: ModelResolver,
+    /// Not in [`Stage::params`]: the device changes where answers are computed, not what they are.
+    pub device: Device,
+}
+
+/// A configured eval stage.
+pub struct EvalStage {
+    config: EvalConfig,
+}
+
+impl EvalStage {
+    pub fn from_config(config: EvalConfig) -> Self {
+        Self { config }
     }
-    .unwrap_or(DEFAULT_MAX_IMAGE_PIXELS);
-    Ok(Box::new(EvalStage {
-        canonical: node.canonical_params(),
-        params: params.clone(),
-        prompt,
-        grammar,
-        pipeline_params: plan.settings.params.clone(),
-        model_slot: inputs.input_index(params.model.id)?,
-        data_slot: inputs.input_index(params.data.node.id)?,
-        data_file: data_file(&params.data, plan),
-        dataset_slot: inputs.input_index(dataset)?,
-        max_image_pixels,
-        export_dir: ctx.evals_dir.join(&node.name),
-        models: ModelResolver::from_lower(ctx),
-        device: ctx.device.clone(),
-    }))
 }
 
 impl Stage for EvalStage {
@@ -110,24 +92,25 @@ impl Stage for EvalStage {
     fn params(&self) -> Value {
         // Referenced prompt/grammar/model nodes are exec inputs, so their own fingerprints cover
         // their content; the pipeline params a template reads are covered by the prompt node.
-        self.canonical.clone()
+        self.config.params.clone()
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
         let started = Instant::now();
-        let labels = &self.params.labels.values;
-        let location = self.models.open(&ctx.inputs[self.model_slot])?;
-        let dtype = parse_dtype(location.dtype.as_deref())?;
+        let config = &self.config;
+        let labels = &config.labels;
+        let location = config.models.open(ctx.input(config.model_slot)?)?;
+        let dtype = location.dtype.unwrap_or_default();
         let runner = ModelRunner::load_with_adapter(
             &location.checkpoint_dir,
             location.adapter_dir.as_deref(),
             &LoadOptions {
-                dtype,
-                device: self.device.clone(),
+                dtype: dtype.to_candle(),
+                device: config.device.clone(),
             },
         )?;
-        let rows = read_rows(&ctx.inputs[self.data_slot].path(&self.data_file))?;
-        let images = ImageStore::open(&ctx.inputs[self.dataset_slot].path(IMAGES_FILE))?;
+        let rows = config.data.read_rows(ctx)?;
+        let images = config.data.open_images(ctx)?;
 
         let (parser, mode) = self.answer_mode(&runner)?;
         let job = EvalJob {
@@ -135,7 +118,7 @@ impl Stage for EvalStage {
             labels,
             parser,
             mode,
-            batch_size: self.params.batch_size.max(1) as usize,
+            batch_size: config.batch_size,
         };
         let bar = ctx.progress.bar(rows.rows.len() as u64, ctx.name);
         let mut records = Vec::with_capacity(rows.rows.len());
@@ -144,21 +127,21 @@ impl Stage for EvalStage {
             let mut samples = Vec::with_capacity(chunk.len());
             for row in chunk {
                 let rendered = render_prompt(
-                    &self.prompt,
+                    &config.prompt,
                     labels,
                     &RowContext {
                         row_id: row.row_id.clone(),
                         image_id: row.image_id.clone(),
                         label: Some(row.label.clone()),
                     },
-                    &self.pipeline_params,
+                    &config.pipeline_params,
                 )?;
                 let read_started = Instant::now();
                 // Kept encoded: the job decodes one image at a time (see `run`).
                 let image = match images.get(&row.image_id) {
                     Ok(stored) => SampleImage::Encoded {
                         bytes: stored.bytes,
-                        max_pixels: self.max_image_pixels,
+                        max_pixels: config.max_image_pixels,
                     },
                     Err(e) => SampleImage::Failed(e.to_string()),
                 };
@@ -179,7 +162,7 @@ impl Stage for EvalStage {
             &records,
             labels,
             &MetricsOptions {
-                recall_of: self.params.positive_class.clone(),
+                recall_of: config.positive_class.clone(),
                 calibration_bins: 10,
                 top_k: vec![2, 3, 5],
                 wall_time_s: Some(started.elapsed().as_secs_f64()),
@@ -220,21 +203,21 @@ impl Stage for EvalStage {
                 "seconds": started.elapsed().as_secs_f64(),
                 // What ran it: latencies mean little without the device and dtype.
                 "device": metrics.device,
-                "dtype": dtype_name(dtype),
+                "dtype": dtype.name(),
             }),
             warnings,
         })
     }
 
     fn exports(&self) -> Vec<Export> {
-        export_files(
+        Export::all(
             &[
                 RECORDS_FILE,
                 METRICS_FILE,
                 PREDICTIONS_CSV_FILE,
                 REPORT_FILE,
             ],
-            &self.export_dir,
+            &self.config.export_dir,
         )
     }
 }
@@ -242,68 +225,30 @@ impl Stage for EvalStage {
 impl EvalStage {
     /// The parser and the answer mode: label scoring, constrained or free generation.
     fn answer_mode(&self, runner: &ModelRunner) -> Result<(AnswerParser, AnswerMode), StageError> {
-        let labels = &self.params.labels.values;
+        let config = &self.config;
+        let labels = &config.labels;
         let compile = |spec: &GrammarSpec| -> Result<Arc<CompiledGrammar>, StageError> {
             Ok(Arc::new(CompiledGrammar::compile(spec, runner.vocab())?))
         };
-        let parser = match &self.grammar {
+        let parser = match &config.grammar {
             Some(spec) => AnswerParser::for_grammar(spec, None, Some(labels)),
             None => AnswerParser::choice(labels.clone()),
         };
-        let mode = match self.params.scoring {
-            Scoring::Labels => {
+        let mode = match &config.answer {
+            EvalAnswer::ScoreLabels => {
                 // Without a declared grammar, score the plain labels.
-                let spec = self.grammar.clone().unwrap_or(GrammarSpec::Choice {
+                let spec = config.grammar.clone().unwrap_or(GrammarSpec::Choice {
                     labels: labels.clone(),
                 });
                 AnswerMode::ScoreLabels {
                     scorer: LabelScorer::new(&compile(&spec)?, None)?,
                 }
             }
-            Scoring::Generate => AnswerMode::Generate {
-                options: DecodeOptions {
-                    max_new_tokens: self.params.max_new_tokens as usize,
-                    sampling: Sampling {
-                        temperature: self.params.temperature as f32,
-                        top_p: None,
-                        min_p: self.params.min_p.map(|p| p as f32),
-                        repetition_penalty: self.params.repetition_penalty.map(|p| p as f32),
-                        seed: 0,
-                    },
-                },
-                grammar: self.grammar.as_ref().map(compile).transpose()?,
+            EvalAnswer::Generate(options) => AnswerMode::Generate {
+                options: options.clone(),
+                grammar: config.grammar.as_ref().map(compile).transpose()?,
             },
         };
         Ok((parser, mode))
     }
-}
-
-/// The dtype named in a model entry (`None` → f32).
-pub(crate) fn parse_dtype(name: Option<&str>) -> Result<DType, StageError> {
-    match name.unwrap_or("f32") {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => Err(format!("unknown dtype `{other}` (expected f32, f16 or bf16)").into()),
-    }
-}
-
-/// The name [`parse_dtype`] reads back.
-pub(crate) fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => "f32",
-    }
-}
-
-/// `files` of an entry exported under the same names into `dir`.
-pub(crate) fn export_files(files: &[&str], dir: &std::path::Path) -> Vec<Export> {
-    files
-        .iter()
-        .map(|file| Export {
-            file: (*file).to_owned(),
-            target: dir.join(file),
-        })
-        .collect()
 }

@@ -14,8 +14,18 @@ use std::collections::BTreeMap;
 
 use minijinja::{Environment, ErrorKind, UndefinedBehavior, Value};
 
+use serde::{Deserialize, Serialize};
+
 use crate::model::chat::Conversation;
-use crate::plan::params::{ParamValue, PromptParams};
+
+/// A `prompt` declaration's templates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTemplates {
+    /// The system turn's template, if any.
+    pub system: Option<String>,
+    /// The user turn's template.
+    pub user: String,
+}
 
 /// The row fields a template can read.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -103,18 +113,20 @@ impl std::io::Write for BoundedOutput {
 }
 
 /// Renders `prompt`'s templates for `row`.
+///
+/// `params` are the pipeline's params as JSON (as a prompt entry stores them).
 pub fn render_prompt(
-    prompt: &PromptParams,
+    prompt: &PromptTemplates,
     labels: &[String],
     row: &RowContext,
-    params: &BTreeMap<String, ParamValue>,
+    params: &BTreeMap<String, serde_json::Value>,
 ) -> Result<RenderedPrompt, PromptError> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_fuel(Some(TEMPLATE_FUEL));
     let mut scope: BTreeMap<String, Value> = params
         .iter()
-        .map(|(k, v)| (k.clone(), param_value(v)))
+        .filter_map(|(k, v)| Some((k.clone(), param_value(v)?)))
         .collect();
     // Row fields and labels win over a param of the same name: they are what the row is.
     scope.insert("labels".to_owned(), Value::from(labels.to_vec()));
@@ -166,34 +178,18 @@ pub fn render_prompt(
     Ok(RenderedPrompt { system, user })
 }
 
-/// Pipeline params stored as JSON (a prompt entry) back as typed values.
-pub fn params_from_json(
-    params: &BTreeMap<String, serde_json::Value>,
-) -> BTreeMap<String, ParamValue> {
-    params
-        .iter()
-        .filter_map(|(k, v)| {
-            let value = match v {
-                serde_json::Value::Bool(b) => ParamValue::Bool(*b),
-                serde_json::Value::Number(n) => match n.as_i64() {
-                    Some(i) => ParamValue::Int(i),
-                    None => ParamValue::Float(n.as_f64()?),
-                },
-                serde_json::Value::String(s) => ParamValue::Str(s.clone()),
-                _ => return None,
-            };
-            Some((k.clone(), value))
-        })
-        .collect()
-}
-
-fn param_value(value: &ParamValue) -> Value {
-    match value {
-        ParamValue::Bool(b) => Value::from(*b),
-        ParamValue::Int(i) => Value::from(*i),
-        ParamValue::Float(x) => Value::from(*x),
-        ParamValue::Str(s) => Value::from(s.as_str()),
-    }
+/// A param's template value: booleans, integers, floats and strings as the DSL has them
+/// (params are never anything else; other JSON is left out of scope).
+fn param_value(value: &serde_json::Value) -> Option<Value> {
+    Some(match value {
+        serde_json::Value::Bool(b) => Value::from(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::from(i),
+            None => Value::from(n.as_f64()?),
+        },
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -207,13 +203,13 @@ mod tests {
 
     #[test]
     fn labels_row_fields_and_params_are_in_scope() {
-        let prompt = PromptParams {
+        let prompt = PromptTemplates {
             system: Some("You are a {{ role }}.".to_owned()),
             user: "Row {{ row_id }} ({{ label }}):\n{% for l in labels %}- {{ l }}\n{% endfor %}Answer."
                 .to_owned(),
         };
         let mut params = BTreeMap::new();
-        params.insert("role".to_owned(), ParamValue::Str("vet".to_owned()));
+        params.insert("role".to_owned(), serde_json::json!("vet"));
         let row = RowContext {
             row_id: "cat/0001.jpg".to_owned(),
             image_id: "abc".to_owned(),
@@ -237,7 +233,7 @@ mod tests {
     #[test]
     fn undefined_names_and_bad_syntax_are_errors() {
         let row = RowContext::default();
-        let typo = PromptParams {
+        let typo = PromptTemplates {
             system: None,
             user: "{{ lables }}".to_owned(),
         };
@@ -246,7 +242,7 @@ mod tests {
             matches!(err, PromptError::Render { which: "user", .. }),
             "{err}"
         );
-        let broken = PromptParams {
+        let broken = PromptTemplates {
             system: Some("{% for %}".to_owned()),
             user: "ok".to_owned(),
         };
@@ -261,7 +257,7 @@ mod tests {
             ),
             "{err}"
         );
-        let no_system = PromptParams {
+        let no_system = PromptTemplates {
             system: None,
             user: "x".to_owned(),
         };
@@ -269,17 +265,26 @@ mod tests {
         assert_eq!(rendered.conversation().messages.len(), 1);
     }
 
+    /// Params come as JSON (how a prompt entry stores them) and render as the DSL wrote them:
+    /// integers without a fraction, floats with one.
     #[test]
-    fn params_round_trip_through_json() {
-        let mut params = BTreeMap::new();
-        params.insert("n".to_owned(), ParamValue::Int(3));
-        params.insert("t".to_owned(), ParamValue::Float(0.5));
-        params.insert("s".to_owned(), ParamValue::Str("x".to_owned()));
-        params.insert("b".to_owned(), ParamValue::Bool(true));
-        let json: BTreeMap<String, serde_json::Value> = params
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap()))
-            .collect();
-        assert_eq!(params_from_json(&json), params);
+    fn json_params_render_as_written() {
+        let params: BTreeMap<String, serde_json::Value> = [
+            ("n", serde_json::json!(3)),
+            ("t", serde_json::json!(0.5)),
+            ("w", serde_json::json!(2.0)),
+            ("s", serde_json::json!("x")),
+            ("b", serde_json::json!(true)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let prompt = PromptTemplates {
+            system: None,
+            user: "{{ n }} {{ t }} {{ w }} {{ s }} {{ b }}".to_owned(),
+        };
+        let rendered = render_prompt(&prompt, &[], &RowContext::default(), &params).unwrap();
+        // minijinja prints booleans the Python way (`True`), as it did for the typed params.
+        assert_eq!(rendered.user, "3 0.5 2.0 x True");
     }
 }

@@ -14,7 +14,7 @@ mod svg;
 mod terminal;
 mod thumbnail;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub use compare::{
     ChangeKind, ComparisonRow, OutcomeChange, changed_outcomes, comparison_rows, format_percent,
@@ -22,6 +22,7 @@ pub use compare::{
 };
 pub use escape::{html_escape, terminal_safe};
 pub use html::{HtmlOptions, embedded_data, render_html};
+pub use stage::{ComparedEval, ReportConfig, ReportStage};
 pub use svg::{LineChart, Series, nice_ticks};
 pub use terminal::{headline_table, misclassified_listing};
 pub use thumbnail::{thumbnail_data_url, thumbnails};
@@ -85,12 +86,8 @@ pub enum ReportError {
     #[error(transparent)]
     Eval(#[from] EvalError),
     /// Writing the file.
-    #[error("cannot write report `{path}`")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] crate::file_error::FileError),
     /// Serialising the embedded data.
     #[error("cannot serialise the report data")]
     Json(#[from] serde_json::Error),
@@ -104,8 +101,5 @@ pub fn write_html(
     options: &HtmlOptions,
 ) -> Result<(), ReportError> {
     let html = render_html(input, images, options)?;
-    std::fs::write(path, html).map_err(|source| ReportError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::write(path, html).map_err(|e| crate::file_error::FileError::write(path)(e).into())
 }

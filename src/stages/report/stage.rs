@@ -7,62 +7,52 @@ use serde_json::{Value, json};
 
 use super::{HtmlOptions, ReportInput, StageReport, headline_table, write_html};
 use crate::exec::{Export, MissingInput, Stage, StageContext, StageError, StageOutcome};
-use crate::plan::{Node, NodeParams, Plan};
 use crate::stages::data::{IMAGES_FILE, ImageStore};
 use crate::stages::eval::REPORT_FILE;
-use crate::stages::eval::stage::export_files;
-use crate::stages::lower::{InputPositions, LowerContext, LowerError, root_dataset};
 
 const REPORT_CODE_VERSION: u32 = 1;
+
+/// One eval a report compares: its name, its input slot and the slot of its dataset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ComparedEval {
+    pub name: String,
+    pub slot: usize,
+    pub dataset_slot: usize,
+}
+
+/// What a `report` stage compares.
+#[derive(Clone, Debug)]
+pub struct ReportConfig {
+    /// The node's canonical parameters.
+    pub params: Value,
+    pub title: String,
+    /// The evals, baseline first.
+    pub compared: Vec<ComparedEval>,
+    /// Where the export goes (`evals/<pipeline>/<stage>/`).
+    pub export_dir: PathBuf,
+}
 
 /// A configured report stage.
 pub struct ReportStage {
     canonical: Value,
     title: String,
-    /// (eval name, its input slot, the slot of its dataset).
-    compared: Vec<(String, usize, usize)>,
+    compared: Vec<ComparedEval>,
     /// Compared evals that have no entry in this run, with why: set only on the partial stage
     /// built by [`Stage::without_inputs`], and part of its parameters.
     missing: Vec<(String, String)>,
     export_dir: PathBuf,
 }
 
-/// Builds the report stage of `node` (the lowering hook).
-pub fn lower_report(
-    node: &Node,
-    plan: &Plan,
-    ctx: &LowerContext<'_>,
-    inputs: &InputPositions,
-) -> Result<Box<dyn Stage>, LowerError> {
-    let unsupported = |message: String| LowerError::Unsupported {
-        stage: node.name.clone(),
-        message,
-    };
-    let NodeParams::Report(params) = &node.params else {
-        return Err(unsupported("not a report node".to_owned()));
-    };
-    let mut compared = Vec::with_capacity(params.compare.len());
-    for eval in &params.compare {
-        let Some(NodeParams::Eval(eval_params)) = plan.node(eval.id).map(|n| &n.params) else {
-            return Err(unsupported(format!("`{}` is not an eval stage", eval.name)));
-        };
-        let dataset = root_dataset(&eval_params.data, plan);
-        compared.push((
-            eval.name.clone(),
-            inputs.input_index(eval.id)?,
-            inputs.input_index(dataset)?,
-        ));
+impl ReportStage {
+    pub fn from_config(config: ReportConfig) -> Self {
+        Self {
+            canonical: config.params,
+            title: config.title,
+            compared: config.compared,
+            missing: Vec::new(),
+            export_dir: config.export_dir,
+        }
     }
-    Ok(Box::new(ReportStage {
-        canonical: node.canonical_params(),
-        title: params
-            .title
-            .clone()
-            .unwrap_or_else(|| format!("{} — {}", plan.settings.name, node.name)),
-        compared,
-        missing: Vec::new(),
-        export_dir: ctx.evals_dir.join(&node.name),
-    }))
 }
 
 impl Stage for ReportStage {
@@ -83,7 +73,7 @@ impl Stage for ReportStage {
     }
 
     fn exports(&self) -> Vec<Export> {
-        export_files(&[REPORT_FILE], &self.export_dir)
+        Export::all(&[REPORT_FILE], &self.export_dir)
     }
 
     fn without_inputs(&self, missing: &[MissingInput]) -> Option<Box<dyn Stage>> {
@@ -92,10 +82,14 @@ impl Stage for ReportStage {
         let remap = |slot: usize| slot - missing.iter().filter(|m| m.slot < slot).count();
         let mut compared = Vec::new();
         let mut absent = self.missing.clone();
-        for (name, slot, dataset_slot) in &self.compared {
-            match reason_of(*slot).or_else(|| reason_of(*dataset_slot)) {
-                Some(m) => absent.push((name.clone(), m.reason.clone())),
-                None => compared.push((name.clone(), remap(*slot), remap(*dataset_slot))),
+        for eval in &self.compared {
+            match reason_of(eval.slot).or_else(|| reason_of(eval.dataset_slot)) {
+                Some(m) => absent.push((eval.name.clone(), m.reason.to_string())),
+                None => compared.push(ComparedEval {
+                    name: eval.name.clone(),
+                    slot: remap(eval.slot),
+                    dataset_slot: remap(eval.dataset_slot),
+                }),
             }
         }
         if compared.is_empty() {
@@ -113,10 +107,13 @@ impl Stage for ReportStage {
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
         let mut stages = Vec::with_capacity(self.compared.len());
         let mut stores = Vec::new();
-        for (name, slot, dataset_slot) in &self.compared {
-            stages.push(StageReport::load(name.clone(), ctx.inputs[*slot].dir())?);
+        for eval in &self.compared {
+            stages.push(StageReport::load(
+                eval.name.clone(),
+                ctx.input(eval.slot)?.dir(),
+            )?);
             stores.push(ImageStore::open(
-                &ctx.inputs[*dataset_slot].path(IMAGES_FILE),
+                &ctx.input(eval.dataset_slot)?.path(IMAGES_FILE),
             )?);
         }
         // Image ids are content hashes, so the first store holding an id has the right bytes.

@@ -1,51 +1,16 @@
-//! Lowering: a checked [`Plan`] becomes the [`ExecGraph`] the executor runs.
+//! Where a node's inputs sit among its exec inputs, and where the rows of a data reference are.
 //!
-//! Every plan node becomes one exec node with the same name, in the plan's topological order.
 //! A node's exec inputs are its plan inputs in the same order, then, for nodes that read data
-//! (`split`, `sample`, `shuffle`, `eval`, `finetune`), the root dataset node of each data chain
-//! they read, appended when not already present, so a stage can open the dataset's
-//! `images.parquet` (splits and samples only reference images by id).
-//!
-//! **API Boundary**: stage kinds are built from typed plan parameters here; the executor never
-//! sees the plan and the plan never sees stages.
+//! (`split`, `sample`, `shuffle`, `eval`, `finetune`, and `report` through the evals it
+//! compares), the root dataset node of each data chain they read, appended when not already
+//! present, so a stage can open the dataset's `images.parquet` (splits and samples only
+//! reference images by id).
 
-use std::path::PathBuf;
-
-use crate::exec::{ExecGraph, ExecNode, Stage};
-use crate::hub::Hub;
 use crate::plan::params::DataRef;
 use crate::plan::{Node, NodeId, NodeParams, Plan};
-use crate::stages::data::{ROWS_FILE, part_file_name};
+use crate::stages::data::{DataInput, ROWS_FILE, part_file_name};
 
-/// What lowering needs besides the plan: where things live on this machine.
-pub struct LowerContext<'a> {
-    pub plan: &'a Plan,
-    /// The folder of the root pipeline file.
-    pub pipeline_dir: PathBuf,
-    /// Where eval and report stages write their exports (`evals/<pipeline>/` by default).
-    pub evals_dir: PathBuf,
-    /// Hugging Face Hub access (cache first, honours `HF_HUB_OFFLINE`).
-    pub hub: Hub,
-    /// Worker threads for ingest (0 = the machine's parallelism); never part of a fingerprint.
-    pub threads: usize,
-    /// Where eval and finetune stages load models; never part of a fingerprint, so switching
-    /// device reuses the cache.
-    pub device: candle_core::Device,
-}
-
-/// Why a plan could not be lowered (a plan bug or a source the stages cannot read).
-#[derive(Debug, thiserror::Error)]
-pub enum LowerError {
-    /// A stage reads a node that is not among its exec inputs (a lowering bug).
-    #[error("stage `{stage}` reads `{target}`, which is not one of its inputs")]
-    MissingInput { stage: String, target: String },
-    /// A node refers to a node id the plan does not have (a checker bug).
-    #[error("stage `{stage}` refers to node #{id}, which is not in the plan")]
-    UnknownNode { stage: String, id: usize },
-    /// Parameters the checker accepts but the stage kind cannot run.
-    #[error("stage `{stage}`: {message}")]
-    Unsupported { stage: String, message: String },
-}
+use super::LowerError;
 
 /// Positions of a node's exec inputs: which input slot holds which plan node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +54,16 @@ impl InputPositions {
     /// The names of the plan nodes in slot order.
     pub fn names(&self) -> &[String] {
         &self.names
+    }
+
+    /// Where the rows of `data` and the images they reference are among these inputs.
+    pub fn data_input(&self, data: &DataRef, plan: &Plan) -> Result<DataInput, LowerError> {
+        Ok(DataInput {
+            name: data.display_name(),
+            slot: self.input_index(data.node.id)?,
+            file: data_file(data, plan),
+            dataset_slot: self.input_index(root_dataset(data, plan))?,
+        })
     }
 }
 
@@ -164,108 +139,11 @@ pub fn root_dataset(data_ref: &DataRef, plan: &Plan) -> NodeId {
     id
 }
 
-/// Lowers `plan` into an executable graph.
-pub fn lower(plan: &Plan, ctx: &LowerContext<'_>) -> Result<ExecGraph, LowerError> {
-    let mut nodes = Vec::with_capacity(plan.nodes.len());
-    for node in plan.topological() {
-        let positions = InputPositions::of(node, plan);
-        let mut inputs = Vec::with_capacity(positions.ids().len());
-        for id in positions.ids() {
-            // Plan order is topological and ids are indices, so a node's inputs come first.
-            if id.0 >= node.id.0 || id.0 >= plan.nodes.len() {
-                return Err(LowerError::UnknownNode {
-                    stage: node.name.clone(),
-                    id: id.0,
-                });
-            }
-            inputs.push(id.0);
-        }
-        let stage = lower_node(node, plan, ctx, &positions)?;
-        nodes.push(ExecNode {
-            name: node.name.clone(),
-            inputs,
-            stage,
-        });
-    }
-    Ok(ExecGraph {
-        pipeline: plan.settings.name.clone(),
-        nodes,
-    })
-}
-
-fn lower_node(
-    node: &Node,
-    plan: &Plan,
-    ctx: &LowerContext<'_>,
-    positions: &InputPositions,
-) -> Result<Box<dyn Stage>, LowerError> {
-    use crate::stages::{dataset, model_node, row_ops, simple};
-    Ok(match &node.params {
-        NodeParams::Dataset(p) => Box::new(dataset::DatasetStage::new(node, p, ctx)?),
-        NodeParams::Split(p) => Box::new(row_ops::SplitStage::new(node, p, plan, positions)?),
-        NodeParams::Sample(p) => Box::new(row_ops::SampleStage::new(node, p, plan, positions)?),
-        NodeParams::Shuffle(p) => Box::new(row_ops::ShuffleStage::new(node, p, plan, positions)?),
-        NodeParams::Labels(p) => Box::new(simple::LabelsStage::new(p)),
-        NodeParams::Prompt(p) => Box::new(simple::PromptStage::new(p, plan)),
-        NodeParams::Grammar(p) => Box::new(simple::GrammarStage::new(p)),
-        NodeParams::Model(p) => Box::new(model_node::ModelStage::new(node, p, ctx)?),
-        NodeParams::Eval(_) => crate::stages::eval::stage::lower_eval(node, plan, ctx, positions)?,
-        NodeParams::Finetune(_) => {
-            crate::stages::train_stage::lower_finetune(node, plan, ctx, positions)?
-        }
-        NodeParams::Report(_) => {
-            crate::stages::report::stage::lower_report(node, plan, ctx, positions)?
-        }
-    })
-}
-
-/// The prompt a stage names (the checker guarantees the kind; a mismatch is a lowering bug).
-pub fn prompt_of(
-    node: &Node,
-    plan: &Plan,
-    prompt: &crate::plan::params::NodeRef,
-) -> Result<crate::plan::params::PromptParams, LowerError> {
-    match plan.node(prompt.id).map(|n| &n.params) {
-        Some(NodeParams::Prompt(params)) => Ok(params.clone()),
-        _ => Err(LowerError::Unsupported {
-            stage: node.name.clone(),
-            message: format!("`{}` is not a prompt", prompt.name),
-        }),
-    }
-}
-
-/// The decoder's form of the output grammar a stage names, if any.
-pub fn grammar_of(
-    node: &Node,
-    plan: &Plan,
-    output: Option<&crate::plan::params::NodeRef>,
-) -> Result<Option<crate::decode::GrammarSpec>, LowerError> {
-    let Some(output) = output else {
-        return Ok(None);
-    };
-    match plan.node(output.id).map(|n| &n.params) {
-        Some(NodeParams::Grammar(grammar)) => {
-            Ok(Some(crate::stages::simple::grammar_spec(grammar)))
-        }
-        _ => Err(LowerError::Unsupported {
-            stage: node.name.clone(),
-            message: format!("`{}` is not a grammar", output.name),
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
+    use super::super::tests::plan_of;
     use super::*;
     use crate::plan::NodeKind;
-
-    fn plan_of(text: &str) -> Plan {
-        let result = crate::plan::check_source(Path::new("/tmp/lower_test.vp"), text, &[]);
-        let rendered = crate::plan::render_diagnostics(&result, false);
-        result.plan.unwrap_or_else(|| panic!("{rendered}"))
-    }
 
     #[test]
     fn inputs_append_root_datasets_once() {
@@ -310,6 +188,10 @@ mod tests {
         assert_eq!(root_dataset(&p.source, &plan), pets);
         let inputs = exec_inputs(sample, &plan);
         assert_eq!(inputs, vec![plan.find("s").unwrap().id, pets]);
+        let positions = InputPositions::of(sample, &plan);
+        let input = positions.data_input(&p.source, &plan).unwrap();
+        assert_eq!((input.slot, input.dataset_slot), (0, 1));
+        assert_eq!(input.file, "test.parquet");
         let eval = plan.find("e").unwrap();
         let positions = InputPositions::of(eval, &plan);
         assert_eq!(*positions.ids().last().unwrap(), pets);

@@ -23,15 +23,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::cache::CacheEntry;
+use crate::dtype::Dtype;
 use crate::exec::{Stage, StageContext, StageError, StageOutcome};
+use crate::file_error::FileError;
 use crate::hub::{Hub, HubError, HubRepo};
 use crate::model::config::Config;
 use crate::model::lfm2_vl::{Lfm2VlModel, WeightPrefixes};
-use crate::plan::Node;
-use crate::plan::params::{AdapterSource, Dtype, LocalPath, ModelParams, ModelSource};
 use crate::read_policy::ReadPolicy;
 use crate::stages::data::SplitMix64;
-use crate::stages::lower::{LowerContext, LowerError};
 use crate::train::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, PeftAdapter};
 
 /// The file of a model entry.
@@ -84,8 +83,8 @@ pub struct ModelLocation {
     pub checkpoint_dir: PathBuf,
     /// A LoRA adapter folder to apply on top (fine-tunes, models with `adapter:`).
     pub adapter_dir: Option<PathBuf>,
-    /// The dtype the pipeline asks to compute in (`f32`, `f16`, `bf16`); `None` means f32.
-    pub dtype: Option<String>,
+    /// The dtype the pipeline asks to compute in; `None` (entries of older versions) means f32.
+    pub dtype: Option<Dtype>,
     /// How the entry names the checkpoint (what a fine-tune of it records).
     pub base: FolderRef,
 }
@@ -96,20 +95,16 @@ pub struct ModelFile {
     pub base: FolderRef,
     /// The adapter folder inside the entry.
     pub adapter: Option<PathBuf>,
-    /// The dtype the pipeline asks to compute in (`f32`, `f16`, `bf16`).
+    /// The dtype the pipeline asks to compute in (`"f32"`, `"f16"`, `"bf16"`).
     #[serde(default)]
-    pub dtype: Option<String>,
+    pub dtype: Option<Dtype>,
 }
 
 /// Errors of model entries and `init` presets.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelNodeError {
-    #[error("cannot read `{path}`")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error(
         "`{path}` is not a model entry file of this vlmpipe version (rerun the stage with `--force`)"
     )]
@@ -154,11 +149,6 @@ impl ModelResolver {
         Self { hub, pipeline_dir }
     }
 
-    /// The resolver of a lowered pipeline.
-    pub fn from_lower(ctx: &LowerContext<'_>) -> Self {
-        Self::new(ctx.hub.clone(), ctx.pipeline_dir.clone())
-    }
-
     /// The resolver for the pipeline file `file`, with the environment's Hub settings.
     pub fn for_pipeline_file(file: &Path) -> Self {
         let dir = match file.parent() {
@@ -171,10 +161,7 @@ impl ModelResolver {
     /// Reads a model entry (written by the model stage or by a fine-tune) and finds its folders.
     pub fn open(&self, entry: &CacheEntry) -> Result<ModelLocation, ModelNodeError> {
         let path = entry.path(MODEL_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelNodeError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path).map_err(FileError::read(&path))?;
         let file: ModelFile =
             serde_json::from_str(&text).map_err(|source| ModelNodeError::Json { path, source })?;
         Ok(ModelLocation {
@@ -230,83 +217,54 @@ pub fn relative_to(path: &Path, base: &Path) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
-/// How the entry names a local folder: as written when the pipeline wrote an absolute path,
-/// else relative to the root pipeline file's folder (which `resolved`, joined onto the declaring
-/// file's folder, lies under lexically); absolute only if it somehow does not.
-fn pipeline_ref(path: &LocalPath, pipeline_dir: &Path) -> PathBuf {
-    if Path::new(&path.path).is_absolute() {
-        return PathBuf::from(&path.path);
-    }
-    relative_to(&path.resolved, pipeline_dir).unwrap_or_else(|| {
-        std::path::absolute(&path.resolved).unwrap_or_else(|_| path.resolved.clone())
-    })
+/// Where a `model` stage's checkpoint comes from.
+#[derive(Clone, Debug)]
+pub enum ModelOrigin {
+    /// A Hub repo at a revision.
+    Hf { hub: Hub, repo: HubRepo },
+    /// A local folder (`dir` on this machine; `stored` as the entry names it, see [`FolderRef`]).
+    Local { dir: PathBuf, stored: PathBuf },
+    /// Seeded random weights of a built-in size.
+    Init { preset: Preset, seed: u64 },
+}
+
+/// Where a `model` stage's `adapter:` comes from.
+#[derive(Clone, Debug)]
+pub enum AdapterOrigin {
+    Hf { hub: Hub, repo: HubRepo },
+    Local { dir: PathBuf, stored: PathBuf },
+}
+
+/// What a `model` stage names.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// The node's canonical parameters.
+    pub params: Value,
+    pub origin: ModelOrigin,
+    pub adapter: Option<AdapterOrigin>,
+    pub dtype: Dtype,
+    /// Where local folders may lead (their files may be links): the plan's read policy.
+    pub reads: ReadPolicy,
 }
 
 /// The configured model stage.
 pub struct ModelStage {
     params: Value,
-    source: Resolved,
-    adapter: Option<AdapterResolved>,
-    dtype: &'static str,
-    /// Where local folders may lead (their files may be links): the plan's read policy.
+    source: ModelOrigin,
+    adapter: Option<AdapterOrigin>,
+    dtype: Dtype,
     reads: ReadPolicy,
 }
 
-enum Resolved {
-    Hf { hub: Hub, repo: HubRepo },
-    Local { dir: PathBuf, stored: PathBuf },
-    Init { preset: Preset, seed: u64 },
-}
-
-enum AdapterResolved {
-    Hf { hub: Hub, repo: HubRepo },
-    Local { dir: PathBuf, stored: PathBuf },
-}
-
 impl ModelStage {
-    pub fn new(
-        node: &Node,
-        params: &ModelParams,
-        ctx: &LowerContext<'_>,
-    ) -> Result<Self, LowerError> {
-        let source = match &params.source {
-            ModelSource::Hf { repo, revision } => Resolved::Hf {
-                hub: ctx.hub.clone(),
-                repo: HubRepo::model(repo).at(revision),
-            },
-            ModelSource::Local { path } => Resolved::Local {
-                dir: path.resolved.clone(),
-                stored: pipeline_ref(path, &ctx.pipeline_dir),
-            },
-            ModelSource::Init { preset, seed } => Resolved::Init {
-                preset: Preset::parse(preset).map_err(|e| LowerError::Unsupported {
-                    stage: node.name.clone(),
-                    message: e.to_string(),
-                })?,
-                seed: *seed,
-            },
-        };
-        let adapter = params.adapter.as_ref().map(|a| match a {
-            AdapterSource::Hf { repo, revision } => AdapterResolved::Hf {
-                hub: ctx.hub.clone(),
-                repo: HubRepo::model(repo).at(revision),
-            },
-            AdapterSource::Local { path } => AdapterResolved::Local {
-                dir: path.resolved.clone(),
-                stored: pipeline_ref(path, &ctx.pipeline_dir),
-            },
-        });
-        Ok(Self {
-            params: node.canonical_params(),
-            source,
-            adapter,
-            dtype: match params.dtype {
-                Dtype::F32 => "f32",
-                Dtype::F16 => "f16",
-                Dtype::Bf16 => "bf16",
-            },
-            reads: ctx.plan.reads.clone(),
-        })
+    pub fn from_config(config: ModelConfig) -> Self {
+        Self {
+            params: config.params,
+            source: config.origin,
+            adapter: config.adapter,
+            dtype: config.dtype,
+            reads: config.reads,
+        }
     }
 
     /// Copies the adapter's two PEFT files into the entry after checking that vlmpipe can read
@@ -316,19 +274,20 @@ impl ModelStage {
             return Ok(None);
         };
         let (dir, described) = match adapter {
-            AdapterResolved::Hf { hub, repo } => {
+            AdapterOrigin::Hf { hub, repo } => {
                 let dir = hub.adapter_dir(repo)?;
                 (dir, json!({ "source": "hf", "repo": repo.id }))
             }
-            AdapterResolved::Local { dir, stored } => {
+            AdapterOrigin::Local { dir, stored } => {
                 (dir.clone(), json!({ "source": "local", "path": stored }))
             }
         };
         let loaded = PeftAdapter::load(&dir, &Device::Cpu)?;
         let out = ctx.out_path(ADAPTER_DIR);
-        std::fs::create_dir_all(&out)?;
+        std::fs::create_dir_all(&out).map_err(FileError::create(&out))?;
         for name in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
-            std::fs::copy(dir.join(name), out.join(name))?;
+            let target = out.join(name);
+            std::fs::copy(dir.join(name), &target).map_err(FileError::copy_to(&target))?;
         }
         let mut described = described;
         described["lora_modules"] = json!(loaded.lora.len());
@@ -352,16 +311,16 @@ impl Stage for ModelStage {
 
     fn external_state(&self) -> Result<Value, StageError> {
         let model = match &self.source {
-            Resolved::Hf { hub, repo } => json!({ "commit": model_commit(hub, repo)? }),
-            Resolved::Local { dir, .. } => json!({ "files": stat_dir(dir, &self.reads)? }),
-            Resolved::Init { .. } => Value::Null,
+            ModelOrigin::Hf { hub, repo } => json!({ "commit": model_commit(hub, repo)? }),
+            ModelOrigin::Local { dir, .. } => json!({ "files": stat_dir(dir, &self.reads)? }),
+            ModelOrigin::Init { .. } => Value::Null,
         };
         let Some(adapter) = &self.adapter else {
             // Without an adapter the state is what it was before `adapter:` existed.
             return Ok(model);
         };
         let adapter = match adapter {
-            AdapterResolved::Hf { hub, repo } => {
+            AdapterOrigin::Hf { hub, repo } => {
                 let commit = match hub.cached_commit(repo) {
                     Some(commit) => commit,
                     None => {
@@ -371,14 +330,14 @@ impl Stage for ModelStage {
                 };
                 json!({ "commit": commit })
             }
-            AdapterResolved::Local { dir, .. } => json!({ "files": stat_dir(dir, &self.reads)? }),
+            AdapterOrigin::Local { dir, .. } => json!({ "files": stat_dir(dir, &self.reads)? }),
         };
         Ok(json!({ "model": model, "adapter": adapter }))
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
         let (base, mut metadata) = match &self.source {
-            Resolved::Hf { hub, repo } => {
+            ModelOrigin::Hf { hub, repo } => {
                 hub.model_dir(repo)?;
                 let commit = model_commit(hub, repo)?;
                 (
@@ -389,7 +348,7 @@ impl Stage for ModelStage {
                     json!({ "source": "hf", "repo": repo.id }),
                 )
             }
-            Resolved::Local { dir, stored } => {
+            ModelOrigin::Local { dir, stored } => {
                 // Fail here, naming the folder, rather than in every stage that loads it.
                 crate::model::resolve::check_model_dir(dir)?;
                 crate::model::checkpoint::Checkpoint::open(dir)?;
@@ -400,7 +359,7 @@ impl Stage for ModelStage {
                     json!({ "source": "local", "path": stored }),
                 )
             }
-            Resolved::Init { preset, seed } => {
+            ModelOrigin::Init { preset, seed } => {
                 let dir = ctx.out_path(INIT_DIR);
                 let tensors = preset.save(&dir, *seed)?;
                 (
@@ -419,12 +378,11 @@ impl Stage for ModelStage {
         let file = ModelFile {
             base,
             adapter: has_adapter.then(|| PathBuf::from(ADAPTER_DIR)),
-            dtype: Some(self.dtype.to_owned()),
+            dtype: Some(self.dtype),
         };
-        std::fs::write(
-            ctx.out_path(MODEL_FILE),
-            serde_json::to_string_pretty(&file)?,
-        )?;
+        let path = ctx.out_path(MODEL_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(&file)?)
+            .map_err(FileError::write(&path))?;
         Ok(StageOutcome {
             metadata,
             ..StageOutcome::default()
@@ -452,14 +410,23 @@ fn stat_dir(dir: &Path, reads: &ReadPolicy) -> Result<Vec<Value>, StageError> {
         .follow_links(true)
         .sort_by_file_name()
     {
-        let item = item?;
+        let item = item.map_err(|e| {
+            let path = e.path().unwrap_or(dir).to_path_buf();
+            FileError {
+                action: crate::file_error::FileAction::List,
+                path,
+                source: e.into(),
+            }
+        })?;
         if item.path_is_symlink() {
             reads.check(item.path())?;
         }
         if !item.file_type().is_file() {
             continue;
         }
-        let meta = item.metadata()?;
+        let meta = item
+            .metadata()
+            .map_err(|e| FileError::inspect(item.path())(e.into()))?;
         let mtime = meta
             .modified()
             .ok()
@@ -487,40 +454,46 @@ pub enum Preset {
 const TINY_FILES: &[(&str, &str)] = &[
     (
         "config.json",
-        include_str!("../../tests/fixtures/reference/checkpoints/tiny-thumb/config.json"),
+        include_str!("../../../tests/fixtures/reference/checkpoints/tiny-thumb/config.json"),
     ),
     (
         "tokenizer.json",
-        include_str!("../../tests/fixtures/reference/checkpoints/tiny-thumb/tokenizer.json"),
+        include_str!("../../../tests/fixtures/reference/checkpoints/tiny-thumb/tokenizer.json"),
     ),
     (
         "tokenizer_config.json",
-        include_str!("../../tests/fixtures/reference/checkpoints/tiny-thumb/tokenizer_config.json"),
+        include_str!(
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/tokenizer_config.json"
+        ),
     ),
     (
         "special_tokens_map.json",
         include_str!(
-            "../../tests/fixtures/reference/checkpoints/tiny-thumb/special_tokens_map.json"
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/special_tokens_map.json"
         ),
     ),
     (
         "chat_template.jinja",
-        include_str!("../../tests/fixtures/reference/checkpoints/tiny-thumb/chat_template.jinja"),
+        include_str!(
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/chat_template.jinja"
+        ),
     ),
     (
         "processor_config.json",
-        include_str!("../../tests/fixtures/reference/checkpoints/tiny-thumb/processor_config.json"),
+        include_str!(
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/processor_config.json"
+        ),
     ),
     (
         "preprocessor_config.json",
         include_str!(
-            "../../tests/fixtures/reference/checkpoints/tiny-thumb/preprocessor_config.json"
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/preprocessor_config.json"
         ),
     ),
     (
         "generation_config.json",
         include_str!(
-            "../../tests/fixtures/reference/checkpoints/tiny-thumb/generation_config.json"
+            "../../../tests/fixtures/reference/checkpoints/tiny-thumb/generation_config.json"
         ),
     ),
 ];
@@ -548,9 +521,10 @@ impl Preset {
     /// Writes a Hub-layout checkpoint with seeded random weights into `dir`; returns the
     /// number of tensors saved.
     pub fn save(self, dir: &Path, seed: u64) -> Result<usize, StageError> {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(FileError::create(dir))?;
         for (name, text) in self.files() {
-            std::fs::write(dir.join(name), text)?;
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(FileError::write(&path))?;
         }
         let (_, config_text) = self.files()[0];
         let config = Config::from_json(config_text).map_err(|e| ModelNodeError::Config {

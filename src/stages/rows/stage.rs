@@ -1,50 +1,18 @@
 //! The `split`, `sample` and `shuffle` stages: row tables in, row tables out.
 //!
 //! Each reads the rows of its source (`rows.parquet` of a dataset, sample or shuffle, or one
-//! member file of a split) from its first exec input and writes row tables that reference the
-//! root dataset's images by id; image bytes are never copied. A split writes one file per member
-//! ([`part_file_name`]); a sample or shuffle writes `rows.parquet`.
+//! member file of a split) from the input its [`DataInput`] names, and writes row tables that
+//! reference the root dataset's images by id; image bytes are never copied. A split writes one
+//! file per member ([`part_file_name`]); a sample or shuffle writes `rows.parquet`. A shuffle is
+//! a sample that keeps every row, so one stage type runs both.
 
 use serde_json::{Value, json};
 
 use crate::exec::{Stage, StageContext, StageError, StageOutcome};
-use crate::plan::params::{SampleParams, ShuffleParams, SplitMethod, SplitParams};
-use crate::plan::{Node, Plan};
 use crate::stages::data::{
-    DATA_CODE_VERSION, DataError, ROWS_FILE, RowTable, SplitPart, SplitSpec, part_file_name,
-    read_rows, sample, shuffle, stratified_split, write_rows,
+    DATA_CODE_VERSION, DataError, DataInput, ROWS_FILE, RowTable, SplitSpec, part_file_name,
+    sample, shuffle, stratified_split, write_rows,
 };
-use crate::stages::lower::{InputPositions, LowerError, data_file};
-
-/// Where a stage's source rows are: the input slot and the file within that entry.
-#[derive(Clone, Debug)]
-struct RowSource {
-    slot: usize,
-    file: String,
-}
-
-impl RowSource {
-    fn new(
-        data: &crate::plan::params::DataRef,
-        plan: &Plan,
-        positions: &InputPositions,
-    ) -> Result<Self, LowerError> {
-        Ok(Self {
-            slot: positions.input_index(data.node.id)?,
-            file: data_file(data, plan),
-        })
-    }
-
-    fn read(&self, ctx: &StageContext<'_>) -> Result<RowTable, StageError> {
-        let entry = ctx.inputs.get(self.slot).ok_or_else(|| {
-            format!(
-                "stage `{}` has no input #{} (a lowering bug)",
-                ctx.name, self.slot
-            )
-        })?;
-        Ok(read_rows(&entry.path(&self.file))?)
-    }
-}
 
 fn counts(table: &RowTable) -> Value {
     let mut per_class = std::collections::BTreeMap::<&str, usize>::new();
@@ -54,39 +22,33 @@ fn counts(table: &RowTable) -> Value {
     json!({ "rows": table.rows.len(), "class_counts": per_class })
 }
 
+/// How a split cuts its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitMethod {
+    /// Each class cut in the parts' ratios (`stratified(...)`).
+    Stratified,
+    /// The rows cut regardless of labels (`random(...)`).
+    Random,
+}
+
+/// What a `split` stage cuts, and how.
+#[derive(Clone, Debug)]
+pub struct SplitConfig {
+    /// The node's canonical parameters.
+    pub params: Value,
+    pub source: DataInput,
+    pub method: SplitMethod,
+    pub spec: SplitSpec,
+}
+
 /// `split NAME = stratified(data, train: …, test: …, seed: …)` or `random(…)`.
 pub struct SplitStage {
-    params: Value,
-    source: RowSource,
-    method: SplitMethod,
-    spec: SplitSpec,
+    config: SplitConfig,
 }
 
 impl SplitStage {
-    pub fn new(
-        node: &Node,
-        params: &SplitParams,
-        plan: &Plan,
-        positions: &InputPositions,
-    ) -> Result<Self, LowerError> {
-        // Parts in a fixed order (the plan keeps ratios in a sorted map), so the cut is stable.
-        let parts = params
-            .ratios
-            .iter()
-            .map(|(name, ratio)| SplitPart {
-                name: name.clone(),
-                ratio: *ratio,
-            })
-            .collect();
-        Ok(Self {
-            params: node.canonical_params(),
-            source: RowSource::new(&params.source, plan, positions)?,
-            method: params.method,
-            spec: SplitSpec {
-                parts,
-                seed: params.seed,
-            },
-        })
+    pub fn from_config(config: SplitConfig) -> Self {
+        Self { config }
     }
 }
 
@@ -100,14 +62,15 @@ impl Stage for SplitStage {
     }
 
     fn params(&self) -> Value {
-        self.params.clone()
+        self.config.params.clone()
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let table = self.source.read(ctx)?;
-        let parts = match self.method {
-            SplitMethod::Stratified => stratified_split(&table, &self.spec)?,
-            SplitMethod::Random => random_split(&table, &self.spec)?,
+        let config = &self.config;
+        let table = config.source.read_rows(ctx)?;
+        let parts = match config.method {
+            SplitMethod::Stratified => stratified_split(&table, &config.spec)?,
+            SplitMethod::Random => random_split(&table, &config.spec)?,
         };
         let mut metadata = serde_json::Map::new();
         let mut warnings = Vec::new();
@@ -151,33 +114,35 @@ fn random_split(table: &RowTable, spec: &SplitSpec) -> Result<Vec<(String, RowTa
     Ok(parts)
 }
 
-/// `sample(data, n, seed: s)`.
+/// What a `sample` or `shuffle` stage draws.
+#[derive(Clone, Debug)]
+pub struct SampleConfig {
+    /// The node's canonical parameters.
+    pub params: Value,
+    pub source: DataInput,
+    /// How many rows to keep; `None` keeps them all (`shuffle`).
+    pub n: Option<u64>,
+    pub seed: u64,
+}
+
+/// `sample(data, n, seed: s)`, or `shuffle(data, seed: s)`: the rows in a seeded order, the
+/// first `n` of them for a sample.
 pub struct SampleStage {
-    params: Value,
-    source: RowSource,
-    n: u64,
-    seed: u64,
+    config: SampleConfig,
 }
 
 impl SampleStage {
-    pub fn new(
-        node: &Node,
-        params: &SampleParams,
-        plan: &Plan,
-        positions: &InputPositions,
-    ) -> Result<Self, LowerError> {
-        Ok(Self {
-            params: node.canonical_params(),
-            source: RowSource::new(&params.source, plan, positions)?,
-            n: params.n,
-            seed: params.seed,
-        })
+    pub fn from_config(config: SampleConfig) -> Self {
+        Self { config }
     }
 }
 
 impl Stage for SampleStage {
     fn kind(&self) -> &'static str {
-        "sample"
+        match self.config.n {
+            Some(_) => "sample",
+            None => "shuffle",
+        }
     }
 
     fn code_version(&self) -> u32 {
@@ -185,13 +150,20 @@ impl Stage for SampleStage {
     }
 
     fn params(&self) -> Value {
-        self.params.clone()
+        self.config.params.clone()
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let table = self.source.read(ctx)?;
-        let n = usize::try_from(self.n).unwrap_or(usize::MAX);
-        let picked = sample(&table, n, self.seed)?;
+        let config = &self.config;
+        let table = config.source.read_rows(ctx)?;
+        let picked = match config.n {
+            Some(n) => sample(
+                &table,
+                usize::try_from(n).unwrap_or(usize::MAX),
+                config.seed,
+            )?,
+            None => shuffle(&table, config.seed),
+        };
         write_rows(&ctx.out_path(ROWS_FILE), &picked)?;
         Ok(StageOutcome {
             metadata: counts(&picked),
@@ -200,56 +172,10 @@ impl Stage for SampleStage {
     }
 }
 
-/// `shuffle(data, seed: s)`.
-pub struct ShuffleStage {
-    params: Value,
-    source: RowSource,
-    seed: u64,
-}
-
-impl ShuffleStage {
-    pub fn new(
-        node: &Node,
-        params: &ShuffleParams,
-        plan: &Plan,
-        positions: &InputPositions,
-    ) -> Result<Self, LowerError> {
-        Ok(Self {
-            params: node.canonical_params(),
-            source: RowSource::new(&params.source, plan, positions)?,
-            seed: params.seed,
-        })
-    }
-}
-
-impl Stage for ShuffleStage {
-    fn kind(&self) -> &'static str {
-        "shuffle"
-    }
-
-    fn code_version(&self) -> u32 {
-        DATA_CODE_VERSION
-    }
-
-    fn params(&self) -> Value {
-        self.params.clone()
-    }
-
-    fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let table = self.source.read(ctx)?;
-        let shuffled = shuffle(&table, self.seed);
-        write_rows(&ctx.out_path(ROWS_FILE), &shuffled)?;
-        Ok(StageOutcome {
-            metadata: counts(&shuffled),
-            ..StageOutcome::default()
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stages::data::RowRecord;
+    use crate::stages::data::{RowRecord, SplitPart};
 
     #[test]
     fn random_split_keeps_labels_and_covers_all_rows() {

@@ -26,38 +26,26 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use candle_core::Device;
 use serde_json::{Value, json};
 
-use crate::cache::CacheEntry;
 use crate::decode::{DecodeError, GrammarSpec, answer_text};
 use crate::exec::{Export, Stage, StageContext, StageError, StageOutcome};
+use crate::file_error::FileError;
 use crate::model::checkpoint::{self, LoadOptions};
 use crate::model::device::device_label;
 use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::processor::{Processor, decode_image};
-use crate::plan::params::{
-    FinetuneParams, LFM2_VL_OTHER_TARGETS, LossOn as PlanLossOn, ParamValue, PromptParams,
-    Schedule as PlanSchedule,
-};
-use crate::plan::{Node, NodeParams, Plan};
-use crate::stages::data::{IMAGES_FILE, ImageStore, read_rows};
-use crate::stages::eval::stage::export_files;
-use crate::stages::lower::{
-    InputPositions, LowerContext, LowerError, data_file, grammar_of, prompt_of, root_dataset,
-};
-use crate::stages::model_node::{FolderRef, MODEL_FILE, ModelFile, ModelResolver};
-use crate::stages::prompt::{RowContext, render_prompt};
+use crate::stages::data::DataInput;
+use crate::stages::model::{FolderRef, MODEL_FILE, ModelFile, ModelResolver};
+use crate::stages::prompt::{PromptTemplates, RowContext, render_prompt};
 use crate::stages::report::{LineChart, Series, html_escape};
 use crate::train::batch::end_of_turn_id;
 use crate::train::lora::{ModulePart, linear_modules, select_modules};
 use crate::train::metrics::{MetricRow, write_metrics};
 use crate::train::trainer::scan_checkpoints;
-use crate::train::{
-    AdamWConfig, Decay, Example, LoraConfig, LossOn, TrainConfig, TrainError, TrainableSpec, train,
-};
+use crate::train::{Example, TrainConfig, TrainError, train};
 
 /// Bumped when the finetune stage's output for the same inputs changes.
 // 2: `eval_data` is evaluated after the last step even without `eval_every`.
@@ -102,101 +90,48 @@ pub enum FinetuneError {
     #[error(transparent)]
     Train(#[from] TrainError),
     /// An output or export file could not be written.
-    #[error("cannot write `{path}`")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FinetuneError + '_ {
-    move |source| FinetuneError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Where one data input of the stage lives among the exec inputs.
+/// What a `finetune` stage trains.
 #[derive(Clone, Debug)]
-struct DataInput {
-    /// `parts.train`, for messages.
-    name: String,
-    slot: usize,
-    file: String,
-    dataset_slot: usize,
+pub struct FinetuneConfig {
+    /// The parameters that identify the adapter: the node's canonical parameters minus those
+    /// that cannot change it (checkpoint intervals, …). The base model, data, prompt, labels and
+    /// grammar are exec inputs, so their fingerprints cascade.
+    pub params: Value,
+    /// The trainer's settings; `pad_id` is set from the tokenizer the stage loads.
+    pub train: TrainConfig,
+    /// The LoRA settings as written, recorded in `trainable.json`.
+    pub lora: Value,
+    /// The declared label set; `None` takes the training table's classes.
+    pub labels: Option<Vec<String>>,
+    pub prompt: PromptTemplates,
+    pub grammar: Option<GrammarSpec>,
+    /// The pipeline's params, which the templates may read.
+    pub pipeline_params: BTreeMap<String, Value>,
+    /// The input slot of the base model's entry.
+    pub base_slot: usize,
+    pub train_data: DataInput,
+    pub eval_data: Option<DataInput>,
+    /// Where the exports go (`evals/<pipeline>/<stage>/`).
+    pub export_dir: PathBuf,
+    /// Finds the base model's folders on this machine (never part of a fingerprint).
+    pub models: ModelResolver,
+    /// Not in [`Stage::params`]: training on another device must not invalidate the cache.
+    pub device: Device,
 }
 
 /// A configured finetune stage.
 pub struct FinetuneStage {
-    canonical: Value,
-    params: FinetuneParams,
-    prompt: PromptParams,
-    grammar: Option<GrammarSpec>,
-    pipeline_params: BTreeMap<String, ParamValue>,
-    base_slot: usize,
-    train_data: DataInput,
-    eval_data: Option<DataInput>,
-    export_dir: PathBuf,
-    /// Finds the base model's folders on this machine (never part of a fingerprint).
-    models: ModelResolver,
-    /// Not in [`Stage::params`]: training on another device must not invalidate the cache.
-    device: Device,
+    config: FinetuneConfig,
 }
 
-/// Builds the finetune stage of `node` (the lowering hook).
-pub fn lower_finetune(
-    node: &Node,
-    plan: &Plan,
-    ctx: &LowerContext<'_>,
-    inputs: &InputPositions,
-) -> Result<Box<dyn Stage>, LowerError> {
-    let unsupported = |message: String| LowerError::Unsupported {
-        stage: node.name.clone(),
-        message,
-    };
-    let NodeParams::Finetune(params) = &node.params else {
-        return Err(unsupported("not a finetune node".to_owned()));
-    };
-    match plan.node(params.base.id).map(|n| &n.params) {
-        Some(NodeParams::Model(_)) => {}
-        Some(NodeParams::Finetune(_)) => {
-            return Err(unsupported(format!(
-                "base `{}` is a fine-tune; stacking adapters is not supported: fine-tune its base \
-                 model, or export `{}` with `vlmpipe export --merged` and load it with `local(...)`",
-                params.base.name, params.base.name
-            )));
-        }
-        _ => {
-            return Err(unsupported(format!(
-                "base `{}` is not a model",
-                params.base.name
-            )));
-        }
+impl FinetuneStage {
+    pub fn from_config(config: FinetuneConfig) -> Self {
+        Self { config }
     }
-    let prompt = prompt_of(node, plan, &params.prompt)?;
-    let grammar = grammar_of(node, plan, params.output.as_ref())?;
-    let data_input = |data: &crate::plan::params::DataRef| -> Result<DataInput, LowerError> {
-        Ok(DataInput {
-            name: data.display_name(),
-            slot: inputs.input_index(data.node.id)?,
-            file: data_file(data, plan),
-            dataset_slot: inputs.input_index(root_dataset(data, plan))?,
-        })
-    };
-    Ok(Box::new(FinetuneStage {
-        canonical: fingerprint_params(node.canonical_params(), params),
-        params: params.clone(),
-        prompt,
-        grammar,
-        pipeline_params: plan.settings.params.clone(),
-        base_slot: inputs.input_index(params.base.id)?,
-        train_data: data_input(&params.data)?,
-        eval_data: params.eval_data.as_ref().map(data_input).transpose()?,
-        export_dir: ctx.evals_dir.join(&node.name),
-        models: ModelResolver::from_lower(ctx),
-        device: ctx.device.clone(),
-    }))
 }
 
 impl Stage for FinetuneStage {
@@ -211,17 +146,16 @@ impl Stage for FinetuneStage {
     fn params(&self) -> Value {
         // The base model, data, prompt, labels and grammar are exec inputs, so their fingerprints
         // cascade; the parameters here cover every hyperparameter.
-        self.canonical.clone()
+        self.config.params.clone()
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let base = &ctx.inputs[self.base_slot];
-        let location = self.models.open(base)?;
+        let config = &self.config;
+        let location = config.models.open(ctx.input(config.base_slot)?)?;
         if location.adapter_dir.is_some() {
             return Err(FinetuneError::StackedAdapter(location.checkpoint_dir).into());
         }
-        let dtype_name = location.dtype.clone();
-        let dtype = crate::stages::eval::stage::parse_dtype(dtype_name.as_deref())?;
+        let dtype = location.dtype.unwrap_or_default().to_candle();
         let load_err = |message: String| FinetuneError::Load {
             dir: location.checkpoint_dir.clone(),
             message,
@@ -232,25 +166,26 @@ impl Stage for FinetuneStage {
             &location.checkpoint_dir,
             &LoadOptions {
                 dtype,
-                device: self.device.clone(),
+                device: config.device.clone(),
             },
         )
         .map_err(|e| load_err(e.to_string()))?;
 
         let pad_id = processor.tokenizer().token_to_id("<|pad|>").unwrap_or(0);
-        let cfg = self.train_config(pad_id);
+        let mut cfg = config.train.clone();
+        cfg.pad_id = pad_id;
         // Bad target names fail before minutes of image preprocessing, not after.
         check_targets(&model, &cfg)?;
 
         let mut warnings = Vec::new();
         let builder = ExampleBuilder {
-            stage: self,
+            stage: config,
             processor: &processor,
             end_of_turn: end_of_turn_id(&processor),
         };
-        let train_set = builder.build(ctx.inputs, &self.train_data, &mut warnings)?;
-        let eval_set = match &self.eval_data {
-            Some(data) => builder.build(ctx.inputs, data, &mut warnings)?,
+        let train_set = builder.build(ctx, &config.train_data, &mut warnings)?;
+        let eval_set = match &config.eval_data {
+            Some(data) => builder.build(ctx, data, &mut warnings)?,
             None => Vec::new(),
         };
 
@@ -301,7 +236,7 @@ impl Stage for FinetuneStage {
                         "discarded checkpoint `{}` ({message}); training restarted",
                         path.display()
                     ));
-                    std::fs::remove_dir_all(&run_dir).map_err(io_err(&run_dir))?;
+                    std::fs::remove_dir_all(&run_dir).map_err(FileError::remove(&run_dir))?;
                     bar.set_position(0);
                     train(
                         &mut model,
@@ -363,11 +298,11 @@ impl Stage for FinetuneStage {
         let model_file = ModelFile {
             base: base_ref.clone(),
             adapter: Some(PathBuf::from(ADAPTER_DIR)),
-            dtype: dtype_name,
+            dtype: location.dtype,
         };
         let model_path = ctx.out_path(MODEL_FILE);
         std::fs::write(&model_path, serde_json::to_string_pretty(&model_file)?)
-            .map_err(io_err(&model_path))?;
+            .map_err(FileError::write(&model_path))?;
         let metrics_path = ctx.out_path(METRICS_FILE);
         write_metrics(&metrics_path, &outcome.metrics)?;
         let modules: Vec<&str> = outcome
@@ -376,28 +311,22 @@ impl Stage for FinetuneStage {
             .iter()
             .map(|l| l.module.as_str())
             .collect();
-        let lora = &self.params.lora;
         let trainable = json!({
             "num_parameters": outcome.num_parameters,
-            "lora": {
-                "r": lora.r,
-                "alpha": lora.alpha,
-                "dropout": lora.dropout,
-                "rslora": lora.rslora,
-                "targets": lora.targets,
-            },
+            "lora": config.lora,
             "modules": modules,
         });
         let trainable_path = ctx.out_path(TRAINABLE_FILE);
         std::fs::write(&trainable_path, serde_json::to_string_pretty(&trainable)?)
-            .map_err(io_err(&trainable_path))?;
+            .map_err(FileError::write(&trainable_path))?;
 
         // Exported beside the eval reports (see `exports`).
         let html_path = ctx.out_path(TRAINING_HTML);
         let html = training_page(ctx.name, &outcome.metrics, &trainable);
-        std::fs::write(&html_path, html).map_err(io_err(&html_path))?;
+        std::fs::write(&html_path, html).map_err(FileError::write(&html_path))?;
         let csv_path = ctx.out_path(METRICS_CSV);
-        std::fs::write(&csv_path, metrics_csv(&outcome.metrics)).map_err(io_err(&csv_path))?;
+        std::fs::write(&csv_path, metrics_csv(&outcome.metrics))
+            .map_err(FileError::write(&csv_path))?;
 
         let final_eval = outcome.metrics.iter().rev().find_map(|m| m.eval_loss);
         Ok(StageOutcome {
@@ -413,82 +342,23 @@ impl Stage for FinetuneStage {
                 "best_step": outcome.best_step,
                 "resumed_from": outcome.resumed_from,
                 "seconds": outcome.metrics.last().map(|m| m.seconds),
-                "device": device_label(&self.device),
+                "device": device_label(&config.device),
             }),
             warnings,
         })
     }
 
     fn exports(&self) -> Vec<Export> {
-        export_files(
+        Export::all(
             &[TRAINING_HTML, METRICS_CSV, METRICS_FILE],
-            &self.export_dir,
+            &self.config.export_dir,
         )
-    }
-}
-
-impl FinetuneStage {
-    /// The trainer's settings from the plan's parameters.
-    fn train_config(&self, pad_id: u32) -> TrainConfig {
-        let p = &self.params;
-        let lora = &p.lora;
-        // The vision tower and projector are adapted only when a target names one of their
-        // own modules (`fc1`, `linear_1`, …); LFM2 names alone keep to the language model.
-        let include_vision = lora
-            .targets
-            .iter()
-            .any(|t| LFM2_VL_OTHER_TARGETS.contains(&t.as_str()));
-        TrainConfig {
-            trainable: TrainableSpec {
-                lora: Some(LoraConfig {
-                    rank: lora.r as usize,
-                    alpha: lora.alpha,
-                    dropout: lora.dropout as f32,
-                    use_rslora: lora.rslora,
-                    targets: lora.targets.clone(),
-                    include_vision,
-                    seed: p.seed,
-                }),
-                full: Vec::new(),
-            },
-            optimizer: AdamWConfig {
-                lr: p.lr,
-                weight_decay: p.weight_decay,
-                ..AdamWConfig::default()
-            },
-            batch_size: p.batch_size.max(1) as usize,
-            grad_accum: p.grad_accum.max(1) as usize,
-            warmup_ratio: p.warmup_ratio,
-            decay: match p.schedule {
-                PlanSchedule::Constant => Decay::Constant,
-                PlanSchedule::Linear => Decay::Linear,
-                PlanSchedule::Cosine => Decay::Cosine,
-            },
-            max_grad_norm: Some(p.max_grad_norm),
-            epochs: p.epochs as usize,
-            max_steps: p.max_steps.map(|s| s as usize),
-            seed: p.seed,
-            loss_on: match p.loss {
-                PlanLossOn::Answer => LossOn::Answer,
-                PlanLossOn::All => LossOn::AllTokens,
-            },
-            eval_every: p.eval_every.map(|n| n as usize),
-            checkpoint_every: Some(p.checkpoint_every as usize),
-            // Too long for a `Duration` means never by time; too short, every step.
-            checkpoint_interval: Duration::try_from_secs_f64(p.checkpoint_minutes * 60.0)
-                .ok()
-                .map(|t| t.max(Duration::from_nanos(1))),
-            pad_id,
-            // The stage draws its own bar through the executor's progress (hidden off-terminal).
-            progress: false,
-            ..TrainConfig::default()
-        }
     }
 }
 
 /// Turns data rows into tokenised examples.
 struct ExampleBuilder<'a> {
-    stage: &'a FinetuneStage,
+    stage: &'a FinetuneConfig,
     processor: &'a Processor,
     end_of_turn: Option<u32>,
 }
@@ -497,14 +367,14 @@ impl ExampleBuilder<'_> {
     /// The examples of `data`; rows whose image or answer is unusable become warnings.
     fn build(
         &self,
-        inputs: &[CacheEntry],
+        ctx: &StageContext<'_>,
         data: &DataInput,
         warnings: &mut Vec<String>,
     ) -> Result<Vec<Example>, StageError> {
-        let rows = read_rows(&inputs[data.slot].path(&data.file))?;
-        let images = ImageStore::open(&inputs[data.dataset_slot].path(IMAGES_FILE))?;
-        let labels = match &self.stage.params.labels {
-            Some(set) => set.values.clone(),
+        let rows = data.read_rows(ctx)?;
+        let images = data.open_images(ctx)?;
+        let labels = match &self.stage.labels {
+            Some(labels) => labels.clone(),
             None => rows.classes.clone(),
         };
         let mut examples = Vec::with_capacity(rows.rows.len());
@@ -593,32 +463,15 @@ fn check_targets(model: &Lfm2VlModel, cfg: &TrainConfig) -> Result<(), FinetuneE
     Ok(())
 }
 
-/// The plan's parameters minus what cannot change the adapter, so that changing it reruns
-/// nothing: checkpoint intervals always, `epochs` when `max_steps` replaces it, `eval_every`
-/// when there is no `eval_data` (check warns about the last two).
-fn fingerprint_params(mut canonical: Value, params: &FinetuneParams) -> Value {
-    if let Some(fields) = canonical.get_mut("finetune").and_then(Value::as_object_mut) {
-        fields.remove("checkpoint_every");
-        fields.remove("checkpoint_minutes");
-        if params.max_steps.is_some() {
-            fields.remove("epochs");
-        }
-        if params.eval_data.is_none() {
-            fields.remove("eval_every");
-        }
-    }
-    canonical
-}
-
 /// Copies the plain files of `from` into a new folder `to` (adapter folders are flat).
 fn copy_dir(from: &Path, to: &Path) -> Result<(), FinetuneError> {
-    std::fs::create_dir_all(to).map_err(io_err(to))?;
-    for item in std::fs::read_dir(from).map_err(io_err(from))? {
-        let item = item.map_err(io_err(from))?;
+    std::fs::create_dir_all(to).map_err(FileError::create(to))?;
+    for item in std::fs::read_dir(from).map_err(FileError::list(from))? {
+        let item = item.map_err(FileError::list(from))?;
         let path = item.path();
         if path.is_file() {
             let target = to.join(item.file_name());
-            std::fs::copy(&path, &target).map_err(io_err(&target))?;
+            std::fs::copy(&path, &target).map_err(FileError::copy_to(&target))?;
         }
     }
     Ok(())
