@@ -132,7 +132,8 @@ impl DatasetStage {
             },
             check: ImageCheck::Header,
             threads: ctx.threads,
-            reads: Some(ctx.plan.reads.clone()),
+            // The Hub cache this run reads `hf(...)` sources from (the plan's is the environment's).
+            reads: Some(ctx.plan.reads.clone().allowing(&ctx.hub.config().cache_dir)),
         };
         Ok(Self {
             params: node.canonical_params(),
