@@ -82,23 +82,32 @@ impl DatasetSpec {
         self.source.stamp(&self.image_column, &self.read_policy())
     }
 
-    /// The policy in force: [`Self::reads`], else the source's own folder.
+    /// The policy in force: [`Self::reads`], else the source's own files (named by whoever
+    /// built the spec) and its folder (for image paths inside a table).
     pub fn read_policy(&self) -> ReadPolicy {
         if let Some(reads) = &self.reads {
             return reads.clone();
         }
-        let own = match &self.source {
-            SourceSpec::Folder { dir } | SourceSpec::ParquetDir { dir, .. } => dir.as_path(),
-            SourceSpec::Csv { path } | SourceSpec::Jsonl { path } => {
-                path.parent().unwrap_or(Path::new("."))
+        let (own, named): (&Path, Vec<&Path>) = match &self.source {
+            SourceSpec::Folder { dir } | SourceSpec::ParquetDir { dir, .. } => {
+                (dir.as_path(), vec![dir.as_path()])
             }
-            SourceSpec::Parquet { files } => files
-                .first()
-                .and_then(|f| f.parent())
-                .unwrap_or(Path::new(".")),
-            SourceSpec::Synthetic(_) => Path::new("."),
+            SourceSpec::Csv { path } | SourceSpec::Jsonl { path } => (
+                path.parent().unwrap_or(Path::new(".")),
+                vec![path.as_path()],
+            ),
+            SourceSpec::Parquet { files } => (
+                files
+                    .first()
+                    .and_then(|f| f.parent())
+                    .unwrap_or(Path::new(".")),
+                files.iter().map(std::path::PathBuf::as_path).collect(),
+            ),
+            SourceSpec::Synthetic(_) => (Path::new("."), Vec::new()),
         };
-        ReadPolicy::within(own)
+        named
+            .into_iter()
+            .fold(ReadPolicy::within(own), ReadPolicy::allowing)
     }
 
     /// A spec with the defaults (`image` column, labels from the source, no filters).
