@@ -12,6 +12,7 @@ pub mod hub;
 pub mod model;
 pub mod plan;
 pub mod read_limits;
+pub mod rng;
 pub mod runner;
 pub mod stages;
 pub mod testing;
