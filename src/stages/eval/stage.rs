@@ -37,8 +37,7 @@ use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 // 3: `predictions.csv` embeds the original image files; records hold per-sample latency and
 //    `batch_size`.
 // 4: images over the pixel cap (PIL's, or the dataset's `max_image_pixels`) are error rows.
-// 5: sampled generation (temperature > 0) draws from `crate::rng` (PCG-64), not `StdRng`.
-const EVAL_CODE_VERSION: u32 = 5;
+const EVAL_CODE_VERSION: u32 = 4;
 
 /// A configured eval stage.
 pub struct EvalStage {
