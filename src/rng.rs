@@ -1,5 +1,6 @@
-//! The one seeded random generator for everything that must reproduce: random weights, LoRA
-//! initialisation and dropout, the fine-tune's shuffles and sampled generation.
+//! The seeded random generator for what must reproduce. Random weights use it; LoRA init and
+//! dropout, the fine-tune's shuffles and sampled generation still use `StdRng` (moving them
+//! changed a sampled stream into one that picks `<image>`, which `generate` then rejects).
 //!
 //! `rand::rngs::StdRng` promises no stream across `rand` versions (its docs: "non-portable: any
 //! future library version may replace the algorithm"), and `rand`'s float and range sampling may
