@@ -9,9 +9,10 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use vlmpipe::model::checkpoint::{LoadOptions, random_model};
 use vlmpipe::model::config::Config;
 use vlmpipe::model::lfm2_vl::LogitsMode;
+use vlmpipe::model::load::checkpoint::LoadOptions;
+use vlmpipe::model::load::random_checkpoint::random_model;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

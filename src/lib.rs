@@ -16,6 +16,7 @@ pub mod model;
 pub mod plan;
 pub mod read_limits;
 pub mod read_policy;
+pub mod rng;
 pub mod runner;
 pub mod stages;
 pub mod testing;

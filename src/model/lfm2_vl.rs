@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::config::Config;
+use crate::model::kernels::packed::Kernel;
 use crate::model::linear::{Linear, LinearVisitor};
-use crate::model::packed::Kernel;
 use crate::model::projector::Projector;
 use crate::model::text::{TextCache, TextModel};
 use crate::model::vision::{self, ViewSpan, VisionTower};
@@ -310,8 +310,9 @@ impl LinearVisitor for Lfm2VlModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::checkpoint::{LoadOptions, random_model};
     use crate::model::config::Config;
+    use crate::model::load::checkpoint::LoadOptions;
+    use crate::model::load::random_checkpoint::random_model;
     use candle_core::{DType, Device, IndexOp};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::model::kernels::packed::{Kernel, PackedWeight};
 use crate::model::ops;
-use crate::model::packed::{Kernel, PackedWeight};
 use crate::model::quant::QuantWeight;
 
 /// Something that changes a linear layer's output, e.g. a LoRA delta `scale * B(A(x))`.

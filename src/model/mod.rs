@@ -1,7 +1,17 @@
-//! LFM2-VL in candle: checkpoint loading, image processing, the network and generation.
+//! LFM2-VL in candle: the network and generation, the kernels under it, loading, and the processor.
 //!
-//! Model code does no IO except in `checkpoint` (files → config + weights) and `processor`
-//! (which only sees decoded images and config values).
+//! Where things go (candle's split: model files hold no kernels):
+//! - the network, reading like the paper: `config`, `vision`, `projector`, `text`, `lfm2_vl`,
+//!   `linear`, `generate`, `device`; a new model family goes beside them;
+//! - [`ops`]: the bridge from tensors to kernels, the only place a tensor becomes a slice;
+//! - [`kernels`]: CPU f32 kernels over plain slices, knowing no tensor; a new kernel goes there;
+//! - [`load`]: every file the model reads or writes (checkpoints, resolution, decoding defaults,
+//!   random checkpoints); a new file format goes there;
+//! - [`processor`]: images and a conversation → model inputs (it reads its own files from the
+//!   model folder).
+//!
+//! `tests/it/architecture.rs` checks the boundaries: no import circle, kernels import nothing
+//! above them, no file IO outside `load/` and the processor's `from_model_dir`.
 //!
 //! Architecture ([LFM2-VL](https://www.liquid.ai/blog/lfm2-vl-efficient-vision-language-models),
 //! reference: transformers `models/lfm2_vl`, `models/siglip2`, `models/lfm2`):
@@ -25,28 +35,33 @@
 //! [`device`] turns `--device` (`auto`, `cpu`, `cuda[:N]`, `metal[:N]`) into the candle device the
 //! weights load onto; everything else follows the weights' device.
 
-// The network and its loading (owner: model-net).
-pub mod checkpoint;
+// The network, reading like the paper (candle-transformers' layout: config, blocks, model).
 pub mod config;
-pub mod cpu;
 pub mod device;
 pub mod generate;
 pub mod lfm2_vl;
 pub mod linear;
-pub mod ops;
-pub mod packed;
 pub mod projector;
 pub mod quant;
 pub mod text;
 pub mod vision;
 
-pub use device::{DeviceChoice, DeviceError};
+// Tensors ↔ slices: the only place that hands tensor storage to the kernels.
+pub mod ops;
+// Kernels over plain slices (no tensors, nothing from the rest of the model).
+pub mod kernels;
 
-// Turning an image and a conversation into model inputs (owner: processor).
-pub mod chat;
+// Files in and out: checkpoints, decoding defaults, Hub/folder resolution, random weights.
+pub mod load;
+
+// Turning an image and a conversation into model inputs.
 pub mod processor;
 
-// Finding a checkpoint and its decoding defaults (owner: infer).
-pub mod generation_config;
-pub mod random_checkpoint;
-pub mod resolve;
+pub use device::{DeviceChoice, DeviceError};
+
+// The paths callers outside `model` used before `load/`, `kernels/` and `processor::chat` existed,
+// kept so the parallel restructurings merge without touching every caller; new code names the
+// folder (`model::load::checkpoint`).
+pub use kernels::packed;
+pub use load::{checkpoint, generation_config, random_checkpoint, resolve};
+pub use processor::chat;

@@ -8,12 +8,18 @@
 //! with libm (GELU-tanh 3-5x slower than torch); ours use a polynomial `exp` the compiler
 //! vectorises (measured 2.6x faster than candle's GELU at the vision MLP shape). candle also runs a
 //! single-row matmul (every decode step) on one thread, so [`matmul_wt`] splits it over the pool.
+//!
+//! This is the bridge between tensors and [`crate::model::kernels`]: the only module that hands a
+//! tensor's storage to a kernel as a slice (including the tensor side of
+//! [`PackedWeight`], defined here so the kernel file knows no tensor).
 
 use candle_core::{D, DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::model::config::Activation;
-use crate::model::cpu;
+use crate::model::kernels::ViewSpan;
+use crate::model::kernels::cpu;
+use crate::model::kernels::packed::{Kernel, PackedWeight};
 
 /// True when gradients must flow through `xs` (it is, or derives from, a `Var`).
 fn tracks(xs: &Tensor) -> bool {
@@ -99,7 +105,7 @@ pub fn packed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    spans: &[crate::model::vision::ViewSpan],
+    spans: &[ViewSpan],
     heads: usize,
     scale: f64,
 ) -> Result<Option<Tensor>> {
@@ -113,29 +119,11 @@ pub fn packed_attention(
     let out = with_cpu_f32(q, |qs| {
         with_cpu_f32(k, |ks| {
             with_cpu_f32(v, |vs| {
-                let mut out = Vec::with_capacity(n * width);
-                for span in spans {
-                    let rows = span.start * width..(span.start + span.len()) * width;
-                    let shape = cpu::AttentionShape {
-                        q_rows: span.len(),
-                        kv_rows: span.len(),
-                        heads,
-                        kv_heads: heads,
-                        head_dim: width / heads,
-                        scale: scale as f32,
-                        causal_past: None,
-                    };
-                    let (Some(qv), Some(kv), Some(vv)) =
-                        (qs.get(rows.clone()), ks.get(rows.clone()), vs.get(rows))
-                    else {
-                        candle_core::bail!("packed attention: a view runs past the patches")
-                    };
-                    out.extend(cpu::attention(qv, kv, vv, shape));
-                }
-                Ok(out)
+                cpu::packed_attention(qs, ks, vs, width, spans, heads, scale as f32)
             })
         })
-    })????;
+    })???
+    .map_err(|e| candle_core::Error::Msg(format!("packed attention: {e}")))?;
     if out.len() != n * width {
         candle_core::bail!("packed attention: the views do not cover all {n} patches")
     }
@@ -204,33 +192,6 @@ impl candle_core::CustomOp1 for FrozenWeightMatmul {
 
 pub(crate) fn is_cpu_f32(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
-}
-
-/// `exp(x)` for f32 to about 1 ulp (Cephes' `expf` reduction and polynomial), branch-free so loops
-/// over it vectorise; exactly 0 below -87.3 (so masked `-inf` scores vanish).
-#[inline(always)]
-pub fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    // Adding 1.5 * 2^23 rounds to nearest and leaves the integer in the low mantissa bits:
-    // `f32::round` and `as i32` are a libm call and a saturating conversion on baseline x86-64,
-    // which kept the loop scalar (measured 3x slower than this form).
-    const ROUND: f32 = 12_582_912.0;
-    let xc = x.clamp(-87.3, 88.3);
-    let t = xc * LOG2E + ROUND;
-    let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
-    let n = t - ROUND;
-    let r = xc - n * C1 - n * C2;
-    let mut y = 1.987_569_1e-4_f32;
-    y = y * r + 1.398_199_9e-3;
-    y = y * r + 8.333_452e-3;
-    y = y * r + 4.166_579_6e-2;
-    y = y * r + 1.666_666_5e-1;
-    y = y * r + 0.5;
-    let y = y * r * r + r + 1.0;
-    let e = y * f32::from_bits(((ni + 127) as u32) << 23);
-    if x < -87.3 { 0.0 } else { e }
 }
 
 /// Runs `f(input, output)` over a contiguous CPU f32 tensor in parallel row blocks of `row`
@@ -372,21 +333,52 @@ impl RmsNorm {
     }
 }
 
+/// The tensor side of [`PackedWeight`]: what `Linear` and the LM head call.
+impl PackedWeight {
+    /// Packs a `[n, k]` CPU f32 weight that autograd does not track; `None` for any other
+    /// (GPU, half precision, trainable), which stays dense.
+    pub fn from_tensor(w: &Tensor, kernel: Kernel) -> Result<Option<Self>> {
+        if !is_cpu_f32(w) || w.track_op() || w.is_variable() {
+            return Ok(None);
+        }
+        let (n, k) = w.dims2()?;
+        with_cpu_f32(w, |ws| Some(Self::pack(ws, n, k, kernel)))
+    }
+
+    /// The dense `[n, k]` weight as a new CPU tensor.
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        Tensor::from_vec(self.to_dense(), (self.n(), self.k()), &Device::Cpu)
+    }
+
+    /// `x [rows, k] @ w^T (+ bias [n])` as `[rows, n]`. An input the kernel cannot take
+    /// (tracked by autograd, not a CPU f32 tensor) goes through the unpacked weight instead.
+    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let plain = |t: &Tensor| is_cpu_f32(t) && !t.track_op();
+        if !plain(x) || bias.is_some_and(|b| !plain(b)) {
+            return linear(&x.to_device(&Device::Cpu)?, &self.to_tensor()?, bias);
+        }
+        let (rows, in_dim) = x.dims2()?;
+        if in_dim != self.k() || bias.is_some_and(|b| b.dims() != [self.n()]) {
+            candle_core::bail!(
+                "packed linear: input [{rows}, {in_dim}]{} against weight [{}, {}]",
+                bias.map(|b| format!(" and bias {:?}", b.dims()))
+                    .unwrap_or_default(),
+                self.n(),
+                self.k()
+            )
+        }
+        let y = with_cpu_f32(x, |xs| match bias {
+            Some(b) => with_cpu_f32(b, |bs| self.matmul(xs, rows, Some(bs))),
+            None => Ok(self.matmul(xs, rows, None)),
+        })??;
+        Tensor::from_vec(y, (rows, self.n()), &Device::Cpu)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn fast_exp_is_accurate() {
-        for i in -8700..=8800 {
-            let x = i as f32 * 0.01;
-            let (a, b) = (fast_exp(x), x.exp());
-            assert!(((a - b) / b).abs() < 3e-7, "exp({x}): {a} vs {b}");
-        }
-        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(fast_exp(-100.0), 0.0);
-    }
 
     #[test]
     fn fast_kernels_match_candle() -> Result<()> {

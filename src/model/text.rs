@@ -16,9 +16,9 @@ use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::config::{LayerKind, TextParams};
+use crate::model::kernels::packed::Kernel;
 use crate::model::linear::{Linear, LinearVisitor, WeightMatrix};
 use crate::model::ops::{self, RmsNorm};
-use crate::model::packed::Kernel;
 
 /// Per-row bookkeeping plus each layer's state: conv windows and attention keys/values.
 #[derive(Debug, Clone)]

@@ -18,23 +18,8 @@ use crate::model::config::VisionParams;
 use crate::model::linear::{Linear, LinearVisitor};
 use crate::model::ops::{self, LayerNorm};
 
-/// Rows `[start, start + len)` of the packed matrix that belong to one view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ViewSpan {
-    pub start: usize,
-    pub rows: usize,
-    pub cols: usize,
-}
-
-impl ViewSpan {
-    pub fn len(&self) -> usize {
-        self.rows * self.cols
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+/// Defined with the kernels (the fused attention takes it); re-exported as part of the tower's API.
+pub use crate::model::kernels::ViewSpan;
 
 /// Lays views out back to back: view `i` takes `rows * cols` rows after view `i - 1`.
 pub fn view_spans(spatial_shapes: &[(usize, usize)]) -> Vec<ViewSpan> {

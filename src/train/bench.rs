@@ -11,8 +11,9 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
-use crate::model::checkpoint::{LoadOptions, random_model};
 use crate::model::config::Config;
+use crate::model::load::checkpoint::LoadOptions;
+use crate::model::load::random_checkpoint::random_model;
 use crate::train::batch::{Batch, Example, LossOn};
 use crate::train::error::TrainError;
 use crate::train::lora::{LoraConfig, Trainable, TrainableSpec};

@@ -47,11 +47,10 @@ pub fn resolve_module_name(name: &str, known: impl Fn(&str) -> bool) -> Option<S
     known(&hub).then_some(hub)
 }
 
-pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub use crate::model::load::resolve::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 /// The way out for an adapter vlmpipe cannot apply.
 const MERGE_IN_PYTHON: &str = "merge it into its base model with PEFT (`merge_and_unload()` then \
      `save_pretrained`) and load the result as a model (`local(...)`, `--model`)";
-pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 /// One LoRA module's weights.
 #[derive(Debug, Clone)]

@@ -7,6 +7,7 @@ mod reference_support;
 mod support;
 mod train_support;
 
+mod architecture;
 mod cache_kill;
 mod cache_store;
 mod cli_infer;

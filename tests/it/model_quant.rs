@@ -15,11 +15,12 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{D, DType, Device, Tensor};
 use half::f16;
 use vlmpipe::model::chat::Conversation;
-use vlmpipe::model::checkpoint::{LoadOptions, random_model};
+use vlmpipe::model::checkpoint::LoadOptions;
 use vlmpipe::model::config::Config;
 use vlmpipe::model::generate::Sampling;
 use vlmpipe::model::lfm2_vl::LogitsMode;
 use vlmpipe::model::linear::{LinearAdapter, LinearVisitor};
+use vlmpipe::model::load::random_checkpoint::random_model;
 use vlmpipe::model::quant::{Quant, QuantWeight, TensorType, quantize_model};
 use vlmpipe::runner::{DecodeOptions, ModelRunner};
 

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use super::image_processor::ProcessedImage;
 use super::layout::ImageLayout;
-use crate::model::chat::{TemplateError, read_json, token_string};
+use crate::model::processor::chat::{TemplateError, read_json, token_string};
 
 /// The marker strings, as the tokenizer names them.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,9 +8,11 @@
 //! Conversation ─ChatTemplate::render─▶ text ─expand <image>─▶ expanded text ─tokenize─▶ input_ids
 //! ```
 //!
+//! [`chat`] holds the conversation types and renders the model's chat template.
 //! [`Processor`] ties the steps together; the pieces are public for callers that cache images.
 //! No file IO happens here except loading the model directory's JSON, tokenizer and template.
 
+pub mod chat;
 mod config;
 mod expand;
 mod image_decode;

@@ -14,7 +14,7 @@ use super::config::{ConfigError, ProcessorConfig};
 use super::expand::{ExpandError, ImageTokenStrings, expand_image_placeholders};
 use super::image_processor::{ImageProcessor, ProcessError, ProcessedImage};
 use super::layout::ImageLayout;
-use crate::model::chat::{ChatTemplate, Conversation, TemplateError};
+use crate::model::processor::chat::{ChatTemplate, Conversation, TemplateError};
 
 /// Errors building model inputs.
 #[derive(Debug, thiserror::Error)]

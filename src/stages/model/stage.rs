@@ -12,13 +12,9 @@
 //! `main` reruns), `local` ones a stat of every file of the folder, `init` ones only their
 //! parameters.
 
-use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::VarBuilder;
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -27,10 +23,8 @@ use crate::dtype::Dtype;
 use crate::exec::{Stage, StageContext, StageError, StageOutcome};
 use crate::file_error::FileError;
 use crate::hub::{Hub, HubError, HubRepo};
-use crate::model::config::Config;
-use crate::model::lfm2_vl::{Lfm2VlModel, WeightPrefixes};
+use crate::model::load::random_checkpoint;
 use crate::read_policy::ReadPolicy;
-use crate::stages::data::SplitMix64;
 use crate::train::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, PeftAdapter};
 
 /// The file of a model entry.
@@ -41,7 +35,9 @@ const INIT_DIR: &str = "checkpoint";
 const ADAPTER_DIR: &str = "adapter";
 
 // 3: `model.json` names folders independently of the project's location; `adapter:`.
-const MODEL_CODE_VERSION: u32 = 3;
+// 4: `init` checkpoints come from the one random initialiser (`model::load::random_checkpoint`,
+//    PCG-64 streams): other weights for the same seed, and every vision layer of the config.
+const MODEL_CODE_VERSION: u32 = 4;
 
 /// Where a checkpoint folder is, in terms that survive moving or copying the project.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,12 +122,6 @@ pub enum ModelNodeError {
     },
     #[error("unknown model preset `{0}` (known: tiny)")]
     UnknownPreset(String),
-    #[error("cannot build the `{preset}` model")]
-    Build {
-        preset: String,
-        #[source]
-        source: candle_core::Error,
-    },
     #[error("invalid built-in config of preset `{preset}`: {message}")]
     Config { preset: String, message: String },
 }
@@ -527,102 +517,15 @@ impl Preset {
             std::fs::write(&path, text).map_err(FileError::write(&path))?;
         }
         let (_, config_text) = self.files()[0];
-        let config = Config::from_json(config_text).map_err(|e| ModelNodeError::Config {
-            preset: self.name().to_owned(),
-            message: e.to_string(),
-        })?;
-        let tensors = random_weights(&config, seed).map_err(|source| ModelNodeError::Build {
-            preset: self.name().to_owned(),
-            source,
-        })?;
-        let count = tensors.len();
-        candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-        Ok(count)
-    }
-}
-
-/// Builds the network once with a backend that invents and records every tensor it is asked
-/// for, so the saved names are exactly the ones the loader will request (Hub layout).
-fn random_weights(cfg: &Config, seed: u64) -> candle_core::Result<HashMap<String, Tensor>> {
-    let recorded = Arc::new(Mutex::new(HashMap::new()));
-    let backend = RecordingBackend {
-        seed,
-        recorded: Arc::clone(&recorded),
-    };
-    // Host-side on purpose: the weights are written to disk, and the same seed must give the
-    // same bytes whatever device later loads them (the cache entry is shared across devices).
-    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
-    Lfm2VlModel::new(cfg, vb, &WeightPrefixes::default())?;
-    let mut guard = recorded
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("weight recorder poisoned".to_owned()))?;
-    Ok(std::mem::take(&mut *guard))
-}
-
-/// Scaled normal weights, zero biases, unit norms; each tensor seeded by its name so the result
-/// does not depend on construction order.
-///
-/// Matrices and convolutions get std `1/sqrt(fan_in)`, token and position embeddings std 0.5 (the
-/// reference generator's `scaled_init`). transformers' flat std 0.02 would tie the LM head to a
-/// near-zero embedding table: every logit stays near zero, so the model answers uniformly at
-/// random and a fine-tune of LoRA adapters cannot move it (measured: loss flat at ln(vocab)).
-struct RecordingBackend {
-    seed: u64,
-    recorded: Arc<Mutex<HashMap<String, Tensor>>>,
-}
-
-impl SimpleBackend for RecordingBackend {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let leaf = name.rsplit('.').nth(1).unwrap_or("");
-        let t = if name.ends_with(".bias") {
-            Tensor::zeros(s, DType::F32, &Device::Cpu)?
-        } else if leaf.contains("norm") {
-            Tensor::ones(s, DType::F32, &Device::Cpu)?
-        } else {
-            let digest = blake3::hash(name.as_bytes());
-            let mut key = [0u8; 8];
-            key.copy_from_slice(&digest.as_bytes()[..8]);
-            let mut rng = SplitMix64::new(self.seed ^ u64::from_le_bytes(key));
-            let dims = s.dims();
-            let std = if matches!(leaf, "embed_tokens" | "position_embedding") || dims.len() < 2 {
-                0.5
-            } else {
-                1.0 / (dims[1..].iter().product::<usize>().max(1) as f64).sqrt()
-            };
-            let n = s.elem_count();
-            let mut data = Vec::with_capacity(n + 1);
-            while data.len() < n {
-                // Box-Muller: two normals per pair of uniforms.
-                let u1 = rng.next_f64().max(f64::MIN_POSITIVE);
-                let u2 = rng.next_f64();
-                let r = (-2.0 * u1.ln()).sqrt() * std;
-                let (sin, cos) = (std::f64::consts::TAU * u2).sin_cos();
-                data.push((r * cos) as f32);
-                data.push((r * sin) as f32);
+        let specs = random_checkpoint::specs_from_json(config_text).map_err(|e| {
+            ModelNodeError::Config {
+                preset: self.name().to_owned(),
+                message: e.to_string(),
             }
-            data.truncate(n);
-            Tensor::from_vec(data, s, &Device::Cpu)?
-        };
-        if let Ok(mut map) = self.recorded.lock() {
-            map.insert(name.to_owned(), t.clone());
-        }
-        t.to_dtype(dtype)?.to_device(dev)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights need a shape for `{name}`")
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        // The LM head stays tied to the embeddings, as in the Hub checkpoints.
-        name != "lm_head.weight"
+        })?;
+        let weights = dir.join("model.safetensors");
+        random_checkpoint::write_random_weights(&specs, &weights, DType::F32, seed)?;
+        Ok(specs.len())
     }
 }
 

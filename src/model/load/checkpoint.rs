@@ -221,86 +221,6 @@ impl Checkpoint {
     }
 }
 
-/// A model of `cfg`'s shapes with seeded random weights (benchmarks and load tests, no files).
-///
-/// Linear and embedding weights are normal with std 0.02 (transformers' `initializer_range`),
-/// biases zero, and norm weights one, so activations stay in a realistic range.
-pub fn random_model(
-    cfg: &Config,
-    opts: &LoadOptions,
-    seed: u64,
-) -> candle_core::Result<Lfm2VlModel> {
-    let backend: Box<dyn SimpleBackend> = Box::new(RandomBackend { seed });
-    let vb = VarBuilder::from_backend(backend, opts.dtype, opts.device.clone());
-    Lfm2VlModel::new(cfg, vb, &WeightPrefixes::default())
-}
-
-/// Generates each requested tensor from a hash of its name, so any subset is reproducible.
-struct RandomBackend {
-    seed: u64,
-}
-
-impl SimpleBackend for RandomBackend {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let leaf = name.rsplit('.').nth(1).unwrap_or("");
-        let is_norm = leaf.contains("norm");
-        let t = if name.ends_with(".bias") {
-            Tensor::zeros(s, DType::F32, dev)?
-        } else if is_norm {
-            Tensor::ones(s, DType::F32, dev)?
-        } else {
-            use rand::SeedableRng;
-            use rand_distr_free::normal_vec;
-            let mut rng = rand::rngs::StdRng::seed_from_u64(
-                self.seed
-                    ^ u64::from_le_bytes(
-                        blake3::hash(name.as_bytes()).as_bytes()[..8]
-                            .try_into()
-                            .unwrap_or([0; 8]),
-                    ),
-            );
-            let data = normal_vec(&mut rng, s.elem_count(), 0.02);
-            Tensor::from_vec(data, s, dev)?
-        };
-        t.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights need a shape for `{name}`")
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        // Only the untied LM head is optional; a random model keeps it tied.
-        name != "lm_head.weight"
-    }
-}
-
-/// Normal samples without an extra crate: Box-Muller over the workspace's `rand`.
-mod rand_distr_free {
-    use rand::RngExt;
-
-    pub fn normal_vec(rng: &mut rand::rngs::StdRng, n: usize, std: f32) -> Vec<f32> {
-        let mut out = Vec::with_capacity(n + 1);
-        while out.len() < n {
-            let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
-            let u2: f32 = rng.random();
-            let r = (-2.0 * u1.ln()).sqrt() * std;
-            let (s, c) = (std::f32::consts::TAU * u2).sin_cos();
-            out.push(r * c);
-            out.push(r * s);
-        }
-        out.truncate(n);
-        out
-    }
-}
-
 /// Opens and loads `dir` in one step.
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Lfm2VlModel, CheckpointError> {
     Checkpoint::open(dir)?.load(opts)
@@ -481,30 +401,5 @@ mod tests {
             Checkpoint::open(dir.path()),
             Err(CheckpointError::Config { .. })
         ));
-    }
-
-    #[test]
-    fn random_model_has_the_config_shapes() -> candle_core::Result<()> {
-        let cfg = Config::from_json(
-            r#"{"projector_hidden_size": 32,
-                "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2},
-                "text_config": {"hidden_size": 16, "intermediate_size": 48, "num_hidden_layers": 2,
-                                "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 500,
-                                "block_multiple_of": 8, "layer_types": ["conv", "full_attention"]}}"#,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        let model = random_model(&cfg, &LoadOptions::default(), 1)?;
-        let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
-        let mut cache = model.new_cache(1);
-        let logits = model.forward(
-            &ids,
-            None,
-            None,
-            &mut cache,
-            crate::model::lfm2_vl::LogitsMode::Last,
-        )?;
-        assert_eq!(logits.dims(), &[1, 500]);
-        Ok(())
     }
 }

@@ -17,10 +17,7 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
-
-use crate::model::ops;
 
 /// Output rows per panel: four 16-lane AVX-512 vectors.
 pub const PANEL: usize = 64;
@@ -278,48 +275,6 @@ impl PackedWeight {
             }
             group = group_end;
         }
-    }
-}
-
-/// The tensor side: what `Linear` and the LM head call.
-impl PackedWeight {
-    /// Packs a `[n, k]` CPU f32 weight that autograd does not track; `None` for any other
-    /// (GPU, half precision, trainable), which stays dense.
-    pub fn from_tensor(w: &Tensor, kernel: Kernel) -> Result<Option<Self>> {
-        if !ops::is_cpu_f32(w) || w.track_op() || w.is_variable() {
-            return Ok(None);
-        }
-        let (n, k) = w.dims2()?;
-        ops::with_cpu_f32(w, |ws| Some(Self::pack(ws, n, k, kernel)))
-    }
-
-    /// The dense `[n, k]` weight as a new CPU tensor.
-    pub fn to_tensor(&self) -> Result<Tensor> {
-        Tensor::from_vec(self.to_dense(), (self.n, self.k), &Device::Cpu)
-    }
-
-    /// `x [rows, k] @ w^T (+ bias [n])` as `[rows, n]`. An input the kernel cannot take
-    /// (tracked by autograd, not a CPU f32 tensor) goes through the unpacked weight instead.
-    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let plain = |t: &Tensor| ops::is_cpu_f32(t) && !t.track_op();
-        if !plain(x) || bias.is_some_and(|b| !plain(b)) {
-            return ops::linear(&x.to_device(&Device::Cpu)?, &self.to_tensor()?, bias);
-        }
-        let (rows, in_dim) = x.dims2()?;
-        if in_dim != self.k || bias.is_some_and(|b| b.dims() != [self.n]) {
-            candle_core::bail!(
-                "packed linear: input [{rows}, {in_dim}]{} against weight [{}, {}]",
-                bias.map(|b| format!(" and bias {:?}", b.dims()))
-                    .unwrap_or_default(),
-                self.n,
-                self.k
-            )
-        }
-        let y = ops::with_cpu_f32(x, |xs| match bias {
-            Some(b) => ops::with_cpu_f32(b, |bs| self.matmul(xs, rows, Some(bs))),
-            None => Ok(self.matmul(xs, rows, None)),
-        })??;
-        Tensor::from_vec(y, (rows, self.n), &Device::Cpu)
     }
 }
 

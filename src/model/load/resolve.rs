@@ -19,7 +19,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::hub::{Hub, HubError, HubRepo};
-use crate::train::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+
+/// A PEFT adapter folder's files (PEFT's `CONFIG_NAME` and `SAFETENSORS_WEIGHTS_NAME`); here, below
+/// `train`, because recognising an adapter folder is part of resolving one.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 /// Why a model reference could not be turned into a checkpoint directory.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,7 @@
-//! Random-weight checkpoints in the Hub layout, for load tests and benchmarks at real shapes.
+//! The one random initialiser: seeded random weights of an LFM2-VL config, as an in-memory model
+//! ([`random_model`]: benchmarks and load tests, no files) or a checkpoint folder in the Hub
+//! layout ([`write_random_checkpoint`], [`write_random_weights`]: the `init(...)` model node, `bench
+//! model`, the 450M load test).
 //!
 //! [`hub_tensor_specs`] lists every tensor an LFM2-VL `config.json` implies, named and shaped as
 //! transformers 4.57 saves `Lfm2VlForConditionalGeneration` (the Hub layout: all vision layers of
@@ -6,20 +9,28 @@
 //! reference's module names, so a checkpoint made from it tests that the loader accepts the Hub's
 //! names; a test checks it against a checkpoint transformers saved.
 //!
-//! [`write_random_checkpoint`] copies a model folder's config, tokenizer and processor files and
-//! adds `model.safetensors` with seeded random weights in that layout (bf16 by default, like the
-//! real LFM2-VL-450M file), so Rust and Python (`bench_transformers.py`) can load the same
-//! weights. Scales follow the reference generator's `scaled_init`: linear weights with variance
-//! 1/fan_in, embeddings and the position grid with std 0.5, norm weights near 1, biases near 0,
-//! so activations stay in a realistic range and greedy output varies.
+//! [`random_values`] fills one tensor: matrices and convolutions normal with std `1/sqrt(fan_in)`,
+//! token and position embeddings std 0.5 (the reference generator's `scaled_init`), norm weights
+//! one, biases zero. transformers' flat std 0.02 would tie the LM head to a near-zero embedding
+//! table: every logit stays near zero, so the model answers uniformly at random and a fine-tune of
+//! LoRA adapters cannot move it (measured: loss flat at ln(vocab)). Each tensor has its own
+//! [`SeededRng`] stream, seeded by the seed and the tensor's name, so values do not depend on the
+//! order tensors are made in, and tensors are made in parallel.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::DType;
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use half::{bf16, f16};
+use rayon::prelude::*;
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
 use crate::model::config::{Config, ConfigError, LayerKind, Lfm2VlConfig};
+use crate::model::lfm2_vl::{Lfm2VlModel, WeightPrefixes};
+use crate::model::load::checkpoint::LoadOptions;
+use crate::rng::{SeededRng, name_hash};
 
 /// What can go wrong writing a random checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -51,14 +62,14 @@ pub enum RandomCheckpointError {
 /// How a tensor is initialised.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum InitKind {
-    /// Uniform with variance `1 / fan_in` (`fan_in` = last dimension, or the kernel size for the
+    /// Normal with variance `1 / fan_in` (`fan_in` = last dimension, or the kernel size for the
     /// depthwise conv).
     Linear,
-    /// Uniform with std 0.5: token embeddings and the position grid.
+    /// Normal with std 0.5: token embeddings and the position grid.
     Embedding,
-    /// 1 + uniform noise with std 0.01.
+    /// Ones.
     NormWeight,
-    /// Uniform with std 0.01.
+    /// Zeros.
     Bias,
 }
 
@@ -72,6 +83,12 @@ pub struct TensorSpec {
 
 /// Every tensor of an LFM2-VL checkpoint in the Hub layout, in name order.
 pub fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
+    tensor_specs(cfg, raw.vision_config.num_hidden_layers)
+}
+
+/// The tensors of `cfg` with `vision_layers` vision encoder layers (the file holds every layer of
+/// the config, even when `vision_feature_layer` runs fewer), in name order.
+pub fn tensor_specs(cfg: &Config, vision_layers: usize) -> Vec<TensorSpec> {
     let mut specs = Vec::new();
     let mut push =
         |name: String, shape: Vec<usize>, init| specs.push(TensorSpec { name, shape, init });
@@ -93,8 +110,7 @@ pub fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
         vec![v.position_grid * v.position_grid, v.hidden_size],
         InitKind::Embedding,
     );
-    // The file holds every layer of the config, even when `vision_feature_layer` runs fewer.
-    for i in 0..raw.vision_config.num_hidden_layers {
+    for i in 0..vision_layers {
         let p = format!("{vp}.encoder.layers.{i}");
         for norm in ["layer_norm1", "layer_norm2"] {
             push(
@@ -295,6 +311,51 @@ pub fn num_parameters(specs: &[TensorSpec]) -> usize {
         .sum()
 }
 
+/// The specs of a `config.json`'s text (the Hub layout).
+pub fn specs_from_json(config_json: &str) -> Result<Vec<TensorSpec>, ConfigError> {
+    let raw: Lfm2VlConfig = serde_json::from_str(config_json)?;
+    let cfg = Config::from_raw(&raw)?;
+    Ok(hub_tensor_specs(&raw, &cfg))
+}
+
+/// `spec`'s seeded values in row-major order (see the module docs).
+pub fn random_values(spec: &TensorSpec, seed: u64) -> Vec<f32> {
+    let n: usize = spec.shape.iter().product();
+    let fan_in = match spec.shape.as_slice() {
+        [_, 1, k] => *k,
+        [.., last] => *last,
+        [] => 1,
+    };
+    let std = match spec.init {
+        InitKind::NormWeight => return vec![1.0; n],
+        InitKind::Bias => return vec![0.0; n],
+        InitKind::Linear => 1.0 / (fan_in.max(1) as f64).sqrt(),
+        InitKind::Embedding => 0.5,
+    };
+    SeededRng::from_words(&[seed, name_hash(&spec.name)]).normal_vec(n, std)
+}
+
+/// A model of `cfg`'s shapes with seeded random weights (benchmarks and load tests, no files):
+/// the values [`write_random_checkpoint`] would write for the same config and seed.
+pub fn random_model(
+    cfg: &Config,
+    opts: &LoadOptions,
+    seed: u64,
+) -> candle_core::Result<Lfm2VlModel> {
+    let tensors = tensor_specs(cfg, cfg.vision.num_layers)
+        .into_par_iter()
+        .map(|spec| {
+            let values = random_values(&spec, seed);
+            Ok((
+                spec.name,
+                Tensor::from_vec(values, spec.shape, &Device::Cpu)?,
+            ))
+        })
+        .collect::<candle_core::Result<HashMap<_, _>>>()?;
+    let vb = VarBuilder::from_tensors(tensors, opts.dtype, &opts.device);
+    Lfm2VlModel::new(cfg, vb, &WeightPrefixes::default())
+}
+
 /// Files of a model folder besides the weights, copied when present.
 const SIDE_FILES: &[&str] = &[
     "config.json",
@@ -334,10 +395,7 @@ pub fn write_random_checkpoint(
         path: config_path.clone(),
         source,
     };
-    let raw: Lfm2VlConfig =
-        serde_json::from_str(&text).map_err(|e| config_err(ConfigError::from(e)))?;
-    let cfg = Config::from_raw(&raw).map_err(config_err)?;
-    let specs = hub_tensor_specs(&raw, &cfg);
+    let specs = specs_from_json(&text).map_err(config_err)?;
     write_random_weights(&specs, &out.join("model.safetensors"), dtype, seed)?;
     Ok(num_parameters(&specs))
 }
@@ -356,9 +414,8 @@ pub fn write_random_weights(
         other => return Err(RandomCheckpointError::Dtype(other)),
     };
     let buffers: Vec<Vec<u8>> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, spec)| random_bytes(spec, dtype, seed.wrapping_add(i as u64)))
+        .par_iter()
+        .map(|spec| to_bytes(&random_values(spec, seed), dtype))
         .collect();
     let views = specs
         .iter()
@@ -386,44 +443,18 @@ fn write_err(path: &Path, source: std::io::Error) -> RandomCheckpointError {
     }
 }
 
-/// The tensor's values in `dtype`'s little-endian bytes, from a SplitMix64 stream.
-///
-/// Uniform draws keep this fast enough for 450M parameters in a test (a normal draw per value
-/// would dominate); the scale is what matters for realistic activations.
-fn random_bytes(spec: &TensorSpec, dtype: DType, seed: u64) -> Vec<u8> {
-    let n: usize = spec.shape.iter().product();
-    let fan_in = match spec.shape.as_slice() {
-        [_, 1, k] => *k,
-        [.., last] => *last,
-        [] => 1,
-    };
-    // A uniform on [-a, a] has std a / sqrt(3).
-    let sqrt3 = 3f32.sqrt();
-    let (center, half_width) = match spec.init {
-        InitKind::Linear => (0.0, sqrt3 / (fan_in.max(1) as f32).sqrt()),
-        InitKind::Embedding => (0.0, 0.5 * sqrt3),
-        InitKind::NormWeight => (1.0, 0.01 * sqrt3),
-        InitKind::Bias => (0.0, 0.01 * sqrt3),
-    };
-    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    // 24 random bits per value map to [-1, 1).
-    let mut value =
-        move || center + half_width * ((next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0);
+/// `values` in `dtype`'s little-endian bytes (f32, bf16 or f16; checked by the caller).
+fn to_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
-        DType::BF16 => (0..n)
-            .flat_map(|_| bf16::from_f32(value()).to_le_bytes())
+        DType::BF16 => values
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
             .collect(),
-        DType::F16 => (0..n)
-            .flat_map(|_| f16::from_f32(value()).to_le_bytes())
+        DType::F16 => values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
             .collect(),
-        _ => (0..n).flat_map(|_| value().to_le_bytes()).collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     }
 }
 
@@ -470,16 +501,12 @@ mod tests {
 
     #[test]
     fn random_values_have_the_requested_scale() {
-        let spec = TensorSpec {
-            name: "w".into(),
+        let spec = |name: &str, init| TensorSpec {
+            name: name.into(),
             shape: vec![64, 256],
-            init: InitKind::Linear,
+            init,
         };
-        let bytes = random_bytes(&spec, DType::F32, 3);
-        let values: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let values = random_values(&spec("w", InitKind::Linear), 3);
         let n = values.len() as f32;
         let mean = values.iter().sum::<f32>() / n;
         let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n;
@@ -489,8 +516,81 @@ mod tests {
             "variance x fan_in {}",
             var * 256.0
         );
-        assert_eq!(bytes, random_bytes(&spec, DType::F32, 3), "seeded");
-        assert_ne!(bytes, random_bytes(&spec, DType::F32, 4));
+        assert_eq!(
+            values,
+            random_values(&spec("w", InitKind::Linear), 3),
+            "seeded"
+        );
+        assert_ne!(values, random_values(&spec("w", InitKind::Linear), 4));
+        assert_ne!(
+            values,
+            random_values(&spec("v", InitKind::Linear), 3),
+            "per name"
+        );
+        let emb = random_values(&spec("e", InitKind::Embedding), 3);
+        let std = (emb.iter().map(|v| v * v).sum::<f32>() / n).sqrt();
+        assert!((std - 0.5).abs() < 0.01, "embedding std {std}");
+        assert!(
+            random_values(&spec("n", InitKind::NormWeight), 3)
+                .iter()
+                .all(|&v| v == 1.0)
+        );
+        assert!(
+            random_values(&spec("b", InitKind::Bias), 3)
+                .iter()
+                .all(|&v| v == 0.0)
+        );
+    }
+
+    #[test]
+    fn the_model_in_memory_has_the_values_written() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = fixture("tiny-thumb");
+        let text = std::fs::read_to_string(dir.join("config.json"))?;
+        let cfg = Config::from_json(&text)?;
+        let model = random_model(&cfg, &LoadOptions::default(), 9)?;
+        let out = tempfile::tempdir()?;
+        write_random_checkpoint(&dir, out.path(), DType::F32, 9)?;
+        let written = crate::model::load::checkpoint::load(out.path(), &LoadOptions::default())?;
+        let ids = candle_core::Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu)?;
+        let logits = |m: &Lfm2VlModel| -> candle_core::Result<Vec<f32>> {
+            let mut cache = m.new_cache(1);
+            m.forward(
+                &ids,
+                None,
+                None,
+                &mut cache,
+                crate::model::lfm2_vl::LogitsMode::Last,
+            )?
+            .flatten_all()?
+            .to_vec1::<f32>()
+        };
+        assert_eq!(logits(&model)?, logits(&written)?);
+        Ok(())
+    }
+
+    #[test]
+    fn random_model_has_the_config_shapes() -> candle_core::Result<()> {
+        let cfg = Config::from_json(
+            r#"{"projector_hidden_size": 32,
+                "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2},
+                "text_config": {"hidden_size": 16, "intermediate_size": 48, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 500,
+                                "block_multiple_of": 8, "layer_types": ["conv", "full_attention"]}}"#,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let model = random_model(&cfg, &LoadOptions::default(), 1)?;
+        let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
+        let mut cache = model.new_cache(1);
+        let logits = model.forward(
+            &ids,
+            None,
+            None,
+            &mut cache,
+            crate::model::lfm2_vl::LogitsMode::Last,
+        )?;
+        assert_eq!(logits.dims(), &[1, 500]);
+        Ok(())
     }
 
     #[test]
@@ -498,8 +598,8 @@ mod tests {
         let out = tempfile::tempdir()?;
         let n = write_random_checkpoint(&fixture("tiny-thumb"), out.path(), DType::BF16, 1)?;
         assert_eq!(n, 515_968);
-        let ckpt = crate::model::checkpoint::Checkpoint::open(out.path())?;
-        let model = ckpt.load(&crate::model::checkpoint::LoadOptions::default())?;
+        let ckpt = crate::model::load::checkpoint::Checkpoint::open(out.path())?;
+        let model = ckpt.load(&crate::model::load::checkpoint::LoadOptions::default())?;
         assert_eq!(model.config(), &ckpt.config);
         assert!(out.path().join("tokenizer.json").is_file());
         Ok(())

@@ -6,7 +6,7 @@
 //! those passes at about a fifth of a classification. The kernels here read and write the packed
 //! `[rows, features]` layout in place through strides instead.
 //!
-//! Every function takes plain slices; [`crate::model::ops`] decides when a tensor is eligible
+//! Every function takes plain slices; `crate::model::ops` decides when a tensor is eligible
 //! (CPU, f32, not tracked by autograd) and falls back to candle ops otherwise.
 
 use std::marker::PhantomData;
@@ -14,7 +14,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::model::ops::fast_exp;
+use super::exp::fast_exp;
 
 /// A strided read-only matrix view into a slice: element `(i, j)` is
 /// `data[offset + i * row_stride + j * col_stride]`.
@@ -266,6 +266,59 @@ pub struct AttentionShape {
     pub scale: f32,
     /// `Some(past)`: query `i` sits at absolute position `past + i` and sees keys `0..=past + i`.
     pub causal_past: Option<usize>,
+}
+
+/// Rows `[start, start + len)` of a packed `[N, features]` matrix that belong to one view (one
+/// image tile): vision attention and the projector's pixel unshuffle work view by view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewSpan {
+    pub start: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl ViewSpan {
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Bidirectional attention of packed views: `q`, `k`, `v` are `[N, width]` (`width = heads *
+/// head_dim`) and each view's rows attend only to its own rows. Returns `[N, width]`, or what is
+/// wrong when the views do not tile the `N` rows exactly.
+pub fn packed_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    width: usize,
+    spans: &[ViewSpan],
+    heads: usize,
+    scale: f32,
+) -> Result<Vec<f32>, &'static str> {
+    let mut out = Vec::with_capacity(q.len());
+    for span in spans {
+        let rows = span.start * width..(span.start + span.len()) * width;
+        let shape = AttentionShape {
+            q_rows: span.len(),
+            kv_rows: span.len(),
+            heads,
+            kv_heads: heads,
+            head_dim: width / heads,
+            scale,
+            causal_past: None,
+        };
+        let (Some(qv), Some(kv), Some(vv)) =
+            (q.get(rows.clone()), k.get(rows.clone()), v.get(rows))
+        else {
+            return Err("a view runs past the patches");
+        };
+        out.extend(attention(qv, kv, vv, shape));
+    }
+    Ok(out)
 }
 
 /// Query rows per task: the `[rows, kv_rows]` scores of one task stay in L2 cache.

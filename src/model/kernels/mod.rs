@@ -1,0 +1,21 @@
+//! CPU f32 kernels that know only slices: no candle tensor, nothing from the rest of the model.
+//!
+//! Like candle's `CustomOp` bodies (`candle-nn/src/ops.rs`), each kernel takes plain `&[f32]`
+//! buffers with their shapes and strides; [`crate::model::ops`] is the bridge that decides when a
+//! tensor is eligible (CPU, f32, not tracked by autograd), hands its storage over as a slice and
+//! falls back to candle ops otherwise. A new kernel goes here, its tensor entry point in `ops`.
+//!
+//! - [`cpu`]: the `gemm` crate called in place with the bias fused, fused per-view attention, and
+//!   AVX2-dispatched softmax, GELU-tanh and SiLU.
+//! - [`packed`]: weights packed once into 64-row panels and the register-blocked AVX-512 product
+//!   over them.
+//! - [`exp`]: the vectorisable `exp` the activations and softmax share.
+//!
+//! **Architecture Invariant:** files here import nothing from the rest of the crate and name no
+//! candle type (`tests/it/architecture.rs` checks it).
+
+pub mod cpu;
+pub mod exp;
+pub mod packed;
+
+pub use cpu::ViewSpan;
