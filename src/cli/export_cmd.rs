@@ -154,8 +154,14 @@ fn export_gguf(args: &ExportArgs, gguf_dir: &Path) -> anyhow::Result<Outcome> {
     // Everything a user can get wrong is checked before the stage runs or a weight is read.
     let (checkpoint, name, plan) = match &args.model {
         Some(model) => {
-            let dir = crate::model::resolve::ModelRef::parse(model)?
-                .resolve(&crate::hub::Hub::from_env())?;
+            let reference = crate::model::resolve::ModelRef::parse(model)?;
+            // A local folder of another architecture is named as such, before its files are
+            // checked for what an LFM2-VL folder holds.
+            let local = Path::new(model);
+            if local.join("config.json").is_file() {
+                gguf::check_architecture(local)?;
+            }
+            let dir = reference.resolve(&crate::hub::Hub::from_env())?;
             gguf::check_architecture(&dir)?;
             let name = args.name.clone().unwrap_or_else(|| model_name(model));
             (Some(dir), name, None)

@@ -25,6 +25,7 @@ mod dsl_props;
 mod eval_export;
 mod eval_metrics;
 mod export_merged;
+mod gguf_export;
 mod hostile_images;
 mod hostile_pipeline;
 mod hub_download;
