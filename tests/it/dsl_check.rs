@@ -65,6 +65,30 @@ fn summarize(result: &CheckResult) -> Vec<String> {
 /// Every malformed fixture with its exact diagnostics: `file:line:col severity[code] message | hint`.
 const ERROR_CASES: &[(&str, &[&str])] = &[
     (
+        // Issue 14 item 9: names no row defines and templates that load templates fail every
+        // row at run time; check reports them where they are written.
+        "template_undefined_name.vp",
+        &[
+            "template_undefined_name.vp:6:23 error[template] template `user` reads `lables`, which nothing defines | did you mean `labels`? a template can read `labels`, `row_id`, `image_id`, `label` or `role` (the row, its labels and the params)",
+        ],
+    ),
+    (
+        "template_include.vp",
+        &[
+            "template_include.vp:4:5 error[template] template `user` uses `{% include %}`, which has nothing to load | a prompt template cannot load other templates; write the text into this one (`file(\"...\")` reads a whole template from a file)",
+        ],
+    ),
+    (
+        // Issue 14 item 9: closed sets, at the value, with the valid values and a did-you-mean.
+        "closed_sets.vp",
+        &[
+            "closed_sets.vp:2:24 error[bad-value] expected `tiny` for `preset`, found `tiny2` | did you mean `tiny`?",
+            "closed_sets.vp:2:40 error[bad-value] expected `f32`, `f16` or `bf16` for `dtype`, found `bf61` | did you mean `bf16`?",
+            "closed_sets.vp:4:28 error[bad-value] expected `shapes` for `kind`, found `shape` | did you mean `shapes`?",
+            "closed_sets.vp:4:52 error[bad-value] expected shapes among `circle`, `square` or `triangle` for `shapes`, found `sqaure` | did you mean `square`?",
+        ],
+    ),
+    (
         "template_file_error.vp",
         &[
             "bad.j2:2:1 error[template] template `user` does not compile: unexpected `}`, expected end of variable block | templates use minijinja (jinja2) syntax: `{{ value }}`, `{% for x in xs %}...{% endfor %}`",
@@ -1223,4 +1247,14 @@ fn declarations_with_commas_on_their_first_line_are_not_tables() {
         "{}",
         render_diagnostics(&result, false)
     );
+}
+
+/// The presets check accepts are the ones the model stage builds, and no others.
+#[test]
+fn checked_presets_are_the_model_stages_presets() {
+    use vlmpipe::stages::model_node::Preset;
+    for name in vlmpipe::plan::params::MODEL_PRESETS {
+        assert_eq!(Preset::parse(name).map(Preset::name).ok(), Some(*name));
+    }
+    assert!(Preset::parse("tiny2").is_err());
 }
