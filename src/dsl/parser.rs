@@ -673,16 +673,32 @@ impl Builder {
             Rule::call => {
                 let mut callee = None;
                 let mut args = Vec::new();
+                let mut fields = None;
                 for p in pair.into_inner() {
                     match p.as_rule() {
                         Rule::callee => callee = Some(self.ident(&p)),
                         Rule::args => args = self.parse_args(p),
+                        Rule::map => fields = Some((self.span(&p), self.parse_entries(p))),
                         _ => {}
                     }
                 }
-                match callee {
-                    Some(callee) => ExprKind::Call(Call { callee, args }),
-                    None => ExprKind::Invalid,
+                match (callee, fields) {
+                    (Some(callee), None) => ExprKind::Call(Call { callee, args }),
+                    (Some(callee), Some((_, fields))) if callee.name == "json" => {
+                        ExprKind::Json { args, fields }
+                    }
+                    (Some(callee), Some((at, _))) => {
+                        self.diagnostics.push(
+                            Diagnostic::error(
+                                Code::Syntax,
+                                format!("unexpected `{{` after `{}(...)`", callee.name),
+                            )
+                            .at(Span::new(at.file, at.start as usize, at.start as usize + 1))
+                            .with_hint("only `json(...)` takes a `{ ... }` of fields"),
+                        );
+                        ExprKind::Invalid
+                    }
+                    (None, _) => ExprKind::Invalid,
                 }
             }
             Rule::json_type => {
@@ -950,6 +966,50 @@ mod tests {
         let (file, diags) = parse("labels l = [\"a\\n\\\"b\\\"\"]");
         assert!(diags.is_empty(), "{diags:?}");
         assert_eq!(file.items.len(), 1);
+    }
+
+    #[test]
+    fn only_json_calls_take_fields() {
+        let (file, diags) = parse("grammar g = json(whitespace: \"compact\") { a: string }");
+        assert!(diags.is_empty(), "{diags:?}");
+        let Some(Item::Decl(Decl {
+            body: Body::Value(value),
+            ..
+        })) = file.items.first()
+        else {
+            panic!("no decl")
+        };
+        assert!(
+            matches!(&value.kind, ExprKind::Json { args, fields } if args.len() == 1 && fields.len() == 1)
+        );
+        let (_, diags) = parse("grammar g = regex(\"a\") { a: string }");
+        let msgs: Vec<&str> = diags.iter().map(|d| d.message.as_str()).collect();
+        assert_eq!(msgs, ["unexpected `{` after `regex(...)`"]);
+    }
+
+    #[test]
+    fn declaration_lines_are_found_outside_strings_and_comments() {
+        let text = "labels a = [\"x\"]\nprompt p { user = \"\"\"\ndataset d {\n\"\"\" }\n// model m\nmodel\n  m = hf(\"a\\\nmodel n\")\nsplit s = x\n";
+        let heads: Vec<&str> = Outline::scan(text)
+            .heads
+            .iter()
+            .map(|&h| text[h..].lines().next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            heads,
+            [
+                "labels a = [\"x\"]",
+                "prompt p { user = \"\"\"",
+                "model",
+                "split s = x"
+            ]
+        );
+        // pest agrees with the hand-written test on each line start.
+        for (at, _) in text.match_indices('\n').map(|(i, c)| (i + 1, c)) {
+            let by_hand = head_at(text, at).is_some();
+            let by_pest = VlmParser::parse(Rule::decl_head, &text[at..]).is_ok();
+            assert_eq!(by_hand, by_pest, "at {at}: {:?}", &text[at..]);
+        }
     }
 
     #[test]

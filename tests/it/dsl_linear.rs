@@ -61,3 +61,19 @@ fn work_for_twice_the_input_is_about_twice_the_work() {
         "work ratio for 2n/n is {ratio}"
     );
 }
+
+/// `json(json(...))` was parsed twice per level (as a JSON type whose fields were missing, then as
+/// a call): exponential, 43 s at depth 20. pest's own work is not counted, so this one is timed,
+/// against a bound the exponential grammar misses by a factor of millions at depth 40.
+#[test]
+fn regression_issue14_nested_json_calls_are_parsed_once() {
+    let text = format!("grammar g = {}1{}\n", "json(".repeat(40), ")".repeat(40));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(parse_file_with_stats(FileId(0), &text).1.len());
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(30)).is_ok(),
+        "parsing 40 nested `json(` took over 30 s"
+    );
+}
