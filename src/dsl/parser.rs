@@ -6,7 +6,9 @@
 //! ([`Outline`]), and pest is only ever handed the text from an item to the next of them: pest
 //! builds an error by searching its whole input, so handing it the rest of the file made each
 //! error cost the rest of the file (issue 14 item 8: quadratic). Work is linear in the text; the
-//! tests bound it through [`ParseStats`]. Naming follows the house contract: `parse_*` builds, `expect_*` reports a user error,
+//! tests bound it through [`ParseStats`].
+//!
+//! Naming follows the house contract: `parse_*` builds, `expect_*` reports a user error,
 //! `presume_*` marks something the grammar guarantees (a bug if it does not hold).
 
 use pest::Parser;
@@ -388,12 +390,12 @@ fn syntax_error(
         d = d.with_hint(format!(
             "`{name}` is not a name: names are ASCII letters, digits and `_`, starting with a letter or `_`"
         ));
-    } else if wants_declaration && at == item_start {
-        if let Some(suggestion) = did_you_mean(word, KEYWORDS.iter().copied()) {
-            d = d.with_hint(format!(
-                "{suggestion} (a declaration starts with its keyword)"
-            ));
-        }
+    } else if let Some(suggestion) = did_you_mean(word, KEYWORDS.iter().copied())
+        .filter(|_| wants_declaration && at == item_start)
+    {
+        d = d.with_hint(format!(
+            "{suggestion} (a declaration starts with its keyword)"
+        ));
     }
     d
 }
