@@ -23,6 +23,10 @@ pub enum Severity {
 pub enum Code {
     /// The text does not follow the grammar.
     Syntax,
+    /// A file given as a pipeline is plainly something else (binary, not utf-8, a table).
+    NotAPipeline,
+    /// A pipeline that declares nothing (an empty file, or only comments).
+    NoDeclarations,
     /// A file could not be read.
     Io,
     /// An `import` names a file that does not exist.
@@ -63,6 +67,8 @@ impl Code {
     pub fn as_str(self) -> &'static str {
         match self {
             Code::Syntax => "syntax",
+            Code::NotAPipeline => "not-a-pipeline",
+            Code::NoDeclarations => "no-declarations",
             Code::Io => "io",
             Code::ImportNotFound => "import-not-found",
             Code::ImportCycle => "import-cycle",

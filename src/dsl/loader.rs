@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 
 use crate::dsl::ast;
 use crate::dsl::diagnostic::{Code, Diagnostic};
+use crate::dsl::parser::KEYWORDS;
 use crate::dsl::parser::parse_file;
 use crate::dsl::span::{FileId, SourceMap, Span};
-use crate::read_limits::{ReadKind, read_text_bounded};
+use crate::read_limits::{ReadKind, read_bounded};
 use crate::read_policy::ReadPolicy;
 
 /// One parsed file of a pipeline.
@@ -34,15 +35,28 @@ pub struct Loaded {
 /// Reads and parses `path` and everything it imports; an import `reads` refuses is an error.
 pub fn load(path: &Path, reads: &ReadPolicy) -> Loaded {
     let mut loaded = Loaded::default();
-    match read_text_bounded(path, ReadKind::PipelineSource) {
-        Ok(text) => {
-            let mut loader = Loader {
-                loaded: &mut loaded,
-                seen: Vec::new(),
-                reads,
-            };
-            loader.load_file(path, text, Vec::new());
-        }
+    match read_bounded(path, ReadKind::PipelineSource) {
+        Ok(bytes) => match pipeline_text(bytes) {
+            Ok(text) => {
+                let mut loader = Loader {
+                    loaded: &mut loaded,
+                    seen: Vec::new(),
+                    reads,
+                };
+                loader.load_file(path, text, Vec::new());
+            }
+            Err(not) => loaded.diagnostics.push(
+                Diagnostic::error(
+                    Code::NotAPipeline,
+                    format!(
+                        "`{}` is not a pipeline file: {}",
+                        path.display(),
+                        not.reason
+                    ),
+                )
+                .with_hint(not.hint),
+            ),
+        },
         Err(e) => loaded.diagnostics.push(
             Diagnostic::error(
                 Code::Io,
@@ -52,6 +66,60 @@ pub fn load(path: &Path, reads: &ReadPolicy) -> Loaded {
         ),
     }
     loaded
+}
+
+/// Why bytes are refused before parsing, in words for a diagnostic.
+struct NotAPipeline {
+    reason: String,
+    hint: String,
+}
+
+/// The text of a pipeline file, or why these bytes plainly are not one (issue 14 item 8): a
+/// binary file or a table given by mistake is refused at once, with what it looks like, instead
+/// of a syntax error at 1:1.
+fn pipeline_text(bytes: Vec<u8>) -> Result<String, NotAPipeline> {
+    const HINT: &str = "pass the pipeline file (`.vp` text); data files are named inside it, \
+                        e.g. `source = csv(\"pets.csv\")`";
+    if let Some(at) = bytes.iter().position(|&b| b == 0) {
+        return Err(NotAPipeline {
+            reason: format!("it is binary (a NUL byte at offset {at})"),
+            hint: HINT.to_owned(),
+        });
+    }
+    let text = String::from_utf8(bytes).map_err(|e| NotAPipeline {
+        reason: format!(
+            "it is not utf-8 text (an invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ),
+        hint: HINT.to_owned(),
+    })?;
+    if let Some(line) = table_header(&text) {
+        let shown: String = line.chars().take(60).collect();
+        let more = if shown.len() < line.len() { "…" } else { "" };
+        return Err(NotAPipeline {
+            reason: format!("its first line looks like a table header (`{shown}{more}`)"),
+            hint: HINT.to_owned(),
+        });
+    }
+    Ok(text)
+}
+
+/// The first line of `text` when it reads like a CSV or TSV header rather than a declaration:
+/// fields separated by `,`, `;` or tabs, with no `=` or `{` a declaration would have.
+fn table_header(text: &str) -> Option<&str> {
+    let first = text
+        .lines()
+        .map(|l| l.trim_start_matches('\u{FEFF}').trim())
+        .find(|l| !l.is_empty() && !l.starts_with("//"))?;
+    let separated = [',', ';', '\t']
+        .iter()
+        .any(|sep| first.split(*sep).count() >= 2);
+    let declaration_like = first.contains(['=', '{', '"'])
+        || first
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .next()
+            .is_some_and(|w| KEYWORDS.contains(&w));
+    (separated && !declaration_like).then_some(first)
 }
 
 /// Parses `text` as if it were the file at `path` (imports resolve from `path`'s folder).
@@ -160,14 +228,27 @@ impl Loader<'_> {
         if self.seen.iter().any(|(p, _)| *p == canonical) {
             return;
         }
-        match read_text_bounded(&target, ReadKind::PipelineSource) {
-            Ok(text) => {
-                let mut next = stack.to_vec();
-                if let Some(last) = next.last_mut() {
-                    last.1 = Some(span);
+        match read_bounded(&target, ReadKind::PipelineSource) {
+            Ok(bytes) => match pipeline_text(bytes) {
+                Ok(text) => {
+                    let mut next = stack.to_vec();
+                    if let Some(last) = next.last_mut() {
+                        last.1 = Some(span);
+                    }
+                    self.load_file(&target, text, next);
                 }
-                self.load_file(&target, text, next);
-            }
+                Err(not) => self.loaded.diagnostics.push(
+                    Diagnostic::error(
+                        Code::NotAPipeline,
+                        format!(
+                            "imported file `{}` is not a pipeline file: {}",
+                            import.path.value, not.reason
+                        ),
+                    )
+                    .at(span)
+                    .with_hint(not.hint),
+                ),
+            },
             Err(e) => self.loaded.diagnostics.push(
                 Diagnostic::error(
                     Code::Io,

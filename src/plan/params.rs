@@ -290,6 +290,13 @@ pub enum ModelSource {
     },
 }
 
+/// The presets `init(preset: ...)` knows (the model stage's `Preset`), checked at check time.
+pub const MODEL_PRESETS: &[&str] = &["tiny"];
+
+/// The kinds `synthetic(kind: ...)` knows, and the shapes its `shapes:` option may list.
+pub const SYNTHETIC_KINDS: &[&str] = &["shapes"];
+pub const SYNTHETIC_SHAPES: &[&str] = &["circle", "square", "triangle"];
+
 pub use crate::dtype::Dtype;
 
 /// `grammar NAME = ...`: the constraint on a model's answer.

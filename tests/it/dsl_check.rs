@@ -65,6 +65,30 @@ fn summarize(result: &CheckResult) -> Vec<String> {
 /// Every malformed fixture with its exact diagnostics: `file:line:col severity[code] message | hint`.
 const ERROR_CASES: &[(&str, &[&str])] = &[
     (
+        // Issue 14 item 9: names no row defines and templates that load templates fail every
+        // row at run time; check reports them where they are written.
+        "template_undefined_name.vp",
+        &[
+            "template_undefined_name.vp:6:23 error[template] template `user` reads `lables`, which nothing defines | did you mean `labels`? a template can read `labels`, `row_id`, `image_id`, `label` or `role` (the row, its labels and the params)",
+        ],
+    ),
+    (
+        "template_include.vp",
+        &[
+            "template_include.vp:4:5 error[template] template `user` uses `{% include %}`, which has nothing to load | a prompt template cannot load other templates; write the text into this one (`file(\"...\")` reads a whole template from a file)",
+        ],
+    ),
+    (
+        // Issue 14 item 9: closed sets, at the value, with the valid values and a did-you-mean.
+        "closed_sets.vp",
+        &[
+            "closed_sets.vp:2:24 error[bad-value] expected `tiny` for `preset`, found `tiny2` | did you mean `tiny`?",
+            "closed_sets.vp:2:40 error[bad-value] expected `f32`, `f16` or `bf16` for `dtype`, found `bf61` | did you mean `bf16`?",
+            "closed_sets.vp:4:28 error[bad-value] expected `shapes` for `kind`, found `shape` | did you mean `shapes`?",
+            "closed_sets.vp:4:52 error[bad-value] expected shapes among `circle`, `square` or `triangle` for `shapes`, found `sqaure` | did you mean `square`?",
+        ],
+    ),
+    (
         "template_file_error.vp",
         &[
             "bad.j2:2:1 error[template] template `user` does not compile: unexpected `}`, expected end of variable block | templates use minijinja (jinja2) syntax: `{{ value }}`, `{% for x in xs %}...{% endfor %}`",
@@ -261,13 +285,41 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
     (
         "syntax_misspelled_keyword.vp",
         &[
-            "syntax_misspelled_keyword.vp:2:1 error[syntax] expected a declaration (`dataset`, `model`, `eval`, ...), found `modle`",
+            "syntax_misspelled_keyword.vp:2:1 error[syntax] expected a declaration (`dataset`, `model`, `eval`, ...), found `modle` | did you mean `model`? (a declaration starts with its keyword)",
         ],
     ),
     (
         "syntax_unclosed_block.vp",
         &[
             "syntax_unclosed_block.vp:4:1 error[syntax] expected a field name or `}`, found end of file | close the `{` before the end of the file",
+        ],
+    ),
+    (
+        // Issue 14 item 10: the error is where the next declaration starts, and points back at
+        // the `{` left open (before: `expected = or {, found parts` at 14:7, nothing at line 9).
+        "syntax_unclosed_block_mid_file.vp",
+        &[
+            "syntax_unclosed_block_mid_file.vp:14:1 error[syntax] expected a field name or `}`, found `split` | close the `{` before the next declaration",
+        ],
+    ),
+    (
+        // Issue 14 item 10: a keyword typo gets a did-you-mean and no knock-on unknown `pets`.
+        "syntax_keyword_typo.vp",
+        &[
+            "syntax_keyword_typo.vp:3:1 error[syntax] expected a declaration (`dataset`, `model`, `eval`, ...), found `datset` | did you mean `dataset`? (a declaration starts with its keyword)",
+        ],
+    ),
+    (
+        "syntax_non_ascii_name.vp",
+        &[
+            "syntax_non_ascii_name.vp:2:11 error[syntax] expected `=` or `{`, found `égories` | `catégories` is not a name: names are ASCII letters, digits and `_`, starting with a letter or `_`",
+        ],
+    ),
+    (
+        // Issue 14 item 10: an empty file (or only comments) is not a pipeline of 0 stages.
+        "empty.vp",
+        &[
+            "empty.vp:1:1 error[no-declarations] `<fixtures>/errors/empty.vp` declares nothing | a pipeline declares its datasets, prompts, models and evals (`dataset NAME { ... }`, see README.md); is this the right file?",
         ],
     ),
     (
@@ -909,6 +961,29 @@ error[syntax]: expected a field name or `}`, found end of file
     }
 
     #[test]
+    fn an_unclosed_block_mid_file_points_at_its_opening_brace() {
+        // Issue 14 item 10: the secondary label sits on the `{` of line 9.
+        let result = load_pipeline(
+            Path::new("tests/fixtures/dsl/errors/syntax_unclosed_block_mid_file.vp"),
+            &[],
+        );
+        let text = render_diagnostics(&result, false);
+        let expected = "\
+error[syntax]: expected a field name or `}`, found `split`
+  hint: close the `{` before the next declaration
+   --> tests/fixtures/dsl/errors/syntax_unclosed_block_mid_file.vp:14:1
+   |
+14 | split parts = stratified(pets, train: 0.8, test: 0.2)
+   | ^^^^^
+  --> tests/fixtures/dsl/errors/syntax_unclosed_block_mid_file.vp:9:12
+  |
+9 | prompt ask {
+  |            - this `{` is never closed
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
     fn json_rendering_has_code_positions_and_hint() {
         let result = load_pipeline(
             Path::new("tests/fixtures/dsl/errors/unknown_reference.vp"),
@@ -1083,4 +1158,103 @@ grammar bad_schema = json_schema({ type: "object", properties: { a: { type: "int
         );
         assert_eq!(*line, expected_line, "{message}");
     }
+}
+
+/// Issue 14 item 8: a file that is plainly not a pipeline is refused at once, saying what it
+/// looks like, instead of a syntax error at 1:1 (a 5 MB CSV used to print nothing for minutes).
+#[test]
+fn regression_issue14_files_that_are_not_pipelines_are_refused_with_a_hint() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let hint = "pass the pipeline file (`.vp` text); data files are named inside it, e.g. `source = csv(\"pets.csv\")`";
+    let mut csv = String::from("image,label\n");
+    for i in 0..20_000 {
+        csv.push_str(&format!("photos/{i}.jpg,cat\n"));
+    }
+    let cases: [(&str, Vec<u8>, String); 4] = [
+        (
+            "pets.csv",
+            csv.into_bytes(),
+            "its first line looks like a table header (`image,label`)".to_owned(),
+        ),
+        (
+            "pets.tsv",
+            b"// exported\nimage\tlabel\nphotos/1.jpg\tcat\n".to_vec(),
+            "its first line looks like a table header (`image\tlabel`)".to_owned(),
+        ),
+        (
+            "photo.png",
+            b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec(),
+            "it is binary (a NUL byte at offset 8)".to_owned(),
+        ),
+        (
+            "latin1.vp",
+            b"labels l = [\"caf\xe9\"]\n".to_vec(),
+            "it is not utf-8 text (an invalid byte at offset 16)".to_owned(),
+        ),
+    ];
+    for (name, bytes, reason) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).expect("write");
+        let result = load_pipeline(&path, &[]);
+        let lines: Vec<String> = result
+            .diagnostics
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}: {} | {}",
+                    d.code,
+                    d.message,
+                    d.hint.as_deref().unwrap_or("")
+                )
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            [format!(
+                "not-a-pipeline: `{}` is not a pipeline file: {reason} | {hint}",
+                path.display()
+            )],
+            "{name}"
+        );
+    }
+    // Imported, the same refusal points at the import.
+    std::fs::write(dir.path().join("main.vp"), "import \"pets.csv\"\n").expect("write");
+    let result = load_pipeline(&dir.path().join("main.vp"), &[]);
+    assert_eq!(
+        summarize(&result),
+        [format!(
+            "main.vp:1:8 error[not-a-pipeline] imported file `pets.csv` is not a pipeline file: its first line looks like a table header (`image,label`) | {hint}"
+        )]
+    );
+}
+
+/// A pipeline whose first line has commas is still a pipeline.
+#[test]
+fn declarations_with_commas_on_their_first_line_are_not_tables() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("one_line.vp");
+    std::fs::write(
+        &path,
+        "labels animals = [\"cat\", \"dog\"]\nsplit s = stratified(d, train: 0.5, test: 0.5)\n",
+    )
+    .expect("write");
+    let result = load_pipeline(&path, &[]);
+    assert!(
+        result
+            .diagnostics
+            .iter()
+            .all(|d| d.code.as_str() != "not-a-pipeline"),
+        "{}",
+        render_diagnostics(&result, false)
+    );
+}
+
+/// The presets check accepts are the ones the model stage builds, and no others.
+#[test]
+fn checked_presets_are_the_model_stages_presets() {
+    use vlmpipe::stages::model::Preset;
+    for name in vlmpipe::plan::params::MODEL_PRESETS {
+        assert_eq!(Preset::parse(name).map(Preset::name).ok(), Some(*name));
+    }
+    assert!(Preset::parse("tiny2").is_err());
 }

@@ -21,6 +21,8 @@ mod decode_grammar;
 mod decode_scoring;
 mod device;
 mod dsl_check;
+mod dsl_fuzz;
+mod dsl_linear;
 mod dsl_props;
 mod eval_export;
 mod eval_metrics;

@@ -5,11 +5,12 @@ use std::path::Path;
 
 use crate::dsl::ast::{Decl, Entry, Expr, ExprKind, KeyKind, StrLit};
 use crate::dsl::diagnostic::{Code, Diagnostic, did_you_mean};
+use crate::dsl::parser::join_or;
 use crate::dsl::span::Span;
 use crate::plan::params::{
     AdapterSource, DataSource, DatasetParams, Dtype, KeepFilter, LabelMapEntry, LabelSet,
-    LabelSpec, LabelsParams, MapKey, ModelParams, ModelSource, NodeParams, NodeRef, ParamValue,
-    PromptParams, SplitMethod, SplitParams,
+    LabelSpec, LabelsParams, MODEL_PRESETS, MapKey, ModelParams, ModelSource, NodeParams, NodeRef,
+    ParamValue, PromptParams, SYNTHETIC_KINDS, SYNTHETIC_SHAPES, SplitMethod, SplitParams,
 };
 use crate::read_limits::{ReadKind, read_text_bounded};
 
@@ -197,7 +198,8 @@ impl<'f> Analyzer<'f, '_> {
                 let args = self.call_args(call, &[], &["kind", "n", "seed"], true)?;
                 let kind = self
                     .required_arg(&args, "kind")
-                    .and_then(|e| self.expect_str(e, "kind"));
+                    .and_then(|e| self.expect_word(e, "kind", SYNTHETIC_KINDS))
+                    .map(str::to_owned);
                 let n = self
                     .required_arg(&args, "n")
                     .and_then(|e| self.expect_count(e, "n", 1));
@@ -209,6 +211,26 @@ impl<'f> Analyzer<'f, '_> {
                 let mut ok = true;
                 for (key, value) in &args.extra {
                     match self.scalar(value) {
+                        Some(ParamValue::Str(list)) if key.name == "shapes" => {
+                            // Each comma-separated shape is checked here, not at run time.
+                            for shape in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                                if !SYNTHETIC_SHAPES.contains(&shape) {
+                                    ok = false;
+                                    self.error(
+                                        Diagnostic::error(
+                                            Code::BadValue,
+                                            format!(
+                                                "expected shapes among {} for `shapes`, found `{shape}`",
+                                                quoted_list(SYNTHETIC_SHAPES)
+                                            ),
+                                        )
+                                        .at(value.span)
+                                        .with_hint_opt(did_you_mean(shape, SYNTHETIC_SHAPES.iter().copied())),
+                                    );
+                                }
+                            }
+                            options.insert(key.name.clone(), ParamValue::Str(list));
+                        }
                         Some(v) => {
                             options.insert(key.name.clone(), v);
                         }
@@ -559,7 +581,22 @@ impl<'f> Analyzer<'f, '_> {
                 return None;
             }
         };
-        if let Err(e) = self.templates.template_from_str(&lit.value) {
+        let compiled = self
+            .templates
+            .template_from_str(&lit.value)
+            .map(|t| t.undeclared_variables(false));
+        if let Ok(names) = &compiled {
+            let mut unknown: Vec<String> = names
+                .iter()
+                .filter(|name| !self.template_scope_has(name))
+                .cloned()
+                .collect();
+            unknown.sort();
+            if !self.expect_template_scope(&lit, field, &unknown) {
+                return None;
+            }
+        }
+        if let Err(e) = compiled {
             let line = e.line().unwrap_or(1);
             let (start, end) = line_bounds(&lit.value, line);
             let span = lit.span_of_offset(start).to(lit.span_of_offset(end));
@@ -577,6 +614,59 @@ impl<'f> Analyzer<'f, '_> {
             return None;
         }
         Some(lit.value)
+    }
+
+    /// Whether a template may read `name`: a row field, `labels`, a param or a minijinja global.
+    fn template_scope_has(&self, name: &str) -> bool {
+        TEMPLATE_ROW_SCOPE.contains(&name)
+            || self.params.contains_key(name)
+            || self.broken.iter().any(|b| b == name)
+            || self.templates.globals().any(|(g, _)| g == name)
+    }
+
+    /// Reports what makes a compiled template fail on every row at run time (issue 14 item 9):
+    /// names nothing defines (rendering is strict) and `{% include %}`-like tags (there is no
+    /// other template to load). `unknown` are the names the template reads and nothing defines.
+    fn expect_template_scope(&mut self, lit: &StrLit, field: &str, unknown: &[String]) -> bool {
+        let mut ok = true;
+        for name in unknown {
+            let at = find_word(&lit.value, name);
+            let span = at.map_or(lit.span, |(s, e)| {
+                lit.span_of_offset(s).to(lit.span_of_offset(e))
+            });
+            let mut scope: Vec<&str> = TEMPLATE_ROW_SCOPE.to_vec();
+            scope.extend(self.params.keys().map(String::as_str));
+            let suggestion = did_you_mean(name, scope.iter().copied())
+                .map(|s| format!("{s} "))
+                .unwrap_or_default();
+            self.error(
+                Diagnostic::error(
+                    Code::Template,
+                    format!("template `{field}` reads `{name}`, which nothing defines"),
+                )
+                .at(span)
+                .with_hint(format!(
+                    "{suggestion}a template can read {} (the row, its labels and the params)",
+                    quoted_list(&scope)
+                )),
+            );
+            ok = false;
+        }
+        if let Some((start, end, tag)) = loading_tag(&lit.value) {
+            self.error(
+                Diagnostic::error(
+                    Code::Template,
+                    format!("template `{field}` uses `{{% {tag} %}}`, which has nothing to load"),
+                )
+                .at(lit.span_of_offset(start).to(lit.span_of_offset(end)))
+                .with_hint(
+                    "a prompt template cannot load other templates; write the text into this one \
+                     (`file(\"...\")` reads a whole template from a file)",
+                ),
+            );
+            ok = false;
+        }
+        ok
     }
 
     pub(super) fn build_model(&mut self, idx: usize) -> Option<ModelParams> {
@@ -632,7 +722,8 @@ impl<'f> Analyzer<'f, '_> {
                 let args = self.call_args(call, &[], &["preset", "seed", "dtype"], false)?;
                 let preset = self
                     .required_arg(&args, "preset")
-                    .and_then(|e| self.expect_str(e, "preset"));
+                    .and_then(|e| self.expect_word(e, "preset", MODEL_PRESETS))
+                    .map(str::to_owned);
                 let seed = match args.get("seed") {
                     Some(e) => self.expect_count(e, "seed", 0),
                     None => Some(self.seed),
@@ -750,6 +841,57 @@ impl<'f> Analyzer<'f, '_> {
         self.expect_word(e, "dtype", &names)
             .and_then(|w| Dtype::parse(w).ok())
     }
+}
+
+/// What a prompt template can read besides the params (the prompt stage puts them in scope).
+const TEMPLATE_ROW_SCOPE: &[&str] = &["labels", "row_id", "image_id", "label"];
+
+/// `` `a`, `b` or `c` ``.
+fn quoted_list(words: &[&str]) -> String {
+    let quoted: Vec<String> = words.iter().map(|w| format!("`{w}`")).collect();
+    join_or(&quoted.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The byte range of the first `name` in `text` that stands as a whole word.
+fn find_word(text: &str, name: &str) -> Option<(usize, usize)> {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    text.match_indices(name)
+        .map(|(i, _)| (i, i + name.len()))
+        .find(|&(s, e)| {
+            !text[..s].chars().next_back().is_some_and(is_word)
+                && !text[e..].chars().next().is_some_and(is_word)
+        })
+}
+
+/// The first `{% include %}`, `{% import %}`, `{% from %}` or `{% extends %}` tag of a template
+/// (outside `{% raw %}`): its byte range and keyword.
+fn loading_tag(text: &str) -> Option<(usize, usize, &'static str)> {
+    let mut at = 0;
+    let mut raw = false;
+    while let Some(i) = text[at..].find("{%") {
+        let start = at + i;
+        let inner = text[start + 2..]
+            .trim_start_matches(['-', '+', '~'])
+            .trim_start();
+        let word: String = inner
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .collect();
+        let end = text[start..]
+            .find("%}")
+            .map_or(text.len(), |e| start + e + 2);
+        match word.as_str() {
+            "raw" => raw = true,
+            "endraw" => raw = false,
+            "include" if !raw => return Some((start, end, "include")),
+            "import" if !raw => return Some((start, end, "import")),
+            "from" if !raw => return Some((start, end, "from")),
+            "extends" if !raw => return Some((start, end, "extends")),
+            _ => {}
+        }
+        at = start + 2;
+    }
+    None
 }
 
 /// Byte range of 1-based `line` of `text`, without leading blanks.

@@ -44,6 +44,32 @@ pub(crate) fn check(
             sources,
         };
     }
+    let declares_something = files.iter().any(|f| {
+        f.ast
+            .items
+            .iter()
+            .any(|i| matches!(i, crate::dsl::ast::Item::Decl(_)))
+            || !f.ast.broken.is_empty()
+    });
+    if !declares_something && !diagnostics.iter().any(Diagnostic::is_error) {
+        // An empty file (or only comments) would otherwise pass as a pipeline of 0 stages.
+        diagnostics.push(
+            Diagnostic::error(
+                Code::NoDeclarations,
+                format!("`{}` declares nothing", root.display()),
+            )
+            .at(Span::new(files[0].id, 0, 0))
+            .with_hint(
+                "a pipeline declares its datasets, prompts, models and evals \
+                 (`dataset NAME { ... }`, see README.md); is this the right file?",
+            ),
+        );
+        return CheckResult {
+            plan: None,
+            diagnostics,
+            sources,
+        };
+    }
     let mut a = Analyzer::new(&files, &mut sources, reads.clone());
     let clean = !diagnostics.iter().any(Diagnostic::is_error);
     let settings = a.run(root, overrides, clean);
