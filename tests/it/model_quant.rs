@@ -528,3 +528,102 @@ fn bench_model_quant_times_both_models_and_compares_them() -> TestResult {
     assert!((num("label_kl")? - kl).abs() < 1e-12 && kl >= 0.0);
     Ok(())
 }
+
+/// The LFM2-VL-450M shapes (`../shared/models/LFM2-VL-450M`, random weights written by the test)
+/// on the shared cats-vs-dogs photos: for Q8_0 and Q4_K against f32, the share of photos with the
+/// same greedy first answer token and the same top label (exact cat/dog probabilities), and the
+/// mean label KL. A measurement, not a timed test (about 10 s a photo in the dev profile on 2
+/// shared cores): `VLMPIPE_QUANT_PHOTOS` sets how many photos (default 10, half cats, half dogs).
+#[test]
+#[ignore = "measurement: minutes of the 450M network"]
+fn quantized_450m_agrees_with_f32_on_the_shared_photos() -> TestResult {
+    let (Some(real), Some(photos)) = (
+        vlmpipe::testing::shared_path("models/LFM2-VL-450M"),
+        vlmpipe::testing::shared_path("data/cats_vs_dogs"),
+    ) else {
+        return Ok(());
+    };
+    let per_class: usize = std::env::var("VLMPIPE_QUANT_PHOTOS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(10)
+        .div_ceil(2);
+    let out = tempfile::tempdir()?;
+    vlmpipe::model::random_checkpoint::write_random_checkpoint(&real, out.path(), DType::BF16, 7)?;
+    let options = LoadOptions::default();
+    let full = ModelRunner::load(out.path(), &options)?;
+    let quantized = [Quant::Q8_0, Quant::Q4K]
+        .into_iter()
+        .map(|q| {
+            Ok((
+                q,
+                ModelRunner::load_quantized(out.path(), None, &options, q)?.0,
+            ))
+        })
+        .collect::<Result<Vec<_>, vlmpipe::runner::RunnerError>>()?;
+    let spec = vlmpipe::decode::GrammarSpec::Choice {
+        labels: vec!["cat".into(), "dog".into()],
+    };
+    let grammar = Arc::new(vlmpipe::decode::CompiledGrammar::compile(
+        &spec,
+        full.vocab(),
+    )?);
+    let scorer = vlmpipe::decode::LabelScorer::new(&grammar, None)?;
+    let conversation = Conversation::image_question(
+        Some("You are a veterinarian specialized in analyzing pictures of cats and dogs"),
+        "What animal in the following list is the one you see in the picture?\n- cat\n- dog",
+    );
+    let first_token = |runner: &ModelRunner,
+                       prompt: &vlmpipe::runner::PreparedPrompt|
+     -> Result<u32, Box<dyn std::error::Error>> {
+        let options = DecodeOptions {
+            max_new_tokens: 1,
+            sampling: Sampling::default(),
+        };
+        let answer = &runner.generate(&[prompt], &options, None)?[0];
+        Ok(answer
+            .tokens
+            .first()
+            .copied()
+            .or(answer.eos_token)
+            .unwrap_or(u32::MAX))
+    };
+    // [same first token, same label, KL sum] per quant
+    let mut tallies = vec![(0usize, 0usize, 0f64); quantized.len()];
+    let mut n = 0;
+    for class in ["cat", "dog"] {
+        for i in 0..per_class {
+            let path = photos.join(format!("{class}/{:04}.jpg", i + 1));
+            let image = vlmpipe::model::processor::decode_image(&std::fs::read(&path)?)?;
+            let prompt = full.prepare(&conversation, std::slice::from_ref(&image))?;
+            let want_token = first_token(&full, &prompt)?;
+            let want = full.score_labels(&prompt, &scorer)?;
+            for ((_, runner), tally) in quantized.iter().zip(&mut tallies) {
+                let got = runner.score_labels(&prompt, &scorer)?;
+                tally.0 += usize::from(first_token(runner, &prompt)? == want_token);
+                tally.1 += usize::from(got.best == want.best);
+                tally.2 += want
+                    .probs
+                    .iter()
+                    .zip(&got.probs)
+                    .map(|(p, q)| p * (p / q).ln())
+                    .sum::<f64>();
+            }
+            n += 1;
+        }
+    }
+    for ((quant, _), (tokens, labels, kl)) in quantized.iter().zip(&tallies) {
+        eprintln!(
+            "{quant} vs f32 at the 450M shapes (random weights), {n} photos: same first token \
+             {tokens}/{n}, same label {labels}/{n}, mean label KL {:.2e}",
+            kl / n as f64
+        );
+    }
+    // Q8_0 must keep at least 90% here (the issue's target is 99% with the real weights).
+    assert!(
+        tallies[0].1 * 10 >= n * 9,
+        "Q8_0 labels agree {}/{n}",
+        tallies[0].1
+    );
+    Ok(())
+}
