@@ -37,7 +37,8 @@ use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 // 3: `predictions.csv` embeds the original image files; records hold per-sample latency and
 //    `batch_size`.
 // 4: images over the pixel cap (PIL's, or the dataset's `max_image_pixels`) are error rows.
-const EVAL_CODE_VERSION: u32 = 4;
+// 5: a grammar-constrained answer closes before `max_new_tokens` runs out.
+const EVAL_CODE_VERSION: u32 = 5;
 
 /// A configured eval stage.
 pub struct EvalStage {
@@ -271,7 +272,15 @@ impl EvalStage {
                         seed: 0,
                     },
                 },
-                grammar: self.grammar.as_ref().map(compile).transpose()?,
+                grammar: match &self.grammar {
+                    Some(spec) => {
+                        // A budget no answer fits is refused before any sample runs.
+                        let grammar = compile(spec)?;
+                        grammar.check_budget(self.params.max_new_tokens as usize)?;
+                        Some(grammar)
+                    }
+                    None => None,
+                },
             },
         };
         Ok((parser, mode))
