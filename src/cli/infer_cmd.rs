@@ -116,6 +116,11 @@ pub(crate) fn run(args: &InferArgs) -> anyhow::Result<Outcome> {
             for warning in compiled.warnings() {
                 eprintln!("warning: grammar: {warning}");
             }
+            // A budget no answer fits is refused before the image is even read (label scores
+            // alone generate nothing).
+            if !args.scores || args.json || args.dump_logits.is_some() {
+                compiled.check_budget(decode_options(args, &generation).max_new_tokens)?;
+            }
             Some(Arc::new(compiled))
         }
         None => None,

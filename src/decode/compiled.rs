@@ -8,10 +8,11 @@
 //! get faster as more sequences run.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use llguidance::Matcher;
 
+use crate::decode::completion::shortest_completion;
 use crate::decode::constraint::{Constraint, TokenMask};
 use crate::decode::error::DecodeError;
 use crate::decode::spec::GrammarSpec;
@@ -24,6 +25,8 @@ pub struct CompiledGrammar {
     matcher: Matcher,
     first_mask: TokenMask,
     warnings: Vec<String>,
+    /// The shortest answer found (see `completion`), searched on first use.
+    shortest: OnceLock<Option<Vec<u32>>>,
 }
 
 impl std::fmt::Debug for CompiledGrammar {
@@ -72,6 +75,7 @@ impl CompiledGrammar {
             matcher,
             first_mask,
             warnings,
+            shortest: OnceLock::new(),
         })
     }
 
@@ -91,6 +95,27 @@ impl CompiledGrammar {
     /// What llguidance warned about while compiling (e.g. schema keywords it approximates).
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// The tokens of the shortest complete answer found (`None` when the search gave up): what
+    /// a token budget must hold at least.
+    pub fn shortest_answer(&self) -> Option<&[u32]> {
+        self.shortest
+            .get_or_init(|| shortest_completion(&self.matcher, &self.vocab))
+            .as_deref()
+    }
+
+    /// Refuses a token budget (`max_new_tokens`) that cannot hold the shortest answer, naming how
+    /// many tokens it needs, so that nothing is generated only to end in an invalid answer.
+    pub fn check_budget(&self, max_tokens: usize) -> Result<(), DecodeError> {
+        match self.shortest_answer() {
+            Some(answer) if answer.len() > max_tokens => Err(DecodeError::BudgetTooSmall {
+                budget: max_tokens,
+                needed: answer.len(),
+                answer: self.vocab.decode(answer),
+            }),
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn first_mask(&self) -> &TokenMask {

@@ -6,6 +6,12 @@
 //! nothing may follow, the mask holds EOS alone (forced EOS); once EOS is committed the sequence is
 //! finished.
 //!
+//! With a token budget ([`Constraint::limit_tokens`]) the constraint also keeps a way to finish
+//! the answer within the tokens left (see `completion`): when the shortest completion found takes
+//! every token left, the mask holds only its next token, and [`Constraint::budget_override`]
+//! replaces a chosen token after which no completion fits by that token. So an answer cut by the
+//! budget still parses, and a budget too small for any answer is refused before generating.
+//!
 //! A mask takes microseconds against a model step of tens of milliseconds, so the loop may simply
 //! compute it inline; llguidance's advice to overlap it with the GPU step only matters for much
 //! larger grammars. The first mask comes precomputed from compilation; the first real mask of a
@@ -17,6 +23,7 @@ use llguidance::Matcher;
 use toktrie::SimpleVob;
 
 use crate::decode::compiled::CompiledGrammar;
+use crate::decode::completion::{completes, may_end, shortest_completion};
 use crate::decode::error::DecodeError;
 use crate::decode::vocab::Vocab;
 
@@ -130,6 +137,17 @@ pub struct Constraint {
     matcher: Matcher,
     tokens: Vec<u32>,
     finished: bool,
+    /// With a token budget: the most answer tokens (EOS included) and a completion from here
+    /// that fits in what is left.
+    budget: Option<Budget>,
+}
+
+struct Budget {
+    max_tokens: usize,
+    /// Tokens that complete the answer from the current state; never longer than the tokens left.
+    plan: Vec<u32>,
+    /// What [`Constraint::budget_override`] worked out for the token about to be committed.
+    pending: Option<(u32, Vec<u32>)>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -137,6 +155,7 @@ impl std::fmt::Debug for Constraint {
         f.debug_struct("Constraint")
             .field("tokens", &self.tokens)
             .field("finished", &self.finished)
+            .field("plan", &self.budget.as_ref().map(|b| &b.plan))
             .finish()
     }
 }
@@ -148,7 +167,86 @@ impl Constraint {
             matcher,
             tokens: Vec::new(),
             finished: false,
+            budget: None,
         }
+    }
+
+    /// Limits the answer to `max_tokens` tokens (EOS included, as `max_new_tokens` counts them):
+    /// from now on every step leaves a way to complete the answer in the tokens left. A budget
+    /// smaller than the shortest answer is an error naming the tokens it needs. When the search
+    /// for a completion gives up (see `completion`), the answer is not limited.
+    pub fn limit_tokens(&mut self, max_tokens: usize) -> Result<(), DecodeError> {
+        let plan = if self.tokens.is_empty() {
+            self.grammar.shortest_answer().map(<[u32]>::to_vec)
+        } else {
+            shortest_completion(&self.matcher, self.grammar.vocab())
+        };
+        let Some(plan) = plan else {
+            self.budget = None;
+            return Ok(());
+        };
+        let left = max_tokens.saturating_sub(self.tokens.len());
+        if plan.len() > left {
+            return Err(DecodeError::BudgetTooSmall {
+                budget: max_tokens,
+                needed: self.tokens.len() + plan.len(),
+                answer: self.grammar.vocab().decode(&plan),
+            });
+        }
+        self.budget = Some(Budget {
+            max_tokens,
+            plan,
+            pending: None,
+        });
+        Ok(())
+    }
+
+    /// With a budget: the token to take instead of `token` (just chosen from the mask) because no
+    /// completion would fit after it, namely the next token of the current completion, or EOS
+    /// where the answer may end here; `None` keeps `token`. Call it right before
+    /// [`Constraint::commit`]ing the token it settles on.
+    pub fn budget_override(&mut self, token: u32) -> Result<Option<u32>, DecodeError> {
+        if self.finished {
+            return Err(DecodeError::Finished);
+        }
+        let eos = self.grammar.vocab().eos();
+        let used = self.tokens.len();
+        let Some(budget) = self.budget.as_mut() else {
+            return Ok(None);
+        };
+        budget.pending = None;
+        if token == eos {
+            return Ok(None);
+        }
+        if budget.plan.first() == Some(&token) {
+            budget.pending = Some((token, budget.plan[1..].to_vec()));
+            return Ok(None);
+        }
+        let left = budget.max_tokens.saturating_sub(used + 1);
+        let mut after = self.matcher.clone();
+        if !matches!(after.try_consume_tokens(&[token]), Ok(1)) {
+            // Not allowed at all: `commit` reports it.
+            return Ok(None);
+        }
+        let plan = if may_end(&mut after) {
+            Some(Vec::new())
+        } else if budget.plan.len() <= left && completes(&after, &budget.plan) {
+            // Inside a string, say: what closed it before still closes it.
+            Some(budget.plan.clone())
+        } else {
+            shortest_completion(&after, self.grammar.vocab())
+        };
+        if let Some(plan) = plan.filter(|p| p.len() <= left) {
+            budget.pending = Some((token, plan));
+            return Ok(None);
+        }
+        Ok(Some(match budget.plan.first() {
+            Some(&next) => {
+                budget.pending = Some((next, budget.plan[1..].to_vec()));
+                next
+            }
+            None => eos,
+        }))
     }
 
     /// The tokens allowed next: EOS alone once the answer is complete and cannot be extended.
@@ -157,6 +255,14 @@ impl Constraint {
     pub fn allowed_tokens(&mut self) -> Result<TokenMask, DecodeError> {
         if self.finished {
             return Err(DecodeError::Finished);
+        }
+        if let Some(budget) = &self.budget
+            && let Some(&next) = budget.plan.first()
+            && budget.plan.len() >= budget.max_tokens.saturating_sub(self.tokens.len())
+        {
+            // The completion takes every token left: follow it.
+            let vocab = self.grammar.vocab();
+            return Ok(TokenMask::singleton(next, vocab.model_vocab_size()));
         }
         if self.tokens.is_empty() {
             return Ok(self.grammar.first_mask().clone());
@@ -202,6 +308,7 @@ impl Constraint {
             return Err(DecodeError::TokenNotAllowed { token });
         }
         self.tokens.push(token);
+        self.follow_budget(token);
         Ok(())
     }
 
@@ -227,6 +334,21 @@ impl Constraint {
 
     pub fn grammar(&self) -> &Arc<CompiledGrammar> {
         &self.grammar
+    }
+
+    /// Moves the budget's completion past the committed `token`: what `budget_override` found,
+    /// or (for a token committed without asking it) a fresh search; no completion, no budget.
+    fn follow_budget(&mut self, token: u32) {
+        let Some(budget) = self.budget.as_mut() else {
+            return;
+        };
+        match budget.pending.take() {
+            Some((t, plan)) if t == token => budget.plan = plan,
+            _ => match shortest_completion(&self.matcher, self.grammar.vocab()) {
+                Some(plan) => budget.plan = plan,
+                None => self.budget = None,
+            },
+        }
     }
 
     fn stopped_mask(&self) -> Result<TokenMask, DecodeError> {

@@ -36,6 +36,14 @@ pub enum DecodeError {
     TokenNotAllowed { token: u32 },
     #[error("the grammar matcher failed: {message}")]
     Matcher { message: String },
+    #[error(
+        "a budget of {budget} new tokens cannot hold an answer: the shortest answer found for the grammar, `{answer}`, takes {needed} tokens; allow at least {needed} (`--max-new-tokens`, or `max_new_tokens` in the eval)"
+    )]
+    BudgetTooSmall {
+        budget: usize,
+        needed: usize,
+        answer: String,
+    },
     #[error("the sequence already ended")]
     Finished,
     #[error("no canonical answer for this grammar: {reason}")]

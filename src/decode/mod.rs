@@ -33,6 +33,7 @@
 mod answer;
 mod bench;
 mod compiled;
+mod completion;
 mod constraint;
 mod error;
 mod scoring;

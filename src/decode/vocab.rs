@@ -42,6 +42,8 @@ pub struct Vocab {
     eos: u32,
     tokenizer_size: usize,
     hash: blake3::Hash,
+    /// The id whose text is exactly byte `b`, for each `b` (what a forced close searches over).
+    byte_tokens: Vec<Option<u32>>,
 }
 
 impl std::fmt::Debug for Vocab {
@@ -198,12 +200,20 @@ impl Vocab {
             DecodeError::UnsupportedTokenizer(format!("llguidance rejected it: {e}"))
         })?;
         factory.quiet();
+        let trie = env.tok_trie();
+        let byte_tokens = (0..=255u8)
+            .map(|b| {
+                trie.token_id(&[b])
+                    .filter(|&id| id != eos && (id as usize) < tokenizer_size)
+            })
+            .collect();
         Ok(Self {
             env,
             factory,
             eos,
             tokenizer_size,
             hash: hasher.finalize(),
+            byte_tokens,
         })
     }
 
@@ -245,6 +255,21 @@ impl Vocab {
 
     pub(crate) fn factory(&self) -> &ParserFactory {
         &self.factory
+    }
+
+    /// For each byte, the id whose text is exactly that byte (`None` where the tokenizer has none).
+    pub(crate) fn byte_tokens(&self) -> &[Option<u32>] {
+        &self.byte_tokens
+    }
+
+    /// The text of one token (a special token's starts with the trie's marker byte).
+    pub(crate) fn token_bytes(&self, id: u32) -> &[u8] {
+        self.env.tok_trie().token(id)
+    }
+
+    /// Longest-match tokenisation of `bytes` (not the tokenizer's own, but one llguidance accepts).
+    pub(crate) fn greedy_tokenize(&self, bytes: &[u8]) -> Vec<u32> {
+        self.env.tok_trie().greedy_tokenize(bytes)
     }
 }
 

@@ -81,6 +81,16 @@ pub trait LogitsProcessor {
         seq: usize,
     ) -> Result<Option<TokenSet>, Box<dyn std::error::Error + Send + Sync>>;
 
+    /// The token to take instead of `token`, just chosen for sequence `seq`, or `None` to keep
+    /// it (a grammar closing its answer before `max_new_tokens` runs out).
+    fn replace(
+        &mut self,
+        _seq: usize,
+        _token: u32,
+    ) -> Result<Option<u32>, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(None)
+    }
+
     /// Records that `token` was chosen for sequence `seq`.
     fn advance(
         &mut self,
@@ -257,9 +267,13 @@ pub fn generate(
             if let Some(p) = cfg.sampling.repetition_penalty {
                 apply_repetition_penalty(&mut scores, &history[row], p);
             }
-            let token = choose(&mut scores, &cfg.sampling, &mut rngs[row])
+            let mut token = choose(&mut scores, &cfg.sampling, &mut rngs[row])
                 .ok_or(GenerateError::NothingAllowed { row, step })?;
             if let Some(h) = hook.as_deref_mut() {
+                let replaced = h
+                    .replace(row, token)
+                    .map_err(|source| GenerateError::Hook { row, source })?;
+                token = replaced.unwrap_or(token);
                 h.advance(row, token)
                     .map_err(|source| GenerateError::Hook { row, source })?;
             }

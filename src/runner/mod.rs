@@ -338,9 +338,19 @@ impl ModelRunner {
             pad_token_id: self.pad_token_id,
             sampling: options.sampling.clone(),
         };
-        let mut constraints = grammar.map(|g| GrammarMask {
-            constraints: (0..prompts.len()).map(|_| g.constraint()).collect(),
-        });
+        // Every answer keeps a way to close within the budget, so a cut answer still parses.
+        let mut constraints = match grammar {
+            Some(g) => {
+                let mut constraints = Vec::with_capacity(prompts.len());
+                for _ in prompts {
+                    let mut c = g.constraint();
+                    c.limit_tokens(options.max_new_tokens)?;
+                    constraints.push(c);
+                }
+                Some(GrammarMask { constraints })
+            }
+            None => None,
+        };
         let hook = constraints.as_mut().map(|c| c as &mut dyn LogitsProcessor);
         let output = generate::generate(&self.model, &batch, &cfg, hook)
             .map_err(|e| RunnerError::Generate(e.to_string()))?;
@@ -412,6 +422,18 @@ impl LogitsProcessor for GrammarMask {
             .ok_or_else(|| format!("no grammar state for sequence {seq}"))?;
         let mask = constraint.allowed_tokens()?;
         Ok(Some(TokenSet::from_words(mask.into_words())))
+    }
+
+    fn replace(
+        &mut self,
+        seq: usize,
+        token: u32,
+    ) -> Result<Option<u32>, Box<dyn std::error::Error + Send + Sync>> {
+        let constraint = self
+            .constraints
+            .get_mut(seq)
+            .ok_or_else(|| format!("no grammar state for sequence {seq}"))?;
+        Ok(constraint.budget_override(token)?)
     }
 
     fn advance(

@@ -215,6 +215,146 @@ fn json_schema_answers_are_compact_and_parse_on_a_small_budget() -> TestResult {
     Ok(())
 }
 
+/// A schema whose shortest answer takes several tokens, with a free string a random model
+/// rambles in and an integer it can extend digit by digit.
+const BUDGET_SCHEMA: &str = r#"{"type": "object",
+    "properties": {"pred_class": {"type": "string", "enum": ["cat", "dog"]},
+                   "note": {"type": "string"}, "score": {"type": "integer"}},
+    "required": ["pred_class", "note", "score"], "additionalProperties": false}"#;
+
+/// Whether `value` is valid against [`BUDGET_SCHEMA`].
+fn valid_against_budget_schema(value: &Value) -> bool {
+    let Some(object) = value.as_object() else {
+        return false;
+    };
+    let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    keys == ["note", "pred_class", "score"]
+        && ["cat", "dog"].contains(&object["pred_class"].as_str().unwrap_or_default())
+        && object["note"].is_string()
+        && (object["score"].is_i64() || object["score"].is_u64())
+}
+
+/// The token count a too-small budget's error names: `… takes N tokens …`.
+fn needed_tokens(err: &str) -> Option<usize> {
+    let (_, rest) = err.split_once(" takes ")?;
+    rest.split_once(" tokens")?.0.parse().ok()
+}
+
+/// Issue 14 item 11: an answer that runs into `--max-new-tokens` is closed in time, so it always
+/// parses and is valid against the schema, whatever the budget (from the smallest that holds an
+/// answer), seed or temperature; a budget no answer fits is refused before generating, naming
+/// the tokens needed.
+#[test]
+fn regression_issue14_json_schema_answers_close_within_the_token_budget() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let schema = dir.path().join("schema.json");
+    std::fs::write(&schema, BUDGET_SCHEMA)?;
+    let schema = schema.to_str().unwrap_or_default();
+
+    let out = infer(&["--json-schema", schema, "--max-new-tokens", "3"])?;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "a 3-token budget: {err}");
+    assert!(out.stdout.is_empty(), "a 3-token budget printed an answer");
+    let needed = needed_tokens(&err).ok_or_else(|| format!("no token count in: {err}"))?;
+    assert!(needed > 3, "{err}");
+    assert!(
+        err.contains(&format!("allow at least {needed}")) && err.contains(r#"`{"pred_class":"#),
+        "{err}"
+    );
+    // The minimum itself is enough.
+    let just = needed.to_string();
+    let out = infer(&["--json-schema", schema, "--max-new-tokens", &just])?;
+    assert!(
+        out.status.success(),
+        "a {needed}-token budget: {}",
+        stderr(&out)
+    );
+
+    let mut cut = 0;
+    for budget in [needed, needed + 1, needed + 2, needed + 5, 2 * needed] {
+        let budget = budget.to_string();
+        for (temperature, seeds) in [
+            ("0", &["0"][..]),
+            ("1.0", &["0", "1", "2"]),
+            ("1.5", &["3", "4", "5", "6"]),
+        ] {
+            for &seed in seeds {
+                let report = infer_json(&[
+                    "--json-schema",
+                    schema,
+                    "--json",
+                    "--temperature",
+                    temperature,
+                    "--seed",
+                    seed,
+                    "--max-new-tokens",
+                    &budget,
+                ])?;
+                let text = report["text"].as_str().ok_or("no text")?;
+                let case = format!("budget {budget}, temperature {temperature}, seed {seed}");
+                let parsed: Value = serde_json::from_str(text)
+                    .map_err(|e| format!("{case}: `{text}` does not parse: {e}"))?;
+                assert!(valid_against_budget_schema(&parsed), "{case}: `{text}`");
+                assert_eq!(report["answer"]["valid"], true, "{case}: {report}");
+                cut += usize::from(report["finish_reason"] == "length");
+            }
+        }
+    }
+    // The budgets are tight enough that some answers were closed by the budget, not by the model.
+    assert!(
+        cut > 0,
+        "no answer ran into its budget: the test tests nothing"
+    );
+    Ok(())
+}
+
+/// Whether `text` matches `[a-z]+@[a-z]+\.com` in full.
+fn is_address(text: &str) -> bool {
+    let Some((user, host)) = text.split_once('@') else {
+        return false;
+    };
+    let Some(domain) = host.strip_suffix(".com") else {
+        return false;
+    };
+    let letters = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase());
+    letters(user) && letters(domain)
+}
+
+/// The same for a regex: a random model writes letters until the budget runs out, so without
+/// the forced close the answer lacked its `@domain.com`.
+#[test]
+fn regression_issue14_regex_answers_close_within_the_token_budget() -> TestResult {
+    let regex = r"[a-z]+@[a-z]+\.com";
+    let out = infer(&["--regex", regex, "--max-new-tokens", "2"])?;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let needed = needed_tokens(&err).ok_or_else(|| format!("no token count in: {err}"))?;
+    for budget in [needed, needed + 1, needed + 3, 12] {
+        let budget = budget.to_string();
+        for seed in ["0", "1", "2", "3", "4", "5"] {
+            let out = infer(&[
+                "--regex",
+                regex,
+                "--temperature",
+                "1.5",
+                "--seed",
+                seed,
+                "--max-new-tokens",
+                &budget,
+            ])?;
+            assert!(out.status.success(), "{}", stderr(&out));
+            let text = String::from_utf8(out.stdout)?;
+            let text = text.trim_end();
+            assert!(
+                is_address(text),
+                "budget {budget}, seed {seed}: `{text}` does not match `{regex}`"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn probs(scores: &Value) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
     Ok(serde_json::from_value(scores["probs"].clone())?)
 }

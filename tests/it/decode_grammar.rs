@@ -631,3 +631,110 @@ fn unknown_eos_and_missing_files_are_errors() {
         Err(DecodeError::LoadTokenizer { .. })
     ));
 }
+
+/// Samples under `grammar` with a budget of `budget` tokens the way the generation loop does:
+/// mask, sample, let the budget override the choice, commit. Returns the answer's text and
+/// whether it is complete when the loop stops (EOS or budget spent).
+fn sample_with_budget(
+    grammar: &Arc<CompiledGrammar>,
+    model: &mut RandomModel,
+    rng: &mut u64,
+    budget: usize,
+) -> (String, bool) {
+    let mut c = grammar.constraint();
+    c.limit_tokens(budget).expect("the budget holds an answer");
+    for _ in 0..budget {
+        let mask = c.allowed_tokens().expect("a mask");
+        check_mask(&mask);
+        let mut logits = model.logits_after(c.tokens()).unwrap();
+        mask.apply_to_logits(&mut logits);
+        // Temperature 1 over logits spread by 8: wide enough to ramble, as a small model does.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut u = (splitmix(rng) >> 11) as f64 / (1u64 << 53) as f64 * total;
+        let mut token = argmax(&logits).unwrap();
+        for (i, w) in weights.iter().enumerate() {
+            if *w > 0.0 {
+                if u < *w {
+                    token = i as u32;
+                    break;
+                }
+                u -= w;
+            }
+        }
+        let token = c.budget_override(token).expect("override").unwrap_or(token);
+        assert!(mask.is_allowed(token) || token == grammar.vocab().eos());
+        c.commit(token)
+            .expect("the token the budget settles on commits");
+        if c.is_finished() {
+            break;
+        }
+    }
+    (c.text(), c.is_finished() || c.is_accepting())
+}
+
+/// Issue 14 item 11 at the decode layer, with the real 65k-token tokenizer: whatever the budget
+/// from the shortest answer up, an answer sampled from a random model is complete when the
+/// budget runs out (JSON with free strings and numbers, a nested typed object, a regex), a
+/// smaller budget is refused with the tokens needed, and the search stays cheap.
+#[test]
+fn regression_issue14_budgeted_answers_are_always_complete() {
+    let Some(vocab) = vocab() else {
+        return;
+    };
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "pred_class": {"type": "string", "enum": ["cat", "dog"]},
+            "note": {"type": "string"},
+            "score": {"type": "integer"},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2}
+        },
+        "required": ["pred_class", "note", "score", "tags"],
+        "additionalProperties": false
+    });
+    let specs = [
+        GrammarSpec::JsonSchema(schema),
+        nested_json_spec(),
+        GrammarSpec::Regex("[a-z]+@[a-z]+\\.(com|org)".to_string()),
+    ];
+    for spec in &specs {
+        let grammar = cache().compile(spec, &vocab).expect("grammar compiles");
+        let started = Instant::now();
+        let shortest = grammar.shortest_answer().expect("a shortest answer").len();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{spec:?}: the search took {:?}",
+            started.elapsed()
+        );
+        let err = grammar.constraint().limit_tokens(shortest - 1).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::BudgetTooSmall { needed, .. } if needed == shortest),
+            "{err}"
+        );
+        assert!(grammar.check_budget(shortest - 1).is_err());
+        grammar
+            .check_budget(shortest)
+            .expect("the shortest answer fits");
+        let mut cut = 0;
+        for budget in [shortest, shortest + 1, shortest + 3, shortest + 8] {
+            for seed in 0..12 {
+                let mut model = RandomModel { seed, calls: 0 };
+                let mut rng = seed ^ 0x5EED;
+                let (text, complete) = sample_with_budget(&grammar, &mut model, &mut rng, budget);
+                assert!(
+                    complete,
+                    "budget {budget}, seed {seed}: `{text}` is incomplete"
+                );
+                if !matches!(spec, GrammarSpec::Regex(_)) {
+                    serde_json::from_str::<serde_json::Value>(&text).unwrap_or_else(|e| {
+                        panic!("budget {budget}, seed {seed}: `{text}` does not parse: {e}")
+                    });
+                }
+                cut += usize::from(model.calls >= budget);
+            }
+        }
+        assert!(cut > 0, "{spec:?}: no answer used its whole budget");
+    }
+}

@@ -30,7 +30,8 @@ use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 // 3: `predictions.csv` embeds the original image files; records hold per-sample latency and
 //    `batch_size`.
 // 4: images over the pixel cap (PIL's, or the dataset's `max_image_pixels`) are error rows.
-const EVAL_CODE_VERSION: u32 = 4;
+// 5: a grammar-constrained answer closes before `max_new_tokens` runs out.
+const EVAL_CODE_VERSION: u32 = 5;
 
 /// How an eval gets its answers.
 #[derive(Clone, Debug)]
@@ -246,7 +247,15 @@ impl EvalStage {
             }
             EvalAnswer::Generate(options) => AnswerMode::Generate {
                 options: options.clone(),
-                grammar: config.grammar.as_ref().map(compile).transpose()?,
+                grammar: match &config.grammar {
+                    Some(spec) => {
+                        // A budget no answer fits is refused before any sample runs.
+                        let grammar = compile(spec)?;
+                        grammar.check_budget(options.max_new_tokens)?;
+                        Some(grammar)
+                    }
+                    None => None,
+                },
             },
         };
         Ok((parser, mode))
