@@ -451,7 +451,8 @@ fn a_stage_with_an_adapter_is_merged_in_f32_before_export() -> TestResult {
     let from_base = project.path().join("from_base");
     let common = ["--quant", "F32", "--name", "t", "--quiet"];
     run(&[
-        &["export", &pipeline, "tuned", "--gguf", &path(&staged)],
+        &["export", &pipeline, "tuned", "--gguf", &path(&staged)][..],
+        &["--allow-read", &path(&fixtures)],
         &common[..],
     ]
     .concat())?;
@@ -462,6 +463,8 @@ fn a_stage_with_an_adapter_is_merged_in_f32_before_export() -> TestResult {
         "--merged",
         &path(&merged),
         "--quiet",
+        "--allow-read",
+        &path(&fixtures),
     ])?;
     let m = path(&merged);
     run(&[

@@ -143,15 +143,18 @@ fn logits_stay_close_to_f32_for_q8_0_and_q4_k() -> TestResult {
     let [(q8_rel, q8_kl), (q4_rel, q4_kl)] = errors[..] else {
         unreachable!()
     };
-    // Measured 0.029 / 4.5e-5 (Q8_0) and 0.23 / 2.8e-3 (Q4_K): each product errs by 0.8% and 7%
-    // (the unit test beside `quant`), and four random layers compound it.
+    // Measured 0.036 / 4.1e-3 (Q8_0) and 0.31 / 0.16 (Q4_K) with the shared random initialiser
+    // (`model::load::random_checkpoint`): each product errs by 0.8% and 7% (the unit test beside
+    // `quant`), and four random layers compound it. The relative error is the scale-free bound;
+    // KL grows with the logits' scale, which these random weights make large.
     assert!(
         q8_rel > 0.0 && q8_rel < 0.06,
         "Q8_0 relative error {q8_rel}"
     );
-    assert!(q8_kl < 2e-4, "Q8_0 KL {q8_kl}");
+    assert!(q8_kl < 1e-2, "Q8_0 KL {q8_kl}");
     assert!(q4_rel < 0.4, "Q4_K relative error {q4_rel}");
-    assert!(q4_kl < 1e-2, "Q4_K KL {q4_kl}");
+    assert!(q4_kl < 0.4, "Q4_K KL {q4_kl}");
+    assert!(q4_kl > q8_kl, "Q4_K moves the distribution more than Q8_0");
     assert!(q4_rel > q8_rel, "Q4_K is coarser than Q8_0");
     Ok(())
 }
