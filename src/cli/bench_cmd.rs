@@ -566,7 +566,7 @@ fn time_round(
     for _ in 0..steps {
         let t = Instant::now();
         let input = Tensor::new(&[[token]], dev)?;
-        let logits = model.forward(&input, None, None, &mut cache, LogitsMode::Last)?;
+        let logits = model.forward_generated(&input, &mut cache, LogitsMode::Last)?;
         token = first_argmax(&logits)?;
         step_ms.push(ms(t.elapsed()));
     }

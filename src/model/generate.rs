@@ -291,7 +291,7 @@ pub fn generate(
         }
         let t = Instant::now();
         let input = Tensor::from_vec(next, (b, 1), dev)?;
-        logits = model.forward(&input, None, None, &mut cache, LogitsMode::Last)?;
+        logits = model.forward_generated(&input, &mut cache, LogitsMode::Last)?;
         dev.synchronize()?;
         step_times.push(t.elapsed());
     }

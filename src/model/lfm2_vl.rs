@@ -255,6 +255,19 @@ impl Lfm2VlModel {
         self.forward_embeds(&embeds, attention_mask, cache, mode)
     }
 
+    /// A decode step's forward on generated tokens: their plain embeddings, never the image
+    /// splice, so a generated `<image>` token is an ordinary token (transformers' generate passes
+    /// no `pixel_values` after the prompt and embeds it the same way).
+    pub fn forward_generated(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut TextCache,
+        mode: LogitsMode,
+    ) -> Result<Tensor> {
+        let embeds = self.text.embed_ids(input_ids)?;
+        self.forward_embeds(&embeds, None, cache, mode)
+    }
+
     /// Logits for normed hidden states `[B, L, D]`.
     pub fn logits(&self, hidden: &Tensor, mode: LogitsMode) -> Result<Tensor> {
         match mode {

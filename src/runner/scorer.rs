@@ -52,7 +52,7 @@ impl PrefixScorer for CachedPrefixScorer<'_> {
         let input = Tensor::from_slice(prefix, (1, prefix.len()), self.model.device())?;
         let logits = self
             .model
-            .forward(&input, None, None, &mut cache, LogitsMode::Last)?;
+            .forward_generated(&input, &mut cache, LogitsMode::Last)?;
         to_vec(&logits)
     }
 }

@@ -408,3 +408,52 @@ fn linear_modules_are_named_like_the_checkpoint() {
     // 1 patch embedding + 2 vision layers x 6 + 2 projector + 4 conv x 5 + 2 attention x 7.
     assert_eq!(names.len(), 1 + 12 + 2 + 20 + 14);
 }
+
+/// Allows only `token` for the first `steps` steps of every row, then anything.
+struct Force {
+    token: u32,
+    steps: usize,
+    taken: Vec<usize>,
+}
+
+impl LogitsProcessor for Force {
+    fn allowed(&mut self, seq: usize) -> Result<Option<TokenSet>, Box<dyn Error + Send + Sync>> {
+        if self.taken.len() <= seq {
+            self.taken.resize(seq + 1, 0);
+        }
+        Ok((self.taken[seq] < self.steps).then(|| TokenSet::from_ids(&[self.token])))
+    }
+
+    fn advance(&mut self, seq: usize, _token: u32) -> Result<(), Box<dyn Error + Send + Sync>> {
+        self.taken[seq] += 1;
+        Ok(())
+    }
+}
+
+/// A generated `<image>` token is an ordinary token: decode steps embed it without the image
+/// splice, as transformers' generate does (it passes no `pixel_values` after the prompt). Before,
+/// the step failed with "image features and image tokens do not match" (found when a new
+/// sampling stream happened to draw `<image>`).
+#[test]
+fn a_generated_image_token_is_embedded_as_a_token() {
+    let Some(c) = case() else {
+        eprintln!("skipping: ../shared/reference not found");
+        return;
+    };
+    let image_token = c.model.config().image_token_id;
+    let prompt = Prompt {
+        input_ids: &c.image_prompt,
+        image_features: Some(&c.features),
+        seed: None,
+    };
+    let mut force = Force {
+        token: image_token,
+        steps: 2,
+        taken: Vec::new(),
+    };
+    let out = generate(&c.model, &[prompt], &greedy(4, &c.model), Some(&mut force))
+        .expect("generating after an `<image>` token");
+    let tokens = &out.sequences[0].tokens;
+    assert_eq!(tokens.len(), 4);
+    assert_eq!(&tokens[..2], &[image_token, image_token]);
+}
