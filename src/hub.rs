@@ -13,8 +13,8 @@
 //! `$HF_HOME/hub`, `$XDG_CACHE_HOME/huggingface/hub`, `~/.cache/huggingface/hub`.
 //! `HF_HUB_OFFLINE=1` forbids the network; a missing file is then an error naming the variable.
 //!
-//! **API Boundary**: the executor resolves `hf(...)` sources and models here; stages and model
-//! code receive plain local paths.
+//! **API Boundary**: the dataset and model stages resolve `hf(...)` sources and models here (when
+//! fingerprints are computed and when they run); model code receives plain local paths.
 
 use std::path::{Path, PathBuf};
 

@@ -20,6 +20,7 @@ mod decode_bench;
 mod decode_grammar;
 mod decode_scoring;
 mod device;
+mod docs_truth;
 mod dsl_check;
 mod dsl_fuzz;
 mod dsl_linear;
