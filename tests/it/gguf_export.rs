@@ -16,10 +16,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::DType;
-use serde_json::{Value, json};
+use serde_json::Value;
 use vlmpipe::gguf::{self, GgufOptions, GgufQuant};
 use vlmpipe::model::random_checkpoint::write_random_checkpoint;
 use vlmpipe::testing::shared_path;
+
+use crate::support::narrow_450m_config;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -82,28 +84,9 @@ fn real_450m() -> Option<PathBuf> {
 /// and a plain word gives none.
 const CHECKPOINT: &str = "checkpoint";
 
-/// The real config at narrow widths (3 vision layers: the converter maps the projector's
-/// `linear_2` through the vision block numbering, so it needs at least 3).
-fn narrow_config(real: &Value) -> Value {
-    let mut cfg = real.clone();
-    cfg["vision_config"]["hidden_size"] = json!(64);
-    cfg["vision_config"]["intermediate_size"] = json!(128);
-    cfg["vision_config"]["num_hidden_layers"] = json!(3);
-    cfg["vision_config"]["num_attention_heads"] = json!(4);
-    cfg["projector_hidden_size"] = json!(96);
-    let text = &mut cfg["text_config"];
-    for key in ["hidden_size", "block_dim", "conv_dim", "conv_dim_out"] {
-        text[key] = json!(64);
-    }
-    text["block_ff_dim"] = json!(192);
-    text["intermediate_size"] = json!(192);
-    text["num_attention_heads"] = json!(4);
-    text["num_heads"] = json!(4);
-    text["num_key_value_heads"] = json!(2);
-    text["layer_types"] = json!(["conv", "full_attention", "conv"]);
-    text["num_hidden_layers"] = json!(3);
-    cfg
-}
+/// Vision layers of the narrow checkpoint: the converter maps the projector's `linear_2` through
+/// the vision block numbering, so it needs at least 3.
+const NARROW_VISION_LAYERS: usize = 3;
 
 /// Writes a random-weight checkpoint with the real file set into `out` (bf16, like the Hub's).
 fn random_checkpoint(real: &Path, out: &Path, narrow: bool) -> TestResult {
@@ -122,7 +105,7 @@ fn random_checkpoint(real: &Path, out: &Path, narrow: bool) -> TestResult {
         std::fs::set_permissions(&path, perms)?;
         std::fs::write(
             &path,
-            serde_json::to_string_pretty(&narrow_config(&config))?,
+            serde_json::to_string_pretty(&narrow_450m_config(&config, NARROW_VISION_LAYERS))?,
         )?;
     }
     write_random_checkpoint(source.path(), out, DType::BF16, 12)?;

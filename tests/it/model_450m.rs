@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
-use serde_json::{Value, json};
+use serde_json::Value;
 use vlmpipe::model::chat::Conversation;
 use vlmpipe::model::checkpoint::{Checkpoint, LoadOptions};
 use vlmpipe::model::generate::{GenerateConfig, Prompt, generate};
@@ -18,6 +18,8 @@ use vlmpipe::model::processor::{Processor, decode_image};
 use vlmpipe::model::random_checkpoint::write_random_checkpoint;
 use vlmpipe::model::resolve::ModelRef;
 use vlmpipe::testing::shared_path;
+
+use crate::support::narrow_450m_config;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -86,28 +88,6 @@ fn load_and_generate(
     Ok(())
 }
 
-/// The real config with narrow layers: same keys, vocabulary, token ids and processor settings.
-fn reduced_config(real: &Value) -> Value {
-    let mut cfg = real.clone();
-    cfg["vision_config"]["hidden_size"] = json!(64);
-    cfg["vision_config"]["intermediate_size"] = json!(128);
-    cfg["vision_config"]["num_hidden_layers"] = json!(2);
-    cfg["vision_config"]["num_attention_heads"] = json!(4);
-    cfg["projector_hidden_size"] = json!(96);
-    let text = &mut cfg["text_config"];
-    for key in ["hidden_size", "block_dim", "conv_dim", "conv_dim_out"] {
-        text[key] = json!(64);
-    }
-    text["block_ff_dim"] = json!(192);
-    text["intermediate_size"] = json!(192);
-    text["num_attention_heads"] = json!(4);
-    text["num_heads"] = json!(4);
-    text["num_key_value_heads"] = json!(2);
-    text["layer_types"] = json!(["conv", "full_attention", "conv"]);
-    text["num_hidden_layers"] = json!(3);
-    cfg
-}
-
 fn inputs() -> Option<(PathBuf, PathBuf)> {
     Some((shared_path("models/LFM2-VL-450M")?, shared_path(PHOTO)?))
 }
@@ -125,7 +105,7 @@ fn real_file_set_with_narrow_layers_loads_and_generates() -> TestResult {
     let config: Value = serde_json::from_str(&std::fs::read_to_string(real.join("config.json"))?)?;
     std::fs::write(
         source.path().join("config.json"),
-        serde_json::to_string_pretty(&reduced_config(&config))?,
+        serde_json::to_string_pretty(&narrow_450m_config(&config, 2))?,
     )?;
     let out = tempfile::tempdir()?;
     // Counted by hand: vision 132,672 + projector 31,392 + decoder 4,387,680 (the 65536x64

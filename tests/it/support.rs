@@ -35,3 +35,27 @@ pub fn assert_json_close<T: serde::Serialize>(a: &T, b: &T) {
     let b = serde_json::to_value(b).expect("serialise");
     walk(&a, &b, "$");
 }
+
+/// The real LFM2-VL-450M `config.json` at narrow widths with `vision_layers` vision layers: same
+/// keys, vocabulary, token ids and processor settings, so the real file set loads around it.
+pub fn narrow_450m_config(real: &serde_json::Value, vision_layers: usize) -> serde_json::Value {
+    use serde_json::json;
+    let mut cfg = real.clone();
+    cfg["vision_config"]["hidden_size"] = json!(64);
+    cfg["vision_config"]["intermediate_size"] = json!(128);
+    cfg["vision_config"]["num_hidden_layers"] = json!(vision_layers);
+    cfg["vision_config"]["num_attention_heads"] = json!(4);
+    cfg["projector_hidden_size"] = json!(96);
+    let text = &mut cfg["text_config"];
+    for key in ["hidden_size", "block_dim", "conv_dim", "conv_dim_out"] {
+        text[key] = json!(64);
+    }
+    text["block_ff_dim"] = json!(192);
+    text["intermediate_size"] = json!(192);
+    text["num_attention_heads"] = json!(4);
+    text["num_heads"] = json!(4);
+    text["num_key_value_heads"] = json!(2);
+    text["layer_types"] = json!(["conv", "full_attention", "conv"]);
+    text["num_hidden_layers"] = json!(3);
+    cfg
+}
