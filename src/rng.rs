@@ -1,17 +1,23 @@
-//! The seeded random generator for what must reproduce. Random weights use it; LoRA init and
-//! dropout, the fine-tune's shuffles and sampled generation still use `StdRng` (moving them
-//! changed a sampled stream into one that picks `<image>`, which `generate` then rejects).
+//! The seeded random generators for everything that must reproduce: one module, two streams.
+//!
+//! - [`SeededRng`] (PCG-64) draws random weights, LoRA init, dropout masks, the fine-tune's
+//!   shuffles, sampled generation and the bench inputs.
+//! - [`SplitMix64`] draws the data stages' shuffles, samples, splits and synthetic images, and the
+//!   decode bench's simulated logits. Its stream is pinned on purpose: a user's `split(seed: 42)`
+//!   must keep the same rows across versions (the golden rows in `tests/it/data_split.rs`), so it
+//!   stays the plain SplitMix64 of Vigna's reference rather than moving to PCG-64.
 //!
 //! `rand::rngs::StdRng` promises no stream across `rand` versions (its docs: "non-portable: any
 //! future library version may replace the algorithm"), and `rand`'s float and range sampling may
 //! change in a minor release too; a fine-tune resumed after a dependency bump would then draw
-//! other dropout masks than the run it resumes. So every seeded draw goes through [`SeededRng`]:
-//! the raw stream is PCG-64 (`rand_pcg::Pcg64`, which the rand project keeps "deterministic and
-//! portable ... tested against reference vectors"), seeded by our own expansion of a `u64`, and
-//! every float, range and normal draw is computed here from raw words, not by `rand`'s
-//! distributions. The tests pin the first outputs, so a change of stream fails loudly. (Normal
-//! draws also go through libm's `ln` and `sin_cos`, the one part that may differ in the last bit
-//! between platforms.)
+//! other dropout masks than the run it resumes. So every seeded draw goes through this module:
+//! [`SeededRng`]'s raw stream is PCG-64 (`rand_pcg::Pcg64`, which the rand project keeps
+//! "deterministic and portable ... tested against reference vectors"), seeded by our own expansion
+//! of a `u64`, and every float, range and normal draw is computed here from raw words, not by
+//! `rand`'s distributions. The tests pin the first outputs of both streams, so a change fails
+//! loudly. (Normal draws also go through libm's `ln` and `sin_cos`, the one part that may differ
+//! in the last bit between platforms.) `tests/it/architecture.rs` forbids `rand`'s generators and
+//! hand-written SplitMix copies anywhere else in `src`.
 //!
 //! Seeds are derived with [`mix`] (a hash of a few words), so independent streams (one per tensor,
 //! module, step or epoch) need no shared state and do not depend on the order they are drawn in.
@@ -68,13 +74,7 @@ impl SeededRng {
     /// Uniform on `0..n` without modulo bias (Lemire's multiply-and-reject); `n` must be > 0.
     pub fn below(&mut self, n: u64) -> u64 {
         assert!(n > 0, "SeededRng::below(0)");
-        let threshold = n.wrapping_neg() % n;
-        loop {
-            let m = u128::from(self.next_u64()) * u128::from(n);
-            if (m as u64) >= threshold {
-                return (m >> 64) as u64;
-            }
-        }
+        below(n, || self.next_u64())
     }
 
     /// Uniform on `range` (`start < end`).
@@ -105,10 +105,71 @@ impl SeededRng {
 
     /// Shuffles `items` in place (Fisher–Yates).
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            items.swap(i, j);
+        shuffle(items, |n| self.below(n));
+    }
+}
+
+/// The SplitMix64 generator (Steele, Lea and Flood, "Fast Splittable Pseudorandom Number
+/// Generators", OOPSLA 2014; constants as in Vigna's reference
+/// <https://prng.di.unimi.it/splitmix64.c>). Its stream is pinned for the data stages (see the
+/// module docs).
+#[derive(Clone, Debug)]
+pub struct SplitMix64 {
+    state: u64,
+}
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(GOLDEN);
+        splitmix(self.state)
+    }
+
+    /// A uniform integer in `0..bound`, without modulo bias: Lemire's multiply-shift with
+    /// rejection ("Fast Random Integer Generation in an Interval", 2019). `below(0)` is 0.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        if bound == 0 {
+            return 0;
         }
+        below(bound, || self.next_u64())
+    }
+
+    /// A uniform float in `[0, 1)` from the top 53 bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// A uniform float in `[0, 1)` from the top 24 bits.
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+    }
+
+    /// Fisher–Yates shuffle, walking from the last element down (Durstenfeld's variant).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        shuffle(items, |n| self.below(n));
+    }
+}
+
+/// Lemire's multiply-and-reject draw on `0..n` (`n > 0`) from a stream of words.
+fn below(n: u64, mut next: impl FnMut() -> u64) -> u64 {
+    let threshold = n.wrapping_neg() % n;
+    loop {
+        let m = u128::from(next()) * u128::from(n);
+        if (m as u64) >= threshold {
+            return (m >> 64) as u64;
+        }
+    }
+}
+
+/// Durstenfeld's Fisher–Yates, from the last element down; `below(n)` draws on `0..n`.
+fn shuffle<T>(items: &mut [T], mut below: impl FnMut(u64) -> u64) {
+    for i in (1..items.len()).rev() {
+        let j = below(i as u64 + 1) as usize;
+        items.swap(i, j);
     }
 }
 
@@ -197,5 +258,30 @@ mod tests {
             mean.abs() < 0.05 && (var.sqrt() - 2.0).abs() < 0.05,
             "{mean} {var}"
         );
+    }
+
+    #[test]
+    fn splitmix_matches_the_reference_stream() {
+        // First outputs of Vigna's splitmix64.c seeded with 1234567.
+        let mut rng = SplitMix64::new(1_234_567);
+        let got: Vec<u64> = (0..3).map(|_| rng.next_u64()).collect();
+        assert_eq!(
+            got,
+            vec![
+                6_457_827_717_110_365_317,
+                3_203_168_211_198_807_973,
+                9_817_491_932_198_370_423
+            ]
+        );
+    }
+
+    #[test]
+    fn splitmix_below_stays_in_range_and_covers_it() {
+        let mut rng = SplitMix64::new(7);
+        let mut seen = [0usize; 5];
+        for _ in 0..1000 {
+            seen[rng.below(5) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&c| c > 150), "{seen:?}");
     }
 }

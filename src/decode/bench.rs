@@ -18,6 +18,7 @@ use crate::decode::error::DecodeError;
 use crate::decode::scoring::argmax;
 use crate::decode::spec::{FieldType, GrammarSpec, JsonField, Whitespace};
 use crate::decode::vocab::{Vocab, VocabConfig};
+use crate::rng::SplitMix64;
 
 /// The 49 makers of the Stanford Cars task (see `shared/tasks/README.md`).
 pub const CAR_MAKERS: [&str; 49] = [
@@ -335,9 +336,10 @@ struct LogitPool {
 
 impl LogitPool {
     fn new(vocab: usize, n: usize, seed: u64) -> Self {
-        let mut state = seed;
+        // SplitMix64: the simulated logits stay the same across versions.
+        let mut rng = SplitMix64::new(seed);
         let rows = (0..n)
-            .map(|_| (0..vocab).map(|_| uniform(&mut state) * 10.0).collect())
+            .map(|_| (0..vocab).map(|_| rng.next_f32() * 10.0).collect())
             .collect();
         Self { rows }
     }
@@ -345,14 +347,4 @@ impl LogitPool {
     fn get(&self, i: usize) -> &[f32] {
         &self.rows[i % self.rows.len()]
     }
-}
-
-/// SplitMix64 mapped to [0, 1): a tiny deterministic generator for simulated logits.
-fn uniform(state: &mut u64) -> f32 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 40) as f32 / (1u64 << 24) as f32
 }

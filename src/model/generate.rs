@@ -13,10 +13,9 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 use crate::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
+use crate::rng::SeededRng;
 
 /// What can go wrong while generating.
 #[derive(Debug, thiserror::Error)]
@@ -220,14 +219,14 @@ pub fn generate(
     };
 
     let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| p.input_ids.to_vec()).collect();
-    let mut rngs: Vec<StdRng> = prompts
+    let mut rngs: Vec<SeededRng> = prompts
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let seed = p
                 .seed
                 .unwrap_or_else(|| cfg.sampling.seed.wrapping_add(i as u64));
-            StdRng::seed_from_u64(seed)
+            SeededRng::new(seed)
         })
         .collect();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); b];
@@ -380,7 +379,7 @@ pub fn argmax(scores: &[f32]) -> Option<u32> {
 }
 
 /// Picks the next token; `None` when every score is -inf.
-fn choose(scores: &mut [f32], s: &Sampling, rng: &mut StdRng) -> Option<u32> {
+fn choose(scores: &mut [f32], s: &Sampling, rng: &mut SeededRng) -> Option<u32> {
     if s.temperature <= 0.0 {
         return argmax(scores);
     }
@@ -415,7 +414,7 @@ fn choose(scores: &mut [f32], s: &Sampling, rng: &mut StdRng) -> Option<u32> {
         probs.truncate(keep.max(1));
         normalise(&mut probs);
     }
-    let u: f64 = rng.random();
+    let u = rng.uniform_f64();
     let mut acc = 0.0;
     for &(id, p) in &probs {
         acc += p;
@@ -467,7 +466,7 @@ mod tests {
         };
         // Token 2 alone holds ~0.84 of the mass, so top_p = 0.5 leaves only it.
         let scores = vec![0.0f32, 1.0, 3.0];
-        let mut rng = StdRng::seed_from_u64(s.seed);
+        let mut rng = SeededRng::new(s.seed);
         for _ in 0..20 {
             assert_eq!(choose(&mut scores.clone(), &s, &mut rng), Some(2));
         }
@@ -476,7 +475,7 @@ mod tests {
             ..s.clone()
         };
         let draw = |seed| {
-            let mut rng = StdRng::seed_from_u64(seed);
+            let mut rng = SeededRng::new(seed);
             (0..50)
                 .map(|_| choose(&mut scores.clone(), &wide, &mut rng).unwrap_or(99))
                 .collect::<Vec<_>>()
@@ -496,7 +495,7 @@ mod tests {
             ..Sampling::default()
         };
         // p ~ [0.04, 0.11, 0.84]: only token 2 is within half of the top probability.
-        let mut rng = StdRng::seed_from_u64(0);
+        let mut rng = SeededRng::new(0);
         for _ in 0..20 {
             assert_eq!(choose(&mut [0.0f32, 1.0, 3.0], &s, &mut rng), Some(2));
         }

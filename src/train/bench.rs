@@ -7,13 +7,12 @@
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::model::config::Config;
 use crate::model::load::checkpoint::LoadOptions;
 use crate::model::load::random_checkpoint::random_model;
+use crate::rng::SeededRng;
 use crate::train::batch::{Batch, Example, LossOn};
 use crate::train::error::TrainError;
 use crate::train::lora::{LoraConfig, Trainable, TrainableSpec};
@@ -92,9 +91,10 @@ pub fn bench_train_step(cfg: &Config, spec: &BenchSpec) -> Result<BenchReport, T
 
     let factor = cfg.projector.factor;
     let image_tokens = spec.patch_rows.div_ceil(factor) * spec.patch_cols.div_ceil(factor);
-    let mut rng = StdRng::seed_from_u64(0);
+    let mut rng = SeededRng::new(0);
     let vocab = cfg.text.vocab_size as u32;
-    let word = |rng: &mut StdRng| rng.random_range(1000.min(vocab - 1)..vocab);
+    let word =
+        |rng: &mut SeededRng| rng.in_range(u64::from(1000.min(vocab - 1))..u64::from(vocab)) as u32;
     let before = spec.prompt_tokens / 4;
     let mut ids: Vec<u32> = (0..before).map(|_| word(&mut rng)).collect();
     ids.extend(std::iter::repeat_n(cfg.image_token_id, image_tokens));
@@ -111,7 +111,7 @@ pub fn bench_train_step(cfg: &Config, spec: &BenchSpec) -> Result<BenchReport, T
     let patches = spec.patch_rows * spec.patch_cols;
     let patch_dim = cfg.vision.patch_dim();
     let pixels: Vec<f32> = (0..patches * patch_dim)
-        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .map(|_| rng.uniform_f32() * 2.0 - 1.0)
         .collect();
     let pixels = Tensor::from_vec(pixels, (1, patches, patch_dim), &dev)?;
     let mask = Tensor::ones((1, patches), DType::U32, &dev)?;

@@ -15,12 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::{DType, Tensor, Var};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::linear::{LinearAdapter, LinearVisitor};
 use crate::model::ops;
+use crate::rng::{SeededRng, mix, name_hash};
 use crate::train::error::TrainError;
 
 /// PEFT's prefix for tensor names of a `PeftModel` around a transformers model.
@@ -251,29 +250,14 @@ impl TrainMode {
         self.micro_step.store(step, Ordering::Relaxed);
     }
 
-    fn dropout_rng(&self, module_index: u64) -> StdRng {
+    fn dropout_rng(&self, module_index: u64) -> SeededRng {
         let step = self.micro_step.load(Ordering::Relaxed);
-        StdRng::seed_from_u64(mix(&[self.seed, step, module_index, 0x6c6f_7261]))
+        SeededRng::from_words(&[self.seed, step, module_index, 0x6c6f_7261])
     }
-}
-
-/// A 64-bit hash of a few words (seed derivation).
-pub(crate) fn mix(words: &[u64]) -> u64 {
-    let mut h = blake3::Hasher::new();
-    for w in words {
-        h.update(&w.to_le_bytes());
-    }
-    let bytes = h.finalize();
-    let mut out = [0u8; 8];
-    out.copy_from_slice(&bytes.as_bytes()[..8]);
-    u64::from_le_bytes(out)
 }
 
 fn name_seed(seed: u64, name: &str) -> u64 {
-    let hash = blake3::hash(name.as_bytes());
-    let mut out = [0u8; 8];
-    out.copy_from_slice(&hash.as_bytes()[..8]);
-    mix(&[seed, u64::from_le_bytes(out)])
+    mix(&[seed, name_hash(name)])
 }
 
 /// Applies `f` to `x [..., in]` as a 2-D `[rows, in]` matrix and restores the leading dims.
@@ -352,7 +336,7 @@ impl LoraAdapter {
         let keep = 1.0 / (1.0 - p);
         let mut rng = self.mode.dropout_rng(self.index);
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+            .map(|_| if rng.uniform_f32() < p { 0.0 } else { keep })
             .collect();
         Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
     }
@@ -489,10 +473,10 @@ impl Trainable {
                 if full_names.contains(&m.name) {
                     continue;
                 }
-                let mut rng = StdRng::seed_from_u64(name_seed(cfg.seed, &m.name));
+                let mut rng = SeededRng::new(name_seed(cfg.seed, &m.name));
                 let bound = 1.0 / (m.in_dim as f32).sqrt();
                 let a: Vec<f32> = (0..cfg.rank * m.in_dim)
-                    .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)
+                    .map(|_| (rng.uniform_f32() * 2.0 - 1.0) * bound)
                     .collect();
                 let dev = model.device();
                 let a = Tensor::from_vec(a, (cfg.rank, m.in_dim), dev)?;

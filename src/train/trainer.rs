@@ -29,17 +29,16 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::processor::stack_images;
 use crate::model::vision::{ViewSpan, pack_views};
+use crate::rng::SeededRng;
 use crate::train::batch::{Batch, Example, LossOn, cross_entropy};
 use crate::train::error::TrainError;
 use crate::train::io::{read_safetensors, write_atomic, write_safetensors};
-use crate::train::lora::{Trainable, TrainableSpec, mix};
+use crate::train::lora::{Trainable, TrainableSpec};
 use crate::train::metrics::{MetricRow, read_metrics, write_metrics};
 use crate::train::optim::{
     AdamW, AdamWConfig, Decay, Moments, Schedule, clip_grad_norm, global_norm,
@@ -600,13 +599,9 @@ impl DataOrder {
         if let Some(p) = self.permutations.borrow().get(&epoch) {
             return p.clone();
         }
-        let mut rng = StdRng::seed_from_u64(mix(&[self.seed, epoch as u64, 0x6461_7461]));
+        let mut rng = SeededRng::from_words(&[self.seed, epoch as u64, 0x6461_7461]);
         let mut p: Vec<usize> = (0..self.n).collect();
-        // Fisher-Yates.
-        for i in (1..p.len()).rev() {
-            let j = rng.random_range(0..=i);
-            p.swap(i, j);
-        }
+        rng.shuffle(&mut p);
         self.permutations.borrow_mut().insert(epoch, p.clone());
         p
     }

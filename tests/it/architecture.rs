@@ -6,8 +6,9 @@
 //!   through two folders means neither can be read, moved or tested alone);
 //! - `src/model/kernels/` imports nothing from the rest of the crate and knows no candle tensor:
 //!   its kernels take slices;
-//! - inside `src/model/`, only `load/` touches the file system: the network, the kernels and the
-//!   processor take values that loading produced.
+//! - inside `src/model/`, only `load/` (and the processor's `from_model_dir`) touches the file
+//!   system: the network and the kernels take values that loading produced;
+//! - seeded randomness goes through `src/rng.rs`, never `rand`'s own generators.
 //!
 //! The graph is read with a small lexer (comments, strings and `#[cfg(test)]` items removed), not
 //! rustc: an import through a macro or a `#[path]` attribute would be missed, and the crate has
@@ -678,4 +679,37 @@ fn the_network_does_not_import_its_loading() {
         }
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+#[test]
+fn seeded_randomness_goes_through_the_rng_module() {
+    // `rand`'s generators and distributions promise no stream across versions; everything seeded
+    // that must reproduce draws from `crate::rng::SeededRng` (PCG-64, pinned by its tests).
+    let g = graph();
+    let mut bad = Vec::new();
+    for (i, file) in g.files.iter().enumerate() {
+        if file == Path::new("rng.rs") {
+            continue;
+        }
+        for pattern in [
+            "rand::",
+            "StdRng",
+            "SmallRng",
+            "thread_rng",
+            "rand_pcg",
+            "RngExt",
+            // SplitMix64's increment: a hand-written copy of the generator.
+            "0x9E37_79B9_7F4A_7C15",
+            "0x9e3779b97f4a7c15",
+        ] {
+            if g.code[i].contains(pattern) {
+                bad.push(format!("{} uses `{pattern}`", file.display()));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "seeded randomness belongs in src/rng.rs:\n{}",
+        bad.join("\n")
+    );
 }

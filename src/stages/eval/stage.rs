@@ -31,7 +31,8 @@ use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 //    `batch_size`.
 // 4: images over the pixel cap (PIL's, or the dataset's `max_image_pixels`) are error rows.
 // 5: a grammar-constrained answer closes before `max_new_tokens` runs out.
-const EVAL_CODE_VERSION: u32 = 5;
+// 6: sampled generation (temperature > 0) draws from `crate::rng` (PCG-64), not `StdRng`.
+const EVAL_CODE_VERSION: u32 = 6;
 
 /// How an eval gets its answers.
 #[derive(Clone, Debug)]

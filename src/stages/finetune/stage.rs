@@ -52,7 +52,8 @@ use crate::train::{Example, TrainConfig, TrainError, train};
 // 3: `model.json` names the base independently of the project's location; adapter configs
 // name a Hub base and write `lora_dropout` as written.
 // 4: images over the default pixel cap (PIL's `MAX_IMAGE_PIXELS`) are skipped as undecodable.
-const FINETUNE_CODE_VERSION: u32 = 4;
+// 5: LoRA init, dropout masks and shuffles drawn from `crate::rng` (PCG-64), not `StdRng`.
+const FINETUNE_CODE_VERSION: u32 = 5;
 
 /// Folder of the final adapter inside the entry.
 pub const ADAPTER_DIR: &str = "adapter";
