@@ -17,6 +17,7 @@ pub enum FileAction {
     List,
     Inspect,
     Remove,
+    Lock,
 }
 
 impl fmt::Display for FileAction {
@@ -29,6 +30,7 @@ impl fmt::Display for FileAction {
             FileAction::List => "list",
             FileAction::Inspect => "inspect",
             FileAction::Remove => "remove",
+            FileAction::Lock => "lock",
         })
     }
 }
@@ -79,6 +81,11 @@ impl FileError {
         Self::at(FileAction::Remove, path)
     }
 
+    /// For `map_err` on taking a file lock.
+    pub fn lock(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+        Self::at(FileAction::Lock, path)
+    }
+
     fn at(action: FileAction, path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
         move |source| FileError {
             action,
@@ -101,5 +108,41 @@ mod tests {
         assert_eq!(error.to_string(), "cannot read `/nowhere/model.json`");
         assert_eq!(error.source.kind(), std::io::ErrorKind::NotFound);
         assert!(std::error::Error::source(&error).is_some());
+    }
+
+    /// Every layer that reads or writes files reports the one `FileError` (issue 15 item 3), so
+    /// a caller matches the action and path instead of a per-layer `Io` variant's text.
+    #[test]
+    fn every_layer_reports_file_errors_as_file_error() {
+        use crate::cache::{CacheError, CacheStore};
+        use crate::stages::data::{DataError, read_rows};
+        use crate::stages::eval::{EvalError, read_records_parquet};
+        use crate::train::TrainError;
+        use crate::train::io::read_safetensors;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.parquet");
+        let is = |e: &FileError, action: FileAction, path: &Path| {
+            e.action == action && e.path == path && e.source.kind() == std::io::ErrorKind::NotFound
+        };
+        match read_rows(&missing) {
+            Err(DataError::File(e)) => assert!(is(&e, FileAction::Read, &missing), "{e}"),
+            other => panic!("{:?}", other.err()),
+        }
+        match read_records_parquet(&missing) {
+            Err(EvalError::File(e)) => assert!(is(&e, FileAction::Read, &missing), "{e}"),
+            other => panic!("{:?}", other.err()),
+        }
+        match read_safetensors(&missing, &candle_core::Device::Cpu) {
+            Err(TrainError::File(e)) => assert!(is(&e, FileAction::Read, &missing), "{e}"),
+            other => panic!("{:?}", other.err()),
+        }
+        // A cache root below a regular file cannot be created.
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").expect("write");
+        match CacheStore::open(file.join("cache")) {
+            Err(CacheError::File(e)) => assert_eq!(e.action, FileAction::Create, "{e}"),
+            other => panic!("{:?}", other.err().map(|e| e.to_string())),
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::CacheError;
+use crate::file_error::FileError;
 
 /// Poll interval while waiting for another holder to finish.
 const POLL: Duration = Duration::from_millis(50);
@@ -90,7 +91,7 @@ impl CacheLock {
         wait: Duration,
         notify: &mut dyn FnMut(&str),
     ) -> Result<Self, CacheError> {
-        std::fs::create_dir_all(root).map_err(CacheError::io(root))?;
+        std::fs::create_dir_all(root).map_err(FileError::create(root))?;
         let path = root.join("lock");
         let file = OpenOptions::new()
             .create(true)
@@ -98,7 +99,7 @@ impl CacheLock {
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(CacheError::io(&path))?;
+            .map_err(FileError::create(&path))?;
         let start = Instant::now();
         // The holder last reported and when.
         let mut told: Option<(String, Instant)> = None;
@@ -149,7 +150,7 @@ impl CacheLock {
                     std::thread::sleep(POLL);
                 }
                 Err(fs4::TryLockError::Error(source)) => {
-                    return Err(CacheError::Io { path, source });
+                    return Err(FileError::lock(&path)(source).into());
                 }
             }
         }

@@ -32,16 +32,14 @@ pub use store::{
 
 use std::path::PathBuf;
 
+use crate::file_error::FileError;
+
 /// Errors of the cache layer. A corrupt entry is not an error (it is a [`Lookup::Miss`]).
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     /// A filesystem operation on the cache failed.
-    #[error("cache i/o error on `{path}`: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     /// Another process holds the cache lock and did not release it in time.
     #[error("the cache `{root}` is locked by another run ({holder}); waited {waited_ms} ms")]
     Locked {
@@ -74,11 +72,4 @@ pub enum CacheError {
         "invalid output file `{name}` (expected a regular file at a relative path inside the entry, not `manifest.json`)"
     )]
     BadFileName { name: String },
-}
-
-impl CacheError {
-    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
-        let path = path.into();
-        move |source| CacheError::Io { path, source }
-    }
 }

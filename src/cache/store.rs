@@ -11,6 +11,7 @@ use super::manifest::{hash_file, mtime_ns};
 use super::{
     CacheError, CacheLock, FileRecord, Fingerprint, MANIFEST_FILE, MANIFEST_VERSION, Manifest,
 };
+use crate::file_error::FileError;
 
 /// Files up to this size are rehashed on every fast lookup; bigger ones only when their size or
 /// modification time differs from the manifest. Keeps a no-change rerun independent of dataset
@@ -134,7 +135,7 @@ impl CacheStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, CacheError> {
         let root = root.into();
         for dir in [root.join("entries"), root.join("tmp")] {
-            fs::create_dir_all(&dir).map_err(CacheError::io(&dir))?;
+            fs::create_dir_all(&dir).map_err(FileError::create(&dir))?;
         }
         let tag = root.join("CACHEDIR.TAG");
         if !tag.exists() {
@@ -143,7 +144,7 @@ impl CacheStore {
                 &tag,
                 "Signature: 8a477f597d28d172789f06886806bc55\n# vlmpipe stage cache\n",
             )
-            .map_err(CacheError::io(&tag))?;
+            .map_err(FileError::write(&tag))?;
         }
         Ok(Self { root })
     }
@@ -237,7 +238,7 @@ impl CacheStore {
             self.root
                 .join("tmp")
                 .join(format!("{}.{}.{nanos}", fp.short(), std::process::id()));
-        fs::create_dir_all(&dir).map_err(CacheError::io(&dir))?;
+        fs::create_dir_all(&dir).map_err(FileError::create(&dir))?;
         Ok(EntryWriter {
             store: self.clone(),
             dir,
@@ -253,8 +254,8 @@ impl CacheStore {
     pub fn list(&self) -> Result<Vec<EntryInfo>, CacheError> {
         let entries = self.root.join("entries");
         let mut out = Vec::new();
-        for item in fs::read_dir(&entries).map_err(CacheError::io(&entries))? {
-            let item = item.map_err(CacheError::io(&entries))?;
+        for item in fs::read_dir(&entries).map_err(FileError::list(&entries))? {
+            let item = item.map_err(FileError::list(&entries))?;
             if !item.path().is_dir() {
                 continue;
             }
@@ -347,21 +348,22 @@ impl CacheStore {
             std::process::id(),
             unix_now_nanos()
         ));
-        fs::rename(dir, &trash).map_err(CacheError::io(dir))?;
-        fs::remove_dir_all(&trash).map_err(CacheError::io(&trash))
+        fs::rename(dir, &trash).map_err(FileError::write(dir))?;
+        fs::remove_dir_all(&trash).map_err(FileError::remove(&trash))?;
+        Ok(())
     }
 
     fn clear_tmp(&self) -> Result<(), CacheError> {
         let tmp = self.root.join("tmp");
-        fs::create_dir_all(&tmp).map_err(CacheError::io(&tmp))?;
-        for item in fs::read_dir(&tmp).map_err(CacheError::io(&tmp))? {
-            let path = item.map_err(CacheError::io(&tmp))?.path();
+        fs::create_dir_all(&tmp).map_err(FileError::create(&tmp))?;
+        for item in fs::read_dir(&tmp).map_err(FileError::list(&tmp))? {
+            let path = item.map_err(FileError::list(&tmp))?.path();
             let result = if path.is_dir() {
                 fs::remove_dir_all(&path)
             } else {
                 fs::remove_file(&path)
             };
-            result.map_err(CacheError::io(&path))?;
+            result.map_err(FileError::remove(&path))?;
         }
         Ok(())
     }
@@ -392,7 +394,7 @@ impl EntryWriter {
         check_file_name(name)?;
         let path = self.dir.join(name);
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(CacheError::io(parent))?;
+            fs::create_dir_all(parent).map_err(FileError::create(parent))?;
         }
         Ok(path)
     }
@@ -407,10 +409,7 @@ impl EntryWriter {
     pub fn commit(mut self, metadata: Value) -> Result<CacheEntry, CacheError> {
         let mut files = Vec::new();
         for item in walkdir::WalkDir::new(&self.dir).min_depth(1) {
-            let item = item.map_err(|e| CacheError::Io {
-                path: self.dir.clone(),
-                source: e.into(),
-            })?;
+            let item = item.map_err(|e| FileError::list(&self.dir)(e.into()))?;
             if item.file_type().is_dir() {
                 continue;
             }
@@ -432,15 +431,15 @@ impl EntryWriter {
             // Durable before the rename makes the entry visible.
             File::open(&path)
                 .and_then(|f| f.sync_all())
-                .map_err(CacheError::io(&path))?;
-            let meta = fs::metadata(&path).map_err(CacheError::io(&path))?;
+                .map_err(FileError::write(&path))?;
+            let meta = fs::metadata(&path).map_err(FileError::inspect(&path))?;
             let rows = if name.ends_with(".parquet") {
                 Some(parquet_rows(&path)?)
             } else {
                 None
             };
             files.push(FileRecord {
-                blake3: hash_file(&path).map_err(CacheError::io(&path))?,
+                blake3: hash_file(&path).map_err(FileError::read(&path))?,
                 name,
                 size: meta.len(),
                 mtime_ns: mtime_ns(&meta),
@@ -463,7 +462,7 @@ impl EntryWriter {
         if target.exists() {
             self.store.remove_dir(&target)?;
         }
-        fs::rename(&self.dir, &target).map_err(CacheError::io(&target))?;
+        fs::rename(&self.dir, &target).map_err(FileError::write(&target))?;
         self.committed = true;
         if let Some(parent) = target.parent() {
             // Persist the rename itself; failure only weakens durability on power loss.
@@ -504,7 +503,7 @@ fn check_file_name(name: &str) -> Result<(), CacheError> {
 
 fn parquet_rows(path: &Path) -> Result<u64, CacheError> {
     use parquet::file::reader::FileReader;
-    let file = File::open(path).map_err(CacheError::io(path))?;
+    let file = File::open(path).map_err(FileError::read(path))?;
     let reader = parquet::file::reader::SerializedFileReader::new(file).map_err(|source| {
         CacheError::BadParquet {
             path: path.to_path_buf(),
@@ -526,9 +525,10 @@ fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), CacheError> {
         source,
     })?;
     let path = dir.join(MANIFEST_FILE);
-    let mut file = File::create(&path).map_err(CacheError::io(&path))?;
-    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(CacheError::io(&path))?;
-    file.sync_all().map_err(CacheError::io(&path))
+    let mut file = File::create(&path).map_err(FileError::create(&path))?;
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(FileError::write(&path))?;
+    file.sync_all().map_err(FileError::write(&path))?;
+    Ok(())
 }
 
 /// Replaces a committed entry's manifest through a temp file and a rename.
@@ -538,9 +538,10 @@ fn write_manifest_atomically(dir: &Path, manifest: &Manifest) -> Result<(), Cach
         fingerprint: manifest.fingerprint.to_string(),
         source,
     })?;
-    fs::write(&tmp, text).map_err(CacheError::io(&tmp))?;
+    fs::write(&tmp, text).map_err(FileError::write(&tmp))?;
     let path = dir.join(MANIFEST_FILE);
-    fs::rename(&tmp, &path).map_err(CacheError::io(&path))
+    fs::rename(&tmp, &path).map_err(FileError::write(&path))?;
+    Ok(())
 }
 
 /// Verifies an entry folder; returns its manifest and whether mtimes were refreshed, or what is

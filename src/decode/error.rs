@@ -1,17 +1,14 @@
 //! The errors of the decode layer: loading a vocabulary, compiling a grammar, stepping a constraint,
 //! building canonical answers and scoring labels.
 
+use crate::file_error::FileError;
 use std::path::PathBuf;
 
 /// What can go wrong in `decode`.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("cannot read tokenizer `{}`", path.display())]
-    ReadTokenizer {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read tokenizer")]
+    ReadTokenizer(#[source] FileError),
     #[error("cannot load tokenizer `{}`: {message}", path.display())]
     LoadTokenizer { path: PathBuf, message: String },
     #[error("unsupported tokenizer: {0}")]

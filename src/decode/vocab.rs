@@ -15,6 +15,7 @@ use llguidance::ParserFactory;
 use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 
 use crate::decode::error::DecodeError;
+use crate::file_error::FileError;
 
 /// How to read a tokenizer for the model it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +61,9 @@ impl std::fmt::Debug for Vocab {
 impl Vocab {
     /// Reads a Hugging Face `tokenizer.json` (byte-level BPE or byte-fallback SentencePiece).
     pub fn from_tokenizer_file(path: &Path, cfg: &VocabConfig) -> Result<Self, DecodeError> {
-        let bytes = std::fs::read(path).map_err(|source| DecodeError::ReadTokenizer {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(FileError::read(path))
+            .map_err(DecodeError::ReadTokenizer)?;
         Self::from_tokenizer_json(&bytes, cfg).map_err(|e| match e {
             DecodeError::LoadTokenizer { message, .. } => DecodeError::LoadTokenizer {
                 path: path.to_path_buf(),

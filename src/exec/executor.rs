@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::exports;
 use super::history::{History, StageIdentity};
-use super::stage::{MissingCause, MissingInput};
+use super::stage::{MissingCause, MissingInput, StageError};
 use super::{Progress, RunSummary, Stage, StageContext, StageReport, StageStatus};
 use crate::cache::{CacheEntry, CacheError, CacheStore, Fingerprint, Lookup, MissReason, Verify};
 
@@ -281,7 +281,8 @@ pub fn run(
                             report.status = StageStatus::Ran;
                             entry = Some(ran);
                         }
-                        Err(message) => {
+                        Err(error) => {
+                            let message = error_chain(error.as_error());
                             report.status = StageStatus::Failed;
                             states[index] = State::Missing(MissingCause::Failed {
                                 stage: node.name.clone(),
@@ -445,7 +446,7 @@ fn run_stage(
     fp: &Fingerprint,
     inputs: &[CacheEntry],
     progress: &Progress,
-) -> Result<Result<CacheEntry, String>, ExecError> {
+) -> Result<Result<CacheEntry, StageError>, ExecError> {
     let mut writer = store.begin(lock, fp, name, stage.kind())?;
     writer.set_inputs(inputs.iter().map(|e| e.fingerprint().clone()).collect());
     let out_dir = writer.dir().to_path_buf();
@@ -460,7 +461,7 @@ fn run_stage(
     let outcome = match stage.run(&mut ctx) {
         Ok(outcome) => outcome,
         // Dropping the writer deletes the temp folder: a failed stage leaves no entry.
-        Err(error) => return Ok(Err(error_chain(error.as_error()))),
+        Err(error) => return Ok(Err(error)),
     };
     let metadata = json!({
         "stage": outcome.metadata,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use super::stage::Export;
 use crate::cache::CacheEntry;
 use crate::cache::hash_file;
+use crate::file_error::FileError;
 
 /// Why an export could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -19,12 +20,8 @@ pub enum ExportError {
     #[error("the cache entry has no file `{file}` to export to `{target}`")]
     NotInEntry { file: String, target: PathBuf },
     /// Copying failed (permissions, disk full, …).
-    #[error("cannot write the export `{target}`: {source}")]
-    Io {
-        target: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
 }
 
 /// Whether an export already equals the entry's file (size and blake3 from the manifest).
@@ -48,10 +45,7 @@ pub(crate) fn sync(entry: &CacheEntry, export: &Export) -> Result<PathBuf, Expor
     if is_current(entry, export) {
         return Ok(export.target.clone());
     }
-    let io = |source| ExportError::Io {
-        target: export.target.clone(),
-        source,
-    };
+    let io = |source| ExportError::File(FileError::write(&export.target)(source));
     let dir = match export.target.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),

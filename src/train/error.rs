@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::file_error::FileError;
+
 /// Why training, adapter IO or merging failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -23,12 +25,8 @@ pub enum TrainError {
     #[error("the training set is empty")]
     EmptyTrainingSet,
     /// A file could not be read or written.
-    #[error("cannot access `{path}`")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     /// A JSON file is malformed.
     #[error("`{path}` is not valid: {message}")]
     Json { path: PathBuf, message: String },
@@ -50,11 +48,4 @@ pub enum TrainError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-}
-
-impl TrainError {
-    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
-        let path = path.into();
-        move |source| Self::Io { path, source }
-    }
 }

@@ -8,18 +8,19 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype, TensorView};
 
+use crate::file_error::FileError;
 use crate::train::error::TrainError;
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`, so a
 /// reader (or a resumed run after a kill) sees the old file or the new one, never half of one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(TrainError::io(dir))?;
-    tmp.write_all(bytes).map_err(TrainError::io(path))?;
-    tmp.as_file().sync_all().map_err(TrainError::io(path))?;
+    std::fs::create_dir_all(dir).map_err(FileError::create(dir))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(FileError::create(dir))?;
+    tmp.write_all(bytes).map_err(FileError::write(path))?;
+    tmp.as_file().sync_all().map_err(FileError::write(path))?;
     tmp.persist(path)
-        .map_err(|e| TrainError::io(path)(e.error))?;
+        .map_err(|e| FileError::write(path)(e.error))?;
     Ok(())
 }
 
@@ -112,10 +113,11 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 /// Reads every tensor of a safetensors file, sorted by name.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>, TrainError> {
     if !path.is_file() {
-        return Err(TrainError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
-        });
+        return Err(FileError::read(path)(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "file not found",
+        ))
+        .into());
     }
     let mut tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(path, device)
         .map_err(|e| TrainError::Safetensors {

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::dtype::Dtype;
+use crate::file_error::FileError;
 use crate::model::checkpoint::Checkpoint;
 use crate::train::error::TrainError;
 use crate::train::io::{write_atomic, write_safetensors};
@@ -123,21 +124,10 @@ pub enum ExportError {
     /// The destination is a file.
     #[error("`{0}` is a file; the export needs a folder")]
     NotADir(PathBuf),
-    #[error("cannot write the export at `{path}`")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error(transparent)]
     Train(#[from] TrainError),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
-    move |source| ExportError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// `vlmpipe-export.json` as written.
@@ -174,10 +164,10 @@ pub fn check_destination(
         return Err(ExportError::NotADir(out_dir.to_path_buf()));
     }
     let mut names: Vec<String> = std::fs::read_dir(out_dir)
-        .map_err(io_err(out_dir))?
+        .map_err(FileError::list(out_dir))?
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<Result<_, _>>()
-        .map_err(io_err(out_dir))?;
+        .map_err(FileError::list(out_dir))?;
     if names.is_empty() {
         // Filled in place rather than replaced: the folder may be `.`, which cannot be renamed.
         return Ok(Destination::Update {
@@ -240,10 +230,10 @@ pub fn merge_checkpoint(
     let staging_parent = match &destination {
         Destination::Fresh => {
             let parent = std::path::absolute(out_dir)
-                .map_err(io_err(out_dir))?
+                .map_err(FileError::inspect(out_dir))?
                 .parent()
                 .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-            std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+            std::fs::create_dir_all(&parent).map_err(FileError::create(&parent))?;
             parent
         }
         Destination::Update { .. } => out_dir.to_path_buf(),
@@ -251,7 +241,7 @@ pub fn merge_checkpoint(
     let tmp = tempfile::Builder::new()
         .prefix(".vlmpipe-export-")
         .tempdir_in(&staging_parent)
-        .map_err(io_err(&staging_parent))?;
+        .map_err(FileError::create(&staging_parent))?;
     let mut written = vec![WEIGHTS_FILE.to_owned()];
     write_safetensors(&tmp.path().join(WEIGHTS_FILE), &merged.tensors)?;
     let mut copied = Vec::new();
@@ -260,7 +250,7 @@ pub fn merge_checkpoint(
         if !path.is_file() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).map_err(TrainError::io(&path))?;
+        let text = std::fs::read_to_string(&path).map_err(FileError::read(&path))?;
         serde_json::from_str(&text)
             .map(Some)
             .map_err(|e| TrainError::Json {
@@ -286,8 +276,8 @@ pub fn merge_checkpoint(
         ),
     )?;
     written.push(PREPROCESSOR_FILE.to_owned());
-    for entry in std::fs::read_dir(base_dir).map_err(io_err(base_dir))? {
-        let entry = entry.map_err(io_err(base_dir))?;
+    for entry in std::fs::read_dir(base_dir).map_err(FileError::list(base_dir))? {
+        let entry = entry.map_err(FileError::list(base_dir))?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().to_string();
         if !path.is_file()
@@ -305,7 +295,7 @@ pub fn merge_checkpoint(
                 &transformers_config(base_config.clone(), options.dtype),
             )?;
         } else {
-            std::fs::copy(&path, &target).map_err(io_err(&path))?;
+            std::fs::copy(&path, &target).map_err(FileError::copy_to(&target))?;
         }
         copied.push(name.clone());
         written.push(name);
@@ -328,7 +318,7 @@ pub fn merge_checkpoint(
     match destination {
         Destination::Fresh => {
             let kept = tmp.keep();
-            std::fs::rename(&kept, out_dir).map_err(io_err(out_dir))?;
+            std::fs::rename(&kept, out_dir).map_err(FileError::write(out_dir))?;
         }
         Destination::Update { previous_files } => {
             // The manifest goes last: until it is in place the folder does not claim the new files.
@@ -337,7 +327,8 @@ pub fn merge_checkpoint(
                 .chain(std::iter::once(&EXPORT_MANIFEST.to_owned()))
             {
                 let target = out_dir.join(name);
-                std::fs::rename(tmp.path().join(name), &target).map_err(io_err(&target))?;
+                std::fs::rename(tmp.path().join(name), &target)
+                    .map_err(FileError::write(&target))?;
             }
             // Files an earlier export of this stage wrote and this one does not: ours to remove.
             let now: BTreeSet<&String> = written.iter().collect();
@@ -345,7 +336,7 @@ pub fn merge_checkpoint(
                 let path = out_dir.join(name);
                 // Only plain names: a tampered manifest must not reach outside the folder.
                 if Path::new(name).components().count() == 1 && path.is_file() {
-                    std::fs::remove_file(&path).map_err(io_err(&path))?;
+                    std::fs::remove_file(&path).map_err(FileError::remove(&path))?;
                 }
             }
         }

@@ -9,6 +9,7 @@ use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use serde::{Deserialize, Serialize};
 
+use crate::file_error::FileError;
 use crate::train::error::TrainError;
 use crate::train::io::write_atomic;
 
@@ -78,7 +79,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRow>, TrainError> {
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(TrainError::io(path))?;
+    let file = std::fs::File::open(path).map_err(FileError::read(path))?;
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
         .map_err(|e| err(e.to_string()))?;
@@ -124,7 +125,7 @@ mod tests {
 
     #[test]
     fn metrics_round_trip() -> Result<(), TrainError> {
-        let dir = tempfile::tempdir().map_err(TrainError::io("tmp"))?;
+        let dir = tempfile::tempdir().map_err(FileError::create(&std::env::temp_dir()))?;
         let rows = vec![
             MetricRow {
                 step: 1,

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
 
+use crate::file_error::FileError;
 use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::linear::LinearVisitor;
 use crate::train::error::TrainError;
@@ -206,7 +207,7 @@ impl PeftAdapter {
 
     /// Writes the two files into `dir` (created if needed), each atomically.
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
-        std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
+        std::fs::create_dir_all(dir).map_err(FileError::create(dir))?;
         let config =
             serde_json::to_string_pretty(&self.config_json()).map_err(|e| TrainError::Json {
                 path: dir.join(ADAPTER_CONFIG),
@@ -219,7 +220,7 @@ impl PeftAdapter {
     /// Reads a PEFT LoRA adapter directory (written by PEFT or by [`Self::save`]).
     pub fn load(dir: &Path, device: &Device) -> Result<Self, TrainError> {
         let config_path = dir.join(ADAPTER_CONFIG);
-        let text = std::fs::read_to_string(&config_path).map_err(TrainError::io(&config_path))?;
+        let text = std::fs::read_to_string(&config_path).map_err(FileError::read(&config_path))?;
         let json: Value = serde_json::from_str(&text).map_err(|e| TrainError::Json {
             path: config_path.clone(),
             message: e.to_string(),

@@ -31,6 +31,7 @@ use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use crate::file_error::FileError;
 use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::processor::stack_images;
 use crate::model::vision::{ViewSpan, pack_views};
@@ -631,7 +632,7 @@ fn save_checkpoint(
     let root = checkpoint_dir(run_dir);
     let name = format!("step-{:06}", state.step);
     let dir = root.join(&name);
-    std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
+    std::fs::create_dir_all(&dir).map_err(FileError::create(&dir))?;
     let named = trainable.named_vars();
     let tensors: Vec<(String, Tensor)> = named
         .iter()
@@ -675,7 +676,7 @@ fn save_checkpoint(
 
 /// blake3 of a file's bytes, hex.
 fn file_hash(path: &Path) -> Result<String, TrainError> {
-    let bytes = std::fs::read(path).map_err(TrainError::io(path))?;
+    let bytes = std::fs::read(path).map_err(FileError::read(path))?;
     Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 

@@ -19,6 +19,7 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use rayon::prelude::*;
 
+use crate::file_error::FileError;
 use crate::model::config::{Config, ConfigError};
 use crate::model::lfm2_vl::{Lfm2VlModel, WeightPrefixes};
 
@@ -27,12 +28,8 @@ use crate::model::lfm2_vl::{Lfm2VlModel, WeightPrefixes};
 pub enum CheckpointError {
     #[error("`{path}` not found")]
     MissingFile { path: PathBuf },
-    #[error("cannot read `{path}`")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("invalid `{path}`")]
     Config {
         path: PathBuf,
@@ -232,10 +229,7 @@ fn read_text(path: &Path) -> Result<String, CheckpointError> {
             path: path.to_path_buf(),
         });
     }
-    std::fs::read_to_string(path).map_err(|source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(std::fs::read_to_string(path).map_err(FileError::read(path))?)
 }
 
 const MISSING_MARKER: &str = "missing tensor ";

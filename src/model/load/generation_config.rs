@@ -8,17 +8,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::file_error::FileError;
 use crate::model::config::EosIds;
 
 /// Why `generation_config.json` could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerationConfigError {
-    #[error("cannot read `{path}`")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("invalid `{path}`")]
     Json {
         path: PathBuf,
@@ -62,7 +59,7 @@ impl GenerationConfig {
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(source) => return Err(GenerationConfigError::Io { path, source }),
+            Err(source) => return Err(FileError::read(&path)(source).into()),
         };
         serde_json::from_str(&text).map_err(|source| GenerationConfigError::Json { path, source })
     }

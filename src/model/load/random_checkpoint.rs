@@ -27,6 +27,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
+use crate::file_error::FileError;
 use crate::model::config::{Config, ConfigError, LayerKind, Lfm2VlConfig};
 use crate::model::lfm2_vl::{Lfm2VlModel, WeightPrefixes};
 use crate::model::load::checkpoint::LoadOptions;
@@ -35,23 +36,13 @@ use crate::rng::{SeededRng, name_hash};
 /// What can go wrong writing a random checkpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum RandomCheckpointError {
-    #[error("cannot read `{path}`")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("invalid `{path}`")]
     Config {
         path: PathBuf,
         #[source]
         source: ConfigError,
-    },
-    #[error("cannot write `{path}`")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
     },
     #[error("cannot serialise the weights: {0}")]
     Serialize(String),
@@ -377,20 +368,16 @@ pub fn write_random_checkpoint(
     dtype: DType,
     seed: u64,
 ) -> Result<usize, RandomCheckpointError> {
-    std::fs::create_dir_all(out).map_err(|e| write_err(out, e))?;
+    std::fs::create_dir_all(out).map_err(FileError::create(out))?;
     for name in SIDE_FILES {
         let from = source.join(name);
         if from.is_file() {
             let to = out.join(name);
-            std::fs::copy(&from, &to).map_err(|e| write_err(&to, e))?;
+            std::fs::copy(&from, &to).map_err(FileError::copy_to(&to))?;
         }
     }
     let config_path = source.join("config.json");
-    let text =
-        std::fs::read_to_string(&config_path).map_err(|source| RandomCheckpointError::Read {
-            path: config_path.clone(),
-            source,
-        })?;
+    let text = std::fs::read_to_string(&config_path).map_err(FileError::read(&config_path))?;
     let config_err = |source| RandomCheckpointError::Config {
         path: config_path.clone(),
         source,
@@ -431,16 +418,9 @@ pub fn write_random_weights(
         "pt".to_string(),
     )]));
     safetensors::tensor::serialize_to_file(views, metadata, path).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(source) => write_err(path, source),
+        safetensors::SafeTensorError::IoError(source) => FileError::write(path)(source).into(),
         other => RandomCheckpointError::Serialize(other.to_string()),
     })
-}
-
-fn write_err(path: &Path, source: std::io::Error) -> RandomCheckpointError {
-    RandomCheckpointError::Write {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// `values` in `dtype`'s little-endian bytes (f32, bf16 or f16; checked by the caller).

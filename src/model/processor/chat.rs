@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::file_error::FileError;
 use minijinja::value::Value;
 use minijinja::{Environment, Error as JinjaError, ErrorKind, State};
 use serde_json::Value as Json;
@@ -146,12 +147,8 @@ impl Conversation {
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     /// A file could not be read.
-    #[error("cannot read `{path}`")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     /// `tokenizer_config.json` is not valid JSON.
     #[error("`{path}` is not valid JSON: {message}")]
     Json { path: PathBuf, message: String },
@@ -210,10 +207,7 @@ pub(crate) fn read_json(path: &Path) -> Result<Option<Json>, TemplateError> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| TemplateError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(FileError::read(path))?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| TemplateError::Json {
@@ -256,10 +250,7 @@ impl ChatTemplate {
         let tokens = TemplateTokens::from_model_dir(dir)?;
         let file = dir.join("chat_template.jinja");
         if file.is_file() {
-            let source = std::fs::read_to_string(&file).map_err(|source| TemplateError::Read {
-                path: file.clone(),
-                source,
-            })?;
+            let source = std::fs::read_to_string(&file).map_err(FileError::read(&file))?;
             return Self::new(source, tokens);
         }
         let config = read_json(&dir.join("tokenizer_config.json"))?;

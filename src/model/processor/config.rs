@@ -8,18 +8,15 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::file_error::FileError;
 use serde_json::{Map, Value};
 
 /// Errors reading or validating processor settings.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A config file exists but could not be read.
-    #[error("cannot read `{path}`")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     /// A config file is not valid JSON (or not a JSON object).
     #[error("`{path}` is not a JSON object: {message}")]
     Json { path: PathBuf, message: String },
@@ -112,10 +109,7 @@ impl ProcessorConfig {
             if !path.is_file() {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(&path).map_err(FileError::read(&path))?;
             let json: Value = serde_json::from_str(&text).map_err(|e| ConfigError::Json {
                 path: path.clone(),
                 message: e.to_string(),

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::{DataError, DatasetSpec, ImageCheck, IngestReport, SourceSpec, ingest};
+use crate::file_error::FileError;
 
 /// Result of [`bench_ingest_folder`].
 #[derive(Clone, Debug, serde::Serialize)]
@@ -23,7 +24,7 @@ pub fn bench_ingest_folder(
     threads: usize,
     check: ImageCheck,
 ) -> Result<IngestBench, DataError> {
-    let out = tempfile::tempdir().map_err(DataError::io(std::env::temp_dir()))?;
+    let out = tempfile::tempdir().map_err(FileError::create(&std::env::temp_dir()))?;
     let mut spec = DatasetSpec::new(SourceSpec::Folder {
         dir: dir.to_path_buf(),
     });

@@ -19,6 +19,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
 use super::{DataError, ImageInfo};
+use crate::file_error::FileError;
 
 /// Images per row group of `images.parquet`.
 const ROW_GROUP_IMAGES: usize = 128;
@@ -79,7 +80,7 @@ impl ImageStoreWriter {
             .set_column_dictionary_enabled(ColumnPath::from("image_id"), false)
             .set_max_row_group_row_count(Some(ROW_GROUP_IMAGES))
             .build();
-        let file = File::create(path).map_err(DataError::io(path))?;
+        let file = File::create(path).map_err(FileError::create(path))?;
         let writer =
             ArrowWriter::try_new(file, schema(), Some(props)).map_err(DataError::parquet(path))?;
         Ok(Self {
@@ -156,7 +157,7 @@ pub struct ImageStore {
 impl ImageStore {
     /// Opens the store, reading only the `image_id` column to build the index.
     pub fn open(path: &Path) -> Result<Self, DataError> {
-        let file = File::open(path).map_err(DataError::io(path))?;
+        let file = File::open(path).map_err(FileError::read(path))?;
         let builder =
             ParquetRecordBatchReaderBuilder::try_new(file).map_err(DataError::parquet(path))?;
         let mask = ProjectionMask::roots(builder.parquet_schema(), [0]);
@@ -241,7 +242,7 @@ impl ImageStore {
         let wanted_set: HashSet<(usize, usize)> = wanted.iter().copied().collect();
         let mut loaded: HashMap<(usize, usize), StoredImage> = HashMap::new();
         for group in groups {
-            let file = File::open(&self.path).map_err(DataError::io(&self.path))?;
+            let file = File::open(&self.path).map_err(FileError::read(&self.path))?;
             let reader = ParquetRecordBatchReaderBuilder::try_new(file)
                 .map_err(DataError::parquet(&self.path))?
                 .with_row_groups(vec![group])

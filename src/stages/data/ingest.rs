@@ -18,6 +18,7 @@ use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 
+use crate::file_error::FileError;
 use crate::read_limits::{ReadKind, read_bounded};
 use crate::read_policy::ReadPolicy;
 
@@ -431,7 +432,7 @@ fn write_text_table(path: &Path, columns: &[&str], rows: &[Vec<String>]) -> Resu
             .map(|c| Field::new(*c, DataType::Utf8, false))
             .collect::<Vec<_>>(),
     ));
-    let file = File::create(path).map_err(DataError::io(path))?;
+    let file = File::create(path).map_err(FileError::create(path))?;
     let mut writer =
         ArrowWriter::try_new(file, schema.clone(), None).map_err(DataError::parquet(path))?;
     let arrays = (0..columns.len())

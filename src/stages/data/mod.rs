@@ -41,6 +41,7 @@ pub use split::{SplitPart, SplitSpec, part_file_name, sample, shuffle, stratifie
 pub use stage::{DatasetConfig, DatasetStage, HfSource, ingest_warnings};
 pub use synthetic::{Shape, SyntheticSpec};
 
+use crate::file_error::FileError;
 use std::path::PathBuf;
 
 /// Rows of a dataset (and of every split part or sample).
@@ -62,12 +63,8 @@ pub const DATA_CODE_VERSION: u32 = 3;
 /// Errors of the data stages. Bad images are not errors (they go to `errors.parquet`).
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("i/o error on `{path}`: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("cannot read or write Parquet `{path}`: {source}")]
     Parquet {
         path: PathBuf,
@@ -134,11 +131,6 @@ pub enum DataError {
 }
 
 impl DataError {
-    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
-        let path = path.into();
-        move |source| DataError::Io { path, source }
-    }
-
     pub(crate) fn parquet(
         path: impl Into<PathBuf>,
     ) -> impl FnOnce(parquet::errors::ParquetError) -> Self {

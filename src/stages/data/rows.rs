@@ -17,6 +17,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use super::DataError;
+use crate::file_error::FileError;
 
 const CLASSES_KEY: &str = "vlmpipe.classes";
 
@@ -53,7 +54,7 @@ pub fn write_rows(path: &Path, table: &RowTable) -> Result<(), DataError> {
     let props = WriterProperties::builder()
         .set_key_value_metadata(Some(vec![KeyValue::new(CLASSES_KEY.to_owned(), classes)]))
         .build();
-    let file = File::create(path).map_err(DataError::io(path))?;
+    let file = File::create(path).map_err(FileError::create(path))?;
     let mut writer =
         ArrowWriter::try_new(file, schema(), Some(props)).map_err(DataError::parquet(path))?;
     // Chunked so a huge table never becomes one giant batch.
@@ -84,7 +85,7 @@ pub fn write_rows(path: &Path, table: &RowTable) -> Result<(), DataError> {
 
 /// Reads a row table written by [`write_rows`].
 pub fn read_rows(path: &Path) -> Result<RowTable, DataError> {
-    let file = File::open(path).map_err(DataError::io(path))?;
+    let file = File::open(path).map_err(FileError::read(path))?;
     let builder =
         ParquetRecordBatchReaderBuilder::try_new(file).map_err(DataError::parquet(path))?;
     let bad = |message: String| DataError::BadRowTable {

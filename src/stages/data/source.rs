@@ -17,6 +17,7 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 use walkdir::WalkDir;
 
 use super::{DataError, SyntheticSpec};
+use crate::file_error::FileError;
 use crate::read_limits::{ReadKind, open_bounded, open_table};
 use crate::read_policy::ReadPolicy;
 
@@ -270,7 +271,7 @@ fn stamp_files(
     mut hasher: blake3::Hasher,
 ) -> Result<serde_json::Value, DataError> {
     for path in files {
-        let meta = std::fs::metadata(path).map_err(DataError::io(path))?;
+        let meta = std::fs::metadata(path).map_err(FileError::inspect(path))?;
         let mtime = meta
             .modified()
             .ok()
@@ -375,16 +376,10 @@ fn folder_rows(dir: &Path, reads: &ReadPolicy) -> Result<Vec<FolderEntry>, DataE
             Ok(item) => item,
             Err(e) => {
                 let Some(path) = e.path().map(Path::to_path_buf) else {
-                    return Err(DataError::Io {
-                        path: dir.to_path_buf(),
-                        source: e.into(),
-                    });
+                    return Err(FileError::list(dir)(e.into()).into());
                 };
                 if e.depth() == 0 {
-                    return Err(DataError::Io {
-                        path: dir.to_path_buf(),
-                        source: e.into(),
-                    });
+                    return Err(FileError::list(dir)(e.into()).into());
                 }
                 let is_loop = e.loop_ancestor().is_some();
                 let Some((id, class)) = id_and_class(&path) else {
@@ -535,7 +530,7 @@ fn text_rows(
             })?;
             let mut index = 0;
             for (line_no, line) in BufReader::new(file).lines().enumerate() {
-                let line = line.map_err(DataError::io(path))?;
+                let line = line.map_err(FileError::read(path))?;
                 if line.trim().is_empty() {
                     continue;
                 }

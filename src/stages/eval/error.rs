@@ -1,5 +1,6 @@
 //! Errors of the evaluation layer.
 
+use crate::file_error::FileError;
 use std::path::PathBuf;
 
 /// What can go wrong when computing metrics or writing and reading evaluation outputs.
@@ -36,13 +37,8 @@ pub enum EvalError {
     #[error("`recall_of` class `{label}` is not in the label set ({labels})")]
     UnknownRecallClass { label: String, labels: String },
     /// File IO.
-    #[error("cannot {action} `{path}`")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     /// Parquet encoding or decoding.
     #[error("parquet error in `{path}`")]
     Parquet {

@@ -12,6 +12,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use super::{EvalError, EvalRecord, ImageSource};
+use crate::file_error::FileError;
 
 /// The header row, in order.
 pub const CSV_HEADER: [&str; 4] = ["image_base64", "ground_truth", "predicted", "correct"];
@@ -47,11 +48,8 @@ pub fn write_csv_export(
             ])
             .map_err(csv_err)?;
     }
-    writer.flush().map_err(|source| EvalError::Io {
-        action: "write",
-        path: path.to_path_buf(),
-        source,
-    })
+    writer.flush().map_err(FileError::write(path))?;
+    Ok(())
 }
 
 /// The image's original bytes, base64. Re-encoding would change the pixels (another decoder than

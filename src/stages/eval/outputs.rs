@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{EvalError, EvalRecord, ImageSource, Metrics, write_csv_export, write_records_parquet};
+use crate::file_error::FileError;
 
 /// Per-sample records (see [`super::write_records_parquet`]).
 pub const RECORDS_FILE: &str = "records.parquet";
@@ -20,20 +21,13 @@ pub fn write_metrics_json(path: &Path, metrics: &Metrics) -> Result<(), EvalErro
         path: path.to_path_buf(),
         reason: format!("cannot serialise metrics: {e}"),
     })?;
-    std::fs::write(path, json + "\n").map_err(|source| EvalError::Io {
-        action: "write",
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::write(path, json + "\n").map_err(FileError::write(path))?;
+    Ok(())
 }
 
 /// Reads a `metrics.json` written by [`write_metrics_json`].
 pub fn read_metrics_json(path: &Path) -> Result<Metrics, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-        action: "read",
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(FileError::read(path))?;
     serde_json::from_str(&text).map_err(|e| EvalError::Schema {
         path: path.to_path_buf(),
         reason: format!("not a metrics file: {e}"),

@@ -19,6 +19,7 @@ use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use super::EvalError;
+use crate::file_error::FileError;
 
 /// Schema metadata key holding the label list as a JSON array of strings.
 const LABELS_KEY: &str = "vlmpipe.labels";
@@ -140,11 +141,7 @@ pub fn write_records_parquet(
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns)
         .map_err(|e| schema_err(format!("cannot build record batch: {e}")))?;
-    let file = File::create(path).map_err(|source| EvalError::Io {
-        action: "create",
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::create(path).map_err(FileError::create(path))?;
     let parquet_err = |source| EvalError::Parquet {
         path: path.to_path_buf(),
         source,
@@ -160,11 +157,7 @@ pub fn write_records_parquet(
 
 /// Reads a records file written by [`write_records_parquet`].
 pub fn read_records_parquet(path: &Path) -> Result<RecordTable, EvalError> {
-    let file = File::open(path).map_err(|source| EvalError::Io {
-        action: "open",
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(path).map_err(FileError::read(path))?;
     let parquet_err = |source| EvalError::Parquet {
         path: path.to_path_buf(),
         source,
@@ -255,6 +248,7 @@ fn read_batch(batch: &RecordBatch, out: &mut Vec<EvalRecord>) -> Result<(), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::file_error::FileAction;
 
     fn record(i: usize, probs: Option<Vec<f32>>, parsed: Option<&str>) -> EvalRecord {
         EvalRecord {
@@ -304,6 +298,9 @@ mod tests {
     fn reading_a_missing_file_is_an_io_error() {
         let err = read_records_parquet(Path::new("/nonexistent/records.parquet"))
             .expect_err("missing file");
-        assert!(matches!(err, EvalError::Io { action: "open", .. }), "{err}");
+        assert!(
+            matches!(&err, EvalError::File(e) if e.action == FileAction::Read),
+            "{err}"
+        );
     }
 }
