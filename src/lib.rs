@@ -19,5 +19,4 @@ pub mod read_policy;
 pub mod rng;
 pub mod runner;
 pub mod stages;
-pub mod testing;
 pub mod train;

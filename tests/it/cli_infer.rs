@@ -276,7 +276,7 @@ fn bad_images_and_models_exit_1_with_a_readable_message() -> TestResult {
 /// tiny-realtok with the real LFM2-VL tokenizer and processor files from `../shared`.
 #[test]
 fn real_tokenizer_case_matches_transformers() -> TestResult {
-    let Some(real) = vlmpipe::testing::shared_path("models/LFM2-VL-450M") else {
+    let Some(real) = crate::support::shared_path("models/LFM2-VL-450M") else {
         return Ok(());
     };
     let dir = tempfile::tempdir()?;

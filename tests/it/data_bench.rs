@@ -92,7 +92,7 @@ fn ingest_throughput_and_no_change_rerun() {
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture"]
 fn ingest_throughput_real_photos() {
-    let Some(photos) = vlmpipe::testing::shared_path("data/cats_vs_dogs") else {
+    let Some(photos) = crate::support::shared_path("data/cats_vs_dogs") else {
         return;
     };
     for (threads, check) in [

@@ -254,7 +254,7 @@ fn image_folder_with_junk_and_a_corrupt_file() {
 
 #[test]
 fn real_photos_folder() {
-    let Some(photos) = vlmpipe::testing::shared_path("data/cats_vs_dogs") else {
+    let Some(photos) = crate::support::shared_path("data/cats_vs_dogs") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -145,7 +145,7 @@ fn row_tables_round_trip_through_parquet() {
 
 #[test]
 fn real_photos_split_90_10() {
-    let Some(photos) = vlmpipe::testing::shared_path("data/cats_vs_dogs") else {
+    let Some(photos) = crate::support::shared_path("data/cats_vs_dogs") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -2,8 +2,8 @@
 //! Ignored by default: timings only mean something in release,
 //! `cargo test --release --test it decode_bench -- --ignored --nocapture`.
 
+use crate::support::shared_path;
 use vlmpipe::decode::{BenchConfig, bench_grammars};
-use vlmpipe::testing::shared_path;
 
 #[test]
 #[ignore = "benchmark: run in release with --ignored --nocapture"]

@@ -5,12 +5,12 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::support::shared_path;
 use vlmpipe::decode::{
     Answer, AnswerParser, CAR_MAKERS, CompiledGrammar, DecodeError, FieldType, GrammarCache,
     GrammarSpec, JsonField, LabelScorer, PrefixScorer, Vocab, VocabConfig, Whitespace, answer_text,
     argmax, greedy_decode,
 };
-use vlmpipe::testing::shared_path;
 
 const TOKENIZER_SIZE: u32 = 64_400;
 const MODEL_VOCAB: usize = 65_536;

@@ -1,5 +1,6 @@
 //! Documents that tell the truth: README's pipeline example is `examples/shapes_demo.vp`, which
-//! `pipeline_run` runs, so the example a newcomer reads is one that works.
+//! `pipeline_run` runs, so the example a newcomer reads is one that works; and `tests/README.md`
+//! lists every test module, so it can say what each one needs.
 
 use std::path::Path;
 
@@ -25,4 +26,26 @@ fn the_readme_example_is_shapes_demo() {
     let example =
         std::fs::read_to_string(root.join("examples/shapes_demo.vp")).expect("shapes_demo.vp");
     assert_eq!(declarations(block), declarations(&example));
+}
+
+#[test]
+fn tests_readme_lists_every_test_module() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let main = std::fs::read_to_string(root.join("tests/it/main.rs")).expect("tests/it/main.rs");
+    let readme = std::fs::read_to_string(root.join("tests/README.md")).expect("tests/README.md");
+    let mut modules: Vec<&str> = main
+        .lines()
+        .filter_map(|l| l.strip_prefix("mod ")?.strip_suffix(';'))
+        .filter(|m| !m.ends_with("support"))
+        .collect();
+    modules.sort_unstable();
+    let mut rows: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+        .collect();
+    rows.sort_unstable();
+    assert_eq!(
+        rows, modules,
+        "tests/README.md's table against tests/it/main.rs"
+    );
 }

@@ -1,11 +1,11 @@
 //! The `check` fuzz target's regression corpus (`tests/fixtures/check_corpus`): the slow inputs of
 //! issue 14 item 8 and every input a campaign found, replayed through the target's own body
-//! ([`vlmpipe::testing::check_bytes`]: no panic, every diagnostic inside its file, parsing work at
+//! ([`crate::fuzz_support::check_bytes`]: no panic, every diagnostic inside its file, parsing work at
 //! most `PARSE_WORK_PER_BYTE` times the input). `fuzz/README.md` says how to run a campaign.
 
 use std::path::Path;
 
-use vlmpipe::testing::{check_bytes, confine};
+use crate::fuzz_support::{check_bytes, confine};
 
 #[test]
 fn every_corpus_input_checks_within_its_work_bound() {

@@ -200,7 +200,7 @@ eval look {{ model = tiny  data = pics  prompt = ask  labels = animals  max_new_
 /// the photo it stands for (the JPEG file, not a PNG re-encoding of the `image` crate's pixels).
 #[test]
 fn predictions_csv_embeds_the_original_photo_files() {
-    let Some(shared) = vlmpipe::testing::shared_path("data/cats_vs_dogs") else {
+    let Some(shared) = crate::support::shared_path("data/cats_vs_dogs") else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");

@@ -356,7 +356,7 @@ fn the_exported_processor_files_name_lfm2_vl_with_the_same_settings() -> TestRes
     use vlmpipe::model::processor::ProcessorConfig;
     let root = tempfile::tempdir()?;
     let mut bases = vec![checkpoint_dir()];
-    match vlmpipe::testing::shared_path("models/LFM2-VL-450M") {
+    match crate::support::shared_path("models/LFM2-VL-450M") {
         Some(real) => {
             // tiny-nothumb's weights with the real 450M processor files.
             let dir = root.path().join("real-processor");

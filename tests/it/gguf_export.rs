@@ -15,11 +15,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::shared_path;
 use candle_core::DType;
 use serde_json::Value;
 use vlmpipe::gguf::{self, GgufOptions, GgufQuant};
 use vlmpipe::model::random_checkpoint::write_random_checkpoint;
-use vlmpipe::testing::shared_path;
 
 use crate::support::narrow_450m_config;
 

@@ -2,6 +2,7 @@
 //! once instead of once per file). `tests/README.md` says which module needs what.
 
 mod data_support;
+mod fuzz_support;
 mod hub_support;
 mod reference_support;
 mod support;
@@ -37,19 +38,19 @@ mod model_adapter;
 mod model_config;
 mod model_generate;
 mod model_inputs;
-mod model_parity;
+mod model_parity_committed;
+mod model_parity_shared;
 mod model_portable;
 mod model_quant;
 mod pipeline_eval;
 mod pipeline_finetune;
 mod pipeline_run;
 mod pipelines_hub;
-mod processor_reference;
+mod processor_parity_committed;
+mod processor_parity_shared;
 mod processor_robustness;
 mod quickstart;
 mod read_policy;
-mod reference_model;
-mod reference_processor;
 mod report_html;
 mod run_outputs;
 mod runner;

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::support::shared_path;
 use candle_core::DType;
 use serde_json::Value;
 use vlmpipe::model::chat::Conversation;
@@ -17,7 +18,6 @@ use vlmpipe::model::generation_config::GenerationConfig;
 use vlmpipe::model::processor::{Processor, decode_image};
 use vlmpipe::model::random_checkpoint::write_random_checkpoint;
 use vlmpipe::model::resolve::ModelRef;
-use vlmpipe::testing::shared_path;
 
 use crate::support::narrow_450m_config;
 

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
+use crate::support::shared_path;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use vlmpipe::model::checkpoint::{self, LoadOptions};
 use vlmpipe::model::lfm2_vl::LogitsMode;
 use vlmpipe::model::linear::{LinearAdapter, LinearVisitor};
-use vlmpipe::testing::shared_path;
 
 /// `base + x A^T B^T`, a LoRA delta without scaling.
 #[derive(Debug)]

@@ -1,8 +1,8 @@
 //! The real LFM2-VL-450M `config.json` (transformers 4.55 spelling) resolves to the right sizes.
 
+use crate::support::shared_path;
 use candle_core::DType;
 use vlmpipe::model::config::{Activation, Config, LayerKind};
-use vlmpipe::testing::shared_path;
 
 #[test]
 fn lfm2_vl_450m_config() {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::error::Error;
 
+use crate::support::shared_path;
 use candle_core::{DType, Device, Tensor};
 use vlmpipe::model::checkpoint::{self, CheckpointError, LoadOptions};
 use vlmpipe::model::generate::{
@@ -12,7 +13,6 @@ use vlmpipe::model::generate::{
 };
 use vlmpipe::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
 use vlmpipe::model::linear::LinearVisitor;
-use vlmpipe::testing::shared_path;
 
 struct Case {
     model: Lfm2VlModel,

@@ -1,10 +1,10 @@
 //! Input handling of the tiny LFM2-VL: padding patches, masks, small views, the image splice and
 //! half-precision loading. Skips when ../shared is absent.
 
+use crate::support::shared_path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use vlmpipe::model::checkpoint::{self, LoadOptions};
 use vlmpipe::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
-use vlmpipe::testing::shared_path;
 
 fn model(dtype: DType) -> Option<Lfm2VlModel> {
     let dir = shared_path("reference/tiny-lfm2vl")?;

@@ -541,8 +541,8 @@ fn bench_model_quant_times_both_models_and_compares_them() -> TestResult {
 #[ignore = "measurement: minutes of the 450M network"]
 fn quantized_450m_agrees_with_f32_on_the_shared_photos() -> TestResult {
     let (Some(real), Some(photos)) = (
-        vlmpipe::testing::shared_path("models/LFM2-VL-450M"),
-        vlmpipe::testing::shared_path("data/cats_vs_dogs"),
+        crate::support::shared_path("models/LFM2-VL-450M"),
+        crate::support::shared_path("data/cats_vs_dogs"),
     ) else {
         return Ok(());
     };

@@ -262,7 +262,7 @@ fn pipeline_errors_are_printed_and_exit_one() {
 
 #[test]
 fn real_photos_split_and_sample() {
-    let Some(photos) = vlmpipe::testing::shared_path("data/cats_vs_dogs") else {
+    let Some(photos) = crate::support::shared_path("data/cats_vs_dogs") else {
         return;
     };
     let s = Scenario::new();
@@ -916,8 +916,8 @@ fn copy_tree(from: &Path, to: &Path) {
 #[test]
 fn render_with_the_real_lfm2_vl_processor() {
     let (Some(photos), Some(model)) = (
-        vlmpipe::testing::shared_path("data/cats_vs_dogs"),
-        vlmpipe::testing::shared_path("models/LFM2-VL-450M"),
+        crate::support::shared_path("data/cats_vs_dogs"),
+        crate::support::shared_path("models/LFM2-VL-450M"),
     ) else {
         return;
     };

@@ -14,9 +14,9 @@ use crate::data_support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::shared_path;
 use serde_json::Value;
 use vlmpipe::stages::data::read_rows;
-use vlmpipe::testing::shared_path;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vlmpipe");
 

@@ -3,12 +3,12 @@
 
 use std::io::Cursor;
 
+use crate::support::shared_path;
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use proptest::prelude::*;
 use vlmpipe::model::processor::{
     ImageError, ImageLayout, ImageProcessor, ProcessorConfig, decode_image,
 };
-use vlmpipe::testing::shared_path;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 

@@ -374,7 +374,7 @@ fn many_classes_render_a_compact_matrix() {
 
 #[test]
 fn report_of_real_cats_and_dogs_photos() {
-    let Some(dir) = vlmpipe::testing::shared_path("data/cats_vs_dogs") else {
+    let Some(dir) = crate::support::shared_path("data/cats_vs_dogs") else {
         return;
     };
     let mut source = MapImageSource::new();

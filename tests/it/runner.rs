@@ -444,7 +444,7 @@ fn vision_feature_layer_runs_that_many_encoder_layers() {
     let last = features(&fixture("checkpoints/tiny-thumb"));
     let at_penultimate = features(penultimate.path());
     let of_shorter = features(shorter.path());
-    let diff = vlmpipe::testing::max_abs_diff;
+    let diff = crate::support::max_abs_diff;
     assert_eq!(diff(&at_penultimate, &of_shorter), 0.0);
     assert!(
         diff(&at_penultimate, &last) > 1e-3,

@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 
+use crate::support::shared_path;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use serde_json::Value;
-use vlmpipe::testing::shared_path;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestResult<T = ()> = Result<T, BoxError>;

@@ -14,6 +14,7 @@
 
 use crate::reference_support;
 
+use crate::support::test_device;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use reference_support::{
     Checks, ModelFixture, TestResult, VisionInputs, checkpoint_dir, logits_tol,
@@ -23,7 +24,6 @@ use vlmpipe::model::checkpoint::{self, LoadOptions};
 use vlmpipe::model::generate::{FinishReason, GenerateConfig, Prompt, generate};
 use vlmpipe::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
 use vlmpipe::model::packed::Kernel;
-use vlmpipe::testing::test_device;
 
 const VISION_TOL: f32 = 5e-5;
 const HIDDEN_TOL: f32 = 2e-4;

@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
+use crate::support::shared_path;
 use safetensors::SafeTensors;
 use vlmpipe::model::chat::Conversation;
 use vlmpipe::model::processor::{ImageLayout, Processor, decode_image};
-use vlmpipe::testing::shared_path;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 

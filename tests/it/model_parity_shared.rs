@@ -7,12 +7,12 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use crate::support::{max_abs_diff, shared_path, test_device};
 use candle_core::{DType, IndexOp, Tensor};
 use vlmpipe::model::checkpoint::{self, LoadOptions};
 use vlmpipe::model::generate::{GenerateConfig, Prompt, generate};
 use vlmpipe::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
 use vlmpipe::model::vision;
-use vlmpipe::testing::{max_abs_diff, shared_path, test_device};
 
 type Refs = HashMap<String, Tensor>;
 

@@ -18,6 +18,7 @@ use crate::reference_support;
 
 use std::path::Path;
 
+use crate::support::shared_path;
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 use reference_support::{
@@ -31,7 +32,6 @@ use vlmpipe::model::processor::{
     ImageLayout, ImageProcessor, ImageTokenStrings, ProcessedImage, Processor, ProcessorConfig,
     decode_image, smart_resize,
 };
-use vlmpipe::testing::shared_path;
 
 /// The fixtures' input image (path relative to the fixtures folder), decoded like a user's file.
 fn load_image(rel: &str) -> TestResult<RgbImage> {
