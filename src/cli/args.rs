@@ -402,6 +402,17 @@ pub enum BenchCommand {
     Ingest(BenchIngestArgs),
     /// Time no-change reruns of a pipeline over a synthetic image folder.
     Rerun(BenchRerunArgs),
+    /// Print the markdown table of BENCHMARKS.md from `bench model --json-out` reports (the
+    /// range of the medians over the runs).
+    Table(BenchTableArgs),
+}
+
+/// `vlmpipe bench table REPORT.json…`
+#[derive(Debug, Args, Clone)]
+pub struct BenchTableArgs {
+    /// Reports written by `bench model --python … --json-out`, one per run.
+    #[arg(value_name = "REPORT", required = true)]
+    pub reports: Vec<PathBuf>,
 }
 
 /// `vlmpipe bench grammar …`

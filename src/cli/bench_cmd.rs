@@ -7,6 +7,8 @@
 //! - `bench rerun`: a synthetic image-folder pipeline run once, then timed no-change reruns.
 //! - `bench model`: one image classification stage by stage, optionally next to transformers on
 //!   the same checkpoint and image in the same run; described below.
+//! - `bench table REPORT…`: `BENCHMARKS.md`'s markdown table from `bench model --json-out`
+//!   reports (`bench_table.rs`).
 //!
 //! The `bench model` workload is `tests/reference/bench_transformers.py`'s: the cats-vs-dogs conversation
 //! (system turn, user turn with the image then the question, generation prompt) on one photo.
@@ -102,6 +104,10 @@ pub(crate) fn run(command: BenchCommand) -> anyhow::Result<Outcome> {
         BenchCommand::Grammar(args) => bench_grammar(&args),
         BenchCommand::Ingest(args) => bench_ingest(&args),
         BenchCommand::Rerun(args) => bench_rerun(&args),
+        BenchCommand::Table(args) => {
+            crate::cli::bench_table::print_table(&args.reports)?;
+            Ok(Outcome::Success)
+        }
     }
 }
 

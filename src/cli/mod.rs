@@ -7,6 +7,7 @@
 mod args;
 mod bench_cmd;
 mod bench_quant;
+mod bench_table;
 mod cache_cmd;
 mod check_cmd;
 mod export_cmd;

@@ -9,6 +9,7 @@ mod support;
 mod train_support;
 
 mod architecture;
+mod benchmarks_doc;
 mod cache_kill;
 mod cache_store;
 mod cli_infer;
