@@ -12,7 +12,7 @@ use std::path::Path;
 
 /// What a file is read as; each kind has its own size limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReadKind {
+pub(crate) enum ReadKind {
     /// A pipeline file or a file it imports.
     PipelineSource,
     /// A prompt template named by `file("...")`.
@@ -31,7 +31,7 @@ const MIB: u64 = 1 << 20;
 
 impl ReadKind {
     /// The most bytes a file of this kind may have.
-    pub fn limit(self) -> u64 {
+    pub(crate) fn limit(self) -> u64 {
         match self {
             // Hand-written text: the largest shipped pipeline is a few KiB.
             ReadKind::PipelineSource | ReadKind::Template | ReadKind::JsonSchema => MIB,
@@ -60,7 +60,7 @@ impl ReadKind {
 
 /// Why a bounded read failed; its `Display` is lower-case and says what to do where it can.
 #[derive(Debug)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     Io(std::io::Error),
     /// A device, FIFO, socket or directory: reading it may never end.
     NotRegular(ReadKind),
@@ -91,7 +91,7 @@ impl fmt::Display for ReadError {
 impl std::error::Error for ReadError {}
 
 /// An io error as a lower-case phrase for messages.
-pub fn lowercase_io(e: &std::io::Error) -> String {
+pub(crate) fn lowercase_io(e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::NotFound => "no such file".to_owned(),
         std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
@@ -102,7 +102,7 @@ pub fn lowercase_io(e: &std::io::Error) -> String {
 }
 
 /// Reads a regular file of at most `kind.limit()` bytes.
-pub fn read_bounded(path: &Path, kind: ReadKind) -> Result<Vec<u8>, ReadError> {
+pub(crate) fn read_bounded(path: &Path, kind: ReadKind) -> Result<Vec<u8>, ReadError> {
     // `metadata` follows symlinks, so a link to a device is refused like the device.
     let meta = std::fs::metadata(path).map_err(ReadError::Io)?;
     if !meta.is_file() {
@@ -127,7 +127,7 @@ pub fn read_bounded(path: &Path, kind: ReadKind) -> Result<Vec<u8>, ReadError> {
 /// Opens a regular file of at most `kind.limit()` bytes for streaming: checked before opening
 /// (so a FIFO never blocks) and again on the open handle (so a file swapped in between is seen).
 /// Readers that stream it should also stop at the limit ([`BoundedReader`]).
-pub fn open_bounded(path: &Path, kind: ReadKind) -> Result<std::fs::File, ReadError> {
+pub(crate) fn open_bounded(path: &Path, kind: ReadKind) -> Result<std::fs::File, ReadError> {
     let check = |meta: std::fs::Metadata| {
         if !meta.is_file() {
             Err(ReadError::NotRegular(kind))
@@ -145,14 +145,14 @@ pub fn open_bounded(path: &Path, kind: ReadKind) -> Result<std::fs::File, ReadEr
 
 /// A reader that fails, naming the limit, once it has read past `kind.limit()` bytes (a file
 /// that grows while it is read).
-pub struct BoundedReader<R> {
+pub(crate) struct BoundedReader<R> {
     inner: R,
     kind: ReadKind,
     read: u64,
 }
 
 impl<R: Read> BoundedReader<R> {
-    pub fn new(inner: R, kind: ReadKind) -> Self {
+    pub(crate) fn new(inner: R, kind: ReadKind) -> Self {
         Self {
             inner,
             kind,
@@ -175,7 +175,7 @@ impl<R: Read> Read for BoundedReader<R> {
 }
 
 /// Opens a CSV/JSONL table: [`open_bounded`], read through a [`BoundedReader`].
-pub fn open_table(path: &Path) -> Result<BoundedReader<std::fs::File>, ReadError> {
+pub(crate) fn open_table(path: &Path) -> Result<BoundedReader<std::fs::File>, ReadError> {
     Ok(BoundedReader::new(
         open_bounded(path, ReadKind::Table)?,
         ReadKind::Table,
@@ -183,7 +183,7 @@ pub fn open_table(path: &Path) -> Result<BoundedReader<std::fs::File>, ReadError
 }
 
 /// Like [`read_bounded`], for a text file.
-pub fn read_text_bounded(path: &Path, kind: ReadKind) -> Result<String, ReadError> {
+pub(crate) fn read_text_bounded(path: &Path, kind: ReadKind) -> Result<String, ReadError> {
     String::from_utf8(read_bounded(path, kind)?).map_err(|_| ReadError::NotUtf8)
 }
 

@@ -27,7 +27,7 @@ use rand_pcg::Pcg64;
 
 /// A seeded stream with a stable sequence (see the module docs).
 #[derive(Clone, Debug)]
-pub struct SeededRng(Pcg64);
+pub(crate) struct SeededRng(Pcg64);
 
 /// SplitMix64's increment: expands a `u64` seed into PCG's 128-bit state and stream.
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -41,7 +41,7 @@ fn splitmix(z: u64) -> u64 {
 
 impl SeededRng {
     /// The stream for `seed`.
-    pub fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         let word = |i: u64| u128::from(splitmix(seed.wrapping_add(GOLDEN.wrapping_mul(i))));
         let state = (word(1) << 64) | word(2);
         let stream = (word(3) << 64) | word(4);
@@ -49,41 +49,37 @@ impl SeededRng {
     }
 
     /// The stream for a seed derived from `words` (see [`mix`]).
-    pub fn from_words(words: &[u64]) -> Self {
+    pub(crate) fn from_words(words: &[u64]) -> Self {
         Self::new(mix(words))
     }
 
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0.next_u64()
     }
 
-    pub fn next_u32(&mut self) -> u32 {
-        (self.next_u64() >> 32) as u32
-    }
-
     /// Uniform on `[0, 1)` with 24 random bits (every value a multiple of 2^-24).
-    pub fn uniform_f32(&mut self) -> f32 {
+    pub(crate) fn uniform_f32(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
     }
 
     /// Uniform on `[0, 1)` with 53 random bits.
-    pub fn uniform_f64(&mut self) -> f64 {
+    pub(crate) fn uniform_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
     /// Uniform on `0..n` without modulo bias (Lemire's multiply-and-reject); `n` must be > 0.
-    pub fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         assert!(n > 0, "SeededRng::below(0)");
         below(n, || self.next_u64())
     }
 
     /// Uniform on `range` (`start < end`).
-    pub fn in_range(&mut self, range: std::ops::Range<u64>) -> u64 {
+    pub(crate) fn in_range(&mut self, range: std::ops::Range<u64>) -> u64 {
         range.start + self.below(range.end - range.start)
     }
 
     /// Two independent standard normal samples (Box–Muller in f64).
-    pub fn normal_pair(&mut self) -> (f64, f64) {
+    pub(crate) fn normal_pair(&mut self) -> (f64, f64) {
         let u1 = self.uniform_f64().max(f64::MIN_POSITIVE);
         let u2 = self.uniform_f64();
         let r = (-2.0 * u1.ln()).sqrt();
@@ -92,7 +88,7 @@ impl SeededRng {
     }
 
     /// `n` normal samples with mean 0 and standard deviation `std`, as f32.
-    pub fn normal_vec(&mut self, n: usize, std: f64) -> Vec<f32> {
+    pub(crate) fn normal_vec(&mut self, n: usize, std: f64) -> Vec<f32> {
         let mut out = Vec::with_capacity(n + 1);
         while out.len() < n {
             let (a, b) = self.normal_pair();
@@ -104,7 +100,7 @@ impl SeededRng {
     }
 
     /// Shuffles `items` in place (Fisher–Yates).
-    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+    pub(crate) fn shuffle<T>(&mut self, items: &mut [T]) {
         shuffle(items, |n| self.below(n));
     }
 }
@@ -174,7 +170,7 @@ fn shuffle<T>(items: &mut [T], mut below: impl FnMut(u64) -> u64) {
 }
 
 /// A 64-bit hash of a few words (BLAKE3), for deriving independent seeds.
-pub fn mix(words: &[u64]) -> u64 {
+pub(crate) fn mix(words: &[u64]) -> u64 {
     let mut h = blake3::Hasher::new();
     for w in words {
         h.update(&w.to_le_bytes());
@@ -183,7 +179,7 @@ pub fn mix(words: &[u64]) -> u64 {
 }
 
 /// A 64-bit hash of a name (BLAKE3), to seed a stream per tensor or module name.
-pub fn name_hash(name: &str) -> u64 {
+pub(crate) fn name_hash(name: &str) -> u64 {
     first_word(blake3::hash(name.as_bytes()).as_bytes())
 }
 

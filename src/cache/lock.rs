@@ -21,7 +21,7 @@ const REMIND_EVERY: Duration = Duration::from_secs(30);
 
 /// What the holder of a lock writes to `lock.owner`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct LockOwner {
+pub(super) struct LockOwner {
     /// The holder's process id.
     pub pid: u32,
     /// When it took the lock (seconds since the Unix epoch).
@@ -44,7 +44,7 @@ impl LockOwner {
     }
 
     /// `pid 123 (`vlmpipe run a.vp`), holding it for 35 s`.
-    pub fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         format!(
             "pid {} (`{}`), holding it for {} s",
             self.pid,

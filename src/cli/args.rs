@@ -302,7 +302,7 @@ pub enum CacheCommand {
 }
 
 /// The dtype weights are converted to and computed in (`--dtype`): the one [`Dtype`].
-pub use crate::dtype::Dtype as DtypeArg;
+pub(super) use crate::dtype::Dtype as DtypeArg;
 
 /// `vlmpipe infer …`: one image, one question.
 ///

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 /// The recorded identity of one stage.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct StageIdentity {
+pub(super) struct StageIdentity {
     pub fingerprint: String,
     pub kind: String,
     pub code_version: u32,
@@ -22,7 +22,7 @@ pub struct StageIdentity {
 
 /// Stage name → identity at its last successful computation, per pipeline.
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct History {
+pub(super) struct History {
     stages: BTreeMap<String, StageIdentity>,
 }
 
@@ -42,7 +42,7 @@ impl History {
     }
 
     /// Loads the history; a missing or unreadable file is an empty history (it only explains).
-    pub fn load(cache_root: &Path, pipeline: &str) -> Self {
+    pub(super) fn load(cache_root: &Path, pipeline: &str) -> Self {
         std::fs::read(Self::path(cache_root, pipeline))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -50,7 +50,7 @@ impl History {
     }
 
     /// Saves atomically (temp file + rename); failures are ignored because history only explains.
-    pub fn save(&self, cache_root: &Path, pipeline: &str) {
+    pub(super) fn save(&self, cache_root: &Path, pipeline: &str) {
         let path = Self::path(cache_root, pipeline);
         let Some(dir) = path.parent() else { return };
         if std::fs::create_dir_all(dir).is_err() {
@@ -66,12 +66,12 @@ impl History {
     }
 
     /// Records a stage's identity after it ran or was found cached.
-    pub fn record(&mut self, name: &str, identity: StageIdentity) {
+    pub(super) fn record(&mut self, name: &str, identity: StageIdentity) {
         self.stages.insert(name.to_owned(), identity);
     }
 
     /// Why a stage whose fingerprint has no cache entry must run.
-    pub fn explain(&self, name: &str, now: &StageIdentity) -> String {
+    pub(super) fn explain(&self, name: &str, now: &StageIdentity) -> String {
         let Some(before) = self.stages.get(name) else {
             return "never run".to_owned();
         };

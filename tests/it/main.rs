@@ -1,6 +1,10 @@
 //! All integration tests, one binary (linking candle, arrow, parquet, llguidance and tokenizers
 //! once instead of once per file). `tests/README.md` says which module needs what.
 
+// The crate's `[lints]` are for shipped code: test helpers may unwrap, and `pub` in a test binary
+// only shares a helper between modules.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 mod data_support;
 mod fuzz_support;
 mod hub_support;

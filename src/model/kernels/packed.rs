@@ -259,7 +259,7 @@ impl PackedWeight {
                             _ => Start::Accumulate,
                         };
                         let tile = Tile {
-                            // SAFETY (of the offset): the tile's first element `(b * TILE_ROWS, p * PANEL)`
+                            // SAFETY: (the offset) the tile's first element `(b * TILE_ROWS, p * PANEL)`
                             // lies inside the `[m, n]` output.
                             c: unsafe { dst.0.add(b * TILE_ROWS * n + p * PANEL) }.cast(),
                             ldc: n,
@@ -400,7 +400,7 @@ unsafe fn kernel_avx512<const R: usize>(x: &Rows<'_>, w: &[f32], depth: usize, t
             _ => 0xffff,
         });
     let (xp, ldx, wp) = (x.x.as_ptr(), x.stride, w.as_ptr());
-    // SAFETY (of every access below): masked loads and stores touch only the tile's `cols`
+    // SAFETY: (every access below) masked loads and stores touch only the tile's `cols`
     // columns of rows `0..R`, which the caller guarantees; the caller sized `x` to `R` rows and
     // `w` to `depth` steps.
     unsafe {

@@ -18,7 +18,7 @@ pub fn html_escape(text: &str) -> String {
 
 /// Makes JSON safe inside `<script type="application/json">`: a `<` can only occur inside JSON
 /// strings, where `\u003c` means the same, so `</script>` in model output cannot close the tag.
-pub fn script_safe_json(json: &str) -> String {
+pub(super) fn script_safe_json(json: &str) -> String {
     json.replace('<', "\\u003c")
 }
 
