@@ -416,31 +416,22 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     let (prompt_tokens, image_tokens) = shape.unwrap_or_default();
     let peak_rss = proc_status_mib("VmHWM");
 
-    let summaries: Vec<Summary> = samples.into_iter().map(Summary::of).collect();
-    let decode_median = STEPS
-        .iter()
-        .position(|k| *k == "decode_ms_per_token")
-        .map_or(f64::NAN, |i| summaries[i].median);
-    let mut ours = serde_json::Map::new();
-    for (key, summary) in STEPS.iter().zip(summaries) {
-        ours.insert((*key).to_owned(), serde_json::to_value(summary)?);
-    }
-    ours.insert("decode_tokens_per_s".into(), json!(1000.0 / decode_median));
-    ours.insert("decode_steps_ms".into(), json!(decode_steps_ms));
-    ours.insert("load_s".into(), json!(load_s));
-    ours.insert("rss_after_load_mib".into(), json!(rss_after_load));
-    ours.insert("peak_rss_mib".into(), json!(peak_rss));
-    ours.insert("num_prompt_tokens".into(), json!(prompt_tokens));
-    ours.insert("num_image_tokens".into(), json!(image_tokens));
-    ours.insert(
-        "dtype".into(),
-        json!(format!("{:?}", args.dtype.to_candle())),
+    let timings = ModelTimings::new(
+        samples,
+        decode_steps_ms,
+        Footprint {
+            load_s,
+            rss_after_load_mib: rss_after_load,
+            peak_rss_mib: peak_rss,
+            num_prompt_tokens: prompt_tokens,
+            num_image_tokens: image_tokens,
+        },
+        format!("{:?}", args.dtype.to_candle()),
+        device_name.clone(),
+        runner.packed_linears(),
     );
-    ours.insert("device".into(), json!(device_name));
-    ours.insert("backends".into(), json!(compiled_backends()));
-    // Which CPU product ran: weights packed for our AVX-512 kernel, or dense for gemm.
-    ours.insert("packed_weights".into(), json!(runner.packed_linears()));
-    let ours = Value::Object(ours);
+    // serde_json's map sorts keys, so the report is the same whatever the field order.
+    let ours = serde_json::to_value(&timings)?;
     let quant = match &quantized {
         Some((q, report, load_s)) => {
             let mut side = serde_json::Map::new();
@@ -506,6 +497,69 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
             .with_context(|| format!("cannot write `{}`", path.display()))?;
     }
     Ok(Outcome::Success)
+}
+
+/// What `bench model` measured of vlmpipe: the report's `vlmpipe` object.
+#[derive(Debug, Serialize)]
+struct ModelTimings {
+    preprocess_ms: Summary,
+    vision_ms: Summary,
+    prompt_forward_ms: Summary,
+    lm_prefill_ms: Summary,
+    decode_ms_per_token: Summary,
+    classify_ms: Summary,
+    decode_tokens_per_s: f64,
+    decode_steps_ms: Vec<Vec<f64>>,
+    #[serde(flatten)]
+    footprint: Footprint,
+    /// The compute dtype as candle spells it (`F32`).
+    dtype: String,
+    device: String,
+    backends: Vec<&'static str>,
+    /// Which CPU product ran: weights packed for our AVX-512 kernel, or dense for gemm.
+    packed_weights: usize,
+}
+
+/// Load time, memory and the prompt's size.
+#[derive(Debug, Serialize)]
+struct Footprint {
+    load_s: f64,
+    rss_after_load_mib: Option<f64>,
+    peak_rss_mib: Option<f64>,
+    num_prompt_tokens: usize,
+    num_image_tokens: usize,
+}
+
+impl ModelTimings {
+    /// `samples` holds one column per [`STEPS`] entry, in order.
+    fn new(
+        samples: Vec<Vec<f64>>,
+        decode_steps_ms: Vec<Vec<f64>>,
+        footprint: Footprint,
+        dtype: String,
+        device: String,
+        packed_weights: usize,
+    ) -> Self {
+        let mut steps = samples.into_iter().map(Summary::of);
+        let mut next = || steps.next().unwrap_or_else(|| Summary::of(Vec::new()));
+        let (preprocess_ms, vision_ms, prompt_forward_ms) = (next(), next(), next());
+        let (lm_prefill_ms, decode_ms_per_token, classify_ms) = (next(), next(), next());
+        Self {
+            decode_tokens_per_s: 1000.0 / decode_ms_per_token.median,
+            preprocess_ms,
+            vision_ms,
+            prompt_forward_ms,
+            lm_prefill_ms,
+            decode_ms_per_token,
+            classify_ms,
+            decode_steps_ms,
+            footprint,
+            dtype,
+            device,
+            backends: compiled_backends(),
+            packed_weights,
+        }
+    }
 }
 
 /// One repetition of every timed step ([`STEPS`], in order) and each decode step.
@@ -806,6 +860,47 @@ mod tests {
         assert_eq!((s.median, s.min), (2.0, 1.0));
         let s = Summary::of(vec![4.0, 1.0, 2.0, 3.0]);
         assert_eq!((s.median, s.min), (2.5, 1.0));
+    }
+
+    #[test]
+    fn model_timings_serialise_to_the_reports_keys() {
+        // The `vlmpipe` object's keys and values as the map built from string keys wrote them.
+        let samples = (0..STEPS.len()).map(|i| vec![i as f64 + 1.0]).collect();
+        let timings = ModelTimings::new(
+            samples,
+            vec![vec![4.0, 6.0]],
+            Footprint {
+                load_s: 1.5,
+                rss_after_load_mib: Some(100.0),
+                peak_rss_mib: None,
+                num_prompt_tokens: 270,
+                num_image_tokens: 192,
+            },
+            "F32".to_owned(),
+            "cpu".to_owned(),
+            7,
+        );
+        let value = serde_json::to_value(&timings).expect("serialise");
+        let mut expected = serde_json::Map::new();
+        for (i, key) in STEPS.iter().enumerate() {
+            let v = i as f64 + 1.0;
+            expected.insert(
+                (*key).to_owned(),
+                json!({"median": v, "min": v, "samples": [v]}),
+            );
+        }
+        expected.insert("decode_tokens_per_s".into(), json!(1000.0 / 5.0));
+        expected.insert("decode_steps_ms".into(), json!([[4.0, 6.0]]));
+        expected.insert("load_s".into(), json!(1.5));
+        expected.insert("rss_after_load_mib".into(), json!(100.0));
+        expected.insert("peak_rss_mib".into(), Value::Null);
+        expected.insert("num_prompt_tokens".into(), json!(270));
+        expected.insert("num_image_tokens".into(), json!(192));
+        expected.insert("dtype".into(), json!("F32"));
+        expected.insert("device".into(), json!("cpu"));
+        expected.insert("backends".into(), json!(compiled_backends()));
+        expected.insert("packed_weights".into(), json!(7));
+        assert_eq!(value, Value::Object(expected));
     }
 
     #[test]
