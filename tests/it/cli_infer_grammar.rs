@@ -232,7 +232,9 @@ fn valid_against_budget_schema(value: &Value) -> bool {
     keys == ["note", "pred_class", "score"]
         && ["cat", "dog"].contains(&object["pred_class"].as_str().unwrap_or_default())
         && object["note"].is_string()
-        && (object["score"].is_i64() || object["score"].is_u64())
+        // JSON Schema's `integer` is any number without a fraction, however many digits: one
+        // past u64 parses as an f64 here.
+        && object["score"].as_f64().is_some_and(|f| f.fract() == 0.0)
 }
 
 /// The token count a too-small budget's error names: `… takes N tokens …`.
