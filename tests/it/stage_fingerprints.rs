@@ -5,9 +5,11 @@
 //! A fingerprint covers a stage's kind, canonical parameters, external state, inputs and code
 //! version, so a changed value here means every cache built before is rerun. Restructuring code
 //! must leave these alone; a change of what a stage writes bumps its `code_version`, and then
-//! these values are updated with the bump, deliberately. Updated once so far: the data stage's
+//! these values are updated with the bump, deliberately. Updated so far: the data stage's
 //! v3 (the read policy), the model stage's v4 (the one random initialiser) and the eval's v5 (an
-//! answer closed within its token budget), with every fingerprint downstream of them.
+//! answer closed within its token budget); then the data stage's v4, the eval's v6 and the report's
+//! v2 (ingest errors as eval error rows, thumbnails through the capped decoder); each with every
+//! fingerprint downstream of them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -107,11 +109,11 @@ const QUICKSTART: &[(&str, &str)] = &[
     ),
     (
         "pictures",
-        "39d9f82ded691864f56c3b49dfdceb0e5d91b2f994246cb60292e6dea7eefccc",
+        "f7a3f4a7fddc94cbf86a5ff0336504819ae4258fc6e70d53adc01ff4b3eee311",
     ),
     (
         "parts",
-        "ed3370eb3dab5eeb065131290cb42ded8c76cab2f06e3b9fcb545b61046161ae",
+        "44f077a341fd2e9efe3e9fcdba55ee959666032a986b89b2ebbc274bcca29b30",
     ),
     (
         "ask",
@@ -123,11 +125,11 @@ const QUICKSTART: &[(&str, &str)] = &[
     ),
     (
         "sample(parts.test,32,23)",
-        "a60234c041d9243249d9cbd879c87fde82a7d44cb3bba8709f891a4c58c1f73d",
+        "284c5daa38030ed0dc6f27904c9f53af2a2e0efbae5f661212f33cb679600754",
     ),
     (
         "baseline",
-        "fde3342c1e53611b1ae622e7b31ca8d9337130c050ab17ac3d32ac9a6bca108f",
+        "ca477b7e48337d4d0e729bef19a754ff5753c36c43634b897b76a057ebc5faab",
     ),
     (
         "one_shape",
@@ -135,19 +137,19 @@ const QUICKSTART: &[(&str, &str)] = &[
     ),
     (
         "constrained",
-        "4eac276e20785957eed938452375604f60cf6628d227e79060366f3c27c9d472",
+        "3221f6d63b113279ba58302bdb42a63b45414df9eae9105dbe11d1017c6ef664",
     ),
     (
         "tuned",
-        "c67d435c86a9395e82a3da881a602b3bad7153aaade8d0c54a591f0985696b15",
+        "617c86d752f7401b10e9501264f954bf980e39cb79e1fdf23ac2eee30dcea8b3",
     ),
     (
         "tuned_eval",
-        "54c178a158870037516613d0d96f4bc874dfb414747a5b5fdccd3e1b3f45bf42",
+        "f5504723fd63cee506d0051e937fb10338d92ab49ff3380af37748000f19b2ce",
     ),
     (
         "report",
-        "1ba761b4f3a43950b9431b5898a2b1a01919edd094a780bba316a215d880041a",
+        "bc422fdd2239be8c7e60540829a5d9e4fbac8be895480600d53bd61ad0d49fed",
     ),
 ];
 
@@ -158,15 +160,15 @@ const OTHER_KINDS: &[(&str, &str)] = &[
     ),
     (
         "pics",
-        "8070183b4cbacb86b37500eab2950070d57ccf7dec32a81884ad9ffc9b0049ee",
+        "79c75f0d159cc9914eac4b5b5dcaa0691a077c1a715c8ceed36bd46e0c0cb35e",
     ),
     (
         "shuffle(pics,3)",
-        "98175c636a427e4031e00bccd128da37f411d5376818c8b490be76813044d872",
+        "41f2a1a10dfedf10e69fc0b95483c1c510b052e43c6fc97f2457286688162863",
     ),
     (
         "halves",
-        "f07b413bf4991baf54ffcde29e1624422a81242455419cb98f6cbefb2091eeee",
+        "223f9c5e9b15071f5a5d9e579bcb9c9f2f913d8dbfb3bcc094411dbbc3516fff",
     ),
     (
         "ask",
@@ -182,10 +184,10 @@ const OTHER_KINDS: &[(&str, &str)] = &[
     ),
     (
         "shuffle(halves.test,4)",
-        "569d4826061e1b557c9c97e06a259cc3a0bf80e8f04b1468770aca57cf5a42de",
+        "b0df5cf0d9fce6527917235a1046e74fc82aeffa348a537cc8f2bf99fd88ab76",
     ),
     (
         "e",
-        "87e933f048d5efb2442ab8308fddaeb4d1665a01ff86f353db6cd7c490466d18",
+        "8f663caabc72a8f7a2c2ebeb4eacb4c5c212d57b8a428f38784c7f327c6bb9e3",
     ),
 ];
