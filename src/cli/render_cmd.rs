@@ -130,6 +130,12 @@ pub(crate) fn render(args: &RenderArgs) -> anyhow::Result<Outcome> {
     let (text, tokens) = if args.no_expand {
         (processor.template().render(&conversation, true)?, None)
     } else {
+        if let Some(reason) = &row.image_error {
+            bail!(
+                "row `{}` has no image (it failed at ingest): {reason}",
+                row.row_id
+            );
+        }
         let images = ImageStore::open(&entry(&root_name)?.path(IMAGES_FILE))?;
         let stored = images.get(&row.image_id)?;
         let image = decode_image(&stored.bytes)

@@ -3,12 +3,15 @@
 //!
 //! Parsing never fails: anything that is not an exact label (after trimming whitespace) or not
 //! JSON holding a known label becomes [`Answer::Invalid`] with the raw text, so evaluation can count
-//! it as wrong and report the invalid rate instead of dropping it.
+//! it as wrong and report the invalid rate instead of dropping it. Under a regex, Lark or JSON
+//! grammar an answer is valid only if that grammar accepts all of it (a full regex match, JSON
+//! that validates against the schema), checked by [`TextCheck`].
 
 use serde_json::{Map, Value};
 
 use crate::decode::error::DecodeError;
 use crate::decode::spec::{GrammarSpec, Whitespace};
+use crate::decode::text_check::TextCheck;
 
 /// A parsed answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +58,9 @@ pub enum InvalidReason {
     MissingLabelField(String),
     /// The label field holds something other than a known label.
     UnknownLabel(Value),
+    /// The output grammar does not accept the whole answer (a partial regex match, JSON that
+    /// does not validate against its schema).
+    NotInGrammar,
 }
 
 impl std::fmt::Display for InvalidReason {
@@ -65,6 +71,7 @@ impl std::fmt::Display for InvalidReason {
             Self::NotAnObject => write!(f, "not a JSON object"),
             Self::MissingLabelField(field) => write!(f, "no `{field}` field"),
             Self::UnknownLabel(v) => write!(f, "`{v}` is not one of the labels"),
+            Self::NotInGrammar => write!(f, "not accepted by the output grammar"),
         }
     }
 }
@@ -74,6 +81,8 @@ impl std::fmt::Display for InvalidReason {
 pub struct AnswerParser {
     format: AnswerFormat,
     labels: Option<Vec<String>>,
+    /// The grammar a valid answer must match in full (none for a choice: the label test is it).
+    check: Option<TextCheck>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +97,7 @@ impl AnswerParser {
         Self {
             format: AnswerFormat::Plain,
             labels: Some(labels),
+            check: None,
         }
     }
 
@@ -97,6 +107,7 @@ impl AnswerParser {
         Self {
             format: AnswerFormat::Json { label_field },
             labels,
+            check: None,
         }
     }
 
@@ -105,6 +116,7 @@ impl AnswerParser {
         Self {
             format: AnswerFormat::Plain,
             labels: None,
+            check: None,
         }
     }
 
@@ -119,9 +131,10 @@ impl AnswerParser {
             .map(<[String]>::to_vec)
             .or_else(|| spec.labels(label_field));
         match spec {
-            GrammarSpec::Choice { .. } | GrammarSpec::Regex(_) | GrammarSpec::Lark(_) => Self {
-                format: AnswerFormat::Plain,
-                labels,
+            GrammarSpec::Choice { .. } => Self::choice_or_text(labels),
+            GrammarSpec::Regex(_) | GrammarSpec::Lark(_) => Self {
+                check: Some(TextCheck::new(spec)),
+                ..Self::choice_or_text(labels)
             },
             GrammarSpec::Json { schema, .. } | GrammarSpec::JsonSchema(schema) => {
                 // Without a named field, a schema whose only required field is an enum names it.
@@ -130,8 +143,18 @@ impl AnswerParser {
                     None => single_label_field(schema, None).ok(),
                 };
                 let labels = labels.or_else(|| spec.labels(field.as_deref()));
-                Self::json(field, labels)
+                Self {
+                    check: Some(TextCheck::new(spec)),
+                    ..Self::json(field, labels)
+                }
             }
+        }
+    }
+
+    fn choice_or_text(labels: Option<Vec<String>>) -> Self {
+        match labels {
+            Some(labels) => Self::choice(labels),
+            None => Self::text(),
         }
     }
 
@@ -141,6 +164,18 @@ impl AnswerParser {
             reason,
         };
         let text = raw.trim();
+        if let Some(check) = &self.check
+            && !check.accepts(text)
+            && !check.accepts(raw)
+        {
+            // JSON that does not even parse says so; anything else is simply not the grammar's.
+            if matches!(self.format, AnswerFormat::Json { .. })
+                && let Err(e) = serde_json::from_str::<Value>(text)
+            {
+                return invalid(InvalidReason::NotJson(e.to_string()));
+            }
+            return invalid(InvalidReason::NotInGrammar);
+        }
         match &self.format {
             AnswerFormat::Plain => match &self.labels {
                 None => Answer::Text(text.to_string()),

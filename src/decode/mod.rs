@@ -38,6 +38,7 @@ mod constraint;
 mod error;
 mod scoring;
 mod spec;
+mod text_check;
 mod vocab;
 
 pub use answer::{Answer, AnswerParser, InvalidReason, answer_text};

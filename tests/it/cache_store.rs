@@ -73,6 +73,7 @@ fn parquet_files_get_row_counts() {
                 image_id: "x".to_owned(),
                 label: "cat".to_owned(),
                 label_index: 0,
+                image_error: None,
             })
             .collect(),
         classes: vec!["cat".to_owned()],

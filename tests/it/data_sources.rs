@@ -27,8 +27,25 @@ fn cat_dog() -> LabelSpec {
     }
 }
 
+/// The ids of the rows with an image (error rows stay in the table without one).
 fn ids(table: &RowTable) -> Vec<&str> {
-    table.rows.iter().map(|r| r.row_id.as_str()).collect()
+    table
+        .rows
+        .iter()
+        .filter(|r| r.image_error.is_none())
+        .map(|r| r.row_id.as_str())
+        .collect()
+}
+
+/// The ids of the error rows, which have no image.
+fn error_ids(table: &RowTable) -> Vec<&str> {
+    table
+        .rows
+        .iter()
+        .filter(|r| r.image_error.is_some())
+        .inspect(|r| assert!(r.image_id.is_empty(), "{r:?}"))
+        .map(|r| r.row_id.as_str())
+        .collect()
 }
 
 #[test]
@@ -88,14 +105,24 @@ fn hub_layout_parquet_with_filters_drops_errors_and_dedup() {
             "train-00001-of-00002:4"
         ]
     );
+    assert_eq!(
+        error_ids(&table),
+        ["train-00000-of-00002:2", "train-00000-of-00002:3"]
+    );
     let labels: Vec<(&str, u32)> = table
         .rows
         .iter()
+        .filter(|r| r.image_error.is_none())
         .map(|r| (r.label.as_str(), r.label_index))
         .collect();
     assert_eq!(labels, [("cat", 0), ("dog", 1), ("dog", 1)]);
     assert_eq!(table.classes, ["cat", "dog"]);
-    assert_eq!(table.rows[0].image_id, table.rows[1].image_id);
+    let with_images: Vec<_> = table
+        .rows
+        .iter()
+        .filter(|r| r.image_error.is_none())
+        .collect();
+    assert_eq!(with_images[0].image_id, with_images[1].image_id);
 
     assert_eq!(report.rows_read, 9);
     assert_eq!(report.rows_kept, 3);
@@ -134,7 +161,7 @@ fn hub_layout_parquet_with_filters_drops_errors_and_dedup() {
 
     let store = ImageStore::open(&out.join(IMAGES_FILE)).unwrap();
     assert_eq!(store.len(), 2);
-    let image = store.get(&table.rows[2].image_id).unwrap();
+    let image = store.get(&with_images[2].image_id).unwrap();
     assert_eq!(
         (
             image.width,
@@ -147,7 +174,7 @@ fn hub_layout_parquet_with_filters_drops_errors_and_dedup() {
     assert_eq!(image.bytes, rgb_jpeg(33, 44, 7));
     assert_eq!(image.decode().unwrap().width(), 33);
     let both = store
-        .get_many(&[&table.rows[2].image_id, &table.rows[0].image_id])
+        .get_many(&[&with_images[2].image_id, &with_images[0].image_id])
         .unwrap();
     assert_eq!(both[1].bytes, same);
 }
@@ -243,6 +270,8 @@ fn image_folder_with_junk_and_a_corrupt_file() {
     let table = read_rows(&out.join(ROWS_FILE)).unwrap();
     assert_eq!(ids(&table), ["cat/a.PNG", "cat/b.jpg"]);
     assert_eq!(report.classes, ["cat"]);
+    // `dog/x.jpg` is the only image of `dog`: no class to count it in, so only an error.
+    assert!(error_ids(&table).is_empty());
     assert_eq!(
         report.error_examples,
         [(
@@ -312,9 +341,11 @@ fn csv_and_jsonl_with_relative_paths() {
     let got: Vec<(&str, &str)> = table
         .rows
         .iter()
+        .filter(|r| r.image_error.is_none())
         .map(|r| (r.row_id.as_str(), r.label.as_str()))
         .collect();
     assert_eq!(got, [("list:0", "dog"), ("list:1", "cat")]);
+    assert_eq!(error_ids(&table), ["list:2"]);
     assert_eq!(report.errors, 1);
     assert!(
         report.error_examples[0].1.starts_with("cannot read"),

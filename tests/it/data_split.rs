@@ -17,6 +17,7 @@ fn table(counts: &[(&str, usize)]) -> RowTable {
                 image_id: format!("img-{class}-{i}"),
                 label: (*class).to_owned(),
                 label_index: index as u32,
+                image_error: None,
             });
         }
     }

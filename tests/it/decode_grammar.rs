@@ -738,3 +738,67 @@ fn regression_issue14_budgeted_answers_are_always_complete() {
         assert!(cut > 0, "{spec:?}: no answer used its whole budget");
     }
 }
+
+/// Issue 14 (noticed while closing it): an answer is valid only if the grammar it was held to
+/// accepts all of it. Under a regex any text used to be a valid `Answer::Text`, and a JSON
+/// Schema answer only had to parse. Needs no tokenizer: answers are text.
+#[test]
+fn regression_issue14_answers_are_valid_only_if_their_grammar_accepts_them() {
+    let parse =
+        |spec: &GrammarSpec, text: &str| AnswerParser::for_grammar(spec, None, None).parse(text);
+    let regex = GrammarSpec::Regex(r"[0-9]{3}-[a-z]+".to_owned());
+    assert_eq!(parse(&regex, "123-abc"), Answer::Text("123-abc".to_owned()));
+    // Surrounding whitespace is not part of an answer, as for labels.
+    assert!(parse(&regex, " 123-abc\n").is_valid());
+    for bad in ["", "12-abc", "123-abc!", "x123-abc", "123-ABC", "hello"] {
+        assert!(
+            matches!(parse(&regex, bad), Answer::Invalid { .. }),
+            "{bad:?} is not a full match of the regex"
+        );
+    }
+
+    let lark = GrammarSpec::Lark("start: \"yes\" | \"no\"\n".to_owned());
+    assert!(parse(&lark, "yes").is_valid());
+    assert!(!parse(&lark, "maybe").is_valid());
+
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": { "n": { "type": "integer", "minimum": 1 }, "tag": { "enum": ["a", "b"] } },
+        "required": ["n", "tag"],
+        "additionalProperties": false
+    });
+    let json = GrammarSpec::JsonSchema(schema);
+    assert!(parse(&json, r#"{"n":3,"tag":"a"}"#).is_valid());
+    for bad in [
+        r#"{"n":3}"#,                     // a required field is missing
+        r#"{"n":"3","tag":"a"}"#,         // the wrong type
+        r#"{"n":3,"tag":"c"}"#,           // not in the enum
+        r#"{"n":3,"tag":"a","extra":1}"#, // no additional properties
+        r#"[1, 2]"#,                      // JSON, but not the object
+        r#"{"n":3,"tag":"#,               // not JSON
+    ] {
+        let answer = parse(&json, bad);
+        assert!(
+            matches!(answer, Answer::Invalid { .. }),
+            "{bad}: {answer:?}"
+        );
+    }
+    // A JSON Schema whose label field names the labels: a label answer must validate too.
+    let labelled = GrammarSpec::JsonSchema(serde_json::json!({
+        "type": "object",
+        "properties": { "pred": { "enum": ["cat", "dog"] }, "why": { "type": "string", "maxLength": 5 } },
+        "required": ["pred", "why"]
+    }));
+    let labels = strings(&["cat", "dog"]);
+    let parser = AnswerParser::for_grammar(&labelled, Some("pred"), Some(&labels));
+    assert!(parser.parse(r#"{"pred":"cat","why":"ears"}"#).is_valid());
+    assert!(
+        !parser.parse(r#"{"pred":"cat"}"#).is_valid(),
+        "`why` is required"
+    );
+    assert!(
+        !parser
+            .parse(r#"{"pred":"cat","why":"too long"}"#)
+            .is_valid()
+    );
+}

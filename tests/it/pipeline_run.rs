@@ -163,7 +163,15 @@ fn folder_split_sample_caches_and_reruns_only_what_changed() {
         "{table}"
     );
     let rows = read_rows(&output(&first, "photos", "rows.parquet")).expect("dataset rows");
-    assert_eq!(rows.rows.len(), 24);
+    // 24 images, and the broken one as an error row without an image.
+    assert_eq!(rows.rows.len(), 25);
+    let failed: Vec<&str> = rows
+        .rows
+        .iter()
+        .filter(|r| r.image_error.is_some())
+        .map(|r| r.row_id.as_str())
+        .collect();
+    assert_eq!(failed, ["cat/broken.jpg"]);
     assert_eq!(rows.classes, ["cat", "dog"]);
     let train = read_rows(&output(&first, "parts", "train.parquet")).expect("train rows");
     let test = read_rows(&output(&first, "parts", "test.parquet")).expect("test rows");

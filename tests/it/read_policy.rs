@@ -190,11 +190,13 @@ fn error_rows(out: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The ids of the rows with an image (a refused one stays in the table, without an image).
 fn kept_ids(out: &Path) -> Vec<String> {
     read_rows(&out.join(ROWS_FILE))
         .unwrap()
         .rows
         .into_iter()
+        .filter(|r| r.image_error.is_none())
         .map(|r| r.row_id)
         .collect()
 }

@@ -521,3 +521,41 @@ fn a_stage_loads_from_its_eval_outputs() {
     let missing = StageReport::load("none", &dir.path().join("absent"));
     assert!(missing.is_err());
 }
+
+/// Issue 14: a report decodes thumbnails through the capped decoder. A decompression bomb
+/// (10000 x 9000 zero pixels in 270 KB: over the pixel cap, under the `image` crate's own 512 MB
+/// limit, so the old thumbnailer decoded all 270 MB of it) is an error placeholder saying why.
+#[test]
+fn regression_issue14_a_bomb_in_a_report_is_an_error_placeholder_not_a_decode() {
+    let bomb = crate::data_support::hostile::png_zeros(10_000, 9_000);
+    let mut source = MapImageSource::new();
+    source.insert("bomb", bomb);
+    source.insert("ok", {
+        let mut out = Vec::new();
+        RgbImage::new(40, 30)
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
+        out
+    });
+    let ids = vec![
+        ("bomb".to_string(), "cat".to_string()),
+        ("ok".to_string(), "dog".to_string()),
+    ];
+    let input = ReportInput {
+        title: "bombs".into(),
+        stages: vec![stage("base", fake_records(&ids, 3, 0.5, false), vec![])],
+    };
+    let started = Instant::now();
+    let html = render_html(&input, &source, &HtmlOptions::default()).expect("render");
+    let data = embedded_data(&html).expect("data");
+    let images = data["images"].as_object().expect("images");
+    assert!(images.contains_key("ok"));
+    assert!(!images.contains_key("bomb"), "the bomb was decoded");
+    let reason = data["imageErrors"]["bomb"].as_str().expect("a reason");
+    assert!(
+        reason.contains("10000x9000 is 90000000 pixels, more than the limit of 89478485"),
+        "{reason}"
+    );
+    // Refused from the header: no time spent inflating 270 MB.
+    assert!(started.elapsed().as_secs_f64() < 5.0);
+}

@@ -3,8 +3,9 @@
 //! Per chunk of rows: explicit drops first (their images are never read), then the label
 //! (an unmapped or missing label stops the stage with an error naming the row: a wrong mapping
 //! is a pipeline bug, not bad data), then the image is loaded and probed in parallel across
-//! `threads` (an unreadable image is recorded in `errors.parquet` and the run goes on; a full
-//! check decodes with the `max_image_pixels` cap), then the
+//! `threads` (an unreadable image is recorded in `errors.parquet` and stays in `rows.parquet` as
+//! an error row without an image, so an eval reports it; a full check decodes with the
+//! `max_image_pixels` cap), then the
 //! `keep` mode and `max_image_size` filters (recorded in `filtered.parquet`). Kept rows keep the
 //! source's order.
 
@@ -131,13 +132,13 @@ impl DatasetSpec {
 pub struct IngestReport {
     /// Rows the source yielded.
     pub rows_read: usize,
-    /// Rows in `rows.parquet`.
+    /// Rows in `rows.parquet` with a usable image (its error rows are counted in `errors`).
     pub rows_kept: usize,
     /// Distinct images in `images.parquet`.
     pub images_stored: usize,
     /// Kept rows whose image bytes equal an earlier row's (stored once).
     pub duplicate_images: usize,
-    /// Rows in `errors.parquet`.
+    /// Rows in `errors.parquet` (also in `rows.parquet`, with their reason and no image).
     pub errors: usize,
     /// The first few `(row id, reason)` of `errors.parquet`, for messages.
     pub error_examples: Vec<(String, String)>,
@@ -145,9 +146,15 @@ pub struct IngestReport {
     pub filtered: BTreeMap<String, usize>,
     /// `drop` ids that matched no row (likely a typo or a different dataset revision).
     pub unknown_drop_ids: Vec<String>,
+    /// Files of a folder source skipped because they are not images (no image extension).
+    #[serde(default)]
+    pub skipped_non_images: usize,
+    /// The first few of them, relative to the folder, for messages.
+    #[serde(default)]
+    pub skipped_examples: Vec<String>,
     /// Class list in `label_index` order.
     pub classes: Vec<String>,
-    /// Kept rows per class.
+    /// Kept rows with a usable image, per class.
     pub class_counts: BTreeMap<String, usize>,
     /// Wall-clock seconds.
     pub seconds: f64,
@@ -175,7 +182,7 @@ pub fn ingest(
     let mut seen_drops: HashSet<String> = HashSet::new();
     let mut store = ImageStoreWriter::create(&out_dir.join(IMAGES_FILE))?;
     let mut stored_ids: HashSet<String> = HashSet::new();
-    let mut kept: Vec<(String, String, String)> = Vec::new(); // row id, image id, label
+    let mut kept: Vec<Kept> = Vec::new();
     let mut errors: Vec<Vec<String>> = Vec::new();
     let mut filtered: Vec<Vec<String>> = Vec::new();
     let mut report = IngestReport::default();
@@ -184,7 +191,10 @@ pub fn ingest(
     }
 
     let reads = spec.read_policy();
-    for chunk in spec.source.open(&spec.image_column, &spec.label, &reads)? {
+    let opened = spec.source.open(&spec.image_column, &spec.label, &reads)?;
+    report.skipped_non_images = opened.skipped.len();
+    report.skipped_examples = opened.skipped.into_iter().take(ERROR_EXAMPLES).collect();
+    for chunk in opened.chunks {
         let chunk = chunk?;
         report.rows_read += chunk.len();
         progress.inc(chunk.len() as u64);
@@ -219,7 +229,14 @@ pub fn ingest(
                     if report.error_examples.len() < ERROR_EXAMPLES {
                         report.error_examples.push((row_id.clone(), reason.clone()));
                     }
-                    errors.push(vec![row_id, reason]);
+                    errors.push(vec![row_id.clone(), reason.clone()]);
+                    // Kept as a row without an image: whatever evaluates it reports the reason.
+                    kept.push(Kept {
+                        row_id,
+                        image_id: String::new(),
+                        label,
+                        image_error: Some(reason),
+                    });
                     continue;
                 }
             };
@@ -242,30 +259,48 @@ pub fn ingest(
             } else {
                 report.duplicate_images += 1;
             }
-            kept.push((row_id, id, label));
+            kept.push(Kept {
+                row_id,
+                image_id: id,
+                label,
+                image_error: None,
+            });
         }
     }
     report.images_stored = store.finish()?;
 
     let classes = class_list(spec, &kept);
     let mut rows = Vec::with_capacity(kept.len());
-    for (row_id, image_id, label) in kept {
+    for Kept {
+        row_id,
+        image_id,
+        label,
+        image_error,
+    } in kept
+    {
         let Some(index) = classes.iter().position(|c| *c == label) else {
+            if image_error.is_some() {
+                // Only in `errors.parquet`: no class of this dataset to count it against.
+                continue;
+            }
             return Err(DataError::UnknownClass {
                 row_id,
                 label,
                 known: classes.join(", "),
             });
         };
-        *report.class_counts.entry(label.clone()).or_default() += 1;
+        if image_error.is_none() {
+            *report.class_counts.entry(label.clone()).or_default() += 1;
+            report.rows_kept += 1;
+        }
         rows.push(RowRecord {
             row_id,
             image_id,
             label,
             label_index: u32::try_from(index).unwrap_or(u32::MAX),
+            image_error,
         });
     }
-    report.rows_kept = rows.len();
     report.errors = errors.len();
     for row in &filtered {
         *report.filtered.entry(row[1].clone()).or_default() += 1;
@@ -340,7 +375,16 @@ fn resolve_label(
     Ok(label)
 }
 
-fn class_list(spec: &DatasetSpec, kept: &[(String, String, String)]) -> Vec<String> {
+/// A row of `rows.parquet` before its label index is known.
+struct Kept {
+    row_id: String,
+    /// Empty for an error row.
+    image_id: String,
+    label: String,
+    image_error: Option<String>,
+}
+
+fn class_list(spec: &DatasetSpec, kept: &[Kept]) -> Vec<String> {
     if let Some(classes) = &spec.classes {
         return classes.clone();
     }
@@ -356,7 +400,13 @@ fn class_list(spec: &DatasetSpec, kept: &[(String, String, String)]) -> Vec<Stri
     if let SourceSpec::Synthetic(synthetic) = &spec.source {
         return synthetic.classes();
     }
-    let seen: BTreeSet<&str> = kept.iter().map(|k| k.2.as_str()).collect();
+    // From rows with an image: a class met only in error rows (a refused linked class folder)
+    // would otherwise reach every prompt that lists the labels.
+    let seen: BTreeSet<&str> = kept
+        .iter()
+        .filter(|k| k.image_error.is_none())
+        .map(|k| k.label.as_str())
+        .collect();
     seen.into_iter().map(str::to_owned).collect()
 }
 

@@ -4,9 +4,10 @@
 //! entry's temp folder, given by the executor):
 //!
 //! ```text
-//! rows.parquet      row_id, image_id, label, label_index   (the table everything downstream uses)
+//! rows.parquet      row_id, image_id, label, label_index, image_error   (the table everything
+//!                   downstream uses; a row whose image failed has no image_id and its reason)
 //! images.parquet    image_id, bytes, width, height, mode, format   (each distinct image once)
-//! errors.parquet    row_id, reason      (undecodable or missing images; never silently lost)
+//! errors.parquet    row_id, reason      (unreadable or missing images; never silently lost)
 //! filtered.parquet  row_id, filter, detail   (rows removed by `keep`, `max_image_size`, `drop`)
 //! ```
 //!
@@ -48,7 +49,8 @@ use std::path::PathBuf;
 pub const ROWS_FILE: &str = "rows.parquet";
 /// The image store of a dataset.
 pub const IMAGES_FILE: &str = "images.parquet";
-/// Rows whose image could not be read or decoded.
+/// Rows whose image could not be read or decoded (they are in `rows.parquet` too, without an
+/// image).
 pub const ERRORS_FILE: &str = "errors.parquet";
 /// Rows removed by a filter.
 pub const FILTERED_FILE: &str = "filtered.parquet";
@@ -58,7 +60,10 @@ pub const FILTERED_FILE: &str = "filtered.parquet";
 //    stage; a full check decodes as the model does, with the pixel cap.
 // 3: image paths outside what the read policy allows (a pipeline's folder, the Hub cache,
 //    `--allow-read`) are error rows, not read.
-pub const DATA_CODE_VERSION: u32 = 3;
+// 4: rows whose image fails at ingest stay in `rows.parquet` (no image, `image_error` says
+//    why), so splits carry them and an eval reports each as an error row; FIFOs and other
+//    non-regular files named like images are error rows; skipped non-images are counted.
+pub const DATA_CODE_VERSION: u32 = 4;
 
 /// Errors of the data stages. Bad images are not errors (they go to `errors.parquet`).
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,9 @@
 //! Row tables: the `rows.parquet` schema shared by datasets, split parts and samples.
 //!
 //! Columns: `row_id` (stable id of the sample), `image_id` (key into the dataset's image store),
-//! `label` (class name), `label_index` (position of `label` in the class list). The class list
+//! `label` (class name), `label_index` (position of `label` in the class list), `image_error`
+//! (why the row has no usable image, null otherwise: such a row has an empty `image_id`, and
+//! travels through splits and samples so an eval reports it as an error row). The class list
 //! travels in the file's key-value metadata (`vlmpipe.classes`, a JSON array) so every
 //! downstream table knows the full label set even when a sample misses a class.
 
@@ -28,6 +30,9 @@ pub struct RowRecord {
     pub image_id: String,
     pub label: String,
     pub label_index: u32,
+    /// Why the row's image could not be read (its `image_id` is then empty); `None` when usable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_error: Option<String>,
 }
 
 /// A row table with its class list.
@@ -44,6 +49,7 @@ fn schema() -> Arc<Schema> {
         Field::new("image_id", DataType::Utf8, false),
         Field::new("label", DataType::Utf8, false),
         Field::new("label_index", DataType::UInt32, false),
+        Field::new("image_error", DataType::Utf8, true),
     ]))
 }
 
@@ -73,6 +79,9 @@ pub fn write_rows(path: &Path, table: &RowTable) -> Result<(), DataError> {
                 )),
                 Arc::new(UInt32Array::from_iter_values(
                     chunk.iter().map(|r| r.label_index),
+                )),
+                Arc::new(StringArray::from_iter(
+                    chunk.iter().map(|r| r.image_error.as_deref()),
                 )),
             ],
         )
@@ -119,6 +128,7 @@ pub fn read_rows(path: &Path) -> Result<RowTable, DataError> {
             .column_by_name("label_index")
             .and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
             .ok_or_else(|| bad("column `label_index` missing or not uint32".to_owned()))?;
+        let image_error = text("image_error")?;
         for i in 0..batch.num_rows() {
             if row_id.is_null(i) || image_id.is_null(i) || label.is_null(i) || index.is_null(i) {
                 return Err(bad(format!("null value in row {i}")));
@@ -128,6 +138,7 @@ pub fn read_rows(path: &Path) -> Result<RowTable, DataError> {
                 image_id: image_id.value(i).to_owned(),
                 label: label.value(i).to_owned(),
                 label_index: index.value(i),
+                image_error: (!image_error.is_null(i)).then(|| image_error.value(i).to_owned()),
             });
         }
     }

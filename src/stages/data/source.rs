@@ -107,6 +107,14 @@ pub(crate) struct RawRow {
 
 type Chunks = Box<dyn Iterator<Item = Result<Vec<RawRow>, DataError>>>;
 
+/// An opened source: its rows, and what it passed over.
+pub(crate) struct Opened {
+    pub(crate) chunks: Chunks,
+    /// Files of a folder source that are not images (no image extension), relative to the
+    /// folder, sorted: skipped, not error rows, but worth saying.
+    pub(crate) skipped: Vec<String>,
+}
+
 impl SourceSpec {
     /// What identifies the source's current content, for the dataset fingerprint: paths with
     /// size and mtime of every file it reads (hashed into one digest; a stat per file, no
@@ -128,7 +136,7 @@ impl SourceSpec {
                 // Unreadable entries have no metadata; their paths still enter the digest.
                 let mut hasher = blake3::Hasher::new();
                 let mut files = Vec::new();
-                for entry in folder_rows(dir, reads)? {
+                for entry in folder_rows(dir, reads)?.entries {
                     if entry.problem.is_some() {
                         hasher.update(entry.path.to_string_lossy().as_bytes());
                         hasher.update(&[0]);
@@ -204,17 +212,19 @@ impl SourceSpec {
         image_column: &str,
         label: &LabelSpec,
         reads: &ReadPolicy,
-    ) -> Result<Chunks, DataError> {
+    ) -> Result<Opened, DataError> {
         self.expect_readable(reads)?;
-        match self {
-            SourceSpec::Parquet { files } => parquet_chunks(files.clone(), image_column, label),
+        let chunks = match self {
+            SourceSpec::Parquet { files } => parquet_chunks(files.clone(), image_column, label)?,
             SourceSpec::ParquetDir { dir, split, config } => parquet_chunks(
                 parquet_dir_files(dir, split, config.as_deref())?,
                 image_column,
                 label,
-            ),
+            )?,
             SourceSpec::Folder { dir } => {
-                let rows: Vec<RawRow> = folder_rows(dir, reads)?
+                let listing = folder_rows(dir, reads)?;
+                let rows: Vec<RawRow> = listing
+                    .entries
                     .into_iter()
                     .map(
                         |FolderEntry {
@@ -236,20 +246,16 @@ impl SourceSpec {
                         },
                     )
                     .collect();
-                Ok(chunked(rows))
+                return Ok(Opened {
+                    chunks: chunked(rows),
+                    skipped: listing.skipped,
+                });
             }
             SourceSpec::Csv { path } | SourceSpec::Jsonl { path } => {
                 if label.column().is_none() {
                     return Err(DataError::LabelColumnNeeded);
                 }
-                Ok(chunked(text_rows(
-                    self,
-                    path,
-                    label,
-                    image_column,
-                    false,
-                    reads,
-                )?))
+                chunked(text_rows(self, path, label, image_column, false, reads)?)
             }
             SourceSpec::Synthetic(spec) => {
                 let rows: Vec<RawRow> = (0..spec.n)
@@ -259,9 +265,13 @@ impl SourceSpec {
                         label: RawLabel::Given(spec.class_of(i)),
                     })
                     .collect();
-                Ok(chunked(rows))
+                chunked(rows)
             }
-        }
+        };
+        Ok(Opened {
+            chunks,
+            skipped: Vec::new(),
+        })
     }
 }
 
@@ -339,11 +349,20 @@ struct FolderEntry {
     problem: Option<String>,
 }
 
+/// What a class-per-folder tree holds.
+struct FolderListing {
+    /// Image entries, sorted by id.
+    entries: Vec<FolderEntry>,
+    /// Files without an image extension, relative to the folder, sorted.
+    skipped: Vec<String>,
+}
+
 /// Every image in a class-per-folder tree, sorted by id. Files without an image extension are
-/// skipped, even when unreadable; an image entry (or a link loop) that cannot be read becomes an
-/// entry with its problem, so one bad link costs its row, not the dataset. A symlink that
-/// leaves what `reads` allows is such an entry too, and a linked folder outside is not listed.
-fn folder_rows(dir: &Path, reads: &ReadPolicy) -> Result<Vec<FolderEntry>, DataError> {
+/// skipped (and listed), even when unreadable; an image entry (or a link loop, or something that
+/// is not a regular file) that cannot be read becomes an entry with its problem, so one bad
+/// entry costs its row, not the dataset. A symlink that leaves what `reads` allows is such an
+/// entry too, and a linked folder outside is not listed.
+fn folder_rows(dir: &Path, reads: &ReadPolicy) -> Result<FolderListing, DataError> {
     if !dir.is_dir() {
         return Err(DataError::BadSource {
             what: "image folder",
@@ -365,7 +384,16 @@ fn folder_rows(dir: &Path, reads: &ReadPolicy) -> Result<Vec<FolderEntry>, DataE
             .collect();
         (parts.len() >= 2).then(|| (parts.join("/"), parts[0].clone()))
     };
+    let rel_id = |path: &Path| {
+        path.strip_prefix(dir)
+            .unwrap_or(path)
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("/")
+    };
     let mut rows = Vec::new();
+    let mut skipped = Vec::new();
     // From depth 1, so a class folder that is a link is checked too.
     let mut walk = WalkDir::new(dir)
         .min_depth(1)
@@ -382,12 +410,13 @@ fn folder_rows(dir: &Path, reads: &ReadPolicy) -> Result<Vec<FolderEntry>, DataE
                     return Err(FileError::list(dir)(e.into()).into());
                 }
                 let is_loop = e.loop_ancestor().is_some();
+                if !is_loop && !has_image_extension(&path) {
+                    skipped.push(rel_id(&path));
+                    continue;
+                }
                 let Some((id, class)) = id_and_class(&path) else {
                     continue;
                 };
-                if !is_loop && !has_image_extension(&path) {
-                    continue;
-                }
                 let problem = match e.loop_ancestor() {
                     Some(ancestor) => format!(
                         "symlink loop: `{}` points to its ancestor `{}`",
@@ -430,21 +459,36 @@ fn folder_rows(dir: &Path, reads: &ReadPolicy) -> Result<Vec<FolderEntry>, DataE
             });
             continue;
         }
-        if item.depth() < 2 || !item.file_type().is_file() || !has_image_extension(item.path()) {
+        if item.file_type().is_dir() {
+            continue;
+        }
+        if !has_image_extension(item.path()) {
+            skipped.push(rel_id(item.path()));
+            continue;
+        }
+        if item.depth() < 2 {
             continue;
         }
         // Depth 2 guarantees a class folder component.
         let Some((id, class)) = id_and_class(item.path()) else {
             continue;
         };
+        // A FIFO, socket or device named like an image is an error row, never opened.
+        let problem = (!item.file_type().is_file()).then(|| {
+            format!(
+                "`{}` is not a regular file (a FIFO, socket or device); only files are read",
+                item.path().display()
+            )
+        });
         rows.push(FolderEntry {
             id,
             path: item.path().to_path_buf(),
             class,
-            problem: None,
+            problem,
         });
     }
     rows.sort_by(|a, b| a.id.cmp(&b.id));
+    skipped.sort();
     if rows.iter().all(|r| r.problem.is_some()) {
         return Err(DataError::BadSource {
             what: "image folder",
@@ -453,7 +497,10 @@ fn folder_rows(dir: &Path, reads: &ReadPolicy) -> Result<Vec<FolderEntry>, DataE
                 .to_owned(),
         });
     }
-    Ok(rows)
+    Ok(FolderListing {
+        entries: rows,
+        skipped,
+    })
 }
 
 fn file_stem(path: &Path) -> String {

@@ -217,6 +217,7 @@ mod tests {
                         image_id: String::new(),
                         label: format!("c{c}"),
                         label_index: c as u32,
+                        image_error: None,
                     })
                 })
                 .collect();

@@ -105,7 +105,8 @@ impl Stage for DatasetStage {
     }
 }
 
-/// What a person should hear about an ingest: rejected images and drop ids that matched nothing.
+/// What a person should hear about an ingest: rejected images, skipped files and drop ids that
+/// matched nothing.
 pub fn ingest_warnings(report: &IngestReport) -> Vec<String> {
     let mut warnings = Vec::new();
     if report.errors > 0 {
@@ -122,10 +123,34 @@ pub fn ingest_warnings(report: &IngestReport) -> Vec<String> {
             String::new()
         };
         warnings.push(format!(
-            "{} image{} could not be read and {} recorded in errors.parquet: {}{tail}",
+            "{} image{} could not be read and {} recorded in errors.parquet (an eval counts each as a wrong answer): {}{tail}",
             report.errors,
             if report.errors == 1 { "" } else { "s" },
             if report.errors == 1 { "is" } else { "are" },
+            examples.join(", ")
+        ));
+    }
+    if report.skipped_non_images > 0 {
+        let n = report.skipped_non_images;
+        let examples: Vec<String> = report
+            .skipped_examples
+            .iter()
+            .take(WARNING_EXAMPLES)
+            .map(|id| format!("`{id}`"))
+            .collect();
+        let more = n.saturating_sub(examples.len());
+        let tail = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        warnings.push(format!(
+            "{n} {} skipped: {}{tail}",
+            if n == 1 {
+                "file that is not an image was"
+            } else {
+                "files that are not images were"
+            },
             examples.join(", ")
         ));
     }
@@ -155,10 +180,12 @@ mod tests {
                 .map(|i| (format!("r{i}"), "truncated".to_owned()))
                 .collect(),
             unknown_drop_ids: vec!["x:1".to_owned()],
+            skipped_non_images: 1,
+            skipped_examples: vec!["README.txt".to_owned()],
             ..IngestReport::default()
         };
         let warnings = ingest_warnings(&report);
-        assert_eq!(warnings.len(), 2);
+        assert_eq!(warnings.len(), 3);
         assert!(
             warnings[0].starts_with("7 images could not be read"),
             "{}",
@@ -166,6 +193,10 @@ mod tests {
         );
         assert!(warnings[0].contains("`r0` (truncated)"));
         assert!(warnings[0].ends_with("and 2 more"), "{}", warnings[0]);
-        assert!(warnings[1].contains("`x:1`"));
+        assert_eq!(
+            warnings[1],
+            "1 file that is not an image was skipped: `README.txt`"
+        );
+        assert!(warnings[2].contains("`x:1`"));
     }
 }

@@ -19,8 +19,9 @@ pub const CSV_HEADER: [&str; 4] = ["image_base64", "ground_truth", "predicted", 
 
 /// Writes the tutorial-format CSV of `records` to `path`, fetching each image from `images`.
 ///
-/// A record whose image the source does not know, or whose bytes are not an image format, is an
-/// error: the notebooks decode every cell.
+/// A record without an image (an image error row, empty `image_id`) has an empty image cell; one
+/// whose image the source does not know, or whose bytes are not an image format, is an error:
+/// the notebooks decode every other cell.
 pub fn write_csv_export(
     path: &Path,
     records: &[EvalRecord],
@@ -33,7 +34,11 @@ pub fn write_csv_export(
     let mut writer = csv::Writer::from_path(path).map_err(csv_err)?;
     writer.write_record(CSV_HEADER).map_err(csv_err)?;
     for record in records {
-        let image = original_base64(&record.image_id, images)?;
+        let image = if record.image_id.is_empty() {
+            String::new()
+        } else {
+            original_base64(&record.image_id, images)?
+        };
         let predicted = match (&record.parsed_label, record.valid) {
             (Some(label), true) => label.as_str(),
             _ => record.raw_output.as_str(),

@@ -29,7 +29,8 @@ const LABELS_KEY: &str = "vlmpipe.labels";
 pub struct EvalRecord {
     /// Stable id of the dataset row (matches records across stages in comparisons).
     pub row_id: String,
-    /// Key of the image in the dataset's image store (see [`super::ImageSource`]).
+    /// Key of the image in the dataset's image store (see [`super::ImageSource`]); empty when the
+    /// sample's image could not be read or decoded (an error row), so nothing shows its content.
     pub image_id: String,
     /// The true label; must be in the label set.
     pub ground_truth: String,

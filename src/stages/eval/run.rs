@@ -1,8 +1,9 @@
 //! Running a model over samples to produce [`EvalRecord`]s: batched generation (free or
 //! grammar-constrained) or exact label scoring, answers parsed against the label set.
 //!
-//! A sample whose image cannot be decoded still gets a record (invalid, with the reason as its raw
-//! output), so it counts in the denominator rather than vanishing.
+//! A sample whose image cannot be read or decoded still gets a record (invalid, with the reason as
+//! its raw output, and no `image_id`, so no export or report shows its content), so it counts in
+//! the denominator rather than vanishing.
 //!
 //! Images arrive encoded and are decoded one at a time, right before their sample is prepared;
 //! the full-size pixels are dropped as soon as the processor has resized them. A batch therefore
@@ -116,9 +117,12 @@ impl EvalJob<'_> {
         // Prepare each sample; a bad image or prompt becomes an invalid record, not an error.
         let mut prepared: Vec<Result<PreparedPrompt, String>> = Vec::with_capacity(samples.len());
         let mut own_ms: Vec<f64> = Vec::with_capacity(samples.len());
+        let mut image_failed: Vec<bool> = Vec::with_capacity(samples.len());
         for sample in samples {
             let started = Instant::now();
-            prepared.push(match sample.image.pixels() {
+            let pixels = sample.image.pixels();
+            image_failed.push(pixels.is_err());
+            prepared.push(match pixels {
                 Ok(image) => self
                     .runner
                     .prepare(&sample.conversation, std::slice::from_ref(image.as_ref()))
@@ -173,7 +177,9 @@ impl EvalJob<'_> {
 
         let mut outputs = outputs.into_iter();
         let mut records = Vec::with_capacity(samples.len());
-        for ((sample, prep), own_ms) in samples.iter().zip(&prepared).zip(own_ms) {
+        for (((sample, prep), own_ms), image_failed) in
+            samples.iter().zip(&prepared).zip(own_ms).zip(image_failed)
+        {
             let record = match prep {
                 Ok(_) => {
                     let Some(output) = outputs.next() else {
@@ -185,7 +191,12 @@ impl EvalJob<'_> {
                 }
                 Err(reason) => EvalRecord {
                     row_id: sample.row_id.clone(),
-                    image_id: sample.image_id.clone(),
+                    // An image that failed is not shown anywhere (a bomb, a private file).
+                    image_id: if image_failed {
+                        String::new()
+                    } else {
+                        sample.image_id.clone()
+                    },
                     ground_truth: sample.ground_truth.clone(),
                     raw_output: format!("<{reason}>"),
                     parsed_label: None,

@@ -32,7 +32,10 @@ use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 // 4: images over the pixel cap (PIL's, or the dataset's `max_image_pixels`) are error rows.
 // 5: a grammar-constrained answer closes before `max_new_tokens` runs out.
 // 6: sampled generation (temperature > 0) draws from `crate::rng` (PCG-64), not `StdRng`.
-const EVAL_CODE_VERSION: u32 = 6;
+// 7: rows whose image failed at ingest are error rows; an image error row has no `image_id`, so
+//    `predictions.csv` and the report show no content for it; report thumbnails are decoded as
+//    the model decodes (pixel cap, EXIF orientation).
+const EVAL_CODE_VERSION: u32 = 7;
 
 /// How an eval gets its answers.
 #[derive(Clone, Debug)]
@@ -139,13 +142,17 @@ impl Stage for EvalStage {
                     &config.pipeline_params,
                 )?;
                 let read_started = Instant::now();
-                // Kept encoded: the job decodes one image at a time (see `run`).
-                let image = match images.get(&row.image_id) {
-                    Ok(stored) => SampleImage::Encoded {
-                        bytes: stored.bytes,
-                        max_pixels: config.max_image_pixels,
+                // Kept encoded: the job decodes one image at a time (see `run`). A row whose
+                // image failed at ingest has none: it becomes an error row with that reason.
+                let image = match &row.image_error {
+                    Some(reason) => SampleImage::Failed(reason.clone()),
+                    None => match images.get(&row.image_id) {
+                        Ok(stored) => SampleImage::Encoded {
+                            bytes: stored.bytes,
+                            max_pixels: config.max_image_pixels,
+                        },
+                        Err(e) => SampleImage::Failed(e.to_string()),
                     },
-                    Err(e) => SampleImage::Failed(e.to_string()),
                 };
                 samples.push(EvalSample {
                     row_id: row.row_id.clone(),
@@ -187,7 +194,10 @@ impl Stage for EvalStage {
             &ctx.out_path(REPORT_FILE),
             &report,
             &image_source,
-            &HtmlOptions::default(),
+            &HtmlOptions {
+                max_image_pixels: config.max_image_pixels,
+                ..HtmlOptions::default()
+            },
         )?;
 
         let mut warnings = Vec::new();

@@ -405,6 +405,10 @@ impl ExampleBuilder<'_> {
                 },
                 &self.stage.pipeline_params,
             )?;
+            if let Some(reason) = &row.image_error {
+                skipped.push(format!("row `{}`: image error: {reason}", row.row_id));
+                continue;
+            }
             let image = match images
                 .get(&row.image_id)
                 .map_err(|e| e.to_string())

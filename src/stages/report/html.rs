@@ -36,6 +36,9 @@ pub struct HtmlOptions {
     /// Stages meant to be compared that have no results in this run (name, why), named at the
     /// top so a partial comparison never reads as the whole one.
     pub missing: Vec<(String, String)>,
+    /// Thumbnails refuse images whose header declares more pixels than this (the dataset's
+    /// `max_image_pixels`); they show an error placeholder instead.
+    pub max_image_pixels: u64,
 }
 
 impl Default for HtmlOptions {
@@ -45,6 +48,7 @@ impl Default for HtmlOptions {
             page_size: 48,
             max_thumbnails: 3000,
             missing: Vec::new(),
+            max_image_pixels: crate::model::processor::DEFAULT_MAX_IMAGE_PIXELS,
         }
     }
 }
@@ -55,6 +59,9 @@ struct PageData<'a> {
     #[serde(rename = "pageSize")]
     page_size: usize,
     images: std::collections::HashMap<String, String>,
+    /// Why an image is not shown (over the pixel cap, undecodable), by image id.
+    #[serde(rename = "imageErrors")]
+    image_errors: std::collections::HashMap<String, String>,
     /// Set when `max_thumbnails` cut the embedded images (the placeholder then says so).
     #[serde(rename = "embeddedLimit")]
     embedded_limit: Option<usize>,
@@ -160,7 +167,8 @@ fn page_data<'a>(
         .filter(|r| !r.correct)
         .chain(all)
         .map(|r| r.image_id.as_str())
-        .filter(|id| seen.insert(*id))
+        // An error row has no image to show.
+        .filter(|id| !id.is_empty() && seen.insert(*id))
         .collect();
     let total_images = ids.len();
     let embedded = &ids[..total_images.min(options.max_thumbnails)];
@@ -218,9 +226,16 @@ fn page_data<'a>(
                 .collect(),
         })
         .collect();
+    let thumbs = thumbnails(
+        embedded,
+        images,
+        options.thumbnail_px,
+        options.max_image_pixels,
+    );
     PageData {
         page_size: options.page_size.max(1),
-        images: thumbnails(embedded, images, options.thumbnail_px),
+        images: thumbs.urls,
+        image_errors: thumbs.errors,
         embedded_limit: (embedded.len() < total_images).then_some(embedded.len()),
         stages,
         changes,

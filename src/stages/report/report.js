@@ -73,12 +73,16 @@
       img.alt = it.image;
       img.src = src;
       box.appendChild(img);
+    } else if (data.imageErrors[it.image]) {
+      box.className = "img none error";
+      box.textContent = "image not shown";
+      box.title = data.imageErrors[it.image];
     } else {
       box.className = "img none";
       box.textContent = data.embeddedLimit ? "thumbnail not embedded" : "no image";
       box.title = data.embeddedLimit
         ? "this report embeds " + data.embeddedLimit + " thumbnails, misclassified samples first"
-        : "the image source has no image " + it.image;
+        : it.image ? "the image source has no image " + it.image : "no usable image: " + it.raw;
     }
     f.appendChild(box);
     var cap = el("figcaption");

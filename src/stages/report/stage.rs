@@ -10,7 +10,10 @@ use crate::exec::{Export, MissingInput, Stage, StageContext, StageError, StageOu
 use crate::stages::data::{IMAGES_FILE, ImageStore};
 use crate::stages::eval::REPORT_FILE;
 
-const REPORT_CODE_VERSION: u32 = 1;
+/// Bumped when the report's output for the same inputs changes.
+// 2: thumbnails are decoded as the model decodes (the pixel cap checked from the header, EXIF
+//    orientation); an image over the cap is an error placeholder.
+const REPORT_CODE_VERSION: u32 = 2;
 
 /// One eval a report compares: its name, its input slot and the slot of its dataset.
 #[derive(Clone, Debug, PartialEq, Eq)]

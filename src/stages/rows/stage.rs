@@ -186,6 +186,7 @@ mod tests {
                     image_id: format!("i{i}"),
                     label: if i < 15 { "a" } else { "b" }.to_owned(),
                     label_index: u32::from(i >= 15),
+                    image_error: None,
                 })
                 .collect(),
             classes: vec!["a".to_owned(), "b".to_owned()],

@@ -235,6 +235,67 @@ pub mod hostile {
         bmp
     }
 
+    /// A real, valid 8-bit RGB PNG of `width` x `height` black pixels, built without
+    /// allocating them: its zlib stream is one fixed-Huffman block of a literal zero followed by
+    /// 258-byte copies (13 bits each), so 20000 x 20000 (1.2 GB of pixels) is about 7.6 MB.
+    pub fn png_zeros(width: u32, height: u32) -> Vec<u8> {
+        struct Bits {
+            out: Vec<u8>,
+            acc: u64,
+            n: u32,
+        }
+        impl Bits {
+            // Deflate packs bits from the least significant end; Huffman codes go MSB first.
+            fn put(&mut self, value: u64, count: u32) {
+                self.acc |= value << self.n;
+                self.n += count;
+                while self.n >= 8 {
+                    self.out.push(self.acc as u8);
+                    self.acc >>= 8;
+                    self.n -= 8;
+                }
+            }
+            fn code(&mut self, code: u32, len: u32) {
+                let reversed = code.reverse_bits() >> (32 - len);
+                self.put(u64::from(reversed), len);
+            }
+        }
+        let raw = u64::from(height) * (1 + 3 * u64::from(width)); // a filter byte per row
+        let mut bits = Bits {
+            out: vec![0x78, 0x01],
+            acc: 0,
+            n: 0,
+        };
+        bits.put(0b011, 3); // BFINAL, fixed Huffman
+        bits.code(0x30, 8); // literal 0
+        let matches = (raw - 1) / 258;
+        for _ in 0..matches {
+            bits.code(0xC5, 8); // length 258 (code 285)
+            bits.code(0, 5); // distance 1
+        }
+        for _ in 0..(raw - 1) % 258 {
+            bits.code(0x30, 8);
+        }
+        bits.code(0, 7); // end of block
+        if bits.n > 0 {
+            bits.put(0, 8 - bits.n);
+        }
+        let mut zlib = bits.out;
+        // Adler-32 of zeros: a stays 1, b adds 1 per byte.
+        let b = (raw % 65_521) as u32;
+        zlib.extend_from_slice(&((b << 16) | 1).to_be_bytes());
+
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&width.to_be_bytes());
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        chunk(&mut out, b"IHDR", &ihdr);
+        chunk(&mut out, b"IDAT", &zlib);
+        chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
     /// The six hostile files, by name: `(file name, bytes)`.
     pub fn six() -> Vec<(&'static str, Vec<u8>)> {
         vec![
