@@ -41,6 +41,7 @@ mod model_parity;
 mod model_portable;
 mod model_quant;
 mod pipeline_eval;
+mod pipeline_export;
 mod pipeline_finetune;
 mod pipeline_run;
 mod pipelines_hub;

@@ -1,6 +1,6 @@
 //! Stage fingerprints pinned: the offline quickstart (`examples/quickstart.vp`) and a small
 //! pipeline with the kinds the quickstart lacks (`shuffle`, a `random` split, a JSON grammar, a
-//! prompt that reads a param, a bf16 model), each fingerprinted by `vlmpipe run --dry-run`.
+//! prompt that reads a param, a bf16 model, a GGUF `export`), each fingerprinted by `vlmpipe run --dry-run`.
 //!
 //! A fingerprint covers a stage's kind, canonical parameters, external state, inputs and code
 //! version, so a changed value here means every cache built before is rerun. Restructuring code
@@ -93,6 +93,7 @@ prompt ask { system = "Be {{ tone }}." user = "Which? {% for l in labels %}{{ l 
 grammar answer = json { pred_class: one_of(shapes) }
 model tiny = init(preset: "tiny", seed: 2, dtype: "bf16")
 eval e { model = tiny  data = shuffle(halves.test, seed: 4)  prompt = ask  labels = shapes  output = answer }
+export phone { model = tiny  format = "gguf"  quant = "q8_0"  mmproj = "f16" }
 "#,
     )
     .expect("write pipeline");
@@ -187,5 +188,9 @@ const OTHER_KINDS: &[(&str, &str)] = &[
     (
         "e",
         "87e933f048d5efb2442ab8308fddaeb4d1665a01ff86f353db6cd7c490466d18",
+    ),
+    (
+        "phone",
+        "fc3319c0cc691b3e1a6d0b61a185b7c619d439c1536d11e72a67e5f3516c28d3",
     ),
 ];
