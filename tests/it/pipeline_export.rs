@@ -7,6 +7,11 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 use vlmpipe::plan::{CheckResult, NodeParams, check_source, render_diagnostics};
+use vlmpipe::stages::eval::{EvalRecord, Metrics, MetricsOptions, NoImages, compute_metrics};
+use vlmpipe::stages::report::{
+    HtmlOptions, ReportInput, StageReport, changed_listing, changed_outcomes, embedded_data,
+    headline_table, render_html,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vlmpipe");
 
@@ -315,4 +320,142 @@ fn an_export_takes_a_model_or_a_fine_tune_and_an_eval_takes_an_export() {
     assert_eq!(phone.inputs, [plan.find("tiny").unwrap().id]);
     let eval = plan.find("e").expect("eval");
     assert!(eval.inputs.contains(&phone.id), "{:?}", eval.inputs);
+}
+
+fn record(row: &str, truth: &str, answer: Option<&str>, raw: &str, latency_ms: f64) -> EvalRecord {
+    EvalRecord {
+        row_id: row.into(),
+        image_id: format!("{row}.jpg"),
+        ground_truth: truth.into(),
+        raw_output: raw.into(),
+        parsed_label: answer.map(str::to_owned),
+        valid: answer.is_some(),
+        correct: answer == Some(truth),
+        latency_ms,
+        batch_size: 1,
+        tokens_generated: 1,
+        class_probs: None,
+    }
+}
+
+/// The report page of a full-precision model and its shipped export on the same rows: accuracy,
+/// invalid rate, latency and size on disk side by side, and every answer that changed (fixed,
+/// broken, or another wrong answer) in the changed-outcomes gallery.
+#[test]
+fn the_report_shows_the_full_model_and_its_export_side_by_side() {
+    let labels = vec!["cat".to_owned(), "dog".to_owned()];
+    let stage = |name: &str, records: Vec<EvalRecord>, bytes: u64| {
+        let mut metrics =
+            compute_metrics(&records, &labels, &MetricsOptions::default()).expect("metrics");
+        metrics.model_bytes = Some(bytes);
+        StageReport {
+            name: name.into(),
+            labels: labels.clone(),
+            records,
+            metrics,
+            curves: Vec::new(),
+        }
+    };
+    let full = stage(
+        "tuned_eval",
+        vec![
+            record("1", "cat", Some("cat"), "cat", 900.0),
+            record("2", "dog", Some("cat"), "cat", 1100.0),
+            record("3", "dog", Some("dog"), "dog", 1000.0),
+            record("4", "cat", Some("dog"), "dog", 1000.0),
+        ],
+        1_800_000_000,
+    );
+    let shipped = stage(
+        "phone_eval",
+        vec![
+            record("1", "cat", Some("cat"), "cat", 300.0),
+            record("2", "dog", Some("dog"), "dog", 310.0),
+            record("3", "dog", Some("cat"), "cat", 320.0),
+            record("4", "cat", None, "a pug", 330.0),
+        ],
+        478_250_000,
+    );
+    let input = ReportInput {
+        title: "ship".into(),
+        stages: vec![full, shipped],
+    };
+    let html = render_html(&input, &NoImages, &HtmlOptions::default()).expect("html");
+    let row = |metric: &str| -> String {
+        let start = html
+            .find(&format!("<tr><th>{metric}</th>"))
+            .unwrap_or_else(|| panic!("no `{metric}` row"));
+        let end = start + html[start..].find("</tr>").expect("row end");
+        html[start..end].to_owned()
+    };
+    assert_eq!(
+        row("accuracy"),
+        "<tr><th>accuracy</th><td>50.0%</td><td>50.0%</td>"
+    );
+    assert_eq!(
+        row("invalid rate"),
+        "<tr><th>invalid rate</th><td class=\"best\">0.0%</td><td>25.0%</td>"
+    );
+    assert_eq!(
+        row("latency p50 (ms)"),
+        "<tr><th>latency p50 (ms)</th><td>1000.0</td><td class=\"best\">315.0</td>"
+    );
+    assert_eq!(
+        row("model size (MB)"),
+        "<tr><th>model size (MB)</th><td>1800.0</td><td class=\"best\">478.2</td>"
+    );
+    for link in [
+        "All changed (3)",
+        "Fixed (1)",
+        "Broken (1)",
+        "Other answer (1)",
+    ] {
+        assert!(html.contains(link), "no `{link}` in the comparison");
+    }
+    let data = embedded_data(&html).expect("embedded JSON");
+    let kinds: Vec<(&str, &str, &str, &str)> = data["changes"][0]["rows"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_str().unwrap(),
+                r[1].as_str().unwrap(),
+                r[4].as_str().unwrap(),
+                r[5].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("fixed", "2", "cat", "dog"),
+            ("broken", "3", "dog", "cat"),
+            ("changed", "4", "dog", "a pug"),
+        ]
+    );
+    // The terminal's table and listing say the same.
+    let metrics: Vec<(&str, &Metrics)> = input
+        .stages
+        .iter()
+        .map(|s| (s.name.as_str(), &s.metrics))
+        .collect();
+    let table = headline_table(&metrics);
+    assert_eq!(
+        table,
+        "\
+stage       accuracy  invalid  macro F1  p50 ms  model MB  n
+----------  --------  -------  --------  ------  --------  -
+tuned_eval     50.0%     0.0%     0.500    1000    1800.0  4
+phone_eval     50.0%    25.0%     0.583     315     478.2  4
+"
+    );
+    let changes = changed_outcomes(&input.stages[0].records, &input.stages[1].records);
+    let listing = changed_listing("tuned_eval", "phone_eval", &changes, 40);
+    assert!(
+        listing.starts_with(
+            "tuned_eval → phone_eval: 3 answers changed (1 fixed, 1 broken, 1 other answer)\n"
+        ) && listing.contains("other   4    cat    dog     a pug"),
+        "{listing}"
+    );
 }

@@ -7,7 +7,8 @@
 //! must leave these alone; a change of what a stage writes bumps its `code_version`, and then
 //! these values are updated with the bump, deliberately. Updated once so far: the data stage's
 //! v3 (the read policy), the model stage's v4 (the one random initialiser) and the eval's v5 (an
-//! answer closed within its token budget), with every fingerprint downstream of them.
+//! answer closed within its token budget), with every fingerprint downstream of them; then the
+//! eval's v6 (`model_bytes`) and the report's v2 (size and changed answers side by side).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -128,7 +129,7 @@ const QUICKSTART: &[(&str, &str)] = &[
     ),
     (
         "baseline",
-        "fde3342c1e53611b1ae622e7b31ca8d9337130c050ab17ac3d32ac9a6bca108f",
+        "4b256cb45fe7003d9abd7fed514ff3050f1c5cb448f8e50b92b75a9f6c255e33",
     ),
     (
         "one_shape",
@@ -136,7 +137,7 @@ const QUICKSTART: &[(&str, &str)] = &[
     ),
     (
         "constrained",
-        "4eac276e20785957eed938452375604f60cf6628d227e79060366f3c27c9d472",
+        "7b8ff8b6538e94a54f6a2ddfc4e5730a1dd9074f596bf84b73201f5353132d68",
     ),
     (
         "tuned",
@@ -144,11 +145,11 @@ const QUICKSTART: &[(&str, &str)] = &[
     ),
     (
         "tuned_eval",
-        "54c178a158870037516613d0d96f4bc874dfb414747a5b5fdccd3e1b3f45bf42",
+        "05154fc9e896e25379bffcdf2d9630e550a0f7aed587fb9753b355959cd313d5",
     ),
     (
         "report",
-        "1ba761b4f3a43950b9431b5898a2b1a01919edd094a780bba316a215d880041a",
+        "949d97c207ed88b41f1f769611c49151c77c9a460c12d8ba051f83db30cd32d8",
     ),
 ];
 
@@ -187,7 +188,7 @@ const OTHER_KINDS: &[(&str, &str)] = &[
     ),
     (
         "e",
-        "87e933f048d5efb2442ab8308fddaeb4d1665a01ff86f353db6cd7c490466d18",
+        "86d4837cdca4c9ce8be1a9a35ac015853becafb2e6ad4e9d912c5761df0300d7",
     ),
     (
         "phone",

@@ -10,7 +10,8 @@ use crate::exec::{Export, MissingInput, Stage, StageContext, StageError, StageOu
 use crate::stages::data::{IMAGES_FILE, ImageStore};
 use crate::stages::eval::REPORT_FILE;
 
-const REPORT_CODE_VERSION: u32 = 1;
+// 2: the comparison shows each model's size on disk and wrong answers that changed.
+const REPORT_CODE_VERSION: u32 = 2;
 
 /// One eval a report compares: its name, its input slot and the slot of its dataset.
 #[derive(Clone, Debug, PartialEq, Eq)]
