@@ -64,10 +64,7 @@ fn greedy() -> DecodeOptions {
 type Answer = (Vec<f32>, Vec<u32>, Vec<u32>);
 
 /// The prompt's last logits and the greedy answer for one image question.
-fn answer(
-    runner: &ModelRunner,
-    image: &RgbImage,
-) -> Result<Answer, Box<dyn std::error::Error>> {
+fn answer(runner: &ModelRunner, image: &RgbImage) -> Result<Answer, Box<dyn std::error::Error>> {
     let conversation = Conversation::image_question(Some("Answer briefly."), "Cat or dog?");
     let prompt = runner.prepare(&conversation, std::slice::from_ref(image))?;
     let run = runner.generate_with_details(&[&prompt], &greedy(), None)?;
@@ -547,5 +544,46 @@ fn infer_and_bench_take_a_gguf_folder() -> TestResult {
         "{}",
         String::from_utf8_lossy(&bench.stderr)
     );
+    Ok(())
+}
+
+/// llama.cpp's own converter's pair (F32 and Q8_0) of a narrow random checkpoint with the real
+/// LFM2-VL-450M file set loads and answers like the checkpoint (F32) and like vlmpipe's own
+/// export (Q8_0: the same bytes, so the same logits).
+#[test]
+fn the_converters_pair_loads_like_vlmpipes() -> TestResult {
+    let (Some(converter), Some(real)) = (
+        crate::gguf_export::converter(),
+        crate::gguf_export::real_450m(),
+    ) else {
+        return Ok(());
+    };
+    let work = tempfile::tempdir()?;
+    let checkpoint = work.path().join("checkpoint");
+    crate::gguf_export::random_checkpoint(&real, &checkpoint, true)?;
+    let reference = ModelRunner::load(&checkpoint, &LoadOptions::default())?;
+    let images = [image(IMAGES[0]), image(IMAGES[1])];
+    for quant in [GgufQuant::F32, GgufQuant::Q8_0] {
+        let theirs = tempfile::tempdir()?;
+        converter.convert(&checkpoint, quant, "narrow", theirs.path())?;
+        let from_converter = ModelRunner::load(theirs.path(), &LoadOptions::default())?;
+        let ours = export(&checkpoint, quant)?;
+        let from_export = ModelRunner::load(ours.path(), &LoadOptions::default())?;
+        for img in &images {
+            let (got, got_answer, _) = answer(&from_converter, img)?;
+            let (exported, exported_answer, _) = answer(&from_export, img)?;
+            assert_eq!(got, exported, "{quant}: converter's pair vs vlmpipe's");
+            assert_eq!(got_answer, exported_answer, "{quant}");
+            if quant == GgufQuant::F32 {
+                let (want, want_answer, _) = answer(&reference, img)?;
+                let diff = max_abs_diff(&got, &want);
+                assert!(
+                    diff <= 1e-5 * max_abs(&want).max(1.0),
+                    "F32: {diff} from the checkpoint"
+                );
+                assert_eq!(got_answer, want_answer);
+            }
+        }
+    }
     Ok(())
 }
