@@ -29,6 +29,7 @@ mod eval_export;
 mod eval_metrics;
 mod export_merged;
 mod gguf_export;
+mod gguf_import;
 mod hostile_images;
 mod hostile_pipeline;
 mod hub_download;
