@@ -459,3 +459,74 @@ phone_eval     50.0%    25.0%     0.583     315     478.2  4
         "{listing}"
     );
 }
+
+/// An eval takes an export as its model and loads the exported pair itself: the run evaluates
+/// the model and its export on the same rows, records the size of what each loaded (the
+/// checkpoint's safetensors, the two GGUF files), and the report and `vlmpipe report` put them
+/// side by side.
+#[test]
+fn an_eval_of_an_export_loads_the_exported_files() {
+    let dir = tempfile::tempdir().expect("temp folder");
+    let pipeline = dir.path().join("ship.vp");
+    std::fs::write(
+        &pipeline,
+        r#"
+pipeline ship { seed = 1 }
+labels shapes = ["red circle", "blue circle"]
+dataset pics {
+  source = synthetic(kind: "shapes", n: 8, seed: 2, size: 32, colors: "red,blue", shapes: "circle")
+  label = "class"
+  labels = shapes
+}
+prompt ask { user = "Which? {% for l in labels %}{{ l }} {% endfor %}" }
+grammar one = one_of(shapes)
+model tiny = init(preset: "tiny", seed: 1)
+export phone { model = tiny  format = "gguf"  quant = "f32" }
+eval full { model = tiny  data = pics  prompt = ask  labels = shapes  output = one }
+eval shipped { model = phone  data = pics  prompt = ask  labels = shapes  output = one }
+report side { compare = [full, shipped] }
+"#,
+    )
+    .expect("write pipeline");
+    let (stage, stdout) = run(dir.path(), &pipeline, &["--quiet"], "shipped");
+    assert_eq!(stage["status"], "ran", "{stage}");
+    let evals = dir.path().join("evals");
+    let metrics = |name: &str| -> Value {
+        let path = evals.join(name).join("metrics.json");
+        serde_json::from_slice(&std::fs::read(&path).expect("metrics.json")).expect("json")
+    };
+    let (full, shipped) = (metrics("full"), metrics("shipped"));
+    let size = |path: PathBuf| std::fs::metadata(&path).expect("file").len();
+    let pair =
+        size(evals.join("phone/phone-F32.gguf")) + size(evals.join("phone/mmproj-phone-F32.gguf"));
+    assert_eq!(shipped["model_bytes"], pair, "{shipped}");
+    let weights = full["model_bytes"].as_u64().expect("model_bytes");
+    assert!(weights > 0 && weights < pair, "{weights} vs {pair}");
+    // An F32 export computes what the f32 checkpoint computes: the same answers.
+    assert_eq!(full["n"], 8);
+    assert_eq!(shipped["accuracy"], full["accuracy"]);
+    assert_eq!(shipped["confusion_matrix"], full["confusion_matrix"]);
+    let report = std::fs::read_to_string(evals.join("side/report.html")).expect("report.html");
+    assert!(
+        report.contains("<tr><th>model size (MB)</th>"),
+        "no size row"
+    );
+    assert!(stdout.contains("model MB"), "{stdout}");
+
+    let p = |p: &Path| p.to_string_lossy().into_owned();
+    let output = vlmpipe(
+        dir.path(),
+        &[
+            "report",
+            &p(&pipeline),
+            "side",
+            "--cache-dir",
+            &p(&dir.path().join("cache")),
+        ],
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("full → shipped: 0 answers changed (0 fixed, 0 broken, 0 other answer)"),
+        "{text}"
+    );
+}

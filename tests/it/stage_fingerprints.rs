@@ -148,8 +148,20 @@ const QUICKSTART: &[(&str, &str)] = &[
         "05154fc9e896e25379bffcdf2d9630e550a0f7aed587fb9753b355959cd313d5",
     ),
     (
+        "tuned_q8",
+        "a422953476713ebec2f3b71b041e08cf5c41acdfdc85e250c17ffc085b9472d1",
+    ),
+    (
+        "tuned_q8_eval",
+        "fca96a1b4bd472ebc57e2bf23a9872a393ae2458f2210e0c8ec23c88b43928bb",
+    ),
+    (
         "report",
         "949d97c207ed88b41f1f769611c49151c77c9a460c12d8ba051f83db30cd32d8",
+    ),
+    (
+        "shipped",
+        "0f1acce7e1f91bd0db18474a6e4f5501457e17177eeda75b02c9e1aed75cdf4f",
     ),
 ];
 
