@@ -319,7 +319,8 @@ pub(super) use crate::dtype::Dtype as DtypeArg;
 #[command(group(clap::ArgGroup::new("label_grammar").args(["choice", "json_schema"])))]
 pub struct InferArgs {
     /// The model: a local directory in the Hub layout, or a Hub id `org/name[@revision]`
-    /// (the local Hub cache first; `HF_HUB_OFFLINE=1` forbids downloads).
+    /// (the local Hub cache first; `HF_HUB_OFFLINE=1` forbids downloads), or a GGUF pair: a
+    /// folder holding `<name>-<QUANT>.gguf` + `mmproj-….gguf`, or the text `.gguf` itself.
     #[arg(long, value_name = "REF")]
     pub model: String,
     /// A PEFT LoRA adapter to apply to `--model`: a folder with `adapter_config.json` and
@@ -469,7 +470,7 @@ pub struct BenchRerunArgs {
 /// `vlmpipe bench model …`
 #[derive(Debug, Args, Clone)]
 pub struct BenchModelArgs {
-    /// A checkpoint directory (Hub layout) or Hub id.
+    /// A checkpoint directory (Hub layout), Hub id, or GGUF pair (as `infer --model`).
     #[arg(
         long,
         value_name = "REF",

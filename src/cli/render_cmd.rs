@@ -156,12 +156,14 @@ pub(crate) fn render(args: &RenderArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// Follows `finetune.base` links down to the `model` node.
+/// Follows `finetune.base` and `export.model` links down to the `model` node (an export keeps
+/// its model's tokenizer and chat template).
 fn base_model(plan: &Plan, start: &NodeRef) -> anyhow::Result<NodeRef> {
     let mut current = start.clone();
     for _ in 0..=plan.nodes.len() {
         match plan.node(current.id).map(|n| &n.params) {
             Some(NodeParams::Finetune(p)) => current = p.base.clone(),
+            Some(NodeParams::Export(p)) => current = p.model.clone(),
             Some(NodeParams::Model(_)) => return Ok(current),
             _ => bail!("`{}` is not a model or a fine-tune", current.name),
         }

@@ -13,9 +13,12 @@ use crate::exec::{RunSummary, StageStatus};
 use crate::model::device::DeviceChoice;
 use crate::plan::{NodeKind, NodeParams, Plan};
 use crate::stages::eval::{
-    METRICS_FILE, Metrics, RECORDS_FILE, REPORT_FILE, read_metrics_json, read_records_parquet,
+    EvalRecord, METRICS_FILE, Metrics, RECORDS_FILE, REPORT_FILE, read_metrics_json,
+    read_records_parquet,
 };
-use crate::stages::report::{headline_table, misclassified_listing};
+use crate::stages::report::{
+    changed_listing, changed_outcomes, headline_table, misclassified_listing,
+};
 
 pub(crate) fn report(args: &ReportArgs) -> anyhow::Result<Outcome> {
     let Some(plan) = load_and_report(&args.file, &args.params) else {
@@ -69,6 +72,33 @@ pub(crate) fn report(args: &ReportArgs) -> anyhow::Result<Outcome> {
     if !rows.is_empty() {
         let table: Vec<(&str, &Metrics)> = rows.iter().map(|(n, m)| (n.as_str(), m)).collect();
         print!("{}", headline_table(&table));
+    }
+    // A named report also lists the answers that changed from its baseline to each other eval.
+    if let Some(NodeParams::Report(p)) = html_of
+        .as_deref()
+        .and_then(|n| plan.find(n))
+        .map(|n| &n.params)
+    {
+        let records = |name: &str| -> anyhow::Result<Option<Vec<EvalRecord>>> {
+            match output(&summary, name, RECORDS_FILE) {
+                Some(path) => Ok(Some(read_records_parquet(&path)?.records)),
+                None => Ok(None),
+            }
+        };
+        if let Some((baseline, rest)) = p.compare.split_first()
+            && let Some(before) = records(&baseline.name)?
+        {
+            for other in rest {
+                if let Some(after) = records(&other.name)? {
+                    let changes = changed_outcomes(&before, &after);
+                    println!();
+                    print!(
+                        "{}",
+                        changed_listing(&baseline.name, &other.name, &changes, 60)
+                    );
+                }
+            }
+        }
     }
     for name in &missing {
         eprintln!(

@@ -152,6 +152,35 @@ pub(crate) fn results(summary: &RunSummary) -> String {
             out.push_str(&format!("  {name:<width$}  {}\n", path.display()));
         }
     }
+    // The files an `export` stage wrote, each once (its copy beside the evals when there is one).
+    let mut shipped: Vec<(&str, PathBuf)> = Vec::new();
+    for stage in summary
+        .stages
+        .iter()
+        .filter(done)
+        .filter(|s| s.kind == "export")
+    {
+        let mut names: Vec<&std::ffi::OsStr> = Vec::new();
+        for path in &stage.outputs {
+            if let Some(name) = path
+                .file_name()
+                .filter(|n| Path::new(n).extension() == Some("gguf".as_ref()))
+                && !names.contains(&name)
+            {
+                names.push(name);
+                if let Some(path) = file(stage, &name.to_string_lossy()) {
+                    shipped.push((stage.name.as_str(), path));
+                }
+            }
+        }
+    }
+    if !shipped.is_empty() {
+        out.push_str("\nexports:\n");
+        let width = shipped.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+        for (name, path) in shipped {
+            out.push_str(&format!("  {name:<width$}  {}\n", path.display()));
+        }
+    }
     out
 }
 

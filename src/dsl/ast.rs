@@ -52,6 +52,7 @@ pub enum DeclKind {
     Grammar,
     Eval,
     Finetune,
+    Export,
     Report,
 }
 
@@ -68,6 +69,7 @@ impl DeclKind {
             "grammar" => DeclKind::Grammar,
             "eval" => DeclKind::Eval,
             "finetune" => DeclKind::Finetune,
+            "export" => DeclKind::Export,
             "report" => DeclKind::Report,
             _ => return None,
         })
@@ -85,6 +87,7 @@ impl DeclKind {
             DeclKind::Grammar => "grammar",
             DeclKind::Eval => "eval",
             DeclKind::Finetune => "finetune",
+            DeclKind::Export => "export",
             DeclKind::Report => "report",
         }
     }

@@ -17,7 +17,9 @@
 pub mod metadata;
 pub mod names;
 pub mod quant;
+pub mod read;
 pub mod tokenizer;
+pub mod tokenizer_read;
 pub mod write;
 
 use std::path::{Path, PathBuf};

@@ -44,6 +44,7 @@ pub enum NodeKind {
     Grammar,
     Eval,
     Finetune,
+    Export,
     Report,
 }
 
@@ -60,6 +61,7 @@ impl NodeKind {
             NodeKind::Grammar => "grammar",
             NodeKind::Eval => "eval",
             NodeKind::Finetune => "finetune",
+            NodeKind::Export => "export",
             NodeKind::Report => "report",
         }
     }
@@ -84,6 +86,7 @@ impl NodeParams {
             NodeParams::Grammar(_) => NodeKind::Grammar,
             NodeParams::Eval(_) => NodeKind::Eval,
             NodeParams::Finetune(_) => NodeKind::Finetune,
+            NodeParams::Export(_) => NodeKind::Export,
             NodeParams::Report(_) => NodeKind::Report,
         }
     }

@@ -111,6 +111,7 @@ pub enum NodeParams {
     Grammar(GrammarParams),
     Eval(EvalParams),
     Finetune(FinetuneParams),
+    Export(ExportParams),
     Report(ReportParams),
 }
 
@@ -565,6 +566,30 @@ pub enum LossOn {
     Answer,
     All,
 }
+
+/// `export NAME { model = m  format = "gguf"  quant = "q8_0"  mmproj = "f16" }`: a model or a
+/// fine-tune (its adapter merged in f32) written as files another runtime loads; the node yields
+/// a model an eval can take.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ExportParams {
+    /// A model or a fine-tune.
+    pub model: NodeRef,
+    pub format: ExportFormat,
+    /// The text model's type, as llama.cpp names it (`Q8_0`, `F16`: `crate::gguf::GgufQuant`).
+    pub quant: String,
+    /// The mmproj's type (the vision tower and projector).
+    pub mmproj: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    /// llama.cpp's pair: `<name>-<QUANT>.gguf` and `mmproj-<name>-<QUANT>.gguf`.
+    Gguf,
+}
+
+/// The formats `export` knows, checked at check time.
+pub const EXPORT_FORMATS: &[&str] = &["gguf"];
 
 /// `report NAME { compare = [a, b] }`.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -17,10 +17,12 @@ use image::RgbImage;
 use crate::decode::{
     CompiledGrammar, Constraint, DecodeError, LabelScorer, LabelScores, Vocab, VocabConfig,
 };
+use crate::gguf::read::GgufPair;
 use crate::model::chat::Conversation;
 use crate::model::checkpoint::{self, LoadOptions};
 use crate::model::generate::{self, GenerateConfig, LogitsProcessor, Sampling, TokenSet};
 use crate::model::lfm2_vl::Lfm2VlModel;
+use crate::model::load::gguf;
 use crate::model::packed::Kernel;
 use crate::model::processor::{Processor, PromptInputs};
 use crate::model::quant::{self, Quant, QuantReport};
@@ -123,15 +125,56 @@ pub struct ModelRunner {
 }
 
 impl ModelRunner {
-    /// Loads the checkpoint folder `dir` (Hub layout) in `options`' dtype onto its device.
+    /// Loads the model at `dir` in `options`' dtype onto its device: a checkpoint folder (Hub
+    /// layout), or a GGUF pair ([`crate::model::load::gguf::detect`]: a folder holding one
+    /// `<name>-<QUANT>.gguf` + `mmproj-….gguf` pair, or the text `.gguf` file itself).
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self, RunnerError> {
         let load_err = |message: String| RunnerError::Load {
             dir: dir.to_path_buf(),
             message,
         };
+        if let Some(pair) = gguf::detect(dir).map_err(|e| load_err(e.to_string()))? {
+            return Self::load_gguf(&pair, options);
+        }
         let model = checkpoint::load(dir, options).map_err(|e| load_err(e.to_string()))?;
         let processor = Processor::from_model_dir(dir).map_err(|e| load_err(e.to_string()))?;
         Self::new(model, processor, dir)
+    }
+
+    /// Loads a GGUF pair (see [`crate::gguf::read::find_pair`] to pick one in a folder of
+    /// several): the text model, its tokenizer, chat template and the mmproj's vision tower,
+    /// block-quantized matrices kept as blocks.
+    pub fn load_gguf(pair: &GgufPair, options: &LoadOptions) -> Result<Self, RunnerError> {
+        let loaded = gguf::load_pair(pair, options).map_err(|e| RunnerError::Load {
+            dir: pair.text.clone(),
+            message: e.to_string(),
+        })?;
+        let mut eos = Vec::new();
+        eos.extend(loaded.processor.tokenizer().token_to_id("<|im_end|>"));
+        eos.extend(loaded.tokenizer.eos_id);
+        eos.dedup();
+        Self::assemble(
+            loaded.model,
+            loaded.processor,
+            &pair.text,
+            eos,
+            Some(loaded.tokenizer.json.as_bytes()),
+        )
+    }
+
+    /// Refuses a GGUF model where only a checkpoint folder works (an adapter, `--quant`).
+    fn refuse_gguf(dir: &Path, what: &str) -> Result<(), RunnerError> {
+        let pair = gguf::detect(dir).map_err(|e| RunnerError::Load {
+            dir: dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        match pair {
+            Some(pair) => Err(RunnerError::Load {
+                dir: dir.to_path_buf(),
+                message: format!("`{}` is a GGUF model, {what}", pair.text.display()),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Loads `dir` and, when given, attaches the PEFT LoRA adapter in `adapter_dir` (a fine-tune);
@@ -144,6 +187,11 @@ impl ModelRunner {
         let Some(adapter_dir) = adapter_dir else {
             return Self::load(dir, options);
         };
+        Self::refuse_gguf(
+            dir,
+            "which takes no adapter: merge the adapter into the checkpoint and export that \
+             (`vlmpipe export … --gguf`)",
+        )?;
         let load_err = |message: String| RunnerError::Load {
             dir: adapter_dir.to_path_buf(),
             message,
@@ -172,6 +220,11 @@ impl ModelRunner {
             dir: dir.to_path_buf(),
             message,
         };
+        Self::refuse_gguf(
+            dir,
+            "already stored in its own types: load it without `--quant` (its file name says \
+             its quant)",
+        )?;
         let mut model = load_model(dir, adapter_dir, options)?;
         let report = quant::quantize_model(&mut model, quant)
             .map_err(|e| load_err(format!("cannot quantize the weights to {quant}: {e}")))?;
@@ -183,10 +236,19 @@ impl ModelRunner {
     ///
     /// Inference never needs the dense CPU weights, so they are packed for the fastest CPU
     /// kernel here ([`Kernel::for_this_cpu`]).
-    pub fn new(
+    pub fn new(model: Lfm2VlModel, processor: Processor, dir: &Path) -> Result<Self, RunnerError> {
+        let eos_token_ids = eos_ids(dir, &processor);
+        Self::assemble(model, processor, dir, eos_token_ids, None)
+    }
+
+    /// [`Self::new`] with the end-of-turn ids given, and the tokenizer's JSON when it is not
+    /// `dir/tokenizer.json` (a GGUF's, rebuilt from its metadata).
+    fn assemble(
         mut model: Lfm2VlModel,
         processor: Processor,
         dir: &Path,
+        eos_token_ids: Vec<u32>,
+        tokenizer_json: Option<&[u8]>,
     ) -> Result<Self, RunnerError> {
         let load_err = |message: String| RunnerError::Load {
             dir: dir.to_path_buf(),
@@ -198,7 +260,6 @@ impl ModelRunner {
                 .map_err(|e| load_err(format!("cannot pack the weights: {e}")))?,
             None => 0,
         };
-        let eos_token_ids = eos_ids(dir, &processor);
         let Some(&eos) = eos_token_ids.first() else {
             return Err(load_err(
                 "no end-of-turn token (`<|im_end|>` or generation_config.json eos_token_id)".into(),
@@ -212,8 +273,11 @@ impl ModelRunner {
             eos_token: eos_text,
             model_vocab_size: Some(model.text().embedding_rows()),
         };
-        let vocab = Vocab::from_tokenizer_file(&dir.join("tokenizer.json"), &vocab_cfg)
-            .map_err(|e| load_err(e.to_string()))?;
+        let vocab = match tokenizer_json {
+            Some(json) => Vocab::from_tokenizer_json(json, &vocab_cfg),
+            None => Vocab::from_tokenizer_file(&dir.join("tokenizer.json"), &vocab_cfg),
+        }
+        .map_err(|e| load_err(e.to_string()))?;
         let pad_token_id = processor.tokenizer().token_to_id("<|pad|>").unwrap_or(0);
         Ok(Self {
             model,

@@ -12,6 +12,7 @@
 //! | `model`                       | `model/`    | `ModelStage`                 |
 //! | `eval`                        | `eval/`     | `EvalStage`                  |
 //! | `finetune`                    | `finetune/` | `FinetuneStage`              |
+//! | `export`                      | `export/`   | `ExportStage`                |
 //! | `report`                      | `report/`   | `ReportStage`                |
 //!
 //! Only [`lower`] reads the plan; a new stage kind is a new folder with a `stage.rs` and one arm
@@ -21,6 +22,7 @@
 pub mod data;
 pub mod declared;
 pub mod eval;
+pub mod export;
 pub mod finetune;
 pub mod lower;
 pub mod model;

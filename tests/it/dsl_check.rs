@@ -367,7 +367,7 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
     (
         "wrong_type_prompt_as_model.vp",
         &[
-            "wrong_type_prompt_as_model.vp:5:25 error[wrong-type] expected a model (a `model` or a `finetune`) for `model`, found prompt `vet`",
+            "wrong_type_prompt_as_model.vp:5:25 error[wrong-type] expected a model (a `model`, a `finetune` or an `export`) for `model`, found prompt `vet`",
         ],
     ),
     (

@@ -51,12 +51,12 @@ fn llama_cpp_cache() -> PathBuf {
 }
 
 /// llama.cpp's converter and reader (the Python side of the build).
-struct Converter {
+pub(crate) struct Converter {
     python: PathBuf,
     script: PathBuf,
 }
 
-fn converter() -> Option<Converter> {
+pub(crate) fn converter() -> Option<Converter> {
     let cache = llama_cpp_cache();
     let python = cache.join("venv/bin/python");
     let script = cache.join("src/convert_hf_to_gguf.py");
@@ -72,7 +72,7 @@ fn converter() -> Option<Converter> {
     }
 }
 
-fn real_450m() -> Option<PathBuf> {
+pub(crate) fn real_450m() -> Option<PathBuf> {
     let dir = shared_path("models/LFM2-VL-450M");
     if dir.is_none() {
         eprintln!("skipping: ../shared/models/LFM2-VL-450M is not here");
@@ -89,7 +89,7 @@ const CHECKPOINT: &str = "checkpoint";
 const NARROW_VISION_LAYERS: usize = 3;
 
 /// Writes a random-weight checkpoint with the real file set into `out` (bf16, like the Hub's).
-fn random_checkpoint(real: &Path, out: &Path, narrow: bool) -> TestResult {
+pub(crate) fn random_checkpoint(real: &Path, out: &Path, narrow: bool) -> TestResult {
     let source = tempfile::tempdir()?;
     for entry in std::fs::read_dir(real)? {
         let entry = entry?;
@@ -114,7 +114,13 @@ fn random_checkpoint(real: &Path, out: &Path, narrow: bool) -> TestResult {
 
 impl Converter {
     /// llama.cpp's files for `checkpoint` at `quant` (`--outtype`), named `name`.
-    fn convert(&self, checkpoint: &Path, quant: GgufQuant, name: &str, out: &Path) -> TestResult {
+    pub(crate) fn convert(
+        &self,
+        checkpoint: &Path,
+        quant: GgufQuant,
+        name: &str,
+        out: &Path,
+    ) -> TestResult {
         let outtype = quant.name().to_ascii_lowercase();
         let (text, mmproj) = gguf::file_names(name, quant, quant);
         for (file, extra) in [(text, None), (mmproj, Some("--mmproj"))] {

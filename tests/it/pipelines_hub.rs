@@ -1,5 +1,6 @@
-//! The Hub path without the Hub: `pipelines/cats_vs_dogs.vp`, unchanged, run offline against a
-//! Hub cache built on disk in a temporary `HF_HOME`.
+//! The Hub path without the Hub: `pipelines/cats_vs_dogs.vp` (its GGUF export and the eval of
+//! that export included), unchanged, run offline against a Hub cache built on disk in a temporary
+//! `HF_HOME`.
 //!
 //! The cache holds the `tiny-thumb` reference checkpoint (random weights, LFM2-VL-450M's
 //! processor settings) under both `LiquidAI/LFM2-VL-450M` and `LiquidAI/LFM2-VL-1.6B`, and a
@@ -146,6 +147,9 @@ fn cats_vs_dogs_runs_unchanged_from_an_offline_hub_cache() {
         "tuned_450m",
         "tuned_450m_test",
         "cats_vs_dogs_report",
+        "tuned_450m_q8",
+        "tuned_450m_q8_test",
+        "shipped_450m",
     ] {
         assert_eq!(stage(&summary, name)["status"], "ran", "stage `{name}`");
     }
@@ -176,6 +180,7 @@ fn cats_vs_dogs_runs_unchanged_from_an_offline_hub_cache() {
         "json_1_6b",
         "json_450m",
         "tuned_450m_test",
+        "tuned_450m_q8_test",
     ] {
         let path = dir.path().join("evals").join(eval).join("metrics.json");
         let metrics: Value = serde_json::from_slice(&std::fs::read(&path).expect("metrics.json"))
@@ -199,6 +204,21 @@ fn cats_vs_dogs_runs_unchanged_from_an_offline_hub_cache() {
         "json_450m",
         "tuned_450m_test",
     ] {
+        assert!(report.contains(name), "the report lacks `{name}`");
+    }
+    // The export: a Q8_0 text model and an F16 mmproj, copied beside the evals, evaluated from
+    // those files, beside the fine-tune in its own report.
+    let shipped = dir.path().join("evals/tuned_450m_q8");
+    for file in ["tuned_450m_q8-Q8_0.gguf", "mmproj-tuned_450m_q8-F16.gguf"] {
+        assert_eq!(
+            &std::fs::read(shipped.join(file)).expect("exported file")[..4],
+            b"GGUF"
+        );
+    }
+    let report = std::fs::read_to_string(dir.path().join("evals/shipped_450m/report.html"))
+        .expect("report.html");
+    assert!(report.contains("model size (MB)"));
+    for name in ["tuned_450m_test", "tuned_450m_q8_test"] {
         assert!(report.contains(name), "the report lacks `{name}`");
     }
 }

@@ -1,6 +1,6 @@
 //! Stage fingerprints pinned: the offline quickstart (`examples/quickstart.vp`) and a small
 //! pipeline with the kinds the quickstart lacks (`shuffle`, a `random` split, a JSON grammar, a
-//! prompt that reads a param, a bf16 model), each fingerprinted by `vlmpipe run --dry-run`.
+//! prompt that reads a param, a bf16 model, a GGUF `export`), each fingerprinted by `vlmpipe run --dry-run`.
 //!
 //! A fingerprint covers a stage's kind, canonical parameters, external state, inputs and code
 //! version, so a changed value here means every cache built before is rerun. Restructuring code
@@ -8,9 +8,9 @@
 //! these values are updated with the bump, deliberately. Updated so far: the data stage's
 //! v3 (the read policy), the model stage's v4 (the one random initialiser) and the eval's v5 (an
 //! answer closed within its token budget); at stop 13 the finetune's v5 (LoRA init, dropout and
-//! shuffles drawn from `crate::rng`), the data stage's v4, the report's v2 and the eval's v7
+//! shuffles drawn from `crate::rng`), the data stage's v4, the report's v3 and the eval's v8
 //! (sampling from `crate::rng`; ingest errors as eval error rows; thumbnails through the capped
-//! decoder), each with every fingerprint downstream of them.
+//! decoder; `model_bytes`; sizes and changed answers side by side), each with every fingerprint downstream of them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -96,6 +96,7 @@ prompt ask { system = "Be {{ tone }}." user = "Which? {% for l in labels %}{{ l 
 grammar answer = json { pred_class: one_of(shapes) }
 model tiny = init(preset: "tiny", seed: 2, dtype: "bf16")
 eval e { model = tiny  data = shuffle(halves.test, seed: 4)  prompt = ask  labels = shapes  output = answer }
+export phone { model = tiny  format = "gguf"  quant = "q8_0"  mmproj = "f16" }
 "#,
     )
     .expect("write pipeline");
@@ -146,11 +147,23 @@ const QUICKSTART: &[(&str, &str)] = &[
     ),
     (
         "tuned_eval",
-        "bb43e78e7bf020d97a1d088c12a87f698b90a45ab165fd628cea55121ddc38ad",
+        "05154fc9e896e25379bffcdf2d9630e550a0f7aed587fb9753b355959cd313d5",
+    ),
+    (
+        "tuned_q8",
+        "a422953476713ebec2f3b71b041e08cf5c41acdfdc85e250c17ffc085b9472d1",
+    ),
+    (
+        "tuned_q8_eval",
+        "fca96a1b4bd472ebc57e2bf23a9872a393ae2458f2210e0c8ec23c88b43928bb",
     ),
     (
         "report",
-        "4eaaf2ec08ce1c785c19b223a41e6c045cdbfafb95ed773496ca3f151eb26aa5",
+        "949d97c207ed88b41f1f769611c49151c77c9a460c12d8ba051f83db30cd32d8",
+    ),
+    (
+        "shipped",
+        "0f1acce7e1f91bd0db18474a6e4f5501457e17177eeda75b02c9e1aed75cdf4f",
     ),
 ];
 
@@ -190,5 +203,9 @@ const OTHER_KINDS: &[(&str, &str)] = &[
     (
         "e",
         "86d4837cdca4c9ce8be1a9a35ac015853becafb2e6ad4e9d912c5761df0300d7",
+    ),
+    (
+        "phone",
+        "fc3319c0cc691b3e1a6d0b61a185b7c619d439c1536d11e72a67e5f3516c28d3",
     ),
 ];

@@ -55,6 +55,10 @@ impl GenerationConfig {
     /// Reads `dir/generation_config.json`; a missing file gives the empty default (it is optional
     /// on the Hub).
     pub fn from_model_dir(dir: &Path) -> Result<Self, GenerationConfigError> {
+        // A GGUF model given as its `.gguf` file has no folder of JSON files.
+        if !dir.is_dir() {
+            return Ok(Self::default());
+        }
         let path = dir.join(GENERATION_CONFIG_FILE);
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,

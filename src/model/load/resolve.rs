@@ -28,6 +28,9 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// Why a model reference could not be turned into a checkpoint directory.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
+    /// A GGUF folder or file that is not a usable pair.
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::read::GgufReadError),
     /// The text is neither an existing directory nor an `org/name` Hub id.
     #[error(
         "`{text}` is not a model directory or a Hub id (expected `org/name`, `org/name@revision` or a path)"
@@ -221,6 +224,10 @@ pub fn check_adapter_dir(path: &Path) -> Result<PathBuf, ResolveError> {
 /// Checks that a local folder holds a model (the files the loader needs), naming what is missing;
 /// an adapter folder given as a model gets the fix in the message.
 pub fn check_model_dir(path: &Path) -> Result<PathBuf, ResolveError> {
+    // A GGUF pair: a folder of `.gguf` files without `config.json`, or the text file itself.
+    if super::gguf::detect(path)?.is_some() {
+        return Ok(path.to_path_buf());
+    }
     expect_dir(path)?;
     if !path.join("config.json").is_file() && path.join(ADAPTER_CONFIG).is_file() {
         return Err(ResolveError::AdapterNotModel {

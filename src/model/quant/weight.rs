@@ -43,14 +43,28 @@ impl QuantWeight {
         }
         // candle's quantizers run on the host; the blocks then go to the weight's device.
         let host = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let tensor = Arc::new(QTensor::quantize_onto(&host, dtype, w.device())?);
+        Self::from_qtensor(Arc::new(QTensor::quantize_onto(&host, dtype, w.device())?))
+    }
+
+    /// Wraps blocks already made (a GGUF file's tensor, `[out, in]`), on their own device.
+    pub fn from_qtensor(tensor: Arc<QTensor>) -> Result<Self> {
+        let (out_dim, in_dim) = tensor.shape().dims2()?;
+        let dtype = tensor.dtype();
+        if !in_dim.is_multiple_of(dtype.block_size()) {
+            candle_core::bail!(
+                "a [{out_dim}, {in_dim}] {dtype:?} weight: rows of {in_dim} are not whole blocks \
+                 of {}",
+                dtype.block_size()
+            )
+        }
+        let device = tensor.device();
         // candle's Q5_0/Q5_1 dot products insist on an even number of blocks a row (a debug
         // assertion; the arithmetic would be right). Such a row (a fallback on narrow test
         // models, never at LFM2-VL-450M's widths) multiplies by the dequantized blocks instead:
         // the same weight values, f32 activations.
         let odd_blocks = (in_dim / dtype.block_size()) % 2 == 1;
         let matmul = if odd_blocks && matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1) {
-            QMatMul::Tensor(tensor.dequantize(w.device())?)
+            QMatMul::Tensor(tensor.dequantize(&device)?)
         } else {
             QMatMul::QTensor(tensor.clone())
         };

@@ -6,6 +6,7 @@
 //! without further messages, so one mistake gives one diagnostic, not a cascade.
 
 mod decls;
+mod export;
 mod fields;
 mod grammar;
 mod scalars;
@@ -103,6 +104,8 @@ pub(crate) fn check(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Want {
     Model,
+    /// What an eval runs: a model, a fine-tune, or an export of either.
+    EvalModel,
     Prompt,
     Labels,
     Grammar,
@@ -113,6 +116,7 @@ impl Want {
     fn describe(self) -> &'static str {
         match self {
             Want::Model => "a model (a `model` or a `finetune`)",
+            Want::EvalModel => "a model (a `model`, a `finetune` or an `export`)",
             Want::Prompt => "a prompt",
             Want::Labels => "a label list",
             Want::Grammar => "a grammar",
@@ -124,6 +128,10 @@ impl Want {
         matches!(
             (self, kind),
             (Want::Model, DeclKind::Model | DeclKind::Finetune)
+                | (
+                    Want::EvalModel,
+                    DeclKind::Model | DeclKind::Finetune | DeclKind::Export
+                )
                 | (Want::Prompt, DeclKind::Prompt)
                 | (Want::Labels, DeclKind::Labels)
                 | (Want::Grammar, DeclKind::Grammar)
@@ -537,6 +545,7 @@ impl<'f, 's> Analyzer<'f, 's> {
             }
             DeclKind::Eval => NodeParams::Eval(self.build_eval(decl)?),
             DeclKind::Finetune => NodeParams::Finetune(self.build_finetune(decl)?),
+            DeclKind::Export => NodeParams::Export(self.build_export(decl)?),
             DeclKind::Report => NodeParams::Report(self.build_report(decl)?),
             DeclKind::Param | DeclKind::Pipeline => return None,
         };
@@ -879,6 +888,7 @@ fn references(params: &NodeParams) -> Vec<NodeId> {
                 add(o);
             }
         }
+        NodeParams::Export(x) => add(&x.model),
         NodeParams::Report(r) => r.compare.iter().for_each(add),
     }
     ids

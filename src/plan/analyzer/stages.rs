@@ -37,7 +37,7 @@ impl<'f> Analyzer<'f, '_> {
         );
         let model = self
             .required_expr(&f, "model")
-            .and_then(|e| self.expect_node(e, Want::Model, "model"));
+            .and_then(|e| self.expect_node(e, Want::EvalModel, "model"));
         let data = self
             .required_expr(&f, "data")
             .and_then(|e| self.expect_data(e, "data"));

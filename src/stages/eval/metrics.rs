@@ -98,6 +98,11 @@ pub struct Metrics {
     /// without it. Absent from files written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Bytes on disk of the model files the eval loaded (checkpoint weights and adapter, or a
+    /// GGUF pair), set by the eval stage, so a report can put a shipped artifact's size beside
+    /// its accuracy. Absent from files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_bytes: Option<u64>,
 }
 
 /// Precision, recall and F1 of one class.
@@ -307,6 +312,7 @@ pub fn compute_metrics(
         calibration: probability.as_ref().map(|p| p.calibration.clone()),
         top_k: probability.map(|p| p.top_k),
         device: None,
+        model_bytes: None,
     })
 }
 

@@ -3,7 +3,7 @@
 //! report into the cache; the executor copies them to `evals/<pipeline>/<stage>/` ([`Stage::exports`]).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,11 +17,12 @@ use super::{
 };
 use crate::decode::{AnswerParser, CompiledGrammar, GrammarSpec, LabelScorer};
 use crate::exec::{Export, Stage, StageContext, StageError, StageOutcome};
+use crate::file_error::FileError;
 use crate::model::checkpoint::LoadOptions;
 use crate::model::device::device_label;
 use crate::runner::{DecodeOptions, ModelRunner};
 use crate::stages::data::DataInput;
-use crate::stages::model::ModelResolver;
+use crate::stages::model::{ModelLocation, ModelResolver};
 use crate::stages::prompt::{PromptTemplates, RowContext, render_prompt};
 use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 
@@ -35,7 +36,8 @@ use crate::stages::report::{HtmlOptions, ReportInput, StageReport, write_html};
 // 7: rows whose image failed at ingest are error rows; an image error row has no `image_id`, so
 //    `predictions.csv` and the report show no content for it; report thumbnails are decoded as
 //    the model decodes (pixel cap, EXIF orientation).
-const EVAL_CODE_VERSION: u32 = 7;
+// 8: `metrics.json` holds `model_bytes`, the size of the model files loaded.
+const EVAL_CODE_VERSION: u32 = 8;
 
 /// How an eval gets its answers.
 #[derive(Clone, Debug)]
@@ -178,6 +180,7 @@ impl Stage for EvalStage {
             },
         )?;
         metrics.device = Some(device_label(runner.device()));
+        metrics.model_bytes = Some(model_bytes(&location)?);
         let image_source = |id: &str| images.get(id).ok().map(|stored| stored.bytes);
         write_eval_outputs(ctx.out_dir, labels, &records, &metrics, &image_source)?;
         let report = ReportInput {
@@ -232,6 +235,32 @@ impl Stage for EvalStage {
             &self.config.export_dir,
         )
     }
+}
+
+/// Bytes on disk of the model files an eval loads: a checkpoint's weights (`*.safetensors`) and
+/// its adapter's, or a GGUF pair (an export's entry holds one).
+fn model_bytes(location: &ModelLocation) -> Result<u64, FileError> {
+    let sum = |dir: &Path| -> Result<u64, FileError> {
+        let mut bytes = 0;
+        for entry in std::fs::read_dir(dir).map_err(FileError::read(dir))? {
+            let path = entry.map_err(FileError::read(dir))?.path();
+            let weights = path
+                .extension()
+                .is_some_and(|e| e == "safetensors" || e == "gguf");
+            if weights {
+                // Hub snapshots link to their blobs: the size is the target's.
+                bytes += std::fs::metadata(&path)
+                    .map_err(FileError::read(&path))?
+                    .len();
+            }
+        }
+        Ok(bytes)
+    };
+    let mut bytes = sum(&location.checkpoint_dir)?;
+    if let Some(adapter) = &location.adapter_dir {
+        bytes += sum(adapter)?;
+    }
+    Ok(bytes)
 }
 
 impl EvalStage {

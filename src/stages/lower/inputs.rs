@@ -105,6 +105,7 @@ fn data_refs(params: &NodeParams) -> Vec<&DataRef> {
         | NodeParams::Prompt(_)
         | NodeParams::Model(_)
         | NodeParams::Grammar(_)
+        | NodeParams::Export(_)
         | NodeParams::Report(_) => Vec::new(),
     }
 }

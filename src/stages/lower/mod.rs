@@ -11,6 +11,7 @@
 
 mod data;
 mod eval;
+mod export;
 mod finetune;
 mod inputs;
 mod model;
@@ -33,6 +34,7 @@ use crate::stages::declared::{
     GrammarConfig, GrammarStage, LabelsConfig, LabelsStage, PromptConfig, PromptStage,
 };
 use crate::stages::eval::stage::EvalStage;
+use crate::stages::export::ExportStage;
 use crate::stages::finetune::FinetuneStage;
 use crate::stages::model::ModelStage;
 use crate::stages::prompt::PromptTemplates;
@@ -143,6 +145,9 @@ fn lower_node(
             node, p, plan, ctx, positions,
         )?)),
         NodeParams::Finetune(p) => Box::new(FinetuneStage::from_config(finetune::finetune_config(
+            node, p, plan, ctx, positions,
+        )?)),
+        NodeParams::Export(p) => Box::new(ExportStage::from_config(export::export_config(
             node, p, plan, ctx, positions,
         )?)),
         NodeParams::Report(p) => Box::new(ReportStage::from_config(eval::report_config(

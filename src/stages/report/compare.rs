@@ -14,9 +14,12 @@ pub enum ChangeKind {
     Fixed,
     /// Correct before, wrong (or invalid) after.
     Broken,
+    /// Wrong (or invalid) before and after, with another answer: what a quantized export does to
+    /// an answer shows here even where it costs no accuracy.
+    Changed,
 }
 
-/// One sample whose correctness differs between two stages.
+/// One sample whose answer differs between two stages.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OutcomeChange {
     /// Fixed or broken.
@@ -33,8 +36,9 @@ pub struct OutcomeChange {
     pub after: String,
 }
 
-/// Samples present in both stages (matched by `row_id`) whose correctness changed, in the order of
-/// `after`. Rows evaluated by only one stage are not comparable and are skipped.
+/// Samples present in both stages (matched by `row_id`) whose answer changed, in the order of
+/// `after`: correctness changed (fixed, broken), or another wrong answer (changed). Rows
+/// evaluated by only one stage are not comparable and are skipped.
 pub fn changed_outcomes(before: &[EvalRecord], after: &[EvalRecord]) -> Vec<OutcomeChange> {
     let earlier: HashMap<&str, &EvalRecord> =
         before.iter().map(|r| (r.row_id.as_str(), r)).collect();
@@ -45,6 +49,7 @@ pub fn changed_outcomes(before: &[EvalRecord], after: &[EvalRecord]) -> Vec<Outc
             let kind = match (then.correct, now.correct) {
                 (false, true) => ChangeKind::Fixed,
                 (true, false) => ChangeKind::Broken,
+                (false, false) if shown_answer(then) != shown_answer(now) => ChangeKind::Changed,
                 _ => return None,
             };
             Some(OutcomeChange {
@@ -90,7 +95,7 @@ enum Better {
 /// The side-by-side rows for `stages` (in the given order).
 pub fn comparison_rows(stages: &[&Metrics]) -> Vec<ComparisonRow> {
     type Getter = fn(&Metrics) -> Option<f64>;
-    let specs: [(&'static str, Getter, Better, bool); 11] = [
+    let specs: [(&'static str, Getter, Better, bool); 12] = [
         ("accuracy", |m| Some(m.accuracy), Better::Higher, true),
         (
             "invalid rate",
@@ -126,6 +131,12 @@ pub fn comparison_rows(stages: &[&Metrics]) -> Vec<ComparisonRow> {
             false,
         ),
         ("samples/s", |m| m.samples_per_s, Better::Higher, false),
+        (
+            "model size (MB)",
+            |m| m.model_bytes.map(|b| b as f64 / 1e6),
+            Better::Lower,
+            false,
+        ),
         ("n", |m| Some(m.n as f64), Better::Neither, false),
     ];
     specs
@@ -141,7 +152,11 @@ pub fn comparison_rows(stages: &[&Metrics]) -> Vec<ComparisonRow> {
                     v.map(|v| match (percent, metric) {
                         (true, _) => format_percent(v),
                         (false, "n") => format!("{v:.0}"),
-                        (false, m) if m.starts_with("latency") || m == "samples/s" => {
+                        (false, m)
+                            if m.starts_with("latency")
+                                || m == "samples/s"
+                                || m.starts_with("model size") =>
+                        {
                             format!("{v:.1}")
                         }
                         _ => format!("{v:.3}"),
@@ -212,11 +227,15 @@ mod tests {
             rec("a", false, "dog"),
             rec("b", true, "cat"),
             rec("c", true, "cat"),
+            rec("d", false, "dog"),
+            rec("e", false, "dog"),
             rec("only-before", false, "dog"),
         ];
         let after = [
             rec("c", true, "cat"),
             rec("b", false, "pug"),
+            rec("d", false, "pug"),
+            rec("e", false, "dog"),
             rec("a", true, "cat"),
             rec("only-after", true, "cat"),
         ];
@@ -236,6 +255,7 @@ mod tests {
             summary,
             [
                 (ChangeKind::Broken, "b", "cat", "pug"),
+                (ChangeKind::Changed, "d", "dog", "pug"),
                 (ChangeKind::Fixed, "a", "dog", "cat"),
             ]
         );
@@ -269,6 +289,26 @@ mod tests {
         assert_eq!(rows[0].values, [Some("100.0%".into()), Some("0.0%".into())]);
         assert_eq!(rows[0].best, Some(0));
         assert_eq!(rows[1].best, Some(0), "lower invalid rate wins");
+    }
+
+    /// A full-precision model beside its shipped export: the size of what each eval loaded, in
+    /// MB, the smaller one best.
+    #[test]
+    fn side_by_side_rows_show_the_model_size_on_disk() {
+        use crate::stages::eval::{MetricsOptions, compute_metrics};
+        let labels = vec!["cat".to_string(), "dog".to_string()];
+        let options = MetricsOptions::default();
+        let mut full = compute_metrics(&[rec("a", true, "cat")], &labels, &options).unwrap();
+        let mut shipped = full.clone();
+        full.model_bytes = Some(1_800_000_000);
+        shipped.model_bytes = Some(478_250_000);
+        let rows = comparison_rows(&[&full, &shipped]);
+        let size = rows
+            .iter()
+            .find(|r| r.metric == "model size (MB)")
+            .expect("a size row");
+        assert_eq!(size.values, [Some("1800.0".into()), Some("478.2".into())]);
+        assert_eq!(size.best, Some(1));
     }
 
     #[test]

@@ -271,14 +271,18 @@ fn comparison_section(out: &mut String, input: &ReportInput, changes: &[ChangeDa
     out.push_str("</tbody></table></div>");
     for change in changes {
         let count = |kind| change.rows.iter().filter(|r| r.0 == kind).count();
-        let (fixed, broken) = (count(ChangeKind::Fixed), count(ChangeKind::Broken));
+        let (fixed, broken, other) = (
+            count(ChangeKind::Fixed),
+            count(ChangeKind::Broken),
+            count(ChangeKind::Changed),
+        );
         let from = html_escape(&input.stages[change.from].name);
         let to = html_escape(&input.stages[change.to].name);
         let c = change.to;
         let _ = write!(
             out,
-            r##"<h3>Changed outcomes: {from} → {to}</h3><p class="hint">Samples evaluated by both stages whose correctness changed: <b class="good">{fixed} fixed</b> (wrong before, right now), <b class="bad">{broken} broken</b> (right before, wrong now).</p><div class="gallery" id="c{c}" data-kind="compare" data-index="{c}"><div class="toolbar"><span class="filters"><a data-filter="all" href="#compare={c}&amp;filter=all">All changed ({})</a><a data-filter="fixed" href="#compare={c}&amp;filter=fixed">Fixed ({fixed})</a><a data-filter="broken" href="#compare={c}&amp;filter=broken">Broken ({broken})</a></span><span class="status"></span><span class="pager"></span></div><div class="grid"></div></div>"##,
-            fixed + broken
+            r##"<h3>Changed outcomes: {from} → {to}</h3><p class="hint">Samples evaluated by both stages whose answer changed: <b class="good">{fixed} fixed</b> (wrong before, right now), <b class="bad">{broken} broken</b> (right before, wrong now), <b>{other} other answer</b> (wrong both times, differently).</p><div class="gallery" id="c{c}" data-kind="compare" data-index="{c}"><div class="toolbar"><span class="filters"><a data-filter="all" href="#compare={c}&amp;filter=all">All changed ({})</a><a data-filter="fixed" href="#compare={c}&amp;filter=fixed">Fixed ({fixed})</a><a data-filter="broken" href="#compare={c}&amp;filter=broken">Broken ({broken})</a><a data-filter="changed" href="#compare={c}&amp;filter=changed">Other answer ({other})</a></span><span class="status"></span><span class="pager"></span></div><div class="grid"></div></div>"##,
+            fixed + broken + other
         );
     }
     out.push_str("</section>");

@@ -24,7 +24,7 @@ pub use escape::{html_escape, terminal_safe};
 pub use html::{HtmlOptions, embedded_data, render_html};
 pub use stage::{ComparedEval, ReportConfig, ReportStage};
 pub use svg::{LineChart, Series, nice_ticks};
-pub use terminal::{headline_table, misclassified_listing};
+pub use terminal::{changed_listing, headline_table, misclassified_listing};
 pub use thumbnail::{thumbnail_data_url, thumbnails};
 
 use crate::stages::eval::{

@@ -13,7 +13,8 @@ use crate::stages::eval::REPORT_FILE;
 /// Bumped when the report's output for the same inputs changes.
 // 2: thumbnails are decoded as the model decodes (the pixel cap checked from the header, EXIF
 //    orientation); an image over the cap is an error placeholder.
-const REPORT_CODE_VERSION: u32 = 2;
+// 3: the comparison shows each model's size on disk and wrong answers that changed.
+const REPORT_CODE_VERSION: u32 = 3;
 
 /// One eval a report compares: its name, its input slot and the slot of its dataset.
 #[derive(Clone, Debug, PartialEq, Eq)]

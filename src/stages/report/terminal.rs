@@ -1,18 +1,21 @@
-//! Plain-text renderings for the terminal: `vlmpipe report`'s headline table and
-//! `vlmpipe show STAGE --misclassified`'s listing.
+//! Plain-text renderings for the terminal: `vlmpipe report`'s headline table, the answers that
+//! changed between two compared evals, and `vlmpipe show STAGE --misclassified`'s listing.
 //!
 //! No colours: output is often piped or pasted into issues. Text from data is made control-free.
 
 use std::fmt::Write;
 
-use super::compare::{format_percent, shown_answer};
+use super::compare::{ChangeKind, OutcomeChange, format_percent, shown_answer};
 use super::escape::terminal_safe;
 use crate::stages::eval::{EvalRecord, Metrics};
 
-/// The headline table: one row per stage with accuracy, invalid rate, macro F1 and n.
+/// The headline table: one row per stage with accuracy, invalid rate, macro F1, per-sample
+/// latency (p50), the size of the model files it loaded (`-` when unknown) and n.
 pub fn headline_table(stages: &[(&str, &Metrics)]) -> String {
-    let header = ["stage", "accuracy", "invalid", "macro F1", "n"];
-    let rows: Vec<[String; 5]> = stages
+    let header = [
+        "stage", "accuracy", "invalid", "macro F1", "p50 ms", "model MB", "n",
+    ];
+    let rows: Vec<[String; 7]> = stages
         .iter()
         .map(|(name, m)| {
             [
@@ -20,6 +23,9 @@ pub fn headline_table(stages: &[(&str, &Metrics)]) -> String {
                 format_percent(m.accuracy),
                 format_percent(m.invalid_rate),
                 format!("{:.3}", m.macro_avg.f1),
+                format!("{:.0}", m.latency_ms_p50),
+                m.model_bytes
+                    .map_or_else(|| "-".to_owned(), |b| format!("{:.1}", b as f64 / 1e6)),
                 m.n.to_string(),
             ]
         })
@@ -48,6 +54,66 @@ pub fn headline_table(stages: &[(&str, &Metrics)]) -> String {
     line(&mut out, &rule);
     for row in &rows {
         line(&mut out, row);
+    }
+    out
+}
+
+/// The answers that changed from stage `from` to stage `to` (see
+/// [`super::compare::changed_outcomes`]): a count line, then one line per sample with its row id,
+/// truth, and both answers (cut at `max_answer_chars`).
+pub fn changed_listing(
+    from: &str,
+    to: &str,
+    changes: &[OutcomeChange],
+    max_answer_chars: usize,
+) -> String {
+    let count = |kind| changes.iter().filter(|c| c.kind == kind).count();
+    let mut out = format!(
+        "{} → {}: {} answers changed ({} fixed, {} broken, {} other answer)\n",
+        terminal_safe(from),
+        terminal_safe(to),
+        changes.len(),
+        count(ChangeKind::Fixed),
+        count(ChangeKind::Broken),
+        count(ChangeKind::Changed),
+    );
+    if changes.is_empty() {
+        return out;
+    }
+    let rows: Vec<[String; 5]> = changes
+        .iter()
+        .map(|c| {
+            let kind = match c.kind {
+                ChangeKind::Fixed => "fixed",
+                ChangeKind::Broken => "broken",
+                ChangeKind::Changed => "other",
+            };
+            [
+                kind.to_owned(),
+                terminal_safe(&c.row_id),
+                terminal_safe(&c.ground_truth),
+                truncate(&terminal_safe(&c.before), max_answer_chars),
+                truncate(&terminal_safe(&c.after), max_answer_chars),
+            ]
+        })
+        .collect();
+    let header = ["", "row", "truth", "before", "now"].map(str::to_owned);
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let _ = write!(line, "{cell}{}", " ".repeat(w - cell.chars().count()));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
@@ -148,14 +214,45 @@ mod tests {
             rec("4", "cat", "dog", Some("dog")),
         ];
         let m = compute_metrics(&records, &labels, &MetricsOptions::default()).expect("metrics");
-        let table = headline_table(&[("base", &m), ("finetuned-long-name", &m)]);
+        let mut shipped = m.clone();
+        shipped.model_bytes = Some(478_250_000);
+        let table = headline_table(&[("base", &m), ("finetuned-long-name", &shipped)]);
         let expected = "\
-stage                accuracy  invalid  macro F1  n
--------------------  --------  -------  --------  -
-base                    50.0%    25.0%     0.583  4
-finetuned-long-name     50.0%    25.0%     0.583  4
+stage                accuracy  invalid  macro F1  p50 ms  model MB  n
+-------------------  --------  -------  --------  ------  --------  -
+base                    50.0%    25.0%     0.583       1         -  4
+finetuned-long-name     50.0%    25.0%     0.583       1     478.2  4
 ";
         assert_eq!(table, expected);
+    }
+
+    #[test]
+    fn changed_answers_are_listed_with_both_answers() {
+        let before = [
+            rec("1", "cat", "cat", Some("cat")),
+            rec("2", "dog", "cat", Some("cat")),
+            rec("3", "dog", "cat", Some("cat")),
+            rec("4", "cat", "cat", Some("cat")),
+        ];
+        let after = [
+            rec("1", "cat", "dog", Some("dog")),
+            rec("2", "dog", "dog", Some("dog")),
+            rec("3", "dog", "a pug", None),
+            rec("4", "cat", "cat", Some("cat")),
+        ];
+        let changes = super::super::compare::changed_outcomes(&before, &after);
+        let expected = "\
+tuned → phone: 3 answers changed (1 fixed, 1 broken, 1 other answer)
+        row  truth  before  now
+broken  1    cat    cat     dog
+fixed   2    dog    cat     dog
+other   3    dog    cat     a pug
+";
+        assert_eq!(changed_listing("tuned", "phone", &changes, 20), expected);
+        assert_eq!(
+            changed_listing("a", "b", &[], 20),
+            "a → b: 0 answers changed (0 fixed, 0 broken, 0 other answer)\n"
+        );
     }
 
     #[test]
