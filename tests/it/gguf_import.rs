@@ -703,6 +703,13 @@ fn gguf_sources_are_checked_at_check_time() -> TestResult {
         err.contains("`revision` is for a Hub repo, not a folder"),
         "{err}"
     );
+
+    // A folder outside the pipeline's tree is not read without `--allow-read`.
+    let outside = gguf_project(r#"gguf("models/gguf", quant: "F32")"#)?;
+    let model = outside.path().join("models/gguf").display().to_string();
+    let err = check_error(&format!("gguf(\"{model}\", quant: \"F32\")"))?;
+    assert!(err.contains("cannot read path `"), "{err}");
+    assert!(err.contains("--allow-read"), "{err}");
     Ok(())
 }
 
