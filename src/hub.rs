@@ -598,6 +598,48 @@ impl Hub {
         dir.ok_or_else(|| missing(MODEL_FILES[0].0))
     }
 
+    /// Every file name of `repo` at its revision, as the Hub lists it (not offline).
+    pub fn list_files(&self, repo: &HubRepo) -> Result<Vec<String>, HubError> {
+        if self.config.offline {
+            return Err(self.offline_missing(repo, "(the repo's file list)"));
+        }
+        Ok(self.list_remote(repo)?.1)
+    }
+
+    /// The folder holding `names` of `repo`, all of one commit: the cached snapshot when it has
+    /// them, else downloaded (unless offline). For repos of many large files (GGUF quants) where
+    /// only some are wanted.
+    pub fn files_dir(&self, repo: &HubRepo, names: &[&str]) -> Result<PathBuf, HubError> {
+        if let Some(snapshot) = self.cached_snapshot(repo) {
+            match names.iter().find(|n| !snapshot.join(n).is_file()) {
+                None => return Ok(snapshot),
+                Some(file) if self.config.offline => {
+                    return Err(self.offline_missing(repo, file));
+                }
+                Some(_) => {}
+            }
+        } else if self.config.offline {
+            return Err(self.offline_missing(repo, names.first().copied().unwrap_or("")));
+        }
+        let (pinned, _) = self.pinned_remote(repo)?;
+        let mut dir = None;
+        for name in names {
+            let path = self.file(&pinned, name).map_err(|e| match e {
+                HubError::NotFound { .. } => HubError::MissingModelFile {
+                    repo: repo.id.clone(),
+                    file: (*name).to_owned(),
+                },
+                other => other,
+            })?;
+            dir = path.parent().map(Path::to_path_buf);
+        }
+        self.record_ref(repo, &pinned.revision)?;
+        dir.ok_or_else(|| HubError::MissingModelFile {
+            repo: repo.id.clone(),
+            file: names.first().copied().unwrap_or("").to_owned(),
+        })
+    }
+
     /// A local folder with a PEFT adapter's `adapter_config.json` and `adapter_model.safetensors`,
     /// both of one commit: the cached snapshot when it has them, else downloaded (unless offline).
     pub fn adapter_dir(&self, repo: &HubRepo) -> Result<PathBuf, HubError> {

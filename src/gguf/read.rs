@@ -382,23 +382,33 @@ fn list_gguf(dir: &Path) -> Result<(Vec<String>, Vec<String>), GgufReadError> {
         path: dir.to_path_buf(),
         source,
     })?;
+    let names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    Ok(split_gguf(&names))
+}
+
+/// `names` (file names or repo paths) split into text GGUFs and mmprojs, each sorted; other
+/// files and files in subfolders are left out.
+fn split_gguf(names: &[String]) -> (Vec<String>, Vec<String>) {
     let mut texts = Vec::new();
     let mut mmprojs = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
+    for name in names {
         let lower = name.to_ascii_lowercase();
-        if !lower.ends_with(".gguf") || !entry.path().is_file() {
+        if !lower.ends_with(".gguf") || name.contains('/') {
             continue;
         }
         if lower.starts_with("mmproj") {
-            mmprojs.push(name);
+            mmprojs.push(name.clone());
         } else {
-            texts.push(name);
+            texts.push(name.clone());
         }
     }
     texts.sort();
     mmprojs.sort();
-    Ok((texts, mmprojs))
+    (texts, mmprojs)
 }
 
 fn listed(names: &[String]) -> String {
@@ -490,7 +500,32 @@ pub fn find_pair(
     mmproj: Option<&str>,
 ) -> Result<GgufPair, GgufReadError> {
     let (texts, mmprojs) = list_gguf(dir)?;
-    let text = match (quant, texts.as_slice()) {
+    let (text, mmproj) = choose(dir, &texts, &mmprojs, quant, mmproj)?;
+    Ok(GgufPair {
+        text: dir.join(text),
+        mmproj: dir.join(mmproj),
+    })
+}
+
+/// [`find_pair`] over the file names of a listing (a Hub repo's); `place` names it in errors.
+pub fn choose_pair(
+    place: &Path,
+    names: &[String],
+    quant: Option<&str>,
+    mmproj: Option<&str>,
+) -> Result<(String, String), GgufReadError> {
+    let (texts, mmprojs) = split_gguf(names);
+    choose(place, &texts, &mmprojs, quant, mmproj)
+}
+
+fn choose(
+    dir: &Path,
+    texts: &[String],
+    mmprojs: &[String],
+    quant: Option<&str>,
+    mmproj: Option<&str>,
+) -> Result<(String, String), GgufReadError> {
+    let text = match (quant, texts) {
         (_, []) => {
             return Err(pair_err(
                 dir,
@@ -500,7 +535,7 @@ pub fn find_pair(
                     .to_owned(),
             ));
         }
-        (Some(q), _) => pick(dir, &texts, q, "text")?,
+        (Some(q), _) => pick(dir, texts, q, "text")?,
         (None, [one]) => one.clone(),
         (None, many) => {
             return Err(pair_err(
@@ -514,11 +549,8 @@ pub fn find_pair(
             ));
         }
     };
-    let mmproj = pick_mmproj(dir, &mmprojs, mmproj)?;
-    Ok(GgufPair {
-        text: dir.join(text),
-        mmproj: dir.join(mmproj),
-    })
+    let mmproj = pick_mmproj(dir, mmprojs, mmproj)?;
+    Ok((text, mmproj))
 }
 
 /// The pair for a text `.gguf` file given directly: the file and the mmproj beside it.

@@ -255,7 +255,7 @@ pub struct PromptParams {
     pub user: String,
 }
 
-/// `model NAME = hf(...) | local(...) | init(...)`.
+/// `model NAME = hf(...) | local(...) | gguf(...) | init(...)`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ModelParams {
     pub source: ModelSource,
@@ -283,6 +283,21 @@ pub enum ModelSource {
     },
     Local {
         path: LocalPath,
+    },
+    /// A GGUF pair (`<name>-<QUANT>.gguf` + `mmproj-….gguf`, llama.cpp's files) from a Hub repo
+    /// (`repo`, `revision`) or a local folder (`path`); `quant` picks the text file, `mmproj`
+    /// the mmproj (both upper-case names of [`crate::gguf::read::IMPORT_QUANTS`]).
+    Gguf {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        repo: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        revision: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        path: Option<LocalPath>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        quant: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mmproj: Option<String>,
     },
     /// A model initialised by vlmpipe from a named size preset (random weights, seeded).
     Init {

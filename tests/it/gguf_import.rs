@@ -587,3 +587,195 @@ fn the_converters_pair_loads_like_vlmpipes() -> TestResult {
     }
     Ok(())
 }
+
+/// A pipeline comparing a safetensors model with `gguf_model` on the same synthetic pictures.
+fn pipeline(gguf_model: &str) -> String {
+    format!(
+        r#"
+pipeline g {{ seed = 5 }}
+labels shapes = ["red circle", "red square", "blue circle", "blue square"]
+dataset pictures {{
+  source = synthetic(kind: "shapes", n: 8, seed: 3, size: 32, colors: "red,blue", shapes: "circle,square")
+  label  = "class"
+  labels = shapes
+}}
+prompt ask {{ user = "Which shape is in the picture?" }}
+grammar answer = one_of(shapes)
+model full = local("models/base")
+model shipped = {gguf_model}
+eval full_eval {{ model = full  data = pictures  prompt = ask  labels = shapes  scoring = labels  output = answer }}
+eval shipped_eval {{ model = shipped  data = pictures  prompt = ask  labels = shapes  scoring = labels  output = answer }}
+"#
+    )
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
+/// A project with `models/base` (tiny-thumb) and `models/gguf` (its F32 and Q8_0 text files and
+/// F32 mmproj), and the pipeline with `gguf_model`.
+fn gguf_project(gguf_model: &str) -> Result<tempfile::TempDir, Box<dyn std::error::Error>> {
+    let root = tempfile::tempdir()?;
+    let tiny = fixture_checkpoint("tiny-thumb");
+    copy_dir(&tiny, &root.path().join("models/base"));
+    let gguf_dir = root.path().join("models/gguf");
+    for quant in [GgufQuant::F32, GgufQuant::Q8_0] {
+        let out = export(&tiny, quant)?;
+        copy_dir(out.path(), &gguf_dir);
+    }
+    std::fs::remove_file(gguf_dir.join("mmproj-tiny-Q8_0.gguf"))?;
+    std::fs::write(root.path().join("pipeline.vp"), pipeline(gguf_model))?;
+    Ok(root)
+}
+
+fn project_command(root: &Path, verb: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vlmpipe"));
+    cmd.arg(verb)
+        .arg(root.join("pipeline.vp"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", root.join("hub-cache"))
+        .env_remove("VLMPIPE_CACHE");
+    cmd
+}
+
+fn metrics(root: &Path, eval: &str) -> serde_json::Value {
+    let path = root.join("evals/g").join(eval).join("metrics.json");
+    serde_json::from_slice(&std::fs::read(&path).expect("metrics.json")).expect("metrics json")
+}
+
+/// `gguf("folder", quant: …)` in a pipeline: the F32 pair's eval equals the checkpoint's.
+#[test]
+fn a_local_gguf_model_evaluates_like_its_checkpoint() -> TestResult {
+    let root = gguf_project(r#"gguf("models/gguf", quant: "f32")"#)?;
+    let output = project_command(root.path(), "run")
+        .arg("--quiet")
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (full, shipped) = (
+        metrics(root.path(), "full_eval"),
+        metrics(root.path(), "shipped_eval"),
+    );
+    assert_eq!(full["confusion_matrix"], shipped["confusion_matrix"]);
+    let (a, b) = (full["log_loss"].as_f64(), shipped["log_loss"].as_f64());
+    assert!(
+        a.zip(b).is_some_and(|(x, y)| (x - y).abs() < 1e-5),
+        "log loss {a:?} vs {b:?}"
+    );
+    Ok(())
+}
+
+fn check_error(gguf_model: &str) -> Result<String, Box<dyn std::error::Error>> {
+    let root = gguf_project(gguf_model)?;
+    let output = project_command(root.path(), "check").output()?;
+    assert!(!output.status.success(), "`{gguf_model}` passed the check");
+    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// Quant names and the folder's pair are checked by `vlmpipe check`, before anything runs.
+#[test]
+fn gguf_sources_are_checked_at_check_time() -> TestResult {
+    let err = check_error(r#"gguf("models/gguf", quant: "Q8_1")"#)?;
+    assert!(
+        err.contains("unknown GGUF quant `Q8_1` for `quant`")
+            && err.contains("did you mean `Q8_0`?")
+            && err.contains("the known ones are F32, F16, BF16, Q8_0"),
+        "{err}"
+    );
+    assert!(err.contains("pipeline.vp:"), "{err}");
+    let err = check_error(r#"gguf("models/gguf")"#)?;
+    assert!(
+        err.contains("several text GGUF files (`tiny-F32.gguf`, `tiny-Q8_0.gguf`)"),
+        "{err}"
+    );
+    let err = check_error(r#"gguf("models/gguf", quant: "Q8_0", mmproj: "Q8_0")"#)?;
+    assert!(err.contains("no mmproj GGUF of quant `Q8_0`"), "{err}");
+    let err = check_error(r#"gguf("models/gguf", quant: "F32", revision: "v1")"#)?;
+    assert!(
+        err.contains("`revision` is for a Hub repo, not a folder"),
+        "{err}"
+    );
+
+    // A folder outside the pipeline's tree is not read without `--allow-read`.
+    let outside = gguf_project(r#"gguf("models/gguf", quant: "F32")"#)?;
+    let model = outside.path().join("models/gguf").display().to_string();
+    let err = check_error(&format!("gguf(\"{model}\", quant: \"F32\")"))?;
+    assert!(err.contains("cannot read path `"), "{err}");
+    assert!(err.contains("--allow-read"), "{err}");
+    Ok(())
+}
+
+/// `gguf("org/name", quant: …)` from the (fake, loopback) Hub: only the chosen pair is
+/// downloaded, the eval runs on it, and a second run (offline) is all cached.
+#[test]
+fn a_hub_gguf_model_downloads_only_its_pair() -> TestResult {
+    use crate::hub_support::{FakeHub, FakeRepo};
+    let root = gguf_project(r#"gguf("org/tiny-GGUF", quant: "Q8_0")"#)?;
+    let gguf_dir = root.path().join("models/gguf");
+    let mut files = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(&gguf_dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        files.insert(name, std::fs::read(entry.path())?);
+    }
+    files.insert("README.md".into(), b"# tiny, as GGUF".to_vec());
+    let server = FakeHub::start(vec![FakeRepo::model(
+        "org/tiny-GGUF",
+        "0123456789abcdef0123456789abcdef01234567",
+        files,
+    )]);
+    let run = |offline: bool| {
+        let mut cmd = project_command(root.path(), "run");
+        cmd.env("HF_ENDPOINT", server.endpoint())
+            .arg("--quiet")
+            .arg("--summary-json")
+            .arg(root.path().join("summary.json"));
+        if !offline {
+            cmd.env_remove("HF_HUB_OFFLINE");
+        }
+        let output = cmd.output().expect("run vlmpipe");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(false);
+    let downloaded: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("/resolve/"))
+        .collect();
+    assert!(
+        downloaded.iter().any(|r| r.contains("/tiny-Q8_0.gguf"))
+            && downloaded
+                .iter()
+                .any(|r| r.contains("/mmproj-tiny-F32.gguf")),
+        "{downloaded:?}"
+    );
+    assert!(
+        !downloaded.iter().any(|r| r.contains("/tiny-F32.gguf")),
+        "only the pair asked for: {downloaded:?}"
+    );
+    assert!(metrics(root.path(), "shipped_eval")["log_loss"].is_number());
+    let before = server.requests().len();
+    run(true);
+    assert_eq!(
+        server.requests().len(),
+        before,
+        "offline rerun asks nothing"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.path().join("summary.json"))?)?;
+    let stages = summary["stages"].as_array().expect("stages");
+    assert!(stages.iter().all(|s| s["status"] == "cached"), "{stages:?}");
+    Ok(())
+}

@@ -529,9 +529,14 @@ impl PairBackend<'_> {
             )
         }
         if quantized && t.rank() == 2 {
-            let blocks = file
-                .tensor(&gguf_name, &self.device)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            // On the CPU the blocks just read are the ones to keep; elsewhere they go onto the
+            // device as read from the file.
+            let blocks = if self.device.is_cpu() {
+                q
+            } else {
+                file.tensor(&gguf_name, &self.device)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            };
             self.blocks
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -673,7 +673,8 @@ impl<'f> Analyzer<'f, '_> {
         let decl = self.decls[idx].decl;
         let dir = self.decls[idx].dir;
         let expr = self.expect_value_body(decl)?;
-        const EXPECTED: &str = "a model source (`hf(...)`, `local(...)` or `init(...)`)";
+        const EXPECTED: &str =
+            "a model source (`hf(...)`, `local(...)`, `gguf(...)` or `init(...)`)";
         let ExprKind::Call(call) = &expr.kind else {
             self.wrong_type(expr, EXPECTED, &decl.name.name);
             return None;
@@ -718,6 +719,41 @@ impl<'f> Analyzer<'f, '_> {
                     self.dtype_arg(&args),
                 )
             }
+            "gguf" => {
+                let args = self.call_args(
+                    call,
+                    &["source"],
+                    &["quant", "mmproj", "revision", "dtype"],
+                    false,
+                )?;
+                let quant = args
+                    .get("quant")
+                    .map(|e| self.expect_gguf_quant(e, "quant"));
+                let mmproj = args
+                    .get("mmproj")
+                    .map(|e| self.expect_gguf_quant(e, "mmproj"));
+                let source = self
+                    .required_arg(&args, "source")
+                    .and_then(|e| self.build_gguf_source(e, &args, dir));
+                let quant = quant.map_or(Some(None), |q| q.map(Some));
+                let mmproj = mmproj.map_or(Some(None), |q| q.map(Some));
+                let source = match (source, quant, mmproj) {
+                    (Some((repo, revision, path)), Some(quant), Some(mmproj)) => {
+                        if let (Some(path), Some(e)) = (&path, args.get("source")) {
+                            self.expect_gguf_pair(path, e, quant.as_deref(), mmproj.as_deref());
+                        }
+                        Some(ModelSource::Gguf {
+                            repo,
+                            revision,
+                            path,
+                            quant,
+                            mmproj,
+                        })
+                    }
+                    _ => None,
+                };
+                (source, self.dtype_arg(&args))
+            }
             "init" => {
                 let args = self.call_args(call, &[], &["preset", "seed", "dtype"], false)?;
                 let preset = self
@@ -745,7 +781,7 @@ impl<'f> Analyzer<'f, '_> {
                         ),
                     )
                     .at(call.callee.span)
-                    .with_hint_opt(did_you_mean(other, ["hf", "local", "init"])),
+                    .with_hint_opt(did_you_mean(other, ["hf", "local", "gguf", "init"])),
                 );
                 return None;
             }
@@ -759,6 +795,90 @@ impl<'f> Analyzer<'f, '_> {
                 None => None,
             },
         })
+    }
+
+    /// A GGUF quant name (`"Q8_0"`, any case) of the known list, upper-cased.
+    fn expect_gguf_quant(&mut self, expr: &Expr, field: &str) -> Option<String> {
+        use crate::gguf::read::IMPORT_QUANTS;
+        let text = self.expect_str(expr, field)?;
+        let upper = text.trim().to_ascii_uppercase();
+        if IMPORT_QUANTS.contains(&upper.as_str()) {
+            return Some(upper);
+        }
+        self.error(
+            Diagnostic::error(
+                Code::BadValue,
+                format!("unknown GGUF quant `{text}` for `{field}`"),
+            )
+            .at(expr.span)
+            .with_hint(format!(
+                "{}the known ones are {}",
+                did_you_mean(&upper, IMPORT_QUANTS.iter().copied())
+                    .map(|s| format!("{s}; "))
+                    .unwrap_or_default(),
+                IMPORT_QUANTS.join(", ")
+            )),
+        );
+        None
+    }
+
+    /// `gguf("org/name[@revision]" | "folder", …)`: a Hub repo, or a folder relative to this
+    /// file (one that exists, or a path starting with `.`, `/` or `~`), as `adapter:` tells them
+    /// apart. Returns `(repo, revision, path)`.
+    fn build_gguf_source(
+        &mut self,
+        expr: &Expr,
+        args: &Args<'_>,
+        dir: &Path,
+    ) -> Option<(
+        Option<String>,
+        Option<String>,
+        Option<crate::plan::params::LocalPath>,
+    )> {
+        let text = self.expect_str(expr, "source")?;
+        let is_path = text.starts_with(['.', '/', '~']) || dir.join(&text).exists();
+        if !is_path && crate::model::resolve::is_hub_id(&text) {
+            let revision = match args.get("revision") {
+                Some(e) => {
+                    let rev = self.expect_str(e, "revision")?;
+                    self.expect_revision(&rev, e.span)?;
+                    rev
+                }
+                None => "main".to_owned(),
+            };
+            return Some((Some(text), Some(revision), None));
+        }
+        if let Some(e) = args.get("revision") {
+            self.error(
+                Diagnostic::error(Code::BadValue, "`revision` is for a Hub repo, not a folder")
+                    .at(e.span)
+                    .with_hint("a local folder has no revisions: remove `revision:`"),
+            );
+            return None;
+        }
+        let path = self.expect_local_path(expr, "source", dir)?;
+        Some((None, None, Some(path)))
+    }
+
+    /// A local GGUF folder holds the pair asked for, checked now (headers only) rather than
+    /// when the stage runs.
+    fn expect_gguf_pair(
+        &mut self,
+        path: &crate::plan::params::LocalPath,
+        expr: &Expr,
+        quant: Option<&str>,
+        mmproj: Option<&str>,
+    ) {
+        if !path.resolved.is_dir() {
+            return;
+        }
+        let checked = crate::gguf::read::find_pair(&path.resolved, quant, mmproj)
+            .and_then(|pair| crate::model::load::gguf::open_pair(&pair).map(|_| ()));
+        if let Err(e) = checked {
+            self.error(
+                Diagnostic::error(Code::BadValue, format!("`{}`: {e}", path.path)).at(expr.span),
+            );
+        }
     }
 
     /// `adapter: "dir"` (relative to this file) or `adapter: "org/name[@revision]"` (a Hub repo).

@@ -108,14 +108,18 @@ impl Stage for EvalStage {
         let labels = &config.labels;
         let location = config.models.open(ctx.input(config.model_slot)?)?;
         let dtype = location.dtype.unwrap_or_default();
-        let runner = ModelRunner::load_with_adapter(
-            &location.checkpoint_dir,
-            location.adapter_dir.as_deref(),
-            &LoadOptions {
-                dtype: dtype.to_candle(),
-                device: config.device.clone(),
-            },
-        )?;
+        let options = LoadOptions {
+            dtype: dtype.to_candle(),
+            device: config.device.clone(),
+        };
+        let runner = match &location.gguf {
+            Some(pair) => ModelRunner::load_gguf(pair, &options)?,
+            None => ModelRunner::load_with_adapter(
+                &location.checkpoint_dir,
+                location.adapter_dir.as_deref(),
+                &options,
+            )?,
+        };
         let rows = config.data.read_rows(ctx)?;
         let images = config.data.open_images(ctx)?;
 

@@ -78,6 +78,12 @@ pub enum FinetuneError {
         "the base model at `{0}` already carries an adapter; fine-tuning a fine-tune is not supported (merge it first with `vlmpipe export --merged` and use `local(...)`)"
     )]
     StackedAdapter(PathBuf),
+    /// The base model is a GGUF pair (quantized, llama.cpp's layout).
+    #[error(
+        "the base model `{0}` is a GGUF file; fine-tuning needs its safetensors checkpoint \
+         (`hf(...)` or `local(...)`), which `export` then turns into GGUF"
+    )]
+    Gguf(PathBuf),
     /// The output grammar cannot turn a label into an answer.
     #[error("cannot derive the training answer from the output grammar: {0}")]
     NoAnswer(#[source] DecodeError),
@@ -155,6 +161,9 @@ impl Stage for FinetuneStage {
         let location = config.models.open(ctx.input(config.base_slot)?)?;
         if location.adapter_dir.is_some() {
             return Err(FinetuneError::StackedAdapter(location.checkpoint_dir).into());
+        }
+        if let Some(pair) = location.gguf {
+            return Err(FinetuneError::Gguf(pair.text).into());
         }
         let dtype = location.dtype.unwrap_or_default().to_candle();
         let load_err = |message: String| FinetuneError::Load {
@@ -300,6 +309,7 @@ impl Stage for FinetuneStage {
             base: base_ref.clone(),
             adapter: Some(PathBuf::from(ADAPTER_DIR)),
             dtype: location.dtype,
+            gguf: None,
         };
         let model_path = ctx.out_path(MODEL_FILE);
         std::fs::write(&model_path, serde_json::to_string_pretty(&model_file)?)

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use crate::hub::HubRepo;
 use crate::plan::Node;
 use crate::plan::params::{AdapterSource, LocalPath, ModelParams, ModelSource};
-use crate::stages::model::{AdapterOrigin, ModelConfig, ModelOrigin, Preset, relative_to};
+use crate::stages::model::{
+    AdapterOrigin, GgufPlace, ModelConfig, ModelOrigin, Preset, relative_to,
+};
 
 use super::{LowerContext, LowerError};
 
@@ -24,6 +26,32 @@ pub(super) fn model_config(
         ModelSource::Local { path } => ModelOrigin::Local {
             dir: path.resolved.clone(),
             stored: pipeline_ref(path, &ctx.pipeline_dir),
+        },
+        ModelSource::Gguf {
+            repo,
+            revision,
+            path,
+            quant,
+            mmproj,
+        } => ModelOrigin::Gguf {
+            place: match (repo, path) {
+                (Some(repo), _) => GgufPlace::Hub {
+                    hub: ctx.hub.clone(),
+                    repo: HubRepo::model(repo).at(revision.as_deref().unwrap_or("main")),
+                },
+                (None, Some(path)) => GgufPlace::Local {
+                    dir: path.resolved.clone(),
+                    stored: pipeline_ref(path, &ctx.pipeline_dir),
+                },
+                (None, None) => {
+                    return Err(LowerError::Unsupported {
+                        stage: node.name.clone(),
+                        message: "gguf(...) without a repo or a folder".into(),
+                    });
+                }
+            },
+            quant: quant.clone(),
+            mmproj: mmproj.clone(),
         },
         ModelSource::Init { preset, seed } => ModelOrigin::Init {
             preset: Preset::parse(preset).map_err(|e| LowerError::Unsupported {

@@ -3,6 +3,6 @@
 mod stage;
 
 pub use stage::{
-    AdapterOrigin, FolderRef, MODEL_FILE, ModelConfig, ModelFile, ModelLocation, ModelNodeError,
-    ModelOrigin, ModelResolver, ModelStage, Preset, relative_to,
+    AdapterOrigin, FolderRef, GgufFiles, GgufPlace, MODEL_FILE, ModelConfig, ModelFile,
+    ModelLocation, ModelNodeError, ModelOrigin, ModelResolver, ModelStage, Preset, relative_to,
 };

@@ -83,6 +83,9 @@ pub struct ModelLocation {
     pub dtype: Option<Dtype>,
     /// How the entry names the checkpoint (what a fine-tune of it records).
     pub base: FolderRef,
+    /// A `gguf(...)` model: the pair of files in `checkpoint_dir` (load it with
+    /// `ModelRunner::load_gguf`; it takes no adapter and cannot be fine-tuned).
+    pub gguf: Option<crate::gguf::read::GgufPair>,
 }
 
 /// `model.json` as written.
@@ -94,6 +97,16 @@ pub struct ModelFile {
     /// The dtype the pipeline asks to compute in (`"f32"`, `"f16"`, `"bf16"`).
     #[serde(default)]
     pub dtype: Option<Dtype>,
+    /// A `gguf(...)` model's pair, by file name in the base folder; absent for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gguf: Option<GgufFiles>,
+}
+
+/// The two files of a GGUF model, named inside its folder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GgufFiles {
+    pub text: String,
+    pub mmproj: String,
 }
 
 /// Errors of model entries and `init` presets.
@@ -154,11 +167,31 @@ impl ModelResolver {
         let text = std::fs::read_to_string(&path).map_err(FileError::read(&path))?;
         let file: ModelFile =
             serde_json::from_str(&text).map_err(|source| ModelNodeError::Json { path, source })?;
+        let checkpoint_dir = match (&file.gguf, &file.base) {
+            // A GGUF repo is fetched file by file: it has no config.json and many quants.
+            (Some(gguf), FolderRef::Hub { repo, commit }) => self
+                .hub
+                .files_dir(
+                    &HubRepo::model(repo).at(commit),
+                    &[&gguf.text, &gguf.mmproj],
+                )
+                .map_err(|source| ModelNodeError::Hub {
+                    repo: repo.clone(),
+                    commit: commit.clone(),
+                    source: Box::new(source),
+                })?,
+            _ => self.folder(&file.base, entry.dir())?,
+        };
+        let gguf = file.gguf.map(|g| crate::gguf::read::GgufPair {
+            text: checkpoint_dir.join(g.text),
+            mmproj: checkpoint_dir.join(g.mmproj),
+        });
         Ok(ModelLocation {
-            checkpoint_dir: self.folder(&file.base, entry.dir())?,
+            checkpoint_dir,
             adapter_dir: file.adapter.map(|a| entry.dir().join(a)),
             dtype: file.dtype,
             base: file.base,
+            gguf,
         })
     }
 
@@ -216,6 +249,52 @@ pub enum ModelOrigin {
     Local { dir: PathBuf, stored: PathBuf },
     /// Seeded random weights of a built-in size.
     Init { preset: Preset, seed: u64 },
+    /// A GGUF pair from a Hub repo (`hub`) or a local folder (`local`), picked by quant names.
+    Gguf {
+        place: GgufPlace,
+        quant: Option<String>,
+        mmproj: Option<String>,
+    },
+}
+
+/// Where a `gguf(...)` model's files are.
+#[derive(Clone, Debug)]
+pub enum GgufPlace {
+    Hub { hub: Hub, repo: HubRepo },
+    Local { dir: PathBuf, stored: PathBuf },
+}
+
+/// The folder and the two file names of a Hub GGUF pair: the cached snapshot's when it holds
+/// the quant asked for (or when offline), else from the repo's listing, downloading only the
+/// two files.
+fn hub_gguf_pair(
+    hub: &Hub,
+    repo: &HubRepo,
+    quant: Option<&str>,
+    mmproj: Option<&str>,
+) -> Result<crate::gguf::read::GgufPair, StageError> {
+    use crate::gguf::read::{GgufPair, choose_pair, find_pair};
+    if let Some(snapshot) = hub.cached_snapshot(repo)
+        && (quant.is_some() || hub.config().offline)
+        && let Ok(pair) = find_pair(&snapshot, quant, mmproj)
+    {
+        return Ok(pair);
+    }
+    let names = hub.list_files(repo)?;
+    let place = PathBuf::from(format!("hf:{}@{}", repo.id, repo.revision));
+    let (text, mm) = choose_pair(&place, &names, quant, mmproj)?;
+    let dir = hub.files_dir(repo, &[&text, &mm])?;
+    Ok(GgufPair {
+        text: dir.join(text),
+        mmproj: dir.join(mm),
+    })
+}
+
+/// The file name of `path` (a pair's file inside its folder).
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Where a `model` stage's `adapter:` comes from.
@@ -304,6 +383,24 @@ impl Stage for ModelStage {
             ModelOrigin::Hf { hub, repo } => json!({ "commit": model_commit(hub, repo)? }),
             ModelOrigin::Local { dir, .. } => json!({ "files": stat_dir(dir, &self.reads)? }),
             ModelOrigin::Init { .. } => Value::Null,
+            ModelOrigin::Gguf {
+                place: GgufPlace::Hub { hub, repo },
+                quant,
+                mmproj,
+            } => {
+                let commit = match hub.cached_commit(repo) {
+                    Some(commit) => commit,
+                    None => {
+                        hub_gguf_pair(hub, repo, quant.as_deref(), mmproj.as_deref())?;
+                        hub.cached_commit(repo).unwrap_or_default()
+                    }
+                };
+                json!({ "commit": commit })
+            }
+            ModelOrigin::Gguf {
+                place: GgufPlace::Local { dir, .. },
+                ..
+            } => json!({ "files": stat_dir(dir, &self.reads)? }),
         };
         let Some(adapter) = &self.adapter else {
             // Without an adapter the state is what it was before `adapter:` existed.
@@ -349,6 +446,55 @@ impl Stage for ModelStage {
                     json!({ "source": "local", "path": stored }),
                 )
             }
+            ModelOrigin::Gguf {
+                place,
+                quant,
+                mmproj,
+            } => {
+                let (quant, mmproj) = (quant.as_deref(), mmproj.as_deref());
+                let (pair, base, mut metadata) = match place {
+                    GgufPlace::Hub { hub, repo } => {
+                        let pair = hub_gguf_pair(hub, repo, quant, mmproj)?;
+                        let commit = hub.cached_commit(repo).unwrap_or_default();
+                        (
+                            pair,
+                            FolderRef::Hub {
+                                repo: repo.id.clone(),
+                                commit,
+                            },
+                            json!({ "source": "gguf", "repo": repo.id }),
+                        )
+                    }
+                    GgufPlace::Local { dir, stored } => (
+                        crate::gguf::read::find_pair(dir, quant, mmproj)?,
+                        FolderRef::Pipeline {
+                            path: stored.clone(),
+                        },
+                        json!({ "source": "gguf", "path": stored }),
+                    ),
+                };
+                // Headers only: a bad or mismatched pair fails here, naming the file.
+                crate::model::load::gguf::open_pair(&pair)?;
+                let files = GgufFiles {
+                    text: file_name(&pair.text),
+                    mmproj: file_name(&pair.mmproj),
+                };
+                metadata["text"] = json!(files.text);
+                metadata["mmproj"] = json!(files.mmproj);
+                let file = ModelFile {
+                    base,
+                    adapter: None,
+                    dtype: Some(self.dtype),
+                    gguf: Some(files),
+                };
+                let path = ctx.out_path(MODEL_FILE);
+                std::fs::write(&path, serde_json::to_string_pretty(&file)?)
+                    .map_err(FileError::write(&path))?;
+                return Ok(StageOutcome {
+                    metadata,
+                    ..StageOutcome::default()
+                });
+            }
             ModelOrigin::Init { preset, seed } => {
                 let dir = ctx.out_path(INIT_DIR);
                 let tensors = preset.save(&dir, *seed)?;
@@ -369,6 +515,7 @@ impl Stage for ModelStage {
             base,
             adapter: has_adapter.then(|| PathBuf::from(ADAPTER_DIR)),
             dtype: Some(self.dtype),
+            gguf: None,
         };
         let path = ctx.out_path(MODEL_FILE);
         std::fs::write(&path, serde_json::to_string_pretty(&file)?)
