@@ -496,6 +496,8 @@ fn real_450m_shapes_answer_like_vlmpipe_at_f16_and_q8_0() -> TestResult {
     // Q8_0 at these shapes is left out: on cat/0001 its sixth token differs (` пи` vs
     // llama.cpp's ` genera`, a step vlmpipe's Q8_0 decides by over 5% of the spread), and the
     // Q8_0 image features differ by 1.9e-2, 30x the F16 pair's; not yet explained.
+    // The loop stays for Q8_0's return.
+    #[allow(clippy::single_element_loop)]
     for quant in [GgufQuant::F16] {
         // One 450M model in memory at a time.
         let runner = match runner.take() {
