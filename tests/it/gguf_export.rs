@@ -15,40 +15,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::support::shared_path;
-use candle_core::DType;
 use serde_json::Value;
 use vlmpipe::gguf::{self, GgufOptions, GgufQuant};
-use vlmpipe::model::random_checkpoint::write_random_checkpoint;
 
-use crate::support::narrow_450m_config;
+use crate::support::shared_path;
+
+use crate::support::{llama_cpp_cache, random_450m_checkpoint, repo_root};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The pinned version, read from the build script so the two never disagree.
-fn llama_cpp_version() -> String {
-    let script = std::fs::read_to_string(repo_root().join("tests/llama_cpp/build.sh"))
-        .expect("tests/llama_cpp/build.sh");
-    script
-        .lines()
-        .find_map(|l| l.strip_prefix("VERSION="))
-        .expect("VERSION= in build.sh")
-        .trim()
-        .to_owned()
-}
-
-/// Where `build.sh` puts llama.cpp.
-fn llama_cpp_cache() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VLMPIPE_LLAMA_CPP_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-    home.join(format!(".cache/vlmpipe/llama.cpp-{}", llama_cpp_version()))
-}
 
 /// llama.cpp's converter and reader (the Python side of the build).
 pub(crate) struct Converter {
@@ -87,30 +61,6 @@ const CHECKPOINT: &str = "checkpoint";
 /// Vision layers of the narrow checkpoint: the converter maps the projector's `linear_2` through
 /// the vision block numbering, so it needs at least 3.
 const NARROW_VISION_LAYERS: usize = 3;
-
-/// Writes a random-weight checkpoint with the real file set into `out` (bf16, like the Hub's).
-pub(crate) fn random_checkpoint(real: &Path, out: &Path, narrow: bool) -> TestResult {
-    let source = tempfile::tempdir()?;
-    for entry in std::fs::read_dir(real)? {
-        let entry = entry?;
-        std::fs::copy(entry.path(), source.path().join(entry.file_name()))?;
-    }
-    if narrow {
-        let config: Value =
-            serde_json::from_str(&std::fs::read_to_string(real.join("config.json"))?)?;
-        let path = source.path().join("config.json");
-        let mut perms = std::fs::metadata(&path)?.permissions();
-        #[allow(clippy::permissions_set_readonly_false)]
-        perms.set_readonly(false);
-        std::fs::set_permissions(&path, perms)?;
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&narrow_450m_config(&config, NARROW_VISION_LAYERS))?,
-        )?;
-    }
-    write_random_checkpoint(source.path(), out, DType::BF16, 12)?;
-    Ok(())
-}
 
 impl Converter {
     /// llama.cpp's files for `checkpoint` at `quant` (`--outtype`), named `name`.
@@ -242,7 +192,7 @@ fn narrow_checkpoint_matches_the_converter_at_f16_and_q8_0() -> TestResult {
     };
     let tmp = tempfile::tempdir()?;
     let ckpt = tmp.path().join(CHECKPOINT);
-    random_checkpoint(&real, &ckpt, true)?;
+    random_450m_checkpoint(&real, &ckpt, Some(NARROW_VISION_LAYERS), 12)?;
     assert_same_as_converter(&conv, &ckpt, &[GgufQuant::F16, GgufQuant::Q8_0])
 }
 
@@ -253,7 +203,7 @@ fn narrow_checkpoint_matches_the_converter_at_f32_and_bf16() -> TestResult {
     };
     let tmp = tempfile::tempdir()?;
     let ckpt = tmp.path().join(CHECKPOINT);
-    random_checkpoint(&real, &ckpt, true)?;
+    random_450m_checkpoint(&real, &ckpt, Some(NARROW_VISION_LAYERS), 12)?;
     assert_same_as_converter(&conv, &ckpt, &[GgufQuant::F32, GgufQuant::BF16])
 }
 
@@ -265,7 +215,7 @@ fn real_450m_shapes_match_the_converter_at_q8_0() -> TestResult {
     };
     let tmp = tempfile::tempdir()?;
     let ckpt = tmp.path().join(CHECKPOINT);
-    random_checkpoint(&real, &ckpt, false)?;
+    random_450m_checkpoint(&real, &ckpt, None, 12)?;
     assert_same_as_converter(&conv, &ckpt, &[GgufQuant::Q8_0])
 }
 

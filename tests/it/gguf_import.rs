@@ -265,7 +265,7 @@ fn tokenizer_only_gguf(dir: &Path, out: &Path) -> Result<PathBuf, Box<dyn std::e
 #[test]
 fn tokenizer_rebuilt_from_the_gguf_tokenizes_like_tokenizer_json() -> TestResult {
     let mut dirs = vec![fixture_checkpoint("tiny-thumb")];
-    match vlmpipe::testing::shared_path("models/LFM2-VL-450M") {
+    match crate::support::shared_path("models/LFM2-VL-450M") {
         Some(real) => dirs.push(real),
         None => eprintln!("skipping the real LFM2 tokenizer: ../shared is not here"),
     }
@@ -560,7 +560,7 @@ fn the_converters_pair_loads_like_vlmpipes() -> TestResult {
     };
     let work = tempfile::tempdir()?;
     let checkpoint = work.path().join("checkpoint");
-    crate::gguf_export::random_checkpoint(&real, &checkpoint, true)?;
+    crate::support::random_450m_checkpoint(&real, &checkpoint, Some(3), 12)?;
     let reference = ModelRunner::load(&checkpoint, &LoadOptions::default())?;
     let images = [image(IMAGES[0]), image(IMAGES[1])];
     for quant in [GgufQuant::F32, GgufQuant::Q8_0] {

@@ -270,7 +270,7 @@ fn the_generated_zeros_png_is_a_valid_image() {
 #[test]
 fn regression_issue14_ingest_time_image_errors_are_eval_error_rows() {
     use std::os::unix::fs::symlink;
-    let Some(shared) = vlmpipe::testing::shared_path("data/cats_vs_dogs") else {
+    let Some(shared) = crate::support::shared_path("data/cats_vs_dogs") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

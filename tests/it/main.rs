@@ -39,6 +39,7 @@ mod gguf_import;
 mod hostile_images;
 mod hostile_pipeline;
 mod hub_download;
+mod llama_cpp_parity;
 mod model_450m;
 mod model_adapter;
 mod model_config;

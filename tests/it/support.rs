@@ -128,3 +128,67 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .and_then(|d| d.to_scalar::<f32>());
     diff.unwrap_or_else(|e| panic!("max_abs_diff: {e}"))
 }
+
+/// The repository's root folder.
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The llama.cpp version `tests/llama_cpp/build.sh` pins, read from the script so the two never
+/// disagree.
+pub fn llama_cpp_version() -> String {
+    let script = std::fs::read_to_string(repo_root().join("tests/llama_cpp/build.sh"))
+        .expect("tests/llama_cpp/build.sh");
+    script
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION="))
+        .expect("VERSION= in build.sh")
+        .trim()
+        .to_owned()
+}
+
+/// Where `build.sh` puts llama.cpp (`VLMPIPE_LLAMA_CPP_CACHE`, or `~/.cache/vlmpipe/…`).
+pub fn llama_cpp_cache() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(dir) = std::env::var_os("VLMPIPE_LLAMA_CPP_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(format!(".cache/vlmpipe/llama.cpp-{}", llama_cpp_version()))
+}
+
+/// Writes a random-weight checkpoint (bf16, like the Hub's) with the real LFM2-VL-450M file set
+/// `real` into `out`: at the real shapes, or narrow ([`narrow_450m_config`]) with
+/// `narrow_vision_layers` vision layers.
+pub fn random_450m_checkpoint(
+    real: &std::path::Path,
+    out: &std::path::Path,
+    narrow_vision_layers: Option<usize>,
+    seed: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let source = tempfile::tempdir()?;
+    for entry in std::fs::read_dir(real)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), source.path().join(entry.file_name()))?;
+    }
+    if let Some(layers) = narrow_vision_layers {
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(real.join("config.json"))?)?;
+        let path = source.path().join("config.json");
+        let mut perms = std::fs::metadata(&path)?.permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(&path, perms)?;
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&narrow_450m_config(&config, layers))?,
+        )?;
+    }
+    vlmpipe::model::random_checkpoint::write_random_checkpoint(
+        source.path(),
+        out,
+        candle_core::DType::BF16,
+        seed,
+    )?;
+    Ok(())
+}

@@ -728,10 +728,10 @@ impl<'f> Analyzer<'f, '_> {
                 )?;
                 let quant = args
                     .get("quant")
-                    .map(|e| self.expect_gguf_quant(e, "quant"));
+                    .map(|e| self.expect_import_quant(e, "quant"));
                 let mmproj = args
                     .get("mmproj")
-                    .map(|e| self.expect_gguf_quant(e, "mmproj"));
+                    .map(|e| self.expect_import_quant(e, "mmproj"));
                 let source = self
                     .required_arg(&args, "source")
                     .and_then(|e| self.build_gguf_source(e, &args, dir));
@@ -798,7 +798,7 @@ impl<'f> Analyzer<'f, '_> {
     }
 
     /// A GGUF quant name (`"Q8_0"`, any case) of the known list, upper-cased.
-    fn expect_gguf_quant(&mut self, expr: &Expr, field: &str) -> Option<String> {
+    fn expect_import_quant(&mut self, expr: &Expr, field: &str) -> Option<String> {
         use crate::gguf::read::IMPORT_QUANTS;
         let text = self.expect_str(expr, field)?;
         let upper = text.trim().to_ascii_uppercase();

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::exec::{Export, Stage, StageContext, StageError, StageOutcome};
 use crate::file_error::FileError;
 use crate::gguf::{self, GgufOptions, GgufQuant};
-use crate::stages::model::{FolderRef, MODEL_FILE, ModelFile, ModelResolver};
+use crate::stages::model::{FolderRef, GgufFiles, MODEL_FILE, ModelFile, ModelResolver};
 use crate::train::PeftAdapter;
 use crate::train::merge::{ExportOrigin, MergeOptions, merge_checkpoint};
 
@@ -113,6 +113,11 @@ impl Stage for ExportStage {
             base: FolderRef::Entry { path: ".".into() },
             adapter: None,
             dtype: None,
+            // The eval of an export loads exactly the two files this stage wrote.
+            gguf: Some(GgufFiles {
+                text: file_name(&written.text.path),
+                mmproj: file_name(&written.mmproj.path),
+            }),
         };
         let path = ctx.out_path(MODEL_FILE);
         let text =
@@ -151,4 +156,11 @@ impl Stage for ExportStage {
         let (text, mmproj) = self.file_names();
         Export::all(&[&text, &mmproj], &self.config.export_dir)
     }
+}
+
+/// The name of a file this stage wrote into its own entry.
+fn file_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
