@@ -29,6 +29,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::shared_path;
 use candle_core::Tensor;
 use candle_core::quantized::gguf_file;
 use image::RgbImage;
@@ -39,7 +40,6 @@ use vlmpipe::model::lfm2_vl::LogitsMode;
 use vlmpipe::model::processor::decode_image;
 use vlmpipe::model::quant::Quant;
 use vlmpipe::runner::ModelRunner;
-use vlmpipe::testing::shared_path;
 
 use crate::support::{llama_cpp_cache, random_450m_checkpoint};
 
