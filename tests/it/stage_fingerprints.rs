@@ -131,7 +131,7 @@ const QUICKSTART: &[(&str, &str)] = &[
     ),
     (
         "baseline",
-        "4b256cb45fe7003d9abd7fed514ff3050f1c5cb448f8e50b92b75a9f6c255e33",
+        "482d30113108c0d812afcd72b37ddeb7c79947adc751878102dc87d9c781cb4a",
     ),
     (
         "one_shape",
@@ -139,31 +139,31 @@ const QUICKSTART: &[(&str, &str)] = &[
     ),
     (
         "constrained",
-        "7b8ff8b6538e94a54f6a2ddfc4e5730a1dd9074f596bf84b73201f5353132d68",
+        "29a58f51657762ed4588cf20e44f32a9e6ad1c7c6b3042048cf36efad4f4eb47",
     ),
     (
         "tuned",
-        "d64957edbfca862c05df0ef8beeb0b06694d39df7b7e4a8fcc8eb5adb54463bc",
+        "2645da985f37a43f62b331e3c3392c8f05fb3fcf16c9d252b2a67174ea3de6ee",
     ),
     (
         "tuned_eval",
-        "05154fc9e896e25379bffcdf2d9630e550a0f7aed587fb9753b355959cd313d5",
+        "6b8f74d29ab9990426e008a0116615c8c805305f4af5c8a05bbe894b4c4e6865",
     ),
     (
         "tuned_q8",
-        "a422953476713ebec2f3b71b041e08cf5c41acdfdc85e250c17ffc085b9472d1",
+        "bb237ce87fefbb7c7aef35b0eec28e66898506f378a1316e396ff2c7d17e5626",
     ),
     (
         "tuned_q8_eval",
-        "fca96a1b4bd472ebc57e2bf23a9872a393ae2458f2210e0c8ec23c88b43928bb",
+        "f700ed3ee844e7980b2d5e551c06b0d425fc896269544c7352a84cd2d968bbc7",
     ),
     (
         "report",
-        "949d97c207ed88b41f1f769611c49151c77c9a460c12d8ba051f83db30cd32d8",
+        "97f9eed6212cef525ff658e10d0ddc45ac4afd168d20d0993d1f01eead8d9625",
     ),
     (
         "shipped",
-        "0f1acce7e1f91bd0db18474a6e4f5501457e17177eeda75b02c9e1aed75cdf4f",
+        "8d315cc3d68c234668c4c3c64adeb399359d786a8bca951ea2927b7a0e5f3bb7",
     ),
 ];
 
@@ -202,7 +202,7 @@ const OTHER_KINDS: &[(&str, &str)] = &[
     ),
     (
         "e",
-        "86d4837cdca4c9ce8be1a9a35ac015853becafb2e6ad4e9d912c5761df0300d7",
+        "ea258111c0433127d31dcf0f36c58a7760caca6024f86d3d128373f59d246be7",
     ),
     (
         "phone",
