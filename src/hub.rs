@@ -643,33 +643,7 @@ impl Hub {
     /// A local folder with a PEFT adapter's `adapter_config.json` and `adapter_model.safetensors`,
     /// both of one commit: the cached snapshot when it has them, else downloaded (unless offline).
     pub fn adapter_dir(&self, repo: &HubRepo) -> Result<PathBuf, HubError> {
-        if let Some(snapshot) = self.cached_snapshot(repo) {
-            let missing = ADAPTER_FILES.iter().find(|f| !snapshot.join(f).is_file());
-            match missing {
-                None => return Ok(snapshot),
-                Some(file) if self.config.offline => return Err(self.offline_missing(repo, file)),
-                Some(_) => {}
-            }
-        } else if self.config.offline {
-            return Err(self.offline_missing(repo, ADAPTER_FILES[0]));
-        }
-        let (pinned, _) = self.pinned_remote(repo)?;
-        let mut dir = None;
-        for name in ADAPTER_FILES {
-            let path = self.file(&pinned, name).map_err(|e| match e {
-                HubError::NotFound { .. } => HubError::MissingModelFile {
-                    repo: repo.id.clone(),
-                    file: (*name).to_owned(),
-                },
-                other => other,
-            })?;
-            dir = path.parent().map(Path::to_path_buf);
-        }
-        self.record_ref(repo, &pinned.revision)?;
-        dir.ok_or_else(|| HubError::MissingModelFile {
-            repo: repo.id.clone(),
-            file: ADAPTER_FILES[0].to_owned(),
-        })
+        self.files_dir(repo, ADAPTER_FILES)
     }
 }
 
