@@ -407,6 +407,21 @@ impl Run<'_> {
         } = job;
         // Timed from here: a stage waiting for a free job slot is not computing.
         let started = Instant::now();
+        // Queued behind `--jobs` before a cancel: it has not started, so it does not.
+        if options
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            let cause = MissingCause::Cancelled;
+            report.reason = Some(cause.to_string());
+            return Ok(Decided {
+                report,
+                state: State::Missing(cause),
+                record: None,
+                started,
+            });
+        }
         let stage: &dyn Stage = partial.as_deref().unwrap_or(node.stage.as_ref());
         // Another run may compute the same entry: wait for it, then reuse it.
         let _held = store.lock_entry(lock, &fp, &node.name, options.lock_wait, &mut |m| {
