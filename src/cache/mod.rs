@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! <root>/CACHEDIR.TAG            marks the folder for backup tools
-//! <root>/lock                    the process lock (fs4); `lock.owner` says who holds it
+//! <root>/lock                    the cache lock (fs4): runs share it, `gc`/`verify` take it alone
+//! <root>/locks/<fp>              an entry's lock while a run computes it; `<fp>.owner` says who
 //! <root>/tmp/<fp>.<pid>.<ns>/    entries being written; never read, cleared on the next lock
 //! <root>/entries/<fp>/           committed entries: output files + `manifest.json`
 //! ```
@@ -22,7 +23,7 @@ mod manifest;
 mod store;
 
 pub use fingerprint::{Fingerprint, FingerprintError, canonical_json, fingerprint, sort_keys};
-pub use lock::CacheLock;
+pub use lock::{CacheLock, EntryLock};
 pub(crate) use manifest::hash_file;
 pub use manifest::{FileRecord, MANIFEST_FILE, MANIFEST_VERSION, Manifest};
 pub use store::{
@@ -44,6 +45,13 @@ pub enum CacheError {
     #[error("the cache `{root}` is locked by another run ({holder}); waited {waited_ms} ms")]
     Locked {
         root: PathBuf,
+        holder: String,
+        waited_ms: u128,
+    },
+    /// Another run computes the same entry and did not finish in time.
+    #[error("`{stage}` is being computed by another run ({holder}); waited {waited_ms} ms")]
+    EntryLocked {
+        stage: String,
         holder: String,
         waited_ms: u128,
     },

@@ -9,7 +9,8 @@ use serde_json::Value;
 
 use super::manifest::{hash_file, mtime_ns};
 use super::{
-    CacheError, CacheLock, FileRecord, Fingerprint, MANIFEST_FILE, MANIFEST_VERSION, Manifest,
+    CacheError, CacheLock, EntryLock, FileRecord, Fingerprint, MANIFEST_FILE, MANIFEST_VERSION,
+    Manifest,
 };
 use crate::file_error::FileError;
 
@@ -170,6 +171,36 @@ impl CacheStore {
         let lock = CacheLock::acquire_notify(&self.root, wait, notify)?;
         self.clear_tmp()?;
         Ok(lock)
+    }
+
+    /// The lock a run holds (see [`CacheLock::acquire_shared_notify`]): shared with other runs.
+    /// Clears temp folders left by killed writers when no other holder is active, then shares.
+    pub fn lock_shared_notify(
+        &self,
+        wait: Duration,
+        notify: &mut dyn FnMut(&str),
+    ) -> Result<CacheLock, CacheError> {
+        let (mut lock, alone) = CacheLock::acquire_shared_notify(&self.root, wait, notify)?;
+        if alone {
+            self.clear_tmp()?;
+        }
+        lock.share()?;
+        Ok(lock)
+    }
+
+    /// Takes the lock of entry `fp` (stage `stage`, for messages) before computing it, waiting up
+    /// to `wait` for another run computing the same entry; the caller looks the entry up again
+    /// once it holds the lock.
+    pub fn lock_entry(
+        &self,
+        lock: &CacheLock,
+        fp: &Fingerprint,
+        stage: &str,
+        wait: Duration,
+        notify: &mut dyn FnMut(&str),
+    ) -> Result<EntryLock, CacheError> {
+        self.check_lock(lock)?;
+        EntryLock::acquire_notify(&self.root, fp.as_str(), stage, wait, notify)
     }
 
     /// Whether an entry folder exists for `fp` (unverified; for planning which stages will run).
@@ -348,7 +379,12 @@ impl CacheStore {
             std::process::id(),
             unix_now_nanos()
         ));
-        fs::rename(dir, &trash).map_err(FileError::write(dir))?;
+        match fs::rename(dir, &trash) {
+            Ok(()) => {}
+            // Another run sharing the cache removed it first (a corrupt entry both looked up).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(FileError::write(dir)(e).into()),
+        }
         fs::remove_dir_all(&trash).map_err(FileError::remove(&trash))?;
         Ok(())
     }

@@ -57,6 +57,9 @@ pub enum Command {
     Bench(BenchCommand),
     /// Write a fine-tune as a standalone checkpoint (runs the stage first when it is not cached).
     Export(ExportArgs),
+    /// Compute one shard of one stage into the cache and exit (what cluster tasks run).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
 }
 
 /// Flags of `run` and `watch`.
@@ -90,6 +93,44 @@ pub struct RunArgs {
     /// Seconds to wait for another run holding the cache lock.
     #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
     pub lock_wait: f64,
+    /// Split every shardable stage (evals) into N shards, each its own cache entry; overrides
+    /// `shards =` on the stage (1: unsharded). Never part of a fingerprint.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub shards: Option<u32>,
+    /// Run up to N independent stages at the same time [default: the CPU cores, with one model
+    /// stage (eval, finetune, export) at a time per device].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub jobs: Option<u32>,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+/// Flags of the hidden `worker` command: one shard of one stage, for a cluster engine's task.
+#[derive(Debug, Args, Clone)]
+#[command(group(clap::ArgGroup::new("what").args(["file", "probe"]).required(true)))]
+pub struct WorkerArgs {
+    /// The pipeline file (the driver's, with the same `--set`/`--params`).
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub params: ParamOverrides,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+    /// The stage whose shard to compute.
+    #[arg(long, value_name = "NAME", requires = "file")]
+    pub stage: Option<String>,
+    /// Which shard, from 0.
+    #[arg(long, value_name = "K", requires = "file")]
+    pub shard: Option<usize>,
+    /// How many shards the stage has.
+    #[arg(long, value_name = "N", requires = "file")]
+    pub of: Option<usize>,
+    /// Seconds to wait for a `gc` holding the cache, or another worker on the same shard.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    pub lock_wait: f64,
+    /// Only read the probe file the driver wrote at PATH and write `PATH.seen` beside it (checks
+    /// that the cache is on a filesystem this machine sees).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["file", "stage", "shard", "of"])]
+    pub probe: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArg,
 }

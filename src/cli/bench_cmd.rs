@@ -211,6 +211,8 @@ fn bench_rerun(args: &BenchRerunArgs) -> anyhow::Result<Outcome> {
         quiet: true,
         evals_dir: None,
         lock_wait: 60.0,
+        shards: None,
+        jobs: None,
         // The rerun bench's pipeline has no model: it times cache lookups.
         device: DeviceArg {
             device: DeviceChoice::Cpu,

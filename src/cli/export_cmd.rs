@@ -120,6 +120,8 @@ fn run_stage(
         quiet: args.quiet,
         evals_dir: args.evals_dir.clone(),
         lock_wait: 600.0,
+        shards: None,
+        jobs: None,
         device: args.device.clone(),
     };
     let summary = run_cmd::execute(plan, &run_args)?;
@@ -136,7 +138,9 @@ fn run_stage(
         .with_context(|| format!("cannot open the cache `{}`", root.display()))?;
     let fingerprint = Fingerprint::parse(&report.fingerprint)?;
     let entry = {
-        let lock = store.lock(std::time::Duration::from_secs(600))?;
+        let lock = store.lock_shared_notify(std::time::Duration::from_secs(600), &mut |m| {
+            eprintln!("{m}")
+        })?;
         match store.lookup(&lock, &fingerprint, Verify::Fast)? {
             Lookup::Hit(entry) => *entry,
             Lookup::Miss(reason) => {

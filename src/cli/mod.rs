@@ -16,6 +16,7 @@ mod render_cmd;
 mod report_cmd;
 mod run_cmd;
 mod watch_cmd;
+mod worker_cmd;
 
 use std::process::ExitCode;
 
@@ -97,6 +98,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Watch(args) => watch_cmd::watch(&args),
         Command::Render(args) => render_cmd::render(&args),
         Command::Export(args) => export_cmd::export(&args),
+        Command::Worker(args) => worker_cmd::worker(&args),
     }
 }
 

@@ -88,6 +88,8 @@ pub(crate) fn render(args: &RenderArgs) -> anyhow::Result<Outcome> {
         quiet: true,
         evals_dir: None,
         lock_wait: 600.0,
+        shards: None,
+        jobs: None,
         // Rendering needs the model's files, never its weights on a device.
         device: DeviceArg {
             device: DeviceChoice::Cpu,
@@ -99,7 +101,7 @@ pub(crate) fn render(args: &RenderArgs) -> anyhow::Result<Outcome> {
         return Ok(Outcome::Problems);
     }
     let store = CacheStore::open(cache_root(&args.cache, Some(&args.file)))?;
-    let lock = store.lock(Duration::from_secs(600))?;
+    let lock = store.lock_shared_notify(Duration::from_secs(600), &mut |m| eprintln!("{m}"))?;
     let entry = |name: &str| entry_of(&store, &lock, &summary, name);
 
     let rows = read_rows(&entry(&sources.data.node.name)?.path(&data_file(&sources.data, &plan)))?;

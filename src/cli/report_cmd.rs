@@ -192,6 +192,8 @@ fn dry_run(
         quiet: true,
         evals_dir: None,
         lock_wait: 10.0,
+        shards: None,
+        jobs: None,
         // A dry run loads no model.
         device: DeviceArg {
             device: DeviceChoice::Cpu,

@@ -58,6 +58,9 @@ pub(crate) fn execute_cancellable(
         lock_wait: Duration::from_secs_f64(args.lock_wait.max(0.0)),
         quiet: args.quiet,
         cancel,
+        shards: args.shards.map(|n| n as usize),
+        launcher: None,
+        jobs: args.jobs.map(|n| n as usize),
     };
     Ok(exec::run(&graph, &store, &options)?)
 }

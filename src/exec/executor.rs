@@ -10,9 +10,15 @@ use serde_json::{Value, json};
 
 use super::exports;
 use super::history::{History, StageIdentity};
-use super::stage::{MissingCause, MissingInput, StageError};
+use super::parallel::{self, Limits, Step};
+use super::shards::{
+    LocalLauncher, ShardContext, ShardCounts, ShardLauncher, entry_metadata, run_shards,
+};
+use super::stage::{MissingCause, MissingInput, StageError, StageOutcome};
 use super::{Progress, RunSummary, Stage, StageContext, StageReport, StageStatus};
-use crate::cache::{CacheEntry, CacheError, CacheStore, Fingerprint, Lookup, MissReason, Verify};
+use crate::cache::{
+    CacheEntry, CacheError, CacheLock, CacheStore, Fingerprint, Lookup, MissReason, Verify,
+};
 
 /// One node of the graph the executor runs.
 pub struct ExecNode {
@@ -33,7 +39,7 @@ pub struct ExecGraph {
 }
 
 /// Options of `vlmpipe run`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Stages to recompute even when cached.
     pub force: Vec<String>,
@@ -48,6 +54,14 @@ pub struct RunOptions {
     /// Once set (by another thread), stages not yet started are skipped: `watch` sets it when a
     /// newer save makes this run moot. Checked between stages; a running stage finishes.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// `--shards N`: the shard count of every shardable stage (over its own `shards =`); a
+    /// count of 1 runs it unsharded.
+    pub shards: Option<usize>,
+    /// Where shards are computed; `None` is the in-process [`LocalLauncher`].
+    pub launcher: Option<Arc<dyn ShardLauncher>>,
+    /// `--jobs N`: at most N stages compute at once, model stages included; `None` is one per
+    /// CPU core with one model stage at a time.
+    pub jobs: Option<usize>,
 }
 
 /// Errors that stop a run before any stage runs (a failing stage is not one of these).
@@ -70,7 +84,7 @@ pub enum ExecError {
 
 /// Why a stage's identity could not be computed.
 #[derive(Clone, Debug)]
-enum Blocked {
+pub(super) enum Blocked {
     /// An input has no fingerprint (it is blocked itself); the stage may still run partially.
     Input(String),
     /// The stage's own external state is unreadable (a model or dataset that is not there).
@@ -93,7 +107,8 @@ enum State {
 ///
 /// Every selected stage's identity is computed first: identities never depend on outputs, and
 /// computing them resolves every model and dataset the run needs, so one that is missing is
-/// reported in seconds instead of after the stages before it ran.
+/// reported in seconds instead of after the stages before it ran. Stages whose inputs are
+/// finished then run, up to `--jobs` at once ([`super::parallel`]).
 pub fn run(
     graph: &ExecGraph,
     store: &CacheStore,
@@ -107,19 +122,112 @@ pub fn run(
     let identities = identities(graph, &selected);
     announce_blocked(graph, &identities, options.dry_run);
 
-    let lock = store.lock_notify(options.lock_wait, &mut |message| eprintln!("{message}"))?;
-    let mut history = History::load(store.root(), &graph.pipeline);
+    let lock =
+        store.lock_shared_notify(options.lock_wait, &mut |message| eprintln!("{message}"))?;
     let verify_fully = if options.dry_run {
         vec![false; graph.nodes.len()]
     } else {
         read_by_stages_that_run(graph, store, options, &identities)
     };
+    let run = Run {
+        graph,
+        store,
+        options,
+        lock: &lock,
+        progress: &progress,
+        identities: &identities,
+        verify_fully: &verify_fully,
+    };
+    let mut state = RunState {
+        states: vec![State::Missing(MissingCause::NotSelected); graph.nodes.len()],
+        reports: vec![None; graph.nodes.len()],
+        history: History::load(store.root(), &graph.pipeline),
+    };
+    let inputs: Vec<Vec<usize>> = graph.nodes.iter().map(|n| n.inputs.clone()).collect();
+    let uses_device = |i: usize| graph.nodes[i].stage.uses_device();
+    parallel::schedule(
+        &mut state,
+        &inputs,
+        Limits::new(options.jobs),
+        &uses_device,
+        &mut |state, index| run.prepare(state, index),
+        &|index, job| run.execute(index, job),
+        &mut |state, index, done| {
+            let Decided {
+                mut report,
+                state: node_state,
+                record,
+                started,
+            } = done;
+            report.seconds = started.elapsed().as_secs_f64();
+            if let Some(identity) = record {
+                state.history.record(&graph.nodes[index].name, identity);
+            }
+            state.states[index] = node_state;
+            state.reports[index] = Some(report);
+        },
+    )?;
 
-    let mut reports: Vec<StageReport> = Vec::with_capacity(graph.nodes.len());
-    let mut states: Vec<State> = vec![State::Missing(MissingCause::NotSelected); graph.nodes.len()];
+    if !options.dry_run {
+        state.history.save(store.root(), &graph.pipeline);
+    }
+    let reports: Vec<StageReport> = state.reports.into_iter().flatten().collect();
+    let success = !reports.iter().any(|r| r.status == StageStatus::Failed);
+    Ok(RunSummary {
+        stages: reports,
+        seconds: started.elapsed().as_secs_f64(),
+        success,
+        dry_run: options.dry_run,
+    })
+}
 
-    for (index, node) in graph.nodes.iter().enumerate() {
-        let stage_started = Instant::now();
+/// What the stages of one run share (read-only).
+struct Run<'a> {
+    graph: &'a ExecGraph,
+    store: &'a CacheStore,
+    options: &'a RunOptions,
+    lock: &'a CacheLock,
+    progress: &'a Progress,
+    identities: &'a [Option<Result<StageIdentity, Blocked>>],
+    verify_fully: &'a [bool],
+}
+
+/// What the run knows so far (touched only on the scheduling thread).
+struct RunState {
+    states: Vec<State>,
+    reports: Vec<Option<StageReport>>,
+    history: History,
+}
+
+/// A stage's result: its summary line, its state for the stages that read it, and the identity
+/// to record in the history (a complete stage that has an entry).
+struct Decided {
+    report: StageReport,
+    state: State,
+    record: Option<StageIdentity>,
+    started: Instant,
+}
+
+/// A stage that must compute, decided on the scheduling thread.
+struct Job {
+    report: StageReport,
+    partial: Option<Box<dyn Stage>>,
+    missing: Vec<MissingInput>,
+    identity: StageIdentity,
+    fp: Fingerprint,
+    forced: bool,
+    verify: Verify,
+    entries: Vec<CacheEntry>,
+    why: String,
+}
+
+impl Run<'_> {
+    /// Decides stage `index` once its inputs are finished: skipped, failed to resolve, cached
+    /// (exports synced), would run (dry run), or a [`Job`] to compute.
+    fn prepare(&self, state: &RunState, index: usize) -> Result<Step<Decided, Job>, ExecError> {
+        let (graph, store, options) = (self.graph, self.store, self.options);
+        let node = &graph.nodes[index];
+        let started = Instant::now();
         let mut report = StageReport {
             name: node.name.clone(),
             kind: node.stage.kind().to_owned(),
@@ -129,30 +237,32 @@ pub fn run(
             outputs: Vec::new(),
             reason: None,
             warnings: Vec::new(),
+            shards: None,
         };
-        let finish = |mut report: StageReport, reports: &mut Vec<StageReport>| {
-            report.seconds = stage_started.elapsed().as_secs_f64();
-            reports.push(report);
+        let done = |report: StageReport, state: State| {
+            Ok(Step::Done(Decided {
+                report,
+                state,
+                record: None,
+                started,
+            }))
         };
 
         // Before its identity: a stage `--only` leaves out may not even look at its inputs (a
         // Hub model not yet cached would be downloaded just to be fingerprinted).
-        let Some(identity) = &identities[index] else {
+        let Some(identity) = &self.identities[index] else {
             let cause = MissingCause::NotSelected;
             report.reason = Some(cause.to_string());
-            states[index] = State::Missing(cause);
-            finish(report, &mut reports);
-            continue;
+            return done(report, State::Missing(cause));
         };
         if let Err(Blocked::External(reason)) = identity {
             report.status = StageStatus::Failed;
             report.reason = Some(reason.clone());
-            states[index] = State::Missing(MissingCause::Failed {
+            let cause = MissingCause::Failed {
                 stage: node.name.clone(),
                 reason: reason.clone(),
-            });
-            finish(report, &mut reports);
-            continue;
+            };
+            return done(report, State::Missing(cause));
         }
         if options
             .cancel
@@ -161,16 +271,14 @@ pub fn run(
         {
             let cause = MissingCause::Cancelled;
             report.reason = Some(cause.to_string());
-            states[index] = State::Missing(cause);
-            reports.push(report);
-            continue;
+            return done(report, State::Missing(cause));
         }
 
         let missing: Vec<MissingInput> = node
             .inputs
             .iter()
             .enumerate()
-            .filter_map(|(slot, &i)| match &states[i] {
+            .filter_map(|(slot, &i)| match &state.states[i] {
                 State::Missing(reason) => Some(MissingInput {
                     slot,
                     name: graph.nodes[i].name.clone(),
@@ -188,10 +296,8 @@ pub fn run(
                 Some(stage) if missing.len() < node.inputs.len() => Some(stage),
                 _ => {
                     let first = &missing[0];
-                    states[index] = State::Missing(first.reason.clone());
                     report.reason = Some(format!("input `{}` did not complete", first.name));
-                    finish(report, &mut reports);
-                    continue;
+                    return done(report, State::Missing(first.reason.clone()));
                 }
             }
         };
@@ -206,18 +312,17 @@ pub fn run(
         let identity = match (&partial, identity) {
             (None, Ok(identity)) => identity.clone(),
             _ => {
-                let fingerprints = known_fingerprints(&identities);
+                let fingerprints = known_fingerprints(self.identities);
                 match identity_of(graph, stage, &inputs, &fingerprints) {
                     Ok(identity) => identity,
                     Err(Blocked::Input(reason) | Blocked::External(reason)) => {
                         report.status = StageStatus::Failed;
-                        states[index] = State::Missing(MissingCause::Failed {
+                        let cause = MissingCause::Failed {
                             stage: node.name.clone(),
                             reason: reason.clone(),
-                        });
+                        };
                         report.reason = Some(reason);
-                        finish(report, &mut reports);
-                        continue;
+                        return done(report, State::Missing(cause));
                     }
                 }
             }
@@ -229,7 +334,7 @@ pub fn run(
         report.fingerprint = identity.fingerprint.clone();
 
         let forced = options.force.iter().any(|f| f == &node.name);
-        let verify = if verify_fully[index] {
+        let verify = if self.verify_fully[index] {
             Verify::Full
         } else {
             Verify::Fast
@@ -237,106 +342,234 @@ pub fn run(
         let lookup = if forced {
             Lookup::Miss(MissReason::Absent)
         } else {
-            store.lookup(&lock, &fp, verify)?
+            store.lookup(self.lock, &fp, verify)?
         };
-        let mut entry = None;
-        match lookup {
+        let miss = match lookup {
             Lookup::Hit(hit) => {
                 report.status = StageStatus::Cached;
-                entry = Some(*hit);
+                let decided =
+                    self.conclude(index, report, *hit, stage, &partial, &missing, identity);
+                return Ok(Step::Done(Decided { started, ..decided }));
             }
-            Lookup::Miss(miss) => {
-                let mut why = if forced {
-                    "forced".to_owned()
-                } else {
-                    match miss {
-                        MissReason::Absent => history.explain(&node.name, &identity),
-                        MissReason::Corrupt(problem) => format!("cache entry corrupt ({problem})"),
-                    }
-                };
-                if partial.is_some() {
-                    why = format!("{why}; without {}", names(&missing));
-                }
-                report.reason = Some(why.clone());
-                if options.dry_run {
-                    report.status = StageStatus::WouldRun;
-                    states[index] = State::WouldRun;
-                } else {
-                    let entries: Vec<CacheEntry> = inputs
-                        .iter()
-                        .filter_map(|&i| match &states[i] {
-                            State::Entry(entry) => Some(entry.as_ref().clone()),
-                            _ => None,
-                        })
-                        .collect();
-                    if forced {
-                        // `--force` starts over: a fine-tune does not resume from its checkpoints
-                        // (best effort; the folder is vlmpipe's own).
-                        let _ =
-                            std::fs::remove_dir_all(store.root().join("work").join(fp.as_str()));
-                    }
-                    progress.println(&format!("running `{}` ({why})", node.name));
-                    match run_stage(store, &lock, &node.name, stage, &fp, &entries, &progress)? {
-                        Ok(ran) => {
-                            report.status = StageStatus::Ran;
-                            entry = Some(ran);
-                        }
-                        Err(error) => {
-                            let message = error_chain(error.as_error());
-                            report.status = StageStatus::Failed;
-                            states[index] = State::Missing(MissingCause::Failed {
-                                stage: node.name.clone(),
-                                reason: message.clone(),
-                            });
-                            report.reason = Some(message);
-                        }
-                    }
-                }
+            Lookup::Miss(miss) => miss,
+        };
+        let mut why = if forced {
+            "forced".to_owned()
+        } else {
+            match miss {
+                MissReason::Absent => state.history.explain(&node.name, &identity),
+                MissReason::Corrupt(problem) => format!("cache entry corrupt ({problem})"),
             }
+        };
+        if partial.is_some() {
+            why = format!("{why}; without {}", names(&missing));
         }
-        if let Some(entry) = entry {
-            fill_outputs(&mut report, &entry);
-            for export in stage.exports() {
-                if options.dry_run {
-                    // Listed only when they already equal the entry: a dry run writes nothing.
-                    if exports::is_current(&entry, &export) {
-                        report.outputs.push(export.target);
-                    }
-                    continue;
-                }
-                match exports::sync(&entry, &export) {
-                    Ok(target) => report.outputs.push(target),
-                    Err(error) => {
-                        report.status = StageStatus::Failed;
-                        report.reason = Some(error.to_string());
-                    }
-                }
-            }
-            if partial.is_some() {
-                // Its output lacks inputs: nothing downstream may take it for the whole one.
-                states[index] = State::Missing(MissingCause::Partial {
-                    stage: node.name.clone(),
-                    without: missing.iter().map(|m| m.name.clone()).collect(),
-                });
-            } else {
-                history.record(&node.name, identity);
-                states[index] = State::Entry(Box::new(entry));
-            }
+        report.reason = Some(why.clone());
+        if options.dry_run {
+            report.status = StageStatus::WouldRun;
+            return done(report, State::WouldRun);
         }
-        finish(report, &mut reports);
+        let entries: Vec<CacheEntry> = inputs
+            .iter()
+            .filter_map(|&i| match &state.states[i] {
+                State::Entry(entry) => Some(entry.as_ref().clone()),
+                _ => None,
+            })
+            .collect();
+        Ok(Step::Run(Job {
+            report,
+            partial,
+            missing,
+            identity,
+            fp,
+            forced,
+            verify,
+            entries,
+            why,
+        }))
     }
 
-    if !options.dry_run {
-        history.save(store.root(), &graph.pipeline);
+    /// Computes a stage (on a worker thread): waits for another run computing the same entry
+    /// and reuses it, or runs the stage (in shards when it has them) into a new entry.
+    fn execute(&self, index: usize, job: Job) -> Result<Decided, ExecError> {
+        let (store, options, lock, progress) = (self.store, self.options, self.lock, self.progress);
+        let node = &self.graph.nodes[index];
+        let Job {
+            mut report,
+            partial,
+            missing,
+            identity,
+            fp,
+            forced,
+            verify,
+            entries,
+            why,
+        } = job;
+        // Timed from here: a stage waiting for a free job slot is not computing.
+        let started = Instant::now();
+        // Queued behind `--jobs` before a cancel: it has not started, so it does not.
+        if options
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            let cause = MissingCause::Cancelled;
+            report.reason = Some(cause.to_string());
+            return Ok(Decided {
+                report,
+                state: State::Missing(cause),
+                record: None,
+                started,
+            });
+        }
+        let stage: &dyn Stage = partial.as_deref().unwrap_or(node.stage.as_ref());
+        // Another run may compute the same entry: wait for it, then reuse it.
+        let _held = store.lock_entry(lock, &fp, &node.name, options.lock_wait, &mut |m| {
+            progress.println(m)
+        })?;
+        let meanwhile = if forced {
+            None
+        } else {
+            match store.lookup(lock, &fp, verify)? {
+                Lookup::Hit(hit) => Some(*hit),
+                Lookup::Miss(_) => None,
+            }
+        };
+        if let Some(hit) = meanwhile {
+            report.status = StageStatus::Cached;
+            report.reason = Some("computed meanwhile by another run".to_owned());
+            let decided = self.conclude(index, report, hit, stage, &partial, &missing, identity);
+            return Ok(Decided { started, ..decided });
+        }
+        if forced {
+            // `--force` starts over: a fine-tune does not resume from its checkpoints (best
+            // effort; the folder is vlmpipe's own).
+            let _ = std::fs::remove_dir_all(store.root().join("work").join(fp.as_str()));
+        }
+        progress.println(&format!("running `{}` ({why})", node.name));
+        let shard_count = match (stage.sharded(), &partial) {
+            (Some(_), None) => options.shards.or(stage.shards()).filter(|&n| n > 1),
+            _ => None,
+        };
+        let run_whole = |compute: &dyn Fn(&mut StageContext<'_>) -> StageResult| {
+            run_stage(
+                store, lock, &node.name, stage, &fp, &entries, progress, compute,
+            )
+        };
+        let ran = match (stage.sharded(), shard_count) {
+            (Some(sharded), Some(count)) => {
+                let cx = ShardContext {
+                    store,
+                    lock,
+                    name: &node.name,
+                    stage,
+                    sharded,
+                    fingerprint: &fp,
+                    inputs: &entries,
+                    progress,
+                    lock_wait: options.lock_wait,
+                };
+                let launcher: &dyn ShardLauncher = match &options.launcher {
+                    Some(launcher) => launcher.as_ref(),
+                    None => &LocalLauncher,
+                };
+                let cancelled = || {
+                    options
+                        .cancel
+                        .as_ref()
+                        .is_some_and(|c| c.load(Ordering::SeqCst))
+                };
+                let mut counts = ShardCounts::default();
+                let shards = run_shards(&cx, count, launcher, &cancelled, &mut counts)?;
+                report.shards = Some(counts);
+                match shards {
+                    Ok(shards) => run_whole(&|ctx| sharded.merge(ctx, &shards))?,
+                    Err(error) => Err(error),
+                }
+            }
+            _ => run_whole(&|ctx| stage.run(ctx))?,
+        };
+        match ran {
+            Ok(entry) => {
+                report.status = StageStatus::Ran;
+                let decided =
+                    self.conclude(index, report, entry, stage, &partial, &missing, identity);
+                Ok(Decided { started, ..decided })
+            }
+            Err(error) => {
+                let message = error_chain(error.as_error());
+                report.status = StageStatus::Failed;
+                report.reason = Some(message.clone());
+                let cause = MissingCause::Failed {
+                    stage: node.name.clone(),
+                    reason: message,
+                };
+                Ok(Decided {
+                    report,
+                    state: State::Missing(cause),
+                    record: None,
+                    started,
+                })
+            }
+        }
     }
-    let success = !reports.iter().any(|r| r.status == StageStatus::Failed);
-    Ok(RunSummary {
-        stages: reports,
-        seconds: started.elapsed().as_secs_f64(),
-        success,
-        dry_run: options.dry_run,
-    })
+
+    /// A stage that has an entry (ran or cached): its outputs listed, its exports synced, and
+    /// the state the stages reading it see.
+    #[allow(clippy::too_many_arguments)]
+    fn conclude(
+        &self,
+        index: usize,
+        mut report: StageReport,
+        entry: CacheEntry,
+        stage: &dyn Stage,
+        partial: &Option<Box<dyn Stage>>,
+        missing: &[MissingInput],
+        identity: StageIdentity,
+    ) -> Decided {
+        let node = &self.graph.nodes[index];
+        fill_outputs(&mut report, &entry);
+        for export in stage.exports() {
+            if self.options.dry_run {
+                // Listed only when they already equal the entry: a dry run writes nothing.
+                if exports::is_current(&entry, &export) {
+                    report.outputs.push(export.target);
+                }
+                continue;
+            }
+            match exports::sync(&entry, &export) {
+                Ok(target) => report.outputs.push(target),
+                Err(error) => {
+                    report.status = StageStatus::Failed;
+                    report.reason = Some(error.to_string());
+                }
+            }
+        }
+        if partial.is_some() {
+            // Its output lacks inputs: nothing downstream may take it for the whole one.
+            let cause = MissingCause::Partial {
+                stage: node.name.clone(),
+                without: missing.iter().map(|m| m.name.clone()).collect(),
+            };
+            Decided {
+                report,
+                state: State::Missing(cause),
+                record: None,
+                started: Instant::now(),
+            }
+        } else {
+            Decided {
+                report,
+                state: State::Entry(Box::new(entry)),
+                record: Some(identity),
+                started: Instant::now(),
+            }
+        }
+    }
 }
+
+/// What a stage's computation returns.
+type StageResult = Result<StageOutcome, StageError>;
 
 /// `` `a`, `b` `` for the names of missing inputs.
 fn names(missing: &[MissingInput]) -> String {
@@ -348,7 +581,10 @@ fn names(missing: &[MissingInput]) -> String {
 }
 
 /// Every selected stage's identity, in graph order (`None` for stages `--only` leaves out).
-fn identities(graph: &ExecGraph, selected: &[bool]) -> Vec<Option<Result<StageIdentity, Blocked>>> {
+pub(super) fn identities(
+    graph: &ExecGraph,
+    selected: &[bool],
+) -> Vec<Option<Result<StageIdentity, Blocked>>> {
     let mut out = Vec::with_capacity(graph.nodes.len());
     let mut fingerprints: Vec<Option<Fingerprint>> = Vec::with_capacity(graph.nodes.len());
     for (index, node) in graph.nodes.iter().enumerate() {
@@ -436,16 +672,19 @@ fn read_by_stages_that_run(
     full
 }
 
-/// Runs one stage into a fresh entry. The outer error is a cache failure (stops the run); the
-/// inner one is the stage's own failure (marks it failed, the run goes on).
+/// Runs one stage (`compute`: the stage's `run`, or the merge of its shards) into a fresh entry.
+/// The outer error is a cache failure (stops the run); the inner one is the stage's own failure
+/// (marks it failed, the run goes on).
+#[allow(clippy::too_many_arguments)]
 fn run_stage(
     store: &CacheStore,
-    lock: &crate::cache::CacheLock,
+    lock: &CacheLock,
     name: &str,
     stage: &dyn Stage,
     fp: &Fingerprint,
     inputs: &[CacheEntry],
     progress: &Progress,
+    compute: &dyn Fn(&mut StageContext<'_>) -> StageResult,
 ) -> Result<Result<CacheEntry, StageError>, ExecError> {
     let mut writer = store.begin(lock, fp, name, stage.kind())?;
     writer.set_inputs(inputs.iter().map(|e| e.fingerprint().clone()).collect());
@@ -458,16 +697,12 @@ fn run_stage(
         progress,
         work_dir: &work_dir,
     };
-    let outcome = match stage.run(&mut ctx) {
+    let outcome = match compute(&mut ctx) {
         Ok(outcome) => outcome,
         // Dropping the writer deletes the temp folder: a failed stage leaves no entry.
         Err(error) => return Ok(Err(error)),
     };
-    let metadata = json!({
-        "stage": outcome.metadata,
-        "warnings": outcome.warnings,
-    });
-    let entry = writer.commit(metadata)?;
+    let entry = writer.commit(entry_metadata(&outcome))?;
     // The scratch state is only for resuming; a committed entry supersedes it.
     if work_dir.exists() {
         let _ = std::fs::remove_dir_all(&work_dir);
@@ -535,7 +770,7 @@ fn fill_outputs(report: &mut StageReport, entry: &CacheEntry) {
     }
 }
 
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -581,7 +816,7 @@ fn validate(graph: &ExecGraph, options: &RunOptions) -> Result<(), ExecError> {
 }
 
 /// Which nodes run: all, or the `--only` stages and everything they read (transitively).
-fn selection(graph: &ExecGraph, only: &[String]) -> Vec<bool> {
+pub(super) fn selection(graph: &ExecGraph, only: &[String]) -> Vec<bool> {
     if only.is_empty() {
         return vec![true; graph.nodes.len()];
     }

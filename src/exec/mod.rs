@@ -12,17 +12,28 @@
 mod executor;
 mod exports;
 mod history;
+mod parallel;
 mod progress;
+mod shards;
 mod stage;
 mod summary;
+mod worker;
 
 pub use executor::{ExecError, ExecGraph, ExecNode, RunOptions, run};
 pub use exports::ExportError;
 pub use progress::Progress;
+pub use shards::{
+    LocalLauncher, ShardCounts, ShardJob, ShardLauncher, ShardOutcome, ShardState,
+    shard_fingerprint,
+};
 pub use stage::{
-    Export, MissingCause, MissingInput, NoInput, Stage, StageContext, StageError, StageOutcome,
+    Export, MissingCause, MissingInput, NoInput, ShardIndex, Sharded, Stage, StageContext,
+    StageError, StageOutcome,
 };
 pub use summary::{RunSummary, StageReport, StageStatus};
+pub use worker::{ProbeError, WorkerError, WorkerRequest, probe, run_worker};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_scale;

@@ -116,6 +116,69 @@ pub trait Stage: Send + Sync {
     fn without_inputs(&self, _missing: &[MissingInput]) -> Option<Box<dyn Stage>> {
         None
     }
+
+    /// How the stage computes its rows in shards, or `None` (the default) when it cannot.
+    fn sharded(&self) -> Option<&dyn Sharded> {
+        None
+    }
+
+    /// The shard count written on the stage (`shards = 8`), if any; `--shards` overrides it.
+    /// An execution setting, never part of [`Stage::params`].
+    fn shards(&self) -> Option<usize> {
+        None
+    }
+
+    /// Whether the stage loads a model onto the device (eval, finetune, export): by default,
+    /// `--jobs` runs one such stage at a time.
+    fn uses_device(&self) -> bool {
+        false
+    }
+}
+
+/// Shard `index` (from 0) of `count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ShardIndex {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl ShardIndex {
+    /// The items of `len` this shard computes: contiguous, in order, and made of whole groups of
+    /// `unit` items (an eval's batches), so every item meets the same batch-mates as in an
+    /// unsharded run. Shards past the last group are empty.
+    pub fn range(&self, len: usize, unit: usize) -> std::ops::Range<usize> {
+        let unit = unit.max(1);
+        let groups = len.div_ceil(unit);
+        let count = self.count.max(1);
+        let group = |k: usize| groups * k / count;
+        let start = (group(self.index) * unit).min(len);
+        let end = (group(self.index + 1) * unit).min(len);
+        start..end
+    }
+}
+
+impl std::fmt::Display for ShardIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// A stage whose rows can be computed as separate shards, each its own cache entry, and merged
+/// into exactly the output of an unsharded run (in row order; timings aside).
+pub trait Sharded: Send + Sync {
+    /// Computes the rows of `shard` into [`StageContext::out_dir`] (the stage's inputs as usual).
+    fn run_shard(
+        &self,
+        ctx: &mut StageContext<'_>,
+        shard: ShardIndex,
+    ) -> Result<StageOutcome, StageError>;
+
+    /// Writes the stage's whole output from its shards' entries, given in shard order.
+    fn merge(
+        &self,
+        ctx: &mut StageContext<'_>,
+        shards: &[CacheEntry],
+    ) -> Result<StageOutcome, StageError>;
 }
 
 /// One exported file: `file` of the stage's entry, copied to `target`.

@@ -56,6 +56,9 @@ pub struct StageReport {
     /// Warnings the stage recorded (rejected rows and the like).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// A sharded stage that ran: which shards it computed and which it found cached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<super::shards::ShardCounts>,
 }
 
 /// The whole run.

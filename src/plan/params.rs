@@ -501,6 +501,10 @@ pub struct EvalParams {
     pub repetition_penalty: Option<f64>,
     /// The class whose recall is reported first (imbalanced data).
     pub positive_class: Option<String>,
+    /// `shards = N`: compute the rows in N shards. An execution setting, so not serialised: it is
+    /// not part of the stage's fingerprint (the merged output equals an unsharded run's).
+    #[serde(skip)]
+    pub shards: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -303,6 +303,7 @@ fn regression_14_errors_and_the_run_summary_escape_control_characters() {
             outputs: Vec::new(),
             reason: Some(format!("prompt template failed: `{ESCAPES}`")),
             warnings: vec![format!("row `{ESCAPES}` rejected")],
+            shards: None,
         }],
         seconds: 0.0,
         success: false,

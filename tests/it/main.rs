@@ -53,6 +53,7 @@ mod pipeline_eval;
 mod pipeline_export;
 mod pipeline_finetune;
 mod pipeline_run;
+mod pipeline_shards;
 mod pipelines_hub;
 mod processor_parity_committed;
 mod processor_parity_shared;

@@ -33,11 +33,16 @@ impl<'f> Analyzer<'f, '_> {
                 "min_p",
                 "repetition_penalty",
                 "positive_class",
+                "shards",
             ],
         );
         let model = self
             .required_expr(&f, "model")
             .and_then(|e| self.expect_node(e, Want::EvalModel, "model"));
+        let shards = match self.optional_expr(&f, "shards") {
+            Some(e) => self.expect_u32(e, "shards", 1).map(Some),
+            None => Some(None),
+        };
         let data = self
             .required_expr(&f, "data")
             .and_then(|e| self.expect_data(e, "data"));
@@ -120,6 +125,7 @@ impl<'f> Analyzer<'f, '_> {
             min_p: min_p?,
             repetition_penalty: repetition_penalty?,
             positive_class: positive_class?,
+            shards: shards?,
         })
     }
 

@@ -12,11 +12,13 @@ use serde_json::{Value, json};
 
 use super::run::{AnswerMode, EvalJob, EvalSample, SampleImage};
 use super::{
-    METRICS_FILE, MetricsOptions, PREDICTIONS_CSV_FILE, RECORDS_FILE, REPORT_FILE, compute_metrics,
-    write_eval_outputs,
+    EvalRecord, METRICS_FILE, MetricsOptions, PREDICTIONS_CSV_FILE, RECORDS_FILE, REPORT_FILE,
+    compute_metrics, read_records_parquet, write_eval_outputs, write_records_parquet,
 };
+use crate::cache::CacheEntry;
 use crate::decode::{AnswerParser, CompiledGrammar, GrammarSpec, LabelScorer};
-use crate::exec::{Export, Stage, StageContext, StageError, StageOutcome};
+use crate::dtype::Dtype;
+use crate::exec::{Export, ShardIndex, Sharded, Stage, StageContext, StageError, StageOutcome};
 use crate::file_error::FileError;
 use crate::model::checkpoint::LoadOptions;
 use crate::model::device::device_label;
@@ -74,6 +76,9 @@ pub struct EvalConfig {
     pub models: ModelResolver,
     /// Not in [`Stage::params`]: the device changes where answers are computed, not what they are.
     pub device: Device,
+    /// `shards = N` on the stage. Not in [`Stage::params`]: an execution setting, the merged
+    /// output equals an unsharded run's.
+    pub shards: Option<usize>,
 }
 
 /// A configured eval stage.
@@ -92,6 +97,10 @@ impl Stage for EvalStage {
         "eval"
     }
 
+    fn uses_device(&self) -> bool {
+        true
+    }
+
     fn code_version(&self) -> u32 {
         EVAL_CODE_VERSION
     }
@@ -104,8 +113,100 @@ impl Stage for EvalStage {
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
         let started = Instant::now();
+        let loaded = self.load(ctx)?;
+        let records = self.answer(ctx, &loaded, None)?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.finish(
+            ctx,
+            records,
+            Some(device_label(loaded.runner.device())),
+            loaded.dtype,
+            &loaded.location,
+            seconds,
+        )
+    }
+
+    fn exports(&self) -> Vec<Export> {
+        Export::all(
+            &[
+                RECORDS_FILE,
+                METRICS_FILE,
+                PREDICTIONS_CSV_FILE,
+                REPORT_FILE,
+            ],
+            &self.config.export_dir,
+        )
+    }
+
+    fn sharded(&self) -> Option<&dyn Sharded> {
+        Some(self)
+    }
+
+    fn shards(&self) -> Option<usize> {
+        self.config.shards
+    }
+}
+
+/// A shard's entry holds its rows' records (in row order) and, in its metadata, the device and
+/// dtype that computed them and its seconds; the merge computes everything else from the records,
+/// exactly as an unsharded run does.
+impl Sharded for EvalStage {
+    fn run_shard(
+        &self,
+        ctx: &mut StageContext<'_>,
+        shard: ShardIndex,
+    ) -> Result<StageOutcome, StageError> {
+        let started = Instant::now();
+        let loaded = self.load(ctx)?;
+        let records = self.answer(ctx, &loaded, Some(shard))?;
+        write_records_parquet(&ctx.out_path(RECORDS_FILE), &self.config.labels, &records)?;
+        Ok(StageOutcome {
+            metadata: json!({
+                "shard": shard,
+                "n": records.len(),
+                "seconds": started.elapsed().as_secs_f64(),
+                "device": device_label(loaded.runner.device()),
+                "dtype": loaded.dtype.name(),
+            }),
+            warnings: Vec::new(),
+        })
+    }
+
+    fn merge(
+        &self,
+        ctx: &mut StageContext<'_>,
+        shards: &[CacheEntry],
+    ) -> Result<StageOutcome, StageError> {
+        let location = self
+            .config
+            .models
+            .open(ctx.input(self.config.model_slot)?)?;
+        let dtype = location.dtype.unwrap_or_default();
+        let mut records = Vec::new();
+        let mut seconds = 0.0;
+        let mut device = None;
+        for shard in shards {
+            records.extend(read_records_parquet(&shard.path(RECORDS_FILE))?.records);
+            let metadata = &shard.manifest().metadata["stage"];
+            seconds += metadata["seconds"].as_f64().unwrap_or(0.0);
+            if device.is_none() {
+                device = metadata["device"].as_str().map(str::to_owned);
+            }
+        }
+        self.finish(ctx, records, device, dtype, &location, seconds)
+    }
+}
+
+/// A loaded model and where it came from.
+struct Loaded {
+    runner: ModelRunner,
+    location: ModelLocation,
+    dtype: Dtype,
+}
+
+impl EvalStage {
+    fn load(&self, ctx: &StageContext<'_>) -> Result<Loaded, StageError> {
         let config = &self.config;
-        let labels = &config.labels;
         let location = config.models.open(ctx.input(config.model_slot)?)?;
         let dtype = location.dtype.unwrap_or_default();
         let options = LoadOptions {
@@ -120,21 +221,43 @@ impl Stage for EvalStage {
                 &options,
             )?,
         };
+        Ok(Loaded {
+            runner,
+            location,
+            dtype,
+        })
+    }
+
+    /// The records of every row, or of `shard`'s rows (whole batches, see [`ShardIndex::range`]).
+    fn answer(
+        &self,
+        ctx: &StageContext<'_>,
+        loaded: &Loaded,
+        shard: Option<ShardIndex>,
+    ) -> Result<Vec<EvalRecord>, StageError> {
+        let config = &self.config;
+        let labels = &config.labels;
+        let runner = &loaded.runner;
         let rows = config.data.read_rows(ctx)?;
         let images = config.data.open_images(ctx)?;
+        let range = match shard {
+            Some(shard) => shard.range(rows.rows.len(), config.batch_size),
+            None => 0..rows.rows.len(),
+        };
+        let rows = &rows.rows[range];
 
-        let (parser, mode) = self.answer_mode(&runner)?;
+        let (parser, mode) = self.answer_mode(runner)?;
         let job = EvalJob {
-            runner: &runner,
+            runner,
             labels,
             parser,
             mode,
             batch_size: config.batch_size,
         };
-        let bar = ctx.progress.bar(rows.rows.len() as u64, ctx.name);
-        let mut records = Vec::with_capacity(rows.rows.len());
+        let bar = ctx.progress.bar(rows.len() as u64, ctx.name);
+        let mut records = Vec::with_capacity(rows.len());
         // Images are decoded one batch at a time: a 10,000-photo split never sits in memory.
-        for chunk in rows.rows.chunks(job.batch_size) {
+        for chunk in rows.chunks(job.batch_size) {
             let mut samples = Vec::with_capacity(chunk.len());
             for row in chunk {
                 let rendered = render_prompt(
@@ -172,7 +295,22 @@ impl Stage for EvalStage {
             records.extend(job.run(samples, |n| bar.inc(n as u64))?);
         }
         bar.finish_and_clear();
+        Ok(records)
+    }
 
+    /// Metrics, records, CSV and report from the records of every row, in row order.
+    fn finish(
+        &self,
+        ctx: &StageContext<'_>,
+        records: Vec<EvalRecord>,
+        device: Option<String>,
+        dtype: Dtype,
+        location: &ModelLocation,
+        seconds: f64,
+    ) -> Result<StageOutcome, StageError> {
+        let config = &self.config;
+        let labels = &config.labels;
+        let images = config.data.open_images(ctx)?;
         let mut metrics = compute_metrics(
             &records,
             labels,
@@ -180,11 +318,11 @@ impl Stage for EvalStage {
                 recall_of: config.positive_class.clone(),
                 calibration_bins: 10,
                 top_k: vec![2, 3, 5],
-                wall_time_s: Some(started.elapsed().as_secs_f64()),
+                wall_time_s: Some(seconds),
             },
         )?;
-        metrics.device = Some(device_label(runner.device()));
-        metrics.model_bytes = Some(model_bytes(&location)?);
+        metrics.device = device;
+        metrics.model_bytes = Some(model_bytes(location)?);
         let image_source = |id: &str| images.get(id).ok().map(|stored| stored.bytes);
         write_eval_outputs(ctx.out_dir, labels, &records, &metrics, &image_source)?;
         let report = ReportInput {
@@ -219,25 +357,13 @@ impl Stage for EvalStage {
                 "accuracy": metrics.accuracy,
                 "invalid_rate": metrics.invalid_rate,
                 "n": metrics.n,
-                "seconds": started.elapsed().as_secs_f64(),
+                "seconds": seconds,
                 // What ran it: latencies mean little without the device and dtype.
                 "device": metrics.device,
                 "dtype": dtype.name(),
             }),
             warnings,
         })
-    }
-
-    fn exports(&self) -> Vec<Export> {
-        Export::all(
-            &[
-                RECORDS_FILE,
-                METRICS_FILE,
-                PREDICTIONS_CSV_FILE,
-                REPORT_FILE,
-            ],
-            &self.config.export_dir,
-        )
     }
 }
 

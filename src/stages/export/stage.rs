@@ -61,6 +61,10 @@ impl Stage for ExportStage {
         "export"
     }
 
+    fn uses_device(&self) -> bool {
+        true
+    }
+
     fn code_version(&self) -> u32 {
         EXPORT_CODE_VERSION
     }

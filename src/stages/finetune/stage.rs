@@ -146,6 +146,10 @@ impl Stage for FinetuneStage {
         "finetune"
     }
 
+    fn uses_device(&self) -> bool {
+        true
+    }
+
     fn code_version(&self) -> u32 {
         FINETUNE_CODE_VERSION
     }

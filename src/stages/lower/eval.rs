@@ -56,6 +56,7 @@ pub(super) fn eval_config(
         export_dir: ctx.evals_dir.join(&node.name),
         models: ModelResolver::new(ctx.hub.clone(), ctx.pipeline_dir.clone()),
         device: ctx.device.clone(),
+        shards: params.shards.map(|n| n as usize),
     })
 }
 
