@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
@@ -41,8 +42,20 @@ impl QuantWeight {
                 dtype.block_size()
             )
         }
-        // candle's quantizers run on the host; the blocks then go to the weight's device.
+        // The quantizers run on the host; the blocks then go to the weight's device.
         let host = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let ggml_port = match dtype {
+            GgmlDType::Q4K => Some(super::ggml_q4k::quantize_q4_k as fn(&[f32]) -> Vec<u8>),
+            GgmlDType::Q6K => Some(super::ggml_q4k::quantize_q6_k as fn(&[f32]) -> Vec<u8>),
+            _ => None,
+        };
+        if let Some(quantize) = ggml_port {
+            // ggml's own algorithms, not candle's older ports (see `ggml_q4k`).
+            let values = host.flatten_all()?.to_vec1::<f32>()?;
+            let bytes = quantize(&values);
+            let q = qtensor_from_ggml(dtype, &bytes, vec![out_dim, in_dim], w.device())?;
+            return Self::from_qtensor(Arc::new(q));
+        }
         Self::from_qtensor(Arc::new(QTensor::quantize_onto(&host, dtype, w.device())?))
     }
 
