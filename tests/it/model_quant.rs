@@ -601,8 +601,16 @@ fn quantized_450m_agrees_with_f32_on_the_shared_photos() -> TestResult {
             let prompt = full.prepare(&conversation, std::slice::from_ref(&image))?;
             let want_token = first_token(&full, &prompt)?;
             let want = full.score_labels(&prompt, &scorer)?;
-            for ((_, runner), tally) in quantized.iter().zip(&mut tallies) {
+            // Per photo, how far each model's label answer is from a tie: ln p(cat) - ln p(dog).
+            let gap = |s: &vlmpipe::decode::LabelScores| (s.probs[0] / s.probs[1]).ln();
+            let mut line = format!(
+                "{class}/{:04}: f32 ln(p_cat/p_dog) {:+.3}",
+                i + 1,
+                gap(&want)
+            );
+            for ((quant, runner), tally) in quantized.iter().zip(&mut tallies) {
                 let got = runner.score_labels(&prompt, &scorer)?;
+                line += &format!(", {quant} {:+.3}", gap(&got));
                 tally.0 += usize::from(first_token(runner, &prompt)? == want_token);
                 tally.1 += usize::from(got.best == want.best);
                 tally.2 += want
@@ -612,6 +620,7 @@ fn quantized_450m_agrees_with_f32_on_the_shared_photos() -> TestResult {
                     .map(|(p, q)| p * (p / q).ln())
                     .sum::<f64>();
             }
+            eprintln!("{line}");
             n += 1;
         }
     }

@@ -13,11 +13,14 @@
 //! algorithms whose bytes differ on every tensor (`model_quant::q4_k_and_q6_k_blocks_equal_…`). A row width a block type cannot take falls back
 //! per tensor as llama.cpp does ([`choose_type`]), and [`QuantReport`] lists every fallback.
 //!
-//! No kernel of our own: products go through candle's `QMatMul` (see [`QuantWeight`]); the
+//! Products: a few rows (decode) go through candle's `QMatMul`; many rows on the CPU (prefill,
+//! the vision tower) dequantize 64-row panels into the f32 GEMM ([`prefill`], where the
+//! measurement that chose this is), and every product on CUDA/Metal stays on `QMatMul`. The
 //! benchmark (`vlmpipe bench model --quant …`) compares it with the f32 path step by step.
 //! A tied embedding table reads its rows from the quantized head, as llama.cpp does.
 
 pub mod ggml_q4k;
+mod prefill;
 mod weight;
 
 use std::collections::HashSet;

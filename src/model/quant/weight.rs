@@ -119,7 +119,10 @@ impl QuantWeight {
             (Device::Cpu, _) | (_, DType::F32) => x.contiguous()?,
             _ => x.to_dtype(DType::F32)?.contiguous()?,
         };
-        let mut y = self.matmul.forward(&x)?;
+        let mut y = match self.prefill_product(&x)? {
+            Some(y) => y,
+            None => self.matmul.forward(&x)?,
+        };
         if y.dtype() != in_dtype {
             y = y.to_dtype(in_dtype)?;
         }
@@ -127,6 +130,32 @@ impl QuantWeight {
             Some(b) => y.broadcast_add(&b.to_dtype(in_dtype)?),
             None => Ok(y),
         }
+    }
+
+    /// Many rows of an untracked CPU f32 `x [.., in]` by Q8_0 blocks: the panel-dequantized f32
+    /// product ([`super::prefill`]); `None` (use `QMatMul`) for a few rows (decode), other block
+    /// types, another device or dtype. `VLMPIPE_QUANT_PREFILL=qmatmul` turns it off, to compare.
+    fn prefill_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let QMatMul::QTensor(q) = &self.matmul else {
+            return Ok(None);
+        };
+        let rows = x.elem_count() / self.in_dim.max(1);
+        if !super::prefill::prefer_panels(q.dtype(), rows)
+            || !crate::model::ops::is_cpu_f32(x)
+            || x.track_op()
+            || std::env::var_os("VLMPIPE_QUANT_PREFILL").is_some_and(|v| v == "qmatmul")
+        {
+            return Ok(None);
+        }
+        let bytes = q.data()?;
+        let (m, k, n) = (rows, self.in_dim, self.out_dim);
+        let y = crate::model::ops::with_cpu_f32(x, |xs| {
+            super::prefill::dequantized_matmul(q.dtype(), &bytes, xs, m, k, n)
+        })?;
+        let Some(y) = y else { return Ok(None) };
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("x has an `in` dimension") = n;
+        Ok(Some(Tensor::from_vec(y, dims, x.device())?))
     }
 
     /// The dequantized `[out, in]` weight in f32 (what every product effectively multiplies by).
