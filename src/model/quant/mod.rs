@@ -7,15 +7,20 @@
 //! vision tower and projector in Q8_0 (the precision of a Q8_0 mmproj). Norms, convolution
 //! kernels, position embeddings and biases stay in the model dtype, as in a GGUF file.
 //!
-//! The blocks come from candle's quantizers, ports of ggml's reference ones
-//! (`quantize_row_q8_0_ref`, `quantize_row_q4_K_ref`, …), so they hold what llama.cpp's
-//! `llama-quantize` writes for the same f32 rows. A row width a block type cannot take falls back
+//! The blocks are ggml's reference quantizers' (`quantize_row_q8_0_ref`, `…_q4_K_ref`,
+//! `…_q6_K_ref`), so they hold what llama.cpp's `llama-quantize` writes for the same f32 rows:
+//! Q8_0 from candle's quantizer; Q4_K and Q6_K from [`ggml_q4k`], since candle's are older ggml
+//! algorithms whose bytes differ on every tensor (`model_quant::q4_k_and_q6_k_blocks_equal_…`). A row width a block type cannot take falls back
 //! per tensor as llama.cpp does ([`choose_type`]), and [`QuantReport`] lists every fallback.
 //!
-//! No kernel of our own: products go through candle's `QMatMul` (see [`QuantWeight`]); the
+//! Products: a few rows (decode) go through candle's `QMatMul`; many rows on the CPU (prefill,
+//! the vision tower) dequantize 64-row panels into the f32 GEMM ([`prefill`], where the
+//! measurement that chose this is), and every product on CUDA/Metal stays on `QMatMul`. The
 //! benchmark (`vlmpipe bench model --quant …`) compares it with the f32 path step by step.
 //! A tied embedding table reads its rows from the quantized head, as llama.cpp does.
 
+pub mod ggml_q4k;
+mod prefill;
 mod weight;
 
 use std::collections::HashSet;

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
@@ -41,8 +42,20 @@ impl QuantWeight {
                 dtype.block_size()
             )
         }
-        // candle's quantizers run on the host; the blocks then go to the weight's device.
+        // The quantizers run on the host; the blocks then go to the weight's device.
         let host = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let ggml_port = match dtype {
+            GgmlDType::Q4K => Some(super::ggml_q4k::quantize_q4_k as fn(&[f32]) -> Vec<u8>),
+            GgmlDType::Q6K => Some(super::ggml_q4k::quantize_q6_k as fn(&[f32]) -> Vec<u8>),
+            _ => None,
+        };
+        if let Some(quantize) = ggml_port {
+            // ggml's own algorithms, not candle's older ports (see `ggml_q4k`).
+            let values = host.flatten_all()?.to_vec1::<f32>()?;
+            let bytes = quantize(&values);
+            let q = qtensor_from_ggml(dtype, &bytes, vec![out_dim, in_dim], w.device())?;
+            return Self::from_qtensor(Arc::new(q));
+        }
         Self::from_qtensor(Arc::new(QTensor::quantize_onto(&host, dtype, w.device())?))
     }
 
@@ -106,7 +119,10 @@ impl QuantWeight {
             (Device::Cpu, _) | (_, DType::F32) => x.contiguous()?,
             _ => x.to_dtype(DType::F32)?.contiguous()?,
         };
-        let mut y = self.matmul.forward(&x)?;
+        let mut y = match self.prefill_product(&x)? {
+            Some(y) => y,
+            None => self.matmul.forward(&x)?,
+        };
         if y.dtype() != in_dtype {
             y = y.to_dtype(in_dtype)?;
         }
@@ -114,6 +130,32 @@ impl QuantWeight {
             Some(b) => y.broadcast_add(&b.to_dtype(in_dtype)?),
             None => Ok(y),
         }
+    }
+
+    /// Many rows of an untracked CPU f32 `x [.., in]` by Q8_0 blocks: the panel-dequantized f32
+    /// product ([`super::prefill`]); `None` (use `QMatMul`) for a few rows (decode), other block
+    /// types, another device or dtype. `VLMPIPE_QUANT_PREFILL=qmatmul` turns it off, to compare.
+    fn prefill_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let QMatMul::QTensor(q) = &self.matmul else {
+            return Ok(None);
+        };
+        let rows = x.elem_count() / self.in_dim.max(1);
+        if !super::prefill::prefer_panels(q.dtype(), rows)
+            || !crate::model::ops::is_cpu_f32(x)
+            || x.track_op()
+            || std::env::var_os("VLMPIPE_QUANT_PREFILL").is_some_and(|v| v == "qmatmul")
+        {
+            return Ok(None);
+        }
+        let bytes = q.data()?;
+        let (m, k, n) = (rows, self.in_dim, self.out_dim);
+        let y = crate::model::ops::with_cpu_f32(x, |xs| {
+            super::prefill::dequantized_matmul(q.dtype(), &bytes, xs, m, k, n)
+        })?;
+        let Some(y) = y else { return Ok(None) };
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("x has an `in` dimension") = n;
+        Ok(Some(Tensor::from_vec(y, dims, x.device())?))
     }
 
     /// The dequantized `[out, in]` weight in f32 (what every product effectively multiplies by).
