@@ -23,7 +23,7 @@ mod store;
 
 pub use fingerprint::{Fingerprint, FingerprintError, canonical_json, fingerprint, sort_keys};
 pub use lock::CacheLock;
-pub(crate) use manifest::hash_file;
+pub use manifest::hash_file;
 pub use manifest::{FileRecord, MANIFEST_FILE, MANIFEST_VERSION, Manifest};
 pub use store::{
     CacheEntry, CacheStore, EntryInfo, EntryWriter, GcPolicy, GcReport, Lookup, MissReason,
