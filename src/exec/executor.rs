@@ -15,7 +15,7 @@ use super::{Progress, RunSummary, Stage, StageContext, StageReport, StageStatus}
 use crate::cache::{CacheEntry, CacheError, CacheStore, Fingerprint, Lookup, MissReason, Verify};
 
 /// One node of the graph the executor runs.
-pub struct ExecNode {
+pub(crate) struct ExecNode {
     /// Unique stage name (anonymous data expressions get generated names).
     pub name: String,
     /// Indices of input nodes; every index is smaller than this node's own index.
@@ -25,7 +25,7 @@ pub struct ExecNode {
 }
 
 /// A graph of stages in topological order (inputs before the stages that read them).
-pub struct ExecGraph {
+pub(crate) struct ExecGraph {
     /// Pipeline name: keys the run history used to explain reruns.
     pub pipeline: String,
     /// The nodes, topologically ordered.
@@ -34,7 +34,7 @@ pub struct ExecGraph {
 
 /// Options of `vlmpipe run`.
 #[derive(Clone, Debug, Default)]
-pub struct RunOptions {
+pub(crate) struct RunOptions {
     /// Stages to recompute even when cached.
     pub force: Vec<String>,
     /// When non-empty, run only these stages and their inputs.
@@ -52,7 +52,7 @@ pub struct RunOptions {
 
 /// Errors that stop a run before any stage runs (a failing stage is not one of these).
 #[derive(Debug, thiserror::Error)]
-pub enum ExecError {
+pub(crate) enum ExecError {
     /// `--force`/`--only` named a stage the pipeline does not have.
     #[error("unknown stage `{name}` in `--{flag}`{hint}")]
     UnknownStage {
@@ -94,7 +94,7 @@ enum State {
 /// Every selected stage's identity is computed first: identities never depend on outputs, and
 /// computing them resolves every model and dataset the run needs, so one that is missing is
 /// reported in seconds instead of after the stages before it ran.
-pub fn run(
+pub(crate) fn run(
     graph: &ExecGraph,
     store: &CacheStore,
     options: &RunOptions,

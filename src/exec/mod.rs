@@ -16,12 +16,9 @@ mod progress;
 mod stage;
 mod summary;
 
-pub use executor::{ExecError, ExecGraph, ExecNode, RunOptions, run};
-pub use exports::ExportError;
-pub use progress::Progress;
-pub use stage::{
-    Export, MissingCause, MissingInput, NoInput, Stage, StageContext, StageError, StageOutcome,
-};
+pub(crate) use executor::{ExecGraph, ExecNode, RunOptions, run};
+pub(crate) use progress::Progress;
+pub(crate) use stage::{Export, MissingInput, Stage, StageContext, StageError, StageOutcome};
 pub use summary::{RunSummary, StageReport, StageStatus};
 
 #[cfg(test)]
