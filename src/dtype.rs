@@ -30,10 +30,10 @@ pub struct UnknownDtype {
 
 impl Dtype {
     /// Every dtype, in the order messages list them.
-    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::Bf16];
+    pub(crate) const ALL: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::Bf16];
 
     /// The short name (`f32`, `f16`, `bf16`): what pipelines, `--dtype` and model entries say.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Dtype::F32 => "f32",
             Dtype::F16 => "f16",
@@ -42,7 +42,7 @@ impl Dtype {
     }
 
     /// torch's name, as `config.json` files spell it (`float32`, `float16`, `bfloat16`).
-    pub fn torch_name(self) -> &'static str {
+    pub(crate) fn torch_name(self) -> &'static str {
         match self {
             Dtype::F32 => "float32",
             Dtype::F16 => "float16",
@@ -51,7 +51,7 @@ impl Dtype {
     }
 
     /// The dtype of a short name.
-    pub fn parse(name: &str) -> Result<Self, UnknownDtype> {
+    pub(crate) fn parse(name: &str) -> Result<Self, UnknownDtype> {
         Self::ALL
             .into_iter()
             .find(|d| d.name() == name)
@@ -61,7 +61,7 @@ impl Dtype {
     }
 
     /// candle's dtype.
-    pub fn to_candle(self) -> DType {
+    pub(crate) fn to_candle(self) -> DType {
         match self {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
@@ -70,7 +70,7 @@ impl Dtype {
     }
 
     /// The dtype of a candle dtype, if vlmpipe computes in it.
-    pub fn of(dtype: DType) -> Option<Self> {
+    pub(crate) fn of(dtype: DType) -> Option<Self> {
         Self::ALL.into_iter().find(|d| d.to_candle() == dtype)
     }
 }

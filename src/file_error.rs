@@ -47,42 +47,42 @@ pub struct FileError {
 
 impl FileError {
     /// For `map_err`: `std::fs::read(&path).map_err(FileError::read(&path))`.
-    pub fn read(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    pub(crate) fn read(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
         Self::at(FileAction::Read, path)
     }
 
     /// For `map_err` on a write.
-    pub fn write(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    pub(crate) fn write(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
         Self::at(FileAction::Write, path)
     }
 
     /// For `map_err` on creating a folder.
-    pub fn create(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    pub(crate) fn create(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
         Self::at(FileAction::Create, path)
     }
 
     /// For `map_err` on copying a file to `path`.
-    pub fn copy_to(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    pub(crate) fn copy_to(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
         Self::at(FileAction::Copy, path)
     }
 
     /// For `map_err` on listing a folder.
-    pub fn list(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    pub(crate) fn list(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
         Self::at(FileAction::List, path)
     }
 
     /// For `map_err` on reading a file's metadata.
-    pub fn inspect(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    pub(crate) fn inspect(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
         Self::at(FileAction::Inspect, path)
     }
 
     /// For `map_err` on removing a folder.
-    pub fn remove(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    pub(crate) fn remove(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
         Self::at(FileAction::Remove, path)
     }
 
     /// For `map_err` on taking a file lock.
-    pub fn lock(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    pub(crate) fn lock(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
         Self::at(FileAction::Lock, path)
     }
 

@@ -113,7 +113,7 @@ impl std::fmt::Display for RepoKind {
 /// come from someone else: `../../../../home/secret.txt` must not be read as a ref. Branch names
 /// with `/` (`feature/x`), tags and 40-hex commits pass; git's own ref rules refuse the rest
 /// (`..`, an empty or dot-leading component, a leading or trailing `/`, control characters).
-pub fn revision_problem(revision: &str) -> Option<&'static str> {
+pub(crate) fn revision_problem(revision: &str) -> Option<&'static str> {
     if revision.is_empty() {
         return Some("it is empty");
     }
@@ -174,7 +174,7 @@ impl HubRepo {
     }
 
     /// Folder name in the Hub cache: `models--org--name` / `datasets--org--name`.
-    pub fn cache_folder(&self) -> String {
+    pub(crate) fn cache_folder(&self) -> String {
         let prefix = match self.kind {
             RepoKind::Model => "models",
             RepoKind::Dataset => "datasets",
@@ -208,13 +208,13 @@ pub struct HubConfig {
 
 impl HubConfig {
     /// Reads the configuration from the process environment.
-    pub fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
     /// Reads the configuration through `get` (tests pass a map instead of mutating the process
     /// environment, which is racy across test threads).
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
+    pub(crate) fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
         let non_empty = |name: &str| get(name).filter(|v| !v.trim().is_empty());
         let cache_dir = if let Some(dir) = non_empty("HF_HUB_CACHE") {
             PathBuf::from(dir)
@@ -297,13 +297,13 @@ impl Hub {
         Self::new(HubConfig::from_env())
     }
 
-    pub fn config(&self) -> &HubConfig {
+    pub(crate) fn config(&self) -> &HubConfig {
         &self.config
     }
 
     /// The commit a revision points to in the local cache: the revision itself when it is a
     /// commit hash with a snapshot, otherwise the content of `refs/<revision>`.
-    pub fn cached_commit(&self, repo: &HubRepo) -> Option<String> {
+    pub(crate) fn cached_commit(&self, repo: &HubRepo) -> Option<String> {
         // Checked again here, not only in the checker, because the revision becomes a path.
         if revision_problem(&repo.revision).is_some() {
             return None;
@@ -323,7 +323,7 @@ impl Hub {
     }
 
     /// The snapshot folder of the cached revision, if any.
-    pub fn cached_snapshot(&self, repo: &HubRepo) -> Option<PathBuf> {
+    pub(crate) fn cached_snapshot(&self, repo: &HubRepo) -> Option<PathBuf> {
         let commit = self.cached_commit(repo)?;
         Some(
             self.config
@@ -599,7 +599,7 @@ impl Hub {
     }
 
     /// Every file name of `repo` at its revision, as the Hub lists it (not offline).
-    pub fn list_files(&self, repo: &HubRepo) -> Result<Vec<String>, HubError> {
+    pub(crate) fn list_files(&self, repo: &HubRepo) -> Result<Vec<String>, HubError> {
         if self.config.offline {
             return Err(self.offline_missing(repo, "(the repo's file list)"));
         }
@@ -609,7 +609,7 @@ impl Hub {
     /// The folder holding `names` of `repo`, all of one commit: the cached snapshot when it has
     /// them, else downloaded (unless offline). For repos of many large files (GGUF quants) where
     /// only some are wanted.
-    pub fn files_dir(&self, repo: &HubRepo, names: &[&str]) -> Result<PathBuf, HubError> {
+    pub(crate) fn files_dir(&self, repo: &HubRepo, names: &[&str]) -> Result<PathBuf, HubError> {
         if let Some(snapshot) = self.cached_snapshot(repo) {
             match names.iter().find(|n| !snapshot.join(n).is_file()) {
                 None => return Ok(snapshot),
@@ -642,7 +642,7 @@ impl Hub {
 
     /// A local folder with a PEFT adapter's `adapter_config.json` and `adapter_model.safetensors`,
     /// both of one commit: the cached snapshot when it has them, else downloaded (unless offline).
-    pub fn adapter_dir(&self, repo: &HubRepo) -> Result<PathBuf, HubError> {
+    pub(crate) fn adapter_dir(&self, repo: &HubRepo) -> Result<PathBuf, HubError> {
         self.files_dir(repo, ADAPTER_FILES)
     }
 }
@@ -737,7 +737,7 @@ fn shard_names(index: &Path) -> Result<Vec<String>, HubError> {
 
 /// Every file under `root` as a `/`-separated relative path, sorted; follows the snapshot's
 /// symlinks into `blobs/`.
-pub fn list_relative_files(root: &Path) -> Result<Vec<String>, HubError> {
+pub(crate) fn list_relative_files(root: &Path) -> Result<Vec<String>, HubError> {
     let mut out = Vec::new();
     for item in WalkDir::new(root).follow_links(true) {
         let item = item.map_err(|e| HubError::Io {
@@ -766,7 +766,11 @@ pub fn list_relative_files(root: &Path) -> Result<Vec<String>, HubError> {
 /// `<config>/train-00000-of-00001.parquet`. With `config`, only files under that folder count
 /// (or, for `default`, files outside any config folder); without, files under `data/`,
 /// `default/` or at the top level are preferred over other config folders.
-pub fn select_split_files(paths: &[String], config: Option<&str>, split: &str) -> Vec<String> {
+pub(crate) fn select_split_files(
+    paths: &[String],
+    config: Option<&str>,
+    split: &str,
+) -> Vec<String> {
     let matching: Vec<&String> = paths
         .iter()
         .filter(|p| p.ends_with(".parquet") && path_is_split(p, split))

@@ -29,7 +29,7 @@ pub struct ReadPolicy {
 
 /// A path the policy refuses: what was named, what it resolves to, and the folder it left.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReadRefusal {
+pub(crate) struct ReadRefusal {
     pub path: PathBuf,
     pub resolved: PathBuf,
     pub tree: PathBuf,
@@ -51,7 +51,7 @@ impl std::error::Error for ReadRefusal {}
 
 impl ReadRefusal {
     /// Why it is refused, as a phrase after the path: where it resolves to, and the folder.
-    pub fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         format!(
             "resolves to `{}`, outside the pipeline's folder `{}` and the Hub cache",
             self.resolved.display(),
@@ -60,7 +60,7 @@ impl ReadRefusal {
     }
 
     /// What the user can do: the flag that allows this read.
-    pub fn hint(&self) -> String {
+    pub(crate) fn hint(&self) -> String {
         format!(
             "a pipeline reads only inside its own folder unless you allow more: pass \
              `--allow-read {}`",
@@ -86,7 +86,7 @@ impl ReadPolicy {
     }
 
     /// A policy that allows `tree` only (no Hub cache): a dataset read without a pipeline.
-    pub fn within(tree: &Path) -> Self {
+    pub(crate) fn within(tree: &Path) -> Self {
         Self {
             tree: resolve(tree),
             hub: Vec::new(),
@@ -96,18 +96,13 @@ impl ReadPolicy {
 
     /// The same policy, also allowing `path`.
     #[must_use]
-    pub fn allowing(mut self, path: &Path) -> Self {
+    pub(crate) fn allowing(mut self, path: &Path) -> Self {
         self.allowed.push(resolve(path));
         self
     }
 
-    /// The pipeline's folder, resolved.
-    pub fn tree(&self) -> &Path {
-        &self.tree
-    }
-
     /// `path` resolved, when the pipeline may read it.
-    pub fn check(&self, path: &Path) -> Result<PathBuf, ReadRefusal> {
+    pub(crate) fn check(&self, path: &Path) -> Result<PathBuf, ReadRefusal> {
         let resolved = resolve(path);
         let inside = std::iter::once(&self.tree)
             .chain(&self.hub)
@@ -132,7 +127,7 @@ const MAX_LINKS: usize = 40;
 /// is its deepest existing ancestor, resolved, with the rest applied lexically; a dangling
 /// symlink on the way is followed to where it points, so creating its target later cannot
 /// move a checked path outside.
-pub fn resolve(path: &Path) -> PathBuf {
+pub(crate) fn resolve(path: &Path) -> PathBuf {
     resolve_with(path, MAX_LINKS)
 }
 

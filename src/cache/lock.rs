@@ -261,7 +261,7 @@ impl CacheLock {
     /// Like [`CacheLock::acquire`], telling `notify` at once when it has to wait (for whom, and
     /// for how long at most), again every 30 s or when the holder changes, and when it got the
     /// lock after waiting.
-    pub fn acquire_notify(
+    pub(crate) fn acquire_notify(
         root: &Path,
         wait: Duration,
         notify: &mut dyn FnMut(&str),
@@ -352,7 +352,7 @@ impl CacheLock {
     }
 
     /// The cache root this lock holds.
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 }

@@ -55,7 +55,7 @@ pub struct CacheEntry {
 
 impl CacheEntry {
     /// The entry folder.
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
@@ -70,7 +70,7 @@ impl CacheEntry {
     }
 
     /// The entry's fingerprint.
-    pub fn fingerprint(&self) -> &Fingerprint {
+    pub(crate) fn fingerprint(&self) -> &Fingerprint {
         &self.manifest.fingerprint
     }
 }
@@ -151,7 +151,7 @@ impl CacheStore {
     }
 
     /// The cache root.
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
@@ -163,7 +163,7 @@ impl CacheStore {
 
     /// [`CacheStore::lock`], saying while it waits who holds the lock (see
     /// [`CacheLock::acquire_notify`]).
-    pub fn lock_notify(
+    pub(crate) fn lock_notify(
         &self,
         wait: Duration,
         notify: &mut dyn FnMut(&str),
@@ -204,7 +204,7 @@ impl CacheStore {
     }
 
     /// Whether an entry folder exists for `fp` (unverified; for planning which stages will run).
-    pub fn has_entry(&self, fp: &Fingerprint) -> bool {
+    pub(crate) fn has_entry(&self, fp: &Fingerprint) -> bool {
         self.entry_dir(fp).is_dir()
     }
 
@@ -355,17 +355,6 @@ impl CacheStore {
             });
         }
         Ok(outcomes)
-    }
-
-    /// Removes the entry `fp`; returns whether it existed (`run --force` uses this).
-    pub fn remove(&self, lock: &CacheLock, fp: &Fingerprint) -> Result<bool, CacheError> {
-        self.check_lock(lock)?;
-        let dir = self.entry_dir(fp);
-        if !dir.exists() {
-            return Ok(false);
-        }
-        self.remove_dir(&dir)?;
-        Ok(true)
     }
 
     /// Moves `dir` out of `entries/` in one rename (so it vanishes atomically), then deletes it.

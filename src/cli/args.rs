@@ -9,14 +9,14 @@ use crate::model::device::DeviceChoice;
 /// Turn small local vision-language models into accurate, fast image classifiers.
 #[derive(Debug, Parser)]
 #[command(name = "vlmpipe", version, long_version = crate::model::device::LONG_VERSION, about, long_about = None)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 /// The commands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Check a pipeline file: print every error with file:line:column, exit 1 if there are any.
     Check {
         /// The pipeline file.
@@ -64,7 +64,7 @@ pub enum Command {
 
 /// Flags of `run` and `watch`.
 #[derive(Debug, Args, Clone)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// The pipeline file.
     pub file: PathBuf,
     #[command(flatten)]
@@ -137,7 +137,7 @@ pub struct WorkerArgs {
 
 /// Flags of `render`.
 #[derive(Debug, Args, Clone)]
-pub struct RenderArgs {
+pub(crate) struct RenderArgs {
     /// The pipeline file.
     pub file: PathBuf,
     /// An `eval` or `finetune` stage.
@@ -156,7 +156,7 @@ pub struct RenderArgs {
 
 /// Flags of `report`.
 #[derive(Debug, Args, Clone)]
-pub struct ReportArgs {
+pub(crate) struct ReportArgs {
     /// The pipeline file.
     pub file: PathBuf,
     /// An `eval` or `report` stage [default: every eval stage].
@@ -169,7 +169,7 @@ pub struct ReportArgs {
 
 /// Flags of `show`.
 #[derive(Debug, Args, Clone)]
-pub struct ShowArgs {
+pub(crate) struct ShowArgs {
     /// The pipeline file.
     pub file: PathBuf,
     /// An `eval` stage.
@@ -193,7 +193,7 @@ fn parse_gguf_quant(text: &str) -> Result<crate::gguf::GgufQuant, String> {
 
 /// Flags of `export`.
 #[derive(Debug, Args, Clone)]
-pub struct ExportArgs {
+pub(crate) struct ExportArgs {
     /// The pipeline file.
     pub file: Option<PathBuf>,
     /// A `finetune` stage, or a `model` with `adapter:` (`--gguf` also takes a plain `model`).
@@ -249,7 +249,7 @@ pub struct ExportArgs {
 /// How every command that loads a pipeline loads it: `--set NAME=VALUE` overrides of its
 /// `param`s and `--allow-read` consents.
 #[derive(Debug, Args, Clone, Default)]
-pub struct ParamOverrides {
+pub(crate) struct ParamOverrides {
     /// Override a `param` of the pipeline (repeatable), e.g. `--set n_eval=10`.
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
     pub set: Vec<(String, String)>,
@@ -263,7 +263,7 @@ pub struct ParamOverrides {
 
 impl ParamOverrides {
     /// Where the pipeline `file` may read: its folder, the Hub cache and `--allow-read`.
-    pub fn read_policy(&self, file: &std::path::Path) -> crate::read_policy::ReadPolicy {
+    pub(crate) fn read_policy(&self, file: &std::path::Path) -> crate::read_policy::ReadPolicy {
         crate::read_policy::ReadPolicy::for_pipeline(file, &self.allow_read)
     }
 }
@@ -279,7 +279,7 @@ fn parse_override(text: &str) -> Result<(String, String), String> {
 
 /// How `check` prints diagnostics.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum DiagnosticFormat {
+pub(crate) enum DiagnosticFormat {
     /// For people: file:line:column, the source line, the offending text underlined, a hint.
     Human,
     /// A JSON array, for editors and scripts.
@@ -288,7 +288,7 @@ pub enum DiagnosticFormat {
 
 /// How `graph` draws the DAG.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum GraphFormat {
+pub(crate) enum GraphFormat {
     Text,
     Dot,
     Mermaid,
@@ -296,7 +296,7 @@ pub enum GraphFormat {
 
 /// Where models compute.
 #[derive(Debug, Args, Clone, Default)]
-pub struct DeviceArg {
+pub(crate) struct DeviceArg {
     /// Where the model computes: `auto` (a GPU when this build has a backend and one opens, else
     /// the CPU), `cpu`, `cuda[:N]`, `metal[:N]` or `gpu`. GPUs need a build with
     /// `--features cuda` or `--features metal`. Never part of a stage fingerprint.
@@ -306,7 +306,7 @@ pub struct DeviceArg {
 
 /// Where the cache lives.
 #[derive(Debug, Args, Clone)]
-pub struct CacheDirArg {
+pub(crate) struct CacheDirArg {
     /// Cache directory [default: `.vlmpipe/` beside the pipeline, or in the current directory].
     #[arg(long, env = "VLMPIPE_CACHE", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -314,7 +314,7 @@ pub struct CacheDirArg {
 
 /// `vlmpipe cache …`
 #[derive(Debug, Subcommand)]
-pub enum CacheCommand {
+pub(crate) enum CacheCommand {
     /// List cache entries: fingerprint, stage, kind, size, age.
     Ls {
         /// A pipeline file: use the cache beside it (`.vlmpipe/` in its folder).
@@ -358,7 +358,7 @@ pub(super) use crate::dtype::Dtype as DtypeArg;
         .multiple(false)
 ))]
 #[command(group(clap::ArgGroup::new("label_grammar").args(["choice", "json_schema"])))]
-pub struct InferArgs {
+pub(crate) struct InferArgs {
     /// The model: a local directory in the Hub layout, or a Hub id `org/name[@revision]`
     /// (the local Hub cache first; `HF_HUB_OFFLINE=1` forbids downloads), or a GGUF pair: a
     /// folder holding `<name>-<QUANT>.gguf` + `mmproj-….gguf`, or the text `.gguf` itself.
@@ -434,7 +434,7 @@ pub struct InferArgs {
 
 /// `vlmpipe bench …`
 #[derive(Debug, Subcommand)]
-pub enum BenchCommand {
+pub(crate) enum BenchCommand {
     /// Time one classification: preprocess, vision + projector, prefill, decode steps, end to end.
     Model(BenchModelArgs),
     /// Time grammar compilation, per-step masks and constrained-decoding overhead with a real
@@ -451,7 +451,7 @@ pub enum BenchCommand {
 
 /// `vlmpipe bench table REPORT.json…`
 #[derive(Debug, Args, Clone)]
-pub struct BenchTableArgs {
+pub(crate) struct BenchTableArgs {
     /// Reports written by `bench model --python … --json-out`, one per run.
     #[arg(value_name = "REPORT", required = true)]
     pub reports: Vec<PathBuf>,
@@ -459,7 +459,7 @@ pub struct BenchTableArgs {
 
 /// `vlmpipe bench grammar …`
 #[derive(Debug, Args, Clone)]
-pub struct BenchGrammarArgs {
+pub(crate) struct BenchGrammarArgs {
     /// A Hugging Face `tokenizer.json` (LFM2's: `tokenizer.json` of an LFM2-VL checkpoint).
     #[arg(long, value_name = "PATH")]
     pub tokenizer: PathBuf,
@@ -479,7 +479,7 @@ pub struct BenchGrammarArgs {
 
 /// `vlmpipe bench ingest …`
 #[derive(Debug, Args, Clone)]
-pub struct BenchIngestArgs {
+pub(crate) struct BenchIngestArgs {
     /// A folder with one sub-folder of images per class.
     pub dir: PathBuf,
     /// Worker threads (0 = all cores).
@@ -492,7 +492,7 @@ pub struct BenchIngestArgs {
 
 /// `vlmpipe bench rerun …`
 #[derive(Debug, Args, Clone)]
-pub struct BenchRerunArgs {
+pub(crate) struct BenchRerunArgs {
     /// Images in the synthetic dataset (two classes, 16×16 PNGs).
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub images: usize,
@@ -510,7 +510,7 @@ pub struct BenchRerunArgs {
 
 /// `vlmpipe bench model …`
 #[derive(Debug, Args, Clone)]
-pub struct BenchModelArgs {
+pub(crate) struct BenchModelArgs {
     /// A checkpoint directory (Hub layout), Hub id, or GGUF pair (as `infer --model`).
     #[arg(
         long,

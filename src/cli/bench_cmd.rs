@@ -52,6 +52,7 @@ use crate::model::device::{DeviceChoice, compiled_backends, device_label};
 use crate::model::generate::{self, GenerateConfig, Prompt, Sampling};
 use crate::model::lfm2_vl::LogitsMode;
 use crate::model::processor::decode_image;
+use crate::model::quant::QuantReport;
 use crate::model::random_checkpoint::write_random_checkpoint;
 use crate::model::resolve::{resolve_adapter_dir, resolve_model_dir};
 use crate::runner::ModelRunner;
@@ -344,129 +345,56 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     set_threads(args.threads);
     let load_before = load_average();
     let (dir, _temp) = model_dir(args)?;
-    let image_path = args.image.clone();
-    let bytes = std::fs::read(&image_path).with_context(|| {
-        format!(
-            "cannot read image `{}` (from `--image`)",
-            image_path.display()
-        )
-    })?;
-    let image =
-        decode_image(&bytes).with_context(|| format!("bad image `{}`", image_path.display()))?;
-
-    let device = crate::cli::open_device(&args.device)?;
-    let t = Instant::now();
+    let image = read_image(&args.image)?;
     let adapter = args
         .adapter
         .as_deref()
         .map(resolve_adapter_dir)
         .transpose()?;
-    let runner = ModelRunner::load_with_adapter(
-        &dir,
-        adapter.as_deref(),
-        &LoadOptions {
-            dtype: args.dtype.to_candle(),
-            device,
-        },
-    )?;
-    let load_s = t.elapsed().as_secs_f64();
-    let device_name = device_label(runner.device());
-    let rss_after_load = proc_status_mib("VmRSS");
-
-    // With `--quant`, the quantized model is loaded beside the first and each repetition times
-    // both back to back, so a busy neighbour slows both alike.
-    let quantized = match args.quant {
-        Some(quant) => {
-            let options = LoadOptions {
-                dtype: args.dtype.to_candle(),
-                device: runner.device().clone(),
-            };
-            let t = Instant::now();
-            let (q, report) =
-                ModelRunner::load_quantized(&dir, adapter.as_deref(), &options, quant)?;
-            for line in report.fallback_lines() {
-                eprintln!("note: `--quant {quant}`: {line}");
-            }
-            Some((q, report, t.elapsed().as_secs_f64()))
-        }
-        None => None,
-    };
+    let loaded = load_runners(args, &dir, adapter.as_deref())?;
+    let device_name = device_label(loaded.runner.device());
 
     let conversation = Conversation::image_question(Some(VET_SYSTEM), VET_USER);
-    let steps = args.decode_steps;
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
-    let mut decode_steps_ms = Vec::new();
-    let mut q_samples: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
-    let mut q_decode_steps_ms = Vec::new();
-    let mut shape = None;
-    // Round 0 warms up caches and the allocator and is not recorded.
-    for round in 0..=args.repeats {
-        let timed = time_round(&runner, &conversation, &image, steps)?;
-        shape = Some(timed.shape);
-        let q_timed = match &quantized {
-            Some((q, _, _)) => Some(time_round(q, &conversation, &image, steps)?),
-            None => None,
-        };
-        if round == 0 {
-            continue;
-        }
-        timed.record(&mut samples, &mut decode_steps_ms);
-        if let Some(q_timed) = q_timed {
-            q_timed.record(&mut q_samples, &mut q_decode_steps_ms);
-        }
-    }
-    let (prompt_tokens, image_tokens) = shape.unwrap_or_default();
-    let peak_rss = proc_status_mib("VmHWM");
-
+    let quantized = loaded.quantized.as_ref().map(|(q, _, _)| q);
+    let rounds = time_rounds(&loaded.runner, quantized, &conversation, &image, args)?;
+    let (prompt_tokens, image_tokens) = rounds.shape;
     let timings = ModelTimings::new(
-        samples,
-        decode_steps_ms,
+        rounds.ours.columns,
+        rounds.ours.decode_steps_ms,
         Footprint {
-            load_s,
-            rss_after_load_mib: rss_after_load,
-            peak_rss_mib: peak_rss,
+            load_s: loaded.load_s,
+            rss_after_load_mib: loaded.rss_after_load_mib,
+            peak_rss_mib: proc_status_mib("VmHWM"),
             num_prompt_tokens: prompt_tokens,
             num_image_tokens: image_tokens,
         },
         format!("{:?}", args.dtype.to_candle()),
         device_name.clone(),
-        runner.packed_linears(),
+        loaded.runner.packed_linears(),
     );
     // serde_json's map sorts keys, so the report is the same whatever the field order.
     let ours = serde_json::to_value(&timings)?;
-    let quant = match &quantized {
-        Some((q, report, load_s)) => {
-            let mut side = serde_json::Map::new();
-            side.insert("load_s".into(), json!(load_s));
-            for (key, column) in STEPS.iter().zip(q_samples) {
-                side.insert(
-                    (*key).to_owned(),
-                    serde_json::to_value(Summary::of(column))?,
-                );
-            }
-            side.insert("decode_steps_ms".into(), json!(q_decode_steps_ms));
-            Some(bench_quant::compare(
-                &runner,
-                q,
-                report,
-                Value::Object(side),
-                &ours,
-                &conversation,
-                &image,
-                STEPS,
-            )?)
-        }
-        None => None,
+    let quant = match (&loaded.quantized, rounds.quantized) {
+        (Some((q, report, load_s)), Some(samples)) => Some(bench_quant::compare(
+            &loaded.runner,
+            q,
+            report,
+            quantized_side(*load_s, samples)?,
+            &ours,
+            &conversation,
+            &image,
+            STEPS,
+        )?),
+        _ => None,
     };
-    drop(quantized);
-    drop(runner);
+    drop(loaded);
 
     let theirs = match (&args.python, &args.transformers_script) {
         (Some(python), Some(script)) => Some(run_transformers(
             python,
             script,
             &dir,
-            &image_path,
+            &args.image,
             args,
             &device_name,
         )?),
@@ -481,10 +409,10 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     let report = json!({
         "model": dir,
         "adapter": adapter,
-        "image": image_path,
+        "image": args.image,
         "threads": args.threads,
         "repeats": args.repeats,
-        "decode_steps": steps,
+        "decode_steps": args.decode_steps,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "vlmpipe": ours,
@@ -499,6 +427,130 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
             .with_context(|| format!("cannot write `{}`", path.display()))?;
     }
     Ok(Outcome::Success)
+}
+
+/// The `--image` photo, decoded once before timing (the Python side receives a decoded image).
+fn read_image(path: &Path) -> anyhow::Result<image::RgbImage> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read image `{}` (from `--image`)", path.display()))?;
+    decode_image(&bytes).with_context(|| format!("bad image `{}`", path.display()))
+}
+
+/// The runner(s) `bench model` times, with what loading cost.
+struct LoadedRunners {
+    runner: ModelRunner,
+    load_s: f64,
+    rss_after_load_mib: Option<f64>,
+    /// With `--quant`: the quantized runner, its report and its load time in seconds.
+    quantized: Option<(ModelRunner, QuantReport, f64)>,
+}
+
+/// Loads the model in `dir` (with `adapter`), and with `--quant` its quantized copy beside it,
+/// so each repetition can time both back to back and a busy neighbour slows both alike.
+fn load_runners(
+    args: &BenchModelArgs,
+    dir: &Path,
+    adapter: Option<&Path>,
+) -> anyhow::Result<LoadedRunners> {
+    let device = crate::cli::open_device(&args.device)?;
+    let t = Instant::now();
+    let runner = ModelRunner::load_with_adapter(
+        dir,
+        adapter,
+        &LoadOptions {
+            dtype: args.dtype.to_candle(),
+            device,
+        },
+    )?;
+    let load_s = t.elapsed().as_secs_f64();
+    let rss_after_load_mib = proc_status_mib("VmRSS");
+    let quantized = match args.quant {
+        Some(quant) => {
+            let options = LoadOptions {
+                dtype: args.dtype.to_candle(),
+                device: runner.device().clone(),
+            };
+            let t = Instant::now();
+            let (q, report) = ModelRunner::load_quantized(dir, adapter, &options, quant)?;
+            for line in report.fallback_lines() {
+                eprintln!("note: `--quant {quant}`: {line}");
+            }
+            Some((q, report, t.elapsed().as_secs_f64()))
+        }
+        None => None,
+    };
+    Ok(LoadedRunners {
+        runner,
+        load_s,
+        rss_after_load_mib,
+        quantized,
+    })
+}
+
+/// Every recorded round of one runner: a column per [`STEPS`] entry and each round's decode
+/// steps.
+struct Samples {
+    columns: Vec<Vec<f64>>,
+    decode_steps_ms: Vec<Vec<f64>>,
+}
+
+/// What `--repeats` rounds measured.
+struct Rounds {
+    ours: Samples,
+    quantized: Option<Samples>,
+    /// (prompt tokens, image tokens).
+    shape: (usize, usize),
+}
+
+/// Times `--repeats` rounds of every step with `runner` (and `quantized` right after it in the
+/// same round), after one warm-up round.
+fn time_rounds(
+    runner: &ModelRunner,
+    quantized: Option<&ModelRunner>,
+    conversation: &Conversation,
+    image: &image::RgbImage,
+    args: &BenchModelArgs,
+) -> anyhow::Result<Rounds> {
+    let new_samples = || Samples {
+        columns: vec![Vec::new(); STEPS.len()],
+        decode_steps_ms: Vec::new(),
+    };
+    let mut rounds = Rounds {
+        ours: new_samples(),
+        quantized: quantized.map(|_| new_samples()),
+        shape: (0, 0),
+    };
+    // Round 0 warms up caches and the allocator and is not recorded.
+    for round in 0..=args.repeats {
+        let timed = time_round(runner, conversation, image, args.decode_steps)?;
+        rounds.shape = timed.shape;
+        let q_timed = match quantized {
+            Some(q) => Some(time_round(q, conversation, image, args.decode_steps)?),
+            None => None,
+        };
+        if round == 0 {
+            continue;
+        }
+        timed.record(&mut rounds.ours);
+        if let (Some(q_timed), Some(samples)) = (q_timed, rounds.quantized.as_mut()) {
+            q_timed.record(samples);
+        }
+    }
+    Ok(rounds)
+}
+
+/// The quantized runner's side of the report: its load time and the same step summaries.
+fn quantized_side(load_s: f64, samples: Samples) -> anyhow::Result<Value> {
+    let mut side = serde_json::Map::new();
+    side.insert("load_s".into(), json!(load_s));
+    for (key, column) in STEPS.iter().zip(samples.columns) {
+        side.insert(
+            (*key).to_owned(),
+            serde_json::to_value(Summary::of(column))?,
+        );
+    }
+    side.insert("decode_steps_ms".into(), json!(samples.decode_steps_ms));
+    Ok(Value::Object(side))
 }
 
 /// What `bench model` measured of vlmpipe: the report's `vlmpipe` object.
@@ -573,11 +625,11 @@ struct RoundTimes {
 }
 
 impl RoundTimes {
-    fn record(self, samples: &mut [Vec<f64>], decode_steps_ms: &mut Vec<Vec<f64>>) {
-        for (column, value) in samples.iter_mut().zip(self.row) {
+    fn record(self, samples: &mut Samples) {
+        for (column, value) in samples.columns.iter_mut().zip(self.row) {
             column.push(value);
         }
-        decode_steps_ms.push(self.step_ms);
+        samples.decode_steps_ms.push(self.step_ms);
     }
 }
 

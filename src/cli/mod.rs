@@ -24,7 +24,7 @@ use clap::Parser;
 
 use crate::dsl::render::escape_control;
 
-pub use args::{Cli, Command};
+pub(crate) use args::{Cli, Command};
 
 /// What a command reports back to [`main`].
 pub(crate) enum Outcome {

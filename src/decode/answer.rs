@@ -103,7 +103,7 @@ impl AnswerParser {
 
     /// The answer is JSON; with `label_field`, an object whose field of that name holds one of
     /// `labels`.
-    pub fn json(label_field: Option<String>, labels: Option<Vec<String>>) -> Self {
+    pub(crate) fn json(label_field: Option<String>, labels: Option<Vec<String>>) -> Self {
         Self {
             format: AnswerFormat::Json { label_field },
             labels,
@@ -112,7 +112,7 @@ impl AnswerParser {
     }
 
     /// Any text is a valid answer.
-    pub fn text() -> Self {
+    pub(crate) fn text() -> Self {
         Self {
             format: AnswerFormat::Plain,
             labels: None,

@@ -128,12 +128,12 @@ pub struct GrammarBench {
 
 impl GrammarBench {
     /// The grammar's work per token as a fraction of the simulated (copy + argmax) step.
-    pub fn overhead_vs_argmax(&self) -> f64 {
+    pub(crate) fn overhead_vs_argmax(&self) -> f64 {
         self.grammar_per_token.as_secs_f64() / self.unconstrained_per_token.as_secs_f64()
     }
 
     /// The grammar's work per token as a fraction of a real decode step of `step`.
-    pub fn overhead_vs_step(&self, step: Duration) -> f64 {
+    pub(crate) fn overhead_vs_step(&self, step: Duration) -> f64 {
         self.grammar_per_token.as_secs_f64() / step.as_secs_f64()
     }
 }

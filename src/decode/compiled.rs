@@ -84,7 +84,7 @@ impl CompiledGrammar {
         Constraint::new(self.clone(), self.matcher.clone())
     }
 
-    pub fn spec(&self) -> &GrammarSpec {
+    pub(crate) fn spec(&self) -> &GrammarSpec {
         &self.spec
     }
 
@@ -93,7 +93,7 @@ impl CompiledGrammar {
     }
 
     /// What llguidance warned about while compiling (e.g. schema keywords it approximates).
-    pub fn warnings(&self) -> &[String] {
+    pub(crate) fn warnings(&self) -> &[String] {
         &self.warnings
     }
 

@@ -100,13 +100,8 @@ impl TokenMask {
         })
     }
 
-    /// The bit words, e.g. for the model's `TokenSet::from_words`.
-    pub fn words(&self) -> &[u32] {
-        &self.words
-    }
-
     /// The bit words by value, e.g. for `TokenSet::from_words` without a copy.
-    pub fn into_words(self) -> Vec<u32> {
+    pub(crate) fn into_words(self) -> Vec<u32> {
         self.words
     }
 
@@ -332,10 +327,6 @@ impl Constraint {
         self.grammar.vocab().decode(&self.tokens)
     }
 
-    pub fn grammar(&self) -> &Arc<CompiledGrammar> {
-        &self.grammar
-    }
-
     /// Moves the budget's completion past the committed `token`: what `budget_override` found,
     /// or (for a token committed without asking it) a fresh search; no completion, no budget.
     fn follow_budget(&mut self, token: u32) {
@@ -386,7 +377,7 @@ mod tests {
     #[test]
     fn mask_words_follow_the_simplevob_layout() {
         let m = TokenMask::singleton(33, 70);
-        assert_eq!(m.words(), &[0, 2, 0]);
+        assert_eq!(m.words, &[0, 2, 0]);
         assert_eq!(m.allowed().collect::<Vec<_>>(), vec![33]);
         assert_eq!(m.count(), 1);
         let mut logits = vec![0.0f32; 70];

@@ -156,10 +156,6 @@ impl LabelScorer {
         })
     }
 
-    pub fn labels(&self) -> &[String] {
-        &self.labels
-    }
-
     /// Each label's answer tokens, EOS last.
     pub fn answers(&self) -> &[Vec<u32>] {
         &self.answers

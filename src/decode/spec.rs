@@ -123,13 +123,13 @@ impl GrammarSpec {
     }
 
     /// The canonical form used in cache keys.
-    pub fn cache_key(&self) -> String {
+    pub(crate) fn cache_key(&self) -> String {
         // Serialising plain data into a String cannot fail; fall back to Debug just in case.
         serde_json::to_string(self).unwrap_or_else(|_| format!("{self:?}"))
     }
 
     /// The labels of a choice, or of the string enum of a JSON object's field `label_field`.
-    pub fn labels(&self, label_field: Option<&str>) -> Option<Vec<String>> {
+    pub(crate) fn labels(&self, label_field: Option<&str>) -> Option<Vec<String>> {
         match self {
             Self::Choice { labels } => Some(labels.clone()),
             Self::Json { schema, .. } | Self::JsonSchema(schema) => {

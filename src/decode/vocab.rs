@@ -233,7 +233,7 @@ impl Vocab {
     }
 
     /// Identifies the tokenizer (its file, EOS and model size) in cache keys.
-    pub fn hash(&self) -> blake3::Hash {
+    pub(crate) fn hash(&self) -> blake3::Hash {
         self.hash
     }
 

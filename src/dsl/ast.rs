@@ -57,7 +57,7 @@ pub enum DeclKind {
 }
 
 impl DeclKind {
-    pub fn from_keyword(word: &str) -> Option<DeclKind> {
+    pub(crate) fn from_keyword(word: &str) -> Option<DeclKind> {
         Some(match word {
             "pipeline" => DeclKind::Pipeline,
             "param" => DeclKind::Param,
@@ -75,7 +75,7 @@ impl DeclKind {
         })
     }
 
-    pub fn keyword(self) -> &'static str {
+    pub(crate) fn keyword(self) -> &'static str {
         match self {
             DeclKind::Pipeline => "pipeline",
             DeclKind::Param => "param",
@@ -127,14 +127,7 @@ pub enum FieldValue {
     Block(Block),
 }
 
-impl FieldValue {
-    pub fn span(&self) -> Span {
-        match self {
-            FieldValue::Expr(e) => e.span,
-            FieldValue::Block(b) => b.span,
-        }
-    }
-}
+impl FieldValue {}
 
 /// A name as written.
 #[derive(Clone, Debug, PartialEq)]
@@ -177,7 +170,7 @@ pub enum ExprKind {
 
 impl ExprKind {
     /// What this value is, in words, for "expected X, found Y" messages.
-    pub fn describe(&self) -> &'static str {
+    pub(crate) fn describe(&self) -> &'static str {
         match self {
             ExprKind::Str(_) => "a string",
             ExprKind::Int(_) => "an integer",
@@ -253,7 +246,7 @@ pub struct StrLit {
 
 impl StrLit {
     /// The span (one character wide, or empty at the end) in the file of byte `offset` of `value`.
-    pub fn span_of_offset(&self, offset: usize) -> Span {
+    pub(crate) fn span_of_offset(&self, offset: usize) -> Span {
         let offset = u32::try_from(offset).unwrap_or(u32::MAX);
         let file_offset = self
             .origin

@@ -116,7 +116,7 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    pub fn error(code: Code, message: impl Into<String>) -> Self {
+    pub(crate) fn error(code: Code, message: impl Into<String>) -> Self {
         Diagnostic {
             code,
             severity: Severity::Error,
@@ -126,7 +126,7 @@ impl Diagnostic {
         }
     }
 
-    pub fn warning(code: Code, message: impl Into<String>) -> Self {
+    pub(crate) fn warning(code: Code, message: impl Into<String>) -> Self {
         Diagnostic {
             severity: Severity::Warning,
             ..Diagnostic::error(code, message)
@@ -134,7 +134,7 @@ impl Diagnostic {
     }
 
     /// Adds the primary label (the underlined text).
-    pub fn at(mut self, span: Span) -> Self {
+    pub(crate) fn at(mut self, span: Span) -> Self {
         self.labels.push(Label {
             span,
             message: None,
@@ -144,7 +144,7 @@ impl Diagnostic {
     }
 
     /// Adds the primary label with a message under the underline.
-    pub fn at_with(mut self, span: Span, message: impl Into<String>) -> Self {
+    pub(crate) fn at_with(mut self, span: Span, message: impl Into<String>) -> Self {
         self.labels.push(Label {
             span,
             message: Some(message.into()),
@@ -154,7 +154,7 @@ impl Diagnostic {
     }
 
     /// Adds a secondary label (e.g. "first declared here").
-    pub fn also(mut self, span: Span, message: impl Into<String>) -> Self {
+    pub(crate) fn also(mut self, span: Span, message: impl Into<String>) -> Self {
         self.labels.push(Label {
             span,
             message: Some(message.into()),
@@ -163,12 +163,12 @@ impl Diagnostic {
         self
     }
 
-    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+    pub(crate) fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
         self
     }
 
-    pub fn with_hint_opt(mut self, hint: Option<String>) -> Self {
+    pub(crate) fn with_hint_opt(mut self, hint: Option<String>) -> Self {
         self.hint = hint;
         self
     }
@@ -188,7 +188,7 @@ impl Diagnostic {
 }
 
 /// "did you mean `x`?" for the closest of `candidates` to `name`, if any is close enough.
-pub fn did_you_mean<'a>(
+pub(crate) fn did_you_mean<'a>(
     name: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<String> {

@@ -16,7 +16,7 @@ use crate::read_policy::ReadPolicy;
 
 /// One parsed file of a pipeline.
 #[derive(Clone, Debug)]
-pub struct LoadedFile {
+pub(crate) struct LoadedFile {
     pub id: FileId,
     pub ast: ast::File,
     /// The folder that relative paths in this file (imports, data, templates) start from.
@@ -25,7 +25,7 @@ pub struct LoadedFile {
 
 /// A pipeline and its imports, parsed, with every diagnostic met on the way.
 #[derive(Debug, Default)]
-pub struct Loaded {
+pub(crate) struct Loaded {
     pub sources: SourceMap,
     /// Root first, then imports in the order they were met.
     pub files: Vec<LoadedFile>,
@@ -33,7 +33,7 @@ pub struct Loaded {
 }
 
 /// Reads and parses `path` and everything it imports; an import `reads` refuses is an error.
-pub fn load(path: &Path, reads: &ReadPolicy) -> Loaded {
+pub(crate) fn load(path: &Path, reads: &ReadPolicy) -> Loaded {
     let mut loaded = Loaded::default();
     match read_bounded(path, ReadKind::PipelineSource) {
         Ok(bytes) => match pipeline_text(bytes) {
@@ -123,7 +123,7 @@ fn table_header(text: &str) -> Option<&str> {
 }
 
 /// Parses `text` as if it were the file at `path` (imports resolve from `path`'s folder).
-pub fn load_text(path: &Path, text: &str, reads: &ReadPolicy) -> Loaded {
+pub(crate) fn load_text(path: &Path, text: &str, reads: &ReadPolicy) -> Loaded {
     let mut loaded = Loaded::default();
     let mut loader = Loader {
         loaded: &mut loaded,

@@ -3,12 +3,11 @@
 //! [`parser::parse_file`] turns text into an [`ast::File`]; [`loader`] follows imports;
 //! [`render`] prints diagnostics. The checked plan lives in [`crate::plan`].
 
-pub mod ast;
-pub mod diagnostic;
-pub mod loader;
+pub(crate) mod ast;
+pub(crate) mod diagnostic;
+pub(crate) mod loader;
 pub mod parser;
-pub mod render;
-pub mod span;
+pub(crate) mod render;
+pub(crate) mod span;
 
-pub use diagnostic::{Code, Diagnostic, Label, Severity};
 pub use span::{FileId, SourceFile, SourceMap, Span};

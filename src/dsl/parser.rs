@@ -27,7 +27,7 @@ use crate::dsl::span::{FileId, Span};
 struct VlmParser;
 
 /// Parses one file's text into its items plus every syntax diagnostic.
-pub fn parse_file(file: FileId, text: &str) -> (File, Vec<Diagnostic>) {
+pub(crate) fn parse_file(file: FileId, text: &str) -> (File, Vec<Diagnostic>) {
     let (file, diagnostics, _) = parse_file_with_stats(file, text);
     (file, diagnostics)
 }
@@ -133,7 +133,7 @@ pub fn parse_file_with_stats(file: FileId, text: &str) -> (File, Vec<Diagnostic>
 
 /// How deep brackets may nest; deeper text is refused before pest (and the recursive AST
 /// builder and analyzer after it) could run out of stack.
-pub const MAX_NESTING: usize = 64;
+pub(crate) const MAX_NESTING: usize = 64;
 
 /// Where the declarations of a file start, found in one pass that skips strings and comments.
 struct Outline {

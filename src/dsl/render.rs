@@ -20,7 +20,7 @@ const RESET: &str = "\x1b[0m";
 /// `text` with every control character except newline and tab written as a visible escape
 /// (`\u{1b}`), so a pipeline's text (or a path, or a message quoting either) cannot move the
 /// cursor, recolour or retitle the terminal it is printed to.
-pub fn escape_control(text: &str) -> Cow<'_, str> {
+pub(crate) fn escape_control(text: &str) -> Cow<'_, str> {
     if !text.chars().any(is_escaped) {
         return Cow::Borrowed(text);
     }
@@ -41,7 +41,7 @@ fn is_escaped(c: char) -> bool {
 }
 
 /// Renders diagnostics for a terminal (`color` adds ANSI colours), one blank line between them.
-pub fn render_text(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> String {
+pub(crate) fn render_text(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> String {
     let mut out = String::new();
     for (i, d) in diagnostics.iter().enumerate() {
         if i > 0 {
@@ -134,7 +134,7 @@ fn render_label(out: &mut String, label: &Label, sources: &SourceMap, color: boo
 }
 
 /// Renders diagnostics as a JSON array (positions 1-based, columns in characters).
-pub fn render_json(diagnostics: &[Diagnostic], sources: &SourceMap) -> Value {
+pub(crate) fn render_json(diagnostics: &[Diagnostic], sources: &SourceMap) -> Value {
     Value::Array(
         diagnostics
             .iter()

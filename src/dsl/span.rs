@@ -20,7 +20,7 @@ pub struct Span {
 }
 
 impl Span {
-    pub fn new(file: FileId, start: usize, end: usize) -> Self {
+    pub(crate) fn new(file: FileId, start: usize, end: usize) -> Self {
         Span {
             file,
             start: clamp_u32(start),
@@ -29,7 +29,7 @@ impl Span {
     }
 
     /// The smallest span covering both (they must be in the same file; otherwise `self`).
-    pub fn to(self, other: Span) -> Span {
+    pub(crate) fn to(self, other: Span) -> Span {
         if self.file != other.file {
             return self;
         }
@@ -38,14 +38,6 @@ impl Span {
             start: self.start.min(other.start),
             end: self.end.max(other.end),
         }
-    }
-
-    pub fn len(&self) -> usize {
-        (self.end - self.start) as usize
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.end == self.start
     }
 }
 
@@ -73,7 +65,7 @@ impl SourceFile {
     }
 
     /// 1-based line and column (in characters) of a byte offset.
-    pub fn line_col(&self, offset: usize) -> (usize, usize) {
+    pub(crate) fn line_col(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
         let line = match self.line_starts.binary_search(&offset) {
             Ok(i) => i,
@@ -88,7 +80,7 @@ impl SourceFile {
     }
 
     /// Byte offset where 1-based `line` starts (the end of the file past the last line).
-    pub fn line_start(&self, line: usize) -> usize {
+    pub(crate) fn line_start(&self, line: usize) -> usize {
         self.line_starts
             .get(line.saturating_sub(1))
             .copied()
@@ -96,7 +88,7 @@ impl SourceFile {
     }
 
     /// The text of 1-based `line`, without its newline.
-    pub fn line_text(&self, line: usize) -> &str {
+    pub(crate) fn line_text(&self, line: usize) -> &str {
         let start = self.line_start(line);
         let end = self
             .line_starts
@@ -108,10 +100,6 @@ impl SourceFile {
             .unwrap_or("")
             .trim_end_matches(['\n', '\r'])
     }
-
-    pub fn line_count(&self) -> usize {
-        self.line_starts.len()
-    }
 }
 
 /// Every file read while checking a pipeline (the pipeline, its imports, template files).
@@ -121,11 +109,7 @@ pub struct SourceMap {
 }
 
 impl SourceMap {
-    pub fn new() -> Self {
-        SourceMap::default()
-    }
-
-    pub fn add(&mut self, path: impl Into<PathBuf>, text: impl Into<String>) -> FileId {
+    pub(crate) fn add(&mut self, path: impl Into<PathBuf>, text: impl Into<String>) -> FileId {
         let id = FileId(clamp_u32(self.files.len()));
         self.files.push(SourceFile::new(path.into(), text.into()));
         id
@@ -137,12 +121,6 @@ impl SourceMap {
 
     pub fn path(&self, id: FileId) -> Option<&Path> {
         self.get(id).map(|f| f.path.as_path())
-    }
-
-    pub fn text(&self, span: Span) -> &str {
-        self.get(span.file)
-            .and_then(|f| f.text.get(span.start as usize..span.end as usize))
-            .unwrap_or("")
     }
 
     /// 1-based line and column of the start of `span`.
@@ -165,7 +143,7 @@ mod tests {
 
     #[test]
     fn line_col_counts_lines_from_one_and_columns_in_chars() {
-        let mut map = SourceMap::new();
+        let mut map = SourceMap::default();
         let id = map.add("x.vp", "ab\nçd\n\nz");
         let file = map.get(id).expect("file");
         assert_eq!(file.line_col(0), (1, 1));
@@ -177,7 +155,6 @@ mod tests {
         assert_eq!(file.line_col(100), (4, 2));
         assert_eq!(file.line_text(2), "çd");
         assert_eq!(file.line_text(3), "");
-        assert_eq!(map.text(Span::new(id, 3, 6)), "çd");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::cache::{
 };
 
 /// One node of the graph the executor runs.
-pub struct ExecNode {
+pub(crate) struct ExecNode {
     /// Unique stage name (anonymous data expressions get generated names).
     pub name: String,
     /// Indices of input nodes; every index is smaller than this node's own index.
@@ -31,7 +31,7 @@ pub struct ExecNode {
 }
 
 /// A graph of stages in topological order (inputs before the stages that read them).
-pub struct ExecGraph {
+pub(crate) struct ExecGraph {
     /// Pipeline name: keys the run history used to explain reruns.
     pub pipeline: String,
     /// The nodes, topologically ordered.
@@ -66,7 +66,7 @@ pub struct RunOptions {
 
 /// Errors that stop a run before any stage runs (a failing stage is not one of these).
 #[derive(Debug, thiserror::Error)]
-pub enum ExecError {
+pub(crate) enum ExecError {
     /// `--force`/`--only` named a stage the pipeline does not have.
     #[error("unknown stage `{name}` in `--{flag}`{hint}")]
     UnknownStage {

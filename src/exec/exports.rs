@@ -15,7 +15,7 @@ use crate::file_error::FileError;
 
 /// Why an export could not be written.
 #[derive(Debug, thiserror::Error)]
-pub enum ExportError {
+pub(crate) enum ExportError {
     /// The entry lacks the declared file (an entry written by older code, or a stage bug).
     #[error("the cache entry has no file `{file}` to export to `{target}`")]
     NotInEntry { file: String, target: PathBuf },

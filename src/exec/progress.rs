@@ -6,7 +6,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Hands out progress bars; hidden when stderr is not a terminal or when quiet.
 #[derive(Clone, Debug)]
-pub struct Progress {
+pub(crate) struct Progress {
     multi: MultiProgress,
     visible: bool,
     quiet: bool,
@@ -14,7 +14,7 @@ pub struct Progress {
 
 impl Progress {
     /// Visible only when stderr is a terminal and `quiet` is false.
-    pub fn new(quiet: bool) -> Self {
+    pub(crate) fn new(quiet: bool) -> Self {
         let visible = !quiet && std::io::stderr().is_terminal();
         let target = if visible {
             ProgressDrawTarget::stderr()
@@ -29,7 +29,7 @@ impl Progress {
     }
 
     /// A bar for `len` items, labelled `what` (e.g. "images", "samples").
-    pub fn bar(&self, len: u64, what: &str) -> ProgressBar {
+    pub(crate) fn bar(&self, len: u64, what: &str) -> ProgressBar {
         let bar = self.multi.add(ProgressBar::new(len));
         if self.visible {
             // The template is a constant; a parse failure would be a bug, so fall back silently.
@@ -44,7 +44,7 @@ impl Progress {
     }
 
     /// Prints a line above the bars (or to stderr when bars are hidden); nothing when quiet.
-    pub fn println(&self, line: &str) {
+    pub(crate) fn println(&self, line: &str) {
         if self.quiet {
             return;
         }

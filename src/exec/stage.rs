@@ -16,7 +16,7 @@ use crate::file_error::FileError;
 /// a missing input slot says so, and any other layer's error (data, Hub, model, decoding,
 /// training, …) is kept as that type ([`StageError::downcast_ref`]).
 #[derive(Debug)]
-pub enum StageError {
+pub(crate) enum StageError {
     /// The stage has no input in a slot it was configured with (a lowering bug).
     NoInput(NoInput),
     /// A file could not be read or written.
@@ -28,14 +28,14 @@ pub enum StageError {
 /// A stage reading an input slot it does not have.
 #[derive(Debug, thiserror::Error)]
 #[error("stage `{stage}` has no input #{slot} (a lowering bug)")]
-pub struct NoInput {
+pub(crate) struct NoInput {
     pub stage: String,
     pub slot: usize,
 }
 
 impl StageError {
     /// The error as a `std::error::Error`, whose `source` chain holds the causes.
-    pub fn as_error(&self) -> &(dyn std::error::Error + 'static) {
+    pub(crate) fn as_error(&self) -> &(dyn std::error::Error + 'static) {
         match self {
             StageError::NoInput(error) => error,
             StageError::File(error) => error,
@@ -44,13 +44,8 @@ impl StageError {
     }
 
     /// An error that is only a message (stages should prefer their layer's typed error).
-    pub fn msg(message: impl Into<String>) -> Self {
+    pub(crate) fn msg(message: impl Into<String>) -> Self {
         StageError::Layer(message.into().into())
-    }
-
-    /// The cause as `E`, when it is one.
-    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
-        self.as_error().downcast_ref::<E>()
     }
 }
 
@@ -79,7 +74,7 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for StageError {
 ///   else. Copies outside the cache (reports under `evals/`) are declared by [`Stage::exports`]
 ///   and written by the executor, so they follow the entry whether it ran or came from the cache.
 /// - A bad row is data, not an error: record it in an output table and a warning.
-pub trait Stage: Send + Sync {
+pub(crate) trait Stage: Send + Sync {
     /// The kind as written in a pipeline (`dataset`, `split`, `eval`, …).
     fn kind(&self) -> &'static str;
 
@@ -183,7 +178,7 @@ pub trait Sharded: Send + Sync {
 
 /// One exported file: `file` of the stage's entry, copied to `target`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Export {
+pub(crate) struct Export {
     /// A file name in the entry (as in its manifest).
     pub file: String,
     /// Where the copy goes (`evals/<pipeline>/<stage>/<file>`).
@@ -192,7 +187,7 @@ pub struct Export {
 
 impl Export {
     /// `files` of an entry, exported under the same names into `dir`.
-    pub fn all(files: &[&str], dir: &Path) -> Vec<Export> {
+    pub(crate) fn all(files: &[&str], dir: &Path) -> Vec<Export> {
         files
             .iter()
             .map(|file| Export {
@@ -205,7 +200,7 @@ impl Export {
 
 /// An input of a stage that has no entry in this run.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MissingInput {
+pub(crate) struct MissingInput {
     /// The input's position among the stage's inputs.
     pub slot: usize,
     /// The input stage's name.
@@ -216,7 +211,7 @@ pub struct MissingInput {
 
 /// Why a stage has no entry in this run (shown, for each input it lacks, by a partial stage).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MissingCause {
+pub(crate) enum MissingCause {
     /// `--only` left the stage out.
     NotSelected,
     /// The run was cancelled before the stage started (`watch` saw a newer save).
@@ -242,7 +237,7 @@ impl std::fmt::Display for MissingCause {
 }
 
 /// What a running stage sees.
-pub struct StageContext<'a> {
+pub(crate) struct StageContext<'a> {
     /// The stage's name in the pipeline.
     pub name: &'a str,
     /// Cache entries of the stage's inputs, in the order the stage declared them.
@@ -259,13 +254,13 @@ pub struct StageContext<'a> {
 
 impl StageContext<'_> {
     /// Path of output file `name` (a plain file name).
-    pub fn out_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn out_path(&self, name: &str) -> PathBuf {
         self.out_dir.join(name)
     }
 
     /// The entry in input slot `slot`; a slot the stage does not have is a lowering bug,
     /// reported as an error rather than a panic.
-    pub fn input(&self, slot: usize) -> Result<&CacheEntry, StageError> {
+    pub(crate) fn input(&self, slot: usize) -> Result<&CacheEntry, StageError> {
         self.inputs.get(slot).ok_or_else(|| {
             StageError::NoInput(NoInput {
                 stage: self.name.to_owned(),
@@ -277,7 +272,7 @@ impl StageContext<'_> {
 
 /// What a successful stage returns besides its files.
 #[derive(Clone, Debug, Default)]
-pub struct StageOutcome {
+pub(crate) struct StageOutcome {
     /// Free-form metadata stored in the entry's manifest (counts, labels, metrics…).
     pub metadata: Value,
     /// Things a person should know (rejected rows, unknown drop ids…); also stored in the manifest

@@ -24,7 +24,7 @@ pub enum StageStatus {
 
 impl StageStatus {
     /// The word used in the terminal table.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             StageStatus::Ran => "ran",
             StageStatus::Cached => "cached",
@@ -76,7 +76,7 @@ pub struct RunSummary {
 
 impl RunSummary {
     /// The report of stage `name`.
-    pub fn stage(&self, name: &str) -> Option<&StageReport> {
+    pub(crate) fn stage(&self, name: &str) -> Option<&StageReport> {
         self.stages.iter().find(|s| s.name == name)
     }
 

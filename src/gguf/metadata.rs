@@ -17,7 +17,7 @@ use super::tokenizer::GgufVocab;
 const QUANTIZATION_VERSION: u32 = 2;
 
 /// Ordered key/value pairs, as they go into the file.
-pub type Kv = Vec<(String, Value)>;
+pub(crate) type Kv = Vec<(String, Value)>;
 
 fn u32_of(json: Option<&Json>) -> Option<u32> {
     json.and_then(Json::as_u64)
@@ -35,7 +35,7 @@ fn find<'a>(obj: &'a serde_json::Map<String, Json>, keys: &[&str]) -> Option<&'a
 }
 
 /// `{**config, **config["text_config"]}`.
-pub fn text_hparams(config: &Json) -> serde_json::Map<String, Json> {
+pub(crate) fn text_hparams(config: &Json) -> serde_json::Map<String, Json> {
     let mut merged = config.as_object().cloned().unwrap_or_default();
     if let Some(text) = config.get("text_config").and_then(Json::as_object) {
         for (k, v) in text {
@@ -53,7 +53,7 @@ fn missing(path: &Path, what: &str) -> GgufError {
 }
 
 /// llama.cpp's size label (gguf-py `size_label`): `450M`, `1.2B`, …
-pub fn size_label(total_params: u64) -> String {
+pub(crate) fn size_label(total_params: u64) -> String {
     let n = total_params as f64;
     let (scaled, suffix) = if n >= 1e12 {
         (n / 1e12, "T")
@@ -245,7 +245,7 @@ fn lfm2_ff_dim(h: &serde_json::Map<String, Json>, path: &Path) -> Result<u32, Gg
 /// What the mmproj metadata reads besides `config.json`: `image_mean` / `image_std` from
 /// `preprocessor_config.json`, overridden by `processor_config.json` (and its
 /// `image_processor`), as `MmprojModel.__init__` merges them.
-pub fn processor_settings(dir: &Path) -> Result<serde_json::Map<String, Json>, GgufError> {
+pub(crate) fn processor_settings(dir: &Path) -> Result<serde_json::Map<String, Json>, GgufError> {
     let mut merged = serde_json::Map::new();
     for file in ["preprocessor_config.json", "processor_config.json"] {
         let path = dir.join(file);
@@ -278,7 +278,7 @@ pub fn processor_settings(dir: &Path) -> Result<serde_json::Map<String, Json>, G
 }
 
 /// The mmproj's metadata: `general.*` and `clip.*` (the LFM2 projector type).
-pub fn mmproj_metadata(
+pub(crate) fn mmproj_metadata(
     dir: &Path,
     config: &Json,
     name: &str,

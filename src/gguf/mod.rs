@@ -15,8 +15,8 @@
 //! `lfm2` pre-tokenizer when it splits like LFM2 (the converter refuses it).
 
 pub mod metadata;
-pub mod names;
-pub mod quant;
+pub(crate) mod names;
+pub(crate) mod quant;
 pub mod read;
 pub mod tokenizer;
 pub mod tokenizer_read;
@@ -113,7 +113,7 @@ pub fn file_names(name: &str, quant: GgufQuant, mmproj_quant: GgufQuant) -> (Str
 }
 
 /// Reads `config.json` of `dir` and refuses anything but LFM2-VL, before any weight is read.
-pub fn check_architecture(dir: &Path) -> Result<Json, GgufError> {
+pub(crate) fn check_architecture(dir: &Path) -> Result<Json, GgufError> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| GgufError::io(&path, e))?;
     let config: Json = serde_json::from_str(&text).map_err(|e| GgufError::Input {

@@ -4,7 +4,7 @@
 
 /// Which of the two files a checkpoint tensor goes to, under which name.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     Text(String),
     Mmproj(String),
 }
@@ -15,7 +15,7 @@ pub enum Target {
 /// Accepts both the transformers ≥ 4.55 layout (`model.language_model.…`,
 /// `model.vision_tower.…`, `model.multi_modal_projector.…`) and the older one
 /// (`model.language_model` without the leading `model.`, `vision_tower.…`).
-pub fn map_name(hf_name: &str) -> Option<Target> {
+pub(crate) fn map_name(hf_name: &str) -> Option<Target> {
     let (stem, suffix) = split_suffix(hf_name)?;
     if stem == "lm_head" {
         return Some(Target::Text(format!("output{suffix}")));

@@ -40,7 +40,7 @@ impl GgufQuant {
 
     /// `general.file_type`: llama.cpp's `LLAMA_FTYPE_*` (ALL_F32, MOSTLY_F16, MOSTLY_BF16,
     /// MOSTLY_Q8_0).
-    pub fn file_type(self) -> u32 {
+    pub(crate) fn file_type(self) -> u32 {
         match self {
             Self::F32 => 0,
             Self::F16 => 1,
@@ -50,7 +50,7 @@ impl GgufQuant {
     }
 
     /// The tensor type of a weight this file type quantizes.
-    pub fn ggml_dtype(self) -> GgmlDType {
+    pub(crate) fn ggml_dtype(self) -> GgmlDType {
         match self {
             Self::F32 => GgmlDType::F32,
             Self::F16 => GgmlDType::F16,

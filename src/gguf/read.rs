@@ -7,7 +7,6 @@
 //! tensor's rows must be whole blocks of its type, and the architecture must be the one asked
 //! for. Model building from the pair is `crate::model::load::gguf`.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -19,7 +18,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 
 /// The file-type names llama.cpp writes into GGUF file names (`convert_hf_to_gguf.py --outtype`
 /// and `llama-quantize`), whose tensor types candle can read: what `gguf(..., quant: …)` takes.
-pub const IMPORT_QUANTS: &[&str] = &[
+pub(crate) const IMPORT_QUANTS: &[&str] = &[
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M",
     "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
 ];
@@ -158,12 +157,12 @@ impl GgufIn {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// `general.architecture`.
-    pub fn architecture(&self) -> &str {
+    pub(crate) fn architecture(&self) -> &str {
         self.content
             .metadata
             .get("general.architecture")
@@ -172,7 +171,11 @@ impl GgufIn {
     }
 
     /// Refuses a file whose architecture is not `arch`; `expected` says what was wanted.
-    pub fn expect_architecture(&self, arch: &str, expected: &str) -> Result<(), GgufReadError> {
+    pub(crate) fn expect_architecture(
+        &self,
+        arch: &str,
+        expected: &str,
+    ) -> Result<(), GgufReadError> {
         if self.architecture() == arch {
             return Ok(());
         }
@@ -183,7 +186,7 @@ impl GgufIn {
         })
     }
 
-    pub fn get(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
         self.content.metadata.get(key)
     }
 
@@ -204,7 +207,7 @@ impl GgufIn {
     }
 
     /// An unsigned integer key of any width.
-    pub fn u64_opt(&self, key: &str) -> Result<Option<u64>, GgufReadError> {
+    pub(crate) fn u64_opt(&self, key: &str) -> Result<Option<u64>, GgufReadError> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
@@ -222,7 +225,7 @@ impl GgufIn {
         Ok(Some(n))
     }
 
-    pub fn usize(&self, key: &str, hint: &'static str) -> Result<usize, GgufReadError> {
+    pub(crate) fn usize(&self, key: &str, hint: &'static str) -> Result<usize, GgufReadError> {
         self.u64_opt(key)?
             .map(|n| n as usize)
             .ok_or_else(|| self.missing(key, hint))
@@ -230,7 +233,7 @@ impl GgufIn {
 
     /// A float key, returned as the shortest decimal that reads back as the stored f32 (so
     /// `1e-5` stored as f32 comes back as the config's `1e-5`, not `9.99999974738e-06`).
-    pub fn f64_opt(&self, key: &str) -> Result<Option<f64>, GgufReadError> {
+    pub(crate) fn f64_opt(&self, key: &str) -> Result<Option<f64>, GgufReadError> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::F32(x)) => Ok(Some(shortest_f64(*x))),
@@ -239,11 +242,11 @@ impl GgufIn {
         }
     }
 
-    pub fn bool_opt(&self, key: &str) -> Option<bool> {
+    pub(crate) fn bool_opt(&self, key: &str) -> Option<bool> {
         self.get(key).and_then(|v| v.to_bool().ok())
     }
 
-    pub fn string_opt(&self, key: &str) -> Result<Option<&str>, GgufReadError> {
+    pub(crate) fn string_opt(&self, key: &str) -> Result<Option<&str>, GgufReadError> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
@@ -251,7 +254,7 @@ impl GgufIn {
         }
     }
 
-    pub fn array(&self, key: &str, hint: &'static str) -> Result<&[Value], GgufReadError> {
+    pub(crate) fn array(&self, key: &str, hint: &'static str) -> Result<&[Value], GgufReadError> {
         match self.get(key) {
             None => Err(self.missing(key, hint)),
             Some(Value::Array(items)) => Ok(items),
@@ -260,7 +263,11 @@ impl GgufIn {
     }
 
     /// Strings of an array key.
-    pub fn strings(&self, key: &str, hint: &'static str) -> Result<Vec<&str>, GgufReadError> {
+    pub(crate) fn strings(
+        &self,
+        key: &str,
+        hint: &'static str,
+    ) -> Result<Vec<&str>, GgufReadError> {
         self.array(key, hint)?
             .iter()
             .map(|v| {
@@ -272,7 +279,7 @@ impl GgufIn {
     }
 
     /// Floats of an array key.
-    pub fn floats(&self, key: &str, hint: &'static str) -> Result<Vec<f64>, GgufReadError> {
+    pub(crate) fn floats(&self, key: &str, hint: &'static str) -> Result<Vec<f64>, GgufReadError> {
         self.array(key, hint)?
             .iter()
             .map(|v| match v {
@@ -284,7 +291,7 @@ impl GgufIn {
     }
 
     /// Integers of an array key (any integer type).
-    pub fn ints(&self, key: &str, hint: &'static str) -> Result<Vec<i64>, GgufReadError> {
+    pub(crate) fn ints(&self, key: &str, hint: &'static str) -> Result<Vec<i64>, GgufReadError> {
         self.array(key, hint)?
             .iter()
             .map(|v| match v {
@@ -301,21 +308,12 @@ impl GgufIn {
             .collect()
     }
 
-    /// The tensor table: name → (type, dims in candle's order, outermost first).
-    pub fn tensor_infos(&self) -> BTreeMap<&str, (GgmlDType, &[usize])> {
-        self.content
-            .tensor_infos
-            .iter()
-            .map(|(n, i)| (n.as_str(), (i.ggml_dtype, i.shape.dims())))
-            .collect()
-    }
-
-    pub fn has_tensor(&self, name: &str) -> bool {
+    pub(crate) fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
 
     /// Type and dims of `name`.
-    pub fn tensor_info(&self, name: &str) -> Option<(GgmlDType, &[usize])> {
+    pub(crate) fn tensor_info(&self, name: &str) -> Option<(GgmlDType, &[usize])> {
         self.content
             .tensor_infos
             .get(name)
@@ -323,7 +321,7 @@ impl GgufIn {
     }
 
     /// Reads tensor `name` (its blocks as stored) onto `device`.
-    pub fn tensor(&self, name: &str, device: &Device) -> Result<QTensor, GgufReadError> {
+    pub(crate) fn tensor(&self, name: &str, device: &Device) -> Result<QTensor, GgufReadError> {
         if !self.has_tensor(name) {
             return Err(GgufReadError::MissingTensor {
                 path: self.path.clone(),
@@ -358,7 +356,7 @@ pub struct GgufPair {
 
 /// The quant part of a GGUF file name (`LFM2-VL-450M-Q8_0.gguf` → `Q8_0`), upper-cased, when
 /// the name ends in one of [`IMPORT_QUANTS`].
-pub fn quant_of_file_name(name: &str) -> Option<&'static str> {
+pub(crate) fn quant_of_file_name(name: &str) -> Option<&'static str> {
     let stem = name.strip_suffix(".gguf")?.to_ascii_uppercase();
     IMPORT_QUANTS
         .iter()
@@ -368,7 +366,7 @@ pub fn quant_of_file_name(name: &str) -> Option<&'static str> {
 }
 
 /// Whether `dir` holds `.gguf` files (and so is a GGUF folder, not a Hub-layout checkpoint).
-pub fn has_gguf_files(dir: &Path) -> bool {
+pub(crate) fn has_gguf_files(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|entries| {
         entries
             .flatten()
@@ -508,7 +506,7 @@ pub fn find_pair(
 }
 
 /// [`find_pair`] over the file names of a listing (a Hub repo's); `place` names it in errors.
-pub fn choose_pair(
+pub(crate) fn choose_pair(
     place: &Path,
     names: &[String],
     quant: Option<&str>,
@@ -554,7 +552,10 @@ fn choose(
 }
 
 /// The pair for a text `.gguf` file given directly: the file and the mmproj beside it.
-pub fn pair_for_text_file(path: &Path, mmproj: Option<&str>) -> Result<GgufPair, GgufReadError> {
+pub(crate) fn pair_for_text_file(
+    path: &Path,
+    mmproj: Option<&str>,
+) -> Result<GgufPair, GgufReadError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()

@@ -11,10 +11,10 @@ use sha2::{Digest, Sha256};
 use super::GgufError;
 
 /// gguf-py's `TokenType`.
-pub const TOKEN_NORMAL: i32 = 1;
-pub const TOKEN_CONTROL: i32 = 3;
-pub const TOKEN_USER_DEFINED: i32 = 4;
-pub const TOKEN_UNUSED: i32 = 5;
+pub(crate) const TOKEN_NORMAL: i32 = 1;
+pub(crate) const TOKEN_CONTROL: i32 = 3;
+pub(crate) const TOKEN_USER_DEFINED: i32 = 4;
+pub(crate) const TOKEN_UNUSED: i32 = 5;
 
 /// The text the converter encodes and hashes to recognise a BPE pre-tokenizer
 /// (`get_vocab_base_pre`'s `chktxt`).

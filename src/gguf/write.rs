@@ -34,7 +34,12 @@ pub struct Fallback {
 }
 
 /// The type `gguf_name` is stored as in a file of type `quant`.
-pub fn tensor_type(gguf_name: &str, n_dims: usize, quant: GgufQuant, mmproj: bool) -> GgmlDType {
+pub(crate) fn tensor_type(
+    gguf_name: &str,
+    n_dims: usize,
+    quant: GgufQuant,
+    mmproj: bool,
+) -> GgmlDType {
     if n_dims <= 1 || gguf_name.ends_with("_norm.weight") {
         return GgmlDType::F32;
     }
@@ -60,7 +65,7 @@ pub fn tensor_type(gguf_name: &str, n_dims: usize, quant: GgufQuant, mmproj: boo
 /// - the short-conv kernel `(C, 1, L)` loses its middle axis (ggml's conv op takes it 2-D);
 /// - SigLIP2's patch embedding, a linear layer over `(patch_y, patch_x, channel)` pixels, becomes
 ///   the `(out, channel, patch_y, patch_x)` convolution kernel clip.cpp applies.
-pub fn llama_cpp_layout(
+pub(crate) fn llama_cpp_layout(
     gguf_name: &str,
     tensor: Tensor,
     patch_size: usize,
@@ -79,7 +84,7 @@ pub fn llama_cpp_layout(
 }
 
 /// Converts `tensor` to `wanted`, or to F16 when its rows are not whole blocks of `wanted`.
-pub fn to_qtensor(
+pub(crate) fn to_qtensor(
     gguf_name: &str,
     tensor: &Tensor,
     wanted: GgmlDType,

@@ -28,7 +28,7 @@ pub enum ConfigError {
 
 /// `config.json` of an LFM2-VL checkpoint, as written by transformers.
 #[derive(Debug, Clone, Deserialize)]
-pub struct Lfm2VlConfig {
+pub(crate) struct Lfm2VlConfig {
     #[serde(default)]
     pub model_type: Option<String>,
     #[serde(default)]
@@ -63,7 +63,7 @@ pub struct Lfm2VlConfig {
 
 /// `vision_config` (SigLIP2 NaFlex vision tower).
 #[derive(Debug, Clone, Deserialize)]
-pub struct VisionConfig {
+pub(crate) struct VisionConfig {
     #[serde(default = "default_v_hidden")]
     pub hidden_size: usize,
     #[serde(default = "default_v_intermediate")]
@@ -93,14 +93,14 @@ impl Default for VisionConfig {
 
 /// `rope_parameters` as transformers 5.x writes it (older files use a top-level `rope_theta`).
 #[derive(Debug, Clone, Deserialize)]
-pub struct RopeParameters {
+pub(crate) struct RopeParameters {
     #[serde(default)]
     pub rope_theta: Option<f64>,
 }
 
 /// `text_config` (LFM2 hybrid decoder).
 #[derive(Debug, Clone, Deserialize)]
-pub struct TextConfig {
+pub(crate) struct TextConfig {
     #[serde(default = "default_t_vocab")]
     pub vocab_size: usize,
     #[serde(default)]
@@ -169,7 +169,7 @@ pub enum EosIds {
 }
 
 impl EosIds {
-    pub fn to_vec(&self) -> Vec<u32> {
+    pub(crate) fn to_vec(&self) -> Vec<u32> {
         match self {
             EosIds::One(id) => vec![*id],
             EosIds::Many(ids) => ids.clone(),
@@ -297,7 +297,7 @@ impl VisionParams {
     pub fn patch_dim(&self) -> usize {
         self.num_channels * self.patch_size * self.patch_size
     }
-    pub fn head_dim(&self) -> usize {
+    pub(crate) fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads
     }
 }
@@ -352,7 +352,7 @@ pub struct Config {
 }
 
 /// Maps transformers' dtype names to candle's.
-pub fn parse_dtype(name: &str) -> Result<DType, ConfigError> {
+pub(crate) fn parse_dtype(name: &str) -> Result<DType, ConfigError> {
     match name.trim_start_matches("torch.") {
         "float32" | "float" | "f32" => Ok(DType::F32),
         "bfloat16" | "bf16" => Ok(DType::BF16),
@@ -364,7 +364,7 @@ pub fn parse_dtype(name: &str) -> Result<DType, ConfigError> {
 }
 
 /// LFM2's FFN width: with `block_auto_adjust_ff_dim`, `roundup(int(int(2*ff/3) * multiplier), multiple_of)`.
-pub fn effective_ffn_dim(
+pub(crate) fn effective_ffn_dim(
     ff_dim: usize,
     auto_adjust: bool,
     multiplier: Option<f64>,
@@ -389,7 +389,7 @@ impl Config {
     }
 
     /// Resolves defaults, aliases and derived sizes.
-    pub fn from_raw(raw: &Lfm2VlConfig) -> Result<Self, ConfigError> {
+    pub(crate) fn from_raw(raw: &Lfm2VlConfig) -> Result<Self, ConfigError> {
         if let Some(mt) = &raw.model_type
             && mt != "lfm2-vl"
             && mt != "lfm2_vl"

@@ -16,14 +16,14 @@ use candle_core::{Device, DeviceLocation};
 
 /// A GPU backend candle can be built with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GpuBackend {
+pub(crate) enum GpuBackend {
     Cuda,
     Metal,
 }
 
 impl GpuBackend {
     /// The name used on the command line and as the cargo feature.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             GpuBackend::Cuda => "cuda",
             GpuBackend::Metal => "metal",
@@ -39,7 +39,7 @@ impl GpuBackend {
     }
 
     /// Whether this binary was compiled with the backend.
-    pub fn compiled(self) -> bool {
+    pub(crate) fn compiled(self) -> bool {
         match self {
             GpuBackend::Cuda => cfg!(feature = "cuda"),
             GpuBackend::Metal => cfg!(feature = "metal"),
@@ -101,7 +101,7 @@ pub enum DeviceError {
 
 /// A resolved device and, for `auto`, the GPUs it tried and passed over.
 #[derive(Debug, Clone)]
-pub struct Resolved {
+pub(crate) struct Resolved {
     pub device: Device,
     /// One line per compiled backend `auto` could not open (e.g. a CUDA build on a machine
     /// without a driver), so a silent fall back to the CPU can still be reported.
@@ -115,7 +115,7 @@ impl DeviceChoice {
     }
 
     /// Opens the device, saying which GPUs `auto` tried and could not open.
-    pub fn resolve_explained(&self) -> Result<Resolved, DeviceError> {
+    pub(crate) fn resolve_explained(&self) -> Result<Resolved, DeviceError> {
         let exact = |device| {
             Ok(Resolved {
                 device,
@@ -240,7 +240,7 @@ impl fmt::Display for DeviceChoice {
 }
 
 /// How a device is named in records and reports: `cpu`, `cuda:0`, `metal:0`.
-pub fn device_label(device: &Device) -> String {
+pub(crate) fn device_label(device: &Device) -> String {
     match device.location() {
         DeviceLocation::Cpu => "cpu".to_owned(),
         DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
@@ -249,7 +249,7 @@ pub fn device_label(device: &Device) -> String {
 }
 
 /// The backends this binary was compiled with, CPU first (`["cpu", "cuda"]`).
-pub fn compiled_backends() -> Vec<&'static str> {
+pub(crate) fn compiled_backends() -> Vec<&'static str> {
     let mut backends = vec!["cpu"];
     backends.extend(
         [GpuBackend::Cuda, GpuBackend::Metal]
@@ -261,7 +261,7 @@ pub fn compiled_backends() -> Vec<&'static str> {
 }
 
 /// `vlmpipe --version`: the version and the compiled backends.
-pub const LONG_VERSION: &str = match (cfg!(feature = "cuda"), cfg!(feature = "metal")) {
+pub(crate) const LONG_VERSION: &str = match (cfg!(feature = "cuda"), cfg!(feature = "metal")) {
     (true, true) => concat!(env!("CARGO_PKG_VERSION"), " (backends: cpu, cuda, metal)"),
     (true, false) => concat!(env!("CARGO_PKG_VERSION"), " (backends: cpu, cuda)"),
     (false, true) => concat!(env!("CARGO_PKG_VERSION"), " (backends: cpu, metal)"),

@@ -46,7 +46,7 @@ pub struct TokenSet {
 
 impl TokenSet {
     /// Wraps bit words: token `t` is allowed when bit `t % 32` of word `t / 32` is set.
-    pub fn from_words(words: Vec<u32>) -> Self {
+    pub(crate) fn from_words(words: Vec<u32>) -> Self {
         Self { words }
     }
 
@@ -60,14 +60,10 @@ impl TokenSet {
         Self { words }
     }
 
-    pub fn contains(&self, id: u32) -> bool {
+    pub(crate) fn contains(&self, id: u32) -> bool {
         self.words
             .get(id as usize / 32)
             .is_some_and(|w| w & (1 << (id % 32)) != 0)
-    }
-
-    pub fn words(&self) -> &[u32] {
-        &self.words
     }
 }
 
@@ -346,7 +342,7 @@ fn validate(prompts: &[Prompt<'_>], s: &Sampling) -> Result<(), GenerateError> {
 }
 
 /// Sets every score outside `set` to -inf.
-pub fn apply_mask(scores: &mut [f32], set: &TokenSet) {
+pub(crate) fn apply_mask(scores: &mut [f32], set: &TokenSet) {
     for (id, s) in scores.iter_mut().enumerate() {
         if !set.contains(id as u32) {
             *s = f32::NEG_INFINITY;
@@ -355,7 +351,7 @@ pub fn apply_mask(scores: &mut [f32], set: &TokenSet) {
 }
 
 /// transformers' `RepetitionPenaltyLogitsProcessor`: divide positive, multiply negative scores.
-pub fn apply_repetition_penalty(scores: &mut [f32], seen: &[u32], penalty: f32) {
+pub(crate) fn apply_repetition_penalty(scores: &mut [f32], seen: &[u32], penalty: f32) {
     let mut done = vec![false; scores.len()];
     for &id in seen {
         let i = id as usize;
@@ -368,7 +364,7 @@ pub fn apply_repetition_penalty(scores: &mut [f32], seen: &[u32], penalty: f32) 
 }
 
 /// Index of the largest finite score (the first on ties, like `torch.argmax`).
-pub fn argmax(scores: &[f32]) -> Option<u32> {
+pub(crate) fn argmax(scores: &[f32]) -> Option<u32> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &s) in scores.iter().enumerate() {
         if s > f32::NEG_INFINITY && best.is_none_or(|(_, b)| s > b) {

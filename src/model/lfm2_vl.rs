@@ -92,11 +92,11 @@ impl Lfm2VlModel {
         &self.cfg
     }
 
-    pub fn vision(&self) -> &VisionTower {
+    pub(crate) fn vision(&self) -> &VisionTower {
         &self.vision
     }
 
-    pub fn projector(&self) -> &Projector {
+    pub(crate) fn projector(&self) -> &Projector {
         &self.projector
     }
 
@@ -138,7 +138,11 @@ impl Lfm2VlModel {
     }
 
     /// Image features for already packed real patches `[N, C*p*p]`.
-    pub fn image_features_packed(&self, patches: &Tensor, spans: &[ViewSpan]) -> Result<Tensor> {
+    pub(crate) fn image_features_packed(
+        &self,
+        patches: &Tensor,
+        spans: &[ViewSpan],
+    ) -> Result<Tensor> {
         let vis = self.vision.forward_packed(patches, spans, false)?;
         Ok(self
             .projector

@@ -111,7 +111,11 @@ impl fmt::Debug for Linear {
 
 impl Linear {
     /// Wraps existing tensors; `weight` is `[out, in]` as in PyTorch.
-    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, name: impl Into<String>) -> Self {
+    pub(crate) fn from_tensors(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        name: impl Into<String>,
+    ) -> Self {
         Self {
             weight: WeightMatrix::Dense(weight),
             bias,
@@ -121,7 +125,7 @@ impl Linear {
     }
 
     /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`) of shape `[out_dim, in_dim]`.
-    pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
@@ -142,7 +146,7 @@ impl Linear {
         self.weight.to_tensor()
     }
 
-    pub fn bias(&self) -> Option<&Tensor> {
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
 
@@ -157,7 +161,7 @@ impl Linear {
     /// Replaces a CPU f32 weight by its packed form for `kernel` (faster products, same memory);
     /// leaves any other weight (GPU, half precision, tracked by autograd) as it is. Returns
     /// whether it packed.
-    pub fn pack_for_cpu(&mut self, kernel: Kernel) -> Result<bool> {
+    pub(crate) fn pack_for_cpu(&mut self, kernel: Kernel) -> Result<bool> {
         self.weight.pack_for_cpu(kernel)
     }
 
@@ -170,10 +174,6 @@ impl Linear {
     /// bias stay.
     pub(crate) fn set_weight_matrix(&mut self, weight: WeightMatrix) {
         self.weight = weight;
-    }
-
-    pub fn adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {
-        self.adapter.as_ref()
     }
 
     /// Attaches (or with `None` removes) the adapter applied after the frozen projection.

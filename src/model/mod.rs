@@ -37,19 +37,19 @@
 
 // The network, reading like the paper (candle-transformers' layout: config, blocks, model).
 pub mod config;
-pub mod device;
+pub(crate) mod device;
 pub mod generate;
 pub mod lfm2_vl;
 pub mod linear;
-pub mod projector;
+pub(crate) mod projector;
 pub mod quant;
-pub mod text;
+pub(crate) mod text;
 pub mod vision;
 
 // Tensors ↔ slices: the only place that hands tensor storage to the kernels.
-pub mod ops;
+pub(crate) mod ops;
 // Kernels over plain slices (no tensors, nothing from the rest of the model).
-pub mod kernels;
+pub(crate) mod kernels;
 
 // Files in and out: checkpoints, decoding defaults, Hub/folder resolution, random weights.
 pub mod load;

@@ -27,7 +27,7 @@ fn tracks(xs: &Tensor) -> bool {
 }
 
 /// `x [m, k] @ w[n, k]^T -> [m, n]`, the layout of every PyTorch `Linear` weight.
-pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (m, _) = x.dims2()?;
     let (n, _) = w.dims2()?;
     if tracks(x) && !tracks(w) && is_cpu_f32(x) && w.dtype() == DType::F32 {
@@ -58,7 +58,7 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// `x [m, k] @ w[n, k]^T + b`, the bias added inside the product on CPU f32.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (m, _) = x.dims2()?;
     if m > 4
         && !b.is_some_and(tracks)
@@ -101,7 +101,7 @@ fn cpu_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tenso
 /// Bidirectional attention of packed views (`[N, heads * hd]` each for `q`, `k`, `v`; each view's
 /// rows attend only to its own rows) with the fused CPU kernel; `None` when any operand is not an
 /// untracked CPU f32 tensor, so the caller uses candle ops.
-pub fn packed_attention(
+pub(crate) fn packed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -228,7 +228,7 @@ fn map_rows_f32(
 }
 
 /// SiLU (`x * sigmoid(x)`).
-pub fn silu(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
     match map_rows_f32(x, x.dim(D::Minus1)?, cpu::silu_rows)? {
         Some(y) => Ok(y),
         None => candle_nn::ops::silu(x),
@@ -236,7 +236,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w` (LFM2 multiplies by `w`, not `1 + w`).
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if tracks(x) || tracks(w) {
         return candle_nn::ops::rms_norm_slow(x, w, eps as f32);
     }
@@ -244,7 +244,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// LayerNorm over the last dimension with weight and bias.
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     if tracks(x) || tracks(w) || tracks(b) {
         return candle_nn::ops::layer_norm_slow(x, w, b, eps as f32);
     }
@@ -252,7 +252,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 }
 
 /// Softmax over the last dimension, computed in f32 for half-precision inputs.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let x32 = if dtype == DType::F32 {
         x.clone()
@@ -280,7 +280,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Applies a configured activation.
-pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+pub(crate) fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
         Activation::GeluTanh => match map_rows_f32(x, x.dim(D::Minus1)?, cpu::gelu_tanh_rows)? {
             Some(y) => Ok(y),
@@ -293,14 +293,14 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
 
 /// LayerNorm with affine weight and bias (`nn.LayerNorm`).
 #[derive(Debug, Clone)]
-pub struct LayerNorm {
+pub(crate) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
 }
 
 impl LayerNorm {
-    pub fn load(dim: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
+    pub(crate) fn load(dim: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
             bias: vb.get(dim, "bias")?,
@@ -308,27 +308,27 @@ impl LayerNorm {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
 /// RMSNorm with a weight (LFM2's `operator_norm`, `ffn_norm`, `q_layernorm`, ...).
 #[derive(Debug, Clone)]
-pub struct RmsNorm {
+pub(crate) struct RmsNorm {
     weight: Tensor,
     eps: f64,
 }
 
 impl RmsNorm {
-    pub fn load(dim: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
+    pub(crate) fn load(dim: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
             eps,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         rms_norm(x, &self.weight, self.eps)
     }
 }
@@ -337,7 +337,7 @@ impl RmsNorm {
 impl PackedWeight {
     /// Packs a `[n, k]` CPU f32 weight that autograd does not track; `None` for any other
     /// (GPU, half precision, trainable), which stays dense.
-    pub fn from_tensor(w: &Tensor, kernel: Kernel) -> Result<Option<Self>> {
+    pub(crate) fn from_tensor(w: &Tensor, kernel: Kernel) -> Result<Option<Self>> {
         if !is_cpu_f32(w) || w.track_op() || w.is_variable() {
             return Ok(None);
         }
@@ -346,13 +346,13 @@ impl PackedWeight {
     }
 
     /// The dense `[n, k]` weight as a new CPU tensor.
-    pub fn to_tensor(&self) -> Result<Tensor> {
+    pub(crate) fn to_tensor(&self) -> Result<Tensor> {
         Tensor::from_vec(self.to_dense(), (self.n(), self.k()), &Device::Cpu)
     }
 
     /// `x [rows, k] @ w^T (+ bias [n])` as `[rows, n]`. An input the kernel cannot take
     /// (tracked by autograd, not a CPU f32 tensor) goes through the unpacked weight instead.
-    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    pub(crate) fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let plain = |t: &Tensor| is_cpu_f32(t) && !t.track_op();
         if !plain(x) || bias.is_some_and(|b| !plain(b)) {
             return linear(&x.to_device(&Device::Cpu)?, &self.to_tensor()?, bias);

@@ -13,13 +13,12 @@ use crate::model::linear::{Linear, LinearVisitor};
 use crate::model::ops::{self, LayerNorm};
 use crate::model::vision::ViewSpan;
 
-/// Number of image tokens a view of `rows x cols` patches becomes.
-pub fn tokens_per_view(rows: usize, cols: usize, factor: usize) -> usize {
-    (rows / factor) * (cols / factor)
-}
-
 /// Pixel-unshuffles packed vision outputs `[N, D]` into `[tokens, D * f^2]`, views in order.
-pub fn pixel_unshuffle(features: &Tensor, spans: &[ViewSpan], factor: usize) -> Result<Tensor> {
+pub(crate) fn pixel_unshuffle(
+    features: &Tensor,
+    spans: &[ViewSpan],
+    factor: usize,
+) -> Result<Tensor> {
     let d = features.dim(1)?;
     let mut parts = Vec::with_capacity(spans.len());
     for (v, span) in spans.iter().enumerate() {
@@ -44,7 +43,7 @@ pub fn pixel_unshuffle(features: &Tensor, spans: &[ViewSpan], factor: usize) -> 
 
 /// Intermediates of the projector for parity checks.
 #[derive(Debug, Clone)]
-pub struct ProjectorOutput {
+pub(crate) struct ProjectorOutput {
     /// `[tokens, D * f^2]` before the LayerNorm (kept only when asked for).
     pub unshuffled: Option<Tensor>,
     /// `[tokens, text hidden]`.
@@ -53,7 +52,7 @@ pub struct ProjectorOutput {
 
 /// `multi_modal_projector`.
 #[derive(Debug, Clone)]
-pub struct Projector {
+pub(crate) struct Projector {
     layer_norm: Option<LayerNorm>,
     linear_1: Linear,
     linear_2: Linear,
@@ -61,7 +60,7 @@ pub struct Projector {
 }
 
 impl Projector {
-    pub fn new(cfg: &ProjectorParams, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &ProjectorParams, vb: VarBuilder) -> Result<Self> {
         let layer_norm = if cfg.use_layer_norm {
             Some(LayerNorm::load(
                 cfg.in_dim,
@@ -79,12 +78,8 @@ impl Projector {
         })
     }
 
-    pub fn config(&self) -> &ProjectorParams {
-        &self.cfg
-    }
-
     /// Packed vision outputs `[N, Dv]` -> image features `[tokens, D]`.
-    pub fn forward(
+    pub(crate) fn forward(
         &self,
         vision_features: &Tensor,
         spans: &[ViewSpan],

@@ -92,7 +92,7 @@ impl KvBuffer {
 
 impl TextCache {
     /// An empty cache for `batch` rows.
-    pub fn new(cfg: &TextParams, batch: usize) -> Self {
+    pub(crate) fn new(cfg: &TextParams, batch: usize) -> Self {
         let layers = cfg
             .layer_kinds
             .iter()
@@ -108,18 +108,13 @@ impl TextCache {
         }
     }
 
-    pub fn batch_size(&self) -> usize {
+    pub(crate) fn batch_size(&self) -> usize {
         self.next_pos.len()
     }
 
     /// Tokens (real and padding) seen so far.
-    pub fn seq_len(&self) -> usize {
+    pub(crate) fn seq_len(&self) -> usize {
         self.key_mask.first().map_or(0, Vec::len)
-    }
-
-    /// Real tokens seen so far in `row`.
-    pub fn real_len(&self, row: usize) -> usize {
-        self.next_pos.get(row).copied().unwrap_or(0)
     }
 }
 
@@ -219,7 +214,7 @@ impl StepContext {
 
 /// Gated short convolution (`conv`).
 #[derive(Debug, Clone)]
-pub struct ShortConv {
+pub(crate) struct ShortConv {
     in_proj: Linear,
     out_proj: Linear,
     /// `K` taps, each `[D]`: tap `k` multiplies the input `K-1-k` steps back.
@@ -229,7 +224,7 @@ pub struct ShortConv {
 }
 
 impl ShortConv {
-    pub fn new(cfg: &TextParams, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &TextParams, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let k = cfg.conv_kernel;
         let in_proj = Linear::load(d, 3 * d, cfg.conv_bias, vb.pp("in_proj"))?;
@@ -347,7 +342,7 @@ impl ShortConv {
 
 /// Grouped-query attention with QK RMSNorm and RoPE (`self_attn`).
 #[derive(Debug, Clone)]
-pub struct Attention {
+pub(crate) struct Attention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -360,7 +355,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(cfg: &TextParams, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &TextParams, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let hd = cfg.head_dim;
         Ok(Self {
@@ -443,14 +438,14 @@ impl Attention {
 
 /// SwiGLU FFN (`feed_forward`).
 #[derive(Debug, Clone)]
-pub struct FeedForward {
+pub(crate) struct FeedForward {
     w1: Linear,
     w2: Linear,
     w3: Linear,
 }
 
 impl FeedForward {
-    pub fn new(cfg: &TextParams, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &TextParams, vb: VarBuilder) -> Result<Self> {
         let (d, f) = (cfg.hidden_size, cfg.ffn_dim);
         Ok(Self {
             w1: Linear::load(d, f, false, vb.pp("w1"))?,
@@ -459,7 +454,7 @@ impl FeedForward {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = ops::silu(&self.w1.forward(x)?)?;
         self.w2.forward(&(gate * self.w3.forward(x)?)?)
     }
@@ -467,14 +462,14 @@ impl FeedForward {
 
 /// The operator of one decoder layer.
 #[derive(Debug, Clone)]
-pub enum Operator {
+pub(crate) enum Operator {
     Conv(ShortConv),
     Attention(Attention),
 }
 
 /// One LFM2 decoder layer.
 #[derive(Debug, Clone)]
-pub struct DecoderLayer {
+pub(crate) struct DecoderLayer {
     operator_norm: RmsNorm,
     operator: Operator,
     ffn_norm: RmsNorm,
@@ -482,7 +477,7 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn new(cfg: &TextParams, kind: LayerKind, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &TextParams, kind: LayerKind, vb: VarBuilder) -> Result<Self> {
         let operator = match kind {
             LayerKind::Conv => Operator::Conv(ShortConv::new(cfg, vb.pp("conv"))?),
             LayerKind::Attention => Operator::Attention(Attention::new(cfg, vb.pp("self_attn"))?),
@@ -587,7 +582,7 @@ pub struct TextModel {
 
 impl TextModel {
     /// `vb` points at `language_model`; `lm_head` is `Some` when the checkpoint has an untied head.
-    pub fn new(cfg: &TextParams, vb: VarBuilder, lm_head: Option<Tensor>) -> Result<Self> {
+    pub(crate) fn new(cfg: &TextParams, vb: VarBuilder, lm_head: Option<Tensor>) -> Result<Self> {
         let embed_tokens = vb
             .pp("embed_tokens")
             .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
@@ -617,7 +612,7 @@ impl TextModel {
     /// Packs a CPU f32 LM head for `kernel` (inference only, like [`Linear::pack_for_cpu`]);
     /// a tied embedding table then reads its rows from the packed head instead of keeping its
     /// own copy. Returns whether it packed.
-    pub fn pack_head_for_cpu(&mut self, kernel: Kernel) -> Result<bool> {
+    pub(crate) fn pack_head_for_cpu(&mut self, kernel: Kernel) -> Result<bool> {
         let packed = self.lm_head.pack_for_cpu(kernel)?;
         if packed && self.tied {
             self.embed_tokens = self.lm_head.clone();
@@ -639,25 +634,21 @@ impl TextModel {
         self.lm_head = head;
     }
 
-    pub fn config(&self) -> &TextParams {
-        &self.cfg
-    }
-
     /// Rows of the embedding matrix: every id below this is valid input, even past the tokenizer.
     pub fn embedding_rows(&self) -> usize {
         self.embed_tokens.out_dim()
     }
 
-    pub fn dtype(&self) -> DType {
+    pub(crate) fn dtype(&self) -> DType {
         self.dtype
     }
 
-    pub fn device(&self) -> &Device {
+    pub(crate) fn device(&self) -> &Device {
         &self.device
     }
 
     /// `ids [B, L]` (any integer dtype) -> `[B, L, D]`.
-    pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+    pub(crate) fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let ids = ids.to_dtype(DType::U32)?.flatten_all()?;
         let rows = self.embedding_rows() as u32;
@@ -702,7 +693,7 @@ impl TextModel {
     /// positions within the convolutions' reach are computed, and that attention layer computes
     /// queries for those alone (keys and values still cover the chunk, for the cache). For
     /// LFM2-350M with one kept position this skips about an eighth of a prefill.
-    pub fn forward_tail(
+    pub(crate) fn forward_tail(
         &self,
         embeds: &Tensor,
         attention_mask: Option<&Tensor>,
@@ -749,7 +740,7 @@ impl TextModel {
     }
 
     /// Logits `[..., vocab]` for normed hidden states `[..., D]`.
-    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+    pub(crate) fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         let dims = hidden.dims().to_vec();
         let d = self.cfg.hidden_size;
         let rows = hidden.elem_count() / d.max(1);

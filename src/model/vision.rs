@@ -11,7 +11,7 @@
 //! real patches only, packed into one `[N, C*p*p]` matrix (views back to back): the token-wise layers
 //! see one large GEMM and attention runs per view over its own rows, with no padding work at all.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::config::VisionParams;
@@ -19,10 +19,10 @@ use crate::model::linear::{Linear, LinearVisitor};
 use crate::model::ops::{self, LayerNorm};
 
 /// Defined with the kernels (the fused attention takes it); re-exported as part of the tower's API.
-pub use crate::model::kernels::ViewSpan;
+pub(crate) use crate::model::kernels::ViewSpan;
 
 /// Lays views out back to back: view `i` takes `rows * cols` rows after view `i - 1`.
-pub fn view_spans(spatial_shapes: &[(usize, usize)]) -> Vec<ViewSpan> {
+pub(crate) fn view_spans(spatial_shapes: &[(usize, usize)]) -> Vec<ViewSpan> {
     let mut start = 0;
     spatial_shapes
         .iter()
@@ -39,7 +39,7 @@ pub fn view_spans(spatial_shapes: &[(usize, usize)]) -> Vec<ViewSpan> {
 /// For output index `i` the filter is centred at `scale * (i + 0.5)` with support `scale` when
 /// downsampling (a widened triangle: that is the antialiasing) and 1 when upsampling (plain bilinear).
 /// Returns, per output index, the first input index and the normalised weights.
-pub fn aa_linear_weights(in_size: usize, out_size: usize) -> Vec<(usize, Vec<f64>)> {
+pub(crate) fn aa_linear_weights(in_size: usize, out_size: usize) -> Vec<(usize, Vec<f64>)> {
     let scale = in_size as f64 / out_size as f64;
     let support = if scale >= 1.0 { scale } else { 1.0 };
     let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
@@ -65,7 +65,7 @@ pub fn aa_linear_weights(in_size: usize, out_size: usize) -> Vec<(usize, Vec<f64
 }
 
 /// Resizes a row-major `[h, w, dim]` grid to `[rows, cols, dim]` (width pass first, like PyTorch).
-pub fn resize_grid_aa(
+pub(crate) fn resize_grid_aa(
     grid: &[f32],
     (h, w, dim): (usize, usize, usize),
     (rows, cols): (usize, usize),
@@ -104,7 +104,7 @@ pub fn resize_grid_aa(
 
 /// Patch embedding plus the per-view resized position embedding.
 #[derive(Debug, Clone)]
-pub struct VisionEmbeddings {
+pub(crate) struct VisionEmbeddings {
     patch_embedding: Linear,
     /// `[grid * grid, hidden]`, row-major over the grid.
     position_embedding: Tensor,
@@ -113,7 +113,7 @@ pub struct VisionEmbeddings {
 }
 
 impl VisionEmbeddings {
-    pub fn new(cfg: &VisionParams, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &VisionParams, vb: VarBuilder) -> Result<Self> {
         let patch_embedding = Linear::load(
             cfg.patch_dim(),
             cfg.hidden_size,
@@ -133,7 +133,7 @@ impl VisionEmbeddings {
     }
 
     /// Position embeddings for every view, packed like the patches: `[N, hidden]`.
-    pub fn positions(&self, spans: &[ViewSpan]) -> Result<Tensor> {
+    pub(crate) fn positions(&self, spans: &[ViewSpan]) -> Result<Tensor> {
         let grid = self
             .position_embedding
             .to_dtype(DType::F32)?
@@ -161,7 +161,7 @@ impl VisionEmbeddings {
     }
 
     /// `patches [N, C*p*p]` (packed real patches) -> `[N, hidden]`.
-    pub fn forward(&self, patches: &Tensor, spans: &[ViewSpan]) -> Result<Tensor> {
+    pub(crate) fn forward(&self, patches: &Tensor, spans: &[ViewSpan]) -> Result<Tensor> {
         let patches = patches.to_dtype(self.position_embedding.dtype())?;
         let embeds = self.patch_embedding.forward(&patches)?;
         embeds + self.positions(spans)?
@@ -170,7 +170,7 @@ impl VisionEmbeddings {
 
 /// Multi-head self-attention over each view's own patches.
 #[derive(Debug, Clone)]
-pub struct VisionAttention {
+pub(crate) struct VisionAttention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -180,7 +180,7 @@ pub struct VisionAttention {
 }
 
 impl VisionAttention {
-    pub fn new(cfg: &VisionParams, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &VisionParams, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
             q_proj: Linear::load(d, d, true, vb.pp("q_proj"))?,
@@ -193,7 +193,7 @@ impl VisionAttention {
     }
 
     /// `x [N, D]` packed views -> `[N, D]`.
-    pub fn forward(&self, x: &Tensor, spans: &[ViewSpan]) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, spans: &[ViewSpan]) -> Result<Tensor> {
         let scale = (self.head_dim as f64).powf(-0.5);
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
@@ -234,14 +234,14 @@ impl VisionAttention {
 
 /// `fc1 -> act -> fc2`.
 #[derive(Debug, Clone)]
-pub struct VisionMlp {
+pub(crate) struct VisionMlp {
     fc1: Linear,
     fc2: Linear,
     act: crate::model::config::Activation,
 }
 
 impl VisionMlp {
-    pub fn new(cfg: &VisionParams, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &VisionParams, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             fc1: Linear::load(cfg.hidden_size, cfg.intermediate_size, true, vb.pp("fc1"))?,
             fc2: Linear::load(cfg.intermediate_size, cfg.hidden_size, true, vb.pp("fc2"))?,
@@ -249,7 +249,7 @@ impl VisionMlp {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = ops::activation(&self.fc1.forward(x)?, self.act)?;
         self.fc2.forward(&h)
     }
@@ -257,7 +257,7 @@ impl VisionMlp {
 
 /// Pre-LN encoder layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
 #[derive(Debug, Clone)]
-pub struct VisionEncoderLayer {
+pub(crate) struct VisionEncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: VisionAttention,
     layer_norm2: LayerNorm,
@@ -265,7 +265,7 @@ pub struct VisionEncoderLayer {
 }
 
 impl VisionEncoderLayer {
-    pub fn new(cfg: &VisionParams, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &VisionParams, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
             layer_norm1: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
@@ -275,7 +275,7 @@ impl VisionEncoderLayer {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, spans: &[ViewSpan]) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, spans: &[ViewSpan]) -> Result<Tensor> {
         let h = self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, spans)?;
@@ -287,7 +287,7 @@ impl VisionEncoderLayer {
 
 /// Outputs of the tower on packed real patches.
 #[derive(Debug, Clone)]
-pub struct VisionOutput {
+pub(crate) struct VisionOutput {
     /// `[N, D]`: patch + position embeddings (kept only when asked for).
     pub embeddings: Option<Tensor>,
     /// `[N, D]`: after the used encoder layers and `post_layernorm`.
@@ -296,7 +296,7 @@ pub struct VisionOutput {
 
 /// The SigLIP2 vision transformer (`vision_model`).
 #[derive(Debug, Clone)]
-pub struct VisionTower {
+pub(crate) struct VisionTower {
     embeddings: VisionEmbeddings,
     layers: Vec<VisionEncoderLayer>,
     post_layernorm: LayerNorm,
@@ -305,7 +305,7 @@ pub struct VisionTower {
 
 impl VisionTower {
     /// `vb` points at `vision_model` (Hub layout: `model.vision_tower.vision_model`).
-    pub fn new(cfg: &VisionParams, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &VisionParams, vb: VarBuilder) -> Result<Self> {
         let embeddings = VisionEmbeddings::new(cfg, vb.pp("embeddings"))?;
         let vb_layers = vb.pp("encoder").pp("layers");
         let layers = (0..cfg.num_layers)
@@ -321,16 +321,8 @@ impl VisionTower {
         })
     }
 
-    pub fn config(&self) -> &VisionParams {
-        &self.cfg
-    }
-
-    pub fn embeddings(&self) -> &VisionEmbeddings {
-        &self.embeddings
-    }
-
     /// Runs the tower on packed real patches `[N, C*p*p]` laid out by `spans`.
-    pub fn forward_packed(
+    pub(crate) fn forward_packed(
         &self,
         patches: &Tensor,
         spans: &[ViewSpan],
@@ -396,24 +388,6 @@ pub fn pack_views(
         parts.push(pixel_values.get(v)?.narrow(0, 0, n)?);
     }
     Ok((Tensor::cat(&parts, 0)?, spans))
-}
-
-/// Scatters packed rows back into padded views `[views, max_patches, D]`; padding rows are zero.
-pub fn unpack_views(packed: &Tensor, spans: &[ViewSpan], max_patches: usize) -> Result<Tensor> {
-    let d = packed.dim(D::Minus1)?;
-    let mut views = Vec::with_capacity(spans.len());
-    for span in spans {
-        let rows = packed.narrow(0, span.start, span.len())?;
-        let pad = max_patches.saturating_sub(span.len());
-        let view = if pad > 0 {
-            let zeros = Tensor::zeros((pad, d), packed.dtype(), packed.device())?;
-            Tensor::cat(&[&rows, &zeros], 0)?
-        } else {
-            rows
-        };
-        views.push(view);
-    }
-    Tensor::stack(&views, 0)
 }
 
 impl LinearVisitor for VisionTower {

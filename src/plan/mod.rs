@@ -7,7 +7,7 @@
 //! **Architecture Invariant:** nodes are stored in topological order (every input before its
 //! users), and a plan exists only when checking found no error.
 
-pub mod analyzer;
+pub(crate) mod analyzer;
 pub mod graph;
 pub mod params;
 
@@ -49,7 +49,7 @@ pub enum NodeKind {
 }
 
 impl NodeKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             NodeKind::Labels => "labels",
             NodeKind::Dataset => "dataset",
@@ -74,7 +74,7 @@ impl fmt::Display for NodeKind {
 }
 
 impl NodeParams {
-    pub fn kind(&self) -> NodeKind {
+    pub(crate) fn kind(&self) -> NodeKind {
         match self {
             NodeParams::Labels(_) => NodeKind::Labels,
             NodeParams::Dataset(_) => NodeKind::Dataset,
@@ -120,7 +120,7 @@ impl Node {
     }
 }
 
-pub use crate::cache::sort_keys;
+pub(crate) use crate::cache::sort_keys;
 
 /// A stage name the pipeline does not have (`--only`, `--force`, `render STAGE`).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -198,7 +198,7 @@ impl Plan {
     }
 
     /// Nodes in dependency order (inputs first).
-    pub fn topological(&self) -> impl Iterator<Item = &Node> {
+    pub(crate) fn topological(&self) -> impl Iterator<Item = &Node> {
         self.nodes.iter()
     }
 
@@ -225,7 +225,7 @@ impl Plan {
     }
 
     /// Nodes that read `id` directly.
-    pub fn users_of(&self, id: NodeId) -> Vec<NodeId> {
+    pub(crate) fn users_of(&self, id: NodeId) -> Vec<NodeId> {
         self.nodes
             .iter()
             .filter(|n| n.inputs.contains(&id))

@@ -69,7 +69,7 @@ pub enum ParamValue {
 }
 
 impl ParamValue {
-    pub fn type_name(&self) -> &'static str {
+    pub(crate) fn type_name(&self) -> &'static str {
         match self {
             ParamValue::Bool(_) => "a boolean",
             ParamValue::Int(_) => "an integer",
@@ -173,17 +173,7 @@ pub enum DataSource {
     },
 }
 
-impl DataSource {
-    pub fn local_path(&self) -> Option<&LocalPath> {
-        match self {
-            DataSource::Parquet { path }
-            | DataSource::Folder { path }
-            | DataSource::Csv { path }
-            | DataSource::Jsonl { path } => Some(path),
-            DataSource::Hf { .. } | DataSource::Synthetic { .. } => None,
-        }
-    }
-}
+impl DataSource {}
 
 /// Where the label comes from: a column, optionally mapped (`"labels" -> { 0: "cat" }`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -310,8 +300,8 @@ pub enum ModelSource {
 pub const MODEL_PRESETS: &[&str] = &["tiny"];
 
 /// The kinds `synthetic(kind: ...)` knows, and the shapes its `shapes:` option may list.
-pub const SYNTHETIC_KINDS: &[&str] = &["shapes"];
-pub const SYNTHETIC_SHAPES: &[&str] = &["circle", "square", "triangle"];
+pub(crate) const SYNTHETIC_KINDS: &[&str] = &["shapes"];
+pub(crate) const SYNTHETIC_SHAPES: &[&str] = &["circle", "square", "triangle"];
 
 pub use crate::dtype::Dtype;
 
@@ -325,7 +315,7 @@ pub struct GrammarParams {
 impl GrammarParams {
     /// The decoder's form of the grammar: what `decode` compiles into token masks (the one
     /// conversion, used by the checker's compile check and by lowering).
-    pub fn decode_spec(&self) -> crate::decode::GrammarSpec {
+    pub(crate) fn decode_spec(&self) -> crate::decode::GrammarSpec {
         use crate::decode::{GrammarSpec as Decode, Whitespace as DecodeWhitespace};
         let whitespace = match self.whitespace {
             Whitespace::Flexible => DecodeWhitespace::Flexible,
@@ -550,9 +540,9 @@ pub struct FinetuneParams {
 }
 
 /// Checkpoint at least every this many optimizer steps unless `checkpoint_every` says otherwise.
-pub const DEFAULT_CHECKPOINT_EVERY: u64 = 50;
+pub(crate) const DEFAULT_CHECKPOINT_EVERY: u64 = 50;
 /// Checkpoint at least every this many minutes unless `checkpoint_minutes` says otherwise.
-pub const DEFAULT_CHECKPOINT_MINUTES: f64 = 1.0;
+pub(crate) const DEFAULT_CHECKPOINT_MINUTES: f64 = 1.0;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LoraParams {
@@ -565,10 +555,10 @@ pub struct LoraParams {
 
 /// Module names of LFM2-VL's language model (and its vision tower and projector) that LoRA can
 /// target; the default targets are every linear layer of the language model.
-pub const LFM2_TEXT_TARGETS: &[&str] = &[
+pub(crate) const LFM2_TEXT_TARGETS: &[&str] = &[
     "q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3",
 ];
-pub const LFM2_VL_OTHER_TARGETS: &[&str] = &["fc1", "fc2", "linear_1", "linear_2"];
+pub(crate) const LFM2_VL_OTHER_TARGETS: &[&str] = &["fc1", "fc2", "linear_1", "linear_2"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -608,7 +598,7 @@ pub enum ExportFormat {
 }
 
 /// The formats `export` knows, checked at check time.
-pub const EXPORT_FORMATS: &[&str] = &["gguf"];
+pub(crate) const EXPORT_FORMATS: &[&str] = &["gguf"];
 
 /// `report NAME { compare = [a, b] }`.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -27,7 +27,7 @@ use crate::model::packed::Kernel;
 use crate::model::processor::{Processor, PromptInputs};
 use crate::model::quant::{self, Quant, QuantReport};
 
-pub use scorer::CachedPrefixScorer;
+pub(crate) use scorer::CachedPrefixScorer;
 
 /// Errors of loading a model or answering with it.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +179,7 @@ impl ModelRunner {
 
     /// Loads `dir` and, when given, attaches the PEFT LoRA adapter in `adapter_dir` (a fine-tune);
     /// the adapter's tensors go to the model's device.
-    pub fn load_with_adapter(
+    pub(crate) fn load_with_adapter(
         dir: &Path,
         adapter_dir: Option<&Path>,
         options: &LoadOptions,
@@ -236,7 +236,11 @@ impl ModelRunner {
     ///
     /// Inference never needs the dense CPU weights, so they are packed for the fastest CPU
     /// kernel here ([`Kernel::for_this_cpu`]).
-    pub fn new(model: Lfm2VlModel, processor: Processor, dir: &Path) -> Result<Self, RunnerError> {
+    pub(crate) fn new(
+        model: Lfm2VlModel,
+        processor: Processor,
+        dir: &Path,
+    ) -> Result<Self, RunnerError> {
         let eos_token_ids = eos_ids(dir, &processor);
         Self::assemble(model, processor, dir, eos_token_ids, None)
     }
@@ -291,7 +295,7 @@ impl ModelRunner {
 
     /// How many projections run on pre-packed CPU weights (0 on a GPU, in half precision, or
     /// where the CPU lacks AVX-512F).
-    pub fn packed_linears(&self) -> usize {
+    pub(crate) fn packed_linears(&self) -> usize {
         self.packed_linears
     }
 
@@ -300,7 +304,7 @@ impl ModelRunner {
     }
 
     /// The device the weights live on (every forward runs there).
-    pub fn device(&self) -> &Device {
+    pub(crate) fn device(&self) -> &Device {
         self.model.device()
     }
 

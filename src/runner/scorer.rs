@@ -9,7 +9,7 @@ use crate::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
 use crate::model::text::TextCache;
 
 /// Answers [`PrefixScorer`] queries from one prefilled prompt.
-pub struct CachedPrefixScorer<'a> {
+pub(crate) struct CachedPrefixScorer<'a> {
     model: &'a Lfm2VlModel,
     /// The cache after the prompt; every query starts from a clone of it.
     prompt_cache: TextCache,
@@ -19,7 +19,10 @@ pub struct CachedPrefixScorer<'a> {
 
 impl<'a> CachedPrefixScorer<'a> {
     /// Runs the prompt once.
-    pub fn new(model: &'a Lfm2VlModel, prompt: &PreparedPrompt) -> Result<Self, RunnerError> {
+    pub(crate) fn new(
+        model: &'a Lfm2VlModel,
+        prompt: &PreparedPrompt,
+    ) -> Result<Self, RunnerError> {
         let ids = &prompt.inputs.input_ids;
         let input = Tensor::from_slice(ids, (1, ids.len()), model.device())?;
         let mut cache = model.new_cache(1);

@@ -20,12 +20,12 @@
 //! (ingest and row tables, templates, records and metrics, HTML reports).
 
 pub mod data;
-pub mod declared;
+pub(crate) mod declared;
 pub mod eval;
-pub mod export;
-pub mod finetune;
-pub mod lower;
+pub(crate) mod export;
+pub(crate) mod finetune;
+pub(crate) mod lower;
 pub mod model;
 pub mod prompt;
 pub mod report;
-pub mod rows;
+pub(crate) mod rows;

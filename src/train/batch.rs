@@ -8,7 +8,7 @@
 use candle_core::{D, DType, Device, Tensor};
 
 use crate::model::chat::Conversation;
-use crate::model::processor::{ImageTensors, ProcessedImage, stack_images};
+use crate::model::processor::ProcessedImage;
 use crate::model::processor::{Processor, ProcessorError};
 use crate::train::error::TrainError;
 
@@ -63,7 +63,7 @@ impl Example {
     }
 
     /// Target ids per position (`None` where unlabelled) under `loss_on`, before shifting.
-    pub fn labels(&self, loss_on: LossOn) -> Vec<Option<u32>> {
+    pub(crate) fn labels(&self, loss_on: LossOn) -> Vec<Option<u32>> {
         self.input_ids
             .iter()
             .enumerate()
@@ -101,7 +101,7 @@ pub struct Batch {
 
 impl Batch {
     /// Pads `examples` on the right to the longest and collects the shifted targets.
-    pub fn collate(
+    pub(crate) fn collate(
         examples: &[&Example],
         loss_on: LossOn,
         pad_id: u32,
@@ -149,23 +149,8 @@ impl Batch {
     }
 }
 
-/// All images of `examples`, views concatenated in example order.
-pub fn stack_batch_images(
-    examples: &[&Example],
-    device: &Device,
-) -> Result<Option<ImageTensors>, TrainError> {
-    let images: Vec<ProcessedImage> = examples
-        .iter()
-        .flat_map(|e| e.images.iter().cloned())
-        .collect();
-    if images.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(stack_images(&images, device)?))
-}
-
 /// Mean cross-entropy of `logits [N, vocab]` against `targets [N]` (u32), in f32.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;

@@ -13,7 +13,7 @@ use crate::train::error::TrainError;
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`, so a
 /// reader (or a resumed run after a kill) sees the old file or the new one, never half of one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(FileError::create(dir))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(FileError::create(dir))?;
@@ -76,7 +76,7 @@ fn to_view_parts(t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>), TrainError>
 }
 
 /// Serialises named tensors (any order; safetensors sorts them) with `format: pt` metadata.
-pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>, TrainError> {
+pub(crate) fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>, TrainError> {
     let parts = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), to_view_parts(t)?)))
@@ -111,7 +111,10 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 }
 
 /// Reads every tensor of a safetensors file, sorted by name.
-pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>, TrainError> {
+pub(crate) fn read_safetensors(
+    path: &Path,
+    device: &Device,
+) -> Result<Vec<(String, Tensor)>, TrainError> {
     if !path.is_file() {
         return Err(FileError::read(path)(std::io::Error::new(
             std::io::ErrorKind::NotFound,

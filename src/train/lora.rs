@@ -23,7 +23,7 @@ use crate::rng::{SeededRng, mix, name_hash};
 use crate::train::error::TrainError;
 
 /// PEFT's prefix for tensor names of a `PeftModel` around a transformers model.
-pub const PEFT_PREFIX: &str = "base_model.model.";
+pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
 
 /// LoRA hyperparameters and where to apply them.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,7 +68,7 @@ pub const LFM2_TARGETS: [&str; 8] = [
 
 impl LoraConfig {
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
-    pub fn scale(&self) -> f64 {
+    pub(crate) fn scale(&self) -> f64 {
         lora_scale(self.alpha, self.rank, self.use_rslora)
     }
 
@@ -87,7 +87,7 @@ impl LoraConfig {
 }
 
 /// PEFT's scaling rule.
-pub fn lora_scale(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
+pub(crate) fn lora_scale(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
     if use_rslora {
         alpha / (rank as f64).sqrt()
     } else {
@@ -113,7 +113,7 @@ pub struct TrainableSpec {
 
 /// Which part of LFM2-VL a linear module belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ModulePart {
+pub(crate) enum ModulePart {
     VisionTower,
     Projector,
     LanguageModel,
@@ -131,7 +131,7 @@ impl ModulePart {
 
 /// One linear module: full name, part, `[out, in]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModuleInfo {
+pub(crate) struct ModuleInfo {
     pub name: String,
     pub part: ModulePart,
     pub in_dim: usize,
@@ -139,7 +139,7 @@ pub struct ModuleInfo {
 }
 
 /// Every linear module of `model`, in checkpoint order.
-pub fn linear_modules(model: &Lfm2VlModel) -> Vec<ModuleInfo> {
+pub(crate) fn linear_modules(model: &Lfm2VlModel) -> Vec<ModuleInfo> {
     let mut out = Vec::new();
     let push = |part: ModulePart| {
         move |l: &crate::model::linear::Linear| ModuleInfo {
@@ -159,7 +159,7 @@ pub fn linear_modules(model: &Lfm2VlModel) -> Vec<ModuleInfo> {
 }
 
 /// PEFT's `target_modules` rule: the exact name or a dotted suffix of it.
-pub fn target_matches(module: &str, target: &str) -> bool {
+pub(crate) fn target_matches(module: &str, target: &str) -> bool {
     module == target
         || (module.len() > target.len()
             && module.ends_with(target)
@@ -170,7 +170,7 @@ pub fn target_matches(module: &str, target: &str) -> bool {
 ///
 /// Every target must match at least one module; otherwise the error lists the real module names
 /// (the tutorial's `o_proj`/`gate_proj` silently matched nothing in PEFT).
-pub fn select_modules<'a>(
+pub(crate) fn select_modules<'a>(
     modules: &'a [ModuleInfo],
     targets: &[String],
     parts: &[ModulePart],
@@ -229,7 +229,7 @@ pub struct TrainMode {
 }
 
 impl TrainMode {
-    pub fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Self {
             training: AtomicBool::new(false),
             micro_step: AtomicU64::new(0),
@@ -237,7 +237,7 @@ impl TrainMode {
         }
     }
 
-    pub fn is_training(&self) -> bool {
+    pub(crate) fn is_training(&self) -> bool {
         self.training.load(Ordering::Relaxed)
     }
 
@@ -246,7 +246,7 @@ impl TrainMode {
     }
 
     /// Dropout masks depend on (seed, micro-batch, module), so a resumed run draws the same masks.
-    pub fn set_micro_step(&self, step: u64) {
+    pub(crate) fn set_micro_step(&self, step: u64) {
         self.micro_step.store(step, Ordering::Relaxed);
     }
 
@@ -291,7 +291,7 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// Wraps `a [r, in]` and `b [out, r]` (copied into fresh `Var`s).
-    pub fn new(
+    pub(crate) fn new(
         module: impl Into<String>,
         index: u64,
         a: &Tensor,
@@ -311,24 +311,20 @@ impl LoraAdapter {
         })
     }
 
-    pub fn module(&self) -> &str {
+    pub(crate) fn module(&self) -> &str {
         &self.module
     }
 
-    pub fn a(&self) -> &Var {
+    pub(crate) fn a(&self) -> &Var {
         &self.a
     }
 
-    pub fn b(&self) -> &Var {
+    pub(crate) fn b(&self) -> &Var {
         &self.b
     }
 
-    pub fn scale(&self) -> f64 {
+    pub(crate) fn scale(&self) -> f64 {
         self.scale
-    }
-
-    pub fn rank(&self) -> usize {
-        self.a.dim(0).unwrap_or(0)
     }
 
     fn dropout_mask(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -369,7 +365,7 @@ impl LinearAdapter for LoraAdapter {
 /// The frozen projection still runs (the seam passes its output), which costs one extra matmul for
 /// these few modules; in exchange the model needs no training-specific code.
 #[derive(Debug)]
-pub struct FullAdapter {
+pub(crate) struct FullAdapter {
     module: String,
     weight: Var,
     bias: Option<Var>,
@@ -377,7 +373,7 @@ pub struct FullAdapter {
 }
 
 impl FullAdapter {
-    pub fn new(
+    pub(crate) fn new(
         module: impl Into<String>,
         weight: &Tensor,
         bias: Option<&Tensor>,
@@ -393,15 +389,15 @@ impl FullAdapter {
         })
     }
 
-    pub fn module(&self) -> &str {
+    pub(crate) fn module(&self) -> &str {
         &self.module
     }
 
-    pub fn weight(&self) -> &Var {
+    pub(crate) fn weight(&self) -> &Var {
         &self.weight
     }
 
-    pub fn bias(&self) -> Option<&Var> {
+    pub(crate) fn bias(&self) -> Option<&Var> {
         self.bias.as_ref()
     }
 }
@@ -555,11 +551,11 @@ impl Trainable {
         &self.lora
     }
 
-    pub fn full(&self) -> &[Arc<FullAdapter>] {
+    pub(crate) fn full(&self) -> &[Arc<FullAdapter>] {
         &self.full
     }
 
-    pub fn lora_config(&self) -> Option<&LoraConfig> {
+    pub(crate) fn lora_config(&self) -> Option<&LoraConfig> {
         self.lora_config.as_ref()
     }
 
@@ -611,11 +607,6 @@ impl Trainable {
             .chain(self.full.iter().map(|f| f.module.as_str()))
             .any(|m| vision.iter().any(|v| v == m))
     }
-}
-
-/// Removes every adapter from `model`.
-pub fn detach_all(model: &mut Lfm2VlModel) {
-    model.visit_linears_mut(&mut |l| l.set_adapter(None));
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ const CONFIG_FILE: &str = "config.json";
 const PREPROCESSOR_FILE: &str = "preprocessor_config.json";
 const PROCESSOR_FILE: &str = "processor_config.json";
 /// Above this fraction of lost update elements the export warns.
-pub const LOST_WARN_FRACTION: f64 = 0.01;
+pub(crate) const LOST_WARN_FRACTION: f64 = 0.01;
 
 /// Which pipeline stage an export comes from (recorded in [`EXPORT_MANIFEST`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,7 +143,7 @@ struct ExportManifest {
 
 /// What is at the destination now.
 #[derive(Debug)]
-pub enum Destination {
+pub(crate) enum Destination {
     /// Nothing: the finished folder is renamed into place.
     Fresh,
     /// An empty folder, a previous export of the same stage, or (forced) a folder with other
@@ -152,7 +152,7 @@ pub enum Destination {
 }
 
 /// Checks that an export may be written to `out_dir` (fast: run it before the stage trains).
-pub fn check_destination(
+pub(crate) fn check_destination(
     out_dir: &Path,
     origin: &ExportOrigin,
     force: bool,
@@ -492,7 +492,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32, TrainError> {
 }
 
 /// `f32`, `bf16`, `f16` (what `--dtype` takes and the manifest records).
-pub fn dtype_name(dtype: DType) -> &'static str {
+pub(crate) fn dtype_name(dtype: DType) -> &'static str {
     Dtype::of(dtype).map_or("other", Dtype::name)
 }
 
@@ -503,7 +503,7 @@ fn torch_dtype_name(dtype: DType) -> &'static str {
 
 /// `config.json` as transformers' Auto classes load it: the registered model type and
 /// architecture, the nested configs' types, no remote-code mapping, and the saved dtype.
-pub fn transformers_config(mut config: Value, dtype: DType) -> Value {
+pub(crate) fn transformers_config(mut config: Value, dtype: DType) -> Value {
     let torch_dtype = Value::from(torch_dtype_name(dtype));
     let Some(top) = config.as_object_mut() else {
         return config;
@@ -561,7 +561,7 @@ const IMAGE_PROCESSOR_KEYS: &[&str] = &[
 /// settings vlmpipe reads, in its order (`config.json`, `preprocessor_config.json`,
 /// `processor_config.json`, its nested `image_processor`; later wins), so both libraries
 /// preprocess alike.
-pub fn lfm2_preprocessor_config(
+pub(crate) fn lfm2_preprocessor_config(
     config: &Value,
     preprocessor: Option<&Value>,
     processor: Option<&Value>,

@@ -33,7 +33,7 @@ pub struct MetricRow {
 }
 
 /// Writes `rows` as Parquet (columns named like [`MetricRow`]'s fields), atomically.
-pub fn write_metrics(path: &Path, rows: &[MetricRow]) -> Result<(), TrainError> {
+pub(crate) fn write_metrics(path: &Path, rows: &[MetricRow]) -> Result<(), TrainError> {
     let err = |message: String| TrainError::Metrics {
         path: path.to_path_buf(),
         message,

@@ -14,7 +14,7 @@
 
 pub mod batch;
 pub mod bench;
-pub mod error;
+pub(crate) mod error;
 pub mod io;
 pub mod lora;
 pub mod merge;

@@ -33,7 +33,7 @@ impl Default for AdamWConfig {
 
 /// Moments of one parameter, as plain vectors so they save and restore bit-exactly.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Moments {
+pub(crate) struct Moments {
     pub m: Vec<f32>,
     pub v: Vec<f32>,
 }
@@ -65,20 +65,12 @@ impl AdamW {
         }
     }
 
-    pub fn config(&self) -> &AdamWConfig {
-        &self.cfg
-    }
-
-    pub fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    pub fn moments(&self) -> &[Moments] {
+    pub(crate) fn moments(&self) -> &[Moments] {
         &self.state
     }
 
     /// Restores moments and step count saved from an optimizer over the same parameters.
-    pub fn restore(&mut self, state: Vec<Moments>, step: u64) -> Result<(), TrainError> {
+    pub(crate) fn restore(&mut self, state: Vec<Moments>, step: u64) -> Result<(), TrainError> {
         let fits = state.len() == self.vars.len()
             && state
                 .iter()
@@ -152,7 +144,7 @@ impl AdamW {
 }
 
 /// The global L2 norm of all gradients (computed in f64 for stability).
-pub fn global_norm(grads: &[Tensor]) -> Result<f64, TrainError> {
+pub(crate) fn global_norm(grads: &[Tensor]) -> Result<f64, TrainError> {
     let mut sum = 0f64;
     for g in grads {
         let s = g
@@ -167,7 +159,7 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64, TrainError> {
 
 /// `torch.nn.utils.clip_grad_norm_`: scales every gradient by `max / (norm + 1e-6)` when that is
 /// below one. Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainError> {
+pub(crate) fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainError> {
     let norm = global_norm(grads)?;
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
@@ -201,7 +193,7 @@ pub struct Schedule {
 
 impl Schedule {
     /// `warmup_steps = ceil(ratio * total)`, as transformers' `get_warmup_steps`.
-    pub fn new(base_lr: f64, warmup_ratio: f64, total_steps: usize, decay: Decay) -> Self {
+    pub(crate) fn new(base_lr: f64, warmup_ratio: f64, total_steps: usize, decay: Decay) -> Self {
         Self {
             base_lr,
             warmup_steps: (warmup_ratio * total_steps as f64).ceil() as usize,
@@ -211,7 +203,7 @@ impl Schedule {
     }
 
     /// Learning rate of optimizer step `step` (0-based).
-    pub fn lr(&self, step: usize) -> f64 {
+    pub(crate) fn lr(&self, step: usize) -> f64 {
         if step < self.warmup_steps {
             return self.base_lr * step as f64 / self.warmup_steps.max(1) as f64;
         }

@@ -30,7 +30,7 @@ const HUB_VISION: &str = "model.vision_tower.vision_model.";
 const V5_VISION: &str = "model.vision_tower.";
 
 /// A module name as PEFT under transformers 5.x writes it (`vision_model.` dropped).
-pub fn peft_module_name(module: &str) -> String {
+pub(crate) fn peft_module_name(module: &str) -> String {
     match module.strip_prefix(HUB_VISION) {
         Some(rest) => format!("{V5_VISION}{rest}"),
         None => module.to_string(),
@@ -39,7 +39,7 @@ pub fn peft_module_name(module: &str) -> String {
 
 /// The name among `known` that a PEFT module name refers to: itself, or with the Hub layout's
 /// `vision_model.` restored.
-pub fn resolve_module_name(name: &str, known: impl Fn(&str) -> bool) -> Option<String> {
+pub(crate) fn resolve_module_name(name: &str, known: impl Fn(&str) -> bool) -> Option<String> {
     if known(name) {
         return Some(name.to_string());
     }
@@ -48,7 +48,7 @@ pub fn resolve_module_name(name: &str, known: impl Fn(&str) -> bool) -> Option<S
     known(&hub).then_some(hub)
 }
 
-pub use crate::model::load::resolve::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+pub(crate) use crate::model::load::resolve::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 /// The way out for an adapter vlmpipe cannot apply.
 const MERGE_IN_PYTHON: &str = "merge it into its base model with PEFT (`merge_and_unload()` then \
      `save_pretrained`) and load the result as a model (`local(...)`, `--model`)";
@@ -92,7 +92,10 @@ pub struct PeftAdapter {
 
 impl PeftAdapter {
     /// Snapshots the current values of a trainable set.
-    pub fn from_trainable(t: &Trainable, base_model: Option<&str>) -> Result<Self, TrainError> {
+    pub(crate) fn from_trainable(
+        t: &Trainable,
+        base_model: Option<&str>,
+    ) -> Result<Self, TrainError> {
         let cfg = t.lora_config().cloned().unwrap_or(LoraConfig {
             targets: Vec::new(),
             ..LoraConfig::default()
@@ -179,7 +182,7 @@ impl PeftAdapter {
     }
 
     /// The `adapter_config.json` PEFT reads.
-    pub fn config_json(&self) -> Value {
+    pub(crate) fn config_json(&self) -> Value {
         let mut targets: Vec<&String> = self.target_modules.iter().collect();
         targets.sort();
         targets.dedup();

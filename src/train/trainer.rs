@@ -141,13 +141,6 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// A stable hash of every hyperparameter that shapes the trained weights (not the progress
-    /// bar, intervals or cache size), for the stage fingerprint; the caller adds base model, data,
-    /// prompt and answer format.
-    pub fn hyperparameter_fingerprint(&self) -> String {
-        self.fingerprint(0, 0)
-    }
-
     /// A stable hash of everything that shapes the numbers, to refuse resuming another run.
     fn fingerprint(&self, num_train: usize, num_eval: usize) -> String {
         let text = format!(

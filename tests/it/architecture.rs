@@ -713,3 +713,47 @@ fn seeded_randomness_goes_through_the_rng_module() {
         bad.join("\n")
     );
 }
+
+/// Every `pub mod` under `src/`, as a path from the crate root (`model::load::checkpoint`).
+fn public_modules() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for module in modules() {
+        for line in module.code.lines() {
+            if let Some(name) = line.trim().strip_prefix("pub mod ") {
+                let mut path = module.path[1..].to_vec();
+                path.push(name.trim_end_matches(';').trim().to_owned());
+                out.insert(path.join("::"));
+            }
+        }
+    }
+    out
+}
+
+/// The public modules are the ones ARCHITECTURE.md's "Public surface" lists (issue 15 item 5):
+/// making a module public is a decision about the library, written down where readers look.
+#[test]
+fn public_modules_are_the_documented_ones() {
+    let doc = std::fs::read_to_string(src_dir().join("../ARCHITECTURE.md")).expect("read doc");
+    let section = doc
+        .split("## Public surface")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("ARCHITECTURE.md has a `## Public surface` section");
+    let listed: BTreeSet<String> = section
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|word| {
+            word.chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_' || c == ':')
+        })
+        .filter(|word| !word.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let actual = public_modules();
+    assert_eq!(
+        actual, listed,
+        "public modules (left) differ from ARCHITECTURE.md's list (right): document the change \
+         there, or make the module `pub(crate)`"
+    );
+}

@@ -4,14 +4,13 @@
 
 use std::io::Cursor;
 use std::path::Path;
-use std::process::Command;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use image::{ImageFormat, RgbImage};
 use vlmpipe::stages::eval::{CSV_HEADER, EvalError, EvalRecord, MapImageSource, write_csv_export};
 
-use crate::support::assert_json_close;
+use crate::support::{assert_json_close, offline_vlmpipe};
 
 fn jpeg(width: u32, height: u32) -> Vec<u8> {
     let img = RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8, y as u8, 128]));
@@ -138,13 +137,11 @@ fn eval_outputs_are_written_under_fixed_names_and_read_back() {
     }
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_vlmpipe");
-
 /// Runs `vlmpipe run pipe.vp` in `dir` offline with the cache and evals inside it; returns the
 /// run summary.
 fn run_pipeline(dir: &Path, pipeline: &str) -> serde_json::Value {
     std::fs::write(dir.join("pipe.vp"), pipeline).expect("write pipeline");
-    let out = Command::new(BIN)
+    let out = offline_vlmpipe(dir)
         .args([
             "run",
             "pipe.vp",
@@ -153,11 +150,6 @@ fn run_pipeline(dir: &Path, pipeline: &str) -> serde_json::Value {
             "summary.json",
         ])
         .args(["--cache-dir", "cache", "--evals-dir", "evals"])
-        .current_dir(dir)
-        .env_remove("VLMPIPE_CACHE")
-        .env("HF_HOME", dir.join("hf"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("NO_COLOR", "1")
         .output()
         .expect("spawn vlmpipe");
     assert!(

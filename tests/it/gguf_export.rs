@@ -185,38 +185,34 @@ fn assert_same_as_converter(
     Ok(())
 }
 
+/// Random checkpoints in the 450M layout against llama.cpp's converter, a row per checkpoint:
+/// the narrow one (few vision layers) at every plain quant, and the 450M shapes at Q8_0, which
+/// writes 0.9 GB of random weights that both exporters then read (minutes). A failure names
+/// its quant and file.
 #[test]
-fn narrow_checkpoint_matches_the_converter_at_f16_and_q8_0() -> TestResult {
+fn random_checkpoints_match_the_converter() -> TestResult {
     let (Some(real), Some(conv)) = (real_450m(), converter()) else {
         return Ok(());
     };
-    let tmp = tempfile::tempdir()?;
-    let ckpt = tmp.path().join(CHECKPOINT);
-    random_450m_checkpoint(&real, &ckpt, Some(NARROW_VISION_LAYERS), 12)?;
-    assert_same_as_converter(&conv, &ckpt, &[GgufQuant::F16, GgufQuant::Q8_0])
-}
-
-#[test]
-fn narrow_checkpoint_matches_the_converter_at_f32_and_bf16() -> TestResult {
-    let (Some(real), Some(conv)) = (real_450m(), converter()) else {
-        return Ok(());
-    };
-    let tmp = tempfile::tempdir()?;
-    let ckpt = tmp.path().join(CHECKPOINT);
-    random_450m_checkpoint(&real, &ckpt, Some(NARROW_VISION_LAYERS), 12)?;
-    assert_same_as_converter(&conv, &ckpt, &[GgufQuant::F32, GgufQuant::BF16])
-}
-
-/// The 450M shapes: writes 0.9 GB of random weights, then both exporters read it (minutes).
-#[test]
-fn real_450m_shapes_match_the_converter_at_q8_0() -> TestResult {
-    let (Some(real), Some(conv)) = (real_450m(), converter()) else {
-        return Ok(());
-    };
-    let tmp = tempfile::tempdir()?;
-    let ckpt = tmp.path().join(CHECKPOINT);
-    random_450m_checkpoint(&real, &ckpt, None, 12)?;
-    assert_same_as_converter(&conv, &ckpt, &[GgufQuant::Q8_0])
+    let rows: [(Option<usize>, &[GgufQuant]); 2] = [
+        (
+            Some(NARROW_VISION_LAYERS),
+            &[
+                GgufQuant::F16,
+                GgufQuant::Q8_0,
+                GgufQuant::F32,
+                GgufQuant::BF16,
+            ],
+        ),
+        (None, &[GgufQuant::Q8_0]),
+    ];
+    for (vision_layers, quants) in rows {
+        let tmp = tempfile::tempdir()?;
+        let ckpt = tmp.path().join(CHECKPOINT);
+        random_450m_checkpoint(&real, &ckpt, vision_layers, 12)?;
+        assert_same_as_converter(&conv, &ckpt, quants)?;
+    }
+    Ok(())
 }
 
 /// A committed tiny checkpoint (hidden size 48): a weight whose rows are 48 values cannot be

@@ -50,6 +50,27 @@ fn shapes(r: &Refs) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// A reference tensor of token ids (`[n]` or `[1, n]`) as a list.
+fn token_ids(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::U32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Our image features for the reference's pixels.
+fn image_features(model: &Lfm2VlModel, r: &Refs) -> Tensor {
+    model
+        .image_features(
+            get(r, "pixel_values"),
+            get(r, "pixel_attention_mask"),
+            &shapes(r),
+        )
+        .unwrap()
+}
+
 fn max_abs(a: &Tensor) -> f32 {
     a.abs()
         .unwrap()
@@ -116,13 +137,7 @@ fn check_language_model(size: &str) {
     let (Some(model), Some(r)) = (tiny_model(), refs(size)) else {
         return;
     };
-    let features = model
-        .image_features(
-            get(&r, "pixel_values"),
-            get(&r, "pixel_attention_mask"),
-            &shapes(&r),
-        )
-        .unwrap();
+    let features = image_features(&model, &r);
     let ids = get(&r, "input_ids");
     let embeds = model.embed(ids, Some(&features)).unwrap();
     assert_close(
@@ -170,19 +185,9 @@ fn check_greedy(size: &str) {
     let (Some(model), Some(r)) = (tiny_model(), refs(size)) else {
         return;
     };
-    let features = model
-        .image_features(
-            get(&r, "pixel_values"),
-            get(&r, "pixel_attention_mask"),
-            &shapes(&r),
-        )
-        .unwrap();
+    let features = image_features(&model, &r);
     let ids = get(&r, "input_ids");
-    let ref_tokens: Vec<u32> = get(&r, "greedy_tokens")
-        .to_dtype(DType::U32)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let ref_tokens = token_ids(get(&r, "greedy_tokens"));
     let ref_step_logits = get(&r, "greedy_step_logits");
 
     // Manual loop: prefill, then one token at a time through the caches.
@@ -210,20 +215,8 @@ fn check_greedy(size: &str) {
     assert_eq!(tokens, ref_tokens, "greedy tokens");
 
     // generate() with greedy decoding gives transformers' generate_ids.
-    let prompt: Vec<u32> = ids
-        .to_dtype(DType::U32)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let expected: Vec<u32> = get(&r, "generate_ids")
-        .to_dtype(DType::U32)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let prompt = token_ids(ids);
+    let expected = token_ids(get(&r, "generate_ids"));
     let cfg = GenerateConfig {
         max_new_tokens: expected.len() - prompt.len(),
         ..GenerateConfig::greedy(model.config().text.eos_token_ids.clone())

@@ -3,7 +3,7 @@
 //! format checked at check time against the lists the export code knows.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 use vlmpipe::plan::{CheckResult, NodeParams, check_source, render_diagnostics};
@@ -13,20 +13,11 @@ use vlmpipe::stages::report::{
     headline_table, render_html,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_vlmpipe");
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::{offline_vlmpipe, repo_root};
 
 fn vlmpipe(dir: &Path, args: &[&str]) -> Output {
-    let output = Command::new(BIN)
+    let output = offline_vlmpipe(dir)
         .args(args)
-        .current_dir(dir)
-        .env_remove("VLMPIPE_CACHE")
-        .env("HF_HOME", dir.join("hf"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("NO_COLOR", "1")
         .output()
         .expect("spawn vlmpipe");
     assert!(

@@ -13,16 +13,15 @@
 //! decoder; `model_bytes`; sizes and changed answers side by side), each with every fingerprint downstream of them.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vlmpipe");
+use crate::support::offline_vlmpipe;
 
 /// `(stage, fingerprint)` of every stage of `pipeline`, in run order, from a dry run.
 fn dry_run_fingerprints(pipeline: &Path, dir: &Path) -> Vec<(String, String)> {
     let summary = dir.join("summary.json");
-    let output = Command::new(BIN)
+    let output = offline_vlmpipe(dir)
         .arg("run")
         .arg(pipeline)
         .args(["--dry-run", "--quiet", "--cache-dir"])
@@ -31,11 +30,6 @@ fn dry_run_fingerprints(pipeline: &Path, dir: &Path) -> Vec<(String, String)> {
         .arg(dir.join("evals"))
         .arg("--summary-json")
         .arg(&summary)
-        .current_dir(dir)
-        .env_remove("VLMPIPE_CACHE")
-        .env("HF_HOME", dir.join("hf"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("NO_COLOR", "1")
         .output()
         .expect("spawn vlmpipe");
     let text = std::fs::read_to_string(&summary).unwrap_or_else(|_| {

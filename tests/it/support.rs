@@ -129,6 +129,19 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     diff.unwrap_or_else(|e| panic!("max_abs_diff: {e}"))
 }
 
+/// `vlmpipe` (the binary under test) to run in `dir` offline: no `VLMPIPE_CACHE` from the
+/// environment, a Hub cache inside `dir`, no colours. The caller adds the arguments.
+pub fn offline_vlmpipe(dir: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vlmpipe"));
+    command
+        .current_dir(dir)
+        .env_remove("VLMPIPE_CACHE")
+        .env("HF_HOME", dir.join("hf"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("NO_COLOR", "1");
+    command
+}
+
 /// The repository's root folder.
 pub fn repo_root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -19,7 +19,7 @@ use super::exp::fast_exp;
 /// A strided read-only matrix view into a slice: element `(i, j)` is
 /// `data[offset + i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy, Debug)]
-pub struct MatRef<'a> {
+pub(crate) struct MatRef<'a> {
     pub data: &'a [f32],
     pub offset: usize,
     pub rows: usize,
@@ -30,7 +30,7 @@ pub struct MatRef<'a> {
 
 impl<'a> MatRef<'a> {
     /// A row-major `[rows, cols]` matrix starting at `data[0]`.
-    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub(crate) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Self {
             data,
             offset: 0,
@@ -42,7 +42,7 @@ impl<'a> MatRef<'a> {
     }
 
     /// The same elements seen as the transposed matrix.
-    pub fn t(self) -> Self {
+    pub(crate) fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
@@ -53,7 +53,7 @@ impl<'a> MatRef<'a> {
     }
 
     /// Rows `start..start + len`.
-    pub fn rows(self, start: usize, len: usize) -> Self {
+    pub(crate) fn rows(self, start: usize, len: usize) -> Self {
         Self {
             offset: self.offset + start * self.row_stride,
             rows: len,
@@ -62,7 +62,7 @@ impl<'a> MatRef<'a> {
     }
 
     /// Columns `start..start + len`.
-    pub fn cols(self, start: usize, len: usize) -> Self {
+    pub(crate) fn cols(self, start: usize, len: usize) -> Self {
         Self {
             offset: self.offset + start * self.col_stride,
             cols: len,
@@ -96,7 +96,7 @@ fn extent(offset: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Opti
 
 /// Where a product is written: `(i, j)` lands at `offset + i * row_stride + j * col_stride`, in a
 /// slice of initialised floats or in reserved, not yet initialised capacity.
-pub struct MatMut<'a> {
+pub(crate) struct MatMut<'a> {
     ptr: *mut f32,
     len: usize,
     offset: usize,
@@ -109,7 +109,7 @@ pub struct MatMut<'a> {
 
 impl<'a> MatMut<'a> {
     /// A row-major destination with `row_stride` between rows.
-    pub fn new(data: &'a mut [f32], offset: usize, row_stride: usize) -> Self {
+    pub(crate) fn new(data: &'a mut [f32], offset: usize, row_stride: usize) -> Self {
         Self {
             ptr: data.as_mut_ptr(),
             len: data.len(),
@@ -123,7 +123,11 @@ impl<'a> MatMut<'a> {
 
     /// A destination in uninitialised memory (e.g. `Vec::spare_capacity_mut`); only a product
     /// without `accumulate` may write it, since that never reads its destination.
-    pub fn uninit(data: &'a mut [MaybeUninit<f32>], offset: usize, row_stride: usize) -> Self {
+    pub(crate) fn uninit(
+        data: &'a mut [MaybeUninit<f32>],
+        offset: usize,
+        row_stride: usize,
+    ) -> Self {
         Self {
             ptr: data.as_mut_ptr().cast(),
             len: data.len(),
@@ -136,7 +140,7 @@ impl<'a> MatMut<'a> {
     }
 
     /// The same destination written transposed: `(i, j)` lands where `(j, i)` did.
-    pub fn t(self) -> Self {
+    pub(crate) fn t(self) -> Self {
         Self {
             row_stride: self.col_stride,
             col_stride: self.row_stride,
@@ -150,7 +154,7 @@ impl<'a> MatMut<'a> {
 /// Without `accumulate` the destination is written, never read (gemm zeroes its `alpha` then and
 /// every kernel path stores without loading). Panics only on a shape or bounds mismatch, which is
 /// a bug in the caller, never in user input.
-pub fn gemm(
+pub(crate) fn gemm(
     dst: MatMut<'_>,
     lhs: MatRef<'_>,
     rhs: MatRef<'_>,
@@ -211,7 +215,7 @@ pub fn gemm(
 }
 
 /// `x [m, k] @ w[n, k]^T (+ bias [n])` into a new row-major `[m, n]` buffer.
-pub fn linear(
+pub(crate) fn linear(
     x: &[f32],
     m: usize,
     k: usize,
@@ -256,7 +260,7 @@ pub fn linear(
 
 /// Shape of a fused attention call over packed `[rows, heads * head_dim]` activations.
 #[derive(Clone, Copy, Debug)]
-pub struct AttentionShape {
+pub(crate) struct AttentionShape {
     pub q_rows: usize,
     pub kv_rows: usize,
     pub heads: usize,
@@ -278,19 +282,15 @@ pub struct ViewSpan {
 }
 
 impl ViewSpan {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.rows * self.cols
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
 /// Bidirectional attention of packed views: `q`, `k`, `v` are `[N, width]` (`width = heads *
 /// head_dim`) and each view's rows attend only to its own rows. Returns `[N, width]`, or what is
 /// wrong when the views do not tile the `N` rows exactly.
-pub fn packed_attention(
+pub(crate) fn packed_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -330,7 +330,7 @@ const ATTENTION_BLOCK_ROWS: usize = 64;
 /// `h` uses key/value head `h / (heads / kv_heads)`); returns `[q_rows, heads * head_dim]`. Work is
 /// split into (head, block of query rows) tasks over the rayon pool, each running single-threaded
 /// products, so no `[heads, n, n]` score tensor and no head transposes are ever built.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<f32> {
+pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<f32> {
     let AttentionShape {
         q_rows,
         kv_rows,
@@ -420,7 +420,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
 macro_rules! simd_dispatch {
     ($(#[$doc:meta])* $name:ident, $avx2:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) {
+        pub(crate) fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU supports every feature `$avx2` is compiled with.

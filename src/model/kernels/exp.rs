@@ -6,7 +6,7 @@
 /// `exp(x)` for f32 to about 1 ulp (Cephes' `expf` reduction and polynomial), branch-free so loops
 /// over it vectorise; exactly 0 below -87.3 (so masked `-inf` scores vanish).
 #[inline(always)]
-pub fn fast_exp(x: f32) -> f32 {
+pub(crate) fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;

@@ -14,8 +14,8 @@
 //! **Architecture Invariant:** files here import nothing from the rest of the crate and name no
 //! candle type (`tests/it/architecture.rs` checks it).
 
-pub mod cpu;
-pub mod exp;
+pub(crate) mod cpu;
+pub(crate) mod exp;
 pub mod packed;
 
-pub use cpu::ViewSpan;
+pub(crate) use cpu::ViewSpan;

@@ -20,7 +20,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 /// Output rows per panel: four 16-lane AVX-512 vectors.
-pub const PANEL: usize = 64;
+pub(crate) const PANEL: usize = 64;
 /// Lanes of one AVX-512 f32 vector.
 const LANES: usize = 16;
 /// Vectors per panel row.
@@ -52,7 +52,7 @@ impl Kernel {
     ///
     /// `VLMPIPE_PACKED_GEMM=off` keeps weights dense, `=portable` packs them for the portable
     /// kernel (to test this path on any CPU); by default they are packed where AVX-512F exists.
-    pub fn for_this_cpu() -> Option<Kernel> {
+    pub(crate) fn for_this_cpu() -> Option<Kernel> {
         match std::env::var("VLMPIPE_PACKED_GEMM").as_deref() {
             Ok("off") | Ok("0") => None,
             Ok("portable") => Some(Kernel::Portable),
@@ -75,7 +75,7 @@ impl Kernel {
 
 /// A `[n, k]` weight in the panel layout described in the module docs.
 #[derive(Clone)]
-pub struct PackedWeight {
+pub(crate) struct PackedWeight {
     n: usize,
     k: usize,
     data: Vec<f32>,
@@ -98,7 +98,7 @@ impl PackedWeight {
     /// # Panics
     /// When `w.len() != n * k`, or `kernel` is [`Kernel::Avx512`] on a CPU without AVX-512F;
     /// both are bugs in the caller.
-    pub fn pack(w: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
+    pub(crate) fn pack(w: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
         assert_eq!(w.len(), n * k, "pack: weight is not [n, k]");
         assert!(
             kernel != Kernel::Avx512 || Kernel::avx512_available(),
@@ -127,21 +127,17 @@ impl PackedWeight {
     }
 
     /// Output features.
-    pub fn n(&self) -> usize {
+    pub(crate) fn n(&self) -> usize {
         self.n
     }
 
     /// Input features.
-    pub fn k(&self) -> usize {
+    pub(crate) fn k(&self) -> usize {
         self.k
     }
 
-    pub fn kernel(&self) -> Kernel {
-        self.kernel
-    }
-
     /// The row-major `[n, k]` weight again.
-    pub fn to_dense(&self) -> Vec<f32> {
+    pub(crate) fn to_dense(&self) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let mut w = vec![0f32; n * k];
         if k == 0 {
@@ -161,7 +157,7 @@ impl PackedWeight {
     ///
     /// # Panics
     /// When an id is `n` or more (callers check ids against [`PackedWeight::n`] first).
-    pub fn gather_rows(&self, ids: &[u32]) -> Vec<f32> {
+    pub(crate) fn gather_rows(&self, ids: &[u32]) -> Vec<f32> {
         let k = self.k;
         let mut out = Vec::with_capacity(ids.len() * k);
         for &id in ids {
@@ -177,7 +173,7 @@ impl PackedWeight {
     ///
     /// # Panics
     /// On operands of the wrong length (a bug in the caller, never user input).
-    pub fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    pub(crate) fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert_eq!(x.len(), m * k, "packed matmul: input is not [m, k]");
         if let Some(b) = bias {

@@ -49,7 +49,7 @@ pub struct GenerationConfig {
 }
 
 /// The file name inside a model directory.
-pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+pub(crate) const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 
 impl GenerationConfig {
     /// Reads `dir/generation_config.json`; a missing file gives the empty default (it is optional

@@ -43,18 +43,15 @@ use crate::model::processor::{ImageTokenStrings, Processor, ProcessorConfig};
 use crate::model::quant::QuantWeight;
 
 /// A loaded pair: the network, its processor and what the files said.
-pub struct GgufModel {
+pub(crate) struct GgufModel {
     pub model: Lfm2VlModel,
     pub processor: Processor,
     pub tokenizer: GgufTokenizer,
-    pub pair: GgufPair,
-    /// Matrices (projections and LM head) held as ggml blocks, by type name.
-    pub quantized: Vec<(String, GgmlDType)>,
 }
 
 /// The pair `path` stands for, or `None` for a Hub-layout checkpoint folder: a `.gguf` text
 /// file (its mmproj beside it), or a folder with no `config.json` that holds `.gguf` files.
-pub fn detect(path: &Path) -> Result<Option<GgufPair>, GgufReadError> {
+pub(crate) fn detect(path: &Path) -> Result<Option<GgufPair>, GgufReadError> {
     if path.is_file()
         && path
             .extension()
@@ -74,17 +71,16 @@ pub fn detect(path: &Path) -> Result<Option<GgufPair>, GgufReadError> {
 const TEXT_ARCH: &str = "LFM2-VL's text model is llama.cpp's `lfm2` architecture";
 
 /// The two files opened and checked against each other (headers only).
-pub struct OpenPair {
+pub(crate) struct OpenPair {
     pub text: GgufIn,
     pub mmproj: GgufIn,
     pub config: Config,
-    pub config_json: Json,
     pub tokenizer: GgufTokenizer,
     pub processor_config: ProcessorConfig,
 }
 
 /// Opens both files and checks everything that can be checked without reading a tensor.
-pub fn open_pair(pair: &GgufPair) -> Result<OpenPair, GgufReadError> {
+pub(crate) fn open_pair(pair: &GgufPair) -> Result<OpenPair, GgufReadError> {
     let text = GgufIn::open(&pair.text)?;
     let mmproj = GgufIn::open(&pair.mmproj)?;
     if text.architecture() == "clip" {
@@ -136,7 +132,6 @@ pub fn open_pair(pair: &GgufPair) -> Result<OpenPair, GgufReadError> {
         text,
         mmproj,
         config,
-        config_json,
         tokenizer,
         processor_config,
     })
@@ -381,7 +376,7 @@ fn processor_config(mmproj: &GgufIn) -> Result<ProcessorConfig, GgufReadError> {
 }
 
 /// Loads the pair onto `opts.device` in `opts.dtype`, block-quantized matrices kept as blocks.
-pub fn load_pair(pair: &GgufPair, opts: &LoadOptions) -> Result<GgufModel, GgufReadError> {
+pub(crate) fn load_pair(pair: &GgufPair, opts: &LoadOptions) -> Result<GgufModel, GgufReadError> {
     let open = open_pair(pair)?;
     let template_source =
         open.tokenizer
@@ -428,14 +423,12 @@ pub fn load_pair(pair: &GgufPair, opts: &LoadOptions) -> Result<GgufModel, GgufR
     let mut model = Lfm2VlModel::new(&open.config, vb, &prefixes)
         .map_err(|e| in_text(format!("cannot build the model: {e}")))?;
     let blocks = backend.blocks.into_inner().unwrap_or_default();
-    let quantized = swap_in_blocks(&mut model, blocks, &open.config)
+    swap_in_blocks(&mut model, blocks, &open.config)
         .map_err(|e| in_text(format!("cannot use the quantized weights: {e}")))?;
     Ok(GgufModel {
         model,
         processor,
         tokenizer: open.tokenizer,
-        pair: pair.clone(),
-        quantized,
     })
 }
 
@@ -445,8 +438,7 @@ fn swap_in_blocks(
     model: &mut Lfm2VlModel,
     mut blocks: HashMap<String, Arc<QTensor>>,
     config: &Config,
-) -> candle_core::Result<Vec<(String, GgmlDType)>> {
-    let mut out = Vec::new();
+) -> candle_core::Result<()> {
     let mut failure = None;
     model.visit_linears_mut(&mut |lin| {
         if failure.is_some() {
@@ -455,10 +447,7 @@ fn swap_in_blocks(
         let name = format!("{}.weight", lin.name());
         if let Some(q) = blocks.remove(&name) {
             match QuantWeight::from_qtensor(q) {
-                Ok(w) => {
-                    out.push((name, w.dtype()));
-                    lin.set_weight_matrix(WeightMatrix::Quantized(Arc::new(w)));
-                }
+                Ok(w) => lin.set_weight_matrix(WeightMatrix::Quantized(Arc::new(w))),
                 Err(e) => failure = Some(e),
             }
         }
@@ -473,12 +462,11 @@ fn swap_in_blocks(
     };
     if let Some(q) = blocks.remove(head) {
         let w = QuantWeight::from_qtensor(q)?;
-        out.push((head.to_owned(), w.dtype()));
         model
             .text_mut()
             .set_lm_head_matrix(WeightMatrix::Quantized(Arc::new(w)));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Serves the model's (Hub) tensor names from the two files.

@@ -16,6 +16,6 @@
 
 pub mod checkpoint;
 pub mod generation_config;
-pub mod gguf;
+pub(crate) mod gguf;
 pub mod random_checkpoint;
 pub mod resolve;

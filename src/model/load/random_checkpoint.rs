@@ -52,7 +52,7 @@ pub enum RandomCheckpointError {
 
 /// How a tensor is initialised.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum InitKind {
+pub(crate) enum InitKind {
     /// Normal with variance `1 / fan_in` (`fan_in` = last dimension, or the kernel size for the
     /// depthwise conv).
     Linear,
@@ -66,20 +66,20 @@ pub enum InitKind {
 
 /// One tensor of the checkpoint.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TensorSpec {
+pub(crate) struct TensorSpec {
     pub name: String,
     pub shape: Vec<usize>,
     pub init: InitKind,
 }
 
 /// Every tensor of an LFM2-VL checkpoint in the Hub layout, in name order.
-pub fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
+pub(crate) fn hub_tensor_specs(raw: &Lfm2VlConfig, cfg: &Config) -> Vec<TensorSpec> {
     tensor_specs(cfg, raw.vision_config.num_hidden_layers)
 }
 
 /// The tensors of `cfg` with `vision_layers` vision encoder layers (the file holds every layer of
 /// the config, even when `vision_feature_layer` runs fewer), in name order.
-pub fn tensor_specs(cfg: &Config, vision_layers: usize) -> Vec<TensorSpec> {
+pub(crate) fn tensor_specs(cfg: &Config, vision_layers: usize) -> Vec<TensorSpec> {
     let mut specs = Vec::new();
     let mut push =
         |name: String, shape: Vec<usize>, init| specs.push(TensorSpec { name, shape, init });
@@ -295,7 +295,7 @@ pub fn tensor_specs(cfg: &Config, vision_layers: usize) -> Vec<TensorSpec> {
 }
 
 /// Number of parameters in `specs`.
-pub fn num_parameters(specs: &[TensorSpec]) -> usize {
+pub(crate) fn num_parameters(specs: &[TensorSpec]) -> usize {
     specs
         .iter()
         .map(|s| s.shape.iter().product::<usize>())
@@ -303,14 +303,14 @@ pub fn num_parameters(specs: &[TensorSpec]) -> usize {
 }
 
 /// The specs of a `config.json`'s text (the Hub layout).
-pub fn specs_from_json(config_json: &str) -> Result<Vec<TensorSpec>, ConfigError> {
+pub(crate) fn specs_from_json(config_json: &str) -> Result<Vec<TensorSpec>, ConfigError> {
     let raw: Lfm2VlConfig = serde_json::from_str(config_json)?;
     let cfg = Config::from_raw(&raw)?;
     Ok(hub_tensor_specs(&raw, &cfg))
 }
 
 /// `spec`'s seeded values in row-major order (see the module docs).
-pub fn random_values(spec: &TensorSpec, seed: u64) -> Vec<f32> {
+pub(crate) fn random_values(spec: &TensorSpec, seed: u64) -> Vec<f32> {
     let n: usize = spec.shape.iter().product();
     let fan_in = match spec.shape.as_slice() {
         [_, 1, k] => *k,
@@ -388,7 +388,7 @@ pub fn write_random_checkpoint(
 }
 
 /// Writes `specs` with random values to a safetensors file (metadata `format: pt`, like torch).
-pub fn write_random_weights(
+pub(crate) fn write_random_weights(
     specs: &[TensorSpec],
     path: &Path,
     dtype: DType,

@@ -22,8 +22,8 @@ use crate::hub::{Hub, HubError, HubRepo};
 
 /// A PEFT adapter folder's files (PEFT's `CONFIG_NAME` and `SAFETENSORS_WEIGHTS_NAME`); here, below
 /// `train`, because recognising an adapter folder is part of resolving one.
-pub const ADAPTER_CONFIG: &str = "adapter_config.json";
-pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub(crate) const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub(crate) const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 /// Why a model reference could not be turned into a checkpoint directory.
 #[derive(Debug, thiserror::Error)]
@@ -162,13 +162,13 @@ impl std::str::FromStr for ModelRef {
 }
 
 /// Parses and resolves in one step, with the environment's Hub settings.
-pub fn resolve_model_dir(text: &str) -> Result<PathBuf, ResolveError> {
+pub(crate) fn resolve_model_dir(text: &str) -> Result<PathBuf, ResolveError> {
     ModelRef::parse(text)?.resolve(&Hub::from_env())
 }
 
 /// Parses and resolves a PEFT adapter reference (`--adapter`): a folder, or a Hub repo
 /// `org/name[@revision]` holding `adapter_config.json` and `adapter_model.safetensors`.
-pub fn resolve_adapter_dir(text: &str) -> Result<PathBuf, ResolveError> {
+pub(crate) fn resolve_adapter_dir(text: &str) -> Result<PathBuf, ResolveError> {
     match ModelRef::parse(text)? {
         ModelRef::Local(path) => check_adapter_dir(&path),
         ModelRef::Hub { id, revision } => {
@@ -202,7 +202,7 @@ fn expect_dir(path: &Path) -> Result<(), ResolveError> {
 }
 
 /// Checks that a local folder holds a PEFT adapter.
-pub fn check_adapter_dir(path: &Path) -> Result<PathBuf, ResolveError> {
+pub(crate) fn check_adapter_dir(path: &Path) -> Result<PathBuf, ResolveError> {
     expect_dir(path)?;
     for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
         if !path.join(file).is_file() {
@@ -223,7 +223,7 @@ pub fn check_adapter_dir(path: &Path) -> Result<PathBuf, ResolveError> {
 
 /// Checks that a local folder holds a model (the files the loader needs), naming what is missing;
 /// an adapter folder given as a model gets the fix in the message.
-pub fn check_model_dir(path: &Path) -> Result<PathBuf, ResolveError> {
+pub(crate) fn check_model_dir(path: &Path) -> Result<PathBuf, ResolveError> {
     // A GGUF pair: a folder of `.gguf` files without `config.json`, or the text file itself.
     if super::gguf::detect(path)?.is_some() {
         return Ok(path.to_path_buf());
@@ -251,7 +251,7 @@ pub fn check_model_dir(path: &Path) -> Result<PathBuf, ResolveError> {
 }
 
 /// `org/name` with Hub-legal characters in each half.
-pub fn is_hub_id(id: &str) -> bool {
+pub(crate) fn is_hub_id(id: &str) -> bool {
     let legal = |part: &str| {
         !part.is_empty()
             && part

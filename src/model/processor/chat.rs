@@ -24,7 +24,7 @@ pub enum Role {
 
 impl Role {
     /// The role name templates compare against.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Role::System => "system",
             Role::User => "user",
@@ -60,7 +60,7 @@ impl Conversation {
     }
 
     /// Appends a system turn.
-    pub fn system(self, text: impl Into<String>) -> Self {
+    pub(crate) fn system(self, text: impl Into<String>) -> Self {
         self.push(Role::System, vec![Part::Text(text.into())])
     }
 
@@ -69,18 +69,13 @@ impl Conversation {
         self.push(Role::User, vec![Part::Image, Part::Text(text.into())])
     }
 
-    /// Appends a text-only user turn.
-    pub fn user(self, text: impl Into<String>) -> Self {
-        self.push(Role::User, vec![Part::Text(text.into())])
-    }
-
     /// Appends an assistant turn.
-    pub fn assistant(self, text: impl Into<String>) -> Self {
+    pub(crate) fn assistant(self, text: impl Into<String>) -> Self {
         self.push(Role::Assistant, vec![Part::Text(text.into())])
     }
 
     /// Appends a turn made of arbitrary parts.
-    pub fn push(mut self, role: Role, parts: Vec<Part>) -> Self {
+    pub(crate) fn push(mut self, role: Role, parts: Vec<Part>) -> Self {
         self.messages.push(Message { role, parts });
         self
     }
@@ -96,7 +91,7 @@ impl Conversation {
     }
 
     /// Number of image parts, i.e. images the caller must supply.
-    pub fn num_images(&self) -> usize {
+    pub(crate) fn num_images(&self) -> usize {
         self.messages
             .iter()
             .flat_map(|m| &m.parts)
@@ -167,7 +162,7 @@ pub enum TemplateError {
 
 /// Special token strings templates refer to (`{{ bos_token }}` ...).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TemplateTokens {
+pub(crate) struct TemplateTokens {
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     pub pad_token: Option<String>,
@@ -177,7 +172,7 @@ pub struct TemplateTokens {
 impl TemplateTokens {
     /// Reads `bos_token` etc. from `tokenizer_config.json`, then `special_tokens_map.json` for
     /// any still missing. Values may be strings or `{"content": ...}` objects.
-    pub fn from_model_dir(dir: &Path) -> Result<Self, TemplateError> {
+    pub(crate) fn from_model_dir(dir: &Path) -> Result<Self, TemplateError> {
         let mut tokens = Self::default();
         for name in ["tokenizer_config.json", "special_tokens_map.json"] {
             let Some(json) = read_json(&dir.join(name))? else {
@@ -227,7 +222,10 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles Jinja `source`.
-    pub fn new(source: impl Into<String>, tokens: TemplateTokens) -> Result<Self, TemplateError> {
+    pub(crate) fn new(
+        source: impl Into<String>,
+        tokens: TemplateTokens,
+    ) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         // transformers renders with trim_blocks and lstrip_blocks (see `_compile_jinja_template`).
         let syntax = minijinja::syntax::SyntaxConfig::builder()
@@ -267,11 +265,6 @@ impl ChatTemplate {
             Some(source) => Self::new(source, tokens),
             None => Err(TemplateError::Missing(dir.to_path_buf())),
         }
-    }
-
-    /// The special tokens passed to the template.
-    pub fn tokens(&self) -> &TemplateTokens {
-        &self.tokens
     }
 
     /// Renders a conversation; with `add_generation_prompt` the text ends where the assistant's
@@ -462,7 +455,10 @@ mod tests {
         let src = "{% for m in messages %}\n  {{ m.content.strip().upper() }}|{{ m.content.startswith(' hi') }}\n{% endfor %}\
 {% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}";
         let t = ChatTemplate::new(src, tokens())?;
-        let out = t.render(&Conversation::new().user(" hi there "), false)?;
+        let out = t.render(
+            &Conversation::new().push(Role::User, vec![Part::Text(" hi there ".into())]),
+            false,
+        )?;
         assert_eq!(out, "  HI THERE|True\na=1");
         Ok(())
     }
@@ -478,7 +474,13 @@ mod tests {
                 {"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}"}]}"#,
         )?;
         let t = ChatTemplate::from_model_dir(dir.path())?;
-        assert_eq!(t.render(&Conversation::new().user("hi"), false)?, "<s>hi");
+        assert_eq!(
+            t.render(
+                &Conversation::new().push(Role::User, vec![Part::Text("hi".into())]),
+                false
+            )?,
+            "<s>hi"
+        );
         let empty = tempfile::tempdir()?;
         assert!(matches!(
             ChatTemplate::from_model_dir(empty.path()),

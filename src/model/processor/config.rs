@@ -167,7 +167,7 @@ impl ProcessorConfig {
     }
 
     /// Rejects settings that would divide by zero or make tiling impossible.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Inconsistent(msg));
         if self.encoder_patch_size == 0 || self.downsample_factor == 0 || self.tile_size == 0 {
             return bad(
@@ -206,12 +206,12 @@ impl ProcessorConfig {
     }
 
     /// Pixels per image-token side: one token covers `patch x downsample` pixels squared.
-    pub fn total_factor(&self) -> usize {
+    pub(crate) fn total_factor(&self) -> usize {
         self.encoder_patch_size * self.downsample_factor
     }
 
     /// The tile grid bounds actually used: transformers forces (1, 1) when splitting is off.
-    pub fn tile_bounds(&self) -> (usize, usize) {
+    pub(crate) fn tile_bounds(&self) -> (usize, usize) {
         if self.do_image_splitting {
             (self.min_tiles, self.max_tiles)
         } else {
@@ -232,7 +232,7 @@ impl ProcessorConfig {
     }
 
     /// Values per patch row of `pixel_values`: patch x patch x RGB.
-    pub fn patch_dim(&self) -> usize {
+    pub(crate) fn patch_dim(&self) -> usize {
         self.encoder_patch_size * self.encoder_patch_size * 3
     }
 }

@@ -63,7 +63,7 @@ impl ImageTokenStrings {
     }
 
     /// The marker of tile (`row`, `col`), both 0-based here, 1-based in the string.
-    pub fn tile_marker(row: usize, col: usize) -> String {
+    pub(crate) fn tile_marker(row: usize, col: usize) -> String {
         format!("<|img_row_{}_col_{}|>", row + 1, col + 1)
     }
 }

@@ -131,7 +131,7 @@ impl ImageProcessor {
 
     /// Image tokens one view of `height` x `width` pixels yields: transformers'
     /// `ceil((side // patch) / downsample)` per side.
-    pub fn view_tokens(&self, height: usize, width: usize) -> usize {
+    pub(crate) fn view_tokens(&self, height: usize, width: usize) -> usize {
         let p = self.config.encoder_patch_size;
         let d = self.config.downsample_factor;
         (height / p).div_ceil(d) * (width / p).div_ceil(d)

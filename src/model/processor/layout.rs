@@ -26,7 +26,7 @@ pub enum ImageLayout {
 
 impl ImageLayout {
     /// Number of views the vision tower sees.
-    pub fn num_views(&self) -> usize {
+    pub(crate) fn num_views(&self) -> usize {
         match *self {
             ImageLayout::Single { .. } => 1,
             ImageLayout::Tiled {

@@ -158,7 +158,7 @@ impl Processor {
     }
 
     /// Processes images, tagging a failure with the image's index.
-    pub fn process_images(
+    pub(crate) fn process_images(
         &self,
         images: &[RgbImage],
     ) -> Result<Vec<ProcessedImage>, ProcessorError> {
@@ -186,7 +186,7 @@ impl Processor {
     }
 
     /// Like [`Processor::prepare`] for images already processed (e.g. cached).
-    pub fn prepare_processed(
+    pub(crate) fn prepare_processed(
         &self,
         conversation: &Conversation,
         images: Vec<ProcessedImage>,

@@ -45,9 +45,9 @@ pub enum Quant {
 
 impl Quant {
     /// Every quant name `--quant` accepts, as written on the command line.
-    pub const NAMES: &'static [&'static str] = &["q8_0", "q4_k"];
+    pub(crate) const NAMES: &'static [&'static str] = &["q8_0", "q4_k"];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Quant::Q8_0 => "q8_0",
             Quant::Q4K => "q4_k",
@@ -55,7 +55,7 @@ impl Quant {
     }
 
     /// The block type of each part of the model under this quant.
-    pub fn type_for(self, part: Part) -> GgmlDType {
+    pub(crate) fn type_for(self, part: Part) -> GgmlDType {
         match (self, part) {
             (Quant::Q8_0, _) | (Quant::Q4K, Part::Vision) => GgmlDType::Q8_0,
             (Quant::Q4K, Part::Decoder) => GgmlDType::Q4K,
@@ -122,7 +122,7 @@ impl fmt::Display for TensorType {
 }
 
 /// ggml's name of a block type (`Q8_0`, `Q4_K`, …).
-pub fn ggml_name(t: GgmlDType) -> &'static str {
+pub(crate) fn ggml_name(t: GgmlDType) -> &'static str {
     match t {
         GgmlDType::F32 => "F32",
         GgmlDType::F16 => "F16",
@@ -147,7 +147,7 @@ pub fn ggml_name(t: GgmlDType) -> &'static str {
 /// As llama.cpp's `llama_tensor_get_type` does for rows that are not whole blocks: Q4_K → Q5_0,
 /// Q5_K → Q5_1, Q6_K → Q8_0, and F16 when even that does not fit; Q8_0 → F16, as
 /// `convert_hf_to_gguf.py` falls back when gguf-py cannot quantize a tensor.
-pub fn choose_type(wanted: GgmlDType, in_dim: usize) -> TensorType {
+pub(crate) fn choose_type(wanted: GgmlDType, in_dim: usize) -> TensorType {
     let fits = |t: GgmlDType| in_dim > 0 && in_dim.is_multiple_of(t.block_size());
     if fits(wanted) {
         return TensorType::Ggml(wanted);
@@ -230,12 +230,12 @@ impl QuantReport {
     }
 
     /// Bytes of the matrices a decode step reads (decoder projections and LM head), quantized.
-    pub fn decode_bytes(&self) -> usize {
+    pub(crate) fn decode_bytes(&self) -> usize {
         self.decode_tensors().map(|t| t.bytes).sum()
     }
 
     /// The same matrices' values (for their size in another dtype).
-    pub fn decode_values(&self) -> usize {
+    pub(crate) fn decode_values(&self) -> usize {
         self.decode_tensors().map(|t| t.shape[0] * t.shape[1]).sum()
     }
 

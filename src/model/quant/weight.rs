@@ -60,7 +60,7 @@ impl QuantWeight {
     }
 
     /// Wraps blocks already made (a GGUF file's tensor, `[out, in]`), on their own device.
-    pub fn from_qtensor(tensor: Arc<QTensor>) -> Result<Self> {
+    pub(crate) fn from_qtensor(tensor: Arc<QTensor>) -> Result<Self> {
         let (out_dim, in_dim) = tensor.shape().dims2()?;
         let dtype = tensor.dtype();
         if !in_dim.is_multiple_of(dtype.block_size()) {
@@ -89,15 +89,11 @@ impl QuantWeight {
         })
     }
 
-    pub fn dtype(&self) -> GgmlDType {
-        self.tensor.dtype()
-    }
-
-    pub fn out_dim(&self) -> usize {
+    pub(crate) fn out_dim(&self) -> usize {
         self.out_dim
     }
 
-    pub fn in_dim(&self) -> usize {
+    pub(crate) fn in_dim(&self) -> usize {
         self.in_dim
     }
 
@@ -112,7 +108,7 @@ impl QuantWeight {
     }
 
     /// `x [rows, in] -> x W^T + b [rows, out]`, in `x`'s dtype.
-    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    pub(crate) fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let in_dtype = x.dtype();
         // candle's CPU op takes f32/f16/bf16; its GPU kernels take f32.
         let x = match (x.device(), in_dtype) {
@@ -159,13 +155,13 @@ impl QuantWeight {
     }
 
     /// The dequantized `[out, in]` weight in f32 (what every product effectively multiplies by).
-    pub fn to_tensor(&self) -> Result<Tensor> {
+    pub(crate) fn to_tensor(&self) -> Result<Tensor> {
         self.tensor.dequantize(&self.tensor.device())
     }
 
     /// Rows `ids` dequantized, `[ids.len(), in]` in f32: a tied embedding table read from the
     /// quantized LM head, as llama.cpp reads `token_embd`.
-    pub fn gather_rows(&self, ids: &Tensor) -> Result<Tensor> {
+    pub(crate) fn gather_rows(&self, ids: &Tensor) -> Result<Tensor> {
         self.tensor.embedding(ids)
     }
 }

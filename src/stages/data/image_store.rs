@@ -208,11 +208,6 @@ impl ImageStore {
         self.index.is_empty()
     }
 
-    /// Whether the store holds `image_id`.
-    pub fn contains(&self, image_id: &str) -> bool {
-        self.index.contains_key(image_id)
-    }
-
     /// One image.
     pub fn get(&self, image_id: &str) -> Result<StoredImage, DataError> {
         let mut got = self.get_many(&[image_id])?;

@@ -49,7 +49,7 @@ pub struct FilterSpec {
 
 impl FilterSpec {
     /// The decoded-pixel cap in force.
-    pub fn max_pixels(&self) -> u64 {
+    pub(crate) fn max_pixels(&self) -> u64 {
         self.max_image_pixels.unwrap_or(DEFAULT_MAX_IMAGE_PIXELS)
     }
 }
@@ -86,7 +86,7 @@ impl DatasetSpec {
 
     /// The policy in force: [`Self::reads`], else the source's own files (named by whoever
     /// built the spec) and its folder (for image paths inside a table).
-    pub fn read_policy(&self) -> ReadPolicy {
+    pub(crate) fn read_policy(&self) -> ReadPolicy {
         if let Some(reads) = &self.reads {
             return reads.clone();
         }

@@ -19,12 +19,12 @@ pub struct DataInput {
 
 impl DataInput {
     /// The rows.
-    pub fn read_rows(&self, ctx: &StageContext<'_>) -> Result<RowTable, StageError> {
+    pub(crate) fn read_rows(&self, ctx: &StageContext<'_>) -> Result<RowTable, StageError> {
         Ok(read_rows(&ctx.input(self.slot)?.path(&self.file))?)
     }
 
     /// The images the rows reference.
-    pub fn open_images(&self, ctx: &StageContext<'_>) -> Result<ImageStore, StageError> {
+    pub(crate) fn open_images(&self, ctx: &StageContext<'_>) -> Result<ImageStore, StageError> {
         Ok(ImageStore::open(
             &ctx.input(self.dataset_slot)?.path(IMAGES_FILE),
         )?)

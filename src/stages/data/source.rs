@@ -121,7 +121,7 @@ impl SourceSpec {
     /// reads, so a no-change rerun over 10,000 images stays fast).
     /// `image_column` locates the image paths of CSV/JSONL sources; a path `reads` refuses
     /// is not looked at (it is an error row, and its absence from the stamp tells the two apart).
-    pub fn stamp(
+    pub(crate) fn stamp(
         &self,
         image_column: &str,
         reads: &ReadPolicy,

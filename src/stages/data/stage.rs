@@ -43,7 +43,7 @@ pub struct DatasetStage {
 }
 
 impl DatasetStage {
-    pub fn from_config(config: DatasetConfig) -> Self {
+    pub(crate) fn from_config(config: DatasetConfig) -> Self {
         Self {
             params: config.params,
             spec: config.spec,

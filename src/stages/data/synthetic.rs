@@ -22,7 +22,7 @@ pub enum Shape {
 }
 
 impl Shape {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Shape::Circle => "circle",
             Shape::Square => "square",
@@ -31,7 +31,7 @@ impl Shape {
     }
 
     /// Parses `circle`, `square` or `triangle`.
-    pub fn parse(name: &str) -> Option<Self> {
+    pub(crate) fn parse(name: &str) -> Option<Self> {
         [Shape::Circle, Shape::Square, Shape::Triangle]
             .into_iter()
             .find(|s| s.name() == name)
@@ -78,7 +78,7 @@ impl Default for SyntheticSpec {
 
 impl SyntheticSpec {
     /// Checks colours, shapes and size.
-    pub fn validate(&self) -> Result<(), DataError> {
+    pub(crate) fn validate(&self) -> Result<(), DataError> {
         if self.colors.is_empty() || self.shapes.is_empty() {
             return Err(DataError::Param(
                 "synthetic data needs at least one colour and one shape".to_owned(),
@@ -103,7 +103,7 @@ impl SyntheticSpec {
     }
 
     /// Class names, colour-major.
-    pub fn classes(&self) -> Vec<String> {
+    pub(crate) fn classes(&self) -> Vec<String> {
         self.colors
             .iter()
             .flat_map(|c| self.shapes.iter().map(move |s| format!("{c} {}", s.name())))

@@ -2,8 +2,6 @@
 
 mod stage;
 
-pub use stage::{
-    EntryFileError, GRAMMAR_FILE, GrammarConfig, GrammarFile, GrammarStage, LABELS_FILE,
-    LabelsConfig, LabelsFile, LabelsStage, PROMPT_FILE, PromptConfig, PromptFile, PromptStage,
-    read_grammar, read_labels, read_prompt,
+pub(crate) use stage::{
+    GrammarConfig, GrammarStage, LabelsConfig, LabelsStage, PromptConfig, PromptStage, read_prompt,
 };

@@ -17,18 +17,18 @@ use crate::file_error::FileError;
 use crate::stages::prompt::PromptTemplates;
 
 /// File of a `labels` entry.
-pub const LABELS_FILE: &str = "labels.json";
+pub(crate) const LABELS_FILE: &str = "labels.json";
 /// File of a `prompt` entry.
-pub const PROMPT_FILE: &str = "prompt.json";
+pub(crate) const PROMPT_FILE: &str = "prompt.json";
 /// File of a `grammar` entry.
-pub const GRAMMAR_FILE: &str = "grammar.json";
+pub(crate) const GRAMMAR_FILE: &str = "grammar.json";
 
 /// Bumped when the JSON written by these stages changes shape.
 const SIMPLE_CODE_VERSION: u32 = 1;
 
 /// Errors reading a small JSON entry back.
 #[derive(Debug, thiserror::Error)]
-pub enum EntryFileError {
+pub(crate) enum EntryFileError {
     #[error(transparent)]
     File(#[from] FileError),
     #[error("`{path}` is not the expected JSON")]
@@ -60,25 +60,20 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, EntryFileEr
 
 /// The content of a `labels` entry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LabelsFile {
+pub(crate) struct LabelsFile {
     pub values: Vec<String>,
 }
 
-/// Reads the label list of a `labels` entry.
-pub fn read_labels(entry: &CacheEntry) -> Result<LabelsFile, EntryFileError> {
-    read_json(&entry.path(LABELS_FILE))
-}
-
 /// A `labels` stage's list: what its entry holds.
-pub type LabelsConfig = LabelsFile;
+pub(crate) type LabelsConfig = LabelsFile;
 
 /// `labels NAME = [...]`.
-pub struct LabelsStage {
+pub(crate) struct LabelsStage {
     file: LabelsFile,
 }
 
 impl LabelsStage {
-    pub fn from_config(config: LabelsConfig) -> Self {
+    pub(crate) fn from_config(config: LabelsConfig) -> Self {
         Self { file: config }
     }
 }
@@ -107,7 +102,7 @@ impl Stage for LabelsStage {
 
 /// The content of a `prompt` entry: the templates and the pipeline params they may read.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PromptFile {
+pub(crate) struct PromptFile {
     pub system: Option<String>,
     pub user: String,
     /// Pipeline params (after `--set`) in scope of the templates.
@@ -116,7 +111,7 @@ pub struct PromptFile {
 
 impl PromptFile {
     /// The templates (what [`crate::stages::prompt::render_prompt`] takes).
-    pub fn templates(&self) -> PromptTemplates {
+    pub(crate) fn templates(&self) -> PromptTemplates {
         PromptTemplates {
             system: self.system.clone(),
             user: self.user.clone(),
@@ -125,27 +120,27 @@ impl PromptFile {
 }
 
 /// Reads a `prompt` entry.
-pub fn read_prompt(entry: &CacheEntry) -> Result<PromptFile, EntryFileError> {
+pub(crate) fn read_prompt(entry: &CacheEntry) -> Result<PromptFile, EntryFileError> {
     read_json(&entry.path(PROMPT_FILE))
 }
 
 /// A `prompt` stage's templates and the pipeline's params (after `--set`).
 #[derive(Clone, Debug, PartialEq)]
-pub struct PromptConfig {
+pub(crate) struct PromptConfig {
     pub templates: PromptTemplates,
     /// Every pipeline param; the stage keeps those its templates read.
     pub pipeline_params: BTreeMap<String, Value>,
 }
 
 /// `prompt NAME { system = …  user = … }`.
-pub struct PromptStage {
+pub(crate) struct PromptStage {
     file: PromptFile,
 }
 
 impl PromptStage {
     /// The pipeline params the templates mention are part of the stage, so a `--set` that
     /// changes one of them reruns what the prompt feeds, and other params leave it cached.
-    pub fn from_config(config: PromptConfig) -> Self {
+    pub(crate) fn from_config(config: PromptConfig) -> Self {
         let used = template_names(&config.templates);
         let params = config
             .pipeline_params
@@ -183,7 +178,7 @@ impl Stage for PromptStage {
 
 /// The content of a `grammar` entry: the declaration and, for `json {…}`, its JSON Schema.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct GrammarFile {
+pub(crate) struct GrammarFile {
     /// The grammar parameters as the plan serialises them.
     pub grammar: Value,
     /// The equivalent JSON Schema of `json {…}` and `json_schema(…)` grammars.
@@ -205,21 +200,16 @@ fn template_names(params: &PromptTemplates) -> Option<std::collections::HashSet<
     Some(names)
 }
 
-/// Reads a `grammar` entry.
-pub fn read_grammar(entry: &CacheEntry) -> Result<GrammarFile, EntryFileError> {
-    read_json(&entry.path(GRAMMAR_FILE))
-}
-
 /// A `grammar` stage's declaration and schema: what its entry holds.
-pub type GrammarConfig = GrammarFile;
+pub(crate) type GrammarConfig = GrammarFile;
 
 /// `grammar NAME = …`.
-pub struct GrammarStage {
+pub(crate) struct GrammarStage {
     file: GrammarFile,
 }
 
 impl GrammarStage {
-    pub fn from_config(config: GrammarConfig) -> Self {
+    pub(crate) fn from_config(config: GrammarConfig) -> Self {
         Self { file: config }
     }
 }

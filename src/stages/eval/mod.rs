@@ -12,7 +12,7 @@ mod metrics;
 mod outputs;
 mod records;
 pub mod run;
-pub mod stage;
+pub(crate) mod stage;
 
 pub use error::EvalError;
 pub use export::{CSV_HEADER, write_csv_export};

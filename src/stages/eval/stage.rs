@@ -43,7 +43,7 @@ const EVAL_CODE_VERSION: u32 = 8;
 
 /// How an eval gets its answers.
 #[derive(Clone, Debug)]
-pub enum EvalAnswer {
+pub(crate) enum EvalAnswer {
     /// The exact probability of every label (under the output grammar, if any).
     ScoreLabels,
     /// Generated text, held to the output grammar if there is one.
@@ -52,7 +52,7 @@ pub enum EvalAnswer {
 
 /// What an `eval` stage runs.
 #[derive(Clone, Debug)]
-pub struct EvalConfig {
+pub(crate) struct EvalConfig {
     /// The node's canonical parameters. Referenced prompt, grammar and model nodes are exec
     /// inputs, so their own fingerprints cover their content.
     pub params: Value,
@@ -82,12 +82,12 @@ pub struct EvalConfig {
 }
 
 /// A configured eval stage.
-pub struct EvalStage {
+pub(crate) struct EvalStage {
     config: EvalConfig,
 }
 
 impl EvalStage {
-    pub fn from_config(config: EvalConfig) -> Self {
+    pub(crate) fn from_config(config: EvalConfig) -> Self {
         Self { config }
     }
 }

@@ -3,4 +3,4 @@
 
 mod stage;
 
-pub use stage::{ExportConfig, ExportStage};
+pub(crate) use stage::{ExportConfig, ExportStage};

@@ -22,7 +22,7 @@ const EXPORT_CODE_VERSION: u32 = 1;
 
 /// What an `export` stage writes.
 #[derive(Clone, Debug)]
-pub struct ExportConfig {
+pub(crate) struct ExportConfig {
     /// The node's canonical parameters, with the file name stem (it enters the files).
     pub params: Value,
     /// `<name>` of the files and `general.name` (the stage's name).
@@ -40,17 +40,17 @@ pub struct ExportConfig {
 }
 
 /// A configured export stage.
-pub struct ExportStage {
+pub(crate) struct ExportStage {
     config: ExportConfig,
 }
 
 impl ExportStage {
-    pub fn from_config(config: ExportConfig) -> Self {
+    pub(crate) fn from_config(config: ExportConfig) -> Self {
         Self { config }
     }
 
     /// The pair's file names in the entry.
-    pub fn file_names(&self) -> (String, String) {
+    pub(crate) fn file_names(&self) -> (String, String) {
         let c = &self.config;
         gguf::file_names(&c.name, c.quant, c.mmproj_quant)
     }

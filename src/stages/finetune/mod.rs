@@ -1,5 +1,5 @@
 //! The `finetune` stage: LoRA training of a base model on a data table.
 
-pub mod stage;
+pub(crate) mod stage;
 
-pub use stage::{FinetuneConfig, FinetuneError, FinetuneStage};
+pub(crate) use stage::{FinetuneConfig, FinetuneStage};

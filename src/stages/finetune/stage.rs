@@ -56,23 +56,23 @@ use crate::train::{Example, TrainConfig, TrainError, train};
 const FINETUNE_CODE_VERSION: u32 = 5;
 
 /// Folder of the final adapter inside the entry.
-pub const ADAPTER_DIR: &str = "adapter";
+pub(crate) const ADAPTER_DIR: &str = "adapter";
 /// Folder of a base checkpoint copied into the entry (one that lives in another entry).
 const BASE_DIR: &str = "base";
 /// Folder of the best-by-eval-loss adapter inside the entry.
-pub const BEST_ADAPTER_DIR: &str = "best_adapter";
+pub(crate) const BEST_ADAPTER_DIR: &str = "best_adapter";
 /// Per-step training metrics inside the entry.
-pub const METRICS_FILE: &str = "metrics.parquet";
+pub(crate) const METRICS_FILE: &str = "metrics.parquet";
 /// Parameter counts and targets inside the entry.
-pub const TRAINABLE_FILE: &str = "trainable.json";
+pub(crate) const TRAINABLE_FILE: &str = "trainable.json";
 /// The loss-curve page among the exports.
-pub const TRAINING_HTML: &str = "training.html";
+pub(crate) const TRAINING_HTML: &str = "training.html";
 /// The metrics as CSV among the exports.
-pub const METRICS_CSV: &str = "metrics.csv";
+pub(crate) const METRICS_CSV: &str = "metrics.csv";
 
 /// Why a fine-tune could not run.
 #[derive(Debug, thiserror::Error)]
-pub enum FinetuneError {
+pub(crate) enum FinetuneError {
     /// The base is itself a fine-tuned model; adapters do not stack yet.
     #[error(
         "the base model at `{0}` already carries an adapter; fine-tuning a fine-tune is not supported (merge it first with `vlmpipe export --merged` and use `local(...)`)"
@@ -103,7 +103,7 @@ pub enum FinetuneError {
 
 /// What a `finetune` stage trains.
 #[derive(Clone, Debug)]
-pub struct FinetuneConfig {
+pub(crate) struct FinetuneConfig {
     /// The parameters that identify the adapter: the node's canonical parameters minus those
     /// that cannot change it (checkpoint intervals, …). The base model, data, prompt, labels and
     /// grammar are exec inputs, so their fingerprints cascade.
@@ -131,12 +131,12 @@ pub struct FinetuneConfig {
 }
 
 /// A configured finetune stage.
-pub struct FinetuneStage {
+pub(crate) struct FinetuneStage {
     config: FinetuneConfig,
 }
 
 impl FinetuneStage {
-    pub fn from_config(config: FinetuneConfig) -> Self {
+    pub(crate) fn from_config(config: FinetuneConfig) -> Self {
         Self { config }
     }
 }
@@ -497,7 +497,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), FinetuneError> {
 }
 
 /// The metrics as CSV: one row per step, an empty `eval_loss` where none was computed.
-pub fn metrics_csv(rows: &[MetricRow]) -> String {
+pub(crate) fn metrics_csv(rows: &[MetricRow]) -> String {
     let mut out = String::from("step,epoch,train_loss,eval_loss,lr,grad_norm,seconds\n");
     for r in rows {
         let eval = r.eval_loss.map(|e| e.to_string()).unwrap_or_default();
@@ -512,7 +512,7 @@ pub fn metrics_csv(rows: &[MetricRow]) -> String {
 }
 
 /// The loss curves of a run as `train` and `eval` series (the report's curve format).
-pub fn loss_series(rows: &[MetricRow]) -> Vec<Series> {
+pub(crate) fn loss_series(rows: &[MetricRow]) -> Vec<Series> {
     let train: Vec<(f64, f64)> = rows.iter().map(|r| (r.step as f64, r.train_loss)).collect();
     let eval: Vec<(f64, f64)> = rows
         .iter()

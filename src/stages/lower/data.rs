@@ -19,7 +19,7 @@ use super::{InputPositions, LowerContext, LowerError};
 
 /// Why a dataset declaration the checker accepted cannot be ingested.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum DatasetConfigError {
+pub(crate) enum DatasetConfigError {
     #[error(
         "label mapping key `{0}` is not an integer; map integer label values, or drop the \
          mapping when the column already holds class names"

@@ -14,7 +14,7 @@ use super::LowerError;
 
 /// Positions of a node's exec inputs: which input slot holds which plan node.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InputPositions {
+pub(crate) struct InputPositions {
     stage: String,
     ids: Vec<NodeId>,
     names: Vec<String>,
@@ -22,7 +22,7 @@ pub struct InputPositions {
 
 impl InputPositions {
     /// The exec inputs of `node` (see the module doc for the order).
-    pub fn of(node: &Node, plan: &Plan) -> Self {
+    pub(crate) fn of(node: &Node, plan: &Plan) -> Self {
         let ids = exec_inputs(node, plan);
         let names = ids
             .iter()
@@ -36,7 +36,7 @@ impl InputPositions {
     }
 
     /// The input slot (index into `StageContext::inputs`) that holds `target`'s entry.
-    pub fn input_index(&self, target: NodeId) -> Result<usize, LowerError> {
+    pub(crate) fn input_index(&self, target: NodeId) -> Result<usize, LowerError> {
         self.ids
             .iter()
             .position(|id| *id == target)
@@ -47,17 +47,12 @@ impl InputPositions {
     }
 
     /// The plan nodes in slot order.
-    pub fn ids(&self) -> &[NodeId] {
+    pub(crate) fn ids(&self) -> &[NodeId] {
         &self.ids
     }
 
-    /// The names of the plan nodes in slot order.
-    pub fn names(&self) -> &[String] {
-        &self.names
-    }
-
     /// Where the rows of `data` and the images they reference are among these inputs.
-    pub fn data_input(&self, data: &DataRef, plan: &Plan) -> Result<DataInput, LowerError> {
+    pub(crate) fn data_input(&self, data: &DataRef, plan: &Plan) -> Result<DataInput, LowerError> {
         Ok(DataInput {
             name: data.display_name(),
             slot: self.input_index(data.node.id)?,
@@ -68,7 +63,7 @@ impl InputPositions {
 }
 
 /// The exec inputs of `node`: its plan inputs, then the root datasets of the data it reads.
-pub fn exec_inputs(node: &Node, plan: &Plan) -> Vec<NodeId> {
+pub(crate) fn exec_inputs(node: &Node, plan: &Plan) -> Vec<NodeId> {
     let mut ids = node.inputs.clone();
     let mut refs = data_refs(&node.params);
     // A report shows the images of the evals it compares, so it reads their datasets too.
@@ -114,7 +109,7 @@ fn data_refs(params: &NodeParams) -> Vec<&DataRef> {
 ///
 /// `plan` is part of the contract so a future node kind with several outputs can be told apart;
 /// today a member always names a split part and every other data node writes `rows.parquet`.
-pub fn data_file(data_ref: &DataRef, _plan: &Plan) -> String {
+pub(crate) fn data_file(data_ref: &DataRef, _plan: &Plan) -> String {
     match &data_ref.member {
         Some(member) => part_file_name(member),
         None => ROWS_FILE.to_owned(),
@@ -125,7 +120,7 @@ pub fn data_file(data_ref: &DataRef, _plan: &Plan) -> String {
 ///
 /// The checker guarantees every chain ends at a dataset; a broken chain returns the last node
 /// reached, which then fails loudly when the stage opens its images.
-pub fn root_dataset(data_ref: &DataRef, plan: &Plan) -> NodeId {
+pub(crate) fn root_dataset(data_ref: &DataRef, plan: &Plan) -> NodeId {
     let mut id = data_ref.node.id;
     // Bounded by the node count: a plan is acyclic, so a longer walk would be a checker bug.
     for _ in 0..=plan.nodes.len() {

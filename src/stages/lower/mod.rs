@@ -21,8 +21,8 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-pub use data::DatasetConfigError;
-pub use inputs::{InputPositions, data_file, exec_inputs, root_dataset};
+pub(crate) use data::DatasetConfigError;
+pub(crate) use inputs::{InputPositions, data_file, root_dataset};
 
 use crate::cache::sort_keys;
 use crate::exec::{ExecGraph, ExecNode, Stage};
@@ -42,7 +42,7 @@ use crate::stages::report::ReportStage;
 use crate::stages::rows::{SampleStage, SplitStage};
 
 /// What lowering needs besides the plan: where things live on this machine.
-pub struct LowerContext<'a> {
+pub(crate) struct LowerContext<'a> {
     pub plan: &'a Plan,
     /// The folder of the root pipeline file.
     pub pipeline_dir: PathBuf,
@@ -59,7 +59,7 @@ pub struct LowerContext<'a> {
 
 /// Why a plan could not be lowered (a plan bug or a source the stages cannot read).
 #[derive(Debug, thiserror::Error)]
-pub enum LowerError {
+pub(crate) enum LowerError {
     /// A stage reads a node that is not among its exec inputs (a lowering bug).
     #[error("stage `{stage}` reads `{target}`, which is not one of its inputs")]
     MissingInput { stage: String, target: String },
@@ -79,7 +79,7 @@ pub enum LowerError {
 }
 
 /// Lowers `plan` into an executable graph.
-pub fn lower(plan: &Plan, ctx: &LowerContext<'_>) -> Result<ExecGraph, LowerError> {
+pub(crate) fn lower(plan: &Plan, ctx: &LowerContext<'_>) -> Result<ExecGraph, LowerError> {
     let mut nodes = Vec::with_capacity(plan.nodes.len());
     for node in plan.topological() {
         let positions = InputPositions::of(node, plan);

@@ -55,7 +55,7 @@ pub enum FolderRef {
 
 impl FolderRef {
     /// The Hub id of a Hub model (what PEFT's `base_model_name_or_path` names).
-    pub fn hub_id(&self) -> Option<&str> {
+    pub(crate) fn hub_id(&self) -> Option<&str> {
         match self {
             FolderRef::Hub { repo, .. } => Some(repo),
             _ => None,
@@ -63,7 +63,7 @@ impl FolderRef {
     }
 
     /// A short description for metadata and messages (`hf:org/name@commit`, `local:models/x`).
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             FolderRef::Hub { repo, commit } => format!("hf:{repo}@{commit}"),
             FolderRef::Pipeline { path } => format!("local:{}", path.display()),
@@ -148,12 +148,12 @@ pub struct ModelResolver {
 }
 
 impl ModelResolver {
-    pub fn new(hub: Hub, pipeline_dir: PathBuf) -> Self {
+    pub(crate) fn new(hub: Hub, pipeline_dir: PathBuf) -> Self {
         Self { hub, pipeline_dir }
     }
 
     /// The resolver for the pipeline file `file`, with the environment's Hub settings.
-    pub fn for_pipeline_file(file: &Path) -> Self {
+    pub(crate) fn for_pipeline_file(file: &Path) -> Self {
         let dir = match file.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
             _ => PathBuf::from("."),
@@ -162,7 +162,7 @@ impl ModelResolver {
     }
 
     /// Reads a model entry (written by the model stage or by a fine-tune) and finds its folders.
-    pub fn open(&self, entry: &CacheEntry) -> Result<ModelLocation, ModelNodeError> {
+    pub(crate) fn open(&self, entry: &CacheEntry) -> Result<ModelLocation, ModelNodeError> {
         let path = entry.path(MODEL_FILE);
         let text = std::fs::read_to_string(&path).map_err(FileError::read(&path))?;
         let file: ModelFile =
@@ -196,7 +196,7 @@ impl ModelResolver {
     }
 
     /// The folder `reference` names, on this machine.
-    pub fn folder(
+    pub(crate) fn folder(
         &self,
         reference: &FolderRef,
         entry_dir: &Path,
@@ -326,7 +326,7 @@ pub struct ModelStage {
 }
 
 impl ModelStage {
-    pub fn from_config(config: ModelConfig) -> Self {
+    pub(crate) fn from_config(config: ModelConfig) -> Self {
         Self {
             params: config.params,
             source: config.origin,
@@ -657,7 +657,7 @@ impl Preset {
 
     /// Writes a Hub-layout checkpoint with seeded random weights into `dir`; returns the
     /// number of tensors saved.
-    pub fn save(self, dir: &Path, seed: u64) -> Result<usize, StageError> {
+    pub(crate) fn save(self, dir: &Path, seed: u64) -> Result<usize, StageError> {
         std::fs::create_dir_all(dir).map_err(FileError::create(dir))?;
         for (name, text) in self.files() {
             let path = dir.join(name);

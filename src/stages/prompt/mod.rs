@@ -45,17 +45,17 @@ pub struct RenderedPrompt {
 
 impl RenderedPrompt {
     /// The conversation LFM2-VL sees: optional system turn, then the image and the user text.
-    pub fn conversation(&self) -> Conversation {
+    pub(crate) fn conversation(&self) -> Conversation {
         Conversation::image_question(self.system.as_deref(), &self.user)
     }
 }
 
 /// The work one template render may do, in minijinja fuel (about one instruction, or 64 bytes of
 /// data made): a prompt that loops over a few thousand labels needs well under a tenth of it.
-pub const TEMPLATE_FUEL: u64 = 1_000_000;
+pub(crate) const TEMPLATE_FUEL: u64 = 1_000_000;
 
 /// The longest rendered template: far past any model's context, short of filling memory.
-pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+pub(crate) const MAX_PROMPT_BYTES: usize = 1 << 20;
 
 /// Errors rendering a prompt template.
 #[derive(Debug, thiserror::Error)]

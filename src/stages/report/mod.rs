@@ -9,7 +9,7 @@
 mod compare;
 mod escape;
 mod html;
-pub mod stage;
+pub(crate) mod stage;
 mod svg;
 mod terminal;
 mod thumbnail;

@@ -48,7 +48,7 @@ pub struct ReportStage {
 }
 
 impl ReportStage {
-    pub fn from_config(config: ReportConfig) -> Self {
+    pub(crate) fn from_config(config: ReportConfig) -> Self {
         Self {
             canonical: config.params,
             title: config.title,

@@ -55,7 +55,7 @@ const MARKER_MAX_POINTS: usize = 40;
 
 impl LineChart {
     /// Renders the chart as a standalone `<svg>` element.
-    pub fn to_svg(&self) -> String {
+    pub(crate) fn to_svg(&self) -> String {
         // (palette index, series, its finite points)
         type Drawn<'a> = (usize, &'a Series, Vec<(f64, f64)>);
         let series: Vec<Drawn> = self

@@ -1,5 +1,5 @@
 //! The `split`, `sample` and `shuffle` stages: row tables in, row tables out.
 
-pub mod stage;
+pub(crate) mod stage;
 
-pub use stage::{SampleConfig, SampleStage, SplitConfig, SplitMethod, SplitStage};
+pub(crate) use stage::{SampleConfig, SampleStage, SplitConfig, SplitMethod, SplitStage};

@@ -24,7 +24,7 @@ fn counts(table: &RowTable) -> Value {
 
 /// How a split cuts its rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SplitMethod {
+pub(crate) enum SplitMethod {
     /// Each class cut in the parts' ratios (`stratified(...)`).
     Stratified,
     /// The rows cut regardless of labels (`random(...)`).
@@ -33,7 +33,7 @@ pub enum SplitMethod {
 
 /// What a `split` stage cuts, and how.
 #[derive(Clone, Debug)]
-pub struct SplitConfig {
+pub(crate) struct SplitConfig {
     /// The node's canonical parameters.
     pub params: Value,
     pub source: DataInput,
@@ -42,12 +42,12 @@ pub struct SplitConfig {
 }
 
 /// `split NAME = stratified(data, train: …, test: …, seed: …)` or `random(…)`.
-pub struct SplitStage {
+pub(crate) struct SplitStage {
     config: SplitConfig,
 }
 
 impl SplitStage {
-    pub fn from_config(config: SplitConfig) -> Self {
+    pub(crate) fn from_config(config: SplitConfig) -> Self {
         Self { config }
     }
 }
@@ -116,7 +116,7 @@ fn random_split(table: &RowTable, spec: &SplitSpec) -> Result<Vec<(String, RowTa
 
 /// What a `sample` or `shuffle` stage draws.
 #[derive(Clone, Debug)]
-pub struct SampleConfig {
+pub(crate) struct SampleConfig {
     /// The node's canonical parameters.
     pub params: Value,
     pub source: DataInput,
@@ -127,12 +127,12 @@ pub struct SampleConfig {
 
 /// `sample(data, n, seed: s)`, or `shuffle(data, seed: s)`: the rows in a seeded order, the
 /// first `n` of them for a sample.
-pub struct SampleStage {
+pub(crate) struct SampleStage {
     config: SampleConfig,
 }
 
 impl SampleStage {
-    pub fn from_config(config: SampleConfig) -> Self {
+    pub(crate) fn from_config(config: SampleConfig) -> Self {
         Self { config }
     }
 }
