@@ -10,7 +10,6 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 use crate::model::kernels::backward as kernels;
-use crate::model::ops::{is_cpu_f32, with_cpu_f32};
 
 /// `false` when `VLMPIPE_TRAIN_KERNELS=off`: training then runs through candle's composite
 /// differentiable ops and the whole sequence, as before these ops existed (to measure them).
@@ -22,6 +21,22 @@ pub(crate) fn enabled() -> bool {
             Ok("off") | Ok("0")
         )
     })
+}
+
+// `ops` calls these ops, so the two storage helpers below are this file's own (importing
+// `ops`' would be an import circle).
+fn is_cpu_f32(x: &Tensor) -> bool {
+    matches!(x.device(), candle_core::Device::Cpu) && x.dtype() == candle_core::DType::F32
+}
+
+/// Runs `f` on the elements of a CPU f32 tensor in row-major order.
+fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU tensor")
+    };
+    Ok(f(slice(cpu, layout)?))
 }
 
 /// The contiguous elements of a CPU f32 storage.

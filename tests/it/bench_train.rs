@@ -11,7 +11,7 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 fn tiny_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/reference/checkpoints/tiny-thumb/config.json")
+        .join("tests/fixtures/reference/checkpoints/tiny-nothumb/config.json")
 }
 
 fn vlmpipe(args: &[&str]) -> Result<Output, std::io::Error> {
