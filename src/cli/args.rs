@@ -447,6 +447,52 @@ pub(crate) enum BenchCommand {
     /// Print the markdown table of BENCHMARKS.md from `bench model --json-out` reports (the
     /// range of the medians over the runs).
     Table(BenchTableArgs),
+    /// Time one LoRA training step (vision, decoder forward, backward, AdamW) on a random-weight
+    /// model, optionally next to PyTorch + peft on the same checkpoint and sequence.
+    Train(BenchTrainArgs),
+}
+
+/// `vlmpipe bench train …`
+#[derive(Debug, Args, Clone)]
+pub struct BenchTrainArgs {
+    /// The LFM2-VL `config.json` whose shapes the random-weight model takes.
+    #[arg(long, value_name = "CONFIG.json")]
+    pub config: PathBuf,
+    /// Timed steps after one warm-up; the report gives medians.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = at_least_one)]
+    pub steps: usize,
+    /// Patch grid of the image view (24 x 32: a 384 x 512 image, 192 image tokens).
+    #[arg(long, value_name = "N", default_value_t = 24, value_parser = at_least_one)]
+    pub patch_rows: usize,
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = at_least_one)]
+    pub patch_cols: usize,
+    /// Text tokens besides the image and the answer.
+    #[arg(long, value_name = "N", default_value_t = 76)]
+    pub prompt_tokens: usize,
+    /// Labelled answer tokens.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = at_least_one)]
+    pub answer_tokens: usize,
+    /// Compute threads (sets `RAYON_NUM_THREADS`; PyTorch pins 2 like its other references).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub threads: usize,
+    /// A Python with torch, transformers and peft (e.g. `tests/reference/.venv-5/bin/python`):
+    /// time PyTorch + peft's step on the same checkpoint and sequence in the same run.
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
+    /// The PyTorch benchmark script.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "tests/reference/bench_peft_train.py"
+    )]
+    pub peft_script: PathBuf,
+    /// Where `--python` writes (or reuses) the random checkpoint both sides load [default: a
+    /// temp dir].
+    #[arg(long, value_name = "DIR")]
+    pub random_dir: Option<PathBuf>,
+    /// Also write the JSON report here.
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<PathBuf>,
 }
 
 /// `vlmpipe bench table REPORT.json…`

@@ -7,6 +7,7 @@
 //! - `bench rerun`: a synthetic image-folder pipeline run once, then timed no-change reruns.
 //! - `bench model`: one image classification stage by stage, optionally next to transformers on
 //!   the same checkpoint and image in the same run; described below.
+//! - `bench train`: one LoRA training step, optionally next to PyTorch + peft (`bench_train.rs`).
 //! - `bench table REPORT…`: `BENCHMARKS.md`'s markdown table from `bench model --json-out`
 //!   reports (`bench_table.rs`).
 //!
@@ -105,6 +106,7 @@ pub(crate) fn run(command: BenchCommand) -> anyhow::Result<Outcome> {
         BenchCommand::Grammar(args) => bench_grammar(&args),
         BenchCommand::Ingest(args) => bench_ingest(&args),
         BenchCommand::Rerun(args) => bench_rerun(&args),
+        BenchCommand::Train(args) => crate::cli::bench_train::run(&args),
         BenchCommand::Table(args) => {
             crate::cli::bench_table::print_table(&args.reports)?;
             Ok(Outcome::Success)
@@ -332,7 +334,7 @@ fn status_name(status: StageStatus) -> String {
         .unwrap_or_else(|| format!("{status:?}"))
 }
 
-fn print_load(before: Option<[f64; 3]>, after: Option<[f64; 3]>) {
+pub(crate) fn print_load(before: Option<[f64; 3]>, after: Option<[f64; 3]>) {
     let fmt = |l: Option<[f64; 3]>| {
         l.map_or("unknown".to_string(), |[a, b, c]| {
             format!("{a:.2} {b:.2} {c:.2}")
@@ -866,7 +868,7 @@ fn print_table(ours: &Value, theirs: Option<&Value>, prompt_tokens: usize, image
 }
 
 /// candle sizes its thread pools from `RAYON_NUM_THREADS` when they are first used.
-fn set_threads(threads: usize) {
+pub(crate) fn set_threads(threads: usize) {
     let wanted = threads.max(1).to_string();
     if std::env::var("RAYON_NUM_THREADS").ok().as_deref() != Some(wanted.as_str()) {
         // SAFETY: called by the CLI before any tensor work, while the process has one thread,
@@ -876,7 +878,7 @@ fn set_threads(threads: usize) {
 }
 
 /// The 1-, 5- and 15-minute load averages from `/proc/loadavg`.
-fn load_average() -> Option<[f64; 3]> {
+pub(crate) fn load_average() -> Option<[f64; 3]> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
     let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
     Some([fields.next()??, fields.next()??, fields.next()??])

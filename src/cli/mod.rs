@@ -8,6 +8,7 @@ mod args;
 mod bench_cmd;
 mod bench_quant;
 mod bench_table;
+mod bench_train;
 mod cache_cmd;
 mod check_cmd;
 mod export_cmd;

@@ -20,6 +20,18 @@ use crate::model::quant::QuantWeight;
 /// so an adapter may add a low-rank term, gate, or replace the output entirely.
 pub trait LinearAdapter: Send + Sync + fmt::Debug {
     fn forward(&self, input: &Tensor, base_output: Tensor) -> Result<Tensor>;
+
+    /// The whole layer (frozen `[out, in]` product, bias and adapter) as one op, for adapters
+    /// that can fuse them (LoRA while training on CPU); `None`, the default, runs the frozen
+    /// product and then [`LinearAdapter::forward`].
+    fn forward_fused(
+        &self,
+        _input: &Tensor,
+        _weight: &Tensor,
+        _bias: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// `y = x W^T + b` over the last dimension, optionally followed by an adapter.
@@ -183,6 +195,11 @@ impl Linear {
 
     /// Applies the layer to `x` of shape `[..., in]`, giving `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(adapter), WeightMatrix::Dense(w)) = (&self.adapter, &self.weight)
+            && let Some(y) = adapter.forward_fused(x, w, self.bias.as_ref())?
+        {
+            return Ok(y);
+        }
         let base = self.forward_frozen(x)?;
         match &self.adapter {
             Some(adapter) => adapter.forward(x, base),

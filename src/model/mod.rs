@@ -46,7 +46,9 @@ pub mod quant;
 pub(crate) mod text;
 pub mod vision;
 
-// Tensors ↔ slices: the only place that hands tensor storage to the kernels.
+// Tensors ↔ slices: the only places that hand tensor storage to the kernels (`autograd`: the
+// fused differentiable ops training runs through the frozen model).
+pub(crate) mod autograd;
 pub(crate) mod ops;
 // Kernels over plain slices (no tensors, nothing from the rest of the model).
 pub(crate) mod kernels;

@@ -16,6 +16,7 @@
 use candle_core::{D, DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
+use crate::model::autograd;
 use crate::model::config::Activation;
 use crate::model::kernels::ViewSpan;
 use crate::model::kernels::cpu;
@@ -235,9 +236,22 @@ pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `silu(gate) * up` (SwiGLU); one fused differentiable op when either takes part in autograd.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if (tracks(gate) || tracks(up))
+        && let Some(h) = autograd::swiglu(gate, up)?
+    {
+        return Ok(h);
+    }
+    silu(gate)? * up
+}
+
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w` (LFM2 multiplies by `w`, not `1 + w`).
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if tracks(x) || tracks(w) {
+        if let Some(y) = autograd::rms_norm(x, w, eps)? {
+            return Ok(y);
+        }
         return candle_nn::ops::rms_norm_slow(x, w, eps as f32);
     }
     candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
@@ -260,7 +274,10 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         x.to_dtype(DType::F32)?
     };
     let p = if tracks(&x32) {
-        candle_nn::ops::softmax(&x32, D::Minus1)?
+        match autograd::softmax_last_dim(&x32)? {
+            Some(p) => p,
+            None => candle_nn::ops::softmax(&x32, D::Minus1)?,
+        }
     } else {
         let row = x32.dim(D::Minus1)?;
         let fast = map_rows_f32(&x32, row, |i, o| {

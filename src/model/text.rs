@@ -15,6 +15,7 @@
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::model::autograd;
 use crate::model::config::{LayerKind, TextParams};
 use crate::model::kernels::packed::Kernel;
 use crate::model::linear::{Linear, LinearVisitor, WeightMatrix};
@@ -308,6 +309,25 @@ impl ShortConv {
         let k = self.taps.len();
         // [B, L, 3D] split into B, C, x along the features.
         let bcx = self.in_proj.forward(x)?;
+        if state.is_none()
+            && bcx.track_op()
+            && l + 1 >= k
+            && let Some(y) =
+                autograd::short_conv(&bcx, ctx.pad_mask.as_ref(), &self.taps, self.bias.as_ref())?
+        {
+            // Training: one fused op with its own backward; the state (which a training
+            // forward never reads again) is the detached window.
+            if k > 1 {
+                let tail = bcx.narrow(1, l + 1 - k, k - 1)?.detach();
+                let mut bx = (tail.narrow(2, 0, self.hidden)?
+                    * tail.narrow(2, 2 * self.hidden, self.hidden)?)?;
+                if let Some(mask) = &ctx.pad_mask {
+                    bx = bx.broadcast_mul(&mask.narrow(1, l + 1 - k, k - 1)?)?;
+                }
+                *state = Some(bx.contiguous()?);
+            }
+            return Ok(y);
+        }
         let gate_b = bcx.narrow(2, 0, self.hidden)?;
         let gate_c = bcx.narrow(2, self.hidden, self.hidden)?;
         let xs = bcx.narrow(2, 2 * self.hidden, self.hidden)?;
@@ -455,8 +475,8 @@ impl FeedForward {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = ops::silu(&self.w1.forward(x)?)?;
-        self.w2.forward(&(gate * self.w3.forward(x)?)?)
+        let gated = ops::swiglu(&self.w1.forward(x)?, &self.w3.forward(x)?)?;
+        self.w2.forward(&gated)
     }
 }
 

@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use crate::model::config::Config;
+use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::load::checkpoint::LoadOptions;
 use crate::model::load::random_checkpoint::random_model;
 use crate::rng::SeededRng;
@@ -73,9 +74,62 @@ pub struct BenchReport {
     pub rss_after_load_mib: f64,
 }
 
+/// The benchmarked example: token ids (an image placeholder run inside the prompt, then the
+/// answer) and the image view's patches, seeded, so another implementation can be given the same.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchInputs {
+    pub input_ids: Vec<u32>,
+    /// First labelled position of `input_ids`.
+    pub answer_start: usize,
+    /// `[patch_rows * patch_cols, patch_dim]`, uniform in [-1, 1).
+    pub pixels: Vec<f32>,
+    pub patch_dim: usize,
+    pub image_tokens: usize,
+}
+
+impl BenchInputs {
+    /// The inputs of `spec` for `cfg` (seed 0).
+    pub fn new(cfg: &Config, spec: &BenchSpec) -> Self {
+        let factor = cfg.projector.factor;
+        let image_tokens = spec.patch_rows.div_ceil(factor) * spec.patch_cols.div_ceil(factor);
+        let mut rng = SeededRng::new(0);
+        let vocab = cfg.text.vocab_size as u32;
+        let word = |rng: &mut SeededRng| {
+            rng.in_range(u64::from(1000.min(vocab - 1))..u64::from(vocab)) as u32
+        };
+        let before = spec.prompt_tokens / 4;
+        let mut ids: Vec<u32> = (0..before).map(|_| word(&mut rng)).collect();
+        ids.extend(std::iter::repeat_n(cfg.image_token_id, image_tokens));
+        ids.extend((before..spec.prompt_tokens).map(|_| word(&mut rng)));
+        let answer_start = ids.len();
+        ids.extend((0..spec.answer_tokens).map(|_| word(&mut rng)));
+        let patches = spec.patch_rows * spec.patch_cols;
+        let patch_dim = cfg.vision.patch_dim();
+        let pixels = (0..patches * patch_dim)
+            .map(|_| rng.uniform_f32() * 2.0 - 1.0)
+            .collect();
+        Self {
+            input_ids: ids,
+            answer_start,
+            pixels,
+            patch_dim,
+            image_tokens,
+        }
+    }
+}
+
 /// Builds a random-weight model of `cfg` and times LoRA training steps on one synthetic example.
 pub fn bench_train_step(cfg: &Config, spec: &BenchSpec) -> Result<BenchReport, TrainError> {
-    let mut model = random_model(cfg, &LoadOptions::default(), 0)?;
+    let model = random_model(cfg, &LoadOptions::default(), 0)?;
+    bench_train_step_on(model, spec, &BenchInputs::new(cfg, spec))
+}
+
+/// Times LoRA training steps of `model` (no adapters attached yet) on `inputs`.
+pub fn bench_train_step_on(
+    mut model: Lfm2VlModel,
+    spec: &BenchSpec,
+    inputs: &BenchInputs,
+) -> Result<BenchReport, TrainError> {
     // Batches go where the weights are, so only `LoadOptions` decides the device.
     let dev = model.device().clone();
     let rss_after_load_mib = proc_status_mib("VmRSS");
@@ -89,31 +143,16 @@ pub fn bench_train_step(cfg: &Config, spec: &BenchSpec) -> Result<BenchReport, T
     let vars: Vec<_> = trainable.named_vars().into_iter().map(|v| v.var).collect();
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default());
 
-    let factor = cfg.projector.factor;
-    let image_tokens = spec.patch_rows.div_ceil(factor) * spec.patch_cols.div_ceil(factor);
-    let mut rng = SeededRng::new(0);
-    let vocab = cfg.text.vocab_size as u32;
-    let word =
-        |rng: &mut SeededRng| rng.in_range(u64::from(1000.min(vocab - 1))..u64::from(vocab)) as u32;
-    let before = spec.prompt_tokens / 4;
-    let mut ids: Vec<u32> = (0..before).map(|_| word(&mut rng)).collect();
-    ids.extend(std::iter::repeat_n(cfg.image_token_id, image_tokens));
-    ids.extend((before..spec.prompt_tokens).map(|_| word(&mut rng)));
-    let answer_start = ids.len();
-    ids.extend((0..spec.answer_tokens).map(|_| word(&mut rng)));
     let example = Example {
-        answer_end: ids.len(),
-        input_ids: ids,
-        answer_start,
+        answer_end: inputs.input_ids.len(),
+        input_ids: inputs.input_ids.clone(),
+        answer_start: inputs.answer_start,
         images: Vec::new(),
     };
     let batch = Batch::collate(&[&example], LossOn::Answer, 0, &dev)?;
     let patches = spec.patch_rows * spec.patch_cols;
-    let patch_dim = cfg.vision.patch_dim();
-    let pixels: Vec<f32> = (0..patches * patch_dim)
-        .map(|_| rng.uniform_f32() * 2.0 - 1.0)
-        .collect();
-    let pixels = Tensor::from_vec(pixels, (1, patches, patch_dim), &dev)?;
+    let pixels = Tensor::from_vec(inputs.pixels.clone(), (1, patches, inputs.patch_dim), &dev)?
+        .to_dtype(model.dtype())?;
     let mask = Tensor::ones((1, patches), DType::U32, &dev)?;
 
     let mode = trainable.mode().clone();
@@ -152,7 +191,7 @@ pub fn bench_train_step(cfg: &Config, spec: &BenchSpec) -> Result<BenchReport, T
     let [vision_ms, forward_ms, backward_ms, optimizer_ms] = parts.map(|p| median(&p));
     Ok(BenchReport {
         sequence_tokens: batch.seq_len,
-        image_tokens,
+        image_tokens: inputs.image_tokens,
         trained_parameters: trainable.num_parameters(),
         median_step_ms: median(&step_ms),
         step_ms,

@@ -21,6 +21,7 @@ use crate::model::linear::{LinearAdapter, LinearVisitor};
 use crate::model::ops;
 use crate::rng::{SeededRng, mix, name_hash};
 use crate::train::error::TrainError;
+use crate::train::fused;
 
 /// PEFT's prefix for tensor names of a `PeftModel` around a transformers model.
 pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
@@ -327,18 +328,50 @@ impl LoraAdapter {
         self.scale
     }
 
-    fn dropout_mask(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn rank(&self) -> usize {
+        self.a.dim(0).unwrap_or(0)
+    }
+
+    /// This micro-batch's dropout multipliers (0 or `1 / (1 - p)`) for `len` inputs.
+    fn dropout_values(&self, len: usize) -> Vec<f32> {
         let p = self.dropout;
         let keep = 1.0 / (1.0 - p);
         let mut rng = self.mode.dropout_rng(self.index);
-        let mask: Vec<f32> = (0..x.elem_count())
+        (0..len)
             .map(|_| if rng.uniform_f32() < p { 0.0 } else { keep })
-            .collect();
+            .collect()
+    }
+
+    fn dropout_mask(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mask = self.dropout_values(x.elem_count());
         Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
     }
 }
 
 impl LinearAdapter for LoraAdapter {
+    /// In training on CPU f32, the frozen product and this branch as one op with its own backward
+    /// ([`fused::lora_linear`]); the same numbers up to summation order.
+    fn forward_fused(
+        &self,
+        input: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if !self.mode.is_training() || !crate::model::autograd::enabled() {
+            return Ok(None);
+        }
+        let mask = (self.dropout > 0.0).then(|| self.dropout_values(input.elem_count()));
+        fused::lora_linear(
+            input,
+            weight,
+            bias,
+            self.a.as_tensor(),
+            self.b.as_tensor(),
+            self.scale,
+            mask,
+        )
+    }
+
     fn forward(&self, input: &Tensor, base_output: Tensor) -> candle_core::Result<Tensor> {
         let training = self.mode.is_training();
         let (a, b) = if training {

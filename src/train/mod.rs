@@ -15,6 +15,7 @@
 pub mod batch;
 pub mod bench;
 pub(crate) mod error;
+pub(crate) mod fused;
 pub mod io;
 pub mod lora;
 pub mod merge;

@@ -456,17 +456,47 @@ pub fn batch_loss_on(
 ) -> Result<Tensor, TrainError> {
     let embeds = model.embed(&batch.input_ids, image_features)?;
     let mut cache = model.new_cache(batch.batch_size);
-    let hidden = model
-        .text()
-        .forward(&embeds, Some(&batch.attention_mask), &mut cache, None)?;
+    // The decoder computes only the last `keep` positions of each row that any target needs
+    // (after the last attention layer, the rest feed nothing the loss reads): for an answer at
+    // the end of a prompt that skips about an eighth of the forward and backward.
+    let (keep, predict_rows) = tail_rows(batch)?;
+    let hidden =
+        model
+            .text()
+            .forward_tail(&embeds, Some(&batch.attention_mask), &mut cache, None, keep)?;
     let d = hidden.dim(2)?;
     // Only the positions that predict a target go through the LM head: with a 65k vocabulary the
     // head over every prompt position would dominate time and memory.
     let rows = hidden
-        .reshape((batch.batch_size * batch.seq_len, d))?
-        .index_select(&batch.predict_rows, 0)?;
+        .reshape((batch.batch_size * keep, d))?
+        .index_select(&predict_rows, 0)?;
     let logits = model.text().lm_head(&rows)?;
     Ok(cross_entropy(&logits, &batch.targets)?)
+}
+
+/// The positions per row the loss reads, counted from the end (`keep`), and the batch's predict
+/// rows as indices into `[batch_size * keep]` instead of `[batch_size * seq_len]`.
+fn tail_rows(batch: &Batch) -> Result<(usize, Tensor), TrainError> {
+    let l = batch.seq_len;
+    let flat = batch.predict_rows.to_vec1::<u32>()?;
+    let first = flat.iter().map(|&r| r as usize % l).min().unwrap_or(0);
+    let keep = if crate::model::autograd::enabled() {
+        (l - first).max(1)
+    } else {
+        l
+    };
+    let rows: Vec<u32> = flat
+        .iter()
+        .map(|&r| {
+            let (row, t) = (r as usize / l, r as usize % l);
+            (row * keep + t - first) as u32
+        })
+        .collect();
+    let n = rows.len();
+    Ok((
+        keep,
+        Tensor::from_vec(rows, n, batch.predict_rows.device())?,
+    ))
 }
 
 /// Switches adapters back to inference mode when dropped.

@@ -13,6 +13,7 @@ mod support;
 mod train_support;
 
 mod architecture;
+mod bench_train;
 mod benchmarks_doc;
 mod cache_kill;
 mod cache_store;

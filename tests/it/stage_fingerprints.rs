@@ -10,7 +10,8 @@
 //! answer closed within its token budget); at stop 13 the finetune's v5 (LoRA init, dropout and
 //! shuffles drawn from `crate::rng`), the data stage's v4, the report's v3 and the eval's v8
 //! (sampling from `crate::rng`; ingest errors as eval error rows; thumbnails through the capped
-//! decoder; `model_bytes`; sizes and changed answers side by side), each with every fingerprint downstream of them.
+//! decoder; `model_bytes`; sizes and changed answers side by side), each with every fingerprint downstream of them;
+//! then the finetune's v6 (fused training ops, issue 17) with its downstream stages.
 
 use std::path::{Path, PathBuf};
 
@@ -137,27 +138,27 @@ const QUICKSTART: &[(&str, &str)] = &[
     ),
     (
         "tuned",
-        "2645da985f37a43f62b331e3c3392c8f05fb3fcf16c9d252b2a67174ea3de6ee",
+        "75b3d618227422f8597d0bda00a81c1f13fd5576abe613d58f8f5c5715398462",
     ),
     (
         "tuned_eval",
-        "6b8f74d29ab9990426e008a0116615c8c805305f4af5c8a05bbe894b4c4e6865",
+        "cc3461d5516472703221db7084029575fbc7915bdd1a3b7e034deb4fb3848bfa",
     ),
     (
         "tuned_q8",
-        "bb237ce87fefbb7c7aef35b0eec28e66898506f378a1316e396ff2c7d17e5626",
+        "09b60619147e7dbd0cc1e713ace04fd40ffd1b4ef6f312e39e3bb142fc2cd0a0",
     ),
     (
         "tuned_q8_eval",
-        "f700ed3ee844e7980b2d5e551c06b0d425fc896269544c7352a84cd2d968bbc7",
+        "40983c5bb14316be107220c4f7a464efdc51eeb0468283f5f71e56df60e9aac5",
     ),
     (
         "report",
-        "97f9eed6212cef525ff658e10d0ddc45ac4afd168d20d0993d1f01eead8d9625",
+        "3da2219a4c39d243c8cdddb27545aa60f26f322a05ee5cb48bb53023214b11f8",
     ),
     (
         "shipped",
-        "8d315cc3d68c234668c4c3c64adeb399359d786a8bca951ea2927b7a0e5f3bb7",
+        "1268485c1bc35db828c90811f6164993f2f8b8a7f49e8acfd4ef3b57940c0c67",
     ),
 ];
 

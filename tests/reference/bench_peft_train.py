@@ -10,6 +10,12 @@ the median and the peak RSS; one warm-up step is not timed.
 
 Usage: .venv-5/bin/python tests/reference/bench_peft_train.py CONFIG_JSON [--steps 3]
        [--patch-rows 24] [--patch-cols 32] [--prompt-tokens 76] [--answer-tokens 2]
+       [--checkpoint DIR] [--inputs FILE]
+
+`vlmpipe bench train --python PY` passes `--checkpoint` (the random checkpoint both sides load)
+and `--inputs` (a safetensors file with vlmpipe's `input_ids [1, L]`, `pixel_values [1, P, D]`
+and `answer_start`), so both time the same weights and sequence; the report then also splits each
+step into forward (vision included), backward and optimizer.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ def main() -> None:
     parser.add_argument("--patch-cols", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=76)
     parser.add_argument("--answer-tokens", type=int, default=2)
+    parser.add_argument("--checkpoint", type=Path, help="load these weights instead of a random init")
+    parser.add_argument("--inputs", type=Path, help="input_ids, pixel_values, answer_start (safetensors)")
     args = parser.parse_args()
 
     torch = common.setup_torch()
@@ -49,7 +57,10 @@ def main() -> None:
     from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration
 
     config = Lfm2VlConfig.from_dict(json.loads(args.config.read_text()))
-    model = Lfm2VlForConditionalGeneration(config).float()
+    if args.checkpoint is not None:
+        model = Lfm2VlForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.float32)
+    else:
+        model = Lfm2VlForConditionalGeneration(config).float()
     rss_after_load = rss_mib()
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                              exclude_modules=".*vision_tower.*", bias="none"))
@@ -72,25 +83,44 @@ def main() -> None:
     targets = ids[0, answer_start:]
     patch_dim = config.vision_config.num_channels * config.vision_config.patch_size ** 2
     pixel_values = torch.rand(1, rows * cols, patch_dim, generator=g) * 2 - 1
+    if args.inputs is not None:
+        from safetensors.torch import load_file
+
+        given = load_file(args.inputs)
+        ids = given["input_ids"].long()
+        pixel_values = given["pixel_values"].float()
+        seq = ids.shape[1]
+        answer_start = int(given["answer_start"].item())
+        positions = torch.arange(answer_start - 1, seq - 1)
+        targets = ids[0, answer_start:]
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
                   pixel_attention_mask=torch.ones(1, rows * cols, dtype=torch.long),
                   spatial_shapes=torch.tensor([[rows, cols]]))
     inner = model.base_model.model
 
     steps = []
+    parts = {"forward_ms": [], "backward_ms": [], "optimizer_ms": []}
     for step in range(args.steps + 1):
         t = time.perf_counter()
         hidden = inner.model(**inputs).last_hidden_state[0, positions]
         logits = inner.lm_head(hidden)
         loss = torch.nn.functional.cross_entropy(logits, targets)
+        loss.item()
+        t_forward = time.perf_counter()
         loss.backward()
+        t_backward = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        t_end = time.perf_counter()
         if step > 0:
-            steps.append((time.perf_counter() - t) * 1e3)
+            steps.append((t_end - t) * 1e3)
+            parts["forward_ms"].append((t_forward - t) * 1e3)
+            parts["backward_ms"].append((t_backward - t_forward) * 1e3)
+            parts["optimizer_ms"].append((t_end - t_backward) * 1e3)
     print(json.dumps({
         "sequence_tokens": seq, "image_tokens": image_tokens, "trained_parameters": trainable,
         "step_ms": steps, "median_step_ms": statistics.median(steps),
+        **{k: statistics.median(v) for k, v in parts.items()},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "rss_after_load_mib": rss_after_load, "torch": torch.__version__,
     }, indent=2))

@@ -10,12 +10,16 @@
 //! - [`packed`]: weights packed once into 64-row panels and the register-blocked AVX-512 product
 //!   over them.
 //! - [`exp`]: the vectorisable `exp` the activations and softmax share.
+//! - [`backward`]: RMSNorm and SwiGLU forward and backward for training through the frozen model.
+//! - [`lora`]: training's LoRA linear layer (frozen product and low-rank branch) and its backward.
 //!
 //! **Architecture Invariant:** files here import nothing from the rest of the crate and name no
 //! candle type (`tests/it/architecture.rs` checks it).
 
+pub(crate) mod backward;
 pub(crate) mod cpu;
 pub(crate) mod exp;
+pub(crate) mod lora;
 pub mod packed;
 
 pub(crate) use cpu::ViewSpan;

@@ -53,7 +53,9 @@ use crate::train::{Example, TrainConfig, TrainError, train};
 // name a Hub base and write `lora_dropout` as written.
 // 4: images over the default pixel cap (PIL's `MAX_IMAGE_PIXELS`) are skipped as undecodable.
 // 5: LoRA init, dropout masks and shuffles drawn from `crate::rng` (PCG-64), not `StdRng`.
-const FINETUNE_CODE_VERSION: u32 = 5;
+// 6: LoRA layers, norms and activations train through fused ops (issue 17): the same
+// gradients up to summation order, so trained adapters differ in the last bits.
+const FINETUNE_CODE_VERSION: u32 = 6;
 
 /// Folder of the final adapter inside the entry.
 pub(crate) const ADAPTER_DIR: &str = "adapter";

@@ -1,0 +1,332 @@
+//! Differentiable fused ops for training through the frozen model: candle `CustomOp`s whose
+//! forward and backward run [`crate::model::kernels::backward`] on CPU f32 tensors.
+//!
+//! [`crate::model::ops`] calls these when a tensor takes part in autograd (LoRA training);
+//! each returns `None` for tensors the kernels cannot take (GPU, half precision, a tracked norm
+//! weight), and the caller keeps candle's composite differentiable ops.
+
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+
+use crate::model::kernels::backward as kernels;
+
+/// `false` when `VLMPIPE_TRAIN_KERNELS=off`: training then runs through candle's composite
+/// differentiable ops and the whole sequence, as before these ops existed (to measure them).
+pub(crate) fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("VLMPIPE_TRAIN_KERNELS").as_deref(),
+            Ok("off") | Ok("0")
+        )
+    })
+}
+
+// `ops` calls these ops, so the two storage helpers below are this file's own (importing
+// `ops`' would be an import circle).
+fn is_cpu_f32(x: &Tensor) -> bool {
+    matches!(x.device(), candle_core::Device::Cpu) && x.dtype() == candle_core::DType::F32
+}
+
+/// Runs `f` on the elements of a CPU f32 tensor in row-major order.
+fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU tensor")
+    };
+    Ok(f(slice(cpu, layout)?))
+}
+
+/// The contiguous elements of a CPU f32 storage.
+fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused op needs contiguous operands")
+    };
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+/// RMSNorm over the last dimension with a frozen weight; `None` when not eligible.
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    if !enabled() {
+        return Ok(None);
+    }
+    if !is_cpu_f32(x) || !is_cpu_f32(w) || w.track_op() {
+        return Ok(None);
+    }
+    if w.dims1()? != x.dim(candle_core::D::Minus1)? {
+        candle_core::bail!("rms norm: weight {:?} for input {:?}", w.dims(), x.dims())
+    }
+    let op = RmsNorm {
+        w: w.contiguous()?,
+        eps: eps as f32,
+    };
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
+struct RmsNorm {
+    w: Tensor,
+    eps: f32,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout)?;
+        let y = with_cpu_f32(&self.w, |w| kernels::rms_norm_forward(x, w, self.eps))?;
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = with_cpu_f32(arg, |x| {
+            with_cpu_f32(&self.w, |w| {
+                with_cpu_f32(grad, |g| kernels::rms_norm_backward(x, w, g, self.eps))
+            })
+        })???;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// `silu(gate) * up` (SwiGLU); `None` when not eligible.
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    if !enabled() {
+        return Ok(None);
+    }
+    if !is_cpu_f32(gate) || !is_cpu_f32(up) {
+        return Ok(None);
+    }
+    if gate.dims() != up.dims() {
+        candle_core::bail!(
+            "swiglu: gate {:?} and up {:?} differ",
+            gate.dims(),
+            up.dims()
+        )
+    }
+    Ok(Some(
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?,
+    ))
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        g_l: &Layout,
+        u: &CpuStorage,
+        u_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = kernels::swiglu_forward(slice(g, g_l)?, slice(u, u_l)?);
+        Ok((CpuStorage::F32(h), g_l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = with_cpu_f32(gate, |g| {
+            with_cpu_f32(up, |u| {
+                with_cpu_f32(grad, |dh| kernels::swiglu_backward(g, u, dh))
+            })
+        })???;
+        let (shape, dev) = (gate.shape(), gate.device());
+        Ok((
+            Some(Tensor::from_vec(dg, shape, dev)?),
+            Some(Tensor::from_vec(du, shape, dev)?),
+        ))
+    }
+}
+
+/// Softmax over the last dimension; `None` when not eligible.
+pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Option<Tensor>> {
+    if !enabled() {
+        return Ok(None);
+    }
+    if !is_cpu_f32(x) {
+        return Ok(None);
+    }
+    let row = x.dim(candle_core::D::Minus1)?;
+    if row == 0 {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op1(Softmax { row })?))
+}
+
+struct Softmax {
+    row: usize,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = kernels::softmax_forward(slice(storage, layout)?, self.row);
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = with_cpu_f32(res, |y| {
+            with_cpu_f32(grad, |g| kernels::softmax_backward(y, g, self.row))
+        })??;
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    }
+}
+
+/// LFM2's gated short convolution from a zero state, `C ∘ conv(B ∘ X ∘ mask)` over
+/// `bcx [B, L, 3D]` with frozen `taps` (`K` of `[D]`) and `bias`, `pad_mask [B, L, 1]` 0 at
+/// padding; `None` when not eligible.
+pub(crate) fn short_conv(
+    bcx: &Tensor,
+    pad_mask: Option<&Tensor>,
+    taps: &[Tensor],
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let frozen = |t: &Tensor| is_cpu_f32(t) && !t.track_op();
+    if !enabled() {
+        return Ok(None);
+    }
+    if !is_cpu_f32(bcx)
+        || !taps.iter().all(frozen)
+        || bias.is_some_and(|b| !frozen(b))
+        || pad_mask.is_some_and(|m| !frozen(m))
+    {
+        return Ok(None);
+    }
+    let (batch, len, three_d) = bcx.dims3()?;
+    let dim = three_d / 3;
+    if three_d != 3 * dim || taps.iter().any(|t| t.dims() != [dim]) {
+        candle_core::bail!(
+            "short conv: input {:?} against {} taps of [{dim}]",
+            bcx.dims(),
+            taps.len()
+        )
+    }
+    let tap_values = taps
+        .iter()
+        .map(|t| t.to_vec1::<f32>())
+        .collect::<Result<Vec<_>>>()?;
+    let op = ShortConv {
+        taps: tap_values,
+        bias: bias.map(Tensor::to_vec1::<f32>).transpose()?,
+        mask: pad_mask
+            .map(|m| m.flatten_all()?.to_vec1::<f32>())
+            .transpose()?,
+        shape: kernels::ConvShape { batch, len, dim },
+    };
+    Ok(Some(bcx.contiguous()?.apply_op1(op)?))
+}
+
+struct ShortConv {
+    taps: Vec<Vec<f32>>,
+    bias: Option<Vec<f32>>,
+    mask: Option<Vec<f32>>,
+    shape: kernels::ConvShape,
+}
+
+impl ShortConv {
+    fn taps(&self) -> Vec<&[f32]> {
+        self.taps.iter().map(Vec::as_slice).collect()
+    }
+}
+
+impl CustomOp1 for ShortConv {
+    fn name(&self) -> &'static str {
+        "fused-short-conv"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let s = self.shape;
+        let y = kernels::short_conv_forward(
+            slice(storage, layout)?,
+            self.mask.as_deref(),
+            &self.taps(),
+            self.bias.as_deref(),
+            s,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((s.batch, s.len, s.dim))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = with_cpu_f32(arg, |bcx| {
+            with_cpu_f32(grad, |dy| {
+                kernels::short_conv_backward(
+                    bcx,
+                    self.mask.as_deref(),
+                    &self.taps(),
+                    self.bias.as_deref(),
+                    dy,
+                    self.shape,
+                )
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(d, arg.shape(), arg.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    fn grad_of(grads: &candle_core::backprop::GradStore, v: &Var) -> Result<Tensor> {
+        grads
+            .get(v.as_tensor())
+            .cloned()
+            .ok_or(candle_core::Error::Msg("missing gradient".into()))
+    }
+
+    /// The fused ops against candle's composite differentiable ones: outputs and input gradients.
+    #[test]
+    fn fused_ops_match_candle_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (2, 7, 32), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, 32, &dev)?;
+        let weights = Tensor::randn(0f32, 1.0, (2, 7, 32), &dev)?;
+        let fused = rms_norm(x.as_tensor(), &w, 1e-5)?
+            .ok_or(candle_core::Error::Msg("not eligible".into()))?;
+        let plain = candle_nn::ops::rms_norm_slow(x.as_tensor(), &w, 1e-5)?;
+        assert!(max_diff(&fused, &plain)? < 1e-5);
+        let g1 = (&fused * &weights)?.sum_all()?.backward()?;
+        let g2 = (&plain * &weights)?.sum_all()?.backward()?;
+        assert!(max_diff(&grad_of(&g1, &x)?, &grad_of(&g2, &x)?)? < 1e-4);
+        assert!(g1.get(&w).is_none());
+
+        let fused = softmax_last_dim(x.as_tensor())?
+            .ok_or(candle_core::Error::Msg("not eligible".into()))?;
+        let plain = candle_nn::ops::softmax(x.as_tensor(), candle_core::D::Minus1)?;
+        assert!(max_diff(&fused, &plain)? < 1e-6);
+        let g1 = (&fused * &weights)?.sum_all()?.backward()?;
+        let g2 = (&plain * &weights)?.sum_all()?.backward()?;
+        assert!(max_diff(&grad_of(&g1, &x)?, &grad_of(&g2, &x)?)? < 1e-5);
+
+        let u = Var::randn(0f32, 1.0, (2, 7, 32), &dev)?;
+        let fused = swiglu(x.as_tensor(), u.as_tensor())?
+            .ok_or(candle_core::Error::Msg("not eligible".into()))?;
+        let plain = (candle_nn::ops::silu(x.as_tensor())? * u.as_tensor())?;
+        assert!(max_diff(&fused, &plain)? < 1e-5);
+        let g1 = (&fused * &weights)?.sum_all()?.backward()?;
+        let g2 = (&plain * &weights)?.sum_all()?.backward()?;
+        for v in [&x, &u] {
+            assert!(max_diff(&grad_of(&g1, v)?, &grad_of(&g2, v)?)? < 1e-4);
+        }
+        Ok(())
+    }
+}
