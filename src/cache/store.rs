@@ -357,6 +357,18 @@ impl CacheStore {
         Ok(outcomes)
     }
 
+    /// Removes the entry `fp`; returns whether it existed (tests simulate a lost shard with it).
+    #[cfg(test)]
+    pub(crate) fn remove(&self, lock: &CacheLock, fp: &Fingerprint) -> Result<bool, CacheError> {
+        self.check_lock(lock)?;
+        let dir = self.entry_dir(fp);
+        if !dir.exists() {
+            return Ok(false);
+        }
+        self.remove_dir(&dir)?;
+        Ok(true)
+    }
+
     /// Moves `dir` out of `entries/` in one rename (so it vanishes atomically), then deletes it.
     fn remove_dir(&self, dir: &Path) -> Result<(), CacheError> {
         let name = dir

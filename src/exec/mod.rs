@@ -19,16 +19,15 @@ mod stage;
 mod summary;
 mod worker;
 
-pub use executor::{ExecError, ExecGraph, ExecNode, RunOptions, run};
-pub use exports::ExportError;
-pub use progress::Progress;
-pub use shards::{
+pub(crate) use executor::{ExecError, ExecGraph, ExecNode, RunOptions, run};
+pub(crate) use progress::Progress;
+pub(crate) use shards::{
     LocalLauncher, ShardCounts, ShardJob, ShardLauncher, ShardOutcome, ShardState,
-    shard_fingerprint,
 };
-pub use stage::{
-    Export, MissingCause, MissingInput, NoInput, ShardIndex, Sharded, Stage, StageContext,
-    StageError, StageOutcome,
+pub use shards::shard_fingerprint;
+pub use stage::ShardIndex;
+pub(crate) use stage::{
+    Export, MissingInput, Sharded, Stage, StageContext, StageError, StageOutcome,
 };
 pub use summary::{RunSummary, StageReport, StageStatus};
 pub use worker::{ProbeError, WorkerError, WorkerRequest, probe, run_worker};
