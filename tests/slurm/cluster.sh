@@ -6,6 +6,8 @@
 #   tests/slurm/cluster.sh stop     # stops the three daemons started here
 #   tests/slurm/cluster.sh env      # prints `export SLURM_CONF=…` for this cluster
 #
+# $VLMPIPE_SLURM_DIR/driver-only is visible here and empty on the node (see `start`).
+#
 # Everything (munge key and socket, slurm.conf, spool, state, logs) lives under $VLMPIPE_SLURM_DIR
 # (default /tmp/vlmpipe-slurm), never in /etc, so the machine's own Slurm setup is left alone; Slurm's
 # commands find this cluster through SLURM_CONF=$VLMPIPE_SLURM_DIR/slurm.conf (the tests look there
@@ -108,7 +110,13 @@ start() {
   write_conf
   mkdir -p "$DIR/spool/$(hostname -s)"
   slurmctld -i
-  slurmd
+  # The node gets its own mount namespace with an empty tmpfs over $DIR/driver-only: a folder the driver
+  # sees and the workers do not, as a cache on a laptop's disk is for a real cluster's nodes (the
+  # "cache the workers cannot see" test). Where namespaces are not allowed, slurmd runs plainly.
+  mkdir -p "$DIR/driver-only"
+  if ! unshare -m --propagation private sh -c "mount -t tmpfs none '$DIR/driver-only' && exec slurmd" 2>/dev/null; then
+    slurmd
+  fi
   # Wait until the node is idle (the controller has heard from slurmd).
   for _ in $(seq 1 300); do
     state="$(node_state)"
