@@ -107,14 +107,15 @@ impl fmt::Display for TaskState {
     }
 }
 
-/// The `squeue` format the parser reads: array job id, task id, state, reason.
-pub(crate) const SQUEUE_FORMAT: &str = "%A|%a|%T|%r";
+/// The `squeue` format the parser reads: job id (`JOB_TASK` for an array task; `%a` prints
+/// `(null)` for tasks not yet split off), state, reason.
+pub(crate) const SQUEUE_FORMAT: &str = "%i|%T|%r";
 
 /// One line of `squeue --noheader --array --format=%A|%a|%T|%r`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct QueueLine {
     pub job: String,
-    /// `None` for a job that is not an array (`%a` is `N/A`).
+    /// `None` for a job that is not an array.
     pub task: Option<usize>,
     pub state: TaskState,
     /// Why it waits (`Resources`, `Priority`, `JobArrayTaskLimit`…); `None` prints as "None".
@@ -130,24 +131,43 @@ pub(crate) fn parse_squeue(output: &str) -> Result<Vec<QueueLine>, SlurmError> {
     let mut lines = Vec::new();
     for line in output.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let fields: Vec<&str> = line.split('|').collect();
-        let [job, task, state, reason] = fields[..] else {
-            return Err(bad("expected 4 `|`-separated fields", line));
+        let [id, state, reason] = fields[..] else {
+            return Err(bad("expected 3 `|`-separated fields", line));
         };
-        let task = match task {
-            "N/A" => None,
-            t => Some(
-                t.parse()
-                    .map_err(|_| bad("a task id that is not a number", line))?,
-            ),
+        let (job, tasks) = match id.split_once('_') {
+            None => (id, vec![None]),
+            Some((job, tasks)) => {
+                let tasks = parse_task_ids(tasks)
+                    .ok_or_else(|| bad("a task id that is not a number or a range", line))?;
+                (job, tasks.into_iter().map(Some).collect())
+            }
         };
-        lines.push(QueueLine {
-            job: job.to_string(),
-            task,
-            state: TaskState::parse(state),
-            reason: reason.to_string(),
-        });
+        for task in tasks {
+            lines.push(QueueLine {
+                job: job.to_string(),
+                task,
+                state: TaskState::parse(state),
+                reason: reason.to_string(),
+            });
+        }
     }
     Ok(lines)
+}
+
+/// `3`, or a not yet split pending record `[0-2,5%2]`, as task indices.
+fn parse_task_ids(text: &str) -> Option<Vec<usize>> {
+    let Some(inner) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) else {
+        return Some(vec![text.parse().ok()?]);
+    };
+    let inner = inner.split('%').next()?;
+    let mut ids = Vec::new();
+    for part in inner.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => ids.extend(a.parse::<usize>().ok()?..=b.parse::<usize>().ok()?),
+            None => ids.push(part.parse().ok()?),
+        }
+    }
+    Some(ids)
 }
 
 /// How a task ended, from `sacct` or `scontrol`.
@@ -215,9 +235,14 @@ mod tests {
 
     #[test]
     fn squeue_lines_name_job_task_state_and_reason() {
-        let out = "17|0|RUNNING|None\n17|3|PENDING|JobArrayTaskLimit\n\n20|N/A|COMPLETING|None\n";
+        let out = "17_0|RUNNING|None\n17_3|PENDING|JobArrayTaskLimit\n\n20|COMPLETING|None\n21_[1-2,4%2]|PENDING|Priority\n";
         let lines = parse_squeue(out).unwrap();
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 6);
+        let pending: Vec<_> = lines[3..]
+            .iter()
+            .map(|l| (l.job.as_str(), l.task))
+            .collect();
+        assert_eq!(pending, [("21", Some(1)), ("21", Some(2)), ("21", Some(4))]);
         assert_eq!(lines[0].job, "17");
         assert_eq!(lines[0].task, Some(0));
         assert_eq!(lines[0].state, TaskState::Running);
@@ -235,7 +260,7 @@ mod tests {
             err.contains("squeue") && err.contains("17 0 RUNNING"),
             "{err}"
         );
-        let err = parse_squeue("17|x|RUNNING|None").unwrap_err().to_string();
+        let err = parse_squeue("17_x|RUNNING|None").unwrap_err().to_string();
         assert!(err.contains("not a number"), "{err}");
     }
 
