@@ -18,5 +18,6 @@ pub(crate) mod read_limits;
 pub mod read_policy;
 pub(crate) mod rng;
 pub mod runner;
+pub mod slurm;
 pub mod stages;
 pub mod train;

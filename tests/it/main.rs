@@ -64,6 +64,7 @@ mod read_policy;
 mod report_html;
 mod run_outputs;
 mod runner;
+mod slurm;
 mod stage_fingerprints;
 mod stages_layout;
 mod train_interop;
