@@ -76,7 +76,7 @@ pub(crate) fn mtime_ns(meta: &std::fs::Metadata) -> u64 {
 }
 
 /// blake3 of a file's contents, streamed in fixed-size chunks.
-pub fn hash_file(path: &Path) -> std::io::Result<String> {
+pub(crate) fn hash_file(path: &Path) -> std::io::Result<String> {
     let mut hasher = blake3::Hasher::new();
     let mut file = std::fs::File::open(path)?;
     std::io::copy(&mut file, &mut hasher)?;

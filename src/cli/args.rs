@@ -108,7 +108,7 @@ pub(crate) struct RunArgs {
 /// Flags of the hidden `worker` command: one shard of one stage, for a cluster engine's task.
 #[derive(Debug, Args, Clone)]
 #[command(group(clap::ArgGroup::new("what").args(["file", "probe"]).required(true)))]
-pub struct WorkerArgs {
+pub(crate) struct WorkerArgs {
     /// The pipeline file (the driver's, with the same `--set`/`--params`).
     pub file: Option<PathBuf>,
     #[command(flatten)]
@@ -454,7 +454,7 @@ pub(crate) enum BenchCommand {
 
 /// `vlmpipe bench train …`
 #[derive(Debug, Args, Clone)]
-pub struct BenchTrainArgs {
+pub(crate) struct BenchTrainArgs {
     /// The LFM2-VL `config.json` whose shapes the random-weight model takes.
     #[arg(long, value_name = "CONFIG.json")]
     pub config: PathBuf,

@@ -40,7 +40,7 @@ pub(crate) struct ExecGraph {
 
 /// Options of `vlmpipe run`.
 #[derive(Clone, Default)]
-pub struct RunOptions {
+pub(crate) struct RunOptions {
     /// Stages to recompute even when cached.
     pub force: Vec<String>,
     /// When non-empty, run only these stages and their inputs.
@@ -109,7 +109,7 @@ enum State {
 /// computing them resolves every model and dataset the run needs, so one that is missing is
 /// reported in seconds instead of after the stages before it ran. Stages whose inputs are
 /// finished then run, up to `--jobs` at once ([`super::parallel`]).
-pub fn run(
+pub(crate) fn run(
     graph: &ExecGraph,
     store: &CacheStore,
     options: &RunOptions,

@@ -22,7 +22,7 @@ mod worker;
 pub(crate) use executor::{ExecError, ExecGraph, ExecNode, RunOptions, run};
 pub(crate) use progress::Progress;
 pub(crate) use shards::{
-    LocalLauncher, ShardCounts, ShardJob, ShardLauncher, ShardOutcome, ShardState,
+    ShardLauncher, ShardOutcome,
 };
 pub use shards::shard_fingerprint;
 pub use stage::ShardIndex;

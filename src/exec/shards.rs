@@ -34,7 +34,7 @@ pub fn shard_fingerprint(stage: &Fingerprint, shard: ShardIndex) -> Fingerprint 
 
 /// Where one shard stands, as a launcher reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ShardState {
+pub(crate) enum ShardState {
     /// Not started (queued).
     Pending,
     /// Being computed.
@@ -46,7 +46,7 @@ pub enum ShardState {
 }
 
 /// The shards of one ready stage that have no entry yet, handed to a [`ShardLauncher`].
-pub struct ShardJob<'a> {
+pub(crate) struct ShardJob<'a> {
     /// The stage's name in the pipeline (what `vlmpipe worker --stage` takes).
     pub stage: &'a str,
     /// The stage's kind (`eval`).
@@ -62,7 +62,7 @@ pub struct ShardJob<'a> {
 
 impl ShardJob<'_> {
     /// Computes shard `index` in this process, into the cache (what [`LocalLauncher`] does).
-    pub fn compute_here(&self, index: usize) -> Result<(), String> {
+    pub(crate) fn compute_here(&self, index: usize) -> Result<(), String> {
         (self.local)(index)
     }
 }
@@ -74,7 +74,7 @@ impl ShardJob<'_> {
 /// started because `cancelled()` turned true; it tells `report` each shard's moves. The
 /// executor does not take the launcher's word for success: it looks every shard up in the cache
 /// afterwards, then merges them.
-pub trait ShardLauncher: Send + Sync {
+pub(crate) trait ShardLauncher: Send + Sync {
     /// A short name for messages (`local`, `slurm`).
     fn name(&self) -> &str;
 
@@ -90,7 +90,7 @@ pub trait ShardLauncher: Send + Sync {
 
 /// The in-process launcher: the shards one after the other in this process.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct LocalLauncher;
+pub(crate) struct LocalLauncher;
 
 impl ShardLauncher for LocalLauncher {
     fn name(&self) -> &str {

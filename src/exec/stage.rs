@@ -160,7 +160,7 @@ impl std::fmt::Display for ShardIndex {
 
 /// A stage whose rows can be computed as separate shards, each its own cache entry, and merged
 /// into exactly the output of an unsharded run (in row order; timings aside).
-pub trait Sharded: Send + Sync {
+pub(crate) trait Sharded: Send + Sync {
     /// Computes the rows of `shard` into [`StageContext::out_dir`] (the stage's inputs as usual).
     fn run_shard(
         &self,

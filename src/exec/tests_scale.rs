@@ -237,7 +237,7 @@ fn shard_ranges_are_whole_units_in_order_and_cover_every_item() {
         for index in 0..count {
             let range = ShardIndex { index, count }.range(len, unit);
             assert_eq!(range.start, next, "{len} {unit} {count}");
-            assert!(range.start == len || range.start % unit == 0);
+            assert!(range.start == len || range.start.is_multiple_of(unit));
             next = range.end;
         }
         assert_eq!(next, len, "{len} {unit} {count}");

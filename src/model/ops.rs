@@ -237,7 +237,7 @@ pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `silu(gate) * up` (SwiGLU); one fused differentiable op when either takes part in autograd.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if (tracks(gate) || tracks(up))
         && let Some(h) = autograd::swiglu(gate, up)?
     {

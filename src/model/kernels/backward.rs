@@ -18,9 +18,9 @@ fn rows_per_task(row: usize) -> usize {
 ///
 /// # Panics
 /// When `x.len()` is not a multiple of `w.len()` (a bug in the caller).
-pub fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+pub(crate) fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let d = w.len();
-    assert!(d > 0 && x.len() % d == 0, "rms norm: x is not [rows, d]");
+    assert!(d > 0 && x.len().is_multiple_of(d), "rms norm: x is not [rows, d]");
     let mut y = vec![0f32; x.len()];
     let block = d * rows_per_task(d);
     y.par_chunks_mut(block)
@@ -46,9 +46,9 @@ fn inv_rms(x: &[f32], eps: f32) -> f32 {
 ///
 /// # Panics
 /// When the slices do not match (a bug in the caller).
-pub fn rms_norm_backward(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
+pub(crate) fn rms_norm_backward(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
     let d = w.len();
-    assert!(d > 0 && x.len() % d == 0, "rms norm: x is not [rows, d]");
+    assert!(d > 0 && x.len().is_multiple_of(d), "rms norm: x is not [rows, d]");
     assert_eq!(g.len(), x.len(), "rms norm: gradient is not x's shape");
     let mut dx = vec![0f32; x.len()];
     let block = d * rows_per_task(d);
@@ -71,7 +71,7 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> Vec<f32> 
 ///
 /// # Panics
 /// When the slices differ in length (a bug in the caller).
-pub fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
+pub(crate) fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
     assert_eq!(g.len(), u.len(), "swiglu: gate and up differ in length");
     let mut h = vec![0f32; g.len()];
     const BLOCK: usize = 16 * 1024;
@@ -89,7 +89,7 @@ pub fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
 ///
 /// # Panics
 /// When the slices differ in length (a bug in the caller).
-pub fn swiglu_backward(g: &[f32], u: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn swiglu_backward(g: &[f32], u: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>) {
     assert!(
         g.len() == u.len() && g.len() == dh.len(),
         "swiglu: gate, up and gradient differ in length"
@@ -118,9 +118,9 @@ pub fn swiglu_backward(g: &[f32], u: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>)
 ///
 /// # Panics
 /// When `x.len()` is not a multiple of `row` (a bug in the caller).
-pub fn softmax_forward(x: &[f32], row: usize) -> Vec<f32> {
+pub(crate) fn softmax_forward(x: &[f32], row: usize) -> Vec<f32> {
     assert!(
-        row > 0 && x.len() % row == 0,
+        row > 0 && x.len().is_multiple_of(row),
         "softmax: x is not [rows, row]"
     );
     let mut y = x.to_vec();
@@ -133,9 +133,9 @@ pub fn softmax_forward(x: &[f32], row: usize) -> Vec<f32> {
 ///
 /// # Panics
 /// When the slices do not match (a bug in the caller).
-pub fn softmax_backward(y: &[f32], g: &[f32], row: usize) -> Vec<f32> {
+pub(crate) fn softmax_backward(y: &[f32], g: &[f32], row: usize) -> Vec<f32> {
     assert!(
-        row > 0 && y.len() % row == 0 && g.len() == y.len(),
+        row > 0 && y.len().is_multiple_of(row) && g.len() == y.len(),
         "softmax: shapes differ"
     );
     let mut dx = vec![0f32; y.len()];
@@ -155,7 +155,7 @@ pub fn softmax_backward(y: &[f32], g: &[f32], row: usize) -> Vec<f32> {
 
 /// Shape of LFM2's gated short convolution over `[batch, len, 3 * dim]` projections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvShape {
+pub(crate) struct ConvShape {
     pub batch: usize,
     pub len: usize,
     pub dim: usize,
@@ -215,7 +215,7 @@ fn causal_conv(
 ///
 /// # Panics
 /// When the slices do not match `shape` (a bug in the caller).
-pub fn short_conv_forward(
+pub(crate) fn short_conv_forward(
     bcx: &[f32],
     mask: Option<&[f32]>,
     taps: &[&[f32]],
@@ -261,7 +261,7 @@ pub fn short_conv_forward(
 ///
 /// # Panics
 /// When the slices do not match `shape` (a bug in the caller).
-pub fn short_conv_backward(
+pub(crate) fn short_conv_backward(
     bcx: &[f32],
     mask: Option<&[f32]>,
     taps: &[&[f32]],

@@ -11,7 +11,7 @@ use super::cpu::{self, MatMut, MatRef};
 
 /// Sizes of one LoRA layer: `x [m, k]`, `W [n, k]`, `A [r, k]`, `B [n, r]`, scale `s`.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LoraShape {
+pub(crate) struct LoraShape {
     pub m: usize,
     pub k: usize,
     pub n: usize,
@@ -35,7 +35,7 @@ fn branch_input<'a>(x: &'a [f32], mask: Option<&[f32]>, owned: &'a mut Vec<f32>)
 ///
 /// # Panics
 /// On a slice whose length does not match `shape` (a bug in the caller).
-pub fn lora_forward(
+pub(crate) fn lora_forward(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
@@ -66,7 +66,7 @@ pub fn lora_forward(
 
 /// Gradients of [`lora_forward`] given `dy [m, n]`.
 #[derive(Debug)]
-pub struct LoraGrads {
+pub(crate) struct LoraGrads {
     /// `[m, k]`, when asked for.
     pub dx: Option<Vec<f32>>,
     /// `[r, k]`.
@@ -81,7 +81,7 @@ pub struct LoraGrads {
 /// # Panics
 /// On a slice whose length does not match `shape` (a bug in the caller).
 #[allow(clippy::too_many_arguments)]
-pub fn lora_backward(
+pub(crate) fn lora_backward(
     x: &[f32],
     w: &[f32],
     a: &[f32],
