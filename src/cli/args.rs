@@ -103,6 +103,8 @@ pub(crate) struct RunArgs {
     pub jobs: Option<u32>,
     #[command(flatten)]
     pub device: DeviceArg,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// Flags of the hidden `worker` command: one shard of one stage, for a cluster engine's task.
@@ -133,6 +135,50 @@ pub(crate) struct WorkerArgs {
     pub probe: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArg,
+}
+
+/// Where the shards of `run` are computed (`--executor slurm`); each flag wins over the same
+/// setting in the profile (`vlmpipe.toml` beside the pipeline, or `--profile`).
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct ClusterArgs {
+    /// Where sharded stages compute their shards: `local` (this process) or `slurm` (one
+    /// `sbatch` job array per stage; the cache must be on the cluster's shared filesystem)
+    /// [default: the profile's `executor`, else local].
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    pub executor: Option<crate::slurm::Executor>,
+    /// A profile file (TOML: `executor`, a `[slurm]` table) [default: `vlmpipe.toml` beside the
+    /// pipeline file, when there is one].
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+    /// Slurm partition of the tasks [default: the cluster's].
+    #[arg(long, value_name = "P")]
+    pub partition: Option<String>,
+    /// GPUs per Slurm task (`sbatch --gpus-per-task`).
+    #[arg(long, value_name = "N")]
+    pub gpus_per_task: Option<u32>,
+    /// CPUs per Slurm task (`sbatch --cpus-per-task`).
+    #[arg(long, value_name = "N")]
+    pub cpus_per_task: Option<u32>,
+    /// At most K tasks of a stage at once (`sbatch --array=…%K`).
+    #[arg(long, value_name = "K")]
+    pub max_parallel: Option<u32>,
+    /// One more `sbatch` argument, after vlmpipe's (repeatable), e.g. `--sbatch-arg=--time=1:00:00`.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub sbatch_arg: Vec<String>,
+}
+
+impl ClusterArgs {
+    /// The Slurm settings these flags set (the rest come from the profile).
+    pub(crate) fn slurm_settings(&self) -> crate::slurm::SlurmSettings {
+        crate::slurm::SlurmSettings {
+            partition: self.partition.clone(),
+            gpus_per_task: self.gpus_per_task,
+            cpus_per_task: self.cpus_per_task,
+            max_parallel: self.max_parallel,
+            sbatch_args: self.sbatch_arg.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 /// Flags of `render`.

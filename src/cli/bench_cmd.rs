@@ -220,6 +220,7 @@ fn bench_rerun(args: &BenchRerunArgs) -> anyhow::Result<Outcome> {
         device: DeviceArg {
             device: DeviceChoice::Cpu,
         },
+        cluster: Default::default(),
     };
 
     let (first_s, first) = timed_run(&run_args, args.in_process)?;

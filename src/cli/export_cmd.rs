@@ -123,6 +123,7 @@ fn run_stage(
         shards: None,
         jobs: None,
         device: args.device.clone(),
+        cluster: Default::default(),
     };
     let summary = run_cmd::execute(plan, &run_args)?;
     let report = summary.stage(stage);

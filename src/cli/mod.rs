@@ -11,6 +11,7 @@ mod bench_table;
 mod bench_train;
 mod cache_cmd;
 mod check_cmd;
+mod executor;
 mod export_cmd;
 mod infer_cmd;
 mod render_cmd;

@@ -94,6 +94,7 @@ pub(crate) fn render(args: &RenderArgs) -> anyhow::Result<Outcome> {
         device: DeviceArg {
             device: DeviceChoice::Cpu,
         },
+        cluster: Default::default(),
     };
     let summary = run_cmd::execute(&plan, &run_args)?;
     if !summary.success {

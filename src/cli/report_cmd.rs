@@ -198,6 +198,7 @@ fn dry_run(
         device: DeviceArg {
             device: DeviceChoice::Cpu,
         },
+        cluster: Default::default(),
     };
     execute(plan, &args)
 }

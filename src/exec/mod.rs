@@ -22,7 +22,7 @@ mod worker;
 pub(crate) use executor::{ExecError, ExecGraph, ExecNode, RunOptions, run};
 pub(crate) use progress::Progress;
 pub(crate) use shards::{
-    ShardLauncher, ShardOutcome,
+    ShardJob, ShardLauncher, ShardOutcome, ShardState,
 };
 pub use shards::shard_fingerprint;
 pub use stage::ShardIndex;
@@ -30,7 +30,7 @@ pub(crate) use stage::{
     Export, MissingInput, Sharded, Stage, StageContext, StageError, StageOutcome,
 };
 pub use summary::{RunSummary, StageReport, StageStatus};
-pub use worker::{ProbeError, WorkerError, WorkerRequest, probe, run_worker};
+pub(crate) use worker::{WorkerRequest, probe, run_worker};
 
 #[cfg(test)]
 mod tests;

@@ -44,6 +44,9 @@ impl Limits {
     }
 }
 
+/// Readies node `i` on the scheduling thread: run it (with its job), or it is already settled.
+type Prepare<'a, S, D, J> = dyn FnMut(&mut S, usize) -> Result<Step<D, J>, ExecError> + 'a;
+
 /// Runs every node of a graph whose node `i` reads `inputs[i]` (earlier nodes).
 ///
 /// `prepare(state, i)` is called once per node, on this thread, when every input of `i` is
@@ -55,7 +58,7 @@ pub(super) fn schedule<S, D, J>(
     inputs: &[Vec<usize>],
     limits: Limits,
     uses_device: &(dyn Fn(usize) -> bool + Sync),
-    prepare: &mut dyn FnMut(&mut S, usize) -> Result<Step<D, J>, ExecError>,
+    prepare: &mut Prepare<'_, S, D, J>,
     execute: &(dyn Fn(usize, J) -> Result<D, ExecError> + Sync),
     finish: &mut dyn FnMut(&mut S, usize, D),
 ) -> Result<(), ExecError>

@@ -284,7 +284,7 @@ pub(crate) fn run_shards(
     }
     let mut entries = Vec::with_capacity(count);
     let mut failures = Vec::new();
-    for index in 0..count {
+    for (index, state) in states.iter().enumerate().take(count) {
         let fp = shard_fingerprint(cx.fingerprint, shard(index));
         match cx.store.lookup(cx.lock, &fp, Verify::Fast)? {
             Lookup::Hit(entry) => {
@@ -294,7 +294,7 @@ pub(crate) fn run_shards(
                 entries.push(*entry);
             }
             Lookup::Miss(_) => {
-                let why = match &states[index] {
+                let why = match state {
                     ShardState::Failed(reason) => reason.clone(),
                     _ if cancelled() => "cancelled".to_owned(),
                     _ => "its entry is not in the cache".to_owned(),

@@ -94,7 +94,7 @@ impl ShardLauncher for SlurmLauncher {
     ) -> Result<(), String> {
         let command = self.worker.shard(job.stage, job.count, job.cache_root);
         let log_dir = job.cache_root.join("slurm").join("logs");
-        let name = format!("vlmpipe:{}", job.stage);
+        let name = format!("vlmpipe:{}:{}", job.kind, job.stage);
         let array = ArrayJob {
             name: &name,
             command: &command,

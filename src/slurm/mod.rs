@@ -27,7 +27,7 @@ mod array;
 mod commands;
 mod error;
 mod interrupt;
-
+mod launcher;
 mod preflight;
 mod settings;
 mod state;
@@ -36,7 +36,7 @@ pub use array::{ArgPart, ArrayJob, ArrayOutcome, TaskEvent, run_array};
 pub use commands::SlurmCommands;
 pub use error::SlurmError;
 pub use interrupt::interrupted;
-
+pub use launcher::{SlurmLauncher, WorkerCommand};
 pub use preflight::{check_partition, probe_cache};
 pub use settings::{Executor, Profile, SlurmSettings};
 pub use state::TaskState;
