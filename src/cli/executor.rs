@@ -26,7 +26,8 @@ pub(crate) fn launcher(
         return Ok(None);
     }
     let settings = profile_settings.overlaid_with(flags.slurm_settings());
-    let exe = std::env::current_exe().context("cannot find the vlmpipe binary to run on the workers")?;
+    let exe =
+        std::env::current_exe().context("cannot find the vlmpipe binary to run on the workers")?;
     let file = std::path::absolute(&args.file).unwrap_or_else(|_| args.file.clone());
     let mut worker_args = Vec::new();
     for (name, value) in &args.params.set {

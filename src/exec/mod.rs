@@ -21,10 +21,8 @@ mod worker;
 
 pub(crate) use executor::{ExecError, ExecGraph, ExecNode, RunOptions, run};
 pub(crate) use progress::Progress;
-pub(crate) use shards::{
-    ShardJob, ShardLauncher, ShardOutcome, ShardState,
-};
 pub use shards::shard_fingerprint;
+pub(crate) use shards::{ShardJob, ShardLauncher, ShardOutcome, ShardState};
 pub use stage::ShardIndex;
 pub(crate) use stage::{
     Export, MissingInput, Sharded, Stage, StageContext, StageError, StageOutcome,

@@ -119,7 +119,7 @@ impl ShardLauncher for LocalLauncher {
 
 /// What [`compute_shard`] found or did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ShardOutcome {
+pub(crate) enum ShardOutcome {
     /// The shard's entry was already in the cache (possibly written meanwhile by another run).
     Found,
     /// It was computed now.

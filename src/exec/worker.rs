@@ -16,7 +16,7 @@ use crate::cache::{CacheError, CacheStore, Fingerprint, Lookup, Verify};
 
 /// What a worker is asked to compute.
 #[derive(Clone, Debug)]
-pub struct WorkerRequest {
+pub(crate) struct WorkerRequest {
     /// The stage's name in the pipeline.
     pub stage: String,
     /// The shard.
@@ -29,7 +29,7 @@ pub struct WorkerRequest {
 
 /// Why a worker did not leave its shard's entry in the cache.
 #[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
+pub(crate) enum WorkerError {
     #[error("the pipeline has no stage `{stage}`{hint}")]
     UnknownStage { stage: String, hint: String },
     #[error("stage `{stage}` (`{kind}`) cannot be sharded; only eval stages can")]
@@ -60,7 +60,7 @@ pub enum WorkerError {
 }
 
 /// Computes `request`'s shard of `graph` into `store` (or finds it there).
-pub fn run_worker(
+pub(crate) fn run_worker(
     graph: &ExecGraph,
     store: &CacheStore,
     request: &WorkerRequest,
@@ -152,7 +152,7 @@ pub fn run_worker(
 
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
+pub(crate) enum ProbeError {
     #[error(
         "cannot read the probe file `{path}` on this machine ({source}); the cache must be on a \
          filesystem every worker sees (hint: put `--cache-dir` on the cluster's shared filesystem)"
@@ -175,7 +175,7 @@ pub enum ProbeError {
 /// Reads the probe file the driver wrote at `path` and writes `<path>.seen` beside it, holding
 /// the probe's text, this machine's host name and this process's id (one line each), so the
 /// driver knows a worker both read and wrote the cache's filesystem. Returns the host name.
-pub fn probe(path: &Path) -> Result<String, ProbeError> {
+pub(crate) fn probe(path: &Path) -> Result<String, ProbeError> {
     let text = std::fs::read_to_string(path).map_err(|source| ProbeError::Unreadable {
         path: path.to_path_buf(),
         source,

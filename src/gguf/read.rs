@@ -321,7 +321,16 @@ impl GgufIn {
     }
 
     /// Reads tensor `name` (its blocks as stored) onto `device`.
-    pub(crate) fn tensor(&self, name: &str, device: &Device) -> Result<QTensor, GgufReadError> {
+    /// The tensor table: name → (type, dims in candle's order, outermost first).
+    pub fn tensor_infos(&self) -> std::collections::BTreeMap<&str, (GgmlDType, &[usize])> {
+        self.content
+            .tensor_infos
+            .iter()
+            .map(|(n, i)| (n.as_str(), (i.ggml_dtype, i.shape.dims())))
+            .collect()
+    }
+
+    pub fn tensor(&self, name: &str, device: &Device) -> Result<QTensor, GgufReadError> {
         if !self.has_tensor(name) {
             return Err(GgufReadError::MissingTensor {
                 path: self.path.clone(),

@@ -20,7 +20,10 @@ fn rows_per_task(row: usize) -> usize {
 /// When `x.len()` is not a multiple of `w.len()` (a bug in the caller).
 pub(crate) fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let d = w.len();
-    assert!(d > 0 && x.len().is_multiple_of(d), "rms norm: x is not [rows, d]");
+    assert!(
+        d > 0 && x.len().is_multiple_of(d),
+        "rms norm: x is not [rows, d]"
+    );
     let mut y = vec![0f32; x.len()];
     let block = d * rows_per_task(d);
     y.par_chunks_mut(block)
@@ -48,7 +51,10 @@ fn inv_rms(x: &[f32], eps: f32) -> f32 {
 /// When the slices do not match (a bug in the caller).
 pub(crate) fn rms_norm_backward(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
     let d = w.len();
-    assert!(d > 0 && x.len().is_multiple_of(d), "rms norm: x is not [rows, d]");
+    assert!(
+        d > 0 && x.len().is_multiple_of(d),
+        "rms norm: x is not [rows, d]"
+    );
     assert_eq!(g.len(), x.len(), "rms norm: gradient is not x's shape");
     let mut dx = vec![0f32; x.len()];
     let block = d * rows_per_task(d);

@@ -155,7 +155,7 @@ impl QuantWeight {
     }
 
     /// The dequantized `[out, in]` weight in f32 (what every product effectively multiplies by).
-    pub(crate) fn to_tensor(&self) -> Result<Tensor> {
+    pub fn to_tensor(&self) -> Result<Tensor> {
         self.tensor.dequantize(&self.tensor.device())
     }
 
