@@ -55,6 +55,7 @@ mod pipeline_export;
 mod pipeline_finetune;
 mod pipeline_run;
 mod pipeline_shards;
+mod pipeline_slurm;
 mod pipelines_hub;
 mod processor_parity_committed;
 mod processor_parity_shared;

@@ -16,7 +16,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_vlmpipe");
 
 /// A generated dataset, a random tiny model, a generating eval held to a grammar (batches of 2)
 /// and a label-scoring eval, both over the same eight held-out rows.
-const PIPELINE: &str = r#"
+pub(crate) const PIPELINE: &str = r#"
 pipeline sharding { seed = 23 }
 labels shapes = ["red circle", "blue circle"]
 dataset pictures {
@@ -33,7 +33,7 @@ eval scored { model = small  data = parts.test  prompt = ask  labels = shapes  s
 "#;
 
 /// Another pipeline (another dataset seed): its stages share nothing with [`PIPELINE`]'s.
-const OTHER: &str = r#"
+pub(crate) const OTHER: &str = r#"
 pipeline other { seed = 5 }
 labels shapes = ["red circle", "blue circle"]
 dataset pictures {
@@ -48,12 +48,12 @@ eval quick { model = small  data = pictures  prompt = ask  labels = shapes  outp
 "#;
 
 /// Pipelines in `proj/` inside a temp folder, with their own Hub cache, offline.
-struct Project {
+pub(crate) struct Project {
     dir: tempfile::TempDir,
 }
 
 impl Project {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp folder");
         std::fs::create_dir_all(dir.path().join("proj")).expect("proj");
         std::fs::write(dir.path().join("proj/shards.vp"), PIPELINE).expect("pipeline");
@@ -61,11 +61,11 @@ impl Project {
         Self { dir }
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
             .current_dir(self.dir.path())
@@ -76,12 +76,12 @@ impl Project {
         cmd
     }
 
-    fn cli(&self, args: &[&str]) -> Output {
+    pub(crate) fn cli(&self, args: &[&str]) -> Output {
         self.command(args).output().expect("spawn vlmpipe")
     }
 
     /// `vlmpipe run FILE --cache-dir CACHE --summary-json … EXTRA`: (output, summary).
-    fn run(&self, file: &str, cache: &str, extra: &[&str]) -> (Output, Value) {
+    pub(crate) fn run(&self, file: &str, cache: &str, extra: &[&str]) -> (Output, Value) {
         let summary = self.path(&format!("{cache}.summary.json"));
         let _ = std::fs::remove_file(&summary);
         let summary_arg = summary.to_string_lossy().into_owned();
@@ -100,7 +100,7 @@ impl Project {
     }
 }
 
-fn read_summary(path: &Path, output: &Output) -> Value {
+pub(crate) fn read_summary(path: &Path, output: &Output) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|_| {
         panic!(
             "no summary; stdout:\n{}\nstderr:\n{}",
@@ -111,11 +111,11 @@ fn read_summary(path: &Path, output: &Output) -> Value {
     serde_json::from_str(&text).expect("summary JSON")
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn stage<'a>(summary: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn stage<'a>(summary: &'a Value, name: &str) -> &'a Value {
     summary["stages"]
         .as_array()
         .expect("stages")
@@ -137,7 +137,7 @@ fn entry_file(stage: &Value, name: &str) -> PathBuf {
 }
 
 /// Records as JSON, without the per-sample latency (what sharding may change).
-fn records(stage: &Value) -> Vec<Value> {
+pub(crate) fn records(stage: &Value) -> Vec<Value> {
     let table = vlmpipe::stages::eval::read_records_parquet(&entry_file(stage, "records.parquet"))
         .expect("records");
     table
@@ -152,7 +152,7 @@ fn records(stage: &Value) -> Vec<Value> {
 }
 
 /// Metrics as JSON, without the timings.
-fn metrics(stage: &Value) -> Value {
+pub(crate) fn metrics(stage: &Value) -> Value {
     let text = std::fs::read_to_string(entry_file(stage, "metrics.json")).expect("metrics");
     let mut value: Value = serde_json::from_str(&text).expect("metrics JSON");
     for timing in ["latency_ms_p50", "latency_ms_p95", "samples_per_s"] {
@@ -161,11 +161,11 @@ fn metrics(stage: &Value) -> Value {
     value
 }
 
-fn csv(stage: &Value) -> Vec<u8> {
+pub(crate) fn csv(stage: &Value) -> Vec<u8> {
     std::fs::read(entry_file(stage, "predictions.csv")).expect("csv")
 }
 
-fn shard_list(stage: &Value, key: &str) -> Vec<u64> {
+pub(crate) fn shard_list(stage: &Value, key: &str) -> Vec<u64> {
     stage["shards"][key]
         .as_array()
         .unwrap_or_else(|| panic!("no `shards.{key}` in {stage}"))

@@ -1,0 +1,180 @@
+//! Issue 16 item 4: `vlmpipe run --executor slurm` end to end on the one-node cluster
+//! (`tests/slurm/cluster.sh start`; skips, saying so, without one): the sharded evals equal the
+//! local run's; a task `scancel`led midway fails its shard alone and a rerun recomputes only it; a
+//! driver killed with SIGKILL leaves its finished shards for the rerun; two pipelines at once on
+//! one cache; no Slurm on PATH is a clear error before any work.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::pipeline_shards::{Project, csv, metrics, records, shard_list, stage, text};
+use crate::slurm::cluster;
+
+/// A profile beside the pipelines: Slurm, polled often (the tiny model's shards take a second).
+const PROFILE: &str = "executor = \"slurm\"\n[slurm]\npoll-interval = 0.2\nprobe-timeout = 60.0\n";
+
+fn slurm_project() -> Project {
+    let project = Project::new();
+    std::fs::write(project.path("proj/vlmpipe.toml"), PROFILE).expect("profile");
+    project
+}
+
+/// `squeue`'s array job id of the job named `name`, waiting for it to appear.
+fn array_job(name: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new("squeue")
+            .args(["--noheader", "--name", name, "--format=%F"])
+            .output()
+            .expect("squeue");
+        let ids = String::from_utf8_lossy(&out.stdout);
+        if let Some(id) = ids.lines().map(str::trim).find(|l| !l.is_empty()) {
+            return id.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no job `{name}` appeared in squeue");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_slurm_sharded_run_equals_the_local_run() {
+    if cluster().is_none() {
+        return;
+    }
+    let project = slurm_project();
+    let (output, local) = project.run("proj/shards.vp", "local", &["--executor", "local"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let (output, slurm) = project.run("proj/shards.vp", "slurm", &["--shards", "4"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    for name in ["guessed", "scored"] {
+        let (a, b) = (stage(&local, name), stage(&slurm, name));
+        assert_eq!(b["status"], "ran", "{b}");
+        assert_eq!(shard_list(b, "computed"), [0, 1, 2, 3], "{b}");
+        assert_eq!(a["fingerprint"], b["fingerprint"]);
+        assert_eq!(records(b), records(a), "{name}: records differ");
+        assert_eq!(metrics(b), metrics(a), "{name}: metrics differ");
+        assert_eq!(csv(b), csv(a), "{name}: CSV differs");
+    }
+}
+
+#[test]
+fn a_task_scancelled_midway_is_the_only_shard_a_rerun_computes() {
+    if cluster().is_none() {
+        return;
+    }
+    let project = slurm_project();
+    // One task at a time, so the last one is still pending when it is cancelled.
+    let args = ["--shards", "4", "--max-parallel", "1", "--only", "guessed"];
+    let mut cmd = project.command(&[
+        "run",
+        "proj/shards.vp",
+        "--cache-dir",
+        "cache",
+        "--quiet",
+        "--summary-json",
+    ]);
+    cmd.arg(project.path("first.json")).args(args);
+    let driver = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let job = array_job("vlmpipe:eval:guessed");
+    let status = Command::new("scancel").arg(format!("{job}_3")).status().expect("scancel");
+    assert!(status.success());
+    let first = driver.wait_with_output().expect("driver");
+    assert!(!first.status.success(), "the cancelled shard must fail the stage");
+    let stderr = text(&first.stderr);
+    assert!(stderr.contains("cancel"), "the reason names the cancel: {stderr}");
+
+    let (output, second) = project.run("proj/shards.vp", "cache", &args);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let eval = stage(&second, "guessed");
+    assert_eq!(shard_list(eval, "computed"), [3], "{eval}");
+    assert_eq!(shard_list(eval, "cached"), [0, 1, 2], "{eval}");
+}
+
+#[test]
+fn a_killed_driver_leaves_its_finished_shards_to_the_rerun() {
+    if cluster().is_none() {
+        return;
+    }
+    let project = slurm_project();
+    let args = ["--shards", "4", "--max-parallel", "1", "--only", "guessed"];
+    let mut cmd = project.command(&["run", "proj/shards.vp", "--cache-dir", "cache", "--quiet"]);
+    cmd.args(args);
+    let mut driver = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    // Wait for the first shard entry, then SIGKILL the driver (no destructors, no scancel).
+    let entries = project.path("cache/entries");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let shard_entries = || {
+        std::fs::read_dir(&entries)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().join("manifest.json").exists())
+                    .filter(|e| {
+                        std::fs::read_to_string(e.path().join("manifest.json"))
+                            .is_ok_and(|m| m.contains("[shard "))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    while shard_entries() == 0 {
+        assert!(Instant::now() < deadline, "no shard finished in time");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    driver.kill().expect("kill -9");
+    driver.wait().expect("reap");
+    let finished = shard_entries();
+
+    let (output, rerun) = project.run("proj/shards.vp", "cache", &args);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let eval = stage(&rerun, "guessed");
+    let cached = shard_list(eval, "cached");
+    let computed = shard_list(eval, "computed");
+    assert!(cached.len() >= finished, "finished shards were recomputed: {eval}");
+    let mut all: Vec<u64> = cached.iter().chain(&computed).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, [0, 1, 2, 3], "{eval}");
+    // And the result is the local one.
+    let (_, local) = project.run("proj/shards.vp", "local", &["--executor", "local"]);
+    assert_eq!(records(eval), records(stage(&local, "guessed")));
+}
+
+#[test]
+fn two_pipelines_at_once_on_one_cache_both_finish_on_slurm() {
+    if cluster().is_none() {
+        return;
+    }
+    let project = slurm_project();
+    let spawn = |file: &str, summary: &str| {
+        let mut cmd = project.command(&["run", file, "--cache-dir", "cache", "--quiet"]);
+        cmd.args(["--shards", "2", "--summary-json"]).arg(project.path(summary));
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn")
+    };
+    let a = spawn("proj/shards.vp", "a.json");
+    let b = spawn("proj/other.vp", "b.json");
+    for (child, name) in [(a, "shards.vp"), (b, "other.vp")] {
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+    }
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(project.path(f)).expect("summary"))
+            .expect("JSON")
+    };
+    assert_eq!(stage(&read("a.json"), "guessed")["status"], "ran");
+    assert_eq!(stage(&read("b.json"), "quick")["status"], "ran");
+}
+
+#[test]
+fn no_slurm_on_path_is_an_error_before_any_work() {
+    let project = slurm_project();
+    let empty = project.path("no-bin");
+    std::fs::create_dir_all(&empty).expect("dir");
+    let output = project
+        .command(&["run", "proj/shards.vp", "--cache-dir", "cache", "--shards", "2"])
+        .env("PATH", &empty)
+        .output()
+        .expect("spawn");
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("sbatch"), "{stderr}");
+    assert!(!project.path("cache/entries").exists() || std::fs::read_dir(project.path("cache/entries")).unwrap().next().is_none(), "work started: {stderr}");
+}
