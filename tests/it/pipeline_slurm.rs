@@ -1,6 +1,6 @@
 //! Issue 16 item 4: `vlmpipe run --executor slurm` end to end on the one-node cluster
 //! (`tests/slurm/cluster.sh start`; skips, saying so, without one): the sharded evals equal the
-//! local run's; a task `scancel`led midway fails its shard alone and a rerun recomputes only it; a
+//! local run's; a running task `scancel`led midway fails its shard alone and a rerun recomputes only it; a
 //! driver killed with SIGKILL leaves its finished shards for the rerun; two pipelines at once on
 //! one cache; no Slurm on PATH is a clear error before any work.
 
@@ -19,20 +19,28 @@ fn slurm_project() -> Project {
     project
 }
 
-/// `squeue`'s array job id of the job named `name`, waiting for it to appear.
-fn array_job(name: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// The Slurm id (`JOB_TASK`) of task `task` of the array named `name`, once it is running.
+fn running_task(name: &str, task: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let out = Command::new("squeue")
-            .args(["--noheader", "--name", name, "--format=%F"])
+            .args(["--noheader", "--array", "--name", name, "--format=%i %T"])
             .output()
             .expect("squeue");
-        let ids = String::from_utf8_lossy(&out.stdout);
-        if let Some(id) = ids.lines().map(str::trim).find(|l| !l.is_empty()) {
-            return id.to_owned();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let running = listing.lines().find_map(|line| {
+            let (id, state) = line.trim().split_once(' ')?;
+            let index = id.rsplit_once('_')?.1;
+            (state == "RUNNING" && index == task.to_string()).then(|| id.to_owned())
+        });
+        if let Some(id) = running {
+            return id;
         }
-        assert!(Instant::now() < deadline, "no job `{name}` appeared in squeue");
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            Instant::now() < deadline,
+            "task {task} of `{name}` never ran: {listing}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -63,7 +71,8 @@ fn a_task_scancelled_midway_is_the_only_shard_a_rerun_computes() {
         return;
     }
     let project = slurm_project();
-    // One task at a time, so the last one is still pending when it is cancelled.
+    // One task at a time: task 1 is cancelled while it runs (a pending task cancelled before it
+    // ever ran leaves no trace in Slurm without accounting, and is resubmitted as lost).
     let args = ["--shards", "4", "--max-parallel", "1", "--only", "guessed"];
     let mut cmd = project.command(&[
         "run",
@@ -74,20 +83,39 @@ fn a_task_scancelled_midway_is_the_only_shard_a_rerun_computes() {
         "--summary-json",
     ]);
     cmd.arg(project.path("first.json")).args(args);
-    let driver = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
-    let job = array_job("vlmpipe:eval:guessed");
-    let status = Command::new("scancel").arg(format!("{job}_3")).status().expect("scancel");
+    let driver = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let task = running_task("vlmpipe:eval:guessed", 1);
+    let status = Command::new("scancel")
+        .arg(&task)
+        .status()
+        .expect("scancel");
     assert!(status.success());
     let first = driver.wait_with_output().expect("driver");
-    assert!(!first.status.success(), "the cancelled shard must fail the stage");
-    let stderr = text(&first.stderr);
-    assert!(stderr.contains("cancel"), "the reason names the cancel: {stderr}");
+    assert!(
+        !first.status.success(),
+        "the cancelled shard must fail the stage"
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(project.path("first.json")).expect("first summary"),
+    )
+    .expect("JSON");
+    let failed = stage(&summary, "guessed");
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("cancel"),
+        "the reason names the cancel: {failed}"
+    );
 
     let (output, second) = project.run("proj/shards.vp", "cache", &args);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let eval = stage(&second, "guessed");
-    assert_eq!(shard_list(eval, "computed"), [3], "{eval}");
-    assert_eq!(shard_list(eval, "cached"), [0, 1, 2], "{eval}");
+    assert_eq!(shard_list(eval, "computed"), [1], "{eval}");
+    assert_eq!(shard_list(eval, "cached"), [0, 2, 3], "{eval}");
 }
 
 #[test]
@@ -99,7 +127,11 @@ fn a_killed_driver_leaves_its_finished_shards_to_the_rerun() {
     let args = ["--shards", "4", "--max-parallel", "1", "--only", "guessed"];
     let mut cmd = project.command(&["run", "proj/shards.vp", "--cache-dir", "cache", "--quiet"]);
     cmd.args(args);
-    let mut driver = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut driver = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
     // Wait for the first shard entry, then SIGKILL the driver (no destructors, no scancel).
     let entries = project.path("cache/entries");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -129,7 +161,10 @@ fn a_killed_driver_leaves_its_finished_shards_to_the_rerun() {
     let eval = stage(&rerun, "guessed");
     let cached = shard_list(eval, "cached");
     let computed = shard_list(eval, "computed");
-    assert!(cached.len() >= finished, "finished shards were recomputed: {eval}");
+    assert!(
+        cached.len() >= finished,
+        "finished shards were recomputed: {eval}"
+    );
     let mut all: Vec<u64> = cached.iter().chain(&computed).copied().collect();
     all.sort_unstable();
     assert_eq!(all, [0, 1, 2, 3], "{eval}");
@@ -146,8 +181,12 @@ fn two_pipelines_at_once_on_one_cache_both_finish_on_slurm() {
     let project = slurm_project();
     let spawn = |file: &str, summary: &str| {
         let mut cmd = project.command(&["run", file, "--cache-dir", "cache", "--quiet"]);
-        cmd.args(["--shards", "2", "--summary-json"]).arg(project.path(summary));
-        cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn")
+        cmd.args(["--shards", "2", "--summary-json"])
+            .arg(project.path(summary));
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
     };
     let a = spawn("proj/shards.vp", "a.json");
     let b = spawn("proj/other.vp", "b.json");
@@ -169,12 +208,26 @@ fn no_slurm_on_path_is_an_error_before_any_work() {
     let empty = project.path("no-bin");
     std::fs::create_dir_all(&empty).expect("dir");
     let output = project
-        .command(&["run", "proj/shards.vp", "--cache-dir", "cache", "--shards", "2"])
+        .command(&[
+            "run",
+            "proj/shards.vp",
+            "--cache-dir",
+            "cache",
+            "--shards",
+            "2",
+        ])
         .env("PATH", &empty)
         .output()
         .expect("spawn");
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     assert!(stderr.contains("sbatch"), "{stderr}");
-    assert!(!project.path("cache/entries").exists() || std::fs::read_dir(project.path("cache/entries")).unwrap().next().is_none(), "work started: {stderr}");
+    assert!(
+        !project.path("cache/entries").exists()
+            || std::fs::read_dir(project.path("cache/entries"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "work started: {stderr}"
+    );
 }
