@@ -188,8 +188,15 @@ fn q8_0_pair_holds_the_blocks_of_quant_q8_0() -> TestResult {
             max_abs_diff(&got, &runtime),
             max_abs(&reference)
         );
-        // Same blocks, and an F32 patch embedding instead of a Q8_0 one: no further from f32.
-        assert!(ours <= 1.05 * theirs, "{name}: {ours} vs {theirs}");
+        // Same blocks; the pair differs from `--quant q8_0` only in its F32 patch embedding,
+        // which moves the logits less than half as far as quantizing does. (Not "no further
+        // from f32": since Q8_0 prefill is the exact f32 product over the dequantized blocks,
+        // neither is systematically closer, and the order flips from photo to photo.)
+        let between = max_abs_diff(&got, &runtime);
+        assert!(
+            between <= 0.5 * theirs,
+            "{name}: {between} between them vs {theirs} from f32 (the pair: {ours})"
+        );
     }
     Ok(())
 }

@@ -19,7 +19,7 @@
 //! benchmark (`vlmpipe bench model --quant …`) compares it with the f32 path step by step.
 //! A tied embedding table reads its rows from the quantized head, as llama.cpp does.
 
-pub mod ggml_q4k;
+pub(crate) mod ggml_q4k;
 mod prefill;
 mod weight;
 
