@@ -11,9 +11,9 @@
 use half::f16;
 
 /// Values per super-block.
-pub const QK_K: usize = 256;
+pub(crate) const QK_K: usize = 256;
 /// Bytes per block: `d`, `dmin` (f16 each), 12 bytes of 6-bit scales and mins, 128 of nibbles.
-pub const BLOCK_BYTES: usize = 2 + 2 + 12 + QK_K / 2;
+pub(crate) const BLOCK_BYTES: usize = 2 + 2 + 12 + QK_K / 2;
 
 /// ggml's `nearest_int`: round half to even through the float's mantissa (|v| < 2^22).
 fn nearest_int(v: f32) -> i32 {
@@ -111,7 +111,7 @@ fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
 
 /// `quantize_row_q4_K_ref` over `x` (a whole number of 256-value blocks): the blocks' bytes as
 /// a GGUF file stores them.
-pub fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
+pub(crate) fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
     assert!(
         x.len().is_multiple_of(QK_K),
         "Q4_K rows are whole blocks of {QK_K}"
@@ -186,7 +186,7 @@ pub fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
 }
 
 /// Bytes per Q6_K block: 128 of low nibbles, 64 of high bits, 16 scales, `d` (f16).
-pub const Q6K_BLOCK_BYTES: usize = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2;
+pub(crate) const Q6K_BLOCK_BYTES: usize = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2;
 
 /// ggml's `GROUP_MAX_EPS`.
 const GROUP_MAX_EPS: f32 = 1e-15;
@@ -242,7 +242,7 @@ fn make_qx_quants_32(x: &[f32], l: &mut [i8]) -> f32 {
 }
 
 /// `quantize_row_q6_K_ref` over `x` (whole 256-value blocks): the blocks' bytes.
-pub fn quantize_q6_k(x: &[f32]) -> Vec<u8> {
+pub(crate) fn quantize_q6_k(x: &[f32]) -> Vec<u8> {
     assert!(
         x.len().is_multiple_of(QK_K),
         "Q6_K rows are whole blocks of {QK_K}"
