@@ -357,8 +357,8 @@ impl CacheStore {
         Ok(outcomes)
     }
 
-    /// Removes the entry `fp`; returns whether it existed (tests simulate a lost shard with it).
-    #[cfg(test)]
+    /// Removes the entry `fp`; returns whether it existed (`run --force` of a sharded stage
+    /// removes its shards; tests simulate a lost shard with it).
     pub(crate) fn remove(&self, lock: &CacheLock, fp: &Fingerprint) -> Result<bool, CacheError> {
         self.check_lock(lock)?;
         let dir = self.entry_dir(fp);

@@ -468,6 +468,7 @@ impl Run<'_> {
                     inputs: &entries,
                     progress,
                     lock_wait: options.lock_wait,
+                    forced,
                 };
                 let launcher: &dyn ShardLauncher = match &options.launcher {
                     Some(launcher) => launcher.as_ref(),

@@ -137,6 +137,8 @@ pub(crate) struct ShardContext<'a> {
     pub inputs: &'a [CacheEntry],
     pub progress: &'a Progress,
     pub lock_wait: Duration,
+    /// `--force`: the shards are computed again too, not taken from the cache.
+    pub forced: bool,
 }
 
 /// Computes one shard into the cache unless its entry is there. Holds the shard's entry lock while
@@ -217,6 +219,10 @@ pub(crate) fn run_shards(
     let mut pending = Vec::new();
     for index in 0..count {
         let fp = shard_fingerprint(cx.fingerprint, shard(index));
+        if cx.forced {
+            // Removed, not only skipped: a worker elsewhere finds an existing entry and stops.
+            cx.store.remove(cx.lock, &fp)?;
+        }
         match cx.store.lookup(cx.lock, &fp, Verify::Fast)? {
             Lookup::Hit(_) => counts.cached.push(index),
             Lookup::Miss(MissReason::Absent | MissReason::Corrupt(_)) => pending.push(index),

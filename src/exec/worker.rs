@@ -142,6 +142,8 @@ pub(crate) fn run_worker(
         inputs: &inputs,
         progress: &progress,
         lock_wait: request.lock_wait,
+        // A worker never forces: the driver removed forced shards before sending them out.
+        forced: false,
     };
     compute_shard(&cx, request.shard)?.map_err(|error| WorkerError::Failed {
         stage: node.name.clone(),

@@ -229,6 +229,23 @@ fn a_lost_shard_alone_is_recomputed() {
 }
 
 #[test]
+fn force_recomputes_the_shards_too() {
+    let project = Project::new();
+    let (output, _) = project.run("proj/shards.vp", "cache", &["--shards", "4"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let (output, forced) = project.run(
+        "proj/shards.vp",
+        "cache",
+        &["--shards", "4", "--force", "guessed"],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let eval = stage(&forced, "guessed");
+    assert_eq!(eval["status"], "ran", "{eval}");
+    assert_eq!(shard_list(eval, "computed"), [0, 1, 2, 3], "{eval}");
+    assert!(shard_list(eval, "cached").is_empty(), "{eval}");
+}
+
+#[test]
 fn shards_on_the_stage_are_checked_and_used() {
     let project = Project::new();
     let staged = PIPELINE.replace("batch_size = 2 }", "batch_size = 2  shards = 2 }");
