@@ -7,7 +7,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::pipeline_shards::{Project, csv, metrics, records, shard_list, stage, text};
+use crate::pipeline_shards::{
+    Project, csv, metrics, read_summary, records, shard_list, stage, text,
+};
 use crate::slurm::cluster;
 
 /// A profile beside the pipelines: Slurm, polled often (the tiny model's shards take a second).
@@ -99,10 +101,7 @@ fn a_task_scancelled_midway_is_the_only_shard_a_rerun_computes() {
         !first.status.success(),
         "the cancelled shard must fail the stage"
     );
-    let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(project.path("first.json")).expect("first summary"),
-    )
-    .expect("JSON");
+    let summary = read_summary(&project.path("first.json"), &first);
     let failed = stage(&summary, "guessed");
     assert_eq!(failed["status"], "failed", "{failed}");
     let reason = failed["reason"].as_str().unwrap_or_default();
@@ -190,16 +189,12 @@ fn two_pipelines_at_once_on_one_cache_both_finish_on_slurm() {
     };
     let a = spawn("proj/shards.vp", "a.json");
     let b = spawn("proj/other.vp", "b.json");
-    for (child, name) in [(a, "shards.vp"), (b, "other.vp")] {
+    for (child, summary, name) in [(a, "a.json", "guessed"), (b, "b.json", "quick")] {
         let out = child.wait_with_output().expect("wait");
         assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let summary = read_summary(&project.path(summary), &out);
+        assert_eq!(stage(&summary, name)["status"], "ran");
     }
-    let read = |f: &str| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(project.path(f)).expect("summary"))
-            .expect("JSON")
-    };
-    assert_eq!(stage(&read("a.json"), "guessed")["status"], "ran");
-    assert_eq!(stage(&read("b.json"), "quick")["status"], "ran");
 }
 
 #[test]

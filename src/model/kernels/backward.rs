@@ -216,6 +216,15 @@ fn causal_conv(
     conv
 }
 
+/// The one shape both passes of the short convolution take for `bcx`: `[batch, len, 3 * dim]`.
+fn assert_conv_input(bcx: &[f32], ConvShape { batch, len, dim }: ConvShape) {
+    assert_eq!(
+        bcx.len(),
+        batch * len * 3 * dim,
+        "short conv: input is not [B, L, 3D]"
+    );
+}
+
 /// LFM2's gated short convolution from a zero state: `C ∘ conv(B ∘ X ∘ mask)` per row, with
 /// `bcx [batch, len, 3 * dim]`, `mask [batch, len]` (0 at padding), `taps [K][dim]`.
 ///
@@ -229,11 +238,7 @@ pub(crate) fn short_conv_forward(
     shape: ConvShape,
 ) -> Vec<f32> {
     let ConvShape { batch, len, dim } = shape;
-    assert_eq!(
-        bcx.len(),
-        batch * len * 3 * dim,
-        "short conv: input is not [B, L, 3D]"
-    );
+    assert_conv_input(bcx, shape);
     assert!(
         mask.is_none_or(|m| m.len() == batch * len),
         "short conv: mask is not [B, L]"
@@ -276,11 +281,7 @@ pub(crate) fn short_conv_backward(
     shape: ConvShape,
 ) -> Vec<f32> {
     let ConvShape { batch, len, dim } = shape;
-    assert_eq!(
-        bcx.len(),
-        batch * len * 3 * dim,
-        "short conv: input is not [B, L, 3D]"
-    );
+    assert_conv_input(bcx, shape);
     assert_eq!(
         dy.len(),
         batch * len * dim,
