@@ -132,6 +132,13 @@ start() {
       return 1
       ;;
   esac
+  # Idle is the controller's view of the node; wait until a job really runs there too (right after
+  # a restart, the first jobs could fail while idle was already shown).
+  if ! timeout 60 srun --quiet -N1 true >/dev/null 2>&1; then
+    echo "slurm: the node is idle but a trivial job did not run; logs in $DIR/log" >&2
+    tail -n 20 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
+    return 1
+  fi
   t1="$(date +%s.%N)"
   echo "slurm: one-node cluster up in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s (SLURM_CONF=$SLURM_CONF)"
 }
