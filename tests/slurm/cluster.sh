@@ -3,7 +3,7 @@
 #
 #   tests/slurm/cluster.sh start    # munged + slurmctld + slurmd; waits until the node is idle
 #   tests/slurm/cluster.sh status   # prints sinfo; exit 1 when the cluster does not answer
-#   tests/slurm/cluster.sh stop     # stops the three daemons started here
+#   tests/slurm/cluster.sh stop     # ends the cluster's jobs, then stops the three daemons
 #   tests/slurm/cluster.sh env      # prints `export SLURM_CONF=…` for this cluster
 #
 # $VLMPIPE_SLURM_DIR/driver-only is visible here and empty on the node (see `start`).
@@ -40,6 +40,47 @@ stop_pidfile() {
 }
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
+
+# The job steps (`slurmstepd`) of this cluster, and every process under them: a step carries the
+# cluster's SLURM_CONF in its environment (slurmd passes its own on), which tells it from the steps
+# of another cluster on this machine.
+cluster_steps() {
+  local p kids
+  for p in $(pgrep -x slurmstepd 2>/dev/null || true); do
+    { tr '\0' '\n' <"/proc/$p/environ"; } 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_CONF" || continue
+    echo "$p"
+    kids="$(pgrep -P "$p" 2>/dev/null || true)"
+    while [ -n "$kids" ]; do
+      echo "$kids"
+      kids="$(for k in $kids; do pgrep -P "$k" 2>/dev/null || true; done)"
+    done
+  done
+}
+
+# Ends the jobs still running, so no step outlives the cluster. A step left behind reports "job N
+# complete" to the next controller when its work ends, and that controller numbers its jobs from 1
+# again (its state is not kept): it completes whatever new job has the same id, so a test's pending
+# task shows as "cancelled" minutes after a restart. `scancel` lets Slurm end them (steps report to
+# this controller); the steps still there after that (or of a controller that died) are killed.
+end_jobs() {
+  local left
+  if alive "$DIR/slurmctld.pid"; then
+    scancel --quiet --user="$(id -un)" 2>/dev/null || true
+    # KillWait=5: a step that ignores SIGTERM gets SIGKILL after 5 s.
+    for _ in $(seq 1 100); do
+      [ -z "$(squeue -h -o %A 2>/dev/null)" ] && [ -z "$(cluster_steps)" ] && return 0
+      sleep 0.1
+    done
+  fi
+  left="$(cluster_steps)"
+  [ -z "$left" ] && return 0
+  # shellcheck disable=SC2086
+  kill -TERM $left 2>/dev/null || true
+  sleep 1
+  left="$(cluster_steps)"
+  # shellcheck disable=SC2086
+  [ -z "$left" ] || kill -KILL $left 2>/dev/null || true
+}
 
 node_state() { sinfo -h -N -o '%T' 2>/dev/null | head -n1; }
 
@@ -144,6 +185,7 @@ start() {
 }
 
 stop() {
+  end_jobs
   # slurmd first, so no job step outlives the controller.
   stop_pidfile "$DIR/slurmd.pid"
   stop_pidfile "$DIR/slurmctld.pid"
