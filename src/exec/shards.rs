@@ -58,9 +58,16 @@ pub(crate) struct ShardJob<'a> {
     /// The cache the shards' entries must land in (`--cache-dir`).
     pub cache_root: &'a Path,
     local: &'a (dyn Fn(usize) -> Result<(), String> + Sync),
+    done: &'a (dyn Fn(usize) -> bool + Sync),
 }
 
 impl ShardJob<'_> {
+    /// Whether shard `index`'s entry is in the cache (a cheap look: a folder's existence; entries
+    /// are renamed into place complete), so a launcher learns a shard is done from its work.
+    pub(crate) fn is_done(&self, index: usize) -> bool {
+        (self.done)(index)
+    }
+
     /// Computes shard `index` in this process, into the cache (what [`LocalLauncher`] does).
     pub(crate) fn compute_here(&self, index: usize) -> Result<(), String> {
         (self.local)(index)
@@ -253,6 +260,10 @@ pub(crate) fn run_shards(
             }
         }
     };
+    let done = |index: usize| {
+        cx.store
+            .has_entry(&shard_fingerprint(cx.fingerprint, shard(index)))
+    };
     let job = ShardJob {
         stage: cx.name,
         kind: cx.stage.kind(),
@@ -260,6 +271,7 @@ pub(crate) fn run_shards(
         pending: pending.clone(),
         cache_root: cx.store.root(),
         local: &local,
+        done: &done,
     };
     let mut states: Vec<ShardState> = vec![ShardState::Pending; count];
     for &index in &counts.cached {

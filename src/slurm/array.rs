@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::commands::SlurmCommands;
 use super::error::SlurmError;
@@ -78,11 +78,17 @@ struct Task {
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
 /// `squeue` failures in a row tolerated (a busy controller times out now and then).
 const SQUEUE_RETRIES: u32 = 10;
+/// The first interval between two `squeue`s (it doubles up to the poll interval).
+const FIRST_POLL: Duration = Duration::from_millis(100);
+/// How often the tasks' work is looked at (a file check each) between two `squeue`s.
+const WORK_TICK: Duration = Duration::from_millis(50);
 
 /// Submits `job`'s tasks as one array and follows them until each is done or failed for good,
 /// or `cancelled` turns true or Ctrl-C is pressed (then `scancel`s everything submitted and waits
-/// until it left the queue). `is_done(index)` is the truth about a task's work (a shard's cache entry), asked when
-/// it leaves the queue. `report` hears every change of a task's state.
+/// until it left the queue). `is_done(index)` is the truth about a task's work (a shard's cache
+/// entry), looked at every 50 ms, so a task is done once its work is there, even while Slurm still
+/// lists it; without it, a task is done when it left the queue COMPLETED. `report` hears every
+/// change of a task's state.
 pub fn run_array(
     commands: &SlurmCommands,
     settings: &SlurmSettings,
@@ -117,12 +123,44 @@ pub fn run_array(
         })
         .collect();
     let mut squeue_failures = 0;
+    let poll = settings.poll_interval();
+    // `squeue` at once, then at doubling intervals up to `poll`: a short task is seen running
+    // (and a failed one resubmitted) quickly, a long one costs the controller little.
+    let mut squeue_every = FIRST_POLL.min(poll);
+    let mut next_squeue = Instant::now();
     loop {
         if cancelled() {
             cancel_all(commands, &outcome.jobs);
             outcome.cancelled = true;
             return Ok(outcome);
         }
+        // The work is the truth, and looking at it is a file check: a task is done as soon as
+        // its work is there, not when Slurm has reaped the task and the next `squeue` shows it.
+        if let Some(is_done) = is_done {
+            let finished: Vec<usize> = tasks.keys().copied().filter(|&i| is_done(i)).collect();
+            for index in finished {
+                tasks.remove(&index);
+                report(index, &TaskEvent::Done);
+                outcome.done.push(index);
+            }
+            if tasks.is_empty() {
+                outcome.done.sort_unstable();
+                outcome.failed.sort();
+                return Ok(outcome);
+            }
+        }
+        let now = Instant::now();
+        if now < next_squeue {
+            let wait = next_squeue - now;
+            thread::sleep(if is_done.is_some() {
+                wait.min(WORK_TICK)
+            } else {
+                wait
+            });
+            continue;
+        }
+        next_squeue = now + squeue_every;
+        squeue_every = (squeue_every * 2).min(poll);
         let queue = match squeue(commands, &outcome.jobs) {
             Ok(queue) => {
                 squeue_failures = 0;
@@ -130,7 +168,7 @@ pub fn run_array(
             }
             Err(_) if squeue_failures < SQUEUE_RETRIES => {
                 squeue_failures += 1;
-                thread::sleep(settings.poll_interval());
+                next_squeue = Instant::now() + poll;
                 continue;
             }
             Err(e) => {
@@ -228,13 +266,14 @@ pub fn run_array(
                     task.last = None;
                 }
             }
+            squeue_every = FIRST_POLL.min(poll);
+            next_squeue = Instant::now() + squeue_every;
         }
         if tasks.is_empty() {
             outcome.done.sort_unstable();
             outcome.failed.sort();
             return Ok(outcome);
         }
-        thread::sleep(settings.poll_interval());
     }
 }
 

@@ -101,13 +101,13 @@ impl ShardLauncher for SlurmLauncher {
             indices: &job.pending,
             log_dir: &log_dir,
         };
-        // A worker exits 0 only when its shard's entry is in the cache (and the executor looks
-        // every shard up afterwards), so Slurm's COMPLETED is the judge here.
+        // The shard's entry is the judge (and the executor looks every shard up afterwards): it
+        // is seen the moment the worker renames it into place, not when Slurm reaped the task.
         let outcome = run_array(
             &self.commands,
             &self.settings,
             &array,
-            None,
+            Some(&|index| job.is_done(index)),
             &mut |index, event| match event {
                 TaskEvent::Pending(_) => report(index, ShardState::Pending),
                 TaskEvent::Running => report(index, ShardState::Running),

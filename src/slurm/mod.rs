@@ -12,9 +12,10 @@
 //!   probe job that reads a file the driver wrote into the cache (the cache must be on a
 //!   filesystem the workers see).
 //! - `array`: `sbatch --array=…%K --parsable` with the batch script on stdin, then `squeue`
-//!   (`--noheader`, fixed `--format`) every poll; a task that left the queue is judged by its
-//!   cache entry (the truth), and a missing one by `sacct --parsable2` (or `scontrol show job`
-//!   where accounting is off) and its log's last error line. Failed, preempted and node-failed
+//!   (`--noheader`, fixed `--format`) at doubling intervals up to the poll interval; a task is
+//!   done when its cache entry (the truth) is there, looked at every 50 ms, even while Slurm still
+//!   lists it; one that left the queue without it is judged by `sacct --parsable2` (or
+//!   `scontrol show job` where accounting is off) and its log's last error line. Failed, preempted and node-failed
 //!   tasks are resubmitted a bounded number of times, saying why; a task someone `scancel`ed, or
 //!   one that ran out of time or memory, is not (it would fail the same way).
 //! - `interrupt`: Ctrl-C while tasks are out `scancel`s every job submitted; a worker killed

@@ -556,3 +556,46 @@ fn jobs_running_at_a_cluster_stop_do_not_end_the_next_clusters_jobs() {
         );
     }
 }
+
+/// Issue 16's overhead target: the driver learns a task is done from its work (a file check every
+/// 50 ms), not from Slurm reaping the task and the next `squeue` no longer listing it.
+#[test]
+fn a_task_is_done_when_its_work_is_there_while_slurm_still_lists_it() {
+    let Some(cmds) = cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // The work lands at once; the task lingers long after (as a worker's exit and Slurm's
+    // epilog would, stretched).
+    let command = sh("touch \"$0/done-$1\"; sleep 30", dir.path());
+    let job = ArrayJob {
+        name: "vlmpipe-test:early",
+        command: &command,
+        indices: &[0, 1],
+        log_dir: &dir.path().join("logs"),
+    };
+    let start = Instant::now();
+    let mut events = Vec::new();
+    let outcome = run_array(
+        &cmds,
+        &fast_settings(),
+        &job,
+        Some(&done_file(dir.path())),
+        &mut |i, e| events.push((i, e.clone())),
+        &|| false,
+    )
+    .unwrap();
+    let took = start.elapsed();
+    // Free the node for the other tests.
+    let _ = Command::new("scancel").args(&outcome.jobs).status();
+    assert_eq!(outcome.done, [0, 1]);
+    assert!(
+        took < Duration::from_secs(20),
+        "waited for the tasks to end ({took:?})"
+    );
+    for i in [0, 1] {
+        let done = events
+            .iter()
+            .filter(|(j, e)| *j == i && *e == TaskEvent::Done)
+            .count();
+        assert_eq!(done, 1, "{events:?}");
+    }
+}
