@@ -116,7 +116,9 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-# Schedule and launch quickly: the tests submit many short tasks.
+# Schedule and launch quickly: the tests submit many short tasks. Jobs start at the backfill pass,
+# so bf_interval=1 (its minimum) bounds the wait to a second; measured (BENCHMARKS.md, Slurm):
+# dropping defer_batch or batch_sched_delay=0 changed nothing, sched/builtin waited 2-3 s.
 SchedulerParameters=defer_batch,sched_min_interval=100000,bf_interval=1
 MessageTimeout=10
 SlurmdTimeout=30
