@@ -59,7 +59,7 @@ pub(crate) fn execute_cancellable(
         quiet: args.quiet,
         cancel,
         shards: args.shards.map(|n| n as usize),
-        launcher: super::executor::launcher(args, &root)?,
+        launcher: super::executor::launcher(args, &root, plan.settings.executor.as_ref())?,
         jobs: args.jobs.map(|n| n as usize),
     };
     Ok(exec::run(&graph, &store, &options)?)

@@ -54,6 +54,8 @@ pub enum DeclKind {
     Finetune,
     Export,
     Report,
+    /// `executor slurm { ... }`: run settings, not a stage.
+    Executor,
 }
 
 impl DeclKind {
@@ -71,6 +73,7 @@ impl DeclKind {
             "finetune" => DeclKind::Finetune,
             "export" => DeclKind::Export,
             "report" => DeclKind::Report,
+            "executor" => DeclKind::Executor,
             _ => return None,
         })
     }
@@ -89,6 +92,7 @@ impl DeclKind {
             DeclKind::Finetune => "finetune",
             DeclKind::Export => "export",
             DeclKind::Report => "report",
+            DeclKind::Executor => "executor",
         }
     }
 }

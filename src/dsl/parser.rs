@@ -237,7 +237,7 @@ fn gap_end(text: &str, mut at: usize) -> usize {
 /// The declaration keywords, as the grammar's `kind` and `kw_import` spell them.
 pub(crate) const KEYWORDS: &[&str] = &[
     "import", "pipeline", "param", "labels", "dataset", "split", "prompt", "model", "grammar",
-    "eval", "finetune", "export", "report",
+    "eval", "finetune", "export", "report", "executor",
 ];
 
 /// A declaration's start (`decl_head` in the grammar): the range of its name, if it has one.

@@ -32,7 +32,7 @@ pub(crate) struct WorkerRequest {
 pub(crate) enum WorkerError {
     #[error("the pipeline has no stage `{stage}`{hint}")]
     UnknownStage { stage: String, hint: String },
-    #[error("stage `{stage}` (`{kind}`) cannot be sharded; only eval stages can")]
+    #[error("stage `{stage}` (`{kind}`) cannot be sharded; only eval and dataset stages can")]
     NotShardable { stage: String, kind: String },
     #[error("shard {index} of {count} does not exist (shards are numbered 0 to count - 1)")]
     BadShard { index: usize, count: usize },

@@ -153,6 +153,29 @@ pub struct PipelineSettings {
     pub seed: u64,
     /// Every param after `--set` overrides.
     pub params: BTreeMap<String, ParamValue>,
+    /// `executor slurm { ... }` of the root file: how the pipeline runs, never what it computes,
+    /// so never serialised (nothing of it reaches a stage or a fingerprint).
+    #[serde(skip)]
+    pub executor: Option<ExecutorSettings>,
+}
+
+/// `executor slurm { ... }`: the Slurm settings a pipeline file carries (each also a flag and a
+/// profile field; flags win over the file, the file over the profile).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExecutorSettings {
+    /// `active = true` runs on Slurm without `--executor slurm`; `false` runs locally whatever
+    /// the profile says; unset leaves the choice to the flag and the profile.
+    pub active: Option<bool>,
+    pub partition: Option<String>,
+    pub gpus_per_task: Option<u32>,
+    pub cpus_per_task: Option<u32>,
+    pub max_parallel: Option<u32>,
+    pub sbatch_args: Vec<String>,
+    pub max_retries: Option<u32>,
+    /// Seconds.
+    pub probe_timeout: Option<f64>,
+    /// Seconds.
+    pub poll_interval: Option<f64>,
 }
 
 /// The checked pipeline.

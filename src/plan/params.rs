@@ -139,6 +139,10 @@ pub struct DatasetParams {
     pub max_image_pixels: Option<u64>,
     /// Row ids to drop (e.g. a known-bad sample).
     pub drop: Vec<String>,
+    /// `shards = N`: check the images in N shards. An execution setting, so not serialised: it
+    /// is not part of the stage's fingerprint (the merged entry equals an unsharded ingest's).
+    #[serde(skip)]
+    pub shards: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

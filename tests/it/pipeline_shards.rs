@@ -581,3 +581,326 @@ fn jobs_give_the_same_results_and_summary_order() {
     let output = project.cli(&["run", "proj/shards.vp", "--jobs", "0"]);
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// A folder dataset over [`make_photos`]: error rows (corrupt files, one of them the only file of
+/// its class), a duplicate image, filtered rows, a dropped row and an unknown drop id, and a
+/// skipped non-image, in more rows than one read chunk (256), so shards cut across chunks.
+const INGEST: &str = r#"
+pipeline ingesting { seed = 3 }
+dataset photos {
+  source = folder("photos")
+  max_image_size = 40
+  drop = ["blue/00007.png", "blue/nope.png"]
+}
+"#;
+
+/// Writes `proj/photos/<class>/NNNNN.png` (290 rendered images, every 13th too large for
+/// `max_image_size`), three corrupt files, a copy of one image and a README.
+fn make_photos(project: &Project) {
+    let photos = project.path("proj/photos");
+    let spec = |size: u32| vlmpipe::stages::data::SyntheticSpec {
+        n: 290,
+        seed: 4,
+        width: size,
+        height: size,
+        colors: vec!["red".to_owned(), "blue".to_owned()],
+        shapes: vec![vlmpipe::stages::data::Shape::Circle],
+    };
+    let (small, large) = (spec(24), spec(48));
+    for i in 0..290 {
+        let class = if i % 2 == 0 { "red" } else { "blue" };
+        let folder = photos.join(class);
+        std::fs::create_dir_all(&folder).unwrap();
+        let source = if i % 13 == 5 { &large } else { &small };
+        let bytes = source.render(i).unwrap();
+        std::fs::write(folder.join(format!("{i:05}.png")), bytes).unwrap();
+    }
+    for bad in ["red/00100x.png", "blue/00200x.png"] {
+        std::fs::write(photos.join(bad), b"not a png at all").unwrap();
+    }
+    // A class met only in an error row: in errors.parquet, not among the classes.
+    std::fs::create_dir_all(photos.join("green")).unwrap();
+    std::fs::write(photos.join("green/00001.png"), b"\x89PNG broken").unwrap();
+    std::fs::copy(
+        photos.join("red/00002.png"),
+        photos.join("red/00250dup.png"),
+    )
+    .unwrap();
+    std::fs::write(photos.join("red/README.txt"), b"not an image").unwrap();
+}
+
+fn ingest_project(pipeline: &str) -> Project {
+    let project = Project::new();
+    std::fs::write(project.path("proj/ingest.vp"), pipeline).unwrap();
+    make_photos(&project);
+    project
+}
+
+/// The dataset entry's four files, byte for byte.
+fn dataset_files(stage: &Value) -> Vec<(String, Vec<u8>)> {
+    [
+        "rows.parquet",
+        "images.parquet",
+        "errors.parquet",
+        "filtered.parquet",
+    ]
+    .iter()
+    .map(|name| {
+        let bytes = std::fs::read(entry_file(stage, name)).expect("entry file");
+        ((*name).to_owned(), bytes)
+    })
+    .collect()
+}
+
+#[test]
+fn an_ingest_in_shards_equals_the_unsharded_one() {
+    let project = ingest_project(INGEST);
+    let (output, whole) = project.run("proj/ingest.vp", "whole", &[]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let a = stage(&whole, "photos");
+    assert!(a.get("shards").is_none(), "{a}");
+    // What makes the comparison worth it: error rows among the rows, filtered rows, a duplicate.
+    let rows = vlmpipe::stages::data::read_rows(&entry_file(a, "rows.parquet")).expect("rows");
+    assert_eq!(rows.classes, ["blue", "red"]);
+    let errors: Vec<&str> = rows
+        .rows
+        .iter()
+        .filter(|r| r.image_error.is_some())
+        .map(|r| r.row_id.as_str())
+        .collect();
+    assert_eq!(errors, ["blue/00200x.png", "red/00100x.png"], "{rows:?}");
+
+    for (cache, extra) in [
+        ("three", &["--shards", "3"][..]),
+        ("seven", &["--shards", "7"]),
+    ] {
+        let (output, parts) = project.run("proj/ingest.vp", cache, extra);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        let b = stage(&parts, "photos");
+        assert_eq!(b["status"], "ran", "{b}");
+        assert_eq!(
+            b["shards"]["count"],
+            extra[1].parse::<u64>().unwrap(),
+            "{b}"
+        );
+        assert_eq!(a["fingerprint"], b["fingerprint"]);
+        assert_eq!(
+            dataset_files(b),
+            dataset_files(a),
+            "{cache}: entry files differ"
+        );
+        assert_eq!(a["warnings"], b["warnings"]);
+    }
+    // The same with `shards = 4` written on the dataset.
+    let staged = INGEST.replace("max_image_size = 40", "max_image_size = 40  shards = 4");
+    std::fs::write(project.path("proj/staged.vp"), &staged).unwrap();
+    let (output, parts) = project.run("proj/staged.vp", "staged", &[]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let b = stage(&parts, "photos");
+    assert_eq!(b["shards"]["count"], 4, "{b}");
+    assert_eq!(a["fingerprint"], b["fingerprint"]);
+    assert_eq!(dataset_files(b), dataset_files(a));
+}
+
+#[test]
+fn a_lost_ingest_shard_alone_is_recomputed() {
+    let project = ingest_project(INGEST);
+    let (output, first) = project.run("proj/ingest.vp", "cache", &["--shards", "4"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let photos = stage(&first, "photos");
+    let before = dataset_files(photos);
+
+    let merged =
+        vlmpipe::cache::Fingerprint::parse(photos["fingerprint"].as_str().unwrap()).unwrap();
+    let shard =
+        vlmpipe::exec::shard_fingerprint(&merged, vlmpipe::exec::ShardIndex { index: 1, count: 4 });
+    let entries = project.path("cache/entries");
+    std::fs::remove_dir_all(entries.join(shard.as_str())).expect("shard entry");
+    std::fs::remove_dir_all(entries.join(merged.as_str())).expect("merged entry");
+
+    let (output, second) = project.run("proj/ingest.vp", "cache", &["--shards", "4"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let photos = stage(&second, "photos");
+    assert_eq!(photos["status"], "ran");
+    assert_eq!(shard_list(photos, "computed"), [1]);
+    assert_eq!(shard_list(photos, "cached"), [0, 2, 3]);
+    assert_eq!(dataset_files(photos), before);
+}
+
+#[test]
+fn a_worker_ingests_one_shard_of_a_dataset() {
+    let project = ingest_project(INGEST);
+    let output = project.cli(&[
+        "worker",
+        "proj/ingest.vp",
+        "--cache-dir",
+        "cache",
+        "--stage",
+        "photos",
+        "--shard",
+        "2",
+        "--of",
+        "3",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("shard 2/3: computed"));
+    assert_eq!(count_entries(&project), 1);
+    let (output, summary) = project.run("proj/ingest.vp", "cache", &["--shards", "3"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let photos = stage(&summary, "photos");
+    assert_eq!(shard_list(photos, "computed"), [0, 1]);
+    assert_eq!(shard_list(photos, "cached"), [2]);
+}
+
+#[test]
+fn shards_on_a_dataset_are_checked() {
+    let project = ingest_project(INGEST);
+    let bad = INGEST.replace("max_image_size = 40", "max_image_size = 40  shards = 0");
+    std::fs::write(project.path("proj/bad.vp"), &bad).unwrap();
+    let output = project.cli(&["check", "proj/bad.vp"]);
+    assert!(!output.status.success());
+    let said = text(&output.stdout) + &text(&output.stderr);
+    let line = bad.lines().position(|l| l.contains("shards = 0")).unwrap() + 1;
+    // The value's `0`, the line's last character.
+    let column = bad.lines().nth(line - 1).unwrap().len();
+    assert!(
+        said.contains(&format!("bad.vp:{line}:{column}")) && said.contains("shards"),
+        "{said}"
+    );
+}
+
+/// Whether the run left any cache entry (work started).
+fn no_entries(project: &Project) -> bool {
+    count_entries(project) == 0
+}
+
+/// [`PIPELINE`] with an `executor slurm { ... }` block of `fields`, in `proj/NAME.vp`.
+fn with_executor(project: &Project, name: &str, fields: &str) -> String {
+    let file = format!("proj/{name}.vp");
+    let text = format!("{PIPELINE}\nexecutor slurm {{ {fields} }}\n");
+    std::fs::write(project.path(&file), text).unwrap();
+    file
+}
+
+#[test]
+fn an_executor_block_never_changes_a_fingerprint() {
+    let project = Project::new();
+    let file = with_executor(
+        &project,
+        "blocked",
+        "partition = \"gpu\"  gpus_per_task = 1  cpus_per_task = 4  max_parallel = 8  \
+         sbatch_args = [\"--time=01:00:00\"]",
+    );
+    let (output, plain) = project.run("proj/shards.vp", "cache", &["--dry-run"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let (output, blocked) = project.run(&file, "cache", &["--dry-run"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let fingerprints = |s: &Value| -> Vec<(String, String)> {
+        s["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let name = s["name"].as_str().unwrap().to_owned();
+                (name, s["fingerprint"].as_str().unwrap().to_owned())
+            })
+            .collect()
+    };
+    assert_eq!(fingerprints(&plain).len(), fingerprints(&blocked).len());
+    assert_eq!(fingerprints(&plain), fingerprints(&blocked));
+}
+
+#[test]
+fn an_executor_block_runs_on_slurm_only_when_active_or_asked() {
+    let project = Project::new();
+    // No Slurm anywhere: a run that tried it would fail before any work, naming `sbatch`.
+    let empty = project.path("no-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    let run = |file: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            file,
+            "--cache-dir",
+            "cache",
+            "--quiet",
+            "--only",
+            "pictures",
+        ];
+        args.extend(extra);
+        project.command(&args).env("PATH", &empty).output().unwrap()
+    };
+
+    // Settings alone do not switch the executor: the run is local.
+    let inactive = with_executor(&project, "inactive", "partition = \"gpu\"");
+    let output = run(&inactive, &[]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    std::fs::remove_dir_all(project.path("cache")).unwrap();
+
+    // `active = true` does, before any work ...
+    let active = with_executor(&project, "active", "active = true  partition = \"gpu\"");
+    let output = run(&active, &["--shards", "2"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("sbatch"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert!(no_entries(&project), "work started");
+    // ... and `--executor slurm` does for an inactive block; `--executor local` wins over it.
+    let output = run(&inactive, &["--executor", "slurm"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("sbatch"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert!(no_entries(&project), "work started");
+    let output = run(&active, &["--executor", "local"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+}
+
+#[test]
+fn an_executor_blocks_partition_reaches_slurm() {
+    if crate::slurm::cluster().is_none() {
+        return;
+    }
+    let project = Project::new();
+    let file = with_executor(
+        &project,
+        "nope",
+        "active = true  partition = \"nope\"  poll_interval = 0.2",
+    );
+    let output = project.cli(&["run", &file, "--cache-dir", "cache", "--shards", "2"]);
+    assert!(!output.status.success());
+    let said = text(&output.stderr);
+    assert!(said.contains("partition `nope` does not exist"), "{said}");
+    assert!(no_entries(&project), "work started: {said}");
+    // The flag wins over the file: on the cluster's own partition the dataset's shards run
+    // there, as a job array like an eval's.
+    let listing = Command::new("sinfo")
+        .args(["--noheader", "--format=%R"])
+        .output()
+        .expect("sinfo");
+    let partition = text(&listing.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    let (output, summary) = project.run(
+        &file,
+        "cache",
+        &[
+            "--shards",
+            "2",
+            "--only",
+            "pictures",
+            "--partition",
+            &partition,
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let pictures = stage(&summary, "pictures");
+    assert_eq!(pictures["shards"]["launcher"], "slurm", "{pictures}");
+    assert_eq!(shard_list(pictures, "computed"), [0, 1]);
+}

@@ -141,7 +141,7 @@ fn a_killed_driver_leaves_its_finished_shards_to_the_rerun() {
                     .filter(|e| e.path().join("manifest.json").exists())
                     .filter(|e| {
                         std::fs::read_to_string(e.path().join("manifest.json"))
-                            .is_ok_and(|m| m.contains("[shard "))
+                            .is_ok_and(|m| m.contains("guessed [shard "))
                     })
                     .count()
             })

@@ -90,6 +90,7 @@ impl<'f> Analyzer<'f, '_> {
                 "max_image_size",
                 "max_image_pixels",
                 "drop",
+                "shards",
             ],
         );
         let source = self
@@ -141,6 +142,10 @@ impl<'f> Analyzer<'f, '_> {
             Some(e) => self.expect_str_list(e, "drop"),
             None => Some(Vec::new()),
         };
+        let shards = match self.optional_expr(&f, "shards") {
+            Some(e) => self.expect_u32(e, "shards", 1).map(Some),
+            None => Some(None),
+        };
         Some(DatasetParams {
             source: source?,
             image: image?,
@@ -150,6 +155,7 @@ impl<'f> Analyzer<'f, '_> {
             max_image_size: max_image_size?,
             max_image_pixels: max_image_pixels?,
             drop: drop?,
+            shards: shards?,
         })
     }
 

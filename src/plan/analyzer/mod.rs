@@ -6,6 +6,7 @@
 //! without further messages, so one mistake gives one diagnostic, not a cascade.
 
 mod decls;
+mod executor;
 mod export;
 mod fields;
 mod grammar;
@@ -263,6 +264,7 @@ impl<'f, 's> Analyzer<'f, 's> {
         clean: bool,
     ) -> PipelineSettings {
         let mut pipeline: Option<&'f Decl> = None;
+        let mut executor: Option<&'f Decl> = None;
         // Imported files first (the reverse of load order), so that a name declared both in an
         // import and in the importing file is reported where the importer redeclares it.
         for (file_index, file) in self.files.iter().enumerate().rev() {
@@ -287,6 +289,24 @@ impl<'f, 's> Analyzer<'f, 's> {
                                 .with_hint("a file declares at most one pipeline"),
                             ),
                             None => pipeline = Some(decl),
+                        }
+                    }
+                    continue;
+                }
+                if decl.kind == DeclKind::Executor {
+                    // Like `pipeline`: how the root file runs, never an import's say.
+                    if file_index == 0 {
+                        match executor {
+                            Some(first) => self.error(
+                                Diagnostic::error(
+                                    Code::DuplicateName,
+                                    "the `executor` declaration appears twice",
+                                )
+                                .at(decl.kind_span.to(decl.name.span))
+                                .also(first.name.span, "first declared here")
+                                .with_hint("a file declares at most one executor block"),
+                            ),
+                            None => executor = Some(decl),
                         }
                     }
                     continue;
@@ -326,6 +346,7 @@ impl<'f, 's> Analyzer<'f, 's> {
                 |s| s.to_string_lossy().into_owned(),
             ),
         };
+        let executor = executor.and_then(|decl| self.build_executor(decl));
         for idx in 0..self.decls.len() {
             if self.decls[idx].decl.kind != DeclKind::Param {
                 let span = self.decls[idx].decl.name.span;
@@ -345,6 +366,7 @@ impl<'f, 's> Analyzer<'f, 's> {
                 .iter()
                 .map(|(k, (v, _))| (k.clone(), v.clone()))
                 .collect(),
+            executor,
         }
     }
 
@@ -547,7 +569,7 @@ impl<'f, 's> Analyzer<'f, 's> {
             DeclKind::Finetune => NodeParams::Finetune(self.build_finetune(decl)?),
             DeclKind::Export => NodeParams::Export(self.build_export(decl)?),
             DeclKind::Report => NodeParams::Report(self.build_report(decl)?),
-            DeclKind::Param | DeclKind::Pipeline => return None,
+            DeclKind::Param | DeclKind::Pipeline | DeclKind::Executor => return None,
         };
         Some(self.push_node(decl.name.name.clone(), params, decl.span, false))
     }

@@ -272,6 +272,27 @@ impl ImageStore {
     }
 }
 
+/// Every image of the store at `path`, in stored order, one row group at a time (a merge copies
+/// stores through it without holding them in memory).
+pub(crate) fn for_each_image(
+    path: &Path,
+    f: &mut dyn FnMut(StoredImage) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    let file = File::open(path).map_err(FileError::read(path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(DataError::parquet(path))?
+        .with_batch_size(ROW_GROUP_IMAGES)
+        .build()
+        .map_err(DataError::parquet(path))?;
+    for batch in reader {
+        let batch = batch.map_err(DataError::arrow(path))?;
+        for image in batch_images(&batch, path)? {
+            f(image)?;
+        }
+    }
+    Ok(())
+}
+
 fn batch_images(batch: &RecordBatch, path: &Path) -> Result<Vec<StoredImage>, DataError> {
     let bad = |column: &str| DataError::BadRowTable {
         path: path.to_path_buf(),

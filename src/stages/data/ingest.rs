@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,7 +25,7 @@ use crate::read_limits::{ReadKind, read_bounded};
 use crate::read_policy::ReadPolicy;
 
 use super::image_store::{ImageStoreWriter, image_id};
-use super::source::{RawImage, RawLabel};
+use super::source::{RawImage, RawLabel, RawRow};
 use super::{
     DataError, ERRORS_FILE, FILTERED_FILE, IMAGES_FILE, ImageCheck, ImageInfo, LabelSpec,
     ROWS_FILE, RowRecord, RowTable, SourceSpec, probe_image, write_rows,
@@ -160,6 +161,10 @@ pub struct IngestReport {
     pub seconds: f64,
 }
 
+/// The columns of [`ERRORS_FILE`] and [`FILTERED_FILE`].
+pub(super) const ERRORS_COLUMNS: [&str; 2] = ["row_id", "reason"];
+pub(super) const FILTERED_COLUMNS: [&str; 3] = ["row_id", "filter", "detail"];
+
 /// Error examples kept in the report (the full list is in `errors.parquet`).
 const ERROR_EXAMPLES: usize = 10;
 
@@ -171,6 +176,49 @@ pub fn ingest(
     progress: &indicatif::ProgressBar,
 ) -> Result<IngestReport, DataError> {
     let start = Instant::now();
+    if let Some(total) = spec.source.row_count_hint() {
+        progress.set_length(total);
+    }
+    let mut store = ImageStoreWriter::create(&out_dir.join(IMAGES_FILE))?;
+    let checked = check_rows(spec, None, &mut store, progress)?;
+    let images_stored = store.finish()?;
+    let mut report = finish(spec, checked, images_stored, out_dir)?;
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// What reading and checking rows of a source gave, before the class list is known (a shard
+/// of a dataset stops here; the merge of its shards goes on with [`finish`]).
+pub(super) struct Checked {
+    /// Rows for `rows.parquet` (error rows included), in source order.
+    pub(super) kept: Vec<Kept>,
+    /// `errors.parquet` rows: row id, reason.
+    pub(super) errors: Vec<Vec<String>>,
+    /// `filtered.parquet` rows: row id, filter, detail.
+    pub(super) filtered: Vec<Vec<String>>,
+    /// `drop` ids that matched a row.
+    pub(super) seen_drops: BTreeSet<String>,
+    /// Rows the source yielded (in the range asked for).
+    pub(super) rows_read: usize,
+    /// Files of a folder source that are not images: how many, and the first few.
+    pub(super) skipped_non_images: usize,
+    pub(super) skipped_examples: Vec<String>,
+    /// Kept rows whose image an earlier kept row already stored.
+    pub(super) duplicate_images: usize,
+}
+
+/// Which rows of a source to read: given the source's row count, the positions to keep.
+pub(super) type RowRange<'a> = &'a dyn Fn(usize) -> Range<usize>;
+
+/// Reads the source's rows (those at the positions `part` gives for the source's row count
+/// only, when given: whole rows, in order), applies drops and labels, loads and probes each
+/// image, applies the filters, and pushes each distinct kept image into `store`.
+pub(super) fn check_rows(
+    spec: &DatasetSpec,
+    part: Option<RowRange<'_>>,
+    store: &mut ImageStoreWriter,
+    progress: &indicatif::ProgressBar,
+) -> Result<Checked, DataError> {
     if let SourceSpec::Synthetic(synthetic) = &spec.source {
         synthetic.validate()?;
     }
@@ -179,30 +227,60 @@ pub fn ingest(
         n => n,
     };
     let drops: HashSet<&str> = spec.filters.drop.iter().map(String::as_str).collect();
-    let mut seen_drops: HashSet<String> = HashSet::new();
-    let mut store = ImageStoreWriter::create(&out_dir.join(IMAGES_FILE))?;
     let mut stored_ids: HashSet<String> = HashSet::new();
-    let mut kept: Vec<Kept> = Vec::new();
-    let mut errors: Vec<Vec<String>> = Vec::new();
-    let mut filtered: Vec<Vec<String>> = Vec::new();
-    let mut report = IngestReport::default();
-    if let Some(total) = spec.source.row_count_hint() {
-        progress.set_length(total);
-    }
+    let mut checked = Checked {
+        kept: Vec::new(),
+        errors: Vec::new(),
+        filtered: Vec::new(),
+        seen_drops: BTreeSet::new(),
+        rows_read: 0,
+        skipped_non_images: 0,
+        skipped_examples: Vec::new(),
+        duplicate_images: 0,
+    };
 
     let reads = spec.read_policy();
     let opened = spec.source.open(&spec.image_column, &spec.label, &reads)?;
-    report.skipped_non_images = opened.skipped.len();
-    report.skipped_examples = opened.skipped.into_iter().take(ERROR_EXAMPLES).collect();
+    checked.skipped_non_images = opened.skipped.len();
+    checked.skipped_examples = opened.skipped.into_iter().take(ERROR_EXAMPLES).collect();
+    let rows = match part {
+        Some(part) => {
+            let total = match opened.rows {
+                Some(n) => n,
+                None => count_rows(spec, &reads)?,
+            };
+            let range = part(total);
+            progress.set_length(range.len() as u64);
+            Some(range)
+        }
+        None => None,
+    };
+    // Position in the source of the next chunk's first row.
+    let mut position = 0usize;
     for chunk in opened.chunks {
+        if rows.as_ref().is_some_and(|r| position >= r.end) {
+            // Past the range: the rest of the source is another shard's.
+            break;
+        }
         let chunk = chunk?;
-        report.rows_read += chunk.len();
+        let first = position;
+        position += chunk.len();
+        let chunk: Vec<RawRow> = match &rows {
+            Some(r) => chunk
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| r.contains(&(first + i)))
+                .map(|(_, row)| row)
+                .collect(),
+            None => chunk,
+        };
+        checked.rows_read += chunk.len();
         progress.inc(chunk.len() as u64);
         let mut todo = Vec::with_capacity(chunk.len());
         for row in chunk {
             if drops.contains(row.row_id.as_str()) {
-                seen_drops.insert(row.row_id.clone());
-                filtered.push(vec![
+                checked.seen_drops.insert(row.row_id.clone());
+                checked.filtered.push(vec![
                     row.row_id,
                     "drop".to_owned(),
                     "listed in `drop`".to_owned(),
@@ -226,12 +304,9 @@ pub fn ingest(
             let (id, bytes, info) = match outcome {
                 Ok(ok) => ok,
                 Err(reason) => {
-                    if report.error_examples.len() < ERROR_EXAMPLES {
-                        report.error_examples.push((row_id.clone(), reason.clone()));
-                    }
-                    errors.push(vec![row_id.clone(), reason.clone()]);
+                    checked.errors.push(vec![row_id.clone(), reason.clone()]);
                     // Kept as a row without an image: whatever evaluates it reports the reason.
-                    kept.push(Kept {
+                    checked.kept.push(Kept {
                         row_id,
                         image_id: String::new(),
                         label,
@@ -244,22 +319,26 @@ pub fn ingest(
                 && !modes.contains(&info.mode)
             {
                 let detail = format!("mode {} not in [{}]", info.mode, modes.join(", "));
-                filtered.push(vec![row_id, "mode".to_owned(), detail]);
+                checked
+                    .filtered
+                    .push(vec![row_id, "mode".to_owned(), detail]);
                 continue;
             }
             if let Some(limit) = spec.filters.max_image_size
                 && info.width.max(info.height) > limit
             {
                 let detail = format!("{}x{} exceeds {limit}", info.width, info.height);
-                filtered.push(vec![row_id, "max_image_size".to_owned(), detail]);
+                checked
+                    .filtered
+                    .push(vec![row_id, "max_image_size".to_owned(), detail]);
                 continue;
             }
             if stored_ids.insert(id.clone()) {
                 store.push(id.clone(), bytes, info)?;
             } else {
-                report.duplicate_images += 1;
+                checked.duplicate_images += 1;
             }
-            kept.push(Kept {
+            checked.kept.push(Kept {
                 row_id,
                 image_id: id,
                 label,
@@ -267,7 +346,61 @@ pub fn ingest(
             });
         }
     }
-    report.images_stored = store.finish()?;
+    Ok(checked)
+}
+
+/// How many rows `spec`'s source yields: from the Parquet footers, else by reading it once.
+fn count_rows(spec: &DatasetSpec, reads: &ReadPolicy) -> Result<usize, DataError> {
+    if let Some(n) = spec
+        .source
+        .row_count_hint()
+        .and_then(|n| usize::try_from(n).ok())
+    {
+        return Ok(n);
+    }
+    let mut total = 0;
+    for chunk in spec
+        .source
+        .open(&spec.image_column, &spec.label, reads)?
+        .chunks
+    {
+        total += chunk?.len();
+    }
+    Ok(total)
+}
+
+/// Assigns the class list and label indices to `checked`'s rows and writes [`ROWS_FILE`],
+/// [`ERRORS_FILE`] and [`FILTERED_FILE`] into `out_dir` (the images are already stored:
+/// `images_stored` of them); the report's `seconds` are left to the caller.
+pub(super) fn finish(
+    spec: &DatasetSpec,
+    checked: Checked,
+    images_stored: usize,
+    out_dir: &Path,
+) -> Result<IngestReport, DataError> {
+    let Checked {
+        kept,
+        errors,
+        filtered,
+        seen_drops,
+        rows_read,
+        skipped_non_images,
+        skipped_examples,
+        duplicate_images,
+    } = checked;
+    let mut report = IngestReport {
+        rows_read,
+        images_stored,
+        duplicate_images,
+        skipped_non_images,
+        skipped_examples,
+        error_examples: errors
+            .iter()
+            .take(ERROR_EXAMPLES)
+            .map(|e| (e[0].clone(), e[1].clone()))
+            .collect(),
+        ..IngestReport::default()
+    };
 
     let classes = class_list(spec, &kept);
     let mut rows = Vec::with_capacity(kept.len());
@@ -305,21 +438,19 @@ pub fn ingest(
     for row in &filtered {
         *report.filtered.entry(row[1].clone()).or_default() += 1;
     }
-    let unknown: BTreeSet<&str> = drops
+    report.unknown_drop_ids = spec
+        .filters
+        .drop
         .iter()
-        .copied()
         .filter(|d| !seen_drops.contains(*d))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .cloned()
         .collect();
-    report.unknown_drop_ids = unknown.into_iter().map(str::to_owned).collect();
     report.classes = classes.clone();
     write_rows(&out_dir.join(ROWS_FILE), &RowTable { rows, classes })?;
-    write_text_table(&out_dir.join(ERRORS_FILE), &["row_id", "reason"], &errors)?;
-    write_text_table(
-        &out_dir.join(FILTERED_FILE),
-        &["row_id", "filter", "detail"],
-        &filtered,
-    )?;
-    report.seconds = start.elapsed().as_secs_f64();
+    write_text_table(&out_dir.join(ERRORS_FILE), &ERRORS_COLUMNS, &errors)?;
+    write_text_table(&out_dir.join(FILTERED_FILE), &FILTERED_COLUMNS, &filtered)?;
     Ok(report)
 }
 
@@ -376,12 +507,12 @@ fn resolve_label(
 }
 
 /// A row of `rows.parquet` before its label index is known.
-struct Kept {
-    row_id: String,
+pub(super) struct Kept {
+    pub(super) row_id: String,
     /// Empty for an error row.
-    image_id: String,
-    label: String,
-    image_error: Option<String>,
+    pub(super) image_id: String,
+    pub(super) label: String,
+    pub(super) image_error: Option<String>,
 }
 
 fn class_list(spec: &DatasetSpec, kept: &[Kept]) -> Vec<String> {
@@ -475,7 +606,11 @@ fn load_and_probe(image: RawImage, spec: &DatasetSpec, reads: &ReadPolicy) -> Pr
 }
 
 /// Writes an all-utf8 table (errors, filtered rows).
-fn write_text_table(path: &Path, columns: &[&str], rows: &[Vec<String>]) -> Result<(), DataError> {
+pub(super) fn write_text_table(
+    path: &Path,
+    columns: &[&str],
+    rows: &[Vec<String>],
+) -> Result<(), DataError> {
     let schema = Arc::new(Schema::new(
         columns
             .iter()
@@ -496,4 +631,36 @@ fn write_text_table(path: &Path, columns: &[&str], rows: &[Vec<String>]) -> Resu
     writer.write(&batch).map_err(DataError::parquet(path))?;
     writer.close().map_err(DataError::parquet(path))?;
     Ok(())
+}
+
+/// Reads a table [`write_text_table`] wrote with `columns`.
+pub(super) fn read_text_table(
+    path: &Path,
+    columns: &[&str],
+) -> Result<Vec<Vec<String>>, DataError> {
+    let file = File::open(path).map_err(FileError::read(path))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(DataError::parquet(path))?
+        .build()
+        .map_err(DataError::parquet(path))?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(DataError::arrow(path))?;
+        let arrays = columns
+            .iter()
+            .map(|name| {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                    .ok_or_else(|| DataError::BadRowTable {
+                        path: path.to_path_buf(),
+                        message: format!("column `{name}` missing or not utf8"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for i in 0..batch.num_rows() {
+            rows.push(arrays.iter().map(|a| a.value(i).to_owned()).collect());
+        }
+    }
+    Ok(rows)
 }

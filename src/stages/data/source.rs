@@ -113,6 +113,10 @@ pub(crate) struct Opened {
     /// Files of a folder source that are not images (no image extension), relative to the
     /// folder, sorted: skipped, not error rows, but worth saying.
     pub(crate) skipped: Vec<String>,
+    /// How many rows `chunks` yields, when the source knows without reading them (the sources
+    /// listed in memory; a Parquet source's footers say it through
+    /// [`SourceSpec::row_count_hint`]).
+    pub(crate) rows: Option<usize>,
 }
 
 impl SourceSpec {
@@ -214,6 +218,7 @@ impl SourceSpec {
         reads: &ReadPolicy,
     ) -> Result<Opened, DataError> {
         self.expect_readable(reads)?;
+        let mut rows_known = None;
         let chunks = match self {
             SourceSpec::Parquet { files } => parquet_chunks(files.clone(), image_column, label)?,
             SourceSpec::ParquetDir { dir, split, config } => parquet_chunks(
@@ -247,6 +252,7 @@ impl SourceSpec {
                     )
                     .collect();
                 return Ok(Opened {
+                    rows: Some(rows.len()),
                     chunks: chunked(rows),
                     skipped: listing.skipped,
                 });
@@ -255,7 +261,9 @@ impl SourceSpec {
                 if label.column().is_none() {
                     return Err(DataError::LabelColumnNeeded);
                 }
-                chunked(text_rows(self, path, label, image_column, false, reads)?)
+                let rows = text_rows(self, path, label, image_column, false, reads)?;
+                rows_known = Some(rows.len());
+                chunked(rows)
             }
             SourceSpec::Synthetic(spec) => {
                 let rows: Vec<RawRow> = (0..spec.n)
@@ -265,12 +273,14 @@ impl SourceSpec {
                         label: RawLabel::Given(spec.class_of(i)),
                     })
                     .collect();
+                rows_known = Some(rows.len());
                 chunked(rows)
             }
         };
         Ok(Opened {
             chunks,
             skipped: Vec::new(),
+            rows: rows_known,
         })
     }
 }

@@ -5,11 +5,19 @@
 //! the source's current state: a stat of every local file ([`DatasetSpec::source_stamp`]), or
 //! the Hub commit a `hf(...)` source resolves to, so an edited folder or a moved `main` reruns
 //! the stage while a no-change rerun reads nothing but file metadata.
+//!
+//! With `shards = N` on the declaration (or `run --shards N`) the executor computes it as N
+//! shards, each checking a contiguous run of the source's rows (`super::shard`), and merges them
+//! into the entry an unsharded ingest writes, under the same fingerprint.
 
 use serde_json::{Value, json};
 
-use super::{DATA_CODE_VERSION, DatasetSpec, IngestReport, SourceSpec, ingest};
-use crate::exec::{Stage, StageContext, StageError, StageOutcome};
+use super::{
+    DATA_CODE_VERSION, DatasetSpec, IngestReport, ShardIngest, ShardPart, SourceSpec, ingest,
+    ingest_shard, merge_shards,
+};
+use crate::cache::CacheEntry;
+use crate::exec::{ShardIndex, Sharded, Stage, StageContext, StageError, StageOutcome};
 use crate::hub::{Hub, HubRepo};
 
 /// Rejected rows named in a warning before it says "and N more".
@@ -33,6 +41,9 @@ pub struct DatasetConfig {
     pub spec: DatasetSpec,
     /// The Hub source, when the dataset comes from the Hub.
     pub hf: Option<HfSource>,
+    /// `shards = N` on the declaration. Not in [`Stage::params`]: an execution setting, the
+    /// merged entry equals an unsharded ingest's.
+    pub shards: Option<usize>,
 }
 
 /// The configured dataset stage.
@@ -40,6 +51,7 @@ pub struct DatasetStage {
     params: Value,
     spec: DatasetSpec,
     hf: Option<HfSource>,
+    shards: Option<usize>,
 }
 
 impl DatasetStage {
@@ -48,6 +60,7 @@ impl DatasetStage {
             params: config.params,
             spec: config.spec,
             hf: config.hf,
+            shards: config.shards,
         }
     }
 
@@ -100,6 +113,67 @@ impl Stage for DatasetStage {
         let mut metadata = serde_json::to_value(&report)?;
         if let (Some(commit), Some(map)) = (commit, metadata.as_object_mut()) {
             map.insert("hub_commit".to_owned(), Value::String(commit));
+        }
+        Ok(StageOutcome { metadata, warnings })
+    }
+
+    fn sharded(&self) -> Option<&dyn Sharded> {
+        Some(self)
+    }
+
+    fn shards(&self) -> Option<usize> {
+        self.shards
+    }
+}
+
+/// A shard checks the images of a contiguous run of the source's rows (see
+/// `super::shard`); its metadata is its [`ShardIngest`] (plus the Hub commit it read), from
+/// which the merge writes the unsharded entry.
+impl Sharded for DatasetStage {
+    fn run_shard(
+        &self,
+        ctx: &mut StageContext<'_>,
+        shard: ShardIndex,
+    ) -> Result<StageOutcome, StageError> {
+        let (spec, commit) = self.resolved()?;
+        let bar = ctx
+            .progress
+            .bar(0, &format!("{} [shard {shard}]", ctx.name));
+        let report = ingest_shard(&spec, &|rows| shard.range(rows, 1), ctx.out_dir, &bar)?;
+        bar.finish_and_clear();
+        let mut metadata = serde_json::to_value(&report)?;
+        if let (Some(commit), Some(map)) = (commit, metadata.as_object_mut()) {
+            map.insert("hub_commit".to_owned(), Value::String(commit));
+        }
+        Ok(StageOutcome {
+            metadata,
+            warnings: Vec::new(),
+        })
+    }
+
+    fn merge(
+        &self,
+        ctx: &mut StageContext<'_>,
+        shards: &[CacheEntry],
+    ) -> Result<StageOutcome, StageError> {
+        let mut parts = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let metadata = &shard.manifest().metadata["stage"];
+            let report: ShardIngest = serde_json::from_value(metadata.clone())?;
+            parts.push(ShardPart {
+                dir: shard.dir().to_path_buf(),
+                report,
+            });
+        }
+        // The merge reads no source: the shards hold everything, so a Hub source stays unresolved.
+        let report = merge_shards(&self.spec, &parts, ctx.out_dir)?;
+        let warnings = ingest_warnings(&report);
+        let mut metadata = serde_json::to_value(&report)?;
+        let commit = shards
+            .first()
+            .and_then(|s| s.manifest().metadata["stage"]["hub_commit"].as_str());
+        if let (Some(commit), Some(map)) = (commit, metadata.as_object_mut()) {
+            map.insert("hub_commit".to_owned(), Value::String(commit.to_owned()));
         }
         Ok(StageOutcome { metadata, warnings })
     }
@@ -171,6 +245,90 @@ pub fn ingest_warnings(report: &IngestReport) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exec::{ExecGraph, ExecNode, RunOptions, ShardJob, ShardLauncher, ShardState};
+    use crate::stages::data::{Shape, SyntheticSpec};
+    use std::sync::{Arc, Mutex};
+
+    /// A cluster launcher's view of the seam: what it is handed, computed as a worker would.
+    #[derive(Default)]
+    struct Recording {
+        jobs: Mutex<Vec<(String, String, usize, Vec<usize>)>>,
+    }
+
+    impl ShardLauncher for Recording {
+        fn name(&self) -> &str {
+            "recording"
+        }
+
+        fn launch(
+            &self,
+            job: &ShardJob<'_>,
+            report: &mut dyn FnMut(usize, ShardState),
+            _cancelled: &dyn Fn() -> bool,
+        ) -> Result<(), String> {
+            self.jobs.lock().unwrap().push((
+                job.kind.to_owned(),
+                job.stage.to_owned(),
+                job.count,
+                job.pending.clone(),
+            ));
+            for &index in &job.pending {
+                match job.compute_here(index) {
+                    Ok(()) => report(index, ShardState::Done),
+                    Err(reason) => report(index, ShardState::Failed(reason)),
+                }
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn dataset_shards_go_through_the_launcher_seam() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::cache::CacheStore::open(dir.path()).unwrap();
+        let spec = DatasetSpec::new(SourceSpec::Synthetic(SyntheticSpec {
+            n: 9,
+            width: 16,
+            height: 16,
+            shapes: vec![Shape::Circle],
+            ..SyntheticSpec::default()
+        }));
+        let stage = DatasetStage::from_config(DatasetConfig {
+            params: json!({ "n": 9 }),
+            spec,
+            hf: None,
+            shards: Some(3),
+        });
+        let graph = ExecGraph {
+            pipeline: "seam".to_owned(),
+            nodes: vec![ExecNode {
+                name: "pictures".to_owned(),
+                inputs: vec![],
+                stage: Box::new(stage),
+            }],
+        };
+        let launcher = Arc::new(Recording::default());
+        let options = RunOptions {
+            quiet: true,
+            launcher: Some(launcher.clone()),
+            ..RunOptions::default()
+        };
+        let summary = crate::exec::run(&graph, &store, &options).unwrap();
+        assert!(summary.success);
+        let counts = summary.stages[0].shards.as_ref().expect("sharded");
+        assert_eq!(counts.launcher, "recording");
+        assert_eq!(counts.computed, [0, 1, 2]);
+        // What a Slurm launcher names its array by and submits (`vlmpipe:dataset:pictures`).
+        assert_eq!(
+            *launcher.jobs.lock().unwrap(),
+            [(
+                "dataset".to_owned(),
+                "pictures".to_owned(),
+                3,
+                vec![0, 1, 2]
+            )]
+        );
+    }
 
     #[test]
     fn warnings_name_rejected_rows() {

@@ -139,6 +139,7 @@ pub(super) fn dataset_config(
         params: node.canonical_params(),
         spec,
         hf,
+        shards: params.shards.map(|n| n as usize),
     })
 }
 
