@@ -9,6 +9,7 @@
 //!   AVX2-dispatched softmax, GELU-tanh and SiLU.
 //! - [`packed`]: weights packed once into 64-row panels and the register-blocked AVX-512 product
 //!   over them.
+//! - [`q8`]: products by Q8_0 weights in integer arithmetic (ggml's block dot, register-tiled).
 //! - [`exp`]: the vectorisable `exp` the activations and softmax share.
 //! - [`backward`]: RMSNorm and SwiGLU forward and backward for training through the frozen model.
 //! - [`lora`]: training's LoRA linear layer (frozen product and low-rank branch) and its backward.
@@ -21,5 +22,6 @@ pub(crate) mod cpu;
 pub(crate) mod exp;
 pub(crate) mod lora;
 pub mod packed;
+pub(crate) mod q8;
 
 pub(crate) use cpu::ViewSpan;

@@ -13,13 +13,17 @@
 //! algorithms whose bytes differ on every tensor (`model_quant::q4_k_and_q6_k_blocks_equal_…`). A row width a block type cannot take falls back
 //! per tensor as llama.cpp does ([`choose_type`]), and [`QuantReport`] lists every fallback.
 //!
-//! Products: a few rows (decode) go through candle's `QMatMul`; many rows on the CPU (prefill,
-//! the vision tower) dequantize 64-row panels into the f32 GEMM ([`prefill`], where the
-//! measurement that chose this is), and every product on CUDA/Metal stays on `QMatMul`. The
+//! Products on the CPU: a few rows (decode) by Q8_0 blocks go through our integer kernel
+//! (`kernels::q8`, `QMatMul`'s values, weights streamed once), by k-quant blocks through
+//! candle's block dot over the compact blocks ([`matvec`]); many rows (prefill, the vision
+//! tower) by Q8_0 dequantize 64-row panels into the f32 GEMM ([`prefill`], where the
+//! measurements that chose this are). Every other product, and all of them on CUDA/Metal, stay
+//! on `QMatMul`. The
 //! benchmark (`vlmpipe bench model --quant …`) compares it with the f32 path step by step.
 //! A tied embedding table reads its rows from the quantized head, as llama.cpp does.
 
 pub(crate) mod ggml_q4k;
+mod matvec;
 mod prefill;
 mod weight;
 

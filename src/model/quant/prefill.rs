@@ -1,18 +1,17 @@
 //! Quantized products over many rows (prefill, the vision tower) on the CPU: each panel of
-//! weight rows is dequantized to f32 and multiplied by the `gemm` crate's f32 kernel.
+//! weight rows is dequantized to f32 and multiplied by the `gemm` crate's f32 kernel; fewer
+//! rows (decode) by Q8_0 blocks go through our integer kernel ([`int8_matmul`]).
 //!
 //! Why not candle's `QMatMul` there: on the CPU it quantizes the activations and runs one block
 //! dot product per (row, output) pair without tiling, which measured 4-5x slower than the f32
 //! GEMM at the LFM2-VL-450M prefill and vision shapes (BENCHMARKS.md, "Quantized models").
-//! Why not an int8 GEMM of our own: on AVX2 (no VNNI) the int8 block dot needs
-//! `sign`+`maddubs`+`madd` per 32 products and a float scale per block, the same issue rate
-//! as f32 FMA per multiply-add, so its ceiling is the f32 GEMM's speed while its activations
-//! lose precision; dequantizing a 64-row panel costs about 1/m of the panel's product, under 1% at
-//! prefill's m of 270 and more. A one-row product (a decode step) stays on `QMatMul`, which
-//! reads the weights once in their small form; [`prefer_panels`] holds the measured crossover.
+//! Why not the integer kernel there too: on AVX2 (no VNNI) its block dot needs
+//! `sign`+`maddubs`+`madd`+`cvt` and a scaled FMA per 32 products, about the f32 GEMM's issue
+//! rate per multiply-add, and it measured no faster than the panels at those shapes
+//! ([`PANEL_MIN_ROWS`]); dequantizing a 64-row panel costs about 1/m of the panel's product.
 //!
-//! The result is the exact f32 product with the dequantized weight (what `QMatMul` approximates
-//! with 8-bit activations).
+//! The panels give the exact f32 product with the dequantized weight (what `QMatMul`
+//! approximates with 8-bit activations); the integer kernel gives `QMatMul`'s values.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{
@@ -21,18 +20,49 @@ use candle_core::quantized::k_quants::{
 use rayon::prelude::*;
 
 use crate::model::kernels::cpu::{MatMut, MatRef, gemm};
+use crate::model::kernels::q8;
+
+/// Which CPU product multiplies activations by Q8_0 blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// Activations quantized to Q8_0, integer block dots ([`int8_matmul`]): `QMatMul`'s values.
+    Int8,
+    /// Weight panels dequantized into the f32 GEMM ([`dequantized_matmul`]).
+    Panels,
+}
 
 /// From this many activation rows on, a CPU product by Q8_0 blocks dequantizes panels instead
-/// of using `QMatMul`. Measured at the 4608x1024 FFN shape on 2 shared AVX2 cores
-/// (`prefill::tests::crossover`): at 32 rows `QMatMul` 78 ms against 116, at 64 rows 148
-/// against 114, at 270 rows 650 against 289 (the f32 GEMM 248).
-pub(crate) const PREFILL_MIN_ROWS: usize = 64;
+/// of running the integer kernel. On 2 loaded AVX2 cores (BENCHMARKS.md, "Quantized models")
+/// the integer kernel ran the vision tower (768 rows) 1.60x the f32 time against the panels'
+/// 1.31x, and the 178-row LM prefill 1.11x against 1.29x (within that load's noise); decode
+/// (one row) is where it wins, so the crossover found before (64 rows) stays.
+pub(crate) const PANEL_MIN_ROWS: usize = 64;
 
-/// Whether a product of `rows` activation rows by `dtype` blocks takes the panel path. Only
-/// Q8_0: candle's Q4_K product already ran as fast as the panels at 270 rows (265 ms against
-/// 274), and the other types (the Q6_K head, fallbacks) multiply one row at a time.
-pub(crate) fn prefer_panels(dtype: GgmlDType, rows: usize) -> bool {
-    dtype == GgmlDType::Q8_0 && rows >= PREFILL_MIN_ROWS
+/// The path for a product of `rows` activation rows by Q8_0 blocks.
+pub(crate) fn choose_path(rows: usize) -> Path {
+    if rows >= PANEL_MIN_ROWS {
+        Path::Panels
+    } else {
+        Path::Int8
+    }
+}
+
+/// `x [m, k] @ W^T` for Q8_0 blocks `bytes` of `W [n, k]`, the activation rows quantized to
+/// Q8_0 first: what `QMatMul` computes, bit for bit, by [`q8::matmul`]. `None` when the bytes
+/// are not Q8_0 blocks of that shape.
+pub(crate) fn int8_matmul(
+    bytes: &[u8],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Option<Vec<f32>> {
+    let w = q8::view_blocks(bytes)?;
+    if !k.is_multiple_of(q8::QK8_0) || w.len() != n * (k / q8::QK8_0) || x.len() != m * k {
+        return None;
+    }
+    let a = q8::quantize_rows(x, k);
+    Some(q8::matmul(w, &a, m, n, k))
 }
 
 /// Weight rows dequantized and multiplied together: 64 rows of 4608 f32 are 1.2 MB, one core's
@@ -190,6 +220,43 @@ mod tests {
         assert!(dequantized_matmul(GgmlDType::Q2K, &[], &[0.0; 4], 1, 4, 1).is_none());
     }
 
+    /// The integer kernel computes exactly `QMatMul`'s values (the same activation blocks and
+    /// block dots), for one row (decode) and for row and column counts that are not whole tiles.
+    #[test]
+    fn int8_product_equals_qmatmul_bitwise() {
+        for (m, n, k) in [
+            (1, 1024, 1024),
+            (1, 70, 96),
+            (3, 33, 64),
+            (7, 130, 256),
+            (66, 45, 160),
+        ] {
+            let q = weight(n, k, GgmlDType::Q8_0);
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+            let q = std::sync::Arc::new(q);
+            let want = QMatMul::from_arc(q.clone())
+                .unwrap()
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = int8_matmul(&q.data().unwrap(), &xs, m, k, n).expect("Q8_0 blocks");
+            let differ = got
+                .iter()
+                .zip(&want)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
+            assert_eq!(
+                differ, 0,
+                "[{m}, {k}] x [{n}, {k}]: {differ} outputs differ"
+            );
+        }
+        assert!(int8_matmul(&[0; 34], &[0.0; 32], 1, 32, 2).is_none());
+    }
+
     /// Where the panel path starts paying off against `QMatMul`: prints both per row count at a
     /// 450M FFN shape (a measurement, run with `--ignored --nocapture` in the test profile).
     #[test]
@@ -214,6 +281,15 @@ mod tests {
                     std::hint::black_box(dequantized_matmul(dtype, &bytes, &xs, m, k, n));
                 }
                 let ours = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+                let int8_ms = if dtype == GgmlDType::Q8_0 {
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        std::hint::black_box(int8_matmul(&bytes, &xs, m, k, n));
+                    }
+                    t.elapsed().as_secs_f64() * 1e3 / reps as f64
+                } else {
+                    f64::NAN
+                };
                 let t = std::time::Instant::now();
                 let w = vec![0.5f32; n * k];
                 for _ in 0..reps {
@@ -223,8 +299,8 @@ mod tests {
                 }
                 let f32_ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
                 eprintln!(
-                    "{dtype:?} m={m}: QMatMul {candle:.2} ms, dequantized panels {ours:.2} ms, f32 \
-                     gemm {f32_ms:.2} ms"
+                    "{dtype:?} m={m}: QMatMul {candle:.2} ms, int8 {int8_ms:.2} ms, dequantized \
+                     panels {ours:.2} ms, f32 gemm {f32_ms:.2} ms"
                 );
             }
         }

@@ -7,9 +7,18 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
+/// Which of our CPU products multiplies (see [`QuantWeight::cpu_product`]).
+#[derive(Clone, Copy)]
+enum Product {
+    Int8,
+    Panels,
+    Matvec,
+}
+
 /// A frozen `[out, in]` weight quantized into ggml blocks along `in` (one row = one output).
 ///
-/// Products go through [`QMatMul`]: on the CPU candle quantizes the activation rows to the
+/// Products go through our CPU products where they measured faster ([`Self::cpu_product`]),
+/// else through [`QMatMul`]: on the CPU candle quantizes the activation rows to the
 /// block type's dot-product partner (Q8_0 for Q8_0/Q5_0, Q8_K for the k-quants) and runs its
 /// AVX2/AVX-512/NEON dot products (or its repacked tile kernels where they apply); on CUDA and
 /// Metal its own kernels. The dense weight is gone once this exists.
@@ -115,7 +124,7 @@ impl QuantWeight {
             (Device::Cpu, _) | (_, DType::F32) => x.contiguous()?,
             _ => x.to_dtype(DType::F32)?.contiguous()?,
         };
-        let mut y = match self.prefill_product(&x)? {
+        let mut y = match self.cpu_product(&x)? {
             Some(y) => y,
             None => self.matmul.forward(&x)?,
         };
@@ -128,25 +137,41 @@ impl QuantWeight {
         }
     }
 
-    /// Many rows of an untracked CPU f32 `x [.., in]` by Q8_0 blocks: the panel-dequantized f32
-    /// product ([`super::prefill`]); `None` (use `QMatMul`) for a few rows (decode), other block
-    /// types, another device or dtype. `VLMPIPE_QUANT_PREFILL=qmatmul` turns it off, to compare.
-    fn prefill_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// An untracked CPU f32 `x [.., in]` by our own CPU products where they beat `QMatMul`:
+    /// Q8_0 blocks through the integer kernel ([`crate::model::kernels::q8`], `QMatMul`'s
+    /// values) or, for many rows, the panel-dequantized f32 product ([`super::prefill`]) where
+    /// that measured faster; a decode step by k-quant blocks through [`super::matvec`]. `None`
+    /// (use `QMatMul`) otherwise: other block types, another device or dtype.
+    /// `VLMPIPE_QUANT_PRODUCT=qmatmul` (or `int8`, `panels` for Q8_0) forces a path, to compare.
+    fn cpu_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let QMatMul::QTensor(q) = &self.matmul else {
             return Ok(None);
         };
-        let rows = x.elem_count() / self.in_dim.max(1);
-        if !super::prefill::prefer_panels(q.dtype(), rows)
-            || !crate::model::ops::is_cpu_f32(x)
-            || x.track_op()
-            || std::env::var_os("VLMPIPE_QUANT_PREFILL").is_some_and(|v| v == "qmatmul")
-        {
+        if !crate::model::ops::is_cpu_f32(x) || x.track_op() {
             return Ok(None);
         }
+        let rows = x.elem_count() / self.in_dim.max(1);
+        let forced = std::env::var("VLMPIPE_QUANT_PRODUCT").ok();
+        let dtype = q.dtype();
+        let product = match (dtype, forced.as_deref()) {
+            (_, Some("qmatmul")) => return Ok(None),
+            (GgmlDType::Q8_0, Some("int8")) => Product::Int8,
+            (GgmlDType::Q8_0, Some("panels")) => Product::Panels,
+            (GgmlDType::Q8_0, _) => match super::prefill::choose_path(rows) {
+                super::prefill::Path::Int8 => Product::Int8,
+                super::prefill::Path::Panels => Product::Panels,
+            },
+            (t, _) if super::matvec::supported(t) && rows <= super::matvec::MAX_ROWS => {
+                Product::Matvec
+            }
+            _ => return Ok(None),
+        };
         let bytes = q.data()?;
         let (m, k, n) = (rows, self.in_dim, self.out_dim);
-        let y = crate::model::ops::with_cpu_f32(x, |xs| {
-            super::prefill::dequantized_matmul(q.dtype(), &bytes, xs, m, k, n)
+        let y = crate::model::ops::with_cpu_f32(x, |xs| match product {
+            Product::Int8 => super::prefill::int8_matmul(&bytes, xs, m, k, n),
+            Product::Panels => super::prefill::dequantized_matmul(dtype, &bytes, xs, m, k, n),
+            Product::Matvec => super::matvec::matvec(dtype, &bytes, xs, m, k, n),
         })?;
         let Some(y) = y else { return Ok(None) };
         let mut dims = x.dims().to_vec();
