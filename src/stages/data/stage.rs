@@ -249,10 +249,13 @@ mod tests {
     use crate::stages::data::{Shape, SyntheticSpec};
     use std::sync::{Arc, Mutex};
 
+    /// What a launcher is handed: the stage's kind and name, the shard count, the pending shards.
+    type Handed = (String, String, usize, Vec<usize>);
+
     /// A cluster launcher's view of the seam: what it is handed, computed as a worker would.
     #[derive(Default)]
     struct Recording {
-        jobs: Mutex<Vec<(String, String, usize, Vec<usize>)>>,
+        jobs: Mutex<Vec<Handed>>,
     }
 
     impl ShardLauncher for Recording {
