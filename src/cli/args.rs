@@ -257,11 +257,12 @@ pub(crate) struct ExportArgs {
     /// With `--gguf`: export this model (a Hub-layout folder or Hub id) instead of a stage.
     #[arg(long, value_name = "MODEL", requires = "gguf", conflicts_with_all = ["file", "stage"])]
     pub model: Option<String>,
-    /// With `--gguf`: the text model's type: F32, F16, BF16 or Q8_0 (for Q4_K_M, export F16
-    /// and run llama.cpp's `llama-quantize`).
+    /// With `--gguf`: the text model's type: F32, F16, BF16, Q8_0, or Q4_K_M (llama.cpp's
+    /// k-quant mixture, the file `llama-quantize` makes of the F16 export).
     #[arg(long, value_name = "QUANT", default_value = "F16", value_parser = parse_gguf_quant)]
     pub quant: crate::gguf::GgufQuant,
-    /// With `--gguf`: the mmproj's type [default: the text model's].
+    /// With `--gguf`: the mmproj's type, F32, F16, BF16 or Q8_0 [default: the text model's; F16
+    /// with Q4_K_M].
     #[arg(long, value_name = "QUANT", value_parser = parse_gguf_quant)]
     pub mmproj_quant: Option<crate::gguf::GgufQuant>,
     /// With `--gguf`: `<name>` in the file names and `general.name` [default: the stage's or
@@ -641,6 +642,16 @@ pub(crate) struct BenchModelArgs {
     /// decode time against the memory-bandwidth floor of each model's weights.
     #[arg(long, value_name = "QUANT")]
     pub quant: Option<crate::model::quant::Quant>,
+    /// A folder holding llama.cpp's `llama-mtmd-cli` (`bash tests/llama_cpp/build.sh bins`
+    /// prints the folder whose `bin/` holds it): also time llama.cpp in the same run on the
+    /// checkpoint exported by vlmpipe (`--llama-cpp-quant` text file, F16 mmproj), the same
+    /// image and conversation, by the wall clock of whole processes, and print vlmpipe's ratios
+    /// to it. Not with `--adapter`: merge it first (`vlmpipe export --merged`).
+    #[arg(long, value_name = "DIR", conflicts_with = "adapter")]
+    pub llama_cpp: Option<PathBuf>,
+    /// The text file's type for `--llama-cpp`.
+    #[arg(long, value_name = "QUANT", default_value = "Q8_0", value_parser = parse_gguf_quant)]
+    pub llama_cpp_quant: crate::gguf::GgufQuant,
     // transformers computes on the same device (`metal` is torch's `mps`).
     #[command(flatten)]
     pub device: DeviceArg,

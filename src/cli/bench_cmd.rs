@@ -42,9 +42,9 @@ use crate::cli::args::{
     BenchCommand, BenchGrammarArgs, BenchIngestArgs, BenchModelArgs, BenchRerunArgs, CacheDirArg,
     DeviceArg, ParamOverrides, RunArgs,
 };
-use crate::cli::bench_quant;
 use crate::cli::check_cmd::load_and_report;
 use crate::cli::run_cmd;
+use crate::cli::{bench_llama, bench_quant};
 use crate::decode::{BenchConfig, bench_grammars};
 use crate::exec::StageStatus;
 use crate::model::chat::Conversation;
@@ -346,6 +346,10 @@ pub(crate) fn print_load(before: Option<[f64; 3]>, after: Option<[f64; 3]>) {
 
 fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     set_threads(args.threads);
+    // A wrong `--llama-cpp` folder is reported before minutes of timing.
+    if let Some(llama_dir) = &args.llama_cpp {
+        bench_llama::mtmd_cli(llama_dir)?;
+    }
     let load_before = load_average();
     let (dir, _temp) = model_dir(args)?;
     let image = read_image(&args.image)?;
@@ -391,6 +395,20 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         _ => None,
     };
     drop(loaded);
+    let llama = match &args.llama_cpp {
+        Some(llama_dir) => Some(bench_llama::run(&bench_llama::LlamaBench {
+            dir: llama_dir,
+            checkpoint: &dir,
+            quant: args.llama_cpp_quant,
+            image: &args.image,
+            system: VET_SYSTEM,
+            question: VET_USER,
+            threads: args.threads,
+            repeats: args.repeats,
+            decode_steps: args.decode_steps,
+        })?),
+        None => None,
+    };
 
     let theirs = match (&args.python, &args.transformers_script) {
         (Some(python), Some(script)) => Some(run_transformers(
@@ -409,6 +427,9 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
     if let Some(quant) = &quant {
         bench_quant::print(quant, &ours, STEPS);
     }
+    if let Some(llama) = &llama {
+        bench_llama::print(llama, &ours, quant.as_ref());
+    }
     let report = json!({
         "model": dir,
         "adapter": adapter,
@@ -422,6 +443,10 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         "transformers": theirs,
         "ratios_ours_over_theirs": theirs.as_ref().map(|t| ratios(&ours, t)),
         "quantized": quant,
+        "llama_cpp": llama,
+        "ratios_vlmpipe_over_llama_cpp": llama
+            .as_ref()
+            .map(|l| bench_llama::ratios(l, &ours, quant.as_ref())),
     });
     let text = serde_json::to_string_pretty(&report)?;
     println!("{text}");

@@ -155,7 +155,11 @@ fn run_stage(
 /// `export --gguf DIR`: a model folder (`--model`), or a pipeline's model or fine-tune stage
 /// with its adapter merged in f32 first, as llama.cpp's GGUF pair.
 fn export_gguf(args: &ExportArgs, gguf_dir: &Path) -> anyhow::Result<Outcome> {
-    let mmproj_quant = args.mmproj_quant.unwrap_or(args.quant);
+    let mmproj_quant = args
+        .mmproj_quant
+        .unwrap_or(args.quant.default_mmproj())
+        .for_mmproj()
+        .map_err(|e| anyhow::anyhow!("--mmproj-quant: {e}"))?;
     // Everything a user can get wrong is checked before the stage runs or a weight is read.
     let (checkpoint, name, plan) = match &args.model {
         Some(model) => {

@@ -6,6 +6,7 @@
 
 mod args;
 mod bench_cmd;
+mod bench_llama;
 mod bench_quant;
 mod bench_table;
 mod bench_train;

@@ -9,12 +9,19 @@
 //! tests (`tests/it/gguf_export.rs`) compare both files with the converter's output for the same
 //! checkpoint and run llama.cpp's `llama-mtmd-cli` on vlmpipe's export.
 //!
+//! `Q4_K_M` is the file `llama-quantize FILE-F16.gguf OUT.gguf Q4_K_M` makes of the F16 export:
+//! the per-tensor types of [`mixture`], blocks from ggml's reference quantizers, quantized from
+//! the f16-rounded weights, since `llama-quantize` reads the F16 file and that is what makes the
+//! bytes equal (a bf16 checkpoint's weights are f16 values already, subnormals apart). The test
+//! compares the two files, tensor order apart (`llama-quantize` writes the loader's).
+//!
 //! Where vlmpipe differs, on purpose: `general.name` is the name the export is given (the
 //! converter guesses name, base name, size and version from the folder name and model card),
 //! and a trimmed LFM2 vocabulary whose check hash llama.cpp does not list is still written as the
 //! `lfm2` pre-tokenizer when it splits like LFM2 (the converter refuses it).
 
 pub mod metadata;
+pub(crate) mod mixture;
 pub(crate) mod names;
 pub(crate) mod quant;
 pub mod read;
@@ -24,12 +31,12 @@ pub mod write;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use serde_json::Value as Json;
 
-pub use quant::{GgufQuant, KNOWN_QUANTS, UnknownQuant};
+pub use quant::{GgufQuant, KNOWN_QUANTS, MMPROJ_QUANTS, UnknownQuant};
 pub use write::Fallback;
 
 use crate::model::checkpoint::Checkpoint;
@@ -141,6 +148,13 @@ pub(crate) fn check_architecture(dir: &Path) -> Result<Json, GgufError> {
 /// Writes the pair for the checkpoint in `dir` into `out_dir`.
 pub fn export(dir: &Path, out_dir: &Path, opts: &GgufOptions) -> Result<GgufExport, GgufError> {
     let config = check_architecture(dir)?;
+    let mmproj_quant = opts
+        .mmproj_quant
+        .for_mmproj()
+        .map_err(|e| GgufError::Input {
+            path: dir.to_path_buf(),
+            message: format!("cannot be exported with that mmproj type: {e}"),
+        })?;
     let (text_name, mmproj_name) = file_names(&opts.name, opts.quant, opts.mmproj_quant);
     let text_path = out_dir.join(&text_name);
     let mmproj_path = out_dir.join(&mmproj_name);
@@ -186,6 +200,17 @@ pub fn export(dir: &Path, out_dir: &Path, opts: &GgufOptions) -> Result<GgufExpo
     }
     std::fs::create_dir_all(out_dir).map_err(|e| GgufError::io(out_dir, e))?;
 
+    // `{arch}.block_count` as `metadata::text_metadata` reads it (llama.cpp's `n_layer_all`).
+    let block_count = ["n_layers", "num_hidden_layers", "n_layer", "num_layers"]
+        .iter()
+        .find_map(|k| h.get(*k).and_then(Json::as_u64))
+        .unwrap_or(0) as usize;
+    let mixture = if opts.quant.is_mixture() {
+        Some(mixture_plan(&st, &plan, opts.quant, block_count)?)
+    } else {
+        None
+    };
+
     let convert = |mmproj: bool, quant: GgufQuant| -> Result<Converted, GgufError> {
         let mut out = Vec::new();
         let mut fallbacks = Vec::new();
@@ -205,9 +230,34 @@ pub fn export(dir: &Path, out_dir: &Path, opts: &GgufOptions) -> Result<GgufExpo
                 .map_err(tensor_err)?;
             let t = write::llama_cpp_layout(gguf_name, t, patch_size).map_err(tensor_err)?;
             params += t.elem_count() as u64;
-            let wanted = write::tensor_type(gguf_name, t.rank(), quant, mmproj);
-            let (q, fallback) = write::to_qtensor(gguf_name, &t, wanted)?;
-            fallbacks.extend(fallback);
+            let q = match mixture.as_ref().filter(|_| !mmproj) {
+                Some(m) => {
+                    let used = m.types[gguf_name.as_str()];
+                    if let Some(&wanted) = m.wanted.get(gguf_name.as_str()) {
+                        fallbacks.push(Fallback {
+                            tensor: gguf_name.clone(),
+                            wanted,
+                            used,
+                            row: t.dims().last().copied().unwrap_or(1),
+                        });
+                    }
+                    // llama-quantize reads the F16 export: quantize the same f16 values.
+                    let t = match used {
+                        GgmlDType::F32 => t,
+                        _ => t
+                            .to_dtype(DType::F16)
+                            .and_then(|t| t.to_dtype(DType::F32))
+                            .map_err(tensor_err)?,
+                    };
+                    write::quantize_as(gguf_name, &t, used)?
+                }
+                None => {
+                    let wanted = write::tensor_type(gguf_name, t.rank(), quant, mmproj);
+                    let (q, fallback) = write::to_qtensor(gguf_name, &t, wanted)?;
+                    fallbacks.extend(fallback);
+                    q
+                }
+            };
             out.push((gguf_name.clone(), q));
         }
         Ok((out, fallbacks, params))
@@ -231,8 +281,8 @@ pub fn export(dir: &Path, out_dir: &Path, opts: &GgufOptions) -> Result<GgufExpo
     };
     drop(tensors);
 
-    let (tensors, fallbacks, params) = convert(true, opts.mmproj_quant)?;
-    let mut kv = metadata::mmproj_metadata(dir, &config, &opts.name, opts.mmproj_quant)?;
+    let (tensors, fallbacks, params) = convert(true, mmproj_quant)?;
+    let mut kv = metadata::mmproj_metadata(dir, &config, &opts.name, mmproj_quant)?;
     // gguf-py sets a size label on every file from its parameter count.
     kv.insert(
         3,
@@ -249,4 +299,34 @@ pub fn export(dir: &Path, out_dir: &Path, opts: &GgufOptions) -> Result<GgufExpo
         fallbacks,
     };
     Ok(GgufExport { text, mmproj })
+}
+
+/// The text file's tensor types under a mixture, from the checkpoint's shapes before any weight
+/// is read (the choice depends on every tensor's name and on the layer count).
+fn mixture_plan(
+    st: &MmapedSafetensors,
+    plan: &[(String, Target)],
+    quant: GgufQuant,
+    block_count: usize,
+) -> Result<mixture::MixtureTypes, GgufError> {
+    let mut shapes = Vec::new();
+    for (hf, target) in plan {
+        let Target::Text(name) = target else { continue };
+        let view = st.get(hf).map_err(|e| GgufError::Tensor {
+            tensor: hf.clone(),
+            message: e.to_string(),
+        })?;
+        let mut dims = view.shape().to_vec();
+        // The short-conv kernel loses its middle axis in llama.cpp's layout.
+        if name.ends_with(".shortconv.conv.weight") && dims.len() == 3 {
+            dims.remove(1);
+        }
+        shapes.push(mixture::TensorShape {
+            name: name.clone(),
+            row: dims.last().copied().unwrap_or(1),
+            n_dims: dims.len(),
+            f16_type: write::tensor_type(name, dims.len(), GgufQuant::F16, false),
+        });
+    }
+    Ok(mixture::mixture_types(quant, &shapes, block_count))
 }

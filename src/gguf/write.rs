@@ -108,6 +108,53 @@ pub(crate) fn to_qtensor(
     Ok((q, fallback))
 }
 
+/// `tensor` in `dtype` blocks, as ggml's reference quantizers make them: Q4_K and Q6_K through
+/// vlmpipe's ports of `quantize_row_q4_K_ref` / `…_q6_K_ref` (candle's are older ggml
+/// algorithms, see `crate::model::quant::ggml_q4k`), every other type through candle (its Q8_0
+/// and Q5_0 are ggml's `…_ref` quantizers). The rows must be whole blocks of `dtype`.
+pub(crate) fn quantize_as(
+    gguf_name: &str,
+    tensor: &Tensor,
+    dtype: GgmlDType,
+) -> Result<QTensor, GgufError> {
+    use crate::model::quant::ggml_q4k;
+    let err = |e: candle_core::Error| GgufError::Tensor {
+        tensor: gguf_name.to_owned(),
+        message: e.to_string(),
+    };
+    type Quantizer = fn(&[f32]) -> Vec<u8>;
+    let port: Option<Quantizer> = match dtype {
+        GgmlDType::Q4K => Some(ggml_q4k::quantize_q4_k),
+        GgmlDType::Q6K => Some(ggml_q4k::quantize_q6_k),
+        _ => None,
+    };
+    let Some(quantize) = port else {
+        return QTensor::quantize(tensor, dtype).map_err(err);
+    };
+    let values = tensor
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(err)?;
+    // Rows are independent blocks: quantize whole-row chunks on every core.
+    let row = tensor.dims().last().copied().unwrap_or(1).max(1);
+    let rows_per_chunk = (1 << 16) / row + 1;
+    let bytes: Vec<u8> = {
+        use rayon::prelude::*;
+        values
+            .par_chunks(rows_per_chunk * row)
+            .map(quantize)
+            .collect::<Vec<_>>()
+            .concat()
+    };
+    candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        &bytes,
+        tensor.dims().to_vec(),
+        &candle_core::Device::Cpu,
+    )
+    .map_err(err)
+}
+
 /// Writes a GGUF v3 file at `path` (through a temporary file beside it, renamed into place).
 ///
 /// candle's writer writes the v2 header; v3 differs from v2 only in allowing big-endian files,

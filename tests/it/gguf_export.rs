@@ -93,7 +93,7 @@ impl Converter {
     }
 
     /// `gguf_dump.py`: the file as llama.cpp's reader sees it.
-    fn dump(&self, file: &Path) -> Result<Value, Box<dyn std::error::Error>> {
+    pub(crate) fn dump(&self, file: &Path) -> Result<Value, Box<dyn std::error::Error>> {
         let output = Command::new(&self.python)
             .arg(repo_root().join("tests/llama_cpp/gguf_dump.py"))
             .arg(file)
@@ -110,8 +110,17 @@ impl Converter {
 
 /// Every difference between two dumps, described for the assertion message.
 fn differences(ours: &Value, theirs: &Value) -> Vec<String> {
+    differences_in(
+        ours,
+        theirs,
+        &["version", "alignment", "kv_order", "tensor_order"],
+    )
+}
+
+/// [`differences`] over the `fields` given (and every key and tensor).
+fn differences_in(ours: &Value, theirs: &Value, fields: &[&str]) -> Vec<String> {
     let mut diffs = Vec::new();
-    for field in ["version", "alignment", "kv_order", "tensor_order"] {
+    for &field in fields {
         if ours[field] != theirs[field] {
             diffs.push(format!(
                 "{field}: vlmpipe {} vs llama.cpp {}",
@@ -281,7 +290,8 @@ fn unknown_quant_lists_the_known_ones() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("unknown GGUF type `q9_0`; the known ones are F32, F16, BF16, Q8_0"),
+        stderr
+            .contains("unknown GGUF type `q9_0`; the known ones are F32, F16, BF16, Q8_0, Q4_K_M"),
         "{stderr}"
     );
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
@@ -424,4 +434,130 @@ fn a_stage_with_an_adapter_is_merged_in_f32_before_export() -> TestResult {
         assert_eq!(same_as_base, file.starts_with("mmproj"), "{file}");
     }
     Ok(())
+}
+
+/// `llama-quantize` from the build cache, or `None` (saying why) where it is not built.
+fn llama_quantize() -> Option<PathBuf> {
+    let cache = llama_cpp_cache();
+    let bin = cache.join("bin/llama-quantize");
+    if cache.join("bin/.ok").is_file() && bin.is_file() {
+        Some(bin)
+    } else {
+        eprintln!(
+            "skipping: llama-quantize is not built in `{}` (run `bash tests/llama_cpp/build.sh \
+             bins`, or set VLMPIPE_LLAMA_CPP_CACHE)",
+            cache.display()
+        );
+        None
+    }
+}
+
+/// `export --gguf --quant Q4_K_M` writes the file `llama-quantize F16.gguf OUT.gguf Q4_K_M` (its
+/// per-tensor mixture, no `--pure`) makes of vlmpipe's F16 export of the same checkpoint: every
+/// metadata key and value, every tensor's name, shape, type and bytes, through llama.cpp's
+/// reader; only the tensor order differs (llama-quantize writes the loader's layer order), and
+/// the sizes are within 2%. The mmproj beside it is the F16 one. Narrow (the fallbacks:
+/// Q4_K → Q5_0, Q6_K → Q8_0, the tied embeddings Q8_0) and at the 450M shapes (Q4_K and Q6_K
+/// by the `use_more_bits` layers).
+#[test]
+fn q4_k_m_export_equals_llama_quantize_of_the_f16_export() -> TestResult {
+    let (Some(real), Some(conv), Some(quantize)) = (real_450m(), converter(), llama_quantize())
+    else {
+        return Ok(());
+    };
+    for vision_layers in [Some(NARROW_VISION_LAYERS), None] {
+        let tmp = tempfile::tempdir()?;
+        let ckpt = tmp.path().join(CHECKPOINT);
+        random_450m_checkpoint(&real, &ckpt, vision_layers, 13)?;
+        let export = |quant: GgufQuant, dir: &str| {
+            gguf::export(
+                &ckpt,
+                &tmp.path().join(dir),
+                &GgufOptions {
+                    name: "lfm2-vl-test".into(),
+                    quant,
+                    mmproj_quant: quant.default_mmproj(),
+                    force: false,
+                },
+            )
+        };
+        let ours = export(GgufQuant::Q4KM, "ours")?;
+        let f16 = export(GgufQuant::F16, "f16")?;
+        let theirs = tmp.path().join("theirs-Q4_K_M.gguf");
+        let output = Command::new(&quantize)
+            .arg(&f16.text.path)
+            .arg(&theirs)
+            .args(["Q4_K_M", "2"])
+            .output()?;
+        assert!(
+            output.status.success(),
+            "llama-quantize: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let (a, b) = (conv.dump(&ours.text.path)?, conv.dump(&theirs)?);
+        let diffs = differences_in(&a, &b, &["version", "alignment"]);
+        assert!(
+            diffs.is_empty(),
+            "{vision_layers:?}: {} differences:\n{}",
+            diffs.len(),
+            diffs.join("\n")
+        );
+        let types: std::collections::BTreeSet<&str> = a["tensors"]
+            .as_object()
+            .ok_or("tensors")?
+            .values()
+            .filter_map(|t| t["type"].as_str())
+            .collect();
+        let want: &[&str] = match vision_layers {
+            // Rows of 64 (hidden) fall back; `ffn_down`'s rows of 256 (the auto-adjusted FFN
+            // width) take Q4_K, or Q6_K in a `use_more_bits` layer.
+            Some(_) => &["F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"],
+            None => &["F32", "Q4_K", "Q6_K"],
+        };
+        assert_eq!(types.into_iter().collect::<Vec<_>>(), want);
+        assert_eq!(a["kv"]["general.file_type"]["value"], 15);
+        let (x, y) = (
+            ours.text.bytes as f64,
+            std::fs::metadata(&theirs)?.len() as f64,
+        );
+        assert!(
+            (x - y).abs() / y < 0.02,
+            "{x} bytes vs llama-quantize's {y}"
+        );
+        assert_eq!(ours.mmproj.path.file_name(), f16.mmproj.path.file_name());
+        assert!(std::fs::read(&ours.mmproj.path)? == std::fs::read(&f16.mmproj.path)?);
+        eprintln!(
+            "{vision_layers:?}: Q4_K_M {} bytes, llama-quantize {} bytes, {} fallbacks",
+            ours.text.bytes,
+            y,
+            ours.text.fallbacks.len()
+        );
+    }
+    Ok(())
+}
+
+/// A k-quant mixture is a text-model type: `--mmproj-quant Q4_K_M` is refused, naming the types
+/// an mmproj takes, before anything is written.
+#[test]
+fn an_mmproj_takes_no_k_quant_mixture() {
+    let tiny = repo_root().join("tests/fixtures/reference/checkpoints/tiny-thumb");
+    let out = tempfile::tempdir().unwrap();
+    let output = vlmpipe(&[
+        "export",
+        "--gguf",
+        &out.path().to_string_lossy(),
+        "--model",
+        &tiny.to_string_lossy(),
+        "--quant",
+        "q4_k_m",
+        "--mmproj-quant",
+        "Q4_K_M",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the known ones are F32, F16, BF16, Q8_0 (an mmproj takes no k-quant"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
 }

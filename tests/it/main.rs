@@ -40,6 +40,7 @@ mod gguf_import;
 mod hostile_images;
 mod hostile_pipeline;
 mod hub_download;
+mod llama_cpp_bench;
 mod llama_cpp_parity;
 mod model_450m;
 mod model_adapter;

@@ -521,3 +521,58 @@ report side { compare = [full, shipped] }
         "{text}"
     );
 }
+
+/// The issue's own example, `quant = "q4_k_m"`: the text file takes llama-quantize's Q4_K_M
+/// mixture and, with no `mmproj` given, the mmproj is F16; vlmpipe's runtime loads the pair and
+/// answers. An mmproj cannot be a k-quant mixture: refused at check time, at its position, with
+/// the list of the types an mmproj takes.
+#[test]
+fn a_q4_k_m_export_pairs_with_an_f16_mmproj_and_runs() {
+    let result = check(&format!(
+        "{HEAD}export phone {{ model = tiny  format = \"gguf\"  quant = \"q4_k_m\"  mmproj = \"Q4_K_M\" }}\n"
+    ));
+    let found = diagnostics(&result);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with(
+            "3:74 expected a GGUF type (`f32`, `f16`, `bf16` or `q8_0`) for `mmproj`, found \
+             `Q4_K_M` | an mmproj takes no k-quant mixture"
+        ),
+        "{found:?}"
+    );
+
+    let dir = tempfile::tempdir().expect("temp folder");
+    let pipeline = dir.path().join("ship.vp");
+    std::fs::write(
+        &pipeline,
+        TINY_EXPORT.replace("quant = \"q8_0\"  mmproj = \"f16\"", "quant = \"q4_k_m\""),
+    )
+    .expect("write pipeline");
+    let (stage, _) = run(dir.path(), &pipeline, &["--quiet"], "phone");
+    assert_eq!(stage["status"], "ran", "{stage}");
+    let copies = dir.path().join("evals/phone");
+    let text = copies.join("phone-Q4_K_M.gguf");
+    assert!(copies.join("mmproj-phone-F16.gguf").is_file());
+    let file = vlmpipe::gguf::read::GgufIn::open(&text).expect("read the export");
+    assert!(
+        file.tensor_infos()
+            .values()
+            .any(|(t, _)| *t != candle_core::quantized::GgmlDType::F32),
+        "no quantized tensor"
+    );
+    let runner = vlmpipe::runner::ModelRunner::load(&copies, &Default::default())
+        .expect("vlmpipe loads the pair");
+    let conversation = vlmpipe::model::chat::Conversation::image_question(None, "cat or dog?");
+    let image = image::RgbImage::from_pixel(64, 48, image::Rgb([200, 120, 40]));
+    let prompt = runner
+        .prepare(&conversation, std::slice::from_ref(&image))
+        .expect("prompt");
+    let options = vlmpipe::runner::DecodeOptions {
+        max_new_tokens: 2,
+        sampling: Default::default(),
+    };
+    let answers = runner
+        .generate(&[&prompt], &options, None)
+        .expect("generate");
+    assert_eq!(answers.len(), 1);
+}

@@ -6,7 +6,7 @@
 use crate::dsl::ast::{Decl, Expr};
 use crate::dsl::diagnostic::{Code, Diagnostic, did_you_mean};
 use crate::dsl::parser::join_or;
-use crate::gguf::{GgufQuant, KNOWN_QUANTS};
+use crate::gguf::{GgufQuant, KNOWN_QUANTS, MMPROJ_QUANTS};
 use crate::plan::params::{EXPORT_FORMATS, ExportFormat, ExportParams};
 
 use super::{Analyzer, Want};
@@ -24,11 +24,12 @@ impl<'f> Analyzer<'f, '_> {
             .map(|_| ExportFormat::Gguf);
         let quant = self
             .required_expr(&f, "quant")
-            .and_then(|e| self.expect_gguf_quant(e, "quant"));
-        // As `vlmpipe export --gguf` does: the mmproj takes the text model's type unless told.
+            .and_then(|e| self.expect_gguf_quant(e, "quant", &KNOWN_QUANTS));
+        // As `vlmpipe export --gguf` does: the mmproj takes the text model's type unless told
+        // (F16 beside a k-quant mixture, which no mmproj takes).
         let mmproj = match self.optional_expr(&f, "mmproj") {
-            Some(e) => self.expect_gguf_quant(e, "mmproj"),
-            None => quant,
+            Some(e) => self.expect_gguf_quant(e, "mmproj", &MMPROJ_QUANTS),
+            None => quant.map(GgufQuant::default_mmproj),
         };
         Some(ExportParams {
             model: model?,
@@ -38,13 +39,25 @@ impl<'f> Analyzer<'f, '_> {
         })
     }
 
-    /// A GGUF type name (`"q8_0"`, any case), or an error listing the known ones.
-    fn expect_gguf_quant(&mut self, expr: &Expr, field: &str) -> Option<GgufQuant> {
+    /// A GGUF type name (`"q8_0"`, any case) of `allowed`, or an error listing them.
+    fn expect_gguf_quant(
+        &mut self,
+        expr: &Expr,
+        field: &str,
+        allowed: &[GgufQuant],
+    ) -> Option<GgufQuant> {
         let text = self.expect_str(expr, field)?;
-        match text.parse::<GgufQuant>() {
+        let parsed = text.parse::<GgufQuant>().and_then(|q| {
+            if allowed.contains(&q) {
+                Ok(q)
+            } else {
+                q.for_mmproj()
+            }
+        });
+        match parsed {
             Ok(quant) => Some(quant),
             Err(unknown) => {
-                let known: Vec<String> = KNOWN_QUANTS
+                let known: Vec<String> = allowed
                     .iter()
                     .map(|q| q.name().to_ascii_lowercase())
                     .collect();
@@ -53,7 +66,12 @@ impl<'f> Analyzer<'f, '_> {
                 let hint =
                     did_you_mean(&text.to_ascii_lowercase(), known.iter().map(String::as_str))
                         .or_else(|| {
-                            (!unknown.hint.is_empty()).then(|| unknown.hint.trim().to_owned())
+                            let hint = unknown
+                                .hint
+                                .trim()
+                                .trim_start_matches('(')
+                                .trim_end_matches(')');
+                            (!hint.is_empty()).then(|| hint.to_owned())
                         });
                 self.error(
                     Diagnostic::error(
