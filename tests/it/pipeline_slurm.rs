@@ -4,6 +4,7 @@
 //! driver killed with SIGKILL leaves its finished shards for the rerun; two pipelines at once on
 //! one cache; no Slurm on PATH is a clear error before any work.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,26 +22,32 @@ fn slurm_project() -> Project {
     project
 }
 
-/// The Slurm id (`JOB_TASK`) of task `task` of the array named `name`, once it is running.
-fn running_task(name: &str, task: usize) -> String {
+/// The Slurm id (`JOB_TASK`) of task `task` of the array named `name` submitted from `dir` (the
+/// project's folder, the driver's working directory), once it is running. Tests run in parallel
+/// and name their arrays alike (`vlmpipe:eval:guessed`): without the folder, one test could
+/// cancel another's task.
+fn running_task(name: &str, task: usize, dir: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let out = Command::new("squeue")
-            .args(["--noheader", "--array", "--name", name, "--format=%i %T"])
+            .args(["--noheader", "--array", "--name", name, "--format=%i %T %Z"])
             .output()
             .expect("squeue");
         let listing = String::from_utf8_lossy(&out.stdout);
         let running = listing.lines().find_map(|line| {
-            let (id, state) = line.trim().split_once(' ')?;
+            let mut fields = line.split_whitespace();
+            let (id, state, workdir) = (fields.next()?, fields.next()?, fields.next()?);
             let index = id.rsplit_once('_')?.1;
-            (state == "RUNNING" && index == task.to_string()).then(|| id.to_owned())
+            (state == "RUNNING" && index == task.to_string() && Path::new(workdir) == dir)
+                .then(|| id.to_owned())
         });
         if let Some(id) = running {
             return id;
         }
         assert!(
             Instant::now() < deadline,
-            "task {task} of `{name}` never ran: {listing}"
+            "task {task} of `{name}` from {} never ran: {listing}",
+            dir.display()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -90,7 +97,7 @@ fn a_task_scancelled_midway_is_the_only_shard_a_rerun_computes() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let task = running_task("vlmpipe:eval:guessed", 1);
+    let task = running_task("vlmpipe:eval:guessed", 1, &project.path(""));
     let status = Command::new("scancel")
         .arg(&task)
         .status()
