@@ -209,12 +209,7 @@ fn a_lost_shard_alone_is_recomputed() {
     let before = records(eval);
 
     // Lose shard 2 (as a worker killed before it committed) and the merged entry.
-    let merged = vlmpipe::cache::Fingerprint::parse(eval["fingerprint"].as_str().unwrap()).unwrap();
-    let shard =
-        vlmpipe::exec::shard_fingerprint(&merged, vlmpipe::exec::ShardIndex { index: 2, count: 4 });
-    let entries = project.path("cache/entries");
-    std::fs::remove_dir_all(entries.join(shard.as_str())).expect("shard entry");
-    std::fs::remove_dir_all(entries.join(merged.as_str())).expect("merged entry");
+    lose_shard(&project, eval, 2, 4);
 
     let (output, second) = project.run("proj/shards.vp", "cache", &["--shards", "4"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
@@ -710,13 +705,7 @@ fn a_lost_ingest_shard_alone_is_recomputed() {
     let photos = stage(&first, "photos");
     let before = dataset_files(photos);
 
-    let merged =
-        vlmpipe::cache::Fingerprint::parse(photos["fingerprint"].as_str().unwrap()).unwrap();
-    let shard =
-        vlmpipe::exec::shard_fingerprint(&merged, vlmpipe::exec::ShardIndex { index: 1, count: 4 });
-    let entries = project.path("cache/entries");
-    std::fs::remove_dir_all(entries.join(shard.as_str())).expect("shard entry");
-    std::fs::remove_dir_all(entries.join(merged.as_str())).expect("merged entry");
+    lose_shard(&project, photos, 1, 4);
 
     let (output, second) = project.run("proj/ingest.vp", "cache", &["--shards", "4"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
@@ -903,4 +892,16 @@ fn an_executor_blocks_partition_reaches_slurm() {
     let pictures = stage(&summary, "pictures");
     assert_eq!(pictures["shards"]["launcher"], "slurm", "{pictures}");
     assert_eq!(shard_list(pictures, "computed"), [0, 1]);
+}
+
+/// Removes shard `index` of `count` of a stage (as a worker killed before it committed) and the
+/// stage's merged entry, from the project's `cache`.
+fn lose_shard(project: &Project, stage: &Value, index: usize, count: usize) {
+    let merged =
+        vlmpipe::cache::Fingerprint::parse(stage["fingerprint"].as_str().unwrap()).unwrap();
+    let shard =
+        vlmpipe::exec::shard_fingerprint(&merged, vlmpipe::exec::ShardIndex { index, count });
+    let entries = project.path("cache/entries");
+    std::fs::remove_dir_all(entries.join(shard.as_str())).expect("shard entry");
+    std::fs::remove_dir_all(entries.join(merged.as_str())).expect("merged entry");
 }

@@ -401,3 +401,21 @@ mod product_tests {
         }
     }
 }
+
+/// Candle's `QMatMul` product of `x` by `q`, flattened: what the CPU paths of this module are
+/// checked against.
+#[cfg(test)]
+pub(crate) fn qmatmul_values(
+    q: &std::sync::Arc<candle_core::quantized::QTensor>,
+    x: &candle_core::Tensor,
+) -> Vec<f32> {
+    use candle_core::Module as _;
+    candle_core::quantized::QMatMul::from_arc(q.clone())
+        .unwrap()
+        .forward(x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}

@@ -234,14 +234,7 @@ mod tests {
             let q = weight(n, k, GgmlDType::Q8_0);
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
             let q = std::sync::Arc::new(q);
-            let want = QMatMul::from_arc(q.clone())
-                .unwrap()
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let want = crate::model::quant::qmatmul_values(&q, &x);
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let got = int8_matmul(&q.data().unwrap(), &xs, m, k, n).expect("Q8_0 blocks");
             let differ = got

@@ -189,6 +189,7 @@ pub fn ingest(
 
 /// What reading and checking rows of a source gave, before the class list is known (a shard
 /// of a dataset stops here; the merge of its shards goes on with [`finish`]).
+#[derive(Default)]
 pub(super) struct Checked {
     /// Rows for `rows.parquet` (error rows included), in source order.
     pub(super) kept: Vec<Kept>,
@@ -228,16 +229,7 @@ pub(super) fn check_rows(
     };
     let drops: HashSet<&str> = spec.filters.drop.iter().map(String::as_str).collect();
     let mut stored_ids: HashSet<String> = HashSet::new();
-    let mut checked = Checked {
-        kept: Vec::new(),
-        errors: Vec::new(),
-        filtered: Vec::new(),
-        seen_drops: BTreeSet::new(),
-        rows_read: 0,
-        skipped_non_images: 0,
-        skipped_examples: Vec::new(),
-        duplicate_images: 0,
-    };
+    let mut checked = Checked::default();
 
     let reads = spec.read_policy();
     let opened = spec.source.open(&spec.image_column, &spec.label, &reads)?;

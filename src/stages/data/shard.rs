@@ -8,7 +8,7 @@
 //! labels seen in every row, so a shard keeps its rows' labels as text ([`SHARD_ROWS_FILE`]) and
 //! the merge decides the classes, as `ingest` does after reading the last row.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -115,16 +115,7 @@ pub(crate) fn merge_shards(
     shards: &[ShardPart],
     out_dir: &Path,
 ) -> Result<IngestReport, DataError> {
-    let mut checked = Checked {
-        kept: Vec::new(),
-        errors: Vec::new(),
-        filtered: Vec::new(),
-        seen_drops: BTreeSet::new(),
-        rows_read: 0,
-        skipped_non_images: 0,
-        skipped_examples: Vec::new(),
-        duplicate_images: 0,
-    };
+    let mut checked = Checked::default();
     if let Some(first) = shards.first() {
         checked.skipped_non_images = first.report.skipped_non_images;
         checked.skipped_examples = first.report.skipped_examples.clone();
