@@ -40,36 +40,8 @@ impl<'f> Analyzer<'f, '_> {
             return None;
         }
         let block = self.expect_block_body(decl)?;
-        // Unknown keys name every known one: a cluster setting is easy to misspell.
-        for field in &block.fields {
-            let key = field.name.name.as_str();
-            if !SLURM_FIELDS.contains(&key) {
-                let known = SLURM_FIELDS
-                    .iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let hint = match did_you_mean(key, SLURM_FIELDS.iter().copied()) {
-                    Some(guess) => format!("{guess}; `executor slurm` takes {known}"),
-                    None => format!("`executor slurm` takes {known}"),
-                };
-                self.error(
-                    Diagnostic::error(
-                        Code::UnknownField,
-                        format!("unknown field `{key}` in executor `slurm`"),
-                    )
-                    .at(field.name.span)
-                    .with_hint(hint),
-                );
-            }
-        }
-        let known: Vec<&str> = block
-            .fields
-            .iter()
-            .map(|f| f.name.name.as_str())
-            .filter(|k| SLURM_FIELDS.contains(k))
-            .collect();
-        let f = self.fields(block, decl, &known);
+        // Unknown keys are the shared field check's: one diagnostic each, with its hint.
+        let f = self.fields(block, decl, SLURM_FIELDS);
         let mut ok = true;
         let mut u32_field = |a: &mut Self, key: &str, min: i64| match f.expr(key) {
             Some(e) => {
@@ -191,7 +163,7 @@ mod tests {
             (
                 "executor slurm { nodes = 2 }",
                 "exec.vp:2:18",
-                "`executor slurm` takes `active`, `partition`, `gpus_per_task`",
+                "executor `slurm` takes `active`, `partition`, `gpus_per_task`",
             ),
             (
                 "executor slurm { cpus_per_task = -4 }",
@@ -244,5 +216,12 @@ mod tests {
         // The hint of an unknown field names every known one.
         let rendered = check("executor slurm { nodes = 2 }").unwrap_err();
         assert!(rendered.contains("`poll_interval`"), "{rendered}");
+        // An unknown field is one error, not one per check that sees it.
+        let rendered = check("executor slurm { partiton = \"gpu\" }").unwrap_err();
+        assert_eq!(
+            rendered.matches("unknown field `partiton`").count(),
+            1,
+            "{rendered}"
+        );
     }
 }
