@@ -149,13 +149,23 @@ where
         .wait_with_output()
         .map_err(|e| failed("could not wait for it".into(), e.to_string()))?;
     if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(failed(
-            out.status.to_string(),
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    // What Slurm's clients print without a reachable controller: no slurm.conf found (nor a DNS
+    // SRV record), or a configured controller that does not answer.
+    let unreachable = [
+        "Could not establish a configuration source",
+        "Unable to contact slurm controller",
+    ];
+    if unreachable.iter().any(|m| stderr.contains(m)) {
+        let detail = stderr.lines().last().unwrap_or_default().trim().to_string();
+        return Err(SlurmError::NoController {
+            command: shown(),
+            detail,
+        });
+    }
+    Err(failed(out.status.to_string(), stderr))
 }
 
 #[cfg(test)]
@@ -178,6 +188,30 @@ mod tests {
             "{text}"
         );
         assert!(SlurmCommands::find_in(None).is_err());
+    }
+
+    #[test]
+    fn no_controller_is_an_error_naming_the_fix() {
+        // What `sinfo` prints on a machine with Slurm's clients and no cluster.
+        let err = run(
+            Path::new("/bin/sh"),
+            [
+                "-c",
+                "echo 'sinfo: error: fetch_config: DNS SRV lookup failed' >&2; \
+                 echo 'sinfo: fatal: Could not establish a configuration source' >&2; exit 1",
+            ],
+            None,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, SlurmError::NoController { .. })
+                && text.contains("cannot reach a Slurm controller")
+                && text.contains("Could not establish a configuration source")
+                && text.contains("SLURM_CONF")
+                && text.contains("leave out `--executor slurm`"),
+            "{text}"
+        );
     }
 
     #[test]

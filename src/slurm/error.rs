@@ -19,6 +19,11 @@ pub enum SlurmError {
         status: String,
         stderr: String,
     },
+    /// A Slurm command ran but found no controller to talk to (no cluster configured or running).
+    #[error(
+        "`{command}` cannot reach a Slurm controller ({detail}); start the cluster's slurmctld or point SLURM_CONF at its slurm.conf (on a cluster's login node both are already so), or leave out `--executor slurm` to run here"
+    )]
+    NoController { command: String, detail: String },
     /// A Slurm command printed what it should not.
     #[error("cannot read the output of `{command}`: {what} in {line:?}")]
     Parse {
