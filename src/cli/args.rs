@@ -107,7 +107,8 @@ pub(crate) struct RunArgs {
     pub cluster: ClusterArgs,
 }
 
-/// Flags of the hidden `worker` command: one shard of one stage, for a cluster engine's task.
+/// Flags of the hidden `worker` command: one shard of one stage, or a whole stage, for a cluster
+/// engine's task.
 #[derive(Debug, Args, Clone)]
 #[command(group(clap::ArgGroup::new("what").args(["file", "probe"]).required(true)))]
 pub(crate) struct WorkerArgs {
@@ -117,7 +118,7 @@ pub(crate) struct WorkerArgs {
     pub params: ParamOverrides,
     #[command(flatten)]
     pub cache: CacheDirArg,
-    /// The stage whose shard to compute.
+    /// The stage to compute (its shard with `--shard`, else all of it).
     #[arg(long, value_name = "NAME", requires = "file")]
     pub stage: Option<String>,
     /// Which shard, from 0.

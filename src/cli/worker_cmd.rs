@@ -1,4 +1,5 @@
-//! `vlmpipe worker` (hidden): one shard of one stage into the cache, for a cluster task; or
+//! `vlmpipe worker` (hidden): one shard of one stage (`--shard K --of N`), or a whole stage (no
+//! `--shard`: a fine-tune sent out as one job), into the cache, for a cluster task; or
 //! `--probe PATH`, the check that the cache's filesystem is visible from the worker's machine.
 //!
 //! Exit status: 0 when the shard's entry is in the cache (computed now or found), or the probe
@@ -27,8 +28,13 @@ pub(crate) fn worker(args: &WorkerArgs) -> anyhow::Result<Outcome> {
     let Some(file) = &args.file else {
         anyhow::bail!("a pipeline file or `--probe PATH` is required");
     };
-    let (Some(stage), Some(index), Some(count)) = (&args.stage, args.shard, args.of) else {
-        anyhow::bail!("`worker FILE` needs `--stage NAME --shard K --of N`");
+    let Some(stage) = &args.stage else {
+        anyhow::bail!("`worker FILE` needs `--stage NAME` (and `--shard K --of N` for a shard)");
+    };
+    let shard = match (args.shard, args.of) {
+        (Some(index), Some(count)) => Some(ShardIndex { index, count }),
+        (None, None) => None,
+        _ => anyhow::bail!("`--shard K` and `--of N` go together"),
     };
     let Some(plan) = load_and_report(file, &args.params) else {
         return Ok(Outcome::Problems);
@@ -40,9 +46,22 @@ pub(crate) fn worker(args: &WorkerArgs) -> anyhow::Result<Outcome> {
     let mut ctx = lower_context(&plan, file, None, true);
     ctx.device = super::open_device(&args.device)?;
     let graph = lower(&plan, &ctx)?;
+    // First in the task's log: where it ran, and the GPUs the engine gave it (Slurm sets
+    // CUDA_VISIBLE_DEVICES to the task's GPUs), which is what one looks for when a job misbehaves.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let gpus = std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| format!(", GPUs {v}"))
+        .unwrap_or_default();
+    let what = match shard {
+        Some(shard) => format!("`{stage}` shard {shard}"),
+        None => format!("`{stage}`"),
+    };
+    eprintln!("{what}: worker on {}{gpus}", host.trim());
     let request = WorkerRequest {
         stage: stage.clone(),
-        shard: ShardIndex { index, count },
+        shard,
         lock_wait: Duration::from_secs_f64(args.lock_wait.max(0.0)),
         quiet: true,
     };
@@ -51,6 +70,6 @@ pub(crate) fn worker(args: &WorkerArgs) -> anyhow::Result<Outcome> {
         ShardOutcome::Found => "found in the cache",
         ShardOutcome::Computed => "computed",
     };
-    eprintln!("`{stage}` shard {index}/{count}: {said}");
+    eprintln!("{what}: {said}");
     Ok(Outcome::Success)
 }

@@ -13,8 +13,10 @@ use super::history::{History, StageIdentity};
 use super::parallel::{self, Limits, Step};
 use super::shards::{
     LocalLauncher, ShardContext, ShardCounts, ShardLauncher, entry_metadata, run_shards,
+    run_whole_elsewhere,
 };
 use super::stage::{MissingCause, MissingInput, StageError, StageOutcome};
+use super::summary::Elsewhere;
 use super::{Progress, RunSummary, Stage, StageContext, StageReport, StageStatus};
 use crate::cache::{
     CacheEntry, CacheError, CacheLock, CacheStore, Fingerprint, Lookup, MissReason, Verify,
@@ -238,6 +240,7 @@ impl Run<'_> {
             reason: None,
             warnings: Vec::new(),
             shards: None,
+            elsewhere: None,
         };
         let done = |report: StageReport, state: State| {
             Ok(Step::Done(Decided {
@@ -424,7 +427,7 @@ impl Run<'_> {
         }
         let stage: &dyn Stage = partial.as_deref().unwrap_or(node.stage.as_ref());
         // Another run may compute the same entry: wait for it, then reuse it.
-        let _held = store.lock_entry(lock, &fp, &node.name, options.lock_wait, &mut |m| {
+        let held = store.lock_entry(lock, &fp, &node.name, options.lock_wait, &mut |m| {
             progress.println(m)
         })?;
         let meanwhile = if forced {
@@ -456,14 +459,54 @@ impl Run<'_> {
                 store, lock, &node.name, stage, &fp, &entries, progress, compute,
             )
         };
-        let ran = match (stage.sharded(), shard_count) {
-            (Some(sharded), Some(count)) => {
+        let cancelled = || {
+            options
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::SeqCst))
+        };
+        // A stage that loads a model goes to the cluster as one job when the launcher sends
+        // stages elsewhere (a fine-tune with its GPUs); a partial one stays here (a worker
+        // would compute the whole stage).
+        let elsewhere = match (&options.launcher, shard_count, &partial) {
+            (Some(launcher), None, None) if stage.uses_device() && launcher.runs_whole_stages() => {
+                Some(launcher.as_ref())
+            }
+            _ => None,
+        };
+        let ran = match (stage.sharded(), shard_count, elsewhere) {
+            (_, _, Some(launcher)) => {
+                if forced {
+                    // Removed, not only skipped: the worker finds an existing entry and stops.
+                    store.remove(lock, &fp)?;
+                }
+                // The worker takes this entry's lock to compute it; a second run asking for
+                // the same stage meanwhile submits too, and its worker finds the entry.
+                drop(held);
+                let mut jobs = Vec::new();
+                let ran = run_whole_elsewhere(
+                    store,
+                    lock,
+                    &node.name,
+                    stage.kind(),
+                    &fp,
+                    progress,
+                    launcher,
+                    &cancelled,
+                    &mut jobs,
+                )?;
+                report.elsewhere = Some(Elsewhere {
+                    launcher: launcher.name().to_owned(),
+                    jobs,
+                });
+                ran
+            }
+            (Some(sharded), Some(count), None) => {
                 let cx = ShardContext {
                     store,
                     lock,
                     name: &node.name,
                     stage,
-                    sharded,
                     fingerprint: &fp,
                     inputs: &entries,
                     progress,
@@ -473,12 +516,6 @@ impl Run<'_> {
                 let launcher: &dyn ShardLauncher = match &options.launcher {
                     Some(launcher) => launcher.as_ref(),
                     None => &LocalLauncher,
-                };
-                let cancelled = || {
-                    options
-                        .cancel
-                        .as_ref()
-                        .is_some_and(|c| c.load(Ordering::SeqCst))
                 };
                 let mut counts = ShardCounts::default();
                 let shards = run_shards(&cx, count, launcher, &cancelled, &mut counts)?;

@@ -22,12 +22,12 @@ mod worker;
 pub(crate) use executor::{ExecError, ExecGraph, ExecNode, RunOptions, run};
 pub(crate) use progress::Progress;
 pub use shards::shard_fingerprint;
-pub(crate) use shards::{ShardJob, ShardLauncher, ShardOutcome, ShardState};
+pub(crate) use shards::{ShardJob, ShardLauncher, ShardOutcome, ShardState, WholeJob};
 pub use stage::ShardIndex;
 pub(crate) use stage::{
     Export, MissingInput, Sharded, Stage, StageContext, StageError, StageOutcome,
 };
-pub use summary::{RunSummary, StageReport, StageStatus};
+pub use summary::{Elsewhere, RunSummary, StageReport, StageStatus};
 pub(crate) use worker::{WorkerRequest, probe, run_worker};
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Sharded stages: the seam through which the shards of a ready stage are computed
 //! ([`ShardLauncher`]), the in-process launcher, and the computation of one shard (shared by the
-//! executor and `vlmpipe worker`).
+//! executor and `vlmpipe worker`). The same seam sends a whole stage that loads a model (a
+//! fine-tune, an unsharded eval) elsewhere as one job, when the launcher runs stages elsewhere.
 //!
 //! Each shard is its own cache entry, keyed by the stage's fingerprint and `index/count`
 //! ([`shard_fingerprint`]), so a killed worker redoes only its shard. The merged entry keeps the
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::stage::{ShardIndex, Sharded, StageError, StageOutcome};
+use super::stage::{ShardIndex, StageError, StageOutcome};
 use super::{Progress, Stage, StageContext};
 use crate::cache::{
     CacheEntry, CacheError, CacheLock, CacheStore, Fingerprint, Lookup, MissReason, Verify,
@@ -74,6 +75,25 @@ impl ShardJob<'_> {
     }
 }
 
+/// A whole stage handed to a launcher that runs stages elsewhere: `vlmpipe worker FILE --stage S`
+/// computes it into its entry (the fine-tune as one Slurm job with the GPUs asked for).
+pub(crate) struct WholeJob<'a> {
+    /// The stage's name in the pipeline.
+    pub stage: &'a str,
+    /// The stage's kind (`finetune`).
+    pub kind: &'a str,
+    /// The cache its entry must land in.
+    pub cache_root: &'a Path,
+    done: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl WholeJob<'_> {
+    /// Whether the stage's entry is in the cache (renamed into place complete).
+    pub(crate) fn is_done(&self) -> bool {
+        (self.done)()
+    }
+}
+
 /// Runs the pending shards of a stage somewhere: in this process ([`LocalLauncher`]) or as
 /// `vlmpipe worker FILE --stage S --shard K --of N` tasks of a cluster engine.
 ///
@@ -93,6 +113,24 @@ pub(crate) trait ShardLauncher: Send + Sync {
         report: &mut dyn FnMut(usize, ShardState),
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(), String>;
+
+    /// Whether stages that load a model and are not sharded also go elsewhere, one job each
+    /// ([`ShardLauncher::launch_whole`]); `false` (the default) computes them in this process.
+    fn runs_whole_stages(&self) -> bool {
+        false
+    }
+
+    /// Computes `job`'s stage elsewhere and returns once it is done, failed (told to `report`) or
+    /// cancelled, with the ids of the jobs it submitted. Called only when
+    /// [`ShardLauncher::runs_whole_stages`]; the executor looks the entry up afterwards.
+    fn launch_whole(
+        &self,
+        _job: &WholeJob<'_>,
+        _report: &mut dyn FnMut(ShardState),
+        _cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<String>, String> {
+        Err(format!("the {} launcher runs no whole stage", self.name()))
+    }
 }
 
 /// The in-process launcher: the shards one after the other in this process.
@@ -139,7 +177,6 @@ pub(crate) struct ShardContext<'a> {
     pub lock: &'a CacheLock,
     pub name: &'a str,
     pub stage: &'a dyn Stage,
-    pub sharded: &'a dyn Sharded,
     pub fingerprint: &'a Fingerprint,
     pub inputs: &'a [CacheEntry],
     pub progress: &'a Progress,
@@ -155,20 +192,45 @@ pub(crate) fn compute_shard(
     cx: &ShardContext<'_>,
     shard: ShardIndex,
 ) -> Result<Result<ShardOutcome, StageError>, CacheError> {
+    let Some(sharded) = cx.stage.sharded() else {
+        return Ok(Err(StageError::msg(format!(
+            "`{}` ({}) cannot be sharded",
+            cx.name,
+            cx.stage.kind()
+        ))));
+    };
     let fp = shard_fingerprint(cx.fingerprint, shard);
-    if let Lookup::Hit(_) = cx.store.lookup(cx.lock, &fp, Verify::Fast)? {
+    let label = format!("{} [shard {shard}]", cx.name);
+    compute_entry(cx, &fp, &label, &|ctx| sharded.run_shard(ctx, shard))
+}
+
+/// Computes the whole stage of `cx` into its own entry unless it is there (what a worker asked
+/// for a stage without `--shard` does), under the entry's lock like [`compute_shard`].
+pub(crate) fn compute_whole(
+    cx: &ShardContext<'_>,
+) -> Result<Result<ShardOutcome, StageError>, CacheError> {
+    compute_entry(cx, cx.fingerprint, cx.name, &|ctx| cx.stage.run(ctx))
+}
+
+/// The entry `fp` computed by `compute` unless it is there, holding its lock meanwhile.
+fn compute_entry(
+    cx: &ShardContext<'_>,
+    fp: &Fingerprint,
+    label: &str,
+    compute: &dyn Fn(&mut StageContext<'_>) -> Result<StageOutcome, StageError>,
+) -> Result<Result<ShardOutcome, StageError>, CacheError> {
+    if let Lookup::Hit(_) = cx.store.lookup(cx.lock, fp, Verify::Fast)? {
         return Ok(Ok(ShardOutcome::Found));
     }
-    let label = format!("{} [shard {shard}]", cx.name);
     let _held = cx
         .store
-        .lock_entry(cx.lock, &fp, &label, cx.lock_wait, &mut |m| {
+        .lock_entry(cx.lock, fp, label, cx.lock_wait, &mut |m| {
             cx.progress.println(m)
         })?;
-    if let Lookup::Hit(_) = cx.store.lookup(cx.lock, &fp, Verify::Fast)? {
+    if let Lookup::Hit(_) = cx.store.lookup(cx.lock, fp, Verify::Fast)? {
         return Ok(Ok(ShardOutcome::Found));
     }
-    let mut writer = cx.store.begin(cx.lock, &fp, &label, cx.stage.kind())?;
+    let mut writer = cx.store.begin(cx.lock, fp, label, cx.stage.kind())?;
     writer.set_inputs(cx.inputs.iter().map(|e| e.fingerprint().clone()).collect());
     let out_dir = writer.dir().to_path_buf();
     let work_dir = cx.store.root().join("work").join(fp.as_str());
@@ -179,7 +241,7 @@ pub(crate) fn compute_shard(
         progress: cx.progress,
         work_dir: &work_dir,
     };
-    let outcome = match cx.sharded.run_shard(&mut ctx, shard) {
+    let outcome = match compute(&mut ctx) {
         Ok(outcome) => outcome,
         Err(error) => return Ok(Err(error)),
     };
@@ -188,6 +250,68 @@ pub(crate) fn compute_shard(
         let _ = std::fs::remove_dir_all(&work_dir);
     }
     Ok(Ok(ShardOutcome::Computed))
+}
+
+/// Computes a whole stage with `launcher` (one job elsewhere, [`ShardLauncher::launch_whole`])
+/// and returns its entry, or why it failed. The ids of the jobs submitted go to `jobs`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_whole_elsewhere(
+    store: &CacheStore,
+    lock: &CacheLock,
+    name: &str,
+    kind: &str,
+    fp: &Fingerprint,
+    progress: &Progress,
+    launcher: &dyn ShardLauncher,
+    cancelled: &dyn Fn() -> bool,
+    jobs: &mut Vec<String>,
+) -> Result<Result<CacheEntry, StageError>, CacheError> {
+    let done = || store.has_entry(fp);
+    let job = WholeJob {
+        stage: name,
+        kind,
+        cache_root: store.root(),
+        done: &done,
+    };
+    let mut failed = None;
+    let mut report = |state: ShardState| {
+        let said = match &state {
+            ShardState::Pending => "pending".to_owned(),
+            ShardState::Running => "running".to_owned(),
+            ShardState::Done => "done".to_owned(),
+            ShardState::Failed(reason) => {
+                failed = Some(reason.clone());
+                format!("failed: {reason}")
+            }
+        };
+        progress.println(&format!("`{name}` ({} job): {said}", launcher.name()));
+    };
+    progress.println(&format!("`{name}`: sent to {} as one job", launcher.name()));
+    match launcher.launch_whole(&job, &mut report, cancelled) {
+        Ok(ids) => *jobs = ids,
+        Err(reason) => {
+            return Ok(Err(StageError::msg(format!(
+                "the {} launcher failed: {reason}",
+                launcher.name()
+            ))));
+        }
+    }
+    match store.lookup(lock, fp, Verify::Fast)? {
+        Lookup::Hit(entry) => Ok(Ok(*entry)),
+        Lookup::Miss(_) => {
+            let why = failed.unwrap_or_else(|| {
+                if cancelled() {
+                    "cancelled".to_owned()
+                } else {
+                    format!(
+                        "its {} job ended without the stage's entry in the cache",
+                        launcher.name()
+                    )
+                }
+            });
+            Ok(Err(StageError::msg(why)))
+        }
+    }
 }
 
 /// The manifest metadata of an entry a stage (or one of its shards) wrote.

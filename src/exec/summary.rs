@@ -59,6 +59,18 @@ pub struct StageReport {
     /// A sharded stage that ran: which shards it computed and which it found cached.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<super::shards::ShardCounts>,
+    /// A stage that ran as one job of a cluster engine instead of in this process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elsewhere: Option<Elsewhere>,
+}
+
+/// Where a whole stage ran when not in this process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Elsewhere {
+    /// The launcher (`slurm`).
+    pub launcher: String,
+    /// The ids of the jobs submitted for it (a resubmission adds one).
+    pub jobs: Vec<String>,
 }
 
 /// The whole run.

@@ -1,7 +1,8 @@
-//! `vlmpipe worker`: one shard of one stage, computed into the cache by a process that a cluster
-//! engine started (a Slurm array task), and the probe that checks the cache is visible there.
+//! `vlmpipe worker`: one shard of one stage, or one whole stage (a fine-tune sent out as one
+//! job), computed into the cache by a process that a cluster engine started (a Slurm array task),
+//! and the probe that checks the cache is visible there.
 //!
-//! A worker computes exactly its shard: the stage's inputs must already be in the cache (the
+//! A worker computes exactly its shard or stage: the stage's inputs must already be in the cache (the
 //! driver computed them before sending the shards), else it fails naming them. It is idempotent:
 //! a shard whose entry exists is found, not recomputed, and two workers given the same shard
 //! compute it once (the shard's entry lock).
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::executor::{Blocked, error_chain, identities, selection};
-use super::shards::{ShardContext, compute_shard};
+use super::shards::{ShardContext, compute_shard, compute_whole};
 use super::{ExecGraph, Progress, ShardIndex, ShardOutcome};
 use crate::cache::{CacheError, CacheStore, Fingerprint, Lookup, Verify};
 
@@ -19,8 +20,8 @@ use crate::cache::{CacheError, CacheStore, Fingerprint, Lookup, Verify};
 pub(crate) struct WorkerRequest {
     /// The stage's name in the pipeline.
     pub stage: String,
-    /// The shard.
-    pub shard: ShardIndex,
+    /// The shard, or `None` for the whole stage.
+    pub shard: Option<ShardIndex>,
     /// How long to wait for a `gc` holding the cache, or for another worker on the same shard.
     pub lock_wait: Duration,
     /// No progress bars or messages.
@@ -49,24 +50,26 @@ pub(crate) enum WorkerError {
         cache: PathBuf,
         missing: Vec<String>,
     },
-    #[error("shard {shard} of `{stage}` failed: {reason}")]
+    #[error("{what} of `{stage}` failed: {reason}")]
     Failed {
         stage: String,
-        shard: ShardIndex,
+        /// `shard 2/4`, or `the computation` for a whole stage.
+        what: String,
         reason: String,
     },
     #[error(transparent)]
     Cache(#[from] CacheError),
 }
 
-/// Computes `request`'s shard of `graph` into `store` (or finds it there).
+/// Computes `request`'s shard (or whole stage) of `graph` into `store` (or finds it there).
 pub(crate) fn run_worker(
     graph: &ExecGraph,
     store: &CacheStore,
     request: &WorkerRequest,
 ) -> Result<ShardOutcome, WorkerError> {
-    let ShardIndex { index, count } = request.shard;
-    if count == 0 || index >= count {
+    if let Some(ShardIndex { index, count }) = request.shard
+        && (count == 0 || index >= count)
+    {
         return Err(WorkerError::BadShard { index, count });
     }
     let Some(position) = graph.nodes.iter().position(|n| n.name == request.stage) else {
@@ -84,12 +87,12 @@ pub(crate) fn run_worker(
         });
     };
     let node = &graph.nodes[position];
-    let Some(sharded) = node.stage.sharded() else {
+    if request.shard.is_some() && node.stage.sharded().is_none() {
         return Err(WorkerError::NotShardable {
             stage: node.name.clone(),
             kind: node.stage.kind().to_owned(),
         });
-    };
+    }
     let selected = selection(graph, std::slice::from_ref(&request.stage));
     let identities = identities(graph, &selected);
     let blocked = |reason: String| WorkerError::Blocked {
@@ -137,7 +140,6 @@ pub(crate) fn run_worker(
         lock: &lock,
         name: &node.name,
         stage: node.stage.as_ref(),
-        sharded,
         fingerprint: &fingerprint,
         inputs: &inputs,
         progress: &progress,
@@ -145,9 +147,13 @@ pub(crate) fn run_worker(
         // A worker never forces: the driver removed forced shards before sending them out.
         forced: false,
     };
-    compute_shard(&cx, request.shard)?.map_err(|error| WorkerError::Failed {
+    let (computed, what) = match request.shard {
+        Some(shard) => (compute_shard(&cx, shard)?, format!("shard {shard}")),
+        None => (compute_whole(&cx)?, "the computation".to_owned()),
+    };
+    computed.map_err(|error| WorkerError::Failed {
         stage: node.name.clone(),
-        shard: request.shard,
+        what,
         reason: error_chain(error.as_error()),
     })
 }

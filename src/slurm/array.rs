@@ -314,6 +314,8 @@ pub(crate) fn sbatch_args(
         format!("--job-name={}", job.name),
         array,
         format!("--output={}", log_path(job.log_dir, "%A", "%a").display()),
+        // One process per task; `sbatch` also refuses `--gpus-per-task` without a task count.
+        "--ntasks=1".to_string(),
     ];
     if let Some(p) = &settings.partition {
         args.push(format!("--partition={p}"));
@@ -489,6 +491,7 @@ mod tests {
                 "--job-name=vlmpipe:eval",
                 "--array=1,3%2",
                 "--output=/shared/cache/slurm/%A_%a.out",
+                "--ntasks=1",
                 "--partition=gpu",
                 "--cpus-per-task=8",
                 "--gpus-per-task=1",

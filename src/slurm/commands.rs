@@ -45,6 +45,11 @@ impl SlurmCommands {
         })
     }
 
+    /// The `sbatch` found.
+    pub(crate) fn sbatch_path(&self) -> &Path {
+        &self.sbatch
+    }
+
     pub(crate) fn sbatch<I, S>(&self, args: I, script: &str) -> Result<String, SlurmError>
     where
         I: IntoIterator<Item = S>,

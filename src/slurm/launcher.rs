@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use super::array::{ArgPart, ArrayJob, TaskEvent, run_array};
 use super::commands::SlurmCommands;
 use super::error::SlurmError;
-use super::preflight::{check_partition, probe_cache};
+use super::preflight::{check_partition, forget_probe, probe_cache};
 use super::settings::SlurmSettings;
-use crate::exec::{ShardJob, ShardLauncher, ShardState};
+use crate::exec::{ShardJob, ShardLauncher, ShardState, WholeJob};
 
 /// How a task runs `vlmpipe worker`: this binary, the pipeline file and the driver's flags that
 /// change fingerprints or what may be read (`--set`, `--allow-read`) or where the model runs.
@@ -39,6 +39,24 @@ impl WorkerCommand {
             lit(&cache.display().to_string()),
         ];
         words.extend(self.args.iter().map(|a| lit(a)));
+        words
+    }
+
+    /// `vlmpipe worker FILE --stage S --cache-dir DIR …`: the whole stage.
+    pub fn whole(&self, stage: &str, cache: &Path) -> Vec<ArgPart> {
+        let mut words: Vec<ArgPart> = [
+            &self.exe.display().to_string(),
+            "worker",
+            &self.file.display().to_string(),
+            "--stage",
+            stage,
+            "--cache-dir",
+            &cache.display().to_string(),
+        ]
+        .iter()
+        .map(|s| ArgPart::Lit((*s).to_string()))
+        .collect();
+        words.extend(self.args.iter().map(|a| ArgPart::Lit(a.clone())));
         words
     }
 
@@ -128,6 +146,10 @@ impl ShardLauncher for SlurmLauncher {
             cancelled,
         )
         .map_err(|e| e.to_string())?;
+        if !outcome.failed.is_empty() {
+            // Perhaps the workers no longer see the cache: the next run probes again.
+            forget_probe(job.cache_root);
+        }
         if outcome.cancelled {
             let jobs = outcome.jobs.join(", ");
             for &index in &job.pending {
@@ -140,5 +162,64 @@ impl ShardLauncher for SlurmLauncher {
             }
         }
         Ok(())
+    }
+
+    fn runs_whole_stages(&self) -> bool {
+        true
+    }
+
+    fn launch_whole(
+        &self,
+        job: &WholeJob<'_>,
+        report: &mut dyn FnMut(ShardState),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<String>, String> {
+        let command = self.worker.whole(job.stage, job.cache_root);
+        let log_dir = job.cache_root.join("slurm").join("logs");
+        let name = format!("vlmpipe:{}:{}", job.kind, job.stage);
+        // One job: an array of the single task 0, so it is followed, resubmitted and cancelled
+        // exactly as a shard is (and a preempted fine-tune resumes from its checkpoints, which
+        // live in the cache's work folder).
+        let array = ArrayJob {
+            name: &name,
+            command: &command,
+            indices: &[0],
+            log_dir: &log_dir,
+        };
+        let outcome = run_array(
+            &self.commands,
+            &self.settings,
+            &array,
+            Some(&|_| job.is_done()),
+            &mut |_, event| match event {
+                TaskEvent::Pending(_) => report(ShardState::Pending),
+                TaskEvent::Running => report(ShardState::Running),
+                TaskEvent::Done => report(ShardState::Done),
+                TaskEvent::Retrying {
+                    reason,
+                    attempt,
+                    of,
+                } => {
+                    eprintln!(
+                        "`{}`: resubmitted (attempt {attempt} of {of}): {reason}",
+                        job.stage
+                    );
+                    report(ShardState::Pending);
+                }
+                TaskEvent::Failed(reason) => report(ShardState::Failed(reason.clone())),
+            },
+            cancelled,
+        )
+        .map_err(|e| e.to_string())?;
+        if !outcome.failed.is_empty() {
+            forget_probe(job.cache_root);
+        }
+        if outcome.cancelled && outcome.done.is_empty() {
+            let jobs = outcome.jobs.join(", ");
+            report(ShardState::Failed(format!(
+                "cancelled (scancel of job {jobs})"
+            )));
+        }
+        Ok(outcome.jobs)
     }
 }

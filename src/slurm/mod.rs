@@ -38,6 +38,6 @@ pub use commands::SlurmCommands;
 pub use error::SlurmError;
 pub use interrupt::interrupted;
 pub use launcher::{SlurmLauncher, WorkerCommand};
-pub use preflight::{check_partition, probe_cache};
+pub use preflight::{check_partition, forget_probe, probe_cache, run_probe_job};
 pub use settings::{Executor, Profile, SlurmSettings};
 pub use state::TaskState;

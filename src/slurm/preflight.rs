@@ -1,7 +1,7 @@
 //! Checks before the long work: the partition exists, and the workers see the cache.
 
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::array::{ArgPart, ArrayJob, TaskEvent, run_array};
 use super::commands::SlurmCommands;
@@ -37,11 +37,89 @@ pub fn check_partition(commands: &SlurmCommands, partition: &str) -> Result<(), 
     })
 }
 
+/// How long a passed probe is trusted for the same cache, cluster and settings: runs minutes
+/// apart skip the probe job (0.65 s of a 4-shard quickstart eval's 3.7 s on the one-node cluster,
+/// more where the queue is busy). A task that fails forgets it ([`forget_probe`]), so a cache the
+/// workers stopped seeing is probed again on the next run.
+const PROBE_TRUSTED: Duration = Duration::from_secs(3600);
+
+/// Where a passed probe is remembered: `cache/slurm/probe-passed`, holding the key of what was
+/// probed and when (Unix seconds), one line each.
+fn probe_memo(cache: &Path) -> PathBuf {
+    cache.join("slurm").join("probe-passed")
+}
+
+/// What a probe's verdict depends on besides the cache: the cluster (`SLURM_CONF`, the `sbatch`
+/// binary), where tasks go (partition, `sbatch` arguments) and the machine submitting.
+fn probe_key(commands: &SlurmCommands, settings: &SlurmSettings) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let conf = std::env::var("SLURM_CONF").unwrap_or_default();
+    let text = format!(
+        "{conf}\n{}\n{:?}\n{:?}\n{}",
+        commands.sbatch_path().display(),
+        settings.partition,
+        settings.sbatch_args,
+        host.trim()
+    );
+    blake3::hash(text.as_bytes()).to_hex()[..32].to_string()
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Whether a probe with `key` passed for `cache` less than [`PROBE_TRUSTED`] ago.
+fn probe_remembered(cache: &Path, key: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(probe_memo(cache)) else {
+        return false;
+    };
+    let mut lines = text.lines();
+    let (Some(seen_key), Some(when)) = (lines.next(), lines.next()) else {
+        return false;
+    };
+    let Ok(when) = when.trim().parse::<u64>() else {
+        return false;
+    };
+    let now = now_secs();
+    seen_key == key && when <= now && now - when < PROBE_TRUSTED.as_secs()
+}
+
+/// Forgets a passed probe of `cache` (a task failed: the next run probes again).
+pub fn forget_probe(cache: &Path) {
+    let _ = std::fs::remove_file(probe_memo(cache));
+}
+
+/// Checks that the workers see `cache` with [`run_probe_job`], unless a probe of the same cache,
+/// cluster and settings passed within the last hour (remembered in `cache/slurm/probe-passed`).
+pub fn probe_cache(
+    commands: &SlurmCommands,
+    settings: &SlurmSettings,
+    cache: &Path,
+    probe_command: &dyn Fn(&Path) -> Vec<ArgPart>,
+) -> Result<(), SlurmError> {
+    let key = probe_key(commands, settings);
+    if probe_remembered(cache, &key) {
+        return Ok(());
+    }
+    run_probe_job(commands, settings, cache, probe_command)?;
+    // Best effort: without the memo the next run only probes again.
+    let memo = probe_memo(cache);
+    if let Some(dir) = memo.parent()
+        && std::fs::create_dir_all(dir).is_ok()
+    {
+        let _ = std::fs::write(&memo, format!("{key}\n{}\n", now_secs()));
+    }
+    Ok(())
+}
+
 /// Writes a probe file into `cache/probes/`, runs one task of `probe_command(probe file)` on the
 /// cluster (the partition and `sbatch` arguments of `settings`, no GPUs), and passes when the
 /// task wrote `PROBE.seen` starting with the probe's text: the workers see the cache. Bounded by
 /// `settings.probe_timeout()`; the probe files are removed either way.
-pub fn probe_cache(
+pub fn run_probe_job(
     commands: &SlurmCommands,
     settings: &SlurmSettings,
     cache: &Path,

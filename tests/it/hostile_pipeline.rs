@@ -304,6 +304,7 @@ fn regression_14_errors_and_the_run_summary_escape_control_characters() {
             reason: Some(format!("prompt template failed: `{ESCAPES}`")),
             warnings: vec![format!("row `{ESCAPES}` rejected")],
             shards: None,
+            elsewhere: None,
         }],
         seconds: 0.0,
         success: false,

@@ -233,3 +233,111 @@ fn no_slurm_on_path_is_an_error_before_any_work() {
         "work started: {stderr}"
     );
 }
+
+/// Whether the cluster's nodes have GPUs (`tests/slurm/cluster.sh` gives its node two stand-ins).
+fn cluster_has_gpus() -> bool {
+    Command::new("sinfo")
+        .args(["--noheader", "--format=%G"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("gpu"))
+}
+
+/// The BLAKE3 of each output file of a stage's cache entry whose name ends with one of `ends`
+/// (the model files: training logs and reports hold timings), by file name.
+fn entry_files(stage: &serde_json::Value, ends: &[&str]) -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> = stage["outputs"]
+        .as_array()
+        .expect("outputs")
+        .iter()
+        .filter_map(|p| p.as_str())
+        .filter(|p| p.contains("/entries/") && ends.iter().any(|e| p.ends_with(e)))
+        .map(|p| {
+            let path = Path::new(p);
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let bytes = std::fs::read(path).expect("entry file");
+            (name, blake3::hash(&bytes).to_hex().to_string())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn the_quickstart_on_slurm_equals_the_local_run_with_its_fine_tune_one_gpu_job() {
+    if cluster().is_none() {
+        return;
+    }
+    let gpus = cluster_has_gpus();
+    if !gpus {
+        eprintln!("note: the cluster has no GPUs; the fine-tune's job asks for none");
+    }
+    let project = slurm_project();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart.vp");
+    std::fs::copy(example, project.path("proj/quickstart.vp")).expect("copy the quickstart");
+    let (output, local) = project.run("proj/quickstart.vp", "local", &["--executor", "local"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let mut args = vec!["--shards", "4"];
+    if gpus {
+        args.extend(["--gpus-per-task", "1"]);
+    }
+    let (output, slurm) = project.run("proj/quickstart.vp", "slurm", &args);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+
+    for name in ["baseline", "constrained", "tuned_eval", "tuned_q8_eval"] {
+        let (a, b) = (stage(&local, name), stage(&slurm, name));
+        assert_eq!(b["status"], "ran", "{b}");
+        assert_eq!(b["shards"]["launcher"], "slurm", "{b}");
+        assert_eq!(shard_list(b, "computed"), [0, 1, 2, 3], "{b}");
+        assert_eq!(a["fingerprint"], b["fingerprint"]);
+        assert_eq!(records(b), records(a), "{name}: records differ");
+        assert_eq!(metrics(b), metrics(a), "{name}: metrics differ");
+    }
+    // The fine-tune and the export load a model: each went out whole, as one job, and wrote
+    // exactly what the local run wrote.
+    for (name, ends) in [
+        ("tuned", &[".safetensors", "adapter_config.json"][..]),
+        ("tuned_q8", &[".gguf"][..]),
+    ] {
+        let (a, b) = (stage(&local, name), stage(&slurm, name));
+        assert_eq!(b["status"], "ran", "{b}");
+        assert_eq!(b["elsewhere"]["launcher"], "slurm", "{b}");
+        assert_eq!(a["fingerprint"], b["fingerprint"]);
+        let files = entry_files(a, ends);
+        assert!(files.len() >= 2, "{name}: {files:?}");
+        assert_eq!(entry_files(b, ends), files, "{name}: files differ");
+        assert!(a.get("elsewhere").is_none(), "{a}");
+    }
+    // `--shards` covers the dataset too: its image checks went out as an array.
+    let pictures = stage(&slurm, "pictures");
+    assert_eq!(pictures["shards"]["launcher"], "slurm", "{pictures}");
+    assert_eq!(
+        stage(&local, "pictures")["fingerprint"],
+        pictures["fingerprint"]
+    );
+    // Small stages ran in the driver.
+    for name in ["parts", "ask", "shapes", "tiny"] {
+        assert!(stage(&slurm, name).get("elsewhere").is_none());
+        assert!(stage(&slurm, name).get("shards").is_none());
+    }
+    let tuned = stage(&slurm, "tuned");
+    let jobs = tuned["elsewhere"]["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), 1, "{tuned}");
+    let job = jobs[0].as_str().expect("job id");
+    let log = project.path(&format!("slurm/slurm/logs/{job}_0.out"));
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        said.contains("`tuned`: computed"),
+        "{}: {said}",
+        log.display()
+    );
+    if gpus {
+        // Slurm gave the job its GPU: the worker names it.
+        assert!(said.contains("GPUs 0"), "{}: {said}", log.display());
+        let shown = Command::new("scontrol")
+            .args(["show", "job", "-o", &format!("{job}_0")])
+            .output()
+            .expect("scontrol");
+        let shown = text(&shown.stdout);
+        assert!(shown.contains("gres:gpu:1"), "{shown}");
+    }
+}

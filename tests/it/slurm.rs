@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use vlmpipe::slurm::{
     ArgPart, ArrayJob, SlurmCommands, SlurmError, SlurmSettings, TaskEvent, check_partition,
-    probe_cache, run_array,
+    forget_probe, probe_cache, run_array,
 };
 
 /// The cluster's commands when one answers; else prints why the test skips.
@@ -345,6 +345,65 @@ fn the_probe_passes_on_a_cache_the_workers_see_and_leaves_no_probe_file() {
         .map(|e| e.unwrap().path())
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A probe command that copies the probe, as `shell_probe`, and adds a line to `runs` each time.
+fn counting_probe(runs: &Path) -> impl Fn(&Path) -> Vec<ArgPart> + '_ {
+    move |path| {
+        [
+            "/bin/sh",
+            "-c",
+            "echo ran >> \"$1\"; cat \"$0\" > \"$0.seen\"",
+            &path.display().to_string(),
+            &runs.display().to_string(),
+        ]
+        .map(|w| ArgPart::Lit(w.to_string()))
+        .to_vec()
+    }
+}
+
+#[test]
+fn a_passed_probe_is_remembered_until_a_task_fails_or_the_settings_change() {
+    let Some(cmds) = cluster() else { return };
+    let cache = tempfile::tempdir().unwrap();
+    let runs = cache.path().join("probe-runs");
+    let probe = counting_probe(&runs);
+    let count = || {
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    probe_cache(&cmds, &fast_settings(), cache.path(), &probe).unwrap();
+    assert_eq!(count(), 1);
+    // The same cache and settings minutes later: no probe job.
+    let start = Instant::now();
+    probe_cache(&cmds, &fast_settings(), cache.path(), &probe).unwrap();
+    assert_eq!(count(), 1, "the remembered probe ran again");
+    assert!(start.elapsed() < Duration::from_millis(200));
+    // Other sbatch arguments may send tasks elsewhere: probed again.
+    let other = SlurmSettings {
+        sbatch_args: vec!["--time=10".into()],
+        ..fast_settings()
+    };
+    probe_cache(&cmds, &other, cache.path(), &probe).unwrap();
+    assert_eq!(count(), 2);
+    // A failed task forgets it (what the launcher does): probed again.
+    forget_probe(cache.path());
+    probe_cache(&cmds, &other, cache.path(), &probe).unwrap();
+    assert_eq!(count(), 3);
+    // A memo from more than an hour ago is not trusted.
+    let memo = cache.path().join("slurm/probe-passed");
+    let text = std::fs::read_to_string(&memo).unwrap();
+    let key = text.lines().next().unwrap();
+    let old = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3601;
+    std::fs::write(&memo, format!("{key}\n{old}\n")).unwrap();
+    probe_cache(&cmds, &other, cache.path(), &probe).unwrap();
+    assert_eq!(count(), 4);
 }
 
 /// `tests/slurm/cluster.sh` mounts an empty tmpfs over this folder for the node only.

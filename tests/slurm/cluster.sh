@@ -108,6 +108,9 @@ SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
 # No cgroups in containers: track processes by their parent, bind nothing.
+# Two stand-in GPUs (gres.conf): a job asking for GPUs (--gpus-per-task) is scheduled against
+# them and gets SLURM_JOB_GPUS and CUDA_VISIBLE_DEVICES, as on a real GPU node.
+GresTypes=gpu
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -126,8 +129,17 @@ ReturnToService=2
 MinJobAge=600
 MaxArraySize=10001
 KillWait=5
-NodeName=$node NodeAddr=127.0.0.1 $hw State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 $hw Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
+CONF
+  # Beside slurm.conf, where slurmd looks for it.
+  # Slurm drops GPUs without device files, and wants character devices: /dev/null and /dev/zero
+  # stand in (nothing binds or opens them: TaskPlugin=task/none).
+  cat >"$DIR/gres.conf" <<CONF
+# Written by tests/slurm/cluster.sh: two stand-in GPUs.
+AutoDetect=off
+NodeName=$node Name=gpu File=/dev/null
+NodeName=$node Name=gpu File=/dev/zero
 CONF
 }
 
