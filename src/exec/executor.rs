@@ -146,7 +146,13 @@ pub(crate) fn run(
         history: History::load(store.root(), &graph.pipeline),
     };
     let inputs: Vec<Vec<usize>> = graph.nodes.iter().map(|n| n.inputs.clone()).collect();
-    let uses_device = |i: usize| graph.nodes[i].stage.uses_device();
+    // A launcher that sends model stages elsewhere leaves this machine's device free: they are
+    // then bounded by `--jobs` alone, so independent fine-tunes and evals go out together.
+    let elsewhere = options
+        .launcher
+        .as_ref()
+        .is_some_and(|l| l.runs_whole_stages());
+    let uses_device = |i: usize| !elsewhere && graph.nodes[i].stage.uses_device();
     parallel::schedule(
         &mut state,
         &inputs,

@@ -103,6 +103,90 @@ fn by_default_model_stages_run_one_at_a_time_and_others_together() {
     }
 }
 
+/// A launcher that sends whole stages elsewhere and only records how many it holds at once
+/// (its jobs end without an entry).
+#[derive(Default)]
+struct Away {
+    running: AtomicUsize,
+    most: AtomicUsize,
+}
+
+impl ShardLauncher for Away {
+    fn name(&self) -> &str {
+        "away"
+    }
+    fn launch(
+        &self,
+        _job: &ShardJob<'_>,
+        _report: &mut dyn FnMut(usize, ShardState),
+        _cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), String> {
+        Err("no shards here".to_owned())
+    }
+    fn runs_whole_stages(&self) -> bool {
+        true
+    }
+    fn launch_whole(
+        &self,
+        job: &WholeJob<'_>,
+        report: &mut dyn FnMut(ShardState),
+        _cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<String>, String> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        report(ShardState::Failed(format!("`{}` went nowhere", job.stage)));
+        Ok(vec![format!("job-{}", job.stage)])
+    }
+}
+
+#[test]
+fn model_stages_sent_elsewhere_go_together_and_name_their_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CacheStore::open(dir.path()).unwrap();
+    let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let nodes = ["a", "b", "c"]
+        .iter()
+        .map(|name| ExecNode {
+            name: (*name).to_owned(),
+            inputs: vec![],
+            stage: Box::new(Overlap {
+                name: (*name).to_owned(),
+                device: true,
+                sleep: Duration::ZERO,
+                running: running.clone(),
+                most: most.clone(),
+            }),
+        })
+        .collect();
+    let graph = ExecGraph {
+        pipeline: "away".to_owned(),
+        nodes,
+    };
+    let away = Arc::new(Away::default());
+    let options = RunOptions {
+        quiet: true,
+        launcher: Some(away.clone()),
+        ..RunOptions::default()
+    };
+    let summary = run(&graph, &store, &options).unwrap();
+    // None ran here; each went out as one job and failed with the launcher's reason.
+    assert_eq!(most.load(Ordering::SeqCst), 0);
+    for stage in &summary.stages {
+        assert_eq!(stage.status, StageStatus::Failed);
+        let elsewhere = stage.elsewhere.as_ref().expect("sent elsewhere");
+        assert_eq!(elsewhere.launcher, "away");
+        assert_eq!(elsewhere.jobs, [format!("job-{}", stage.name)]);
+        let reason = stage.reason.as_deref().unwrap_or_default();
+        assert!(reason.contains("went nowhere"), "{reason}");
+    }
+    // Not held to one model stage at a time: this machine's device is not what they use.
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        assert!(away.most.load(Ordering::SeqCst) >= 2);
+    }
+}
+
 #[test]
 fn the_summary_is_in_graph_order_whatever_finishes_first() {
     // `a` finishes last, `c` first.
