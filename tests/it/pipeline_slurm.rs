@@ -341,3 +341,97 @@ fn the_quickstart_on_slurm_equals_the_local_run_with_its_fine_tune_one_gpu_job()
         assert!(shown.contains("gres:gpu:1"), "{shown}");
     }
 }
+
+/// The `latest` checkpoint step of any fine-tune's work folder in `cache`.
+fn latest_checkpoint(cache: &Path) -> Option<usize> {
+    std::fs::read_dir(cache.join("work"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("checkpoints/latest")).ok())
+        .filter_map(|name| name.trim().strip_prefix("step-")?.parse().ok())
+        .max()
+}
+
+/// The manifest metadata of a stage's entry in `cache`.
+fn entry_metadata(cache: &Path, stage: &serde_json::Value) -> serde_json::Value {
+    let fp = stage["fingerprint"].as_str().expect("fingerprint");
+    let manifest = cache.join("entries").join(fp).join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    let manifest: serde_json::Value = serde_json::from_str(&text).expect("manifest JSON");
+    manifest["metadata"]["stage"].clone()
+}
+
+#[test]
+fn a_fine_tune_job_killed_midway_is_resubmitted_and_resumes_from_its_checkpoint() {
+    if cluster().is_none() {
+        return;
+    }
+    let project = slurm_project();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart.vp");
+    let quickstart = std::fs::read_to_string(example).expect("quickstart");
+    // A checkpoint every 4 steps (an execution setting: the fingerprint stays the quickstart's).
+    let pipeline = quickstart.replacen("  seed = 11\n", "  seed = 11\n  checkpoint_every = 4\n", 1);
+    assert!(pipeline.contains("checkpoint_every = 4"));
+    std::fs::write(project.path("proj/tune.vp"), pipeline).expect("pipeline");
+    let summary = project.path("slurm.summary.json");
+    let driver = project
+        .command(&[
+            "run",
+            "proj/tune.vp",
+            "--cache-dir",
+            "slurm",
+            "--only",
+            "tuned",
+            "--quiet",
+            "--summary-json",
+        ])
+        .arg(&summary)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the driver");
+    // The worker dies (as a preempted or OOM-killed task's process does) once it checkpointed.
+    let pipeline = project.path("proj/tune.vp");
+    let pattern = format!("worker {} --stage tuned", pipeline.display());
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let killed_at = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint of `tuned` in time"
+        );
+        if let Some(step) = latest_checkpoint(&project.path("slurm")).filter(|&s| s >= 4) {
+            let status = Command::new("pkill")
+                .args(["-KILL", "-f", &pattern])
+                .status()
+                .expect("pkill");
+            assert!(status.success(), "no worker matched `{pattern}`");
+            break step;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = driver.wait_with_output().expect("wait for the driver");
+    let said = text(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("resubmitted"), "{said}");
+    let slurm = read_summary(&summary, &out);
+    let tuned = stage(&slurm, "tuned");
+    assert_eq!(tuned["status"], "ran", "{tuned}");
+    assert_eq!(tuned["elsewhere"]["jobs"].as_array().map(Vec::len), Some(2));
+    let resumed = entry_metadata(&project.path("slurm"), tuned)["resumed_from"].as_u64();
+    assert!(
+        resumed.is_some_and(|s| s as usize >= killed_at),
+        "resumed from {resumed:?}, killed after step {killed_at}"
+    );
+    // A resumed fine-tune ends bit-identical to an uninterrupted one.
+    let (output, local) = project.run(
+        "proj/tune.vp",
+        "local",
+        &["--executor", "local", "--only", "tuned"],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let ends = [".safetensors", "adapter_config.json"];
+    assert_eq!(
+        entry_files(tuned, &ends),
+        entry_files(stage(&local, "tuned"), &ends)
+    );
+}
