@@ -52,6 +52,7 @@ use crate::model::checkpoint::LoadOptions;
 use crate::model::device::{DeviceChoice, compiled_backends, device_label};
 use crate::model::generate::{self, GenerateConfig, Prompt, Sampling};
 use crate::model::lfm2_vl::LogitsMode;
+use crate::model::packed::Kernel;
 use crate::model::processor::decode_image;
 use crate::model::quant::QuantReport;
 use crate::model::random_checkpoint::write_random_checkpoint;
@@ -598,7 +599,7 @@ struct ModelTimings {
     dtype: String,
     device: String,
     backends: Vec<&'static str>,
-    /// Which CPU product ran: weights packed for our AVX-512 kernel, or dense for gemm.
+    /// Which CPU product ran: weights packed for one of our kernels, or dense for gemm.
     packed_weights: usize,
 }
 
@@ -848,12 +849,23 @@ fn ratios(ours: &Value, theirs: &Value) -> Value {
     Value::Object(out)
 }
 
+/// Which CPU product the model ran: `packed` matrices packed for `kernel`, or dense.
+fn weights_line(packed: Option<u64>, kernel: Option<Kernel>) -> String {
+    match (packed, kernel) {
+        (Some(n), Some(kernel)) if n > 0 => {
+            format!("weights: {n} matrices packed for the {kernel:?} kernel")
+        }
+        _ => "weights: dense (gemm crate)".to_owned(),
+    }
+}
+
 fn print_table(ours: &Value, theirs: Option<&Value>, prompt_tokens: usize, image_tokens: usize) {
     println!("prompt: {prompt_tokens} tokens, {image_tokens} image tokens");
-    match ours["packed_weights"].as_u64() {
-        Some(n) if n > 0 => println!("weights: {n} matrices packed for the AVX-512 kernel"),
-        _ => println!("weights: dense (gemm crate)"),
-    }
+    // Loading packed for `Kernel::for_this_cpu()` in this same process.
+    println!(
+        "{}",
+        weights_line(ours["packed_weights"].as_u64(), Kernel::for_this_cpu())
+    );
     println!(
         "{:<22} {:>18} {:>18} {:>12}",
         "step", "vlmpipe ms (min)", "transformers", "ours/theirs"
@@ -935,6 +947,24 @@ fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The table named AVX-512 whatever kernel the weights were packed for (portable, AVX2).
+    #[test]
+    fn the_weights_line_names_the_kernel_that_ran() {
+        assert_eq!(
+            weights_line(Some(168), Some(Kernel::Avx2)),
+            "weights: 168 matrices packed for the Avx2 kernel"
+        );
+        assert_eq!(
+            weights_line(Some(3), Some(Kernel::Portable)),
+            "weights: 3 matrices packed for the Portable kernel"
+        );
+        assert_eq!(
+            weights_line(Some(0), Some(Kernel::Avx512)),
+            "weights: dense (gemm crate)"
+        );
+        assert_eq!(weights_line(None, None), "weights: dense (gemm crate)");
+    }
 
     #[test]
     fn summary_takes_median_and_min() {

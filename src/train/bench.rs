@@ -1,5 +1,6 @@
 //! Training-step benchmark (`vlmpipe bench`): one LoRA step (vision forward, decoder forward and
-//! backward, AdamW) on a random-weight model of any configuration, with peak memory.
+//! backward, AdamW) on a random-weight model of any configuration, with peak memory; then the
+//! fine-tune's steady step, the same without the vision tower (features cached per image).
 //!
 //! `tests/reference/bench_peft_train.py` times the same step in PyTorch + peft, with the same
 //! shapes, so the two can be run back to back and compared as a ratio.
@@ -10,6 +11,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use crate::model::config::Config;
+use crate::model::kernels::backward::profile;
 use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::load::checkpoint::LoadOptions;
 use crate::model::load::random_checkpoint::random_model;
@@ -68,6 +70,18 @@ pub struct BenchReport {
     pub forward_ms: f64,
     pub backward_ms: f64,
     pub optimizer_ms: f64,
+    /// The fine-tune's steady step: the same step with the image features computed once
+    /// beforehand, as `finetune` runs after its first epoch (a frozen vision tower's features
+    /// are cached per image). Each timed step, and medians of the whole step and its parts
+    /// (decoder forward + loss, backward, optimizer), milliseconds.
+    pub steady_step_ms: Vec<f64>,
+    pub median_steady_step_ms: f64,
+    pub steady_forward_ms: f64,
+    pub steady_backward_ms: f64,
+    pub steady_optimizer_ms: f64,
+    /// With `VLMPIPE_TRAIN_PROFILE=1`: milliseconds per step in each kind of fused training
+    /// kernel over all timed steps (both kinds), the rest of a part being candle's own ops.
+    pub kernel_ms_per_step: Vec<(String, f64)>,
     /// Process peak resident memory (VmHWM) after the steps, MiB.
     pub peak_rss_mib: f64,
     /// Resident memory after building the model, MiB.
@@ -156,15 +170,23 @@ pub fn bench_train_step_on(
     let mask = Tensor::ones((1, patches), DType::U32, &dev)?;
 
     let mode = trainable.mode().clone();
-    let mut step_ms = Vec::new();
-    let mut parts: [Vec<f64>; 4] = Default::default();
-    for step in 0..=spec.steps {
+    let vision = |model: &Lfm2VlModel| {
+        model.image_features(&pixels, &mask, &[(spec.patch_rows, spec.patch_cols)])
+    };
+    // Each step's parts: vision, decoder forward + loss, backward, optimizer (ms).
+    let mut step = |cached: Option<&Tensor>| -> Result<[f64; 4], TrainError> {
         let t = Instant::now();
         mode.set_training(true);
-        let features =
-            model.image_features(&pixels, &mask, &[(spec.patch_rows, spec.patch_cols)])?;
+        let computed;
+        let features = match cached {
+            Some(f) => f,
+            None => {
+                computed = vision(&model)?;
+                &computed
+            }
+        };
         let t_vision = t.elapsed();
-        let loss = batch_loss_on(&model, &batch, Some(&features))?;
+        let loss = batch_loss_on(&model, &batch, Some(features))?;
         loss.to_scalar::<f32>()?;
         let t_forward = t.elapsed();
         let grads = loss.backward()?;
@@ -179,15 +201,51 @@ pub fn bench_train_step_on(
             .collect::<candle_core::Result<Vec<_>>>()?;
         opt.step(&grads, 1e-4)?;
         let total = t.elapsed();
-        if step > 0 {
-            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-            step_ms.push(ms(total));
-            parts[0].push(ms(t_vision));
-            parts[1].push(ms(t_forward - t_vision));
-            parts[2].push(ms(t_backward - t_forward));
-            parts[3].push(ms(total - t_backward));
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        Ok([
+            ms(t_vision),
+            ms(t_forward - t_vision),
+            ms(t_backward - t_forward),
+            ms(total - t_backward),
+        ])
+    };
+    // One warm-up step, then the like-for-like steps (vision every step, as PyTorch + peft
+    // runs it), then the steady steps on features computed once.
+    step(None)?;
+    profile::take();
+    let mut parts: [Vec<f64>; 4] = Default::default();
+    for _ in 0..spec.steps {
+        for (all, p) in parts.iter_mut().zip(step(None)?) {
+            all.push(p);
         }
     }
+    mode.set_training(true);
+    let features = vision(&model)?.detach();
+    mode.set_training(false);
+    let mut steady: [Vec<f64>; 4] = Default::default();
+    for _ in 0..spec.steps {
+        for (all, p) in steady.iter_mut().zip(step(Some(&features))?) {
+            all.push(p);
+        }
+    }
+    let timed_steps = (2 * spec.steps).max(1) as f64;
+    let kernel_ms_per_step = profile::take()
+        .into_iter()
+        .map(|(kind, _, secs)| (kind.to_owned(), secs * 1e3 / timed_steps))
+        .collect();
+    let totals = |parts: &[Vec<f64>; 4]| -> Vec<f64> {
+        (0..spec.steps)
+            .map(|i| parts.iter().map(|p| p[i]).sum())
+            .collect()
+    };
+    let step_ms = totals(&parts);
+    let steady_step_ms = totals(&steady);
+    let [
+        _,
+        steady_forward_ms,
+        steady_backward_ms,
+        steady_optimizer_ms,
+    ] = steady.map(|p| median(&p));
     let [vision_ms, forward_ms, backward_ms, optimizer_ms] = parts.map(|p| median(&p));
     Ok(BenchReport {
         sequence_tokens: batch.seq_len,
@@ -195,6 +253,12 @@ pub fn bench_train_step_on(
         trained_parameters: trainable.num_parameters(),
         median_step_ms: median(&step_ms),
         step_ms,
+        median_steady_step_ms: median(&steady_step_ms),
+        steady_step_ms,
+        steady_forward_ms,
+        steady_backward_ms,
+        steady_optimizer_ms,
+        kernel_ms_per_step,
         vision_ms,
         forward_ms,
         backward_ms,

@@ -59,12 +59,16 @@ fn bench_train_times_and_splits_the_step() -> TestResult {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
     let ours = &report["vlmpipe"];
     assert_eq!(ours["step_ms"].as_array().map(Vec::len), Some(2));
+    assert_eq!(ours["steady_step_ms"].as_array().map(Vec::len), Some(2));
     for key in [
         "vision_ms",
         "forward_ms",
         "backward_ms",
         "optimizer_ms",
         "median_step_ms",
+        "median_steady_step_ms",
+        "steady_forward_ms",
+        "steady_backward_ms",
         "peak_rss_mib",
     ] {
         assert!(
@@ -154,11 +158,21 @@ echo '{{"median_step_ms": 1000.0, "forward_ms": 500.0, "backward_ms": 400.0, "op
         .as_f64()
         .ok_or("no step")?;
     // The report went through JSON text, which may move a float by an ulp.
-    let ratio = ratios["step ms"].as_f64().ok_or("no step ratio")?;
+    let ratio = ratios["step ms, like for like (vision every step)"]
+        .as_f64()
+        .ok_or("no step ratio")?;
     assert!(
         (ratio - step / 1000.0).abs() < 1e-9,
         "{ratio} vs {step} / 1000"
     );
+    // The steady step (vision cached) against the same PyTorch step.
+    let steady = report["vlmpipe"]["median_steady_step_ms"]
+        .as_f64()
+        .ok_or("no steady step")?;
+    let steady_ratio = ratios["step ms, fine-tune steady (vision cached)"]
+        .as_f64()
+        .ok_or("no steady step ratio")?;
+    assert!((steady_ratio - steady / 1000.0).abs() < 1e-9);
     assert!(ratios["backward ms"].as_f64().is_some_and(|r| r > 0.0));
     Ok(())
 }

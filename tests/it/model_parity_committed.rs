@@ -45,8 +45,10 @@ fn check_model_case(case: &str) {
 /// `None`: dense weights; `Some(kernel)`: packed for `kernel`.
 fn weight_forms() -> Vec<Option<Kernel>> {
     let mut forms = vec![None, Some(Kernel::Portable)];
-    if Kernel::avx512_available() {
-        forms.push(Some(Kernel::Avx512));
+    for kernel in [Kernel::Avx2, Kernel::Avx512] {
+        if kernel.available() {
+            forms.push(Some(kernel));
+        }
     }
     forms
 }

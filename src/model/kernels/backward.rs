@@ -9,6 +9,81 @@ use rayon::prelude::*;
 
 use super::exp::fast_exp;
 
+/// Wall time per kind of fused training op, collected when `VLMPIPE_TRAIN_PROFILE=1`
+/// (`vlmpipe bench train` prints it): what the decoder's forward and backward spend in each
+/// kernel, the rest being candle's own ops and graph bookkeeping.
+pub(crate) mod profile {
+    use std::collections::BTreeMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Instant;
+
+    /// Calls and seconds per op kind.
+    static TABLE: Mutex<BTreeMap<&'static str, (usize, f64)>> = Mutex::new(BTreeMap::new());
+
+    pub(crate) fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| {
+            matches!(
+                std::env::var("VLMPIPE_TRAIN_PROFILE").as_deref(),
+                Ok("1") | Ok("on")
+            )
+        })
+    }
+
+    /// Runs `f`, adding its wall time to `kind` when profiling.
+    pub(crate) fn time<R>(kind: &'static str, f: impl FnOnce() -> R) -> R {
+        if !enabled() {
+            return f();
+        }
+        let start = Instant::now();
+        let out = f();
+        add(kind, start.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Times from its creation to its drop under `kind` (a scope's tail).
+    pub(crate) struct Span {
+        kind: &'static str,
+        start: Option<Instant>,
+    }
+
+    impl Span {
+        pub(crate) fn new(kind: &'static str) -> Self {
+            Self {
+                kind,
+                start: enabled().then(Instant::now),
+            }
+        }
+    }
+
+    impl Drop for Span {
+        fn drop(&mut self) {
+            if let Some(start) = self.start {
+                add(self.kind, start.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    fn add(kind: &'static str, secs: f64) {
+        let mut table = TABLE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = table.entry(kind).or_insert((0, 0.0));
+        entry.0 += 1;
+        entry.1 += secs;
+    }
+
+    /// The collected `(kind, calls, seconds)` since the last call, emptying the table.
+    pub(crate) fn take() -> Vec<(&'static str, usize, f64)> {
+        let mut table = TABLE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::take(&mut *table)
+            .into_iter()
+            .map(|(k, (n, s))| (k, n, s))
+            .collect()
+    }
+}
 /// Rows per rayon task: enough work per task to amortise scheduling.
 fn rows_per_task(row: usize) -> usize {
     (16 * 1024 / row.max(1)).max(1)

@@ -7,6 +7,7 @@
 //! here it is four `gemm` calls forward and five backward, and only `dY·W` (the gradient the
 //! frozen weight passes to the input) is a weight-sized product.
 
+use super::backward::profile;
 use super::cpu::{self, MatMut, MatRef};
 
 /// Sizes of one LoRA layer: `x [m, k]`, `W [n, k]`, `A [r, k]`, `B [n, r]`, scale `s`.
@@ -49,7 +50,10 @@ pub(crate) fn lora_forward(
     assert_eq!(b.len(), n * r, "lora: B is not [n, r]");
     let mut owned = Vec::new();
     let xl = branch_input(x, mask, &mut owned);
-    let mut y = cpu::linear(x, m, k, w, n, bias);
+    let mut y = profile::time("lora fwd: frozen x·Wᵀ", || {
+        cpu::linear(x, m, k, w, n, bias)
+    });
+    let _branch = profile::Span::new("lora fwd: low-rank branch");
     // [m, k] @ [r, k]^T -> [m, r]
     let u = cpu::linear(xl, m, k, a, r, None);
     // y += s * u @ B^T
@@ -98,6 +102,7 @@ pub(crate) fn lora_backward(
     assert_eq!(b.len(), n * r, "lora: B is not [n, r]");
     assert_eq!(dy.len(), m * n, "lora: dY is not [m, n]");
     let threads = rayon::current_num_threads();
+    let low_rank = profile::Span::new("lora bwd: dA, dB");
     let mut owned = Vec::new();
     let xl = branch_input(x, mask, &mut owned);
     let dy_m = MatRef::row_major(dy, m, n);
@@ -133,17 +138,21 @@ pub(crate) fn lora_backward(
         false,
         threads,
     );
+    drop(low_rank);
     let dx = want_dx.then(|| {
         // dX = dY @ W: [m, n] @ [n, k]
         let mut dx = vec![0f32; m * k];
-        cpu::gemm(
-            MatMut::new(&mut dx, 0, k),
-            dy_m,
-            MatRef::row_major(w, n, k),
-            1.0,
-            false,
-            threads,
-        );
+        profile::time("lora bwd: frozen dY·W", || {
+            cpu::gemm(
+                MatMut::new(&mut dx, 0, k),
+                dy_m,
+                MatRef::row_major(w, n, k),
+                1.0,
+                false,
+                threads,
+            )
+        });
+        let _branch = profile::Span::new("lora bwd: low-rank dX");
         let v_m = MatRef::row_major(&v, m, r);
         let a_m = MatRef::row_major(a, r, k);
         match mask {

@@ -6,6 +6,10 @@
 //! FFN down-projection ran at 155 GFLOP/s on a 2-core AVX-512 Xeon. Packing once, when the model
 //! is loaded, leaves nothing to rearrange per call (the kernel broadcasts the activation straight
 //! from its rows); with a register-blocked AVX-512 kernel that shape runs at about 260 GFLOP/s.
+//! The AVX2 + FMA kernel (BLIS's 6x16 block) matches the `gemm` crate on 2 Zen 3 cores but does
+//! not beat it, so weights are packed for it only on request ([`Kernel::for_this_cpu`]); it reads
+//! its tile's rows interleaved (an 8-way L1 keeps too few `k`-strided rows) and its panels on
+//! 64-byte boundaries (a 16-float group is then one cache line, not two).
 //!
 //! Layout: the weight's `n` output rows are cut into panels of [`PANEL`] rows; panel `p` holds
 //! `w[p * PANEL + j][kk]` at `p * k * PANEL + kk * PANEL + j`, zero beyond `n`. A kernel tile then
@@ -36,27 +40,53 @@ const DEPTH_BLOCK: usize = 512;
 const PANEL_GROUP: usize = 4;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
-
 /// Which kernel computes the tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     /// AVX-512F intrinsics; only chosen where the CPU has them.
     Avx512,
+    /// AVX2 + FMA intrinsics (BLIS's Haswell 6x16 register block); only chosen where the CPU
+    /// has both.
+    Avx2,
     /// Plain Rust the compiler vectorises for the build target; any CPU.
     Portable,
 }
 
 impl Kernel {
     /// The kernel loading should pack weights for, or `None` to keep them dense (for the `gemm`
-    /// crate, which is as fast as this code on AVX2 CPUs).
+    /// crate, which on AVX2 CPUs measured as fast as [`Kernel::Avx2`]: within 5% either way at
+    /// the LFM2-VL-450M prefill and vision shapes on 2 Zen 3 cores, `packed::tests::gflops`).
     ///
     /// `VLMPIPE_PACKED_GEMM=off` keeps weights dense, `=portable` packs them for the portable
-    /// kernel (to test this path on any CPU); by default they are packed where AVX-512F exists.
+    /// kernel (to test this path on any CPU), `=avx2` for the AVX2 kernel where the CPU has
+    /// AVX2 + FMA; by default they are packed where AVX-512F exists.
     pub(crate) fn for_this_cpu() -> Option<Kernel> {
         match std::env::var("VLMPIPE_PACKED_GEMM").as_deref() {
             Ok("off") | Ok("0") => None,
             Ok("portable") => Some(Kernel::Portable),
+            Ok("avx2") => Kernel::avx2_available().then_some(Kernel::Avx2),
             _ => Kernel::avx512_available().then_some(Kernel::Avx512),
+        }
+    }
+
+    /// `true` when this CPU runs `self`.
+    pub fn available(self) -> bool {
+        match self {
+            Kernel::Avx512 => Kernel::avx512_available(),
+            Kernel::Avx2 => Kernel::avx2_available(),
+            Kernel::Portable => true,
+        }
+    }
+
+    /// `true` when this CPU can run [`Kernel::Avx2`].
+    pub fn avx2_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
         }
     }
 
@@ -78,7 +108,7 @@ impl Kernel {
 pub(crate) struct PackedWeight {
     n: usize,
     k: usize,
-    data: Vec<f32>,
+    data: Aligned,
     kernel: Kernel,
 }
 
@@ -96,18 +126,15 @@ impl PackedWeight {
     /// Packs the row-major `w [n, k]` for `kernel`.
     ///
     /// # Panics
-    /// When `w.len() != n * k`, or `kernel` is [`Kernel::Avx512`] on a CPU without AVX-512F;
-    /// both are bugs in the caller.
+    /// When `w.len() != n * k`, or this CPU cannot run `kernel`; both are bugs in the caller.
     pub(crate) fn pack(w: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
         assert_eq!(w.len(), n * k, "pack: weight is not [n, k]");
-        assert!(
-            kernel != Kernel::Avx512 || Kernel::avx512_available(),
-            "pack: this CPU has no AVX-512F"
-        );
+        assert!(kernel.available(), "pack: this CPU cannot run {kernel:?}");
         let panels = n.div_ceil(PANEL);
-        let mut data = vec![0f32; panels * k * PANEL];
+        let mut data = Aligned::zeros(panels * k * PANEL);
         if k > 0 {
-            data.par_chunks_mut(k * PANEL)
+            data.as_mut_slice()
+                .par_chunks_mut(k * PANEL)
                 .enumerate()
                 .for_each(|(p, panel)| {
                     let rows = PANEL.min(n - p * PANEL);
@@ -145,7 +172,7 @@ impl PackedWeight {
         }
         w.par_chunks_mut(k).enumerate().for_each(|(row, dst)| {
             let (p, j) = (row / PANEL, row % PANEL);
-            let panel = &self.data[p * k * PANEL..][..k * PANEL];
+            let panel = &self.data.as_slice()[p * k * PANEL..][..k * PANEL];
             for (kk, v) in dst.iter_mut().enumerate() {
                 *v = panel[kk * PANEL + j];
             }
@@ -163,7 +190,7 @@ impl PackedWeight {
         for &id in ids {
             let id = id as usize;
             assert!(id < self.n, "gather_rows: row {id} of {}", self.n);
-            let panel = &self.data[(id / PANEL) * k * PANEL..][..k * PANEL];
+            let panel = &self.data.as_slice()[(id / PANEL) * k * PANEL..][..k * PANEL];
             out.extend(panel.iter().skip(id % PANEL).step_by(PANEL));
         }
         out
@@ -189,6 +216,27 @@ impl PackedWeight {
         let dst = OutPtr(out.spare_capacity_mut().as_mut_ptr());
         let panels = n.div_ceil(PANEL);
         let blocks = m.div_ceil(TILE_ROWS);
+        // The AVX2 kernel reads its rows interleaved (step `s` of row `r` at `s * TILE_ROWS + r`,
+        // zeros past `m`): read in place, the rows' same-offset lines compete for the same
+        // sets of an 8-way L1 whenever `k` is a multiple of 1024.
+        let interleaved = (self.kernel == Kernel::Avx2).then(|| {
+            let mut xt = Aligned::zeros(blocks * TILE_ROWS * k);
+            xt.as_mut_slice()
+                .par_chunks_mut(TILE_ROWS * k)
+                .zip(x.par_chunks(TILE_ROWS * k))
+                .for_each(|(dst, src)| {
+                    for (r, row) in src.chunks_exact(k).enumerate() {
+                        for (s, &v) in row.iter().enumerate() {
+                            dst[s * TILE_ROWS + r] = v;
+                        }
+                    }
+                });
+            xt
+        });
+        let x_in = match &interleaved {
+            Some(xt) => Input::Interleaved(xt.as_slice()),
+            None => Input::RowMajor(x),
+        };
         let threads = if m * n * k < PARALLEL_MIN_MACS {
             1
         } else {
@@ -205,7 +253,7 @@ impl PackedWeight {
             // SAFETY: `x` is the row-major `[m, k]` input, `self.data` the packed `[n, k]` weight,
             // `dst` has room for `m * n` outputs, and the ranges of different `t` never overlap,
             // so no output element is written twice concurrently.
-            unsafe { self.tiles(x, m, bias, &dst, p_range, b_range) }
+            unsafe { self.tiles(x_in, m, bias, &dst, p_range, b_range) }
         };
         if threads == 1 {
             job(0);
@@ -221,11 +269,11 @@ impl PackedWeight {
     /// Computes the output tiles of panels `p_range` x row blocks `b_range`.
     ///
     /// # Safety
-    /// `x` must be the row-major `[m, k]` input, `dst` must have room for `m * n` floats,
-    /// and no other thread may write the same tiles.
+    /// `x` must be the `[m, k]` input, `dst` must have room for `m * n` floats, and no other
+    /// thread may write the same tiles.
     unsafe fn tiles(
         &self,
-        x: &[f32],
+        x: Input<'_>,
         m: usize,
         bias: Option<&[f32]>,
         dst: &OutPtr,
@@ -240,14 +288,23 @@ impl PackedWeight {
                 let depth = DEPTH_BLOCK.min(k - k0);
                 for p in group..group_end {
                     let cols = PANEL.min(n - p * PANEL);
-                    let w = &self.data[p * k * PANEL + k0 * PANEL..][..depth * PANEL];
+                    let w = &self.data.as_slice()[p * k * PANEL + k0 * PANEL..][..depth * PANEL];
                     for b in b_range.clone() {
                         let rows = TILE_ROWS.min(m - b * TILE_ROWS);
-                        // Rows `b * TILE_ROWS..` from column `k0`, read in place: the kernel's
-                        // broadcasts stream the tile's rows (packing them measured no faster).
-                        let rows_in = Rows {
-                            x: &x[b * TILE_ROWS * k + k0..][..(rows - 1) * k + depth],
-                            stride: k,
+                        // Rows `b * TILE_ROWS..` from column `k0`. Read in place for the
+                        // AVX-512 kernel: its broadcasts stream the tile's rows (packing them
+                        // measured no faster on a 12-way L1).
+                        let rows_in = match x {
+                            Input::RowMajor(x) => Rows {
+                                x: &x[b * TILE_ROWS * k + k0..][..(rows - 1) * k + depth],
+                                stride: k,
+                                step: 1,
+                            },
+                            Input::Interleaved(xt) => Rows {
+                                x: &xt[(b * k + k0) * TILE_ROWS..][..depth * TILE_ROWS],
+                                stride: 1,
+                                step: TILE_ROWS,
+                            },
                         };
                         let start = match (k0, bias) {
                             (0, Some(bias)) => Start::Bias(&bias[p * PANEL..][..cols]),
@@ -274,6 +331,40 @@ impl PackedWeight {
     }
 }
 
+/// Floats on 64-byte boundaries: a panel row of 16 floats (the AVX2 kernel's load pair, or
+/// one AVX-512 load) is then one cache line, not two; `Vec<f32>` is only 16-byte aligned.
+#[derive(Clone)]
+struct Aligned {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+/// One cache line of floats.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+impl Aligned {
+    /// `len` zeros.
+    fn zeros(len: usize) -> Self {
+        Self {
+            lines: vec![Line([0.0; 16]); len.div_ceil(16)],
+            len,
+        }
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        // SAFETY: `Line` is `repr(C)` over `[f32; 16]` with no padding (64 bytes exactly), so
+        // the lines hold `16 * lines.len() >= len` consecutive initialised floats.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as in `as_slice`, with the unique borrow of the lines.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
+    }
+}
+
 /// Part `t` of `0..len` cut into `parts` near-equal contiguous ranges.
 fn share(len: usize, parts: usize, t: usize) -> std::ops::Range<usize> {
     let base = len / parts;
@@ -282,15 +373,25 @@ fn share(len: usize, parts: usize, t: usize) -> std::ops::Range<usize> {
     start..start + base + usize::from(t < extra)
 }
 
+/// The input of [`PackedWeight::matmul`] as the kernel reads it.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    /// The row-major `[m, k]` input.
+    RowMajor(&'a [f32]),
+    /// Blocks of [`TILE_ROWS`] rows, each `[k, TILE_ROWS]` (zeros past `m`).
+    Interleaved(&'a [f32]),
+}
+
 /// The output buffer, shared by the threads that each write their own tiles.
 struct OutPtr(*mut MaybeUninit<f32>);
 // SAFETY: threads write disjoint tiles through the pointer (see `PackedWeight::matmul`).
 unsafe impl Sync for OutPtr {}
 
-/// The input rows of a tile: row `r`, step `s` is `x[r * stride + s]`.
+/// The input rows of a tile: row `r`, step `s` is `x[r * stride + s * step]`.
 struct Rows<'a> {
     x: &'a [f32],
     stride: usize,
+    step: usize,
 }
 
 /// What a tile's accumulators start from.
@@ -333,13 +434,22 @@ unsafe fn run_kernel(kernel: Kernel, x: &Rows<'_>, w: &[f32], depth: usize, tile
         };
     }
     debug_assert!(tile.rows >= 1 && tile.rows <= TILE_ROWS && tile.cols <= PANEL);
-    debug_assert!(x.x.len() >= (tile.rows - 1) * x.stride + depth && w.len() >= depth * PANEL);
+    debug_assert!(
+        depth > 0
+            && x.x.len() > (tile.rows - 1) * x.stride + (depth - 1) * x.step
+            && w.len() >= depth * PANEL
+    );
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: forwarded from the caller, which chose this kernel only with AVX-512F present.
         Kernel::Avx512 => unsafe { rows!(kernel_avx512) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: forwarded from the caller, which chose this kernel only with AVX2 + FMA present.
+        Kernel::Avx2 => unsafe { rows!(kernel_avx2) },
         #[cfg(not(target_arch = "x86_64"))]
-        Kernel::Avx512 => unreachable!("AVX-512 packing is refused on this architecture"),
+        Kernel::Avx512 | Kernel::Avx2 => {
+            unreachable!("x86 packing is refused on this architecture")
+        }
         // SAFETY: forwarded from the caller.
         Kernel::Portable => unsafe { rows!(kernel_portable) },
     }
@@ -362,10 +472,9 @@ unsafe fn kernel_portable<const R: usize>(x: &Rows<'_>, w: &[f32], depth: usize,
             }),
         }
     }
-    let inputs: [&[f32]; R] = std::array::from_fn(|r| &x.x[r * x.stride..][..depth]);
     for (step, ws) in w.chunks_exact(PANEL).take(depth).enumerate() {
-        for (row, input) in acc.iter_mut().zip(&inputs) {
-            let a = input[step];
+        for (r, row) in acc.iter_mut().enumerate() {
+            let a = x.x[r * x.stride + step * x.step];
             for (c, &b) in row.iter_mut().zip(ws) {
                 *c += a * b;
             }
@@ -422,7 +531,7 @@ unsafe fn kernel_avx512<const R: usize>(x: &Rows<'_>, w: &[f32], depth: usize, t
             let ws: [__m512; VECTORS] =
                 std::array::from_fn(|v| _mm512_loadu_ps(wp.add(step * PANEL + v * LANES)));
             for (r, row_acc) in acc.iter_mut().enumerate() {
-                let a = _mm512_set1_ps(*xp.add(r * ldx + step));
+                let a = _mm512_set1_ps(*xp.add(r * ldx + step * x.step));
                 for (acc_v, &w_v) in row_acc.iter_mut().zip(&ws) {
                     *acc_v = _mm512_fmadd_ps(a, w_v, *acc_v);
                 }
@@ -432,6 +541,86 @@ unsafe fn kernel_avx512<const R: usize>(x: &Rows<'_>, w: &[f32], depth: usize, t
             let row = tile.c.add(r * tile.ldc);
             for (v, &a) in row_acc.iter().enumerate() {
                 _mm512_mask_storeu_ps(row.add(v * LANES), masks[v], a);
+            }
+        }
+    }
+}
+
+/// `R` rows x 64 columns, accumulated over `depth` steps, with AVX2 + FMA. The 64 columns are
+/// four groups of 16 (two 8-lane vectors) done one after another: `R x 2` accumulators, the
+/// group's two weight vectors and a broadcast fit the 16 ymm registers (BLIS's Haswell 6x16
+/// block); the tile's input rows stay in L1 across the four groups.
+///
+/// # Safety
+/// As [`run_kernel`], with `tile.rows == R` and AVX2 + FMA present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2<const R: usize>(x: &Rows<'_>, w: &[f32], depth: usize, tile: &Tile<'_>) {
+    use std::arch::x86_64::*;
+    const GROUP: usize = 16;
+    let (xp, ldx, wp) = (x.x.as_ptr(), x.stride, w.as_ptr());
+    let lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for c0 in (0..tile.cols).step_by(GROUP) {
+        // Lanes of the group's two vectors inside the tile's `cols` columns (all-ones lanes load
+        // and store, the rest stay untouched).
+        let masks: [__m256i; 2] = std::array::from_fn(|v| {
+            let live = (tile.cols - c0).saturating_sub(v * 8).min(8) as i32;
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(live), lane_ids)
+        });
+        // SAFETY: (every access below) masked loads and stores touch only the tile's `cols`
+        // columns of rows `0..R`, which the caller guarantees; weight loads stay inside the
+        // `depth * PANEL` floats of `w`, and input reads inside the `R` rows of `x`.
+        unsafe {
+            // Masked moves only for a group past the tile's edge: AMD cores run masked stores
+            // as slow microcode.
+            let full = tile.cols - c0 >= GROUP;
+            let load = |p: *const f32, v: usize| {
+                if full {
+                    _mm256_loadu_ps(p)
+                } else {
+                    _mm256_maskload_ps(p, masks[v])
+                }
+            };
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            match tile.start {
+                Start::Zero => {}
+                Start::Bias(bias) => {
+                    let b: [__m256; 2] = std::array::from_fn(|v| {
+                        load(bias.as_ptr().add((c0 + v * 8).min(bias.len())), v)
+                    });
+                    acc = [b; R];
+                }
+                Start::Accumulate => {
+                    for (r, row_acc) in acc.iter_mut().enumerate() {
+                        let row = tile.c.add(r * tile.ldc + c0);
+                        for (v, a) in row_acc.iter_mut().enumerate() {
+                            *a = load(row.add(v * 8), v);
+                        }
+                    }
+                }
+            }
+            let mut wg = wp.add(c0);
+            let mut xs = xp;
+            for _ in 0..depth {
+                let w0 = _mm256_loadu_ps(wg);
+                let w1 = _mm256_loadu_ps(wg.add(8));
+                for (r, row_acc) in acc.iter_mut().enumerate() {
+                    let a = _mm256_broadcast_ss(&*xs.add(r * ldx));
+                    row_acc[0] = _mm256_fmadd_ps(a, w0, row_acc[0]);
+                    row_acc[1] = _mm256_fmadd_ps(a, w1, row_acc[1]);
+                }
+                wg = wg.add(PANEL);
+                xs = xs.add(x.step);
+            }
+            for (r, row_acc) in acc.iter().enumerate() {
+                let row = tile.c.add(r * tile.ldc + c0);
+                for (v, &a) in row_acc.iter().enumerate() {
+                    if full {
+                        _mm256_storeu_ps(row.add(v * 8), a);
+                    } else {
+                        _mm256_maskstore_ps(row.add(v * 8), masks[v], a);
+                    }
+                }
             }
         }
     }
@@ -468,11 +657,11 @@ mod tests {
     }
 
     fn kernels() -> Vec<Kernel> {
-        let mut kernels = vec![Kernel::Portable];
-        if Kernel::avx512_available() {
-            kernels.push(Kernel::Avx512);
-        } else {
-            eprintln!("this CPU has no AVX-512F: only the portable kernel is tested");
+        let all = [Kernel::Portable, Kernel::Avx2, Kernel::Avx512];
+        let (kernels, missing): (Vec<Kernel>, Vec<Kernel>) =
+            all.into_iter().partition(|k| k.available());
+        if !missing.is_empty() {
+            eprintln!("this CPU cannot run {missing:?}: they are not tested");
         }
         kernels
     }
@@ -519,20 +708,23 @@ mod tests {
 
     #[test]
     fn the_kernels_agree_to_rounding() {
-        if !Kernel::avx512_available() {
-            eprintln!("skipped: this CPU has no AVX-512F");
+        let kernels = kernels();
+        if kernels.len() < 2 {
+            eprintln!("skipped: this CPU runs only the portable kernel");
             return;
         }
         let (m, k, n) = (40, 700, 90);
         let (x, w) = (values(m * k, 4), values(n * k, 5));
         let a = PackedWeight::pack(&w, n, k, Kernel::Portable).matmul(&x, m, None);
-        let b = PackedWeight::pack(&w, n, k, Kernel::Avx512).matmul(&x, m, None);
-        let worst = a
-            .iter()
-            .zip(&b)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(worst < 1e-4, "portable and AVX-512 differ by {worst}");
+        for &kernel in &kernels[1..] {
+            let b = PackedWeight::pack(&w, n, k, kernel).matmul(&x, m, None);
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(worst < 1e-4, "portable and {kernel:?} differ by {worst}");
+        }
     }
 
     #[test]
@@ -576,6 +768,100 @@ mod tests {
                 assert_eq!(ranges[parts - 1].end, len);
                 assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
             }
+        }
+    }
+
+    /// Throughput of the f32 products at LFM2-VL-450M's training and prefill shapes, against the
+    /// machine's FMA peak (`VLMPIPE_FMA_PEAK_GFLOPS`, default 157: 2 Zen 3 cores x 2 FMA/cycle
+    /// x 8 lanes x 2 flops x 2.45 GHz). The implementations take turns rep by rep, so load from
+    /// other processes falls on all of them, and the best rep counts. Not a check; run it in
+    /// release: `cargo test --release --lib packed::tests::gflops -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a benchmark; run in release with --ignored --nocapture"]
+    fn gflops_at_the_lfm2_shapes() {
+        use super::super::cpu::{self, MatMut, MatRef};
+        use std::time::Instant;
+        let peak: f64 = std::env::var("VLMPIPE_FMA_PEAK_GFLOPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(157.0);
+        let threads = rayon::current_num_threads();
+        // Best GFLOP/s of each of `fs` (each doing `macs` multiply-adds), taking turns.
+        let rates = |macs: usize, fs: &mut [Box<dyn FnMut() + '_>]| -> Vec<f64> {
+            let reps = (4e10 / (2.0 * macs as f64)).clamp(4.0, 30.0) as usize;
+            let mut best = vec![f64::INFINITY; fs.len()];
+            for rep in 0..=reps {
+                for (f, b) in fs.iter_mut().zip(&mut best) {
+                    let t = Instant::now();
+                    f();
+                    if rep > 0 {
+                        *b = b.min(t.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            best.iter().map(|s| 2.0 * macs as f64 / s / 1e9).collect()
+        };
+        let mut kernels: Vec<Kernel> = [Kernel::Avx512, Kernel::Avx2]
+            .into_iter()
+            .filter(|k| k.available())
+            .collect();
+        kernels.push(Kernel::Portable);
+        println!("threads {threads}, FMA peak {peak} GFLOP/s; cells: GFLOP/s (% of peak)");
+        let mut header = format!("{:<16} {:<6} {:>13}", "m,k,n", "", "gemm crate");
+        for kernel in &kernels {
+            header += &format!(" {:>13}", format!("{kernel:?}"));
+        }
+        println!("{header}");
+        let line = |label: String, product: &str, gflops: Vec<f64>| {
+            let cells: Vec<String> = gflops
+                .iter()
+                .map(|g| format!("{g:6.1} ({:3.0}%)", 100.0 * g / peak))
+                .collect();
+            println!("{label:<16} {product:<6} {}", cells.join(" "));
+        };
+        let decoder = [
+            (270, 1024, 4608),
+            (270, 4608, 1024),
+            (270, 1024, 1024),
+            (270, 1024, 3072),
+        ];
+        let vision = [768, 1024]
+            .into_iter()
+            .flat_map(|m| [(m, 768, 768), (m, 768, 3072), (m, 3072, 768)]);
+        for (m, k, n) in decoder.into_iter().chain(vision) {
+            let macs = m * k * n;
+            let (x, w, dy) = (values(m * k, 1), values(n * k, 2), values(m * n, 3));
+            let packed: Vec<PackedWeight> = kernels
+                .iter()
+                .map(|&kernel| PackedWeight::pack(&w, n, k, kernel))
+                .collect();
+            // x [m, k] @ W [n, k]^T
+            let mut fs: Vec<Box<dyn FnMut()>> = vec![Box::new(|| {
+                std::hint::black_box(cpu::linear(&x, m, k, &w, n, None));
+            })];
+            for p in &packed {
+                fs.push(Box::new(|| {
+                    std::hint::black_box(p.matmul(&x, m, None));
+                }));
+            }
+            line(format!("{m},{k},{n}"), "x·Wᵀ", rates(macs, &mut fs));
+            if m != 270 {
+                continue;
+            }
+            // dY [m, n] @ W [n, k]: the gradient training passes through the frozen weight.
+            let mut fs: Vec<Box<dyn FnMut()>> = vec![Box::new(|| {
+                let mut dx = vec![0f32; m * k];
+                cpu::gemm(
+                    MatMut::new(&mut dx, 0, k),
+                    MatRef::row_major(&dy, m, n),
+                    MatRef::row_major(&w, n, k),
+                    1.0,
+                    false,
+                    threads,
+                );
+                std::hint::black_box(dx);
+            })];
+            line(String::new(), "dY·W", rates(macs, &mut fs));
         }
     }
 }
