@@ -643,8 +643,8 @@ pub(crate) struct BenchModelArgs {
     /// decode time against the memory-bandwidth floor of each model's weights.
     #[arg(long, value_name = "QUANT")]
     pub quant: Option<crate::model::quant::Quant>,
-    /// A folder holding llama.cpp's `llama-mtmd-cli` (`bash tests/llama_cpp/build.sh bins`
-    /// prints the folder whose `bin/` holds it): also time llama.cpp in the same run on the
+    /// A folder holding llama.cpp's `llama-mtmd-cli`, in itself or in its `bin/` (`bash
+    /// tests/llama_cpp/build.sh bins` prints such a folder): also time llama.cpp in the same run on the
     /// checkpoint exported by vlmpipe (`--llama-cpp-quant` text file, F16 mmproj), the same
     /// image and conversation, by the wall clock of whole processes, and print vlmpipe's ratios
     /// to it. Not with `--adapter`: merge it first (`vlmpipe export --merged`).

@@ -53,16 +53,19 @@ pub(crate) struct LlamaBench<'a> {
     pub decode_steps: usize,
 }
 
-/// `llama-mtmd-cli` in `dir`, or an error saying what is missing and how to build it.
+/// `llama-mtmd-cli` in `dir` or in `dir/bin` (`build.sh bins` prints the folder whose `bin/`
+/// holds it), or an error saying what is missing and how to build it.
 pub(crate) fn mtmd_cli(dir: &Path) -> anyhow::Result<PathBuf> {
-    let cli = dir.join("llama-mtmd-cli");
-    anyhow::ensure!(
-        cli.is_file(),
-        "`{}` has no `llama-mtmd-cli` (from `--llama-cpp`); build it with `bash \
-         tests/llama_cpp/build.sh bins`, which prints the folder whose `bin/` holds it",
-        dir.display()
-    );
-    Ok(cli)
+    let found = [dir.join("llama-mtmd-cli"), dir.join("bin/llama-mtmd-cli")]
+        .into_iter()
+        .find(|cli| cli.is_file());
+    found.ok_or_else(|| {
+        anyhow::anyhow!(
+            "`{}` has no `llama-mtmd-cli` (from `--llama-cpp`), nor has its `bin/`; build it with \
+             `bash tests/llama_cpp/build.sh bins`, which prints the folder whose `bin/` holds it",
+            dir.display()
+        )
+    })
 }
 
 /// The milliseconds of the "mtmd batch encoding done in N ms" lines of `log` (one per image
@@ -313,6 +316,21 @@ fn tail(text: &str, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `build.sh bins` prints is the folder whose `bin/` holds the binary; that folder
+    /// works as well as `bin/` itself, and one with neither is refused naming the fix.
+    #[test]
+    fn the_cli_is_found_in_the_folder_or_its_bin() {
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("llama-mtmd-cli"), "").unwrap();
+        assert_eq!(mtmd_cli(root.path()).unwrap(), bin.join("llama-mtmd-cli"));
+        assert_eq!(mtmd_cli(&bin).unwrap(), bin.join("llama-mtmd-cli"));
+        let empty = tempfile::tempdir().unwrap();
+        let error = mtmd_cli(empty.path()).unwrap_err().to_string();
+        assert!(error.contains("build.sh bins"), "{error}");
+    }
 
     /// Lines of a real `llama-mtmd-cli -lv 4` run (the vendored revision of 0.3.36); the
     /// `llama_perf_context_print` lines at the end are the ones the leaked logger loses.
