@@ -632,7 +632,8 @@ pub(crate) struct BenchModelArgs {
     /// Timed repetitions after one warm-up; the report gives medians and minimums.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub repeats: usize,
-    /// Decode steps timed per repetition (transformers is given the same number).
+    /// Decode steps timed per repetition (transformers is given the same number; llama.cpp's decode
+    /// is timed over at least 64, its classify compared at this number).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = at_least_one)]
     pub decode_steps: usize,
     /// The dtype to compute in (transformers too).

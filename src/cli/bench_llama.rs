@@ -12,11 +12,15 @@
 //! - `load`: no image, no prompt, stdin closed: loads both files (and warms up), reads end of
 //!   input at its chat prompt and exits;
 //! - `short`: the image and conversation, `-n 1` (one token sampled, then decoded);
-//! - `long`: the same with `-n 1 + decode_steps --ignore-eos`.
+//! - `long`: the same with `-n 1 + decode_steps --ignore-eos`, `decode_steps` being at least
+//!   [`MIN_DECODE_STEPS`]: whole processes' wall clocks vary by a tenth of a second, so the
+//!   difference of a few tokens is noise (3 tokens gave −52 ms per token at the 450M shapes).
 //!
 //! Steps, in `bench model`'s keys: `load_ms` = load; `decode_ms_per_token` = (long − short) /
-//! decode_steps; `classify_ms` = long − load − one decode step (image file to `1 + decode_steps`
-//! tokens, as vlmpipe's `classify_ms`, whose last token is not decoded; it includes llama.cpp's
+//! decode_steps (a round whose difference is not positive gives no decode, classify or prefill
+//! time rather than a negative one); `classify_ms` = short − load + (D − 1) decode steps, D being
+//! `bench model`'s own `--decode-steps` (image file to `1 + D` tokens, as vlmpipe's
+//! `classify_ms`, whose last token is not decoded; it includes llama.cpp's
 //! image decoding and resizing, vlmpipe's starts from a decoded image); `vision_ms` from the "mtmd
 //! batch encoding done in N ms" line, logged seconds before exit (absent, it is reported as
 //! missing, not retried); `lm_prefill_ms` = short − load − vision − one decode step (image decode
@@ -82,6 +86,9 @@ pub(crate) fn vision_ms(log: &str) -> Option<f64> {
     total
 }
 
+/// The fewest tokens llama.cpp's decode is timed over (see the module docs).
+pub(crate) const MIN_DECODE_STEPS: usize = 64;
+
 /// One repetition's three process times and the vision line, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Round {
@@ -92,20 +99,17 @@ pub(crate) struct Round {
 }
 
 impl Round {
-    /// `load_ms`, then [`LLAMA_STEPS`]; `None` for a step the round could not give.
-    pub(crate) fn steps(&self, decode_steps: usize) -> [Option<f64>; 5] {
-        let decode = (self.long - self.short) / decode_steps.max(1) as f64;
-        let classify = self.long - self.load - decode;
+    /// `load_ms`, then [`LLAMA_STEPS`]; `None` for a step the round could not give. `timed`:
+    /// the decode steps between `short` and `long`; `compared`: those of vlmpipe's classify.
+    pub(crate) fn steps(&self, timed: usize, compared: usize) -> [Option<f64>; 5] {
+        let decode = Some((self.long - self.short) / timed.max(1) as f64).filter(|&d| d > 0.0);
+        let classify =
+            decode.map(|d| self.short - self.load + compared.saturating_sub(1) as f64 * d);
         let prefill = self
             .vision
-            .map(|vision| self.short - self.load - vision - decode);
-        [
-            Some(self.load),
-            self.vision,
-            prefill,
-            Some(decode),
-            Some(classify),
-        ]
+            .zip(decode)
+            .map(|(vision, d)| self.short - self.load - vision - d);
+        [Some(self.load), self.vision, prefill, decode, classify]
     }
 }
 
@@ -134,7 +138,7 @@ fn run_process(cli: &Path, args: &[&std::ffi::OsStr]) -> anyhow::Result<(f64, St
 /// medians, minimums and samples, the files and their sizes.
 pub(crate) fn run(bench: &LlamaBench<'_>) -> anyhow::Result<Value> {
     let cli = mtmd_cli(bench.dir)?;
-    let decode_steps = bench.decode_steps.max(1);
+    let decode_steps = bench.decode_steps.max(MIN_DECODE_STEPS);
     let tmp = tempfile::tempdir().context("cannot create a temporary folder")?;
     let t = Instant::now();
     let pair = gguf::export(
@@ -213,7 +217,7 @@ pub(crate) fn run(bench: &LlamaBench<'_>) -> anyhow::Result<Value> {
     for (i, key) in keys.enumerate() {
         let column: Vec<f64> = rounds
             .iter()
-            .filter_map(|r| r.steps(decode_steps)[i])
+            .filter_map(|r| r.steps(decode_steps, bench.decode_steps)[i])
             .collect();
         steps.insert(key.to_owned(), summary(column));
     }
@@ -225,6 +229,7 @@ pub(crate) fn run(bench: &LlamaBench<'_>) -> anyhow::Result<Value> {
         "text_bytes": pair.text.bytes,
         "mmproj_bytes": pair.mmproj.bytes,
         "decode_steps": decode_steps,
+        "classify_decode_steps": bench.decode_steps,
         "steps": steps,
         "process_ms": {
             "load": walls(|r| r.load),
@@ -357,10 +362,10 @@ mod tests {
             long: 3400.0,
             vision: Some(500.0),
         };
-        // decode (3400 - 3000) / 4 = 100; classify 3400 - 1000 - 100 = 2300;
+        // decode (3400 - 3000) / 4 = 100; classify 3000 - 1000 + 3 * 100 = 2300;
         // prefill 3000 - 1000 - 500 - 100 = 1400.
         assert_eq!(
-            r.steps(4),
+            r.steps(4, 4),
             [
                 Some(1000.0),
                 Some(500.0),
@@ -370,6 +375,16 @@ mod tests {
             ]
         );
         let lost = Round { vision: None, ..r };
-        assert_eq!(lost.steps(4)[1..3], [None, None]);
+        assert_eq!(lost.steps(4, 4)[1..3], [None, None]);
+        // Decode timed over 64 tokens, classify compared at vlmpipe's 3 decode steps:
+        // decode (9400 - 3000) / 64 = 100; classify 3000 - 1000 + 2 * 100 = 2200.
+        let long = Round { long: 9400.0, ..r };
+        assert_eq!(long.steps(64, 3)[3..], [Some(100.0), Some(2200.0)]);
+        // Noise larger than the decoding: no time rather than a negative one.
+        let noisy = Round { long: 2950.0, ..r };
+        assert_eq!(
+            noisy.steps(4, 4),
+            [Some(1000.0), Some(500.0), None, None, None]
+        );
     }
 }
