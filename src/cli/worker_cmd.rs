@@ -48,7 +48,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> anyhow::Result<Outcome> {
     let graph = lower(&plan, &ctx)?;
     // First in the task's log: where it ran, and the GPUs the engine gave it (Slurm sets
     // CUDA_VISIBLE_DEVICES to the task's GPUs), which is what one looks for when a job misbehaves.
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = crate::exec::host_name();
     let gpus = std::env::var("CUDA_VISIBLE_DEVICES")
         .ok()
         .filter(|v| !v.is_empty())
@@ -58,7 +58,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> anyhow::Result<Outcome> {
         Some(shard) => format!("`{stage}` shard {shard}"),
         None => format!("`{stage}`"),
     };
-    eprintln!("{what}: worker on {}{gpus}", host.trim());
+    eprintln!("{what}: worker on {host}{gpus}");
     let request = WorkerRequest {
         stage: stage.clone(),
         shard,

@@ -28,7 +28,7 @@ pub(crate) use stage::{
     Export, MissingInput, Sharded, Stage, StageContext, StageError, StageOutcome,
 };
 pub use summary::{Elsewhere, RunSummary, StageReport, StageStatus};
-pub(crate) use worker::{WorkerRequest, probe, run_worker};
+pub(crate) use worker::{WorkerRequest, host_name, probe, run_worker};
 
 #[cfg(test)]
 mod tests;

@@ -180,6 +180,15 @@ pub(crate) enum ProbeError {
     },
 }
 
+/// This machine's host name (what a worker's log and probe answer name), or `unknown`.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
 /// Reads the probe file the driver wrote at `path` and writes `<path>.seen` beside it, holding
 /// the probe's text, this machine's host name and this process's id (one line each), so the
 /// driver knows a worker both read and wrote the cache's filesystem. Returns the host name.
@@ -188,11 +197,7 @@ pub(crate) fn probe(path: &Path) -> Result<String, ProbeError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown".to_owned());
+    let host = host_name();
     let mut seen = path.as_os_str().to_owned();
     seen.push(".seen");
     let seen = PathBuf::from(seen);

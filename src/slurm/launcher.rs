@@ -24,6 +24,15 @@ pub struct WorkerCommand {
 impl WorkerCommand {
     /// `vlmpipe worker FILE --stage S --shard $SLURM_ARRAY_TASK_ID --of N --cache-dir DIR …`
     pub fn shard(&self, stage: &str, count: usize, cache: &Path) -> Vec<ArgPart> {
+        self.stage_command(stage, Some(count), cache)
+    }
+
+    /// `vlmpipe worker FILE --stage S --cache-dir DIR …`: the whole stage.
+    pub fn whole(&self, stage: &str, cache: &Path) -> Vec<ArgPart> {
+        self.stage_command(stage, None, cache)
+    }
+
+    fn stage_command(&self, stage: &str, shards: Option<usize>, cache: &Path) -> Vec<ArgPart> {
         let lit = |s: &str| ArgPart::Lit(s.to_string());
         let mut words = vec![
             lit(&self.exe.display().to_string()),
@@ -31,32 +40,17 @@ impl WorkerCommand {
             lit(&self.file.display().to_string()),
             lit("--stage"),
             lit(stage),
-            lit("--shard"),
-            ArgPart::TaskIndex,
-            lit("--of"),
-            lit(&count.to_string()),
-            lit("--cache-dir"),
-            lit(&cache.display().to_string()),
         ];
+        if let Some(count) = shards {
+            words.extend([
+                lit("--shard"),
+                ArgPart::TaskIndex,
+                lit("--of"),
+                lit(&count.to_string()),
+            ]);
+        }
+        words.extend([lit("--cache-dir"), lit(&cache.display().to_string())]);
         words.extend(self.args.iter().map(|a| lit(a)));
-        words
-    }
-
-    /// `vlmpipe worker FILE --stage S --cache-dir DIR …`: the whole stage.
-    pub fn whole(&self, stage: &str, cache: &Path) -> Vec<ArgPart> {
-        let mut words: Vec<ArgPart> = [
-            &self.exe.display().to_string(),
-            "worker",
-            &self.file.display().to_string(),
-            "--stage",
-            stage,
-            "--cache-dir",
-            &cache.display().to_string(),
-        ]
-        .iter()
-        .map(|s| ArgPart::Lit((*s).to_string()))
-        .collect();
-        words.extend(self.args.iter().map(|a| ArgPart::Lit(a.clone())));
         words
     }
 
@@ -99,6 +93,78 @@ impl SlurmLauncher {
     }
 }
 
+impl SlurmLauncher {
+    /// Submits `indices` of `command` as one array named after the stage, follows it until each
+    /// task's work `is_done` or failed for good (telling `report`), and returns how it ended.
+    /// A failed task forgets the remembered probe; on cancellation, the tasks without their work
+    /// are reported failed. `label(index)` names a task in messages.
+    #[allow(clippy::too_many_arguments)]
+    fn follow(
+        &self,
+        kind: &str,
+        stage: &str,
+        command: &[ArgPart],
+        indices: &[usize],
+        cache_root: &Path,
+        is_done: &dyn Fn(usize) -> bool,
+        label: &dyn Fn(usize) -> String,
+        report: &mut dyn FnMut(usize, ShardState),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<String>, String> {
+        let log_dir = cache_root.join("slurm").join("logs");
+        let name = format!("vlmpipe:{kind}:{stage}");
+        let array = ArrayJob {
+            name: &name,
+            command,
+            indices,
+            log_dir: &log_dir,
+        };
+        // The work's cache entry is the judge (and the executor looks it up afterwards): it is
+        // seen the moment the worker renames it into place, not when Slurm reaped the task.
+        let outcome = run_array(
+            &self.commands,
+            &self.settings,
+            &array,
+            Some(is_done),
+            &mut |index, event| match event {
+                TaskEvent::Pending(_) => report(index, ShardState::Pending),
+                TaskEvent::Running => report(index, ShardState::Running),
+                TaskEvent::Done => report(index, ShardState::Done),
+                TaskEvent::Retrying {
+                    reason,
+                    attempt,
+                    of,
+                } => {
+                    eprintln!(
+                        "{}: resubmitted (attempt {attempt} of {of}): {reason}",
+                        label(index)
+                    );
+                    report(index, ShardState::Pending);
+                }
+                TaskEvent::Failed(reason) => report(index, ShardState::Failed(reason.clone())),
+            },
+            cancelled,
+        )
+        .map_err(|e| e.to_string())?;
+        if !outcome.failed.is_empty() {
+            // Perhaps the workers no longer see the cache: the next run probes again.
+            forget_probe(cache_root);
+        }
+        if outcome.cancelled {
+            let jobs = outcome.jobs.join(", ");
+            for &index in indices {
+                if !outcome.done.contains(&index) {
+                    report(
+                        index,
+                        ShardState::Failed(format!("cancelled (scancel of job {jobs})")),
+                    );
+                }
+            }
+        }
+        Ok(outcome.jobs)
+    }
+}
+
 impl ShardLauncher for SlurmLauncher {
     fn name(&self) -> &str {
         "slurm"
@@ -111,56 +177,17 @@ impl ShardLauncher for SlurmLauncher {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(), String> {
         let command = self.worker.shard(job.stage, job.count, job.cache_root);
-        let log_dir = job.cache_root.join("slurm").join("logs");
-        let name = format!("vlmpipe:{}:{}", job.kind, job.stage);
-        let array = ArrayJob {
-            name: &name,
-            command: &command,
-            indices: &job.pending,
-            log_dir: &log_dir,
-        };
-        // The shard's entry is the judge (and the executor looks every shard up afterwards): it
-        // is seen the moment the worker renames it into place, not when Slurm reaped the task.
-        let outcome = run_array(
-            &self.commands,
-            &self.settings,
-            &array,
-            Some(&|index| job.is_done(index)),
-            &mut |index, event| match event {
-                TaskEvent::Pending(_) => report(index, ShardState::Pending),
-                TaskEvent::Running => report(index, ShardState::Running),
-                TaskEvent::Done => report(index, ShardState::Done),
-                TaskEvent::Retrying {
-                    reason,
-                    attempt,
-                    of,
-                } => {
-                    eprintln!(
-                        "`{}` shard {index}/{}: resubmitted (attempt {attempt} of {of}): {reason}",
-                        job.stage, job.count
-                    );
-                    report(index, ShardState::Pending);
-                }
-                TaskEvent::Failed(reason) => report(index, ShardState::Failed(reason.clone())),
-            },
+        self.follow(
+            job.kind,
+            job.stage,
+            &command,
+            &job.pending,
+            job.cache_root,
+            &|index| job.is_done(index),
+            &|index| format!("`{}` shard {index}/{}", job.stage, job.count),
+            report,
             cancelled,
-        )
-        .map_err(|e| e.to_string())?;
-        if !outcome.failed.is_empty() {
-            // Perhaps the workers no longer see the cache: the next run probes again.
-            forget_probe(job.cache_root);
-        }
-        if outcome.cancelled {
-            let jobs = outcome.jobs.join(", ");
-            for &index in &job.pending {
-                if !outcome.done.contains(&index) {
-                    report(
-                        index,
-                        ShardState::Failed(format!("cancelled (scancel of job {jobs})")),
-                    );
-                }
-            }
-        }
+        )?;
         Ok(())
     }
 
@@ -175,51 +202,19 @@ impl ShardLauncher for SlurmLauncher {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Vec<String>, String> {
         let command = self.worker.whole(job.stage, job.cache_root);
-        let log_dir = job.cache_root.join("slurm").join("logs");
-        let name = format!("vlmpipe:{}:{}", job.kind, job.stage);
         // One job: an array of the single task 0, so it is followed, resubmitted and cancelled
         // exactly as a shard is (and a preempted fine-tune resumes from its checkpoints, which
         // live in the cache's work folder).
-        let array = ArrayJob {
-            name: &name,
-            command: &command,
-            indices: &[0],
-            log_dir: &log_dir,
-        };
-        let outcome = run_array(
-            &self.commands,
-            &self.settings,
-            &array,
-            Some(&|_| job.is_done()),
-            &mut |_, event| match event {
-                TaskEvent::Pending(_) => report(ShardState::Pending),
-                TaskEvent::Running => report(ShardState::Running),
-                TaskEvent::Done => report(ShardState::Done),
-                TaskEvent::Retrying {
-                    reason,
-                    attempt,
-                    of,
-                } => {
-                    eprintln!(
-                        "`{}`: resubmitted (attempt {attempt} of {of}): {reason}",
-                        job.stage
-                    );
-                    report(ShardState::Pending);
-                }
-                TaskEvent::Failed(reason) => report(ShardState::Failed(reason.clone())),
-            },
+        self.follow(
+            job.kind,
+            job.stage,
+            &command,
+            &[0],
+            job.cache_root,
+            &|_| job.is_done(),
+            &|_| format!("`{}`", job.stage),
+            &mut |_, state| report(state),
             cancelled,
         )
-        .map_err(|e| e.to_string())?;
-        if !outcome.failed.is_empty() {
-            forget_probe(job.cache_root);
-        }
-        if outcome.cancelled && outcome.done.is_empty() {
-            let jobs = outcome.jobs.join(", ");
-            report(ShardState::Failed(format!(
-                "cancelled (scancel of job {jobs})"
-            )));
-        }
-        Ok(outcome.jobs)
     }
 }

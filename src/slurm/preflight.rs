@@ -52,14 +52,14 @@ fn probe_memo(cache: &Path) -> PathBuf {
 /// What a probe's verdict depends on besides the cache: the cluster (`SLURM_CONF`, the `sbatch`
 /// binary), where tasks go (partition, `sbatch` arguments) and the machine submitting.
 fn probe_key(commands: &SlurmCommands, settings: &SlurmSettings) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = crate::exec::host_name();
     let conf = std::env::var("SLURM_CONF").unwrap_or_default();
     let text = format!(
         "{conf}\n{}\n{:?}\n{:?}\n{}",
         commands.sbatch_path().display(),
         settings.partition,
         settings.sbatch_args,
-        host.trim()
+        host
     );
     blake3::hash(text.as_bytes()).to_hex()[..32].to_string()
 }

@@ -219,7 +219,9 @@ fn a_task_that_always_fails_gives_up_after_the_retries_saying_why() {
 fn a_task_scancelled_by_someone_fails_without_resubmission_and_the_rest_finish() {
     let Some(cmds) = cluster() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let command = sh("sleep 2; touch \"$0/done-$1\"", dir.path());
+    // Long enough to be seen running even when a busy controller answers `squeue` slowly (a
+    // 2 s task was missed once beside the whole suite).
+    let command = sh("sleep 5; touch \"$0/done-$1\"", dir.path());
     let job = ArrayJob {
         name: "vlmpipe-test:scancel",
         command: &command,
