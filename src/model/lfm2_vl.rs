@@ -236,14 +236,17 @@ impl Lfm2VlModel {
         cache: &mut TextCache,
         mode: LogitsMode,
     ) -> Result<Tensor> {
-        let hidden = match mode {
-            LogitsMode::All => self.text.forward(embeds, attention_mask, cache, None)?,
-            // Only the last position is read: skip the work nothing else depends on.
-            LogitsMode::Last => self
-                .text
-                .forward_tail(embeds, attention_mask, cache, None, 1)?,
-        };
-        self.logits(&hidden, mode)
+        crate::model::ops::on_compute_threads(|| {
+            let hidden = match mode {
+                LogitsMode::All => self.text.forward(embeds, attention_mask, cache, None)?,
+                // Only the last position is read: skip the work nothing else depends on.
+                LogitsMode::Last => {
+                    self.text
+                        .forward_tail(embeds, attention_mask, cache, None, 1)?
+                }
+            };
+            self.logits(&hidden, mode)
+        })
     }
 
     /// Full forward from ids and (optional) images: splice, decode, logits.

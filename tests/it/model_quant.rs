@@ -57,7 +57,7 @@ fn q8_0_blocks_equal_ggml_reference_quantizer() -> TestResult {
     let w = Tensor::from_vec(values.clone(), (rows, cols), &Device::Cpu)?;
     let q = QuantWeight::quantize(&w, GgmlDType::Q8_0)?;
     let expected: Vec<u8> = values.chunks(cols).flat_map(ggml_q8_0_reference).collect();
-    assert_eq!(q.qtensor().data()?.as_ref(), expected.as_slice());
+    assert_eq!(q.qtensor()?.data()?.as_ref(), expected.as_slice());
     assert_eq!(q.storage_bytes(), rows * cols / 32 * 34);
     Ok(())
 }
@@ -711,7 +711,7 @@ fn compare_with_llama_quantize(
             candle_equal: candle.data()? == want.data()?,
             candle_error: rel(&candle.dequantize(&dev)?, &f32_weight)?,
             name: name.to_owned(),
-            equal: ours.qtensor().data()? == want.data()?,
+            equal: ours.qtensor()?.data()? == want.data()?,
             ours_error: rel(&ours.to_tensor()?, &f32_weight)?,
             llama_error: rel(&want.dequantize(&dev)?, &f32_weight)?,
         });

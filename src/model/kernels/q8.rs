@@ -98,12 +98,171 @@ fn quantize_blocks_scalar(x: &[f32], out: &mut [BlockQ8_0]) {
     }
 }
 
-/// `y [m, n] = a [m, k] . w [n, k]^T` for Q8_0 weight rows `w` (`n * k / 32` blocks) and
-/// quantized activation rows `a` ([`quantize_rows`], `m * k / 32` blocks): `m * n` floats,
-/// row-major. Parallel over output columns; AVX2 where the CPU has it, else
-/// scalar code with the same arithmetic (the same values).
-pub(crate) fn matmul(w: &[BlockQ8_0], a: &[BlockQ8_0], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let kb = check_shapes(w, a, m, n, k);
+/// Weight rows a group interleaves ([`Grouped`]).
+pub(crate) const GROUP: usize = 8;
+
+/// One 64-byte line of [`Grouped`] storage (its alignment is the point).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u8; 64]);
+
+/// Q8_0 weight rows `[n, k]` regrouped for streaming: the same bytes as ggml's `n * k / 32`
+/// blocks, permuted (see the module docs). Group `g` (rows `8g..8g + 8`, zero rows past `n`)
+/// starts at line `g * group_lines`: first `kb` runs of 8 f16 scales (row order), padded to a
+/// line, then `kb` runs of 8 x 32 quants.
+pub(crate) struct Grouped {
+    lines: Vec<Line>,
+    n: usize,
+    kb: usize,
+}
+
+impl std::fmt::Debug for Grouped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Grouped([{}, {}])", self.n, self.kb * QK8_0)
+    }
+}
+
+impl Grouped {
+    /// Bytes of a group's scales (`kb` runs of 8 f16), padded to whole lines.
+    fn scale_bytes(kb: usize) -> usize {
+        (kb * GROUP * 2).next_multiple_of(64)
+    }
+
+    fn group_bytes(kb: usize) -> usize {
+        Self::scale_bytes(kb) + kb * GROUP * QK8_0
+    }
+
+    /// Regroups `n` rows of `kb` ggml blocks.
+    pub(crate) fn from_blocks(w: &[BlockQ8_0], n: usize, kb: usize) -> Self {
+        assert_eq!(w.len(), n * kb, "Grouped: weight is not [n, kb] blocks");
+        let groups = n.div_ceil(GROUP);
+        let group_bytes = Self::group_bytes(kb);
+        let mut lines = vec![Line([0; 64]); groups * group_bytes / 64];
+        let scale_bytes = Self::scale_bytes(kb);
+        // Groups are independent; each fills its own lines.
+        lines
+            .par_chunks_mut((group_bytes / 64).max(1))
+            .enumerate()
+            .for_each(|(g, group)| {
+                // SAFETY: `Line` is 64 plain bytes; the group's lines are contiguous.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts_mut(group.as_mut_ptr().cast::<u8>(), group_bytes)
+                };
+                for r in g * GROUP..n.min((g + 1) * GROUP) {
+                    let j = r % GROUP;
+                    for (l, b) in w[r * kb..(r + 1) * kb].iter().enumerate() {
+                        let d = l * GROUP * 2 + j * 2;
+                        bytes[d..d + 2].copy_from_slice(&b.d);
+                        let q = scale_bytes + (l * GROUP + j) * QK8_0;
+                        for (dst, &src) in bytes[q..q + QK8_0].iter_mut().zip(&b.qs) {
+                            *dst = src as u8;
+                        }
+                    }
+                }
+            });
+        Self { lines, n, kb }
+    }
+
+    /// The ggml blocks again, row by row (what a GGUF file or candle's `QTensor` holds).
+    pub(crate) fn to_blocks(&self) -> Vec<BlockQ8_0> {
+        let mut out = Vec::with_capacity(self.n * self.kb);
+        for r in 0..self.n {
+            for l in 0..self.kb {
+                out.push(BlockQ8_0 {
+                    d: self.scale_bits(r, l).to_le_bytes(),
+                    qs: *self.quants(r, l),
+                });
+            }
+        }
+        out
+    }
+
+    /// Output rows (weight rows).
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Blocks per row.
+    pub(crate) fn kb(&self) -> usize {
+        self.kb
+    }
+
+    /// Bytes of the ggml blocks this holds (`n * kb * 34`, padding rows not counted).
+    pub(crate) fn ggml_bytes(&self) -> usize {
+        self.n * self.kb * std::mem::size_of::<BlockQ8_0>()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `Line` is 64 plain bytes, so the lines are `64 * len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.lines.len() * 64) }
+    }
+
+    fn group_start(&self, g: usize) -> usize {
+        g * Self::group_bytes(self.kb)
+    }
+
+    fn scale_bits(&self, r: usize, l: usize) -> u16 {
+        let at = self.group_start(r / GROUP) + l * GROUP * 2 + (r % GROUP) * 2;
+        let b = self.bytes();
+        u16::from_le_bytes([b[at], b[at + 1]])
+    }
+
+    fn quants(&self, r: usize, l: usize) -> &[i8; QK8_0] {
+        let at = self.group_start(r / GROUP)
+            + Self::scale_bytes(self.kb)
+            + (l * GROUP + r % GROUP) * QK8_0;
+        let q: &[u8; QK8_0] = self.bytes()[at..at + QK8_0].try_into().expect("32 bytes");
+        // SAFETY: `i8` and `u8` have the same size and alignment; every bit pattern is valid.
+        unsafe { &*(q as *const [u8; QK8_0]).cast::<[i8; QK8_0]>() }
+    }
+
+    /// Rows `rows` dequantized into `out` (`rows.len() * k` floats), as candle's
+    /// `BlockQ8_0::to_float` (`d * q`, exact in f32).
+    pub(crate) fn dequantize_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let k = self.kb * QK8_0;
+        assert!(rows.end <= self.n && out.len() == rows.len() * k);
+        for (r, out) in rows.zip(out.chunks_exact_mut(k.max(1))) {
+            for (l, out) in out.chunks_exact_mut(QK8_0).enumerate() {
+                let d = half::f16::from_bits(self.scale_bits(r, l)).to_f32();
+                for (o, &q) in out.iter_mut().zip(self.quants(r, l)) {
+                    *o = f32::from(q) * d;
+                }
+            }
+        }
+    }
+
+    /// Where row `r`'s quants and scale of block 0 are, and the steps to the next block.
+    fn row_ptrs(&self, r: usize) -> RowPtrs {
+        let base = self.group_start(r / GROUP);
+        let j = r % GROUP;
+        let bytes = self.bytes().as_ptr();
+        RowPtrs {
+            // SAFETY: both offsets lie inside group `r / GROUP`'s bytes.
+            qs: unsafe { bytes.add(base + Self::scale_bytes(self.kb) + j * QK8_0) }.cast(),
+            // SAFETY: as above.
+            d: unsafe { bytes.add(base + j * 2) },
+        }
+    }
+}
+
+/// A weight row's first quants and scale in [`Grouped`] storage; block `l` is `l * GROUP * 32`
+/// bytes on for the quants and `l * GROUP * 2` for the scale.
+#[derive(Clone, Copy)]
+struct RowPtrs {
+    qs: *const i8,
+    d: *const u8,
+}
+
+const QS_STEP: usize = GROUP * QK8_0;
+const D_STEP: usize = GROUP * 2;
+
+/// `y [m, n] = a [m, k] . w [n, k]^T` for Q8_0 weight rows `w` and quantized activation rows
+/// `a` ([`quantize_rows`], `m * k / 32` blocks): `m * n` floats, row-major. Parallel over
+/// output columns; AVX2 where the CPU has it, else scalar code with the same arithmetic (the
+/// same values).
+pub(crate) fn matmul(w: &Grouped, a: &[BlockQ8_0], m: usize) -> Vec<f32> {
+    let (n, kb) = (w.n, w.kb);
+    assert_eq!(a.len(), m * kb, "q8 matmul: activation is not [m, k]");
     let mut out = vec![0f32; m * n];
     if m == 0 || n == 0 {
         return out;
@@ -113,42 +272,37 @@ pub(crate) fn matmul(w: &[BlockQ8_0], a: &[BlockQ8_0], m: usize, n: usize, k: us
         let a_scales: Vec<f32> = a.iter().map(|b| scale(b.d)).collect();
         let dst = OutPtr(out.as_mut_ptr());
         let panels = n.div_ceil(COLUMN_PANEL);
-        // Few rows (decode): split the columns finely so both cores stream weights; many rows:
-        // one panel of columns a task, its weight blocks reused across every activation row.
+        // Few rows (decode): panels of 4 groups, so both cores stream weights; many rows: each
+        // panel's weight blocks are reused across every activation row.
         (0..panels).into_par_iter().for_each(|p| {
             let cols = p * COLUMN_PANEL..n.min((p + 1) * COLUMN_PANEL);
-            // SAFETY: the CPU has AVX2, FMA and F16C; `w`, `a` and `a_scales` hold `n`, `m`
-            // and `m` rows of `kb` blocks (checked above); tasks write disjoint columns of `dst`,
-            // which holds `m * n` floats.
-            unsafe { panel_avx2(w, a, &a_scales, m, n, kb, cols, &dst) };
+            // SAFETY: the CPU has AVX2, FMA and F16C; `a` and `a_scales` hold `m` rows of `kb`
+            // blocks (checked above); tasks write disjoint columns of `dst`, which holds `m * n`
+            // floats.
+            unsafe { panel_avx2(w, a, &a_scales, m, cols, &dst) };
         });
         return out;
     }
-    matmul_reference_into(w, a, m, n, kb, &mut out);
+    out.par_chunks_mut(n)
+        .zip(a.par_chunks(kb))
+        .for_each(|(y, a)| {
+            for (r, y) in y.iter_mut().enumerate() {
+                *y = dot_reference(w, r, a);
+            }
+        });
     out
 }
 
-/// Output columns (weight rows) a task computes for every activation row.
-const COLUMN_PANEL: usize = 32;
+/// Output columns (weight rows) a task computes for every activation row: 4 groups.
+const COLUMN_PANEL: usize = 4 * GROUP;
 /// Activation rows of a register tile.
 const TILE_M: usize = 4;
 /// Weight rows of a register tile for many activation rows: 4 x 2 accumulators, the two
 /// weight blocks and their absolute values leave room for the temporaries in 16 registers.
 const TILE_N: usize = 2;
-/// Weight rows of a register tile for one activation row (decode): four weight streams in
-/// flight per activation block.
-const TILE_N_ROW: usize = 4;
-
-fn check_shapes(w: &[BlockQ8_0], a: &[BlockQ8_0], m: usize, n: usize, k: usize) -> usize {
-    assert!(
-        k.is_multiple_of(QK8_0),
-        "q8 matmul: k = {k} is not whole blocks"
-    );
-    let kb = k / QK8_0;
-    assert_eq!(w.len(), n * kb, "q8 matmul: weight is not [n, k]");
-    assert_eq!(a.len(), m * kb, "q8 matmul: activation is not [m, k]");
-    kb
-}
+/// Blocks ahead a one-row product prefetches its group's quants (8 x 256 bytes): measured
+/// against 0, 16 and 24 at the 450M decode shapes (`BENCHMARKS.md`).
+const PREFETCH_BLOCKS: usize = 8;
 
 /// Whether [`matmul`] runs its AVX2 kernel here.
 pub(crate) fn avx2_available() -> bool {
@@ -169,8 +323,8 @@ struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint elements through the pointer (see `matmul`).
 unsafe impl Sync for OutPtr {}
 
-/// [`matmul`] in scalar code, lane for lane the AVX2 kernel's arithmetic (the tests' reference;
-/// [`matmul`] falls back to the same code).
+/// [`matmul`] in scalar code over ggml's blocks, lane for lane the AVX2 kernel's arithmetic
+/// (the tests' reference).
 #[cfg(test)]
 pub(crate) fn matmul_reference(
     w: &[BlockQ8_0],
@@ -179,31 +333,15 @@ pub(crate) fn matmul_reference(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
-    let kb = check_shapes(w, a, m, n, k);
+    let kb = k / QK8_0;
+    let g = Grouped::from_blocks(w, n, kb);
     let mut out = vec![0f32; m * n];
-    matmul_reference_into(w, a, m, n, kb, &mut out);
-    out
-}
-
-fn matmul_reference_into(
-    w: &[BlockQ8_0],
-    a: &[BlockQ8_0],
-    m: usize,
-    n: usize,
-    kb: usize,
-    out: &mut [f32],
-) {
-    if kb == 0 {
-        return;
+    for (y, a) in out.chunks_exact_mut(n).zip(a.chunks_exact(kb)) {
+        for (r, y) in y.iter_mut().enumerate() {
+            *y = dot_reference(&g, r, a);
+        }
     }
-    out.par_chunks_mut(n.max(1))
-        .zip(a.par_chunks(kb))
-        .for_each(|(y, a)| {
-            for (y, w) in y.iter_mut().zip(w.chunks_exact(kb)) {
-                *y = dot_reference(w, a);
-            }
-        });
-    debug_assert_eq!(out.len(), m * n);
+    out
 }
 
 /// A block's f16 scale in f32.
@@ -211,16 +349,17 @@ fn scale(d: [u8; 2]) -> f32 {
     half::f16::from_le_bytes(d).to_f32()
 }
 
-/// One row's dot product as the AVX2 kernel computes it: eight f32 lanes, each adding one
-/// `i32` sum of four products per block by an FMA, summed as `hsum_float_8` does.
-fn dot_reference(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+/// Weight row `r`'s dot product with one activation row as the AVX2 kernel computes it: eight
+/// f32 lanes, each adding one `i32` sum of four products per block by an FMA, summed as
+/// `hsum_float_8` does.
+fn dot_reference(w: &Grouped, r: usize, a: &[BlockQ8_0]) -> f32 {
     let mut acc = [0f32; 8];
-    for (w, a) in w.iter().zip(a) {
-        let d = scale(w.d) * scale(a.d);
+    for (l, a) in a.iter().enumerate() {
+        let d = half::f16::from_bits(w.scale_bits(r, l)).to_f32() * scale(a.d);
         // `_mm256_maddubs_epi16(|w|, sign(a, w))`: pairs of `u8 x i8` products summed with
         // saturation to i16; `_mm256_madd_epi16` by ones adds neighbouring pairs into i32.
         let mut pairs = [0i16; 16];
-        let operands = w.qs.chunks_exact(2).zip(a.qs.chunks_exact(2));
+        let operands = w.quants(r, l).chunks_exact(2).zip(a.qs.chunks_exact(2));
         for (pair, (w, a)) in pairs.iter_mut().zip(operands) {
             let mut s = 0i32;
             for (&w, &a) in w.iter().zip(a) {
@@ -250,32 +389,40 @@ fn hsum8(v: [f32; 8]) -> f32 {
 /// Columns `cols` of the product for every activation row.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C; `w` holds `n` rows and `a`, `a_scales` hold `m`
-/// rows of `kb` blocks; `dst` points to `m * n` floats of which this call alone writes the
-/// columns `cols`.
+/// The CPU must have AVX2, FMA and F16C; `a`, `a_scales` hold `m` rows of `w.kb` blocks;
+/// `dst` points to `m * w.n` floats of which this call alone writes the columns `cols`, which
+/// start on a group.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn panel_avx2(
-    w: &[BlockQ8_0],
+    w: &Grouped,
     a: &[BlockQ8_0],
     a_scales: &[f32],
     m: usize,
-    n: usize,
-    kb: usize,
     cols: std::ops::Range<usize>,
     dst: &OutPtr,
 ) {
-    let tile_m = if m < TILE_M { 1 } else { TILE_M };
-    let tile_n = if tile_m == 1 { TILE_N_ROW } else { TILE_N };
+    let (n, kb) = (w.n, w.kb);
+    if m == 1 {
+        let mut out = [0f32; GROUP];
+        for g in cols.start / GROUP..cols.end.div_ceil(GROUP) {
+            // SAFETY: group `g` exists (`cols` lies in `0..n`); `a` is one row of `kb` blocks.
+            unsafe { group_row_avx2(w, g, a, a_scales, &mut out) };
+            let rows = g * GROUP..n.min((g + 1) * GROUP);
+            // SAFETY: these outputs are in this task's columns of the `[1, n]` buffer.
+            let y = unsafe { std::slice::from_raw_parts_mut(dst.0.add(rows.start), rows.len()) };
+            y.copy_from_slice(&out[..rows.len()]);
+        }
+        return;
+    }
     let mut i = 0;
     while i < m {
-        let rows = tile_m.min(m - i);
+        let rows = TILE_M.min(m - i);
         let mut j = cols.start;
         while j < cols.end {
-            let width = tile_n.min(cols.end - j);
+            let width = TILE_N.min(cols.end - j);
             let t = TileArgs {
-                w: w[j * kb..].as_ptr(),
+                w: [w.row_ptrs(j), w.row_ptrs(if width > 1 { j + 1 } else { j })],
                 a: a[i * kb..].as_ptr(),
                 a_scales: a_scales[i * kb..].as_ptr(),
                 kb,
@@ -293,8 +440,6 @@ unsafe fn panel_avx2(
                     (3, 1) => tile::<3, 1>(&t),
                     (2, 2) => tile::<2, 2>(&t),
                     (2, 1) => tile::<2, 1>(&t),
-                    (1, 4) => tile::<1, 4>(&t),
-                    (1, 3) => tile::<1, 3>(&t),
                     (1, 2) => tile::<1, 2>(&t),
                     (1, 1) => tile::<1, 1>(&t),
                     _ => unreachable!("tile {rows}x{width}"),
@@ -306,11 +451,75 @@ unsafe fn panel_avx2(
     }
 }
 
-/// One register tile's operands: `RM` activation rows from `a`, `RN` weight rows from `w`
-/// (rows `kb` blocks apart), outputs at `c` with row stride `ldc`.
+/// One activation row against the 8 weight rows of group `g`: the group's scales are
+/// converted 8 at a time and its aligned quants streamed front to back (see the module docs).
+/// Lane for lane the arithmetic of [`tile`] (`d_w * d_a` rounded once, then one FMA a block).
+///
+/// # Safety
+/// As [`panel_avx2`], and group `g` exists in `w`; `a`, `a_scales` are one row of `w.kb`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_row_avx2(
+    w: &Grouped,
+    g: usize,
+    a: &[BlockQ8_0],
+    a_scales: &[f32],
+    out: &mut [f32; GROUP],
+) {
+    use std::arch::x86_64::*;
+    let kb = w.kb;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); GROUP];
+    let base = w.bytes()[w.group_start(g)..].as_ptr();
+    let scales = base;
+    // SAFETY: the quants follow the scales inside group `g`.
+    let quants = unsafe { base.add(Grouped::scale_bytes(kb)) };
+    for (l, (ab, &ad)) in a.iter().zip(a_scales).enumerate() {
+        // SAFETY: block `l` of the group and of the activation row exist; the quants are on
+        // 32-byte boundaries (lines of 64, runs of 32); a prefetch may point anywhere.
+        unsafe {
+            let aq = _mm256_loadu_si256(ab.qs.as_ptr().cast());
+            let d = _mm256_mul_ps(
+                _mm256_cvtph_ps(_mm_loadu_si128(scales.add(l * D_STEP).cast())),
+                _mm256_set1_ps(ad),
+            );
+            let q = quants.add(l * QS_STEP);
+            let ahead = q.wrapping_add(PREFETCH_BLOCKS * QS_STEP);
+            for line in 0..QS_STEP / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+            }
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let wq = _mm256_load_si256(q.add(j * QK8_0).cast());
+                let dot = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(aq, wq));
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, dot));
+                let dj = _mm256_permutevar8x32_ps(d, _mm256_set1_epi32(j as i32));
+                *acc = _mm256_fmadd_ps(dj, f, *acc);
+            }
+        }
+    }
+    for (o, v) in out.iter_mut().zip(&acc) {
+        *o = hsum8_avx(*v);
+    }
+}
+
+/// `hsum_float_8`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum8_avx(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let h = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    _mm_cvtss_f32(h)
+}
+
+/// One register tile's operands: `RM` activation rows from `a`, `RN` weight rows `w`, outputs
+/// at `c` with row stride `ldc`.
 #[cfg(target_arch = "x86_64")]
 struct TileArgs {
-    w: *const BlockQ8_0,
+    w: [RowPtrs; TILE_N],
     a: *const BlockQ8_0,
     a_scales: *const f32,
     kb: usize,
@@ -321,8 +530,8 @@ struct TileArgs {
 /// `RM x RN` outputs over all `kb` blocks (ggml's block dot, see the module docs).
 ///
 /// # Safety
-/// As [`panel_avx2`]: AVX2, FMA and F16C, and `RM` / `RN` rows of `kb` blocks behind
-/// `t.a`, `t.a_scales` and `t.w`, outputs writable at `t.c`.
+/// As [`panel_avx2`]: AVX2, FMA and F16C, and `RM` activation rows of `kb` blocks behind
+/// `t.a`, `t.a_scales`, `RN` weight rows behind `t.w`, outputs writable at `t.c`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -338,12 +547,15 @@ unsafe fn tile<const RM: usize, const RN: usize>(t: &TileArgs) {
         let mut wd = [0f32; RN];
         for j in 0..RN {
             // SAFETY: block `l` of weight row `j` exists (the caller's contract).
-            let b = unsafe { &*t.w.add(j * t.kb + l) };
-            // SAFETY: `qs` is 32 readable bytes.
-            wq[j] = unsafe { _mm256_loadu_si256(b.qs.as_ptr().cast()) };
+            unsafe {
+                wq[j] = _mm256_load_si256(t.w[j].qs.add(l * QS_STEP).cast());
+                let bits = i32::from(u16::from_le_bytes([
+                    *t.w[j].d.add(l * D_STEP),
+                    *t.w[j].d.add(l * D_STEP + 1),
+                ]));
+                wd[j] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+            }
             wabs[j] = _mm256_sign_epi8(wq[j], wq[j]);
-            let bits = i32::from(u16::from_le_bytes(b.d));
-            wd[j] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
         }
         for i in 0..RM {
             // SAFETY: block `l` of activation row `i` and its scale exist.
@@ -362,12 +574,8 @@ unsafe fn tile<const RM: usize, const RN: usize>(t: &TileArgs) {
     }
     for (i, row) in acc.iter().enumerate() {
         for (j, v) in row.iter().enumerate() {
-            // `hsum_float_8`.
-            let h = _mm_add_ps(_mm256_extractf128_ps(*v, 1), _mm256_castps256_ps128(*v));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            let h = _mm_add_ss(h, _mm_movehdup_ps(h));
             // SAFETY: output `(i, j)` of the tile is writable (the caller's contract).
-            unsafe { *t.c.add(i * t.ldc + j) = _mm_cvtss_f32(h) };
+            unsafe { *t.c.add(i * t.ldc + j) = hsum8_avx(*v) };
         }
     }
 }
@@ -407,7 +615,7 @@ mod tests {
         ] {
             let w = quantize_rows(&values(n * k, 1 + n as u64), k);
             let a = quantize_rows(&values(m * k, 2 + m as u64), k);
-            let got = matmul(&w, &a, m, n, k);
+            let got = matmul(&Grouped::from_blocks(&w, n, k / QK8_0), &a, m);
             let want = matmul_reference(&w, &a, m, n, k);
             let same = got
                 .iter()
@@ -428,7 +636,7 @@ mod tests {
         let w = [block(0.5, -128), block(0.0, 0), block(2.0, 127)];
         let a = [block(1.0, 127), block(1.0, -127), block(0.25, -127)];
         assert_eq!(
-            matmul(&w, &a, 1, 1, 96)[0].to_bits(),
+            matmul(&Grouped::from_blocks(&w, 1, 3), &a, 1)[0].to_bits(),
             matmul_reference(&w, &a, 1, 1, 96)[0].to_bits()
         );
         // -128 x 127 x 11 + -64 x 63 x 21, in lanes, scaled by 0.5; then 127 x -127 ... x 0.5.
@@ -455,5 +663,39 @@ mod tests {
                 qs: [0; 32]
             }
         );
+    }
+
+    /// Regrouping is a permutation: the ggml blocks come back unchanged, for row counts that
+    /// are not whole groups and widths whose scales do not fill a line; every row dequantizes
+    /// as candle's `to_float` does.
+    #[test]
+    fn grouped_rows_are_the_ggml_blocks_permuted() {
+        for (n, kb) in [(1, 1), (13, 3), (16, 4), (70, 36)] {
+            let w = quantize_rows(&values(n * kb * QK8_0, 5 + n as u64), kb * QK8_0);
+            let g = Grouped::from_blocks(&w, n, kb);
+            assert_eq!(g.to_blocks(), w, "[{n}, {kb} blocks]");
+            assert_eq!(g.ggml_bytes(), n * kb * 34);
+            let mut got = vec![0f32; n * kb * QK8_0];
+            g.dequantize_rows(0..n, &mut got);
+            // SAFETY: a block is 34 plain bytes (`repr(C)`, alignment 1).
+            let bytes = unsafe {
+                std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), std::mem::size_of_val(&w[..]))
+            };
+            let dev = candle_core::Device::Cpu;
+            let want = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                candle_core::quantized::GgmlDType::Q8_0,
+                bytes,
+                vec![n, kb * QK8_0],
+                &dev,
+            )
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+            assert_eq!(got, want);
+        }
     }
 }

@@ -47,22 +47,16 @@ pub(crate) fn choose_path(rows: usize) -> Path {
     }
 }
 
-/// `x [m, k] @ W^T` for Q8_0 blocks `bytes` of `W [n, k]`, the activation rows quantized to
-/// Q8_0 first: what `QMatMul` computes, bit for bit, by [`q8::matmul`]. `None` when the bytes
-/// are not Q8_0 blocks of that shape.
-pub(crate) fn int8_matmul(
-    bytes: &[u8],
-    x: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-) -> Option<Vec<f32>> {
-    let w = q8::view_blocks(bytes)?;
-    if !k.is_multiple_of(q8::QK8_0) || w.len() != n * (k / q8::QK8_0) || x.len() != m * k {
+/// `x [m, k] @ W^T` for Q8_0 weight rows `w` ([`q8::Grouped`]), the activation rows quantized
+/// to Q8_0 first: what `QMatMul` computes, bit for bit, by [`q8::matmul`]. `None` when `x` is
+/// not `m` rows of `w`'s width.
+pub(crate) fn int8_matmul(w: &q8::Grouped, x: &[f32], m: usize) -> Option<Vec<f32>> {
+    let k = w.kb() * q8::QK8_0;
+    if x.len() != m * k {
         return None;
     }
     let a = q8::quantize_rows(x, k);
-    Some(q8::matmul(w, &a, m, n, k))
+    Some(q8::matmul(w, &a, m))
 }
 
 /// Weight rows dequantized and multiplied together: 64 rows of 4608 f32 are 1.2 MB, one core's
@@ -139,7 +133,33 @@ pub(crate) fn dequantized_matmul(
     k: usize,
     n: usize,
 ) -> Option<Vec<f32>> {
-    if !supported(dtype) || x.len() != m * k || m == 0 {
+    if !supported(dtype) {
+        return None;
+    }
+    panel_matmul(x, m, k, n, |rows, out| {
+        dequantize_rows(dtype, bytes, k, rows, out)
+    })
+}
+
+/// [`dequantized_matmul`] for Q8_0 rows held regrouped ([`q8::Grouped`]).
+pub(crate) fn grouped_dequantized_matmul(w: &q8::Grouped, x: &[f32], m: usize) -> Option<Vec<f32>> {
+    let (k, n) = (w.kb() * q8::QK8_0, w.n());
+    panel_matmul(x, m, k, n, |rows, out| {
+        w.dequantize_rows(rows, out);
+        true
+    })
+}
+
+/// `x [m, k] @ W^T`, `W [n, k]`'s rows dequantized by `dequantize(rows, out)` a panel at a time
+/// (`false`: these rows cannot be read, so neither can the product).
+fn panel_matmul(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    dequantize: impl Fn(std::ops::Range<usize>, &mut [f32]) -> bool + Sync,
+) -> Option<Vec<f32>> {
+    if x.len() != m * k || m == 0 {
         return None;
     }
     let panels: Vec<(usize, usize)> = (0..n)
@@ -151,7 +171,7 @@ pub(crate) fn dequantized_matmul(
         .par_iter()
         .map(|&(start, rows)| {
             let mut w = vec![0f32; rows * k];
-            if !dequantize_rows(dtype, bytes, k, start..start + rows, &mut w) {
+            if !dequantize(start..start + rows, &mut w) {
                 return None;
             }
             let mut y = vec![0f32; m * rows];
@@ -220,6 +240,21 @@ mod tests {
         assert!(dequantized_matmul(GgmlDType::Q2K, &[], &[0.0; 4], 1, 4, 1).is_none());
     }
 
+    /// Regrouped Q8_0 rows give the same panel product as ggml's blocks.
+    #[test]
+    fn grouped_panels_equal_the_ggml_panels() {
+        let (m, n, k) = (70, 77, 96);
+        let q = weight(n, k, GgmlDType::Q8_0);
+        let bytes = q.data().unwrap();
+        let grouped = q8::Grouped::from_blocks(q8::view_blocks(&bytes).unwrap(), n, k / 32);
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            grouped_dequantized_matmul(&grouped, &xs, m),
+            dequantized_matmul(GgmlDType::Q8_0, &bytes, &xs, m, k, n)
+        );
+    }
+
     /// The integer kernel computes exactly `QMatMul`'s values (the same activation blocks and
     /// block dots), for one row (decode) and for row and column counts that are not whole tiles.
     #[test]
@@ -236,7 +271,9 @@ mod tests {
             let q = std::sync::Arc::new(q);
             let want = crate::model::quant::qmatmul_values(&q, &x);
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let got = int8_matmul(&q.data().unwrap(), &xs, m, k, n).expect("Q8_0 blocks");
+            let blocks = q8::view_blocks(&q.data().unwrap()).unwrap().to_vec();
+            let grouped = q8::Grouped::from_blocks(&blocks, n, k / 32);
+            let got = int8_matmul(&grouped, &xs, m).expect("rows of the weight's width");
             let differ = got
                 .iter()
                 .zip(&want)
@@ -247,7 +284,8 @@ mod tests {
                 "[{m}, {k}] x [{n}, {k}]: {differ} outputs differ"
             );
         }
-        assert!(int8_matmul(&[0; 34], &[0.0; 32], 1, 32, 2).is_none());
+        let one = q8::Grouped::from_blocks(&q8::quantize_rows(&[1.0; 32], 32), 1, 1);
+        assert!(int8_matmul(&one, &[0.0; 64], 1).is_none());
     }
 
     /// Where the panel path starts paying off against `QMatMul`: prints both per row count at a
@@ -259,6 +297,10 @@ mod tests {
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
             let q = weight(n, k, dtype);
             let bytes = q.data().unwrap().into_owned();
+            let grouped = (dtype == GgmlDType::Q8_0).then(|| {
+                let blocks = q8::view_blocks(&bytes).unwrap();
+                q8::Grouped::from_blocks(blocks, n, k / 32)
+            });
             let mm = QMatMul::from_qtensor(q).unwrap();
             for m in [1, 2, 4, 8, 16, 32, 64, 270] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
@@ -274,10 +316,10 @@ mod tests {
                     std::hint::black_box(dequantized_matmul(dtype, &bytes, &xs, m, k, n));
                 }
                 let ours = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
-                let int8_ms = if dtype == GgmlDType::Q8_0 {
+                let int8_ms = if let Some(grouped) = &grouped {
                     let t = std::time::Instant::now();
                     for _ in 0..reps {
-                        std::hint::black_box(int8_matmul(&bytes, &xs, m, k, n));
+                        std::hint::black_box(int8_matmul(grouped, &xs, m));
                     }
                     t.elapsed().as_secs_f64() * 1e3 / reps as f64
                 } else {

@@ -1,19 +1,14 @@
-//! One linear weight held as ggml blocks, multiplied through candle's quantized matmul.
+//! One linear weight held as ggml blocks, multiplied through candle's quantized matmul or our
+//! CPU products.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-/// Which of our CPU products multiplies (see [`QuantWeight::cpu_product`]).
-#[derive(Clone, Copy)]
-enum Product {
-    Int8,
-    Panels,
-    Matvec,
-}
+use crate::model::kernels::q8;
 
 /// A frozen `[out, in]` weight quantized into ggml blocks along `in` (one row = one output).
 ///
@@ -24,16 +19,31 @@ enum Product {
 /// Metal its own kernels. The dense weight is gone once this exists.
 #[derive(Clone)]
 pub struct QuantWeight {
-    tensor: Arc<QTensor>,
-    matmul: QMatMul,
+    store: Store,
     out_dim: usize,
     in_dim: usize,
+}
+
+#[derive(Clone)]
+enum Store {
+    /// candle's blocks and its product over them.
+    Ggml {
+        tensor: Arc<QTensor>,
+        matmul: QMatMul,
+    },
+    /// Q8_0 on the CPU: the same bytes regrouped for our integer kernel ([`q8::Grouped`]), not a
+    /// copy beside candle's. candle's `QTensor` is rebuilt from them only when asked for
+    /// ([`QuantWeight::qtensor`], or a product only `QMatMul` takes) and then kept.
+    Q8Grouped {
+        grouped: Arc<q8::Grouped>,
+        ggml: Arc<OnceLock<Arc<QTensor>>>,
+    },
 }
 
 impl fmt::Debug for QuantWeight {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QuantWeight")
-            .field("dtype", &self.tensor.dtype())
+            .field("dtype", &self.dtype())
             .field("shape", &[self.out_dim, self.in_dim])
             .finish()
     }
@@ -80,6 +90,20 @@ impl QuantWeight {
             )
         }
         let device = tensor.device();
+        if dtype == GgmlDType::Q8_0
+            && device.is_cpu()
+            && let Some(blocks) = q8::view_blocks(&tensor.data()?)
+        {
+            let grouped = q8::Grouped::from_blocks(blocks, out_dim, in_dim / q8::QK8_0);
+            return Ok(Self {
+                store: Store::Q8Grouped {
+                    grouped: Arc::new(grouped),
+                    ggml: Arc::new(OnceLock::new()),
+                },
+                out_dim,
+                in_dim,
+            });
+        }
         // candle's Q5_0/Q5_1 dot products insist on an even number of blocks a row (a debug
         // assertion; the arithmetic would be right). Such a row (a fallback on narrow test
         // models, never at LFM2-VL-450M's widths) multiplies by the dequantized blocks instead:
@@ -91,11 +115,18 @@ impl QuantWeight {
             QMatMul::QTensor(tensor.clone())
         };
         Ok(Self {
-            matmul,
-            tensor,
+            store: Store::Ggml { tensor, matmul },
             out_dim,
             in_dim,
         })
+    }
+
+    /// The block type.
+    pub(crate) fn dtype(&self) -> GgmlDType {
+        match &self.store {
+            Store::Ggml { tensor, .. } => tensor.dtype(),
+            Store::Q8Grouped { .. } => GgmlDType::Q8_0,
+        }
     }
 
     pub(crate) fn out_dim(&self) -> usize {
@@ -108,12 +139,46 @@ impl QuantWeight {
 
     /// Bytes of the blocks (what a GGUF file holds for this tensor).
     pub fn storage_bytes(&self) -> usize {
-        self.tensor.storage_size_in_bytes()
+        match &self.store {
+            Store::Ggml { tensor, .. } => tensor.storage_size_in_bytes(),
+            Store::Q8Grouped { grouped, .. } => grouped.ggml_bytes(),
+        }
     }
 
-    /// The blocks themselves, as a GGUF file stores them.
-    pub fn qtensor(&self) -> &QTensor {
-        &self.tensor
+    /// The blocks as candle (and a GGUF file) holds them. Regrouped Q8_0 weights are put back
+    /// into ggml's order on the first call, and that copy is kept beside them.
+    pub fn qtensor(&self) -> Result<Arc<QTensor>> {
+        match &self.store {
+            Store::Ggml { tensor, .. } => Ok(tensor.clone()),
+            Store::Q8Grouped { grouped, ggml } => {
+                if let Some(q) = ggml.get() {
+                    return Ok(q.clone());
+                }
+                let blocks = grouped.to_blocks();
+                // SAFETY: a block is 34 plain bytes (`repr(C)`, alignment 1).
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(
+                        blocks.as_ptr().cast::<u8>(),
+                        std::mem::size_of_val(blocks.as_slice()),
+                    )
+                };
+                let q = Arc::new(qtensor_from_ggml(
+                    GgmlDType::Q8_0,
+                    bytes,
+                    vec![self.out_dim, self.in_dim],
+                    &Device::Cpu,
+                )?);
+                Ok(ggml.get_or_init(|| q).clone())
+            }
+        }
+    }
+
+    /// candle's product over these blocks (built on first use for regrouped weights).
+    fn qmatmul(&self) -> Result<QMatMul> {
+        match &self.store {
+            Store::Ggml { matmul, .. } => Ok(matmul.clone()),
+            Store::Q8Grouped { .. } => Ok(QMatMul::QTensor(self.qtensor()?)),
+        }
     }
 
     /// `x [rows, in] -> x W^T + b [rows, out]`, in `x`'s dtype.
@@ -126,7 +191,7 @@ impl QuantWeight {
         };
         let mut y = match self.cpu_product(&x)? {
             Some(y) => y,
-            None => self.matmul.forward(&x)?,
+            None => self.qmatmul()?.forward(&x)?,
         };
         if y.dtype() != in_dtype {
             y = y.to_dtype(in_dtype)?;
@@ -144,49 +209,94 @@ impl QuantWeight {
     /// (use `QMatMul`) otherwise: other block types, another device or dtype.
     /// `VLMPIPE_QUANT_PRODUCT=qmatmul` (or `int8`, `panels` for Q8_0) forces a path, to compare.
     fn cpu_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let QMatMul::QTensor(q) = &self.matmul else {
+        if x.track_op() || !x.device().is_cpu() {
             return Ok(None);
-        };
-        if !crate::model::ops::is_cpu_f32(x) || x.track_op() {
+        }
+        let forced = std::env::var("VLMPIPE_QUANT_PRODUCT").ok();
+        if forced.as_deref() == Some("qmatmul") {
             return Ok(None);
         }
         let rows = x.elem_count() / self.in_dim.max(1);
-        let forced = std::env::var("VLMPIPE_QUANT_PRODUCT").ok();
-        let dtype = q.dtype();
-        let product = match (dtype, forced.as_deref()) {
-            (_, Some("qmatmul")) => return Ok(None),
-            (GgmlDType::Q8_0, Some("int8")) => Product::Int8,
-            (GgmlDType::Q8_0, Some("panels")) => Product::Panels,
-            (GgmlDType::Q8_0, _) => match super::prefill::choose_path(rows) {
-                super::prefill::Path::Int8 => Product::Int8,
-                super::prefill::Path::Panels => Product::Panels,
-            },
-            (t, _) if super::matvec::supported(t) && rows <= super::matvec::MAX_ROWS => {
-                Product::Matvec
-            }
-            _ => return Ok(None),
-        };
-        let bytes = q.data()?;
         let (m, k, n) = (rows, self.in_dim, self.out_dim);
-        let y = crate::model::ops::with_cpu_f32(x, |xs| match product {
-            Product::Int8 => super::prefill::int8_matmul(&bytes, xs, m, k, n),
-            Product::Panels => super::prefill::dequantized_matmul(dtype, &bytes, xs, m, k, n),
-            Product::Matvec => super::matvec::matvec(dtype, &bytes, xs, m, k, n),
-        })?;
-        let Some(y) = y else { return Ok(None) };
+        let tensor = match &self.store {
+            Store::Q8Grouped { grouped, .. } => {
+                let panels = match forced.as_deref() {
+                    Some("int8") => false,
+                    Some("panels") => true,
+                    _ => super::prefill::choose_path(rows) == super::prefill::Path::Panels,
+                };
+                // Our kernels take f32 activations: half-precision ones are widened first.
+                let x32 = x.to_dtype(DType::F32)?;
+                let y = crate::model::ops::with_cpu_f32(&x32, |xs| {
+                    if panels {
+                        super::prefill::grouped_dequantized_matmul(grouped, xs, m)
+                    } else {
+                        super::prefill::int8_matmul(grouped, xs, m)
+                    }
+                })?;
+                let Some(y) = y else { return Ok(None) };
+                y
+            }
+            Store::Ggml { matmul, .. } => {
+                let QMatMul::QTensor(q) = matmul else {
+                    return Ok(None);
+                };
+                let dtype = q.dtype();
+                let matvec = super::matvec::supported(dtype) && rows <= super::matvec::MAX_ROWS;
+                let panels = super::prefill::supported(dtype)
+                    && super::prefill::choose_path(rows) == super::prefill::Path::Panels;
+                if !crate::model::ops::is_cpu_f32(x) || !(matvec || panels) {
+                    return Ok(None);
+                }
+                let bytes = q.data()?;
+                let y = crate::model::ops::with_cpu_f32(x, |xs| {
+                    if matvec {
+                        super::matvec::matvec(dtype, &bytes, xs, m, k, n)
+                    } else {
+                        super::prefill::dequantized_matmul(dtype, &bytes, xs, m, k, n)
+                    }
+                })?;
+                let Some(y) = y else { return Ok(None) };
+                y
+            }
+        };
         let mut dims = x.dims().to_vec();
         *dims.last_mut().expect("x has an `in` dimension") = n;
-        Ok(Some(Tensor::from_vec(y, dims, x.device())?))
+        Ok(Some(Tensor::from_vec(tensor, dims, x.device())?))
     }
 
     /// The dequantized `[out, in]` weight in f32 (what every product effectively multiplies by).
     pub fn to_tensor(&self) -> Result<Tensor> {
-        self.tensor.dequantize(&self.tensor.device())
+        match &self.store {
+            Store::Ggml { tensor, .. } => tensor.dequantize(&tensor.device()),
+            Store::Q8Grouped { grouped, .. } => {
+                let mut w = vec![0f32; self.out_dim * self.in_dim];
+                grouped.dequantize_rows(0..self.out_dim, &mut w);
+                Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
+            }
+        }
     }
 
     /// Rows `ids` dequantized, `[ids.len(), in]` in f32: a tied embedding table read from the
     /// quantized LM head, as llama.cpp reads `token_embd`.
     pub(crate) fn gather_rows(&self, ids: &Tensor) -> Result<Tensor> {
-        self.tensor.embedding(ids)
+        match &self.store {
+            Store::Ggml { tensor, .. } => tensor.embedding(ids),
+            Store::Q8Grouped { grouped, .. } => {
+                let mut dims = ids.dims().to_vec();
+                let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let k = self.in_dim;
+                dims.push(k);
+                let mut out = vec![0f32; ids.len() * k];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
+                    let id = id as usize;
+                    if id >= self.out_dim {
+                        candle_core::bail!("embedding row {id} of {} rows", self.out_dim)
+                    }
+                    grouped.dequantize_rows(id..id + 1, row);
+                }
+                Tensor::from_vec(out, dims, &Device::Cpu)
+            }
+        }
     }
 }
