@@ -413,6 +413,22 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// A forward called from outside the pool runs on one of its threads (so its products'
+    /// tasks are shared with the caller), and one already there runs in place, without waiting
+    /// on a pool it occupies.
+    #[test]
+    fn forwards_run_on_the_compute_threads() {
+        assert!(rayon::current_thread_index().is_none());
+        let (outer, inner) = on_compute_threads(|| {
+            let outer = rayon::current_thread_index();
+            let inner =
+                on_compute_threads(|| (rayon::current_thread_index(), std::thread::current().id()));
+            (outer.zip(Some(std::thread::current().id())), inner)
+        });
+        let (index, thread) = outer.expect("ran on a pool thread");
+        assert_eq!(inner, (Some(index), thread));
+    }
+
     #[test]
     fn fast_kernels_match_candle() -> Result<()> {
         let dev = Device::Cpu;

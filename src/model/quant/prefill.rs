@@ -1,6 +1,7 @@
-//! Quantized products over many rows (prefill, the vision tower) on the CPU: each panel of
-//! weight rows is dequantized to f32 and multiplied by the `gemm` crate's f32 kernel; fewer
-//! rows (decode) by Q8_0 blocks go through our integer kernel ([`int8_matmul`]).
+//! Q8_0 products on the CPU: over many rows (prefill, the vision tower) each panel of weight
+//! rows is dequantized to f32 and multiplied by the `gemm` crate's f32 kernel
+//! ([`grouped_dequantized_matmul`]); fewer rows (decode) go through our integer kernel
+//! ([`int8_matmul`]).
 //!
 //! Why not candle's `QMatMul` there: on the CPU it quantizes the activations and runs one block
 //! dot product per (row, output) pair without tiling, which measured 4-5x slower than the f32
@@ -13,10 +14,6 @@
 //! The panels give the exact f32 product with the dequantized weight (what `QMatMul`
 //! approximates with 8-bit activations); the integer kernel gives `QMatMul`'s values.
 
-use candle_core::quantized::GgmlDType;
-use candle_core::quantized::k_quants::{
-    BlockQ4_0, BlockQ4K, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
-};
 use rayon::prelude::*;
 
 use crate::model::kernels::cpu::{MatMut, MatRef, gemm};
@@ -27,7 +24,7 @@ use crate::model::kernels::q8;
 pub(crate) enum Path {
     /// Activations quantized to Q8_0, integer block dots ([`int8_matmul`]): `QMatMul`'s values.
     Int8,
-    /// Weight panels dequantized into the f32 GEMM ([`dequantized_matmul`]).
+    /// Weight panels dequantized into the f32 GEMM ([`grouped_dequantized_matmul`]).
     Panels,
 }
 
@@ -63,85 +60,9 @@ pub(crate) fn int8_matmul(w: &q8::Grouped, x: &[f32], m: usize) -> Option<Vec<f3
 /// share of L3, and the `gemm` crate's packing of `x` is amortised over 64 outputs.
 const PANEL_ROWS: usize = 64;
 
-/// Whether [`dequantized_matmul`] takes blocks of this type.
-pub(crate) fn supported(dtype: GgmlDType) -> bool {
-    matches!(
-        dtype,
-        GgmlDType::Q8_0
-            | GgmlDType::Q4_0
-            | GgmlDType::Q5_0
-            | GgmlDType::Q4K
-            | GgmlDType::Q5K
-            | GgmlDType::Q6K
-    )
-}
-
-/// Rows `rows` of a `[_, k]` matrix of `T` blocks (`bytes`, as candle stores them) into `out`.
-fn dequantize_rows_as<T: GgmlType>(
-    bytes: &[u8],
-    k: usize,
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-) -> bool {
-    let size = std::mem::size_of::<T>();
-    if !bytes
-        .as_ptr()
-        .align_offset(std::mem::align_of::<T>())
-        .eq(&0)
-        || !bytes.len().is_multiple_of(size)
-        || !k.is_multiple_of(T::BLCK_SIZE)
-    {
-        return false;
-    }
-    // SAFETY: candle's CPU storage of a `T` tensor is a `Vec<T>` viewed as bytes (alignment and
-    // length checked above); `T` is a `repr(C)` block of plain numbers, valid for any bits.
-    let blocks =
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) };
-    let per_row = k / T::BLCK_SIZE;
-    let Some(panel) = blocks.get(rows.start * per_row..rows.end * per_row) else {
-        return false;
-    };
-    T::to_float(panel, out);
-    true
-}
-
-fn dequantize_rows(
-    dtype: GgmlDType,
-    bytes: &[u8],
-    k: usize,
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-) -> bool {
-    match dtype {
-        GgmlDType::Q8_0 => dequantize_rows_as::<BlockQ8_0>(bytes, k, rows, out),
-        GgmlDType::Q4_0 => dequantize_rows_as::<BlockQ4_0>(bytes, k, rows, out),
-        GgmlDType::Q5_0 => dequantize_rows_as::<BlockQ5_0>(bytes, k, rows, out),
-        GgmlDType::Q4K => dequantize_rows_as::<BlockQ4K>(bytes, k, rows, out),
-        GgmlDType::Q5K => dequantize_rows_as::<BlockQ5K>(bytes, k, rows, out),
-        GgmlDType::Q6K => dequantize_rows_as::<BlockQ6K>(bytes, k, rows, out),
-        _ => false,
-    }
-}
-
-/// `x [m, k] @ W^T` for `W [n, k]` held as `dtype` blocks (`bytes`): a new `[m, n]` buffer, or
-/// `None` when these blocks cannot be read here (the caller then uses `QMatMul`).
-pub(crate) fn dequantized_matmul(
-    dtype: GgmlDType,
-    bytes: &[u8],
-    x: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-) -> Option<Vec<f32>> {
-    if !supported(dtype) {
-        return None;
-    }
-    panel_matmul(x, m, k, n, |rows, out| {
-        dequantize_rows(dtype, bytes, k, rows, out)
-    })
-}
-
-/// [`dequantized_matmul`] for Q8_0 rows held regrouped ([`q8::Grouped`]).
+/// `x [m, k] @ W^T` for Q8_0 weight rows `W [n, k]` ([`q8::Grouped`]), a 64-row panel of `W`
+/// dequantized to f32 at a time: a new `[m, n]` buffer, or `None` when `x` is not `m` rows
+/// of `W`'s width.
 pub(crate) fn grouped_dequantized_matmul(w: &q8::Grouped, x: &[f32], m: usize) -> Option<Vec<f32>> {
     let (k, n) = (w.kb() * q8::QK8_0, w.n());
     panel_matmul(x, m, k, n, |rows, out| {
@@ -151,7 +72,9 @@ pub(crate) fn grouped_dequantized_matmul(w: &q8::Grouped, x: &[f32], m: usize) -
 }
 
 /// `x [m, k] @ W^T`, `W [n, k]`'s rows dequantized by `dequantize(rows, out)` a panel at a time
-/// (`false`: these rows cannot be read, so neither can the product).
+/// (`false`: these rows cannot be read, so neither can the product). A closure, so that another
+/// block layout can take this path the day one measures faster here than `QMatMul` (k-quants
+/// do not yet: `tests::crossover`).
 fn panel_matmul(
     x: &[f32],
     m: usize,
@@ -194,7 +117,8 @@ fn panel_matmul(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{QMatMul, QTensor};
+    use candle_core::quantized::k_quants::{BlockQ4K, GgmlType};
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
 
     fn weight(n: usize, k: usize, dtype: GgmlDType) -> QTensor {
@@ -202,20 +126,12 @@ mod tests {
         QTensor::quantize(&w, dtype).unwrap()
     }
 
-    /// The panel product equals `x @ dequantize(W)^T` within f32 rounding, for every block type
-    /// it takes and for widths that are not whole panels.
+    /// The panel product equals `x @ dequantize(W)^T` within f32 rounding, for widths that are
+    /// not whole panels or groups.
     #[test]
     fn equals_the_product_with_the_dequantized_weight() {
-        for (dtype, n, k) in [
-            (GgmlDType::Q8_0, 200, 96),
-            (GgmlDType::Q4K, 130, 512),
-            (GgmlDType::Q6K, 64, 256),
-            (GgmlDType::Q5_0, 70, 64),
-            (GgmlDType::Q4_0, 3, 32),
-            (GgmlDType::Q5K, 65, 256),
-        ] {
-            let q = weight(n, k, dtype);
-            let m = 9;
+        for (m, n, k) in [(9, 200, 96), (70, 77, 96), (1, 3, 32), (65, 64, 256)] {
+            let q = weight(n, k, GgmlDType::Q8_0);
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
             let want = x
                 .matmul(&q.dequantize(&Device::Cpu).unwrap().t().unwrap())
@@ -225,34 +141,20 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap();
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let got = dequantized_matmul(dtype, &q.data().unwrap(), &xs, m, k, n)
-                .unwrap_or_else(|| panic!("{dtype:?} not taken"));
+            let bytes = q.data().unwrap();
+            let grouped = q8::Grouped::from_blocks(q8::view_blocks(&bytes).unwrap(), n, k / 32);
+            let got = grouped_dequantized_matmul(&grouped, &xs, m).expect("rows of its width");
             assert_eq!(got.len(), want.len());
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                    "{dtype:?} [{}, {}]: {g} vs {w}",
+                    "[{}, {}]: {g} vs {w}",
                     i / n,
                     i % n
                 );
             }
+            assert!(grouped_dequantized_matmul(&grouped, &xs[1..], m).is_none());
         }
-        assert!(dequantized_matmul(GgmlDType::Q2K, &[], &[0.0; 4], 1, 4, 1).is_none());
-    }
-
-    /// Regrouped Q8_0 rows give the same panel product as ggml's blocks.
-    #[test]
-    fn grouped_panels_equal_the_ggml_panels() {
-        let (m, n, k) = (70, 77, 96);
-        let q = weight(n, k, GgmlDType::Q8_0);
-        let bytes = q.data().unwrap();
-        let grouped = q8::Grouped::from_blocks(q8::view_blocks(&bytes).unwrap(), n, k / 32);
-        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
-        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(
-            grouped_dequantized_matmul(&grouped, &xs, m),
-            dequantized_matmul(GgmlDType::Q8_0, &bytes, &xs, m, k, n)
-        );
     }
 
     /// The integer kernel computes exactly `QMatMul`'s values (the same activation blocks and
@@ -313,7 +215,20 @@ mod tests {
                 let candle = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
                 let t = std::time::Instant::now();
                 for _ in 0..reps {
-                    std::hint::black_box(dequantized_matmul(dtype, &bytes, &xs, m, k, n));
+                    std::hint::black_box(match &grouped {
+                        Some(g) => grouped_dequantized_matmul(g, &xs, m),
+                        None => panel_matmul(&xs, m, k, n, |rows, out| {
+                            // SAFETY: candle stores Q4_K as `Vec<BlockQ4K>` (a test-only view).
+                            let blocks: &[BlockQ4K] = unsafe {
+                                std::slice::from_raw_parts(bytes.as_ptr().cast(), n * k / 256)
+                            };
+                            BlockQ4K::to_float(
+                                &blocks[rows.start * k / 256..rows.end * k / 256],
+                                out,
+                            );
+                            true
+                        }),
+                    });
                 }
                 let ours = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
                 let int8_ms = if let Some(grouped) = &grouped {

@@ -242,19 +242,19 @@ impl QuantWeight {
                     return Ok(None);
                 };
                 let dtype = q.dtype();
-                let matvec = super::matvec::supported(dtype) && rows <= super::matvec::MAX_ROWS;
-                let panels = super::prefill::supported(dtype)
-                    && super::prefill::choose_path(rows) == super::prefill::Path::Panels;
-                if !crate::model::ops::is_cpu_f32(x) || !(matvec || panels) {
+                let few_rows = rows <= super::matvec::MAX_ROWS;
+                if !(crate::model::ops::is_cpu_f32(x)
+                    && super::matvec::supported(dtype)
+                    && few_rows)
+                {
+                    // Many rows by k-quant blocks: candle's repacked tiles measured faster than
+                    // the dequantized panels (`prefill::tests::crossover`: Q4_K at 270 rows
+                    // 43 ms against 51).
                     return Ok(None);
                 }
                 let bytes = q.data()?;
                 let y = crate::model::ops::with_cpu_f32(x, |xs| {
-                    if matvec {
-                        super::matvec::matvec(dtype, &bytes, xs, m, k, n)
-                    } else {
-                        super::prefill::dequantized_matmul(dtype, &bytes, xs, m, k, n)
-                    }
+                    super::matvec::matvec(dtype, &bytes, xs, m, k, n)
                 })?;
                 let Some(y) = y else { return Ok(None) };
                 y
@@ -298,5 +298,79 @@ impl QuantWeight {
                 Tensor::from_vec(out, dims, &Device::Cpu)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CPU Q8_0 weight holds its blocks once, regrouped: products of one row (decode), a
+    /// few and many rows (prefill), a half-precision input, the dequantized matrix and gathered
+    /// embedding rows all come from them without rebuilding candle's copy, and give candle's
+    /// values; the copy is made only when the ggml blocks themselves are asked for, and they
+    /// are the blocks quantized.
+    #[test]
+    fn cpu_q8_0_weights_are_held_once_and_answer_as_candle() {
+        let dev = Device::Cpu;
+        let (n, k) = (70, 96);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = QuantWeight::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let want_q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
+        let Store::Q8Grouped { ggml, .. } = &q.store else {
+            panic!("a CPU Q8_0 weight is not regrouped")
+        };
+        for rows in [1, 3, 70] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let got = q.linear(&x, None).unwrap();
+            assert_eq!(got.dims(), &[rows, n]);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = if rows < super::super::prefill::PANEL_MIN_ROWS {
+                crate::model::quant::qmatmul_values(&want_q, &x)
+            } else {
+                let dense = want_q.dequantize(&dev).unwrap();
+                x.matmul(&dense.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{rows} rows: {g} vs {w}"
+                );
+            }
+        }
+        let half = Tensor::randn(0f32, 1.0, (1, k), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert_eq!(q.linear(&half, None).unwrap().dtype(), DType::BF16);
+        let dense = want_q.dequantize(&dev).unwrap();
+        let diff = (q.to_tensor().unwrap() - &dense).unwrap();
+        assert_eq!(
+            diff.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        let ids = Tensor::new(&[[3u32, 69], [0, 3]], &dev).unwrap();
+        let rows = q.gather_rows(&ids).unwrap();
+        assert_eq!(rows.dims(), &[2, 2, k]);
+        let want_rows = want_q.embedding(&ids).unwrap();
+        let diff = (rows - want_rows).unwrap().abs().unwrap();
+        assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert!(
+            ggml.get().is_none(),
+            "candle's copy was rebuilt by a product"
+        );
+        assert_eq!(q.storage_bytes(), n * k / 32 * 34);
+        assert_eq!(q.qtensor().unwrap().data().unwrap(), want_q.data().unwrap());
+        assert!(ggml.get().is_some());
     }
 }
