@@ -147,6 +147,65 @@ pub(crate) fn packed_attention(
     Ok(Some(Tensor::from_vec(out, (n, width), q.device())?))
 }
 
+/// `softmax(scale * q kᵀ) v` for one query position (a decode step): `q [B, H, 1, hd]`, `k`
+/// and `v [B, KVH, T, hd]` (views into a cache with spare capacity are read in place), query
+/// head `h` on key/value head `h / (H / KVH)`; `[B, H, 1, hd]`. `None` when the operands are not
+/// untracked CPU f32 tensors of those shapes with rows of `hd` contiguous floats, so the caller
+/// uses candle ops.
+pub(crate) fn attention_step(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    use crate::model::kernels::attention_step::{CacheLayout, attend};
+    if [q, k, v].iter().any(|t| !is_cpu_f32(t) || tracks(t)) {
+        return Ok(None);
+    }
+    let (b, heads, l, hd) = q.dims4()?;
+    let (kb, kv_heads, len, khd) = k.dims4()?;
+    if l != 1 || kb != b || khd != hd || v.dims() != k.dims() || kv_heads == 0 {
+        return Ok(None);
+    }
+    if !heads.is_multiple_of(kv_heads) || len == 0 {
+        return Ok(None);
+    }
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    let (candle_core::Storage::Cpu(ks), candle_core::Storage::Cpu(vs)) = (&*k_storage, &*v_storage)
+    else {
+        return Ok(None);
+    };
+    let stride = k_layout.stride();
+    if v_layout.stride() != stride || stride[2] != hd || stride[3] != 1 {
+        return Ok(None);
+    }
+    let (ks, vs) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
+    let layout = CacheLayout {
+        kv_heads,
+        len,
+        head_dim: hd,
+        head_stride: stride[1],
+    };
+    let span = (kv_heads - 1) * stride[1] + len * hd;
+    let out = with_cpu_f32(q, |qs| {
+        let mut out = Vec::with_capacity(b * heads * hd);
+        for (row, q) in qs.chunks_exact(heads * hd).enumerate() {
+            let (k0, v0) = (
+                k_layout.start_offset() + row * stride[0],
+                v_layout.start_offset() + row * stride[0],
+            );
+            let (Some(k), Some(v)) = (ks.get(k0..k0 + span), vs.get(v0..v0 + span)) else {
+                return None;
+            };
+            out.extend(attend(q, k, v, layout, scale as f32));
+        }
+        Some(out)
+    })?;
+    let Some(out) = out else { return Ok(None) };
+    Ok(Some(Tensor::from_vec(out, (b, heads, 1, hd), q.device())?))
+}
+
 /// Runs `f` on the elements of a CPU f32 tensor in row-major order (copying only when it is not
 /// contiguous).
 pub(crate) fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {

@@ -432,6 +432,12 @@ impl Attention {
         let q = apply_rope(&q, &q_ctx.cos, &q_ctx.sin)?;
         let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
         let (k, v) = KvBuffer::append(kv, k, v)?;
+        if q_ctx.attn_mask.is_none()
+            && let Some(o) = ops::attention_step(&q, &k, &v, (hd as f64).powf(-0.5))?
+        {
+            // A decode step: one query row, nothing masked, read in place from the cache.
+            return self.out_proj.forward(&o.reshape((b, l, h * hd))?);
+        }
         let t = k.dim(2)?;
         let groups = h / kvh;
         // Query heads h use key/value head h / groups, so [B, H, L, hd] regroups without copying

@@ -10,6 +10,7 @@
 //! - [`packed`]: weights packed once into 64-row panels and the register-blocked AVX-512 product
 //!   over them.
 //! - [`q8`]: products by Q8_0 weights in integer arithmetic (ggml's block dot, register-tiled).
+//! - [`attention_step`]: one query row per head over a key/value cache (a decode step).
 //! - [`exp`]: the vectorisable `exp` the activations and softmax share.
 //! - [`backward`]: RMSNorm and SwiGLU forward and backward for training through the frozen model.
 //! - [`lora`]: training's LoRA linear layer (frozen product and low-rank branch) and its backward.
@@ -17,6 +18,7 @@
 //! **Architecture Invariant:** files here import nothing from the rest of the crate and name no
 //! candle type (`tests/it/architecture.rs` checks it).
 
+pub(crate) mod attention_step;
 pub(crate) mod backward;
 pub(crate) mod cpu;
 pub(crate) mod exp;
