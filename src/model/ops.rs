@@ -472,6 +472,51 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// The decode-step attention against candle's ops at the LFM2-VL-450M shapes (16 query and
+    /// 8 key/value heads of 64, 280 cached positions in a buffer of 400), taking turns; prints
+    /// both (a measurement: `--ignored --nocapture`, release).
+    #[test]
+    #[ignore = "measurement"]
+    fn attention_step_against_candle_ops() {
+        let dev = Device::Cpu;
+        let (h, kvh, hd, t, cap) = (16, 8, 64, 280, 400);
+        let q = Tensor::randn(0f32, 1.0, (1, h, 1, hd), &dev).unwrap();
+        let kbuf = Tensor::randn(0f32, 1.0, (1, kvh, cap, hd), &dev).unwrap();
+        let vbuf = Tensor::randn(0f32, 1.0, (1, kvh, cap, hd), &dev).unwrap();
+        let (k, v) = (kbuf.narrow(2, 0, t).unwrap(), vbuf.narrow(2, 0, t).unwrap());
+        let scale = (hd as f64).powf(-0.5);
+        let candle = || {
+            let q = (&q * scale).unwrap().reshape((1, kvh, 2, hd)).unwrap();
+            let s = q.matmul(&k.t().unwrap()).unwrap();
+            let p = softmax_last_dim(&s).unwrap();
+            p.matmul(&v).unwrap().reshape((1, h, 1, hd)).unwrap()
+        };
+        let ours = || attention_step(&q, &k, &v, scale).unwrap().unwrap();
+        let diff = (candle() - ours())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        let (mut best_c, mut best_o) = (f64::MAX, f64::MAX);
+        on_compute_threads(|| {
+            for _ in 0..200 {
+                let t0 = std::time::Instant::now();
+                std::hint::black_box(candle());
+                best_c = best_c.min(t0.elapsed().as_secs_f64());
+                let t0 = std::time::Instant::now();
+                std::hint::black_box(ours());
+                best_o = best_o.min(t0.elapsed().as_secs_f64());
+            }
+        });
+        eprintln!(
+            "one layer's decode attention: candle ops {:.1} us, attention_step {:.1} us",
+            best_c * 1e6,
+            best_o * 1e6
+        );
+    }
+
     /// A forward called from outside the pool runs on one of its threads (so its products'
     /// tasks are shared with the caller), and one already there runs in place, without waiting
     /// on a pool it occupies.
