@@ -793,7 +793,8 @@ mod tests {
             unsafe {
                 _mm256_storeu_ps(
                     out.as_mut_ptr(),
-                    acc.iter().fold(_mm256_setzero_ps(), |s, &a| _mm256_add_ps(s, a)),
+                    acc.iter()
+                        .fold(_mm256_setzero_ps(), |s, &a| _mm256_add_ps(s, a)),
                 )
             };
             out.iter().sum()
