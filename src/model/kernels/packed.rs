@@ -6,10 +6,11 @@
 //! FFN down-projection ran at 155 GFLOP/s on a 2-core AVX-512 Xeon. Packing once, when the model
 //! is loaded, leaves nothing to rearrange per call (the kernel broadcasts the activation straight
 //! from its rows); with a register-blocked AVX-512 kernel that shape runs at about 260 GFLOP/s.
-//! The AVX2 + FMA kernel (BLIS's 6x16 block) matches the `gemm` crate on 2 Zen 3 cores but does
-//! not beat it, so weights are packed for it only on request ([`Kernel::for_this_cpu`]); it reads
-//! its tile's rows interleaved (an 8-way L1 keeps too few `k`-strided rows) and its panels on
-//! 64-byte boundaries (a 16-float group is then one cache line, not two).
+//! The AVX2 + FMA kernel (BLIS's 6x16 block) matches the `gemm` crate on 2 Zen 3 cores (both at
+//! 75-90% of the FMA peak on one thread and on two) but does not beat it, so weights are packed
+//! for it only on request ([`Kernel::for_this_cpu`]); it reads its tile's rows interleaved (an
+//! 8-way L1 keeps too few `k`-strided rows) and its panels on 64-byte boundaries (a 16-float group
+//! is then one cache line, not two).
 //!
 //! Layout: the weight's `n` output rows are cut into panels of [`PANEL`] rows; panel `p` holds
 //! `w[p * PANEL + j][kk]` at `p * k * PANEL + kk * PANEL + j`, zero beyond `n`. A kernel tile then
@@ -54,8 +55,10 @@ pub enum Kernel {
 
 impl Kernel {
     /// The kernel loading should pack weights for, or `None` to keep them dense (for the `gemm`
-    /// crate, which on AVX2 CPUs measured as fast as [`Kernel::Avx2`]: within 5% either way at
-    /// the LFM2-VL-450M prefill and vision shapes on 2 Zen 3 cores, `packed::tests::gflops`).
+    /// crate, which on AVX2 CPUs measured as fast as [`Kernel::Avx2`]: on 2 quiet Zen 3 cores,
+    /// `packed::tests::gflops`, both reach 76-92% of the measured 2-core FMA peak, the AVX2
+    /// kernel up to 10% ahead at some LFM2-VL-450M prefill shapes and 4-9% behind at the vision
+    /// shapes).
     ///
     /// `VLMPIPE_PACKED_GEMM=off` keeps weights dense, `=portable` packs them for the portable
     /// kernel (to test this path on any CPU), `=avx2` for the AVX2 kernel where the CPU has
