@@ -784,9 +784,11 @@ mod tests {
         #[target_feature(enable = "avx2,fma")]
         fn chains(iters: usize) -> f32 {
             use std::arch::x86_64::*;
-            let mut acc = [_mm256_set1_ps(1.0); 12];
-            let (mul, add) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
-            for _ in 0..iters {
+            // Opaque operands and count, or the compiler folds the chains away.
+            let mut acc = [_mm256_set1_ps(std::hint::black_box(1.0)); 12];
+            let mul = _mm256_set1_ps(std::hint::black_box(0.999_999));
+            let add = _mm256_set1_ps(std::hint::black_box(1e-7));
+            for _ in 0..std::hint::black_box(iters) {
                 for a in &mut acc {
                     *a = _mm256_fmadd_ps(*a, mul, add);
                 }
