@@ -13,5 +13,7 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libmimalloc_sys::mi_option_set_enabled(libmimalloc_sys::mi_option_large_os_pages, true)
     };
+    // Training re-allocates the same activations every step (see the function).
+    vlmpipe::train::keep_freed_pages();
     vlmpipe::cli::main()
 }
