@@ -42,6 +42,8 @@ pub(crate) fn attend(q: &[f32], k: &[f32], v: &[f32], layout: CacheLayout, scale
         "attention step: cache shorter than its layout"
     );
     let groups = heads / kv_heads;
+    // The query scaled first, as the candle path multiplies `q` before its product.
+    let q: Vec<f32> = q.iter().map(|x| x * scale).collect();
     let mut out = vec![0f32; heads * hd];
     out.par_chunks_mut(groups * hd)
         .zip(q.par_chunks(groups * hd))
@@ -51,44 +53,35 @@ pub(crate) fn attend(q: &[f32], k: &[f32], v: &[f32], layout: CacheLayout, scale
             let v = &v[g * head_stride..g * head_stride + len * hd];
             let mut scores = vec![0f32; len];
             for (out, q) in out.chunks_exact_mut(hd).zip(q.chunks_exact(hd)) {
-                head(q, k, v, scale, &mut scores, out);
+                head(q, k, v, &mut scores, out);
             }
         });
     out
 }
 
-fn head(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+/// One (already scaled) query head against its key/value head's `len` rows.
+fn head(q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { head_avx2(q, k, v, scale, scores, out) };
+        return unsafe { head_avx2(q, k, v, scores, out) };
     }
-    head_portable(q, k, v, scale, scores, out);
+    head_portable(q, k, v, scores, out);
 }
 
 /// The portable loop compiled for AVX2, which LLVM vectorises (eight-lane partial sums).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn head_avx2(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
-    head_portable(q, k, v, scale, scores, out);
+fn head_avx2(q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
+    head_portable(q, k, v, scores, out);
 }
 
 #[inline(always)]
-fn head_portable(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+fn head_portable(q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
     let hd = q.len();
-    // The query scaled first, as the candle path multiplies `q` before its product.
-    let mut qs = [0f32; 256];
-    let qs = if hd <= qs.len() {
-        &mut qs[..hd]
-    } else {
-        return head_portable_wide(q, k, v, scale, scores, out);
-    };
-    for (s, &x) in qs.iter_mut().zip(q) {
-        *s = x * scale;
-    }
     let mut max = f32::NEG_INFINITY;
     for (s, k) in scores.iter_mut().zip(k.chunks_exact(hd)) {
-        *s = dot(qs, k);
+        *s = dot(q, k);
         max = max.max(*s);
     }
     let mut sum = 0f32;
@@ -101,36 +94,6 @@ fn head_portable(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32]
         let p = p / sum;
         for (o, &x) in out.iter_mut().zip(v) {
             *o += p * x;
-        }
-    }
-}
-
-/// Heads wider than the stack buffer (none in LFM2): the same arithmetic on the heap.
-fn head_portable_wide(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
-    let mut max = f32::NEG_INFINITY;
-    for (s, k) in scores.iter_mut().zip(k.chunks_exact(q.len())) {
-        *s = dot(&qs, k);
-        max = max.max(*s);
-    }
-    let sum: f32 = scores
-        .iter_mut()
-        .map(|s| {
-            *s = fast_exp(*s - max);
-            *s
-        })
-        .sum();
-    out.fill(0.0);
-    for (&p, v) in scores.iter().zip(v.chunks_exact(q.len())) {
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o += p / sum * x;
         }
     }
 }

@@ -49,6 +49,13 @@ pub(crate) fn view_blocks(bytes: &[u8]) -> Option<&[BlockQ8_0]> {
     Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / size) })
 }
 
+/// Blocks as the bytes a GGUF file (or candle's storage) holds: the inverse of [`view_blocks`].
+pub(crate) fn blocks_as_bytes(blocks: &[BlockQ8_0]) -> &[u8] {
+    // SAFETY: a block is 34 plain bytes (`repr(C)`, alignment 1), so the slice is
+    // `34 * len` initialised bytes.
+    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), std::mem::size_of_val(blocks)) }
+}
+
 /// `x [m, k]` (row-major, `k` a multiple of 32) quantized row by row into `m * k / 32` blocks,
 /// bit for bit as candle's `BlockQ8_0::from_float` (ggml's `quantize_row_q8_0_ref`, rounding
 /// half away from zero): `d = amax / 127` stored as f16, `q = round(x / d)` using `1 / d`.
@@ -677,10 +684,7 @@ mod tests {
             assert_eq!(g.ggml_bytes(), n * kb * 34);
             let mut got = vec![0f32; n * kb * QK8_0];
             g.dequantize_rows(0..n, &mut got);
-            // SAFETY: a block is 34 plain bytes (`repr(C)`, alignment 1).
-            let bytes = unsafe {
-                std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), std::mem::size_of_val(&w[..]))
-            };
+            let bytes = blocks_as_bytes(&w);
             let dev = candle_core::Device::Cpu;
             let want = candle_core::quantized::ggml_file::qtensor_from_ggml(
                 candle_core::quantized::GgmlDType::Q8_0,

@@ -155,16 +155,9 @@ impl QuantWeight {
                     return Ok(q.clone());
                 }
                 let blocks = grouped.to_blocks();
-                // SAFETY: a block is 34 plain bytes (`repr(C)`, alignment 1).
-                let bytes = unsafe {
-                    std::slice::from_raw_parts(
-                        blocks.as_ptr().cast::<u8>(),
-                        std::mem::size_of_val(blocks.as_slice()),
-                    )
-                };
                 let q = Arc::new(qtensor_from_ggml(
                     GgmlDType::Q8_0,
-                    bytes,
+                    q8::blocks_as_bytes(&blocks),
                     vec![self.out_dim, self.in_dim],
                     &Device::Cpu,
                 )?);
