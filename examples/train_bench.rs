@@ -13,12 +13,8 @@ use vlmpipe::train::bench::{BenchSpec, bench_train_step};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    // As the `vlmpipe` binary does (`src/main.rs`), so both time the same allocator settings.
-    // SAFETY: sets a process-wide allocator option before any other thread exists.
-    unsafe {
-        libmimalloc_sys::mi_option_set_enabled(libmimalloc_sys::mi_option_large_os_pages, true)
-    };
-    vlmpipe::train::keep_freed_pages();
+    // As the `vlmpipe` binary does, so both time the same allocator settings.
+    vlmpipe::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let path = args
         .get(1)

@@ -27,12 +27,17 @@ pub trait LinearAdapter: Send + Sync + fmt::Debug {
     fn forward_fused(
         &self,
         _input: &Tensor,
-        _weight: &Tensor,
+        _weight: FrozenWeight<'_>,
         _bias: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }
+
+/// A layer's frozen weight as [`LinearAdapter::forward_fused`] receives it: dense, packed or
+/// quantized, opaque outside the crate.
+#[derive(Clone, Copy, Debug)]
+pub struct FrozenWeight<'a>(pub(crate) &'a WeightMatrix);
 
 /// `y = x W^T + b` over the last dimension, optionally followed by an adapter.
 #[derive(Clone)]
@@ -195,8 +200,9 @@ impl Linear {
 
     /// Applies the layer to `x` of shape `[..., in]`, giving `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let (Some(adapter), WeightMatrix::Dense(w)) = (&self.adapter, &self.weight)
-            && let Some(y) = adapter.forward_fused(x, w, self.bias.as_ref())?
+        if let Some(adapter) = &self.adapter
+            && let Some(y) =
+                adapter.forward_fused(x, FrozenWeight(&self.weight), self.bias.as_ref())?
         {
             return Ok(y);
         }

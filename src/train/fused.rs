@@ -12,15 +12,17 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::model::kernels::lora::{LoraShape, lora_backward, lora_forward};
+use crate::model::kernels::lora::{Frozen, LoraShape, lora_backward, lora_forward};
+use crate::model::kernels::packed::PackedWeight;
+use crate::model::linear::WeightMatrix;
 use crate::model::ops::{is_cpu_f32, with_cpu_f32};
 
 /// `x [..., k] Wᵀ (+ bias) + scale · (x ∘ mask) Aᵀ Bᵀ` with `W [n, k]` and `bias [n]` frozen,
 /// `A [r, k]`, `B [n, r]` trained; `mask` (dropout, `x`'s element count) scales the branch input.
-/// `None` when an operand is not an untracked-where-frozen CPU f32 tensor.
+/// `None` when an operand is not an untracked-where-frozen CPU f32 tensor, or `W` is quantized.
 pub(crate) fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: &WeightMatrix,
     bias: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,
@@ -28,7 +30,12 @@ pub(crate) fn lora_linear(
     mask: Option<Vec<f32>>,
 ) -> Result<Option<Tensor>> {
     let frozen_ok = |t: &Tensor| is_cpu_f32(t) && !t.track_op();
-    if !is_cpu_f32(x) || !is_cpu_f32(a) || !is_cpu_f32(b) || !frozen_ok(w) {
+    let w = match w {
+        WeightMatrix::Dense(w) if frozen_ok(w) => Weight::Dense(w.contiguous()?),
+        WeightMatrix::Packed(p) => Weight::Packed(p.clone()),
+        _ => return Ok(None),
+    };
+    if !is_cpu_f32(x) || !is_cpu_f32(a) || !is_cpu_f32(b) {
         return Ok(None);
     }
     if bias.is_some_and(|b| !frozen_ok(b)) {
@@ -38,7 +45,10 @@ pub(crate) fn lora_linear(
     let Some((&k, lead)) = dims.split_last() else {
         candle_core::bail!("lora linear got a scalar input")
     };
-    let (n, wk) = w.dims2()?;
+    let (n, wk) = match &w {
+        Weight::Dense(w) => w.dims2()?,
+        Weight::Packed(p) => (p.n(), p.k()),
+    };
     let (r, ak) = a.dims2()?;
     if wk != k || ak != k || b.dims2()? != (n, r) {
         candle_core::bail!(
@@ -51,7 +61,7 @@ pub(crate) fn lora_linear(
     }
     let m: usize = lead.iter().product();
     let op = LoraLinear {
-        w: w.contiguous()?,
+        w,
         bias: bias.map(Tensor::contiguous).transpose()?,
         mask: mask.map(Arc::new),
         shape: LoraShape {
@@ -69,9 +79,25 @@ pub(crate) fn lora_linear(
     Ok(Some(y.reshape(out)?))
 }
 
-struct LoraLinear {
+/// The frozen weight as the op holds it.
+enum Weight {
     /// `[n, k]`, contiguous, untracked.
-    w: Tensor,
+    Dense(Tensor),
+    Packed(Arc<PackedWeight>),
+}
+
+impl Weight {
+    /// Runs `f` on the weight as the kernels read it.
+    fn read<R>(&self, f: impl FnOnce(Frozen<'_>) -> R) -> Result<R> {
+        match self {
+            Weight::Dense(w) => with_cpu_f32(w, |w| f(Frozen::Dense(w))),
+            Weight::Packed(p) => Ok(f(Frozen::Packed(p))),
+        }
+    }
+}
+
+struct LoraLinear {
+    w: Weight,
     bias: Option<Tensor>,
     mask: Option<Arc<Vec<f32>>>,
     shape: LoraShape,
@@ -101,7 +127,7 @@ impl CustomOp3 for LoraLinear {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, a, b) = (slice(x, x_l)?, slice(a, a_l)?, slice(b, b_l)?);
         let s = self.shape;
-        let y = with_cpu_f32(&self.w, |w| match &self.bias {
+        let y = self.w.read(|w| match &self.bias {
             Some(bias) => with_cpu_f32(bias, |bias| {
                 lora_forward(
                     x,
@@ -137,7 +163,7 @@ impl CustomOp3 for LoraLinear {
         let s = self.shape;
         let want_dx = x.track_op();
         let grads = with_cpu_f32(x, |x| {
-            with_cpu_f32(&self.w, |w| {
+            self.w.read(|w| {
                 with_cpu_f32(a, |a| {
                     with_cpu_f32(b, |b| {
                         with_cpu_f32(grad, |dy| {
@@ -162,6 +188,7 @@ impl CustomOp3 for LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::packed::Kernel;
     use candle_core::{DType, Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -169,24 +196,33 @@ mod tests {
     }
 
     /// The fused op against the same layer written with candle's differentiable ops: output and
-    /// the gradients of the input, `A` and `B`, with and without dropout and bias.
+    /// the gradients of the input, `A` and `B`, with and without dropout and bias, the frozen
+    /// weight dense and packed.
     #[test]
     fn fused_lora_matches_candle_autograd() -> Result<()> {
         let dev = Device::Cpu;
         let (m, k, n, r) = (2 * 5, 24, 13, 4);
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+        let mut packed = WeightMatrix::Dense(w.clone());
+        assert!(packed.pack_for_cpu(Kernel::Portable)?);
+        let dense = WeightMatrix::Dense(w.clone());
         let bias = Tensor::randn(0f32, 1.0, n, &dev)?;
         let mask: Vec<f32> = (0..m * k)
             .map(|i| if i % 4 == 0 { 0.0 } else { 4.0 / 3.0 })
             .collect();
         let weights = Tensor::randn(0f32, 1.0, (2, 5, n), &dev)?;
-        for (with_mask, with_bias) in [(false, false), (true, true)] {
+        let cases = [
+            (false, false, &dense),
+            (true, true, &dense),
+            (true, true, &packed),
+        ];
+        for (with_mask, with_bias, frozen) in cases {
             let x = Var::randn(0f32, 1.0, (2, 5, k), &dev)?;
             let a = Var::randn(0f32, 1.0, (r, k), &dev)?;
             let b = Var::randn(0f32, 1.0, (n, r), &dev)?;
             let bias = with_bias.then_some(&bias);
             let mask = with_mask.then(|| mask.clone());
-            let fused = lora_linear(x.as_tensor(), &w, bias, &a, &b, 0.5, mask.clone())?
+            let fused = lora_linear(x.as_tensor(), frozen, bias, &a, &b, 0.5, mask.clone())?
                 .ok_or(candle_core::Error::Msg("not eligible".into()))?;
             let xt = x.as_tensor();
             let xl = match &mask {
@@ -216,7 +252,7 @@ mod tests {
             Var::zeros((r, k), DType::F32, &dev)?,
             Var::zeros((n, r), DType::F32, &dev)?,
         );
-        assert!(lora_linear(&half, &w, None, &a, &b, 1.0, None)?.is_none());
+        assert!(lora_linear(&half, &dense, None, &a, &b, 1.0, None)?.is_none());
         Ok(())
     }
 }

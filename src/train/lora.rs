@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::{DType, Tensor, Var};
 
+use crate::model::kernels::packed::Kernel;
 use crate::model::lfm2_vl::Lfm2VlModel;
-use crate::model::linear::{LinearAdapter, LinearVisitor};
+use crate::model::linear::{FrozenWeight, LinearAdapter, LinearVisitor};
 use crate::model::ops;
 use crate::rng::{SeededRng, mix, name_hash};
 use crate::train::error::TrainError;
@@ -157,6 +158,37 @@ pub(crate) fn linear_modules(model: &Lfm2VlModel) -> Vec<ModuleInfo> {
     let f = push(ModulePart::LanguageModel);
     model.text().visit_linears(&mut |l| out.push(f(l)));
     out
+}
+
+/// Packs, for `kernel`, the frozen weights a training step multiplies by the packed kernel as
+/// inference does ([`crate::model::kernels::lora`] says why): those under a LoRA adapter (the
+/// fused op reads them packed both ways) and, when nothing there is trained, the vision tower's
+/// and the projector's (their inputs are then never tracked, so no gradient passes through
+/// them). Other decoder weights stay dense: their tracked inputs need candle's differentiable
+/// product. Returns how many were packed.
+pub(crate) fn pack_frozen_weights(
+    model: &mut Lfm2VlModel,
+    lora: &[&str],
+    image_path_trained: bool,
+    kernel: Kernel,
+) -> candle_core::Result<usize> {
+    let mut packed = 0;
+    if !image_path_trained {
+        packed += model.pack_image_linears_for_cpu(kernel)?;
+    }
+    let mut failure = None;
+    model.visit_linears_mut(&mut |lin| {
+        if failure.is_none() && lora.contains(&lin.name()) {
+            match lin.pack_for_cpu(kernel) {
+                Ok(newly) => packed += usize::from(newly),
+                Err(e) => failure = Some(e),
+            }
+        }
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(packed),
+    }
 }
 
 /// PEFT's `target_modules` rule: the exact name or a dotted suffix of it.
@@ -354,7 +386,7 @@ impl LinearAdapter for LoraAdapter {
     fn forward_fused(
         &self,
         input: &Tensor,
-        weight: &Tensor,
+        weight: FrozenWeight<'_>,
         bias: Option<&Tensor>,
     ) -> candle_core::Result<Option<Tensor>> {
         if !self.mode.is_training() || !crate::model::autograd::enabled() {
@@ -363,7 +395,7 @@ impl LinearAdapter for LoraAdapter {
         let mask = (self.dropout > 0.0).then(|| self.dropout_values(input.elem_count()));
         fused::lora_linear(
             input,
-            weight,
+            weight.0,
             bias,
             self.a.as_tensor(),
             self.b.as_tensor(),
@@ -555,10 +587,18 @@ impl Trainable {
                 failure = Some(e);
             }
         });
-        match failure {
-            Some(e) => Err(e.into()),
-            None => Ok(out),
+        if let Some(e) = failure {
+            return Err(e.into());
         }
+        if let Some(kernel) = Kernel::for_this_cpu() {
+            let lora_names: Vec<&str> = lora_inits.iter().map(|(n, ..)| n.as_str()).collect();
+            let image_path_trained = modules.iter().any(|m| {
+                m.part != ModulePart::LanguageModel
+                    && (full_names.contains(&m.name) || lora_names.contains(&m.name.as_str()))
+            });
+            pack_frozen_weights(model, &lora_names, image_path_trained, kernel)?;
+        }
+        Ok(out)
     }
 
     /// Builds the set around adapters already attached (loaded from files).

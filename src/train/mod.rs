@@ -42,7 +42,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// 450M LoRA step's profile. Measured with `vlmpipe bench train` on 2 Zen 3 cores, five pairs
 /// back to back: the like-for-like step 15-30% faster, peak RSS up 16-36 MiB (the high-water mark
 /// stays mapped, which it reaches every step anyway). Call before the first allocation-heavy work.
-pub fn keep_freed_pages() {
+pub(crate) fn keep_freed_pages() {
     // SAFETY: sets a process-wide allocator option (a plain store mimalloc reads when it next
     // schedules a purge); without mimalloc as the allocator it changes nothing in use.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };

@@ -9,6 +9,8 @@
 //!   AVX2-dispatched softmax, GELU-tanh and SiLU.
 //! - [`packed`]: weights packed once into 64-row panels and the register-blocked AVX-512 product
 //!   over them.
+//! - [`packed_grad`]: `dY·W` read from packed panels (the gradient training passes through a
+//!   frozen packed weight).
 //! - [`q8`]: products by Q8_0 weights in integer arithmetic (ggml's block dot, register-tiled).
 //! - [`attention_step`]: one query row per head over a key/value cache (a decode step).
 //! - [`exp`]: the vectorisable `exp` the activations and softmax share.
@@ -24,6 +26,7 @@ pub(crate) mod cpu;
 pub(crate) mod exp;
 pub(crate) mod lora;
 pub mod packed;
+pub(crate) mod packed_grad;
 pub(crate) mod q8;
 
 pub(crate) use cpu::ViewSpan;

@@ -166,6 +166,16 @@ impl PackedWeight {
         self.k
     }
 
+    /// The kernel the panels were packed for.
+    pub(crate) fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// The panels, in the layout of the module docs (`n` rounded up to whole panels).
+    pub(crate) fn panel_data(&self) -> &[f32] {
+        self.data.as_slice()
+    }
+
     /// The row-major `[n, k]` weight again.
     pub(crate) fn to_dense(&self) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
@@ -921,6 +931,11 @@ mod tests {
                 );
                 std::hint::black_box(dx);
             })];
+            for p in &packed {
+                fs.push(Box::new(|| {
+                    std::hint::black_box(super::super::packed_grad::dy_w(p, &dy, m));
+                }));
+            }
             line(String::new(), "dY·W", rates(macs, &mut fs));
         }
     }
