@@ -171,9 +171,39 @@ impl PackedWeight {
         self.kernel
     }
 
-    /// The panels, in the layout of the module docs (`n` rounded up to whole panels).
-    pub(crate) fn panel_data(&self) -> &[f32] {
-        self.data.as_slice()
+    /// Panel `q` of the transposed weight, packed for the same kernel: `wᵀ` rows
+    /// `q * PANEL..` (input features of `w`) over all `n` as depth, so `dy [m, n]` times it is
+    /// columns `q * PANEL..` of `dy @ w` ([`super::packed_grad`]). Each 64 x 64 block of the
+    /// panels is transposed once; the result is one panel (`PANEL * n` floats).
+    ///
+    /// # Panics
+    /// When `q * PANEL >= k` (a bug in the caller).
+    pub(crate) fn transposed_panel(&self, q: usize) -> Self {
+        let (n, k) = (self.n, self.k);
+        assert!(
+            q * PANEL < k,
+            "transposed panel {q} of a weight with {k} columns"
+        );
+        let cols = PANEL.min(k - q * PANEL);
+        let mut data = Aligned::zeros(n * PANEL);
+        let dst = data.as_mut_slice();
+        let src = self.data.as_slice();
+        for p in 0..n.div_ceil(PANEL) {
+            let rows = PANEL.min(n - p * PANEL);
+            // In panel `p`, column `kk` of `w` holds its 64 rows contiguously at `kk * PANEL`.
+            let block = &src[(p * k + q * PANEL) * PANEL..][..cols * PANEL];
+            for (c, column) in block.chunks_exact(PANEL).enumerate() {
+                for (j, &v) in column[..rows].iter().enumerate() {
+                    dst[(p * PANEL + j) * PANEL + c] = v;
+                }
+            }
+        }
+        Self {
+            n: cols,
+            k: n,
+            data,
+            kernel: self.kernel,
+        }
     }
 
     /// The row-major `[n, k]` weight again.
