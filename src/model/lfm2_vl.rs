@@ -292,8 +292,8 @@ impl Lfm2VlModel {
 
 impl Lfm2VlModel {
     /// Packs every CPU f32 projection and the LM head for `kernel` ([`Linear::pack_for_cpu`],
-    /// [`TextModel::pack_head_for_cpu`]): inference only, since training reads the dense
-    /// weights. Returns how many matrices were packed.
+    /// [`TextModel::pack_head_for_cpu`]), as inference loads a model (training packs fewer:
+    /// `train::lora::pack_frozen_weights`). Returns how many matrices were packed.
     pub fn pack_linears_for_cpu(&mut self, kernel: Kernel) -> Result<usize> {
         let head = usize::from(self.text.pack_head_for_cpu(kernel)?);
         Ok(head + pack_all(self, kernel)?)

@@ -635,7 +635,7 @@ impl TextModel {
         })
     }
 
-    /// Packs a CPU f32 LM head for `kernel` (inference only, like [`Linear::pack_for_cpu`]);
+    /// Packs a CPU f32 LM head for `kernel` (inference only: training leaves the head dense);
     /// a tied embedding table then reads its rows from the packed head instead of keeping its
     /// own copy. Returns whether it packed.
     pub(crate) fn pack_head_for_cpu(&mut self, kernel: Kernel) -> Result<bool> {

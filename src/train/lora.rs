@@ -695,6 +695,75 @@ mod tests {
         }
     }
 
+    /// Training packs what its step multiplies by the packed kernel (projections under LoRA, the
+    /// image path when it is frozen) and leaves the rest dense; the frozen image path then gives
+    /// the features it gave dense.
+    #[test]
+    fn pack_frozen_weights_packs_lora_targets_and_a_frozen_image_path() -> candle_core::Result<()> {
+        use crate::model::config::Config;
+        use crate::model::load::checkpoint::LoadOptions;
+        use crate::model::load::random_checkpoint::random_model;
+        let cfg = Config::from_json(
+            r#"{"projector_hidden_size": 32,
+                "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2},
+                "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+                                "block_multiple_of": 8, "layer_types": ["conv", "full_attention"]}}"#,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let packed_names = |model: &Lfm2VlModel| {
+            let mut names = Vec::new();
+            model.visit_linears(&mut |l| {
+                if l.weight_matrix().is_packed() {
+                    names.push(l.name().to_string());
+                }
+            });
+            names
+        };
+        let dev = candle_core::Device::Cpu;
+        let patch_dim = cfg.vision.patch_dim();
+        let pixels = Tensor::rand(-1f32, 1.0, (1, 16, patch_dim), &dev)?;
+        let mask = Tensor::ones((1, 16), DType::U32, &dev)?;
+
+        let mut model = random_model(&cfg, &LoadOptions::default(), 3)?;
+        let dense_features = model.image_features(&pixels, &mask, &[(4, 4)])?;
+        let modules = linear_modules(&model);
+        let text: Vec<&str> = modules
+            .iter()
+            .filter(|m| m.part == ModulePart::LanguageModel)
+            .map(|m| m.name.as_str())
+            .collect();
+        let (lora, left_dense) = (&text[1..], text[0]);
+        let image: Vec<&str> = modules
+            .iter()
+            .filter(|m| m.part != ModulePart::LanguageModel)
+            .map(|m| m.name.as_str())
+            .collect();
+        let count = pack_frozen_weights(&mut model, lora, false, Kernel::Portable)?;
+        let packed = packed_names(&model);
+        assert_eq!(count, packed.len());
+        assert_eq!(packed.len(), lora.len() + image.len());
+        assert!(
+            image
+                .iter()
+                .chain(lora)
+                .all(|n| packed.iter().any(|p| p == n))
+        );
+        assert!(!packed.iter().any(|p| p == left_dense));
+        let packed_features = model.image_features(&pixels, &mask, &[(4, 4)])?;
+        let diff = (dense_features - packed_features)?.abs()?.max_all()?;
+        assert!(diff.to_scalar::<f32>()? < 1e-5);
+
+        // A trained image path stays dense: gradients pass through it.
+        let mut model = random_model(&cfg, &LoadOptions::default(), 3)?;
+        pack_frozen_weights(&mut model, lora, true, Kernel::Portable)?;
+        let packed = packed_names(&model);
+        assert_eq!(packed.len(), lora.len());
+        assert!(!image.iter().any(|n| packed.iter().any(|p| p == n)));
+        Ok(())
+    }
+
     #[test]
     fn suffix_matching_follows_peft() {
         assert!(target_matches("a.self_attn.q_proj", "q_proj"));

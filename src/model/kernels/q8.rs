@@ -15,7 +15,8 @@
 //! exactly: per block pair, `maddubs(|w|, sign(a, w))` then `madd` with ones gives eight `i32`
 //! partial sums of four products each, converted to f32 and added into eight f32 lanes with
 //! one FMA by `d_w * d_a`; the lanes are summed pairwise at the end as `hsum_float_8` does. So
-//! every output is bitwise what `QMatMul` computes for the same blocks, whatever the tile.
+//! every output is bitwise what ggml's block dot (candle's `vec_dot`, which `QMatMul` runs
+//! except on AVX-512 VNNI CPUs) computes for the same blocks, whatever the tile.
 //! The same arithmetic in scalar code is the fallback where AVX2, FMA or F16C are missing, and
 //! the tests' reference. Activations are quantized as candle's
 //! `BlockQ8_0::from_float` does ([`quantize_rows`]).
