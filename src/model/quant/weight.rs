@@ -8,7 +8,11 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use crate::model::kernels::q8;
+use crate::model::kernels::{q4k, q6k, q8};
+
+/// Up to this many activation rows, a CPU Q4_K/Q6_K product runs our kernels; more go to
+/// candle's `QMatMul`.
+const K_KERNEL_MAX_ROWS: usize = super::matvec::MAX_ROWS;
 
 /// A frozen `[out, in]` weight quantized into ggml blocks along `in` (one row = one output).
 ///
@@ -24,6 +28,50 @@ pub struct QuantWeight {
     in_dim: usize,
 }
 
+/// k-quant blocks regrouped for our CPU kernels.
+enum KGrouped {
+    Q4K(q4k::Grouped),
+    Q6K(q6k::Grouped),
+}
+
+impl KGrouped {
+    fn dtype(&self) -> GgmlDType {
+        match self {
+            Self::Q4K(_) => GgmlDType::Q4K,
+            Self::Q6K(_) => GgmlDType::Q6K,
+        }
+    }
+
+    fn ggml_bytes(&self) -> usize {
+        match self {
+            Self::Q4K(g) => g.ggml_bytes(),
+            Self::Q6K(g) => g.ggml_bytes(),
+        }
+    }
+
+    fn to_ggml(&self) -> Vec<u8> {
+        match self {
+            Self::Q4K(g) => g.to_ggml(),
+            Self::Q6K(g) => g.to_ggml(),
+        }
+    }
+
+    fn dequantize_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        match self {
+            Self::Q4K(g) => g.dequantize_rows(rows, out),
+            Self::Q6K(g) => g.dequantize_rows(rows, out),
+        }
+    }
+
+    /// By `m` rows of Q8_K activations.
+    fn matmul(&self, a: &[q4k::BlockQ8K], m: usize) -> Vec<f32> {
+        match self {
+            Self::Q4K(g) => q4k::matmul(g, a, m),
+            Self::Q6K(g) => q6k::matmul(g, a, m),
+        }
+    }
+}
+
 #[derive(Clone)]
 enum Store {
     /// candle's blocks and its product over them.
@@ -36,6 +84,13 @@ enum Store {
     /// ([`QuantWeight::qtensor`], or a product only `QMatMul` takes) and then kept.
     Q8Grouped {
         grouped: Arc<q8::Grouped>,
+        ggml: Arc<OnceLock<Arc<QTensor>>>,
+    },
+    /// Q4_K or Q6_K on the CPU: the same bytes regrouped by 8 rows for our kernels
+    /// ([`q4k::Grouped`], [`q6k::Grouped`]), held as `Q8Grouped` holds Q8_0 (candle's copy
+    /// rebuilt only when asked for).
+    KGrouped {
+        grouped: Arc<KGrouped>,
         ggml: Arc<OnceLock<Arc<QTensor>>>,
     },
 }
@@ -104,6 +159,30 @@ impl QuantWeight {
                 in_dim,
             });
         }
+        let kb = in_dim / q4k::QK_K;
+        let grouped = match dtype {
+            GgmlDType::Q4K if device.is_cpu() => Some(KGrouped::Q4K(q4k::Grouped::from_ggml(
+                &tensor.data()?,
+                out_dim,
+                kb,
+            ))),
+            GgmlDType::Q6K if device.is_cpu() => Some(KGrouped::Q6K(q6k::Grouped::from_ggml(
+                &tensor.data()?,
+                out_dim,
+                kb,
+            ))),
+            _ => None,
+        };
+        if let Some(grouped) = grouped {
+            return Ok(Self {
+                store: Store::KGrouped {
+                    grouped: Arc::new(grouped),
+                    ggml: Arc::new(OnceLock::new()),
+                },
+                out_dim,
+                in_dim,
+            });
+        }
         // candle's Q5_0/Q5_1 dot products insist on an even number of blocks a row (a debug
         // assertion; the arithmetic would be right). Such a row (a fallback on narrow test
         // models, never at LFM2-VL-450M's widths) multiplies by the dequantized blocks instead:
@@ -126,6 +205,7 @@ impl QuantWeight {
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.dtype(),
             Store::Q8Grouped { .. } => GgmlDType::Q8_0,
+            Store::KGrouped { grouped, .. } => grouped.dtype(),
         }
     }
 
@@ -142,11 +222,12 @@ impl QuantWeight {
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.storage_size_in_bytes(),
             Store::Q8Grouped { grouped, .. } => grouped.ggml_bytes(),
+            Store::KGrouped { grouped, .. } => grouped.ggml_bytes(),
         }
     }
 
-    /// The blocks as candle (and a GGUF file) holds them. Regrouped Q8_0 weights are put back
-    /// into ggml's order on the first call, and that copy is kept beside them.
+    /// The blocks as candle (and a GGUF file) holds them. Regrouped Q8_0 and Q4_K weights are
+    /// put back into ggml's order on the first call, and that copy is kept beside them.
     pub fn qtensor(&self) -> Result<Arc<QTensor>> {
         match &self.store {
             Store::Ggml { tensor, .. } => Ok(tensor.clone()),
@@ -163,6 +244,18 @@ impl QuantWeight {
                 )?);
                 Ok(ggml.get_or_init(|| q).clone())
             }
+            Store::KGrouped { grouped, ggml } => {
+                if let Some(q) = ggml.get() {
+                    return Ok(q.clone());
+                }
+                let q = Arc::new(qtensor_from_ggml(
+                    grouped.dtype(),
+                    &grouped.to_ggml(),
+                    vec![self.out_dim, self.in_dim],
+                    &Device::Cpu,
+                )?);
+                Ok(ggml.get_or_init(|| q).clone())
+            }
         }
     }
 
@@ -170,7 +263,9 @@ impl QuantWeight {
     fn qmatmul(&self) -> Result<QMatMul> {
         match &self.store {
             Store::Ggml { matmul, .. } => Ok(matmul.clone()),
-            Store::Q8Grouped { .. } => Ok(QMatMul::QTensor(self.qtensor()?)),
+            Store::Q8Grouped { .. } | Store::KGrouped { .. } => {
+                Ok(QMatMul::QTensor(self.qtensor()?))
+            }
         }
     }
 
@@ -230,6 +325,16 @@ impl QuantWeight {
                 let Some(y) = y else { return Ok(None) };
                 y
             }
+            Store::KGrouped { grouped, .. } => {
+                if rows > K_KERNEL_MAX_ROWS && forced.as_deref() != Some("kquant") {
+                    // Many rows: candle's repacked tiles (on candle's copy, rebuilt once).
+                    return Ok(None);
+                }
+                let x32 = x.to_dtype(DType::F32)?;
+                crate::model::ops::with_cpu_f32(&x32, |xs| {
+                    grouped.matmul(&q4k::quantize_rows(xs, k), m)
+                })?
+            }
             Store::Ggml { matmul, .. } => {
                 let QMatMul::QTensor(q) = matmul else {
                     return Ok(None);
@@ -267,6 +372,11 @@ impl QuantWeight {
                 grouped.dequantize_rows(0..self.out_dim, &mut w);
                 Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
             }
+            Store::KGrouped { grouped, .. } => {
+                let mut w = vec![0f32; self.out_dim * self.in_dim];
+                grouped.dequantize_rows(0..self.out_dim, &mut w);
+                Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
+            }
         }
     }
 
@@ -276,21 +386,33 @@ impl QuantWeight {
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.embedding(ids),
             Store::Q8Grouped { grouped, .. } => {
-                let mut dims = ids.dims().to_vec();
-                let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-                let k = self.in_dim;
-                dims.push(k);
-                let mut out = vec![0f32; ids.len() * k];
-                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
-                    let id = id as usize;
-                    if id >= self.out_dim {
-                        candle_core::bail!("embedding row {id} of {} rows", self.out_dim)
-                    }
-                    grouped.dequantize_rows(id..id + 1, row);
-                }
-                Tensor::from_vec(out, dims, &Device::Cpu)
+                self.gather_dequantized(ids, |r, row| grouped.dequantize_rows(r..r + 1, row))
+            }
+            Store::KGrouped { grouped, .. } => {
+                self.gather_dequantized(ids, |r, row| grouped.dequantize_rows(r..r + 1, row))
             }
         }
+    }
+
+    /// [`Self::gather_rows`] through a row dequantizer of regrouped blocks.
+    fn gather_dequantized(
+        &self,
+        ids: &Tensor,
+        dequantize_row: impl Fn(usize, &mut [f32]),
+    ) -> Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        let k = self.in_dim;
+        dims.push(k);
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
+            let id = id as usize;
+            if id >= self.out_dim {
+                candle_core::bail!("embedding row {id} of {} rows", self.out_dim)
+            }
+            dequantize_row(id, row);
+        }
+        Tensor::from_vec(out, dims, &Device::Cpu)
     }
 }
 
@@ -365,5 +487,87 @@ mod tests {
         assert_eq!(q.storage_bytes(), n * k / 32 * 34);
         assert_eq!(q.qtensor().unwrap().data().unwrap(), want_q.data().unwrap());
         assert!(ggml.get().is_some());
+    }
+
+    /// A CPU Q4_K or Q6_K weight holds its blocks once, regrouped (`storage_bytes` is
+    /// ggml's size): products of 1 and 3 rows give candle's block dot (`vec_dot` per output,
+    /// the compact path before) within f32 summation-order rounding, without rebuilding
+    /// candle's copy; the dequantized matrix and gathered rows equal candle's bit for bit; the
+    /// copy rebuilt on request is the blocks quantized.
+    #[test]
+    fn cpu_k_quant_weights_are_held_once_and_answer_as_candle() {
+        use super::super::ggml_q4k::{quantize_q4_k, quantize_q6_k};
+        let dev = Device::Cpu;
+        let (n, k) = (70, 512);
+        let quantizers: [(GgmlDType, fn(&[f32]) -> Vec<u8>, usize); 2] = [
+            (GgmlDType::Q4K, quantize_q4_k, 144),
+            (GgmlDType::Q6K, quantize_q6_k, 210),
+        ];
+        for (dtype, quantize, block_bytes) in quantizers {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let q = QuantWeight::quantize(&w, dtype).unwrap();
+            let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want_q =
+                Arc::new(qtensor_from_ggml(dtype, &quantize(&values), vec![n, k], &dev).unwrap());
+            let Store::KGrouped { ggml, .. } = &q.store else {
+                panic!("a CPU {dtype:?} weight is not regrouped")
+            };
+            let bytes = want_q.data().unwrap().into_owned();
+            for rows in [1, 3] {
+                let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = q.linear(&x, None).unwrap();
+                assert_eq!(got.dims(), &[rows, n]);
+                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let want = super::super::matvec::matvec(dtype, &bytes, &xs, rows, k, n)
+                    .expect("candle's block dot");
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * scale,
+                        "{dtype:?} {rows} rows: {g} vs {w}"
+                    );
+                }
+            }
+            let diff = (q.to_tensor().unwrap() - want_q.dequantize(&dev).unwrap()).unwrap();
+            let worst = diff.abs().unwrap().max_all().unwrap();
+            assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");
+            let ids = Tensor::new(&[[3u32, 69], [0, 3]], &dev).unwrap();
+            let diff = (q.gather_rows(&ids).unwrap() - want_q.embedding(&ids).unwrap()).unwrap();
+            let worst = diff.abs().unwrap().max_all().unwrap();
+            assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");
+            assert!(
+                ggml.get().is_none(),
+                "candle's copy was rebuilt by a product"
+            );
+            assert_eq!(q.storage_bytes(), n * k / 256 * block_bytes);
+            assert_eq!(q.qtensor().unwrap().data().unwrap(), want_q.data().unwrap());
+            assert!(ggml.get().is_some());
+        }
+    }
+
+    /// Activations are quantized to Q8_K exactly as candle's `BlockQ8K::from_float` does.
+    #[test]
+    fn q8_k_activations_are_candles() {
+        use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
+        let mut x: Vec<f32> = (0..3 * 256)
+            .map(|i| ((i * 7919) % 1001) as f32 / 250.0 - 2.0)
+            .collect();
+        x[5] = 2.5;
+        x[300] = -3.0;
+        x[512..768].fill(0.0);
+        let ours = q4k::quantize_rows(&x, 256);
+        let mut theirs = vec![BlockQ8K::zeros(); 3];
+        BlockQ8K::from_float(&x, &mut theirs);
+        assert_eq!(std::mem::size_of_val(ours.as_slice()), 3 * 292);
+        // SAFETY: both are `repr(C)` blocks of the same 292 bytes, no padding (size asserted
+        // by both crates), read as bytes.
+        let (a, b): (&[u8], &[u8]) = unsafe {
+            (
+                std::slice::from_raw_parts(ours.as_ptr().cast(), 3 * 292),
+                std::slice::from_raw_parts(theirs.as_ptr().cast(), 3 * 292),
+            )
+        };
+        assert_eq!(a, b);
     }
 }
