@@ -25,7 +25,6 @@ pub(crate) mod exp;
 pub(crate) mod lora;
 pub mod packed;
 pub(crate) mod q4k;
-pub(crate) mod q6k;
 pub(crate) mod q8;
 
 pub(crate) use cpu::ViewSpan;

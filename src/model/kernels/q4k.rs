@@ -118,38 +118,7 @@ fn quantize_blocks_scalar(x: &[f32], out: &mut [BlockQ8K]) {
 /// One 64-byte line of [`Grouped`] storage (its alignment is the point).
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
-pub(crate) struct Line(pub(crate) [u8; 64]);
-
-/// `len` zeroed lines, backed by transparent huge pages where Linux gives them on request
-/// (`madvise`): a decode step streams every weight once, and with 4 KiB pages it takes a TLB
-/// miss every 4 KiB and the hardware prefetchers stop at each page's end.
-pub(crate) fn zeroed_lines(len: usize) -> Vec<Line> {
-    let mut lines: Vec<Line> = Vec::with_capacity(len);
-    #[cfg(target_os = "linux")]
-    if std::env::var("VLMPIPE_KQ_THP").as_deref() != Ok("0") {
-        const HUGE: usize = 2 << 20;
-        let start = (lines.as_ptr() as usize).next_multiple_of(HUGE);
-        let end = (lines.as_ptr() as usize + len * 64) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: advice on whole pages inside this allocation, not yet touched; it changes
-            // no contents (an error leaves ordinary pages).
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
-    }
-    lines.resize(len, Line([0; 64]));
-    lines
-}
-
-/// Prefetch distance (a measurement knob while tuning).
-pub(crate) fn prefetch_bytes() -> usize {
-    static P: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *P.get_or_init(|| {
-        std::env::var("VLMPIPE_KQ_PREFETCH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2048)
-    })
-}
+struct Line([u8; 64]);
 
 /// Q4_K weight rows `[n, k]` regrouped by 8 (see the module docs): group `g` (rows
 /// `8g..8g + 8`, zero rows past `n`) holds its `kb` super-blocks one after another, 1152 bytes
@@ -190,7 +159,7 @@ impl Grouped {
             "q4k::Grouped: weight is not [n, kb] blocks"
         );
         let group_bytes = kb * GROUP_BLOCK;
-        let mut lines = zeroed_lines(n.div_ceil(GROUP) * group_bytes / 64);
+        let mut lines = vec![Line([0; 64]); n.div_ceil(GROUP) * group_bytes / 64];
         lines
             .par_chunks_mut((group_bytes / 64).max(1))
             .enumerate()
@@ -335,6 +304,10 @@ const TILE_M: usize = 4;
 /// scheduling than a 1024-wide group's 4.6 KB take to read).
 const TASK_BYTES: usize = 64 * 1024;
 
+/// Bytes ahead the kernel prefetches (about two super-blocks of a group): 0, 1 KiB and 4 KiB
+/// measured no better at the 450M decode shapes (BENCHMARKS.md).
+const PREFETCH_BYTES: usize = 2048;
+
 /// The output buffer, shared by tasks that write disjoint columns.
 struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint elements through the pointer (see `matmul`).
@@ -463,7 +436,7 @@ unsafe fn group_tile<const M: usize>(
         // multiple of 32 inside it); a prefetch may point anywhere.
         unsafe {
             let blk = base.add(b * GROUP_BLOCK);
-            let ahead = blk.wrapping_add(prefetch_bytes());
+            let ahead = blk.wrapping_add(PREFETCH_BYTES);
             for line in 0..GROUP_BLOCK / 64 {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
             }

@@ -192,8 +192,6 @@ mod tests {
             .map(|(q, &(n, k))| q4k::Grouped::from_ggml(&q.data().unwrap(), n, k / 256))
             .collect();
         let head = random_blocks(GgmlDType::Q6K, 65536, h, 3);
-        let head_grouped =
-            crate::model::kernels::q6k::Grouped::from_ggml(&head.data().unwrap(), 65536, h / 256);
         let xs: Vec<Vec<f32>> = shapes
             .iter()
             .enumerate()
@@ -214,7 +212,7 @@ mod tests {
                 })
                 .reduce(|| 0, u64::wrapping_add)
         };
-        let variants: [(&str, Box<dyn Fn() + Sync>); 8] = [
+        let variants: [(&str, Box<dyn Fn() + Sync>); 6] = [
             (
                 "Q4_K floor (2-thread read of candle's blocks)",
                 Box::new(|| {
@@ -262,12 +260,6 @@ mod tests {
                 }),
             ),
             (
-                "Q6_K head floor (2-thread read of the regrouped blocks)",
-                Box::new(|| {
-                    std::hint::black_box(read(head_grouped.bytes()));
-                }),
-            ),
-            (
                 "Q6_K head candle block dot",
                 Box::new(|| {
                     let x = &xs[0];
@@ -279,13 +271,6 @@ mod tests {
                         h,
                         65536,
                     ));
-                }),
-            ),
-            (
-                "Q6_K head regrouped kernel",
-                Box::new(|| {
-                    let a = q4k::quantize_rows(&xs[0], h);
-                    std::hint::black_box(crate::model::kernels::q6k::matmul(&head_grouped, &a, 1));
                 }),
             ),
         ];

@@ -8,10 +8,10 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use crate::model::kernels::{q4k, q6k, q8};
+use crate::model::kernels::{q4k, q8};
 
-/// Up to this many activation rows, a CPU Q4_K/Q6_K product runs our kernels; more go to
-/// candle's `QMatMul`.
+/// Up to this many activation rows, a CPU Q4_K product runs [`q4k`]'s kernel; more go to
+/// candle's repacked tiles (`QMatMul`).
 const K_KERNEL_MAX_ROWS: usize = super::matvec::MAX_ROWS;
 
 /// A frozen `[out, in]` weight quantized into ggml blocks along `in` (one row = one output).
@@ -28,50 +28,6 @@ pub struct QuantWeight {
     in_dim: usize,
 }
 
-/// k-quant blocks regrouped for our CPU kernels.
-enum KGrouped {
-    Q4K(q4k::Grouped),
-    Q6K(q6k::Grouped),
-}
-
-impl KGrouped {
-    fn dtype(&self) -> GgmlDType {
-        match self {
-            Self::Q4K(_) => GgmlDType::Q4K,
-            Self::Q6K(_) => GgmlDType::Q6K,
-        }
-    }
-
-    fn ggml_bytes(&self) -> usize {
-        match self {
-            Self::Q4K(g) => g.ggml_bytes(),
-            Self::Q6K(g) => g.ggml_bytes(),
-        }
-    }
-
-    fn to_ggml(&self) -> Vec<u8> {
-        match self {
-            Self::Q4K(g) => g.to_ggml(),
-            Self::Q6K(g) => g.to_ggml(),
-        }
-    }
-
-    fn dequantize_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
-        match self {
-            Self::Q4K(g) => g.dequantize_rows(rows, out),
-            Self::Q6K(g) => g.dequantize_rows(rows, out),
-        }
-    }
-
-    /// By `m` rows of Q8_K activations.
-    fn matmul(&self, a: &[q4k::BlockQ8K], m: usize) -> Vec<f32> {
-        match self {
-            Self::Q4K(g) => q4k::matmul(g, a, m),
-            Self::Q6K(g) => q6k::matmul(g, a, m),
-        }
-    }
-}
-
 #[derive(Clone)]
 enum Store {
     /// candle's blocks and its product over them.
@@ -86,11 +42,11 @@ enum Store {
         grouped: Arc<q8::Grouped>,
         ggml: Arc<OnceLock<Arc<QTensor>>>,
     },
-    /// Q4_K or Q6_K on the CPU: the same bytes regrouped by 8 rows for our kernels
-    /// ([`q4k::Grouped`], [`q6k::Grouped`]), held as `Q8Grouped` holds Q8_0 (candle's copy
-    /// rebuilt only when asked for).
-    KGrouped {
-        grouped: Arc<KGrouped>,
+    /// Q4_K on the CPU: the same bytes regrouped by 8 rows for our kernel
+    /// ([`q4k::Grouped`]), held as `Q8Grouped` holds Q8_0 (candle's copy rebuilt only when
+    /// asked for).
+    Q4KGrouped {
+        grouped: Arc<q4k::Grouped>,
         ggml: Arc<OnceLock<Arc<QTensor>>>,
     },
 }
@@ -159,23 +115,10 @@ impl QuantWeight {
                 in_dim,
             });
         }
-        let kb = in_dim / q4k::QK_K;
-        let grouped = match dtype {
-            GgmlDType::Q4K if device.is_cpu() => Some(KGrouped::Q4K(q4k::Grouped::from_ggml(
-                &tensor.data()?,
-                out_dim,
-                kb,
-            ))),
-            GgmlDType::Q6K if device.is_cpu() => Some(KGrouped::Q6K(q6k::Grouped::from_ggml(
-                &tensor.data()?,
-                out_dim,
-                kb,
-            ))),
-            _ => None,
-        };
-        if let Some(grouped) = grouped {
+        if dtype == GgmlDType::Q4K && device.is_cpu() {
+            let grouped = q4k::Grouped::from_ggml(&tensor.data()?, out_dim, in_dim / q4k::QK_K);
             return Ok(Self {
-                store: Store::KGrouped {
+                store: Store::Q4KGrouped {
                     grouped: Arc::new(grouped),
                     ggml: Arc::new(OnceLock::new()),
                 },
@@ -205,7 +148,7 @@ impl QuantWeight {
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.dtype(),
             Store::Q8Grouped { .. } => GgmlDType::Q8_0,
-            Store::KGrouped { grouped, .. } => grouped.dtype(),
+            Store::Q4KGrouped { .. } => GgmlDType::Q4K,
         }
     }
 
@@ -222,7 +165,7 @@ impl QuantWeight {
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.storage_size_in_bytes(),
             Store::Q8Grouped { grouped, .. } => grouped.ggml_bytes(),
-            Store::KGrouped { grouped, .. } => grouped.ggml_bytes(),
+            Store::Q4KGrouped { grouped, .. } => grouped.ggml_bytes(),
         }
     }
 
@@ -244,12 +187,12 @@ impl QuantWeight {
                 )?);
                 Ok(ggml.get_or_init(|| q).clone())
             }
-            Store::KGrouped { grouped, ggml } => {
+            Store::Q4KGrouped { grouped, ggml } => {
                 if let Some(q) = ggml.get() {
                     return Ok(q.clone());
                 }
                 let q = Arc::new(qtensor_from_ggml(
-                    grouped.dtype(),
+                    GgmlDType::Q4K,
                     &grouped.to_ggml(),
                     vec![self.out_dim, self.in_dim],
                     &Device::Cpu,
@@ -263,7 +206,7 @@ impl QuantWeight {
     fn qmatmul(&self) -> Result<QMatMul> {
         match &self.store {
             Store::Ggml { matmul, .. } => Ok(matmul.clone()),
-            Store::Q8Grouped { .. } | Store::KGrouped { .. } => {
+            Store::Q8Grouped { .. } | Store::Q4KGrouped { .. } => {
                 Ok(QMatMul::QTensor(self.qtensor()?))
             }
         }
@@ -325,14 +268,14 @@ impl QuantWeight {
                 let Some(y) = y else { return Ok(None) };
                 y
             }
-            Store::KGrouped { grouped, .. } => {
-                if rows > K_KERNEL_MAX_ROWS && forced.as_deref() != Some("kquant") {
+            Store::Q4KGrouped { grouped, .. } => {
+                if rows > K_KERNEL_MAX_ROWS && forced.as_deref() != Some("q4k") {
                     // Many rows: candle's repacked tiles (on candle's copy, rebuilt once).
                     return Ok(None);
                 }
                 let x32 = x.to_dtype(DType::F32)?;
                 crate::model::ops::with_cpu_f32(&x32, |xs| {
-                    grouped.matmul(&q4k::quantize_rows(xs, k), m)
+                    q4k::matmul(grouped, &q4k::quantize_rows(xs, k), m)
                 })?
             }
             Store::Ggml { matmul, .. } => {
@@ -372,7 +315,7 @@ impl QuantWeight {
                 grouped.dequantize_rows(0..self.out_dim, &mut w);
                 Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
             }
-            Store::KGrouped { grouped, .. } => {
+            Store::Q4KGrouped { grouped, .. } => {
                 let mut w = vec![0f32; self.out_dim * self.in_dim];
                 grouped.dequantize_rows(0..self.out_dim, &mut w);
                 Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
@@ -388,7 +331,7 @@ impl QuantWeight {
             Store::Q8Grouped { grouped, .. } => {
                 self.gather_dequantized(ids, |r, row| grouped.dequantize_rows(r..r + 1, row))
             }
-            Store::KGrouped { grouped, .. } => {
+            Store::Q4KGrouped { grouped, .. } => {
                 self.gather_dequantized(ids, |r, row| grouped.dequantize_rows(r..r + 1, row))
             }
         }
@@ -489,61 +432,52 @@ mod tests {
         assert!(ggml.get().is_some());
     }
 
-    /// A CPU Q4_K or Q6_K weight holds its blocks once, regrouped (`storage_bytes` is
-    /// ggml's size): products of 1 and 3 rows give candle's block dot (`vec_dot` per output,
-    /// the compact path before) within f32 summation-order rounding, without rebuilding
-    /// candle's copy; the dequantized matrix and gathered rows equal candle's bit for bit; the
-    /// copy rebuilt on request is the blocks quantized.
+    /// A CPU Q4_K weight holds its blocks once, regrouped (`storage_bytes` is ggml's size):
+    /// products of 1 and 3 rows give candle's block dot (`vec_dot` per output, the compact
+    /// path before) within f32 summation-order rounding, without rebuilding candle's copy; the
+    /// dequantized matrix and gathered rows equal candle's bit for bit; the copy rebuilt on
+    /// request is the blocks quantized.
     #[test]
-    fn cpu_k_quant_weights_are_held_once_and_answer_as_candle() {
-        use super::super::ggml_q4k::{quantize_q4_k, quantize_q6_k};
+    fn cpu_q4_k_weights_are_held_once_and_answer_as_candle() {
         let dev = Device::Cpu;
         let (n, k) = (70, 512);
-        let quantizers: [(GgmlDType, fn(&[f32]) -> Vec<u8>, usize); 2] = [
-            (GgmlDType::Q4K, quantize_q4_k, 144),
-            (GgmlDType::Q6K, quantize_q6_k, 210),
-        ];
-        for (dtype, quantize, block_bytes) in quantizers {
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            let q = QuantWeight::quantize(&w, dtype).unwrap();
-            let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let want_q =
-                Arc::new(qtensor_from_ggml(dtype, &quantize(&values), vec![n, k], &dev).unwrap());
-            let Store::KGrouped { ggml, .. } = &q.store else {
-                panic!("a CPU {dtype:?} weight is not regrouped")
-            };
-            let bytes = want_q.data().unwrap().into_owned();
-            for rows in [1, 3] {
-                let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
-                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let got = q.linear(&x, None).unwrap();
-                assert_eq!(got.dims(), &[rows, n]);
-                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let want = super::super::matvec::matvec(dtype, &bytes, &xs, rows, k, n)
-                    .expect("candle's block dot");
-                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-                for (g, w) in got.iter().zip(&want) {
-                    assert!(
-                        (g - w).abs() <= 1e-5 * scale,
-                        "{dtype:?} {rows} rows: {g} vs {w}"
-                    );
-                }
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = QuantWeight::quantize(&w, GgmlDType::Q4K).unwrap();
+        let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let blocks = super::super::ggml_q4k::quantize_q4_k(&values);
+        let want_q =
+            Arc::new(qtensor_from_ggml(GgmlDType::Q4K, &blocks, vec![n, k], &dev).unwrap());
+        let Store::Q4KGrouped { ggml, .. } = &q.store else {
+            panic!("a CPU Q4_K weight is not regrouped")
+        };
+        let bytes = want_q.data().unwrap().into_owned();
+        for rows in [1, 3] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = q.linear(&x, None).unwrap();
+            assert_eq!(got.dims(), &[rows, n]);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = super::super::matvec::matvec(GgmlDType::Q4K, &bytes, &xs, rows, k, n)
+                .expect("candle's block dot");
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * scale, "{rows} rows: {g} vs {w}");
             }
-            let diff = (q.to_tensor().unwrap() - want_q.dequantize(&dev).unwrap()).unwrap();
-            let worst = diff.abs().unwrap().max_all().unwrap();
-            assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");
-            let ids = Tensor::new(&[[3u32, 69], [0, 3]], &dev).unwrap();
-            let diff = (q.gather_rows(&ids).unwrap() - want_q.embedding(&ids).unwrap()).unwrap();
-            let worst = diff.abs().unwrap().max_all().unwrap();
-            assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");
-            assert!(
-                ggml.get().is_none(),
-                "candle's copy was rebuilt by a product"
-            );
-            assert_eq!(q.storage_bytes(), n * k / 256 * block_bytes);
-            assert_eq!(q.qtensor().unwrap().data().unwrap(), want_q.data().unwrap());
-            assert!(ggml.get().is_some());
         }
+        let diff = (q.to_tensor().unwrap() - want_q.dequantize(&dev).unwrap()).unwrap();
+        let worst = diff.abs().unwrap().max_all().unwrap();
+        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
+        let ids = Tensor::new(&[[3u32, 69], [0, 3]], &dev).unwrap();
+        let diff = (q.gather_rows(&ids).unwrap() - want_q.embedding(&ids).unwrap()).unwrap();
+        let worst = diff.abs().unwrap().max_all().unwrap();
+        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
+        assert!(
+            ggml.get().is_none(),
+            "candle's copy was rebuilt by a product"
+        );
+        assert_eq!(q.storage_bytes(), n * k / 256 * 144);
+        assert_eq!(q.qtensor().unwrap().data().unwrap(), want_q.data().unwrap());
+        assert!(ggml.get().is_some());
     }
 
     /// Activations are quantized to Q8_K exactly as candle's `BlockQ8K::from_float` does.
