@@ -10,10 +10,6 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 
 use crate::model::kernels::{q4k, q8};
 
-/// Up to this many activation rows, a CPU Q4_K product runs [`q4k`]'s kernel; more go to
-/// candle's repacked tiles (`QMatMul`).
-const K_KERNEL_MAX_ROWS: usize = super::matvec::MAX_ROWS;
-
 /// A frozen `[out, in]` weight quantized into ggml blocks along `in` (one row = one output).
 ///
 /// Products go through our CPU products where they measured faster ([`Self::cpu_product`]),
@@ -269,10 +265,10 @@ impl QuantWeight {
                 y
             }
             Store::Q4KGrouped { grouped, .. } => {
-                if rows > K_KERNEL_MAX_ROWS && forced.as_deref() != Some("q4k") {
-                    // Many rows: candle's repacked tiles (on candle's copy, rebuilt once).
-                    return Ok(None);
-                }
+                // Every row count: at 64 and 270 rows the kernel's 4-row tiles measured faster
+                // than candle's repacked Q4_K tiles (`prefill::tests::crossover`), at 8-32
+                // slower in cache, but those tiles would need candle's blocks rebuilt and its
+                // repack beside them: two more copies of the weight.
                 let x32 = x.to_dtype(DType::F32)?;
                 crate::model::ops::with_cpu_f32(&x32, |xs| {
                     q4k::matmul(grouped, &q4k::quantize_rows(xs, k), m)
