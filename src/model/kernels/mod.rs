@@ -10,6 +10,7 @@
 //! - [`packed`]: weights packed once into 64-row panels and the register-blocked AVX-512 product
 //!   over them.
 //! - [`q8`]: products by Q8_0 weights in integer arithmetic (ggml's block dot, register-tiled).
+//! - [`q4k`]: products by Q4_K weights regrouped by 8 rows (Q8_K activations, rows in lanes).
 //! - [`attention_step`]: one query row per head over a key/value cache (a decode step).
 //! - [`exp`]: the vectorisable `exp` the activations and softmax share.
 //! - [`backward`]: RMSNorm and SwiGLU forward and backward for training through the frozen model.

@@ -21,6 +21,15 @@
 //! `accm += (dmin·d_a) · msum` by FMA in f32, and the output is `acc − accm`. The scalar code
 //! ([`dot_reference`]) does exactly this, so both paths give the same bits; candle's block dot
 //! sums the same integers in another float order (a tolerance, not bits, in the tests).
+//!
+//! Measured (BENCHMARKS.md, "Q4_K decode over rows regrouped by 8"): one decode step's Q4_K
+//! products at the LFM2-VL-450M shapes took 5.9-6.6 ms against 6.9-7.9 through candle's block
+//! dot, the 2-thread read of the same 154 MiB 5.0-5.5 ms; end to end a `--quant q4_k` decode
+//! step went from 10.5 to 8.0 ms. Many rows (a prefill) use the same kernel in tiles of 4
+//! activation rows: about a quarter slower than candle's repacked Q4_K tiles (LM prefill 326
+//! against 261 ms), which would need candle's blocks rebuilt and its repack held beside ours.
+//! The same regrouping for Q6_K (the LM head) was written and measured slower than candle's
+//! `vec_dot_q6k_q8k` (2.5-3.2 ms against 1.9-2.0 for the head), so Q6_K stays on candle's.
 
 use rayon::prelude::*;
 
@@ -300,6 +309,8 @@ pub(crate) fn avx2_available() -> bool {
 
 /// Activation rows a register tile shares each weight load across.
 const TILE_M: usize = 4;
+/// Bytes of weights a task holds in L2 (of 512 KiB) for many activation rows.
+const MANY_ROWS_TASK_BYTES: usize = 256 * 1024;
 /// Bytes of weights a rayon task streams at least (one task per group would cost more in
 /// scheduling than a 1024-wide group's 4.6 KB take to read).
 const TASK_BYTES: usize = 64 * 1024;
@@ -338,16 +349,22 @@ pub(crate) fn matmul(w: &Grouped, a: &[BlockQ8K], m: usize) -> Vec<f32> {
             })
             .collect();
         let groups = n.div_ceil(GROUP);
-        let per_task = (TASK_BYTES / (kb * GROUP_BLOCK).max(1)).clamp(1, groups.div_ceil(2));
+        // Many rows: each task's weights stay in L2 while every activation tile passes over
+        // them, so the activations are read once a task rather than once a group.
+        let task_bytes = if m > TILE_M {
+            MANY_ROWS_TASK_BYTES
+        } else {
+            TASK_BYTES
+        };
+        let per_task = (task_bytes / (kb * GROUP_BLOCK).max(1)).clamp(1, groups.div_ceil(2));
         let dst = OutPtr(out.as_mut_ptr());
         (0..groups.div_ceil(per_task))
             .into_par_iter()
             .for_each(|t| {
-                for g in t * per_task..groups.min((t + 1) * per_task) {
-                    // SAFETY: the CPU has AVX2, FMA and F16C; group `g` exists; `a` and
-                    // `pairs` hold `m` rows of `kb` blocks; tasks write disjoint columns.
-                    unsafe { group_rows_avx2(w, g, a, &pairs, m, &dst) };
-                }
+                let groups = t * per_task..groups.min((t + 1) * per_task);
+                // SAFETY: the CPU has AVX2, FMA and F16C; the groups exist; `a` and `pairs`
+                // hold `m` rows of `kb` blocks; tasks write disjoint columns.
+                unsafe { groups_rows_avx2(w, groups, a, &pairs, m, &dst) };
             });
         return out;
     }
@@ -361,47 +378,49 @@ pub(crate) fn matmul(w: &Grouped, a: &[BlockQ8K], m: usize) -> Vec<f32> {
     out
 }
 
-/// Group `g`'s outputs for every activation row, `TILE_M` rows at a time (the group's
-/// weights stay in cache between tiles).
+/// The outputs of groups `groups` for every activation row: `TILE_M` activation rows at a
+/// time against each group in turn.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C; group `g` exists in `w`; `a`, `pairs` hold `m` rows
-/// of `w.kb` blocks; `dst` points to `m * w.n` floats of which this call alone writes group
-/// `g`'s columns.
+/// The CPU must have AVX2, FMA and F16C; the groups exist in `w`; `a`, `pairs` hold `m` rows
+/// of `w.kb` blocks; `dst` points to `m * w.n` floats of which this call alone writes these
+/// groups' columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_rows_avx2(
+unsafe fn groups_rows_avx2(
     w: &Grouped,
-    g: usize,
+    groups: std::ops::Range<usize>,
     a: &[BlockQ8K],
     pairs: &[[i32; 4]],
     m: usize,
     dst: &OutPtr,
 ) {
     let (n, kb) = (w.n, w.kb);
-    let base = w.bytes()[g * kb * GROUP_BLOCK..].as_ptr();
-    let cols = g * GROUP..n.min((g + 1) * GROUP);
     let mut i = 0;
     while i < m {
         let rows = TILE_M.min(m - i);
-        let mut out = [[0f32; GROUP]; TILE_M];
         let (a, p) = (&a[i * kb..], &pairs[i * kb..]);
-        // SAFETY: the group's `kb` super-blocks start at `base`; `rows` activation rows follow
-        // `a` and `p`.
-        unsafe {
-            match rows {
-                4 => group_tile::<4>(base, kb, a, p, &mut out),
-                3 => group_tile::<3>(base, kb, a, p, &mut out),
-                2 => group_tile::<2>(base, kb, a, p, &mut out),
-                _ => group_tile::<1>(base, kb, a, p, &mut out),
+        for g in groups.clone() {
+            let base = w.bytes()[g * kb * GROUP_BLOCK..].as_ptr();
+            let cols = g * GROUP..n.min((g + 1) * GROUP);
+            let mut out = [[0f32; GROUP]; TILE_M];
+            // SAFETY: the group's `kb` super-blocks start at `base`; `rows` activation rows
+            // follow `a` and `p`.
+            unsafe {
+                match rows {
+                    4 => group_tile::<4>(base, kb, a, p, &mut out),
+                    3 => group_tile::<3>(base, kb, a, p, &mut out),
+                    2 => group_tile::<2>(base, kb, a, p, &mut out),
+                    _ => group_tile::<1>(base, kb, a, p, &mut out),
+                }
             }
-        }
-        for (r, out) in out.iter().take(rows).enumerate() {
-            // SAFETY: these outputs are in this call's columns of the `[m, n]` buffer.
-            let y = unsafe {
-                std::slice::from_raw_parts_mut(dst.0.add((i + r) * n + cols.start), cols.len())
-            };
-            y.copy_from_slice(&out[..cols.len()]);
+            for (r, out) in out.iter().take(rows).enumerate() {
+                // SAFETY: these outputs are in this call's columns of the `[m, n]` buffer.
+                let y = unsafe {
+                    std::slice::from_raw_parts_mut(dst.0.add((i + r) * n + cols.start), cols.len())
+                };
+                y.copy_from_slice(&out[..cols.len()]);
+            }
         }
         i += rows;
     }
@@ -596,9 +615,9 @@ mod tests {
     }
 
     /// The kernel (AVX2 here where the CPU has it) equals the scalar reference bit for bit
-    /// for 1 to 6 activation rows (tiles of 4 and their remainders) and output counts that are
-    /// not whole groups; the reference is within f32 rounding of an f64 dot product of the
-    /// dequantized weights and the Q8_K activations.
+    /// for 1 to 9 activation rows (tiles of 4 and their remainders, several groups a task) and
+    /// output counts that are not whole groups; the reference is within f32 rounding of an f64
+    /// dot product from the blocks' integers and scales and the Q8_K activations.
     #[test]
     fn kernel_equals_the_scalar_reference_and_f64() {
         for (m, n, kb) in [
@@ -608,6 +627,7 @@ mod tests {
             (2, 8, 1),
             (4, 17, 3),
             (6, 9, 2),
+            (9, 40, 2),
         ] {
             let k = kb * QK_K;
             let w = Grouped::from_ggml(&blocks(n, kb, 11 + n as u64), n, kb);

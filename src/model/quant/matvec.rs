@@ -7,7 +7,9 @@
 //! blocks, held beside them), so a decode step reads more than the weights' floor; its Q6_K
 //! product runs on its own thread pool, which spins beside rayon's threads on a 2-core machine.
 //! Here every step reads the compact blocks once (measured in BENCHMARKS.md, "Quantized
-//! models"). Q8_0 goes through [`crate::model::kernels::q8`] instead.
+//! models"). On the CPU, Q8_0 goes through [`crate::model::kernels::q8`] and Q4_K through
+//! [`crate::model::kernels::q4k`] instead, so this path takes Q5_K and Q6_K (the `--quant q4_k`
+//! LM head), and Q4_K only where a caller hands it candle's blocks.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5K, BlockQ6K, GgmlType};
@@ -212,7 +214,9 @@ mod tests {
                 })
                 .reduce(|| 0, u64::wrapping_add)
         };
-        let variants: [(&str, Box<dyn Fn() + Sync>); 6] = [
+        // A named timing and what it runs.
+        type Variant<'a> = (&'a str, Box<dyn Fn() + Sync + 'a>);
+        let variants: [Variant; 6] = [
             (
                 "Q4_K floor (2-thread read of candle's blocks)",
                 Box::new(|| {

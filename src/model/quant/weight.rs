@@ -232,7 +232,9 @@ impl QuantWeight {
     /// An untracked CPU f32 `x [.., in]` by our own CPU products where they beat `QMatMul`:
     /// Q8_0 blocks through the integer kernel ([`crate::model::kernels::q8`], `QMatMul`'s
     /// values) or, for many rows, the panel-dequantized f32 product ([`super::prefill`]) where
-    /// that measured faster; a decode step by k-quant blocks through [`super::matvec`]. `None`
+    /// that measured faster; Q4_K blocks (every row count) through
+    /// [`crate::model::kernels::q4k`]; a decode step by other k-quant blocks through
+    /// [`super::matvec`]. `None`
     /// (use `QMatMul`) otherwise: other block types, another device or dtype.
     /// `VLMPIPE_QUANT_PRODUCT=qmatmul` (or `int8`, `panels` for Q8_0) forces a path, to compare.
     fn cpu_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
