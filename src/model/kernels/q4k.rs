@@ -22,14 +22,15 @@
 //! ([`dot_reference`]) does exactly this, so both paths give the same bits; candle's block dot
 //! sums the same integers in another float order (a tolerance, not bits, in the tests).
 //!
-//! Measured (BENCHMARKS.md, "Q4_K decode over rows regrouped by 8"): one decode step's Q4_K
-//! products at the LFM2-VL-450M shapes took 5.9-6.6 ms against 6.9-7.9 through candle's block
-//! dot, the 2-thread read of the same 154 MiB 5.0-5.5 ms; end to end a `--quant q4_k` decode
-//! step went from 10.5 to 8.0 ms. Many rows (a prefill) use the same kernel in tiles of 4
-//! activation rows: about a quarter slower than candle's repacked Q4_K tiles (LM prefill 326
-//! against 261 ms), which would need candle's blocks rebuilt and its repack held beside ours.
-//! The same regrouping for Q6_K (the LM head) was written and measured slower than candle's
-//! `vec_dot_q6k_q8k` (2.5-3.2 ms against 1.9-2.0 for the head), so Q6_K stays on candle's.
+//! Measured (BENCHMARKS.md, "Q4_K decode over rows regrouped by 8", 2 Zen 3 cores): one
+//! decode step's Q4_K products at the LFM2-VL-450M shapes took 6.0-6.9 ms (best of 12)
+//! against 7.1-7.4 through candle's block dot, the 2-thread read of the same 154 MiB 5.0-5.3
+//! ms; end to end a `--quant q4_k` decode step went from 9.0-11.1 to 8.0-8.5 ms. Many rows (a
+//! prefill) run the same kernel in tiles of 4 activation rows, a task's weights kept in L2:
+//! slower than candle's repacked Q4_K tiles (LM prefill 326-433 against 261-267 ms), which
+//! would need candle's blocks rebuilt and its repack held beside ours. The same regrouping for
+//! Q6_K (the LM head) measured slower than candle's `vec_dot_q6k_q8k` (2.5-3.2 ms against
+//! 1.9-2.0 for the head), so Q6_K stays on candle's.
 
 use rayon::prelude::*;
 
@@ -351,12 +352,14 @@ pub(crate) fn matmul(w: &Grouped, a: &[BlockQ8K], m: usize) -> Vec<f32> {
         let groups = n.div_ceil(GROUP);
         // Many rows: each task's weights stay in L2 while every activation tile passes over
         // them, so the activations are read once a task rather than once a group.
-        let task_bytes = if m > TILE_M {
-            MANY_ROWS_TASK_BYTES
+        // At least 8 tasks then, so that the two cores finish together.
+        let (task_bytes, min_tasks) = if m > TILE_M {
+            (MANY_ROWS_TASK_BYTES, 8)
         } else {
-            TASK_BYTES
+            (TASK_BYTES, 2)
         };
-        let per_task = (task_bytes / (kb * GROUP_BLOCK).max(1)).clamp(1, groups.div_ceil(2));
+        let per_task =
+            (task_bytes / (kb * GROUP_BLOCK).max(1)).clamp(1, groups.div_ceil(min_tasks));
         let dst = OutPtr(out.as_mut_ptr());
         (0..groups.div_ceil(per_task))
             .into_par_iter()

@@ -267,10 +267,9 @@ impl QuantWeight {
                 y
             }
             Store::Q4KGrouped { grouped, .. } => {
-                // Every row count: at 64 and 270 rows the kernel's 4-row tiles measured faster
-                // than candle's repacked Q4_K tiles (`prefill::tests::crossover`), at 8-32
-                // slower in cache, but those tiles would need candle's blocks rebuilt and its
-                // repack beside them: two more copies of the weight.
+                // Every row count: candle's repacked tiles run a prefill faster (BENCHMARKS.md,
+                // "Q4_K decode over rows regrouped by 8") but need candle's blocks rebuilt and
+                // its repack beside them, two more copies of the weight.
                 let x32 = x.to_dtype(DType::F32)?;
                 crate::model::ops::with_cpu_f32(&x32, |xs| {
                     q4k::matmul(grouped, &q4k::quantize_rows(xs, k), m)
