@@ -8,7 +8,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use crate::model::kernels::q8;
+use crate::model::kernels::{q4k, q8};
 
 /// A frozen `[out, in]` weight quantized into ggml blocks along `in` (one row = one output).
 ///
@@ -36,6 +36,13 @@ enum Store {
     /// ([`QuantWeight::qtensor`], or a product only `QMatMul` takes) and then kept.
     Q8Grouped {
         grouped: Arc<q8::Grouped>,
+        ggml: Arc<OnceLock<Arc<QTensor>>>,
+    },
+    /// Q4_K on the CPU: the same bytes regrouped by 8 rows for our kernel
+    /// ([`q4k::Grouped`]), held as `Q8Grouped` holds Q8_0 (candle's copy rebuilt only when
+    /// asked for).
+    Q4KGrouped {
+        grouped: Arc<q4k::Grouped>,
         ggml: Arc<OnceLock<Arc<QTensor>>>,
     },
 }
@@ -104,6 +111,17 @@ impl QuantWeight {
                 in_dim,
             });
         }
+        if dtype == GgmlDType::Q4K && device.is_cpu() {
+            let grouped = q4k::Grouped::from_ggml(&tensor.data()?, out_dim, in_dim / q4k::QK_K);
+            return Ok(Self {
+                store: Store::Q4KGrouped {
+                    grouped: Arc::new(grouped),
+                    ggml: Arc::new(OnceLock::new()),
+                },
+                out_dim,
+                in_dim,
+            });
+        }
         // candle's Q5_0/Q5_1 dot products insist on an even number of blocks a row (a debug
         // assertion; the arithmetic would be right). Such a row (a fallback on narrow test
         // models, never at LFM2-VL-450M's widths) multiplies by the dequantized blocks instead:
@@ -126,6 +144,7 @@ impl QuantWeight {
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.dtype(),
             Store::Q8Grouped { .. } => GgmlDType::Q8_0,
+            Store::Q4KGrouped { .. } => GgmlDType::Q4K,
         }
     }
 
@@ -142,11 +161,12 @@ impl QuantWeight {
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.storage_size_in_bytes(),
             Store::Q8Grouped { grouped, .. } => grouped.ggml_bytes(),
+            Store::Q4KGrouped { grouped, .. } => grouped.ggml_bytes(),
         }
     }
 
-    /// The blocks as candle (and a GGUF file) holds them. Regrouped Q8_0 weights are put back
-    /// into ggml's order on the first call, and that copy is kept beside them.
+    /// The blocks as candle (and a GGUF file) holds them. Regrouped Q8_0 and Q4_K weights are
+    /// put back into ggml's order on the first call, and that copy is kept beside them.
     pub fn qtensor(&self) -> Result<Arc<QTensor>> {
         match &self.store {
             Store::Ggml { tensor, .. } => Ok(tensor.clone()),
@@ -163,6 +183,18 @@ impl QuantWeight {
                 )?);
                 Ok(ggml.get_or_init(|| q).clone())
             }
+            Store::Q4KGrouped { grouped, ggml } => {
+                if let Some(q) = ggml.get() {
+                    return Ok(q.clone());
+                }
+                let q = Arc::new(qtensor_from_ggml(
+                    GgmlDType::Q4K,
+                    &grouped.to_ggml(),
+                    vec![self.out_dim, self.in_dim],
+                    &Device::Cpu,
+                )?);
+                Ok(ggml.get_or_init(|| q).clone())
+            }
         }
     }
 
@@ -170,7 +202,9 @@ impl QuantWeight {
     fn qmatmul(&self) -> Result<QMatMul> {
         match &self.store {
             Store::Ggml { matmul, .. } => Ok(matmul.clone()),
-            Store::Q8Grouped { .. } => Ok(QMatMul::QTensor(self.qtensor()?)),
+            Store::Q8Grouped { .. } | Store::Q4KGrouped { .. } => {
+                Ok(QMatMul::QTensor(self.qtensor()?))
+            }
         }
     }
 
@@ -196,9 +230,10 @@ impl QuantWeight {
     }
 
     /// An untracked CPU f32 `x [.., in]` by our own CPU products where they beat `QMatMul`:
-    /// Q8_0 blocks through the integer kernel ([`crate::model::kernels::q8`], `QMatMul`'s
+    /// Q8_0 blocks through the integer kernel ([`crate::model::kernels::q8`], ggml's block dot
     /// values) or, for many rows, the panel-dequantized f32 product ([`super::prefill`]) where
-    /// that measured faster; a decode step by k-quant blocks through [`super::matvec`]. `None`
+    /// that measured faster; a decode step by Q4_K blocks through
+    /// [`crate::model::kernels::q4k`], by other k-quant blocks through [`super::matvec`]. `None`
     /// (use `QMatMul`) otherwise: other block types, another device or dtype.
     /// `VLMPIPE_QUANT_PRODUCT=qmatmul` (or `int8`, `panels` for Q8_0) forces a path, to compare.
     fn cpu_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
@@ -229,6 +264,20 @@ impl QuantWeight {
                 })?;
                 let Some(y) = y else { return Ok(None) };
                 y
+            }
+            Store::Q4KGrouped { grouped, .. } => {
+                // Many rows (a prefill, the vision side) go to candle's repacked tiles: they ran
+                // a prefill 1.25-1.6x faster than this kernel (BENCHMARKS.md, "Q4_K decode over
+                // rows regrouped by 8"), and a classification is mostly prefill. That rebuilds
+                // candle's blocks once beside ours (`qtensor`), about 150 MiB at the 450M
+                // shapes; `VLMPIPE_QUANT_PRODUCT=int8` keeps every row count here instead.
+                if rows > super::matvec::MAX_ROWS && forced.as_deref() != Some("int8") {
+                    return Ok(None);
+                }
+                let x32 = x.to_dtype(DType::F32)?;
+                crate::model::ops::with_cpu_f32(&x32, |xs| {
+                    q4k::matmul(grouped, &q4k::quantize_rows(xs, k), m)
+                })?
             }
             Store::Ggml { matmul, .. } => {
                 let QMatMul::QTensor(q) = matmul else {
@@ -267,6 +316,11 @@ impl QuantWeight {
                 grouped.dequantize_rows(0..self.out_dim, &mut w);
                 Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
             }
+            Store::Q4KGrouped { grouped, .. } => {
+                let mut w = vec![0f32; self.out_dim * self.in_dim];
+                grouped.dequantize_rows(0..self.out_dim, &mut w);
+                Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
+            }
         }
     }
 
@@ -276,21 +330,33 @@ impl QuantWeight {
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.embedding(ids),
             Store::Q8Grouped { grouped, .. } => {
-                let mut dims = ids.dims().to_vec();
-                let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-                let k = self.in_dim;
-                dims.push(k);
-                let mut out = vec![0f32; ids.len() * k];
-                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
-                    let id = id as usize;
-                    if id >= self.out_dim {
-                        candle_core::bail!("embedding row {id} of {} rows", self.out_dim)
-                    }
-                    grouped.dequantize_rows(id..id + 1, row);
-                }
-                Tensor::from_vec(out, dims, &Device::Cpu)
+                self.gather_dequantized(ids, |r, row| grouped.dequantize_rows(r..r + 1, row))
+            }
+            Store::Q4KGrouped { grouped, .. } => {
+                self.gather_dequantized(ids, |r, row| grouped.dequantize_rows(r..r + 1, row))
             }
         }
+    }
+
+    /// [`Self::gather_rows`] through a row dequantizer of regrouped blocks.
+    fn gather_dequantized(
+        &self,
+        ids: &Tensor,
+        dequantize_row: impl Fn(usize, &mut [f32]),
+    ) -> Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        let k = self.in_dim;
+        dims.push(k);
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
+            let id = id as usize;
+            if id >= self.out_dim {
+                candle_core::bail!("embedding row {id} of {} rows", self.out_dim)
+            }
+            dequantize_row(id, row);
+        }
+        Tensor::from_vec(out, dims, &Device::Cpu)
     }
 }
 
@@ -365,5 +431,78 @@ mod tests {
         assert_eq!(q.storage_bytes(), n * k / 32 * 34);
         assert_eq!(q.qtensor().unwrap().data().unwrap(), want_q.data().unwrap());
         assert!(ggml.get().is_some());
+    }
+
+    /// A CPU Q4_K weight holds its blocks once, regrouped (`storage_bytes` is ggml's size):
+    /// products of 1 and 3 rows give candle's block dot (`vec_dot` per output, the compact
+    /// path before) within f32 summation-order rounding, without rebuilding candle's copy; the
+    /// dequantized matrix and gathered rows equal candle's bit for bit; the copy rebuilt on
+    /// request is the blocks quantized.
+    #[test]
+    fn cpu_q4_k_weights_are_held_once_and_answer_as_candle() {
+        let dev = Device::Cpu;
+        let (n, k) = (70, 512);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = QuantWeight::quantize(&w, GgmlDType::Q4K).unwrap();
+        let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let blocks = super::super::ggml_q4k::quantize_q4_k(&values);
+        let want_q =
+            Arc::new(qtensor_from_ggml(GgmlDType::Q4K, &blocks, vec![n, k], &dev).unwrap());
+        let Store::Q4KGrouped { ggml, .. } = &q.store else {
+            panic!("a CPU Q4_K weight is not regrouped")
+        };
+        let bytes = want_q.data().unwrap().into_owned();
+        for rows in [1, 3] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = q.linear(&x, None).unwrap();
+            assert_eq!(got.dims(), &[rows, n]);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = super::super::matvec::matvec(GgmlDType::Q4K, &bytes, &xs, rows, k, n)
+                .expect("candle's block dot");
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * scale, "{rows} rows: {g} vs {w}");
+            }
+        }
+        let diff = (q.to_tensor().unwrap() - want_q.dequantize(&dev).unwrap()).unwrap();
+        let worst = diff.abs().unwrap().max_all().unwrap();
+        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
+        let ids = Tensor::new(&[[3u32, 69], [0, 3]], &dev).unwrap();
+        let diff = (q.gather_rows(&ids).unwrap() - want_q.embedding(&ids).unwrap()).unwrap();
+        let worst = diff.abs().unwrap().max_all().unwrap();
+        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
+        assert!(
+            ggml.get().is_none(),
+            "candle's copy was rebuilt by a product"
+        );
+        assert_eq!(q.storage_bytes(), n * k / 256 * 144);
+        assert_eq!(q.qtensor().unwrap().data().unwrap(), want_q.data().unwrap());
+        assert!(ggml.get().is_some());
+    }
+
+    /// Activations are quantized to Q8_K exactly as candle's `BlockQ8K::from_float` does.
+    #[test]
+    fn q8_k_activations_are_candles() {
+        use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
+        let mut x: Vec<f32> = (0..3 * 256)
+            .map(|i| ((i * 7919) % 1001) as f32 / 250.0 - 2.0)
+            .collect();
+        x[5] = 2.5;
+        x[300] = -3.0;
+        x[512..768].fill(0.0);
+        let ours = q4k::quantize_rows(&x, 256);
+        let mut theirs = vec![BlockQ8K::zeros(); 3];
+        BlockQ8K::from_float(&x, &mut theirs);
+        assert_eq!(std::mem::size_of_val(ours.as_slice()), 3 * 292);
+        // SAFETY: both are `repr(C)` blocks of the same 292 bytes, no padding (size asserted
+        // by both crates), read as bytes.
+        let (a, b): (&[u8], &[u8]) = unsafe {
+            (
+                std::slice::from_raw_parts(ours.as_ptr().cast(), 3 * 292),
+                std::slice::from_raw_parts(theirs.as_ptr().cast(), 3 * 292),
+            )
+        };
+        assert_eq!(a, b);
     }
 }
