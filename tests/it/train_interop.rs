@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use vlmpipe::model::chat::Conversation;
 use vlmpipe::model::checkpoint::{LoadOptions, load};
 use vlmpipe::model::lfm2_vl::{Lfm2VlModel, LogitsMode};
+use vlmpipe::model::packed::Kernel;
 use vlmpipe::model::processor::{Processor, stack_images};
 use vlmpipe::train::lora::{LFM2_TARGETS, LoraConfig, Trainable, TrainableSpec};
 use vlmpipe::train::merge::{ExportOrigin, MergeOptions, merge_checkpoint};
@@ -281,6 +282,12 @@ fn round_trip(spec: TrainableSpec, parameters: usize) -> TestResult {
         .map(|r| r.train_loss)
         .unwrap_or(f64::NAN);
     assert!(last < first, "loss did not fall: {first} -> {last}");
+    // Training packed some weights where the CPU has the packed kernel (the LoRA targets, a
+    // frozen image path); pack the rest, as inference does, so the fresh model below can hold
+    // the very same layout and give the same bits.
+    if let Some(kernel) = Kernel::for_this_cpu() {
+        model.pack_linears_for_cpu(kernel)?;
+    }
     let trained_logits = fixture_prompt_logits(&model, &processor)?;
 
     // What was written loads back onto a fresh model and gives the same logits.
@@ -289,6 +296,9 @@ fn round_trip(spec: TrainableSpec, parameters: usize) -> TestResult {
     assert_eq!(loaded.num_parameters(), parameters);
     let mut fresh = load(&checkpoint_dir(), &LoadOptions::default())?;
     loaded.attach(&mut fresh)?;
+    if let Some(kernel) = Kernel::for_this_cpu() {
+        fresh.pack_linears_for_cpu(kernel)?;
+    }
     let reloaded_logits = fixture_prompt_logits(&fresh, &processor)?;
     assert_eq!(max_abs(&(&reloaded_logits - &trained_logits)?)?, 0.0);
 

@@ -63,7 +63,7 @@ impl Kernel {
     /// `VLMPIPE_PACKED_GEMM=off` keeps weights dense, `=portable` packs them for the portable
     /// kernel (to test this path on any CPU), `=avx2` for the AVX2 kernel where the CPU has
     /// AVX2 + FMA; by default they are packed where AVX-512F exists.
-    pub(crate) fn for_this_cpu() -> Option<Kernel> {
+    pub fn for_this_cpu() -> Option<Kernel> {
         match std::env::var("VLMPIPE_PACKED_GEMM").as_deref() {
             Ok("off") | Ok("0") => None,
             Ok("portable") => Some(Kernel::Portable),
