@@ -296,7 +296,17 @@ impl Lfm2VlModel {
     /// `train::lora::pack_frozen_weights`). Returns how many matrices were packed.
     pub fn pack_linears_for_cpu(&mut self, kernel: Kernel) -> Result<usize> {
         let head = usize::from(self.text.pack_head_for_cpu(kernel)?);
-        Ok(head + pack_all(self, kernel)?)
+        Ok(head + pack_where(self, kernel, &|_| true)?)
+    }
+
+    /// Packs the CPU f32 projections `keep` selects for `kernel` ([`Linear::pack_for_cpu`]);
+    /// how many were packed.
+    pub(crate) fn pack_linears_where(
+        &mut self,
+        kernel: Kernel,
+        keep: &dyn Fn(&Linear) -> bool,
+    ) -> Result<usize> {
+        pack_where(self, kernel, keep)
     }
 
     /// Packs the vision tower's and the projector's CPU f32 projections for `kernel`, as
@@ -304,16 +314,23 @@ impl Lfm2VlModel {
     /// never tracked by autograd, so every product of the frozen image path takes the packed
     /// kernel (a dense weight goes through candle's generic matmul at about half the speed).
     pub(crate) fn pack_image_linears_for_cpu(&mut self, kernel: Kernel) -> Result<usize> {
-        Ok(pack_all(&mut self.vision, kernel)? + pack_all(&mut self.projector, kernel)?)
+        let all = &|_: &Linear| true;
+        Ok(pack_where(&mut self.vision, kernel, all)?
+            + pack_where(&mut self.projector, kernel, all)?)
     }
 }
 
-/// Packs every linear `part` visits ([`Linear::pack_for_cpu`]); how many were packed.
-fn pack_all(part: &mut dyn LinearVisitor, kernel: Kernel) -> Result<usize> {
+/// Packs the linears `part` visits that `keep` selects ([`Linear::pack_for_cpu`]); how many
+/// were packed.
+fn pack_where(
+    part: &mut dyn LinearVisitor,
+    kernel: Kernel,
+    keep: &dyn Fn(&Linear) -> bool,
+) -> Result<usize> {
     let mut packed = 0;
     let mut failure = None;
     part.visit_linears_mut(&mut |lin| {
-        if failure.is_some() {
+        if failure.is_some() || !keep(lin) {
             return;
         }
         match lin.pack_for_cpu(kernel) {

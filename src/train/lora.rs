@@ -176,19 +176,8 @@ pub(crate) fn pack_frozen_weights(
     if !image_path_trained {
         packed += model.pack_image_linears_for_cpu(kernel)?;
     }
-    let mut failure = None;
-    model.visit_linears_mut(&mut |lin| {
-        if failure.is_none() && lora.contains(&lin.name()) {
-            match lin.pack_for_cpu(kernel) {
-                Ok(newly) => packed += usize::from(newly),
-                Err(e) => failure = Some(e),
-            }
-        }
-    });
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(packed),
-    }
+    packed += model.pack_linears_where(kernel, &|lin| lora.contains(&lin.name()))?;
+    Ok(packed)
 }
 
 /// PEFT's `target_modules` rule: the exact name or a dotted suffix of it.
@@ -700,18 +689,9 @@ mod tests {
     /// the features it gave dense.
     #[test]
     fn pack_frozen_weights_packs_lora_targets_and_a_frozen_image_path() -> candle_core::Result<()> {
-        use crate::model::config::Config;
         use crate::model::load::checkpoint::LoadOptions;
-        use crate::model::load::random_checkpoint::random_model;
-        let cfg = Config::from_json(
-            r#"{"projector_hidden_size": 32,
-                "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2},
-                "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
-                                "block_multiple_of": 8, "layer_types": ["conv", "full_attention"]}}"#,
-        )
-        .map_err(candle_core::Error::wrap)?;
+        use crate::model::load::random_checkpoint::{random_model, tiny_test_config};
+        let cfg = tiny_test_config();
         let packed_names = |model: &Lfm2VlModel| {
             let mut names = Vec::new();
             model.visit_linears(&mut |l| {

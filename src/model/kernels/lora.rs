@@ -227,14 +227,7 @@ mod tests {
         out
     }
 
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 1000) as f32 / 500.0
-                    - 1.0
-            })
-            .collect()
-    }
+    use super::super::test_values as data;
 
     fn assert_close(ours: &[f32], expected: &[f64], what: &str) {
         assert_eq!(ours.len(), expected.len(), "{what}");

@@ -32,3 +32,13 @@ pub(crate) mod q4k;
 pub(crate) mod q8;
 
 pub(crate) use cpu::ViewSpan;
+
+/// Deterministic values in [-1, 1) for the kernels' tests (no RNG, so failures reproduce).
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
+        })
+        .collect()
+}

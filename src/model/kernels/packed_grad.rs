@@ -57,14 +57,7 @@ pub(crate) fn dy_w(w: &PackedWeight, dy: &[f32], m: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 1000) as f32 / 500.0
-                    - 1.0
-            })
-            .collect()
-    }
+    use super::super::test_values as values;
 
     /// Against `dY·W` evaluated in f64, for every kernel this CPU runs: partial last panels of
     /// `w` and of `wᵀ`, several panels of each, and a single row.

@@ -438,6 +438,21 @@ fn to_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
     }
 }
 
+/// A model of a few thousand parameters with every part (vision, projector, a conv and an
+/// attention layer), for unit tests across the crate.
+#[cfg(test)]
+pub(crate) fn tiny_test_config() -> Config {
+    Config::from_json(
+        r#"{"projector_hidden_size": 32,
+            "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                              "num_attention_heads": 2},
+            "text_config": {"hidden_size": 16, "intermediate_size": 48, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 500,
+                            "block_multiple_of": 8, "layer_types": ["conv", "full_attention"]}}"#,
+    )
+    .expect("the tiny test config parses")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,15 +565,7 @@ mod tests {
 
     #[test]
     fn random_model_has_the_config_shapes() -> candle_core::Result<()> {
-        let cfg = Config::from_json(
-            r#"{"projector_hidden_size": 32,
-                "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2},
-                "text_config": {"hidden_size": 16, "intermediate_size": 48, "num_hidden_layers": 2,
-                                "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 500,
-                                "block_multiple_of": 8, "layer_types": ["conv", "full_attention"]}}"#,
-        )
-        .map_err(candle_core::Error::wrap)?;
+        let cfg = tiny_test_config();
         let model = random_model(&cfg, &LoadOptions::default(), 1)?;
         let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
         let mut cache = model.new_cache(1);
