@@ -23,6 +23,21 @@
 
 use rayon::prelude::*;
 
+/// Whether this CPU has the integer dot product candle's repacked Q8_0 tiles need (AVX-512 VNNI
+/// with AVX-512F, or AVX-VNNI with AVX2: its `repack_x86::level`, which is private); on plain
+/// AVX2 candle does not tile Q8_0 and our kernels take every product.
+pub(crate) fn candle_has_vnni_tiles() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
+            || (is_x86_feature_detected!("avxvnni") && is_x86_feature_detected!("avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Values per Q8_0 block.
 pub(crate) const QK8_0: usize = 32;
 

@@ -47,6 +47,23 @@ enum Store {
     },
 }
 
+/// Whether a CPU Q8_0 `[n, k]` weight stays in candle's blocks, for every product to take
+/// candle's VNNI tiles (`candle_core::quantized::repack_x86`: 16 output rows a tile, `vpdpbusd`,
+/// activations quantized to Q8_K). candle uses them where the CPU has AVX-512 VNNI or AVX-VNNI
+/// and `n` is whole tiles of 16, `k` whole 256-value blocks (its private `select`, mirrored here).
+/// There they ran the LFM2-VL-450M prefill 2.6x faster than our dequantized panels and a decode
+/// step as fast as our integer kernel (BENCHMARKS.md, "Q8_0 on VNNI tiles"), so our regrouped
+/// copy would only add memory. `VLMPIPE_QUANT_PRODUCT=int8|panels` keeps our layout, to compare.
+fn keep_q8_0_for_candle_tiles(n: usize, k: usize) -> bool {
+    if matches!(
+        std::env::var("VLMPIPE_QUANT_PRODUCT").as_deref(),
+        Ok("int8" | "panels")
+    ) {
+        return false;
+    }
+    q8::candle_has_vnni_tiles() && n.is_multiple_of(16) && k.is_multiple_of(256)
+}
+
 impl fmt::Debug for QuantWeight {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QuantWeight")
@@ -99,6 +116,7 @@ impl QuantWeight {
         let device = tensor.device();
         if dtype == GgmlDType::Q8_0
             && device.is_cpu()
+            && !keep_q8_0_for_candle_tiles(out_dim, in_dim)
             && let Some(blocks) = q8::view_blocks(&tensor.data()?)
         {
             let grouped = q8::Grouped::from_blocks(blocks, out_dim, in_dim / q8::QK8_0);
