@@ -15,6 +15,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::exp::fast_exp;
+use super::packed::{Kernel, PackedWeight};
 
 /// A strided read-only matrix view into a slice: element `(i, j)` is
 /// `data[offset + i * row_stride + j * col_stride]`.
@@ -329,8 +330,25 @@ const ATTENTION_BLOCK_ROWS: usize = 64;
 /// `q` is `[q_rows, heads * head_dim]`, `k`/`v` are `[kv_rows, kv_heads * head_dim]` (query head
 /// `h` uses key/value head `h / (heads / kv_heads)`); returns `[q_rows, heads * head_dim]`. Work is
 /// split into (head, block of query rows) tasks over the rayon pool, each running single-threaded
-/// products, so no `[heads, n, n]` score tensor and no head transposes are ever built.
+/// products, so no `[heads, n, n]` score tensor and no head transposes are ever built. Where the
+/// weights are packed ([`Kernel::for_this_cpu`]) the products run on the packed kernel, each
+/// key/value head packed once; else on the `gemm` crate.
 pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<f32> {
+    attention_with(q, k, v, shape, Kernel::for_this_cpu())
+}
+
+/// [`attention`] on the packed `kernel`, or the `gemm` crate for `None`. The packed kernel's
+/// products have only 64-deep (`q k^T`) or 64-wide (`p v`) operands, which the `gemm` crate ran at
+/// 40-55% of the FMA peak in the vision tower's profile; with each head's keys and values packed
+/// once, both products are the packed kernel's own tiles (BENCHMARKS.md, "Vision attention on
+/// the packed kernel").
+pub(crate) fn attention_with(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    kernel: Option<Kernel>,
+) -> Vec<f32> {
     let AttentionShape {
         q_rows,
         kv_rows,
@@ -357,6 +375,24 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) 
     let q_all = MatRef::row_major(q, q_rows, q_width);
     let k_all = MatRef::row_major(k, kv_rows, kv_width);
     let v_all = MatRef::row_major(v, kv_rows, kv_width);
+    // Each key/value head's operands packed once for all its query blocks.
+    let packed: Option<Vec<(PackedWeight, PackedWeight)>> = kernel.map(|kernel| {
+        (0..kv_heads)
+            .into_par_iter()
+            .map(|g| {
+                (
+                    PackedWeight::pack_strided(&k[g * hd..], kv_rows, hd, kv_width, kernel),
+                    PackedWeight::pack_transposed_strided(
+                        &v[g * hd..],
+                        kv_rows,
+                        hd,
+                        kv_width,
+                        kernel,
+                    ),
+                )
+            })
+            .collect()
+    });
 
     let pieces: Vec<(usize, usize, Vec<f32>)> = (0..heads * blocks)
         .into_par_iter()
@@ -371,14 +407,27 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) 
                 None => kv_rows,
             };
             let mut scores = vec![0f32; rows * keys];
-            gemm(
-                MatMut::new(&mut scores, 0, keys),
-                q_all.rows(row0, rows).cols(h * hd, hd),
-                k_all.rows(0, keys).cols(g * hd, hd).t(),
-                scale,
-                false,
-                1,
-            );
+            match &packed {
+                Some(packed) => {
+                    // The scale goes on the block's queries (`rows x hd`, not `rows x keys`).
+                    let qs: Vec<f32> = q[row0 * q_width + h * hd..]
+                        .chunks(q_width)
+                        .take(rows)
+                        .flat_map(|row| row[..hd].iter().map(|&x| x * scale))
+                        .collect();
+                    packed[g]
+                        .0
+                        .matmul_serial(&qs, rows, hd, keys, hd, &mut scores, keys);
+                }
+                None => gemm(
+                    MatMut::new(&mut scores, 0, keys),
+                    q_all.rows(row0, rows).cols(h * hd, hd),
+                    k_all.rows(0, keys).cols(g * hd, hd).t(),
+                    scale,
+                    false,
+                    1,
+                ),
+            }
             for (i, row) in scores.chunks_mut(keys).enumerate() {
                 let visible = match causal_past {
                     Some(past) => (past + row0 + i + 1).min(keys),
@@ -387,17 +436,23 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) 
                 softmax_in_place(&mut row[..visible]);
                 row[visible..].fill(0.0);
             }
-            // Computed as `out^T = v^T scores^T`: both operands are then already in the
-            // column-major panels gemm reads, so neither the scores nor v are repacked per task.
             let mut out = vec![0f32; rows * hd];
-            gemm(
-                MatMut::new(&mut out, 0, hd).t(),
-                v_all.rows(0, keys).cols(g * hd, hd).t(),
-                MatRef::row_major(&scores, rows, keys).t(),
-                1.0,
-                false,
-                1,
-            );
+            match &packed {
+                Some(packed) => packed[g]
+                    .1
+                    .matmul_serial(&scores, rows, keys, hd, keys, &mut out, hd),
+                // Computed as `out^T = v^T scores^T`: both operands are then already in the
+                // column-major panels gemm reads, so neither the scores nor v are repacked per
+                // task.
+                None => gemm(
+                    MatMut::new(&mut out, 0, hd).t(),
+                    v_all.rows(0, keys).cols(g * hd, hd).t(),
+                    MatRef::row_major(&scores, rows, keys).t(),
+                    1.0,
+                    false,
+                    1,
+                ),
+            }
             (h, row0, out)
         })
         .collect();
@@ -652,11 +707,20 @@ mod tests {
             let q = pseudo_random(q_rows * heads * head_dim, 6);
             let k = pseudo_random(kv_rows * kv_heads * head_dim, 7);
             let v = pseudo_random(kv_rows * kv_heads * head_dim, 8);
-            let diff = max_diff(
-                &attention(&q, &k, &v, shape),
-                &naive_attention(&q, &k, &v, shape),
-            );
-            assert!(diff < 1e-5, "{shape:?}: {diff}");
+            let naive = naive_attention(&q, &k, &v, shape);
+            let kernels = [
+                None,
+                Some(Kernel::Portable),
+                Some(Kernel::Avx2),
+                Some(Kernel::Avx512),
+            ];
+            for kernel in kernels
+                .into_iter()
+                .filter(|k| k.is_none_or(Kernel::available))
+            {
+                let diff = max_diff(&attention_with(&q, &k, &v, shape, kernel), &naive);
+                assert!(diff < 1e-5, "{shape:?} on {kernel:?}: {diff}");
+            }
         }
     }
 

@@ -156,6 +156,142 @@ impl PackedWeight {
         Self { n, k, data, kernel }
     }
 
+    /// Packs `n` rows of `k` floats, row `r` read at `w[r * stride..][..k]` (one head's keys in
+    /// a `[rows, heads * head_dim]` matrix), on the calling thread: attention packs one small
+    /// operand per head inside tasks that are already parallel.
+    ///
+    /// # Panics
+    /// When `w` is too short for the rows, or this CPU cannot run `kernel` (bugs in the caller).
+    pub(crate) fn pack_strided(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        stride: usize,
+        kernel: Kernel,
+    ) -> Self {
+        assert!(kernel.available(), "pack: this CPU cannot run {kernel:?}");
+        assert!(
+            n == 0 || w.len() >= (n - 1) * stride + k,
+            "pack: rows run past the slice"
+        );
+        let mut data = Aligned::zeros(n.div_ceil(PANEL) * k * PANEL);
+        let dst = data.as_mut_slice();
+        for r in 0..n {
+            let panel = (r / PANEL) * k * PANEL + r % PANEL;
+            for (kk, &v) in w[r * stride..][..k].iter().enumerate() {
+                dst[panel + kk * PANEL] = v;
+            }
+        }
+        Self { n, k, data, kernel }
+    }
+
+    /// Packs the transpose of `rows` rows of `width` floats read `stride` apart (one head's
+    /// values): the weight `[width, rows]` whose product with `p [m, rows]` is `p · v`. Each
+    /// source row becomes one depth step of the panels, copied whole.
+    ///
+    /// # Panics
+    /// As [`Self::pack_strided`].
+    pub(crate) fn pack_transposed_strided(
+        v: &[f32],
+        rows: usize,
+        width: usize,
+        stride: usize,
+        kernel: Kernel,
+    ) -> Self {
+        assert!(kernel.available(), "pack: this CPU cannot run {kernel:?}");
+        assert!(
+            rows == 0 || v.len() >= (rows - 1) * stride + width,
+            "pack: rows run past the slice"
+        );
+        let mut data = Aligned::zeros(width.div_ceil(PANEL) * rows * PANEL);
+        let dst = data.as_mut_slice();
+        for kk in 0..rows {
+            for (p, chunk) in v[kk * stride..][..width].chunks(PANEL).enumerate() {
+                dst[(p * rows + kk) * PANEL..][..chunk.len()].copy_from_slice(chunk);
+            }
+        }
+        Self {
+            n: width,
+            k: rows,
+            data,
+            kernel,
+        }
+    }
+
+    /// `y = x · w[..n_out, ..depth]ᵀ` on the calling thread: `m` input rows of `depth` floats
+    /// read `x_stride` apart, `m` output rows of `n_out` floats written `ldc` apart (overwritten,
+    /// not accumulated). For products inside tasks that are already parallel (attention's
+    /// per-head blocks); a causal block uses only the first `n_out` keys (`depth` values).
+    ///
+    /// # Panics
+    /// When `n_out` or `depth` exceed the weight, or `x`/`y` are too short (bugs in the caller).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn matmul_serial(
+        &self,
+        x: &[f32],
+        m: usize,
+        x_stride: usize,
+        n_out: usize,
+        depth: usize,
+        y: &mut [f32],
+        ldc: usize,
+    ) {
+        assert!(
+            n_out <= self.n && depth <= self.k,
+            "matmul_serial: past the weight"
+        );
+        if m == 0 || n_out == 0 {
+            return;
+        }
+        assert!(
+            x.len() >= (m - 1) * x_stride + depth,
+            "matmul_serial: input too short"
+        );
+        assert!(
+            y.len() >= (m - 1) * ldc + n_out,
+            "matmul_serial: output too short"
+        );
+        if depth == 0 {
+            for row in y.chunks_mut(ldc.max(1)).take(m) {
+                row[..n_out].fill(0.0);
+            }
+            return;
+        }
+        let k = self.k;
+        for k0 in (0..depth).step_by(DEPTH_BLOCK) {
+            let d = DEPTH_BLOCK.min(depth - k0);
+            for p in 0..n_out.div_ceil(PANEL) {
+                let cols = PANEL.min(n_out - p * PANEL);
+                let w = &self.data.as_slice()[p * k * PANEL + k0 * PANEL..][..d * PANEL];
+                for b in 0..m.div_ceil(TILE_ROWS) {
+                    let rows = TILE_ROWS.min(m - b * TILE_ROWS);
+                    let rows_in = Rows {
+                        x: &x[b * TILE_ROWS * x_stride + k0..][..(rows - 1) * x_stride + d],
+                        stride: x_stride,
+                        step: 1,
+                    };
+                    let out = &mut y[b * TILE_ROWS * ldc + p * PANEL..][..(rows - 1) * ldc + cols];
+                    let tile = Tile {
+                        c: out.as_mut_ptr(),
+                        ldc,
+                        rows,
+                        cols,
+                        start: if k0 == 0 {
+                            Start::Zero
+                        } else {
+                            Start::Accumulate
+                        },
+                    };
+                    // SAFETY: `rows_in` holds `rows` rows of `d` steps and `w` `d * PANEL`
+                    // floats (sliced above); the tile's `rows x cols` outputs lie inside `out`,
+                    // borrowed mutably here, and were written by the first depth pass before a
+                    // later one accumulates; the kernel was checked available when packing.
+                    unsafe { run_kernel(self.kernel, &rows_in, w, d, &tile) };
+                }
+            }
+        }
+    }
+
     /// Output features.
     pub(crate) fn n(&self) -> usize {
         self.n
@@ -697,6 +833,67 @@ mod tests {
             }
         }
         out
+    }
+
+    /// `matmul_serial` over strided operands, on a prefix of the outputs and of the depth (a
+    /// causal attention block), equals the definition; so do both strided packings.
+    #[test]
+    fn serial_products_of_strided_packings_equal_the_definition() {
+        // (m, n, k, stride, n_out, depth): tails of rows, panels and the 512-deep blocks.
+        let cases = [
+            (1, 1, 1, 3, 1, 1),
+            (7, 70, 64, 192, 70, 64),
+            (13, 130, 64, 128, 65, 40),
+            (64, 64, 768, 1024, 64, 768),
+            (5, 100, 600, 600, 37, 513),
+        ];
+        for kernel in kernels() {
+            for (m, n, k, stride, n_out, depth) in cases {
+                let src = values((n - 1) * stride + k, n);
+                let w: Vec<f32> = (0..n)
+                    .flat_map(|r| src[r * stride..][..k].to_vec())
+                    .collect();
+                let x = values(m * (k + 2), m);
+                let xs: Vec<f32> = (0..m)
+                    .flat_map(|i| x[i * (k + 2)..][..depth].to_vec())
+                    .collect();
+                let wd: Vec<f32> = (0..n_out)
+                    .flat_map(|r| w[r * k..][..depth].to_vec())
+                    .collect();
+                let want = reference(&xs, m, depth, &wd, n_out, None);
+                let ldc = n_out + 3;
+                let check = |packed: &PackedWeight, what: &str| {
+                    let mut y = vec![f32::NAN; (m - 1) * ldc + n_out];
+                    packed.matmul_serial(&x, m, k + 2, n_out, depth, &mut y, ldc);
+                    for i in 0..m {
+                        for j in 0..n_out {
+                            let (got, want) = (y[i * ldc + j] as f64, want[i * n_out + j]);
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{what} {kernel:?} {:?} ({i},{j}): {got} vs {want}",
+                                (m, n, k, stride, n_out, depth)
+                            );
+                        }
+                    }
+                };
+                check(
+                    &PackedWeight::pack_strided(&src, n, k, stride, kernel),
+                    "strided",
+                );
+                // `w` is the transpose of `wt [k, n]`: packing `wt`'s rows transposed gives `w`.
+                let wt: Vec<f32> = (0..k)
+                    .flat_map(|t| (0..n).map(|r| w[r * k + t]).collect::<Vec<_>>())
+                    .collect();
+                let wt_wide: Vec<f32> = wt
+                    .chunks(n)
+                    .flat_map(|row| [row, &[0.5; 5]].concat())
+                    .collect();
+                check(
+                    &PackedWeight::pack_transposed_strided(&wt_wide, k, n, n + 5, kernel),
+                    "transposed",
+                );
+            }
+        }
     }
 
     fn kernels() -> Vec<Kernel> {
