@@ -477,9 +477,22 @@ macro_rules! simd_dispatch {
         $(#[$doc])*
         pub(crate) fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports every feature `$avx2` is compiled with.
-                return unsafe { $avx2($($arg),*) };
+            {
+                // The bodies' 16-lane accumulators are one AVX-512 vector: the same operations
+                // in the same order (no contraction into FMA), so the same bits, in half the
+                // instructions of AVX2.
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports every feature `avx512` is compiled with.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports every feature `$avx2` is compiled with.
+                    return unsafe { $avx2($($arg),*) };
+                }
             }
             $body($($arg),*)
         }
@@ -721,6 +734,36 @@ mod tests {
                 let diff = max_diff(&attention_with(&q, &k, &v, shape, kernel), &naive);
                 assert!(diff < 1e-5, "{shape:?} on {kernel:?}: {diff}");
             }
+        }
+    }
+
+    /// The AVX-512 build of the element-wise kernels computes the same bits as the AVX2 one
+    /// (the same operations in the same order), which the f32 parity references were made with.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn simd_builds_give_the_same_bits() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            eprintln!("no AVX2 + FMA here: nothing to compare");
+            return;
+        }
+        let x: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37) % 200) as f32 / 10.0 - 10.0)
+            .collect();
+        for len in [1, 15, 16, 17, 1000] {
+            let (mut a, mut b) = (x[..len].to_vec(), x[..len].to_vec());
+            softmax_in_place(&mut a);
+            // SAFETY: AVX2 and FMA are present (checked above).
+            unsafe { softmax_avx2(&mut b) };
+            assert_eq!(a, b, "softmax of {len}");
+            let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
+            gelu_tanh_rows(&x[..len], &mut a);
+            // SAFETY: as above.
+            unsafe { gelu_tanh_avx2(&x[..len], &mut b) };
+            assert_eq!(a, b, "gelu of {len}");
+            silu_rows(&x[..len], &mut a);
+            // SAFETY: as above.
+            unsafe { silu_avx2(&x[..len], &mut b) };
+            assert_eq!(a, b, "silu of {len}");
         }
     }
 
