@@ -177,10 +177,13 @@ pub(crate) fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
         k.is_multiple_of(QK8_0) && x.len().is_multiple_of(k.max(1)),
         "quantize_rows: rows of {k} are not whole blocks"
     );
-    let mut out = vec![ZERO_BLOCK; x.len() / QK8_0];
+    let blocks = x.len() / QK8_0;
+    // Every block is written below: no zeroing pass first.
+    let mut out = Vec::with_capacity(blocks);
     let vector = available();
     // Blocks are independent; 512 a task keeps rayon's overhead small for one decode row.
-    out.par_chunks_mut(512)
+    out.spare_capacity_mut()[..blocks]
+        .par_chunks_mut(512)
         .zip(x.par_chunks(512 * QK8_0))
         .for_each(|(o, x)| {
             #[cfg(target_arch = "x86_64")]
@@ -190,9 +193,11 @@ pub(crate) fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
             }
             let _ = vector;
             for (o, x) in o.iter_mut().zip(x.chunks_exact(QK8_0)) {
-                *o = quantize_block_scalar(x);
+                o.write(quantize_block_scalar(x));
             }
         });
+    // SAFETY: the chunks cover the first `blocks` slots and each wrote all of its blocks.
+    unsafe { out.set_len(blocks) };
     out
 }
 
@@ -218,10 +223,11 @@ fn quantize_block_scalar(x: &[f32]) -> ActBlock {
 /// The CPU must have AVX-512F and AVX-512BW.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,f16c")]
-unsafe fn quantize_blocks_avx512(x: &[f32], out: &mut [ActBlock]) {
+unsafe fn quantize_blocks_avx512(x: &[f32], out: &mut [std::mem::MaybeUninit<ActBlock>]) {
     use std::arch::x86_64::*;
     for (o, x) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
-        // SAFETY: `x` is 32 floats; `o.qs` 32 bytes.
+        let mut block = ZERO_BLOCK;
+        // SAFETY: `x` is 32 floats; `block.qs` 32 bytes.
         unsafe {
             let x0 = _mm512_loadu_ps(x.as_ptr());
             let x1 = _mm512_loadu_ps(x.as_ptr().add(16));
@@ -233,11 +239,15 @@ unsafe fn quantize_blocks_avx512(x: &[f32], out: &mut [ActBlock]) {
             const ROUND: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
             let q0 = _mm512_cvt_roundps_epi32::<ROUND>(_mm512_mul_ps(x0, id));
             let q1 = _mm512_cvt_roundps_epi32::<ROUND>(_mm512_mul_ps(x1, id));
-            _mm_storeu_si128(o.qs.as_mut_ptr().cast(), _mm512_cvtsepi32_epi8(q0));
-            _mm_storeu_si128(o.qs.as_mut_ptr().add(16).cast(), _mm512_cvtsepi32_epi8(q1));
-            o.d = d;
-            o.bias = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            _mm_storeu_si128(block.qs.as_mut_ptr().cast(), _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128(
+                block.qs.as_mut_ptr().add(16).cast(),
+                _mm512_cvtsepi32_epi8(q1),
+            );
+            block.d = d;
+            block.bias = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         }
+        o.write(block);
     }
 }
 
@@ -265,7 +275,9 @@ const TILE_M: usize = 4;
 /// Weight tiles of a register tile for more than 3 rows: 4 x 3 integer and 4 x 3 f32
 /// accumulators and 3 weight lines are 27 of the 32 `zmm` registers.
 const TILES_N: usize = 3;
-/// Weight tiles of a register tile for 1-3 rows (decode): 4 weight streams a task.
+/// Weight tiles of a register tile for 1-3 rows (decode): 4 weight streams a task. No software
+/// prefetch: the hardware's kept a decode step's products at the speed of a 2-thread read of
+/// the same bytes, and prefetching 2 or 4 KiB ahead measured no better (`measure` below).
 const TILES_N_FEW: usize = 4;
 /// Activation rows of one parallel task for many rows: the task's weight tiles (`3 * kb * 512`
 /// bytes, 147 KiB at k = 3072) stay in L2 while its rows stream past.
@@ -283,12 +295,13 @@ unsafe impl Sync for OutPtr {}
 pub(crate) fn matmul(w: &Tiled, a: &[ActBlock], m: usize) -> Vec<f32> {
     let (n, kb) = (w.n, w.kb);
     assert_eq!(a.len(), m * kb, "q8_vnni matmul: activation is not [m, k]");
-    let mut out = vec![0f32; m * n];
     if m == 0 || n == 0 {
-        return out;
+        return vec![0f32; m * n];
     }
     #[cfg(target_arch = "x86_64")]
     if available() {
+        // Every output is stored by one task below: no zeroing pass first.
+        let mut out = Vec::with_capacity(m * n);
         let tiles = n.div_ceil(TILE);
         let (rows_per_task, tiles_per_task) = if m < TILE_M {
             (m, TILES_N_FEW)
@@ -312,8 +325,11 @@ pub(crate) fn matmul(w: &Tiled, a: &[ActBlock], m: usize) -> Vec<f32> {
                 // exist; tasks write disjoint outputs of the `m * n` buffer.
                 unsafe { block_avx512(w, a, t0..t1, r0..r1, &dst) };
             });
+        // SAFETY: the tasks cover every (row, tile) once and store each of the `m * n` outputs.
+        unsafe { out.set_len(m * n) };
         return out;
     }
+    let mut out = vec![0f32; m * n];
     out.par_chunks_mut(n)
         .zip(a.par_chunks(kb))
         .for_each(|(y, a)| {
@@ -339,6 +355,7 @@ unsafe fn block_avx512(
     dst: &OutPtr,
 ) {
     let (n, kb) = (w.n, w.kb);
+    // 4 rows x 4 tiles would need 32 accumulators: 4 rows take 3 tiles.
     let tiles_step = if rows.len() < TILE_M {
         TILES_N_FEW
     } else {
@@ -365,7 +382,6 @@ unsafe fn block_avx512(
             // are this task's.
             unsafe {
                 match (rm, rn) {
-                    (4, 4) => tile::<4, 4>(&args),
                     (4, 3) => tile::<4, 3>(&args),
                     (4, 2) => tile::<4, 2>(&args),
                     (4, 1) => tile::<4, 1>(&args),
@@ -637,5 +653,156 @@ mod tests {
                 assert!(err <= bound * 1.01 + 1e-4, "({i}, {o}): {err} > {bound}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod measure {
+    use super::*;
+    use crate::model::kernels::{q8, test_values};
+    use candle_core::Module as _;
+
+    fn candle(w: &[BlockQ8_0], n: usize, k: usize) -> candle_core::quantized::QMatMul {
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            candle_core::quantized::GgmlDType::Q8_0,
+            q8::blocks_as_bytes(w),
+            vec![n, k],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        candle_core::quantized::QMatMul::from_qtensor(q).unwrap()
+    }
+
+    fn best_of(rounds: usize, reps: usize, f: &dyn Fn()) -> f64 {
+        let mut best = f64::MAX;
+        for _ in 0..rounds {
+            let s = std::time::Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            best = best.min(s.elapsed().as_secs_f64() * 1e3 / reps as f64);
+        }
+        best
+    }
+
+    /// Our product (quantize + kernel) against candle's `QMatMul` at the 450M shapes, and one
+    /// decode step's products over distinct weights (so from memory, not cache)
+    /// (`cargo test --release --lib q8_vnni::measure -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "measurement"]
+    fn against_candle() {
+        let dev = candle_core::Device::Cpu;
+        for (m, n, k) in [
+            (768, 3072, 768),
+            (768, 768, 3072),
+            (270, 4608, 1024),
+            (270, 1024, 4608),
+        ] {
+            let w = q8::quantize_rows(&test_values(n * k, 3), k);
+            let t = Tiled::from_blocks(&w, n, k / QK8_0);
+            let x = test_values(m * k, 5);
+            let mm = candle(&w, n, k);
+            let xt = candle_core::Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+            let _ = mm.forward(&xt).unwrap();
+            let theirs = best_of(3, 10, &|| {
+                std::hint::black_box(mm.forward(&xt).unwrap());
+            });
+            let quant = best_of(3, 10, &|| {
+                std::hint::black_box(quantize_rows(&x, k));
+            });
+            let a = quantize_rows(&x, k);
+            let kernel = best_of(3, 10, &|| {
+                std::hint::black_box(matmul(&t, &a, m));
+            });
+            eprintln!(
+                "[{m}, {k}] x [{n}, {k}]: candle {theirs:.3} ms, ours {:.3} ms (quantize {quant:.3} \
+                 + kernel {kernel:.3}; {:.0} GMAC/s)",
+                quant + kernel,
+                (m * n * k) as f64 / 1e6 / kernel
+            );
+        }
+        // One decode step of the 450M decoder, roughly: 16 layers of a 3072x1024 input
+        // projection, a 1024x1024 output one, the 4608x1024 gate/up and 1024x4608 down
+        // projections, and the 65536x1024 head.
+        let mut shapes = vec![];
+        for _ in 0..16 {
+            shapes.extend([
+                (3072, 1024),
+                (1024, 1024),
+                (4608, 1024),
+                (4608, 1024),
+                (1024, 4608),
+            ]);
+        }
+        shapes.push((65536, 1024));
+        let weights: Vec<(Vec<BlockQ8_0>, usize, usize)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, k))| (q8::quantize_rows(&test_values(n * k, i as u32), k), n, k))
+            .collect();
+        let bytes: usize = shapes.iter().map(|(n, k)| n * k * 34 / 32).sum();
+        let tiled: Vec<Tiled> = weights
+            .iter()
+            .map(|(w, n, k)| Tiled::from_blocks(w, *n, k / QK8_0))
+            .collect();
+        let mms: Vec<_> = weights
+            .iter()
+            .map(|(w, n, k)| (candle(w, *n, *k), *k))
+            .collect();
+        drop(weights);
+        let ours = || {
+            for t in &tiled {
+                let k = t.kb * QK8_0;
+                let x = vec![0.5f32; k];
+                std::hint::black_box(matmul(t, &quantize_rows(&x, k), 1));
+            }
+        };
+        let theirs = || {
+            for (mm, k) in &mms {
+                let x = candle_core::Tensor::from_vec(vec![0.5f32; *k], (1, *k), &dev).unwrap();
+                std::hint::black_box(mm.forward(&x).unwrap());
+            }
+        };
+        // The floor: a 2-thread read of the same tiles.
+        let floor = || {
+            for t in &tiled {
+                let sum: u64 = t
+                    .quants
+                    .par_chunks(1024)
+                    .map(|c| {
+                        c.iter()
+                            .map(|l| l.0[0] as u64 + l.0[63] as u64)
+                            .sum::<u64>()
+                    })
+                    .sum();
+                std::hint::black_box(sum);
+            }
+        };
+        let mut times = [vec![], vec![], vec![]];
+        for _ in 0..10 {
+            for (f, t) in [&ours as &dyn Fn(), &theirs, &floor]
+                .into_iter()
+                .zip(&mut times)
+            {
+                let s = std::time::Instant::now();
+                f();
+                t.push(s.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let [o, c, f] = times.map(|t| {
+            let best = t.iter().fold(f64::MAX, |a, &b| a.min(b));
+            (best, t.iter().sum::<f64>() / t.len() as f64)
+        });
+        eprintln!(
+            "decode step products ({:.0} MiB), best / mean of 10: ours {:.2} / {:.2} ms, candle \
+             {:.2} / {:.2} ms, 2-thread read {:.2} / {:.2} ms",
+            bytes as f64 / 1048576.0,
+            o.0,
+            o.1,
+            c.0,
+            c.1,
+            f.0,
+            f.1
+        );
     }
 }

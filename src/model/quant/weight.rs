@@ -293,6 +293,7 @@ impl QuantWeight {
     }
 
     /// An untracked CPU f32 `x [.., in]` by our own CPU products where they beat `QMatMul`:
+    /// tiled Q8_0 blocks (AVX-512 VNNI CPUs) through [`q8_vnni`] for every row count; regrouped
     /// Q8_0 blocks through the integer kernel ([`crate::model::kernels::q8`], ggml's block dot
     /// values) or, for many rows, the panel-dequantized f32 product ([`super::prefill`]) where
     /// that measured faster; a decode step by Q4_K blocks through
