@@ -68,8 +68,9 @@ enum Q8Layout {
 /// ran the LFM2-VL-450M vision tower, prefill and decode faster than candle's repacked tiles
 /// (BENCHMARKS.md, "Q8_0 on our VNNI kernel"). With AVX-VNNI but no AVX-512, candle's tiles
 /// (`candle_core::quantized::repack_x86`: used where `n` is whole tiles of 16 and `k` whole
-/// 256-value blocks, its private `select`, mirrored here), which ran the prefill 2.6x faster than
-/// our dequantized panels (BENCHMARKS.md, "Q8_0 on VNNI tiles"). Elsewhere our regrouped rows.
+/// 256-value blocks, its private `select`, mirrored here), which ran the 450M prefill 2.6x
+/// faster than our dequantized panels on an AVX-512 VNNI CPU (1156 against 429 ms; they are the
+/// baseline of "Q8_0 on our VNNI kernel"). Elsewhere our regrouped rows.
 /// `VLMPIPE_QUANT_PRODUCT=qmatmul` keeps candle's blocks, `int8|panels` our regrouped rows, to
 /// compare.
 fn q8_0_layout(n: usize, k: usize) -> Q8Layout {
