@@ -12,6 +12,8 @@
 //! - [`packed_grad`]: `dY·W` read from packed panels (the gradient training passes through a
 //!   frozen packed weight).
 //! - [`q8`]: products by Q8_0 weights in integer arithmetic (ggml's block dot, register-tiled).
+//! - [`q8_vnni`]: products by Q8_0 weights in 16-row tiles with AVX-512 VNNI `vpdpbusd` (every row
+//!   count, where the CPU has it).
 //! - [`q4k`]: products by Q4_K weights regrouped by 8 rows (Q8_K activations, rows in lanes).
 //! - [`attention_step`]: one query row per head over a key/value cache (a decode step).
 //! - [`exp`]: the vectorisable `exp` the activations and softmax share.
@@ -30,6 +32,7 @@ pub mod packed;
 pub(crate) mod packed_grad;
 pub(crate) mod q4k;
 pub(crate) mod q8;
+pub(crate) mod q8_vnni;
 
 pub(crate) use cpu::ViewSpan;
 

@@ -20,12 +20,17 @@
 //! The same arithmetic in scalar code is the fallback where AVX2, FMA or F16C are missing, and
 //! the tests' reference. Activations are quantized as candle's
 //! `BlockQ8_0::from_float` does ([`quantize_rows`]).
+//!
+//! Where it runs: CPUs without AVX-512 VNNI (decode steps; many rows take `quant::prefill`'s
+//! dequantized panels). On AVX-512 VNNI CPUs every Q8_0 product runs [`super::q8_vnni`]
+//! instead, which measured faster than this kernel and than candle's VNNI tiles there.
 
 use rayon::prelude::*;
 
 /// Whether this CPU has the integer dot product candle's repacked Q8_0 tiles need (AVX-512 VNNI
 /// with AVX-512F, or AVX-VNNI with AVX2: its `repack_x86::level`, which is private); on plain
-/// AVX2 candle does not tile Q8_0 and our kernels take every product.
+/// AVX2 candle does not tile Q8_0 and our kernels take every product. (With AVX-512 VNNI our
+/// own tiles, [`super::q8_vnni`], take them; candle's only with `VLMPIPE_QUANT_PRODUCT=qmatmul`.)
 pub(crate) fn candle_has_vnni_tiles() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

@@ -13,12 +13,16 @@
 //! algorithms whose bytes differ on every tensor (`model_quant::q4_k_and_q6_k_blocks_equal_…`). A row width a block type cannot take falls back
 //! per tensor as llama.cpp does ([`choose_type`]), and [`QuantReport`] lists every fallback.
 //!
-//! Products on the CPU: a few rows (decode) by Q8_0 blocks go through our integer kernel
-//! (`kernels::q8`, `QMatMul`'s values, weights streamed once), by k-quant blocks through
-//! candle's block dot over the compact blocks ([`matvec`]); many rows (prefill, the vision
-//! tower) by Q8_0 dequantize 64-row panels into the f32 GEMM ([`prefill`], where the
-//! measurements that chose this are). Every other product, and all of them on CUDA/Metal, stay
-//! on `QMatMul`. The
+//! Products on the CPU by Q8_0 blocks: where the CPU has AVX-512 VNNI, every row count runs our
+//! 16-row tile kernel (`kernels::q8_vnni`: `vpdpbusd`, Q8_0 activations quantized with AVX-512;
+//! it measured faster than candle's VNNI tiles, BENCHMARKS.md "Q8_0 on our VNNI kernel");
+//! elsewhere a few rows (decode) go through our AVX2 integer kernel (`kernels::q8`, `QMatMul`'s
+//! values, weights streamed once) and many rows (prefill, the vision tower) dequantize 64-row
+//! panels into the f32 GEMM ([`prefill`], where the measurements that chose this are), except
+//! with AVX-VNNI but no AVX-512, where candle's repacked tiles take them. By k-quant blocks:
+//! decode steps through `kernels::q4k` (Q4_K) or candle's block dot over the compact blocks
+//! ([`matvec`]), many rows through candle's tiles. Every other product, and all of them on
+//! CUDA/Metal, stay on `QMatMul`. The
 //! benchmark (`vlmpipe bench model --quant …`) compares it with the f32 path step by step.
 //! A tied embedding table reads its rows from the quantized head, as llama.cpp does.
 

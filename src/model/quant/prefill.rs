@@ -1,7 +1,10 @@
-//! Q8_0 products on the CPU: over many rows (prefill, the vision tower) each panel of weight
-//! rows is dequantized to f32 and multiplied by the `gemm` crate's f32 kernel
+//! Q8_0 products on CPUs without AVX-512 VNNI: over many rows (prefill, the vision tower) each
+//! panel of weight rows is dequantized to f32 and multiplied by the `gemm` crate's f32 kernel
 //! ([`grouped_dequantized_matmul`]); fewer rows (decode) go through our integer kernel
-//! ([`int8_matmul`]).
+//! ([`int8_matmul`]). With AVX-512 VNNI, `kernels::q8_vnni` takes every row count instead
+//! (`vpdpbusd` does 4 multiply-adds a lane in one instruction, so there the integer product
+//! beats the f32 GEMM this path feeds); these two stay reachable there through
+//! `VLMPIPE_QUANT_PRODUCT=int8|panels`, to compare.
 //!
 //! Why not candle's `QMatMul` there: on the CPU it quantizes the activations and runs one block
 //! dot product per (row, output) pair without tiling, which measured 4-5x slower than the f32

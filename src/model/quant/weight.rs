@@ -8,7 +8,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use crate::model::kernels::{q4k, q8};
+use crate::model::kernels::{q4k, q8, q8_vnni};
 
 /// A frozen `[out, in]` weight quantized into ggml blocks along `in` (one row = one output).
 ///
@@ -38,6 +38,12 @@ enum Store {
         grouped: Arc<q8::Grouped>,
         ggml: Arc<OnceLock<Arc<QTensor>>>,
     },
+    /// Q8_0 on a CPU with AVX-512 VNNI: the same bytes in 16-row tiles for our `vpdpbusd`
+    /// kernel ([`q8_vnni::Tiled`]), held as `Q8Grouped` holds them elsewhere.
+    Q8Tiled {
+        tiled: Arc<q8_vnni::Tiled>,
+        ggml: Arc<OnceLock<Arc<QTensor>>>,
+    },
     /// Q4_K on the CPU: the same bytes regrouped by 8 rows for our kernel
     /// ([`q4k::Grouped`]), held as `Q8Grouped` holds Q8_0 (candle's copy rebuilt only when
     /// asked for).
@@ -47,21 +53,39 @@ enum Store {
     },
 }
 
-/// Whether a CPU Q8_0 `[n, k]` weight stays in candle's blocks, for every product to take
-/// candle's VNNI tiles (`candle_core::quantized::repack_x86`: 16 output rows a tile, `vpdpbusd`,
-/// activations quantized to Q8_K). candle uses them where the CPU has AVX-512 VNNI or AVX-VNNI
-/// and `n` is whole tiles of 16, `k` whole 256-value blocks (its private `select`, mirrored here).
-/// There they ran the LFM2-VL-450M prefill 2.6x faster than our dequantized panels and a decode
-/// step as fast as our integer kernel (BENCHMARKS.md, "Q8_0 on VNNI tiles"), so our regrouped
-/// copy would only add memory. `VLMPIPE_QUANT_PRODUCT=int8|panels` keeps our layout, to compare.
-fn keep_q8_0_for_candle_tiles(n: usize, k: usize) -> bool {
-    if matches!(
-        std::env::var("VLMPIPE_QUANT_PRODUCT").as_deref(),
-        Ok("int8" | "panels")
-    ) {
-        return false;
+/// Where a CPU Q8_0 weight is held, which decides the products it takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Q8Layout {
+    /// 16-row tiles for our AVX-512 VNNI kernel (`kernels::q8_vnni`), every row count.
+    Tiled,
+    /// Rows regrouped by 8 for our AVX2 kernels (`kernels::q8`, `prefill`).
+    Grouped,
+    /// candle's blocks, for `QMatMul`'s repacked VNNI tiles.
+    Candle,
+}
+
+/// The layout of a CPU Q8_0 `[n, k]` weight. Where the CPU has AVX-512 VNNI, our tiles: they
+/// ran the LFM2-VL-450M vision tower, prefill and decode faster than candle's repacked tiles
+/// (BENCHMARKS.md, "Q8_0 on our VNNI kernel"). With AVX-VNNI but no AVX-512, candle's tiles
+/// (`candle_core::quantized::repack_x86`: used where `n` is whole tiles of 16 and `k` whole
+/// 256-value blocks, its private `select`, mirrored here), which ran the 450M prefill 2.6x
+/// faster than our dequantized panels on an AVX-512 VNNI CPU (1156 against 429 ms; they are the
+/// baseline of "Q8_0 on our VNNI kernel"). Elsewhere our regrouped rows.
+/// `VLMPIPE_QUANT_PRODUCT=qmatmul` keeps candle's blocks, `int8|panels` our regrouped rows, to
+/// compare.
+fn q8_0_layout(n: usize, k: usize) -> Q8Layout {
+    match std::env::var("VLMPIPE_QUANT_PRODUCT").as_deref() {
+        Ok("int8" | "panels") => return Q8Layout::Grouped,
+        Ok("qmatmul") if q8::candle_has_vnni_tiles() => return Q8Layout::Candle,
+        _ => {}
     }
-    q8::candle_has_vnni_tiles() && n.is_multiple_of(16) && k.is_multiple_of(256)
+    if q8_vnni::available() {
+        Q8Layout::Tiled
+    } else if q8::candle_has_vnni_tiles() && n.is_multiple_of(16) && k.is_multiple_of(256) {
+        Q8Layout::Candle
+    } else {
+        Q8Layout::Grouped
+    }
 }
 
 impl fmt::Debug for QuantWeight {
@@ -114,20 +138,28 @@ impl QuantWeight {
             )
         }
         let device = tensor.device();
-        if dtype == GgmlDType::Q8_0
-            && device.is_cpu()
-            && !keep_q8_0_for_candle_tiles(out_dim, in_dim)
-            && let Some(blocks) = q8::view_blocks(&tensor.data()?)
-        {
-            let grouped = q8::Grouped::from_blocks(blocks, out_dim, in_dim / q8::QK8_0);
-            return Ok(Self {
-                store: Store::Q8Grouped {
-                    grouped: Arc::new(grouped),
+        if dtype == GgmlDType::Q8_0 && device.is_cpu() {
+            let layout = q8_0_layout(out_dim, in_dim);
+            let data = tensor.data()?;
+            let kb = in_dim / q8::QK8_0;
+            let store = match (layout, q8::view_blocks(&data)) {
+                (Q8Layout::Tiled, Some(blocks)) => Some(Store::Q8Tiled {
+                    tiled: Arc::new(q8_vnni::Tiled::from_blocks(blocks, out_dim, kb)),
                     ggml: Arc::new(OnceLock::new()),
-                },
-                out_dim,
-                in_dim,
-            });
+                }),
+                (Q8Layout::Grouped, Some(blocks)) => Some(Store::Q8Grouped {
+                    grouped: Arc::new(q8::Grouped::from_blocks(blocks, out_dim, kb)),
+                    ggml: Arc::new(OnceLock::new()),
+                }),
+                _ => None,
+            };
+            if let Some(store) = store {
+                return Ok(Self {
+                    store,
+                    out_dim,
+                    in_dim,
+                });
+            }
         }
         if dtype == GgmlDType::Q4K && device.is_cpu() {
             let grouped = q4k::Grouped::from_ggml(&tensor.data()?, out_dim, in_dim / q4k::QK_K);
@@ -161,7 +193,7 @@ impl QuantWeight {
     pub(crate) fn dtype(&self) -> GgmlDType {
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.dtype(),
-            Store::Q8Grouped { .. } => GgmlDType::Q8_0,
+            Store::Q8Grouped { .. } | Store::Q8Tiled { .. } => GgmlDType::Q8_0,
             Store::Q4KGrouped { .. } => GgmlDType::Q4K,
         }
     }
@@ -179,6 +211,7 @@ impl QuantWeight {
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.storage_size_in_bytes(),
             Store::Q8Grouped { grouped, .. } => grouped.ggml_bytes(),
+            Store::Q8Tiled { tiled, .. } => tiled.ggml_bytes(),
             Store::Q4KGrouped { grouped, .. } => grouped.ggml_bytes(),
         }
     }
@@ -193,6 +226,19 @@ impl QuantWeight {
                     return Ok(q.clone());
                 }
                 let blocks = grouped.to_blocks();
+                let q = Arc::new(qtensor_from_ggml(
+                    GgmlDType::Q8_0,
+                    q8::blocks_as_bytes(&blocks),
+                    vec![self.out_dim, self.in_dim],
+                    &Device::Cpu,
+                )?);
+                Ok(ggml.get_or_init(|| q).clone())
+            }
+            Store::Q8Tiled { tiled, ggml } => {
+                if let Some(q) = ggml.get() {
+                    return Ok(q.clone());
+                }
+                let blocks = tiled.to_blocks();
                 let q = Arc::new(qtensor_from_ggml(
                     GgmlDType::Q8_0,
                     q8::blocks_as_bytes(&blocks),
@@ -220,7 +266,7 @@ impl QuantWeight {
     fn qmatmul(&self) -> Result<QMatMul> {
         match &self.store {
             Store::Ggml { matmul, .. } => Ok(matmul.clone()),
-            Store::Q8Grouped { .. } | Store::Q4KGrouped { .. } => {
+            Store::Q8Grouped { .. } | Store::Q8Tiled { .. } | Store::Q4KGrouped { .. } => {
                 Ok(QMatMul::QTensor(self.qtensor()?))
             }
         }
@@ -248,6 +294,7 @@ impl QuantWeight {
     }
 
     /// An untracked CPU f32 `x [.., in]` by our own CPU products where they beat `QMatMul`:
+    /// tiled Q8_0 blocks (AVX-512 VNNI CPUs) through [`q8_vnni`] for every row count; regrouped
     /// Q8_0 blocks through the integer kernel ([`crate::model::kernels::q8`], ggml's block dot
     /// values) or, for many rows, the panel-dequantized f32 product ([`super::prefill`]) where
     /// that measured faster; a decode step by Q4_K blocks through
@@ -282,6 +329,15 @@ impl QuantWeight {
                 })?;
                 let Some(y) = y else { return Ok(None) };
                 y
+            }
+            Store::Q8Tiled { tiled, .. } => {
+                if x.elem_count() != m * k {
+                    return Ok(None);
+                }
+                let x32 = x.to_dtype(DType::F32)?;
+                crate::model::ops::with_cpu_f32(&x32, |xs| {
+                    q8_vnni::matmul(tiled, &q8_vnni::quantize_rows(xs, k), m)
+                })?
             }
             Store::Q4KGrouped { grouped, .. } => {
                 // Many rows (a prefill, the vision side) go to candle's repacked tiles: they ran
@@ -334,6 +390,11 @@ impl QuantWeight {
                 grouped.dequantize_rows(0..self.out_dim, &mut w);
                 Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
             }
+            Store::Q8Tiled { tiled, .. } => {
+                let mut w = vec![0f32; self.out_dim * self.in_dim];
+                tiled.dequantize_rows(0..self.out_dim, &mut w);
+                Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
+            }
             Store::Q4KGrouped { grouped, .. } => {
                 let mut w = vec![0f32; self.out_dim * self.in_dim];
                 grouped.dequantize_rows(0..self.out_dim, &mut w);
@@ -349,6 +410,9 @@ impl QuantWeight {
             Store::Ggml { tensor, .. } => tensor.embedding(ids),
             Store::Q8Grouped { grouped, .. } => {
                 self.gather_dequantized(ids, |r, row| grouped.dequantize_rows(r..r + 1, row))
+            }
+            Store::Q8Tiled { tiled, .. } => {
+                self.gather_dequantized(ids, |r, row| tiled.dequantize_rows(r..r + 1, row))
             }
             Store::Q4KGrouped { grouped, .. } => {
                 self.gather_dequantized(ids, |r, row| grouped.dequantize_rows(r..r + 1, row))
@@ -382,26 +446,44 @@ impl QuantWeight {
 mod tests {
     use super::*;
 
-    /// A CPU Q8_0 weight holds its blocks once, regrouped: products of one row (decode), a
-    /// few and many rows (prefill), a half-precision input, the dequantized matrix and gathered
-    /// embedding rows all come from them without rebuilding candle's copy, and give candle's
-    /// values; the copy is made only when the ggml blocks themselves are asked for, and they
-    /// are the blocks quantized.
+    /// A CPU Q8_0 weight holds its blocks once, regrouped (or tiled where the CPU has AVX-512
+    /// VNNI): products of one row (decode), a few and many rows (prefill), a half-precision
+    /// input, the dequantized matrix and gathered embedding rows all come from them without
+    /// rebuilding candle's copy, and give the values of the kernel their layout routes to
+    /// (regrouped: candle's block dot, or the f32 product for many rows; tiled: our VNNI
+    /// kernel's, bit for bit); the copy is made only when the ggml blocks themselves are asked
+    /// for, and they are the blocks quantized.
     #[test]
-    fn cpu_q8_0_weights_are_held_once_and_answer_as_candle() {
+    fn cpu_q8_0_weights_are_held_once_and_answer_as_their_kernel() {
         let dev = Device::Cpu;
         let (n, k) = (70, 96);
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let q = QuantWeight::quantize(&w, GgmlDType::Q8_0).unwrap();
         let want_q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
-        let Store::Q8Grouped { ggml, .. } = &q.store else {
-            panic!("a CPU Q8_0 weight is not regrouped")
+        let want_bytes = want_q.data().unwrap().into_owned();
+        let want_blocks = q8::view_blocks(&want_bytes).unwrap();
+        let (ggml, tiled) = match &q.store {
+            Store::Q8Grouped { ggml, .. } => (ggml, false),
+            Store::Q8Tiled { ggml, .. } => (ggml, true),
+            _ => panic!("a CPU Q8_0 weight is neither regrouped nor tiled"),
         };
+        assert_eq!(tiled, q8_vnni::available());
         for rows in [1, 3, 70] {
             let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
             let got = q.linear(&x, None).unwrap();
             assert_eq!(got.dims(), &[rows, n]);
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            if tiled {
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let t = q8_vnni::Tiled::from_blocks(want_blocks, n, k / 32);
+                let want = q8_vnni::matmul(&t, &q8_vnni::quantize_rows(&xs, k), rows);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "{rows} rows: not the tiled kernel's values");
+                continue;
+            }
             let want = if rows < super::super::prefill::PANEL_MIN_ROWS {
                 crate::model::quant::qmatmul_values(&want_q, &x)
             } else {
