@@ -199,11 +199,25 @@ fn the_real_llama_mtmd_cli_is_timed_beside_vlmpipe() -> TestResult {
     );
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_out)?)?;
     assert_eq!(report["llama_cpp"]["text_quant"], "Q8_0");
-    for key in ["load_ms", "classify_ms", "vision_ms"] {
+    for key in ["load_ms", "vision_ms"] {
         assert!(median(&report, key).ok_or(key)? > 0.0, "{key}");
     }
+    // The tiny checkpoint decodes 64 tokens in tens of milliseconds, about the spread of whole
+    // processes' wall clocks on a busy machine (the suite runs beside it): when no round's long
+    // run outlasted its short one, the bench reports no decode time, and then, by its rule, no
+    // classify or prefill time either rather than a made-up one.
+    let decoded = median(&report, "decode_ms_per_token").is_some();
+    for key in ["classify_ms", "lm_prefill_ms"] {
+        assert_eq!(
+            median(&report, key).is_some(),
+            decoded,
+            "{key} without a decode time"
+        );
+    }
     for key in STEPS {
-        let theirs = median(&report, key).ok_or(key)?;
+        let Some(theirs) = median(&report, key) else {
+            continue;
+        };
         let ratio = &report["ratios_vlmpipe_over_llama_cpp"][key];
         let ours = report["vlmpipe"][key]["median"].as_f64().ok_or(key)?;
         let quantized = report["quantized"]["steps"][key]["median"]

@@ -221,45 +221,36 @@ impl QuantWeight {
     pub fn qtensor(&self) -> Result<Arc<QTensor>> {
         match &self.store {
             Store::Ggml { tensor, .. } => Ok(tensor.clone()),
-            Store::Q8Grouped { grouped, ggml } => {
-                if let Some(q) = ggml.get() {
-                    return Ok(q.clone());
-                }
-                let blocks = grouped.to_blocks();
-                let q = Arc::new(qtensor_from_ggml(
-                    GgmlDType::Q8_0,
-                    q8::blocks_as_bytes(&blocks),
-                    vec![self.out_dim, self.in_dim],
-                    &Device::Cpu,
-                )?);
-                Ok(ggml.get_or_init(|| q).clone())
-            }
-            Store::Q8Tiled { tiled, ggml } => {
-                if let Some(q) = ggml.get() {
-                    return Ok(q.clone());
-                }
-                let blocks = tiled.to_blocks();
-                let q = Arc::new(qtensor_from_ggml(
-                    GgmlDType::Q8_0,
-                    q8::blocks_as_bytes(&blocks),
-                    vec![self.out_dim, self.in_dim],
-                    &Device::Cpu,
-                )?);
-                Ok(ggml.get_or_init(|| q).clone())
-            }
+            Store::Q8Grouped { grouped, ggml } => self.rebuilt(ggml, GgmlDType::Q8_0, || {
+                q8::blocks_as_bytes(&grouped.to_blocks()).to_vec()
+            }),
+            Store::Q8Tiled { tiled, ggml } => self.rebuilt(ggml, GgmlDType::Q8_0, || {
+                q8::blocks_as_bytes(&tiled.to_blocks()).to_vec()
+            }),
             Store::Q4KGrouped { grouped, ggml } => {
-                if let Some(q) = ggml.get() {
-                    return Ok(q.clone());
-                }
-                let q = Arc::new(qtensor_from_ggml(
-                    GgmlDType::Q4K,
-                    &grouped.to_ggml(),
-                    vec![self.out_dim, self.in_dim],
-                    &Device::Cpu,
-                )?);
-                Ok(ggml.get_or_init(|| q).clone())
+                self.rebuilt(ggml, GgmlDType::Q4K, || grouped.to_ggml())
             }
         }
+    }
+
+    /// candle's copy of regrouped blocks, from `ggml_bytes()` (ggml's order) on the first call,
+    /// then kept in `ggml`.
+    fn rebuilt(
+        &self,
+        ggml: &OnceLock<Arc<QTensor>>,
+        dtype: GgmlDType,
+        ggml_bytes: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Arc<QTensor>> {
+        if let Some(q) = ggml.get() {
+            return Ok(q.clone());
+        }
+        let q = Arc::new(qtensor_from_ggml(
+            dtype,
+            &ggml_bytes(),
+            vec![self.out_dim, self.in_dim],
+            &Device::Cpu,
+        )?);
+        Ok(ggml.get_or_init(|| q).clone())
     }
 
     /// candle's product over these blocks (built on first use for regrouped weights).
