@@ -299,16 +299,6 @@ impl Lfm2VlModel {
         Ok(head + pack_where(self, kernel, &|_| true)?)
     }
 
-    /// Packs the CPU f32 projections `keep` selects for `kernel` ([`Linear::pack_for_cpu`]);
-    /// how many were packed.
-    pub(crate) fn pack_linears_where(
-        &mut self,
-        kernel: Kernel,
-        keep: &dyn Fn(&Linear) -> bool,
-    ) -> Result<usize> {
-        pack_where(self, kernel, keep)
-    }
-
     /// Packs the vision tower's and the projector's CPU f32 projections for `kernel`, as
     /// inference does. Training calls it when nothing in them is trained: their inputs are then
     /// never tracked by autograd, so every product of the frozen image path takes the packed
@@ -320,9 +310,9 @@ impl Lfm2VlModel {
     }
 }
 
-/// Packs the linears `part` visits that `keep` selects ([`Linear::pack_for_cpu`]); how many
-/// were packed.
-fn pack_where(
+/// Packs the linears `part` (the model or one of its parts) visits that `keep` selects
+/// ([`Linear::pack_for_cpu`]); how many were packed.
+pub(crate) fn pack_where(
     part: &mut dyn LinearVisitor,
     kernel: Kernel,
     keep: &dyn Fn(&Linear) -> bool,

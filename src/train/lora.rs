@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use candle_core::{DType, Tensor, Var};
 
 use crate::model::kernels::packed::Kernel;
-use crate::model::lfm2_vl::Lfm2VlModel;
+use crate::model::lfm2_vl::{Lfm2VlModel, pack_where};
 use crate::model::linear::{FrozenWeight, LinearAdapter, LinearVisitor};
 use crate::model::ops;
 use crate::rng::{SeededRng, mix, name_hash};
@@ -176,7 +176,7 @@ pub(crate) fn pack_frozen_weights(
     if !image_path_trained {
         packed += model.pack_image_linears_for_cpu(kernel)?;
     }
-    packed += model.pack_linears_where(kernel, &|lin| lora.contains(&lin.name()))?;
+    packed += pack_where(model, kernel, &|lin| lora.contains(&lin.name()))?;
     Ok(packed)
 }
 

@@ -374,23 +374,16 @@ impl QuantWeight {
 
     /// The dequantized `[out, in]` weight in f32 (what every product effectively multiplies by).
     pub fn to_tensor(&self) -> Result<Tensor> {
+        let dense = |dequantize_rows: &dyn Fn(std::ops::Range<usize>, &mut [f32])| {
+            let mut w = vec![0f32; self.out_dim * self.in_dim];
+            dequantize_rows(0..self.out_dim, &mut w);
+            Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
+        };
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.dequantize(&tensor.device()),
-            Store::Q8Grouped { grouped, .. } => {
-                let mut w = vec![0f32; self.out_dim * self.in_dim];
-                grouped.dequantize_rows(0..self.out_dim, &mut w);
-                Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
-            }
-            Store::Q8Tiled { tiled, .. } => {
-                let mut w = vec![0f32; self.out_dim * self.in_dim];
-                tiled.dequantize_rows(0..self.out_dim, &mut w);
-                Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
-            }
-            Store::Q4KGrouped { grouped, .. } => {
-                let mut w = vec![0f32; self.out_dim * self.in_dim];
-                grouped.dequantize_rows(0..self.out_dim, &mut w);
-                Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
-            }
+            Store::Q8Grouped { grouped, .. } => dense(&|r, w| grouped.dequantize_rows(r, w)),
+            Store::Q8Tiled { tiled, .. } => dense(&|r, w| tiled.dequantize_rows(r, w)),
+            Store::Q4KGrouped { grouped, .. } => dense(&|r, w| grouped.dequantize_rows(r, w)),
         }
     }
 
