@@ -372,7 +372,7 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
         Footprint {
             load_s: loaded.load_s,
             rss_after_load_mib: loaded.rss_after_load_mib,
-            peak_rss_mib: proc_status_mib("VmHWM"),
+            peak_rss_mib: rounds.peak_rss_mib.or_else(|| proc_status_mib("VmHWM")),
             num_prompt_tokens: prompt_tokens,
             num_image_tokens: image_tokens,
         },
@@ -389,6 +389,7 @@ fn bench_model(args: &BenchModelArgs) -> anyhow::Result<Outcome> {
             report,
             quantized_side(*load_s, samples)?,
             &ours,
+            &rounds.bandwidth_gbs,
             &conversation,
             &image,
             STEPS,
@@ -529,6 +530,12 @@ struct Rounds {
     quantized: Option<Samples>,
     /// (prompt tokens, image tokens).
     shape: (usize, usize),
+    /// The read bandwidth probed right after each recorded round (with a quantized runner only:
+    /// its decode steps are set against it).
+    bandwidth_gbs: Vec<f64>,
+    /// Peak RSS after the warm-up round, which reached every round's peak and came before any
+    /// bandwidth probe's buffer.
+    peak_rss_mib: Option<f64>,
 }
 
 /// Times `--repeats` rounds of every step with `runner` (and `quantized` right after it in the
@@ -548,6 +555,8 @@ fn time_rounds(
         ours: new_samples(),
         quantized: quantized.map(|_| new_samples()),
         shape: (0, 0),
+        bandwidth_gbs: Vec::new(),
+        peak_rss_mib: None,
     };
     // Round 0 warms up caches and the allocator and is not recorded.
     for round in 0..=args.repeats {
@@ -558,11 +567,16 @@ fn time_rounds(
             None => None,
         };
         if round == 0 {
+            rounds.peak_rss_mib = proc_status_mib("VmHWM");
             continue;
         }
         timed.record(&mut rounds.ours);
         if let (Some(q_timed), Some(samples)) = (q_timed, rounds.quantized.as_mut()) {
             q_timed.record(samples);
+            // Seconds after this round's decode steps: the host's bandwidth drifts by 10-20%
+            // over a run (and once in a while reads far higher), so each round's steps are set
+            // against their own probe rather than one taken after all rounds.
+            rounds.bandwidth_gbs.push(bench_quant::read_bandwidth_gbs());
         }
     }
     Ok(rounds)

@@ -2,9 +2,9 @@
 //!
 //! `bench_cmd` times both step by step, alternating repetitions; this adds what only a
 //! comparison says: each step's ratio (quantized / unquantized medians), the machine's memory
-//! read bandwidth measured in the same run and each side's decode step against the floor it sets
-//! (the bytes of the decoder projections and LM head a step reads, over that bandwidth), and the
-//! label KL between the two models' exact cat/dog probabilities on the benchmark image.
+//! read bandwidth probed after each round and each side's decode step against the floor it sets
+//! (the bytes of the decoder projections and LM head a step reads, over that round's bandwidth;
+//! the median over rounds), and the label KL between the two models' exact cat/dog probabilities on the benchmark image.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -22,8 +22,8 @@ use crate::runner::ModelRunner;
 const LABELS: [&str; 2] = ["cat", "dog"];
 /// Bytes the bandwidth probe reads per pass: far past any cache.
 const PROBE_BYTES: usize = 512 << 20;
-/// Passes of the probe; the best is reported, as STREAM does.
-const PROBE_PASSES: usize = 7;
+/// Passes of one probe; the best is kept, as STREAM does.
+const PROBE_PASSES: usize = 3;
 
 /// The quantized side's report: its step summaries (`side`), ratios, bandwidth floors, label KL.
 #[allow(clippy::too_many_arguments)]
@@ -33,6 +33,7 @@ pub(crate) fn compare(
     report: &QuantReport,
     side: Value,
     ours: &Value,
+    bandwidth_rounds: &[f64],
     conversation: &Conversation,
     image: &image::RgbImage,
     steps: &[&str],
@@ -43,12 +44,32 @@ pub(crate) fn compare(
             ratios.insert((*key).to_owned(), json!(q / f));
         }
     }
-    let bandwidth = read_bandwidth_gbs();
+    let probed;
+    let bandwidth_rounds = if bandwidth_rounds.is_empty() {
+        probed = [read_bandwidth_gbs()];
+        &probed[..]
+    } else {
+        bandwidth_rounds
+    };
+    let bandwidth = median(bandwidth_rounds.to_vec());
     let full_bytes = report.decode_values() * full.model().dtype().size_in_bytes();
     let quant_bytes = report.decode_bytes();
-    let floor_ms = |bytes: usize| bytes as f64 / (bandwidth * 1e9) * 1e3;
-    let decode = |v: &Value| v["decode_ms_per_token"]["median"].as_f64();
-    let of_floor = |bytes: usize, v: &Value| decode(v).map(|ms| floor_ms(bytes) / ms);
+    let floor_at = |bytes: usize, gbs: f64| bytes as f64 / (gbs * 1e9) * 1e3;
+    let floor_ms = |bytes: usize| floor_at(bytes, bandwidth);
+    // Each round's decode step against the floor of the bandwidth probed right after it.
+    let of_floor_rounds = |bytes: usize, v: &Value| -> Vec<f64> {
+        let samples = v["decode_ms_per_token"]["samples"].as_array();
+        samples
+            .into_iter()
+            .flatten()
+            .zip(bandwidth_rounds.iter().cycle())
+            .filter_map(|(ms, gbs)| Some(floor_at(bytes, *gbs) / ms.as_f64()?))
+            .collect()
+    };
+    let of_floor = |bytes: usize, v: &Value| {
+        let rounds = of_floor_rounds(bytes, v);
+        (!rounds.is_empty()).then(|| median(rounds))
+    };
 
     let (p, q) = (
         label_probs(full, conversation, image)?,
@@ -73,12 +94,14 @@ pub(crate) fn compare(
         "steps": side,
         "ratios_quantized_over_unquantized": ratios,
         "read_bandwidth_gb_s": bandwidth,
+        "read_bandwidth_gb_s_rounds": bandwidth_rounds,
         "decode_bytes_unquantized": full_bytes,
         "decode_bytes_quantized": quant_bytes,
         "decode_floor_ms_unquantized": floor_ms(full_bytes),
         "decode_floor_ms_quantized": floor_ms(quant_bytes),
         "decode_fraction_of_floor_unquantized": of_floor(full_bytes, ours),
         "decode_fraction_of_floor_quantized": of_floor(quant_bytes, &side),
+        "decode_fraction_of_floor_quantized_rounds": of_floor_rounds(quant_bytes, &side),
         "labels": LABELS,
         "label_probs_unquantized": p,
         "label_probs_quantized": q,
@@ -116,9 +139,23 @@ pub(crate) fn print(quant: &Value, ours: &Value, steps: &[&str]) {
     }
     let f = |key: &str| quant[key].as_f64().unwrap_or(f64::NAN);
     let mib = |key: &str| f(key) / (1024.0 * 1024.0);
+    let probes: Vec<f64> = quant["read_bandwidth_gb_s_rounds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_f64)
+        .collect();
+    let spread = match (
+        probes.iter().copied().reduce(f64::min),
+        probes.iter().copied().reduce(f64::max),
+    ) {
+        (Some(lo), Some(hi)) if probes.len() > 1 => format!(" ({lo:.1}-{hi:.1})"),
+        _ => String::new(),
+    };
     println!(
-        "memory read bandwidth {:.1} GB/s; a decode step reads {:.0} MiB unquantized (floor {:.1} ms, \
-         reached {:.0}%), {:.0} MiB {name} (floor {:.1} ms, reached {:.0}%)",
+        "memory read bandwidth {:.1} GB/s{spread}, probed after each round; a decode step reads {:.0} MiB \
+         unquantized (floor {:.1} ms, reached {:.0}%), {:.0} MiB {name} (floor {:.1} ms, reached {:.0}%; \
+         each round against its own probe, median)",
         f("read_bandwidth_gb_s"),
         mib("decode_bytes_unquantized"),
         f("decode_floor_ms_unquantized"),
@@ -152,9 +189,20 @@ fn label_probs(
     Ok(runner.score_labels(&prompt, &scorer)?.probs)
 }
 
+/// The median of `values` (NaN when empty).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
 /// Best read bandwidth over [`PROBE_PASSES`] passes of summing a [`PROBE_BYTES`] buffer on the
 /// benchmark's threads (rayon's pool, sized by `--threads`), in GB/s.
-fn read_bandwidth_gbs() -> f64 {
+pub(crate) fn read_bandwidth_gbs() -> f64 {
     let words = PROBE_BYTES / 8;
     let buffer: Vec<u64> = (0..words as u64).collect();
     let mut best = 0f64;

@@ -524,6 +524,36 @@ fn bench_model_quant_times_both_models_and_compares_them() -> TestResult {
     let floor_ratio = num("decode_floor_ms_quantized")? / num("decode_floor_ms_unquantized")?;
     let bytes_ratio = num("decode_bytes_quantized")? / num("decode_bytes_unquantized")?;
     assert!((floor_ratio - bytes_ratio).abs() < 1e-9);
+    // Each round's decode step is set against the bandwidth probed right after that round.
+    let floats = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_f64)
+            .collect()
+    };
+    let probes = floats(&q["read_bandwidth_gb_s_rounds"]);
+    let decodes = floats(&q["steps"]["decode_ms_per_token"]["samples"]);
+    let fractions = floats(&q["decode_fraction_of_floor_quantized_rounds"]);
+    assert_eq!((probes.len(), decodes.len(), fractions.len()), (2, 2, 2));
+    let bytes = num("decode_bytes_quantized")?;
+    for ((gbs, ms), fraction) in probes.iter().zip(&decodes).zip(&fractions) {
+        let expected = bytes / (gbs * 1e9) * 1e3 / ms;
+        assert!(
+            (fraction - expected).abs() < 1e-9 * expected,
+            "{fraction} vs {expected}"
+        );
+    }
+    let (lo, hi) = (
+        fractions[0].min(fractions[1]),
+        fractions[0].max(fractions[1]),
+    );
+    let median = num("decode_fraction_of_floor_quantized")?;
+    assert!(
+        (median - (lo + hi) / 2.0).abs() < 1e-9,
+        "{median} vs {lo}, {hi}"
+    );
+    assert!((num("read_bandwidth_gb_s")? - (probes[0] + probes[1]) / 2.0).abs() < 1e-9);
     let p: Vec<f64> = serde_json::from_value(q["label_probs_unquantized"].clone())?;
     let r: Vec<f64> = serde_json::from_value(q["label_probs_quantized"].clone())?;
     assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-6);
