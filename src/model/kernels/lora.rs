@@ -4,7 +4,8 @@
 //! `B [n, r]`, and an optional dropout mask on the low-rank branch's input. Through candle's
 //! autograd the same layer is six graph nodes (frozen product, two products, scale, add, mask),
 //! each allocating its output and, in the backward pass, a zero-filled gradient it adds into;
-//! here it is four `gemm` calls forward and five backward, and only `dY·W` (the gradient the
+//! here it is the frozen product and one pass of [`super::low_rank`] over the rows each way
+//! (the `gemm` crate for ranks that pass does not take), and only `dY·W` (the gradient the
 //! frozen weight passes to the input) is a weight-sized product.
 //!
 //! The frozen weight is read dense or packed ([`Frozen`]). Packed (where inference packs too,
@@ -15,6 +16,7 @@
 
 use super::backward::profile;
 use super::cpu::{self, MatMut, MatRef};
+use super::low_rank;
 use super::packed::PackedWeight;
 use super::packed_grad;
 
@@ -82,6 +84,10 @@ pub(crate) fn lora_forward(
         Frozen::Packed(p) => p.matmul(x, m, bias),
     });
     let _branch = profile::Span::new("lora fwd: low-rank branch");
+    if low_rank::supported_rank(r) {
+        low_rank::forward(&mut y, xl, a, b, (m, k, n, r), scale);
+        return y;
+    }
     // [m, k] @ [r, k]^T -> [m, r]
     let u = cpu::linear(xl, m, k, a, r, None);
     // y += s * u @ B^T
@@ -130,10 +136,38 @@ pub(crate) fn lora_backward(
     assert_eq!(b.len(), n * r, "lora: B is not [n, r]");
     assert_eq!(dy.len(), m * n, "lora: dY is not [m, n]");
     let threads = rayon::current_num_threads();
-    let low_rank = profile::Span::new("lora bwd: dA, dB");
     let mut owned = Vec::new();
     let xl = branch_input(x, mask, &mut owned);
     let dy_m = MatRef::row_major(dy, m, n);
+    // dX = dY @ W: [m, n] @ [n, k]
+    let frozen_dx = |dx: &mut Vec<f32>| {
+        profile::time("lora bwd: frozen dY·W", || match w {
+            Frozen::Dense(w) => {
+                *dx = vec![0f32; m * k];
+                cpu::gemm(
+                    MatMut::new(dx, 0, k),
+                    dy_m,
+                    MatRef::row_major(w, n, k),
+                    1.0,
+                    false,
+                    threads,
+                );
+            }
+            Frozen::Packed(p) => *dx = packed_grad::dy_w(p, dy, m),
+        })
+    };
+    if low_rank::supported_rank(r) {
+        let mut dx = want_dx.then(|| {
+            let mut dx = Vec::new();
+            frozen_dx(&mut dx);
+            dx
+        });
+        let _branch = profile::Span::new("lora bwd: low-rank branch");
+        let (da, db) =
+            low_rank::backward(xl, dy, a, b, mask, dx.as_deref_mut(), (m, k, n, r), scale);
+        return LoraGrads { dx, da, db };
+    }
+    let low_rank = profile::Span::new("lora bwd: low-rank branch");
     // v = dY @ B: [m, n] @ [n, r] -> [m, r]
     let mut v = vec![0f32; m * r];
     cpu::gemm(
@@ -168,20 +202,9 @@ pub(crate) fn lora_backward(
     );
     drop(low_rank);
     let dx = want_dx.then(|| {
-        // dX = dY @ W: [m, n] @ [n, k]
-        let mut dx = vec![0f32; m * k];
-        profile::time("lora bwd: frozen dY·W", || match w {
-            Frozen::Dense(w) => cpu::gemm(
-                MatMut::new(&mut dx, 0, k),
-                dy_m,
-                MatRef::row_major(w, n, k),
-                1.0,
-                false,
-                threads,
-            ),
-            Frozen::Packed(p) => dx = packed_grad::dy_w(p, dy, m),
-        });
-        let _branch = profile::Span::new("lora bwd: low-rank dX");
+        let mut dx = Vec::new();
+        frozen_dx(&mut dx);
+        let _branch = profile::Span::new("lora bwd: low-rank branch");
         let v_m = MatRef::row_major(&v, m, r);
         let a_m = MatRef::row_major(a, r, k);
         match mask {
@@ -243,12 +266,19 @@ mod tests {
     /// more output rows than a panel holds and a partial last panel.
     #[test]
     fn forward_and_backward_match_the_definitions() {
+        // Rank 4 runs the fused low-rank pass, rank 3 the `gemm` crate.
+        for r in [4, 3] {
+            check_rank(r);
+        }
+    }
+
+    fn check_rank(r: usize) {
         use super::super::packed::Kernel;
         let s = LoraShape {
             m: 7,
             k: 33,
             n: 70,
-            r: 4,
+            r,
             scale: 1.5,
         };
         let (x, w, a, b, dy) = (

@@ -19,6 +19,7 @@
 //! - [`exp`]: the vectorisable `exp` the activations and softmax share.
 //! - [`backward`]: RMSNorm and SwiGLU forward and backward for training through the frozen model.
 //! - [`lora`]: training's LoRA linear layer (frozen product and low-rank branch) and its backward.
+//! - [`low_rank`]: the LoRA branch's rank-`r` products, forward and backward, in one pass over the rows.
 //!
 //! **Architecture Invariant:** files here import nothing from the rest of the crate and name no
 //! candle type (`tests/it/architecture.rs` checks it).
@@ -28,6 +29,7 @@ pub(crate) mod backward;
 pub(crate) mod cpu;
 pub(crate) mod exp;
 pub(crate) mod lora;
+pub(crate) mod low_rank;
 pub mod packed;
 pub(crate) mod packed_grad;
 pub(crate) mod q4k;
