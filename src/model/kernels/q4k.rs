@@ -131,8 +131,8 @@ fn quantize_blocks_avx2(x: &[f32], out: &mut [BlockQ8K]) {
 /// per value `iscale * v` rounded half away from zero (`trunc` plus one step toward the sign
 /// where the exact fraction is at least one half, which is what `f32::round` does), clamped, a
 /// NaN product giving 0 as Rust's `as i8` does; each 16 quants' sum is one `bsums` entry. The
-/// scalar loop's search for `max` does not vectorise (it carries a select), and a Q8_K
-/// quantization of a 270-row prefill's activations ran several times slower through it.
+/// scalar loop's search for `max` does not vectorise (it carries a select): it quantized 270
+/// rows of 4608 in 1.09 ms against 0.45 here (`q4k_vnni::measure`).
 ///
 /// # Safety
 /// The CPU must have AVX-512F and AVX-512BW.

@@ -722,6 +722,9 @@ mod measure {
             let quant = best_of(3, 5, &|| {
                 std::hint::black_box(q4k::quantize_rows(&x, k));
             });
+            let scalar = best_of(3, 5, &|| {
+                std::hint::black_box(q4k::quantize_rows_scalar(&x, k));
+            });
             let a = q4k::quantize_rows(&x, k);
             let kernel = best_of(3, 5, &|| {
                 std::hint::black_box(matmul(&t, &a, m));
@@ -731,9 +734,31 @@ mod measure {
             });
             eprintln!(
                 "[{m}, {k}] x [{n}, {k}]: candle {theirs:.3} ms, ours {:.3} ms (quantize {quant:.3} \
-                 + kernel {kernel:.3}; {:.0} GMAC/s), regrouped AVX2 kernel {grouped:.3} ms",
+                 + kernel {kernel:.3}; {:.0} GMAC/s), regrouped AVX2 kernel {grouped:.3} ms; \
+                 the scalar loop's Q8_K quantization {scalar:.3} ms",
                 quant + kernel,
                 (m * n * k) as f64 / 1e6 / kernel
+            );
+        }
+        // One row against a weight that stays in L2 (576 KiB): the kernel's own rate, apart
+        // from memory.
+        {
+            let (n, k) = (1024, 1024);
+            let w = blocks(n, k / QK_K, 4);
+            let t = Tiled::from_ggml(&w, n, k / QK_K);
+            let g = q4k::Grouped::from_ggml(&w, n, k / QK_K);
+            let a = q4k::quantize_rows(&activations(1, k, 6), k);
+            let ours = best_of(5, 200, &|| {
+                std::hint::black_box(matmul(&t, &a, 1));
+            });
+            let grouped = best_of(5, 200, &|| {
+                std::hint::black_box(q4k::matmul(&g, &a, 1));
+            });
+            eprintln!(
+                "1 row x [{n}, {k}] from L2: ours {ours:.4} ms ({:.1} GB/s), regrouped AVX2 \
+                 {grouped:.4} ms ({:.1} GB/s)",
+                w.len() as f64 / 1e6 / ours,
+                w.len() as f64 / 1e6 / grouped
             );
         }
         // One decode step of the 450M decoder's Q4_K projections, roughly: 16 layers of a
