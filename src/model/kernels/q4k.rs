@@ -28,9 +28,11 @@
 //! ms; end to end a `--quant q4_k` decode step went from 9.0-11.1 to 8.0-8.5 ms. Many rows (a
 //! prefill) can run the same kernel in tiles of 4 activation rows, a task's weights kept in L2,
 //! but slower than candle's repacked Q4_K tiles (LM prefill 326-433 against 261-267 ms), so
-//! `QuantWeight` sends them to candle's, with its blocks rebuilt once beside ours. The same regrouping for
-//! Q6_K (the LM head) measured slower than candle's `vec_dot_q6k_q8k` (2.5-3.2 ms against
-//! 1.9-2.0 for the head), so Q6_K stays on candle's.
+//! `QuantWeight` sends them to candle's, with its blocks rebuilt once beside ours. On CPUs with
+//! AVX-512 VNNI neither runs by default: [`super::q4k_vnni`]'s tiles take every row count (this
+//! module's Q8_K quantizer feeds both). The same regrouping for Q6_K (the LM head) measured
+//! slower than candle's `vec_dot_q6k_q8k` (2.5-3.2 ms against 1.9-2.0 for the head), so Q6_K
+//! stays on candle's.
 
 use rayon::prelude::*;
 
