@@ -15,6 +15,8 @@
 //! - [`q8_vnni`]: products by Q8_0 weights in 16-row tiles with AVX-512 VNNI `vpdpbusd` (every row
 //!   count, where the CPU has it).
 //! - [`q4k`]: products by Q4_K weights regrouped by 8 rows (Q8_K activations, rows in lanes).
+//! - [`q4k_vnni`]: products by Q4_K weights in 16-row tiles with AVX-512 VNNI `vpdpbusd` (every
+//!   row count, where the CPU has it).
 //! - [`attention_step`]: one query row per head over a key/value cache (a decode step).
 //! - [`exp`]: the vectorisable `exp` the activations and softmax share.
 //! - [`backward`]: RMSNorm and SwiGLU forward and backward for training through the frozen model.
@@ -33,6 +35,7 @@ pub(crate) mod low_rank;
 pub mod packed;
 pub(crate) mod packed_grad;
 pub(crate) mod q4k;
+pub(crate) mod q4k_vnni;
 pub(crate) mod q8;
 pub(crate) mod q8_vnni;
 

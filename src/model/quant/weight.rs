@@ -8,7 +8,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use crate::model::kernels::{q4k, q8, q8_vnni};
+use crate::model::kernels::{q4k, q4k_vnni, q8, q8_vnni};
 
 /// A frozen `[out, in]` weight quantized into ggml blocks along `in` (one row = one output).
 ///
@@ -51,6 +51,12 @@ enum Store {
         grouped: Arc<q4k::Grouped>,
         ggml: Arc<OnceLock<Arc<QTensor>>>,
     },
+    /// Q4_K on a CPU with AVX-512 VNNI: the same bytes in 16-row tiles for our `vpdpbusd`
+    /// kernel ([`q4k_vnni::Tiled`]), every row count, held as `Q8Grouped` holds Q8_0.
+    Q4KTiled {
+        tiled: Arc<q4k_vnni::Tiled>,
+        ggml: Arc<OnceLock<Arc<QTensor>>>,
+    },
 }
 
 /// Where a CPU Q8_0 weight is held, which decides the products it takes.
@@ -85,6 +91,33 @@ fn q8_0_layout(n: usize, k: usize) -> Q8Layout {
         Q8Layout::Candle
     } else {
         Q8Layout::Grouped
+    }
+}
+
+/// Where a CPU Q4_K weight is held, which decides the products it takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Q4KLayout {
+    /// 16-row tiles for our AVX-512 VNNI kernel (`kernels::q4k_vnni`), every row count.
+    Tiled,
+    /// Rows regrouped by 8 for our AVX2 kernel (`kernels::q4k`): decode steps there, many rows
+    /// on candle's repacked tiles over its blocks rebuilt beside ours (or every row count there
+    /// with `VLMPIPE_QUANT_PRODUCT=int8`).
+    Grouped,
+    /// candle's blocks, every product through `QMatMul`.
+    Candle,
+}
+
+/// The layout of a CPU Q4_K weight. Where the CPU has AVX-512 VNNI, our tiles: they ran the
+/// LFM2-VL-450M prefill and decode faster than candle's repacked tiles and our regrouped rows
+/// (BENCHMARKS.md, "Q4_K on our VNNI kernel"), from one copy. Elsewhere our regrouped rows.
+/// `VLMPIPE_QUANT_PRODUCT=qmatmul` keeps candle's blocks, `grouped` (the default before the
+/// tiles) and `int8` our regrouped rows, to compare.
+fn q4_k_layout() -> Q4KLayout {
+    match std::env::var("VLMPIPE_QUANT_PRODUCT").as_deref() {
+        Ok("qmatmul") => Q4KLayout::Candle,
+        Ok("grouped" | "int8") => Q4KLayout::Grouped,
+        _ if q4k_vnni::available() => Q4KLayout::Tiled,
+        _ => Q4KLayout::Grouped,
     }
 }
 
@@ -162,15 +195,25 @@ impl QuantWeight {
             }
         }
         if dtype == GgmlDType::Q4K && device.is_cpu() {
-            let grouped = q4k::Grouped::from_ggml(&tensor.data()?, out_dim, in_dim / q4k::QK_K);
-            return Ok(Self {
-                store: Store::Q4KGrouped {
-                    grouped: Arc::new(grouped),
+            let kb = in_dim / q4k::QK_K;
+            let store = match q4_k_layout() {
+                Q4KLayout::Tiled => Some(Store::Q4KTiled {
+                    tiled: Arc::new(q4k_vnni::Tiled::from_ggml(&tensor.data()?, out_dim, kb)),
                     ggml: Arc::new(OnceLock::new()),
-                },
-                out_dim,
-                in_dim,
-            });
+                }),
+                Q4KLayout::Grouped => Some(Store::Q4KGrouped {
+                    grouped: Arc::new(q4k::Grouped::from_ggml(&tensor.data()?, out_dim, kb)),
+                    ggml: Arc::new(OnceLock::new()),
+                }),
+                Q4KLayout::Candle => None,
+            };
+            if let Some(store) = store {
+                return Ok(Self {
+                    store,
+                    out_dim,
+                    in_dim,
+                });
+            }
         }
         // candle's Q5_0/Q5_1 dot products insist on an even number of blocks a row (a debug
         // assertion; the arithmetic would be right). Such a row (a fallback on narrow test
@@ -194,7 +237,7 @@ impl QuantWeight {
         match &self.store {
             Store::Ggml { tensor, .. } => tensor.dtype(),
             Store::Q8Grouped { .. } | Store::Q8Tiled { .. } => GgmlDType::Q8_0,
-            Store::Q4KGrouped { .. } => GgmlDType::Q4K,
+            Store::Q4KGrouped { .. } | Store::Q4KTiled { .. } => GgmlDType::Q4K,
         }
     }
 
@@ -213,6 +256,7 @@ impl QuantWeight {
             Store::Q8Grouped { grouped, .. } => grouped.ggml_bytes(),
             Store::Q8Tiled { tiled, .. } => tiled.ggml_bytes(),
             Store::Q4KGrouped { grouped, .. } => grouped.ggml_bytes(),
+            Store::Q4KTiled { tiled, .. } => tiled.ggml_bytes(),
         }
     }
 
@@ -229,6 +273,9 @@ impl QuantWeight {
             }),
             Store::Q4KGrouped { grouped, ggml } => {
                 self.rebuilt(ggml, GgmlDType::Q4K, || grouped.to_ggml())
+            }
+            Store::Q4KTiled { tiled, ggml } => {
+                self.rebuilt(ggml, GgmlDType::Q4K, || tiled.to_ggml())
             }
         }
     }
@@ -257,9 +304,10 @@ impl QuantWeight {
     fn qmatmul(&self) -> Result<QMatMul> {
         match &self.store {
             Store::Ggml { matmul, .. } => Ok(matmul.clone()),
-            Store::Q8Grouped { .. } | Store::Q8Tiled { .. } | Store::Q4KGrouped { .. } => {
-                Ok(QMatMul::QTensor(self.qtensor()?))
-            }
+            Store::Q8Grouped { .. }
+            | Store::Q8Tiled { .. }
+            | Store::Q4KGrouped { .. }
+            | Store::Q4KTiled { .. } => Ok(QMatMul::QTensor(self.qtensor()?)),
         }
     }
 
@@ -288,10 +336,12 @@ impl QuantWeight {
     /// tiled Q8_0 blocks (AVX-512 VNNI CPUs) through [`q8_vnni`] for every row count; regrouped
     /// Q8_0 blocks through the integer kernel ([`crate::model::kernels::q8`], ggml's block dot
     /// values) or, for many rows, the panel-dequantized f32 product ([`super::prefill`]) where
-    /// that measured faster; a decode step by Q4_K blocks through
+    /// that measured faster; tiled Q4_K blocks (AVX-512 VNNI CPUs) through [`q4k_vnni`] for
+    /// every row count; a decode step by regrouped Q4_K blocks through
     /// [`crate::model::kernels::q4k`], by other k-quant blocks through [`super::matvec`]. `None`
     /// (use `QMatMul`) otherwise: other block types, another device or dtype.
-    /// `VLMPIPE_QUANT_PRODUCT=qmatmul` (or `int8`, `panels` for Q8_0) forces a path, to compare.
+    /// `VLMPIPE_QUANT_PRODUCT=qmatmul` (or `int8`, `panels` for Q8_0, `int8`, `grouped` for
+    /// Q4_K) forces a path, to compare.
     fn cpu_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
         if x.track_op() || !x.device().is_cpu() {
             return Ok(None);
@@ -328,6 +378,15 @@ impl QuantWeight {
                 let x32 = x.to_dtype(DType::F32)?;
                 crate::model::ops::with_cpu_f32(&x32, |xs| {
                     q8_vnni::matmul(tiled, &q8_vnni::quantize_rows(xs, k), m)
+                })?
+            }
+            Store::Q4KTiled { tiled, .. } => {
+                if x.elem_count() != m * k {
+                    return Ok(None);
+                }
+                let x32 = x.to_dtype(DType::F32)?;
+                crate::model::ops::with_cpu_f32(&x32, |xs| {
+                    q4k_vnni::matmul(tiled, &q4k::quantize_rows(xs, k), m)
                 })?
             }
             Store::Q4KGrouped { grouped, .. } => {
@@ -384,6 +443,7 @@ impl QuantWeight {
             Store::Q8Grouped { grouped, .. } => dense(&|r, w| grouped.dequantize_rows(r, w)),
             Store::Q8Tiled { tiled, .. } => dense(&|r, w| tiled.dequantize_rows(r, w)),
             Store::Q4KGrouped { grouped, .. } => dense(&|r, w| grouped.dequantize_rows(r, w)),
+            Store::Q4KTiled { tiled, .. } => dense(&|r, w| tiled.dequantize_rows(r, w)),
         }
     }
 
@@ -400,6 +460,9 @@ impl QuantWeight {
             }
             Store::Q4KGrouped { grouped, .. } => {
                 self.gather_dequantized(ids, |r, row| grouped.dequantize_rows(r..r + 1, row))
+            }
+            Store::Q4KTiled { tiled, .. } => {
+                self.gather_dequantized(ids, |r, row| tiled.dequantize_rows(r..r + 1, row))
             }
         }
     }
@@ -517,9 +580,10 @@ mod tests {
         assert!(ggml.get().is_some());
     }
 
-    /// A CPU Q4_K weight holds its blocks once, regrouped (`storage_bytes` is ggml's size):
-    /// products of 1 and 3 rows give candle's block dot (`vec_dot` per output, the compact
-    /// path before) within f32 summation-order rounding, without rebuilding candle's copy; the
+    /// A CPU Q4_K weight holds its blocks once, regrouped (or tiled where the CPU has AVX-512
+    /// VNNI; `storage_bytes` is ggml's size): products of 1 and 3 rows give candle's block dot
+    /// (`vec_dot` per output) within f32 summation-order rounding, and tiled weights give their
+    /// kernel's values bit for bit at 1, 3 and 70 rows, without rebuilding candle's copy; the
     /// dequantized matrix and gathered rows equal candle's bit for bit; the copy rebuilt on
     /// request is the blocks quantized.
     #[test]
@@ -532,16 +596,33 @@ mod tests {
         let blocks = super::super::ggml_q4k::quantize_q4_k(&values);
         let want_q =
             Arc::new(qtensor_from_ggml(GgmlDType::Q4K, &blocks, vec![n, k], &dev).unwrap());
-        let Store::Q4KGrouped { ggml, .. } = &q.store else {
-            panic!("a CPU Q4_K weight is not regrouped")
+        let (ggml, tiled) = match &q.store {
+            Store::Q4KGrouped { ggml, .. } => (ggml, false),
+            Store::Q4KTiled { ggml, .. } => (ggml, true),
+            _ => panic!("a CPU Q4_K weight is neither regrouped nor tiled"),
         };
+        assert_eq!(tiled, q4k_vnni::available());
         let bytes = want_q.data().unwrap().into_owned();
-        for rows in [1, 3] {
+        // Many rows by regrouped blocks go to candle's tiles (its copy rebuilt): tiles only.
+        let row_counts: &[usize] = if tiled { &[1, 3, 70] } else { &[1, 3] };
+        for &rows in row_counts {
             let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let got = q.linear(&x, None).unwrap();
             assert_eq!(got.dims(), &[rows, n]);
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            if tiled {
+                let t = q4k_vnni::Tiled::from_ggml(&bytes, n, k / 256);
+                let want = q4k_vnni::matmul(&t, &q4k::quantize_rows(&xs, k), rows);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "{rows} rows: not the tiled kernel's values");
+            }
+            if rows > super::super::matvec::MAX_ROWS {
+                continue;
+            }
             let want = super::super::matvec::matvec(GgmlDType::Q4K, &bytes, &xs, rows, k, n)
                 .expect("candle's block dot");
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
