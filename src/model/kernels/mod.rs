@@ -16,6 +16,8 @@
 //!   count, where the CPU has it).
 //! - [`q4k`]: products by Q4_K weights regrouped by 8 rows (Q8_K activations, rows in lanes).
 //! - [`attention_step`]: one query row per head over a key/value cache (a decode step).
+//! - [`attention_train`]: the decoder's attention for training (RoPE, both products, mask and
+//!   softmax) forward and backward, grouped-query aware.
 //! - [`exp`]: the vectorisable `exp` the activations and softmax share.
 //! - [`backward`]: RMSNorm and SwiGLU forward and backward for training through the frozen model.
 //! - [`lora`]: training's LoRA linear layer (frozen product and low-rank branch) and its backward.
@@ -24,6 +26,7 @@
 //! candle type (`tests/it/architecture.rs` checks it).
 
 pub(crate) mod attention_step;
+pub(crate) mod attention_train;
 pub(crate) mod backward;
 pub(crate) mod cpu;
 pub(crate) mod exp;
