@@ -279,6 +279,13 @@ impl CustomOp1 for ShortConv {
     }
 }
 
+/// Up to this many bytes of probabilities per attention layer, the forward keeps them for the
+/// backward; beyond, the backward recomputes them (`q kᵀ` and the softmax again), so what a
+/// layer holds for its backward stays bounded at long sequences. LFM2-VL-450M's 270-token step
+/// keeps 4.7 MB per layer; recomputing them instead cost it about 3 ms per step for no measurable
+/// peak-memory gain (BENCHMARKS.md, "LoRA training step").
+const KEEP_PROBS_MAX_BYTES: usize = 32 << 20;
+
 /// The decoder's attention in training: `softmax(scale · rope(q) rope(k)ᵀ + mask) · v` with
 /// `q [B, L, heads * hd]`, `k`, `v [B, T, kv_heads * hd]` (after the per-head norms, before
 /// RoPE), `cos`/`sin [B, T, hd / 2]` (queries are the last `L` positions) and the additive `mask`
@@ -351,6 +358,7 @@ pub(crate) fn attention(
             .map(|m| m.flatten_all()?.to_vec1::<f32>())
             .transpose()?,
         kernel: Kernel::for_this_cpu(),
+        keep_probs: batch * heads * q_rows * kv_rows * size_of::<f32>() <= KEEP_PROBS_MAX_BYTES,
         probs: OnceLock::new(),
     };
     Ok(Some(q.contiguous()?.apply_op3(
@@ -366,9 +374,10 @@ struct Attention {
     sin: Vec<f32>,
     mask: Option<Vec<f32>>,
     kernel: Option<Kernel>,
-    /// The forward's probabilities, which the backward reads (stored, not recomputed: see
-    /// [`attention_train`]).
-    probs: OnceLock<Vec<f32>>,
+    /// Whether the forward keeps its probabilities for the backward (else it recomputes them).
+    keep_probs: bool,
+    /// What the forward kept (`None` inside when it keeps nothing).
+    probs: OnceLock<Option<Vec<f32>>>,
 }
 
 impl Attention {
@@ -402,6 +411,7 @@ impl CustomOp3 for Attention {
             self.mask.as_deref(),
             self.shape,
             self.kernel,
+            self.keep_probs,
         );
         if self.probs.set(probs).is_err() {
             candle_core::bail!("fused attention: one op ran forward twice")
@@ -420,6 +430,7 @@ impl CustomOp3 for Attention {
         let Some(probs) = self.probs.get() else {
             candle_core::bail!("fused attention: backward before forward")
         };
+        let probs = probs.as_deref();
         let (dq, dk, dv) = with_cpu_f32(q, |qs| {
             with_cpu_f32(k, |ks| {
                 with_cpu_f32(v, |vs| {
@@ -433,6 +444,7 @@ impl CustomOp3 for Attention {
                             probs,
                             g,
                             self.shape,
+                            self.kernel,
                         )
                     })
                 })
@@ -503,7 +515,8 @@ mod tests {
     }
 
     /// Attention as the decoder's candle chain computes it: RoPE's composite form, the scale,
-    /// grouped `q kᵀ`, the mask, softmax, `p v`, heads back in place.
+    /// grouped `q kᵀ`, the mask, softmax (the fused one `ops` picks, tested above against
+    /// candle's), `p v`, heads back in place.
     #[allow(clippy::too_many_arguments)]
     fn candle_attention(
         q: &Tensor,
@@ -543,7 +556,7 @@ mod tests {
             .reshape((b, kv_heads, groups, l, t))?
             .broadcast_add(mask)?
             .reshape((b, kv_heads, groups * l, t))?;
-        let probs = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
+        let probs = crate::model::ops::softmax_last_dim(&scores)?;
         probs
             .matmul(&v)?
             .reshape((b, heads, l, hd))?
@@ -599,6 +612,56 @@ mod tests {
         let x = Tensor::zeros((1, 2, 8), candle_core::DType::F32, &dev)?;
         let rope = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &dev)?;
         assert!(attention(&x, &x, &x, &rope, &rope, None, 1, 1, 1.0)?.is_none());
+        Ok(())
+    }
+
+    /// One attention layer's forward and backward at the LFM2-VL-450M training shapes (270
+    /// tokens, 16 query heads over 8 key/value heads of 64), the fused op against the candle
+    /// chain, taking turns; prints both (a measurement: `--ignored --nocapture`, release).
+    #[test]
+    #[ignore = "measurement"]
+    fn fused_attention_against_the_candle_chain() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, h, kvh, hd) = (1, 270, 16, 8, 64);
+        let q = Var::randn(0f32, 1.0, (b, t, h * hd), &dev)?;
+        let k = Var::randn(0f32, 1.0, (b, t, kvh * hd), &dev)?;
+        let v = Var::randn(0f32, 1.0, (b, t, kvh * hd), &dev)?;
+        let angles = Tensor::arange(0f32, (b * t * hd / 2) as f32, &dev)?
+            .affine(0.01, 0.0)?
+            .reshape((b, t, hd / 2))?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let mut mask = vec![0f32; t * t];
+        for i in 0..t {
+            mask[i * t + i + 1..(i + 1) * t].fill(f32::NEG_INFINITY);
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, t, t), &dev)?;
+        let weights = Tensor::randn(0f32, 1.0, (b, t, h * hd), &dev)?;
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let scale = (hd as f64).powf(-0.5);
+        let step = |fused: bool| -> Result<f64> {
+            let start = std::time::Instant::now();
+            let o = if fused {
+                attention(qt, kt, vt, &cos, &sin, Some(&mask), h, kvh, scale)?
+                    .ok_or(candle_core::Error::Msg("not eligible".into()))?
+            } else {
+                candle_attention(qt, kt, vt, &cos, &sin, &mask, h, kvh)?
+            };
+            std::hint::black_box((&o * &weights)?.sum_all()?.backward()?);
+            Ok(start.elapsed().as_secs_f64())
+        };
+        let (mut chain, mut fused) = (f64::MAX, f64::MAX);
+        crate::model::ops::on_compute_threads(|| -> Result<()> {
+            for _ in 0..20 {
+                chain = chain.min(step(false)?);
+                fused = fused.min(step(true)?);
+            }
+            Ok(())
+        })?;
+        eprintln!(
+            "one attention layer, forward + backward: candle chain {:.2} ms, fused {:.2} ms",
+            chain * 1e3,
+            fused * 1e3
+        );
         Ok(())
     }
 }
