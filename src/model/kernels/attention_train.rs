@@ -19,7 +19,8 @@
 //! keeps them up to a bound per layer (measured: BENCHMARKS.md, "LoRA training step").
 //!
 //! Measured against the candle chain it replaces, one layer at the 450M training shapes forward
-//! and backward: 7.0 ms against 28.3 ms (`autograd::tests::fused_attention_against_the_candle_chain`).
+//! and backward: 7.0 ms against 28.3 ms
+//! (`autograd::tests::fused_attention_against_the_candle_chain`).
 //!
 //! The forward's two products run on the packed AVX-512 kernel where weights are packed
 //! ([`Kernel::for_this_cpu`]), each task packing its keys and values once, as inference's
