@@ -7,9 +7,11 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use crate::model::kernels::attention_train;
 use crate::model::kernels::backward as kernels;
+use crate::model::kernels::packed::Kernel;
 
 /// `false` when `VLMPIPE_TRAIN_KERNELS=off`: training then runs through candle's composite
 /// differentiable ops and the whole sequence, as before these ops existed (to measure them).
@@ -277,6 +279,188 @@ impl CustomOp1 for ShortConv {
     }
 }
 
+/// Up to this many bytes of probabilities per attention layer, the forward keeps them for the
+/// backward; beyond, the backward recomputes them (`q kᵀ` and the softmax again), so what a
+/// layer holds for its backward stays bounded at long sequences. LFM2-VL-450M's 270-token step
+/// keeps 4.7 MB per layer; recomputing them instead cost it about 3 ms per step for no measurable
+/// peak-memory gain (BENCHMARKS.md, "LoRA training step").
+const KEEP_PROBS_MAX_BYTES: usize = 32 << 20;
+
+/// The decoder's attention in training: `softmax(scale · rope(q) rope(k)ᵀ + mask) · v` with
+/// `q [B, L, heads * hd]`, `k`, `v [B, T, kv_heads * hd]` (after the per-head norms, before
+/// RoPE), `cos`/`sin [B, T, hd / 2]` (queries are the last `L` positions) and the additive `mask`
+/// (`[B, 1, 1, L, T]`, `-inf` hides a key; `None`: nothing hidden). Returns `[B, L, heads * hd]`,
+/// or `None` when not eligible (nothing tracked, GPU, half precision).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: Option<&Tensor>,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let frozen = |t: &Tensor| is_cpu_f32(t) && !t.track_op();
+    if !enabled() || !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(None);
+    }
+    if ![q, k, v].into_iter().all(is_cpu_f32)
+        || !frozen(cos)
+        || !frozen(sin)
+        || mask.is_some_and(|m| !frozen(m))
+    {
+        return Ok(None);
+    }
+    let (batch, q_rows, q_width) = q.dims3()?;
+    let (_, kv_rows, kv_width) = k.dims3()?;
+    let head_dim = q_width / heads.max(1);
+    let shape = attention_train::Shape {
+        batch,
+        q_rows,
+        kv_rows,
+        heads,
+        kv_heads,
+        head_dim,
+        scale: scale as f32,
+    };
+    let half = head_dim / 2;
+    if heads == 0
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || q_width != heads * head_dim
+        || kv_width != kv_heads * head_dim
+        || !head_dim.is_multiple_of(2)
+        || q_rows > kv_rows
+        || v.dims() != k.dims()
+        || k.dim(0)? != batch
+        || cos.dims() != [batch, kv_rows, half]
+        || sin.dims() != cos.dims()
+        || mask.is_some_and(|m| m.dims() != [batch, 1, 1, q_rows, kv_rows])
+    {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?}, rope {:?}, mask {:?} for {heads} heads over \
+             {kv_heads}",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            cos.dims(),
+            mask.map(Tensor::dims)
+        )
+    }
+    let op = Attention {
+        shape,
+        cos: cos.flatten_all()?.to_vec1::<f32>()?,
+        sin: sin.flatten_all()?.to_vec1::<f32>()?,
+        mask: mask
+            .map(|m| m.flatten_all()?.to_vec1::<f32>())
+            .transpose()?,
+        kernel: Kernel::for_this_cpu(),
+        keep_probs: batch * heads * q_rows * kv_rows * size_of::<f32>() <= KEEP_PROBS_MAX_BYTES,
+        probs: OnceLock::new(),
+    };
+    Ok(Some(q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        op,
+    )?))
+}
+
+struct Attention {
+    shape: attention_train::Shape,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    mask: Option<Vec<f32>>,
+    kernel: Option<Kernel>,
+    /// Whether the forward keeps its probabilities for the backward (else it recomputes them).
+    keep_probs: bool,
+    /// What the forward kept (`None` inside when it keeps nothing).
+    probs: OnceLock<Option<Vec<f32>>>,
+}
+
+impl Attention {
+    fn rope(&self) -> attention_train::Rope<'_> {
+        attention_train::Rope {
+            cos: &self.cos,
+            sin: &self.sin,
+        }
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out, probs) = attention_train::forward(
+            slice(q, q_l)?,
+            slice(k, k_l)?,
+            slice(v, v_l)?,
+            self.rope(),
+            self.mask.as_deref(),
+            self.shape,
+            self.kernel,
+            self.keep_probs,
+        );
+        if self.probs.set(probs).is_err() {
+            candle_core::bail!("fused attention: one op ran forward twice")
+        }
+        Ok((CpuStorage::F32(out), q_l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(probs) = self.probs.get() else {
+            candle_core::bail!("fused attention: backward before forward")
+        };
+        let probs = probs.as_deref();
+        let (dq, dk, dv) = with_cpu_f32(q, |qs| {
+            with_cpu_f32(k, |ks| {
+                with_cpu_f32(v, |vs| {
+                    with_cpu_f32(grad, |g| {
+                        attention_train::backward(
+                            qs,
+                            ks,
+                            vs,
+                            self.rope(),
+                            self.mask.as_deref(),
+                            probs,
+                            g,
+                            self.shape,
+                            self.kernel,
+                        )
+                    })
+                })
+            })
+        })????;
+        // Inputs autograd does not track get no gradient (candle would add it into a zero-filled
+        // buffer for nothing).
+        let wrap = |t: &Tensor, d: Vec<f32>| -> Result<Option<Tensor>> {
+            t.track_op()
+                .then(|| Tensor::from_vec(d, t.shape(), t.device()))
+                .transpose()
+        };
+        Ok((wrap(q, dq)?, wrap(k, dk)?, wrap(v, dv)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,6 +511,157 @@ mod tests {
         for v in [&x, &u] {
             assert!(max_diff(&grad_of(&g1, v)?, &grad_of(&g2, v)?)? < 1e-4);
         }
+        Ok(())
+    }
+
+    /// Attention as the decoder's candle chain computes it: RoPE's composite form, the scale,
+    /// grouped `q kᵀ`, the mask, softmax (the fused one `ops` picks, tested above against
+    /// candle's), `p v`, heads back in place.
+    #[allow(clippy::too_many_arguments)]
+    fn candle_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Result<Tensor> {
+        let (b, l, _) = q.dims3()?;
+        let t = k.dim(1)?;
+        let hd = q.dim(2)? / heads;
+        let rope = |x: &Tensor, cos: &Tensor, sin: &Tensor| -> Result<Tensor> {
+            let cos = Tensor::cat(&[cos, cos], 2)?.unsqueeze(1)?;
+            let sin = Tensor::cat(&[sin, sin], 2)?.unsqueeze(1)?;
+            let x1 = x.narrow(3, 0, hd / 2)?;
+            let x2 = x.narrow(3, hd / 2, hd / 2)?;
+            let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+            x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        };
+        let heads_first = |x: &Tensor, n: usize, rows: usize| -> Result<Tensor> {
+            x.reshape((b, rows, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = rope(
+            &heads_first(q, heads, l)?,
+            &cos.narrow(1, t - l, l)?,
+            &sin.narrow(1, t - l, l)?,
+        )?;
+        let k = rope(&heads_first(k, kv_heads, t)?, cos, sin)?;
+        let v = heads_first(v, kv_heads, t)?;
+        let groups = heads / kv_heads;
+        let q = (q * (hd as f64).powf(-0.5))?.reshape((b, kv_heads, groups * l, hd))?;
+        let scores = q
+            .matmul(&k.t()?)?
+            .reshape((b, kv_heads, groups, l, t))?
+            .broadcast_add(mask)?
+            .reshape((b, kv_heads, groups * l, t))?;
+        let probs = crate::model::ops::softmax_last_dim(&scores)?;
+        probs
+            .matmul(&v)?
+            .reshape((b, heads, l, hd))?
+            .transpose(1, 2)?
+            .reshape((b, l, heads * hd))
+    }
+
+    /// The fused attention against the decoder's candle chain: output and the gradients of q,
+    /// k, v, grouped and not, with padded keys, a query tail and more rows than one block.
+    #[test]
+    fn fused_attention_matches_candle_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        // (batch, query rows, key rows, heads, kv heads, head dim)
+        for (b, l, t, h, kvh, hd) in [
+            (2, 5, 7, 4, 2, 8),
+            (1, 67, 67, 2, 2, 16),
+            (2, 3, 70, 3, 1, 4),
+        ] {
+            let q = Var::randn(0f32, 1.0, (b, l, h * hd), &dev)?;
+            let k = Var::randn(0f32, 1.0, (b, t, kvh * hd), &dev)?;
+            let v = Var::randn(0f32, 1.0, (b, t, kvh * hd), &dev)?;
+            let angles = Tensor::arange(0f32, (b * t * hd / 2) as f32, &dev)?
+                .affine(0.37, 0.0)?
+                .reshape((b, t, hd / 2))?;
+            let (cos, sin) = (angles.cos()?, angles.sin()?);
+            // Causal for the last `l` positions; row 0 pads position 1 (seen only by itself).
+            let mut mask = vec![0f32; b * l * t];
+            for row in 0..b {
+                for i in 0..l {
+                    let qpos = t - l + i;
+                    for j in 0..t {
+                        if j != qpos && (j > qpos || (row == 0 && j == 1)) {
+                            mask[(row * l + i) * t + j] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(mask, (b, 1, 1, l, t), &dev)?;
+            let scale = (hd as f64).powf(-0.5);
+            let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+            let fused = attention(qt, kt, vt, &cos, &sin, Some(&mask), h, kvh, scale)?
+                .ok_or(candle_core::Error::Msg("not eligible".into()))?;
+            let plain = candle_attention(qt, kt, vt, &cos, &sin, &mask, h, kvh)?;
+            assert!(max_diff(&fused, &plain)? < 1e-5);
+            let weights = Tensor::randn(0f32, 1.0, (b, l, h * hd), &dev)?;
+            let g1 = (&fused * &weights)?.sum_all()?.backward()?;
+            let g2 = (&plain * &weights)?.sum_all()?.backward()?;
+            for x in [&q, &k, &v] {
+                assert!(max_diff(&grad_of(&g1, x)?, &grad_of(&g2, x)?)? < 1e-4);
+            }
+        }
+        // Nothing tracked: candle's ops stay.
+        let x = Tensor::zeros((1, 2, 8), candle_core::DType::F32, &dev)?;
+        let rope = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &dev)?;
+        assert!(attention(&x, &x, &x, &rope, &rope, None, 1, 1, 1.0)?.is_none());
+        Ok(())
+    }
+
+    /// One attention layer's forward and backward at the LFM2-VL-450M training shapes (270
+    /// tokens, 16 query heads over 8 key/value heads of 64), the fused op against the candle
+    /// chain, taking turns; prints both (a measurement: `--ignored --nocapture`, release).
+    #[test]
+    #[ignore = "measurement"]
+    fn fused_attention_against_the_candle_chain() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, h, kvh, hd) = (1, 270, 16, 8, 64);
+        let q = Var::randn(0f32, 1.0, (b, t, h * hd), &dev)?;
+        let k = Var::randn(0f32, 1.0, (b, t, kvh * hd), &dev)?;
+        let v = Var::randn(0f32, 1.0, (b, t, kvh * hd), &dev)?;
+        let angles = Tensor::arange(0f32, (b * t * hd / 2) as f32, &dev)?
+            .affine(0.01, 0.0)?
+            .reshape((b, t, hd / 2))?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let mut mask = vec![0f32; t * t];
+        for i in 0..t {
+            mask[i * t + i + 1..(i + 1) * t].fill(f32::NEG_INFINITY);
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, t, t), &dev)?;
+        let weights = Tensor::randn(0f32, 1.0, (b, t, h * hd), &dev)?;
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let scale = (hd as f64).powf(-0.5);
+        let step = |fused: bool| -> Result<f64> {
+            let start = std::time::Instant::now();
+            let o = if fused {
+                attention(qt, kt, vt, &cos, &sin, Some(&mask), h, kvh, scale)?
+                    .ok_or(candle_core::Error::Msg("not eligible".into()))?
+            } else {
+                candle_attention(qt, kt, vt, &cos, &sin, &mask, h, kvh)?
+            };
+            std::hint::black_box((&o * &weights)?.sum_all()?.backward()?);
+            Ok(start.elapsed().as_secs_f64())
+        };
+        let (mut chain, mut fused) = (f64::MAX, f64::MAX);
+        crate::model::ops::on_compute_threads(|| -> Result<()> {
+            for _ in 0..20 {
+                chain = chain.min(step(false)?);
+                fused = fused.min(step(true)?);
+            }
+            Ok(())
+        })?;
+        eprintln!(
+            "one attention layer, forward + backward: candle chain {:.2} ms, fused {:.2} ms",
+            chain * 1e3,
+            fused * 1e3
+        );
         Ok(())
     }
 }

@@ -410,22 +410,38 @@ impl Attention {
             (x.narrow(1, chunk - rows_out, rows_out)?, &tail_ctx)
         };
         let l = rows_out;
-        // [B, L, H*hd] -> [B, L, H, hd] -> norm per head -> [B, H, L, hd]
+        // [B, L, H*hd] -> [B, L, H, hd] -> norm per head
         let q = self.q_proj.forward(&q_in)?.reshape((b, l, h, hd))?;
-        let q = self
-            .q_layernorm
-            .forward(&q)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let q = self.q_layernorm.forward(&q)?;
         let k = self.k_proj.forward(x)?.reshape((b, chunk, kvh, hd))?;
-        let k = self
-            .k_layernorm
-            .forward(&k)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = self
-            .v_proj
-            .forward(x)?
+        let k = self.k_layernorm.forward(&k)?;
+        let v = self.v_proj.forward(x)?;
+        if kv.is_none()
+            && let Some(o) = autograd::attention(
+                &q.reshape((b, l, h * hd))?,
+                &k.reshape((b, chunk, kvh * hd))?,
+                &v,
+                &ctx.cos,
+                &ctx.sin,
+                q_ctx.attn_mask.as_ref(),
+                h,
+                kvh,
+                (hd as f64).powf(-0.5),
+            )?
+        {
+            // Training: RoPE, both products, the mask and the softmax as one op with its own
+            // backward; the cache (which a training forward never reads again) gets the detached
+            // keys and values.
+            let k = k.detach().transpose(1, 2)?.contiguous()?;
+            let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
+            let v = v.detach().reshape((b, chunk, kvh, hd))?.transpose(1, 2)?;
+            KvBuffer::append(kv, k, v.contiguous()?)?;
+            return self.out_proj.forward(&o);
+        }
+        // [B, L, H, hd] -> [B, H, L, hd]
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v
             .reshape((b, chunk, kvh, hd))?
             .transpose(1, 2)?
             .contiguous()?;

@@ -18,6 +18,8 @@
 //! - [`q4k_vnni`]: products by Q4_K weights in 16-row tiles with AVX-512 VNNI `vpdpbusd` (every
 //!   row count, where the CPU has it).
 //! - [`attention_step`]: one query row per head over a key/value cache (a decode step).
+//! - [`attention_train`]: the decoder's attention for training (RoPE, both products, mask and
+//!   softmax) forward and backward, grouped-query aware.
 //! - [`exp`]: the vectorisable `exp` the activations and softmax share.
 //! - [`backward`]: RMSNorm and SwiGLU forward and backward for training through the frozen model.
 //! - [`lora`]: training's LoRA linear layer (frozen product and low-rank branch) and its backward.
@@ -27,6 +29,7 @@
 //! candle type (`tests/it/architecture.rs` checks it).
 
 pub(crate) mod attention_step;
+pub(crate) mod attention_train;
 pub(crate) mod backward;
 pub(crate) mod cpu;
 pub(crate) mod exp;
