@@ -309,12 +309,11 @@ impl PackedWeight {
 
     /// Panel `q` of the transposed weight, packed for the same kernel: `wᵀ` rows
     /// `q * PANEL..` (input features of `w`) over all `n` as depth, so `dy [m, n]` times it is
-    /// columns `q * PANEL..` of `dy @ w`. The product itself ([`PackedWeight::dy_w`]) transposes
-    /// the same blocks a depth block at a time instead of building whole panels.
+    /// columns `q * PANEL..` of `dy @ w` ([`super::packed_grad`]). Each 64 x 64 block of the
+    /// panels is transposed once; the result is one panel (`PANEL * n` floats).
     ///
     /// # Panics
     /// When `q * PANEL >= k` (a bug in the caller).
-    #[cfg(test)]
     pub(crate) fn transposed_panel(&self, q: usize) -> Self {
         let (n, k) = (self.n, self.k);
         assert!(
@@ -324,9 +323,24 @@ impl PackedWeight {
         let cols = PANEL.min(k - q * PANEL);
         let mut data = Aligned::zeros(n * PANEL);
         let dst = data.as_mut_slice();
+        let src = self.data.as_slice();
         for p in 0..n.div_ceil(PANEL) {
             let rows = PANEL.min(n - p * PANEL);
-            self.transpose_block(p, q, &mut dst[p * PANEL * PANEL..][..rows * PANEL]);
+            // In panel `p`, column `kk` of `w` holds its 64 rows contiguously at `kk * PANEL`;
+            // they become rows `p * PANEL..` of the result, 64 floats each.
+            let block = &src[(p * k + q * PANEL) * PANEL..][..cols * PANEL];
+            let out = &mut dst[p * PANEL * PANEL..][..rows * PANEL];
+            #[cfg(target_arch = "x86_64")]
+            if self.kernel == Kernel::Avx512 && rows == PANEL && cols == PANEL {
+                // SAFETY: packed for `Avx512`, so the CPU has AVX-512F; both blocks are 64 x 64.
+                unsafe { transpose_64_avx512(block, out) };
+                continue;
+            }
+            for (c, column) in block.chunks_exact(PANEL).enumerate() {
+                for (j, &v) in column[..rows].iter().enumerate() {
+                    out[j * PANEL + c] = v;
+                }
+            }
         }
         Self {
             n: cols,
@@ -334,104 +348,6 @@ impl PackedWeight {
             data,
             kernel: self.kernel,
         }
-    }
-
-    /// Writes block `(p, q)` of `w` transposed into `out` (64 x 64): `out[j * PANEL + c] =
-    /// w[p * PANEL + j][q * PANEL + c]` for the block's rows `j` and columns `c`; entries beyond
-    /// them are left as they were (the kernel computes but never stores their products).
-    fn transpose_block(&self, p: usize, q: usize, out: &mut [f32]) {
-        let (n, k) = (self.n, self.k);
-        let rows = PANEL.min(n - p * PANEL);
-        let cols = PANEL.min(k - q * PANEL);
-        // In panel `p`, column `kk` of `w` holds its 64 rows contiguously at `kk * PANEL`; they
-        // become rows `p * PANEL..` of the transpose, 64 floats each.
-        let block = &self.data.as_slice()[(p * k + q * PANEL) * PANEL..][..cols * PANEL];
-        #[cfg(target_arch = "x86_64")]
-        if self.kernel == Kernel::Avx512 && rows == PANEL && cols == PANEL {
-            // SAFETY: packed for `Avx512`, so the CPU has AVX-512F; both blocks are 64 x 64.
-            unsafe { transpose_64_avx512(block, out) };
-            return;
-        }
-        for (c, column) in block.chunks_exact(PANEL).enumerate() {
-            for (j, &v) in column[..rows].iter().enumerate() {
-                out[j * PANEL + c] = v;
-            }
-        }
-    }
-
-    /// `dy [m, n] @ w` (`[m, k]`, row-major): the gradient a frozen projection passes to its
-    /// input. Columns `q * PANEL..` are `dy` times panel `q` of `wᵀ`, which the forward kernel
-    /// computes; one task per such panel transposes `wᵀ`'s blocks one depth block (512 x 64,
-    /// 128 KiB) at a time into a buffer kept in L2 and runs every row block of `dy` past it,
-    /// writing its columns of the result in place. Transposing whole panels first (up to
-    /// 1.2 MiB each at the 450M FFN shapes) sent every panel through memory twice more and
-    /// re-interleaved the parts in a serial copy (BENCHMARKS.md, "LoRA training step").
-    ///
-    /// # Panics
-    /// When `dy.len() != m * n` (a bug in the caller).
-    pub(crate) fn dy_w(&self, dy: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        assert_eq!(dy.len(), m * n, "dY·W: dY is not [m, n]");
-        if m == 0 || n == 0 || k == 0 {
-            return vec![0.0; m * k];
-        }
-        let mut out = Vec::with_capacity(m * k);
-        let dst = OutPtr(out.spare_capacity_mut().as_mut_ptr());
-        let panel = |buf: &mut Aligned, q: usize| {
-            // The whole `OutPtr` (which is `Sync`), not its raw pointer field.
-            let dst = &dst;
-            let cols = PANEL.min(k - q * PANEL);
-            for n0 in (0..n).step_by(DEPTH_BLOCK) {
-                let depth = DEPTH_BLOCK.min(n - n0);
-                let block = buf.as_mut_slice();
-                for p in n0 / PANEL..(n0 + depth).div_ceil(PANEL) {
-                    let at = (p - n0 / PANEL) * PANEL * PANEL;
-                    self.transpose_block(p, q, &mut block[at..][..PANEL * PANEL]);
-                }
-                let w = &buf.as_slice()[..depth * PANEL];
-                for b in 0..m.div_ceil(TILE_ROWS) {
-                    let rows = TILE_ROWS.min(m - b * TILE_ROWS);
-                    let rows_in = Rows {
-                        x: &dy[b * TILE_ROWS * n + n0..][..(rows - 1) * n + depth],
-                        stride: n,
-                        step: 1,
-                    };
-                    let tile = Tile {
-                        // SAFETY: (the offset) `(b * TILE_ROWS, q * PANEL)` lies inside the
-                        // `[m, k]` output.
-                        c: unsafe { dst.0.add(b * TILE_ROWS * k + q * PANEL) }.cast(),
-                        ldc: k,
-                        rows,
-                        cols,
-                        start: if n0 == 0 {
-                            Start::Zero
-                        } else {
-                            Start::Accumulate
-                        },
-                    };
-                    // SAFETY: `rows_in` holds `rows` rows of `depth` steps of `dy`, `w` the
-                    // `depth x PANEL` transposed block; the tile's outputs are columns
-                    // `q * PANEL..` of the output, which only this task writes, stored by the
-                    // first depth pass before later ones accumulate; the weight was packed for a
-                    // kernel this CPU runs.
-                    unsafe { run_kernel(self.kernel, &rows_in, w, depth, &tile) };
-                }
-            }
-        };
-        let panels = k.div_ceil(PANEL);
-        let buffer = || Aligned::zeros(DEPTH_BLOCK * PANEL);
-        if m * n * k < PARALLEL_MIN_MACS {
-            let mut buf = buffer();
-            (0..panels).for_each(|q| panel(&mut buf, q));
-        } else {
-            (0..panels)
-                .into_par_iter()
-                .for_each_init(buffer, |buf, q| panel(buf, q));
-        }
-        // SAFETY: every (row block, panel) tile of the `[m, k]` output was stored above by its
-        // first depth pass.
-        unsafe { out.set_len(m * k) };
-        out
     }
 
     /// The row-major `[n, k]` weight again.

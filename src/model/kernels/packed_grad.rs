@@ -3,17 +3,18 @@
 //!
 //! Columns `q * 64..` of `dY·W` are `dY` times panel `q` of `Wᵀ`: the product the forward kernel
 //! computes, at 91-96% of the AVX-512 FMA peak at the 450M decoder shapes. One task per such
-//! panel transposes its 64 x 64 blocks out of the packed weight a depth block at a time
-//! ([`PackedWeight::dy_w`]: one pass over the weight, as the `gemm` crate packs its right-hand
-//! side, with the transposed block kept in L2) and runs the kernel over it.
+//! panel transposes its 64 x 64 blocks out of the packed weight ([`PackedWeight::transposed_panel`],
+//! one pass over the weight, as the `gemm` crate packs its right-hand side) and runs the kernel.
 //! Measured on 2 Zen 4 cores (`packed::tests::gflops`): 78-82% of the peak this way against
 //! 65-72% unpacking the whole weight for the `gemm` crate and 70-78% for a kernel reducing dot
 //! products along the panels' rows (both operands streamed as vectors from L2). Weights packed
 //! for the AVX2 or portable kernels (only on request) are unpacked for the `gemm` crate: their
 //! forward kernels run this product slower than it does (48-60% and 18%).
 
+use rayon::prelude::*;
+
 use super::cpu::{self, MatMut, MatRef};
-use super::packed::{Kernel, PackedWeight};
+use super::packed::{Kernel, PANEL, PackedWeight};
 
 /// `dy [m, n] @ w [n, k]` as a new row-major `[m, k]`.
 ///
@@ -38,7 +39,18 @@ pub(crate) fn dy_w(w: &PackedWeight, dy: &[f32], m: usize) -> Vec<f32> {
         );
         return dx;
     }
-    w.dy_w(dy, m)
+    let parts: Vec<Vec<f32>> = (0..k.div_ceil(PANEL))
+        .into_par_iter()
+        .map(|q| w.transposed_panel(q).matmul(dy, m, None))
+        .collect();
+    let mut out = Vec::with_capacity(m * k);
+    for r in 0..m {
+        for part in &parts {
+            let cols = part.len() / m;
+            out.extend_from_slice(&part[r * cols..][..cols]);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -57,7 +69,7 @@ mod tests {
             (9, 64, 61),
             (4, 5, 6),
             (5, 70, 150),
-            // Parallel, several depth passes (512, 512, 76) and a partial last panel.
+            // Parallel, several depth passes of the kernel and a partial last panel.
             (13, 1100, 150),
             (270, 600, 64),
         ] {
