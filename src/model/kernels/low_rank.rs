@@ -49,7 +49,7 @@ pub(crate) fn forward(
         return;
     }
     let bt = transpose(b, n, r);
-    let row = |(y, x): (&mut [f32], &[f32])| dispatch_forward(y, x, a, &bt, k, n, r, scale);
+    let row = |(y, x): (&mut [f32], &[f32])| dispatch_forward(y, x, a, &bt, k, n, scale, r);
     if m * (k + n) * r < 1 << 16 {
         y.chunks_mut(n).zip(xl.chunks(k)).for_each(row);
     } else {
@@ -156,8 +156,7 @@ struct Shared<'a> {
     scale: f32,
 }
 
-/// Calls `$f::<R>` for the runtime rank (one of [`supported_rank`]'s). Expanded inside the
-/// `#[target_feature]` functions below, so the generic bodies are inlined and vectorised there.
+/// Calls `$f::<R>` for the runtime rank (one of [`supported_rank`]'s).
 macro_rules! by_rank {
     ($r:expr, $f:ident, ($($arg:expr),*)) => {
         match $r {
@@ -169,103 +168,49 @@ macro_rules! by_rank {
     };
 }
 
-#[allow(clippy::too_many_arguments)]
-fn dispatch_forward(
-    y: &mut [f32],
-    x: &[f32],
-    a: &[f32],
-    bt: &[f32],
-    k: usize,
-    n: usize,
-    r: usize,
-    scale: f32,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx2,fma")]
+/// A function that runs `$f::<R>` for rank `r` inside a copy compiled for AVX-512 (or AVX2 +
+/// FMA) where the CPU has it, so the generic bodies are inlined and vectorised there.
+macro_rules! simd_by_rank {
+    ($name:ident, $f:ident, ($($arg:ident: $ty:ty),*)) => {
         #[allow(clippy::too_many_arguments)]
-        fn avx512(
-            y: &mut [f32],
-            x: &[f32],
-            a: &[f32],
-            bt: &[f32],
-            k: usize,
-            n: usize,
-            r: usize,
-            s: f32,
-        ) {
-            by_rank!(r, forward_row, (y, x, a, bt, k, n, s))
+        fn $name($($arg: $ty,)* r: usize) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512($($arg: $ty,)* r: usize) {
+                    by_rank!(r, $f, ($($arg),*))
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty,)* r: usize) {
+                    by_rank!(r, $f, ($($arg),*))
+                }
+                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has every feature `avx512` is compiled with.
+                    return unsafe { avx512($($arg,)* r) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has every feature `avx2` is compiled with.
+                    return unsafe { avx2($($arg,)* r) };
+                }
+            }
+            by_rank!(r, $f, ($($arg),*))
         }
-        #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        fn avx2(
-            y: &mut [f32],
-            x: &[f32],
-            a: &[f32],
-            bt: &[f32],
-            k: usize,
-            n: usize,
-            r: usize,
-            s: f32,
-        ) {
-            by_rank!(r, forward_row, (y, x, a, bt, k, n, s))
-        }
-        if avx512_fma() {
-            // SAFETY: the CPU has every feature `avx512` is compiled with.
-            return unsafe { avx512(y, x, a, bt, k, n, r, scale) };
-        }
-        if avx2_fma() {
-            // SAFETY: the CPU has every feature `avx2` is compiled with.
-            return unsafe { avx2(y, x, a, bt, k, n, r, scale) };
-        }
-    }
-    by_rank!(r, forward_row, (y, x, a, bt, k, n, scale))
+    };
 }
 
-fn dispatch_backward(
-    s: &Shared<'_>,
-    da: &mut [f32],
-    dbt: &mut [f32],
-    dx: Option<&mut [f32]>,
-    r: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx2,fma")]
-        fn avx512(
-            s: &Shared<'_>,
-            da: &mut [f32],
-            dbt: &mut [f32],
-            dx: Option<&mut [f32]>,
-            r: usize,
-        ) {
-            by_rank!(r, backward_rows, (s, da, dbt, dx))
-        }
-        #[target_feature(enable = "avx2,fma")]
-        fn avx2(s: &Shared<'_>, da: &mut [f32], dbt: &mut [f32], dx: Option<&mut [f32]>, r: usize) {
-            by_rank!(r, backward_rows, (s, da, dbt, dx))
-        }
-        if avx512_fma() {
-            // SAFETY: the CPU has every feature `avx512` is compiled with.
-            return unsafe { avx512(s, da, dbt, dx, r) };
-        }
-        if avx2_fma() {
-            // SAFETY: the CPU has every feature `avx2` is compiled with.
-            return unsafe { avx2(s, da, dbt, dx, r) };
-        }
-    }
-    by_rank!(r, backward_rows, (s, da, dbt, dx))
-}
+simd_by_rank!(
+    dispatch_forward,
+    forward_row,
+    (y: &mut [f32], x: &[f32], a: &[f32], bt: &[f32], k: usize, n: usize, scale: f32)
+);
 
-#[cfg(target_arch = "x86_64")]
-fn avx512_fma() -> bool {
-    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")
-}
-
-#[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
-    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-}
+simd_by_rank!(
+    dispatch_backward,
+    backward_rows,
+    (s: &Shared<'_>, da: &mut [f32], dbt: &mut [f32], dx: Option<&mut [f32]>)
+);
 
 /// `out[j] = Σ_c x[c] · w[j * len + c]` for `j < R`: `R` independent lane-parallel
 /// accumulators over one read of `x`, each reduced in a fixed order.
