@@ -14,7 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     // As the `vlmpipe` binary does, so both time the same allocator settings.
-    vlmpipe::tune_allocator();
+    vlmpipe::tune_process();
     let args: Vec<String> = std::env::args().collect();
     let path = args
         .get(1)

@@ -23,9 +23,10 @@ pub mod stages;
 pub mod train;
 
 /// Sets the process-wide options of mimalloc, the global allocator of the `vlmpipe` binary (and
-/// of `examples/train_bench.rs`, so both time the same settings). Call first thing in `main`,
-/// before any other thread exists; where mimalloc is not the allocator it changes nothing in use.
-pub fn tune_allocator() {
+/// of `examples/train_bench.rs`, so both time the same settings), and of candle's CPU worker
+/// threads. Call first thing in `main`, before any other thread exists; where mimalloc is not the
+/// allocator its options change nothing in use.
+pub fn tune_process() {
     // 2 MiB pages for the allocator's OS memory (where the kernel allows them on request, as with
     // THP `madvise`): a prefill allocates and frees tens of MB of activations per layer, and with
     // 4 KiB pages every first touch of them faults. Measured 3-8% off vision and prefill.
@@ -35,4 +36,5 @@ pub fn tune_allocator() {
     };
     // Training re-allocates the same activations every step (see the function).
     train::keep_freed_pages();
+    model::ops::park_candle_workers_when_idle();
 }

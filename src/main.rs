@@ -6,6 +6,6 @@ use mimalloc::MiMalloc;
 static GLOBAL: MiMalloc = MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    vlmpipe::tune_allocator();
+    vlmpipe::tune_process();
     vlmpipe::cli::main()
 }

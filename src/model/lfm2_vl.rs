@@ -143,11 +143,13 @@ impl Lfm2VlModel {
         patches: &Tensor,
         spans: &[ViewSpan],
     ) -> Result<Tensor> {
-        let vis = self.vision.forward_packed(patches, spans, false)?;
-        Ok(self
-            .projector
-            .forward(&vis.last_hidden_state, spans, false)?
-            .features)
+        crate::model::ops::on_compute_threads(|| {
+            let vis = self.vision.forward_packed(patches, spans, false)?;
+            Ok(self
+                .projector
+                .forward(&vis.last_hidden_state, spans, false)?
+                .features)
+        })
     }
 
     /// Like [`Self::image_features`], keeping every intermediate.

@@ -15,6 +15,7 @@ use crate::model::kernels::backward::profile;
 use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::load::checkpoint::LoadOptions;
 use crate::model::load::random_checkpoint::random_model;
+use crate::model::ops::on_compute_threads;
 use crate::rng::SeededRng;
 use crate::train::batch::{Batch, Example, LossOn};
 use crate::train::error::TrainError;
@@ -189,7 +190,7 @@ pub fn bench_train_step_on(
         let loss = batch_loss_on(&model, &batch, Some(features))?;
         loss.to_scalar::<f32>()?;
         let t_forward = t.elapsed();
-        let grads = loss.backward()?;
+        let grads = on_compute_threads(|| loss.backward())?;
         let t_backward = t.elapsed();
         mode.set_training(false);
         let grads = vars

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::file_error::FileError;
 use crate::model::lfm2_vl::Lfm2VlModel;
+use crate::model::ops::on_compute_threads;
 use crate::model::processor::stack_images;
 use crate::model::vision::{ViewSpan, pack_views};
 use crate::rng::SeededRng;
@@ -295,7 +296,7 @@ pub fn train(
                 });
             }
             loss_sum += f64::from(value);
-            let store = (loss / cfg.grad_accum as f64)?.backward()?;
+            let store = on_compute_threads(|| (loss / cfg.grad_accum as f64)?.backward())?;
             for (slot, nv) in grads.iter_mut().zip(&named) {
                 if let Some(g) = store.get(nv.var.as_tensor()) {
                     *slot = Some(match slot.take() {
@@ -450,6 +451,14 @@ fn batch_loss(
 
 /// The loss of a collated batch given its image features (views in example order).
 pub fn batch_loss_on(
+    model: &Lfm2VlModel,
+    batch: &Batch,
+    image_features: Option<&Tensor>,
+) -> Result<Tensor, TrainError> {
+    on_compute_threads(|| batch_loss_inner(model, batch, image_features))
+}
+
+fn batch_loss_inner(
     model: &Lfm2VlModel,
     batch: &Batch,
     image_features: Option<&Tensor>,
