@@ -227,11 +227,13 @@ mod measure {
     use crate::model::quant::Quant;
     use crate::runner::ModelRunner;
 
-    /// `bench model --quant q4_k`'s decode steps alone, for profiling: the quantized model of the
-    /// random checkpoint in `VLMPIPE_DECODE_DIR` (default `/tmp/bt-random`, as `bench model
-    /// --random-dir` writes it), a 270-token prompt, then rounds of 32 greedy steps (`VLMPIPE_DECODE_STEPS`), each round
-    /// against the bandwidth probed right after it (`cargo test --release --lib
-    /// bench_quant::measure -- --ignored --nocapture`; `VLMPIPE_DECODE_QUANT=q8_0` for Q8_0).
+    /// `bench model --quant q4_k`'s decode steps alone, for profiling (`perf record -D` past
+    /// the load) and for comparing paths in one process: the quantized model of the random
+    /// checkpoint in `VLMPIPE_DECODE_DIR` (default `/tmp/bt-random`, as `bench model
+    /// --random-dir` writes it), a 270-token prompt, then `VLMPIPE_DECODE_ROUNDS` rounds (4)
+    /// of `VLMPIPE_DECODE_STEPS` greedy steps (32), each round against the bandwidth probed
+    /// right after it (`cargo test --release --lib bench_quant::measure -- --ignored
+    /// --nocapture`; `VLMPIPE_DECODE_QUANT=q8_0` for Q8_0).
     #[test]
     #[ignore = "measurement; needs a random checkpoint"]
     fn decode_steps_against_the_floor() {

@@ -12,9 +12,16 @@
 //! product at the 450M LM shapes in 0.63-0.85x candle's time (quantization included) and
 //! 0.57-0.60x the regrouped kernel's, the LM prefill 309-313 ms at best against 380-390 on
 //! candle's tiles; a decode step's products alone at the regrouped kernel's speed and well
-//! under `QMatMul`'s (its decode steps ran 11.6-14.7 ms a token against 8-9 here), but 5-10%
-//! slower than the regrouped kernel in the whole model: the price of holding one layout for
-//! every row count, and the open item.
+//! under `QMatMul`'s (its decode steps ran 11.6-14.7 ms a token against 8-9 here).
+//!
+//! One activation row (a decode step) runs its own kernel over the same tiles ([`row_avx512`]):
+//! each thread takes chunks of about 144 KiB of whole tiles from a shared counter and reads
+//! each as one forward stream, one tile at a time. The register tiles that serve more rows read
+//! 4 tiles' lines interleaved in 36 KiB tasks, which kept a decode step's 4608x1024 products
+//! at about 74% of the read bandwidth although the kernel itself runs at 57-66 GB/s a core from
+//! L2; in the model the stream order took a step from 8.5-10.5 to 8.0-8.5 ms (BENCHMARKS.md,
+//! "Q4_K decode as one stream a thread"). Reading 4 tiles a super-block at a time, or a
+//! super-block's lines 8 apart, was as slow as the interleaved tasks or slower.
 //!
 //! Layout ([`Tiled`]): for tile `t` (rows `16t..16t + 16`, zero rows past `n`) and super-block
 //! `b`, 36 lines (2304 bytes, the 16 rows' 144-byte ggml blocks permuted): line 0 the 16 rows'
