@@ -217,3 +217,88 @@ pub(crate) fn read_bandwidth_gbs() -> f64 {
     }
     best
 }
+
+#[cfg(test)]
+mod measure {
+    use candle_core::Tensor;
+
+    use crate::model::checkpoint::LoadOptions;
+    use crate::model::lfm2_vl::LogitsMode;
+    use crate::model::quant::Quant;
+    use crate::runner::ModelRunner;
+
+    /// `bench model --quant q4_k`'s decode steps alone, for profiling (`perf record -D` past
+    /// the load) and for comparing paths in one process: the quantized model of the random
+    /// checkpoint in `VLMPIPE_DECODE_DIR` (default `/tmp/bt-random`, as `bench model
+    /// --random-dir` writes it), a 270-token prompt, then `VLMPIPE_DECODE_ROUNDS` rounds (4)
+    /// of `VLMPIPE_DECODE_STEPS` greedy steps (32), each round against the bandwidth probed
+    /// right after it (`cargo test --release --lib bench_quant::measure -- --ignored
+    /// --nocapture`; `VLMPIPE_DECODE_QUANT=q8_0` for Q8_0).
+    #[test]
+    #[ignore = "measurement; needs a random checkpoint"]
+    fn decode_steps_against_the_floor() {
+        let dir = std::env::var("VLMPIPE_DECODE_DIR").unwrap_or("/tmp/bt-random".into());
+        let quant: Quant = std::env::var("VLMPIPE_DECODE_QUANT")
+            .unwrap_or("q4_k".into())
+            .parse()
+            .unwrap();
+        let options = LoadOptions {
+            dtype: candle_core::DType::F32,
+            device: candle_core::Device::Cpu,
+        };
+        let (runner, report) =
+            ModelRunner::load_quantized(std::path::Path::new(&dir), None, &options, quant).unwrap();
+        let model = runner.model();
+        let dev = model.device();
+        let ids: Vec<u32> = (0..270u32).map(|i| 1000 + i * 7).collect();
+        let ids = Tensor::new(ids.as_slice(), dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let bytes = report.decode_bytes();
+        let rounds: usize = std::env::var("VLMPIPE_DECODE_ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(4);
+        for round in 0..=rounds {
+            let mut cache = model.new_cache(1);
+            model
+                .forward(&ids, None, None, &mut cache, LogitsMode::Last)
+                .unwrap();
+            let mut token = 1u32;
+            let mut times = vec![];
+            let steps: usize = std::env::var("VLMPIPE_DECODE_STEPS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(32);
+            for _ in 0..steps {
+                let t = std::time::Instant::now();
+                let input = Tensor::new(&[[token]], dev).unwrap();
+                let logits = model
+                    .forward_generated(&input, &mut cache, LogitsMode::Last)
+                    .unwrap();
+                let v: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+                token = v
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+                    .0 as u32;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let gbs = super::read_bandwidth_gbs();
+            if round == 0 {
+                continue;
+            }
+            let mean = times.iter().sum::<f64>() / times.len() as f64;
+            let min = times.iter().fold(f64::MAX, |a, &b| a.min(b));
+            let floor = bytes as f64 / (gbs * 1e9) * 1e3;
+            eprintln!(
+                "round {round}: {mean:.2} ms a step (min {min:.2}), probe {gbs:.1} GB/s, floor \
+                 {floor:.2} ms ({:.0} MiB): {:.0}% (min {:.0}%)",
+                bytes as f64 / 1048576.0,
+                100.0 * floor / mean,
+                100.0 * floor / min
+            );
+        }
+    }
+}

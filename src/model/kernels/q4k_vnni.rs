@@ -12,9 +12,16 @@
 //! product at the 450M LM shapes in 0.63-0.85x candle's time (quantization included) and
 //! 0.57-0.60x the regrouped kernel's, the LM prefill 309-313 ms at best against 380-390 on
 //! candle's tiles; a decode step's products alone at the regrouped kernel's speed and well
-//! under `QMatMul`'s (its decode steps ran 11.6-14.7 ms a token against 8-9 here), but 5-10%
-//! slower than the regrouped kernel in the whole model: the price of holding one layout for
-//! every row count, and the open item.
+//! under `QMatMul`'s (its decode steps ran 11.6-14.7 ms a token against 8-9 here).
+//!
+//! One activation row (a decode step) runs its own kernel over the same tiles ([`row_avx512`]):
+//! each thread takes chunks of about 144 KiB of whole tiles from a shared counter and reads
+//! each as one forward stream, one tile at a time. The register tiles that serve more rows read
+//! 4 tiles' lines interleaved in 36 KiB tasks, which kept a decode step's 4608x1024 products
+//! at about 74% of the read bandwidth although the kernel itself runs at 57-66 GB/s a core from
+//! L2; in the model the stream order took a step from 8.5-10.5 to 8.0-8.5 ms (BENCHMARKS.md,
+//! "Q4_K decode as one stream a thread"). Reading 4 tiles a super-block at a time, or a
+//! super-block's lines 8 apart, was as slow as the interleaved tasks or slower.
 //!
 //! Layout ([`Tiled`]): for tile `t` (rows `16t..16t + 16`, zero rows past `n`) and super-block
 //! `b`, 36 lines (2304 bytes, the 16 rows' 144-byte ggml blocks permuted): line 0 the 16 rows'
@@ -196,6 +203,10 @@ const TILES_N_FEW: usize = 4;
 /// 2304` bytes, 83 KiB at k = 4608) stay in L2 while its rows stream past.
 const ROWS_PER_TASK: usize = 64;
 
+/// Bytes of whole tiles a thread takes at a time in a one-row product: long enough for the
+/// hardware prefetchers to stream (64 tiles at k = 256, 16 at k = 1024, 4 at k = 4608).
+const ROW_CHUNK_BYTES: usize = 144 << 10;
+
 /// The output buffer, shared by tasks that write disjoint outputs.
 struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint elements through the pointer (see `matmul`).
@@ -230,6 +241,34 @@ pub(crate) fn matmul(w: &Tiled, a: &[BlockQ8K], m: usize) -> Vec<f32> {
         // Every output is stored by one task below: no zeroing pass first.
         let mut out = Vec::with_capacity(m * n);
         let tiles = n.div_ceil(TILE);
+        let dst = OutPtr(out.as_mut_ptr());
+        if m == 1 {
+            // A decode step: one task per thread, each taking the next chunk of about 144 KiB
+            // of whole tiles from a shared counter and reading it as one forward stream
+            // ([`row_avx512`]). Measured in the model (BENCHMARKS.md, "Q4_K decode as one
+            // stream a thread"): the rayon tasks of 4 interleaved tiles below, or chunks of
+            // 36 KiB, left the 4608x1024 products at 74% of the read bandwidth.
+            let chunk = ROW_CHUNK_BYTES.div_ceil(kb * LINES * 64);
+            let chunks = tiles.div_ceil(chunk);
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            (0..rayon::current_num_threads().min(chunks))
+                .into_par_iter()
+                .for_each(|_| {
+                    loop {
+                        let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if c >= chunks {
+                            break;
+                        }
+                        let t0 = c * chunk;
+                        // SAFETY: the CPU has AVX-512F/BW/VNNI; tiles `t0..` exist; each chunk
+                        // is taken once, so its outputs are this thread's alone.
+                        unsafe { row_avx512(w, a, &pairs, t0..tiles.min(t0 + chunk), &dst) };
+                    }
+                });
+            // SAFETY: the chunks cover every tile once and store each of the `n` outputs.
+            unsafe { out.set_len(n) };
+            return out;
+        }
         let (rows_per_task, tiles_per_task) = if m <= 2 {
             (m, TILES_N_FEW)
         } else {
@@ -237,7 +276,6 @@ pub(crate) fn matmul(w: &Tiled, a: &[BlockQ8K], m: usize) -> Vec<f32> {
         };
         let tile_groups = tiles.div_ceil(tiles_per_task);
         let row_chunks = m.div_ceil(rows_per_task);
-        let dst = OutPtr(out.as_mut_ptr());
         // Consecutive tasks share their weight tiles, so rayon's contiguous splits keep a
         // core on the same tiles.
         (0..tile_groups * row_chunks)
@@ -327,6 +365,77 @@ unsafe fn block_avx512(
     }
 }
 
+/// One activation row by weight tiles `tiles`, one tile after another (a decode step): the
+/// arithmetic of [`reference_dot`], as [`tile`]`::<1, _>` computes it, with the weight read
+/// in address order, one forward stream (the order measured fastest from memory: 4 tiles'
+/// lines interleaved, or a super-block's lines taken 8 apart, left the prefetchers behind).
+/// Each sub-block sums into its own accumulator, so the 8 `vpdpbusd` chains of a super-block
+/// overlap; the sums are exact `i32`, so their grouping leaves the bits as they are.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VNNI; `a` and `pairs` hold one row of `w.kb` blocks, tiles `tiles`
+/// exist, and `dst` points to `w.n` floats of which this call alone writes these tiles'.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn row_avx512(
+    w: &Tiled,
+    a: &[BlockQ8K],
+    pairs: &[[i32; 4]],
+    tiles: std::ops::Range<usize>,
+    dst: &OutPtr,
+) {
+    use std::arch::x86_64::*;
+    let (n, kb) = (w.n, w.kb);
+    let low4 = _mm512_set1_epi8(0x0F);
+    for t in tiles {
+        let tile_w = w.bytes()[t * kb * LINES * 64..].as_ptr();
+        let mut acc = _mm512_setzero_ps();
+        for (b, (a, pair)) in a.iter().zip(pairs).enumerate().take(kb) {
+            // SAFETY: super-block `b` of tile `t` exists; weight loads are whole aligned lines.
+            unsafe {
+                let blk = tile_w.add(b * LINES * 64);
+                let q = a.qs.as_ptr();
+                let mut dot = [_mm512_setzero_si512(); 8];
+                for c in 0..4 {
+                    for v in 0..8 {
+                        let bits = _mm512_load_si512(blk.add(OFF_QS + (8 * c + v) * 64).cast());
+                        let lo = _mm512_and_si512(bits, low4);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16(bits, 4), low4);
+                        let a_lo = q.add(64 * c + 4 * v).cast::<i32>().read_unaligned();
+                        let a_hi = q.add(64 * c + 32 + 4 * v).cast::<i32>().read_unaligned();
+                        dot[2 * c] = _mm512_dpbusd_epi32(dot[2 * c], lo, _mm512_set1_epi32(a_lo));
+                        dot[2 * c + 1] =
+                            _mm512_dpbusd_epi32(dot[2 * c + 1], hi, _mm512_set1_epi32(a_hi));
+                    }
+                }
+                let (sc, mp) = scales_and_mins(blk);
+                let s: [__m512i; 8] = std::array::from_fn(|g| _mm512_mullo_epi32(dot[g], sc[g]));
+                let isum = _mm512_add_epi32(
+                    _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3])),
+                    _mm512_add_epi32(_mm512_add_epi32(s[4], s[5]), _mm512_add_epi32(s[6], s[7])),
+                );
+                let mut msum = _mm512_setzero_si512();
+                for (p, &pv) in pair.iter().enumerate() {
+                    msum = _mm512_dpwssd_epi32(msum, mp[p], _mm512_set1_epi32(pv));
+                }
+                let dw = _mm512_cvtph_ps(_mm256_load_si256(blk.cast()));
+                let dm = _mm512_cvtph_ps(_mm256_load_si256(blk.add(OFF_DMIN).cast()));
+                let da = _mm512_set1_ps(a.d);
+                acc = _mm512_fmadd_ps(_mm512_mul_ps(dw, da), _mm512_cvtepi32_ps(isum), acc);
+                acc = _mm512_fnmadd_ps(_mm512_mul_ps(dm, da), _mm512_cvtepi32_ps(msum), acc);
+            }
+        }
+        let lanes = TILE.min(n - t * TILE);
+        let mask: __mmask16 = if lanes == TILE {
+            !0
+        } else {
+            (1u16 << lanes) - 1
+        };
+        // SAFETY: outputs `16t .. 16t + lanes` are this call's.
+        unsafe { _mm512_mask_storeu_ps(dst.0.add(t * TILE), mask, acc) };
+    }
+}
+
 /// One register tile's operands: `RN` weight tiles from `w` (tile `j` at `j * kb` super-blocks
 /// on), `RM` activation rows from `a` and their min pairs from `p` (row stride `kb`), outputs at
 /// `c` with row stride `ldc`; the last tile writes its first `last_lanes` outputs only.
@@ -339,6 +448,81 @@ struct TileArgs {
     c: *mut f32,
     ldc: usize,
     last_lanes: usize,
+}
+
+/// One tile super-block's (at `blk`) 8 sub-block scales of the 16 rows as `i32` lanes, and its
+/// mins as 4 vectors of `i16` pairs `[m_{2p}, m_{2p+1}]` (lane `r` row `r`'s), the `vpdpwssd`
+/// partners of [`min_pairs`].
+///
+/// # Safety
+/// The CPU has AVX-512F/BW; `blk` is a tile super-block (64-byte aligned, [`LINES`] lines).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn scales_and_mins(
+    blk: *const u8,
+) -> (
+    [std::arch::x86_64::__m512i; 8],
+    [std::arch::x86_64::__m512i; 4],
+) {
+    use std::arch::x86_64::*;
+    let low4 = _mm512_set1_epi8(0x0F);
+    let low6 = _mm512_set1_epi8(0x3F);
+    let bits45 = _mm512_set1_epi8(0x30);
+    // `[m_{2p}, m_{2p+1}]` of row `r` as the `i16` pair of lane `r`, from the two sub-blocks'
+    // 16 `i16` (indices 0-15 and 16-31 of a `vpermw` source).
+    let pair_index = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    // SAFETY: the three scale lines are whole aligned lines of the super-block.
+    unsafe {
+        // Bytes `[sub-block (4)][row (16)]`: scales and mins of sub-blocks 0-3 from the
+        // low 6 bits of bytes 0-3 and 4-7, of 4-7 from bytes 8-11's nibbles and the top
+        // 2 bits of bytes 0-3 (scales) and 4-7 (mins).
+        let x0 = _mm512_load_si512(blk.add(OFF_SCALES).cast());
+        let x1 = _mm512_load_si512(blk.add(OFF_SCALES + 64).cast());
+        let x2 = _mm512_load_si512(blk.add(OFF_SCALES + 128).cast());
+        let sc_lo = _mm512_and_si512(x0, low6);
+        let m_lo = _mm512_and_si512(x1, low6);
+        let sc_hi = _mm512_or_si512(
+            _mm512_and_si512(x2, low4),
+            _mm512_and_si512(_mm512_srli_epi16(x0, 2), bits45),
+        );
+        let m_hi = _mm512_or_si512(
+            _mm512_and_si512(_mm512_srli_epi16(x2, 4), low4),
+            _mm512_and_si512(_mm512_srli_epi16(x1, 2), bits45),
+        );
+        let sc = [
+            _mm512_cvtepu8_epi32(_mm512_castsi512_si128(sc_lo)),
+            _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<1>(sc_lo)),
+            _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<2>(sc_lo)),
+            _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<3>(sc_lo)),
+            _mm512_cvtepu8_epi32(_mm512_castsi512_si128(sc_hi)),
+            _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<1>(sc_hi)),
+            _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<2>(sc_hi)),
+            _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<3>(sc_hi)),
+        ];
+        let mp = [
+            _mm512_permutexvar_epi16(
+                pair_index,
+                _mm512_cvtepu8_epi16(_mm512_castsi512_si256(m_lo)),
+            ),
+            _mm512_permutexvar_epi16(
+                pair_index,
+                _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(m_lo)),
+            ),
+            _mm512_permutexvar_epi16(
+                pair_index,
+                _mm512_cvtepu8_epi16(_mm512_castsi512_si256(m_hi)),
+            ),
+            _mm512_permutexvar_epi16(
+                pair_index,
+                _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(m_hi)),
+            ),
+        ];
+        (sc, mp)
+    }
 }
 
 /// `RM x 16 RN` outputs over all `kb` super-blocks (the arithmetic of [`reference_dot`]).
@@ -355,14 +539,6 @@ unsafe fn tile<const RM: usize, const RN: usize>(t: &TileArgs) {
     use std::arch::x86_64::*;
     let kb = t.kb;
     let low4 = _mm512_set1_epi8(0x0F);
-    let low6 = _mm512_set1_epi8(0x3F);
-    let bits45 = _mm512_set1_epi8(0x30);
-    // `[m_{2p}, m_{2p+1}]` of row `r` as the `i16` pair of lane `r`, from the two sub-blocks'
-    // 16 `i16` (indices 0-15 and 16-31 of a `vpermw` source).
-    let pair_index = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
-        19, 3, 18, 2, 17, 1, 16, 0,
-    );
     let mut acc = [[_mm512_setzero_ps(); RN]; RM];
     for b in 0..kb {
         // SAFETY: super-block `b` of every row and tile exists (the caller's contract); every
@@ -372,51 +548,7 @@ unsafe fn tile<const RM: usize, const RN: usize>(t: &TileArgs) {
             let mut sc = [[_mm512_setzero_si512(); 8]; RN];
             let mut mp = [[_mm512_setzero_si512(); 4]; RN];
             for j in 0..RN {
-                let blk = t.w.add((j * kb + b) * LINES * 64);
-                // Bytes `[sub-block (4)][row (16)]`: scales and mins of sub-blocks 0-3 from the
-                // low 6 bits of bytes 0-3 and 4-7, of 4-7 from bytes 8-11's nibbles and the top
-                // 2 bits of bytes 0-3 (scales) and 4-7 (mins).
-                let x0 = _mm512_load_si512(blk.add(OFF_SCALES).cast());
-                let x1 = _mm512_load_si512(blk.add(OFF_SCALES + 64).cast());
-                let x2 = _mm512_load_si512(blk.add(OFF_SCALES + 128).cast());
-                let sc_lo = _mm512_and_si512(x0, low6);
-                let m_lo = _mm512_and_si512(x1, low6);
-                let sc_hi = _mm512_or_si512(
-                    _mm512_and_si512(x2, low4),
-                    _mm512_and_si512(_mm512_srli_epi16(x0, 2), bits45),
-                );
-                let m_hi = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi16(x2, 4), low4),
-                    _mm512_and_si512(_mm512_srli_epi16(x1, 2), bits45),
-                );
-                sc[j] = [
-                    _mm512_cvtepu8_epi32(_mm512_castsi512_si128(sc_lo)),
-                    _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<1>(sc_lo)),
-                    _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<2>(sc_lo)),
-                    _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<3>(sc_lo)),
-                    _mm512_cvtepu8_epi32(_mm512_castsi512_si128(sc_hi)),
-                    _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<1>(sc_hi)),
-                    _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<2>(sc_hi)),
-                    _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<3>(sc_hi)),
-                ];
-                mp[j] = [
-                    _mm512_permutexvar_epi16(
-                        pair_index,
-                        _mm512_cvtepu8_epi16(_mm512_castsi512_si256(m_lo)),
-                    ),
-                    _mm512_permutexvar_epi16(
-                        pair_index,
-                        _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(m_lo)),
-                    ),
-                    _mm512_permutexvar_epi16(
-                        pair_index,
-                        _mm512_cvtepu8_epi16(_mm512_castsi512_si256(m_hi)),
-                    ),
-                    _mm512_permutexvar_epi16(
-                        pair_index,
-                        _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(m_hi)),
-                    ),
-                ];
+                (sc[j], mp[j]) = scales_and_mins(t.w.add((j * kb + b) * LINES * 64));
             }
             let mut isum = [[_mm512_setzero_si512(); RN]; RM];
             for c in 0..4 {
@@ -593,6 +725,29 @@ mod tests {
                 .zip(&want)
                 .all(|(g, w)| g.to_bits() == w.to_bits());
             assert!(same, "[{m}, {k}] x [{n}, {k}]");
+        }
+    }
+
+    /// The one-row path ([`row_avx512`] over chunks of [`ROW_CHUNK_BYTES`]) equals the scalar
+    /// reference bit for bit: a partial last tile, a partial last chunk (1100 rows at k = 256
+    /// are 69 tiles, chunks of 64), a width of several chunks' tiles at k = 4608 (18
+    /// super-blocks, chunks of 4 tiles), one tile, odd super-block counts.
+    #[test]
+    fn one_row_path_equals_the_scalar_reference_bitwise() {
+        for (n, kb) in [(1100, 1), (16, 1), (1, 3), (130, 18), (65, 5), (1024, 4)] {
+            let k = kb * QK_K;
+            let w = Tiled::from_ggml(&blocks(n, kb, 11 + n as u64), n, kb);
+            let a = quantize_rows(&activations(1, k, 12 + kb as u64), k);
+            let got = matmul(&w, &a, 1);
+            assert_eq!(got.len(), n);
+            for (o, g) in got.iter().enumerate() {
+                let want = reference_dot(&w, o, &a);
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "[{n}, {k}] output {o}: {g} vs {want}"
+                );
+            }
         }
     }
 
