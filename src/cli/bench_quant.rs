@@ -223,6 +223,7 @@ mod measure {
     use candle_core::Tensor;
 
     use crate::model::checkpoint::LoadOptions;
+    use crate::model::generate::argmax;
     use crate::model::lfm2_vl::LogitsMode;
     use crate::model::quant::Quant;
     use crate::runner::ModelRunner;
@@ -256,10 +257,16 @@ mod measure {
             .unsqueeze(0)
             .unwrap();
         let bytes = report.decode_bytes();
-        let rounds: usize = std::env::var("VLMPIPE_DECODE_ROUNDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(4);
+        let count = |var: &str, default: usize| -> usize {
+            std::env::var(var)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(default)
+        };
+        let (rounds, steps) = (
+            count("VLMPIPE_DECODE_ROUNDS", 4),
+            count("VLMPIPE_DECODE_STEPS", 32),
+        );
         for round in 0..=rounds {
             let mut cache = model.new_cache(1);
             model
@@ -267,10 +274,6 @@ mod measure {
                 .unwrap();
             let mut token = 1u32;
             let mut times = vec![];
-            let steps: usize = std::env::var("VLMPIPE_DECODE_STEPS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(32);
             for _ in 0..steps {
                 let t = std::time::Instant::now();
                 let input = Tensor::new(&[[token]], dev).unwrap();
@@ -278,11 +281,7 @@ mod measure {
                     .forward_generated(&input, &mut cache, LogitsMode::Last)
                     .unwrap();
                 let v: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-                token = v
-                    .iter()
-                    .enumerate()
-                    .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
-                    .0 as u32;
+                token = argmax(&v).unwrap_or(0);
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
             let gbs = super::read_bandwidth_gbs();

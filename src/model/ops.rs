@@ -36,12 +36,11 @@ const CANDLE_SPIN_LIMIT: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 /// candle 0.11 runs element-wise ops of 64K elements or more (residual adds, the autograd's
 /// gradient sums) on a pool of its own, one thread fewer than the cores, beside rayon's pool that
 /// runs our products. After each such op its workers spin 25,000 `pause`s before sleeping, on the
-/// cores rayon's threads are computing on: in a 450M LoRA step that spinning was 5% of the CPU
-/// samples (`perf`), and told to sleep at once the step's backward took 815-832 ms against
-/// 951-1195, the like-for-like step 2424-2455 ms against 2622-2874 (`vlmpipe bench train`, 2 Zen 4
-/// cores, alternating runs). Waking a sleeping worker costs a futex call per op, well under the
-/// op's own time at that size. Must run before any other thread exists: it sets an environment
-/// variable, which candle reads when its pool starts.
+/// cores rayon's threads are computing on: 6.0% of a 450M LoRA step's CPU samples (`perf`), 1.0%
+/// once told to sleep at once (BENCHMARKS.md, "The step on rayon's threads"; the step's wall time
+/// moved within its run-to-run noise). Waking a sleeping worker costs a futex call per op, well
+/// under the op's own time at that size. Must run before any other thread exists: it sets an
+/// environment variable, which candle reads when its pool starts.
 pub(crate) fn park_candle_workers_when_idle() {
     if std::env::var_os(CANDLE_SPIN_LIMIT).is_none() {
         // SAFETY: called first thing in `main` (via `tune_process`), while no other thread exists

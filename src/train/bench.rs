@@ -15,13 +15,12 @@ use crate::model::kernels::backward::profile;
 use crate::model::lfm2_vl::Lfm2VlModel;
 use crate::model::load::checkpoint::LoadOptions;
 use crate::model::load::random_checkpoint::random_model;
-use crate::model::ops::on_compute_threads;
 use crate::rng::SeededRng;
 use crate::train::batch::{Batch, Example, LossOn};
 use crate::train::error::TrainError;
 use crate::train::lora::{LoraConfig, Trainable, TrainableSpec};
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::trainer::batch_loss_on;
+use crate::train::trainer::{backward, batch_loss_on};
 
 /// The shape of the benchmarked step.
 #[derive(Debug, Clone, PartialEq)]
@@ -190,7 +189,7 @@ pub fn bench_train_step_on(
         let loss = batch_loss_on(&model, &batch, Some(features))?;
         loss.to_scalar::<f32>()?;
         let t_forward = t.elapsed();
-        let grads = on_compute_threads(|| loss.backward())?;
+        let grads = backward(&loss)?;
         let t_backward = t.elapsed();
         mode.set_training(false);
         let grads = vars

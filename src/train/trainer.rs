@@ -296,7 +296,7 @@ pub fn train(
                 });
             }
             loss_sum += f64::from(value);
-            let store = on_compute_threads(|| (loss / cfg.grad_accum as f64)?.backward())?;
+            let store = backward(&(loss / cfg.grad_accum as f64)?)?;
             for (slot, nv) in grads.iter_mut().zip(&named) {
                 if let Some(g) = store.get(nv.var.as_tensor()) {
                     *slot = Some(match slot.take() {
@@ -456,6 +456,12 @@ pub fn batch_loss_on(
     image_features: Option<&Tensor>,
 ) -> Result<Tensor, TrainError> {
     on_compute_threads(|| batch_loss_inner(model, batch, image_features))
+}
+
+/// The gradients of `loss`, computed on rayon's threads like the forward pass
+/// ([`batch_loss_on`]), so the backward's products are not handed over from outside the pool.
+pub(crate) fn backward(loss: &Tensor) -> candle_core::Result<candle_core::backprop::GradStore> {
+    on_compute_threads(|| loss.backward())
 }
 
 fn batch_loss_inner(

@@ -377,8 +377,10 @@ mod product_tests {
 
     fn relative_error(dtype: GgmlDType, rows: usize) -> f32 {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (512, 1024), &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (rows, 1024), &dev).unwrap();
+        // Seeded: the Q4_K error of one unseeded row ranged up to 0.078 against the 0.08 bound.
+        let mut rng = crate::rng::SeededRng::new(rows as u64);
+        let w = Tensor::from_vec(rng.normal_vec(512 * 1024, 1.0), (512, 1024), &dev).unwrap();
+        let x = Tensor::from_vec(rng.normal_vec(rows * 1024, 1.0), (rows, 1024), &dev).unwrap();
         let want = x.matmul(&w.t().unwrap()).unwrap();
         let got = QuantWeight::quantize(&w, dtype)
             .unwrap()
