@@ -13,14 +13,17 @@
 //! tensor's storage to a kernel as a slice (including the tensor side of
 //! [`PackedWeight`], defined here so the kernel file knows no tensor).
 
+use std::sync::Arc;
+
 use candle_core::{D, DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::model::autograd;
 use crate::model::config::Activation;
 use crate::model::kernels::ViewSpan;
-use crate::model::kernels::cpu;
+use crate::model::kernels::backward::profile;
 use crate::model::kernels::packed::{Kernel, PackedWeight};
+use crate::model::kernels::{cpu, packed_grad};
 
 /// True when gradients must flow through `xs` (it is, or derives from, a `Var`).
 fn tracks(xs: &Tensor) -> bool {
@@ -288,6 +291,50 @@ impl candle_core::CustomOp1 for FrozenWeightMatmul {
     }
 }
 
+/// `x [m, k] @ w^T (+ bias)` for a tracked `x` and a frozen packed `w`: the forward and the
+/// gradient of `x` (`dY·W`, [`packed_grad::dy_w`]) both read the packed weight, so the tied LM head
+/// in training neither keeps a dense copy nor repacks 65536 x 1024 floats in every product (as
+/// the `gemm` crate does for `x.matmul(wᵀ)`).
+struct PackedLinear {
+    w: Arc<PackedWeight>,
+    /// `[n]`, untracked.
+    bias: Option<Tensor>,
+}
+
+impl candle_core::CustomOp1 for PackedLinear {
+    fn name(&self) -> &'static str {
+        "packed-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("packed linear needs a contiguous input")
+        };
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let m = x.len() / self.w.k().max(1);
+        let y = profile::time("LM head fwd (packed)", || match &self.bias {
+            Some(b) => with_cpu_f32(b, |b| self.w.matmul(x, m, Some(b))),
+            None => Ok(self.w.matmul(x, m, None)),
+        })?;
+        Ok((
+            candle_core::CpuStorage::F32(y),
+            candle_core::Shape::from((m, self.w.n())),
+        ))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (m, _) = grad_res.dims2()?;
+        let dx = profile::time("LM head bwd: dY·W (packed)", || {
+            with_cpu_f32(grad_res, |dy| packed_grad::dy_w(&self.w, dy, m))
+        })?;
+        Ok(Some(Tensor::from_vec(dx, (m, self.w.k()), &Device::Cpu)?))
+    }
+}
+
 pub(crate) fn is_cpu_f32(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
 }
@@ -466,9 +513,9 @@ impl PackedWeight {
 
     /// `x [rows, k] @ w^T (+ bias [n])` as `[rows, n]`. An input the kernel cannot take
     /// (tracked by autograd, not a CPU f32 tensor) goes through the unpacked weight instead.
-    pub(crate) fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    pub(crate) fn linear(self: &Arc<Self>, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let plain = |t: &Tensor| is_cpu_f32(t) && !t.track_op();
-        if !plain(x) || bias.is_some_and(|b| !plain(b)) {
+        if bias.is_some_and(|b| !plain(b)) || !is_cpu_f32(x) {
             return linear(&x.to_device(&Device::Cpu)?, &self.to_tensor()?, bias);
         }
         let (rows, in_dim) = x.dims2()?;
@@ -480,6 +527,13 @@ impl PackedWeight {
                 self.n(),
                 self.k()
             )
+        }
+        if x.track_op() {
+            // Training through a frozen packed weight (the LM head): the same kernels both ways.
+            return x.contiguous()?.apply_op1(PackedLinear {
+                w: Arc::clone(self),
+                bias: bias.cloned(),
+            });
         }
         let y = with_cpu_f32(x, |xs| match bias {
             Some(b) => with_cpu_f32(b, |bs| self.matmul(xs, rows, Some(bs))),
@@ -493,6 +547,50 @@ impl PackedWeight {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// A tracked input through a packed weight (the LM head in training): output and the input's
+    /// gradient as candle's differentiable product gives them, with and without bias, for a few
+    /// rows (the streaming `dY·W`) and for more; the weight gets no gradient.
+    #[test]
+    fn packed_linear_differentiates_like_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k) = (150, 70);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+        let bias = Tensor::randn(0f32, 1.0, n, &dev)?;
+        for kernel in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512] {
+            if !kernel.available() {
+                continue;
+            }
+            let packed = Arc::new(PackedWeight::pack(
+                &w.flatten_all()?.to_vec1()?,
+                n,
+                k,
+                kernel,
+            ));
+            for (m, with_bias) in [(2, false), (3, true), (11, true)] {
+                let x = candle_core::Var::randn(0f32, 1.0, (m, k), &dev)?;
+                let upstream = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
+                let b = with_bias.then_some(&bias);
+                let ours = packed.linear(x.as_tensor(), b)?;
+                let mut plain = x.as_tensor().matmul(&w.t()?)?;
+                if let Some(b) = b {
+                    plain = plain.broadcast_add(b)?;
+                }
+                let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+                };
+                assert!(diff(&ours, &plain)? < 1e-4, "{kernel:?} m {m}");
+                let g1 = (&ours * &upstream)?.sum_all()?.backward()?;
+                let g2 = (&plain * &upstream)?.sum_all()?.backward()?;
+                let (Some(d1), Some(d2)) = (g1.get(x.as_tensor()), g2.get(x.as_tensor())) else {
+                    candle_core::bail!("missing input gradient")
+                };
+                assert!(diff(d1, d2)? < 1e-4, "{kernel:?} m {m}");
+                assert!(g1.get(&w).is_none());
+            }
+        }
+        Ok(())
+    }
 
     /// The decode-step attention against candle's ops at the LFM2-VL-450M shapes (16 query and
     /// 8 key/value heads of 64, 280 cached positions in a buffer of 400), taking turns; prints

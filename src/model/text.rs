@@ -651,7 +651,8 @@ impl TextModel {
         })
     }
 
-    /// Packs a CPU f32 LM head for `kernel` (inference only: training leaves the head dense);
+    /// Packs a CPU f32 LM head for `kernel` (inference, and training, whose differentiable
+    /// product reads it packed both ways);
     /// a tied embedding table then reads its rows from the packed head instead of keeping its
     /// own copy. Returns whether it packed.
     pub(crate) fn pack_head_for_cpu(&mut self, kernel: Kernel) -> Result<bool> {

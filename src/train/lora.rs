@@ -162,10 +162,11 @@ pub(crate) fn linear_modules(model: &Lfm2VlModel) -> Vec<ModuleInfo> {
 
 /// Packs, for `kernel`, the frozen weights a training step multiplies by the packed kernel as
 /// inference does ([`crate::model::kernels::lora`] says why): those under a LoRA adapter (the
-/// fused op reads them packed both ways) and, when nothing there is trained, the vision tower's
-/// and the projector's (their inputs are then never tracked, so no gradient passes through
-/// them). Other decoder weights stay dense: their tracked inputs need candle's differentiable
-/// product. Returns how many were packed.
+/// fused op reads them packed both ways), the LM head (never trained; its differentiable
+/// product reads it packed both ways too, and a tied embedding table reads its rows from it)
+/// and, when nothing there is trained, the vision tower's and the projector's (their inputs
+/// are then never tracked, so no gradient passes through them). Other decoder weights stay
+/// dense. Returns how many were packed.
 pub(crate) fn pack_frozen_weights(
     model: &mut Lfm2VlModel,
     lora: &[&str],
@@ -177,6 +178,7 @@ pub(crate) fn pack_frozen_weights(
         packed += model.pack_image_linears_for_cpu(kernel)?;
     }
     packed += pack_where(model, kernel, &|lin| lora.contains(&lin.name()))?;
+    packed += usize::from(model.text_mut().pack_head_for_cpu(kernel)?);
     Ok(packed)
 }
 
@@ -685,7 +687,7 @@ mod tests {
     }
 
     /// Training packs what its step multiplies by the packed kernel (projections under LoRA, the
-    /// image path when it is frozen) and leaves the rest dense; the frozen image path then gives
+    /// LM head, the image path when it is frozen) and leaves the rest dense; the frozen image path then gives
     /// the features it gave dense.
     #[test]
     fn pack_frozen_weights_packs_lora_targets_and_a_frozen_image_path() -> candle_core::Result<()> {
@@ -722,7 +724,9 @@ mod tests {
             .collect();
         let count = pack_frozen_weights(&mut model, lora, false, Kernel::Portable)?;
         let packed = packed_names(&model);
-        assert_eq!(count, packed.len());
+        // The projections and the LM head.
+        assert_eq!(count, packed.len() + 1);
+        assert!(model.text().lm_head_matrix().is_packed());
         assert_eq!(packed.len(), lora.len() + image.len());
         assert!(
             image

@@ -350,6 +350,11 @@ impl PackedWeight {
         }
     }
 
+    /// The packed floats (module docs' layout), for kernels that read the panels directly.
+    pub(crate) fn panels(&self) -> &[f32] {
+        self.data.as_slice()
+    }
+
     /// The row-major `[n, k]` weight again.
     pub(crate) fn to_dense(&self) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
