@@ -40,9 +40,22 @@ pub(crate) const BLOCK_BYTES: usize = 210;
 pub(crate) const TILE: usize = 16;
 /// Lines of one tile's super-block (its `d` apart).
 const SB_LINES: usize = 52;
-/// Line offsets inside a tile's super-block: the high bits, the transposed scales.
-const LINE_QH: usize = 32;
+/// Line offset of the transposed scales inside a tile's super-block.
 const LINE_SCALES: usize = 48;
+
+/// The line of a tile's super-block holding `ql` bytes `4L .. 4L + 4` of its rows: for half
+/// `h` and `v` in 0..8, the lines of bytes `64h + 4v` and `64h + 32 + 4v` (whose nibbles are
+/// values `128h + 32j + 4v ..` for `j` = 0..3) and then `qh`'s line for them lie together, in
+/// the order the kernels read them.
+fn ql_line(l: usize) -> usize {
+    let (h, jp, v) = (l / 16, l % 16 / 8, l % 8);
+    3 * (8 * h + v) + jp
+}
+
+/// The line holding `qh` bytes `4M .. 4M + 4` of its rows (see [`ql_line`]).
+fn qh_line(m: usize) -> usize {
+    3 * m + 2
+}
 const _: () = assert!((LINE_SCALES + 4) * 64 == TILE * (BLOCK_BYTES - 2));
 
 /// Whether this CPU runs [`matmul`]'s AVX-512 VNNI kernel (else the scalar reference runs).
@@ -83,8 +96,9 @@ fn tile_lines(kb: usize) -> usize {
 fn position(kb: usize, r: usize, b: usize, i: usize) -> usize {
     let sb = (d_lines(kb) + b * SB_LINES) * 64;
     match i {
-        // `ql` then `qh`: 4 bytes of each row a line.
-        0..192 => sb + (i / 4) * 64 + 4 * r + i % 4,
+        // `ql` and `qh`: 4 bytes of each row a line, the lines in the kernel's reading order.
+        0..128 => sb + ql_line(i / 4) * 64 + 4 * r + i % 4,
+        128..192 => sb + qh_line((i - 128) / 4) * 64 + 4 * r + i % 4,
         192..208 => sb + LINE_SCALES * 64 + (i - 192) * TILE + r,
         _ => b * 2 * TILE + 2 * r + (i - 208),
     }
@@ -378,9 +392,10 @@ unsafe fn row_avx512(
                 let mut dot: [__m512i; 16] = std::array::from_fn(|s| _mm512_set1_epi32(off[s]));
                 for h in 0..2 {
                     for v in 0..8 {
-                        let l0 = _mm512_load_si512(blk.add((16 * h + v) * 64).cast());
-                        let l1 = _mm512_load_si512(blk.add((16 * h + 8 + v) * 64).cast());
-                        let qh = _mm512_load_si512(blk.add((LINE_QH + 8 * h + v) * 64).cast());
+                        let at = blk.add(3 * (8 * h + v) * 64);
+                        let l0 = _mm512_load_si512(at.cast());
+                        let l1 = _mm512_load_si512(at.add(64).cast());
+                        let qh = _mm512_load_si512(at.add(128).cast());
                         let wq = six_bit(l0, l1, qh);
                         for (j, wq) in wq.into_iter().enumerate() {
                             let s = 8 * h + 2 * j + v / 4;
@@ -537,12 +552,9 @@ unsafe fn tile<const RM: usize, const RN: usize>(t: &TileArgs) {
                             let mut wlo = [_mm512_setzero_si512(); RN];
                             let mut whi = [_mm512_setzero_si512(); RN];
                             for j in 0..RN {
-                                let l = _mm512_load_si512(
-                                    blk[j].add((16 * h + 8 * jp + v) * 64).cast(),
-                                );
-                                let qh = _mm512_load_si512(
-                                    blk[j].add((LINE_QH + 8 * h + v) * 64).cast(),
-                                );
+                                let at = blk[j].add(3 * (8 * h + v) * 64);
+                                let l = _mm512_load_si512(at.add(64 * jp).cast());
+                                let qh = _mm512_load_si512(at.add(128).cast());
                                 // Bits `2jp, 2jp + 1` of `qh` for the low nibbles, `2jp + 4,
                                 // 2jp + 5` for the high ones, moved to bits 4-5.
                                 let (hl, hh) = if jp == 0 {
@@ -841,6 +853,163 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod measure {
+    use super::tests::{activations, blocks};
+    use super::*;
+    use crate::model::kernels::q4k;
+    use candle_core::Module as _;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::quantized::k_quants::{BlockQ6K, BlockQ8K as CandleQ8K, GgmlType};
+
+    fn candle(w: &[u8], n: usize, k: usize) -> candle_core::quantized::QTensor {
+        candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q6K,
+            w,
+            vec![n, k],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    fn best_of(rounds: usize, reps: usize, f: &dyn Fn()) -> f64 {
+        let mut best = f64::MAX;
+        for _ in 0..rounds {
+            let s = std::time::Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            best = best.min(s.elapsed().as_secs_f64() * 1e3 / reps as f64);
+        }
+        best
+    }
+
+    /// The 450M LM head (65536x1024, 52.5 MiB) by one row: ours (quantize + kernel) against
+    /// candle's block dot (`quant::matvec`, the path before this kernel) and a 2-thread read of
+    /// the tiles, taking turns; then many rows at the Q4_K_M `ffn_down`/`attn_v`-like shapes
+    /// against candle's `QMatMul` (`cargo test --release --lib q6k_vnni::measure -- --ignored
+    /// --nocapture`).
+    #[test]
+    #[ignore = "measurement"]
+    fn against_candle() {
+        let dev = candle_core::Device::Cpu;
+        let (n, k) = (65536, 1024);
+        let raw = blocks(n, k / QK_K, 3);
+        let t = Tiled::from_ggml(&raw, n, k / QK_K);
+        let x = activations(1, k, 5);
+        let ours = || {
+            std::hint::black_box(matmul(&t, &q4k::quantize_rows(&x, k), 1));
+        };
+        // candle's block dot per output over its blocks, 64 outputs a task (`quant::matvec`).
+        let qt = candle(&raw, n, k);
+        let data = qt.data().unwrap();
+        // SAFETY: candle's CPU storage of Q6_K blocks is a `Vec<BlockQ6K>` viewed as bytes.
+        let wb: &[BlockQ6K] =
+            unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), data.len() / BLOCK_BYTES) };
+        let theirs = || {
+            let mut a = vec![CandleQ8K::zeros(); k / QK_K];
+            CandleQ8K::from_float(&x, &mut a);
+            let mut y = vec![0f32; n];
+            y.par_chunks_mut(64)
+                .zip(wb.par_chunks(64 * k / QK_K))
+                .for_each(|(y, w)| {
+                    for (y, w) in y.iter_mut().zip(w.chunks_exact(k / QK_K)) {
+                        *y = BlockQ6K::vec_dot(k, w, &a);
+                    }
+                });
+            std::hint::black_box(y);
+        };
+        let floor = || {
+            let sum: u64 = t
+                .lines
+                .par_chunks(1024)
+                .map(|c| {
+                    c.iter()
+                        .map(|l| l.0[0] as u64 + l.0[63] as u64)
+                        .sum::<u64>()
+                })
+                .sum();
+            std::hint::black_box(sum);
+        };
+        let mut times = [vec![], vec![], vec![]];
+        for _ in 0..20 {
+            for (f, t) in [&ours as &dyn Fn(), &theirs, &floor]
+                .into_iter()
+                .zip(&mut times)
+            {
+                let s = std::time::Instant::now();
+                f();
+                t.push(s.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let [o, c, f] = times.map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            (t[0], t[t.len() / 2])
+        });
+        eprintln!(
+            "LM head 1 x [{n}, {k}] Q6_K ({:.1} MiB), best / median of 20: ours {:.3} / {:.3} ms, \
+             candle block dot {:.3} / {:.3} ms, 2-thread read {:.3} / {:.3} ms",
+            raw.len() as f64 / 1048576.0,
+            o.0,
+            o.1,
+            c.0,
+            c.1,
+            f.0,
+            f.1
+        );
+        // One row against a weight that stays in L2 (420 KiB): the kernel's own rate.
+        {
+            let (n, k) = (512, 1024);
+            let raw = blocks(n, k / QK_K, 4);
+            let t = Tiled::from_ggml(&raw, n, k / QK_K);
+            let a = q4k::quantize_rows(&activations(1, k, 6), k);
+            let ours = best_of(5, 400, &|| {
+                std::hint::black_box(matmul(&t, &a, 1));
+            });
+            // The kernel alone on this thread, no task hand-off.
+            let off = offsets(&a);
+            let mut out = vec![0f32; n];
+            let dst = OutPtr(out.as_mut_ptr());
+            let single = best_of(5, 400, &|| {
+                // SAFETY: the test runs on an AVX-512 VNNI CPU (`available`); `out` holds `n`.
+                unsafe { row_avx512(&t, &a, &off, 0..n / TILE, &dst) };
+            });
+            std::hint::black_box(out);
+            eprintln!(
+                "1 row x [{n}, {k}] from L2: ours {ours:.4} ms ({:.1} GB/s), on one thread \
+                 {single:.4} ms ({:.1} GB/s)",
+                raw.len() as f64 / 1e6 / ours,
+                raw.len() as f64 / 1e6 / single
+            );
+        }
+        for (m, n, k) in [
+            (2, 65536, 1024),
+            (8, 65536, 1024),
+            (270, 1024, 4608),
+            (270, 512, 1024),
+            (270, 4608, 1024),
+        ] {
+            let raw = blocks(n, k / QK_K, 4);
+            let t = Tiled::from_ggml(&raw, n, k / QK_K);
+            let x = activations(m, k, 6);
+            let mm = candle_core::quantized::QMatMul::from_qtensor(candle(&raw, n, k)).unwrap();
+            let xt = candle_core::Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+            let _ = mm.forward(&xt).unwrap();
+            let theirs = best_of(3, 3, &|| {
+                std::hint::black_box(mm.forward(&xt).unwrap());
+            });
+            let ours = best_of(3, 3, &|| {
+                std::hint::black_box(matmul(&t, &q4k::quantize_rows(&x, k), m));
+            });
+            eprintln!(
+                "[{m}, {k}] x [{n}, {k}] Q6_K: candle QMatMul {theirs:.3} ms, ours {ours:.3} ms \
+                 ({:.0} GMAC/s)",
+                (m * n * k) as f64 / 1e6 / ours
+            );
         }
     }
 }
