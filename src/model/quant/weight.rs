@@ -129,7 +129,7 @@ fn q4_k_layout() -> Q4KLayout {
 
 /// Whether a CPU Q6_K weight goes into our tiles: where the CPU has AVX-512 VNNI, since one
 /// decode step's LM head (the `--quant q4_k` tied embedding) ran there at the read time of its
-/// bytes, 0.7x candle's block dot, and many rows 0.6-0.75x `QMatMul`'s time (BENCHMARKS.md,
+/// bytes, 0.7x candle's block dot, and 2 to 270 rows 0.6-0.73x `QMatMul`'s time (BENCHMARKS.md,
 /// "The Q6_K head on our VNNI kernel"). `VLMPIPE_QUANT_PRODUCT=qmatmul` keeps candle's blocks,
 /// to compare.
 fn q6_k_tiled() -> bool {
