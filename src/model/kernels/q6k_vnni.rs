@@ -732,7 +732,7 @@ mod tests {
     }
 
     /// Every path of the kernel equals the scalar reference bit for bit: one row (the chunked
-    /// path: partial last tiles, a partial last chunk (1100 rows at k = 256 are 69 tiles, 43 a
+    /// path: partial last tiles, a partial last chunk (1100 rows at k = 256 are 69 tiles, 44 a
     /// chunk), several chunks at k = 4608, odd super-block counts), two rows (register tiles
     /// of 2 x 2), and 3+ rows (4 x 1 and remainders, several row chunks a tile pair).
     #[test]
