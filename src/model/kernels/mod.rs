@@ -17,6 +17,8 @@
 //! - [`q4k`]: products by Q4_K weights regrouped by 8 rows (Q8_K activations, rows in lanes).
 //! - [`q4k_vnni`]: products by Q4_K weights in 16-row tiles with AVX-512 VNNI `vpdpbusd` (every
 //!   row count, where the CPU has it).
+//! - [`q6k_vnni`]: products by Q6_K weights in 16-row tiles with AVX-512 VNNI `vpdpbusd` (every
+//!   row count, where the CPU has it; the `--quant q4_k` LM head).
 //! - [`attention_step`]: one query row per head over a key/value cache (a decode step).
 //! - [`attention_train`]: the decoder's attention for training (RoPE, both products, mask and
 //!   softmax) forward and backward, grouped-query aware.
@@ -39,6 +41,7 @@ pub mod packed;
 pub(crate) mod packed_grad;
 pub(crate) mod q4k;
 pub(crate) mod q4k_vnni;
+pub(crate) mod q6k_vnni;
 pub(crate) mod q8;
 pub(crate) mod q8_vnni;
 

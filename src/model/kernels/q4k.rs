@@ -32,7 +32,7 @@
 //! AVX-512 VNNI neither runs by default: [`super::q4k_vnni`]'s tiles take every row count (this
 //! module's Q8_K quantizer feeds both). The same regrouping for Q6_K (the LM head) measured
 //! slower than candle's `vec_dot_q6k_q8k` (2.5-3.2 ms against 1.9-2.0 for the head), so Q6_K
-//! stays on candle's.
+//! stays on candle's here; on AVX-512 VNNI CPUs [`super::q6k_vnni`]'s tiles take it.
 
 use rayon::prelude::*;
 

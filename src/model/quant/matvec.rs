@@ -9,7 +9,8 @@
 //! Here every step reads the compact blocks once (measured in BENCHMARKS.md, "Quantized
 //! models"). On the CPU, Q8_0 goes through [`crate::model::kernels::q8`] and Q4_K through
 //! [`crate::model::kernels::q4k`] instead, so this path takes Q5_K and Q6_K (the `--quant q4_k`
-//! LM head), and Q4_K only where a caller hands it candle's blocks.
+//! LM head) where the CPU lacks AVX-512 VNNI (with it, Q6_K goes through
+//! [`crate::model::kernels::q6k_vnni`]), and Q4_K only where a caller hands it candle's blocks.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5K, BlockQ6K, GgmlType};

@@ -20,8 +20,10 @@
 //! values, weights streamed once) and many rows (prefill, the vision tower) dequantize 64-row
 //! panels into the f32 GEMM ([`prefill`], where the measurements that chose this are), except
 //! with AVX-VNNI but no AVX-512, where candle's repacked tiles take them. By k-quant blocks:
-//! decode steps through `kernels::q4k` (Q4_K) or candle's block dot over the compact blocks
-//! ([`matvec`]), many rows through candle's tiles. Every other product, and all of them on
+//! where the CPU has AVX-512 VNNI, Q4_K and Q6_K run every row count on our 16-row tile kernels
+//! (`kernels::q4k_vnni`, `kernels::q6k_vnni`); elsewhere decode steps go through `kernels::q4k`
+//! (Q4_K) or candle's block dot over the compact blocks ([`matvec`]), many rows through
+//! candle's tiles. Every other product, and all of them on
 //! CUDA/Metal, stay on `QMatMul`. The
 //! benchmark (`vlmpipe bench model --quant …`) compares it with the f32 path step by step.
 //! A tied embedding table reads its rows from the quantized head, as llama.cpp does.

@@ -8,7 +8,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use crate::model::kernels::{q4k, q4k_vnni, q8, q8_vnni};
+use crate::model::kernels::{q4k, q4k_vnni, q6k_vnni, q8, q8_vnni};
 
 /// A frozen `[out, in]` weight quantized into ggml blocks along `in` (one row = one output).
 ///
@@ -55,6 +55,12 @@ enum Store {
     /// kernel ([`q4k_vnni::Tiled`]), every row count, held as `Q8Grouped` holds Q8_0.
     Q4KTiled {
         tiled: Arc<q4k_vnni::Tiled>,
+        ggml: Arc<OnceLock<Arc<QTensor>>>,
+    },
+    /// Q6_K on a CPU with AVX-512 VNNI: the same values in 16-row tiles for our `vpdpbusd`
+    /// kernel ([`q6k_vnni::Tiled`]), every row count, held as `Q8Grouped` holds Q8_0.
+    Q6KTiled {
+        tiled: Arc<q6k_vnni::Tiled>,
         ggml: Arc<OnceLock<Arc<QTensor>>>,
     },
 }
@@ -119,6 +125,15 @@ fn q4_k_layout() -> Q4KLayout {
         _ if q4k_vnni::available() => Q4KLayout::Tiled,
         _ => Q4KLayout::Grouped,
     }
+}
+
+/// Whether a CPU Q6_K weight goes into our tiles: where the CPU has AVX-512 VNNI, since one
+/// decode step's LM head (the `--quant q4_k` tied embedding) ran there at the read time of its
+/// bytes, 0.7x candle's block dot, and 2 to 270 rows 0.6-0.73x `QMatMul`'s time (BENCHMARKS.md,
+/// "The Q6_K head on our VNNI kernel"). `VLMPIPE_QUANT_PRODUCT=qmatmul` keeps candle's blocks,
+/// to compare.
+fn q6_k_tiled() -> bool {
+    std::env::var("VLMPIPE_QUANT_PRODUCT").as_deref() != Ok("qmatmul") && q6k_vnni::available()
 }
 
 impl fmt::Debug for QuantWeight {
@@ -215,6 +230,17 @@ impl QuantWeight {
                 });
             }
         }
+        if dtype == GgmlDType::Q6K && device.is_cpu() && q6_k_tiled() {
+            let kb = in_dim / q4k::QK_K;
+            return Ok(Self {
+                store: Store::Q6KTiled {
+                    tiled: Arc::new(q6k_vnni::Tiled::from_ggml(&tensor.data()?, out_dim, kb)),
+                    ggml: Arc::new(OnceLock::new()),
+                },
+                out_dim,
+                in_dim,
+            });
+        }
         // candle's Q5_0/Q5_1 dot products insist on an even number of blocks a row (a debug
         // assertion; the arithmetic would be right). Such a row (a fallback on narrow test
         // models, never at LFM2-VL-450M's widths) multiplies by the dequantized blocks instead:
@@ -238,6 +264,7 @@ impl QuantWeight {
             Store::Ggml { tensor, .. } => tensor.dtype(),
             Store::Q8Grouped { .. } | Store::Q8Tiled { .. } => GgmlDType::Q8_0,
             Store::Q4KGrouped { .. } | Store::Q4KTiled { .. } => GgmlDType::Q4K,
+            Store::Q6KTiled { .. } => GgmlDType::Q6K,
         }
     }
 
@@ -257,11 +284,13 @@ impl QuantWeight {
             Store::Q8Tiled { tiled, .. } => tiled.ggml_bytes(),
             Store::Q4KGrouped { grouped, .. } => grouped.ggml_bytes(),
             Store::Q4KTiled { tiled, .. } => tiled.ggml_bytes(),
+            Store::Q6KTiled { tiled, .. } => tiled.ggml_bytes(),
         }
     }
 
-    /// The blocks as candle (and a GGUF file) holds them. Regrouped Q8_0 and Q4_K weights are
-    /// put back into ggml's order on the first call, and that copy is kept beside them.
+    /// The blocks as candle (and a GGUF file) holds them. Regrouped or tiled Q8_0, Q4_K and Q6_K
+    /// weights are put back into ggml's order on the first call, and that copy is kept beside
+    /// them.
     pub fn qtensor(&self) -> Result<Arc<QTensor>> {
         match &self.store {
             Store::Ggml { tensor, .. } => Ok(tensor.clone()),
@@ -276,6 +305,9 @@ impl QuantWeight {
             }
             Store::Q4KTiled { tiled, ggml } => {
                 self.rebuilt(ggml, GgmlDType::Q4K, || tiled.to_ggml())
+            }
+            Store::Q6KTiled { tiled, ggml } => {
+                self.rebuilt(ggml, GgmlDType::Q6K, || tiled.to_ggml())
             }
         }
     }
@@ -307,7 +339,8 @@ impl QuantWeight {
             Store::Q8Grouped { .. }
             | Store::Q8Tiled { .. }
             | Store::Q4KGrouped { .. }
-            | Store::Q4KTiled { .. } => Ok(QMatMul::QTensor(self.qtensor()?)),
+            | Store::Q4KTiled { .. }
+            | Store::Q6KTiled { .. } => Ok(QMatMul::QTensor(self.qtensor()?)),
         }
     }
 
@@ -336,8 +369,8 @@ impl QuantWeight {
     /// tiled Q8_0 blocks (AVX-512 VNNI CPUs) through [`q8_vnni`] for every row count; regrouped
     /// Q8_0 blocks through the integer kernel ([`crate::model::kernels::q8`], ggml's block dot
     /// values) or, for many rows, the panel-dequantized f32 product ([`super::prefill`]) where
-    /// that measured faster; tiled Q4_K blocks (AVX-512 VNNI CPUs) through [`q4k_vnni`] for
-    /// every row count; a decode step by regrouped Q4_K blocks through
+    /// that measured faster; tiled Q4_K and Q6_K blocks (AVX-512 VNNI CPUs) through
+    /// [`q4k_vnni`] and [`q6k_vnni`] for every row count; a decode step by regrouped Q4_K blocks through
     /// [`crate::model::kernels::q4k`], by other k-quant blocks through [`super::matvec`]. `None`
     /// (use `QMatMul`) otherwise: other block types, another device or dtype.
     /// `VLMPIPE_QUANT_PRODUCT=qmatmul` (or `int8`, `panels` for Q8_0, `int8`, `grouped` for
@@ -387,6 +420,15 @@ impl QuantWeight {
                 let x32 = x.to_dtype(DType::F32)?;
                 crate::model::ops::with_cpu_f32(&x32, |xs| {
                     q4k_vnni::matmul(tiled, &q4k::quantize_rows(xs, k), m)
+                })?
+            }
+            Store::Q6KTiled { tiled, .. } => {
+                if x.elem_count() != m * k {
+                    return Ok(None);
+                }
+                let x32 = x.to_dtype(DType::F32)?;
+                crate::model::ops::with_cpu_f32(&x32, |xs| {
+                    q6k_vnni::matmul(tiled, &q4k::quantize_rows(xs, k), m)
                 })?
             }
             Store::Q4KGrouped { grouped, .. } => {
@@ -444,6 +486,7 @@ impl QuantWeight {
             Store::Q8Tiled { tiled, .. } => dense(&|r, w| tiled.dequantize_rows(r, w)),
             Store::Q4KGrouped { grouped, .. } => dense(&|r, w| grouped.dequantize_rows(r, w)),
             Store::Q4KTiled { tiled, .. } => dense(&|r, w| tiled.dequantize_rows(r, w)),
+            Store::Q6KTiled { tiled, .. } => dense(&|r, w| tiled.dequantize_rows(r, w)),
         }
     }
 
@@ -462,6 +505,9 @@ impl QuantWeight {
                 self.gather_dequantized(ids, |r, row| grouped.dequantize_rows(r..r + 1, row))
             }
             Store::Q4KTiled { tiled, .. } => {
+                self.gather_dequantized(ids, |r, row| tiled.dequantize_rows(r..r + 1, row))
+            }
+            Store::Q6KTiled { tiled, .. } => {
                 self.gather_dequantized(ids, |r, row| tiled.dequantize_rows(r..r + 1, row))
             }
         }
@@ -644,6 +690,69 @@ mod tests {
         assert_eq!(q.storage_bytes(), n * k / 256 * 144);
         assert_eq!(q.qtensor().unwrap().data().unwrap(), want_q.data().unwrap());
         assert!(ggml.get().is_some());
+    }
+
+    /// A CPU Q6_K weight (the `--quant q4_k` LM head) is held once, tiled where the CPU has
+    /// AVX-512 VNNI: products of 1, 3 and 70 rows give the tiled kernel's values bit for bit
+    /// and candle's product (its block dot for few rows, `QMatMul` for many) within f32
+    /// summation-order rounding, without rebuilding candle's copy; the dequantized matrix and
+    /// gathered rows equal candle's bit for bit; the copy rebuilt on request is the blocks
+    /// quantized.
+    #[test]
+    fn cpu_q6_k_weights_are_held_once_and_answer_as_candle() {
+        let dev = Device::Cpu;
+        let (n, k) = (70, 512);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = QuantWeight::quantize(&w, GgmlDType::Q6K).unwrap();
+        let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let blocks = super::super::ggml_q4k::quantize_q6_k(&values);
+        let want_q =
+            Arc::new(qtensor_from_ggml(GgmlDType::Q6K, &blocks, vec![n, k], &dev).unwrap());
+        let ggml = match &q.store {
+            Store::Q6KTiled { ggml, .. } => Some(ggml),
+            Store::Ggml { .. } => None,
+            _ => panic!("a CPU Q6_K weight is neither tiled nor candle's"),
+        };
+        assert_eq!(ggml.is_some(), q6k_vnni::available());
+        for rows in [1, 3, 70] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = q.linear(&x, None).unwrap();
+            assert_eq!(got.dims(), &[rows, n]);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            if ggml.is_some() {
+                let t = q6k_vnni::Tiled::from_ggml(&blocks, n, k / 256);
+                let want = q6k_vnni::matmul(&t, &q4k::quantize_rows(&xs, k), rows);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "{rows} rows: not the tiled kernel's values");
+            }
+            let want = crate::model::quant::qmatmul_values(&want_q, &x);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * scale, "{rows} rows: {g} vs {w}");
+            }
+        }
+        let diff = (q.to_tensor().unwrap() - want_q.dequantize(&dev).unwrap()).unwrap();
+        let worst = diff.abs().unwrap().max_all().unwrap();
+        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
+        let ids = Tensor::new(&[[3u32, 69], [0, 3]], &dev).unwrap();
+        let diff = (q.gather_rows(&ids).unwrap() - want_q.embedding(&ids).unwrap()).unwrap();
+        let worst = diff.abs().unwrap().max_all().unwrap();
+        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
+        if let Some(ggml) = ggml {
+            assert!(
+                ggml.get().is_none(),
+                "candle's copy was rebuilt by a product"
+            );
+        }
+        assert_eq!(q.storage_bytes(), n * k / 256 * 210);
+        assert_eq!(q.qtensor().unwrap().data().unwrap(), want_q.data().unwrap());
+        if let Some(ggml) = ggml {
+            assert!(ggml.get().is_some());
+        }
     }
 
     /// Activations are quantized to Q8_K exactly as candle's `BlockQ8K::from_float` does.
