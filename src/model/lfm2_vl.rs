@@ -294,21 +294,11 @@ impl Lfm2VlModel {
 
 impl Lfm2VlModel {
     /// Packs every CPU f32 projection and the LM head for `kernel` ([`Linear::pack_for_cpu`],
-    /// [`TextModel::pack_head_for_cpu`]), as inference loads a model (training packs fewer:
-    /// `train::lora::pack_frozen_weights`). Returns how many matrices were packed.
+    /// [`TextModel::pack_head_for_cpu`]), as inference loads a model (training leaves fully
+    /// trained modules out: `train::lora::pack_frozen_weights`). Returns how many matrices were packed.
     pub fn pack_linears_for_cpu(&mut self, kernel: Kernel) -> Result<usize> {
         let head = usize::from(self.text.pack_head_for_cpu(kernel)?);
         Ok(head + pack_where(self, kernel, &|_| true)?)
-    }
-
-    /// Packs the vision tower's and the projector's CPU f32 projections for `kernel`, as
-    /// inference does. Training calls it when nothing in them is trained: their inputs are then
-    /// never tracked by autograd, so every product of the frozen image path takes the packed
-    /// kernel (a dense weight goes through candle's generic matmul at about half the speed).
-    pub(crate) fn pack_image_linears_for_cpu(&mut self, kernel: Kernel) -> Result<usize> {
-        let all = &|_: &Linear| true;
-        Ok(pack_where(&mut self.vision, kernel, all)?
-            + pack_where(&mut self.projector, kernel, all)?)
     }
 }
 

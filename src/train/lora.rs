@@ -160,24 +160,20 @@ pub(crate) fn linear_modules(model: &Lfm2VlModel) -> Vec<ModuleInfo> {
     out
 }
 
-/// Packs, for `kernel`, the frozen weights a training step multiplies by the packed kernel as
-/// inference does ([`crate::model::kernels::lora`] says why): those under a LoRA adapter (the
-/// fused op reads them packed both ways), the LM head (never trained; its differentiable
-/// product reads it packed both ways too, and a tied embedding table reads its rows from it)
-/// and, when nothing there is trained, the vision tower's and the projector's (their inputs
-/// are then never tracked, so no gradient passes through them). Other decoder weights stay
-/// dense. Returns how many were packed.
+/// Packs, for `kernel`, every frozen weight a training step multiplies, as inference does
+/// ([`crate::model::kernels::lora`] says why): all projections but the fully trained ones, and
+/// the LM head (never trained; a tied embedding table then reads its rows from it). Where a
+/// product's input is tracked (the decoder, a trained projector's input), its gradient reads the
+/// packed weight too: through the fused LoRA op under an adapter, through
+/// [`crate::model::ops`]'s packed differentiable product elsewhere. Returns how many were packed.
 pub(crate) fn pack_frozen_weights(
     model: &mut Lfm2VlModel,
-    lora: &[&str],
-    image_path_trained: bool,
+    fully_trained: &[String],
     kernel: Kernel,
 ) -> candle_core::Result<usize> {
-    let mut packed = 0;
-    if !image_path_trained {
-        packed += model.pack_image_linears_for_cpu(kernel)?;
-    }
-    packed += pack_where(model, kernel, &|lin| lora.contains(&lin.name()))?;
+    let mut packed = pack_where(model, kernel, &|lin| {
+        !fully_trained.iter().any(|name| name == lin.name())
+    })?;
     packed += usize::from(model.text_mut().pack_head_for_cpu(kernel)?);
     Ok(packed)
 }
@@ -582,12 +578,7 @@ impl Trainable {
             return Err(e.into());
         }
         if let Some(kernel) = Kernel::for_this_cpu() {
-            let lora_names: Vec<&str> = lora_inits.iter().map(|(n, ..)| n.as_str()).collect();
-            let image_path_trained = modules.iter().any(|m| {
-                m.part != ModulePart::LanguageModel
-                    && (full_names.contains(&m.name) || lora_names.contains(&m.name.as_str()))
-            });
-            pack_frozen_weights(model, &lora_names, image_path_trained, kernel)?;
+            pack_frozen_weights(model, &full_names, kernel)?;
         }
         Ok(out)
     }
@@ -686,11 +677,11 @@ mod tests {
         }
     }
 
-    /// Training packs what its step multiplies by the packed kernel (projections under LoRA, the
-    /// LM head, the image path when it is frozen) and leaves the rest dense; the frozen image path then gives
-    /// the features it gave dense.
+    /// Training packs every frozen weight (the projections, trained image path or not, and the
+    /// LM head) and leaves fully trained modules dense; the packed image path gives the features
+    /// it gave dense.
     #[test]
-    fn pack_frozen_weights_packs_lora_targets_and_a_frozen_image_path() -> candle_core::Result<()> {
+    fn pack_frozen_weights_packs_all_but_fully_trained_modules() -> candle_core::Result<()> {
         use crate::model::load::checkpoint::LoadOptions;
         use crate::model::load::random_checkpoint::{random_model, tiny_test_config};
         let cfg = tiny_test_config();
@@ -711,40 +702,28 @@ mod tests {
         let mut model = random_model(&cfg, &LoadOptions::default(), 3)?;
         let dense_features = model.image_features(&pixels, &mask, &[(4, 4)])?;
         let modules = linear_modules(&model);
-        let text: Vec<&str> = modules
-            .iter()
-            .filter(|m| m.part == ModulePart::LanguageModel)
-            .map(|m| m.name.as_str())
-            .collect();
-        let (lora, left_dense) = (&text[1..], text[0]);
-        let image: Vec<&str> = modules
-            .iter()
-            .filter(|m| m.part != ModulePart::LanguageModel)
-            .map(|m| m.name.as_str())
-            .collect();
-        let count = pack_frozen_weights(&mut model, lora, false, Kernel::Portable)?;
+        let count = pack_frozen_weights(&mut model, &[], Kernel::Portable)?;
         let packed = packed_names(&model);
-        // The projections and the LM head.
-        assert_eq!(count, packed.len() + 1);
+        // Every projection and the LM head.
+        assert_eq!(packed.len(), modules.len());
+        assert_eq!(count, modules.len() + 1);
         assert!(model.text().lm_head_matrix().is_packed());
-        assert_eq!(packed.len(), lora.len() + image.len());
-        assert!(
-            image
-                .iter()
-                .chain(lora)
-                .all(|n| packed.iter().any(|p| p == n))
-        );
-        assert!(!packed.iter().any(|p| p == left_dense));
         let packed_features = model.image_features(&pixels, &mask, &[(4, 4)])?;
         let diff = (dense_features - packed_features)?.abs()?.max_all()?;
         assert!(diff.to_scalar::<f32>()? < 1e-5);
 
-        // A trained image path stays dense: gradients pass through it.
+        // Fully trained modules (one of the decoder, one of the image path) stay dense.
+        let full: Vec<String> = [ModulePart::LanguageModel, ModulePart::Projector]
+            .iter()
+            .filter_map(|part| modules.iter().find(|m| m.part == *part))
+            .map(|m| m.name.clone())
+            .collect();
+        assert_eq!(full.len(), 2);
         let mut model = random_model(&cfg, &LoadOptions::default(), 3)?;
-        pack_frozen_weights(&mut model, lora, true, Kernel::Portable)?;
+        pack_frozen_weights(&mut model, &full, Kernel::Portable)?;
         let packed = packed_names(&model);
-        assert_eq!(packed.len(), lora.len());
-        assert!(!image.iter().any(|n| packed.iter().any(|p| p == n)));
+        assert_eq!(packed.len(), modules.len() - full.len());
+        assert!(!full.iter().any(|n| packed.contains(n)));
         Ok(())
     }
 
