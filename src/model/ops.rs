@@ -511,8 +511,9 @@ impl PackedWeight {
         Tensor::from_vec(self.to_dense(), (self.n(), self.k()), &Device::Cpu)
     }
 
-    /// `x [rows, k] @ w^T (+ bias [n])` as `[rows, n]`. An input the kernel cannot take
-    /// (tracked by autograd, not a CPU f32 tensor) goes through the unpacked weight instead.
+    /// `x [rows, k] @ w^T (+ bias [n])` as `[rows, n]`. An input autograd tracks runs the packed
+    /// differentiable product ([`PackedLinear`]); one the kernel cannot take (not a CPU f32
+    /// tensor, or with a trained bias) goes through the unpacked weight instead.
     pub(crate) fn linear(self: &Arc<Self>, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let plain = |t: &Tensor| is_cpu_f32(t) && !t.track_op();
         if bias.is_some_and(|b| !plain(b)) || !is_cpu_f32(x) {
