@@ -245,6 +245,19 @@ pub(crate) fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result
     Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
+/// The elements of a CPU f32 storage a custom op's `layout` covers; an error naming `op` when
+/// they are not contiguous.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} needs contiguous operands")
+    };
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
 /// `x @ w^T` for a tracked `x` and a frozen `w` (training through frozen layers).
 ///
 /// candle's matmul backward computes the gradient of both operands, so every frozen weight would
@@ -270,11 +283,8 @@ impl candle_core::CustomOp1 for FrozenWeightMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-weight matmul needs a contiguous input")
-        };
         let x = Tensor::from_slice(
-            &storage.as_slice::<f32>()?[start..end],
+            contiguous_f32(storage, layout, "frozen-weight matmul")?,
             layout.shape(),
             &Device::Cpu,
         )?;
@@ -311,10 +321,7 @@ impl candle_core::CustomOp1 for PackedLinear {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("packed linear needs a contiguous input")
-        };
-        let x = &storage.as_slice::<f32>()?[start..end];
+        let x = contiguous_f32(storage, layout, "packed linear")?;
         let m = x.len() / self.w.k().max(1);
         let y = profile::time("LM head fwd (packed)", || match &self.bias {
             Some(b) => with_cpu_f32(b, |b| self.w.matmul(x, m, Some(b))),

@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use crate::model::kernels::lora::{Frozen, LoraShape, lora_backward, lora_forward};
 use crate::model::kernels::packed::PackedWeight;
 use crate::model::linear::WeightMatrix;
-use crate::model::ops::{is_cpu_f32, with_cpu_f32};
+use crate::model::ops::{contiguous_f32, is_cpu_f32, with_cpu_f32};
 
 /// `x [..., k] Wᵀ (+ bias) + scale · (x ∘ mask) Aᵀ Bᵀ` with `W [n, k]` and `bias [n]` frozen,
 /// `A [r, k]`, `B [n, r]` trained; `mask` (dropout, `x`'s element count) scales the branch input.
@@ -103,14 +103,6 @@ struct LoraLinear {
     shape: LoraShape,
 }
 
-/// The contiguous elements of a CPU f32 storage.
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("lora linear needs contiguous operands")
-    };
-    Ok(&storage.as_slice::<f32>()?[start..end])
-}
-
 impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "lora-linear"
@@ -125,7 +117,12 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         b_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, a, b) = (slice(x, x_l)?, slice(a, a_l)?, slice(b, b_l)?);
+        let op = "lora linear";
+        let (x, a, b) = (
+            contiguous_f32(x, x_l, op)?,
+            contiguous_f32(a, a_l, op)?,
+            contiguous_f32(b, b_l, op)?,
+        );
         let s = self.shape;
         let y = self.w.read(|w| match &self.bias {
             Some(bias) => with_cpu_f32(bias, |bias| {

@@ -19,6 +19,7 @@
 //!   row count, where the CPU has it).
 //! - [`q6k_vnni`]: products by Q6_K weights in 16-row tiles with AVX-512 VNNI `vpdpbusd` (every
 //!   row count, where the CPU has it; the `--quant q4_k` LM head).
+//! - [`tasks`]: how the tiled quantized products split their work over the threads.
 //! - [`attention_step`]: one query row per head over a key/value cache (a decode step).
 //! - [`attention_train`]: the decoder's attention for training (RoPE, both products, mask and
 //!   softmax) forward and backward, grouped-query aware.
@@ -44,6 +45,7 @@ pub(crate) mod q4k_vnni;
 pub(crate) mod q6k_vnni;
 pub(crate) mod q8;
 pub(crate) mod q8_vnni;
+pub(crate) mod tasks;
 
 pub(crate) use cpu::ViewSpan;
 

@@ -53,9 +53,14 @@ pub(crate) fn dy_w(w: &PackedWeight, dy: &[f32], m: usize) -> Vec<f32> {
         .into_par_iter()
         .map(|q| w.transposed_panel(q).matmul(dy, m, None))
         .collect();
+    join_columns(&parts, m, k)
+}
+
+/// The row-major `[m, k]` from column blocks, each `[m, cols]` row-major, left to right.
+fn join_columns(parts: &[Vec<f32>], m: usize, k: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(m * k);
     for r in 0..m {
-        for part in &parts {
+        for part in parts {
             let cols = part.len() / m;
             out.extend_from_slice(&part[r * cols..][..cols]);
         }
@@ -100,14 +105,7 @@ fn dy_w_few_rows(w: &PackedWeight, dy: &[f32], m: usize) -> Vec<f32> {
             few_rows(w.panels(), &dyp, m, k, panels, c0, cols)
         })
         .collect();
-    let mut out = Vec::with_capacity(m * k);
-    for r in 0..m {
-        for part in &parts {
-            let cols = part.len() / m;
-            out.extend_from_slice(&part[r * cols..][..cols]);
-        }
-    }
-    out
+    join_columns(&parts, m, k)
 }
 
 /// [`few_rows`] in AVX-512 intrinsics: the same multiply-adds in the same order per lane, and

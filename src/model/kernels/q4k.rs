@@ -36,6 +36,8 @@
 
 use rayon::prelude::*;
 
+use super::tasks::OutPtr;
+
 /// Values per super-block (Q4_K and Q8_K).
 pub(crate) const QK_K: usize = 256;
 /// Bytes of one ggml `block_q4_K`: `d`, `dmin` (f16), 12 bytes of 6-bit scales and mins, 128
@@ -422,11 +424,6 @@ const TASK_BYTES: usize = 64 * 1024;
 /// Bytes ahead the kernel prefetches (about two super-blocks of a group): 0, 1 KiB and 4 KiB
 /// measured no better at the 450M decode shapes (BENCHMARKS.md).
 const PREFETCH_BYTES: usize = 2048;
-
-/// The output buffer, shared by tasks that write disjoint columns.
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements through the pointer (see `matmul`).
-unsafe impl Sync for OutPtr {}
 
 /// `y [m, n] = a [m, k] . w [n, k]^T` for Q4_K weight rows `w` and Q8_K activation rows `a`
 /// ([`quantize_rows`], `m * kb` blocks): `m * n` floats, row-major. Parallel over groups of

@@ -44,6 +44,7 @@
 use rayon::prelude::*;
 
 use super::q4k::{BLOCK_BYTES, BlockQ8K, QK_K, f16_bits, scale_min};
+use super::tasks::{OutPtr, for_each_block, for_each_chunk};
 
 /// Output rows of a weight tile (one `zmm` of `i32`/`f32` lanes).
 pub(crate) const TILE: usize = 16;
@@ -207,11 +208,6 @@ const ROWS_PER_TASK: usize = 64;
 /// hardware prefetchers to stream (64 tiles at k = 256, 16 at k = 1024, 4 at k = 4608).
 const ROW_CHUNK_BYTES: usize = 144 << 10;
 
-/// The output buffer, shared by tasks that write disjoint outputs.
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements through the pointer (see `matmul`).
-unsafe impl Sync for OutPtr {}
-
 /// Per activation block, the sums of its 8 sub-blocks paired as two `i16` in an `i32`, the
 /// `vpdpwssd` partners of a tile's mins (|sum| ≤ 32 · 128 fits).
 fn min_pairs(a: &[BlockQ8K]) -> Vec<[i32; 4]> {
@@ -249,22 +245,11 @@ pub(crate) fn matmul(w: &Tiled, a: &[BlockQ8K], m: usize) -> Vec<f32> {
             // stream a thread"): the rayon tasks of 4 interleaved tiles below, or chunks of
             // 36 KiB, left the 4608x1024 products at 74% of the read bandwidth.
             let chunk = ROW_CHUNK_BYTES.div_ceil(kb * LINES * 64);
-            let chunks = tiles.div_ceil(chunk);
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            (0..rayon::current_num_threads().min(chunks))
-                .into_par_iter()
-                .for_each(|_| {
-                    loop {
-                        let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if c >= chunks {
-                            break;
-                        }
-                        let t0 = c * chunk;
-                        // SAFETY: the CPU has AVX-512F/BW/VNNI; tiles `t0..` exist; each chunk
-                        // is taken once, so its outputs are this thread's alone.
-                        unsafe { row_avx512(w, a, &pairs, t0..tiles.min(t0 + chunk), &dst) };
-                    }
-                });
+            for_each_chunk(tiles, chunk, |tiles| {
+                // SAFETY: the CPU has AVX-512F/BW/VNNI; the tiles exist; each chunk is taken
+                // once, so its outputs are this thread's alone.
+                unsafe { row_avx512(w, a, &pairs, tiles, &dst) };
+            });
             // SAFETY: the chunks cover every tile once and store each of the `n` outputs.
             unsafe { out.set_len(n) };
             return out;
@@ -274,22 +259,11 @@ pub(crate) fn matmul(w: &Tiled, a: &[BlockQ8K], m: usize) -> Vec<f32> {
         } else {
             (ROWS_PER_TASK, TILES_N)
         };
-        let tile_groups = tiles.div_ceil(tiles_per_task);
-        let row_chunks = m.div_ceil(rows_per_task);
-        // Consecutive tasks share their weight tiles, so rayon's contiguous splits keep a
-        // core on the same tiles.
-        (0..tile_groups * row_chunks)
-            .into_par_iter()
-            .for_each(|task| {
-                let (group, chunk) = (task / row_chunks, task % row_chunks);
-                let t0 = group * tiles_per_task;
-                let t1 = tiles.min(t0 + tiles_per_task);
-                let r0 = chunk * rows_per_task;
-                let r1 = m.min(r0 + rows_per_task);
-                // SAFETY: the CPU has AVX-512F/BW/VNNI; tiles `t0..t1` and rows `r0..r1`
-                // exist; tasks write disjoint outputs of the `m * n` buffer.
-                unsafe { block_avx512(w, a, &pairs, t0..t1, r0..r1, &dst) };
-            });
+        for_each_block(tiles, m, tiles_per_task, rows_per_task, |tiles, rows| {
+            // SAFETY: the CPU has AVX-512F/BW/VNNI; the tiles and rows exist; tasks write
+            // disjoint outputs of the `m * n` buffer.
+            unsafe { block_avx512(w, a, &pairs, tiles, rows, &dst) };
+        });
         // SAFETY: the tasks cover every (row, tile) once and store each of the `m * n` outputs.
         unsafe { out.set_len(m * n) };
         return out;

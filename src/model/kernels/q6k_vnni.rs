@@ -37,6 +37,7 @@
 use rayon::prelude::*;
 
 use super::q4k::{BlockQ8K, QK_K, f16_bits};
+use super::tasks::{OutPtr, for_each_block, for_each_chunk};
 
 /// Bytes of one ggml `block_q6_K`: `ql[128]`, `qh[64]`, `scales[16]` (int8), `d` (f16).
 pub(crate) const BLOCK_BYTES: usize = 210;
@@ -238,11 +239,6 @@ const ROWS_PER_TASK: usize = 64;
 /// chunk: long enough for the hardware prefetchers to stream).
 const ROW_CHUNK_BYTES: usize = 144 << 10;
 
-/// The output buffer, shared by tasks that write disjoint outputs.
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements through the pointer (see `matmul`).
-unsafe impl Sync for OutPtr {}
-
 /// `y [m, n] = a [m, k] . w [n, k]^T` for tiled Q6_K weights `w` and Q8_K activation rows `a`
 /// ([`super::q4k::quantize_rows`], `m * k / 256` blocks): `m * n` floats, row-major. Parallel
 /// over tiles (and rows for many rows); the AVX-512 VNNI kernel where [`available`], else the
@@ -264,22 +260,11 @@ pub(crate) fn matmul(w: &Tiled, a: &[BlockQ8K], m: usize) -> Vec<f32> {
             // A decode step: one task per thread, each taking the next chunk of whole tiles
             // from a shared counter and reading it as one forward stream ([`row_avx512`]).
             let chunk = ROW_CHUNK_BYTES.div_ceil(tile_lines(kb) * 64);
-            let chunks = tiles.div_ceil(chunk);
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            (0..rayon::current_num_threads().min(chunks))
-                .into_par_iter()
-                .for_each(|_| {
-                    loop {
-                        let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if c >= chunks {
-                            break;
-                        }
-                        let t0 = c * chunk;
-                        // SAFETY: the CPU has AVX-512F/BW/VNNI; tiles `t0..` exist; each chunk
-                        // is taken once, so its outputs are this thread's alone.
-                        unsafe { row_avx512(w, a, &off, t0..tiles.min(t0 + chunk), &dst) };
-                    }
-                });
+            for_each_chunk(tiles, chunk, |tiles| {
+                // SAFETY: the CPU has AVX-512F/BW/VNNI; the tiles exist; each chunk is taken
+                // once, so its outputs are this thread's alone.
+                unsafe { row_avx512(w, a, &off, tiles, &dst) };
+            });
             // SAFETY: the chunks cover every tile once and store each of the `n` outputs.
             unsafe { out.set_len(n) };
             return out;
@@ -289,22 +274,11 @@ pub(crate) fn matmul(w: &Tiled, a: &[BlockQ8K], m: usize) -> Vec<f32> {
         } else {
             (ROWS_PER_TASK, TILES_PER_TASK)
         };
-        let tile_groups = tiles.div_ceil(tiles_per_task);
-        let row_chunks = m.div_ceil(rows_per_task);
-        // Consecutive tasks share their weight tiles, so rayon's contiguous splits keep a
-        // core on the same tiles.
-        (0..tile_groups * row_chunks)
-            .into_par_iter()
-            .for_each(|task| {
-                let (group, chunk) = (task / row_chunks, task % row_chunks);
-                let t0 = group * tiles_per_task;
-                let t1 = tiles.min(t0 + tiles_per_task);
-                let r0 = chunk * rows_per_task;
-                let r1 = m.min(r0 + rows_per_task);
-                // SAFETY: the CPU has AVX-512F/BW/VNNI; tiles `t0..t1` and rows `r0..r1`
-                // exist; tasks write disjoint outputs of the `m * n` buffer.
-                unsafe { block_avx512(w, a, &off, t0..t1, r0..r1, &dst) };
-            });
+        for_each_block(tiles, m, tiles_per_task, rows_per_task, |tiles, rows| {
+            // SAFETY: the CPU has AVX-512F/BW/VNNI; the tiles and rows exist; tasks write
+            // disjoint outputs of the `m * n` buffer.
+            unsafe { block_avx512(w, a, &off, tiles, rows, &dst) };
+        });
         // SAFETY: the tasks cover every (row, tile) once and store each of the `m * n` outputs.
         unsafe { out.set_len(m * n) };
         return out;

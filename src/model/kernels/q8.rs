@@ -27,6 +27,8 @@
 
 use rayon::prelude::*;
 
+use super::tasks::OutPtr;
+
 /// Whether this CPU has the integer dot product candle's repacked Q8_0 tiles need (AVX-512 VNNI
 /// with AVX-512F, or AVX-VNNI with AVX2: its `repack_x86::level`, which is private); on plain
 /// AVX2 candle does not tile Q8_0 and our kernels take every product. (With AVX-512 VNNI our
@@ -345,11 +347,6 @@ pub(crate) fn avx2_available() -> bool {
         false
     }
 }
-
-/// The output buffer, shared by tasks that write disjoint columns.
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements through the pointer (see `matmul`).
-unsafe impl Sync for OutPtr {}
 
 /// [`matmul`] in scalar code over ggml's blocks, lane for lane the AVX2 kernel's arithmetic
 /// (the tests' reference).

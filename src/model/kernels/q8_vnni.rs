@@ -27,6 +27,7 @@
 use rayon::prelude::*;
 
 use super::q8::{BlockQ8_0, QK8_0};
+use super::tasks::{OutPtr, for_each_block};
 
 /// Output rows of a weight tile (one `zmm` of `i32`/`f32` lanes).
 pub(crate) const TILE: usize = 16;
@@ -283,11 +284,6 @@ const TILES_N_FEW: usize = 4;
 /// bytes, 147 KiB at k = 3072) stay in L2 while its rows stream past.
 const ROWS_PER_TASK: usize = 64;
 
-/// The output buffer, shared by tasks that write disjoint outputs.
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements through the pointer (see `matmul`).
-unsafe impl Sync for OutPtr {}
-
 /// `y [m, n] = a [m, k] . w [n, k]^T` for tiled Q8_0 weights `w` and quantized activation rows
 /// `a` ([`quantize_rows`], `m * k / 32` blocks): `m * n` floats, row-major. Parallel over tiles
 /// (and rows for many rows); the AVX-512 VNNI kernel where [`available`], else the scalar
@@ -308,23 +304,12 @@ pub(crate) fn matmul(w: &Tiled, a: &[ActBlock], m: usize) -> Vec<f32> {
         } else {
             (ROWS_PER_TASK, TILES_N)
         };
-        let tile_groups = tiles.div_ceil(tiles_per_task);
-        let row_chunks = m.div_ceil(rows_per_task);
         let dst = OutPtr(out.as_mut_ptr());
-        // Consecutive tasks share their weight tiles, so rayon's contiguous splits keep a
-        // core on the same tiles.
-        (0..tile_groups * row_chunks)
-            .into_par_iter()
-            .for_each(|task| {
-                let (group, chunk) = (task / row_chunks, task % row_chunks);
-                let t0 = group * tiles_per_task;
-                let t1 = tiles.min(t0 + tiles_per_task);
-                let r0 = chunk * rows_per_task;
-                let r1 = m.min(r0 + rows_per_task);
-                // SAFETY: the CPU has AVX-512F/BW/VNNI; tiles `t0..t1` and rows `r0..r1`
-                // exist; tasks write disjoint outputs of the `m * n` buffer.
-                unsafe { block_avx512(w, a, t0..t1, r0..r1, &dst) };
-            });
+        for_each_block(tiles, m, tiles_per_task, rows_per_task, |tiles, rows| {
+            // SAFETY: the CPU has AVX-512F/BW/VNNI; the tiles and rows exist; tasks write
+            // disjoint outputs of the `m * n` buffer.
+            unsafe { block_avx512(w, a, tiles, rows, &dst) };
+        });
         // SAFETY: the tasks cover every (row, tile) once and store each of the `m * n` outputs.
         unsafe { out.set_len(m * n) };
         return out;

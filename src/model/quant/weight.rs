@@ -539,6 +539,28 @@ impl QuantWeight {
 mod tests {
     use super::*;
 
+    /// `got` is `want` bit for bit (a product routed to that kernel).
+    fn assert_same_bits(got: &[f32], want: &[f32], rows: usize) {
+        let same = got
+            .iter()
+            .zip(want)
+            .all(|(g, w)| g.to_bits() == w.to_bits());
+        assert!(same, "{rows} rows: not the tiled kernel's values");
+    }
+
+    /// The dequantized matrix and gathered embedding rows of `q` are candle's for the same
+    /// blocks, bit for bit.
+    fn assert_reads_as_candle(q: &QuantWeight, want_q: &QTensor) {
+        let dev = Device::Cpu;
+        let diff = (q.to_tensor().unwrap() - want_q.dequantize(&dev).unwrap()).unwrap();
+        let worst = diff.abs().unwrap().max_all().unwrap();
+        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
+        let ids = Tensor::new(&[[3u32, 69], [0, 3]], &dev).unwrap();
+        let diff = (q.gather_rows(&ids).unwrap() - want_q.embedding(&ids).unwrap()).unwrap();
+        let worst = diff.abs().unwrap().max_all().unwrap();
+        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
     /// A CPU Q8_0 weight holds its blocks once, regrouped (or tiled where the CPU has AVX-512
     /// VNNI): products of one row (decode), a few and many rows (prefill), a half-precision
     /// input, the dequantized matrix and gathered embedding rows all come from them without
@@ -570,11 +592,7 @@ mod tests {
                 let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let t = q8_vnni::Tiled::from_blocks(want_blocks, n, k / 32);
                 let want = q8_vnni::matmul(&t, &q8_vnni::quantize_rows(&xs, k), rows);
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(g, w)| g.to_bits() == w.to_bits());
-                assert!(same, "{rows} rows: not the tiled kernel's values");
+                assert_same_bits(&got, &want, rows);
                 continue;
             }
             let want = if rows < super::super::prefill::PANEL_MIN_ROWS {
@@ -600,23 +618,9 @@ mod tests {
             .to_dtype(DType::BF16)
             .unwrap();
         assert_eq!(q.linear(&half, None).unwrap().dtype(), DType::BF16);
-        let dense = want_q.dequantize(&dev).unwrap();
-        let diff = (q.to_tensor().unwrap() - &dense).unwrap();
-        assert_eq!(
-            diff.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-            0.0
-        );
+        assert_reads_as_candle(&q, &want_q);
         let ids = Tensor::new(&[[3u32, 69], [0, 3]], &dev).unwrap();
-        let rows = q.gather_rows(&ids).unwrap();
-        assert_eq!(rows.dims(), &[2, 2, k]);
-        let want_rows = want_q.embedding(&ids).unwrap();
-        let diff = (rows - want_rows).unwrap().abs().unwrap();
-        assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(q.gather_rows(&ids).unwrap().dims(), &[2, 2, k]);
         assert!(
             ggml.get().is_none(),
             "candle's copy was rebuilt by a product"
@@ -660,11 +664,7 @@ mod tests {
             if tiled {
                 let t = q4k_vnni::Tiled::from_ggml(&bytes, n, k / 256);
                 let want = q4k_vnni::matmul(&t, &q4k::quantize_rows(&xs, k), rows);
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(g, w)| g.to_bits() == w.to_bits());
-                assert!(same, "{rows} rows: not the tiled kernel's values");
+                assert_same_bits(&got, &want, rows);
             }
             if rows > super::super::matvec::MAX_ROWS {
                 continue;
@@ -676,13 +676,7 @@ mod tests {
                 assert!((g - w).abs() <= 1e-5 * scale, "{rows} rows: {g} vs {w}");
             }
         }
-        let diff = (q.to_tensor().unwrap() - want_q.dequantize(&dev).unwrap()).unwrap();
-        let worst = diff.abs().unwrap().max_all().unwrap();
-        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
-        let ids = Tensor::new(&[[3u32, 69], [0, 3]], &dev).unwrap();
-        let diff = (q.gather_rows(&ids).unwrap() - want_q.embedding(&ids).unwrap()).unwrap();
-        let worst = diff.abs().unwrap().max_all().unwrap();
-        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
+        assert_reads_as_candle(&q, &want_q);
         assert!(
             ggml.get().is_none(),
             "candle's copy was rebuilt by a product"
@@ -723,11 +717,7 @@ mod tests {
             if ggml.is_some() {
                 let t = q6k_vnni::Tiled::from_ggml(&blocks, n, k / 256);
                 let want = q6k_vnni::matmul(&t, &q4k::quantize_rows(&xs, k), rows);
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(g, w)| g.to_bits() == w.to_bits());
-                assert!(same, "{rows} rows: not the tiled kernel's values");
+                assert_same_bits(&got, &want, rows);
             }
             let want = crate::model::quant::qmatmul_values(&want_q, &x);
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -735,13 +725,7 @@ mod tests {
                 assert!((g - w).abs() <= 1e-5 * scale, "{rows} rows: {g} vs {w}");
             }
         }
-        let diff = (q.to_tensor().unwrap() - want_q.dequantize(&dev).unwrap()).unwrap();
-        let worst = diff.abs().unwrap().max_all().unwrap();
-        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
-        let ids = Tensor::new(&[[3u32, 69], [0, 3]], &dev).unwrap();
-        let diff = (q.gather_rows(&ids).unwrap() - want_q.embedding(&ids).unwrap()).unwrap();
-        let worst = diff.abs().unwrap().max_all().unwrap();
-        assert_eq!(worst.to_scalar::<f32>().unwrap(), 0.0);
+        assert_reads_as_candle(&q, &want_q);
         if let Some(ggml) = ggml {
             assert!(
                 ggml.get().is_none(),
